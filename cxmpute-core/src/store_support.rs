@@ -1,0 +1,119 @@
+//! Rules shared by every [`Store`](crate::store::Store) implementation, written
+//! once so memory, SQLite and DynamoDB decide alike.
+
+use crate::error::{Error, Result};
+use crate::types::*;
+
+/// Checks a reservation against the user and key it names, without changing
+/// anything: revoked key, suspended account, unpermitted route, balance, key limit.
+pub fn check_reservation(user: &User, key: &ApiKey, r: &Reservation) -> Result<()> {
+    if key.revoked_at.is_some() {
+        return Err(Error::Unauthorized("API key revoked".into()));
+    }
+    if user.suspended.is_some() {
+        return Err(Error::Forbidden("account suspended".into()));
+    }
+    if !key.permits(r.route) {
+        return Err(Error::Forbidden(format!(
+            "this API key may not call {}",
+            r.route
+        )));
+    }
+    if r.amount.is_negative() {
+        return Err(Error::InvalidInput("negative reservation".into()));
+    }
+    if user.credits < r.amount {
+        return Err(Error::InsufficientCredits(format!(
+            "this request needs up to {} credits; the account has {}",
+            r.amount, user.credits
+        )));
+    }
+    if let Some(left) = key.credits_left {
+        if left < r.amount {
+            return Err(Error::KeyLimitReached(format!(
+                "this request needs up to {} credits; the key has {} left of its limit",
+                r.amount, left
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What a settlement does to balances, computed from its reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettlePlan {
+    /// Charged to the user: the settlement's charge, clamped to `0..=reserved`.
+    pub charged: Credits,
+    /// Returned to the user and the key: `reserved - charged`.
+    pub refund: Credits,
+    /// Credited to the provider: clamped to `0..=charged`, so the platform never
+    /// pays out more for a request than the user paid for it.
+    pub reward: Option<(ProviderId, Credits)>,
+    /// The usage record to store, with the final charge and reward filled in.
+    pub usage: UsageRecord,
+}
+
+impl SettlePlan {
+    /// The plan for settling `st` against reservation `r`.
+    pub fn new(r: &Reservation, st: &Settlement) -> Self {
+        let charged = Credits(st.charged.0.clamp(0, r.amount.0.max(0)));
+        let refund = r.amount.saturating_sub(charged);
+        let reward = st
+            .reward
+            .as_ref()
+            .map(|(p, a)| (p.clone(), Credits(a.0.clamp(0, charged.0))))
+            .filter(|(_, a)| a.0 > 0);
+        let mut usage = st.usage.clone();
+        usage.charged = charged;
+        usage.reward = reward.as_ref().map(|r| r.1).unwrap_or_default();
+        usage.request_id = st.request_id.clone();
+        SettlePlan {
+            charged,
+            refund,
+            reward,
+            usage,
+        }
+    }
+}
+
+/// The settlement that releases a reservation whose request never finished.
+pub fn release_settlement(r: &Reservation, at: Timestamp) -> Settlement {
+    Settlement {
+        request_id: r.request_id.clone(),
+        charged: Credits::ZERO,
+        reward: None,
+        usage: UsageRecord {
+            request_id: r.request_id.clone(),
+            user_id: r.user_id.clone(),
+            key_id: r.key_id.clone(),
+            route: r.route,
+            model: String::new(),
+            provision_id: None,
+            provider_id: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            units: 0,
+            success: false,
+            latency_ms: u64::try_from(at.0.saturating_sub(r.created_at.0)).unwrap_or(0),
+            app: None,
+            at,
+            charged: Credits::ZERO,
+            reward: Credits::ZERO,
+        },
+    }
+}
+
+/// A key's `credits_left` after its limit changes from `old_limit` to
+/// `new_limit`: it moves by the same amount, never below zero; no limit, nothing left to track.
+pub fn moved_credits_left(
+    old_limit: Option<Credits>,
+    old_left: Option<Credits>,
+    new_limit: Option<Credits>,
+) -> Option<Credits> {
+    let new_limit = new_limit?;
+    let spent = match (old_limit, old_left) {
+        (Some(l), Some(left)) => l.saturating_sub(left),
+        _ => Credits::ZERO,
+    };
+    Some(Credits(new_limit.saturating_sub(spent).0.max(0)))
+}

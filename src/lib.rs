@@ -1,0 +1,2 @@
+//! Cxmpute facade.
+pub use cxmpute_core as core;
