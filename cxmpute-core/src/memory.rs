@@ -403,9 +403,11 @@ impl Store for MemoryStore {
             u.credits = u.credits.saturating_add(plan.refund);
         }
         if let Some(k) = s.keys.get_mut(&r.key_id) {
-            if let Some(left) = k.credits_left.as_mut() {
-                *left = left.saturating_add(plan.refund);
-            }
+            k.credits_left = crate::store_support::refunded_credits_left(
+                k.credit_limit,
+                k.credits_left,
+                plan.refund,
+            );
         }
         if let Some((pid, amount)) = &plan.reward {
             if let Some(p) = s.providers.get_mut(pid) {

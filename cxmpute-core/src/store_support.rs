@@ -117,3 +117,16 @@ pub fn moved_credits_left(
     };
     Some(Credits(new_limit.saturating_sub(spent).0.max(0)))
 }
+
+/// A key's `credits_left` once `refund` of a reservation comes back to it:
+/// never above the key's limit, because the limit may have been set or
+/// lowered while the request was in flight (the moved `credits_left` already
+/// accounts for that); no limit, nothing to track.
+pub fn refunded_credits_left(
+    limit: Option<Credits>,
+    left: Option<Credits>,
+    refund: Credits,
+) -> Option<Credits> {
+    let (limit, left) = (limit?, left?);
+    Some(left.saturating_add(refund).min(limit))
+}
