@@ -7,20 +7,39 @@
 //!
 //! Money is [`Credits`]: integer micro-credits.
 
+pub mod broker;
 pub mod clock;
+pub mod egress;
 pub mod error;
+pub mod http;
+pub mod mail;
 pub mod memory;
+pub mod pool;
+pub mod pricing;
+pub mod reward;
 pub mod secret;
+pub mod select;
+pub mod sse;
+pub mod stats;
 pub mod store;
 pub mod store_support;
 pub mod types;
+pub mod wire;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use broker::{Broker, BrokerBuilder, BrokerConfig, GatewayRequest, GatewayResponse};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
+pub use http::router;
+pub use mail::{ConsoleMailer, Mailer};
 pub use memory::MemoryStore;
+pub use reward::{FlatReward, RewardPolicy};
 pub use secret::{KeyHash, Secret};
+pub use select::{ProvisionSelector, RandomSelector};
 pub use store::Store;
 pub use types::*;

@@ -1,0 +1,1390 @@
+//! The [`Broker`]: the whole request pipeline, implemented once.
+//!
+//! 1. **Authenticate** the API key (hashed, looked up by hash).
+//! 2. **Admit**: validate the body, price its upper bounds, reserve that much
+//!    of the user's credits and the key's limit in one atomic store write.
+//! 3. **Select** a node from the in-memory pool index (no store read).
+//! 4. **Forward** with connect, first-byte and idle timeouts; before the first
+//!    byte reaches the client a failed node is marked and another is tried.
+//! 5. **Stream** bytes through as they arrive, metering usage on the way.
+//! 6. **Settle** in one atomic store write: charge the metered cost, release
+//!    the rest, reward the provider, record usage. Failures cost nothing.
+//! 7. **Record** statistics off the request path, in batches.
+//!
+//! ## What a request costs
+//!
+//! The reservation is the price of the request's upper bounds: its body's
+//! bytes as input tokens (a token is at least one byte), `max_tokens` (or
+//! `max_completion_tokens`, or the configured default, which is then sent to
+//! the node) as output tokens. The charge is the price of what was metered,
+//! never more than the reservation. Usage reported by a node is clamped to
+//! those bounds; when a node reports none, the broker counts it (streamed
+//! content chunks, or a quarter of the text's bytes).
+//!
+//! * Success: the full price of the metered usage; the provider earns what
+//!   the [`RewardPolicy`] gives (at most the charge).
+//! * Failure before the answer starts (every attempt failed, no node):
+//!   nothing is charged and nothing rewarded.
+//! * A stream cut by the node after the first byte: the stream ends with an
+//!   explicit error event; the user pays for the input and the output tokens
+//!   delivered, without the per-request fee; the provider earns nothing.
+//! * The client going away mid-stream: the upstream call is cancelled; the
+//!   user pays for what was delivered, including the per-request fee, and the
+//!   provider earns its reward, since it did nothing wrong.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::clock::{Clock, SystemClock};
+use crate::egress::{self, EgressPolicy};
+use crate::error::{Error, Result};
+use crate::mail::{ConsoleMailer, Mailer};
+use crate::pool::{Node, PoolIndex};
+use crate::pricing::{default_prices, Meter, PriceTable};
+use crate::reward::{FlatReward, RewardContext, RewardPolicy};
+use crate::secret::Secret;
+use crate::select::{ProvisionSelector, RandomSelector};
+use crate::sse::ChatStreamMeter;
+use crate::stats::StatsRecorder;
+use crate::store::Store;
+use crate::types::*;
+use crate::wire::*;
+
+/// Limits and timeouts of the broker.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// Largest request body accepted (413 above it).
+    pub max_body_bytes: usize,
+    /// Largest non-streamed answer accepted from a node.
+    pub max_response_bytes: usize,
+    /// Nodes tried per request before giving up.
+    pub max_attempts: usize,
+    /// TCP connect timeout to a node.
+    pub connect_timeout: Duration,
+    /// From sending the request to the node's first response bytes.
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two chunks of an answer.
+    pub idle_timeout: Duration,
+    /// `max_tokens` sent to the node when the caller gave none (and reserved for).
+    pub default_max_tokens: u32,
+    /// A node not heard from for this long leaves routing.
+    pub heartbeat_ttl: Duration,
+    /// A reservation older than this is released (its host died mid-request).
+    pub reservation_ttl: Duration,
+    /// Which node endpoints are accepted.
+    pub egress: EgressPolicy,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_body_bytes: 4 << 20,
+            max_response_bytes: 32 << 20,
+            max_attempts: 3,
+            connect_timeout: Duration::from_secs(3),
+            first_byte_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(30),
+            default_max_tokens: 4096,
+            heartbeat_ttl: Duration::from_secs(90),
+            reservation_ttl: Duration::from_secs(30 * 60),
+            egress: EgressPolicy::PublicOnly,
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Allows loopback and private node endpoints (tests, private clusters).
+    pub fn allow_private_endpoints(mut self) -> Self {
+        self.egress = EgressPolicy::AllowPrivate;
+        self
+    }
+}
+
+/// Builds a [`Broker`] from its parts; everything but the store has a default.
+pub struct BrokerBuilder {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    selector: Arc<dyn ProvisionSelector>,
+    rewards: Arc<dyn RewardPolicy>,
+    mailer: Arc<dyn Mailer>,
+    config: BrokerConfig,
+    default_prices: Vec<PriceEntry>,
+}
+
+impl BrokerBuilder {
+    /// Sets the clock (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sets the node selector (default: random).
+    pub fn selector(mut self, selector: Arc<dyn ProvisionSelector>) -> Self {
+        self.selector = selector;
+        self
+    }
+
+    /// Sets the reward policy (default: 0.01 credits per request).
+    pub fn reward_policy(mut self, policy: Arc<dyn RewardPolicy>) -> Self {
+        self.rewards = policy;
+        self
+    }
+
+    /// Sets the mailer (default: console, codes hidden).
+    pub fn mailer(mut self, mailer: Arc<dyn Mailer>) -> Self {
+        self.mailer = mailer;
+        self
+    }
+
+    /// Sets limits and timeouts.
+    pub fn config(mut self, config: BrokerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the prices used where the store has none (default: [`default_prices`]).
+    pub fn default_prices(mut self, prices: Vec<PriceEntry>) -> Self {
+        self.default_prices = prices;
+        self
+    }
+
+    /// Loads prices and pools from the store and returns the broker.
+    pub async fn build(self) -> Result<Broker> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(self.config.connect_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| Error::backend("building the HTTP client", e))?;
+        let stored = self.store.prices().await?;
+        let inner = Inner {
+            prices: PriceTable::new(self.default_prices, stored),
+            pools: PoolIndex::new(),
+            stats: StatsRecorder::default(),
+            store: self.store,
+            clock: self.clock,
+            selector: self.selector,
+            rewards: self.rewards,
+            mailer: self.mailer,
+            config: self.config,
+            http,
+        };
+        let broker = Broker {
+            inner: Arc::new(inner),
+        };
+        broker.refresh_pools().await?;
+        Ok(broker)
+    }
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    selector: Arc<dyn ProvisionSelector>,
+    rewards: Arc<dyn RewardPolicy>,
+    mailer: Arc<dyn Mailer>,
+    config: BrokerConfig,
+    prices: PriceTable,
+    pools: PoolIndex,
+    stats: StatsRecorder,
+    http: reqwest::Client,
+}
+
+/// The marketplace broker. Cheap to clone: clones share everything.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("selector", &self.inner.selector.name())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A gateway call as it arrives.
+#[derive(Clone, Debug)]
+pub struct GatewayRequest {
+    /// The bearer secret, if one was sent.
+    pub api_key: Option<Secret>,
+    /// The route called.
+    pub route: Route,
+    /// The raw body.
+    pub body: Bytes,
+    /// The calling application (`X-Title`, else `HTTP-Referer`).
+    pub app: Option<String>,
+}
+
+/// A gateway answer.
+pub enum GatewayResponse {
+    /// A complete answer.
+    Complete {
+        /// Its content type.
+        content_type: String,
+        /// Its body.
+        body: Bytes,
+    },
+    /// A streamed answer: bytes as they arrive.
+    Stream {
+        /// Its content type.
+        content_type: String,
+        /// The bytes.
+        body: BoxStream<'static, std::result::Result<Bytes, std::io::Error>>,
+    },
+}
+
+impl std::fmt::Debug for GatewayResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GatewayResponse::Complete { content_type, body } => {
+                write!(f, "Complete({content_type}, {} bytes)", body.len())
+            }
+            GatewayResponse::Stream { content_type, .. } => write!(f, "Stream({content_type})"),
+        }
+    }
+}
+
+/// How an answer is checked and metered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AnswerKind {
+    ChatJson,
+    ChatSse,
+    EmbeddingsJson,
+}
+
+/// A validated request, ready to forward.
+#[derive(Debug)]
+struct Prepared {
+    route: Route,
+    service: Service,
+    model: String,
+    body: Bytes,
+    kind: AnswerKind,
+    /// Upper bounds of what the request can consume.
+    bound: Meter,
+    /// The input tokens assumed when a node reports none.
+    fallback_input: u64,
+}
+
+/// Why one attempt on one node failed.
+#[derive(Debug)]
+enum AttemptError {
+    Timeout(String),
+    Failed(String),
+}
+
+enum Answer {
+    Complete(Bytes, Meter),
+    Stream(Bytes, Box<(reqwest::Response, ChatStreamMeter)>),
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidInput(msg.into())
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| invalid(format!("invalid request body: {e}")))
+}
+
+fn ceil_div4(n: u64) -> u64 {
+    n.div_ceil(4)
+}
+
+/// The VRAM tier of a node (the original's thresholds): under 4,096 MB tier 1,
+/// under 8,192 tier 2, under 22,528 tier 3, else tier 4.
+pub fn tier_for_vram(vram_mb: u64) -> u8 {
+    match vram_mb {
+        0..4_096 => 1,
+        4_096..8_192 => 2,
+        8_192..22_528 => 3,
+        _ => 4,
+    }
+}
+
+impl Broker {
+    /// A builder around a store.
+    pub fn builder(store: Arc<dyn Store>) -> BrokerBuilder {
+        BrokerBuilder {
+            store,
+            clock: Arc::new(SystemClock),
+            selector: Arc::new(RandomSelector),
+            rewards: Arc::new(FlatReward::default()),
+            mailer: Arc::new(ConsoleMailer::new()),
+            config: BrokerConfig::default(),
+            default_prices: default_prices(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// The routing index.
+    pub fn pools(&self) -> &PoolIndex {
+        &self.inner.pools
+    }
+
+    /// The mailer.
+    pub fn mailer(&self) -> &Arc<dyn Mailer> {
+        &self.inner.mailer
+    }
+
+    /// The in-memory price list.
+    pub fn prices(&self) -> &PriceTable {
+        &self.inner.prices
+    }
+
+    /// Now, by the broker's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    // ---- maintenance ---------------------------------------------------------
+
+    /// Rebuilds the routing index from the store (at start, and periodically
+    /// when several hosts share one store).
+    pub async fn refresh_pools(&self) -> Result<()> {
+        let entries = self.inner.store.pool_entries().await?;
+        self.inner.pools.rebuild(entries);
+        Ok(())
+    }
+
+    /// One round of housekeeping: expire silent nodes, release stale
+    /// reservations, flush statistics. Run it on an interval (see
+    /// [`Broker::spawn_maintenance`]) or call it from tests with a manual clock.
+    pub async fn run_maintenance(&self) -> Result<()> {
+        let now = self.now();
+        let expired = self
+            .inner
+            .store
+            .expire_provisions(now.minus(self.inner.config.heartbeat_ttl))
+            .await?;
+        for id in &expired {
+            tracing::info!(provision = %id, "node expired: no heartbeat");
+            self.inner.pools.remove(id);
+        }
+        self.inner
+            .store
+            .release_stale_reservations(now.minus(self.inner.config.reservation_ttl))
+            .await?;
+        self.flush_stats().await
+    }
+
+    /// Writes the statistics collected so far.
+    pub async fn flush_stats(&self) -> Result<()> {
+        self.inner.stats.flush(self.inner.store.as_ref()).await
+    }
+
+    /// Runs [`Broker::run_maintenance`] and [`Broker::refresh_pools`] every
+    /// `every` until the returned handle is aborted.
+    pub fn spawn_maintenance(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let b = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = b.run_maintenance().await {
+                    tracing::warn!(error = %e, "maintenance failed; will retry");
+                }
+                if let Err(e) = b.refresh_pools().await {
+                    tracing::warn!(error = %e, "pool refresh failed; will retry");
+                }
+            }
+        })
+    }
+
+    /// Flushes what is buffered. Call before the process exits.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.flush_stats().await
+    }
+
+    // ---- authentication --------------------------------------------------------
+
+    /// The API key for a bearer secret. `Unauthorized` for missing, unknown or revoked keys.
+    pub async fn authenticate_key(&self, secret: Option<&Secret>) -> Result<ApiKey> {
+        let secret = secret.ok_or_else(|| {
+            Error::Unauthorized("missing API key: send `Authorization: Bearer <key>`".into())
+        })?;
+        let key = match self.inner.store.api_key_by_hash(&secret.hash()).await {
+            Ok(k) => k,
+            Err(Error::NotFound(_)) => return Err(Error::Unauthorized("invalid API key".into())),
+            Err(e) => return Err(e),
+        };
+        if key.revoked_at.is_some() {
+            return Err(Error::Unauthorized("API key revoked".into()));
+        }
+        Ok(key)
+    }
+
+    /// The admin user behind a bearer secret. `Forbidden` for non-admins.
+    pub async fn authenticate_admin(&self, secret: Option<&Secret>) -> Result<User> {
+        let key = self.authenticate_key(secret).await?;
+        let user = self.inner.store.user(&key.user_id).await?;
+        if !user.is_admin || user.suspended.is_some() {
+            return Err(Error::Forbidden("admin only".into()));
+        }
+        Ok(user)
+    }
+
+    /// The provider behind a provider key. `Forbidden` when suspended.
+    pub async fn authenticate_provider(&self, secret: Option<&Secret>) -> Result<Provider> {
+        let secret = secret.ok_or_else(|| Error::Unauthorized("missing provider key".into()))?;
+        let p = match self.inner.store.provider_by_key_hash(&secret.hash()).await {
+            Ok(p) => p,
+            Err(Error::NotFound(_)) => {
+                return Err(Error::Unauthorized("invalid provider key".into()))
+            }
+            Err(e) => return Err(e),
+        };
+        if p.suspended.is_some() {
+            return Err(Error::Forbidden("provider suspended".into()));
+        }
+        Ok(p)
+    }
+
+    // ---- accounts (admin) ------------------------------------------------------
+
+    /// Creates a user with `credits` and a first API key; returns the key's secret.
+    pub async fn create_user(
+        &self,
+        email: &str,
+        credits: Credits,
+        is_admin: bool,
+    ) -> Result<(User, ApiKey, Secret)> {
+        let email = normalize_email(email)?;
+        if credits.is_negative() {
+            return Err(invalid("credits must not be negative"));
+        }
+        let user = User {
+            id: UserId::generate(),
+            email,
+            credits,
+            is_admin,
+            suspended: None,
+            created_at: self.now(),
+        };
+        self.inner.store.create_user(&user).await?;
+        let (key, secret) = self
+            .create_api_key(&user.id, "default", None, Vec::new())
+            .await?;
+        Ok((user, key, secret))
+    }
+
+    /// Creates an API key for a user; returns it and its secret (shown once).
+    pub async fn create_api_key(
+        &self,
+        user: &UserId,
+        name: &str,
+        credit_limit: Option<Credits>,
+        permitted_routes: Vec<Route>,
+    ) -> Result<(ApiKey, Secret)> {
+        self.create_api_key_with_secret(
+            user,
+            name,
+            credit_limit,
+            permitted_routes,
+            Secret::generate_api_key(),
+        )
+        .await
+        .map(|k| (k.0, k.1))
+    }
+
+    async fn create_api_key_with_secret(
+        &self,
+        user: &UserId,
+        name: &str,
+        credit_limit: Option<Credits>,
+        permitted_routes: Vec<Route>,
+        secret: Secret,
+    ) -> Result<(ApiKey, Secret)> {
+        if credit_limit.is_some_and(Credits::is_negative) {
+            return Err(invalid("credit_limit must not be negative"));
+        }
+        let key = ApiKey {
+            id: ApiKeyId::generate(),
+            user_id: user.clone(),
+            hash: secret.hash(),
+            name: name.to_owned(),
+            prefix: secret.display_prefix(),
+            credit_limit,
+            credits_left: credit_limit,
+            permitted_routes,
+            created_at: self.now(),
+            last_used_at: None,
+            revoked_at: None,
+        };
+        self.inner.store.create_api_key(&key).await?;
+        Ok((key, secret))
+    }
+
+    /// Makes sure an admin account for `email` exists. Returns a new API key's
+    /// secret when one was created: on first start, or when `key` names a
+    /// secret the store does not know yet (it is then stored, hashed, and not
+    /// returned).
+    pub async fn ensure_admin(&self, email: &str, key: Option<Secret>) -> Result<Option<Secret>> {
+        let email = normalize_email(email)?;
+        let user = match self.inner.store.user_by_email(&email).await {
+            Ok(u) => Some(u),
+            Err(Error::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        let user = match user {
+            Some(u) => u,
+            None => {
+                let u = User {
+                    id: UserId::generate(),
+                    email,
+                    credits: Credits::ZERO,
+                    is_admin: true,
+                    suspended: None,
+                    created_at: self.now(),
+                };
+                match self.inner.store.create_user(&u).await {
+                    Ok(()) => u,
+                    // Another host created it first.
+                    Err(Error::AlreadyExists(_)) => {
+                        self.inner.store.user_by_email(&u.email).await?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if !user.is_admin {
+            return Err(Error::Conflict(format!(
+                "{} exists and is not an admin",
+                user.email
+            )));
+        }
+        match key {
+            Some(secret) => {
+                match self.inner.store.api_key_by_hash(&secret.hash()).await {
+                    Ok(k) if k.user_id == user.id => {}
+                    Ok(_) => {
+                        return Err(Error::Conflict(
+                            "that admin key belongs to another account".into(),
+                        ))
+                    }
+                    Err(Error::NotFound(_)) => {
+                        self.create_api_key_with_secret(
+                            &user.id,
+                            "admin",
+                            None,
+                            Vec::new(),
+                            secret,
+                        )
+                        .await?;
+                    }
+                    Err(e) => return Err(e),
+                }
+                Ok(None)
+            }
+            None => {
+                let keys = self.inner.store.api_keys(&user.id).await?;
+                if keys.iter().any(|k| k.revoked_at.is_none()) {
+                    return Ok(None);
+                }
+                let (_, secret) = self
+                    .create_api_key(&user.id, "admin", None, Vec::new())
+                    .await?;
+                Ok(Some(secret))
+            }
+        }
+    }
+
+    /// Adds (or removes) credits, recorded with who and why.
+    pub async fn grant_credits(
+        &self,
+        user: &UserId,
+        amount: Credits,
+        by: &str,
+        reason: &str,
+    ) -> Result<Credits> {
+        let grant = CreditGrant {
+            user_id: user.clone(),
+            amount,
+            by: by.to_owned(),
+            reason: reason.to_owned(),
+            at: self.now(),
+        };
+        self.inner.store.grant_credits(&grant).await
+    }
+
+    /// Creates a provider account; returns it and its key (shown once).
+    pub async fn create_provider(
+        &self,
+        email: &str,
+        user: Option<UserId>,
+    ) -> Result<(Provider, Secret)> {
+        let secret = Secret::generate_provider_key();
+        let p = Provider {
+            id: ProviderId::generate(),
+            user_id: user,
+            email: normalize_email(email)?,
+            key_hash: secret.hash(),
+            earnings: Credits::ZERO,
+            suspended: None,
+            created_at: self.now(),
+        };
+        self.inner.store.create_provider(&p).await?;
+        Ok((p, secret))
+    }
+
+    /// Stores a price and uses it at once.
+    pub async fn put_price(&self, price: PriceEntry) -> Result<()> {
+        let negative = [
+            price.per_request,
+            price.per_million_input_tokens,
+            price.per_million_output_tokens,
+            price.per_million_units,
+        ]
+        .iter()
+        .any(|c| c.is_negative());
+        if negative {
+            return Err(invalid("prices must not be negative"));
+        }
+        self.inner.store.put_price(&price).await?;
+        self.inner.prices.set(price);
+        Ok(())
+    }
+
+    // ---- provider network ------------------------------------------------------
+
+    /// Registers a node for a provider; with an endpoint and services it joins
+    /// those pools at once.
+    pub async fn register_provision(
+        &self,
+        provider: &Provider,
+        req: RegisterProvisionRequest,
+    ) -> Result<RegisterProvisionResponse> {
+        let device_len = serde_json::to_vec(&req.device)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if device_len > 64 * 1024 {
+            return Err(invalid("device diagnostics larger than 64 KiB"));
+        }
+        let vram = req
+            .device
+            .pointer("/gpu/memory_mb")
+            .or_else(|| req.device.pointer("/gpu/memoryMb"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let tier = tier_for_vram(vram);
+        let endpoint = match &req.endpoint {
+            Some(e) => Some(self.check_endpoint(e).await?),
+            None => None,
+        };
+        if endpoint.is_none() && !req.services.is_empty() {
+            return Err(invalid("services need an endpoint to be served from"));
+        }
+        let now = self.now();
+        let secret = Secret::generate(40);
+        let state = if endpoint.is_some() && !req.services.is_empty() {
+            ProvisionState::Ready
+        } else {
+            ProvisionState::Registered
+        };
+        let provision = Provision {
+            id: ProvisionId::generate(),
+            provider_id: provider.id.clone(),
+            endpoint: endpoint.clone(),
+            node_secret: secret.expose().to_owned(),
+            device: req.device,
+            location: req.location,
+            tier,
+            state,
+            last_heartbeat: now,
+            created_at: now,
+        };
+        let entries = pool_entries_for(&provision, &req.services)?;
+        self.inner
+            .store
+            .create_provision(&provision, &entries)
+            .await?;
+        self.inner.pools.upsert(&provision.id, entries);
+        Ok(RegisterProvisionResponse {
+            provision_id: provision.id,
+            node_secret: secret.expose().to_owned(),
+            state,
+            tier,
+        })
+    }
+
+    /// Checks a node endpoint under the egress policy and normalises it
+    /// (no trailing slash).
+    pub async fn check_endpoint(&self, endpoint: &str) -> Result<String> {
+        let (url, _) = egress::check_url(endpoint, self.inner.config.egress).await?;
+        Ok(url.as_str().trim_end_matches('/').to_owned())
+    }
+
+    /// A provision, if `provider` owns it; `NotFound` otherwise (whether it
+    /// exists is not revealed to other providers).
+    pub async fn owned_provision(
+        &self,
+        provider: &Provider,
+        id: &ProvisionId,
+    ) -> Result<Provision> {
+        match self.inner.store.provision(id).await {
+            Ok(p) if p.provider_id == provider.id => Ok(p),
+            Ok(_) | Err(Error::NotFound(_)) => Err(Error::NotFound(format!("provision {id}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a heartbeat from a provider's own node.
+    pub async fn heartbeat(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
+        let p = self.owned_provision(provider, id).await?;
+        if p.state == ProvisionState::Ended {
+            return Err(Error::Conflict(format!("provision {id} has ended")));
+        }
+        self.inner.store.heartbeat(id, self.now()).await
+    }
+
+    /// Ends a provider's own node: it leaves every pool at once.
+    pub async fn end_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
+        self.owned_provision(provider, id).await?;
+        self.inner.store.delete_provision(id).await?;
+        self.inner.pools.remove(id);
+        Ok(())
+    }
+
+    /// A provider's nodes as it sees them.
+    pub async fn provider_provisions(&self, provider: &Provider) -> Result<Vec<ProvisionView>> {
+        let list = self
+            .inner
+            .store
+            .provisions_by_provider(&provider.id)
+            .await?;
+        Ok(list.into_iter().map(|p| self.view(p)).collect())
+    }
+
+    /// The public view of a node.
+    pub fn view(&self, p: Provision) -> ProvisionView {
+        let entries = self.inner.pools.entries_of(&p.id);
+        ProvisionView {
+            healthy: self.inner.pools.is_healthy(&p.id),
+            services: entries
+                .into_iter()
+                .map(|e| ServedModel {
+                    service: e.service,
+                    model: e.model,
+                })
+                .collect(),
+            provision_id: p.id,
+            state: p.state,
+            endpoint: p.endpoint,
+            tier: p.tier,
+            location: p.location,
+            last_heartbeat: p.last_heartbeat,
+        }
+    }
+
+    /// The models served now, with healthy node counts.
+    pub fn models(&self) -> ModelList {
+        let data = self
+            .inner
+            .pools
+            .summary()
+            .into_iter()
+            .map(|(service, model, nodes)| ModelInfo {
+                id: model,
+                object: "model".into(),
+                created: 0,
+                owned_by: "cxmpute".into(),
+                service,
+                nodes,
+            })
+            .collect();
+        ModelList {
+            object: "list".into(),
+            data,
+        }
+    }
+
+    // ---- the gateway pipeline --------------------------------------------------
+
+    /// Runs one gateway call through the whole pipeline.
+    pub async fn handle(&self, req: GatewayRequest) -> Result<GatewayResponse> {
+        let started = Instant::now();
+        // 1. Authenticate.
+        let key = self.authenticate_key(req.api_key.as_ref()).await?;
+        if !key.permits(req.route) {
+            return Err(Error::Forbidden(format!(
+                "this API key may not call {}",
+                req.route
+            )));
+        }
+        // 2. Admit: validate and price.
+        if req.body.len() > self.inner.config.max_body_bytes {
+            return Err(Error::PayloadTooLarge(format!(
+                "request body is larger than {} bytes",
+                self.inner.config.max_body_bytes
+            )));
+        }
+        let prep = self.prepare(req.route, &req.body)?;
+        if !self.inner.pools.is_offered(prep.service, &prep.model) {
+            return Err(Error::NotFound(format!("model `{}`", prep.model)));
+        }
+        let price = self.inner.prices.get(prep.service, &prep.model);
+        let amount = price.cost(prep.bound);
+        let reservation = Reservation {
+            request_id: RequestId::generate(),
+            user_id: key.user_id.clone(),
+            key_id: key.id.clone(),
+            route: req.route,
+            amount,
+            created_at: self.now(),
+        };
+        self.inner.store.reserve(&reservation).await?;
+        let ctx = CallContext {
+            broker: self.clone(),
+            reservation,
+            prep,
+            price,
+            app: req.app,
+            started,
+        };
+        // 3-6.
+        ctx.run().await
+    }
+
+    fn prepare(&self, route: Route, body: &Bytes) -> Result<Prepared> {
+        match route {
+            Route::ChatCompletions => self.prepare_chat(body),
+            Route::Embeddings => prepare_embeddings(body),
+            other => Err(Error::NotFound(format!(
+                "route {other} is not served by this broker"
+            ))),
+        }
+    }
+
+    fn prepare_chat(&self, body: &Bytes) -> Result<Prepared> {
+        let mut req: ChatCompletionRequest = parse_body(body)?;
+        if req.model.trim().is_empty() {
+            return Err(invalid("`model` must not be empty"));
+        }
+        if req.messages.is_empty() {
+            return Err(invalid("`messages` must not be empty"));
+        }
+        for (i, m) in req.messages.iter().enumerate() {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "user" | "assistant" | "tool" | "developer" | "function"
+            ) {
+                return Err(invalid(format!(
+                    "messages[{i}].role `{}` is not a known role",
+                    m.role
+                )));
+            }
+        }
+        let max_out = match (req.max_completion_tokens, req.max_tokens) {
+            (Some(0), _) | (None, Some(0)) => {
+                return Err(invalid("`max_tokens` must be at least 1"))
+            }
+            (Some(n), _) | (None, Some(n)) => n,
+            (None, None) => {
+                req.max_tokens = Some(self.inner.config.default_max_tokens);
+                self.inner.config.default_max_tokens
+            }
+        };
+        let stream = req.stream.unwrap_or(false);
+        if stream {
+            req.stream_options
+                .get_or_insert_with(StreamOptions::default)
+                .include_usage = true;
+        }
+        let text_bytes: u64 = req
+            .messages
+            .iter()
+            .map(|m| m.text().map_or(0, |t| t.len() as u64) + 16)
+            .sum();
+        let out = serde_json::to_vec(&req).map_err(|e| Error::backend("encoding request", e))?;
+        Ok(Prepared {
+            route: Route::ChatCompletions,
+            service: Service::Chat,
+            model: req.model,
+            bound: Meter {
+                input_tokens: body.len() as u64,
+                output_tokens: u64::from(max_out),
+                units: 0,
+            },
+            fallback_input: ceil_div4(text_bytes),
+            body: Bytes::from(out),
+            kind: if stream {
+                AnswerKind::ChatSse
+            } else {
+                AnswerKind::ChatJson
+            },
+        })
+    }
+
+    // ---- settle ----------------------------------------------------------------
+
+    async fn settle(&self, st: Settlement) {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=5 {
+            match self.inner.store.settle(&st).await {
+                Ok(_) => {
+                    self.inner.stats.record(&finalize_usage(&st));
+                    return;
+                }
+                Err(e) if e.is_retryable() && attempt < 5 => {
+                    tracing::warn!(error = %e, request = %st.request_id, "settle failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    // The reservation stays; the stale-reservation sweep releases it,
+                    // so the user is never charged for an unrecorded request.
+                    tracing::error!(error = %e, request = %st.request_id, "settle failed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The usage record as the store will keep it (charge and reward clamped).
+fn finalize_usage(st: &Settlement) -> UsageRecord {
+    let mut u = st.usage.clone();
+    u.charged = Credits(st.charged.0.max(0));
+    u.reward = st
+        .reward
+        .as_ref()
+        .map(|r| Credits(r.1 .0.clamp(0, u.charged.0)))
+        .unwrap_or_default();
+    u
+}
+
+fn normalize_email(email: &str) -> Result<String> {
+    let e = email.trim().to_lowercase();
+    let valid = e.len() <= 254
+        && e.split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
+        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
+    if !valid {
+        return Err(invalid(format!(
+            "`{}` is not an email address",
+            email.trim()
+        )));
+    }
+    Ok(e)
+}
+
+/// The pool entries of a node for the (service, model) pairs it serves.
+pub fn pool_entries_for(p: &Provision, services: &[ServedModel]) -> Result<Vec<PoolEntry>> {
+    let Some(endpoint) = &p.endpoint else {
+        return Ok(Vec::new());
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for s in services {
+        let model = s.model.trim();
+        if model.is_empty() || model.len() > 200 || model.chars().any(char::is_control) {
+            return Err(invalid(format!("bad model name `{}`", s.model)));
+        }
+        if seen.insert((s.service, model.to_owned())) {
+            out.push(PoolEntry {
+                provision_id: p.id.clone(),
+                provider_id: p.provider_id.clone(),
+                service: s.service,
+                model: model.to_owned(),
+                endpoint: endpoint.clone(),
+                node_secret: p.node_secret.clone(),
+                tier: p.tier,
+                region: p.location.country.clone(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
+    let req: EmbeddingsRequest = parse_body(body)?;
+    if req.model.trim().is_empty() {
+        return Err(invalid("`model` must not be empty"));
+    }
+    let (items, bytes, tokens) = match &req.input {
+        EmbeddingInput::Text(t) => (1, t.len() as u64, 0),
+        EmbeddingInput::Texts(v) => (v.len(), v.iter().map(|t| t.len() as u64).sum(), 0),
+        EmbeddingInput::Tokens(v) => (usize::from(!v.is_empty()), 0, v.len() as u64),
+        EmbeddingInput::TokenArrays(v) => (v.len(), 0, v.iter().map(|t| t.len() as u64).sum()),
+    };
+    if items == 0 || (bytes == 0 && tokens == 0) {
+        return Err(invalid("`input` must not be empty"));
+    }
+    if items > 2048 {
+        return Err(invalid("`input` has more than 2048 items"));
+    }
+    Ok(Prepared {
+        route: Route::Embeddings,
+        service: Service::Embeddings,
+        model: req.model,
+        bound: Meter {
+            input_tokens: bytes + tokens,
+            output_tokens: 0,
+            units: 0,
+        },
+        fallback_input: ceil_div4(bytes) + tokens,
+        body: body.clone(),
+        kind: AnswerKind::EmbeddingsJson,
+    })
+}
+
+/// Checks a complete answer's shape and meters it.
+fn meter_complete(prep: &Prepared, body: &[u8]) -> std::result::Result<Meter, String> {
+    let m = match prep.kind {
+        AnswerKind::ChatJson => {
+            let r: ChatCompletionResponse =
+                serde_json::from_slice(body).map_err(|e| format!("not a chat completion: {e}"))?;
+            if r.choices.is_empty() {
+                return Err("chat completion without choices".into());
+            }
+            let text: u64 = r
+                .choices
+                .iter()
+                .filter_map(|c| c.message.text())
+                .map(|t| t.len() as u64)
+                .sum();
+            match r.usage {
+                Some(u) => Meter {
+                    input_tokens: u.prompt_tokens,
+                    output_tokens: u.completion_tokens,
+                    units: 0,
+                },
+                None => Meter {
+                    input_tokens: prep.fallback_input,
+                    output_tokens: ceil_div4(text),
+                    units: 0,
+                },
+            }
+        }
+        AnswerKind::EmbeddingsJson => {
+            let r: EmbeddingsResponse = serde_json::from_slice(body)
+                .map_err(|e| format!("not an embeddings answer: {e}"))?;
+            if r.data.is_empty() {
+                return Err("embeddings answer without data".into());
+            }
+            let input = r.usage.map_or(prep.fallback_input, |u| u.prompt_tokens);
+            Meter {
+                input_tokens: input,
+                output_tokens: 0,
+                units: 0,
+            }
+        }
+        AnswerKind::ChatSse => unreachable_kind(),
+    };
+    Ok(m.clamp_to(prep.bound))
+}
+
+fn unreachable_kind() -> Meter {
+    // Streams are metered by ChatStreamMeter; reaching here would be a bug in
+    // `attempt`, and metering nothing is the safe answer.
+    Meter::default()
+}
+
+/// One admitted request on its way through selection, forwarding and settling.
+struct CallContext {
+    broker: Broker,
+    reservation: Reservation,
+    prep: Prepared,
+    price: PriceEntry,
+    app: Option<String>,
+    started: Instant,
+}
+
+impl CallContext {
+    async fn run(self) -> Result<GatewayResponse> {
+        let b = self.broker.inner.clone();
+        let mut tried: Vec<ProvisionId> = Vec::new();
+        let mut last: Option<AttemptError> = None;
+        for attempt in 1..=b.config.max_attempts {
+            let Some(node) = b.pools.select(
+                self.prep.service,
+                &self.prep.model,
+                b.selector.as_ref(),
+                &tried,
+            ) else {
+                break;
+            };
+            tried.push(node.entry.provision_id.clone());
+            let span = tracing::debug_span!("attempt", attempt, node = %node.entry.provision_id);
+            let _e = span.enter();
+            let t0 = Instant::now();
+            let in_flight = node.stats.start();
+            match self.attempt(&node).await {
+                Ok(Answer::Complete(body, meter)) => {
+                    node.stats.observe(elapsed_us(t0), true);
+                    drop(in_flight);
+                    let charged = self.price.cost(meter);
+                    let st = self.settlement(Some(&node), meter, charged, true, true);
+                    self.broker.settle(st).await;
+                    let content_type = "application/json".to_owned();
+                    return Ok(GatewayResponse::Complete { content_type, body });
+                }
+                Ok(Answer::Stream(first, rest)) => {
+                    let (resp, meter) = *rest;
+                    return Ok(self.stream(node, in_flight, t0, first, resp, meter));
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node.entry.provision_id, error = ?e, "node attempt failed");
+                    node.stats.observe(elapsed_us(t0), false);
+                    last = Some(e);
+                }
+            }
+        }
+        // Nothing reached the client: release the whole reservation.
+        let st = self.settlement(None, Meter::default(), Credits::ZERO, false, false);
+        self.broker.settle(st).await;
+        Err(match last {
+            None => Error::NoCapacity(format!(
+                "no healthy node serves `{}` right now",
+                self.prep.model
+            )),
+            Some(AttemptError::Timeout(m)) => Error::UpstreamTimeout(m),
+            Some(AttemptError::Failed(m)) => Error::Upstream(m),
+        })
+    }
+
+    fn settlement(
+        &self,
+        node: Option<&Node>,
+        meter: Meter,
+        charged: Credits,
+        success: bool,
+        rewarded: bool,
+    ) -> Settlement {
+        let b = &self.broker.inner;
+        let latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let reward = match node {
+            Some(n) if rewarded => {
+                let ctx = RewardContext {
+                    service: self.prep.service,
+                    model: &self.prep.model,
+                    tier: n.entry.tier,
+                    meter,
+                    latency_ms,
+                    charged,
+                };
+                Some((n.entry.provider_id.clone(), b.rewards.reward(&ctx)))
+            }
+            _ => None,
+        };
+        let r = &self.reservation;
+        Settlement {
+            request_id: r.request_id.clone(),
+            charged,
+            reward,
+            usage: UsageRecord {
+                request_id: r.request_id.clone(),
+                user_id: r.user_id.clone(),
+                key_id: r.key_id.clone(),
+                route: r.route,
+                model: self.prep.model.clone(),
+                provision_id: node.map(|n| n.entry.provision_id.clone()),
+                provider_id: node.map(|n| n.entry.provider_id.clone()),
+                input_tokens: meter.input_tokens,
+                output_tokens: meter.output_tokens,
+                units: meter.units,
+                success,
+                latency_ms,
+                app: self.app.clone(),
+                at: b.clock.now(),
+                charged: Credits::ZERO,
+                reward: Credits::ZERO,
+            },
+        }
+    }
+
+    /// One try on one node, up to the point where the client could see bytes.
+    async fn attempt(&self, node: &Node) -> std::result::Result<Answer, AttemptError> {
+        let cfg = &self.broker.inner.config;
+        let url = format!("{}{}", node.entry.endpoint, self.prep.route.path());
+        let send = self
+            .broker
+            .inner
+            .http
+            .post(url)
+            .bearer_auth(&node.entry.node_secret)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(self.prep.body.clone())
+            .send();
+        let resp = match tokio::time::timeout(cfg.first_byte_timeout, send).await {
+            Err(_) => return Err(AttemptError::Timeout("node did not answer in time".into())),
+            Ok(Err(e)) if e.is_timeout() => {
+                return Err(AttemptError::Timeout(format!("node timed out: {e}")))
+            }
+            Ok(Err(e)) => return Err(AttemptError::Failed(format!("node unreachable: {e}"))),
+            Ok(Ok(r)) => r,
+        };
+        if !resp.status().is_success() {
+            return Err(AttemptError::Failed(format!(
+                "node answered {}",
+                resp.status()
+            )));
+        }
+        let mut resp = resp;
+        match self.prep.kind {
+            AnswerKind::ChatSse => {
+                let first = match tokio::time::timeout(cfg.first_byte_timeout, resp.chunk()).await {
+                    Err(_) => {
+                        return Err(AttemptError::Timeout("node sent no bytes in time".into()))
+                    }
+                    Ok(Err(e)) => {
+                        return Err(AttemptError::Failed(format!("node stream failed: {e}")))
+                    }
+                    Ok(Ok(None)) => {
+                        return Err(AttemptError::Failed("node sent an empty stream".into()))
+                    }
+                    Ok(Ok(Some(c))) => c,
+                };
+                let mut meter = ChatStreamMeter::default();
+                meter.feed(&first);
+                if meter.garbage {
+                    return Err(AttemptError::Failed(
+                        "node sent something that is not a chat stream".into(),
+                    ));
+                }
+                Ok(Answer::Stream(first, Box::new((resp, meter))))
+            }
+            _ => {
+                let mut buf = Vec::new();
+                loop {
+                    match tokio::time::timeout(cfg.idle_timeout, resp.chunk()).await {
+                        Err(_) => {
+                            return Err(AttemptError::Timeout("node stalled mid-answer".into()))
+                        }
+                        Ok(Err(e)) => {
+                            return Err(AttemptError::Failed(format!("node answer failed: {e}")))
+                        }
+                        Ok(Ok(None)) => break,
+                        Ok(Ok(Some(c))) => {
+                            if buf.len() + c.len() > cfg.max_response_bytes {
+                                return Err(AttemptError::Failed("node answer too large".into()));
+                            }
+                            buf.extend_from_slice(&c);
+                        }
+                    }
+                }
+                let meter = meter_complete(&self.prep, &buf).map_err(AttemptError::Failed)?;
+                Ok(Answer::Complete(Bytes::from(buf), meter))
+            }
+        }
+    }
+
+    /// Passes a stream through from its first chunk on, and settles when it ends.
+    fn stream(
+        self,
+        node: Arc<Node>,
+        in_flight: crate::pool::InFlight,
+        t0: Instant,
+        first: Bytes,
+        mut resp: reqwest::Response,
+        mut meter: ChatStreamMeter,
+    ) -> GatewayResponse {
+        let (tx, rx) = mpsc::channel::<std::result::Result<Bytes, std::io::Error>>(16);
+        let idle = self.broker.inner.config.idle_timeout;
+        tokio::spawn(async move {
+            let _in_flight = in_flight;
+            enum End {
+                Done,
+                ClientGone,
+                NodeFailed(String),
+            }
+            let mut end = if tx.send(Ok(first)).await.is_err() {
+                Some(End::ClientGone)
+            } else {
+                None
+            };
+            while end.is_none() {
+                let next = tokio::select! {
+                    r = tokio::time::timeout(idle, resp.chunk()) => r,
+                    _ = tx.closed() => { end = Some(End::ClientGone); break; }
+                };
+                match next {
+                    Err(_) => end = Some(End::NodeFailed("node stalled mid-stream".into())),
+                    Ok(Err(e)) => end = Some(End::NodeFailed(format!("node stream failed: {e}"))),
+                    Ok(Ok(None)) => {
+                        meter.finish();
+                        end = Some(if meter.done && !meter.garbage {
+                            End::Done
+                        } else {
+                            End::NodeFailed("node ended the stream early".into())
+                        });
+                    }
+                    Ok(Ok(Some(chunk))) => {
+                        meter.feed(&chunk);
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            end = Some(End::ClientGone);
+                        } else if meter.garbage {
+                            end = Some(End::NodeFailed("node sent garbage mid-stream".into()));
+                        }
+                    }
+                }
+            }
+            // Dropping the response cancels the upstream call.
+            drop(resp);
+            let m = meter.meter(self.prep.fallback_input, self.prep.bound);
+            let st = match end {
+                Some(End::NodeFailed(reason)) => {
+                    node.stats.observe(elapsed_us(t0), false);
+                    let event = serde_json::json!({"error": {
+                        "message": format!("the stream was interrupted: {reason}"),
+                        "type": "upstream_error",
+                        "code": "stream_interrupted",
+                    }});
+                    let _ = tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await;
+                    let charged = self.price.partial_cost(m);
+                    self.settlement(Some(&node), m, charged, false, false)
+                }
+                Some(End::ClientGone) => {
+                    node.stats.observe(elapsed_us(t0), true);
+                    let charged = self.price.cost(m);
+                    self.settlement(Some(&node), m, charged, true, true)
+                }
+                Some(End::Done) | None => {
+                    node.stats.observe(elapsed_us(t0), true);
+                    let charged = self.price.cost(m);
+                    self.settlement(Some(&node), m, charged, true, true)
+                }
+            };
+            drop(tx);
+            self.broker.settle(st).await;
+        });
+        GatewayResponse::Stream {
+            content_type: "text/event-stream".into(),
+            body: tokio_stream_from(rx),
+        }
+    }
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<std::result::Result<Bytes, std::io::Error>>,
+) -> BoxStream<'static, std::result::Result<Bytes, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+fn elapsed_us(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX)
+}

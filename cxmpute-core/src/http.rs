@@ -1,0 +1,366 @@
+//! The HTTP surface: an axum [`Router`] built from a [`Broker`].
+//!
+//! A host only serves it (see [`router`]). Every error is OpenAI's error JSON
+//! with a status that means something:
+//!
+//! | status | when | `type` / `code` |
+//! |---|---|---|
+//! | 400 | malformed JSON, missing or wrong fields | `invalid_request_error` / `invalid_request` |
+//! | 401 | missing, unknown or revoked key | `authentication_error` / `invalid_api_key` |
+//! | 402 | the **account** balance does not cover the request: topping up fixes it | `insufficient_quota` / `insufficient_credits` |
+//! | 403 | suspended account, route not permitted for the key, not an admin | `permission_error` / `forbidden` |
+//! | 404 | unknown model, unknown thing, another account's thing | `not_found_error` / `model_not_found` or `not_found` |
+//! | 409 | already exists, conflicting change | `conflict_error` / `conflict` |
+//! | 413 | request body over the limit | `invalid_request_error` / `payload_too_large` |
+//! | 429 | the **key's** own credit limit is spent (raise the limit or use another key), or a rate limit | `insufficient_quota` / `key_limit_reached`, or `rate_limit_error` / `rate_limited` |
+//! | 502 | every node tried failed | `upstream_error` / `upstream_failed` |
+//! | 503 | no healthy node serves the model, or the store is unavailable | `service_unavailable` / `no_capacity` or `unavailable` |
+//! | 504 | every node tried timed out | `upstream_error` / `upstream_timeout` |
+//!
+//! 402 and 429 are kept apart on purpose: a 402 asks the account holder to
+//! buy credits, a 429 `key_limit_reached` asks them to change a key setting;
+//! OpenAI's SDKs treat 429 as retryable, so a key-limit 429 carries no
+//! `Retry-After`.
+
+use axum::body::Body;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::broker::{Broker, GatewayRequest, GatewayResponse};
+use crate::error::Error;
+use crate::secret::Secret;
+use crate::types::*;
+use crate::wire::*;
+
+/// The status, OpenAI `type` and `code` of an error.
+pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
+    match e {
+        Error::InvalidInput(_) => (
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_request",
+        ),
+        Error::Unauthorized(_) => (
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_api_key",
+        ),
+        Error::InsufficientCredits(_) => (
+            StatusCode::PAYMENT_REQUIRED,
+            "insufficient_quota",
+            "insufficient_credits",
+        ),
+        Error::KeyLimitReached(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            "key_limit_reached",
+        ),
+        Error::RateLimited(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "rate_limited",
+        ),
+        Error::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", "forbidden"),
+        Error::NotFound(what) if what.starts_with("model") => {
+            (StatusCode::NOT_FOUND, "not_found_error", "model_not_found")
+        }
+        Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
+        Error::AlreadyExists(_) | Error::Conflict(_) => {
+            (StatusCode::CONFLICT, "conflict_error", "conflict")
+        }
+        Error::PayloadTooLarge(_) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "payload_too_large",
+        ),
+        Error::NoCapacity(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "no_capacity",
+        ),
+        Error::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error", "upstream_failed"),
+        Error::UpstreamTimeout(_) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            "upstream_timeout",
+        ),
+        Error::Unavailable { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "unavailable",
+        ),
+        Error::Backend { .. } => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+        ),
+    }
+}
+
+/// An [`Error`] as an HTTP answer.
+#[derive(Debug)]
+pub struct ApiError(pub Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, code) = error_parts(&self.0);
+        let message = match &self.0 {
+            // Internal details stay in the log.
+            Error::Backend { .. } => {
+                tracing::error!(error = %self.0, source = ?std::error::Error::source(&self.0), "internal error");
+                "internal error".to_owned()
+            }
+            Error::Unavailable { .. } => {
+                tracing::warn!(error = %self.0, "backend unavailable");
+                "the service is temporarily unavailable; try again shortly".to_owned()
+            }
+            e => e.to_string(),
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message,
+                kind: kind.into(),
+                code: Some(code.into()),
+                param: None,
+            },
+        };
+        let mut resp = (status, Json(body)).into_response();
+        if matches!(
+            self.0,
+            Error::RateLimited(_) | Error::Unavailable { .. } | Error::NoCapacity(_)
+        ) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+/// The bearer secret of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<Secret> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Secret::new(token))
+}
+
+/// The body, or the right error when it is too large or unreadable.
+pub fn body_bytes(body: std::result::Result<Bytes, BytesRejection>) -> Result<Bytes, Error> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            Error::PayloadTooLarge("request body is too large".into())
+        } else {
+            Error::InvalidInput(format!("unreadable body: {r}"))
+        }
+    })
+}
+
+/// Parses a JSON body into `T` with a clear 400 on failure.
+pub fn json_body<T: DeserializeOwned>(
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<T, Error> {
+    let b = body_bytes(body)?;
+    serde_json::from_slice(&b)
+        .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
+}
+
+fn app_name(headers: &HeaderMap) -> Option<String> {
+    let v = headers
+        .get("x-title")
+        .or_else(|| headers.get("http-referer"))?;
+    let s = v.to_str().ok()?.trim();
+    (!s.is_empty()).then(|| s.chars().take(100).collect())
+}
+
+async fn gateway(
+    broker: Broker,
+    route: Route,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let req = GatewayRequest {
+        api_key: bearer(&headers),
+        route,
+        body: body_bytes(body)?,
+        app: app_name(&headers),
+    };
+    let span = tracing::info_span!("gateway", route = %route);
+    let resp = {
+        let _e = span.enter();
+        broker.handle(req)
+    }
+    .await?;
+    Ok(match resp {
+        GatewayResponse::Complete { content_type, body } => {
+            ([(header::CONTENT_TYPE, content_type)], body).into_response()
+        }
+        GatewayResponse::Stream { content_type, body } => (
+            [
+                (header::CONTENT_TYPE, content_type),
+                (header::CACHE_CONTROL, "no-cache".to_owned()),
+            ],
+            Body::from_stream(body),
+        )
+            .into_response(),
+    })
+}
+
+macro_rules! gateway_route {
+    ($route:expr) => {
+        post(
+            |State(b): State<Broker>,
+             h: HeaderMap,
+             body: std::result::Result<Bytes, BytesRejection>| {
+                gateway(b, $route, h, body)
+            },
+        )
+    };
+}
+
+fn ok<T: Serialize>(v: T) -> ApiResult<Json<T>> {
+    Ok(Json(v))
+}
+
+/// Every route of the broker: the gateway, the provider API and the admin API.
+pub fn router(broker: Broker) -> Router {
+    let limit = broker.config().max_body_bytes;
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/v1/models",
+            get(|State(b): State<Broker>| async move { Json(b.models()) }),
+        )
+        .route(
+            Route::ChatCompletions.path(),
+            gateway_route!(Route::ChatCompletions),
+        )
+        .route(Route::Embeddings.path(), gateway_route!(Route::Embeddings))
+        // Provider API.
+        .route(
+            "/v1/provider/provisions",
+            post(register_provision).get(list_provisions),
+        )
+        .route("/v1/provider/provisions/{id}", delete(end_provision))
+        .route("/v1/provider/provisions/{id}/heartbeat", post(heartbeat))
+        // Admin API.
+        .route("/v1/admin/users", post(admin_create_user))
+        .route("/v1/admin/users/{id}/credits", post(admin_grant_credits))
+        .route("/v1/admin/providers", post(admin_create_provider))
+        .route("/v1/admin/prices", put(admin_put_price).get(admin_prices))
+        .fallback(|| async { ApiError(Error::NotFound("no such route".into())).into_response() })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(broker)
+}
+
+async fn register_provision(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<RegisterProvisionResponse>> {
+    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
+    let req: RegisterProvisionRequest = json_body(body)?;
+    ok(b.register_provision(&p, req).await?)
+}
+
+async fn list_provisions(
+    State(b): State<Broker>,
+    h: HeaderMap,
+) -> ApiResult<Json<Vec<ProvisionView>>> {
+    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
+    ok(b.provider_provisions(&p).await?)
+}
+
+async fn heartbeat(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
+    b.heartbeat(&p, &ProvisionId::new(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn end_provision(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
+    b.end_provision(&p, &ProvisionId::new(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn admin_create_user(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<CreateUserResponse>> {
+    b.authenticate_admin(bearer(&h).as_ref()).await?;
+    let req: CreateUserRequest = json_body(body)?;
+    let (user, key, secret) = b.create_user(&req.email, req.credits, false).await?;
+    ok(CreateUserResponse {
+        user_id: user.id,
+        key_id: key.id,
+        api_key: secret.expose().to_owned(),
+    })
+}
+
+async fn admin_grant_credits(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<BalanceResponse>> {
+    let admin = b.authenticate_admin(bearer(&h).as_ref()).await?;
+    let req: GrantCreditsRequest = json_body(body)?;
+    let user_id = UserId::new(id);
+    let credits = b
+        .grant_credits(&user_id, req.amount, admin.id.as_str(), &req.reason)
+        .await?;
+    ok(BalanceResponse { user_id, credits })
+}
+
+async fn admin_create_provider(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<CreateProviderResponse>> {
+    b.authenticate_admin(bearer(&h).as_ref()).await?;
+    let req: CreateProviderRequest = json_body(body)?;
+    let (p, secret) = b.create_provider(&req.email, None).await?;
+    ok(CreateProviderResponse {
+        provider_id: p.id,
+        provider_key: secret.expose().to_owned(),
+    })
+}
+
+async fn admin_put_price(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<PriceEntry>> {
+    b.authenticate_admin(bearer(&h).as_ref()).await?;
+    let price: PriceEntry = json_body(body)?;
+    b.put_price(price.clone()).await?;
+    ok(price)
+}
+
+async fn admin_prices(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<PriceEntry>>> {
+    b.authenticate_admin(bearer(&h).as_ref()).await?;
+    ok(b.prices().all())
+}

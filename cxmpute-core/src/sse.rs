@@ -1,0 +1,293 @@
+//! Server-sent events: an incremental decoder (lines may split anywhere
+//! across network chunks) and the meter that finds usage in a chat stream.
+//!
+//! The decoder is shared by the broker (to meter streams it passes through)
+//! and `cxmpute-client` (to turn streams into typed chunks).
+
+use crate::pricing::Meter;
+use crate::wire::{ChatCompletionChunk, Usage};
+
+/// One event: its `event:` name (if any) and its `data:` lines joined by `\n`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field.
+    pub event: Option<String>,
+    /// The `data:` lines, joined.
+    pub data: String,
+}
+
+/// A line longer than the decoder's cap: the peer sends garbage or attacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("server-sent event line longer than {0} bytes")]
+pub struct LineTooLong(pub usize);
+
+/// Incremental SSE decoder. Feed it chunks as they arrive; it calls back once
+/// per complete event.
+#[derive(Debug)]
+pub struct SseDecoder {
+    line: Vec<u8>,
+    event: SseEvent,
+    has_data: bool,
+    max_line: usize,
+}
+
+impl Default for SseDecoder {
+    fn default() -> Self {
+        Self::new(1 << 20)
+    }
+}
+
+impl SseDecoder {
+    /// A decoder refusing lines longer than `max_line` bytes.
+    pub fn new(max_line: usize) -> Self {
+        SseDecoder {
+            line: Vec::new(),
+            event: SseEvent::default(),
+            has_data: false,
+            max_line,
+        }
+    }
+
+    /// Decodes a chunk, calling `on_event` for each event it completes.
+    pub fn push(
+        &mut self,
+        mut chunk: &[u8],
+        on_event: &mut impl FnMut(SseEvent),
+    ) -> Result<(), LineTooLong> {
+        while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+            let (head, rest) = chunk.split_at(nl);
+            chunk = &rest[1..];
+            if self.line.is_empty() {
+                self.line_done(head, on_event);
+            } else {
+                self.line.extend_from_slice(head);
+                let line = std::mem::take(&mut self.line);
+                self.line_done(&line, on_event);
+                self.line = line;
+                self.line.clear();
+            }
+        }
+        self.line.extend_from_slice(chunk);
+        if self.line.len() > self.max_line {
+            return Err(LineTooLong(self.max_line));
+        }
+        Ok(())
+    }
+
+    /// Ends the input: an event not yet closed by a blank line is dispatched.
+    pub fn finish(&mut self, on_event: &mut impl FnMut(SseEvent)) {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.line_done(&line, on_event);
+        }
+        self.dispatch(on_event);
+    }
+
+    fn line_done(&mut self, line: &[u8], on_event: &mut impl FnMut(SseEvent)) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            self.dispatch(on_event);
+            return;
+        }
+        if line[0] == b':' {
+            return; // comment / keep-alive
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        let value = String::from_utf8_lossy(value);
+        match field {
+            b"data" => {
+                if self.has_data {
+                    self.event.data.push('\n');
+                }
+                self.event.data.push_str(&value);
+                self.has_data = true;
+            }
+            b"event" => self.event.event = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, on_event: &mut impl FnMut(SseEvent)) {
+        if self.has_data {
+            on_event(std::mem::take(&mut self.event));
+        }
+        self.event = SseEvent::default();
+        self.has_data = false;
+    }
+}
+
+/// Watches a chat completion stream pass by and meters it: usage the node
+/// reported, content chunks counted by the broker, whether `[DONE]` came, and
+/// whether the node sent anything that is not a chunk.
+#[derive(Debug, Default)]
+pub struct ChatStreamMeter {
+    decoder: SseDecoder,
+    /// Usage from the node's final chunk, if it sent one.
+    pub reported: Option<Usage>,
+    /// Chunks carrying content (each is at least one token), counted here.
+    pub content_chunks: u64,
+    /// Bytes of content seen.
+    pub content_bytes: u64,
+    /// Whether `data: [DONE]` arrived.
+    pub done: bool,
+    /// Whether the node sent an event that is not a chunk, an error event, or an endless line.
+    pub garbage: bool,
+    /// Events seen.
+    pub events: u64,
+}
+
+impl ChatStreamMeter {
+    /// Feeds bytes as they pass through.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        let mut evs = Vec::new();
+        if self.decoder.push(chunk, &mut |e| evs.push(e)).is_err() {
+            self.garbage = true;
+        }
+        for e in evs {
+            self.on_event(e);
+        }
+    }
+
+    /// Ends the stream.
+    pub fn finish(&mut self) {
+        let mut evs = Vec::new();
+        self.decoder.finish(&mut |e| evs.push(e));
+        for e in evs {
+            self.on_event(e);
+        }
+    }
+
+    fn on_event(&mut self, e: SseEvent) {
+        self.events += 1;
+        let data = e.data.trim();
+        if data == "[DONE]" {
+            self.done = true;
+            return;
+        }
+        match serde_json::from_str::<ChatCompletionChunk>(data) {
+            Ok(chunk) => {
+                if let Some(u) = chunk.usage {
+                    self.reported = Some(u);
+                }
+                for c in &chunk.choices {
+                    if let Some(t) = c.delta.content.as_deref().filter(|t| !t.is_empty()) {
+                        self.content_chunks += 1;
+                        self.content_bytes += t.len() as u64;
+                    }
+                }
+            }
+            Err(_) => self.garbage = true,
+        }
+    }
+
+    /// What the stream consumed: the node's usage when it reported one, else
+    /// the broker's own count (input estimated as `fallback_input`), clamped to `bound`.
+    pub fn meter(&self, fallback_input: u64, bound: Meter) -> Meter {
+        let m = match self.reported {
+            Some(u) => Meter {
+                input_tokens: u.prompt_tokens,
+                output_tokens: u.completion_tokens.max(self.content_chunks),
+                units: 0,
+            },
+            None => Meter {
+                input_tokens: fallback_input,
+                output_tokens: self.content_chunks,
+                units: 0,
+            },
+        };
+        m.clamp_to(bound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(chunks: &[&[u8]]) -> Vec<SseEvent> {
+        let mut d = SseDecoder::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            d.push(c, &mut |e| out.push(e)).unwrap();
+        }
+        d.finish(&mut |e| out.push(e));
+        out
+    }
+
+    #[test]
+    fn events_split_at_every_byte_decode_the_same() {
+        let text = b"data: {\"a\":1}\r\n\r\n: keep-alive\n\nevent: error\ndata: x\ndata: y\n\ndata: [DONE]\n\n";
+        let whole = decode_all(&[text]);
+        assert_eq!(whole.len(), 3);
+        assert_eq!(whole[0].data, "{\"a\":1}");
+        assert_eq!(
+            whole[1],
+            SseEvent {
+                event: Some("error".into()),
+                data: "x\ny".into()
+            }
+        );
+        assert_eq!(whole[2].data, "[DONE]");
+        let bytes: Vec<&[u8]> = text.chunks(1).collect();
+        assert_eq!(decode_all(&bytes), whole);
+        for split in 0..text.len() {
+            let (a, b) = text.split_at(split);
+            assert_eq!(decode_all(&[a, b]), whole, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn endless_line_is_refused() {
+        let mut d = SseDecoder::new(16);
+        assert_eq!(d.push(&[b'x'; 17], &mut |_| {}), Err(LineTooLong(16)));
+    }
+
+    #[test]
+    fn meter_counts_chunks_and_prefers_reported_usage() {
+        let mut m = ChatStreamMeter::default();
+        let s = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for c in s.as_bytes().chunks(5) {
+            m.feed(c);
+        }
+        m.finish();
+        assert!(m.done && !m.garbage);
+        assert_eq!(m.content_chunks, 2);
+        let bound = Meter {
+            input_tokens: 100,
+            output_tokens: 100,
+            units: 0,
+        };
+        assert_eq!(
+            m.meter(3, bound),
+            Meter {
+                input_tokens: 7,
+                output_tokens: 2,
+                units: 0
+            }
+        );
+        // A node claiming more than the bound is clamped.
+        let tight = Meter {
+            input_tokens: 5,
+            output_tokens: 1,
+            units: 0,
+        };
+        assert_eq!(m.meter(3, tight), tight);
+    }
+
+    #[test]
+    fn meter_flags_garbage() {
+        let mut m = ChatStreamMeter::default();
+        m.feed(b"data: not json\n\n");
+        assert!(m.garbage);
+    }
+}

@@ -1,0 +1,422 @@
+//! Test helpers (feature `testkit`): stand-in provider nodes that are real
+//! HTTP servers on loopback, and a broker host served on loopback with a
+//! manual clock.
+//!
+//! A [`StandInNode`] answers in OpenAI shape and can be scripted, at any time,
+//! to be slow, fail with a status, hang, cut a stream half-way or send garbage.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use crate::broker::{Broker, BrokerConfig};
+use crate::clock::ManualClock;
+use crate::http::bearer;
+use crate::secret::Secret;
+use crate::store::Store;
+use crate::types::*;
+use crate::wire::{RegisterProvisionRequest, ServedModel, Usage};
+
+/// What a stand-in node does with the next requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Behavior {
+    /// Answer correctly at once.
+    Ok,
+    /// Wait this long, then answer correctly.
+    Slow(Duration),
+    /// Answer with this status and an error body.
+    Status(u16),
+    /// Never answer.
+    Hang,
+    /// Stream this many content chunks, then break the connection
+    /// (non-streamed requests: send half a body, then break).
+    CutStream(usize),
+    /// Stream this many content chunks, then go silent forever.
+    StallStream(usize),
+    /// Answer 200 with bytes that are not what was asked for.
+    Garbage,
+}
+
+struct NodeState {
+    behavior: Mutex<Behavior>,
+    usage: Mutex<Option<Usage>>,
+    secret: Mutex<Option<String>>,
+    hits: AtomicUsize,
+    name: String,
+}
+
+/// A stand-in provider node: a real HTTP server on `127.0.0.1:0`.
+pub struct StandInNode {
+    addr: SocketAddr,
+    state: Arc<NodeState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for StandInNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandInNode")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The text chunks a stand-in streams (five tokens).
+pub const STREAM_CHUNKS: [&str; 5] = ["Hel", "lo", " from", " the", " node"];
+
+impl StandInNode {
+    /// Starts a node that answers correctly, reporting usage of 10 prompt and 5 completion tokens.
+    pub async fn start(name: &str) -> Self {
+        let state = Arc::new(NodeState {
+            behavior: Mutex::new(Behavior::Ok),
+            usage: Mutex::new(Some(Usage {
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                total_tokens: 15,
+            })),
+            secret: Mutex::new(None),
+            hits: AtomicUsize::new(0),
+            name: name.to_owned(),
+        });
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/embeddings", post(embeddings))
+            .route("/heartbeat", get(|| async { "ok" }))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        StandInNode { addr, state, task }
+    }
+
+    /// Its base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Scripts what it does next.
+    pub fn set(&self, b: Behavior) {
+        *self.state.behavior.lock() = b;
+    }
+
+    /// Sets the usage it reports (`None`: it reports none, like some servers).
+    pub fn set_usage(&self, u: Option<Usage>) {
+        *self.state.usage.lock() = u;
+    }
+
+    /// Makes it answer 401 to calls without `Authorization: Bearer <secret>`.
+    pub fn require_secret(&self, secret: &str) {
+        *self.state.secret.lock() = Some(secret.to_owned());
+    }
+
+    /// Requests it has received.
+    pub fn hits(&self) -> usize {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Stops serving: later connections are refused.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+
+    /// A URL on loopback where nothing listens (connection refused).
+    pub async fn dead_url() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        format!("http://{addr}")
+    }
+}
+
+impl Drop for StandInNode {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Checks the secret and counts the hit; `Err` is the response to send.
+async fn admit(s: &NodeState, h: &HeaderMap) -> Result<Behavior, Response> {
+    s.hits.fetch_add(1, Ordering::SeqCst);
+    if let Some(want) = s.secret.lock().clone() {
+        if bearer(h).map(|b| b.expose().to_owned()) != Some(want) {
+            return Err((StatusCode::UNAUTHORIZED, "unauthorized").into_response());
+        }
+    }
+    let b = s.behavior.lock().clone();
+    match &b {
+        Behavior::Slow(d) => tokio::time::sleep(*d).await,
+        Behavior::Hang => futures::future::pending::<()>().await,
+        Behavior::Status(code) => {
+            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return Err((status, r#"{"error":{"message":"scripted failure"}}"#).into_response());
+        }
+        Behavior::Garbage => return Err((StatusCode::OK, "this is not json\n\n").into_response()),
+        _ => {}
+    }
+    Ok(b)
+}
+
+fn broken_body(prefix: Vec<Bytes>, stall: bool) -> Body {
+    let head = futures::stream::iter(prefix.into_iter().map(Ok::<_, std::io::Error>));
+    let tail = futures::stream::once(async move {
+        if stall {
+            futures::future::pending::<()>().await;
+        }
+        Err(std::io::Error::other("cut"))
+    });
+    Body::from_stream(futures::StreamExt::chain(head, tail))
+}
+
+async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
+    let b = match admit(&s, &h).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = req["model"].as_str().unwrap_or("unknown").to_owned();
+    let usage = *s.usage.lock();
+    let stream = req["stream"].as_bool().unwrap_or(false);
+    if !stream {
+        let mut v = json!({
+            "id": "chatcmpl-standin", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Hello from {}", s.name)}, "finish_reason": "stop"}],
+        });
+        if let Some(u) = usage {
+            v["usage"] = serde_json::to_value(u).unwrap_or(Value::Null);
+        }
+        let text = v.to_string();
+        if let Behavior::CutStream(_) | Behavior::StallStream(_) = b {
+            let half = Bytes::from(text[..text.len() / 2].to_owned());
+            return (
+                StatusCode::OK,
+                broken_body(vec![half], matches!(b, Behavior::StallStream(_))),
+            )
+                .into_response();
+        }
+        return ([("content-type", "application/json")], text).into_response();
+    }
+    let include_usage = req["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
+    let mut events: Vec<Bytes> = Vec::new();
+    for (i, c) in STREAM_CHUNKS.iter().enumerate() {
+        let delta = if i == 0 {
+            json!({"role": "assistant", "content": c})
+        } else {
+            json!({"content": c})
+        };
+        let ev = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
+        events.push(Bytes::from(format!("data: {ev}\n\n")));
+    }
+    let (cut, stall) = match b {
+        Behavior::CutStream(n) => (Some(n), false),
+        Behavior::StallStream(n) => (Some(n), true),
+        _ => (None, false),
+    };
+    if let Some(n) = cut {
+        events.truncate(n);
+        return (
+            [("content-type", "text/event-stream")],
+            broken_body(events, stall),
+        )
+            .into_response();
+    }
+    let fin = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1, "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+    events.push(Bytes::from(format!("data: {fin}\n\n")));
+    if let (true, Some(u)) = (include_usage, usage) {
+        let ev = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [], "usage": u});
+        events.push(Bytes::from(format!("data: {ev}\n\n")));
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    // Split events across network chunks at odd places, as real servers do.
+    let all: Vec<u8> = events.concat();
+    let pieces: Vec<Result<Bytes, std::io::Error>> = all
+        .chunks(37)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    (
+        [("content-type", "text/event-stream")],
+        Body::from_stream(futures::stream::iter(pieces)),
+    )
+        .into_response()
+}
+
+async fn embeddings(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = admit(&s, &h).await {
+        return r;
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let n = match &req["input"] {
+        Value::Array(a) if a.iter().all(Value::is_string) || a.iter().all(Value::is_array) => {
+            a.len()
+        }
+        _ => 1,
+    };
+    let data: Vec<Value> = (0..n)
+        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, i as f32]}))
+        .collect();
+    let mut v = json!({"object": "list", "data": data, "model": req["model"]});
+    if let Some(u) = *s.usage.lock() {
+        v["usage"] = json!({"prompt_tokens": u.prompt_tokens, "total_tokens": u.prompt_tokens});
+    }
+    ([("content-type", "application/json")], v.to_string()).into_response()
+}
+
+/// A broker served on loopback with a manual clock, an admin, and helpers to
+/// add users, providers and nodes.
+pub struct TestHost {
+    /// The broker.
+    pub broker: Broker,
+    /// Its base URL, e.g. `http://127.0.0.1:41235`.
+    pub url: String,
+    /// The clock it runs on.
+    pub clock: ManualClock,
+    /// An admin API key.
+    pub admin_key: Secret,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for TestHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestHost")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The configuration tests use: loopback nodes allowed, short timeouts.
+pub fn test_config() -> BrokerConfig {
+    let mut c = BrokerConfig::default().allow_private_endpoints();
+    c.connect_timeout = Duration::from_secs(2);
+    c.first_byte_timeout = Duration::from_millis(1500);
+    c.idle_timeout = Duration::from_millis(1500);
+    c
+}
+
+impl TestHost {
+    /// A host on `store` with [`test_config`] and the defaults.
+    pub async fn start(store: Arc<dyn Store>) -> Self {
+        Self::start_with(store, |b| b).await
+    }
+
+    /// A host on `store`, its builder adjusted by `f` (the clock is set after `f`).
+    pub async fn start_with(
+        store: Arc<dyn Store>,
+        f: impl FnOnce(crate::broker::BrokerBuilder) -> crate::broker::BrokerBuilder,
+    ) -> Self {
+        let clock = ManualClock::default();
+        let builder =
+            f(Broker::builder(store).config(test_config())).clock(Arc::new(clock.clone()));
+        let broker = builder.build().await.expect("build broker");
+        let admin_key = broker
+            .ensure_admin("admin@cxmpute.test", None)
+            .await
+            .expect("admin")
+            .expect("a new admin key");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let app = crate::http::router(broker.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TestHost {
+            broker,
+            url: format!("http://{addr}"),
+            clock,
+            admin_key,
+            task,
+        }
+    }
+
+    /// A user holding `credits`, and its API key.
+    pub async fn user(&self, credits: Credits) -> (User, Secret) {
+        let email = format!(
+            "{}@users.test",
+            crate::secret::random_token(10).to_lowercase()
+        );
+        let (u, _, secret) = self
+            .broker
+            .create_user(&email, credits, false)
+            .await
+            .expect("create user");
+        (u, secret)
+    }
+
+    /// A provider and its key.
+    pub async fn provider(&self) -> (Provider, Secret) {
+        let email = format!(
+            "{}@providers.test",
+            crate::secret::random_token(10).to_lowercase()
+        );
+        self.broker
+            .create_provider(&email, None)
+            .await
+            .expect("create provider")
+    }
+
+    /// Registers `node` for `provider`, serving `model` for `service`; the
+    /// stand-in then requires the node secret the broker hands out.
+    pub async fn add_node(
+        &self,
+        provider: &Provider,
+        node: &StandInNode,
+        service: Service,
+        model: &str,
+    ) -> ProvisionId {
+        self.add_node_at(provider, &node.url(), service, model, Some(node))
+            .await
+    }
+
+    /// Registers a node at `url` (which may be dead), serving `model` for `service`.
+    pub async fn add_node_at(
+        &self,
+        provider: &Provider,
+        url: &str,
+        service: Service,
+        model: &str,
+        node: Option<&StandInNode>,
+    ) -> ProvisionId {
+        let req = RegisterProvisionRequest {
+            endpoint: Some(url.to_owned()),
+            services: vec![ServedModel {
+                service,
+                model: model.to_owned(),
+            }],
+            device: json!({"gpu": {"memory_mb": 8192}}),
+            location: Location::default(),
+        };
+        let r = self
+            .broker
+            .register_provision(provider, req)
+            .await
+            .expect("register provision");
+        if let Some(n) = node {
+            n.require_secret(&r.node_secret);
+        }
+        r.provision_id
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
