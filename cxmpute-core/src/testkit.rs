@@ -172,6 +172,9 @@ async fn admit(s: &NodeState, h: &HeaderMap) -> Result<Behavior, Response> {
 fn broken_body(prefix: Vec<Bytes>, stall: bool) -> Body {
     let head = futures::stream::iter(prefix.into_iter().map(Ok::<_, std::io::Error>));
     let tail = futures::stream::once(async move {
+        // Give the server a chance to write what came before: returning
+        // Pending lets it flush its buffer before the break.
+        tokio::time::sleep(Duration::from_millis(10)).await;
         if stall {
             futures::future::pending::<()>().await;
         }

@@ -24,10 +24,10 @@
 
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -38,6 +38,9 @@ use crate::error::Error;
 use crate::secret::Secret;
 use crate::types::*;
 use crate::wire::*;
+
+mod admin;
+mod provider;
 
 /// The status, OpenAI `type` and `code` of an error.
 pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
@@ -149,7 +152,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = std::result::Result<T, ApiError>;
+/// The result of a handler.
+pub type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// The bearer secret of a request, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<Secret> {
@@ -232,11 +236,15 @@ macro_rules! gateway_route {
     };
 }
 
-fn ok<T: Serialize>(v: T) -> ApiResult<Json<T>> {
+/// Wraps a value as a JSON answer.
+pub(crate) fn ok<T: Serialize>(v: T) -> ApiResult<Json<T>> {
     Ok(Json(v))
 }
 
 /// Every route of the broker: the gateway, the provider API and the admin API.
+///
+/// Each area keeps its routes in its own module (`provider`, `admin`, ...) and
+/// this function merges them.
 pub fn router(broker: Broker) -> Router {
     let limit = broker.config().max_body_bytes;
     Router::new()
@@ -250,117 +258,9 @@ pub fn router(broker: Broker) -> Router {
             gateway_route!(Route::ChatCompletions),
         )
         .route(Route::Embeddings.path(), gateway_route!(Route::Embeddings))
-        // Provider API.
-        .route(
-            "/v1/provider/provisions",
-            post(register_provision).get(list_provisions),
-        )
-        .route("/v1/provider/provisions/{id}", delete(end_provision))
-        .route("/v1/provider/provisions/{id}/heartbeat", post(heartbeat))
-        // Admin API.
-        .route("/v1/admin/users", post(admin_create_user))
-        .route("/v1/admin/users/{id}/credits", post(admin_grant_credits))
-        .route("/v1/admin/providers", post(admin_create_provider))
-        .route("/v1/admin/prices", put(admin_put_price).get(admin_prices))
+        .merge(provider::routes())
+        .merge(admin::routes())
         .fallback(|| async { ApiError(Error::NotFound("no such route".into())).into_response() })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(broker)
-}
-
-async fn register_provision(
-    State(b): State<Broker>,
-    h: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<RegisterProvisionResponse>> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
-    let req: RegisterProvisionRequest = json_body(body)?;
-    ok(b.register_provision(&p, req).await?)
-}
-
-async fn list_provisions(
-    State(b): State<Broker>,
-    h: HeaderMap,
-) -> ApiResult<Json<Vec<ProvisionView>>> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
-    ok(b.provider_provisions(&p).await?)
-}
-
-async fn heartbeat(
-    State(b): State<Broker>,
-    h: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
-    b.heartbeat(&p, &ProvisionId::new(id)).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn end_provision(
-    State(b): State<Broker>,
-    h: HeaderMap,
-    Path(id): Path<String>,
-) -> ApiResult<StatusCode> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
-    b.end_provision(&p, &ProvisionId::new(id)).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn admin_create_user(
-    State(b): State<Broker>,
-    h: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<CreateUserResponse>> {
-    b.authenticate_admin(bearer(&h).as_ref()).await?;
-    let req: CreateUserRequest = json_body(body)?;
-    let (user, key, secret) = b.create_user(&req.email, req.credits, false).await?;
-    ok(CreateUserResponse {
-        user_id: user.id,
-        key_id: key.id,
-        api_key: secret.expose().to_owned(),
-    })
-}
-
-async fn admin_grant_credits(
-    State(b): State<Broker>,
-    h: HeaderMap,
-    Path(id): Path<String>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<BalanceResponse>> {
-    let admin = b.authenticate_admin(bearer(&h).as_ref()).await?;
-    let req: GrantCreditsRequest = json_body(body)?;
-    let user_id = UserId::new(id);
-    let credits = b
-        .grant_credits(&user_id, req.amount, admin.id.as_str(), &req.reason)
-        .await?;
-    ok(BalanceResponse { user_id, credits })
-}
-
-async fn admin_create_provider(
-    State(b): State<Broker>,
-    h: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<CreateProviderResponse>> {
-    b.authenticate_admin(bearer(&h).as_ref()).await?;
-    let req: CreateProviderRequest = json_body(body)?;
-    let (p, secret) = b.create_provider(&req.email, None).await?;
-    ok(CreateProviderResponse {
-        provider_id: p.id,
-        provider_key: secret.expose().to_owned(),
-    })
-}
-
-async fn admin_put_price(
-    State(b): State<Broker>,
-    h: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<PriceEntry>> {
-    b.authenticate_admin(bearer(&h).as_ref()).await?;
-    let price: PriceEntry = json_body(body)?;
-    b.put_price(price.clone()).await?;
-    ok(price)
-}
-
-async fn admin_prices(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<PriceEntry>>> {
-    b.authenticate_admin(bearer(&h).as_ref()).await?;
-    ok(b.prices().all())
 }

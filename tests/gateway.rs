@@ -1,0 +1,456 @@
+//! End to end over real sockets: a host router on loopback, stand-in nodes on
+//! loopback, calls through reqwest.
+
+use std::sync::Arc;
+
+use cxmpute_core::testkit::{Behavior, StandInNode, TestHost};
+use cxmpute_core::wire::{ErrorBody, Usage};
+use cxmpute_core::*;
+use serde_json::{json, Value};
+
+const MODEL: &str = "llama3.2:3b";
+
+/// 1 micro-credit per input token, 2 per output token, 1,000 per request.
+fn chat_price() -> PriceEntry {
+    PriceEntry {
+        service: Service::Chat,
+        model: None,
+        per_request: Credits(1_000),
+        per_million_input_tokens: Credits(1_000_000),
+        per_million_output_tokens: Credits(2_000_000),
+        per_million_units: Credits::ZERO,
+    }
+}
+
+async fn host() -> TestHost {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let h = TestHost::start_with(store, |b| b.reward_policy(Arc::new(FlatReward(Credits(500))))).await;
+    h.broker.put_price(chat_price()).await.unwrap();
+    h
+}
+
+fn chat_body(stream: bool) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
+}
+
+async fn post(h: &TestHost, path: &str, key: &Secret, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}{path}", h.url))
+        .bearer_auth(key.expose())
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn balance(h: &TestHost, u: &User) -> Credits {
+    h.broker.store().user(&u.id).await.unwrap().credits
+}
+
+async fn earnings(h: &TestHost, p: &Provider) -> Credits {
+    h.broker.store().provider(&p.id).await.unwrap().earnings
+}
+
+#[tokio::test]
+async fn plain_chat_is_charged_by_the_price_table_and_rewarded() {
+    let h = host().await;
+    let node = StandInNode::start("a").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(10)).await;
+
+    let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Hello from a");
+    // 1,000 + 10 input tokens x 1 + 5 output tokens x 2.
+    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 1_020));
+    assert_eq!(earnings(&h, &p).await, Credits(500));
+    let usage = h.broker.store().usage_records(&u.id, 10).await.unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!((usage[0].input_tokens, usage[0].output_tokens), (10, 5));
+    assert_eq!(usage[0].charged, Credits(1_020));
+    assert!(usage[0].success);
+    let t = h.broker.store().ledger_totals().await.unwrap();
+    assert_eq!((t.charged, t.rewarded, t.reserved), (Credits(1_020), Credits(500), Credits::ZERO));
+    assert_eq!(node.hits(), 1);
+}
+
+#[tokio::test]
+async fn streamed_chat_passes_chunks_through_and_charges_reported_usage() {
+    let h = host().await;
+    let node = StandInNode::start("a").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(10)).await;
+
+    let r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = r.text().await.unwrap();
+    let mut content = String::new();
+    for line in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        if line == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line).unwrap();
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            content.push_str(c);
+        }
+    }
+    assert_eq!(content, "Hello from the node");
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    h.broker.flush_stats().await.unwrap();
+    // Settling happens as the stream ends; wait for it through the store.
+    wait_settled(&h, 1).await;
+    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 1_020));
+    assert_eq!(earnings(&h, &p).await, Credits(500));
+}
+
+/// Waits (bounded) until `n` settlements are in the store: a streamed answer
+/// settles in its own task right after the last byte.
+async fn wait_settled(h: &TestHost, n: u64) {
+    for _ in 0..500 {
+        if h.broker.store().ledger_totals().await.unwrap().settlements >= n {
+            return;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    panic!("{n} settlements never arrived");
+}
+
+#[tokio::test]
+async fn embeddings_are_charged_by_input_tokens() {
+    let h = host().await;
+    h.broker
+        .put_price(PriceEntry {
+            service: Service::Embeddings,
+            model: Some("nomic-embed-text".into()),
+            per_request: Credits(7),
+            per_million_input_tokens: Credits(3_000_000),
+            per_million_output_tokens: Credits::ZERO,
+            per_million_units: Credits::ZERO,
+        })
+        .await
+        .unwrap();
+    let node = StandInNode::start("e").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Embeddings, "nomic-embed-text").await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    let body = json!({"model": "nomic-embed-text", "input": ["one", "two"]});
+    let r = post(&h, "/v1/embeddings", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    // The node reports 10 prompt tokens, but the input is only 6 bytes: a node
+    // cannot claim more tokens than the input has bytes. 7 + 6 x 3.
+    assert_eq!(balance(&h, &u).await, Credits(1_000_000 - 25));
+}
+
+async fn failover_case(bad: Behavior) {
+    let h = host().await;
+    let good = StandInNode::start("good").await;
+    let badn = StandInNode::start("bad").await;
+    badn.set(bad.clone());
+    let (pg, _) = h.provider().await;
+    let (pb, _) = h.provider().await;
+    h.add_node(&pg, &good, Service::Chat, MODEL).await;
+    h.add_node(&pb, &badn, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(10)).await;
+    let n = 6;
+    for _ in 0..n {
+        let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+        assert_eq!(r.status(), 200, "{bad:?}");
+    }
+    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 1_020 * n));
+    assert_eq!(earnings(&h, &pg).await, Credits(500 * n));
+    assert_eq!(earnings(&h, &pb).await, Credits::ZERO, "the failing node earns nothing");
+}
+
+#[tokio::test]
+async fn failover_from_a_node_answering_500() {
+    failover_case(Behavior::Status(500)).await;
+}
+
+#[tokio::test]
+async fn failover_from_a_hanging_node() {
+    failover_case(Behavior::Hang).await;
+}
+
+#[tokio::test]
+async fn failover_from_a_node_sending_garbage() {
+    failover_case(Behavior::Garbage).await;
+}
+
+#[tokio::test]
+async fn failover_from_a_node_refusing_connections() {
+    let h = host().await;
+    let good = StandInNode::start("good").await;
+    let (pg, _) = h.provider().await;
+    let (pb, _) = h.provider().await;
+    h.add_node(&pg, &good, Service::Chat, MODEL).await;
+    let dead = StandInNode::dead_url().await;
+    h.add_node_at(&pb, &dead, Service::Chat, MODEL, None).await;
+    let (u, key) = h.user(Credits::whole(10)).await;
+    for _ in 0..6 {
+        let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 6 * 1_020));
+    assert_eq!(earnings(&h, &pb).await, Credits::ZERO);
+}
+
+#[tokio::test]
+async fn every_node_failing_costs_nothing_and_says_why() {
+    let h = host().await;
+    let a = StandInNode::start("a").await;
+    a.set(Behavior::Status(500));
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &a, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+    assert_eq!(r.status(), 502);
+    let e: ErrorBody = r.json().await.unwrap();
+    assert_eq!(e.error.code.as_deref(), Some("upstream_failed"));
+    a.set(Behavior::Hang);
+    let r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    assert_eq!(r.status(), 504);
+    assert_eq!(balance(&h, &u).await, Credits::whole(1));
+    assert_eq!(earnings(&h, &p).await, Credits::ZERO);
+    let t = h.broker.store().ledger_totals().await.unwrap();
+    assert_eq!((t.charged, t.reserved), (Credits::ZERO, Credits::ZERO));
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_the_first_byte_ends_with_an_error_event_and_charges_what_was_delivered()
+{
+    let h = host().await;
+    let node = StandInNode::start("cut").await;
+    node.set(Behavior::CutStream(2));
+    node.set_usage(None);
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    let r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(events.len(), 3, "{text}");
+    let last: Value = serde_json::from_str(events[2]).unwrap();
+    assert_eq!(last["error"]["code"], "stream_interrupted");
+    assert!(!text.contains("[DONE]"));
+    wait_settled(&h, 1).await;
+    // Input: ("hi" = 2 bytes + 16 per message) / 4, rounded up = 5 tokens x 1;
+    // output: 2 delivered chunks x 2; no per-request fee; no reward.
+    assert_eq!(balance(&h, &u).await, Credits(1_000_000 - 9));
+    assert_eq!(earnings(&h, &p).await, Credits::ZERO);
+}
+
+#[tokio::test]
+async fn concurrent_calls_never_overspend() {
+    let h = host().await;
+    h.broker
+        .put_price(PriceEntry {
+            per_million_input_tokens: Credits::ZERO,
+            per_million_output_tokens: Credits::ZERO,
+            ..chat_price()
+        })
+        .await
+        .unwrap();
+    let node = StandInNode::start("a").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    // Covers exactly 50 calls at 1,000 each.
+    let (u, key) = h.user(Credits(50_000)).await;
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (client, url, key) = (client.clone(), h.url.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            client
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key.expose())
+                .json(&chat_body(false))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => ok += 1,
+            402 => refused += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!((ok, refused), (50, 150));
+    assert_eq!(balance(&h, &u).await, Credits::ZERO);
+    let t = h.broker.store().ledger_totals().await.unwrap();
+    assert_eq!(t.settlements, 50);
+    assert_eq!(t.charged, Credits(50_000));
+    assert_eq!(node.hits(), 50);
+}
+
+async fn expect_error(r: reqwest::Response, status: u16, code: &str) {
+    assert_eq!(r.status(), status);
+    let e: ErrorBody = r.json().await.expect("OpenAI error JSON");
+    assert_eq!(e.error.code.as_deref(), Some(code), "{}", e.error.message);
+    assert!(!e.error.message.is_empty());
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_4xx_and_costs_nothing() {
+    let h = host().await;
+    let node = StandInNode::start("a").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    let c = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", h.url);
+    let raw = |body: &'static str| {
+        c.post(&url).bearer_auth(key.expose()).header("content-type", "application/json").body(body).send()
+    };
+    expect_error(raw("{not json").await.unwrap(), 400, "invalid_request").await;
+    expect_error(raw(r#"{"model": "llama3.2:3b"}"#).await.unwrap(), 400, "invalid_request").await;
+    expect_error(raw(r#"{"model": 5, "messages": []}"#).await.unwrap(), 400, "invalid_request").await;
+    expect_error(raw(r#"{"model": "llama3.2:3b", "messages": "hi"}"#).await.unwrap(), 400, "invalid_request")
+        .await;
+    expect_error(raw(r#"{"model": "llama3.2:3b", "messages": []}"#).await.unwrap(), 400, "invalid_request")
+        .await;
+    expect_error(
+        raw(r#"{"model": "llama3.2:3b", "messages": [{"role": "wizard", "content": "x"}]}"#).await.unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect_error(raw("").await.unwrap(), 400, "invalid_request").await;
+    let unknown = json!({"model": "nope:1b", "messages": [{"role": "user", "content": "x"}]});
+    expect_error(post(&h, "/v1/chat/completions", &key, &unknown).await, 404, "model_not_found").await;
+    let huge = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(5 << 20)}]});
+    expect_error(post(&h, "/v1/chat/completions", &key, &huge).await, 413, "payload_too_large").await;
+    let none = c.post(&url).json(&chat_body(false)).send().await.unwrap();
+    expect_error(none, 401, "invalid_api_key").await;
+    let wrong = post(&h, "/v1/chat/completions", &Secret::new("cx-wrong"), &chat_body(false)).await;
+    expect_error(wrong, 401, "invalid_api_key").await;
+    let bad_emb = json!({"model": "x", "input": []});
+    expect_error(post(&h, "/v1/embeddings", &key, &bad_emb).await, 400, "invalid_request").await;
+    expect_error(c.get(format!("{}/v1/nothing", h.url)).send().await.unwrap(), 404, "not_found").await;
+    assert_eq!(balance(&h, &u).await, Credits::whole(1));
+    assert_eq!(node.hits(), 0);
+}
+
+#[tokio::test]
+async fn credits_and_key_limits_are_refused_with_402_and_429() {
+    let h = host().await;
+    let node = StandInNode::start("a").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (poor, key) = h.user(Credits(10)).await;
+    expect_error(post(&h, "/v1/chat/completions", &key, &chat_body(false)).await, 402, "insufficient_credits")
+        .await;
+    h.broker.grant_credits(&poor.id, Credits::whole(100), "test", "top up").await.unwrap();
+    let (_, limited) =
+        h.broker.create_api_key(&poor.id, "small", Some(Credits(100)), Vec::new()).await.unwrap();
+    expect_error(post(&h, "/v1/chat/completions", &limited, &chat_body(false)).await, 429, "key_limit_reached")
+        .await;
+    let (_, embed_only) =
+        h.broker.create_api_key(&poor.id, "emb", None, vec![Route::Embeddings]).await.unwrap();
+    expect_error(post(&h, "/v1/chat/completions", &embed_only, &chat_body(false)).await, 403, "forbidden").await;
+    assert_eq!(node.hits(), 0);
+}
+
+#[tokio::test]
+async fn no_healthy_node_is_503_and_models_lists_what_is_served() {
+    let h = host().await;
+    let node = StandInNode::start("a").await;
+    let (p, _) = h.provider().await;
+    let id = h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let models: Value = reqwest::get(format!("{}/v1/models", h.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], MODEL);
+    assert_eq!(models["data"][0]["nodes"], 1);
+    h.broker.pools().set_healthy(&id, false);
+    let (u, key) = h.user(Credits::whole(1)).await;
+    expect_error(post(&h, "/v1/chat/completions", &key, &chat_body(false)).await, 503, "no_capacity").await;
+    assert_eq!(balance(&h, &u).await, Credits::whole(1));
+    let health = reqwest::get(format!("{}/healthz", h.url)).await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn a_node_usage_claim_above_the_bounds_is_clamped() {
+    let h = host().await;
+    let node = StandInNode::start("greedy").await;
+    node.set_usage(Some(Usage { prompt_tokens: 1_000_000, completion_tokens: 1_000_000, total_tokens: 0 }));
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(10)).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7});
+    let r = post(&h, "/v1/chat/completions", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    let used = h.broker.store().usage_records(&u.id, 1).await.unwrap().remove(0);
+    assert_eq!(used.output_tokens, 7, "at most max_tokens");
+    assert!(used.input_tokens <= serde_json::to_vec(&body).unwrap().len() as u64);
+}
+
+#[tokio::test]
+async fn provider_api_registers_heartbeats_and_ends_only_its_own_nodes() {
+    let h = host().await;
+    let node = StandInNode::start("a").await;
+    let (_, key_a) = h.provider().await;
+    let (_, key_b) = h.provider().await;
+    let c = reqwest::Client::new();
+    let reg = json!({"endpoint": node.url(), "services": [{"service": "chat", "model": MODEL}],
+        "device": {"gpu": {"memory_mb": 24576}}, "location": {"country": "DE"}});
+    let r = c.post(format!("{}/v1/provider/provisions", h.url)).bearer_auth(key_a.expose()).json(&reg).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["tier"], 4);
+    assert_eq!(v["state"], "ready");
+    let id = v["provision_id"].as_str().unwrap().to_owned();
+    let hb = |k: &Secret| c.post(format!("{}/v1/provider/provisions/{id}/heartbeat", h.url)).bearer_auth(k.expose()).send();
+    assert_eq!(hb(&key_a).await.unwrap().status(), 204);
+    assert_eq!(hb(&key_b).await.unwrap().status(), 404, "another provider's node");
+    assert_eq!(hb(&Secret::new("nope")).await.unwrap().status(), 401);
+    let end = |k: &Secret| c.delete(format!("{}/v1/provider/provisions/{id}", h.url)).bearer_auth(k.expose()).send();
+    assert_eq!(end(&key_b).await.unwrap().status(), 404);
+    assert_eq!(h.broker.models().data.len(), 1);
+    assert_eq!(end(&key_a).await.unwrap().status(), 204);
+    assert!(h.broker.models().data.is_empty(), "an ended node leaves every pool");
+}
+
+#[tokio::test]
+async fn admin_routes_need_an_admin_key() {
+    let h = host().await;
+    let c = reqwest::Client::new();
+    let (u, user_key) = h.user(Credits::ZERO).await;
+    let url = format!("{}/v1/admin/users/{}/credits", h.url, u.id);
+    let grant = json!({"amount": 5_000_000, "reason": "welcome"});
+    let r = c.post(&url).bearer_auth(user_key.expose()).json(&grant).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c.post(&url).bearer_auth(h.admin_key.expose()).json(&grant).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(balance(&h, &u).await, Credits::whole(5));
+    let r = c
+        .post(format!("{}/v1/admin/users", h.url))
+        .bearer_auth(h.admin_key.expose())
+        .json(&json!({"email": "New@Example.com", "credits": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["api_key"].as_str().unwrap().starts_with("cx-"));
+    let again = c
+        .post(format!("{}/v1/admin/users", h.url))
+        .bearer_auth(h.admin_key.expose())
+        .json(&json!({"email": "new@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+}
