@@ -50,6 +50,7 @@ use crate::pricing::{default_prices, Meter, PriceTable};
 use crate::reward::{FlatReward, RewardContext, RewardPolicy};
 use crate::secret::Secret;
 use crate::select::{ProvisionSelector, RandomSelector};
+use crate::services::{self, AnswerKind, Prepared};
 use crate::sse::ChatStreamMeter;
 use crate::stats::StatsRecorder;
 use crate::store::Store;
@@ -254,28 +255,6 @@ impl std::fmt::Debug for GatewayResponse {
     }
 }
 
-/// How an answer is checked and metered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum AnswerKind {
-    ChatJson,
-    ChatSse,
-    EmbeddingsJson,
-}
-
-/// A validated request, ready to forward.
-#[derive(Debug)]
-struct Prepared {
-    route: Route,
-    service: Service,
-    model: String,
-    body: Bytes,
-    kind: AnswerKind,
-    /// Upper bounds of what the request can consume.
-    bound: Meter,
-    /// The input tokens assumed when a node reports none.
-    fallback_input: u64,
-}
-
 /// Why one attempt on one node failed.
 #[derive(Debug)]
 enum AttemptError {
@@ -285,19 +264,7 @@ enum AttemptError {
 
 enum Answer {
     Complete(Bytes, Meter),
-    Stream(Bytes, Box<(reqwest::Response, ChatStreamMeter)>),
-}
-
-fn invalid(msg: impl Into<String>) -> Error {
-    Error::InvalidInput(msg.into())
-}
-
-fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
-    serde_json::from_slice(body).map_err(|e| invalid(format!("invalid request body: {e}")))
-}
-
-fn ceil_div4(n: u64) -> u64 {
-    n.div_ceil(4)
+    Stream(Bytes, Box<StreamStart>),
 }
 
 /// The VRAM tier of a node (the original's thresholds): under 4,096 MB tier 1,
@@ -475,7 +442,7 @@ impl Broker {
     ) -> Result<(User, ApiKey, Secret)> {
         let email = normalize_email(email)?;
         if credits.is_negative() {
-            return Err(invalid("credits must not be negative"));
+            return Err(services::invalid("credits must not be negative"));
         }
         let user = User {
             id: UserId::generate(),
@@ -520,7 +487,7 @@ impl Broker {
         secret: Secret,
     ) -> Result<(ApiKey, Secret)> {
         if credit_limit.is_some_and(Credits::is_negative) {
-            return Err(invalid("credit_limit must not be negative"));
+            return Err(services::invalid("credit_limit must not be negative"));
         }
         let key = ApiKey {
             id: ApiKeyId::generate(),
@@ -662,7 +629,7 @@ impl Broker {
         .iter()
         .any(|c| c.is_negative());
         if negative {
-            return Err(invalid("prices must not be negative"));
+            return Err(services::invalid("prices must not be negative"));
         }
         self.inner.store.put_price(&price).await?;
         self.inner.prices.set(price);
@@ -682,7 +649,7 @@ impl Broker {
             .map(|v| v.len())
             .unwrap_or(usize::MAX);
         if device_len > 64 * 1024 {
-            return Err(invalid("device diagnostics larger than 64 KiB"));
+            return Err(services::invalid("device diagnostics larger than 64 KiB"));
         }
         let vram = req
             .device
@@ -696,7 +663,9 @@ impl Broker {
             None => None,
         };
         if endpoint.is_none() && !req.services.is_empty() {
-            return Err(invalid("services need an endpoint to be served from"));
+            return Err(services::invalid(
+                "services need an endpoint to be served from",
+            ));
         }
         let now = self.now();
         let secret = Secret::generate(40);
@@ -842,7 +811,7 @@ impl Broker {
                 self.inner.config.max_body_bytes
             )));
         }
-        let prep = self.prepare(req.route, &req.body)?;
+        let prep = services::prepare(&self.inner.config, req.route, &req.body)?;
         if !self.inner.pools.is_offered(prep.service, &prep.model) {
             return Err(Error::NotFound(format!("model `{}`", prep.model)));
         }
@@ -867,76 +836,6 @@ impl Broker {
         };
         // 3-6.
         ctx.run().await
-    }
-
-    fn prepare(&self, route: Route, body: &Bytes) -> Result<Prepared> {
-        match route {
-            Route::ChatCompletions => self.prepare_chat(body),
-            Route::Embeddings => prepare_embeddings(body),
-            other => Err(Error::NotFound(format!(
-                "route {other} is not served by this broker"
-            ))),
-        }
-    }
-
-    fn prepare_chat(&self, body: &Bytes) -> Result<Prepared> {
-        let mut req: ChatCompletionRequest = parse_body(body)?;
-        if req.model.trim().is_empty() {
-            return Err(invalid("`model` must not be empty"));
-        }
-        if req.messages.is_empty() {
-            return Err(invalid("`messages` must not be empty"));
-        }
-        for (i, m) in req.messages.iter().enumerate() {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "user" | "assistant" | "tool" | "developer" | "function"
-            ) {
-                return Err(invalid(format!(
-                    "messages[{i}].role `{}` is not a known role",
-                    m.role
-                )));
-            }
-        }
-        let max_out = match (req.max_completion_tokens, req.max_tokens) {
-            (Some(0), _) | (None, Some(0)) => {
-                return Err(invalid("`max_tokens` must be at least 1"))
-            }
-            (Some(n), _) | (None, Some(n)) => n,
-            (None, None) => {
-                req.max_tokens = Some(self.inner.config.default_max_tokens);
-                self.inner.config.default_max_tokens
-            }
-        };
-        let stream = req.stream.unwrap_or(false);
-        if stream {
-            req.stream_options
-                .get_or_insert_with(StreamOptions::default)
-                .include_usage = true;
-        }
-        let text_bytes: u64 = req
-            .messages
-            .iter()
-            .map(|m| m.text().map_or(0, |t| t.len() as u64) + 16)
-            .sum();
-        let out = serde_json::to_vec(&req).map_err(|e| Error::backend("encoding request", e))?;
-        Ok(Prepared {
-            route: Route::ChatCompletions,
-            service: Service::Chat,
-            model: req.model,
-            bound: Meter {
-                input_tokens: body.len() as u64,
-                output_tokens: u64::from(max_out),
-                units: 0,
-            },
-            fallback_input: ceil_div4(text_bytes),
-            body: Bytes::from(out),
-            kind: if stream {
-                AnswerKind::ChatSse
-            } else {
-                AnswerKind::ChatJson
-            },
-        })
     }
 
     // ---- settle ----------------------------------------------------------------
@@ -977,14 +876,15 @@ fn finalize_usage(st: &Settlement) -> UsageRecord {
     u
 }
 
-fn normalize_email(email: &str) -> Result<String> {
+/// A lower-cased, checked email address.
+pub(crate) fn normalize_email(email: &str) -> Result<String> {
     let e = email.trim().to_lowercase();
     let valid = e.len() <= 254
         && e.split_once('@')
             .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
         && !e.chars().any(|c| c.is_whitespace() || c.is_control());
     if !valid {
-        return Err(invalid(format!(
+        return Err(Error::InvalidInput(format!(
             "`{}` is not an email address",
             email.trim()
         )));
@@ -1002,7 +902,7 @@ pub fn pool_entries_for(p: &Provision, services: &[ServedModel]) -> Result<Vec<P
     for s in services {
         let model = s.model.trim();
         if model.is_empty() || model.len() > 200 || model.chars().any(char::is_control) {
-            return Err(invalid(format!("bad model name `{}`", s.model)));
+            return Err(Error::InvalidInput(format!("bad model name `{}`", s.model)));
         }
         if seen.insert((s.service, model.to_owned())) {
             out.push(PoolEntry {
@@ -1018,90 +918,6 @@ pub fn pool_entries_for(p: &Provision, services: &[ServedModel]) -> Result<Vec<P
         }
     }
     Ok(out)
-}
-
-fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
-    let req: EmbeddingsRequest = parse_body(body)?;
-    if req.model.trim().is_empty() {
-        return Err(invalid("`model` must not be empty"));
-    }
-    let (items, bytes, tokens) = match &req.input {
-        EmbeddingInput::Text(t) => (1, t.len() as u64, 0),
-        EmbeddingInput::Texts(v) => (v.len(), v.iter().map(|t| t.len() as u64).sum(), 0),
-        EmbeddingInput::Tokens(v) => (usize::from(!v.is_empty()), 0, v.len() as u64),
-        EmbeddingInput::TokenArrays(v) => (v.len(), 0, v.iter().map(|t| t.len() as u64).sum()),
-    };
-    if items == 0 || (bytes == 0 && tokens == 0) {
-        return Err(invalid("`input` must not be empty"));
-    }
-    if items > 2048 {
-        return Err(invalid("`input` has more than 2048 items"));
-    }
-    Ok(Prepared {
-        route: Route::Embeddings,
-        service: Service::Embeddings,
-        model: req.model,
-        bound: Meter {
-            input_tokens: bytes + tokens,
-            output_tokens: 0,
-            units: 0,
-        },
-        fallback_input: ceil_div4(bytes) + tokens,
-        body: body.clone(),
-        kind: AnswerKind::EmbeddingsJson,
-    })
-}
-
-/// Checks a complete answer's shape and meters it.
-fn meter_complete(prep: &Prepared, body: &[u8]) -> std::result::Result<Meter, String> {
-    let m = match prep.kind {
-        AnswerKind::ChatJson => {
-            let r: ChatCompletionResponse =
-                serde_json::from_slice(body).map_err(|e| format!("not a chat completion: {e}"))?;
-            if r.choices.is_empty() {
-                return Err("chat completion without choices".into());
-            }
-            let text: u64 = r
-                .choices
-                .iter()
-                .filter_map(|c| c.message.text())
-                .map(|t| t.len() as u64)
-                .sum();
-            match r.usage {
-                Some(u) => Meter {
-                    input_tokens: u.prompt_tokens,
-                    output_tokens: u.completion_tokens,
-                    units: 0,
-                },
-                None => Meter {
-                    input_tokens: prep.fallback_input,
-                    output_tokens: ceil_div4(text),
-                    units: 0,
-                },
-            }
-        }
-        AnswerKind::EmbeddingsJson => {
-            let r: EmbeddingsResponse = serde_json::from_slice(body)
-                .map_err(|e| format!("not an embeddings answer: {e}"))?;
-            if r.data.is_empty() {
-                return Err("embeddings answer without data".into());
-            }
-            let input = r.usage.map_or(prep.fallback_input, |u| u.prompt_tokens);
-            Meter {
-                input_tokens: input,
-                output_tokens: 0,
-                units: 0,
-            }
-        }
-        AnswerKind::ChatSse => unreachable_kind(),
-    };
-    Ok(m.clamp_to(prep.bound))
-}
-
-fn unreachable_kind() -> Meter {
-    // Streams are metered by ChatStreamMeter; reaching here would be a bug in
-    // `attempt`, and metering nothing is the safe answer.
-    Meter::default()
 }
 
 /// One admitted request on its way through selection, forwarding and settling.
@@ -1143,9 +959,8 @@ impl CallContext {
                     let content_type = "application/json".to_owned();
                     return Ok(GatewayResponse::Complete { content_type, body });
                 }
-                Ok(Answer::Stream(first, rest)) => {
-                    let (resp, meter) = *rest;
-                    return Ok(self.stream(node, in_flight, t0, first, resp, meter));
+                Ok(Answer::Stream(first, start)) => {
+                    return Ok(self.stream(node, in_flight, t0, first, *start));
                 }
                 Err(e) => {
                     tracing::warn!(node = %node.entry.provision_id, error = ?e, "node attempt failed");
@@ -1245,52 +1060,44 @@ impl CallContext {
             )));
         }
         let mut resp = resp;
-        match self.prep.kind {
-            AnswerKind::ChatSse => {
-                let first = match tokio::time::timeout(cfg.first_byte_timeout, resp.chunk()).await {
-                    Err(_) => {
-                        return Err(AttemptError::Timeout("node sent no bytes in time".into()))
-                    }
-                    Ok(Err(e)) => {
-                        return Err(AttemptError::Failed(format!("node stream failed: {e}")))
-                    }
-                    Ok(Ok(None)) => {
-                        return Err(AttemptError::Failed("node sent an empty stream".into()))
-                    }
-                    Ok(Ok(Some(c))) => c,
-                };
-                let mut meter = ChatStreamMeter::default();
-                meter.feed(&first);
-                if meter.garbage {
-                    return Err(AttemptError::Failed(
-                        "node sent something that is not a chat stream".into(),
-                    ));
-                }
-                Ok(Answer::Stream(first, Box::new((resp, meter))))
+        let stream_meter = match self.prep.kind {
+            AnswerKind::ChatSse => Some(ChatStreamMeter::default()),
+            AnswerKind::Binary => None,
+            AnswerKind::Json(meter_json) => {
+                let buf = read_capped(&mut resp, cfg.idle_timeout, cfg.max_response_bytes).await?;
+                let meter = meter_json(&self.prep, &buf).map_err(AttemptError::Failed)?;
+                return Ok(Answer::Complete(Bytes::from(buf), meter));
             }
-            _ => {
-                let mut buf = Vec::new();
-                loop {
-                    match tokio::time::timeout(cfg.idle_timeout, resp.chunk()).await {
-                        Err(_) => {
-                            return Err(AttemptError::Timeout("node stalled mid-answer".into()))
-                        }
-                        Ok(Err(e)) => {
-                            return Err(AttemptError::Failed(format!("node answer failed: {e}")))
-                        }
-                        Ok(Ok(None)) => break,
-                        Ok(Ok(Some(c))) => {
-                            if buf.len() + c.len() > cfg.max_response_bytes {
-                                return Err(AttemptError::Failed("node answer too large".into()));
-                            }
-                            buf.extend_from_slice(&c);
-                        }
-                    }
-                }
-                let meter = meter_complete(&self.prep, &buf).map_err(AttemptError::Failed)?;
-                Ok(Answer::Complete(Bytes::from(buf), meter))
+        };
+        // A stream: wait for its first bytes before answering the client, so
+        // that a node failing now can still be replaced by another.
+        let first = match tokio::time::timeout(cfg.first_byte_timeout, resp.chunk()).await {
+            Err(_) => return Err(AttemptError::Timeout("node sent no bytes in time".into())),
+            Ok(Err(e)) => return Err(AttemptError::Failed(format!("node stream failed: {e}"))),
+            Ok(Ok(None)) => return Err(AttemptError::Failed("node sent an empty answer".into())),
+            Ok(Ok(Some(c))) => c,
+        };
+        let content_type = match &stream_meter {
+            Some(_) => "text/event-stream".to_owned(),
+            None => binary_content_type(&resp),
+        };
+        let mut stream_meter = stream_meter;
+        if let Some(m) = stream_meter.as_mut() {
+            m.feed(&first);
+            if m.garbage {
+                return Err(AttemptError::Failed(
+                    "node sent something that is not a chat stream".into(),
+                ));
             }
         }
+        Ok(Answer::Stream(
+            first,
+            Box::new(StreamStart {
+                resp,
+                meter: stream_meter,
+                content_type,
+            }),
+        ))
     }
 
     /// Passes a stream through from its first chunk on, and settles when it ends.
@@ -1300,9 +1107,13 @@ impl CallContext {
         in_flight: crate::pool::InFlight,
         t0: Instant,
         first: Bytes,
-        mut resp: reqwest::Response,
-        mut meter: ChatStreamMeter,
+        start: StreamStart,
     ) -> GatewayResponse {
+        let StreamStart {
+            mut resp,
+            mut meter,
+            content_type,
+        } = start;
         let (tx, rx) = mpsc::channel::<std::result::Result<Bytes, std::io::Error>>(16);
         let idle = self.broker.inner.config.idle_timeout;
         tokio::spawn(async move {
@@ -1326,18 +1137,26 @@ impl CallContext {
                     Err(_) => end = Some(End::NodeFailed("node stalled mid-stream".into())),
                     Ok(Err(e)) => end = Some(End::NodeFailed(format!("node stream failed: {e}"))),
                     Ok(Ok(None)) => {
-                        meter.finish();
-                        end = Some(if meter.done && !meter.garbage {
+                        let complete = match meter.as_mut() {
+                            Some(m) => {
+                                m.finish();
+                                m.done && !m.garbage
+                            }
+                            None => true,
+                        };
+                        end = Some(if complete {
                             End::Done
                         } else {
                             End::NodeFailed("node ended the stream early".into())
                         });
                     }
                     Ok(Ok(Some(chunk))) => {
-                        meter.feed(&chunk);
+                        if let Some(m) = meter.as_mut() {
+                            m.feed(&chunk);
+                        }
                         if tx.send(Ok(chunk)).await.is_err() {
                             end = Some(End::ClientGone);
-                        } else if meter.garbage {
+                        } else if meter.as_ref().is_some_and(|m| m.garbage) {
                             end = Some(End::NodeFailed("node sent garbage mid-stream".into()));
                         }
                     }
@@ -1345,25 +1164,36 @@ impl CallContext {
             }
             // Dropping the response cancels the upstream call.
             drop(resp);
-            let m = meter.meter(self.prep.fallback_input, self.prep.bound);
+            // A binary answer (audio) is metered by the request's bounds
+            // (characters to speak), known before it started.
+            let m = match &meter {
+                Some(m) => m.meter(self.prep.fallback_input, self.prep.bound),
+                None => self.prep.bound,
+            };
             let st = match end {
                 Some(End::NodeFailed(reason)) => {
                     node.stats.observe(elapsed_us(t0), false);
-                    let event = serde_json::json!({"error": {
-                        "message": format!("the stream was interrupted: {reason}"),
-                        "type": "upstream_error",
-                        "code": "stream_interrupted",
-                    }});
-                    let _ = tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await;
-                    let charged = self.price.partial_cost(m);
+                    let charged = match meter {
+                        Some(_) => {
+                            let event = serde_json::json!({"error": {
+                                "message": format!("the stream was interrupted: {reason}"),
+                                "type": "upstream_error",
+                                "code": "stream_interrupted",
+                            }});
+                            let _ = tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await;
+                            self.price.partial_cost(m)
+                        }
+                        None => {
+                            // Audio cannot carry an error event: break the
+                            // body so the client sees a truncated transfer,
+                            // and charge nothing for unusable audio.
+                            let _ = tx.send(Err(std::io::Error::other(reason))).await;
+                            Credits::ZERO
+                        }
+                    };
                     self.settlement(Some(&node), m, charged, false, false)
                 }
-                Some(End::ClientGone) => {
-                    node.stats.observe(elapsed_us(t0), true);
-                    let charged = self.price.cost(m);
-                    self.settlement(Some(&node), m, charged, true, true)
-                }
-                Some(End::Done) | None => {
+                Some(End::ClientGone) | Some(End::Done) | None => {
                     node.stats.observe(elapsed_us(t0), true);
                     let charged = self.price.cost(m);
                     self.settlement(Some(&node), m, charged, true, true)
@@ -1373,8 +1203,57 @@ impl CallContext {
             self.broker.settle(st).await;
         });
         GatewayResponse::Stream {
-            content_type: "text/event-stream".into(),
+            content_type,
             body: tokio_stream_from(rx),
+        }
+    }
+}
+
+/// What a streamed answer needs after its first chunk.
+struct StreamStart {
+    resp: reqwest::Response,
+    /// The chat stream meter; `None` for opaque (binary) answers.
+    meter: Option<ChatStreamMeter>,
+    content_type: String,
+}
+
+/// The content type of a binary answer: the node's, when it is audio or
+/// octet-stream (never anything a browser would render), else `audio/wav`.
+fn binary_content_type(resp: &reqwest::Response) -> String {
+    let ct = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if (ct.starts_with("audio/") || ct == "application/octet-stream")
+        && ct.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+    {
+        ct
+    } else {
+        "audio/wav".to_owned()
+    }
+}
+
+/// Reads a whole answer with an idle timeout between chunks and a size cap.
+async fn read_capped(
+    resp: &mut reqwest::Response,
+    idle: Duration,
+    cap: usize,
+) -> std::result::Result<Vec<u8>, AttemptError> {
+    let mut buf = Vec::new();
+    loop {
+        match tokio::time::timeout(idle, resp.chunk()).await {
+            Err(_) => return Err(AttemptError::Timeout("node stalled mid-answer".into())),
+            Ok(Err(e)) => return Err(AttemptError::Failed(format!("node answer failed: {e}"))),
+            Ok(Ok(None)) => return Ok(buf),
+            Ok(Ok(Some(c))) => {
+                if buf.len() + c.len() > cap {
+                    return Err(AttemptError::Failed("node answer too large".into()));
+                }
+                buf.extend_from_slice(&c);
+            }
         }
     }
 }

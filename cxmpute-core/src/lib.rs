@@ -19,6 +19,7 @@ pub mod pricing;
 pub mod reward;
 pub mod secret;
 pub mod select;
+pub(crate) mod services;
 pub mod sse;
 pub mod stats;
 pub mod store;
