@@ -1199,8 +1199,10 @@ impl CallContext {
                     self.settlement(Some(&node), m, charged, true, true)
                 }
             };
-            drop(tx);
+            // Settle before the body ends: a client that has read the whole
+            // answer can rely on it being charged and recorded.
             self.broker.settle(st).await;
+            drop(tx);
         });
         GatewayResponse::Stream {
             content_type,
