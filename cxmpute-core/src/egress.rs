@@ -11,6 +11,7 @@
 //! private address.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 
@@ -105,35 +106,132 @@ impl EgressPolicy {
     }
 }
 
+/// Anything that decides whether an address may be contacted: an
+/// [`EgressPolicy`] or [`EgressRules`] (a policy with exceptions).
+pub trait AddressFilter {
+    /// Whether `ip` may be contacted.
+    fn permits_ip(&self, ip: IpAddr) -> bool;
+}
+
+impl AddressFilter for EgressPolicy {
+    fn permits_ip(&self, ip: IpAddr) -> bool {
+        self.permits(ip)
+    }
+}
+
+impl<T: AddressFilter + ?Sized> AddressFilter for &T {
+    fn permits_ip(&self, ip: IpAddr) -> bool {
+        (**self).permits_ip(ip)
+    }
+}
+
+/// A policy plus exactly the extra addresses or networks it lets through.
+///
+/// `AllowPrivate` is all or nothing; these rules let a test (or a private
+/// deployment) open precisely one address, e.g. `127.0.0.1/32`, while every
+/// other non-global address (`10.0.0.1`, `169.254.169.254`, `::1`...) stays
+/// refused, redirects included.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressRules {
+    /// The policy for every address not listed in `allow`.
+    pub base: EgressPolicy,
+    /// Addresses and networks let through whatever `base` says.
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+impl EgressRules {
+    /// Globally routable addresses only, no exceptions.
+    pub fn public_only() -> Self {
+        EgressRules::default()
+    }
+
+    /// These rules plus one address or network (`127.0.0.1`, `10.1.0.0/16`,
+    /// `::1`). A bare address means exactly that address.
+    pub fn allowing(mut self, net: &str) -> Result<Self> {
+        let net = net.trim();
+        let parsed = match net.parse::<ipnet::IpNet>() {
+            Ok(n) => n,
+            Err(_) => net
+                .parse::<IpAddr>()
+                .map(ipnet::IpNet::from)
+                .map_err(|_| Error::InvalidInput(format!("`{net}` is not an address or CIDR")))?,
+        };
+        self.allow.push(parsed.trunc());
+        Ok(self)
+    }
+}
+
+impl From<EgressPolicy> for EgressRules {
+    fn from(base: EgressPolicy) -> Self {
+        EgressRules {
+            base,
+            allow: Vec::new(),
+        }
+    }
+}
+
+impl AddressFilter for EgressRules {
+    fn permits_ip(&self, ip: IpAddr) -> bool {
+        // An IPv4-mapped IPv6 address is the IPv4 address for an allowlist,
+        // so `::ffff:127.0.0.1` matches `127.0.0.1/32` and nothing else.
+        let canon = ip.to_canonical();
+        self.base.permits(ip)
+            || self
+                .allow
+                .iter()
+                .any(|n| n.contains(&canon) || n.contains(&ip))
+    }
+}
+
 /// Parses a URL and checks it is `http`/`https` with a host, no credentials.
 pub fn parse_http_url(url: &str) -> Result<reqwest::Url> {
     let u = reqwest::Url::parse(url)
         .map_err(|e| Error::InvalidInput(format!("`{url}` is not a URL: {e}")))?;
+    check_http_url(&u)?;
+    Ok(u)
+}
+
+/// Checks a parsed URL is `http`/`https` with a host, no credentials.
+pub fn check_http_url(u: &reqwest::Url) -> Result<()> {
     if !matches!(u.scheme(), "http" | "https") {
         return Err(Error::InvalidInput(format!(
-            "`{url}`: only http and https URLs are allowed"
+            "`{u}`: only http and https URLs are allowed"
         )));
     }
     if u.host_str().is_none_or(str::is_empty) {
-        return Err(Error::InvalidInput(format!("`{url}` has no host")));
+        return Err(Error::InvalidInput(format!("`{u}` has no host")));
     }
     if !u.username().is_empty() || u.password().is_some() {
         return Err(Error::InvalidInput(format!(
-            "`{url}`: credentials in URLs are not allowed"
+            "`{u}`: credentials in URLs are not allowed"
         )));
     }
-    Ok(u)
+    Ok(())
+}
+
+/// The IP address a URL names literally, if its host is one.
+pub fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
+    // The URL parser has already normalised IPv4 forms (`0x7f.1` is
+    // `127.0.0.1` here) and bracketed IPv6 ones.
+    let host = url.host_str()?;
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .ok()
 }
 
 /// Resolves a URL's host and checks every address under `policy`. Returns the
 /// addresses to connect to (pin them: do not resolve again).
-pub async fn resolve_checked(url: &reqwest::Url, policy: EgressPolicy) -> Result<Vec<SocketAddr>> {
+pub async fn resolve_checked(
+    url: &reqwest::Url,
+    policy: impl AddressFilter,
+) -> Result<Vec<SocketAddr>> {
     let host = url.host_str().unwrap_or_default();
     let port = url.port_or_known_default().unwrap_or(80);
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
-        Ok(ip) => vec![SocketAddr::new(ip, port)],
-        Err(_) => tokio::net::lookup_host((host, port))
+    let addrs: Vec<SocketAddr> = match literal_ip(url) {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None => tokio::net::lookup_host((host, port))
             .await
             .map_err(|e| Error::InvalidInput(format!("cannot resolve `{host}`: {e}")))?
             .collect(),
@@ -143,7 +241,7 @@ pub async fn resolve_checked(url: &reqwest::Url, policy: EgressPolicy) -> Result
             "`{host}` resolves to no address"
         )));
     }
-    if let Some(bad) = addrs.iter().find(|a| !policy.permits(a.ip())) {
+    if let Some(bad) = addrs.iter().find(|a| !policy.permits_ip(a.ip())) {
         return Err(Error::Forbidden(format!(
             "`{host}` resolves to {}, which is not a public address",
             bad.ip()
@@ -153,10 +251,164 @@ pub async fn resolve_checked(url: &reqwest::Url, policy: EgressPolicy) -> Result
 }
 
 /// Parses and checks a URL under `policy` (see [`resolve_checked`]).
-pub async fn check_url(url: &str, policy: EgressPolicy) -> Result<(reqwest::Url, Vec<SocketAddr>)> {
+pub async fn check_url(
+    url: &str,
+    policy: impl AddressFilter,
+) -> Result<(reqwest::Url, Vec<SocketAddr>)> {
     let u = parse_http_url(url)?;
     let addrs = resolve_checked(&u, policy).await?;
     Ok((u, addrs))
+}
+
+// ---- guarded fetching -----------------------------------------------------------
+
+/// The caps of one guarded fetch.
+#[derive(Clone, Debug)]
+pub struct FetchLimits {
+    /// Largest body read; a larger one fails the fetch.
+    pub max_bytes: usize,
+    /// The whole fetch, redirects and body included.
+    pub timeout: Duration,
+    /// TCP (and TLS) connect timeout of each hop.
+    pub connect_timeout: Duration,
+    /// Redirects followed at most.
+    pub max_redirects: usize,
+    /// The `User-Agent` sent.
+    pub user_agent: String,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        FetchLimits {
+            max_bytes: 5 << 20,
+            timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(5),
+            max_redirects: 5,
+            user_agent: "cxmpute-node/0.1".into(),
+        }
+    }
+}
+
+/// What a guarded fetch got.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    /// The URL the body came from (after redirects).
+    pub url: reqwest::Url,
+    /// Its HTTP status.
+    pub status: u16,
+    /// Its `Content-Type`, lower-cased, if any.
+    pub content_type: Option<String>,
+    /// The body (at most [`FetchLimits::max_bytes`]).
+    pub body: bytes::Bytes,
+}
+
+/// Fetches `url` with `GET` under `policy`.
+///
+/// Every hop is resolved and checked, and the connection goes to exactly the
+/// checked addresses (pinned in the client, so a second DNS answer cannot
+/// swap in a private one). Redirects are followed here, each target checked
+/// again, never by the HTTP client. No proxy from the environment is used:
+/// a proxy would connect on our behalf to an address we never checked.
+///
+/// Errors: `InvalidInput` (not an http(s) URL, unresolvable host),
+/// `Forbidden` (a refused address, on any hop), `PayloadTooLarge` (body over
+/// the cap), `UpstreamTimeout` (over the time cap), `Upstream` (connection
+/// failures, too many redirects).
+pub async fn fetch(url: &str, policy: impl AddressFilter, limits: &FetchLimits) -> Result<Fetched> {
+    let deadline = tokio::time::Instant::now() + limits.timeout;
+    match tokio::time::timeout_at(deadline, fetch_inner(url, &policy, limits)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::UpstreamTimeout(format!(
+            "`{url}` did not answer within {} ms",
+            limits.timeout.as_millis()
+        ))),
+    }
+}
+
+async fn fetch_inner(
+    url: &str,
+    policy: &impl AddressFilter,
+    limits: &FetchLimits,
+) -> Result<Fetched> {
+    let mut current = parse_http_url(url)?;
+    for _hop in 0..=limits.max_redirects {
+        let addrs = resolve_checked(&current, policy).await?;
+        let client = pinned_client(&current, &addrs, limits)?;
+        let mut resp = client
+            .get(current.clone())
+            .send()
+            .await
+            .map_err(|e| Error::Upstream(format!("fetching `{current}` failed: {e}")))?;
+        let status = resp.status();
+        if status.is_redirection() {
+            if let Some(loc) = resp.headers().get(http::header::LOCATION) {
+                let loc = loc.to_str().map_err(|_| {
+                    Error::Upstream(format!("`{current}` redirected to an unreadable location"))
+                })?;
+                let next = current.join(loc).map_err(|e| {
+                    Error::Upstream(format!("`{current}` redirected to `{loc}`: {e}"))
+                })?;
+                check_http_url(&next)?;
+                current = next;
+                continue;
+            }
+        }
+        if resp
+            .content_length()
+            .is_some_and(|n| n > limits.max_bytes as u64)
+        {
+            return Err(too_large(&current, limits));
+        }
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase());
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| Error::Upstream(format!("reading `{current}` failed: {e}")))?
+        {
+            if body.len() + chunk.len() > limits.max_bytes {
+                return Err(too_large(&current, limits));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        return Ok(Fetched {
+            url: current,
+            status: status.as_u16(),
+            content_type,
+            body: body.into(),
+        });
+    }
+    Err(Error::Upstream(format!(
+        "`{url}`: more than {} redirects",
+        limits.max_redirects
+    )))
+}
+
+fn too_large(url: &reqwest::Url, limits: &FetchLimits) -> Error {
+    Error::PayloadTooLarge(format!("`{url}` is larger than {} bytes", limits.max_bytes))
+}
+
+/// A client that connects only to `addrs` for `url`'s host and follows no
+/// redirects by itself.
+fn pinned_client(
+    url: &reqwest::Url,
+    addrs: &[SocketAddr],
+    limits: &FetchLimits,
+) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .connect_timeout(limits.connect_timeout)
+        .user_agent(limits.user_agent.clone());
+    if let (None, Some(host)) = (literal_ip(url), url.host_str()) {
+        b = b.resolve_to_addrs(host, addrs);
+    }
+    b.build()
+        .map_err(|e| Error::backend("building the fetch client", e))
 }
 
 #[cfg(test)]
@@ -194,6 +446,21 @@ mod tests {
             "2001:db8::1",
             "ff02::1",
             "::127.0.0.1",
+            // CGNAT, and metadata in every wrapping.
+            "100.64.0.0",
+            "::ffff:169.254.169.254",
+            "::ffff:100.64.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::6440:1",
+            "2002:a9fe:a9fe::1",
+            "2002:c0a8:101::1",
+            "2002:6440:1::",
+            // AWS's IPv6 metadata address lives in unique-local space.
+            "fd00:ec2::254",
+            "fec0::fe",
+            "feff::1",
+            "2001::1",
+            "100::1",
         ] {
             let ip: IpAddr = bad.parse().unwrap();
             assert!(!is_global(ip), "{bad} must be refused");
@@ -234,5 +501,147 @@ mod tests {
             check_url("http://u:p@1.1.1.1/", EgressPolicy::AllowPrivate).await,
             Err(Error::InvalidInput(_))
         ));
+    }
+
+    #[test]
+    fn an_allowlist_opens_exactly_what_it_names() {
+        let rules = EgressRules::public_only().allowing("127.0.0.1").unwrap();
+        let ok = |a: &str| rules.permits_ip(a.parse().unwrap());
+        assert!(ok("127.0.0.1"));
+        assert!(
+            ok("::ffff:127.0.0.1"),
+            "the mapped form is the same address"
+        );
+        assert!(ok("1.1.1.1"), "public addresses stay allowed");
+        for bad in [
+            "127.0.0.2",
+            "10.0.0.1",
+            "169.254.169.254",
+            "::1",
+            "192.168.0.1",
+            "fd00::1",
+        ] {
+            assert!(!ok(bad), "{bad} must stay refused");
+        }
+        let net = EgressRules::public_only().allowing("10.1.0.0/16").unwrap();
+        assert!(net.permits_ip("10.1.200.3".parse().unwrap()));
+        assert!(!net.permits_ip("10.2.0.1".parse().unwrap()));
+        assert!(matches!(
+            EgressRules::public_only().allowing("nope"),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn literal_addresses_are_checked_without_resolving() {
+        let rules = EgressRules::public_only().allowing("127.0.0.1").unwrap();
+        for bad in [
+            "http://10.0.0.1/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]:8080/",
+            "http://[fd00:ec2::254]/",
+            "http://100.64.1.1/",
+            "http://0x7f.0.0.2/",
+            "http://[::ffff:a9fe:a9fe]/",
+        ] {
+            let err = check_url(bad, &rules).await.unwrap_err();
+            assert!(matches!(err, Error::Forbidden(_)), "{bad}: {err}");
+        }
+        assert!(check_url("http://127.0.0.1:9/", &rules).await.is_ok());
+    }
+
+    /// A loopback server: `/redirect?to=URL` redirects there, `/chain/N`
+    /// redirects N more times, `/big` sends 64 KiB, anything else says hello.
+    async fn page_server() -> std::net::SocketAddr {
+        use axum::extract::{Path, Query};
+        use axum::response::{IntoResponse, Redirect};
+        use axum::routing::get;
+        let app = axum::Router::new()
+            .route(
+                "/redirect",
+                get(
+                    |Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                        Redirect::temporary(&q["to"])
+                    },
+                ),
+            )
+            .route(
+                "/chain/{n}",
+                get(|Path(n): Path<u32>| async move {
+                    if n == 0 {
+                        "end of chain".into_response()
+                    } else {
+                        Redirect::temporary(&format!("/chain/{}", n - 1)).into_response()
+                    }
+                }),
+            )
+            .route("/big", get(|| async { "x".repeat(64 << 10) }))
+            .route("/", get(|| async { "hello" }));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn fetch_follows_redirects_and_rechecks_every_hop() {
+        let addr = page_server().await;
+        let rules = EgressRules::public_only().allowing("127.0.0.1").unwrap();
+        let limits = FetchLimits::default();
+        let page = fetch(&format!("http://{addr}/chain/3"), &rules, &limits)
+            .await
+            .unwrap();
+        assert_eq!(page.status, 200);
+        assert_eq!(&page.body[..], b"end of chain");
+        assert_eq!(page.url.path(), "/chain/0");
+
+        // Each of these would be reached through an allowed first hop; the
+        // redirect target is refused before any connection is made.
+        for target in [
+            "http://10.0.0.1/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]/",
+            "http://127.0.0.2/",
+            "http://100.64.0.1/",
+        ] {
+            let url = format!("http://{addr}/redirect?to={target}");
+            let err = fetch(&url, &rules, &limits).await.unwrap_err();
+            assert!(matches!(err, Error::Forbidden(_)), "{target}: {err}");
+        }
+        let url = format!("http://{addr}/redirect?to=file:///etc/passwd");
+        assert!(matches!(
+            fetch(&url, &rules, &limits).await,
+            Err(Error::InvalidInput(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn fetch_enforces_redirect_and_size_caps() {
+        let addr = page_server().await;
+        let rules = EgressRules::public_only().allowing("127.0.0.1").unwrap();
+        let limits = FetchLimits {
+            max_redirects: 2,
+            max_bytes: 1024,
+            ..FetchLimits::default()
+        };
+        let err = fetch(&format!("http://{addr}/chain/3"), &rules, &limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Upstream(_)), "{err}");
+        let err = fetch(&format!("http://{addr}/big"), &rules, &limits)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::PayloadTooLarge(_)), "{err}");
+        // Loopback without the exception is refused.
+        let err = fetch(
+            &format!("http://{addr}/"),
+            EgressPolicy::PublicOnly,
+            &limits,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Forbidden(_)), "{err}");
     }
 }

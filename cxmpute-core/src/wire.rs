@@ -453,3 +453,218 @@ pub struct ProvisionView {
     /// Whether it is routable now.
     pub healthy: bool,
 }
+
+// ---- services -----------------------------------------------------------------
+//
+// Text to speech, scraping and vision. The broker validates these bodies,
+// fills in defaults and forwards them to the node on the same path, so the
+// node receives exactly these shapes.
+
+/// The pool model of `POST /v1/tts` when the body names none: the original
+/// platform's text-to-speech engine, whose voice names (`af_bella`...) the
+/// route keeps.
+pub const DEFAULT_TTS_MODEL: &str = "kokoro";
+/// The voice of `POST /v1/tts` when the body names none.
+pub const DEFAULT_TTS_VOICE: &str = "af_bella";
+/// The most characters one speech request may speak (OpenAI's limit).
+pub const MAX_SPEECH_CHARS: usize = 4096;
+/// The pool model of `POST /v1/scrape` when the body names none.
+pub const DEFAULT_SCRAPE_MODEL: &str = "default";
+/// The most URLs one scrape request may name.
+pub const MAX_SCRAPE_URLS: usize = 50;
+/// The longest URL accepted (scrape targets, image URLs).
+pub const MAX_URL_LEN: usize = 2048;
+/// The pool model of the vision routes (`/v1/m/*`) when the body names none.
+pub const DEFAULT_VISION_MODEL: &str = "moondream";
+/// The largest image the vision routes accept, decoded (2 MiB).
+pub const MAX_IMAGE_BYTES: usize = 2 << 20;
+/// The longest `question` or `target` of a vision request, in characters.
+pub const MAX_VISION_PROMPT_CHARS: usize = 2000;
+
+/// `POST /v1/audio/speech` body (OpenAI's shape).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpeechRequest {
+    /// The pool model, e.g. `kokoro`.
+    pub model: String,
+    /// The text to speak (at most [`MAX_SPEECH_CHARS`] characters).
+    pub input: String,
+    /// The voice: a Kokoro voice (`af_bella`, `bm_george`...) or an OpenAI
+    /// voice (`alloy`, `nova`...).
+    pub voice: String,
+    /// The audio format; `wav` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<AudioFormat>,
+    /// Speaking speed, 0.25 to 4.0 (1.0 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed: Option<f32>,
+    /// Other fields (`instructions`...), passed through.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The audio formats the speech routes produce.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioFormat {
+    /// RIFF WAVE, 16-bit mono (`audio/wav`).
+    #[default]
+    Wav,
+    /// The same samples without a header (`audio/pcm`).
+    Pcm,
+}
+
+impl AudioFormat {
+    /// Its content type.
+    pub const fn content_type(self) -> &'static str {
+        match self {
+            AudioFormat::Wav => "audio/wav",
+            AudioFormat::Pcm => "audio/pcm",
+        }
+    }
+}
+
+fn default_tts_voice() -> String {
+    DEFAULT_TTS_VOICE.to_owned()
+}
+
+/// `POST /v1/tts` body (the original platform's shape).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtsRequest {
+    /// The text to speak (at most [`MAX_SPEECH_CHARS`] characters).
+    pub text: String,
+    /// The voice; [`DEFAULT_TTS_VOICE`] when absent.
+    #[serde(default = "default_tts_voice")]
+    pub voice: String,
+    /// The pool model; [`DEFAULT_TTS_MODEL`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// What a scraped page is turned into.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScrapeFormat {
+    /// The page as it came.
+    #[default]
+    Html,
+    /// HTML converted to Markdown.
+    Markdown,
+    /// HTML converted to plain text.
+    Text,
+}
+
+/// `POST /v1/scrape` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrapeRequest {
+    /// The pages to fetch: 1 to [`MAX_SCRAPE_URLS`] `http(s)` URLs.
+    pub urls: Vec<String>,
+    /// What each page is turned into; `html` when absent.
+    #[serde(default)]
+    pub format: ScrapeFormat,
+    /// The pool model; [`DEFAULT_SCRAPE_MODEL`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+/// The answer of `POST /v1/scrape`: one result per requested URL, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrapeResponse {
+    /// The results.
+    pub results: Vec<ScrapeResult>,
+}
+
+/// What became of one URL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrapeResult {
+    /// The URL as requested.
+    pub url: String,
+    /// Whether the page was fetched (whatever its HTTP status).
+    pub success: bool,
+    /// The page's HTTP status, when it answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The URL the content came from, after redirects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_url: Option<String>,
+    /// The content in the requested format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Why there is no content (refused address, timeout, too large...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The body of every vision route (`/v1/m/caption`, `/v1/m/query`,
+/// `/v1/m/detect`, `/v1/m/point`): an image and, by route, a question or a
+/// target.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VisionRequest {
+    /// The pool model; [`DEFAULT_VISION_MODEL`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The image as an `http(s)` URL (fetched by the node through its egress
+    /// guard) or a `data:image/...;base64,` URL.
+    #[serde(default, alias = "imageUrl", skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
+    /// The image as base64 (or a data URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// The question (`/v1/m/query`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub question: Option<String>,
+    /// What to find (`/v1/m/detect`, `/v1/m/point`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// The answer of `POST /v1/m/caption`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptionResponse {
+    /// What the image shows.
+    pub caption: String,
+}
+
+/// The answer of `POST /v1/m/query`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryResponse {
+    /// The answer to the question.
+    pub answer: String,
+}
+
+/// The answer of `POST /v1/m/detect`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DetectResponse {
+    /// A box around each instance of the target found.
+    pub objects: Vec<BoundingBox>,
+}
+
+/// A box in an image, as fractions of its width and height (0 to 1, origin
+/// top left).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BoundingBox {
+    /// Left edge.
+    pub x_min: f64,
+    /// Top edge.
+    pub y_min: f64,
+    /// Right edge.
+    pub x_max: f64,
+    /// Bottom edge.
+    pub y_max: f64,
+}
+
+/// The answer of `POST /v1/m/point`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PointResponse {
+    /// A point on each instance of the target found.
+    pub points: Vec<ImagePoint>,
+}
+
+/// A point in an image, as fractions of its width and height (0 to 1, origin
+/// top left).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImagePoint {
+    /// Across.
+    pub x: f64,
+    /// Down.
+    pub y: f64,
+}

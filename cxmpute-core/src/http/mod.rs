@@ -258,6 +258,16 @@ pub fn router(broker: Broker) -> Router {
             gateway_route!(Route::ChatCompletions),
         )
         .route(Route::Embeddings.path(), gateway_route!(Route::Embeddings))
+        .route(
+            Route::AudioSpeech.path(),
+            gateway_route!(Route::AudioSpeech),
+        )
+        .route(Route::Tts.path(), gateway_route!(Route::Tts))
+        .route(Route::Scrape.path(), gateway_route!(Route::Scrape))
+        .route(Route::Caption.path(), gateway_route!(Route::Caption))
+        .route(Route::Query.path(), gateway_route!(Route::Query))
+        .route(Route::Detect.path(), gateway_route!(Route::Detect))
+        .route(Route::Point.path(), gateway_route!(Route::Point))
         .merge(provider::routes())
         .merge(admin::routes())
         .fallback(|| async { ApiError(Error::NotFound("no such route".into())).into_response() })

@@ -5,6 +5,18 @@
 //! Everything else (auth, reservation, selection, failover, streaming,
 //! settling, usage) is one generic path in [`crate::broker`]. Adding a route
 //! means adding a `prepare_*` function here and an arm in [`prepare`].
+//!
+//! | route | service | pool model | metered as |
+//! |---|---|---|---|
+//! | `/v1/chat/completions` | chat | `model` | input and output tokens |
+//! | `/v1/embeddings` | embeddings | `model` | input tokens |
+//! | `/v1/audio/speech` | tts | `model` | units: characters spoken |
+//! | `/v1/tts` | tts | `model`, else `kokoro` | units: characters spoken |
+//! | `/v1/scrape` | scrape | `model`, else `default` | units: URLs fetched |
+//! | `/v1/m/{caption,query,detect,point}` | vision | `model`, else `moondream` | units: one image |
+//!
+//! Each is then charged by the price table: `per_request` plus the per-million
+//! rates of what was metered.
 
 use bytes::Bytes;
 
@@ -13,6 +25,13 @@ use crate::error::{Error, Result};
 use crate::pricing::Meter;
 use crate::types::{Route, Service};
 use crate::wire::*;
+
+mod scrape;
+mod speech;
+mod vision;
+
+#[cfg(feature = "node")]
+pub(crate) use speech::espeak_voice;
 
 /// Checks a complete (non-streamed) answer's shape and meters it; `Err` says
 /// why the answer is not acceptable (the node is then treated as failed).
@@ -27,7 +46,6 @@ pub(crate) enum AnswerKind {
     ChatSse,
     /// Opaque bytes (audio), passed through; metered as the request's bounds
     /// when it completes.
-    #[allow(dead_code)] // constructed by the speech routes
     Binary,
 }
 
@@ -70,6 +88,26 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<
     serde_json::from_slice(body).map_err(|e| invalid(format!("invalid request body: {e}")))
 }
 
+/// Checks a pool model name given in a body: not blank, not absurdly long,
+/// no control characters (it becomes a pool key and a log field).
+pub(crate) fn check_model(model: &str) -> Result<String> {
+    let m = model.trim();
+    if m.is_empty() {
+        return Err(invalid("`model` must not be empty"));
+    }
+    if m.len() > 200 || m.chars().any(char::is_control) {
+        return Err(invalid("`model` is not a valid model name"));
+    }
+    Ok(m.to_owned())
+}
+
+/// Encodes a normalised body for the node.
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Bytes> {
+    serde_json::to_vec(v)
+        .map(Bytes::from)
+        .map_err(|e| Error::backend("encoding request", e))
+}
+
 /// A token estimate for text: a quarter of its bytes, rounded up.
 pub(crate) fn ceil_div4(n: u64) -> u64 {
     n.div_ceil(4)
@@ -80,9 +118,12 @@ pub(crate) fn prepare(cfg: &BrokerConfig, route: Route, body: &Bytes) -> Result<
     match route {
         Route::ChatCompletions => prepare_chat(cfg, body),
         Route::Embeddings => prepare_embeddings(body),
-        other => Err(Error::NotFound(format!(
-            "route {other} is not served by this broker"
-        ))),
+        Route::AudioSpeech => speech::prepare_speech(body),
+        Route::Tts => speech::prepare_tts(body),
+        Route::Scrape => scrape::prepare_scrape(body),
+        Route::Caption | Route::Query | Route::Detect | Route::Point => {
+            vision::prepare_vision(cfg, route, body)
+        }
     }
 }
 
