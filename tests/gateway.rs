@@ -447,3 +447,39 @@ async fn admin_routes_need_an_admin_key() {
         .unwrap();
     assert_eq!(again.status(), 409);
 }
+
+#[tokio::test]
+async fn a_client_going_away_cancels_the_upstream_call_and_pays_for_what_was_delivered() {
+    let h = host().await;
+    let node = StandInNode::start("stall").await;
+    node.set(Behavior::StallStream(2));
+    node.set_usage(None);
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    let mut r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().expect("a first chunk");
+    assert!(first.starts_with(b"data: "));
+    drop(r);
+    // The broker drops its upstream request; the node sees its answer abandoned.
+    tokio::time::timeout(std::time::Duration::from_secs(10), node.abandoned())
+        .await
+        .expect("the upstream call is cancelled");
+    // The settlement follows the cancellation in the same task.
+    let mut settled = None;
+    for _ in 0..1000 {
+        let recs = h.broker.store().usage_records(&u.id, 1).await.unwrap();
+        if let Some(r) = recs.into_iter().next() {
+            settled = Some(r);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let rec = settled.expect("settled after the client left");
+    assert_eq!(rec.output_tokens, 2, "two chunks were delivered");
+    // 1,000 per request + 5 input tokens x 1 + 2 output tokens x 2.
+    assert_eq!(rec.charged, Credits(1_009));
+    assert_eq!(balance(&h, &u).await, Credits(1_000_000 - 1_009));
+    assert_eq!(earnings(&h, &p).await, Credits(500));
+}

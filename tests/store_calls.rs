@@ -272,7 +272,7 @@ async fn a_gateway_call_reads_once_to_authenticate_and_writes_once_to_admit_and_
     let h = TestHost::start(store.clone()).await;
     let node = StandInNode::start("a").await;
     let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, "m").await;
+    h.add_node(&p, &node, Service::Chat, "llama3.2:3b").await;
     let (_, key) = h.user(Credits::whole(10)).await;
     let c = reqwest::Client::new();
     for stream in [false, true] {
@@ -281,7 +281,7 @@ async fn a_gateway_call_reads_once_to_authenticate_and_writes_once_to_admit_and_
         let r = c
             .post(format!("{}/v1/chat/completions", h.url))
             .bearer_auth(key.expose())
-            .json(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
+            .json(&json!({"model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
             .send()
             .await
             .unwrap();

@@ -53,6 +53,18 @@ struct NodeState {
     secret: Mutex<Option<String>>,
     hits: AtomicUsize,
     name: String,
+    /// Signalled when a broken or stalled answer is dropped by the server,
+    /// i.e. when the peer went away.
+    abandoned: tokio::sync::Notify,
+}
+
+/// Signals `abandoned` when the answer it travels with is dropped.
+struct AbandonGuard(Arc<NodeState>);
+
+impl Drop for AbandonGuard {
+    fn drop(&mut self) {
+        self.0.abandoned.notify_one();
+    }
 }
 
 /// A stand-in provider node: a real HTTP server on `127.0.0.1:0`.
@@ -86,6 +98,7 @@ impl StandInNode {
             secret: Mutex::new(None),
             hits: AtomicUsize::new(0),
             name: name.to_owned(),
+            abandoned: tokio::sync::Notify::new(),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
@@ -125,6 +138,12 @@ impl StandInNode {
     /// Requests it has received.
     pub fn hits(&self) -> usize {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Waits until a stalled or cut answer of this node was dropped because
+    /// its peer (the broker) closed the connection.
+    pub async fn abandoned(&self) {
+        self.state.abandoned.notified().await;
     }
 
     /// Stops serving: later connections are refused.
@@ -169,9 +188,11 @@ async fn admit(s: &NodeState, h: &HeaderMap) -> Result<Behavior, Response> {
     Ok(b)
 }
 
-fn broken_body(prefix: Vec<Bytes>, stall: bool) -> Body {
+fn broken_body(state: &Arc<NodeState>, prefix: Vec<Bytes>, stall: bool) -> Body {
     let head = futures::stream::iter(prefix.into_iter().map(Ok::<_, std::io::Error>));
+    let guard = AbandonGuard(state.clone());
     let tail = futures::stream::once(async move {
+        let _guard = guard;
         // Give the server a chance to write what came before: returning
         // Pending lets it flush its buffer before the break.
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -205,7 +226,7 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
             let half = Bytes::from(text[..text.len() / 2].to_owned());
             return (
                 StatusCode::OK,
-                broken_body(vec![half], matches!(b, Behavior::StallStream(_))),
+                broken_body(&s, vec![half], matches!(b, Behavior::StallStream(_))),
             )
                 .into_response();
         }
@@ -234,7 +255,7 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
         events.truncate(n);
         return (
             [("content-type", "text/event-stream")],
-            broken_body(events, stall),
+            broken_body(&s, events, stall),
         )
             .into_response();
     }
