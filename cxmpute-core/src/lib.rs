@@ -37,7 +37,7 @@ pub use broker::{Broker, BrokerBuilder, BrokerConfig, GatewayRequest, GatewayRes
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use http::router;
-pub use mail::{ConsoleMailer, Mailer};
+pub use mail::{ConsoleMailer, Mailer, MailerConfig};
 pub use memory::MemoryStore;
 pub use reward::{FlatReward, RewardPolicy};
 pub use secret::{KeyHash, Secret};

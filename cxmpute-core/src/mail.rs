@@ -1,8 +1,9 @@
-//! Sending sign-in codes: the [`Mailer`] trait and the console mailer.
+//! Sending sign-in codes: the [`Mailer`] trait, the console mailer, the SMTP
+//! mailer (feature `smtp`) and [`MailerConfig`] to pick one from flags.
 
 use async_trait::async_trait;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::secret::Secret;
 
 /// Sends sign-in codes to people.
@@ -40,5 +41,321 @@ impl Mailer for ConsoleMailer {
             tracing::info!(%email, "sign-in code sent (console mailer; codes hidden)");
         }
         Ok(())
+    }
+}
+
+/// How SMTP connections are secured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain text (a relay on loopback or a private network only).
+    None,
+    /// Plain connection upgraded with `STARTTLS`, which is required (default port 587).
+    #[default]
+    StartTls,
+    /// TLS from the first byte (SMTPS, default port 465).
+    Tls,
+}
+
+impl SmtpTls {
+    /// The usual port for this mode.
+    pub const fn default_port(self) -> u16 {
+        match self {
+            SmtpTls::None => 25,
+            SmtpTls::StartTls => 587,
+            SmtpTls::Tls => 465,
+        }
+    }
+}
+
+impl std::str::FromStr for SmtpTls {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" | "plain" | "off" => Ok(SmtpTls::None),
+            "starttls" => Ok(SmtpTls::StartTls),
+            "tls" | "smtps" | "wrapper" => Ok(SmtpTls::Tls),
+            other => Err(Error::InvalidInput(format!(
+                "unknown SMTP TLS mode `{other}` (none, starttls or tls)"
+            ))),
+        }
+    }
+}
+
+/// Where and how to send mail over SMTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SmtpConfig {
+    /// The relay's host name (also the name its TLS certificate must carry).
+    pub host: String,
+    /// Its port; `None` is the usual port of [`SmtpConfig::tls`].
+    pub port: Option<u16>,
+    /// How the connection is secured.
+    pub tls: SmtpTls,
+    /// The sender, e.g. `Cxmpute <no-reply@example.com>`.
+    pub from: String,
+    /// Login name, if the relay wants one.
+    pub username: Option<String>,
+    /// Password for [`SmtpConfig::username`] (redacted in `Debug`).
+    pub password: Option<Secret>,
+    /// Connect and command timeout.
+    pub timeout: std::time::Duration,
+}
+
+impl SmtpConfig {
+    /// A relay at `host` with STARTTLS on the usual port, no login.
+    pub fn new(host: impl Into<String>, from: impl Into<String>) -> Self {
+        SmtpConfig {
+            host: host.into(),
+            port: None,
+            tls: SmtpTls::StartTls,
+            from: from.into(),
+            username: None,
+            password: None,
+            timeout: std::time::Duration::from_secs(15),
+        }
+    }
+
+    /// Sets the port.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Sets the TLS mode.
+    pub fn tls(mut self, tls: SmtpTls) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Sets the login.
+    pub fn credentials(mut self, username: impl Into<String>, password: Secret) -> Self {
+        self.username = Some(username.into());
+        self.password = Some(password);
+        self
+    }
+}
+
+/// Which mailer a host runs, read from flags or the environment; see
+/// [`MailerConfig::from_env`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MailerConfig {
+    /// The [`ConsoleMailer`]; `reveal_codes` prints codes (local development only).
+    Console {
+        /// Print the codes themselves.
+        reveal_codes: bool,
+    },
+    /// The SMTP mailer (feature `smtp`).
+    Smtp(SmtpConfig),
+}
+
+impl MailerConfig {
+    /// Reads the mailer settings from the process environment:
+    ///
+    /// | variable | meaning |
+    /// |---|---|
+    /// | `CXMPUTE_MAILER` | `console` (default) or `smtp` |
+    /// | `CXMPUTE_MAIL_REVEAL_CODES` | `1`: the console mailer prints codes |
+    /// | `CXMPUTE_SMTP_HOST` | relay host (required for `smtp`) |
+    /// | `CXMPUTE_SMTP_PORT` | port (default by TLS mode: 25, 587, 465) |
+    /// | `CXMPUTE_SMTP_TLS` | `none`, `starttls` (default) or `tls` |
+    /// | `CXMPUTE_SMTP_FROM` | sender address (required for `smtp`) |
+    /// | `CXMPUTE_SMTP_USERNAME`, `CXMPUTE_SMTP_PASSWORD` | login, both or neither |
+    /// | `CXMPUTE_SMTP_TIMEOUT_SECS` | connect and command timeout (default 15) |
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// As [`MailerConfig::from_env`], reading variables through `get`
+    /// (a host's flags, a config file, a test).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let var = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let kind = var("CXMPUTE_MAILER").unwrap_or_else(|| "console".into());
+        match kind.to_ascii_lowercase().as_str() {
+            "console" => Ok(MailerConfig::Console {
+                reveal_codes: var("CXMPUTE_MAIL_REVEAL_CODES")
+                    .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes")),
+            }),
+            "smtp" => {
+                let missing = |k: &str| Error::InvalidInput(format!("{k} is required for SMTP"));
+                let host = var("CXMPUTE_SMTP_HOST").ok_or_else(|| missing("CXMPUTE_SMTP_HOST"))?;
+                let from = var("CXMPUTE_SMTP_FROM").ok_or_else(|| missing("CXMPUTE_SMTP_FROM"))?;
+                let mut c = SmtpConfig::new(host, from);
+                if let Some(t) = var("CXMPUTE_SMTP_TLS") {
+                    c.tls = t.parse()?;
+                }
+                if let Some(p) = var("CXMPUTE_SMTP_PORT") {
+                    c.port = Some(p.parse().map_err(|_| {
+                        Error::InvalidInput(format!("CXMPUTE_SMTP_PORT `{p}` is not a port"))
+                    })?);
+                }
+                if let Some(t) = var("CXMPUTE_SMTP_TIMEOUT_SECS") {
+                    let secs: u64 = t.parse().map_err(|_| {
+                        Error::InvalidInput(format!(
+                            "CXMPUTE_SMTP_TIMEOUT_SECS `{t}` is not a number"
+                        ))
+                    })?;
+                    c.timeout = std::time::Duration::from_secs(secs.max(1));
+                }
+                // Read raw: a password may have meaningful spaces.
+                match (var("CXMPUTE_SMTP_USERNAME"), get("CXMPUTE_SMTP_PASSWORD")) {
+                    (Some(u), Some(p)) if !p.is_empty() => {
+                        c.username = Some(u);
+                        c.password = Some(Secret::new(p));
+                    }
+                    (None, None) => {}
+                    (None, Some(p)) if p.is_empty() => {}
+                    _ => {
+                        return Err(Error::InvalidInput(
+                            "set both CXMPUTE_SMTP_USERNAME and CXMPUTE_SMTP_PASSWORD, or neither"
+                                .into(),
+                        ))
+                    }
+                }
+                Ok(MailerConfig::Smtp(c))
+            }
+            other => Err(Error::InvalidInput(format!(
+                "unknown mailer `{other}` (console or smtp)"
+            ))),
+        }
+    }
+
+    /// Builds the mailer. `InvalidInput` for a bad address, or for SMTP in a
+    /// build without the `smtp` feature.
+    pub fn build(&self) -> Result<std::sync::Arc<dyn Mailer>> {
+        match self {
+            MailerConfig::Console { reveal_codes: true } => {
+                Ok(std::sync::Arc::new(ConsoleMailer::revealing()))
+            }
+            MailerConfig::Console {
+                reveal_codes: false,
+            } => Ok(std::sync::Arc::new(ConsoleMailer::new())),
+            #[cfg(feature = "smtp")]
+            MailerConfig::Smtp(c) => Ok(std::sync::Arc::new(SmtpMailer::new(c)?)),
+            #[cfg(not(feature = "smtp"))]
+            MailerConfig::Smtp(_) => Err(Error::InvalidInput(
+                "this build has no SMTP mailer: enable the `smtp` feature".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(feature = "smtp")]
+pub use smtp::SmtpMailer;
+
+#[cfg(feature = "smtp")]
+mod smtp {
+    use async_trait::async_trait;
+    use lettre::message::header::ContentType;
+    use lettre::message::Mailbox;
+    use lettre::transport::smtp::authentication::Credentials;
+    use lettre::transport::smtp::client::{Tls, TlsParameters};
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+    use super::{Mailer, SmtpConfig, SmtpTls};
+    use crate::error::{Error, Result};
+    use crate::secret::Secret;
+
+    /// Sends sign-in codes through an SMTP relay (lettre, rustls), with a
+    /// pool of connections.
+    pub struct SmtpMailer {
+        transport: AsyncSmtpTransport<Tokio1Executor>,
+        from: Mailbox,
+        relay: String,
+    }
+
+    impl std::fmt::Debug for SmtpMailer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            // The transport holds the relay password: never print it.
+            f.debug_struct("SmtpMailer")
+                .field("relay", &self.relay)
+                .field("from", &self.from.to_string())
+                .finish_non_exhaustive()
+        }
+    }
+
+    impl SmtpMailer {
+        /// A mailer for the relay in `c`. Nothing is sent (or connected) yet.
+        pub fn new(c: &SmtpConfig) -> Result<Self> {
+            let from: Mailbox = c.from.parse().map_err(|e| {
+                Error::InvalidInput(format!("the sender `{}` is not an address: {e}", c.from))
+            })?;
+            let port = c.port.unwrap_or(c.tls.default_port());
+            let tls = match c.tls {
+                SmtpTls::None => Tls::None,
+                SmtpTls::StartTls | SmtpTls::Tls => {
+                    let params = TlsParameters::new(c.host.clone()).map_err(|e| {
+                        Error::InvalidInput(format!("TLS settings for {}: {e}", c.host))
+                    })?;
+                    if c.tls == SmtpTls::Tls {
+                        Tls::Wrapper(params)
+                    } else {
+                        Tls::Required(params)
+                    }
+                }
+            };
+            let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(c.host.clone())
+                .port(port)
+                .tls(tls)
+                .timeout(Some(c.timeout));
+            match (&c.username, &c.password) {
+                (Some(u), Some(p)) => {
+                    b = b.credentials(Credentials::new(u.clone(), p.expose().to_owned()));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(Error::InvalidInput(
+                        "an SMTP login needs both a username and a password".into(),
+                    ))
+                }
+            }
+            Ok(SmtpMailer {
+                transport: b.build(),
+                from,
+                relay: format!("{}:{port}", c.host),
+            })
+        }
+    }
+
+    /// The mail: the code in the body only (subjects travel through more
+    /// logs and notification previews than bodies do).
+    fn message(from: &Mailbox, to: &str, code: &Secret) -> Result<Message> {
+        let to: Mailbox = to
+            .parse()
+            .map_err(|_| Error::InvalidInput("`email` is not a deliverable address".into()))?;
+        let body = format!(
+            "Your Cxmpute sign-in code: {}\r\n\r\n\
+             It works once and expires in a few minutes. If you did not ask for it,\r\n\
+             ignore this mail: nobody can sign in without the code.\r\n",
+            code.expose()
+        );
+        Message::builder()
+            .from(from.clone())
+            .to(to)
+            .subject("Your Cxmpute sign-in code")
+            .header(ContentType::TEXT_PLAIN)
+            .body(body)
+            .map_err(|e| Error::backend("building the sign-in mail", e))
+    }
+
+    #[async_trait]
+    impl Mailer for SmtpMailer {
+        async fn send_login_code(&self, email: &str, code: &Secret) -> Result<()> {
+            let msg = message(&self.from, email, code)?;
+            match self.transport.send(msg).await {
+                Ok(_) => Ok(()),
+                // A permanent refusal of the recipient is the caller's input.
+                Err(e) if e.is_permanent() => Err(Error::InvalidInput(
+                    "the mail server refused this address".into(),
+                )),
+                Err(e) => Err(Error::unavailable(
+                    format!("sending mail through {}", self.relay),
+                    e,
+                )),
+            }
+        }
     }
 }
