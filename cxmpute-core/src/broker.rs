@@ -41,6 +41,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::accounts::{AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
 use crate::egress::{self, EgressPolicy};
 use crate::error::{Error, Result};
@@ -81,6 +82,8 @@ pub struct BrokerConfig {
     pub reservation_ttl: Duration,
     /// Which node endpoints are accepted.
     pub egress: EgressPolicy,
+    /// Sign-in, sessions and the admin role.
+    pub auth: AuthConfig,
 }
 
 impl Default for BrokerConfig {
@@ -96,6 +99,7 @@ impl Default for BrokerConfig {
             heartbeat_ttl: Duration::from_secs(90),
             reservation_ttl: Duration::from_secs(30 * 60),
             egress: EgressPolicy::PublicOnly,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -150,6 +154,12 @@ impl BrokerBuilder {
         self
     }
 
+    /// Sets sign-in, session and admin settings (kept in [`BrokerConfig::auth`]).
+    pub fn auth(mut self, auth: AuthConfig) -> Self {
+        self.config.auth = auth;
+        self
+    }
+
     /// Sets the prices used where the store has none (default: [`default_prices`]).
     pub fn default_prices(mut self, prices: Vec<PriceEntry>) -> Self {
         self.default_prices = prices;
@@ -166,7 +176,9 @@ impl BrokerBuilder {
             .build()
             .map_err(|e| Error::backend("building the HTTP client", e))?;
         let stored = self.store.prices().await?;
+        let auth = AuthState::new(&self.config.auth)?;
         let inner = Inner {
+            auth,
             prices: PriceTable::new(self.default_prices, stored),
             pools: PoolIndex::new(),
             stats: StatsRecorder::default(),
@@ -187,6 +199,7 @@ impl BrokerBuilder {
 }
 
 struct Inner {
+    auth: AuthState,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     selector: Arc<dyn ProvisionSelector>,
@@ -305,6 +318,11 @@ impl Broker {
     /// The configuration.
     pub fn config(&self) -> &BrokerConfig {
         &self.inner.config
+    }
+
+    /// Keys and revocations of sessions (see [`crate::accounts`]).
+    pub(crate) fn auth_state(&self) -> &AuthState {
+        &self.inner.auth
     }
 
     /// The routing index.

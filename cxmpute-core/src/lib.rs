@@ -7,6 +7,7 @@
 //!
 //! Money is [`Credits`]: integer micro-credits.
 
+pub mod accounts;
 pub mod broker;
 pub mod clock;
 pub mod egress;
@@ -33,6 +34,7 @@ pub mod testkit;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use accounts::{Accounts, AuthConfig};
 pub use broker::{Broker, BrokerBuilder, BrokerConfig, GatewayRequest, GatewayResponse};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};

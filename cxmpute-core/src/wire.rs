@@ -668,3 +668,359 @@ pub struct ImagePoint {
     /// Down.
     pub y: f64,
 }
+
+// ---- accounts -----------------------------------------------------------------
+
+/// `POST /v1/auth/code`: send a sign-in code to an email.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCodeRequest {
+    /// Where to send the code.
+    pub email: String,
+}
+
+/// The answer to a code request. It is the same whether or not an account
+/// exists for the email, so it reveals nothing about who has an account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestCodeResponse {
+    /// Always `sent`.
+    pub status: String,
+    /// How long the code works, in seconds.
+    pub expires_in: u64,
+}
+
+/// `POST /v1/auth/verify`: exchange a sign-in code for a session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyCodeRequest {
+    /// The email the code was sent to.
+    pub email: String,
+    /// The code from the mail (redacted in `Debug`).
+    pub code: crate::secret::Secret,
+}
+
+/// A session: a short-lived access token and a refresh token that works once.
+///
+/// The session routes also set both as `HttpOnly` cookies for browsers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionResponse {
+    /// `Bearer`.
+    pub token_type: String,
+    /// The access token: send it as `Authorization: Bearer <token>`.
+    pub access_token: crate::secret::Secret,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+    /// Trade it at `POST /v1/auth/refresh` for a new session; it works once.
+    pub refresh_token: crate::secret::Secret,
+    /// Seconds until the refresh token expires.
+    pub refresh_expires_in: u64,
+    /// The signed-in user.
+    pub user_id: UserId,
+}
+
+/// `POST /v1/auth/refresh` and `POST /v1/auth/logout`: the refresh token,
+/// unless the browser sends it as a cookie.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefreshRequest {
+    /// The refresh token (redacted in `Debug`).
+    #[serde(default)]
+    pub refresh_token: Option<crate::secret::Secret>,
+}
+
+/// An API key as its owner sees it: never the secret, only its prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyView {
+    /// The key's id.
+    pub key_id: ApiKeyId,
+    /// The name its owner chose.
+    pub name: String,
+    /// The first characters of the secret, to recognise it.
+    pub prefix: String,
+    /// Its own spending limit (`None`: only the balance limits it).
+    pub credit_limit: Option<Credits>,
+    /// What is left of the limit.
+    pub credits_left: Option<Credits>,
+    /// Routes it may call; empty means every route.
+    pub permitted_routes: Vec<Route>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it last admitted a request.
+    pub last_used_at: Option<Timestamp>,
+}
+
+impl From<&ApiKey> for ApiKeyView {
+    fn from(k: &ApiKey) -> Self {
+        ApiKeyView {
+            key_id: k.id.clone(),
+            name: k.name.clone(),
+            prefix: k.prefix.clone(),
+            credit_limit: k.credit_limit,
+            credits_left: k.credits_left,
+            permitted_routes: k.permitted_routes.clone(),
+            created_at: k.created_at,
+            last_used_at: k.last_used_at,
+        }
+    }
+}
+
+/// `GET /v1/me`: the signed-in user's account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeResponse {
+    /// The user's id.
+    pub user_id: UserId,
+    /// Sign-in email.
+    pub email: String,
+    /// Micro-credits available.
+    pub credits: Credits,
+    /// Whether the user may use the admin API.
+    pub is_admin: bool,
+    /// Set while the account is suspended.
+    pub suspended: Option<Suspension>,
+    /// When the account was created.
+    pub created_at: Timestamp,
+    /// The user's provider account.
+    pub provider_id: Option<ProviderId>,
+    /// Active (not revoked) API keys, oldest first.
+    pub keys: Vec<ApiKeyView>,
+}
+
+/// `POST /v1/me/keys`: create an API key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateKeyRequest {
+    /// A name (default `key`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A spending limit in micro-credits (none: only the balance limits it).
+    #[serde(default)]
+    pub credit_limit: Option<Credits>,
+    /// Routes it may call; empty or absent means every route.
+    #[serde(default)]
+    pub permitted_routes: Vec<Route>,
+}
+
+/// A new API key: the secret is shown here once and never again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateKeyResponse {
+    /// The key.
+    pub key: ApiKeyView,
+    /// The secret (redacted in `Debug`).
+    pub api_key: crate::secret::Secret,
+}
+
+/// `PATCH /v1/me/keys/{id}`: change a key. Absent fields stay as they are;
+/// `"credit_limit": null` removes the limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateKeyRequest {
+    /// A new name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A new limit; `null` removes it.
+    #[serde(
+        default,
+        deserialize_with = "present_nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub credit_limit: Option<Option<Credits>>,
+    /// New permitted routes (empty: every route).
+    #[serde(default)]
+    pub permitted_routes: Option<Vec<Route>>,
+}
+
+/// Tells an absent field (`None`, by `default`) from an explicit `null` (`Some(None)`).
+fn present_nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// One day of a user's usage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayUsage {
+    /// The UTC day.
+    pub day: Day,
+    /// Requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub failures: u64,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Other units.
+    pub units: u64,
+    /// Micro-credits charged.
+    pub charged: Credits,
+}
+
+/// A user's usage of one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceUsage {
+    /// The service.
+    pub service: Service,
+    /// Requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub failures: u64,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Other units.
+    pub units: u64,
+    /// Micro-credits charged.
+    pub charged: Credits,
+}
+
+/// `GET /v1/me/usage?days=N`: usage per day and per service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageResponse {
+    /// First day covered.
+    pub from: Day,
+    /// Last day covered (today).
+    pub to: Day,
+    /// One entry per day of the range, oldest first (days without use are zero).
+    pub days: Vec<DayUsage>,
+    /// Per service, over the range (from the latest requests, at most
+    /// `sampled_requests` of them).
+    pub services: Vec<ServiceUsage>,
+    /// How many requests the per-service figures are drawn from.
+    pub sampled_requests: usize,
+}
+
+/// `GET /v1/provider/account`: a provider's account.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderAccountResponse {
+    /// The provider's id.
+    pub provider_id: ProviderId,
+    /// Contact email.
+    pub email: String,
+    /// The user account it belongs to, if any.
+    pub user_id: Option<UserId>,
+    /// Rewards earned and not paid out.
+    pub earnings: Credits,
+    /// Set while the provider is suspended.
+    pub suspended: Option<Suspension>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// Nodes registered and not ended.
+    pub provisions: usize,
+}
+
+/// `POST /v1/provider/account/key`: a new provider key (shown once); the old
+/// one stopped working.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderKeyResponse {
+    /// The provider.
+    pub provider_id: ProviderId,
+    /// The new key (redacted in `Debug`).
+    pub provider_key: crate::secret::Secret,
+}
+
+/// One day of a provider's earnings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayEarnings {
+    /// The UTC day.
+    pub day: Day,
+    /// Requests served.
+    pub requests: u64,
+    /// Micro-credits earned.
+    pub rewarded: Credits,
+}
+
+/// `GET /v1/provider/account/earnings`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarningsResponse {
+    /// The provider.
+    pub provider_id: ProviderId,
+    /// Everything earned and not paid out.
+    pub total: Credits,
+    /// Earned over the last 30 days.
+    pub last_30_days: Credits,
+    /// One entry per day of the last 30 days, oldest first.
+    pub days: Vec<DayEarnings>,
+}
+
+/// `POST /v1/admin/users/{id}/suspend` and `.../providers/{id}/suspend`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspendRequest {
+    /// Why (recorded, shown to the account holder).
+    pub reason: String,
+}
+
+/// A user as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminUserView {
+    /// The user's id.
+    pub user_id: UserId,
+    /// Sign-in email.
+    pub email: String,
+    /// Micro-credits available.
+    pub credits: Credits,
+    /// Whether the user is an admin (stored flag or configuration).
+    pub is_admin: bool,
+    /// Set while suspended.
+    pub suspended: Option<Suspension>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// Its provider account, if any.
+    pub provider_id: Option<ProviderId>,
+}
+
+/// `GET /v1/admin/users/{id}`: a user with its keys and credit grants.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminUserDetail {
+    /// The user.
+    pub user: AdminUserView,
+    /// Every key, revoked ones included (never secrets).
+    pub keys: Vec<ApiKeyView>,
+    /// Credit grants, oldest first.
+    pub grants: Vec<CreditGrant>,
+}
+
+/// A provider as an admin sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminProviderView {
+    /// The provider's id.
+    pub provider_id: ProviderId,
+    /// Contact email.
+    pub email: String,
+    /// The user account it belongs to, if any.
+    pub user_id: Option<UserId>,
+    /// Unpaid earnings.
+    pub earnings: Credits,
+    /// Set while suspended.
+    pub suspended: Option<Suspension>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// Its nodes.
+    pub provisions: Vec<ProvisionView>,
+}
+
+/// A node as an admin sees it: the provider's view plus its owner.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminProvisionView {
+    /// The provider that owns it.
+    pub provider_id: ProviderId,
+    /// The node.
+    #[serde(flatten)]
+    pub provision: ProvisionView,
+}
+
+/// `POST /v1/admin/notifications` and `PUT /v1/admin/notifications/{id}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationRequest {
+    /// Title.
+    pub title: String,
+    /// Banner text.
+    #[serde(default)]
+    pub banner: String,
+    /// Popup content.
+    #[serde(default)]
+    pub popup: String,
+    /// Shown from (milliseconds since the epoch).
+    pub starts_at: Timestamp,
+    /// Shown until (exclusive).
+    pub ends_at: Timestamp,
+    /// Where it is shown.
+    pub placements: Vec<Placement>,
+}

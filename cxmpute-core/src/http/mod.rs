@@ -39,8 +39,10 @@ use crate::secret::Secret;
 use crate::types::*;
 use crate::wire::*;
 
+mod account;
 mod admin;
 mod provider;
+mod provider_account;
 
 /// The status, OpenAI `type` and `code` of an error.
 pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
@@ -270,6 +272,8 @@ pub fn router(broker: Broker) -> Router {
         .route(Route::Point.path(), gateway_route!(Route::Point))
         .merge(provider::routes())
         .merge(admin::routes())
+        .merge(account::routes())
+        .merge(provider_account::routes())
         .fallback(|| async { ApiError(Error::NotFound("no such route".into())).into_response() })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(broker)

@@ -1,0 +1,279 @@
+//! Sign-in, sessions and the signed-in user's own account.
+//!
+//! | route | who |
+//! |---|---|
+//! | `POST /v1/auth/code` | anyone (rate-limited per email) |
+//! | `POST /v1/auth/verify` | anyone with the mailed code |
+//! | `POST /v1/auth/refresh` | the holder of a refresh token (body or cookie) |
+//! | `POST /v1/auth/logout` | the holder of a refresh or access token |
+//! | `GET /v1/me`, `GET /v1/me/usage` | a signed-in user |
+//! | `GET`/`POST /v1/me/keys`, `PATCH`/`DELETE /v1/me/keys/{id}` | a signed-in user, own keys only |
+//! | `GET /v1/notifications` | anyone: the notifications shown now |
+//!
+//! Sessions travel as `Authorization: Bearer <access token>` or as the
+//! `cx_access` cookie; the session routes set both cookies `HttpOnly`,
+//! `Secure`, `SameSite=Strict`, so another site can neither read nor send them.
+
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::{bearer, body_bytes, json_body, ok, ApiResult};
+use crate::accounts::{Credentials, SessionTokens};
+use crate::broker::Broker;
+use crate::error::Error;
+use crate::secret::Secret;
+use crate::types::*;
+use crate::wire::*;
+
+/// The access-token cookie: sent on every path.
+pub const ACCESS_COOKIE: &str = "cx_access";
+/// The refresh-token cookie: sent only to the session routes.
+pub const REFRESH_COOKIE: &str = "cx_refresh";
+const REFRESH_COOKIE_PATH: &str = "/v1/auth";
+
+/// The user and session routes.
+pub(super) fn routes() -> Router<Broker> {
+    Router::new()
+        .route("/v1/auth/code", post(request_code))
+        .route("/v1/auth/verify", post(verify))
+        .route("/v1/auth/refresh", post(refresh))
+        .route("/v1/auth/logout", post(logout))
+        .route("/v1/me", get(me))
+        .route("/v1/me/usage", get(usage))
+        .route("/v1/me/keys", get(list_keys).post(create_key))
+        .route("/v1/me/keys/{id}", patch(update_key).delete(revoke_key))
+        .route("/v1/notifications", get(active_notifications))
+}
+
+/// The value of a cookie, from every `Cookie` header of the request.
+pub(super) fn cookie(h: &HeaderMap, name: &str) -> Option<Secret> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, v)| *k == name && !v.is_empty())
+        .map(|(_, v)| Secret::new(v.trim_matches('"')))
+}
+
+/// The credentials a request carries.
+pub(super) fn credentials(h: &HeaderMap) -> Credentials {
+    Credentials {
+        bearer: bearer(h),
+        access_cookie: cookie(h, ACCESS_COOKIE),
+    }
+}
+
+/// A path parameter, or a 400 in OpenAI's error shape.
+pub(super) fn path_param(p: Result<Path<String>, PathRejection>) -> Result<String, Error> {
+    p.map(|Path(s)| s)
+        .map_err(|e| Error::InvalidInput(format!("bad path parameter: {e}")))
+}
+
+/// Query parameters, or a 400 in OpenAI's error shape.
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
+    q.map(|Query(t)| t)
+        .map_err(|e| Error::InvalidInput(format!("bad query parameters: {}", e.body_text())))
+}
+
+fn set_cookie(resp: &mut Response, name: &str, value: &str, path: &str, max_age: u64) {
+    let c = format!(
+        "{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; Secure; SameSite=Strict"
+    );
+    // Tokens are base64url or alphanumeric, always a valid header value; a
+    // cookie that cannot be set is dropped rather than breaking the answer.
+    if let Ok(v) = HeaderValue::from_str(&c) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+}
+
+fn no_store(resp: &mut Response) {
+    // Tokens must not land in a shared or browser cache.
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+fn session_answer(b: &Broker, t: &SessionTokens) -> Response {
+    let body = t.to_response(b.now());
+    let mut resp = Json(&body).into_response();
+    set_cookie(
+        &mut resp,
+        ACCESS_COOKIE,
+        t.access_token.expose(),
+        "/",
+        body.expires_in,
+    );
+    set_cookie(
+        &mut resp,
+        REFRESH_COOKIE,
+        t.refresh_token.expose(),
+        REFRESH_COOKIE_PATH,
+        body.refresh_expires_in,
+    );
+    no_store(&mut resp);
+    resp
+}
+
+async fn request_code(
+    State(b): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let req: RequestCodeRequest = json_body(body)?;
+    b.accounts().request_code(&req.email).await?;
+    let out = RequestCodeResponse {
+        status: "sent".into(),
+        expires_in: b.config().auth.code_ttl.as_secs(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+}
+
+async fn verify(
+    State(b): State<Broker>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let req: VerifyCodeRequest = json_body(body)?;
+    let t = b.accounts().verify_code(&req.email, &req.code).await?;
+    Ok(session_answer(&b, &t))
+}
+
+/// The refresh token from the body, else from the cookie. An empty body is fine.
+fn refresh_token(
+    h: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Option<Secret>, Error> {
+    let bytes = body_bytes(body)?;
+    let from_body = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        serde_json::from_slice::<RefreshRequest>(&bytes)
+            .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))?
+            .refresh_token
+    };
+    Ok(from_body.or_else(|| cookie(h, REFRESH_COOKIE)))
+}
+
+async fn refresh(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let token = refresh_token(&h, body)?.ok_or_else(|| {
+        Error::Unauthorized("send the refresh token in the body or its cookie".into())
+    })?;
+    let t = b.accounts().refresh(&token).await?;
+    Ok(session_answer(&b, &t))
+}
+
+async fn logout(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let token = refresh_token(&h, body)?;
+    let creds = credentials(&h);
+    b.accounts()
+        .logout(token.as_ref(), creds.access_token())
+        .await?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    set_cookie(&mut resp, ACCESS_COOKIE, "", "/", 0);
+    set_cookie(&mut resp, REFRESH_COOKIE, "", REFRESH_COOKIE_PATH, 0);
+    no_store(&mut resp);
+    Ok(resp)
+}
+
+async fn me(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<MeResponse>> {
+    let a = b.accounts();
+    let s = a.session(&credentials(&h)).await?;
+    ok(a.me(&s.user).await?)
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    #[serde(default = "thirty")]
+    days: u32,
+}
+
+fn thirty() -> u32 {
+    30
+}
+
+async fn usage(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> ApiResult<Json<UsageResponse>> {
+    let a = b.accounts();
+    let s = a.session(&credentials(&h)).await?;
+    let q = query(q)?;
+    ok(a.usage(&s.user, q.days).await?)
+}
+
+async fn list_keys(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<ApiKeyView>>> {
+    let a = b.accounts();
+    let s = a.session(&credentials(&h)).await?;
+    ok(a.me(&s.user).await?.keys)
+}
+
+async fn create_key(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let a = b.accounts();
+    let s = a.session(&credentials(&h)).await?;
+    let req: CreateKeyRequest = json_body(body)?;
+    let (key, secret) = a.create_key(&s.user, req).await?;
+    let out = CreateKeyResponse {
+        key: ApiKeyView::from(&key),
+        api_key: secret,
+    };
+    let mut resp = (StatusCode::CREATED, Json(out)).into_response();
+    no_store(&mut resp);
+    Ok(resp)
+}
+
+async fn update_key(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ApiKeyView>> {
+    let a = b.accounts();
+    let s = a.session(&credentials(&h)).await?;
+    let id = ApiKeyId::new(path_param(id)?);
+    let req: UpdateKeyRequest = json_body(body)?;
+    let key = a.update_key(&s.user, &id, req).await?;
+    ok(ApiKeyView::from(&key))
+}
+
+async fn revoke_key(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let a = b.accounts();
+    let s = a.session(&credentials(&h)).await?;
+    let id = ApiKeyId::new(path_param(id)?);
+    a.revoke_key(&s.user, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct PlacementQuery {
+    #[serde(default)]
+    placement: Option<Placement>,
+}
+
+async fn active_notifications(
+    State(b): State<Broker>,
+    q: Result<Query<PlacementQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<Notification>>> {
+    let q = query(q)?;
+    ok(b.accounts().active_notifications(q.placement).await?)
+}
