@@ -4,6 +4,17 @@
 //! lock); a flush turns them into a [`StatsBatch`] with a fresh id and writes
 //! it through [`Store::record_stats`]. A batch that fails to write is kept and
 //! retried with the *same* id, so a retry after an unseen success adds nothing.
+//!
+//! ## Counter scopes and gauge scopes
+//!
+//! Most scopes are plain counters of finished requests (see [`scope`]). The
+//! network snapshot ([`StatsRecorder::sample`]) keeps *gauges* (how many
+//! nodes a pool has) in the same [`StatsCounters`], read differently:
+//! `requests` counts the samples taken and `units` sums the sampled values,
+//! so `units / requests` is the day's average. Sums of samples add up like
+//! any counter, so batching, retries and several hosts sampling one store
+//! all keep the average right. Gauge scopes are `pool:`, `nodes:` and
+//! `nodes`; [`scope::is_gauge`] tells them apart.
 
 use std::collections::HashMap;
 
@@ -15,7 +26,7 @@ use crate::types::*;
 
 /// The scope names counters are kept under.
 pub mod scope {
-    use crate::types::{ProviderId, Route, Service, UserId};
+    use crate::types::{ProviderId, ProvisionId, Route, Service, UserId};
 
     /// Per gateway endpoint.
     pub fn endpoint(route: Route) -> String {
@@ -39,6 +50,62 @@ pub mod scope {
     }
     /// The whole network.
     pub const NETWORK: &str = "network";
+
+    /// Per service (every model and route of it).
+    pub fn service(service: Service) -> String {
+        format!("service:{}", service.as_str())
+    }
+    /// One user's requests to one model. Its own prefix (not under `user:`),
+    /// so that a `user:` prefix query still lists only users.
+    pub fn user_model(user: &UserId, service: Service, model: &str) -> String {
+        format!("user-model:{user}:{}:{model}", service.as_str())
+    }
+    /// The prefix of every [`user_model`] scope of a user.
+    pub fn user_model_prefix(user: &UserId) -> String {
+        format!("user-model:{user}:")
+    }
+    /// One user's requests from one application.
+    pub fn user_app(user: &UserId, app: &str) -> String {
+        format!("user-app:{user}:{app}")
+    }
+    /// The prefix of every [`user_app`] scope of a user.
+    pub fn user_app_prefix(user: &UserId) -> String {
+        format!("user-app:{user}:")
+    }
+    /// Requests served by one node of a provider.
+    pub fn provider_node(provider: &ProviderId, node: &ProvisionId) -> String {
+        format!("provider-node:{provider}:{node}")
+    }
+    /// The prefix of every [`provider_node`] scope of a provider.
+    pub fn provider_node_prefix(provider: &ProviderId) -> String {
+        format!("provider-node:{provider}:")
+    }
+    /// Requests served by a provider for one model.
+    pub fn provider_model(provider: &ProviderId, service: Service, model: &str) -> String {
+        format!("provider-model:{provider}:{}:{model}", service.as_str())
+    }
+    /// The prefix of every [`provider_model`] scope of a provider.
+    pub fn provider_model_prefix(provider: &ProviderId) -> String {
+        format!("provider-model:{provider}:")
+    }
+
+    /// Gauge: nodes in the pool of one (service, model).
+    pub fn pool(service: Service, model: &str) -> String {
+        format!("pool:{}:{model}", service.as_str())
+    }
+    /// The prefix of every [`pool`] gauge.
+    pub const POOL_PREFIX: &str = "pool:";
+    /// Gauge: distinct nodes serving a service.
+    pub fn nodes_of(service: Service) -> String {
+        format!("nodes:{}", service.as_str())
+    }
+    /// Gauge: distinct nodes in routing.
+    pub const NODES: &str = "nodes";
+
+    /// Whether a scope holds gauge samples rather than request counters.
+    pub fn is_gauge(scope: &str) -> bool {
+        scope == NODES || scope.starts_with(POOL_PREFIX) || scope.starts_with("nodes:")
+    }
 }
 
 /// Counters for one finished request.
@@ -92,17 +159,40 @@ impl StatsRecorder {
             scope::model(service, &u.model),
             scope::user(&u.user_id),
             scope::NETWORK.to_owned(),
+            scope::service(service),
+            scope::user_model(&u.user_id, service, &u.model),
         ];
         if let Some(app) = &u.app {
             scopes.push(scope::app(app));
+            scopes.push(scope::user_app(&u.user_id, app));
         }
         if let Some(p) = &u.provider_id {
             scopes.push(scope::provider(p));
+            scopes.push(scope::provider_model(p, service, &u.model));
+            if let Some(n) = &u.provision_id {
+                scopes.push(scope::provider_node(p, n));
+            }
         }
         let mut s = self.state.lock();
         for sc in scopes {
             s.pending.entry((day, sc)).or_default().add(&c);
         }
+    }
+
+    /// Adds one sample of a gauge (see the [module docs](self)): one more
+    /// sample and `value` more to the day's sum.
+    pub fn sample(&self, day: Day, scope: String, value: u64) {
+        let c = StatsCounters {
+            requests: 1,
+            units: value,
+            ..StatsCounters::default()
+        };
+        self.state.lock().pending.entry((day, scope)).or_default().add(&c);
+    }
+
+    /// Batches built but not yet written (a failing store shows here).
+    pub fn unsent_batches(&self) -> usize {
+        self.state.lock().unsent.len()
     }
 
     /// Writes everything collected so far. On failure the batch is kept (with
