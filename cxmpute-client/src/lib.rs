@@ -1,1 +1,69 @@
-//! Skeleton; filled by its own issue.
+//! # cxmpute-client
+//!
+//! A typed async client of a Cxmpute host: typed requests and answers, one
+//! error enum, streams, and no hand-written JSON.
+//!
+//! - [`Client`]: one per host, built with [`Client::builder`]; cheap to clone.
+//! - The calls, grouped by who makes them: [`Client::user`] (the
+//!   OpenAI-compatible gateway), [`Client::provider`] (a provider's nodes),
+//!   [`Client::admin`] (accounts, credits, prices).
+//! - [`Error`]: the HTTP status and the parsed OpenAI error body, or what
+//!   went wrong on the way (connect, timeout, transport, decode).
+//! - [`ChatStream`]: a streamed chat completion as a `futures::Stream` of
+//!   typed chunks.
+//!
+//! The request and answer bodies are the host's own wire types, re-exported
+//! as [`wire`] and [`types`]: the client and the host share one definition.
+//!
+//! ```no_run
+//! use cxmpute_client::Client;
+//! use cxmpute_client::wire::{ChatCompletionRequest, ChatMessage};
+//! use futures::StreamExt;
+//!
+//! # async fn run() -> Result<(), cxmpute_client::Error> {
+//! let client = Client::new("http://127.0.0.1:8080", "cx-...")?;
+//! let req = ChatCompletionRequest::new("llama3.2:3b", vec![ChatMessage::user("Hello!")]);
+//!
+//! let answer = client.user().chat(&req).await?;
+//! println!("{}", answer.choices[0].message.text().unwrap_or_default());
+//!
+//! let mut stream = client.user().chat_stream(&req).await?;
+//! while let Some(chunk) = stream.next().await {
+//!     for choice in chunk?.choices {
+//!         print!("{}", choice.delta.content.unwrap_or_default());
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Retries
+//!
+//! Idempotent calls (reads, `PUT`s, `DELETE`s, heartbeats) are retried with
+//! exponential backoff when the host answers 429 or 503 (honouring
+//! `Retry-After`) or cannot be reached; see [`RetryPolicy`]. Gateway calls are
+//! never retried by the client, since a call that reached a node may have
+//! been charged.
+
+mod admin;
+mod client;
+mod error;
+mod provider;
+mod stream;
+mod user;
+
+pub use admin::AdminApi;
+pub use client::{Client, ClientBuilder, RetryPolicy};
+pub use error::{ApiError, Error, Result, TimeoutPhase};
+pub use provider::ProviderApi;
+pub use stream::{ByteStream, ChatStream, SseStream};
+pub use user::UserApi;
+
+/// The host's wire types (request and answer bodies), shared with the host.
+pub use cxmpute_core::wire;
+
+/// The host's domain types used in the wire types (ids, [`Credits`](types::Credits), services...).
+pub use cxmpute_core::types;
+
+/// URLs, as [`Client::base_url`] returns them.
+pub use reqwest::Url;

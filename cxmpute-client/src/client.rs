@@ -1,0 +1,621 @@
+//! The [`Client`], its builder, and the one request helper every API method goes through.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use cxmpute_core::wire::ErrorBody;
+use cxmpute_core::Secret;
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Method, Response, Url};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{retryable_status, ApiError, Error, Result, TimeoutPhase};
+use crate::stream::{ByteStream, SseStream};
+use crate::{AdminApi, ProviderApi, UserApi};
+
+/// How many bytes of an unexpected body an [`Error::Decode`] keeps.
+const BODY_SNIPPET: usize = 512;
+
+/// How failed calls are retried.
+///
+/// Only idempotent calls (reads, `PUT`s, `DELETE`s, heartbeats) are retried,
+/// and only when the host says "later" (429 other than a spent quota, 503) or
+/// the connection could not be made. A gateway call (chat, embeddings...)
+/// is never retried by the client: it may have been charged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt (0: never retry).
+    pub max_retries: u32,
+    /// The first backoff; doubled at each retry, with full jitter.
+    pub base_delay: Duration,
+    /// The longest wait. A `Retry-After` longer than this is not waited for:
+    /// the error is returned with its [`Error::retry_after`].
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_retries: 2,
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Never retry.
+    pub const fn none() -> Self {
+        RetryPolicy {
+            max_retries: 0,
+            base_delay: Duration::ZERO,
+            max_delay: Duration::ZERO,
+        }
+    }
+
+    /// The wait before retry number `attempt` (0-based), or `None` when the
+    /// host asked for more than [`max_delay`](Self::max_delay).
+    fn delay(&self, attempt: u32, retry_after: Option<Duration>) -> Option<Duration> {
+        if let Some(d) = retry_after {
+            return (d <= self.max_delay).then_some(d);
+        }
+        let cap = self
+            .base_delay
+            .saturating_mul(1u32.checked_shl(attempt).unwrap_or(u32::MAX))
+            .min(self.max_delay);
+        // Full jitter: many clients refused at once do not come back at once.
+        Some(cap.mul_f64(jitter()))
+    }
+}
+
+/// A number in `[0, 1)` that differs between calls, without a RNG crate:
+/// `RandomState` is seeded randomly per instance.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u8(0);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Parses `Retry-After`: delta-seconds or an HTTP date.
+pub(crate) fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
+    let s = v.to_str().ok()?.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(s).ok()?;
+    // A date already past means "now".
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+struct Shared {
+    http: reqwest::Client,
+    base: Url,
+    timeout: Option<Duration>,
+    read_timeout: Option<Duration>,
+    retry: RetryPolicy,
+    app_name: Option<HeaderValue>,
+}
+
+/// A client of one Cxmpute host.
+///
+/// Cheap to clone: clones share the connection pool and settings. The
+/// credential (an API key, a provider key, an admin's key or a session's
+/// access token: the host takes each as `Authorization: Bearer`) belongs to
+/// each clone, so one pool can serve several identities through
+/// [`with_bearer`](Self::with_bearer).
+///
+/// The calls are grouped by who makes them: [`user`](Self::user),
+/// [`provider`](Self::provider) and [`admin`](Self::admin).
+///
+/// ```no_run
+/// use cxmpute_client::Client;
+/// use cxmpute_client::wire::{ChatCompletionRequest, ChatMessage};
+///
+/// # async fn run() -> Result<(), cxmpute_client::Error> {
+/// let client = Client::new("http://127.0.0.1:8080", "cx-...")?;
+/// let req = ChatCompletionRequest::new("llama3.2:3b", vec![ChatMessage::user("Hello!")]);
+/// let answer = client.user().chat(&req).await?;
+/// println!("{}", answer.choices[0].message.text().unwrap_or_default());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    bearer: Option<Secret>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.shared.base.as_str())
+            .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .field("timeout", &self.shared.timeout)
+            .field("read_timeout", &self.shared.read_timeout)
+            .field("retry", &self.shared.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client of the host at `base_url` (e.g. `http://127.0.0.1:8080`,
+    /// without `/v1`) calling with `api_key`, other settings at their defaults.
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), cxmpute_client::Error> {
+    /// let client = cxmpute_client::Client::new("http://127.0.0.1:8080", "cx-...")?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(base_url: &str, api_key: &str) -> Result<Self> {
+        Client::builder()
+            .base_url(base_url)
+            .api_key(api_key)
+            .build()
+    }
+
+    /// A builder for every setting.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use cxmpute_client::{Client, RetryPolicy};
+    ///
+    /// # fn run() -> Result<(), cxmpute_client::Error> {
+    /// let client = Client::builder()
+    ///     .base_url("https://cxmpute.example")
+    ///     .api_key("cx-...")
+    ///     .timeout(Duration::from_secs(120))
+    ///     .read_timeout(Duration::from_secs(30))
+    ///     .retry(RetryPolicy { max_retries: 4, ..RetryPolicy::default() })
+    ///     .app_name("my-app")
+    ///     .build()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The same client (same pool and settings) calling with another bearer
+    /// credential: a provider key, an admin's key, a session's access token.
+    ///
+    /// ```no_run
+    /// # fn run(client: cxmpute_client::Client) {
+    /// let as_provider = client.with_bearer("cxp-...");
+    /// # }
+    /// ```
+    pub fn with_bearer(&self, token: impl Into<String>) -> Client {
+        Client {
+            shared: self.shared.clone(),
+            bearer: Some(Secret::new(token)),
+        }
+    }
+
+    /// The same client calling without a credential (public routes only).
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let models = client.anonymous().user().models().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn anonymous(&self) -> Client {
+        Client {
+            shared: self.shared.clone(),
+            bearer: None,
+        }
+    }
+
+    /// The host's base URL.
+    ///
+    /// ```no_run
+    /// # fn run(client: cxmpute_client::Client) {
+    /// println!("talking to {}", client.base_url());
+    /// # }
+    /// ```
+    pub fn base_url(&self) -> &Url {
+        &self.shared.base
+    }
+
+    /// The user API: the OpenAI-compatible gateway and the model list.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let models = client.user().models().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn user(&self) -> UserApi<'_> {
+        UserApi { client: self }
+    }
+
+    /// The provider API: a provider's nodes, called with a provider key.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let nodes = client.with_bearer("cxp-...").provider().provisions().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn provider(&self) -> ProviderApi<'_> {
+        ProviderApi { client: self }
+    }
+
+    /// The admin API, called with an admin's API key.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let prices = client.admin().prices().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn admin(&self) -> AdminApi<'_> {
+        AdminApi { client: self }
+    }
+
+    /// Starts a call to the path made of `segments`, each percent-encoded so
+    /// an id can never walk to another route.
+    pub(crate) fn req(&self, method: Method, segments: &[&str]) -> Req<'_> {
+        let mut url = self.shared.base.clone();
+        // URLs resolve `.` and `..` (even encoded) away, so such an id would
+        // address another path: refuse it instead of sending.
+        let invalid = segments
+            .iter()
+            .find(|s| matches!(**s, "" | "." | ".."))
+            .map(|s| Error::InvalidRequest(format!("`{s}` cannot be an id in a path")));
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        // Reads, replacements and deletions can be repeated safely; a POST
+        // opts in with `idempotent(true)` when it can be.
+        let idempotent = matches!(method, Method::GET | Method::PUT | Method::DELETE);
+        Req {
+            client: self,
+            method,
+            url,
+            query: Vec::new(),
+            body: None,
+            idempotent,
+            invalid,
+        }
+    }
+}
+
+/// Builds a [`Client`]. Every setting has a default except the base URL.
+#[derive(Debug, Default)]
+pub struct ClientBuilder {
+    base_url: Option<String>,
+    bearer: Option<Secret>,
+    timeout: Option<Option<Duration>>,
+    connect_timeout: Option<Duration>,
+    read_timeout: Option<Option<Duration>>,
+    retry: Option<RetryPolicy>,
+    http: Option<reqwest::Client>,
+    app_name: Option<String>,
+}
+
+impl ClientBuilder {
+    /// The host, e.g. `http://127.0.0.1:8080` (without `/v1`).
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = Some(url.into());
+        self
+    }
+
+    /// A user's API key (`cx-...`).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.bearer = Some(Secret::new(key));
+        self
+    }
+
+    /// Any bearer credential: a provider key, an admin's key, a session's access token.
+    pub fn bearer(mut self, token: impl Into<String>) -> Self {
+        self.bearer = Some(Secret::new(token));
+        self
+    }
+
+    /// The most a whole call may take, answer included (default 10 minutes;
+    /// `None`: no limit). Streams are bounded by
+    /// [`read_timeout`](Self::read_timeout) instead once they have started.
+    pub fn timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.timeout = Some(t.into());
+        self
+    }
+
+    /// The most connecting may take (default 10 s). Ignored with
+    /// [`http_client`](Self::http_client): that client's own setting applies.
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = Some(t);
+        self
+    }
+
+    /// The most a stream may stay silent between two chunks (default 2
+    /// minutes; `None`: no limit).
+    pub fn read_timeout(mut self, t: impl Into<Option<Duration>>) -> Self {
+        self.read_timeout = Some(t.into());
+        self
+    }
+
+    /// How idempotent calls are retried (default: [`RetryPolicy::default`]).
+    pub fn retry(mut self, p: RetryPolicy) -> Self {
+        self.retry = Some(p);
+        self
+    }
+
+    /// Uses this reqwest client (proxies, TLS roots, pool settings are its own).
+    pub fn http_client(mut self, c: reqwest::Client) -> Self {
+        self.http = Some(c);
+        self
+    }
+
+    /// Names the calling application (`X-Title`); the host records usage per application.
+    pub fn app_name(mut self, name: impl Into<String>) -> Self {
+        self.app_name = Some(name.into());
+        self
+    }
+
+    /// The client. Fails when the base URL is missing or not an `http(s)` URL.
+    pub fn build(self) -> Result<Client> {
+        let raw = self
+            .base_url
+            .ok_or_else(|| Error::Config("a base URL is required".into()))?;
+        let base =
+            Url::parse(raw.trim()).map_err(|e| Error::Config(format!("base URL `{raw}`: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(Error::Config(format!(
+                "base URL `{raw}` is not an http(s) URL"
+            )));
+        }
+        let http = match self.http {
+            Some(c) => c,
+            None => reqwest::Client::builder()
+                .connect_timeout(self.connect_timeout.unwrap_or(Duration::from_secs(10)))
+                .user_agent(concat!("cxmpute-client/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| Error::Config(e.to_string()))?,
+        };
+        let app_name = self
+            .app_name
+            .map(|n| {
+                HeaderValue::from_str(&n)
+                    .map_err(|_| Error::Config(format!("app name `{n}` is not a header value")))
+            })
+            .transpose()?;
+        Ok(Client {
+            shared: Arc::new(Shared {
+                http,
+                base,
+                timeout: self.timeout.unwrap_or(Some(Duration::from_secs(600))),
+                read_timeout: self.read_timeout.unwrap_or(Some(Duration::from_secs(120))),
+                retry: self.retry.unwrap_or_default(),
+                app_name,
+            }),
+            bearer: self.bearer,
+        })
+    }
+}
+
+/// One call being built: the generic helper behind every API method.
+pub(crate) struct Req<'c> {
+    client: &'c Client,
+    method: Method,
+    url: Url,
+    query: Vec<(&'static str, String)>,
+    body: Option<Bytes>,
+    idempotent: bool,
+    /// Why the call must not be sent, found while building it.
+    invalid: Option<Error>,
+}
+
+impl Req<'_> {
+    /// Sends `body` as JSON. Serialized once, so a retry resends the same bytes.
+    pub(crate) fn json<B: Serialize + ?Sized>(mut self, body: &B) -> Result<Self> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| Error::InvalidRequest(format!("the body cannot be serialized: {e}")))?;
+        self.body = Some(bytes.into());
+        Ok(self)
+    }
+
+    /// Adds a query parameter.
+    #[allow(dead_code)] // used by the list routes as they land
+    pub(crate) fn query(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.query.push((name, value.to_string()));
+        self
+    }
+
+    /// Marks a POST as safe to repeat (a heartbeat).
+    pub(crate) fn idempotent(mut self, yes: bool) -> Self {
+        self.idempotent = yes;
+        self
+    }
+
+    /// One attempt. `whole` bounds the whole call by the client's timeout;
+    /// streams bound only the wait for the head, then use the idle timeout.
+    async fn attempt(&self, whole: bool) -> Result<Response> {
+        let s = &self.client.shared;
+        let mut rb = s.http.request(self.method.clone(), self.url.clone());
+        if !self.query.is_empty() {
+            rb = rb.query(&self.query);
+        }
+        if let Some(b) = &self.client.bearer {
+            rb = rb.header(AUTHORIZATION, format!("Bearer {}", b.expose()));
+        }
+        if let Some(app) = &s.app_name {
+            rb = rb.header("x-title", app.clone());
+        }
+        if let Some(body) = &self.body {
+            rb = rb
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+        match s.timeout {
+            Some(t) if whole => rb.timeout(t).send().await.map_err(Error::from),
+            Some(t) => match tokio::time::timeout(t, rb.send()).await {
+                Ok(r) => r.map_err(Error::from),
+                Err(_) => Err(Error::Timeout(TimeoutPhase::Request)),
+            },
+            None => rb.send().await.map_err(Error::from),
+        }
+    }
+
+    /// Sends the call, retrying as the policy allows, and returns the answer
+    /// when its status is a success, else the mapped error.
+    async fn send(&mut self, whole: bool) -> Result<Response> {
+        if let Some(e) = self.invalid.take() {
+            return Err(e);
+        }
+        let retry = self.client.shared.retry;
+        let mut attempt = 0;
+        loop {
+            let err = match self.attempt(whole).await {
+                Ok(r) if r.status().is_success() => return Ok(r),
+                Ok(r) => error_from(r).await,
+                Err(e) => e,
+            };
+            if !(self.idempotent && attempt < retry.max_retries && worth_retrying(&err)) {
+                return Err(err);
+            }
+            match retry.delay(attempt, err.retry_after()) {
+                Some(d) => tokio::time::sleep(d).await,
+                None => return Err(err),
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Sends and parses the answer as `T`.
+    pub(crate) async fn send_json<T: DeserializeOwned>(mut self) -> Result<T> {
+        let resp = self.send(true).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(Error::from)?;
+        serde_json::from_slice(&bytes).map_err(|e| decode_error(status, e, &bytes))
+    }
+
+    /// Sends and expects an answer without a body (204).
+    pub(crate) async fn send_unit(mut self) -> Result<()> {
+        let resp = self.send(true).await?;
+        // Read the body so the connection goes back to the pool.
+        resp.bytes().await.map_err(Error::from)?;
+        Ok(())
+    }
+
+    /// Sends and returns the whole answer body.
+    #[allow(dead_code)] // used by the binary routes (speech) as they land
+    pub(crate) async fn send_bytes(mut self) -> Result<Bytes> {
+        let resp = self.send(true).await?;
+        resp.bytes().await.map_err(Error::from)
+    }
+
+    /// Sends and returns the answer body as a stream of bytes.
+    #[allow(dead_code)] // used by the binary routes (speech) as they land
+    pub(crate) async fn send_byte_stream(mut self) -> Result<ByteStream> {
+        let idle = self.client.shared.read_timeout;
+        let resp = self.send(false).await?;
+        Ok(ByteStream::new(resp, idle))
+    }
+
+    /// Sends and returns the answer as a stream of typed server-sent events.
+    pub(crate) async fn send_sse<T: DeserializeOwned + Send + 'static>(
+        mut self,
+    ) -> Result<SseStream<T>> {
+        let idle = self.client.shared.read_timeout;
+        let resp = self.send(false).await?;
+        let status = resp.status().as_u16();
+        let is_sse = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !is_sse {
+            // A host (or a proxy) that answers JSON to a streamed request.
+            let bytes = resp.bytes().await.map_err(Error::from)?;
+            let why = <serde_json::Error as serde::de::Error>::custom(
+                "expected a stream of server-sent events",
+            );
+            return Err(decode_error(status, why, &bytes));
+        }
+        Ok(SseStream::new(resp, idle))
+    }
+}
+
+/// Whether the client retries after `e` (on an idempotent call): the host
+/// said "later", or no connection could be made. A timeout is not retried:
+/// the caller's time budget is spent.
+fn worth_retrying(e: &Error) -> bool {
+    match e {
+        Error::Api(a) => retryable_status(a.status, Some(&a.error.kind)),
+        // A proxy's page in front of the host.
+        Error::Decode { status, .. } => retryable_status(*status, None),
+        Error::Connect(_) => true,
+        _ => false,
+    }
+}
+
+/// The error for an answer whose status is not a success.
+async fn error_from(resp: Response) -> Error {
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+    let bytes = match resp.bytes().await {
+        Ok(b) => b,
+        Err(e) => return Error::from(e),
+    };
+    match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) => Error::Api(Box::new(ApiError {
+            status,
+            error: b.error,
+            retry_after,
+        })),
+        Err(e) => decode_error(status, e, &bytes),
+    }
+}
+
+/// A [`Error::Decode`] keeping the start of the body.
+pub(crate) fn decode_error(status: u16, source: serde_json::Error, body: &[u8]) -> Error {
+    let end = body.len().min(BODY_SNIPPET);
+    Error::Decode {
+        status,
+        source,
+        body: String::from_utf8_lossy(&body[..end]).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates() {
+        let v = HeaderValue::from_static("7");
+        assert_eq!(parse_retry_after(&v), Some(Duration::from_secs(7)));
+        let past = HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert_eq!(parse_retry_after(&past), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3600));
+        let d = parse_retry_after(&HeaderValue::from_str(&later).unwrap()).unwrap();
+        assert!(d > Duration::from_secs(3500) && d <= Duration::from_secs(3600));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn backoff_doubles_under_the_cap_and_refuses_long_retry_after() {
+        let p = RetryPolicy {
+            max_retries: 5,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        };
+        for attempt in 0..40 {
+            let d = p.delay(attempt, None).unwrap();
+            let cap = Duration::from_millis(100 << attempt.min(4)).min(p.max_delay);
+            assert!(d <= cap, "{attempt}: {d:?} > {cap:?}");
+        }
+        assert_eq!(
+            p.delay(0, Some(Duration::from_millis(300))),
+            Some(Duration::from_millis(300))
+        );
+        assert_eq!(p.delay(0, Some(Duration::from_secs(5))), None);
+    }
+}

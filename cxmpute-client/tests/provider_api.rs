@@ -1,0 +1,150 @@
+//! The provider API against a real host router on loopback: a node's whole
+//! life through the client, as the provider node program drives it.
+
+mod common;
+
+use common::{client_for, World, MODEL};
+use cxmpute_client::types::{Location, ProvisionId, ProvisionState, Service};
+use cxmpute_client::wire::{
+    ChatCompletionRequest, ChatMessage, RegisterProvisionRequest, ServedModel,
+};
+use cxmpute_core::testkit::StandInNode;
+
+fn registration(endpoint: String, model: &str) -> RegisterProvisionRequest {
+    RegisterProvisionRequest {
+        endpoint: Some(endpoint),
+        services: vec![ServedModel {
+            service: Service::Chat,
+            model: model.into(),
+        }],
+        device: serde_json::json!({"gpu": {"memory_mb": 24576}}),
+        location: Location {
+            country: "NL".into(),
+            ..Location::default()
+        },
+    }
+}
+
+#[tokio::test]
+async fn register_list_heartbeat_and_end_a_node() {
+    let w = World::start().await;
+    let (_, provider_key) = w.host.provider().await;
+    let provider = client_for(&w.host.url, &provider_key);
+    let node = StandInNode::start("mine").await;
+
+    let reg = provider
+        .provider()
+        .register(&registration(node.url(), "phi4:14b"))
+        .await
+        .unwrap();
+    assert_eq!(reg.state, ProvisionState::Ready);
+    assert!(!reg.node_secret.is_empty());
+    node.require_secret(&reg.node_secret);
+
+    let list = provider.provider().provisions().await.unwrap();
+    assert_eq!(list.len(), 1);
+    let view = &list[0];
+    assert_eq!(view.provision_id, reg.provision_id);
+    assert_eq!(view.endpoint.as_deref(), Some(node.url().as_str()));
+    assert_eq!(
+        view.services,
+        vec![ServedModel {
+            service: Service::Chat,
+            model: "phi4:14b".into()
+        }]
+    );
+    assert_eq!(view.location.country, "NL");
+    assert!(view.healthy);
+
+    // The node serves users at once.
+    let req = ChatCompletionRequest::new("phi4:14b", vec![ChatMessage::user("hi")]);
+    let answer = w.client().user().chat(&req).await.unwrap();
+    assert_eq!(
+        answer.choices[0].message.text().as_deref(),
+        Some("Hello from mine")
+    );
+
+    let before = w
+        .host
+        .broker
+        .store()
+        .provision(&reg.provision_id)
+        .await
+        .unwrap()
+        .last_heartbeat;
+    w.host.clock.advance(std::time::Duration::from_secs(30));
+    provider
+        .provider()
+        .heartbeat(&reg.provision_id)
+        .await
+        .unwrap();
+    let after = w
+        .host
+        .broker
+        .store()
+        .provision(&reg.provision_id)
+        .await
+        .unwrap()
+        .last_heartbeat;
+    assert!(after > before);
+
+    provider.provider().end(&reg.provision_id).await.unwrap();
+    assert!(provider.provider().provisions().await.unwrap().is_empty());
+    let e = w.client().user().chat(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+}
+
+#[tokio::test]
+async fn another_providers_node_is_not_found() {
+    let w = World::start().await;
+    let (_, key) = w.host.provider().await;
+    let stranger = client_for(&w.host.url, &key);
+    let theirs = w
+        .host
+        .broker
+        .provider_provisions(&w.provider)
+        .await
+        .unwrap();
+    let id = &theirs[0].provision_id;
+    for e in [
+        stranger.provider().heartbeat(id).await.unwrap_err(),
+        stranger.provider().end(id).await.unwrap_err(),
+    ] {
+        assert_eq!(
+            (e.status(), e.code()),
+            (Some(404), Some("not_found")),
+            "{e}"
+        );
+    }
+    assert!(stranger.provider().provisions().await.unwrap().is_empty());
+    // The owner's node still serves.
+    let req = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user("hi")]);
+    w.client().user().chat(&req).await.unwrap();
+}
+
+#[tokio::test]
+async fn ids_are_path_segments_never_paths() {
+    let w = World::start().await;
+    let (_, key) = w.host.provider().await;
+    let provider = client_for(&w.host.url, &key);
+    // Each would reach another route if it were pasted into the path.
+    for id in ["../../admin/prices", "x?y=1", "a#b", "%2e%2e", "..%2f"] {
+        let e = provider
+            .provider()
+            .heartbeat(&ProvisionId::new(id))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.status(), e.code()),
+            (Some(404), Some("not_found")),
+            "{id}: {e}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_user_key_is_not_a_provider_key() {
+    let w = World::start().await;
+    let e = w.client().provider().provisions().await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+}
