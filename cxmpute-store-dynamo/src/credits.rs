@@ -1,0 +1,539 @@
+//! Reservations, settlements, the ledger and usage records: the hot path.
+//!
+//! `reserve` is one `TransactWriteItems` whose conditions are the whole
+//! admission rule (balance, suspension, key owner, revocation, routes, key
+//! limit, request id unused); `settle` is one more, conditioned on the
+//! reservation still being open with the values it was computed from. Reads
+//! happen only to explain a refusal precisely or when a settlement arrives at
+//! a process that did not take the reservation.
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use cxmpute_core::store_support::{check_reservation, release_settlement, SettlePlan};
+use cxmpute_core::{
+    ApiKeyId, Credits, Error, KeyHash, LedgerTotals, ProviderId, ProvisionId, RequestId,
+    Reservation, Result, SettleOutcome, Settlement, Timestamp, UsageRecord, UserId,
+};
+
+use crate::accounts::{decode_key, decode_user};
+use crate::db::{DynamoStore, Fail, Held, Query, Tx};
+use crate::item::{n, s, sortable_i64, Ex, Item, ItemBuilder, Rd, PK};
+use crate::schema::{self, GSI, GSI_PK, GSI_SK};
+
+const RESERVED: &str = "reserved";
+
+/// How a settlement gives a refund back to the key.
+///
+/// A key's `credits_left` never exceeds its limit, and the limit may have
+/// been lowered (or set) while the request was in flight. DynamoDB has no
+/// `min` in update expressions, so the key item also keeps `spent`
+/// (= limit - left), and each variant is guarded by the condition under
+/// which it is the right one: the usual `Add` is tried first, and a refusal
+/// of the key's condition says to read the key and pick another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyRefund {
+    /// Unlimited key, or the refund fits under the limit: add it.
+    Add,
+    /// The refund would pass the limit: left = limit, nothing spent.
+    Cap,
+    /// A key tracking what is left without any limit stops tracking it.
+    Drop,
+}
+
+impl KeyRefund {
+    /// The update, its guard and their names and values.
+    fn expression(self, refund: Credits) -> (String, String, Ex) {
+        let mut ex = Ex::new();
+        let (left, spent, limited, limit) = (
+            ex.n("credits_left"),
+            ex.n("spent"),
+            ex.n("limited"),
+            ex.n("credit_limit"),
+        );
+        let (t, f) = (
+            ex.v(AttributeValue::Bool(true)),
+            ex.v(AttributeValue::Bool(false)),
+        );
+        let r = ex.v(n(refund.0));
+        let (upd, cond) = match self {
+            KeyRefund::Add => (
+                format!(
+                    "ADD {left} {r}, {spent} {}",
+                    ex.v(n(refund.0.saturating_neg()))
+                ),
+                format!("{limited} = {f} OR (attribute_exists({limit}) AND {spent} >= {r})"),
+            ),
+            KeyRefund::Cap => (
+                format!("SET {left} = {limit}, {spent} = {}", ex.v(n(0))),
+                format!("{limited} = {t} AND attribute_exists({limit}) AND {spent} < {r}"),
+            ),
+            KeyRefund::Drop => (
+                format!("SET {limited} = {f}"),
+                format!("{limited} = {t} AND attribute_not_exists({limit})"),
+            ),
+        };
+        (upd, cond, ex)
+    }
+}
+const SETTLED: &str = "settled";
+
+/// What the request item says.
+enum Req {
+    Missing,
+    Settled(Item),
+    Open(Held),
+}
+
+fn decode_req(it: Item) -> Result<Req> {
+    let r = Rd::new(&it, "request");
+    if r.s("status")? == SETTLED {
+        return Ok(Req::Settled(it));
+    }
+    Ok(Req::Open(Held {
+        r: Reservation {
+            request_id: RequestId::new(r.s("request_id")?),
+            user_id: UserId::new(r.s("user_id")?),
+            key_id: ApiKeyId::new(r.s("key_id")?),
+            route: r.parse("route")?,
+            amount: Credits(r.num("amount")?),
+            created_at: Timestamp(r.num("created_at")?),
+        },
+        key_hash: r.hash("key_hash")?,
+        shard: r.num("shard")?,
+    }))
+}
+
+fn usage_sk(u: &UsageRecord) -> String {
+    // Newest first is a descending query; ties on time fall back to the request id.
+    format!("USAGE#{}#{}", sortable_i64(u.at.0), u.request_id)
+}
+
+fn usage_item(u: &UsageRecord) -> Item {
+    ItemBuilder::new(schema::user_pk(&u.user_id), usage_sk(u))
+        .s("request_id", u.request_id.as_str())
+        .s("user_id", u.user_id.as_str())
+        .s("key_id", u.key_id.as_str())
+        .s("route", u.route.path())
+        .s("model", &u.model)
+        .opt_s("provision_id", u.provision_id.as_ref().map(|p| p.as_str()))
+        .opt_s("provider_id", u.provider_id.as_ref().map(|p| p.as_str()))
+        .n("input_tokens", u.input_tokens)
+        .n("output_tokens", u.output_tokens)
+        .n("units", u.units)
+        .b("success", u.success)
+        .n("latency_ms", u.latency_ms)
+        .opt_s("app", u.app.clone())
+        .n("at", u.at.0)
+        .n("charged", u.charged.0)
+        .n("reward", u.reward.0)
+        .build()
+}
+
+fn decode_usage(it: &Item) -> Result<UsageRecord> {
+    let r = Rd::new(it, "usage record");
+    Ok(UsageRecord {
+        request_id: RequestId::new(r.s("request_id")?),
+        user_id: UserId::new(r.s("user_id")?),
+        key_id: ApiKeyId::new(r.s("key_id")?),
+        route: r.parse("route")?,
+        model: r.s("model")?,
+        provision_id: r.opt_s("provision_id")?.map(ProvisionId::new),
+        provider_id: r.opt_s("provider_id")?.map(ProviderId::new),
+        input_tokens: r.num("input_tokens")?,
+        output_tokens: r.num("output_tokens")?,
+        units: r.num("units")?,
+        success: r.b("success")?,
+        latency_ms: r.num("latency_ms")?,
+        app: r.opt_s("app")?,
+        at: Timestamp(r.num("at")?),
+        charged: Credits(r.num("charged")?),
+        reward: Credits(r.num("reward")?),
+    })
+}
+
+impl DynamoStore {
+    pub(crate) async fn reserve_impl(&self, r: &Reservation) -> Result<()> {
+        let what = "reserving credits";
+        let owner = self.key_owner(&r.key_id).await?;
+        let key_hash = owner.as_ref().map(|(_, h)| *h);
+        let usable = owner.as_ref().is_some_and(|(u, _)| *u == r.user_id);
+        if r.amount.is_negative() || !usable {
+            // Never reaches a write: the checks name the first problem in the
+            // same order every store uses (a negative amount comes late in it).
+            self.explain_refusal(r, key_hash).await?;
+            return Err(if usable {
+                Error::InvalidInput("negative reservation".into())
+            } else {
+                Error::Unauthorized("unknown API key".into())
+            });
+        }
+        let Some(key_hash) = key_hash else {
+            return Err(Error::Unauthorized("unknown API key".into()));
+        };
+        let shard = schema::shard_of(&r.request_id, self.cfg.ledger_shards);
+        let amount = n(r.amount.0);
+        let mut attempt = 0;
+        loop {
+            let mut tx = Tx::new(self);
+
+            // The account: there, not suspended, able to pay.
+            let mut ex = Ex::new();
+            let credits = ex.n("credits");
+            let amt = ex.v(amount.clone());
+            let cond = format!(
+                "{} AND attribute_not_exists({}) AND {credits} >= {amt}",
+                ex.exists(),
+                ex.n("suspended")
+            );
+            let upd = format!("ADD {credits} {}", ex.v(n(r.amount.0.saturating_neg())));
+            tx.update(schema::user(&r.user_id), upd, Some(cond), ex)?;
+
+            // The key: the user's, not revoked, allowed on this route, within its limit.
+            let mut ex = Ex::new();
+            let (left, routes) = (ex.n("credits_left"), ex.n("routes"));
+            let amt = ex.v(amount.clone());
+            let cond = format!(
+                "{} = {} AND attribute_not_exists({}) \
+                 AND (size({routes}) = {} OR contains({routes}, {})) \
+                 AND ({} = {} OR {left} >= {amt})",
+                ex.n("user_id"),
+                ex.v(s(r.user_id.as_str())),
+                ex.n("revoked_at"),
+                ex.v(n(0)),
+                ex.v(s(r.route.path())),
+                ex.n("limited"),
+                ex.v(AttributeValue::Bool(false)),
+            );
+            let upd = format!(
+                "ADD {left} {}, {} {amt} SET {} = {}",
+                ex.v(n(r.amount.0.saturating_neg())),
+                ex.n("spent"),
+                ex.n("last_used_at"),
+                ex.v(n(r.created_at.0))
+            );
+            tx.update(schema::api_key(&key_hash), upd, Some(cond), ex)?;
+
+            // The request: never reserved before (settled ones included). While
+            // open it sits in the sparse index by age, for the stale sweep.
+            let mut ex = Ex::new();
+            let cond = ex.absent();
+            let req = ItemBuilder::at(schema::request(&r.request_id))
+                .s("status", RESERVED)
+                .s("request_id", r.request_id.as_str())
+                .s("user_id", r.user_id.as_str())
+                .s("key_id", r.key_id.as_str())
+                .s("key_hash", key_hash.to_hex())
+                .s("route", r.route.path())
+                .n("amount", r.amount.0)
+                .n("created_at", r.created_at.0)
+                .n("shard", shard)
+                .s(GSI_PK, schema::open_pk(shard))
+                .s(
+                    GSI_SK,
+                    format!("{}#{}", sortable_i64(r.created_at.0), r.request_id),
+                )
+                .build();
+            tx.put(req, Some(cond), ex)?;
+
+            let mut ex = Ex::new();
+            let upd = format!("ADD {} {}", ex.n("reserved"), ex.v(amount.clone()));
+            tx.update(schema::ledger(shard), upd, None, ex)?;
+
+            match self.transact(what, tx).await {
+                Ok(()) => {
+                    self.hold(Held {
+                        r: r.clone(),
+                        key_hash,
+                        shard,
+                    });
+                    return Ok(());
+                }
+                Err(Fail::Condition(_)) => {
+                    self.explain_refusal(r, Some(key_hash)).await?;
+                    // Every check passes now: what failed changed since. Again.
+                    self.again(&mut attempt, what).await?;
+                }
+                Err(f) => return Err(f.into_error(what)),
+            }
+        }
+    }
+
+    /// Reads (consistently) what a reservation depends on and fails with the
+    /// first rule it breaks, in the order every store checks them. `Ok` means
+    /// nothing is wrong any more.
+    async fn explain_refusal(&self, r: &Reservation, key_hash: Option<KeyHash>) -> Result<()> {
+        let what = "checking a reservation";
+        let mut keys = vec![schema::request(&r.request_id), schema::user(&r.user_id)];
+        if let Some(h) = key_hash {
+            keys.push(schema::api_key(&h));
+        }
+        let items = self.batch_get(what, keys).await?;
+        let find = |pk: &str| {
+            items
+                .iter()
+                .find(|it| matches!(it.get(PK), Some(AttributeValue::S(p)) if p == pk))
+        };
+        let pk_of = |k: &Item| match k.get(PK) {
+            Some(AttributeValue::S(p)) => p.clone(),
+            _ => String::new(),
+        };
+        if find(&pk_of(&schema::request(&r.request_id))).is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "reservation {}",
+                r.request_id
+            )));
+        }
+        let key = match key_hash.and_then(|h| find(&pk_of(&schema::api_key(&h)))) {
+            Some(it) => decode_key(it)?,
+            None => return Err(Error::Unauthorized("unknown API key".into())),
+        };
+        if key.user_id != r.user_id || key.id != r.key_id {
+            return Err(Error::Unauthorized("unknown API key".into()));
+        }
+        let user = match find(&pk_of(&schema::user(&r.user_id))) {
+            Some(it) => decode_user(it)?,
+            None => return Err(Error::Unauthorized("unknown account".into())),
+        };
+        check_reservation(&user, &key, r)
+    }
+
+    /// The request item, read consistently.
+    async fn read_req(&self, id: &RequestId) -> Result<Req> {
+        match self.get("reading a request", schema::request(id)).await? {
+            Some(it) => decode_req(it),
+            None => Ok(Req::Missing),
+        }
+    }
+
+    pub(crate) async fn settle_impl(&self, st: &Settlement) -> Result<SettleOutcome> {
+        let held = self.unhold(&st.request_id);
+        self.settle_from(held, st).await
+    }
+
+    /// Settles, starting from what this process believes the reservation is
+    /// (`None`: read it). The transaction checks that belief; when it was
+    /// wrong the request is read and the settlement computed again.
+    async fn settle_from(&self, mut held: Option<Held>, st: &Settlement) -> Result<SettleOutcome> {
+        let what = "settling a request";
+        let mut attempt = 0;
+        let mut reward_to_missing_provider = false;
+        let mut key_refund = KeyRefund::Add;
+        loop {
+            let h = match held.take() {
+                Some(h) => h,
+                None => match self.read_req(&st.request_id).await? {
+                    Req::Missing => {
+                        return Err(Error::NotFound(format!("reservation {}", st.request_id)))
+                    }
+                    Req::Settled(_) => return Ok(SettleOutcome::AlreadySettled),
+                    Req::Open(h) => h,
+                },
+            };
+            let r = &h.r;
+            let plan = SettlePlan::new(r, st);
+            let mut tx = Tx::new(self);
+
+            // The reservation: still open, and the one the plan was made from.
+            let mut ex = Ex::new();
+            let status = ex.n("status");
+            let cond = format!(
+                "{status} = {} AND {} = {} AND {} = {} AND {} = {} AND {} = {}",
+                ex.v(s(RESERVED)),
+                ex.n("amount"),
+                ex.v(n(r.amount.0)),
+                ex.n("user_id"),
+                ex.v(s(r.user_id.as_str())),
+                ex.n("key_hash"),
+                ex.v(s(h.key_hash.to_hex())),
+                ex.n("shard"),
+                ex.v(n(h.shard)),
+            );
+            let upd = format!(
+                "SET {status} = {}, {} = {}, {} = {} REMOVE {}, {}",
+                ex.v(s(SETTLED)),
+                ex.n("usage_pk"),
+                ex.v(s(schema::user_pk(&plan.usage.user_id))),
+                ex.n("usage_sk"),
+                ex.v(s(usage_sk(&plan.usage))),
+                ex.n(GSI_PK),
+                ex.n(GSI_SK),
+            );
+            let req_i = tx.update(schema::request(&r.request_id), upd, Some(cond), ex)?;
+
+            // The refund to the account: users are never deleted, so a plain
+            // ADD is safe.
+            if plan.refund.0 > 0 {
+                let mut ex = Ex::new();
+                let upd = format!("ADD {} {}", ex.n("credits"), ex.v(n(plan.refund.0)));
+                tx.update(schema::user(&r.user_id), upd, None, ex)?;
+            }
+            // The refund to the key, never past its limit (see `KeyRefund`).
+            let (upd, cond, ex) = key_refund.expression(plan.refund);
+            let key_i = tx.update(schema::api_key(&h.key_hash), upd, Some(cond), ex)?;
+
+            // The reward, to a provider that exists: an ADD to a missing one
+            // would create a half item. If it does not exist the reward is
+            // still recorded (usage and totals), as in every store.
+            let mut provider_i = None;
+            if let Some((pid, amount)) = &plan.reward {
+                if !reward_to_missing_provider {
+                    let mut ex = Ex::new();
+                    let cond = ex.exists();
+                    let upd = format!("ADD {} {}", ex.n("earnings"), ex.v(n(amount.0)));
+                    provider_i = Some(tx.update(schema::provider(pid), upd, Some(cond), ex)?);
+                }
+            }
+
+            let mut ex = Ex::new();
+            let cond = ex.absent();
+            tx.put(usage_item(&plan.usage), Some(cond), ex)?;
+
+            let mut ex = Ex::new();
+            let upd = format!(
+                "ADD {} {}, {} {}, {} {}, {} {}",
+                ex.n("settlements"),
+                ex.v(n(1)),
+                ex.n("charged"),
+                ex.v(n(plan.charged.0)),
+                ex.n("rewarded"),
+                ex.v(n(plan.usage.reward.0)),
+                ex.n("reserved"),
+                ex.v(n(r.amount.0.saturating_neg())),
+            );
+            tx.update(schema::ledger(h.shard), upd, None, ex)?;
+
+            let flags = match self.transact(what, tx).await {
+                Ok(()) => return Ok(SettleOutcome::Applied),
+                Err(Fail::Condition(flags)) => flags,
+                Err(f) => return Err(f.into_error(what)),
+            };
+            self.again(&mut attempt, what).await?;
+            if Fail::failed(&flags, req_i) {
+                // Settled elsewhere, released, or not what we believed: read
+                // it again (and the key and provider with it, to be sure).
+                if flags.is_empty() {
+                    key_refund = self.key_refund_for(&h.key_hash, plan.refund).await?;
+                    if let Some((pid, _)) = &plan.reward {
+                        reward_to_missing_provider =
+                            self.get(what, schema::provider(pid)).await?.is_none();
+                    }
+                }
+                continue;
+            }
+            if Fail::failed(&flags, key_i) {
+                key_refund = self.key_refund_for(&h.key_hash, plan.refund).await?;
+            }
+            if provider_i.is_some_and(|i| Fail::failed(&flags, i)) {
+                reward_to_missing_provider = true;
+            }
+            held = Some(h);
+        }
+    }
+
+    /// Which refund a key needs now, from a consistent read of it.
+    async fn key_refund_for(&self, key_hash: &KeyHash, refund: Credits) -> Result<KeyRefund> {
+        let Some(it) = self.get("reading a key", schema::api_key(key_hash)).await? else {
+            // Keys are never deleted; if one were, there would be nothing to refund.
+            return Ok(KeyRefund::Add);
+        };
+        let r = Rd::new(&it, "api key");
+        Ok(if !r.b("limited")? {
+            KeyRefund::Add
+        } else if r.opt_num::<i64>("credit_limit")?.is_none() {
+            KeyRefund::Drop
+        } else if r.num_or_zero::<i64>("spent")? >= refund.0 {
+            KeyRefund::Add
+        } else {
+            KeyRefund::Cap
+        })
+    }
+
+    pub(crate) async fn settlement_impl(&self, request: &RequestId) -> Result<UsageRecord> {
+        let what = "reading a settlement";
+        let nf = || Error::NotFound(format!("settlement {request}"));
+        let Req::Settled(it) = self.read_req(request).await? else {
+            return Err(nf());
+        };
+        let r = Rd::new(&it, "request");
+        let key = crate::item::key(r.s("usage_pk")?, r.s("usage_sk")?);
+        match self.get(what, key).await? {
+            Some(u) => decode_usage(&u),
+            None => Err(nf()),
+        }
+    }
+
+    pub(crate) async fn release_stale_reservations_impl(&self, before: Timestamp) -> Result<u64> {
+        let what = "releasing stale reservations";
+        let mut released = 0;
+        for shard in 0..self.cfg.ledger_shards {
+            let mut q = Query {
+                index: Some(GSI),
+                forward: true,
+                ..Query::default()
+            };
+            // The index sort key is `{created_at}#{request}` with a fixed-width
+            // time, so everything below the bare time of `before` is older.
+            q.key_cond = format!(
+                "{} = {} AND {} < {}",
+                q.ex.n(GSI_PK),
+                q.ex.v(s(schema::open_pk(shard))),
+                q.ex.n(GSI_SK),
+                q.ex.v(s(sortable_i64(before.0)))
+            );
+            // The index is eventually consistent; each candidate is read again
+            // consistently and settled under the usual conditions.
+            for it in self.query(what, q).await? {
+                let pk = Rd::new(&it, "open reservation").s(PK)?;
+                let id = RequestId::new(pk.strip_prefix("REQ#").unwrap_or(&pk));
+                let Req::Open(h) = self.read_req(&id).await? else {
+                    continue;
+                };
+                if h.r.created_at >= before {
+                    continue;
+                }
+                let st = release_settlement(&h.r, before);
+                self.unhold(&id);
+                match self.settle_from(Some(h), &st).await {
+                    Ok(SettleOutcome::Applied) => released += 1,
+                    Ok(SettleOutcome::AlreadySettled) | Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    pub(crate) async fn ledger_totals_impl(&self) -> Result<LedgerTotals> {
+        let keys = (0..self.cfg.ledger_shards).map(schema::ledger).collect();
+        let mut t = LedgerTotals::default();
+        for it in self.batch_get("reading the ledger", keys).await? {
+            let r = Rd::new(&it, "ledger shard");
+            t.settlements += r.num_or_zero::<u64>("settlements")?;
+            t.charged = t.charged.saturating_add(Credits(r.num_or_zero("charged")?));
+            t.rewarded = t
+                .rewarded
+                .saturating_add(Credits(r.num_or_zero("rewarded")?));
+            t.reserved = t
+                .reserved
+                .saturating_add(Credits(r.num_or_zero("reserved")?));
+        }
+        Ok(t)
+    }
+
+    pub(crate) async fn usage_records_impl(
+        &self,
+        user: &UserId,
+        limit: usize,
+    ) -> Result<Vec<UsageRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut q = Query::prefix(schema::user_pk(user), "USAGE#");
+        q.forward = false;
+        q.limit = Some(limit);
+        self.query("reading usage records", q)
+            .await?
+            .iter()
+            .map(decode_usage)
+            .collect()
+    }
+}
