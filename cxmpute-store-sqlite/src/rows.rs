@@ -1,0 +1,237 @@
+//! Reading rows back into domain types, and the column lists that go with
+//! them. Columns are read by position: the lists below and the readers are
+//! written side by side so a join can put several of them in one row.
+
+use cxmpute_core::secret::KeyHash;
+use cxmpute_core::*;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Decode, Row, Sqlite, Type};
+
+use crate::error::{corrupt, map};
+
+/// One column by position.
+pub(crate) fn col<'r, T>(row: &'r SqliteRow, i: usize) -> Result<T>
+where
+    T: Decode<'r, Sqlite> + Type<Sqlite>,
+{
+    row.try_get(i).map_err(|e| map("reading a stored row", e))
+}
+
+/// A stored key hash (32 bytes).
+pub(crate) fn key_hash(bytes: Vec<u8>) -> Result<KeyHash> {
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| corrupt(format!("key hash of {} bytes", b.len())))?;
+    Ok(KeyHash(arr))
+}
+
+/// A `u64` counter kept in an INTEGER column (bit for bit, so it round-trips).
+pub(crate) fn to_i64(v: u64) -> i64 {
+    v as i64
+}
+
+/// The inverse of [`to_i64`].
+pub(crate) fn to_u64(v: i64) -> u64 {
+    v as u64
+}
+
+/// A stored `LIMIT`.
+pub(crate) fn limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn suspension(reason: Option<String>, by: Option<String>, at: Option<i64>) -> Option<Suspension> {
+    Some(Suspension {
+        reason: reason?,
+        by: by?,
+        at: Timestamp(at?),
+    })
+}
+
+/// The three suspension columns of a suspendable row.
+pub(crate) fn suspension_cols(s: &Option<Suspension>) -> (Option<&str>, Option<&str>, Option<i64>) {
+    match s {
+        Some(s) => (Some(&s.reason), Some(&s.by), Some(s.at.0)),
+        None => (None, None, None),
+    }
+}
+
+/// How many columns [`user`] reads.
+pub(crate) const USER_N: usize = 8;
+
+/// A user from `USER_N` columns starting at `at`, in order: `id, email,
+/// credits, is_admin, suspended_reason, suspended_by, suspended_at, created_at`.
+pub(crate) fn user(row: &SqliteRow, at: usize) -> Result<User> {
+    Ok(User {
+        id: UserId::new(col::<String>(row, at)?),
+        email: col(row, at + 1)?,
+        credits: Credits(col(row, at + 2)?),
+        is_admin: col(row, at + 3)?,
+        suspended: suspension(col(row, at + 4)?, col(row, at + 5)?, col(row, at + 6)?),
+        created_at: Timestamp(col(row, at + 7)?),
+    })
+}
+
+/// Columns, in order: `k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at`.
+pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
+    let routes: String = col(row, at + 7)?;
+    Ok(ApiKey {
+        id: ApiKeyId::new(col::<String>(row, at)?),
+        user_id: UserId::new(col::<String>(row, at + 1)?),
+        hash: key_hash(col(row, at + 2)?)?,
+        name: col(row, at + 3)?,
+        prefix: col(row, at + 4)?,
+        credit_limit: col::<Option<i64>>(row, at + 5)?.map(Credits),
+        credits_left: col::<Option<i64>>(row, at + 6)?.map(Credits),
+        permitted_routes: serde_json::from_str(&routes)
+            .map_err(|e| corrupt(format!("permitted routes `{routes}`: {e}")))?,
+        created_at: Timestamp(col(row, at + 8)?),
+        last_used_at: col::<Option<i64>>(row, at + 9)?.map(Timestamp),
+        revoked_at: col::<Option<i64>>(row, at + 10)?.map(Timestamp),
+    })
+}
+
+/// Permitted routes as stored: a JSON array of paths.
+pub(crate) fn routes_json(routes: &[Route]) -> String {
+    // Serialising plain enums into a JSON array cannot fail.
+    serde_json::to_string(routes).unwrap_or_else(|_| "[]".into())
+}
+
+/// Columns, in order: `p.id, p.user_id, p.email, p.key_hash, p.earnings, p.suspended_reason, p.suspended_by, p.suspended_at, p.created_at`.
+pub(crate) fn provider(row: &SqliteRow) -> Result<Provider> {
+    Ok(Provider {
+        id: ProviderId::new(col::<String>(row, 0)?),
+        user_id: col::<Option<String>>(row, 1)?.map(UserId::new),
+        email: col(row, 2)?,
+        key_hash: key_hash(col(row, 3)?)?,
+        earnings: Credits(col(row, 4)?),
+        suspended: suspension(col(row, 5)?, col(row, 6)?, col(row, 7)?),
+        created_at: Timestamp(col(row, 8)?),
+    })
+}
+
+/// Columns, in order: `n.id, n.provider_id, n.endpoint, n.node_secret, n.device, n.country, n.region, n.city, n.tier, n.state, n.last_heartbeat, n.created_at`.
+pub(crate) fn provision(row: &SqliteRow) -> Result<Provision> {
+    let device: String = col(row, 4)?;
+    let state: String = col(row, 9)?;
+    Ok(Provision {
+        id: ProvisionId::new(col::<String>(row, 0)?),
+        provider_id: ProviderId::new(col::<String>(row, 1)?),
+        endpoint: col(row, 2)?,
+        node_secret: col(row, 3)?,
+        device: serde_json::from_str(&device)
+            .map_err(|e| corrupt(format!("device diagnostics: {e}")))?,
+        location: Location {
+            country: col(row, 5)?,
+            state: col(row, 6)?,
+            city: col(row, 7)?,
+        },
+        tier: u8::try_from(col::<i64>(row, 8)?).map_err(|e| corrupt(format!("tier: {e}")))?,
+        state: state.parse().map_err(corrupt)?,
+        last_heartbeat: Timestamp(col(row, 10)?),
+        created_at: Timestamp(col(row, 11)?),
+    })
+}
+
+/// Columns, in order: `e.provision_id, e.provider_id, e.service, e.model, e.endpoint, e.node_secret, e.tier, e.region`.
+pub(crate) fn pool_entry(row: &SqliteRow) -> Result<PoolEntry> {
+    let service: String = col(row, 2)?;
+    Ok(PoolEntry {
+        provision_id: ProvisionId::new(col::<String>(row, 0)?),
+        provider_id: ProviderId::new(col::<String>(row, 1)?),
+        service: service.parse().map_err(corrupt)?,
+        model: col(row, 3)?,
+        endpoint: col(row, 4)?,
+        node_secret: col(row, 5)?,
+        tier: u8::try_from(col::<i64>(row, 6)?).map_err(|e| corrupt(format!("tier: {e}")))?,
+        region: col(row, 7)?,
+    })
+}
+
+/// Columns, in order: `r.request_id, r.user_id, r.key_id, r.route, r.amount, r.created_at`.
+pub(crate) fn reservation(row: &SqliteRow, at: usize) -> Result<Reservation> {
+    let route: String = col(row, at + 3)?;
+    Ok(Reservation {
+        request_id: RequestId::new(col::<String>(row, at)?),
+        user_id: UserId::new(col::<String>(row, at + 1)?),
+        key_id: ApiKeyId::new(col::<String>(row, at + 2)?),
+        route: route.parse().map_err(corrupt)?,
+        amount: Credits(col(row, at + 4)?),
+        created_at: Timestamp(col(row, at + 5)?),
+    })
+}
+
+/// Columns, in order: `request_id, user_id, key_id, route, model, provision_id, provider_id, input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward`.
+pub(crate) fn usage(row: &SqliteRow) -> Result<UsageRecord> {
+    let route: String = col(row, 3)?;
+    Ok(UsageRecord {
+        request_id: RequestId::new(col::<String>(row, 0)?),
+        user_id: UserId::new(col::<String>(row, 1)?),
+        key_id: ApiKeyId::new(col::<String>(row, 2)?),
+        route: route.parse().map_err(corrupt)?,
+        model: col(row, 4)?,
+        provision_id: col::<Option<String>>(row, 5)?.map(ProvisionId::new),
+        provider_id: col::<Option<String>>(row, 6)?.map(ProviderId::new),
+        input_tokens: to_u64(col(row, 7)?),
+        output_tokens: to_u64(col(row, 8)?),
+        units: to_u64(col(row, 9)?),
+        success: col(row, 10)?,
+        latency_ms: to_u64(col(row, 11)?),
+        app: col(row, 12)?,
+        at: Timestamp(col(row, 13)?),
+        charged: Credits(col(row, 14)?),
+        reward: Credits(col(row, 15)?),
+    })
+}
+
+/// A stats row's scope, day and counters; columns, in order: `scope, day,
+/// requests, failures, input_tokens, output_tokens, units, latency_ms_sum,
+/// latency_buckets, charged, rewarded`.
+pub(crate) fn stats(row: &SqliteRow) -> Result<(String, Day, StatsCounters)> {
+    let buckets: String = col(row, 8)?;
+    let day: i64 = col(row, 1)?;
+    Ok((
+        col(row, 0)?,
+        Day(i32::try_from(day).map_err(|e| corrupt(format!("day: {e}")))?),
+        StatsCounters {
+            requests: to_u64(col(row, 2)?),
+            failures: to_u64(col(row, 3)?),
+            input_tokens: to_u64(col(row, 4)?),
+            output_tokens: to_u64(col(row, 5)?),
+            units: to_u64(col(row, 6)?),
+            latency_ms_sum: to_u64(col(row, 7)?),
+            latency_buckets: serde_json::from_str(&buckets)
+                .map_err(|e| corrupt(format!("latency buckets: {e}")))?,
+            charged: col(row, 9)?,
+            rewarded: col(row, 10)?,
+        },
+    ))
+}
+
+/// Columns, in order: `service, model, per_request, per_million_input_tokens, per_million_output_tokens, per_million_units`.
+pub(crate) fn price(row: &SqliteRow) -> Result<PriceEntry> {
+    let service: String = col(row, 0)?;
+    Ok(PriceEntry {
+        service: service.parse().map_err(corrupt)?,
+        model: col(row, 1)?,
+        per_request: Credits(col(row, 2)?),
+        per_million_input_tokens: Credits(col(row, 3)?),
+        per_million_output_tokens: Credits(col(row, 4)?),
+        per_million_units: Credits(col(row, 5)?),
+    })
+}
+
+/// Columns, in order: `id, title, banner, popup, starts_at, ends_at, placements`.
+pub(crate) fn notification(row: &SqliteRow) -> Result<Notification> {
+    let placements: String = col(row, 6)?;
+    Ok(Notification {
+        id: NotificationId::new(col::<String>(row, 0)?),
+        title: col(row, 1)?,
+        banner: col(row, 2)?,
+        popup: col(row, 3)?,
+        starts_at: Timestamp(col(row, 4)?),
+        ends_at: Timestamp(col(row, 5)?),
+        placements: serde_json::from_str(&placements)
+            .map_err(|e| corrupt(format!("placements: {e}")))?,
+    })
+}

@@ -1,0 +1,267 @@
+//! The single writer: one task owns the one connection that writes, and
+//! applies queued operations in batches, one transaction per batch.
+//!
+//! SQLite lets one connection write at a time however many ask, so many
+//! writing connections would only queue on its lock (and time out as
+//! `SQLITE_BUSY` under load). Here callers queue on a channel instead; the
+//! writer takes whatever is waiting (up to [`MAX_BATCH`]), runs each operation
+//! inside its own `SAVEPOINT` so a refused operation (insufficient credits,
+//! a duplicate) undoes only itself, commits once, and only then answers every
+//! caller. One commit — one fsync — is shared by the whole batch: that is
+//! what makes thousands of durable settlements a second possible.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use cxmpute_core::{Error, Result};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use sqlx::{Connection, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::map_shared;
+
+/// The most operations one transaction takes. Large enough to amortise the
+/// commit's fsync, small enough that one batch never holds readers' view of
+/// the newest data back for long.
+pub(crate) const MAX_BATCH: usize = 1024;
+
+/// How many operations may wait for the writer before callers wait to enqueue.
+const QUEUE: usize = 16 * 1024;
+
+/// An operation's own answer and what it wants done with its changes.
+///
+/// `Err` undoes the operation's changes; `Ok(Err(e))` keeps them and still
+/// answers `e` (a wrong sign-in code counts the attempt and is refused).
+pub(crate) type Outcome<T> = Result<Result<T>>;
+
+/// A write operation as the writer sees it.
+trait WriteOp: Send {
+    /// Runs the operation on the writer's connection, inside its savepoint.
+    fn run<'c>(self: Box<Self>, conn: &'c mut SqliteConnection) -> BoxFuture<'c, Ran>;
+    /// Answers the caller without running (the batch broke before its turn).
+    fn fail(self: Box<Self>, e: Error);
+}
+
+/// What became of an operation that ran: keep its changes or not, and how to
+/// answer its caller once the batch's fate is known.
+struct Ran {
+    keep: bool,
+    answer: Answer,
+}
+
+/// Answers an operation's caller, given the commit's error if it failed.
+type Answer = Box<dyn FnOnce(Option<&Arc<sqlx::Error>>) + Send>;
+
+struct Op<F, T> {
+    f: F,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<F, T> WriteOp for Op<F, T>
+where
+    F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Outcome<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    fn run<'c>(self: Box<Self>, conn: &'c mut SqliteConnection) -> BoxFuture<'c, Ran> {
+        let Op { f, reply } = *self;
+        Box::pin(async move {
+            // A panicking operation must not take the writer (and so every
+            // later write) down with it: it is undone like a failed one.
+            let out = match AssertUnwindSafe(f(conn)).catch_unwind().await {
+                Ok(out) => out,
+                Err(_) => Err(Error::Backend {
+                    message: "a store operation panicked; it was undone".into(),
+                    source: None,
+                }),
+            };
+            let keep = out.is_ok();
+            Ran {
+                keep,
+                answer: Box::new(move |commit_failed| {
+                    let answer = match (out, commit_failed) {
+                        // Nothing of a kept operation survives a failed commit.
+                        (Ok(_), Some(e)) => Err(map_shared("committing a batch of writes", e)),
+                        (Ok(inner), None) => inner,
+                        (Err(e), _) => Err(e),
+                    };
+                    // The caller may have stopped waiting; the write stands anyway.
+                    let _ = reply.send(answer);
+                }),
+            }
+        })
+    }
+
+    fn fail(self: Box<Self>, e: Error) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+enum Msg {
+    Op(Box<dyn WriteOp>),
+    /// Answered once everything queued before it is committed.
+    Flush(oneshot::Sender<()>),
+    /// Like `Flush`, then the writer stops and closes its connection.
+    Close(oneshot::Sender<()>),
+}
+
+/// The handle callers use to queue writes. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    tx: mpsc::Sender<Msg>,
+}
+
+fn closed() -> Error {
+    Error::Unavailable {
+        message: "the SQLite store is closed".into(),
+        source: None,
+    }
+}
+
+impl Writer {
+    /// Starts the writer task on `conn`.
+    pub(crate) fn spawn(conn: SqliteConnection) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(conn, rx));
+        Writer { tx }
+    }
+
+    /// Queues `f`, waits until its batch is committed and returns its answer.
+    /// `f` runs alone on the writer's connection; an `Err` undoes its changes.
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.write_keeping(move |c| f(c).map(|r| r.map(Ok)).boxed())
+            .await
+    }
+
+    /// Like [`write`](Self::write), but `f` can answer an error and keep its
+    /// changes (see [`Outcome`]).
+    pub(crate) async fn write_keeping<T, F>(&self, f: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Outcome<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Op(Box::new(Op { f, reply })))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| Error::Unavailable {
+            message: "the SQLite writer stopped before answering".into(),
+            source: None,
+        })?
+    }
+
+    /// Waits until every write queued before this call is committed.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Flush(tx)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())
+    }
+
+    /// Commits everything queued, then stops the writer and closes its
+    /// connection. Later writes fail with `Unavailable`. Closing twice is fine.
+    pub(crate) async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// The writer task.
+async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
+    let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        let Some(first) = rx.recv().await else { break };
+        let mut ops: Vec<Box<dyn WriteOp>> = Vec::new();
+        let mut flushed = Vec::new();
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            match msg {
+                Msg::Op(op) => ops.push(op),
+                Msg::Flush(tx) => flushed.push(tx),
+                Msg::Close(tx) => {
+                    closing.push(tx);
+                    // Refuse new work; what is already queued still runs below.
+                    rx.close();
+                }
+            }
+            if ops.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        run_batch(&mut conn, ops).await;
+        for tx in flushed {
+            let _ = tx.send(());
+        }
+    }
+    // Every sender is gone or the store was closed, and the queue is drained.
+    if let Err(e) = conn.close().await {
+        tracing::warn!(error = %e, "closing the SQLite writer connection failed");
+    }
+    for tx in closing {
+        let _ = tx.send(());
+    }
+}
+
+/// Runs one batch in one transaction: `BEGIN IMMEDIATE` takes the write lock
+/// up front (no lock upgrade can fail half way), each operation gets a
+/// savepoint, and the savepoint steps are sent together with the next one so
+/// each operation costs one extra round trip to SQLite, not two.
+async fn run_batch(conn: &mut SqliteConnection, ops: Vec<Box<dyn WriteOp>>) {
+    if ops.is_empty() {
+        return;
+    }
+    let total = ops.len();
+    let mut ran: Vec<Ran> = Vec::with_capacity(total);
+    let mut ops = ops.into_iter();
+    let mut broken = exec(conn, "BEGIN IMMEDIATE; SAVEPOINT op").await.err();
+    if broken.is_none() {
+        for op in ops.by_ref() {
+            let r = op.run(conn).await;
+            let last = ran.len() + 1 == total;
+            let step = match (r.keep, last) {
+                (true, false) => "RELEASE op; SAVEPOINT op",
+                (true, true) => "RELEASE op; COMMIT",
+                (false, false) => "ROLLBACK TO op; RELEASE op; SAVEPOINT op",
+                (false, true) => "ROLLBACK TO op; RELEASE op; COMMIT",
+            };
+            ran.push(r);
+            if let Err(e) = exec(conn, step).await {
+                // A savepoint step or the commit failed: SQLite may have
+                // rolled the whole transaction back, so nothing of it counts.
+                broken = Some(e);
+                break;
+            }
+        }
+    }
+    let Some(e) = broken else {
+        for r in ran {
+            (r.answer)(None);
+        }
+        return;
+    };
+    tracing::error!(error = %e, "a batch of SQLite writes failed; none of it was applied");
+    // Leave no transaction open for the next batch; fails harmlessly when
+    // SQLite already rolled back.
+    let _ = exec(conn, "ROLLBACK").await;
+    let e = Arc::new(e);
+    for r in ran {
+        (r.answer)(Some(&e));
+    }
+    for op in ops {
+        op.fail(map_shared(
+            "a batch of writes failed before this one ran",
+            &e,
+        ));
+    }
+}
+
+/// Runs statements without arguments; cached like any prepared statement.
+async fn exec(conn: &mut SqliteConnection, sql: &'static str) -> Result<(), sqlx::Error> {
+    sqlx::query(sql).execute(conn).await.map(|_| ())
+}
