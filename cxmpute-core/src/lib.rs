@@ -31,6 +31,9 @@ pub mod wire;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+#[cfg(feature = "node")]
+pub mod node;
+
 #[cfg(feature = "conformance")]
 pub mod conformance;
 

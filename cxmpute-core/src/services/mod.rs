@@ -32,6 +32,8 @@ mod vision;
 
 #[cfg(feature = "node")]
 pub(crate) use speech::espeak_voice;
+#[cfg(feature = "node")]
+pub(crate) use vision::{data_url, decode_inline_image, sniff_image};
 
 /// Checks a complete (non-streamed) answer's shape and meters it; `Err` says
 /// why the answer is not acceptable (the node is then treated as failed).

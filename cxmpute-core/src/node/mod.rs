@@ -1,0 +1,394 @@
+//! The provider node (feature `node`): the program a provider runs to serve
+//! the marketplace.
+//!
+//! A node signs in with its provider key, registers a provision with the
+//! machine's [device diagnostics](device), serves the services it was
+//! configured with on its own HTTP endpoint, heartbeats, and leaves every
+//! pool when it stops.
+//!
+//! | service | backend |
+//! |---|---|
+//! | chat, embeddings | proxied to an OpenAI-compatible server (Ollama, vLLM, llama.cpp's server) |
+//! | vision | that server's image chat: a chat request with an `image_url` part, its answer parsed into typed results |
+//! | tts | `espeak-ng`, run with arguments (never a shell), text on stdin, WAV streamed back |
+//! | scrape | built in: every target through the [egress guard](crate::egress), HTML to Markdown or text |
+//!
+//! The node answers only the broker: every call must carry the per-provision
+//! secret the broker was given at registration (`Authorization: Bearer`),
+//! compared in constant time; anything else gets 401. It serves the same
+//! paths the broker forwards to (`Route::path`), so the two cannot disagree.
+//!
+//! ```no_run
+//! use cxmpute_core::node::{Node, NodeConfig};
+//! # async fn run() -> cxmpute_core::Result<()> {
+//! let mut cfg = NodeConfig::new("https://broker.example", "cxp-provider-key");
+//! cfg.upstream = Some("http://127.0.0.1:11434/v1".parse()?);
+//! cfg.chat_models = vec!["llama3.2:3b".into()];
+//! Node::new(cfg).run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::egress::{EgressRules, FetchLimits};
+use crate::error::{Error, Result};
+use crate::secret::Secret;
+use crate::types::{Location, ProvisionId, Service};
+use crate::wire::{ServedModel, DEFAULT_SCRAPE_MODEL, DEFAULT_TTS_MODEL};
+
+mod broker_api;
+pub mod device;
+mod proxy;
+mod scrape;
+mod server;
+mod tts;
+
+pub use broker_api::BrokerApi;
+
+/// An OpenAI-compatible server the node forwards to.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// Its OpenAI base URL, ending in `/v1` (e.g. `http://127.0.0.1:11434/v1`);
+    /// the node appends `/chat/completions` and `/embeddings`.
+    pub base_url: String,
+    /// The bearer key it wants, if any.
+    pub api_key: Option<Secret>,
+}
+
+impl std::str::FromStr for Upstream {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let u = crate::egress::parse_http_url(s.trim())?;
+        Ok(Upstream {
+            base_url: u.as_str().trim_end_matches('/').to_owned(),
+            api_key: None,
+        })
+    }
+}
+
+/// Text to speech through espeak-ng.
+#[derive(Clone, Debug)]
+pub struct TtsConfig {
+    /// The pool model it is offered as.
+    pub model: String,
+    /// The espeak-ng program.
+    pub program: PathBuf,
+    /// Longest a synthesis may run.
+    pub timeout: Duration,
+}
+
+impl Default for TtsConfig {
+    fn default() -> Self {
+        TtsConfig {
+            model: DEFAULT_TTS_MODEL.to_owned(),
+            program: PathBuf::from("espeak-ng"),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The built-in scraper.
+#[derive(Clone, Debug)]
+pub struct ScrapeConfig {
+    /// The pool model it is offered as.
+    pub model: String,
+    /// Caps of each page fetch.
+    pub limits: FetchLimits,
+    /// Pages fetched at once.
+    pub concurrency: usize,
+    /// The whole request: URLs not done by then report a timeout. Keep it
+    /// under the broker's first-byte timeout.
+    pub deadline: Duration,
+}
+
+impl Default for ScrapeConfig {
+    fn default() -> Self {
+        ScrapeConfig {
+            model: DEFAULT_SCRAPE_MODEL.to_owned(),
+            limits: FetchLimits::default(),
+            concurrency: 8,
+            deadline: Duration::from_secs(45),
+        }
+    }
+}
+
+/// Everything a node needs.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct NodeConfig {
+    /// The broker's base URL.
+    pub broker_url: String,
+    /// The provider key the node signs in with.
+    pub provider_key: Secret,
+    /// Where the node listens.
+    pub listen: SocketAddr,
+    /// The base URL the broker reaches the node at (a tunnel, a public
+    /// address); `http://{listen}` when absent.
+    pub public_url: Option<String>,
+    /// The OpenAI-compatible server behind chat, embeddings and vision.
+    pub upstream: Option<Upstream>,
+    /// A separate server for vision, when it is not `upstream`.
+    pub vision_upstream: Option<Upstream>,
+    /// Chat models served (by `upstream`).
+    pub chat_models: Vec<String>,
+    /// Embedding models served (by `upstream`).
+    pub embedding_models: Vec<String>,
+    /// Vision models served (by `vision_upstream`, else `upstream`).
+    pub vision_models: Vec<String>,
+    /// Text to speech, when served.
+    pub tts: Option<TtsConfig>,
+    /// Scraping, when served.
+    pub scrape: Option<ScrapeConfig>,
+    /// What scrape targets and image URLs may reach. Public addresses only
+    /// unless a test or a private deployment opens exact addresses.
+    pub egress: EgressRules,
+    /// Caps of fetching an image URL for vision.
+    pub image_limits: FetchLimits,
+    /// Timeout of connecting to an upstream.
+    pub upstream_connect_timeout: Duration,
+    /// Longest silence while reading an upstream answer.
+    pub upstream_read_timeout: Duration,
+    /// How often the node heartbeats (the broker drops silent nodes).
+    pub heartbeat_every: Duration,
+    /// Where the node is.
+    pub location: Location,
+    /// Device diagnostics to report instead of diagnosing the machine
+    /// (machines whose probes mislead, tests).
+    pub device_override: Option<device::DeviceReport>,
+}
+
+impl NodeConfig {
+    /// A node of `broker_url` signing in with `provider_key`, listening on
+    /// `127.0.0.1:0`, serving scraping and (if espeak-ng is found) speech,
+    /// and nothing proxied until models and an upstream are set.
+    pub fn new(broker_url: impl Into<String>, provider_key: impl Into<String>) -> Self {
+        NodeConfig {
+            broker_url: broker_url.into().trim_end_matches('/').to_owned(),
+            provider_key: Secret::new(provider_key.into()),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            public_url: None,
+            upstream: None,
+            vision_upstream: None,
+            chat_models: Vec::new(),
+            embedding_models: Vec::new(),
+            vision_models: Vec::new(),
+            tts: Some(TtsConfig::default()),
+            scrape: Some(ScrapeConfig::default()),
+            egress: EgressRules::public_only(),
+            image_limits: FetchLimits {
+                max_bytes: crate::wire::MAX_IMAGE_BYTES,
+                ..FetchLimits::default()
+            },
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_read_timeout: Duration::from_secs(120),
+            heartbeat_every: Duration::from_secs(30),
+            location: Location::default(),
+            device_override: None,
+        }
+    }
+
+    /// The (service, model) pairs this configuration serves.
+    pub fn services(&self) -> Vec<ServedModel> {
+        let mut out = Vec::new();
+        let mut add = |service, models: &[String]| {
+            for m in models {
+                out.push(ServedModel {
+                    service,
+                    model: m.clone(),
+                });
+            }
+        };
+        if self.upstream.is_some() {
+            add(Service::Chat, &self.chat_models);
+            add(Service::Embeddings, &self.embedding_models);
+        }
+        if self.vision_upstream.is_some() || self.upstream.is_some() {
+            add(Service::Vision, &self.vision_models);
+        }
+        if let Some(t) = &self.tts {
+            add(Service::Tts, std::slice::from_ref(&t.model));
+        }
+        if let Some(s) = &self.scrape {
+            add(Service::Scrape, std::slice::from_ref(&s.model));
+        }
+        out
+    }
+}
+
+/// A provider node, ready to run.
+#[derive(Debug)]
+pub struct Node {
+    config: NodeConfig,
+}
+
+/// A node running in the background (see [`Node::start`]).
+#[derive(Debug)]
+pub struct NodeHandle {
+    /// The address it listens on.
+    pub local_addr: SocketAddr,
+    /// The base URL the broker calls.
+    pub endpoint: String,
+    /// Its provision.
+    pub provision_id: ProvisionId,
+    /// What it serves.
+    pub services: Vec<ServedModel>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl NodeHandle {
+    /// Stops it: it leaves every pool at the broker, then stops serving.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| Error::backend("node task", e))?
+    }
+}
+
+impl Node {
+    /// A node with `config`.
+    pub fn new(config: NodeConfig) -> Self {
+        Node { config }
+    }
+
+    /// Runs until `shutdown` resolves (Ctrl-C, SIGTERM), then leaves every
+    /// pool and stops.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let h = self.start().await?;
+        shutdown.await;
+        h.shutdown().await
+    }
+
+    /// Checks the backends, starts serving, registers with the broker and
+    /// heartbeats in the background. Returns once the node is registered.
+    pub async fn start(self) -> Result<NodeHandle> {
+        let mut config = self.config;
+        if let Some(t) = &config.tts {
+            if let Err(e) = tts::check_program(&t.program).await {
+                tracing::warn!(error = %e, "text to speech is not offered");
+                config.tts = None;
+            }
+        }
+        let services = config.services();
+        if services.is_empty() {
+            return Err(Error::InvalidInput(
+                "the node serves nothing: configure an upstream with models, speech or scraping"
+                    .into(),
+            ));
+        }
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| Error::backend(format!("binding {}", config.listen), e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::backend("listener address", e))?;
+        let endpoint = config
+            .public_url
+            .clone()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .unwrap_or_else(|| format!("http://{local_addr}"));
+        let device = match &config.device_override {
+            Some(d) => d.clone(),
+            None => device::diagnose().await,
+        };
+        let config = Arc::new(config);
+        let state = server::Serving::new(config.clone())?;
+        let (stop_serving, serving_stopped) = oneshot::channel::<()>();
+        let app = server::router(state.clone());
+        let serve = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = serving_stopped.await;
+                })
+                .await;
+        });
+
+        let api = BrokerApi::new(&config.broker_url, config.provider_key.clone())?;
+        let reg = crate::wire::RegisterProvisionRequest {
+            endpoint: Some(endpoint.clone()),
+            services: services.clone(),
+            device: serde_json::to_value(&device).unwrap_or_default(),
+            location: config.location.clone(),
+        };
+        let registered = match api.register(&reg).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = stop_serving.send(());
+                let _ = serve.await;
+                return Err(e);
+            }
+        };
+        state.set_secret(Secret::new(registered.node_secret.clone()));
+        let provision_id = registered.provision_id.clone();
+        tracing::info!(provision = %provision_id, %endpoint, tier = registered.tier, "node registered");
+
+        let (stop, stopped) = oneshot::channel::<()>();
+        let every = config.heartbeat_every;
+        let id = provision_id.clone();
+        let task = tokio::spawn(async move {
+            let id = lifecycle(&api, &state, &reg, id, every, stopped).await;
+            // Leave every pool first, then stop serving: no call is routed
+            // here once the broker has forgotten the node.
+            let left = api.end(&id).await;
+            if let Err(e) = &left {
+                tracing::warn!(error = %e, provision = %id, "could not leave the broker");
+            }
+            let _ = stop_serving.send(());
+            let _ = serve.await;
+            tracing::info!(provision = %id, "node stopped");
+            left
+        });
+        Ok(NodeHandle {
+            local_addr,
+            endpoint,
+            provision_id,
+            services,
+            stop: Some(stop),
+            task,
+        })
+    }
+}
+
+/// Heartbeats until told to stop; registers again when the broker has
+/// forgotten the node (expired, ended). Returns the provision to end.
+async fn lifecycle(
+    api: &BrokerApi,
+    state: &server::Serving,
+    reg: &crate::wire::RegisterProvisionRequest,
+    mut id: ProvisionId,
+    every: Duration,
+    mut stopped: oneshot::Receiver<()>,
+) -> ProvisionId {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; registration just happened
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return id,
+            _ = tick.tick() => {}
+        }
+        match api.heartbeat(&id).await {
+            Ok(()) => {}
+            Err(Error::NotFound(_) | Error::Conflict(_)) => {
+                tracing::warn!(provision = %id, "the broker forgot this node; registering again");
+                match api.register(reg).await {
+                    Ok(r) => {
+                        state.set_secret(Secret::new(r.node_secret));
+                        id = r.provision_id;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "registering again failed; will retry"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, provision = %id, "heartbeat failed; will retry"),
+        }
+    }
+}
