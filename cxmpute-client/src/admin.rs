@@ -1,10 +1,12 @@
-//! The admin API: accounts, credits and prices, called with an admin's API key.
+//! The admin API: accounts, credits, suspensions, nodes, prices and
+//! notifications, called with an admin's API key or session.
 
 use cxmpute_core::wire::{
-    BalanceResponse, CreateProviderRequest, CreateProviderResponse, CreateUserRequest,
-    CreateUserResponse, GrantCreditsRequest,
+    AdminProviderView, AdminProvisionView, AdminUserDetail, AdminUserView, BalanceResponse,
+    CreateProviderRequest, CreateProviderResponse, CreateUserRequest, CreateUserResponse,
+    GrantCreditsRequest, NotificationRequest, SuspendRequest,
 };
-use cxmpute_core::{PriceEntry, UserId};
+use cxmpute_core::{Notification, NotificationId, PriceEntry, ProviderId, ProvisionId, UserId};
 use reqwest::Method;
 
 use crate::error::Result;
@@ -141,6 +143,284 @@ impl AdminApi<'_> {
         self.client
             .req(Method::GET, &["v1", "admin", "prices"])
             .send_json()
+            .await
+    }
+
+    /// `GET /v1/admin/users?q=&limit=`: accounts whose email contains `query`
+    /// (all when empty), at most `limit` (the host's default, 50, when `None`).
+    ///
+    /// ```no_run
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// for u in admin.admin().users("example.com", Some(20)).await? {
+    ///     println!("{} {} {}", u.user_id, u.email, u.credits);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn users(&self, query: &str, limit: Option<usize>) -> Result<Vec<AdminUserView>> {
+        let mut req = self
+            .client
+            .req(Method::GET, &["v1", "admin", "users"])
+            .query("q", query);
+        if let Some(l) = limit {
+            req = req.query("limit", l);
+        }
+        req.send_json().await
+    }
+
+    /// `GET /v1/admin/users/{id}`: a user with every key (no secrets) and its
+    /// credit grants.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::UserId;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let detail = admin.admin().user(&UserId::new("usr_...")).await?;
+    /// println!("{} grants", detail.grants.len());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn user(&self, id: &UserId) -> Result<AdminUserDetail> {
+        self.client
+            .req(Method::GET, &["v1", "admin", "users", id.as_str()])
+            .send_json()
+            .await
+    }
+
+    /// `POST /v1/admin/users/{id}/suspend`: suspends a user (its keys and
+    /// sessions are refused) with a reason shown to the user.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::UserId;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// admin.admin().suspend_user(&UserId::new("usr_..."), "chargeback").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn suspend_user(&self, id: &UserId, reason: &str) -> Result<()> {
+        self.client
+            .req(
+                Method::POST,
+                &["v1", "admin", "users", id.as_str(), "suspend"],
+            )
+            .json(&SuspendRequest {
+                reason: reason.to_owned(),
+            })?
+            // A state change, not an increment: repeating it changes nothing more.
+            .idempotent(true)
+            .send_unit()
+            .await
+    }
+
+    /// `POST /v1/admin/users/{id}/unsuspend`: lifts a user's suspension.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::UserId;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// admin.admin().unsuspend_user(&UserId::new("usr_...")).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn unsuspend_user(&self, id: &UserId) -> Result<()> {
+        self.client
+            .req(
+                Method::POST,
+                &["v1", "admin", "users", id.as_str(), "unsuspend"],
+            )
+            .idempotent(true)
+            .send_unit()
+            .await
+    }
+
+    /// `GET /v1/admin/providers/{id}`: a provider with its nodes.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::ProviderId;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let p = admin.admin().provider(&ProviderId::new("prv_...")).await?;
+    /// println!("{} nodes, {} unpaid", p.provisions.len(), p.earnings);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn provider(&self, id: &ProviderId) -> Result<AdminProviderView> {
+        self.client
+            .req(Method::GET, &["v1", "admin", "providers", id.as_str()])
+            .send_json()
+            .await
+    }
+
+    /// `POST /v1/admin/providers/{id}/suspend`: suspends a provider: its key
+    /// is refused and its nodes leave routing.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::ProviderId;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// admin.admin().suspend_provider(&ProviderId::new("prv_..."), "serving garbage").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn suspend_provider(&self, id: &ProviderId, reason: &str) -> Result<()> {
+        self.client
+            .req(
+                Method::POST,
+                &["v1", "admin", "providers", id.as_str(), "suspend"],
+            )
+            .json(&SuspendRequest {
+                reason: reason.to_owned(),
+            })?
+            .idempotent(true)
+            .send_unit()
+            .await
+    }
+
+    /// `POST /v1/admin/providers/{id}/unsuspend`: lifts a provider's suspension.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::ProviderId;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// admin.admin().unsuspend_provider(&ProviderId::new("prv_...")).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn unsuspend_provider(&self, id: &ProviderId) -> Result<()> {
+        self.client
+            .req(
+                Method::POST,
+                &["v1", "admin", "providers", id.as_str(), "unsuspend"],
+            )
+            .idempotent(true)
+            .send_unit()
+            .await
+    }
+
+    /// `GET /v1/admin/provisions`: every node with its provider.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// for n in admin.admin().provisions().await? {
+    ///     println!("{} of {}: {:?}", n.provision.provision_id, n.provider_id, n.provision.state);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn provisions(&self) -> Result<Vec<AdminProvisionView>> {
+        self.client
+            .req(Method::GET, &["v1", "admin", "provisions"])
+            .send_json()
+            .await
+    }
+
+    /// `DELETE /v1/admin/provisions/{id}`: disconnects a node: it leaves
+    /// every pool.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::ProvisionId;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// admin.admin().disconnect(&ProvisionId::new("node_...")).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn disconnect(&self, id: &ProvisionId) -> Result<()> {
+        self.client
+            .req(Method::DELETE, &["v1", "admin", "provisions", id.as_str()])
+            .send_unit()
+            .await
+    }
+
+    /// `GET /v1/admin/notifications`: every notification, shown now or not.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let all = admin.admin().notifications().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn notifications(&self) -> Result<Vec<Notification>> {
+        self.client
+            .req(Method::GET, &["v1", "admin", "notifications"])
+            .send_json()
+            .await
+    }
+
+    /// `POST /v1/admin/notifications`: creates a notification.
+    ///
+    /// Not retried: a repeat would create a second one.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::{Placement, Timestamp};
+    /// use cxmpute_client::wire::NotificationRequest;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let n = admin
+    ///     .admin()
+    ///     .create_notification(&NotificationRequest {
+    ///         title: "Maintenance".into(),
+    ///         banner: "Sunday 02:00 UTC".into(),
+    ///         popup: String::new(),
+    ///         starts_at: Timestamp(1_767_225_600_000),
+    ///         ends_at: Timestamp(1_767_312_000_000),
+    ///         placements: vec![Placement::UserDashboard, Placement::ProviderDashboard],
+    ///     })
+    ///     .await?;
+    /// println!("created {}", n.id);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn create_notification(&self, req: &NotificationRequest) -> Result<Notification> {
+        self.client
+            .req(Method::POST, &["v1", "admin", "notifications"])
+            .json(req)?
+            .send_json()
+            .await
+    }
+
+    /// `PUT /v1/admin/notifications/{id}`: replaces a notification.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::NotificationId;
+    /// use cxmpute_client::wire::NotificationRequest;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client, changed: NotificationRequest)
+    /// # -> Result<(), cxmpute_client::Error> {
+    /// admin.admin().replace_notification(&NotificationId::new("ntf_..."), &changed).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn replace_notification(
+        &self,
+        id: &NotificationId,
+        req: &NotificationRequest,
+    ) -> Result<Notification> {
+        self.client
+            .req(Method::PUT, &["v1", "admin", "notifications", id.as_str()])
+            .json(req)?
+            .send_json()
+            .await
+    }
+
+    /// `DELETE /v1/admin/notifications/{id}`: deletes a notification.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::NotificationId;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// admin.admin().delete_notification(&NotificationId::new("ntf_...")).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn delete_notification(&self, id: &NotificationId) -> Result<()> {
+        self.client
+            .req(
+                Method::DELETE,
+                &["v1", "admin", "notifications", id.as_str()],
+            )
+            .send_unit()
             .await
     }
 }

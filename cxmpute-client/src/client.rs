@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use cxmpute_core::wire::ErrorBody;
+use cxmpute_core::wire::{ErrorBody, SessionResponse};
 use cxmpute_core::Secret;
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, Response, Url};
@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{retryable_status, ApiError, Error, Result, TimeoutPhase};
+use crate::session::{Credential, SessionCell};
 use crate::stream::{ByteStream, SseStream};
-use crate::{AdminApi, ProviderApi, UserApi};
+use crate::{AccountApi, AdminApi, ProviderApi, UserApi};
 
 /// How many bytes of an unexpected body an [`Error::Decode`] keeps.
 const BODY_SNIPPET: usize = 512;
@@ -105,13 +106,18 @@ struct Shared {
 /// A client of one Cxmpute host.
 ///
 /// Cheap to clone: clones share the connection pool and settings. The
-/// credential (an API key, a provider key, an admin's key or a session's
-/// access token: the host takes each as `Authorization: Bearer`) belongs to
-/// each clone, so one pool can serve several identities through
-/// [`with_bearer`](Self::with_bearer).
+/// credential (an API key, a provider key, an admin's key, or a signed-in
+/// session: the host takes each as `Authorization: Bearer`) belongs to each
+/// clone, so one pool can serve several identities through
+/// [`with_bearer`](Self::with_bearer) and [`with_session`](Self::with_session).
+///
+/// A session renews itself: when the host refuses its access token (401),
+/// the client trades the refresh token for new tokens once and repeats the
+/// call. Clones holding the same session share its renewals.
 ///
 /// The calls are grouped by who makes them: [`user`](Self::user),
-/// [`provider`](Self::provider) and [`admin`](Self::admin).
+/// [`account`](Self::account), [`provider`](Self::provider) and
+/// [`admin`](Self::admin).
 ///
 /// ```no_run
 /// use cxmpute_client::Client;
@@ -128,14 +134,14 @@ struct Shared {
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
-    bearer: Option<Secret>,
+    cred: Credential,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("base_url", &self.shared.base.as_str())
-            .field("bearer", &self.bearer.as_ref().map(|_| "<redacted>"))
+            .field("credential", &self.cred)
             .field("timeout", &self.shared.timeout)
             .field("read_timeout", &self.shared.read_timeout)
             .field("retry", &self.shared.retry)
@@ -193,7 +199,42 @@ impl Client {
     pub fn with_bearer(&self, token: impl Into<String>) -> Client {
         Client {
             shared: self.shared.clone(),
-            bearer: Some(Secret::new(token)),
+            cred: Credential::Bearer(Secret::new(token)),
+        }
+    }
+
+    /// The same client (same pool and settings) calling as a signed-in
+    /// session, which it renews by itself; see
+    /// [`AccountApi::sign_in`](crate::AccountApi::sign_in).
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let tokens = client.account().verify("ada@example.com", "123456").await?;
+    /// let me = client.with_session(tokens).account().me().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_session(&self, tokens: SessionResponse) -> Client {
+        Client {
+            shared: self.shared.clone(),
+            cred: Credential::Session(SessionCell::new(tokens)),
+        }
+    }
+
+    /// The session's current tokens (renewed ones included), to keep them
+    /// across restarts; `None` when the client does not call as a session.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) {
+    /// if let Some(tokens) = client.session().await {
+    ///     let saved = serde_json::to_string(&tokens).unwrap();
+    /// }
+    /// # }
+    /// ```
+    pub async fn session(&self) -> Option<SessionResponse> {
+        match &self.cred {
+            Credential::Session(c) => Some(c.tokens().await),
+            _ => None,
         }
     }
 
@@ -208,7 +249,7 @@ impl Client {
     pub fn anonymous(&self) -> Client {
         Client {
             shared: self.shared.clone(),
-            bearer: None,
+            cred: Credential::None,
         }
     }
 
@@ -235,7 +276,21 @@ impl Client {
         UserApi { client: self }
     }
 
-    /// The provider API: a provider's nodes, called with a provider key.
+    /// The account API: sign-in, sessions, the signed-in user's account,
+    /// keys, usage, and the notifications shown now.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// client.anonymous().account().request_code("ada@example.com").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn account(&self) -> AccountApi<'_> {
+        AccountApi { client: self }
+    }
+
+    /// The provider API: a provider's account and nodes, called with a
+    /// provider key (or the session of the user who owns the provider).
     ///
     /// ```no_run
     /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
@@ -257,6 +312,22 @@ impl Client {
     /// ```
     pub fn admin(&self) -> AdminApi<'_> {
         AdminApi { client: self }
+    }
+
+    /// After the host refused `used` (401): renews the session unless another
+    /// caller already has. `Ok(false)` when the client holds no session.
+    async fn renew_session(&self, used: Option<&Secret>) -> Result<bool> {
+        let Credential::Session(cell) = &self.cred else {
+            return Ok(false);
+        };
+        let mut tokens = cell.lock().await;
+        if used.is_some_and(|u| *u == tokens.access_token) {
+            // The refresh call goes out without a credential, so it can never
+            // come back here; boxed because it is the same request path.
+            let fresh = Box::pin(self.anonymous().account().refresh(&tokens.refresh_token)).await?;
+            *tokens = fresh;
+        }
+        Ok(true)
     }
 
     /// Starts a call to the path made of `segments`, each percent-encoded so
@@ -291,7 +362,7 @@ impl Client {
 #[derive(Debug, Default)]
 pub struct ClientBuilder {
     base_url: Option<String>,
-    bearer: Option<Secret>,
+    cred: Option<Credential>,
     timeout: Option<Option<Duration>>,
     connect_timeout: Option<Duration>,
     read_timeout: Option<Option<Duration>>,
@@ -309,13 +380,20 @@ impl ClientBuilder {
 
     /// A user's API key (`cx-...`).
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.bearer = Some(Secret::new(key));
+        self.cred = Some(Credential::Bearer(Secret::new(key)));
         self
     }
 
-    /// Any bearer credential: a provider key, an admin's key, a session's access token.
+    /// Any bearer credential: a provider key, an admin's key, an access token.
     pub fn bearer(mut self, token: impl Into<String>) -> Self {
-        self.bearer = Some(Secret::new(token));
+        self.cred = Some(Credential::Bearer(Secret::new(token)));
+        self
+    }
+
+    /// A signed-in session (from [`AccountApi::verify`](crate::AccountApi::verify)
+    /// or saved from [`Client::session`]); the client renews it by itself.
+    pub fn session(mut self, tokens: SessionResponse) -> Self {
+        self.cred = Some(Credential::Session(SessionCell::new(tokens)));
         self
     }
 
@@ -395,7 +473,7 @@ impl ClientBuilder {
                 retry: self.retry.unwrap_or_default(),
                 app_name,
             }),
-            bearer: self.bearer,
+            cred: self.cred.unwrap_or(Credential::None),
         })
     }
 }
@@ -422,13 +500,12 @@ impl Req<'_> {
     }
 
     /// Adds a query parameter.
-    #[allow(dead_code)] // used by the list routes as they land
     pub(crate) fn query(mut self, name: &'static str, value: impl ToString) -> Self {
         self.query.push((name, value.to_string()));
         self
     }
 
-    /// Marks a POST as safe to repeat (a heartbeat).
+    /// Marks a POST or PATCH as safe to repeat (a heartbeat, a state change).
     pub(crate) fn idempotent(mut self, yes: bool) -> Self {
         self.idempotent = yes;
         self
@@ -436,13 +513,13 @@ impl Req<'_> {
 
     /// One attempt. `whole` bounds the whole call by the client's timeout;
     /// streams bound only the wait for the head, then use the idle timeout.
-    async fn attempt(&self, whole: bool) -> Result<Response> {
+    async fn attempt(&self, whole: bool, bearer: Option<&Secret>) -> Result<Response> {
         let s = &self.client.shared;
         let mut rb = s.http.request(self.method.clone(), self.url.clone());
         if !self.query.is_empty() {
             rb = rb.query(&self.query);
         }
-        if let Some(b) = &self.client.bearer {
+        if let Some(b) = bearer {
             rb = rb.header(AUTHORIZATION, format!("Bearer {}", b.expose()));
         }
         if let Some(app) = &s.app_name {
@@ -471,12 +548,22 @@ impl Req<'_> {
         }
         let retry = self.client.shared.retry;
         let mut attempt = 0;
+        let mut renewed = false;
         loop {
-            let err = match self.attempt(whole).await {
+            let bearer = self.client.cred.bearer().await;
+            let err = match self.attempt(whole, bearer.as_ref()).await {
                 Ok(r) if r.status().is_success() => return Ok(r),
                 Ok(r) => error_from(r).await,
                 Err(e) => e,
             };
+            // A refused access token: the call was not carried out, so it is
+            // repeated once with renewed tokens, whatever its method.
+            if !renewed && err.status() == Some(401) {
+                renewed = true;
+                if self.client.renew_session(bearer.as_ref()).await? {
+                    continue;
+                }
+            }
             if !(self.idempotent && attempt < retry.max_retries && worth_retrying(&err)) {
                 return Err(err);
             }
@@ -505,14 +592,12 @@ impl Req<'_> {
     }
 
     /// Sends and returns the whole answer body.
-    #[allow(dead_code)] // used by the binary routes (speech) as they land
     pub(crate) async fn send_bytes(mut self) -> Result<Bytes> {
         let resp = self.send(true).await?;
         resp.bytes().await.map_err(Error::from)
     }
 
     /// Sends and returns the answer body as a stream of bytes.
-    #[allow(dead_code)] // used by the binary routes (speech) as they land
     pub(crate) async fn send_byte_stream(mut self) -> Result<ByteStream> {
         let idle = self.client.shared.read_timeout;
         let resp = self.send(false).await?;

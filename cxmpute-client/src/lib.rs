@@ -5,12 +5,14 @@
 //!
 //! - [`Client`]: one per host, built with [`Client::builder`]; cheap to clone.
 //! - The calls, grouped by who makes them: [`Client::user`] (the
-//!   OpenAI-compatible gateway), [`Client::provider`] (a provider's nodes),
-//!   [`Client::admin`] (accounts, credits, prices).
+//!   OpenAI-compatible gateway and the services), [`Client::account`]
+//!   (sign-in, sessions, own keys and usage), [`Client::provider`] (a
+//!   provider's account and nodes), [`Client::admin`] (accounts, credits,
+//!   suspensions, nodes, prices, notifications).
 //! - [`Error`]: the HTTP status and the parsed OpenAI error body, or what
 //!   went wrong on the way (connect, timeout, transport, decode).
 //! - [`ChatStream`]: a streamed chat completion as a `futures::Stream` of
-//!   typed chunks.
+//!   typed chunks; [`ByteStream`]: streamed audio.
 //!
 //! The request and answer bodies are the host's own wire types, re-exported
 //! as [`wire`] and [`types`]: the client and the host share one definition.
@@ -45,13 +47,16 @@
 //! never retried by the client, since a call that reached a node may have
 //! been charged.
 
+mod account;
 mod admin;
 mod client;
 mod error;
 mod provider;
+mod session;
 mod stream;
 mod user;
 
+pub use account::AccountApi;
 pub use admin::AdminApi;
 pub use client::{Client, ClientBuilder, RetryPolicy};
 pub use error::{ApiError, Error, Result, TimeoutPhase};
@@ -64,6 +69,10 @@ pub use cxmpute_core::wire;
 
 /// The host's domain types used in the wire types (ids, [`Credits`](types::Credits), services...).
 pub use cxmpute_core::types;
+
+/// A secret (API key, token) whose `Debug` and `Display` are redacted, as the
+/// wire types carry them.
+pub use cxmpute_core::Secret;
 
 /// URLs, as [`Client::base_url`] returns them.
 pub use reqwest::Url;

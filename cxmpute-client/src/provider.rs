@@ -1,7 +1,12 @@
-//! The provider API: a provider manages its own nodes with its provider key.
-//! The provider node program uses it to join and stay in the network.
+//! The provider API: a provider's account and nodes. The node routes take the
+//! provider key; the account routes take it too, or the session of the user
+//! who owns the provider. The provider node program uses this API to join and
+//! stay in the network.
 
-use cxmpute_core::wire::{ProvisionView, RegisterProvisionRequest, RegisterProvisionResponse};
+use cxmpute_core::wire::{
+    EarningsResponse, ProviderAccountResponse, ProviderKeyResponse, ProvisionView,
+    RegisterProvisionRequest, RegisterProvisionResponse,
+};
 use cxmpute_core::ProvisionId;
 use reqwest::Method;
 
@@ -103,6 +108,75 @@ impl ProviderApi<'_> {
                 &["v1", "provider", "provisions", id.as_str()],
             )
             .send_unit()
+            .await
+    }
+
+    /// `GET /v1/provider/account`: the provider's account summary.
+    ///
+    /// ```no_run
+    /// # async fn run(provider: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let a = provider.provider().account().await?;
+    /// println!("{}: {} nodes, {} unpaid", a.provider_id, a.provisions, a.earnings);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn account(&self) -> Result<ProviderAccountResponse> {
+        self.client
+            .req(Method::GET, &["v1", "provider", "account"])
+            .send_json()
+            .await
+    }
+
+    /// `POST /v1/provider/account/key`: a new provider key, shown in this
+    /// answer only; the old key stops working at once.
+    ///
+    /// Not retried: a repeat would rotate again and lose the key.
+    ///
+    /// ```no_run
+    /// # async fn run(provider: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let rotated = provider.provider().rotate_key().await?;
+    /// let provider = provider.with_bearer(rotated.provider_key.expose());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn rotate_key(&self) -> Result<ProviderKeyResponse> {
+        self.client
+            .req(Method::POST, &["v1", "provider", "account", "key"])
+            .send_json()
+            .await
+    }
+
+    /// `GET /v1/provider/account/earnings`: unpaid rewards, and per day over
+    /// the last 30 days.
+    ///
+    /// ```no_run
+    /// # async fn run(provider: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let e = provider.provider().earnings().await?;
+    /// println!("{} in total, {} over 30 days", e.total, e.last_30_days);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn earnings(&self) -> Result<EarningsResponse> {
+        self.client
+            .req(Method::GET, &["v1", "provider", "account", "earnings"])
+            .send_json()
+            .await
+    }
+
+    /// `GET /v1/provider/account/provisions`: the provider's nodes, as
+    /// [`provisions`](Self::provisions) lists them, also with the owning
+    /// user's session.
+    ///
+    /// ```no_run
+    /// # async fn run(session: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let nodes = session.provider().account_provisions().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn account_provisions(&self) -> Result<Vec<ProvisionView>> {
+        self.client
+            .req(Method::GET, &["v1", "provider", "account", "provisions"])
+            .send_json()
             .await
     }
 }

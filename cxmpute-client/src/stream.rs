@@ -256,7 +256,6 @@ impl std::fmt::Debug for ByteStream {
 }
 
 impl ByteStream {
-    #[allow(dead_code)] // built by the binary routes (speech) as they land
     pub(crate) fn new(resp: reqwest::Response, idle: Option<Duration>) -> Self {
         let content_type = resp
             .headers()

@@ -3,10 +3,12 @@
 mod common;
 
 use common::{client_for, World, MODEL};
-use cxmpute_client::types::{Credits, PriceEntry, Service, UserId};
+use cxmpute_client::types::{
+    Credits, NotificationId, Placement, PriceEntry, Service, Timestamp, UserId,
+};
 use cxmpute_client::wire::{
     ChatCompletionRequest, ChatMessage, CreateProviderRequest, CreateUserRequest,
-    GrantCreditsRequest, RegisterProvisionRequest, ServedModel,
+    GrantCreditsRequest, NotificationRequest, RegisterProvisionRequest, ServedModel,
 };
 use cxmpute_core::testkit::StandInNode;
 use cxmpute_core::Secret;
@@ -150,4 +152,205 @@ async fn a_user_key_is_refused_by_every_admin_call() {
         );
     }
     assert_eq!(w.balance().await, Credits::whole(10));
+}
+
+#[tokio::test]
+async fn search_a_user_see_its_grants_suspend_and_lift() {
+    let w = World::start().await;
+    let admin = w.admin();
+    let created = admin
+        .admin()
+        .create_user(&CreateUserRequest {
+            email: "zed@corp.example".into(),
+            credits: Credits::ZERO,
+        })
+        .await
+        .unwrap();
+    let grant = GrantCreditsRequest {
+        amount: Credits::whole(1),
+        reason: "pilot".into(),
+    };
+    admin
+        .admin()
+        .grant_credits(&created.user_id, &grant)
+        .await
+        .unwrap();
+
+    let found = admin.admin().users("corp.example", None).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        (found[0].user_id.clone(), found[0].credits),
+        (created.user_id.clone(), Credits::whole(1))
+    );
+    assert!(admin.admin().users("", Some(1)).await.unwrap().len() == 1);
+
+    let detail = admin.admin().user(&created.user_id).await.unwrap();
+    assert_eq!(detail.user.email, "zed@corp.example");
+    assert_eq!(detail.keys.len(), 1);
+    assert_eq!(detail.keys[0].key_id, created.key_id);
+    let last = detail.grants.last().unwrap();
+    assert_eq!(
+        (last.amount, last.reason.as_str()),
+        (Credits::whole(1), "pilot")
+    );
+
+    let user = client_for(&w.host.url, &Secret::new(created.api_key.clone()));
+    let req = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user("hi")]);
+    admin
+        .admin()
+        .suspend_user(&created.user_id, "unpaid invoice")
+        .await
+        .unwrap();
+    let e = user.user().chat(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let suspended = admin
+        .admin()
+        .user(&created.user_id)
+        .await
+        .unwrap()
+        .user
+        .suspended
+        .unwrap();
+    assert_eq!(suspended.reason, "unpaid invoice");
+    admin
+        .admin()
+        .unsuspend_user(&created.user_id)
+        .await
+        .unwrap();
+    user.user().chat(&req).await.unwrap();
+
+    let e = admin
+        .admin()
+        .user(&UserId::new("usr_none"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404));
+}
+
+#[tokio::test]
+async fn see_a_provider_suspend_it_and_disconnect_its_node() {
+    let w = World::start().await;
+    let admin = w.admin();
+    let req = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user("hi")]);
+    let p = admin.admin().provider(&w.provider.id).await.unwrap();
+    assert_eq!(p.email, w.provider.email);
+    assert_eq!(p.provisions.len(), 2);
+
+    let all = admin.admin().provisions().await.unwrap();
+    assert_eq!(all.len(), 2);
+    assert!(all.iter().all(|n| n.provider_id == w.provider.id));
+    assert!(all
+        .iter()
+        .any(|n| n.provision.provision_id == w.chat_node_id));
+
+    admin
+        .admin()
+        .suspend_provider(&w.provider.id, "serving garbage")
+        .await
+        .unwrap();
+    let e = w.client().user().chat(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(503), "its nodes left routing: {e}");
+    assert!(admin
+        .admin()
+        .provider(&w.provider.id)
+        .await
+        .unwrap()
+        .suspended
+        .is_some());
+    admin
+        .admin()
+        .unsuspend_provider(&w.provider.id)
+        .await
+        .unwrap();
+    assert!(admin
+        .admin()
+        .provider(&w.provider.id)
+        .await
+        .unwrap()
+        .suspended
+        .is_none());
+
+    // Back in routing after the suspension is lifted, then disconnected for good.
+    let other = StandInNode::start("spare").await;
+    let (p2, _) = w.host.provider().await;
+    let spare = w.host.add_node(&p2, &other, Service::Chat, MODEL).await;
+    admin.admin().disconnect(&w.chat_node_id).await.unwrap();
+    admin.admin().disconnect(&spare).await.unwrap();
+    let e = w.client().user().chat(&req).await.unwrap_err();
+    assert!(matches!(e.status(), Some(404) | Some(503)), "{e}");
+    let left: Vec<_> = admin.admin().provisions().await.unwrap();
+    assert!(left
+        .iter()
+        .all(|n| n.provision.provision_id != w.chat_node_id));
+}
+
+#[tokio::test]
+async fn notifications_are_created_listed_replaced_and_deleted() {
+    let w = World::start().await;
+    let admin = w.admin();
+    let now = w.host.broker.now().millis();
+    let mut req = NotificationRequest {
+        title: "Welcome".into(),
+        banner: "New models".into(),
+        popup: "Try them".into(),
+        starts_at: Timestamp(now),
+        ends_at: Timestamp(now + 86_400_000),
+        placements: vec![Placement::Homepage],
+    };
+    let n = admin.admin().create_notification(&req).await.unwrap();
+    assert_eq!(
+        (n.title.as_str(), n.placements.clone()),
+        ("Welcome", vec![Placement::Homepage])
+    );
+    assert_eq!(
+        admin.admin().notifications().await.unwrap(),
+        vec![n.clone()]
+    );
+
+    req.title = "Welcome back".into();
+    let replaced = admin
+        .admin()
+        .replace_notification(&n.id, &req)
+        .await
+        .unwrap();
+    assert_eq!(
+        (replaced.id.clone(), replaced.title.as_str()),
+        (n.id.clone(), "Welcome back")
+    );
+
+    admin.admin().delete_notification(&n.id).await.unwrap();
+    assert!(admin.admin().notifications().await.unwrap().is_empty());
+    let e = admin
+        .admin()
+        .replace_notification(&NotificationId::new("ntf_none"), &req)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    req.placements.clear();
+    let e = admin.admin().create_notification(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+}
+
+#[tokio::test]
+async fn an_admin_session_works_like_an_admin_key() {
+    let w = World::start().await;
+    let admin_user = w
+        .host
+        .broker
+        .store()
+        .user_by_email("admin@cxmpute.test")
+        .await
+        .unwrap();
+    let tokens = w
+        .host
+        .broker
+        .accounts()
+        .start_session(&admin_user)
+        .await
+        .unwrap();
+    let session = w
+        .anonymous()
+        .with_session(tokens.to_response(w.host.broker.now()));
+    assert!(session.account().me().await.unwrap().is_admin);
+    assert!(!session.admin().prices().await.unwrap().is_empty());
 }

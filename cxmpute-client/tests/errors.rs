@@ -390,6 +390,26 @@ async fn a_proxy_page_503_is_retried_like_the_hosts_own() {
 }
 
 #[tokio::test]
+async fn a_body_cut_short_is_a_transport_error() {
+    // A raw server: it promises 100 bytes, sends 3 and closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = sock.read(&mut buf).await;
+        let head =
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"a";
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.shutdown().await.unwrap();
+    });
+    let e = client_of(&url).user().chat(&hi()).await.unwrap_err();
+    assert!(matches!(e, Error::Transport(_)), "{e:?}");
+    server.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_refused_connection_is_a_connect_error() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());

@@ -148,3 +148,72 @@ async fn a_user_key_is_not_a_provider_key() {
     let e = w.client().provider().provisions().await.unwrap_err();
     assert_eq!(e.status(), Some(401), "{e}");
 }
+
+#[tokio::test]
+async fn the_provider_account_its_earnings_and_a_key_rotation() {
+    let w = World::start().await;
+    let (_, key) = w.host.provider().await;
+    let provider = client_for(&w.host.url, &key);
+    let node = StandInNode::start("earner").await;
+    let reg = provider
+        .provider()
+        .register(&registration(node.url(), "qwen3:8b"))
+        .await
+        .unwrap();
+    node.require_secret(&reg.node_secret);
+    let req = ChatCompletionRequest::new("qwen3:8b", vec![ChatMessage::user("hi")]);
+    w.client().user().chat(&req).await.unwrap();
+    w.client().user().chat(&req).await.unwrap();
+    w.host.broker.flush_stats().await.unwrap();
+
+    let account = provider.provider().account().await.unwrap();
+    assert_eq!(account.provisions, 1);
+    assert_eq!(account.earnings, cxmpute_client::types::Credits(1_000));
+    assert!(account.suspended.is_none());
+
+    let earnings = provider.provider().earnings().await.unwrap();
+    assert_eq!(earnings.provider_id, account.provider_id);
+    assert_eq!(earnings.total, cxmpute_client::types::Credits(1_000));
+    assert_eq!(earnings.last_30_days, cxmpute_client::types::Credits(1_000));
+    assert_eq!(earnings.days.len(), 30);
+    assert_eq!(earnings.days.iter().map(|d| d.requests).sum::<u64>(), 2);
+
+    let nodes = provider.provider().account_provisions().await.unwrap();
+    assert_eq!(nodes, provider.provider().provisions().await.unwrap());
+    assert_eq!(nodes[0].provision_id, reg.provision_id);
+
+    let rotated = provider.provider().rotate_key().await.unwrap();
+    assert_eq!(rotated.provider_id, account.provider_id);
+    let e = provider.provider().account().await.unwrap_err();
+    assert_eq!(e.status(), Some(401), "the old key stopped working: {e}");
+    let provider = provider.with_bearer(rotated.provider_key.expose());
+    assert_eq!(
+        provider.provider().account().await.unwrap().provider_id,
+        account.provider_id
+    );
+    provider
+        .provider()
+        .heartbeat(&reg.provision_id)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_signed_in_user_reaches_its_own_provider_account() {
+    let w = World::start().await;
+    let session = w.sign_in("owner@example.com").await;
+    let me = session.account().me().await.unwrap();
+    let account = session.provider().account().await.unwrap();
+    assert_eq!(Some(account.provider_id.clone()), me.provider_id);
+    assert_eq!(account.user_id, Some(me.user_id));
+    assert!(session
+        .provider()
+        .account_provisions()
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        session.provider().earnings().await.unwrap().total,
+        cxmpute_client::types::Credits(0)
+    );
+}

@@ -2,13 +2,13 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cxmpute_client::{Client, RetryPolicy};
 use cxmpute_core::testkit::{StandInNode, TestHost};
 use cxmpute_core::{
-    Credits, FlatReward, MemoryStore, PriceEntry, Provider, ProvisionId, Secret, Service, Store,
-    User,
+    Credits, FlatReward, Mailer, MemoryStore, PriceEntry, Provider, ProvisionId, Secret, Service,
+    Store, User,
 };
 
 /// The chat model the stand-ins serve.
@@ -28,6 +28,35 @@ pub fn chat_price() -> PriceEntry {
     }
 }
 
+/// Where the host's sign-in codes go: kept for the tests to read, as a
+/// person reads their mail.
+#[derive(Default)]
+pub struct Inbox(Mutex<Vec<(String, String)>>);
+
+#[async_trait::async_trait]
+impl Mailer for Inbox {
+    async fn send_login_code(&self, email: &str, code: &Secret) -> cxmpute_core::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((email.to_owned(), code.expose().to_owned()));
+        Ok(())
+    }
+}
+
+impl Inbox {
+    /// The last code sent to `email`.
+    pub fn code_for(&self, email: &str) -> String {
+        let mails = self.0.lock().unwrap();
+        let (_, code) = mails
+            .iter()
+            .rev()
+            .find(|(to, _)| to == email)
+            .expect("a code was mailed");
+        code.clone()
+    }
+}
+
 /// A host with a chat node and an embeddings node, and a user holding 10 credits.
 pub struct World {
     pub host: TestHost,
@@ -37,13 +66,17 @@ pub struct World {
     pub chat_node_id: ProvisionId,
     pub user: User,
     pub key: Secret,
+    pub inbox: Arc<Inbox>,
 }
 
 impl World {
     pub async fn start() -> World {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let inbox = Arc::new(Inbox::default());
+        let mailer: Arc<dyn Mailer> = inbox.clone();
         let host = TestHost::start_with(store, |b| {
             b.reward_policy(Arc::new(FlatReward(Credits(500))))
+                .mailer(mailer)
         })
         .await;
         host.broker.put_price(chat_price()).await.unwrap();
@@ -64,6 +97,7 @@ impl World {
             chat_node_id,
             user,
             key,
+            inbox,
         }
     }
 
@@ -75,6 +109,21 @@ impl World {
     /// A client calling as the host's admin.
     pub fn admin(&self) -> Client {
         client_for(&self.host.url, &self.host.admin_key)
+    }
+
+    /// A client calling without a credential.
+    pub fn anonymous(&self) -> Client {
+        self.client().anonymous()
+    }
+
+    /// Signs `email` in through the mailed code; a client calling as the session.
+    pub async fn sign_in(&self, email: &str) -> Client {
+        let anon = self.anonymous();
+        anon.account().request_code(email).await.unwrap();
+        anon.account()
+            .sign_in(email, &self.inbox.code_for(email))
+            .await
+            .unwrap()
     }
 
     /// The user's balance, read from the store.
