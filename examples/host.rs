@@ -4,18 +4,24 @@
 //! cargo run --release --example host                       # SQLite at ./cxmpute.db
 //! cargo run --release --example host -- --store memory     # nothing kept
 //! cargo run --release --example host -- --listen 0.0.0.0:9000 --db /var/lib/cxmpute.db
+//! cargo run --release --example host --features dynamo -- --store dynamo --dynamo-create-tables
 //! ```
 //!
 //! On first start with an empty store it creates an admin account and prints
 //! its API key once; set `CXMPUTE_ADMIN_KEY` to choose that key instead.
+//! Every flag can also be set through the environment variable it names.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use cxmpute::core::accounts::AuthConfig;
+use cxmpute::core::mail::MailerConfig;
 use cxmpute::core::{Broker, BrokerConfig, MemoryStore, Secret, Store};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum StoreKind {
@@ -23,6 +29,8 @@ enum StoreKind {
     Sqlite,
     /// In memory: state is lost when the host stops.
     Memory,
+    /// DynamoDB (build with `--features dynamo`): many hosts, one database.
+    Dynamo,
 }
 
 #[derive(Debug, Parser)]
@@ -37,9 +45,25 @@ struct Args {
     /// The SQLite database file.
     #[arg(long, env = "CXMPUTE_DB", default_value = "./cxmpute.db")]
     db: PathBuf,
+    /// DynamoDB table name prefix (several deployments can share an account).
+    #[arg(long, env = "CXMPUTE_DYNAMO_PREFIX", default_value = "")]
+    dynamo_prefix: String,
+    /// DynamoDB endpoint override (a local DynamoDB-compatible server).
+    #[arg(long, env = "CXMPUTE_DYNAMO_ENDPOINT")]
+    dynamo_endpoint: Option<String>,
+    /// Create the DynamoDB table if it is missing.
+    #[arg(long, env = "CXMPUTE_DYNAMO_CREATE_TABLES")]
+    dynamo_create_tables: bool,
     /// Email of the admin account created on first start.
     #[arg(long, env = "CXMPUTE_ADMIN_EMAIL", default_value = "admin@localhost.localdomain")]
     admin_email: String,
+    /// Which mailer sends sign-in codes: `console` or `smtp` (SMTP settings
+    /// from CXMPUTE_SMTP_HOST, _PORT, _TLS, _FROM, _USERNAME, _PASSWORD).
+    #[arg(long, env = "CXMPUTE_MAILER", default_value = "console")]
+    mailer: String,
+    /// Print sign-in codes with the console mailer (local development only).
+    #[arg(long, env = "CXMPUTE_MAIL_REVEAL_CODES")]
+    reveal_codes: bool,
     /// Accept node endpoints on loopback and private networks (development).
     #[arg(long, env = "CXMPUTE_ALLOW_PRIVATE_NODES")]
     allow_private_nodes: bool,
@@ -48,18 +72,57 @@ struct Args {
     log_json: bool,
 }
 
-async fn open_store(args: &Args) -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
+async fn open_store(args: &Args) -> Result<Arc<dyn Store>, BoxError> {
     Ok(match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Sqlite => {
-            tracing::warn!(db = %args.db.display(), "SQLite store not built yet; using memory");
-            Arc::new(MemoryStore::new())
+        StoreKind::Sqlite => Arc::new(cxmpute::sqlite::SqliteStore::open(&args.db).await?),
+        #[cfg(feature = "dynamo")]
+        StoreKind::Dynamo => {
+            let mut cfg = cxmpute::dynamo::DynamoConfig::new(args.dynamo_prefix.clone());
+            if let Some(e) = &args.dynamo_endpoint {
+                cfg = cfg.with_endpoint(e.clone());
+            }
+            let store = cxmpute::dynamo::DynamoStore::connect(cfg).await?;
+            if args.dynamo_create_tables {
+                store.create_tables_if_missing().await?;
+            }
+            Arc::new(store)
         }
+        #[cfg(not(feature = "dynamo"))]
+        StoreKind::Dynamo => return Err("this host was built without the `dynamo` feature".into()),
     })
 }
 
+/// The secret that signs sessions: `CXMPUTE_SESSION_SECRET`, else one kept in
+/// a file beside the SQLite database (created on first start, owner-only), so
+/// sessions survive restarts. Several hosts sharing DynamoDB must all be given
+/// the same `CXMPUTE_SESSION_SECRET`.
+fn session_secret(args: &Args) -> Result<Option<Secret>, BoxError> {
+    if let Some(s) = std::env::var("CXMPUTE_SESSION_SECRET").ok().filter(|s| !s.is_empty()) {
+        return Ok(Some(Secret::new(s)));
+    }
+    if !matches!(args.store, StoreKind::Sqlite) {
+        return Ok(None);
+    }
+    let path = Path::new(&args.db).with_extension("session-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 32 => Ok(Some(Secret::new(s.trim()))),
+        Ok(_) => Err(format!("{} is too short (at least 32 characters)", path.display()).into()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = Secret::generate(48);
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            std::io::Write::write_all(&mut opts.open(&path)?, secret.expose().as_bytes())?;
+            Ok(Some(secret))
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", path.display()).into()),
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -70,11 +133,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let store = open_store(&args).await.map_err(|e| format!("cannot open the store: {e}"))?;
+    let mailer = MailerConfig::from_lookup(|k| match k {
+        "CXMPUTE_MAILER" => Some(args.mailer.clone()),
+        "CXMPUTE_MAIL_REVEAL_CODES" => Some(if args.reveal_codes { "1" } else { "0" }.into()),
+        other => std::env::var(other).ok(),
+    })?
+    .build()?;
     let mut config = BrokerConfig::default();
     if args.allow_private_nodes {
         config = config.allow_private_endpoints();
     }
-    let broker = Broker::builder(store).config(config).build().await?;
+    let mut auth = AuthConfig::default().with_admin_emails([args.admin_email.clone()]);
+    if let Some(s) = session_secret(&args)? {
+        auth = auth.with_session_secret(s);
+    }
+    let broker = Broker::builder(store).config(config).auth(auth).mailer(mailer).build().await?;
 
     let admin_key = std::env::var("CXMPUTE_ADMIN_KEY").ok().filter(|k| !k.is_empty()).map(Secret::new);
     if let Some(secret) = broker.ensure_admin(&args.admin_email, admin_key).await? {
