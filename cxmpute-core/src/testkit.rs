@@ -348,11 +348,27 @@ impl TestHost {
         let builder =
             f(Broker::builder(store).config(test_config())).clock(Arc::new(clock.clone()));
         let broker = builder.build().await.expect("build broker");
-        let admin_key = broker
+        let admin_key = match broker
             .ensure_admin("admin@cxmpute.test", None)
             .await
             .expect("admin")
-            .expect("a new admin key");
+        {
+            Some(key) => key,
+            // A store reopened after a restart already has the admin: give
+            // this host a key of its own.
+            None => {
+                let admin = broker
+                    .store()
+                    .user_by_email("admin@cxmpute.test")
+                    .await
+                    .expect("admin");
+                broker
+                    .create_api_key(&admin.id, "test admin", None, Vec::new())
+                    .await
+                    .expect("key")
+                    .1
+            }
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
