@@ -125,10 +125,19 @@ async fn it_registers_with_this_machines_diagnostics_and_leaves_every_pool_on_st
     let run = tokio::spawn(Node::new(cfg).run(async {
         let _ = stopped.await;
     }));
-    let views = || async { h.broker.provider_provisions(&p).await.unwrap() };
-    eventually("registration", || async { views().await.len() == 1 }).await;
-    let view = views().await.remove(0);
-    assert_eq!(view.state, ProvisionState::Ready);
+    // Ready once it has registered, been told what to start and reported
+    // what it serves (or, with a broker without those steps, registered
+    // with its services).
+    let ready = || async {
+        let all = h.broker.provider_provisions(&p).await.unwrap();
+        all.into_iter()
+            .filter(|v| v.state == ProvisionState::Ready)
+            .collect::<Vec<_>>()
+    };
+    eventually("registration", || async { !ready().await.is_empty() }).await;
+    let mut views = ready().await;
+    assert_eq!(views.len(), 1);
+    let view = views.remove(0);
     let mut served: Vec<Service> = view.services.iter().map(|s| s.service).collect();
     served.sort();
     assert_eq!(served, [Service::Tts, Service::Scrape]);

@@ -188,6 +188,17 @@ async fn world() -> World {
     // Exactly 127.0.0.1: the test's own pages. Every other non-public
     // address stays refused, redirects included.
     cfg.egress = cfg.egress.allowing("127.0.0.1").unwrap();
+    // This machine as it is, but with an 8 GB GPU: a tier 3 node, which the
+    // catalogue lets serve a 3B chat model and a vision model.
+    let mut device = cxmpute_core::node::device::diagnose().await;
+    device.gpu = Some(cxmpute_core::node::device::GpuInfo {
+        name: "test GPU".into(),
+        memory_mb: 8192,
+        count: 1,
+        cuda: true,
+        ..Default::default()
+    });
+    cfg.device_override = Some(device);
     let node = Node::new(cfg)
         .start()
         .await
@@ -265,6 +276,8 @@ async fn the_node_joins_every_pool_it_serves() {
         ]
     );
     assert_eq!(w.node.services.len(), 5);
+    let view = &w.h.broker.provider_provisions(&w.provider).await.unwrap()[0];
+    assert_eq!(view.tier, 3, "the reported GPU sets the tier");
 }
 
 #[tokio::test]

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::secret::Secret;
-use crate::types::ProvisionId;
-use crate::wire::{ErrorBody, RegisterProvisionRequest, RegisterProvisionResponse};
+use crate::types::{ProvisionId, Service};
+use crate::wire::{ErrorBody, RegisterProvisionRequest, RegisterProvisionResponse, ServedModel};
 
 /// A client of the broker's provider API, signed in with a provider key.
 #[derive(Clone, Debug)]
@@ -46,6 +46,56 @@ impl BrokerApi {
         r.json()
             .await
             .map_err(|e| Error::Upstream(format!("the broker's registration answer: {e}")))
+    }
+
+    /// Asks which services to start, offering the kinds the node can run.
+    /// `None` when the broker has no start step (then registration with
+    /// services is the whole lifecycle).
+    pub async fn start(
+        &self,
+        id: &ProvisionId,
+        kinds: &[Service],
+    ) -> Result<Option<Vec<ServedModel>>> {
+        let r = self
+            .http
+            .post(format!("{}/v1/provider/provisions/{id}/start", self.base))
+            .bearer_auth(self.key.expose())
+            .json(&serde_json::json!({ "services": kinds }))
+            .send()
+            .await;
+        let r = match check(r).await {
+            Ok(r) => r,
+            Err(Error::NotFound(m)) if m.contains("no such route") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        #[derive(serde::Deserialize)]
+        struct Started {
+            #[serde(default)]
+            services: Vec<ServedModel>,
+        }
+        let s: Started = r
+            .json()
+            .await
+            .map_err(|e| Error::Upstream(format!("the broker's start answer: {e}")))?;
+        Ok(Some(s.services))
+    }
+
+    /// Reports the node serving `services` at `endpoint`: it joins exactly
+    /// those pools.
+    pub async fn ready(
+        &self,
+        id: &ProvisionId,
+        endpoint: &str,
+        services: &[ServedModel],
+    ) -> Result<()> {
+        let r = self
+            .http
+            .post(format!("{}/v1/provider/provisions/{id}/ready", self.base))
+            .bearer_auth(self.key.expose())
+            .json(&serde_json::json!({ "endpoint": endpoint, "services": services }))
+            .send()
+            .await;
+        check(r).await.map(drop)
     }
 
     /// Says the node is alive.

@@ -312,33 +312,35 @@ impl Node {
                 .await;
         });
 
-        let api = BrokerApi::new(&config.broker_url, config.provider_key.clone())?;
-        let reg = crate::wire::RegisterProvisionRequest {
-            endpoint: Some(endpoint.clone()),
-            services: services.clone(),
+        let joiner = Joiner {
+            api: BrokerApi::new(&config.broker_url, config.provider_key.clone())?,
             device: serde_json::to_value(&device).unwrap_or_default(),
-            location: config.location.clone(),
+            config: config.clone(),
+            endpoint: endpoint.clone(),
+            configured: services,
+            upstream_http: state.upstream_http.clone(),
         };
-        let registered = match api.register(&reg).await {
-            Ok(r) => r,
+        let joined = match joiner.join().await {
+            Ok(j) => j,
             Err(e) => {
                 let _ = stop_serving.send(());
                 let _ = serve.await;
                 return Err(e);
             }
         };
-        state.set_secret(Secret::new(registered.node_secret.clone()));
-        let provision_id = registered.provision_id.clone();
-        tracing::info!(provision = %provision_id, %endpoint, tier = registered.tier, "node registered");
+        state.set_secret(joined.secret.clone());
+        let provision_id = joined.id.clone();
+        let services = joined.services.clone();
+        tracing::info!(provision = %provision_id, %endpoint, tier = joined.tier, ?services, "node serving");
 
         let (stop, stopped) = oneshot::channel::<()>();
         let every = config.heartbeat_every;
         let id = provision_id.clone();
         let task = tokio::spawn(async move {
-            let id = lifecycle(&api, &state, &reg, id, every, stopped).await;
+            let id = lifecycle(&joiner, &state, id, every, stopped).await;
             // Leave every pool first, then stop serving: no call is routed
             // here once the broker has forgotten the node.
-            let left = api.end(&id).await;
+            let left = joiner.api.end(&id).await;
             if let Err(e) = &left {
                 tracing::warn!(error = %e, provision = %id, "could not leave the broker");
             }
@@ -358,34 +360,161 @@ impl Node {
     }
 }
 
-/// Heartbeats until told to stop; registers again when the broker has
-/// forgotten the node (expired, ended). Returns the provision to end.
+/// A provision the node serves as.
+struct Joined {
+    id: ProvisionId,
+    secret: Secret,
+    tier: u8,
+    services: Vec<ServedModel>,
+}
+
+/// Everything needed to join the broker, again if need be.
+struct Joiner {
+    api: BrokerApi,
+    config: Arc<NodeConfig>,
+    device: serde_json::Value,
+    endpoint: String,
+    /// What the node is configured to serve.
+    configured: Vec<ServedModel>,
+    upstream_http: reqwest::Client,
+}
+
+impl Joiner {
+    /// Registers, asks the broker which services to start, and reports ready
+    /// with those it serves. A broker without the start step gets the
+    /// services at registration instead.
+    async fn join(&self) -> Result<Joined> {
+        let bare = crate::wire::RegisterProvisionRequest {
+            endpoint: None,
+            services: Vec::new(),
+            device: self.device.clone(),
+            location: self.config.location.clone(),
+        };
+        let r = self.api.register(&bare).await?;
+        let id = r.provision_id.clone();
+        let secret = Secret::new(r.node_secret);
+        match self.start_and_ready(&id).await {
+            Ok(Some(services)) => Ok(Joined {
+                id,
+                secret,
+                tier: r.tier,
+                services,
+            }),
+            Ok(None) => {
+                // No start step: this registration cannot take services
+                // later, so it is replaced by one that carries them.
+                let _ = self.api.end(&id).await;
+                let full = crate::wire::RegisterProvisionRequest {
+                    endpoint: Some(self.endpoint.clone()),
+                    services: self.configured.clone(),
+                    ..bare
+                };
+                let r = self.api.register(&full).await?;
+                Ok(Joined {
+                    id: r.provision_id,
+                    secret: Secret::new(r.node_secret),
+                    tier: r.tier,
+                    services: self.configured.clone(),
+                })
+            }
+            Err(e) => {
+                let _ = self.api.end(&id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The start and ready steps; `None` when the broker has no start step.
+    async fn start_and_ready(&self, id: &ProvisionId) -> Result<Option<Vec<ServedModel>>> {
+        let mut kinds: Vec<Service> = self.configured.iter().map(|s| s.service).collect();
+        kinds.dedup();
+        let Some(assigned) = self.api.start(id, &kinds).await? else {
+            return Ok(None);
+        };
+        let services = self.to_serve(&assigned).await;
+        self.api.ready(id, &self.endpoint, &services).await?;
+        Ok(Some(services))
+    }
+
+    /// What the node configured, plus the assigned models its model server
+    /// already has (so a server holding many models serves what the
+    /// network lacks).
+    async fn to_serve(&self, assigned: &[ServedModel]) -> Vec<ServedModel> {
+        let mut out = self.configured.clone();
+        let extra: Vec<&ServedModel> = assigned
+            .iter()
+            .filter(|a| !out.contains(a))
+            .filter(|a| {
+                matches!(
+                    a.service,
+                    Service::Chat | Service::Embeddings | Service::Vision
+                )
+            })
+            .collect();
+        if extra.is_empty() {
+            return out;
+        }
+        let cfg = &self.config;
+        let chat_up = proxy::upstream_models(&self.upstream_http, cfg.upstream.as_ref()).await;
+        let vision_up = match &cfg.vision_upstream {
+            Some(v) => proxy::upstream_models(&self.upstream_http, Some(v)).await,
+            None => chat_up.clone(),
+        };
+        for a in extra {
+            let have = match a.service {
+                Service::Vision => &vision_up,
+                _ => &chat_up,
+            };
+            if have.contains(&a.model) {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+
+    /// Comes back after the broker forgot the node: ready again as the same
+    /// node when the broker allows it, else a new registration.
+    async fn rejoin(&self, id: &ProvisionId, serving: &[ServedModel]) -> Result<Option<Joined>> {
+        match self.api.ready(id, &self.endpoint, serving).await {
+            Ok(()) => return Ok(None),
+            // Deleted, or a broker without the ready step.
+            Err(Error::NotFound(_) | Error::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.join().await.map(Some)
+    }
+}
+
+/// Heartbeats until told to stop; comes back when the broker has forgotten
+/// the node (expired, ended). Returns the provision to end.
 async fn lifecycle(
-    api: &BrokerApi,
+    joiner: &Joiner,
     state: &server::Serving,
-    reg: &crate::wire::RegisterProvisionRequest,
     mut id: ProvisionId,
     every: Duration,
     mut stopped: oneshot::Receiver<()>,
 ) -> ProvisionId {
+    let mut serving = joiner.configured.clone();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is immediate; registration just happened
+    tick.tick().await; // the first tick is immediate; the node just joined
     loop {
         tokio::select! {
             _ = &mut stopped => return id,
             _ = tick.tick() => {}
         }
-        match api.heartbeat(&id).await {
+        match joiner.api.heartbeat(&id).await {
             Ok(()) => {}
             Err(Error::NotFound(_) | Error::Conflict(_)) => {
-                tracing::warn!(provision = %id, "the broker forgot this node; registering again");
-                match api.register(reg).await {
-                    Ok(r) => {
-                        state.set_secret(Secret::new(r.node_secret));
-                        id = r.provision_id;
+                tracing::warn!(provision = %id, "the broker forgot this node; joining again");
+                match joiner.rejoin(&id, &serving).await {
+                    Ok(None) => {}
+                    Ok(Some(j)) => {
+                        state.set_secret(j.secret);
+                        id = j.id;
+                        serving = j.services;
                     }
-                    Err(e) => tracing::warn!(error = %e, "registering again failed; will retry"),
+                    Err(e) => tracing::warn!(error = %e, "joining again failed; will retry"),
                 }
             }
             Err(e) => tracing::warn!(error = %e, provision = %id, "heartbeat failed; will retry"),

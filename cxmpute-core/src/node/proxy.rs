@@ -41,6 +41,33 @@ fn post(s: &Serving, up: &Upstream, path: &str) -> reqwest::RequestBuilder {
     }
 }
 
+/// The models an upstream lists at `GET /models`; empty when it lists
+/// none or does not answer in time.
+pub(crate) async fn upstream_models(http: &reqwest::Client, up: Option<&Upstream>) -> Vec<String> {
+    let Some(up) = up else {
+        return Vec::new();
+    };
+    let mut req = http.get(format!("{}/models", up.base_url));
+    if let Some(k) = &up.api_key {
+        req = req.bearer_auth(k.expose());
+    }
+    let fetched = async {
+        let r = req.send().await.ok()?.error_for_status().ok()?;
+        r.json::<Value>().await.ok()
+    };
+    let Ok(Some(v)) = tokio::time::timeout(std::time::Duration::from_secs(5), fetched).await else {
+        return Vec::new();
+    };
+    v["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Passes a chat or embeddings call through to the upstream: status, type
 /// and bytes as they arrive (streams stay streams).
 pub(crate) async fn forward(
