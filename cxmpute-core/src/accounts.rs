@@ -113,6 +113,61 @@ impl AuthConfig {
         self.admin_emails = emails.into_iter().collect();
         self
     }
+
+    /// The defaults, adjusted from the process environment:
+    ///
+    /// | variable | meaning |
+    /// |---|---|
+    /// | `CXMPUTE_SESSION_SECRET` | signs sessions, keys code hashes; at least 32 bytes, the same on every host, kept across restarts |
+    /// | `CXMPUTE_ADMIN_EMAILS` | comma-separated emails holding the admin role |
+    /// | `CXMPUTE_SIGNUP_CREDITS` | micro-credits a new account starts with |
+    /// | `CXMPUTE_ACCESS_TTL_SECS`, `CXMPUTE_REFRESH_TTL_SECS` | session token lifetimes |
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// As [`AuthConfig::from_env`], reading variables through `get` (a
+    /// host's flags, a config file, a test).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let mut c = AuthConfig::default();
+        let var = |k: &str| {
+            get(k)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let num = |k: &str, v: String| {
+            v.parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| Error::InvalidInput(format!("{k} `{v}` is not a whole number")))
+        };
+        if let Some(s) = var("CXMPUTE_SESSION_SECRET") {
+            c.session_secret = Some(Secret::new(s));
+        }
+        if let Some(list) = var("CXMPUTE_ADMIN_EMAILS") {
+            c.admin_emails = list
+                .split(',')
+                .filter(|e| !e.trim().is_empty())
+                .map(normalize_email)
+                .collect::<Result<_>>()?;
+        }
+        if let Some(v) = var("CXMPUTE_SIGNUP_CREDITS") {
+            c.signup_credits = Credits(num("CXMPUTE_SIGNUP_CREDITS", v)?);
+        }
+        for (k, field) in [
+            ("CXMPUTE_ACCESS_TTL_SECS", &mut c.access_ttl),
+            ("CXMPUTE_REFRESH_TTL_SECS", &mut c.refresh_ttl),
+        ] {
+            if let Some(v) = var(k) {
+                *field = Duration::from_secs(num(k, v)?.max(1) as u64);
+            }
+        }
+        // Checked now, so a bad secret stops the host at start.
+        if c.session_secret.is_some() {
+            AuthState::new(&c)?;
+        }
+        Ok(c)
+    }
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -1280,6 +1335,34 @@ mod tests {
             a.code_hash("z@y.io", "12345678")
         );
         assert_ne!(a.code_hash("x@y.io", "12345678"), KeyHash::of("12345678"));
+    }
+
+    #[test]
+    fn settings_come_from_the_environment() {
+        let vars = [
+            ("CXMPUTE_SESSION_SECRET", "0123456789abcdef0123456789abcdef"),
+            ("CXMPUTE_ADMIN_EMAILS", " Boss@X.io, ops@x.io ,"),
+            ("CXMPUTE_SIGNUP_CREDITS", "2500000"),
+            ("CXMPUTE_ACCESS_TTL_SECS", "60"),
+        ];
+        let get = |k: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        };
+        let c = AuthConfig::from_lookup(get).unwrap();
+        assert_eq!(c.admin_emails, ["boss@x.io", "ops@x.io"]);
+        assert_eq!(c.signup_credits, Credits(2_500_000));
+        assert_eq!(c.access_ttl, Duration::from_secs(60));
+        assert!(c.session_secret.is_some());
+        let short = |k: &str| (k == "CXMPUTE_SESSION_SECRET").then(|| "short".to_owned());
+        assert!(AuthConfig::from_lookup(short).is_err());
+        let bad = |k: &str| (k == "CXMPUTE_SIGNUP_CREDITS").then(|| "-1".to_owned());
+        assert!(AuthConfig::from_lookup(bad).is_err());
+        assert!(AuthConfig::from_lookup(|_| None)
+            .unwrap()
+            .session_secret
+            .is_none());
     }
 
     #[test]

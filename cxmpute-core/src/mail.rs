@@ -368,3 +368,82 @@ mod smtp {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lookup(vars: &[(&str, &str)]) -> Result<MailerConfig> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        MailerConfig::from_lookup(|k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+    }
+
+    #[test]
+    fn mailer_settings_are_read_and_checked() {
+        assert_eq!(
+            lookup(&[]).unwrap(),
+            MailerConfig::Console {
+                reveal_codes: false
+            }
+        );
+        assert_eq!(
+            lookup(&[("CXMPUTE_MAIL_REVEAL_CODES", "1")]).unwrap(),
+            MailerConfig::Console { reveal_codes: true }
+        );
+        let c = lookup(&[
+            ("CXMPUTE_MAILER", "smtp"),
+            ("CXMPUTE_SMTP_HOST", "mail.example.com"),
+            ("CXMPUTE_SMTP_FROM", "Cxmpute <no-reply@example.com>"),
+            ("CXMPUTE_SMTP_TLS", "tls"),
+            ("CXMPUTE_SMTP_USERNAME", "me"),
+            ("CXMPUTE_SMTP_PASSWORD", " pass word "),
+        ])
+        .unwrap();
+        let MailerConfig::Smtp(c) = c else {
+            panic!("an SMTP config")
+        };
+        assert_eq!(
+            (c.tls, c.port, c.tls.default_port()),
+            (SmtpTls::Tls, None, 465)
+        );
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some(" pass word "));
+        assert!(!format!("{c:?}").contains("pass word"));
+        for bad in [
+            &[("CXMPUTE_MAILER", "pigeon")][..],
+            &[("CXMPUTE_MAILER", "smtp"), ("CXMPUTE_SMTP_HOST", "h")][..],
+            &[
+                ("CXMPUTE_MAILER", "smtp"),
+                ("CXMPUTE_SMTP_HOST", "h"),
+                ("CXMPUTE_SMTP_FROM", "a@b.io"),
+                ("CXMPUTE_SMTP_PORT", "99999"),
+            ][..],
+            &[
+                ("CXMPUTE_MAILER", "smtp"),
+                ("CXMPUTE_SMTP_HOST", "h"),
+                ("CXMPUTE_SMTP_FROM", "a@b.io"),
+                ("CXMPUTE_SMTP_USERNAME", "me"),
+            ][..],
+            &[
+                ("CXMPUTE_MAILER", "smtp"),
+                ("CXMPUTE_SMTP_HOST", "h"),
+                ("CXMPUTE_SMTP_FROM", "a@b.io"),
+                ("CXMPUTE_SMTP_TLS", "maybe"),
+            ][..],
+        ] {
+            assert!(lookup(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[cfg(feature = "smtp")]
+    #[test]
+    fn a_bad_sender_is_refused_when_the_mailer_is_built() {
+        let c = SmtpConfig::new("mail.example.com", "not an address");
+        assert!(matches!(
+            MailerConfig::Smtp(c).build(),
+            Err(Error::InvalidInput(_))
+        ));
+    }
+}
