@@ -242,10 +242,14 @@ pub async fn resolve_checked(
         )));
     }
     if let Some(bad) = addrs.iter().find(|a| !policy.permits_ip(a.ip())) {
-        return Err(Error::Forbidden(format!(
-            "`{host}` resolves to {}, which is not a public address",
-            bad.ip()
-        )));
+        return Err(Error::Forbidden(if literal_ip(url).is_some() {
+            format!("{} is not a public address", bad.ip())
+        } else {
+            format!(
+                "`{host}` resolves to {}, which is not a public address",
+                bad.ip()
+            )
+        }));
     }
     Ok(addrs)
 }
