@@ -45,6 +45,7 @@ pub use http::router;
 pub use mail::{ConsoleMailer, Mailer, MailerConfig};
 pub use memory::MemoryStore;
 pub use reward::{FlatReward, RewardPolicy};
+pub use reward::{RevenueShare, TieredReward};
 pub use secret::{KeyHash, Secret};
 pub use select::{ProvisionSelector, RandomSelector};
 pub use store::Store;
