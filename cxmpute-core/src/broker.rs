@@ -45,12 +45,13 @@ use crate::accounts::{AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
 use crate::egress::{self, EgressPolicy};
 use crate::error::{Error, Result};
+use crate::health::{self, HealthConfig, HealthReport, Outcome};
 use crate::mail::{ConsoleMailer, Mailer};
 use crate::pool::{Node, PoolIndex};
 use crate::pricing::{default_prices, Meter, PriceTable};
 use crate::reward::{FlatReward, RewardContext, RewardPolicy};
 use crate::secret::Secret;
-use crate::select::{ProvisionSelector, RandomSelector};
+use crate::select::{PeakEwmaSelector, ProvisionSelector};
 use crate::services::{self, AnswerKind, Prepared};
 use crate::sse::ChatStreamMeter;
 use crate::stats::StatsRecorder;
@@ -82,6 +83,8 @@ pub struct BrokerConfig {
     pub reservation_ttl: Duration,
     /// Which node endpoints are accepted.
     pub egress: EgressPolicy,
+    /// Health probes and the circuit breaker (see [`crate::health`]).
+    pub health: HealthConfig,
     /// Sign-in, sessions and the admin role.
     pub auth: AuthConfig,
 }
@@ -99,6 +102,7 @@ impl Default for BrokerConfig {
             heartbeat_ttl: Duration::from_secs(90),
             reservation_ttl: Duration::from_secs(30 * 60),
             egress: EgressPolicy::PublicOnly,
+            health: HealthConfig::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -130,7 +134,8 @@ impl BrokerBuilder {
         self
     }
 
-    /// Sets the node selector (default: random).
+    /// Sets the node selector (default: power of two choices over peak-EWMA
+    /// latency, [`PeakEwmaSelector`]).
     pub fn selector(mut self, selector: Arc<dyn ProvisionSelector>) -> Self {
         self.selector = selector;
         self
@@ -157,6 +162,12 @@ impl BrokerBuilder {
     /// Sets sign-in, session and admin settings (kept in [`BrokerConfig::auth`]).
     pub fn auth(mut self, auth: AuthConfig) -> Self {
         self.config.auth = auth;
+        self
+    }
+
+    /// Sets health probing and circuit breaking (kept in [`BrokerConfig::health`]).
+    pub fn health(mut self, health: HealthConfig) -> Self {
+        self.config.health = health;
         self
     }
 
@@ -273,6 +284,8 @@ impl std::fmt::Debug for GatewayResponse {
 enum AttemptError {
     Timeout(String),
     Failed(String),
+    /// The node said it is busy (429/503) and when to come back.
+    Busy(String, Duration),
 }
 
 enum Answer {
@@ -297,7 +310,7 @@ impl Broker {
         BrokerBuilder {
             store,
             clock: Arc::new(SystemClock),
-            selector: Arc::new(RandomSelector),
+            selector: Arc::new(PeakEwmaSelector),
             rewards: Arc::new(FlatReward::default()),
             mailer: Arc::new(ConsoleMailer::new()),
             config: BrokerConfig::default(),
@@ -376,20 +389,48 @@ impl Broker {
         self.flush_stats().await
     }
 
+    /// One round of node health probes (see [`crate::health`]): nodes that
+    /// fail them leave routing, nodes past their cooldown that pass return.
+    /// Spawned by [`Broker::spawn_maintenance`]; tests call it with a manual clock.
+    pub async fn run_health_checks(&self) -> HealthReport {
+        let i = &self.inner;
+        health::run_health_checks(&i.config.health, &i.pools, &i.http, i.clock.as_ref()).await
+    }
+
+    /// Feeds the outcome of one forwarded attempt to the node's circuit breaker.
+    fn node_outcome(&self, node: &Node, outcome: Outcome) {
+        let i = &self.inner;
+        let now = i.clock.now();
+        if let Some(t) = health::record_forwarding(&i.config.health, &i.pools, node, now, outcome) {
+            tracing::info!(provision = %node.entry.provision_id, transition = ?t, "circuit breaker");
+        }
+    }
+
     /// Writes the statistics collected so far.
     pub async fn flush_stats(&self) -> Result<()> {
         self.inner.stats.flush(self.inner.store.as_ref()).await
     }
 
     /// Runs [`Broker::run_maintenance`] and [`Broker::refresh_pools`] every
-    /// `every` until the returned handle is aborted.
+    /// `every`, and [`Broker::run_health_checks`] every
+    /// [`HealthConfig::probe_interval`], until the returned handle is aborted.
     pub fn spawn_maintenance(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let b = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // `interval` panics on zero; probing faster than this helps nobody.
+            let probe_every = b.inner.config.health.probe_interval;
+            let mut probe = tokio::time::interval(probe_every.max(Duration::from_millis(100)));
+            probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = probe.tick() => {
+                        b.run_health_checks().await;
+                        continue;
+                    }
+                }
                 if let Err(e) = b.run_maintenance().await {
                     tracing::warn!(error = %e, "maintenance failed; will retry");
                 }
@@ -970,6 +1011,7 @@ impl CallContext {
             match self.attempt(&node).await {
                 Ok(Answer::Complete(body, meter)) => {
                     node.stats.observe(elapsed_us(t0), true);
+                    self.broker.node_outcome(&node, Outcome::Success);
                     drop(in_flight);
                     let charged = self.price.cost(meter);
                     let st = self.settlement(Some(&node), meter, charged, true, true);
@@ -983,6 +1025,11 @@ impl CallContext {
                 Err(e) => {
                     tracing::warn!(node = %node.entry.provision_id, error = ?e, "node attempt failed");
                     node.stats.observe(elapsed_us(t0), false);
+                    let outcome = match &e {
+                        AttemptError::Busy(_, d) => Outcome::Busy(*d),
+                        _ => Outcome::Failure,
+                    };
+                    self.broker.node_outcome(&node, outcome);
                     last = Some(e);
                 }
             }
@@ -996,7 +1043,7 @@ impl CallContext {
                 self.prep.model
             )),
             Some(AttemptError::Timeout(m)) => Error::UpstreamTimeout(m),
-            Some(AttemptError::Failed(m)) => Error::Upstream(m),
+            Some(AttemptError::Failed(m) | AttemptError::Busy(m, _)) => Error::Upstream(m),
         })
     }
 
@@ -1072,10 +1119,12 @@ impl CallContext {
             Ok(Ok(r)) => r,
         };
         if !resp.status().is_success() {
-            return Err(AttemptError::Failed(format!(
-                "node answered {}",
-                resp.status()
-            )));
+            let msg = format!("node answered {}", resp.status());
+            let now = self.broker.now();
+            return Err(match health::classify(resp.status(), resp.headers(), now) {
+                Outcome::Busy(d) => AttemptError::Busy(msg, d),
+                _ => AttemptError::Failed(msg),
+            });
         }
         let mut resp = resp;
         let stream_meter = match self.prep.kind {
@@ -1191,6 +1240,7 @@ impl CallContext {
             let st = match end {
                 Some(End::NodeFailed(reason)) => {
                     node.stats.observe(elapsed_us(t0), false);
+                    self.broker.node_outcome(&node, Outcome::Failure);
                     let charged = match meter {
                         Some(_) => {
                             let event = serde_json::json!({"error": {
@@ -1213,6 +1263,7 @@ impl CallContext {
                 }
                 Some(End::ClientGone) | Some(End::Done) | None => {
                     node.stats.observe(elapsed_us(t0), true);
+                    self.broker.node_outcome(&node, Outcome::Success);
                     let charged = self.price.cost(m);
                     self.settlement(Some(&node), m, charged, true, true)
                 }
