@@ -38,7 +38,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::accounts::{AuthConfig, AuthState};
@@ -47,6 +46,7 @@ use crate::egress::{self, EgressPolicy};
 use crate::error::{Error, Result};
 use crate::health::{self, HealthConfig, HealthReport, Outcome};
 use crate::mail::{ConsoleMailer, Mailer};
+use crate::network::NetworkConfig;
 use crate::pool::{Node, PoolIndex};
 use crate::pricing::{default_prices, Meter, PriceTable};
 use crate::reward::{FlatReward, RewardContext, RewardPolicy};
@@ -85,6 +85,8 @@ pub struct BrokerConfig {
     pub egress: EgressPolicy,
     /// Health probes and the circuit breaker (see [`crate::health`]).
     pub health: HealthConfig,
+    /// The provider network: catalogue and assignment (see [`crate::network`]).
+    pub network: NetworkConfig,
     /// Sign-in, sessions and the admin role.
     pub auth: AuthConfig,
 }
@@ -103,6 +105,7 @@ impl Default for BrokerConfig {
             reservation_ttl: Duration::from_secs(30 * 60),
             egress: EgressPolicy::PublicOnly,
             health: HealthConfig::default(),
+            network: NetworkConfig::default(),
             auth: AuthConfig::default(),
         }
     }
@@ -168,6 +171,13 @@ impl BrokerBuilder {
     /// Sets health probing and circuit breaking (kept in [`BrokerConfig::health`]).
     pub fn health(mut self, health: HealthConfig) -> Self {
         self.config.health = health;
+        self
+    }
+
+    /// Sets the provider network's catalogue and assignment (kept in
+    /// [`BrokerConfig::network`]).
+    pub fn network(mut self, network: NetworkConfig) -> Self {
+        self.config.network = network;
         self
     }
 
@@ -293,16 +303,7 @@ enum Answer {
     Stream(Bytes, Box<StreamStart>),
 }
 
-/// The VRAM tier of a node (the original's thresholds): under 4,096 MB tier 1,
-/// under 8,192 tier 2, under 22,528 tier 3, else tier 4.
-pub fn tier_for_vram(vram_mb: u64) -> u8 {
-    match vram_mb {
-        0..4_096 => 1,
-        4_096..8_192 => 2,
-        8_192..22_528 => 3,
-        _ => 4,
-    }
-}
+pub use crate::network::tier_for_vram;
 
 impl Broker {
     /// A builder around a store.
@@ -710,13 +711,7 @@ impl Broker {
         if device_len > 64 * 1024 {
             return Err(services::invalid("device diagnostics larger than 64 KiB"));
         }
-        let vram = req
-            .device
-            .pointer("/gpu/memory_mb")
-            .or_else(|| req.device.pointer("/gpu/memoryMb"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let tier = tier_for_vram(vram);
+        let tier = DeviceDiagnostics::from_json(&req.device)?.tier();
         let endpoint = match &req.endpoint {
             Some(e) => Some(self.check_endpoint(e).await?),
             None => None,

@@ -16,6 +16,7 @@ pub mod health;
 pub mod http;
 pub mod mail;
 pub mod memory;
+pub mod network;
 pub mod pool;
 pub mod pricing;
 pub mod reward;

@@ -1024,3 +1024,185 @@ pub struct NotificationRequest {
     /// Where it is shown.
     pub placements: Vec<Placement>,
 }
+
+// ---- provider network ---------------------------------------------------------
+
+/// Device diagnostics a node reports at registration. Lenient on purpose:
+/// every field is optional and unknown fields are ignored, so node programs
+/// of any version can report what they know; a field of the wrong type is a
+/// 400. camelCase names (the original node's) are accepted too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDiagnostics {
+    /// The operating system: an object, or just its name as a string.
+    #[serde(
+        default,
+        deserialize_with = "os_lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub os: Option<OsInfo>,
+    /// The GPU, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuInfo>,
+    /// The CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuInfo>,
+    /// Main memory.
+    #[serde(default, alias = "ram", skip_serializing_if = "Option::is_none")]
+    pub memory: Option<CapacityInfo>,
+    /// Storage.
+    #[serde(default, alias = "disk", skip_serializing_if = "Option::is_none")]
+    pub storage: Option<CapacityInfo>,
+}
+
+/// A node's operating system.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OsInfo {
+    /// `linux`, `macos`, `windows`...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<String>,
+    /// Its name, e.g. `Ubuntu 24.04`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The kernel release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+}
+
+/// `os` as an [`OsInfo`] object or a plain name (`"Ubuntu 24.04"`).
+fn os_lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<OsInfo>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Os {
+        Name(String),
+        Info(OsInfo),
+    }
+    Ok(Option::<Os>::deserialize(d)?.map(|os| match os {
+        Os::Name(name) => OsInfo {
+            name: Some(name),
+            ..OsInfo::default()
+        },
+        Os::Info(info) => info,
+    }))
+}
+
+/// A node's GPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// Its name, e.g. `NVIDIA GeForce RTX 4090`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its memory (VRAM) in MB: what the node's tier is decided by.
+    #[serde(
+        default,
+        alias = "memoryMb",
+        alias = "memoryMB",
+        alias = "vram_mb",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_mb: Option<u64>,
+    /// Whether it is integrated (shares main memory) rather than dedicated.
+    #[serde(
+        default,
+        alias = "isIntegrated",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub integrated: Option<bool>,
+    /// Whether CUDA is available.
+    #[serde(
+        default,
+        alias = "isCudaAvailable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cuda: Option<bool>,
+    /// How many GPUs the machine has (`memory_mb` is the largest one's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// The driver version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+}
+
+/// A node's CPU.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuInfo {
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Physical cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<u32>,
+    /// Hardware threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<u32>,
+    /// Architecture, e.g. `x86_64`, `arm64`.
+    #[serde(default, alias = "arch", skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<String>,
+}
+
+/// Total, used and free space of a memory or storage device, in MB.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapacityInfo {
+    /// Total.
+    #[serde(default, alias = "totalMb", skip_serializing_if = "Option::is_none")]
+    pub total_mb: Option<u64>,
+    /// Used.
+    #[serde(default, alias = "usedMb", skip_serializing_if = "Option::is_none")]
+    pub used_mb: Option<u64>,
+    /// Free.
+    #[serde(default, alias = "freeMb", skip_serializing_if = "Option::is_none")]
+    pub free_mb: Option<u64>,
+}
+
+impl DeviceDiagnostics {
+    /// Reads diagnostics from a JSON value (`null`: none reported). A value
+    /// that is not an object, or a field of the wrong type, is a 400.
+    pub fn from_json(v: &Value) -> crate::error::Result<Self> {
+        if v.is_null() {
+            return Ok(Self::default());
+        }
+        Self::deserialize(v).map_err(|e| {
+            crate::error::Error::InvalidInput(format!("invalid device diagnostics: {e}"))
+        })
+    }
+
+    /// GPU memory in MB (0 without a GPU).
+    pub fn vram_mb(&self) -> u64 {
+        self.gpu.as_ref().and_then(|g| g.memory_mb).unwrap_or(0)
+    }
+
+    /// The node's capacity tier, by VRAM (see [`crate::network::tier_for_vram`]).
+    pub fn tier(&self) -> u8 {
+        crate::network::tier_for_vram(self.vram_mb())
+    }
+}
+
+/// `POST /v1/provider/provisions/{id}/start`: ask what to serve.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartProvisionRequest {
+    /// The services the node is able to run (empty: any its tier allows).
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+/// What the broker asks a starting node to serve.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartProvisionResponse {
+    /// The node.
+    pub provision_id: ProvisionId,
+    /// `starting`.
+    pub state: ProvisionState,
+    /// Its capacity tier.
+    pub tier: u8,
+    /// Start these, then report ready with the ones that started.
+    pub services: Vec<ServedModel>,
+}
+
+/// `POST /v1/provider/provisions/{id}/ready`: the node is serving.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyProvisionRequest {
+    /// The node's base URL (the broker calls `{endpoint}/v1/...` and
+    /// `{endpoint}/heartbeat`).
+    pub endpoint: String,
+    /// The services it started; it joins exactly these pools.
+    pub services: Vec<ServedModel>,
+}

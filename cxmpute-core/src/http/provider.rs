@@ -1,13 +1,27 @@
 //! The provider API: a provider manages its own nodes with its provider key.
+//!
+//! | route | does |
+//! |---|---|
+//! | `POST /v1/provider/provisions` | register a node ([`RegisterProvisionRequest`]) |
+//! | `GET /v1/provider/provisions` | the provider's nodes |
+//! | `GET /v1/provider/provisions/{id}` | one node |
+//! | `POST /v1/provider/provisions/{id}/start` | get the services to run ([`StartProvisionRequest`]) |
+//! | `POST /v1/provider/provisions/{id}/ready` | report the endpoint and services started ([`ReadyProvisionRequest`]) |
+//! | `POST /v1/provider/provisions/{id}/heartbeat` | stay alive (204) |
+//! | `POST /v1/provider/provisions/{id}/end` | leave every pool, keep the node (204) |
+//! | `DELETE /v1/provider/provisions/{id}` | leave every pool and delete the node (204) |
+//!
+//! Another provider's node answers 404, exactly like a node that does not
+//! exist. See [`crate::network`] for the lifecycle's rules.
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{delete, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 
-use super::{bearer, json_body, ok, ApiResult};
+use super::{bearer, body_bytes, json_body, ok, ApiResult};
 use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;
@@ -19,8 +33,14 @@ pub(super) fn routes() -> Router<Broker> {
             "/v1/provider/provisions",
             post(register_provision).get(list_provisions),
         )
-        .route("/v1/provider/provisions/{id}", delete(end_provision))
+        .route(
+            "/v1/provider/provisions/{id}",
+            get(get_provision).delete(delete_provision),
+        )
+        .route("/v1/provider/provisions/{id}/start", post(start_provision))
+        .route("/v1/provider/provisions/{id}/ready", post(ready_provision))
         .route("/v1/provider/provisions/{id}/heartbeat", post(heartbeat))
+        .route("/v1/provider/provisions/{id}/end", post(end_provision))
 }
 
 async fn register_provision(
@@ -41,6 +61,43 @@ async fn list_provisions(
     ok(b.provider_provisions(&p).await?)
 }
 
+async fn get_provision(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ProvisionView>> {
+    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
+    ok(b.provider_provision(&p, &ProvisionId::new(id)).await?)
+}
+
+async fn start_provision(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<StartProvisionResponse>> {
+    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
+    // The body is optional: no body asks for any service the tier allows.
+    let raw = body_bytes(body)?;
+    let req: StartProvisionRequest = if raw.iter().all(u8::is_ascii_whitespace) {
+        StartProvisionRequest::default()
+    } else {
+        json_body(Ok(raw))?
+    };
+    ok(b.start_provision(&p, &ProvisionId::new(id), req).await?)
+}
+
+async fn ready_provision(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<ProvisionView>> {
+    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
+    let req: ReadyProvisionRequest = json_body(body)?;
+    ok(b.ready_provision(&p, &ProvisionId::new(id), req).await?)
+}
+
 async fn heartbeat(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -52,6 +109,16 @@ async fn heartbeat(
 }
 
 async fn end_provision(
+    State(b): State<Broker>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
+    b.stop_provision(&p, &ProvisionId::new(id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_provision(
     State(b): State<Broker>,
     h: HeaderMap,
     Path(id): Path<String>,
