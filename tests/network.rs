@@ -1,0 +1,1169 @@
+//! The provider network end to end: node lifecycle over HTTP, expiry, health
+//! probes and the circuit breaker driven by a manual clock, selector
+//! behaviour, and reward policies to the micro-credit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use cxmpute_core::health::{BreakerState, HealthConfig};
+use cxmpute_core::pool::PoolIndex;
+use cxmpute_core::pricing::Meter;
+use cxmpute_core::reward::RewardContext;
+use cxmpute_core::testkit::{test_config, Behavior, StandInNode, TestHost};
+use cxmpute_core::wire::ErrorBody;
+use cxmpute_core::*;
+use serde_json::{json, Value};
+
+const MODEL: &str = "llama3.2:3b";
+
+// ---- helpers -------------------------------------------------------------------
+
+fn chat_price() -> PriceEntry {
+    PriceEntry {
+        service: Service::Chat,
+        model: None,
+        per_request: Credits(1_000),
+        per_million_input_tokens: Credits(1_000_000),
+        per_million_output_tokens: Credits(2_000_000),
+        per_million_units: Credits::ZERO,
+    }
+}
+
+async fn host_with(f: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> TestHost {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let h = TestHost::start_with(store, f).await;
+    h.broker.put_price(chat_price()).await.unwrap();
+    h
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn call(h: &TestHost, key: &Secret, path: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}{path}", h.url))
+        .bearer_auth(key.expose())
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(r.status(), status);
+    let e: ErrorBody = r.json().await.expect("OpenAI error JSON");
+    assert_eq!(e.error.code.as_deref(), Some(code), "{}", e.error.message);
+    e.error.message
+}
+
+/// The provider API, as one provider's key sees it.
+struct ProviderApi {
+    c: reqwest::Client,
+    base: String,
+    key: Secret,
+}
+
+impl ProviderApi {
+    fn new(h: &TestHost, key: &Secret) -> Self {
+        ProviderApi {
+            c: reqwest::Client::new(),
+            base: format!("{}/v1/provider/provisions", h.url),
+            key: key.clone(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut r = self
+            .c
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(self.key.expose());
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send().await.unwrap()
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.c
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(self.key.expose())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn delete(&self, path: &str) -> reqwest::Response {
+        self.c
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(self.key.expose())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// A node whose heartbeat and chat answers are scripted separately: a status,
+/// and a Retry-After to send with it.
+#[derive(Default)]
+struct Script {
+    heartbeat: Mutex<(u16, Option<String>)>,
+    chat: Mutex<(u16, Option<String>)>,
+    probes: AtomicUsize,
+    chats: AtomicUsize,
+}
+
+struct ScriptedNode {
+    url: String,
+    script: Arc<Script>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ScriptedNode {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn scripted(status: u16, retry_after: &Option<String>, ok: impl FnOnce() -> Response) -> Response {
+    if status == 200 {
+        return ok();
+    }
+    let mut r = (StatusCode::from_u16(status).unwrap(), "scripted").into_response();
+    if let Some(ra) = retry_after {
+        r.headers_mut().insert("retry-after", ra.parse().unwrap());
+    }
+    r
+}
+
+impl ScriptedNode {
+    async fn start() -> Self {
+        let script = Arc::new(Script {
+            heartbeat: Mutex::new((200, None)),
+            chat: Mutex::new((200, None)),
+            ..Script::default()
+        });
+        let app = Router::new()
+            .route(
+                "/heartbeat",
+                get(|State(s): State<Arc<Script>>, _h: HeaderMap| async move {
+                    s.probes.fetch_add(1, Ordering::SeqCst);
+                    let (status, ra) = s.heartbeat.lock().unwrap().clone();
+                    scripted(status, &ra, || "ok".into_response())
+                }),
+            )
+            .route(
+                "/v1/chat/completions",
+                post(|State(s): State<Arc<Script>>| async move {
+                    s.chats.fetch_add(1, Ordering::SeqCst);
+                    let (status, ra) = s.chat.lock().unwrap().clone();
+                    scripted(status, &ra, || {
+                        let v = json!({"id": "x", "object": "chat.completion", "created": 1, "model": MODEL,
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}});
+                        ([("content-type", "application/json")], v.to_string()).into_response()
+                    })
+                }),
+            )
+            .with_state(script.clone());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        ScriptedNode { url, script, task }
+    }
+
+    fn heartbeat(&self, status: u16, retry_after: Option<&str>) {
+        *self.script.heartbeat.lock().unwrap() = (status, retry_after.map(str::to_owned));
+    }
+
+    fn chat(&self, status: u16, retry_after: Option<&str>) {
+        *self.script.chat.lock().unwrap() = (status, retry_after.map(str::to_owned));
+    }
+
+    fn chats(&self) -> usize {
+        self.script.chats.load(Ordering::SeqCst)
+    }
+}
+
+fn breaker(h: &TestHost, id: &ProvisionId) -> BreakerState {
+    h.broker
+        .pools()
+        .stats(id)
+        .expect("node in the index")
+        .health()
+        .state()
+}
+
+// ---- lifecycle -----------------------------------------------------------------
+
+#[tokio::test]
+async fn lifecycle_register_start_ready_heartbeat_end_delete_over_http() {
+    let h = host_with(|b| b).await;
+    let (_, key_a) = h.provider().await;
+    let (_, key_b) = h.provider().await;
+    let a = ProviderApi::new(&h, &key_a);
+    let b = ProviderApi::new(&h, &key_b);
+    let node = StandInNode::start("n").await;
+    let (_, user) = h.user(Credits::whole(10)).await;
+
+    // Register: typed diagnostics, lenient (camelCase, aliases, unknown fields).
+    let reg = json!({
+        "device": {"os": "Ubuntu 24.04", "gpu": {"name": "RTX 3080", "memoryMb": 10240, "cuda": true, "pcie": 4},
+                   "cpu": {"name": "Ryzen", "cores": 8, "threads": 16, "arch": "x86_64"},
+                   "ram": {"totalMb": 32768, "freeMb": 20000}, "storage": {"total_mb": 1000000}, "battery": null},
+        "location": {"country": "DE", "state": "BE", "city": "Berlin"}
+    });
+    let r = a.post("", Some(reg)).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["tier"].as_u64()),
+        (Some("registered"), Some(3))
+    );
+    let id = v["provision_id"].as_str().unwrap().to_owned();
+    node.require_secret(v["node_secret"].as_str().unwrap());
+
+    // Another provider cannot see or manage it: 404, as if it did not exist.
+    let path = format!("/{id}");
+    let ready_body =
+        json!({"endpoint": node.url(), "services": [{"service": "chat", "model": MODEL}]});
+    expect_error(b.get(&path).await, 404, "not_found").await;
+    expect_error(
+        b.post(&format!("{path}/start"), None).await,
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        b.post(&format!("{path}/ready"), Some(ready_body.clone()))
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(
+        b.post(&format!("{path}/heartbeat"), None).await,
+        404,
+        "not_found",
+    )
+    .await;
+    expect_error(b.post(&format!("{path}/end"), None).await, 404, "not_found").await;
+    expect_error(b.delete(&path).await, 404, "not_found").await;
+    let r = reqwest::Client::new()
+        .post(format!("{}{path}/start", a.base))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 401, "invalid_api_key").await;
+
+    // Start: the broker assigns what a tier 3 node can hold, from the catalogue.
+    let r = a
+        .post(
+            &format!("{path}/start"),
+            Some(json!({"services": ["chat"]})),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let start: Value = r.json().await.unwrap();
+    assert_eq!(start["state"], "starting");
+    let assigned = start["services"].as_array().unwrap();
+    assert_eq!(assigned.len(), 4, "tier 3 nodes get four models: {start}");
+    let catalogue = network::Catalogue::original();
+    for s in assigned {
+        assert_eq!(s["service"], "chat");
+        assert!(
+            catalogue.allows(Service::Chat, s["model"].as_str().unwrap(), 3),
+            "{s}"
+        );
+    }
+    let r = a.post(&format!("{path}/start"), None).await;
+    assert_eq!(r.status(), 200, "the body is optional");
+    let first = assigned[0]["model"].as_str().unwrap().to_owned();
+
+    // Ready: an assigned model, and one the tier allows that was not assigned.
+    let ready = json!({"endpoint": format!("{}/", node.url()), "services": [
+        {"service": "chat", "model": first}, {"service": "embeddings", "model": "nomic-embed-text"}]});
+    let r = a.post(&format!("{path}/ready"), Some(ready.clone())).await;
+    assert_eq!(r.status(), 200);
+    let view: Value = r.json().await.unwrap();
+    assert_eq!(
+        (view["state"].as_str(), view["healthy"].as_bool()),
+        (Some("ready"), Some(true))
+    );
+    assert_eq!(view["services"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        view["endpoint"].as_str(),
+        Some(node.url().as_str()),
+        "normalised"
+    );
+
+    // It serves both pools, with the node secret.
+    assert_eq!(
+        call(&h, &user, "/v1/chat/completions", &chat(&first))
+            .await
+            .status(),
+        200
+    );
+    let emb = json!({"model": "nomic-embed-text", "input": "hello"});
+    assert_eq!(call(&h, &user, "/v1/embeddings", &emb).await.status(), 200);
+    assert_eq!(node.hits(), 2);
+
+    let list: Value = a.get("").await.json().await.unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["location"]["city"], "Berlin");
+    let one: Value = a.get(&path).await.json().await.unwrap();
+    assert_eq!(one["provision_id"].as_str(), Some(id.as_str()));
+    assert_eq!(
+        a.post(&format!("{path}/heartbeat"), None).await.status(),
+        204
+    );
+
+    // End: it leaves every pool at once; heartbeats are refused until it is ready again.
+    assert_eq!(a.post(&format!("{path}/end"), None).await.status(), 204);
+    assert!(h.broker.models().data.is_empty());
+    expect_error(
+        call(&h, &user, "/v1/chat/completions", &chat(&first)).await,
+        404,
+        "model_not_found",
+    )
+    .await;
+    expect_error(
+        a.post(&format!("{path}/heartbeat"), None).await,
+        409,
+        "conflict",
+    )
+    .await;
+    let ended: Value = a.get(&path).await.json().await.unwrap();
+    assert_eq!(ended["state"], "ended");
+    assert_eq!(
+        a.post(&format!("{path}/ready"), Some(ready)).await.status(),
+        200
+    );
+    assert_eq!(
+        call(&h, &user, "/v1/chat/completions", &chat(&first))
+            .await
+            .status(),
+        200
+    );
+
+    // Delete: gone from every pool and from the store.
+    assert_eq!(a.delete(&path).await.status(), 204);
+    assert!(h.broker.models().data.is_empty());
+    expect_error(a.get(&path).await, 404, "not_found").await;
+    expect_error(
+        a.post(&format!("{path}/heartbeat"), None).await,
+        404,
+        "not_found",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn lifecycle_refuses_bad_input_with_clear_errors() {
+    let h = host_with(|b| b).await;
+    let (_, key) = h.provider().await;
+    let a = ProviderApi::new(&h, &key);
+    let node = StandInNode::start("n").await;
+    // Tier 1 (2 GB): the 8B model needs tier 2.
+    let small = json!({"device": {"gpu": {"memory_mb": 2048}}});
+    let v: Value = a.post("", Some(small)).await.json().await.unwrap();
+    assert_eq!(v["tier"], 1);
+    let path = format!("/{}", v["provision_id"].as_str().unwrap());
+    let ready = |model: &str| json!({"endpoint": node.url(), "services": [{"service": "chat", "model": model}]});
+    let m = expect_error(
+        a.post(&format!("{path}/ready"), Some(ready("llama3.1:8b")))
+            .await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(m.contains("needs a tier 2 node"), "{m}");
+    let m = expect_error(
+        a.post(&format!("{path}/ready"), Some(ready("gpt-4o")))
+            .await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(m.contains("not in the catalogue"), "{m}");
+    let none = json!({"endpoint": node.url(), "services": []});
+    expect_error(
+        a.post(&format!("{path}/ready"), Some(none)).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    let no_endpoint = json!({"services": [{"service": "chat", "model": "llama3.2:1b"}]});
+    expect_error(
+        a.post(&format!("{path}/ready"), Some(no_endpoint)).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    let ftp = json!({"endpoint": "ftp://example.com", "services": [{"service": "chat", "model": "llama3.2:1b"}]});
+    expect_error(
+        a.post(&format!("{path}/ready"), Some(ftp)).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    let bad_service = json!({"services": ["teleport"]});
+    expect_error(
+        a.post(&format!("{path}/start"), Some(bad_service)).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    let only_vision = json!({"services": ["vision"]});
+    let m = expect_error(
+        a.post(&format!("{path}/start"), Some(only_vision)).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(m.contains("tier 1"), "{m}");
+    // What a tier 1 node is given by default: two models it can hold.
+    let start: Value = a
+        .post(&format!("{path}/start"), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let assigned = start["services"].as_array().unwrap();
+    assert_eq!(assigned.len(), 2);
+    let catalogue = network::Catalogue::original();
+    for s in assigned {
+        let service: Service = serde_json::from_value(s["service"].clone()).unwrap();
+        assert!(
+            catalogue.allows(service, s["model"].as_str().unwrap(), 1),
+            "{s}"
+        );
+    }
+    // The operating system as an object works as well as a name.
+    let detailed = json!({"device": {"os": {"family": "linux", "name": "Debian 12", "kernel": "6.1"},
+        "gpu": {"name": "RTX 4090", "memory_mb": 24564, "count": 2, "integrated": false, "driver": "550"}}});
+    let v: Value = a.post("", Some(detailed)).await.json().await.unwrap();
+    assert_eq!(v["tier"], 4);
+    // Diagnostics of the wrong type.
+    let bad_device = json!({"device": {"gpu": {"memory_mb": "lots"}}});
+    let m = expect_error(a.post("", Some(bad_device)).await, 400, "invalid_request").await;
+    assert!(m.contains("device diagnostics"), "{m}");
+    expect_error(a.post("/nope/start", None).await, 404, "not_found").await;
+}
+
+#[tokio::test]
+async fn node_endpoints_pass_the_egress_guard_unless_private_addresses_are_allowed() {
+    // The production default: public addresses only.
+    let h = host_with(|b| b.config(BrokerConfig::default())).await;
+    let (_, key) = h.provider().await;
+    let a = ProviderApi::new(&h, &key);
+    let v: Value = a.post("", Some(json!({}))).await.json().await.unwrap();
+    let path = format!("/{}", v["provision_id"].as_str().unwrap());
+    for endpoint in [
+        "http://127.0.0.1:8080",
+        "http://10.0.0.7",
+        "http://169.254.169.254",
+        "http://[::1]:9",
+    ] {
+        let ready = json!({"endpoint": endpoint, "services": [{"service": "chat", "model": "llama3.2:1b"}]});
+        expect_error(
+            a.post(&format!("{path}/ready"), Some(ready)).await,
+            403,
+            "forbidden",
+        )
+        .await;
+    }
+    let reg = json!({"endpoint": "http://192.168.1.2", "services": [{"service": "chat", "model": "llama3.2:1b"}]});
+    expect_error(a.post("", Some(reg)).await, 403, "forbidden").await;
+    assert!(h.broker.models().data.is_empty());
+}
+
+// ---- expiry and health ---------------------------------------------------------
+
+#[tokio::test]
+async fn a_node_that_stops_heartbeating_leaves_routing_after_the_ttl_and_returns_when_ready() {
+    let mut cfg = test_config();
+    cfg.heartbeat_ttl = Duration::from_secs(30);
+    let h = host_with(|b| b.config(cfg)).await;
+    let node = StandInNode::start("n").await;
+    let (p, key) = h.provider().await;
+    let id = h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let a = ProviderApi::new(&h, &key);
+    let (_, user) = h.user(Credits::whole(1)).await;
+
+    h.clock.advance(Duration::from_secs(20));
+    assert_eq!(
+        a.post(&format!("/{id}/heartbeat"), None).await.status(),
+        204
+    );
+    // Exactly the TTL since the last heartbeat: still in.
+    h.clock.advance(Duration::from_secs(30));
+    h.broker.run_maintenance().await.unwrap();
+    assert!(h.broker.pools().is_healthy(&id));
+    assert_eq!(
+        call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            .await
+            .status(),
+        200
+    );
+    // One millisecond more: out, and ended in the store.
+    h.clock.advance(Duration::from_millis(1));
+    h.broker.run_maintenance().await.unwrap();
+    assert!(!h.broker.pools().is_healthy(&id));
+    assert!(h.broker.models().data.is_empty());
+    assert_eq!(
+        h.broker.store().provision(&id).await.unwrap().state,
+        ProvisionState::Ended
+    );
+    expect_error(
+        call(&h, &user, "/v1/chat/completions", &chat(MODEL)).await,
+        404,
+        "model_not_found",
+    )
+    .await;
+    expect_error(
+        a.post(&format!("/{id}/heartbeat"), None).await,
+        409,
+        "conflict",
+    )
+    .await;
+    // It comes back by reporting ready again, and stays while it heartbeats.
+    let ready = json!({"endpoint": node.url(), "services": [{"service": "chat", "model": MODEL}]});
+    assert_eq!(
+        a.post(&format!("/{id}/ready"), Some(ready)).await.status(),
+        200
+    );
+    h.clock.advance(Duration::from_secs(25));
+    assert_eq!(
+        a.post(&format!("/{id}/heartbeat"), None).await.status(),
+        204
+    );
+    h.clock.advance(Duration::from_secs(25));
+    h.broker.run_maintenance().await.unwrap();
+    assert!(h.broker.pools().is_healthy(&id));
+    assert_eq!(
+        call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(node.hits(), 2);
+}
+
+fn health_config() -> HealthConfig {
+    let mut c = HealthConfig::default();
+    c.probe_failures_to_eject = 2;
+    c.probe_timeout = Duration::from_secs(2);
+    c.min_samples = 3;
+    c.failure_rate_permille = 500;
+    c.cooldown = Duration::from_secs(10);
+    c.half_open_successes = 2;
+    c
+}
+
+#[tokio::test]
+async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on_trial() {
+    let h = host_with(|b| {
+        b.health(health_config())
+            .selector(Arc::new(RoundRobinSelector))
+    })
+    .await;
+    let good = StandInNode::start("good").await;
+    let flaky = ScriptedNode::start().await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &good, Service::Chat, MODEL).await;
+    let id = h
+        .add_node_at(&p, &flaky.url, Service::Chat, MODEL, None)
+        .await;
+    let (_, user) = h.user(Credits::whole(1)).await;
+
+    let r = h.broker.run_health_checks().await;
+    assert_eq!((r.probed, r.failed), (2, 0));
+    flaky.heartbeat(500, None);
+    let r = h.broker.run_health_checks().await;
+    assert!(r.ejected.is_empty(), "one failed probe is not enough");
+    assert!(h.broker.pools().is_healthy(&id));
+    let r = h.broker.run_health_checks().await;
+    assert_eq!(r.ejected, vec![id.clone()], "two in a row take it out");
+    assert_eq!(breaker(&h, &id), BreakerState::Open);
+    for _ in 0..4 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(flaky.chats(), 0, "no traffic while out");
+
+    // Healthy again, but not before the cooldown: it is not even probed.
+    flaky.heartbeat(200, None);
+    h.clock.advance(Duration::from_secs(9));
+    let r = h.broker.run_health_checks().await;
+    assert_eq!((r.probed, r.restored.len()), (1, 0));
+    h.clock.advance(Duration::from_secs(1));
+    let r = h.broker.run_health_checks().await;
+    assert_eq!(r.restored, vec![id.clone()]);
+    assert_eq!(breaker(&h, &id), BreakerState::HalfOpen);
+    // On trial: two forwarded successes close it.
+    for _ in 0..6 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(flaky.chats(), 3, "round robin over two nodes");
+    assert_eq!(breaker(&h, &id), BreakerState::Closed);
+
+    // A busy answer with Retry-After takes it out in one round, for that long.
+    flaky.heartbeat(503, Some("30"));
+    let r = h.broker.run_health_checks().await;
+    assert_eq!(r.ejected, vec![id.clone()]);
+    flaky.heartbeat(200, None);
+    h.clock.advance(Duration::from_secs(29));
+    assert!(h.broker.run_health_checks().await.restored.is_empty());
+    h.clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        h.broker.run_health_checks().await.restored,
+        vec![id.clone()]
+    );
+}
+
+#[tokio::test]
+async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_when_healthy() {
+    let h = host_with(|b| {
+        b.health(health_config())
+            .selector(Arc::new(RoundRobinSelector))
+    })
+    .await;
+    let good = StandInNode::start("good").await;
+    let bad = StandInNode::start("bad").await;
+    bad.set(Behavior::Status(500));
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &good, Service::Chat, MODEL).await;
+    let id = h.add_node(&p, &bad, Service::Chat, MODEL).await;
+    let (_, user) = h.user(Credits::whole(1)).await;
+
+    // Every call succeeds (failover); the bad node is out after its third
+    // failure, the minimum sample, with no health check on the request path.
+    for _ in 0..20 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+        if !h.broker.pools().is_healthy(&id) {
+            break;
+        }
+    }
+    assert!(!h.broker.pools().is_healthy(&id));
+    assert_eq!(bad.hits(), 3);
+    for _ in 0..5 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(bad.hits(), 3, "no traffic while out");
+
+    bad.set(Behavior::Ok);
+    assert!(
+        h.broker.run_health_checks().await.restored.is_empty(),
+        "cooldown first"
+    );
+    h.clock.advance(Duration::from_secs(10));
+    assert_eq!(
+        h.broker.run_health_checks().await.restored,
+        vec![id.clone()]
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(bad.hits(), 5);
+    assert_eq!(breaker(&h, &id), BreakerState::Closed);
+
+    // Failing again on trial would reopen it at once, for twice as long; a
+    // closed breaker starts again from the first cooldown.
+    bad.set(Behavior::Status(500));
+    for _ in 0..20 {
+        call(&h, &user, "/v1/chat/completions", &chat(MODEL)).await;
+        if !h.broker.pools().is_healthy(&id) {
+            break;
+        }
+    }
+    let stats = h.broker.pools().stats(&id).unwrap();
+    assert_eq!(
+        stats.health().open_until(),
+        h.clock.now().plus(Duration::from_secs(10))
+    );
+}
+
+#[tokio::test]
+async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
+    let h = host_with(|b| {
+        b.health(health_config())
+            .selector(Arc::new(RoundRobinSelector))
+    })
+    .await;
+    let good = StandInNode::start("good").await;
+    let busy = ScriptedNode::start().await;
+    busy.chat(429, Some("20"));
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &good, Service::Chat, MODEL).await;
+    let id = h
+        .add_node_at(&p, &busy.url, Service::Chat, MODEL, None)
+        .await;
+    let (_, user) = h.user(Credits::whole(1)).await;
+    for _ in 0..2 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(busy.chats(), 1);
+    assert!(
+        !h.broker.pools().is_healthy(&id),
+        "out on the first busy answer"
+    );
+    let until = h.broker.pools().stats(&id).unwrap().health().open_until();
+    assert_eq!(until, h.clock.now().plus(Duration::from_secs(20)));
+    busy.chat(200, None);
+    h.clock.advance(Duration::from_secs(19));
+    assert!(h.broker.run_health_checks().await.restored.is_empty());
+    h.clock.advance(Duration::from_secs(1));
+    assert_eq!(
+        h.broker.run_health_checks().await.restored,
+        vec![id.clone()]
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert_eq!(busy.chats(), 2);
+}
+
+// ---- selectors -----------------------------------------------------------------
+
+fn pool_of(n: usize, model: &str) -> (PoolIndex, Vec<ProvisionId>) {
+    let ix = PoolIndex::new();
+    let ids: Vec<ProvisionId> = (0..n)
+        .map(|i| ProvisionId::new(format!("node_{model}_{i}")))
+        .collect();
+    for id in &ids {
+        ix.upsert(
+            id,
+            vec![PoolEntry {
+                provision_id: id.clone(),
+                provider_id: ProviderId::new("prv"),
+                service: Service::Chat,
+                model: model.into(),
+                endpoint: "http://node.example".into(),
+                node_secret: "s".into(),
+                tier: 3,
+                region: String::new(),
+            }],
+        );
+    }
+    (ix, ids)
+}
+
+#[test]
+fn peak_ewma_sends_a_slow_node_a_small_share() {
+    let (ix, ids) = pool_of(3, MODEL);
+    let latency: HashMap<ProvisionId, u64> = [
+        (ids[0].clone(), 400_000),
+        (ids[1].clone(), 20_000),
+        (ids[2].clone(), 25_000),
+    ]
+    .into();
+    let mut share: HashMap<ProvisionId, usize> = HashMap::new();
+    let sel = PeakEwmaSelector;
+    for _ in 0..3_000 {
+        let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
+        let _busy = n.stats.start();
+        n.stats.observe(latency[&n.entry.provision_id], true);
+        *share.entry(n.entry.provision_id.clone()).or_default() += 1;
+    }
+    let slow = share.get(&ids[0]).copied().unwrap_or(0);
+    assert!(slow <= 30, "slow node got {slow} of 3000");
+    assert!(share[&ids[1]] > 700 && share[&ids[2]] > 700, "{share:?}");
+}
+
+#[tokio::test]
+async fn the_default_selector_avoids_a_slow_node_end_to_end() {
+    let h = host_with(|b| b).await;
+    let slow = StandInNode::start("slow").await;
+    slow.set(Behavior::Slow(Duration::from_millis(300)));
+    let fast1 = StandInNode::start("fast1").await;
+    let fast2 = StandInNode::start("fast2").await;
+    let (p, _) = h.provider().await;
+    for n in [&slow, &fast1, &fast2] {
+        h.add_node(&p, n, Service::Chat, MODEL).await;
+    }
+    let (_, user) = h.user(Credits::whole(10)).await;
+    for _ in 0..40 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+    }
+    assert!(slow.hits() <= 3, "slow node got {} of 40", slow.hits());
+    assert_eq!(slow.hits() + fast1.hits() + fast2.hits(), 40);
+}
+
+#[test]
+fn least_in_flight_balances_in_flight_counts() {
+    let sel = LeastInFlightSelector;
+    // Small pools are compared whole: exact balance.
+    let (ix, ids) = pool_of(3, MODEL);
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
+        held.push((n.entry.provision_id.clone(), n.stats.start()));
+    }
+    let load = |id: &ProvisionId| ix.stats(id).unwrap().in_flight();
+    assert_eq!(ids.iter().map(load).collect::<Vec<_>>(), [10, 10, 10]);
+    // Finishing three requests on one node sends the next three there.
+    let target = ids[1].clone();
+    let mut dropped = 0;
+    held.retain(|(id, _)| {
+        if *id == target && dropped < 3 {
+            dropped += 1;
+            false
+        } else {
+            true
+        }
+    });
+    for _ in 0..3 {
+        let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
+        assert_eq!(n.entry.provision_id, target);
+        held.push((n.entry.provision_id.clone(), n.stats.start()));
+    }
+    // Large pools: the lesser of two random nodes keeps every node near the mean.
+    let (ix, ids) = pool_of(200, "big");
+    let mut held = Vec::new();
+    for _ in 0..2_000 {
+        let n = ix.select(Service::Chat, "big", &sel, &[]).unwrap();
+        held.push(n.stats.start());
+    }
+    let loads: Vec<u32> = ids
+        .iter()
+        .map(|id| ix.stats(id).unwrap().in_flight())
+        .collect();
+    let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+    assert!(
+        *max <= 16 && *min >= 4,
+        "in flight ranges {min}..{max} around a mean of 10"
+    );
+}
+
+#[test]
+fn round_robin_is_even_per_pool() {
+    let (ix, ids) = pool_of(4, MODEL);
+    let sel = RoundRobinSelector;
+    let mut count: HashMap<ProvisionId, usize> = HashMap::new();
+    for _ in 0..400 {
+        let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
+        *count.entry(n.entry.provision_id.clone()).or_default() += 1;
+    }
+    assert!(ids.iter().all(|id| count[id] == 100), "{count:?}");
+    // Two pools used in turn do not skew each other.
+    let (ix, _) = pool_of(2, "a");
+    for id in pool_of(2, "b").1 {
+        ix.upsert(
+            &id,
+            vec![PoolEntry {
+                provision_id: id.clone(),
+                provider_id: ProviderId::new("prv"),
+                service: Service::Chat,
+                model: "b".into(),
+                endpoint: "http://node.example".into(),
+                node_secret: "s".into(),
+                tier: 3,
+                region: String::new(),
+            }],
+        );
+    }
+    let mut a: HashMap<ProvisionId, usize> = HashMap::new();
+    for _ in 0..100 {
+        let n = ix.select(Service::Chat, "a", &sel, &[]).unwrap();
+        *a.entry(n.entry.provision_id.clone()).or_default() += 1;
+        ix.select(Service::Chat, "b", &sel, &[]).unwrap();
+    }
+    assert_eq!(a.values().copied().collect::<Vec<_>>(), [50, 50]);
+}
+
+#[test]
+fn a_preferred_region_is_served_first_and_others_serve_when_it_has_none() {
+    let ix = PoolIndex::new();
+    for (id, region) in [("de1", "DE"), ("de2", "de"), ("us1", "US")] {
+        let id = ProvisionId::new(id);
+        ix.upsert(
+            &id,
+            vec![PoolEntry {
+                provision_id: id.clone(),
+                provider_id: ProviderId::new("prv"),
+                service: Service::Chat,
+                model: MODEL.into(),
+                endpoint: "http://node.example".into(),
+                node_secret: "s".into(),
+                tier: 3,
+                region: region.into(),
+            }],
+        );
+    }
+    let de = pool::RoutePreferences::region(" De ");
+    for _ in 0..50 {
+        let n = ix
+            .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &[], &de)
+            .unwrap();
+        assert!(n.entry.provision_id.as_str().starts_with("de"));
+    }
+    let tried = [ProvisionId::new("de1"), ProvisionId::new("de2")];
+    let n = ix
+        .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &tried, &de)
+        .unwrap();
+    assert_eq!(n.entry.provision_id.as_str(), "us1");
+    ix.set_healthy(&ProvisionId::new("us1"), false);
+    assert!(ix
+        .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &tried, &de)
+        .is_none());
+}
+
+// ---- rewards -------------------------------------------------------------------
+
+fn ctx(
+    service: Service,
+    model: &str,
+    tier: u8,
+    tokens: (u64, u64),
+    latency_ms: u64,
+) -> RewardContext<'_> {
+    RewardContext {
+        service,
+        model,
+        tier,
+        meter: Meter {
+            input_tokens: tokens.0,
+            output_tokens: tokens.1,
+            units: 0,
+        },
+        latency_ms,
+        charged: Credits::whole(1),
+    }
+}
+
+#[test]
+fn tiered_rewards_are_the_original_formula_to_the_micro_credit() {
+    let p = TieredReward::default();
+    let r = |c: RewardContext<'_>| p.reward(&c).as_micros();
+    // Tier 1 chat, 1B (×1.0), 15 tokens, fast: (5,000 + 15 × 10) × 1.1.
+    assert_eq!(r(ctx(Service::Chat, "llama3.2:1b", 1, (10, 5), 500)), 5_665);
+    // Tier 2 chat, 3B (×1.2), 100 tokens, fast: (15,000 × 1.2 + 100 × 30) × 1.1.
+    assert_eq!(
+        r(ctx(Service::Chat, "llama3.2:3b", 2, (60, 40), 1_999)),
+        23_100
+    );
+    // Tier 3 chat, 8B (×1.5), 1,234 tokens, exactly 2 s (no bonus): 52,500 + 86,380.
+    assert_eq!(
+        r(ctx(Service::Chat, "llama3.1:8b", 3, (1_000, 234), 2_000)),
+        138_880
+    );
+    // Tier 4 embeddings (×0.3), 1,000 input tokens (output ignored): 22,500 + 45,000.
+    assert_eq!(
+        r(ctx(
+            Service::Embeddings,
+            "nomic-embed-text",
+            4,
+            (1_000, 99),
+            5_000
+        )),
+        67_500
+    );
+    // Tier 3 tts (×0.6), slow (×0.9), tokens not paid: 35,000 × 0.6 × 0.9.
+    assert_eq!(
+        r(ctx(Service::Tts, "kokoro", 3, (500, 500), 10_001)),
+        18_900
+    );
+    // Exactly 10 s is not slow.
+    assert_eq!(r(ctx(Service::Tts, "kokoro", 3, (0, 0), 10_000)), 21_000);
+    // Tier 3 scrape (×0.2): 7,000; tier 2 vision (others, ×0.5), fast: 8,250.
+    assert_eq!(r(ctx(Service::Scrape, "default", 3, (0, 0), 3_000)), 7_000);
+    assert_eq!(
+        r(ctx(Service::Vision, "moondream", 2, (0, 0), 1_000)),
+        8_250
+    );
+    // One rounding, half up: (1,500 + 5 × 3) × 1.1 = 1,666.5 → 1,667.
+    assert_eq!(
+        r(ctx(Service::Embeddings, "all-minilm", 1, (5, 0), 100)),
+        1_667
+    );
+    // (1,500 + 1 × 3) × 1.1 = 1,653.3 → 1,653.
+    assert_eq!(
+        r(ctx(Service::Embeddings, "all-minilm", 1, (1, 0), 100)),
+        1_653
+    );
+    // Sizes from tags: 14B ×2.0, 70B ×2.5, 0.5B ×1.0; overrides win.
+    assert_eq!(
+        r(ctx(Service::Chat, "qwen2.5:14b", 1, (0, 0), 5_000)),
+        10_000
+    );
+    assert_eq!(
+        r(ctx(Service::Chat, "llama3.1:70b", 1, (0, 0), 5_000)),
+        12_500
+    );
+    assert_eq!(
+        r(ctx(Service::Chat, "qwen2.5:0.5b", 1, (0, 0), 5_000)),
+        5_000
+    );
+    let custom = TieredReward::default().with_complexity("llama3.2:1b", 3_000);
+    assert_eq!(
+        custom.reward(&ctx(Service::Chat, "llama3.2:1b", 1, (0, 0), 5_000)),
+        Credits(15_000)
+    );
+    // Tiers outside 1-4 are paid as the nearest tier.
+    assert_eq!(
+        r(ctx(Service::Chat, "llama3.2:1b", 0, (0, 0), 5_000)),
+        5_000
+    );
+    assert_eq!(
+        r(ctx(Service::Chat, "llama3.2:1b", 9, (0, 0), 5_000)),
+        75_000
+    );
+}
+
+#[test]
+fn revenue_share_and_flat_rewards_are_exact() {
+    let c = |charged: i64| RewardContext {
+        charged: Credits(charged),
+        ..ctx(Service::Chat, MODEL, 1, (0, 0), 0)
+    };
+    let seventy = RevenueShare::new(7_000).unwrap();
+    assert_eq!(
+        seventy.reward(&c(1_234_567)),
+        Credits(864_196),
+        "rounded down"
+    );
+    assert_eq!(seventy.reward(&c(0)), Credits::ZERO);
+    assert_eq!(
+        RevenueShare::new(10_000).unwrap().reward(&c(1_020)),
+        Credits(1_020)
+    );
+    assert_eq!(
+        RevenueShare::new(0).unwrap().reward(&c(1_020)),
+        Credits::ZERO
+    );
+    assert!(RevenueShare::new(10_001).is_err());
+    assert_eq!(FlatReward::default().reward(&c(5)), Credits(10_000));
+}
+
+#[tokio::test]
+async fn providers_earn_what_the_policy_says_from_settled_successful_requests_only() {
+    // Revenue share: 70 % of the 1,020 charged.
+    let h = host_with(|b| b.reward_policy(Arc::new(RevenueShare::new(7_000).unwrap()))).await;
+    let node = StandInNode::start("n").await;
+    let failing = StandInNode::start("f").await;
+    failing.set(Behavior::Status(500));
+    let (p, _) = h.provider().await;
+    let (pf, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    h.add_node(&pf, &failing, Service::Chat, MODEL).await;
+    let (_, user) = h.user(Credits::whole(1)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+                .await
+                .status(),
+            200
+        );
+    }
+    let earned = |id: ProviderId| {
+        let b = h.broker.clone();
+        async move { b.store().provider(&id).await.unwrap().earnings }
+    };
+    assert_eq!(earned(p.id.clone()).await, Credits(3 * 714));
+    assert_eq!(
+        earned(pf.id.clone()).await,
+        Credits::ZERO,
+        "failures earn nothing"
+    );
+
+    // Tiered: a tier 3 node serving a 3B model, by the request's own latency.
+    let h = host_with(|b| b.reward_policy(Arc::new(TieredReward::default()))).await;
+    h.broker
+        .put_price(PriceEntry {
+            per_request: Credits::whole(1),
+            ..chat_price()
+        })
+        .await
+        .unwrap();
+    let node = StandInNode::start("n").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, user) = h.user(Credits::whole(10)).await;
+    assert_eq!(
+        call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            .await
+            .status(),
+        200
+    );
+    let usage = h
+        .broker
+        .store()
+        .usage_records(&u.id, 1)
+        .await
+        .unwrap()
+        .remove(0);
+    // (35,000 × 1.2 + 15 tokens × 70) × latency factor.
+    let factor = TieredReward::latency_permille(usage.latency_ms) as i64;
+    let expected = (42_000 + 1_050) * factor / 1_000;
+    assert_eq!(usage.reward, Credits(expected));
+    assert_eq!(
+        h.broker.store().provider(&p.id).await.unwrap().earnings,
+        Credits(expected)
+    );
+
+    // A reward above the charge is clamped to it: the platform never pays out more.
+    let h = host_with(|b| b.reward_policy(Arc::new(FlatReward(Credits(5_000))))).await;
+    let node = StandInNode::start("n").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_, user) = h.user(Credits::whole(1)).await;
+    assert_eq!(
+        call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.broker.store().provider(&p.id).await.unwrap().earnings,
+        Credits(1_020)
+    );
+}
