@@ -750,7 +750,12 @@ async fn usage_is_summarised_per_day_and_per_service() {
         (u.services[0].requests, u.services[0].charged),
         (2, Credits(2_040))
     );
-    assert_eq!(u.sampled_requests, 2);
+    assert_eq!(u.recent.len(), 2);
+    assert_eq!(
+        (u.recent[0].model.as_str(), u.recent[0].charged),
+        (MODEL, Credits(1_020))
+    );
+    assert_eq!(u.recent[0].key_id, k.key.key_id);
     let me: MeResponse = call(&h, "GET", "/v1/me").bearer(tok).ok().await;
     assert_eq!(me.credits, Credits(1_000_000 - 2_040));
     for bad in [

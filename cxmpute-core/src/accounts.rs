@@ -826,8 +826,8 @@ impl Accounts {
         })
     }
 
-    /// Usage over the last `days` days (1 to 90): per day from the daily
-    /// counters, per service from the latest usage records.
+    /// Usage over the last `days` days (1 to 90): per day and per service from
+    /// the daily counters, and the latest requests from the usage records.
     pub async fn usage(&self, user: &User, days: u32) -> Result<UsageResponse> {
         if !(1..=90).contains(&days) {
             return Err(Error::InvalidInput("`days` must be 1 to 90".into()));
@@ -855,13 +855,17 @@ impl Accounts {
                 }
             })
             .collect();
-        const SAMPLE: usize = 1_000;
-        let records = self.store().usage_records(&user.id, SAMPLE).await?;
+        // Per service: the per-user, per-model counters, summed by service.
+        let prefix = scope::user_model_prefix(&user.id);
         let mut by_service: Vec<ServiceUsage> = Vec::new();
-        let mut sampled = 0;
-        for r in records.iter().filter(|r| r.at.day() >= from) {
-            sampled += 1;
-            let service = r.route.service();
+        for (sc, c) in self.store().stats_by_prefix(&prefix, from, to).await? {
+            let Some(service) = sc
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split_once(':'))
+                .and_then(|(svc, _model)| svc.parse::<Service>().ok())
+            else {
+                continue;
+            };
             let i = match by_service.iter().position(|s| s.service == service) {
                 Some(i) => i,
                 None => {
@@ -878,20 +882,41 @@ impl Accounts {
                 }
             };
             let s = &mut by_service[i];
-            s.requests += 1;
-            s.failures += u64::from(!r.success);
-            s.input_tokens += r.input_tokens;
-            s.output_tokens += r.output_tokens;
-            s.units += r.units;
-            s.charged = s.charged.saturating_add(r.charged);
+            s.requests += c.requests;
+            s.failures += c.failures;
+            s.input_tokens += c.input_tokens;
+            s.output_tokens += c.output_tokens;
+            s.units += c.units;
+            s.charged = s.charged.saturating_add(Credits(c.charged));
         }
         by_service.sort_by_key(|s| s.service);
+        // Who served a request is the provider's business: left out.
+        let recent = self
+            .store()
+            .usage_records(&user.id, 20)
+            .await?
+            .into_iter()
+            .map(|r| RecentRequest {
+                request_id: r.request_id,
+                route: r.route,
+                model: r.model,
+                key_id: r.key_id,
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                units: r.units,
+                success: r.success,
+                latency_ms: r.latency_ms,
+                app: r.app,
+                at: r.at,
+                charged: r.charged,
+            })
+            .collect();
         Ok(UsageResponse {
             from,
             to,
             days: days_out,
             services: by_service,
-            sampled_requests: sampled,
+            recent,
         })
     }
 

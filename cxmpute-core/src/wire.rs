@@ -871,6 +871,35 @@ pub struct ServiceUsage {
     pub charged: Credits,
 }
 
+/// One of a user's latest requests (what was asked and paid, not who served it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentRequest {
+    /// The request.
+    pub request_id: RequestId,
+    /// The route called.
+    pub route: Route,
+    /// The model asked for.
+    pub model: String,
+    /// The key used.
+    pub key_id: ApiKeyId,
+    /// Input tokens.
+    pub input_tokens: u64,
+    /// Output tokens.
+    pub output_tokens: u64,
+    /// Other units.
+    pub units: u64,
+    /// Whether it succeeded.
+    pub success: bool,
+    /// Wall time in milliseconds.
+    pub latency_ms: u64,
+    /// The calling application, if named.
+    pub app: Option<String>,
+    /// When it finished.
+    pub at: Timestamp,
+    /// What it cost.
+    pub charged: Credits,
+}
+
 /// `GET /v1/me/usage?days=N`: usage per day and per service.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageResponse {
@@ -880,11 +909,11 @@ pub struct UsageResponse {
     pub to: Day,
     /// One entry per day of the range, oldest first (days without use are zero).
     pub days: Vec<DayUsage>,
-    /// Per service, over the range (from the latest requests, at most
-    /// `sampled_requests` of them).
+    /// Per service, over the range.
     pub services: Vec<ServiceUsage>,
-    /// How many requests the per-service figures are drawn from.
-    pub sampled_requests: usize,
+    /// The latest requests (at most 20), newest first; these show at once,
+    /// the counters above after the next statistics flush.
+    pub recent: Vec<RecentRequest>,
 }
 
 /// `GET /v1/provider/account`: a provider's account.
