@@ -226,6 +226,21 @@ async fn world() -> World {
             .await;
     w.nodes.push(node);
     w.nodes.push(enode);
+    // A node of A's that walks the lifecycle (registered, start, ready, end).
+    let n_life =
+        w.h.broker
+            .register_provision(
+                &pa,
+                RegisterProvisionRequest {
+                    endpoint: None,
+                    services: vec![],
+                    device: json!({"gpu": {"memory_mb": 8192}}),
+                    location: Location::default(),
+                },
+            )
+            .await
+            .unwrap()
+            .provision_id;
 
     let note =
         w.h.broker
@@ -266,6 +281,8 @@ async fn world() -> World {
         ("n_chat", n_chat.to_string()),
         ("n_spare", n_spare.to_string()),
         ("n_b", n_b.to_string()),
+        ("n_life", n_life.to_string()),
+        ("spare_url", spare_url.clone()),
         ("note", note.id.to_string()),
     ] {
         w.creds.insert(name, v);
@@ -304,6 +321,7 @@ async fn world() -> World {
         (Account::ProvA, &n_chat),
         (Account::ProvA, &n_embed),
         (Account::ProvA, &n_spare),
+        (Account::ProvA, &n_life),
         (Account::ProvB, &n_b),
     ] {
         w.mark(a, id.to_string());
@@ -363,6 +381,8 @@ fn routes(w: &World) -> Vec<Route> {
     let n_chat = w.cred("n_chat");
     let n_spare = w.cred("n_spare");
     let n_b = w.cred("n_b");
+    let n_life = w.cred("n_life");
+    let spare_url = w.cred("spare_url");
     let note = w.cred("note");
     let price = json!({"service": "chat", "model": MODEL, "per_request": 1000,
         "per_million_input_tokens": 0, "per_million_output_tokens": 0, "per_million_units": 0});
@@ -461,8 +481,32 @@ fn routes(w: &World) -> Vec<Route> {
             providers(200, 200),
         ),
         route(
+            "GET",
+            format!("/v1/provider/provisions/{n_chat}"),
+            None,
+            providers(200, 404),
+        ),
+        route(
             "POST",
             format!("/v1/provider/provisions/{n_chat}/heartbeat"),
+            None,
+            providers(204, 404),
+        ),
+        route(
+            "POST",
+            format!("/v1/provider/provisions/{n_life}/start"),
+            Some(json!({})),
+            providers(200, 404),
+        ),
+        route(
+            "POST",
+            format!("/v1/provider/provisions/{n_life}/ready"),
+            Some(json!({"endpoint": spare_url, "services": [{"service": "chat", "model": MODEL}]})),
+            providers(200, 404),
+        ),
+        route(
+            "POST",
+            format!("/v1/provider/provisions/{n_life}/end"),
             None,
             providers(204, 404),
         ),
