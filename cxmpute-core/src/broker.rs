@@ -39,6 +39,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::accounts::{AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
@@ -46,6 +47,7 @@ use crate::egress::{self, EgressPolicy};
 use crate::error::{Error, Result};
 use crate::health::{self, HealthConfig, HealthReport, Outcome};
 use crate::mail::{ConsoleMailer, Mailer};
+use crate::metrics::{AttemptOutcome, Metrics};
 use crate::network::NetworkConfig;
 use crate::pool::{Node, PoolIndex};
 use crate::pricing::{default_prices, Meter, PriceTable};
@@ -203,6 +205,7 @@ impl BrokerBuilder {
             prices: PriceTable::new(self.default_prices, stored),
             pools: PoolIndex::new(),
             stats: StatsRecorder::default(),
+            metrics: Metrics::new(),
             store: self.store,
             clock: self.clock,
             selector: self.selector,
@@ -230,6 +233,7 @@ struct Inner {
     prices: PriceTable,
     pools: PoolIndex,
     stats: StatsRecorder,
+    metrics: Metrics,
     http: reqwest::Client,
 }
 
@@ -344,6 +348,16 @@ impl Broker {
         &self.inner.pools
     }
 
+    /// This broker's Prometheus metrics (see [`crate::metrics`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The in-memory usage counters (see [`crate::stats`]).
+    pub(crate) fn stats_recorder(&self) -> &StatsRecorder {
+        &self.inner.stats
+    }
+
     /// The mailer.
     pub fn mailer(&self) -> &Arc<dyn Mailer> {
         &self.inner.mailer
@@ -387,6 +401,8 @@ impl Broker {
             .store
             .release_stale_reservations(now.minus(self.inner.config.reservation_ttl))
             .await?;
+        self.record_network_snapshot();
+        self.inner.metrics.upkeep();
         self.flush_stats().await
     }
 
@@ -404,12 +420,21 @@ impl Broker {
         let now = i.clock.now();
         if let Some(t) = health::record_forwarding(&i.config.health, &i.pools, node, now, outcome) {
             tracing::info!(provision = %node.entry.provision_id, transition = ?t, "circuit breaker");
+            i.metrics.breaker_transition(match t {
+                health::Transition::Opened(_) => health::BreakerState::Open,
+                health::Transition::HalfOpened => health::BreakerState::HalfOpen,
+                health::Transition::Closed => health::BreakerState::Closed,
+            });
         }
     }
 
     /// Writes the statistics collected so far.
     pub async fn flush_stats(&self) -> Result<()> {
-        self.inner.stats.flush(self.inner.store.as_ref()).await
+        let r = self.inner.stats.flush(self.inner.store.as_ref()).await;
+        if r.is_err() {
+            self.inner.metrics.stats_flush_failed();
+        }
+        r
     }
 
     /// Runs [`Broker::run_maintenance`] and [`Broker::refresh_pools`] every
@@ -866,6 +891,7 @@ impl Broker {
             )));
         }
         let prep = services::prepare(&self.inner.config, req.route, &req.body)?;
+        tracing::Span::current().record("model", prep.model.as_str());
         if !self.inner.pools.is_offered(prep.service, &prep.model) {
             return Err(Error::NotFound(format!("model `{}`", prep.model)));
         }
@@ -880,6 +906,7 @@ impl Broker {
             created_at: self.now(),
         };
         self.inner.store.reserve(&reservation).await?;
+        tracing::Span::current().record("request_id", reservation.request_id.as_str());
         let ctx = CallContext {
             broker: self.clone(),
             reservation,
@@ -899,7 +926,19 @@ impl Broker {
         for attempt in 1..=5 {
             match self.inner.store.settle(&st).await {
                 Ok(_) => {
-                    self.inner.stats.record(&finalize_usage(&st));
+                    let u = finalize_usage(&st);
+                    self.inner.stats.record(&u);
+                    self.inner.metrics.settled(&u);
+                    let outcome = if u.success { "success" } else { "failure" };
+                    tracing::Span::current().record("outcome", outcome);
+                    tracing::info!(
+                        outcome,
+                        latency_ms = u.latency_ms,
+                        input_tokens = u.input_tokens,
+                        output_tokens = u.output_tokens,
+                        charged = u.charged.0,
+                        "request settled"
+                    );
                     return;
                 }
                 Err(e) if e.is_retryable() && attempt < 5 => {
@@ -999,11 +1038,25 @@ impl CallContext {
                 break;
             };
             tried.push(node.entry.provision_id.clone());
+            if attempt > 1 {
+                b.metrics.failover(self.reservation.route);
+            }
+            tracing::Span::current().record("node", node.entry.provision_id.as_str());
+            tracing::Span::current().record("attempts", attempt);
             let span = tracing::debug_span!("attempt", attempt, node = %node.entry.provision_id);
-            let _e = span.enter();
             let t0 = Instant::now();
             let in_flight = node.stats.start();
-            match self.attempt(&node).await {
+            let result = self.attempt(&node).instrument(span).await;
+            b.metrics.attempt(
+                self.prep.service,
+                match &result {
+                    Ok(_) => AttemptOutcome::Success,
+                    Err(AttemptError::Timeout(_)) => AttemptOutcome::Timeout,
+                    Err(AttemptError::Busy(..)) => AttemptOutcome::Busy,
+                    Err(AttemptError::Failed(_)) => AttemptOutcome::Failure,
+                },
+            );
+            match result {
                 Ok(Answer::Complete(body, meter)) => {
                     node.stats.observe(elapsed_us(t0), true);
                     self.broker.node_outcome(&node, Outcome::Success);
@@ -1178,7 +1231,7 @@ impl CallContext {
         } = start;
         let (tx, rx) = mpsc::channel::<std::result::Result<Bytes, std::io::Error>>(16);
         let idle = self.broker.inner.config.idle_timeout;
-        tokio::spawn(async move {
+        let task = async move {
             let _in_flight = in_flight;
             enum End {
                 Done,
@@ -1267,7 +1320,9 @@ impl CallContext {
             // answer can rely on it being charged and recorded.
             self.broker.settle(st).await;
             drop(tx);
-        });
+        };
+        // The stream outlives the handler: it keeps the request's span.
+        tokio::spawn(task.instrument(tracing::Span::current()));
         GatewayResponse::Stream {
             content_type,
             body: tokio_stream_from(rx),

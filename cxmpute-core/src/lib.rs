@@ -8,6 +8,7 @@
 //! Money is [`Credits`]: integer micro-credits.
 
 pub mod accounts;
+pub mod analytics;
 pub mod broker;
 pub mod clock;
 pub mod egress;
@@ -16,6 +17,7 @@ pub mod health;
 pub mod http;
 pub mod mail;
 pub mod memory;
+pub mod metrics;
 pub mod network;
 pub mod pool;
 pub mod pricing;

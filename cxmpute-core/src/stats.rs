@@ -187,7 +187,12 @@ impl StatsRecorder {
             units: value,
             ..StatsCounters::default()
         };
-        self.state.lock().pending.entry((day, scope)).or_default().add(&c);
+        self.state
+            .lock()
+            .pending
+            .entry((day, scope))
+            .or_default()
+            .add(&c);
     }
 
     /// Batches built but not yet written (a failing store shows here).

@@ -24,14 +24,16 @@
 
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::broker::{Broker, GatewayRequest, GatewayResponse};
 use crate::error::Error;
@@ -41,8 +43,11 @@ use crate::wire::*;
 
 mod account;
 mod admin;
+mod dashboard;
+pub mod openapi;
 mod provider;
 mod provider_account;
+mod stats;
 
 /// The status, OpenAI `type` and `code` of an error.
 pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
@@ -199,19 +204,51 @@ async fn gateway(
     headers: HeaderMap,
     body: std::result::Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let req = GatewayRequest {
-        api_key: bearer(&headers),
-        route,
-        body: body_bytes(body)?,
-        app: app_name(&headers),
-    };
-    let span = tracing::info_span!("gateway", route = %route);
-    let resp = {
-        let _e = span.enter();
-        broker.handle(req)
+    let started = std::time::Instant::now();
+    // One span per call: the pipeline fills in the model, the request id,
+    // the node and attempts, and the outcome as they become known. Never
+    // the key or the body.
+    let span = tracing::info_span!(
+        "request",
+        route = %route,
+        model = tracing::field::Empty,
+        request_id = tracing::field::Empty,
+        node = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    let result = async {
+        let req = GatewayRequest {
+            api_key: bearer(&headers),
+            route,
+            body: body_bytes(body)?,
+            app: app_name(&headers),
+        };
+        broker.handle(req).await
     }
-    .await?;
-    Ok(match resp {
+    .instrument(span.clone())
+    .await;
+    let status = match &result {
+        Ok(_) => StatusCode::OK,
+        Err(e) => error_parts(e).0,
+    };
+    span.record("status", status.as_u16());
+    if let Err(e) = &result {
+        // Refusals are the caller's business (and cheap to provoke): debug.
+        // Failures on our side or the nodes' are worth a warning.
+        span.in_scope(|| {
+            if status.is_server_error() {
+                tracing::warn!(status = status.as_u16(), error = %e, "request failed");
+            } else {
+                tracing::debug!(status = status.as_u16(), error = %e, "request refused");
+            }
+        });
+    }
+    broker
+        .metrics()
+        .http_request(route, status.as_u16(), started.elapsed());
+    Ok(match result? {
         GatewayResponse::Complete { content_type, body } => {
             ([(header::CONTENT_TYPE, content_type)], body).into_response()
         }
@@ -243,13 +280,52 @@ pub(crate) fn ok<T: Serialize>(v: T) -> ApiResult<Json<T>> {
     Ok(Json(v))
 }
 
-/// Every route of the broker: the gateway, the provider API and the admin API.
-///
-/// Each area keeps its routes in its own module (`provider`, `admin`, ...) and
-/// this function merges them.
-pub fn router(broker: Broker) -> Router {
-    let limit = broker.config().max_body_bytes;
-    Router::new()
+/// A route table: an axum [`Router`] that also remembers the paths it
+/// serves, so that the OpenAPI document can be checked against what is
+/// really served (see [`paths`]). Each area's `routes()` builds one; its
+/// `route` and `merge` are axum's.
+pub(crate) struct Routes {
+    router: Router<Broker>,
+    paths: Vec<String>,
+}
+
+impl Routes {
+    /// An empty table.
+    pub(crate) fn new() -> Self {
+        Routes {
+            router: Router::new(),
+            paths: Vec::new(),
+        }
+    }
+
+    /// Adds a route, as [`Router::route`] does, and records its path.
+    pub(crate) fn route(mut self, path: &str, method_router: MethodRouter<Broker>) -> Self {
+        self.router = self.router.route(path, method_router);
+        self.paths.push(path.to_owned());
+        self
+    }
+
+    /// Adds every route of another table.
+    pub(crate) fn merge(mut self, other: impl Into<Routes>) -> Self {
+        let other = other.into();
+        self.router = self.router.merge(other.router);
+        self.paths.extend(other.paths);
+        self
+    }
+}
+
+impl From<Router<Broker>> for Routes {
+    fn from(router: Router<Broker>) -> Self {
+        Routes {
+            router,
+            paths: Vec::new(),
+        }
+    }
+}
+
+/// Every route of the broker, before the state is attached.
+fn table() -> Routes {
+    Routes::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/v1/models",
@@ -274,7 +350,40 @@ pub fn router(broker: Broker) -> Router {
         .merge(admin::routes())
         .merge(account::routes())
         .merge(provider_account::routes())
+        .merge(stats::routes())
+        .merge(dashboard::routes())
+        .merge(openapi::routes())
+}
+
+/// Every route of the broker: the gateway, the provider API and the admin API.
+///
+/// Each area keeps its routes in its own module (`provider`, `admin`, ...) and
+/// [`table`] merges them.
+pub fn router(broker: Broker) -> Router {
+    let limit = broker.config().max_body_bytes;
+    table()
+        .router
         .fallback(|| async { ApiError(Error::NotFound("no such route".into())).into_response() })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(
+            // A span per HTTP request, named by the route's pattern (never
+            // the query string or a token); the gateway adds its own inside.
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<Body>| {
+                let path = req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("unmatched", MatchedPath::as_str);
+                tracing::info_span!("http", method = %req.method(), path)
+            }),
+        )
         .with_state(broker)
+}
+
+/// Every path [`router`] serves, as written in its routes (`{id}` for
+/// parameters), sorted. The OpenAPI test walks these.
+pub fn paths() -> Vec<String> {
+    let mut p = table().paths;
+    p.sort();
+    p.dedup();
+    p
 }

@@ -1,0 +1,853 @@
+//! Usage analytics: what the daily counters of [`crate::stats`] mean.
+//!
+//! The counters are sums (requests, tokens, latency, a latency histogram,
+//! micro-credits); everything shown to people is derived here, once, so the
+//! stats routes, the account routes and the dashboard agree:
+//!
+//! - averages are sums divided by counts, computed when read;
+//! - the 95th percentile comes from the histogram buckets the way
+//!   Prometheus' `histogram_quantile` does it (linear inside the bucket; in
+//!   the overflow bucket, the highest finite bound);
+//! - tokens per second is output tokens over the wall time of the requests
+//!   that produced them (only where there were output tokens: chat);
+//! - gauges (node counts) are sample sums over sample counts (see the
+//!   [`crate::stats`] module docs).
+//!
+//! Date ranges are inclusive UTC days, at most [`MAX_RANGE_DAYS`] long.
+
+use std::collections::HashMap;
+
+use futures::future::try_join_all;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::health::BreakerState;
+use crate::stats::scope;
+use crate::types::*;
+
+/// The longest range a stats query may cover, in days.
+pub const MAX_RANGE_DAYS: u32 = 366;
+/// The range used when a query names none: the last 30 days, today included.
+pub const DEFAULT_RANGE_DAYS: u32 = 30;
+/// How many entries a ranking (top users, top apps) holds at most.
+pub const TOP_N: usize = 20;
+
+/// `?from=YYYY-MM-DD&to=YYYY-MM-DD`, both optional.
+#[derive(Clone, Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RangeQuery {
+    /// First day (inclusive, UTC). Default: 29 days before `to`.
+    #[param(value_type = Option<String>, format = Date, example = "2025-01-01")]
+    pub from: Option<String>,
+    /// Last day (inclusive, UTC). Default: today.
+    #[param(value_type = Option<String>, format = Date, example = "2025-01-30")]
+    pub to: Option<String>,
+}
+
+/// An inclusive range of UTC days, checked: `from <= to`, at most
+/// [`MAX_RANGE_DAYS`] days.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DateRange {
+    /// First day.
+    pub from: Day,
+    /// Last day.
+    pub to: Day,
+}
+
+impl DateRange {
+    /// A checked range. `InvalidInput` when `from > to` or it is too long.
+    pub fn new(from: Day, to: Day) -> Result<Self> {
+        if from > to {
+            return Err(Error::InvalidInput(format!(
+                "`from` ({from}) is after `to` ({to})"
+            )));
+        }
+        let days = i64::from(to.0) - i64::from(from.0) + 1;
+        if days > i64::from(MAX_RANGE_DAYS) {
+            return Err(Error::InvalidInput(format!(
+                "the range covers {days} days; at most {MAX_RANGE_DAYS} are allowed"
+            )));
+        }
+        Ok(DateRange { from, to })
+    }
+
+    /// The range a query asks for; missing ends default to the last
+    /// [`DEFAULT_RANGE_DAYS`] days up to `today`.
+    pub fn from_query(q: &RangeQuery, today: Day) -> Result<Self> {
+        let parse = |name: &str, v: &Option<String>| -> Result<Option<Day>> {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| {
+                    s.parse::<Day>().map_err(|_| {
+                        Error::InvalidInput(format!(
+                            "`{name}` must be a date (YYYY-MM-DD), not `{s}`"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        let from = parse("from", &q.from)?;
+        let to = parse("to", &q.to)?;
+        let span = DEFAULT_RANGE_DAYS as i32 - 1;
+        let (from, to) = match (from, to) {
+            (Some(f), Some(t)) => (f, t),
+            (Some(f), None) => (f, today.max(f)),
+            (None, Some(t)) => (t.plus_days(-span), t),
+            (None, None) => (today.plus_days(-span), today),
+        };
+        DateRange::new(from, to)
+    }
+
+    /// Every day of the range, in order.
+    pub fn days(&self) -> impl Iterator<Item = Day> {
+        (self.from.0..=self.to.0).map(Day)
+    }
+
+    /// How many days it covers.
+    pub fn len(&self) -> u32 {
+        (self.to.0 - self.from.0 + 1) as u32
+    }
+
+    /// Never: a range holds at least one day (for clippy's `len` rule).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// The `q` quantile (0 to 1) of a latency histogram in milliseconds, as
+/// Prometheus' `histogram_quantile` computes it: find the bucket holding the
+/// rank, interpolate linearly between its bounds; in the overflow bucket,
+/// answer the highest finite bound. `None` when the histogram is empty.
+pub fn latency_quantile_ms(buckets: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut below = 0u64;
+    for (i, &n) in buckets.iter().enumerate() {
+        if n > 0 && (below + n) as f64 >= rank {
+            let Some(&upper) = LATENCY_BUCKETS_MS.get(i) else {
+                return LATENCY_BUCKETS_MS.last().copied();
+            };
+            let lower = if i == 0 { 0 } else { LATENCY_BUCKETS_MS[i - 1] };
+            let within = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+            return Some(lower + ((upper - lower) as f64 * within).round() as u64);
+        }
+        below += n;
+    }
+    LATENCY_BUCKETS_MS.last().copied()
+}
+
+/// What a set of counters means: sums, plus averages and percentiles derived
+/// from them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Summary {
+    /// Requests finished.
+    pub requests: u64,
+    /// Of which failed.
+    pub failures: u64,
+    /// Input (prompt) tokens.
+    pub input_tokens: u64,
+    /// Output (completion) tokens.
+    pub output_tokens: u64,
+    /// Other units (TTS characters, scraped URLs, images).
+    pub units: u64,
+    /// Average latency (admission to the end of the answer), ms.
+    pub avg_latency_ms: Option<u64>,
+    /// 95th percentile latency from the histogram buckets, ms.
+    pub p95_latency_ms: Option<u64>,
+    /// Output tokens per second of request time. Only chat produces output
+    /// tokens, so read it on chat scopes (`service:chat`, a chat model or
+    /// endpoint); on mixed scopes other services' time dilutes it.
+    pub tokens_per_second: Option<f64>,
+    /// Micro-credits charged to users (absent where the caller may not see it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub charged: Option<Credits>,
+    /// Micro-credits rewarded to providers (absent where the caller may not see it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewarded: Option<Credits>,
+}
+
+impl Summary {
+    /// Everything derived from `c`, money included.
+    pub fn of(c: &StatsCounters) -> Summary {
+        let avg = (c.requests > 0).then(|| c.latency_ms_sum / c.requests);
+        let tps = (c.output_tokens > 0 && c.latency_ms_sum > 0)
+            .then(|| round2(c.output_tokens as f64 * 1000.0 / c.latency_ms_sum as f64));
+        Summary {
+            requests: c.requests,
+            failures: c.failures,
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+            units: c.units,
+            avg_latency_ms: avg,
+            p95_latency_ms: latency_quantile_ms(&c.latency_buckets, 0.95),
+            tokens_per_second: tps,
+            charged: Some(Credits(c.charged)),
+            rewarded: Some(Credits(c.rewarded)),
+        }
+    }
+
+    /// The same without what users paid and providers earned (public views).
+    pub fn without_money(mut self) -> Summary {
+        self.charged = None;
+        self.rewarded = None;
+        self
+    }
+
+    /// The same without what users paid (a provider's view).
+    pub fn without_charges(mut self) -> Summary {
+        self.charged = None;
+        self
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// One day of a series.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DayStats {
+    /// The day.
+    pub day: Day,
+    /// What happened that day.
+    #[serde(flatten)]
+    pub stats: Summary,
+}
+
+/// One entry of a breakdown (an endpoint, a model, an application...).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Named {
+    /// What it is: the part of the scope after its kind, e.g.
+    /// `/v1/chat/completions`, `chat:llama3.2:3b`, `MyApp`.
+    pub name: String,
+    /// Its totals over the range.
+    #[serde(flatten)]
+    pub stats: Summary,
+}
+
+/// One day of a gauge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GaugeDay {
+    /// The day.
+    pub day: Day,
+    /// Snapshots taken that day.
+    pub samples: u64,
+    /// The average of the samples (0 when none were taken).
+    pub average: f64,
+}
+
+/// A gauge over a range: the average of every sample.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GaugeSummary {
+    /// What it is, e.g. `chat:llama3.2:3b` (a pool) or `chat` (a service).
+    pub name: String,
+    /// Snapshots taken.
+    pub samples: u64,
+    /// Their average.
+    pub average: f64,
+}
+
+fn gauge_avg(c: &StatsCounters) -> f64 {
+    if c.requests == 0 {
+        0.0
+    } else {
+        round2(c.units as f64 / c.requests as f64)
+    }
+}
+
+/// A pool as the routing index has it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolNow {
+    /// The service.
+    pub service: Service,
+    /// The model.
+    pub model: String,
+    /// Nodes in the pool.
+    pub nodes: usize,
+}
+
+/// A gauge's daily series, e.g. the nodes serving one service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GaugeSeries {
+    /// What it measures, e.g. `chat`.
+    pub name: String,
+    /// Each day of the range.
+    pub days: Vec<GaugeDay>,
+}
+
+/// The public picture of the network: `GET /v1/stats/network`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkStats {
+    /// The range covered.
+    pub range: DateRange,
+    /// Totals over the range (no money).
+    pub totals: Summary,
+    /// Each day of the range (no money).
+    pub days: Vec<DayStats>,
+    /// Per gateway endpoint.
+    pub endpoints: Vec<Named>,
+    /// Per service.
+    pub services: Vec<Named>,
+    /// Per service and model (`service:model`).
+    pub models: Vec<Named>,
+    /// Distinct nodes in routing now.
+    pub nodes_now: usize,
+    /// Every pool now.
+    pub pools_now: Vec<PoolNow>,
+    /// Distinct nodes in routing, averaged per day.
+    pub nodes: Vec<GaugeDay>,
+    /// Distinct nodes per service, averaged per day.
+    pub nodes_by_service: Vec<GaugeSeries>,
+    /// Nodes per pool (`service:model`), averaged over the range.
+    pub pools: Vec<GaugeSummary>,
+}
+
+/// A user's usage: `GET /v1/stats/me`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UserStats {
+    /// Whose.
+    #[schema(value_type = String)]
+    pub user_id: UserId,
+    /// The range covered.
+    pub range: DateRange,
+    /// Totals over the range, with what was charged.
+    pub totals: Summary,
+    /// Each day of the range.
+    pub days: Vec<DayStats>,
+    /// Per service and model (`service:model`).
+    pub models: Vec<Named>,
+    /// Per calling application (`X-Title` / `HTTP-Referer`).
+    pub apps: Vec<Named>,
+}
+
+/// How one node is doing: live figures from routing and its counters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodePerformance {
+    /// The node.
+    #[schema(value_type = String)]
+    pub provision_id: ProvisionId,
+    /// Its lifecycle state.
+    #[schema(value_type = String)]
+    pub state: ProvisionState,
+    /// Whether it is in routing now.
+    pub routable: bool,
+    /// Its circuit breaker: `closed`, `open` or `half_open` (absent when not in routing).
+    pub breaker: Option<String>,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// Latency estimate (EWMA), ms.
+    pub latency_ewma_ms: Option<u64>,
+    /// Totals over the range (what it earned; not what users paid).
+    #[serde(flatten)]
+    pub stats: Summary,
+}
+
+/// A provider's earnings and nodes: `GET /v1/stats/provider`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProviderStats {
+    /// Whose.
+    #[schema(value_type = String)]
+    pub provider_id: ProviderId,
+    /// The range covered.
+    pub range: DateRange,
+    /// Earned and not yet paid out, all time (micro-credits).
+    pub earnings_total: Credits,
+    /// Totals over the range, with what was rewarded.
+    pub totals: Summary,
+    /// Each day of the range.
+    pub days: Vec<DayStats>,
+    /// Per service and model (`service:model`).
+    pub models: Vec<Named>,
+    /// Each of its nodes (ended ones only when they served in the range).
+    pub nodes: Vec<NodePerformance>,
+}
+
+/// Everything, for operators: `GET /v1/stats/admin`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AdminStats {
+    /// The range covered.
+    pub range: DateRange,
+    /// Totals over the range, money included.
+    pub totals: Summary,
+    /// Each day of the range, money included.
+    pub days: Vec<DayStats>,
+    /// Per gateway endpoint.
+    pub endpoints: Vec<Named>,
+    /// Per service.
+    pub services: Vec<Named>,
+    /// Per service and model.
+    pub models: Vec<Named>,
+    /// The busiest applications (by requests).
+    pub top_apps: Vec<Named>,
+    /// The users who paid the most (name: user id).
+    pub top_users: Vec<Named>,
+    /// The providers who earned the most (name: provider id).
+    pub top_providers: Vec<Named>,
+    /// All-time ledger sums (settlements, charged, rewarded, reserved).
+    pub ledger: LedgerView,
+    /// Distinct nodes in routing now.
+    pub nodes_now: usize,
+    /// Distinct nodes in routing, averaged per day.
+    pub nodes: Vec<GaugeDay>,
+    /// Nodes per pool, averaged over the range.
+    pub pools: Vec<GaugeSummary>,
+}
+
+/// The all-time ledger, in micro-credits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LedgerView {
+    /// Settlements applied.
+    pub settlements: u64,
+    /// Charged to users.
+    pub charged: Credits,
+    /// Rewarded to providers.
+    pub rewarded: Credits,
+    /// What the platform kept.
+    pub platform: Credits,
+    /// Held in open reservations.
+    pub reserved: Credits,
+}
+
+/// A daily series over the whole range: days without counters are zeros,
+/// so a chart's x axis is the calendar.
+pub fn day_series(
+    range: DateRange,
+    rows: Vec<(Day, StatsCounters)>,
+    shape: impl Fn(Summary) -> Summary,
+) -> Vec<DayStats> {
+    let by_day: HashMap<Day, StatsCounters> = rows.into_iter().collect();
+    range
+        .days()
+        .map(|day| DayStats {
+            day,
+            stats: shape(Summary::of(&by_day.get(&day).cloned().unwrap_or_default())),
+        })
+        .collect()
+}
+
+/// A gauge's daily averages over the whole range (zeros where no sample was taken).
+pub fn gauge_series(range: DateRange, rows: Vec<(Day, StatsCounters)>) -> Vec<GaugeDay> {
+    let by_day: HashMap<Day, StatsCounters> = rows.into_iter().collect();
+    range
+        .days()
+        .map(|day| {
+            let c = by_day.get(&day).cloned().unwrap_or_default();
+            GaugeDay {
+                day,
+                samples: c.requests,
+                average: gauge_avg(&c),
+            }
+        })
+        .collect()
+}
+
+/// The sum of a series.
+pub fn total_of<'a>(rows: impl IntoIterator<Item = &'a StatsCounters>) -> StatsCounters {
+    let mut t = StatsCounters::default();
+    for c in rows {
+        t.add(c);
+    }
+    t
+}
+
+/// A breakdown from a prefix query: names with the prefix cut off, busiest first.
+pub fn breakdown(
+    prefix: &str,
+    rows: Vec<(String, StatsCounters)>,
+    shape: impl Fn(Summary) -> Summary,
+) -> Vec<Named> {
+    let mut v: Vec<Named> = rows
+        .into_iter()
+        .map(|(s, c)| Named {
+            name: s.strip_prefix(prefix).unwrap_or(&s).to_owned(),
+            stats: shape(Summary::of(&c)),
+        })
+        .collect();
+    v.sort_by(|a, b| {
+        b.stats
+            .requests
+            .cmp(&a.stats.requests)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    v
+}
+
+/// Gauge averages over the range from a prefix query, by name.
+pub fn gauge_breakdown(prefix: &str, rows: Vec<(String, StatsCounters)>) -> Vec<GaugeSummary> {
+    rows.into_iter()
+        .map(|(s, c)| GaugeSummary {
+            name: s.strip_prefix(prefix).unwrap_or(&s).to_owned(),
+            samples: c.requests,
+            average: gauge_avg(&c),
+        })
+        .collect()
+}
+
+fn breaker_name(s: BreakerState) -> &'static str {
+    match s {
+        BreakerState::Closed => "closed",
+        BreakerState::Open => "open",
+        BreakerState::HalfOpen => "half_open",
+    }
+}
+
+/// Analytics over a broker's store and routing index.
+#[derive(Clone, Debug)]
+pub struct Analytics {
+    broker: Broker,
+}
+
+impl Broker {
+    /// Usage analytics (see [`crate::analytics`]).
+    pub fn analytics(&self) -> Analytics {
+        Analytics {
+            broker: self.clone(),
+        }
+    }
+
+    /// Takes one snapshot of the network into the gauge scopes: nodes per
+    /// pool (`pool:<service>:<model>`), distinct nodes per service
+    /// (`nodes:<service>`) and distinct nodes in routing (`nodes`).
+    /// [`Broker::run_maintenance`] calls it every round.
+    pub fn record_network_snapshot(&self) {
+        let day = self.now().day();
+        let pools = self.pools();
+        let stats = self.stats_recorder();
+        let mut per_service: HashMap<Service, std::collections::HashSet<ProvisionId>> =
+            HashMap::new();
+        let ids = pools.node_ids();
+        for id in &ids {
+            for e in pools.entries_of(id) {
+                per_service.entry(e.service).or_default().insert(id.clone());
+            }
+        }
+        for (service, model, nodes) in pools.summary() {
+            stats.sample(day, scope::pool(service, &model), nodes as u64);
+        }
+        for service in Service::ALL {
+            let n = per_service.get(&service).map_or(0, |s| s.len());
+            stats.sample(day, scope::nodes_of(service), n as u64);
+        }
+        stats.sample(day, scope::NODES.to_owned(), ids.len() as u64);
+    }
+}
+
+impl Analytics {
+    fn store(&self) -> &dyn crate::store::Store {
+        self.broker.store().as_ref()
+    }
+
+    async fn series(&self, scope: &str, range: DateRange) -> Result<Vec<(Day, StatsCounters)>> {
+        self.store().stats(scope, range.from, range.to).await
+    }
+
+    async fn prefixed(
+        &self,
+        prefix: &str,
+        range: DateRange,
+    ) -> Result<Vec<(String, StatsCounters)>> {
+        self.store()
+            .stats_by_prefix(prefix, range.from, range.to)
+            .await
+    }
+
+    /// The public network picture over `range` (no money, no users).
+    pub async fn network(&self, range: DateRange) -> Result<NetworkStats> {
+        let public = Summary::without_money;
+        let (net, endpoints, services, models, nodes, pools) = futures::try_join!(
+            self.series(scope::NETWORK, range),
+            self.prefixed("endpoint:", range),
+            self.prefixed("service:", range),
+            self.prefixed("model:", range),
+            self.series(scope::NODES, range),
+            self.prefixed(scope::POOL_PREFIX, range),
+        )?;
+        let by_service = try_join_all(Service::ALL.iter().map(|s| async move {
+            let rows = self.series(&scope::nodes_of(*s), range).await?;
+            Ok::<_, Error>(GaugeSeries {
+                name: s.as_str().to_owned(),
+                days: gauge_series(range, rows),
+            })
+        }))
+        .await?;
+        let totals = public(Summary::of(&total_of(net.iter().map(|r| &r.1))));
+        let pools_now: Vec<PoolNow> = self
+            .broker
+            .pools()
+            .summary()
+            .into_iter()
+            .map(|(service, model, nodes)| PoolNow {
+                service,
+                model,
+                nodes,
+            })
+            .collect();
+        Ok(NetworkStats {
+            range,
+            totals,
+            days: day_series(range, net, public),
+            endpoints: breakdown("endpoint:", endpoints, public),
+            services: breakdown("service:", services, public),
+            models: breakdown("model:", models, public),
+            nodes_now: self.broker.pools().node_count(),
+            pools_now,
+            nodes: gauge_series(range, nodes),
+            nodes_by_service: by_service,
+            pools: gauge_breakdown(scope::POOL_PREFIX, pools),
+        })
+    }
+
+    /// A user's own usage over `range`, with what they were charged.
+    pub async fn user(&self, user: &UserId, range: DateRange) -> Result<UserStats> {
+        let keep = |s: Summary| s.without_money_but_charged();
+        let (own, model_prefix, app_prefix) = (
+            scope::user(user),
+            scope::user_model_prefix(user),
+            scope::user_app_prefix(user),
+        );
+        let (days, models, apps) = futures::try_join!(
+            self.series(&own, range),
+            self.prefixed(&model_prefix, range),
+            self.prefixed(&app_prefix, range),
+        )?;
+        Ok(UserStats {
+            user_id: user.clone(),
+            range,
+            totals: keep(Summary::of(&total_of(days.iter().map(|r| &r.1)))),
+            days: day_series(range, days, keep),
+            models: breakdown(&model_prefix, models, keep),
+            apps: breakdown(&app_prefix, apps, keep),
+        })
+    }
+
+    /// A provider's earnings and node performance over `range`.
+    pub async fn provider(&self, provider: &ProviderId, range: DateRange) -> Result<ProviderStats> {
+        let keep = Summary::without_charges;
+        let (own, model_prefix, node_prefix) = (
+            scope::provider(provider),
+            scope::provider_model_prefix(provider),
+            scope::provider_node_prefix(provider),
+        );
+        let (days, models, nodes, provisions, fresh) = futures::try_join!(
+            self.series(&own, range),
+            self.prefixed(&model_prefix, range),
+            self.prefixed(&node_prefix, range),
+            self.store().provisions_by_provider(provider),
+            self.store().provider(provider),
+        )?;
+        let mut counted: HashMap<String, StatsCounters> = nodes
+            .into_iter()
+            .map(|(s, c)| (s.strip_prefix(&node_prefix).unwrap_or(&s).to_owned(), c))
+            .collect();
+        let pools = self.broker.pools();
+        let mut out = Vec::new();
+        for p in provisions {
+            let c = counted.remove(p.id.as_str());
+            if p.state == ProvisionState::Ended && c.is_none() {
+                continue;
+            }
+            let live = pools.stats(&p.id);
+            out.push(NodePerformance {
+                routable: pools.is_healthy(&p.id),
+                breaker: live
+                    .as_ref()
+                    .map(|s| breaker_name(s.health().state()).to_owned()),
+                in_flight: live.as_ref().map_or(0, |s| s.in_flight()),
+                latency_ewma_ms: live
+                    .as_ref()
+                    .map(|s| s.ewma_us() / 1000)
+                    .filter(|&ms| ms > 0),
+                stats: keep(Summary::of(&c.unwrap_or_default())),
+                provision_id: p.id,
+                state: p.state,
+            });
+        }
+        // Nodes deleted since they served: still part of the range's story.
+        for (id, c) in counted {
+            out.push(NodePerformance {
+                provision_id: ProvisionId::new(id),
+                state: ProvisionState::Ended,
+                routable: false,
+                breaker: None,
+                in_flight: 0,
+                latency_ewma_ms: None,
+                stats: keep(Summary::of(&c)),
+            });
+        }
+        Ok(ProviderStats {
+            provider_id: provider.clone(),
+            range,
+            earnings_total: fresh.earnings,
+            totals: keep(Summary::of(&total_of(days.iter().map(|r| &r.1)))),
+            days: day_series(range, days, keep),
+            models: breakdown(&model_prefix, models, keep),
+            nodes: out,
+        })
+    }
+
+    /// Everything over `range`, for operators.
+    pub async fn admin(&self, range: DateRange) -> Result<AdminStats> {
+        let all = |s: Summary| s;
+        let (net, endpoints, services, models, apps, users, providers, nodes, pools, ledger) = futures::try_join!(
+            self.series(scope::NETWORK, range),
+            self.prefixed("endpoint:", range),
+            self.prefixed("service:", range),
+            self.prefixed("model:", range),
+            self.prefixed("app:", range),
+            self.prefixed("user:", range),
+            self.prefixed("provider:", range),
+            self.series(scope::NODES, range),
+            self.prefixed(scope::POOL_PREFIX, range),
+            self.store().ledger_totals(),
+        )?;
+        let top = |mut v: Vec<Named>, key: fn(&Named) -> i64| {
+            v.sort_by(|a, b| key(b).cmp(&key(a)).then_with(|| a.name.cmp(&b.name)));
+            v.truncate(TOP_N);
+            v
+        };
+        let mut top_apps = breakdown("app:", apps, all);
+        top_apps.truncate(TOP_N);
+        Ok(AdminStats {
+            range,
+            totals: Summary::of(&total_of(net.iter().map(|r| &r.1))),
+            days: day_series(range, net, all),
+            endpoints: breakdown("endpoint:", endpoints, all),
+            services: breakdown("service:", services, all),
+            models: breakdown("model:", models, all),
+            top_apps,
+            top_users: top(breakdown("user:", users, all), |n| {
+                n.stats.charged.unwrap_or_default().0
+            }),
+            top_providers: top(breakdown("provider:", providers, all), |n| {
+                n.stats.rewarded.unwrap_or_default().0
+            }),
+            ledger: LedgerView {
+                settlements: ledger.settlements,
+                charged: ledger.charged,
+                rewarded: ledger.rewarded,
+                platform: ledger.platform(),
+                reserved: ledger.reserved,
+            },
+            nodes_now: self.broker.pools().node_count(),
+            nodes: gauge_series(range, nodes),
+            pools: gauge_breakdown(scope::POOL_PREFIX, pools),
+        })
+    }
+}
+
+impl Summary {
+    /// The same without what providers earned (a user's view).
+    pub fn without_money_but_charged(mut self) -> Summary {
+        self.rewarded = None;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist(counts: &[(usize, u64)]) -> Vec<u64> {
+        let mut b = vec![0; LATENCY_BUCKETS_MS.len() + 1];
+        for &(i, n) in counts {
+            b[i] = n;
+        }
+        b
+    }
+
+    #[test]
+    fn p95_interpolates_inside_its_bucket() {
+        // 100 requests: 90 under 25 ms, 10 in (25, 50]. Rank 95 is the 5th of
+        // the 10 in the second bucket: halfway from 25 to 50.
+        assert_eq!(
+            latency_quantile_ms(&hist(&[(0, 90), (1, 10)]), 0.95),
+            Some(38)
+        );
+        // All in the first bucket: 95% of the way from 0 to 25.
+        assert_eq!(latency_quantile_ms(&hist(&[(0, 20)]), 0.95), Some(24));
+        assert_eq!(latency_quantile_ms(&hist(&[]), 0.95), None);
+        assert_eq!(latency_quantile_ms(&[], 0.95), None);
+    }
+
+    #[test]
+    fn p95_in_the_overflow_bucket_is_the_highest_bound() {
+        let last = LATENCY_BUCKETS_MS.len();
+        assert_eq!(
+            latency_quantile_ms(&hist(&[(0, 1), (last, 99)]), 0.95),
+            Some(60_000)
+        );
+    }
+
+    #[test]
+    fn summaries_derive_averages_and_rates() {
+        let c = StatsCounters {
+            requests: 4,
+            failures: 1,
+            output_tokens: 300,
+            latency_ms_sum: 2_000,
+            latency_buckets: hist(&[(7, 4)]),
+            charged: 1_234,
+            rewarded: 500,
+            ..StatsCounters::default()
+        };
+        let s = Summary::of(&c);
+        assert_eq!(s.avg_latency_ms, Some(500));
+        assert_eq!(s.tokens_per_second, Some(150.0));
+        assert_eq!(s.charged, Some(Credits(1_234)));
+        let p = s.clone().without_money();
+        assert_eq!((p.charged, p.rewarded), (None, None));
+        let e = Summary::of(&StatsCounters::default());
+        assert_eq!(
+            (e.avg_latency_ms, e.p95_latency_ms, e.tokens_per_second),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn ranges_are_checked_and_defaulted() {
+        let today: Day = "2025-03-10".parse().unwrap();
+        let q = |f: Option<&str>, t: Option<&str>| RangeQuery {
+            from: f.map(str::to_owned),
+            to: t.map(str::to_owned),
+        };
+        let r = DateRange::from_query(&q(None, None), today).unwrap();
+        assert_eq!(
+            (r.from.to_string(), r.to, r.len()),
+            ("2025-02-09".into(), today, 30)
+        );
+        let r = DateRange::from_query(&q(Some("2025-01-01"), Some("2025-01-01")), today).unwrap();
+        assert_eq!(r.len(), 1);
+        let r = DateRange::from_query(&q(Some("2024-01-01"), Some("2024-12-31")), today).unwrap();
+        assert_eq!(r.len(), 366);
+        for (f, t) in [
+            (Some("2024-01-01"), Some("2025-01-01")),
+            (Some("2025-01-02"), Some("2025-01-01")),
+            (Some("2025-02-30"), None),
+            (Some("yesterday"), None),
+        ] {
+            assert!(matches!(
+                DateRange::from_query(&q(f, t), today),
+                Err(Error::InvalidInput(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn gauges_average_their_samples() {
+        let range = DateRange::new(Day(10), Day(11)).unwrap();
+        let c = StatsCounters {
+            requests: 4,
+            units: 10,
+            ..StatsCounters::default()
+        };
+        let s = gauge_series(range, vec![(Day(11), c)]);
+        assert_eq!(s[0].samples, 0);
+        assert_eq!(s[1].average, 2.5);
+    }
+}

@@ -1,0 +1,352 @@
+//! The OpenAPI document of the whole HTTP surface, served at `GET /openapi.json`.
+//!
+//! Generated from the code: every handler carries a `#[utoipa::path]`
+//! annotation next to it and [`ApiDoc`] lists them; schemas come from the
+//! types' `ToSchema` derives. The gateway routes share one handler, so each
+//! is described by a documentation-only function in [`gateway`].
+//!
+//! Nothing keeps a new route from being added without documentation at
+//! compile time, so a test does: every path the router serves
+//! ([`super::paths`], recorded by the route table) is asked which methods
+//! it allows, and that set must equal the document's.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::RefOr;
+use utoipa::{Modify, OpenApi, PartialSchema, ToSchema};
+
+use super::Routes;
+
+/// The document: every route of [`super::router`].
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Cxmpute broker",
+        description = "An OpenAI-compatible gateway to a marketplace of AI compute, \
+                       with user, provider and admin APIs. Money is in integer micro-credits.",
+        license(name = "MIT OR Apache-2.0"),
+    ),
+    paths(
+        gateway::healthz,
+        gateway::models,
+        gateway::chat_completions,
+        gateway::embeddings,
+        gateway::audio_speech,
+        gateway::tts,
+        gateway::scrape,
+        gateway::caption,
+        gateway::query,
+        gateway::detect,
+        gateway::point,
+        super::stats::network,
+        super::stats::me,
+        super::stats::provider,
+        super::stats::admin,
+        super::stats::metrics,
+        super::dashboard::index,
+        super::dashboard::app_js,
+        super::dashboard::style_css,
+        openapi_json,
+    ),
+    components(schemas(ErrorSchema)),
+    modifiers(&Security),
+    tags(
+        (name = "gateway", description = "OpenAI-compatible and Cxmpute services, paid in credits"),
+        (name = "stats", description = "Usage analytics over date ranges"),
+        (name = "observability", description = "Health, metrics and this document"),
+        (name = "dashboard", description = "The web dashboard"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The security schemes the annotations refer to.
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let c = doc.components.get_or_insert_with(Default::default);
+        let bearer = |d: &str| {
+            let mut h = Http::new(HttpAuthScheme::Bearer);
+            h.description = Some(d.to_owned());
+            SecurityScheme::Http(h)
+        };
+        c.add_security_scheme("api_key", bearer("A user's API key (`sk-...`)."));
+        c.add_security_scheme("provider_key", bearer("A provider key (`pk-...`)."));
+        c.add_security_scheme(
+            "session",
+            bearer("A signed-in session's access token (a JWT from `/v1/auth/verify`)."),
+        );
+        c.add_security_scheme(
+            "session_cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                "cx_access",
+                "The access-token cookie set by the sign-in routes.",
+            ))),
+        );
+    }
+}
+
+/// The document as JSON, built once.
+pub fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_pretty_json()
+            .expect("the document serializes")
+    })
+}
+
+pub(super) fn routes() -> Routes {
+    Routes::new().route("/openapi.json", get(openapi_json))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "observability",
+    responses((status = 200, description = "The OpenAPI document of this API", content_type = "application/json", body = Object)))]
+async fn openapi_json() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], document())
+}
+
+/// The gateway routes, described one by one (they share one handler).
+pub mod gateway {
+    #![allow(missing_docs, dead_code)]
+    use super::ErrorSchema;
+
+    #[utoipa::path(get, path = "/healthz", tag = "observability",
+        responses((status = 200, description = "The process is up", content_type = "text/plain", body = String)))]
+    pub fn healthz() {}
+
+    #[utoipa::path(get, path = "/v1/models", tag = "gateway",
+        responses((status = 200, description = "The models served now, with node counts", body = Object)))]
+    pub fn models() {}
+
+    macro_rules! gateway_doc {
+        ($name:ident, $path:literal, $what:literal, $answer:literal, $ct:literal) => {
+            #[doc = $what]
+            #[utoipa::path(post, path = $path, tag = "gateway",
+                description = $what,
+                security(("api_key" = [])),
+                params(
+                    ("X-Title" = Option<String>, Header, description = "The calling application, for per-application usage"),
+                    ("HTTP-Referer" = Option<String>, Header, description = "The calling application, when X-Title is absent"),
+                ),
+                request_body(content = Object, description = "The request, in the route's shape", content_type = "application/json"),
+                responses(
+                    (status = 200, description = $answer, content_type = $ct, body = Object),
+                    (status = 400, description = "Malformed or missing fields", body = ErrorSchema),
+                    (status = 401, description = "Missing, unknown or revoked key", body = ErrorSchema),
+                    (status = 402, description = "The account's balance does not cover the request", body = ErrorSchema),
+                    (status = 403, description = "Suspended, or the key may not call this route", body = ErrorSchema),
+                    (status = 404, description = "Unknown model", body = ErrorSchema),
+                    (status = 413, description = "Body over the limit", body = ErrorSchema),
+                    (status = 429, description = "The key's credit limit is spent", body = ErrorSchema),
+                    (status = 502, description = "Every node tried failed", body = ErrorSchema),
+                    (status = 503, description = "No healthy node serves the model", body = ErrorSchema),
+                    (status = 504, description = "Every node tried timed out", body = ErrorSchema),
+                ))]
+            pub fn $name() {}
+        };
+    }
+
+    gateway_doc!(
+        chat_completions,
+        "/v1/chat/completions",
+        "Chat completions (OpenAI shape); `stream: true` answers server-sent events.",
+        "A completion, or an event stream",
+        "application/json"
+    );
+    gateway_doc!(
+        embeddings,
+        "/v1/embeddings",
+        "Embeddings (OpenAI shape).",
+        "The embeddings",
+        "application/json"
+    );
+    gateway_doc!(
+        audio_speech,
+        "/v1/audio/speech",
+        "Text to speech (OpenAI shape).",
+        "The audio",
+        "audio/wav"
+    );
+    gateway_doc!(
+        tts,
+        "/v1/tts",
+        "Text to speech (Cxmpute shape: `text`, `voice`).",
+        "The audio",
+        "audio/wav"
+    );
+    gateway_doc!(
+        scrape,
+        "/v1/scrape",
+        "Fetch pages as HTML, Markdown or text.",
+        "The pages",
+        "application/json"
+    );
+    gateway_doc!(
+        caption,
+        "/v1/m/caption",
+        "Caption an image.",
+        "The caption",
+        "application/json"
+    );
+    gateway_doc!(
+        query,
+        "/v1/m/query",
+        "Answer a question about an image.",
+        "The answer",
+        "application/json"
+    );
+    gateway_doc!(
+        detect,
+        "/v1/m/detect",
+        "Find objects in an image.",
+        "Bounding boxes",
+        "application/json"
+    );
+    gateway_doc!(
+        point,
+        "/v1/m/point",
+        "Point at objects in an image.",
+        "Points",
+        "application/json"
+    );
+}
+
+/// OpenAI's error JSON: `{"error": {"message", "type", "code", "param"}}`.
+/// A schema only: the body itself is [`crate::wire::ErrorBody`].
+#[derive(Debug)]
+pub struct ErrorSchema;
+
+impl PartialSchema for ErrorSchema {
+    fn schema() -> RefOr<Schema> {
+        let text = |d: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(d))
+        };
+        let detail = ObjectBuilder::new()
+            .property("message", text("What went wrong, for people."))
+            .property(
+                "type",
+                text("The error's kind, e.g. `invalid_request_error`."),
+            )
+            .property("code", text("A stable code, e.g. `invalid_api_key`."))
+            .property("param", text("The request field at fault, when one is."))
+            .required("message")
+            .required("type");
+        ObjectBuilder::new()
+            .property("error", detail)
+            .required("error")
+            .into()
+    }
+}
+
+impl ToSchema for ErrorSchema {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("Error")
+    }
+}
+
+/// The refusals every authenticated route can answer (400, 401, 403, 404,
+/// 409), each with OpenAI's error JSON. Used as `responses(..., Refusals)`.
+#[derive(Debug)]
+pub struct Refusals;
+
+impl utoipa::IntoResponses for Refusals {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {
+        let error = |d: &str| {
+            utoipa::openapi::ResponseBuilder::new()
+                .description(d)
+                .content(
+                    "application/json",
+                    utoipa::openapi::ContentBuilder::new()
+                        .schema(Some(utoipa::openapi::Ref::from_schema_name("Error")))
+                        .build(),
+                )
+                .build()
+                .into()
+        };
+        [
+            ("400", "Malformed or missing fields"),
+            ("401", "Missing, invalid or expired credentials"),
+            ("403", "Not allowed to the caller (suspended, not an admin)"),
+            ("404", "Not found, or not the caller's"),
+            ("409", "Conflicts with the current state"),
+        ]
+        .into_iter()
+        .map(|(code, d)| (code.to_owned(), error(d)))
+        .collect()
+    }
+}
+
+/// Schemas of the core domain types, which serialize as plain JSON values.
+/// They live here rather than on the types so the domain module stays about
+/// the domain.
+mod domain {
+    use super::*;
+    use crate::types::{Credits, Day, Route, Service, Timestamp};
+    use utoipa::openapi::schema::{KnownFormat, SchemaFormat};
+
+    fn string_enum(values: impl IntoIterator<Item = &'static str>, d: &str) -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(values))
+            .description(Some(d))
+            .into()
+    }
+
+    impl PartialSchema for Service {
+        fn schema() -> RefOr<Schema> {
+            string_enum(Service::ALL.map(Service::as_str), "A kind of AI service.")
+        }
+    }
+    impl ToSchema for Service {}
+
+    impl PartialSchema for Route {
+        fn schema() -> RefOr<Schema> {
+            string_enum(Route::ALL.map(Route::path), "A gateway route, by its path.")
+        }
+    }
+    impl ToSchema for Route {}
+
+    impl PartialSchema for Day {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Date)))
+                .description(Some("A UTC day, YYYY-MM-DD."))
+                .into()
+        }
+    }
+    impl ToSchema for Day {}
+
+    impl PartialSchema for Credits {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .description(Some("Micro-credits (1 credit = 1,000,000)."))
+                .into()
+        }
+    }
+    impl ToSchema for Credits {}
+
+    impl PartialSchema for Timestamp {
+        fn schema() -> RefOr<Schema> {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .description(Some("Milliseconds since the Unix epoch."))
+                .into()
+        }
+    }
+    impl ToSchema for Timestamp {}
+}

@@ -1,0 +1,306 @@
+//! Prometheus metrics of one broker, served at `GET /metrics`.
+//!
+//! Each [`Broker`] owns its own recorder (built with
+//! `PrometheusBuilder::build_recorder`, never installed globally) and emits
+//! into it through `metrics::with_local_recorder`. So several brokers in one
+//! process (tests, a host serving two markets) never mix their numbers, and
+//! embedding the broker never fights the host over the process-wide
+//! recorder.
+//!
+//! Counters and histograms are emitted at the pipeline's points; gauges that
+//! describe the present (pool sizes, circuit breakers, unsent stats batches)
+//! are set from the live state when the page is rendered, so they are never
+//! stale.
+//!
+//! | metric | type | labels |
+//! |---|---|---|
+//! | `cxmpute_http_requests_total` | counter | `route`, `status` |
+//! | `cxmpute_time_to_first_byte_seconds` | histogram | `route` |
+//! | `cxmpute_requests_total` | counter | `route`, `outcome` (`success`/`failure`) |
+//! | `cxmpute_request_duration_seconds` | histogram | `route`, `outcome` |
+//! | `cxmpute_tokens_total` | counter | `route`, `kind` (`input`/`output`) |
+//! | `cxmpute_units_total` | counter | `route` |
+//! | `cxmpute_charged_microcredits_total` | counter | `route` |
+//! | `cxmpute_rewarded_microcredits_total` | counter | `route` |
+//! | `cxmpute_upstream_attempts_total` | counter | `service`, `outcome` (`success`/`failure`/`timeout`/`busy`) |
+//! | `cxmpute_failovers_total` | counter | `route` |
+//! | `cxmpute_circuit_breaker_transitions_total` | counter | `to` (`open`/`half_open`/`closed`) |
+//! | `cxmpute_circuit_breakers` | gauge | `state` |
+//! | `cxmpute_pool_nodes` | gauge | `service`, `model` |
+//! | `cxmpute_nodes` | gauge | |
+//! | `cxmpute_stats_flush_failures_total` | counter | |
+//! | `cxmpute_stats_unsent_batches` | gauge | |
+//!
+//! Labels never carry a user, key or provider: what is per account lives in
+//! the usage statistics, behind authentication.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use metrics::Unit;
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use parking_lot::Mutex;
+
+use crate::broker::Broker;
+use crate::health::BreakerState;
+use crate::types::*;
+
+/// Histogram buckets (seconds) for latencies: 5 ms to 2 minutes.
+pub const SECONDS_BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
+];
+
+/// The metrics of one broker. See the [module docs](self).
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    /// Pools given a gauge before: a pool that disappears is set to 0
+    /// rather than left at its last size.
+    pools_seen: Mutex<HashSet<(Service, String)>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The label value of an attempt's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The node answered.
+    Success,
+    /// It failed (status, garbage, refused connection).
+    Failure,
+    /// It timed out.
+    Timeout,
+    /// It said it was busy (429/503).
+    Busy,
+}
+
+impl AttemptOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Success => "success",
+            AttemptOutcome::Failure => "failure",
+            AttemptOutcome::Timeout => "timeout",
+            AttemptOutcome::Busy => "busy",
+        }
+    }
+}
+
+fn breaker_label(s: BreakerState) -> &'static str {
+    match s {
+        BreakerState::Closed => "closed",
+        BreakerState::Open => "open",
+        BreakerState::HalfOpen => "half_open",
+    }
+}
+
+impl Metrics {
+    /// A fresh recorder with the metrics described.
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+            .expect("the bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let m = Metrics {
+            recorder,
+            handle,
+            pools_seen: Mutex::new(HashSet::new()),
+        };
+        m.with(describe);
+        m
+    }
+
+    /// Runs `f` with this broker's recorder as the current one, so the
+    /// `metrics` macros inside it land here.
+    pub fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    /// A gateway call answered with `status`; `ttfb` is the time until the
+    /// response head (for streams: until the node's first chunk arrived).
+    pub fn http_request(&self, route: Route, status: u16, ttfb: Duration) {
+        self.with(|| {
+            let r = route.path();
+            counter!("cxmpute_http_requests_total", "route" => r, "status" => status.to_string())
+                .increment(1);
+            if (200..300).contains(&status) {
+                histogram!("cxmpute_time_to_first_byte_seconds", "route" => r)
+                    .record(ttfb.as_secs_f64());
+            }
+        });
+    }
+
+    /// A request settled (charged, rewarded, recorded).
+    pub fn settled(&self, u: &UsageRecord) {
+        self.with(|| {
+            let r = u.route.path();
+            let outcome = if u.success { "success" } else { "failure" };
+            counter!("cxmpute_requests_total", "route" => r, "outcome" => outcome).increment(1);
+            histogram!("cxmpute_request_duration_seconds", "route" => r, "outcome" => outcome)
+                .record(u.latency_ms as f64 / 1000.0);
+            counter!("cxmpute_tokens_total", "route" => r, "kind" => "input")
+                .increment(u.input_tokens);
+            counter!("cxmpute_tokens_total", "route" => r, "kind" => "output")
+                .increment(u.output_tokens);
+            counter!("cxmpute_units_total", "route" => r).increment(u.units);
+            counter!("cxmpute_charged_microcredits_total", "route" => r)
+                .increment(u.charged.0.max(0) as u64);
+            counter!("cxmpute_rewarded_microcredits_total", "route" => r)
+                .increment(u.reward.0.max(0) as u64);
+        });
+    }
+
+    /// One forwarded attempt on one node ended.
+    pub fn attempt(&self, service: Service, outcome: AttemptOutcome) {
+        self.with(|| {
+            counter!("cxmpute_upstream_attempts_total", "service" => service.as_str(), "outcome" => outcome.as_str())
+                .increment(1);
+        });
+    }
+
+    /// A request moved on to another node after a failed attempt.
+    pub fn failover(&self, route: Route) {
+        self.with(|| counter!("cxmpute_failovers_total", "route" => route.path()).increment(1));
+    }
+
+    /// A node's circuit breaker changed state.
+    pub fn breaker_transition(&self, to: BreakerState) {
+        self.with(|| {
+            counter!("cxmpute_circuit_breaker_transitions_total", "to" => breaker_label(to))
+                .increment(1);
+        });
+    }
+
+    /// A stats flush failed (its batch is kept and retried).
+    pub fn stats_flush_failed(&self) {
+        self.with(|| counter!("cxmpute_stats_flush_failures_total").increment(1));
+    }
+
+    /// Folds buffered histogram samples in; run now and then when nobody
+    /// scrapes, so the buffers stay small.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// The Prometheus text page, with the live gauges of `broker` set first.
+    pub fn render(&self, broker: &Broker) -> String {
+        let pools = broker.pools();
+        let summary = pools.summary();
+        let ids = pools.node_ids();
+        let mut breakers = [0u64; 3];
+        for id in &ids {
+            if let Some(s) = pools.stats(id) {
+                let i = match s.health().state() {
+                    BreakerState::Closed => 0,
+                    BreakerState::Open => 1,
+                    BreakerState::HalfOpen => 2,
+                };
+                breakers[i] += 1;
+            }
+        }
+        {
+            let mut seen = self.pools_seen.lock();
+            self.with(|| {
+                let now: HashSet<(Service, String)> =
+                    summary.iter().map(|(s, m, _)| (*s, m.clone())).collect();
+                for (s, m) in seen.difference(&now) {
+                    gauge!("cxmpute_pool_nodes", "service" => s.as_str(), "model" => m.clone())
+                        .set(0.0);
+                }
+                for (s, m, n) in &summary {
+                    gauge!("cxmpute_pool_nodes", "service" => s.as_str(), "model" => m.clone())
+                        .set(*n as f64);
+                }
+                seen.extend(now);
+                for (state, n) in [
+                    BreakerState::Closed,
+                    BreakerState::Open,
+                    BreakerState::HalfOpen,
+                ]
+                .into_iter()
+                .zip(breakers)
+                {
+                    gauge!("cxmpute_circuit_breakers", "state" => breaker_label(state))
+                        .set(n as f64);
+                }
+                gauge!("cxmpute_nodes").set(ids.len() as f64);
+                gauge!("cxmpute_stats_unsent_batches")
+                    .set(broker.stats_recorder().unsent_batches() as f64);
+            });
+        }
+        self.handle.render()
+    }
+}
+
+fn describe() {
+    describe_counter!(
+        "cxmpute_http_requests_total",
+        "Gateway calls answered, by route and HTTP status (refusals included)."
+    );
+    describe_histogram!(
+        "cxmpute_time_to_first_byte_seconds",
+        Unit::Seconds,
+        "From receiving a gateway call to its response head (streams: the node's first chunk)."
+    );
+    describe_counter!(
+        "cxmpute_requests_total",
+        "Admitted requests settled, by route and outcome."
+    );
+    describe_histogram!(
+        "cxmpute_request_duration_seconds",
+        Unit::Seconds,
+        "From admission to the end of the answer, by route and outcome."
+    );
+    describe_counter!("cxmpute_tokens_total", "Tokens metered, by route and kind.");
+    describe_counter!(
+        "cxmpute_units_total",
+        "Other units metered (TTS characters, scraped URLs, images)."
+    );
+    describe_counter!(
+        "cxmpute_charged_microcredits_total",
+        "Micro-credits charged to users."
+    );
+    describe_counter!(
+        "cxmpute_rewarded_microcredits_total",
+        "Micro-credits rewarded to providers."
+    );
+    describe_counter!(
+        "cxmpute_upstream_attempts_total",
+        "Forwarded attempts to nodes, by service and outcome."
+    );
+    describe_counter!(
+        "cxmpute_failovers_total",
+        "Requests moved to another node after a failed attempt."
+    );
+    describe_counter!(
+        "cxmpute_circuit_breaker_transitions_total",
+        "Node circuit breaker changes, by the state entered."
+    );
+    describe_gauge!(
+        "cxmpute_circuit_breakers",
+        "Nodes in routing by circuit breaker state."
+    );
+    describe_gauge!("cxmpute_pool_nodes", "Nodes per (service, model) pool.");
+    describe_gauge!("cxmpute_nodes", "Distinct nodes in the routing index.");
+    describe_counter!(
+        "cxmpute_stats_flush_failures_total",
+        "Failed writes of usage statistics (kept and retried)."
+    );
+    describe_gauge!(
+        "cxmpute_stats_unsent_batches",
+        "Usage statistics batches waiting to be written."
+    );
+}
