@@ -1,0 +1,433 @@
+//! The dashboard in a real headless browser (Chromium through its WebDriver):
+//! pages load, sign-in with a mailed code works, charts draw seeded data.
+//!
+//! Needs `CXMPUTE_TEST_CHROMEDRIVER` (the driver program; the test script
+//! installs it) and, for sign-in, the SMTP sink of the test script
+//! (`CXMPUTE_TEST_SMTP`, `CXMPUTE_TEST_MAILDIR`). Without them the tests
+//! skip with a notice, unless `CXMPUTE_REQUIRE_SERVICES=1`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cxmpute_core::testkit::{StandInNode, TestHost};
+use cxmpute_core::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{json, Value};
+
+const MODEL: &str = "llama3.2:3b";
+
+fn required() -> bool {
+    std::env::var("CXMPUTE_REQUIRE_SERVICES").as_deref() == Ok("1")
+}
+
+fn skip(what: &str) {
+    assert!(
+        !required(),
+        "{what} must be set (CXMPUTE_REQUIRE_SERVICES=1)"
+    );
+    eprintln!("skipped: {what} is not set (scripts/test.sh sets it)");
+}
+
+/// A WebDriver server this test started; stopped when dropped.
+struct Driver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn driver() -> Option<Driver> {
+    let Ok(program) = std::env::var("CXMPUTE_TEST_CHROMEDRIVER") else {
+        skip("CXMPUTE_TEST_CHROMEDRIVER");
+        return None;
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(&program)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+    let d = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    // Ready when its status endpoint answers; bounded, as the driver may fail.
+    let status = format!("{}/status", d.url);
+    for _ in 0..200 {
+        if let Ok(r) = reqwest::get(&status).await {
+            if r.status().is_success() {
+                return Some(d);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the WebDriver server did not start");
+}
+
+async fn browser(d: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    let mut opts = json!({"args": [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    ]});
+    if let Ok(bin) = std::env::var("CXMPUTE_TEST_CHROMIUM") {
+        opts["binary"] = Value::String(bin);
+    }
+    caps.insert("goog:chromeOptions".into(), opts);
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&d.url)
+        .await
+        .expect("a browser session")
+}
+
+/// Waits for the page to finish rendering `view` (the app marks it).
+async fn ready(c: &Client, view: &str) {
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css(&format!("main[data-ready='{view}']")))
+        .await
+        .unwrap_or_else(|e| panic!("view {view} never became ready: {e}"));
+}
+
+/// Waits for an element; on a time-out, fails with what the page says.
+async fn wait_for(c: &Client, css: &str) {
+    if let Err(e) = c
+        .wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css(css))
+        .await
+    {
+        let said = c.find(Locator::Css("#status")).await.ok();
+        let said = match said {
+            Some(el) => el.text().await.unwrap_or_default(),
+            None => String::new(),
+        };
+        panic!("{css} never appeared ({e}); the page says {said:?}");
+    }
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+async fn status_text(c: &Client) -> String {
+    text(c, "#status").await
+}
+
+/// The drawn marks of a chart and the largest value it was given.
+async fn chart(c: &Client, id: &str) -> (usize, f64) {
+    let v = c
+        .execute(
+            "const s = document.querySelector(`svg[data-chart='${arguments[0]}']`);
+             if (!s) return null;
+             return [s.querySelectorAll('.point, .bar').length, Number(s.dataset.max)];",
+            vec![json!(id)],
+        )
+        .await
+        .unwrap();
+    assert!(!v.is_null(), "chart {id} is not on the page");
+    (v[0].as_u64().unwrap() as usize, v[1].as_f64().unwrap())
+}
+
+async fn rows(c: &Client, table: &str) -> usize {
+    c.find_all(Locator::Css(&format!("#{table} tbody tr")))
+        .await
+        .unwrap()
+        .len()
+}
+
+async fn type_into(c: &Client, css: &str, s: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .send_keys(s)
+        .await
+        .unwrap();
+}
+
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+/// Saves a screenshot when `CXMPUTE_TEST_SCREENSHOTS` names a folder.
+async fn shot(c: &Client, name: &str) {
+    if let Ok(dir) = std::env::var("CXMPUTE_TEST_SCREENSHOTS") {
+        let png = c.screenshot().await.unwrap();
+        std::fs::write(Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+struct Seeded {
+    h: TestHost,
+    _nodes: Vec<StandInNode>,
+    user: User,
+    key: Secret,
+    provider_key: Secret,
+}
+
+/// A host with two nodes, a user with traffic on two days, and a network snapshot.
+async fn seeded(mailer: Option<Arc<dyn Mailer>>) -> Seeded {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let h = TestHost::start_with(store, move |b| {
+        let b = b.reward_policy(Arc::new(FlatReward(Credits(400))));
+        match mailer {
+            Some(m) => b.mailer(m),
+            None => b,
+        }
+    })
+    .await;
+    h.broker
+        .put_price(PriceEntry {
+            service: Service::Chat,
+            model: None,
+            per_request: Credits(2_000),
+            per_million_input_tokens: Credits(1_000_000),
+            per_million_output_tokens: Credits(2_000_000),
+            per_million_units: Credits::ZERO,
+        })
+        .await
+        .unwrap();
+    let a = StandInNode::start("a").await;
+    let b = StandInNode::start("b").await;
+    let (p, provider_key) = h.provider().await;
+    h.add_node(&p, &a, Service::Chat, MODEL).await;
+    h.add_node(&p, &b, Service::Chat, MODEL).await;
+    let email = format!("dash-{}@users.test", h.url.rsplit(':').next().unwrap());
+    let (user, _, key) = h
+        .broker
+        .create_user(&email, Credits::whole(5), false)
+        .await
+        .unwrap();
+    let call = |stream: bool, app: &'static str| {
+        reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", h.url))
+            .bearer_auth(key.expose())
+            .header("X-Title", app)
+            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
+            .send()
+    };
+    h.broker.record_network_snapshot();
+    for i in 0..2 {
+        let r = call(i == 1, "Notebook").await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    h.clock.advance(Duration::from_secs(86_400));
+    h.broker.record_network_snapshot();
+    for _ in 0..3 {
+        let r = call(false, "Planner").await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    h.broker.flush_stats().await.unwrap();
+    Seeded {
+        h,
+        _nodes: vec![a, b],
+        user,
+        key,
+        provider_key,
+    }
+}
+
+#[tokio::test]
+async fn dashboard_pages_load_and_draw_seeded_data() {
+    let Some(d) = driver().await else { return };
+    let s = seeded(None).await;
+    let c = browser(&d).await;
+    let base = format!("{}/dashboard", s.h.url);
+
+    // Public network view: tiles, charts over 30 days, pools.
+    c.goto(&base).await.unwrap();
+    ready(&c, "network").await;
+    assert_eq!(status_text(&c).await, "");
+    assert_eq!(text(&c, "#tile-requests .value").await, "5");
+    assert_eq!(text(&c, "#tile-nodes .value").await, "2");
+    let (marks, max) = chart(&c, "requests").await;
+    assert_eq!(marks, 30, "a point per day");
+    assert_eq!(max, 3.0, "the busiest day had 3 requests");
+    let (bars, nodes) = chart(&c, "nodes").await;
+    assert_eq!((bars, nodes), (30, 2.0));
+    assert_eq!(rows(&c, "pools-now").await, 1);
+    shot(&c, "network").await;
+
+    // A narrower range through the form.
+    let today = s.h.broker.now().day();
+    let yesterday = today.plus_days(-1);
+    c.execute(
+        "document.getElementById('range-from').value = arguments[0];
+         document.getElementById('range-to').value = arguments[1];",
+        vec![json!(yesterday.to_string()), json!(today.to_string())],
+    )
+    .await
+    .unwrap();
+    click(&c, "#range button").await;
+    ready(&c, "network").await;
+    assert_eq!(chart(&c, "requests").await, (2, 3.0));
+
+    // A user's usage with an API key.
+    c.goto(&format!("{base}#/me")).await.unwrap();
+    ready(&c, "me").await;
+    type_into(&c, "#apikey-input", s.key.expose()).await;
+    click(&c, "#apikey-use").await;
+    wait_for(&c, "#tile-charged").await;
+    ready(&c, "me").await;
+    assert_eq!(text(&c, "#tile-requests .value").await, "5");
+    let charged = s.h.broker.store().ledger_totals().await.unwrap().charged;
+    let shown = text(&c, "#tile-charged .value").await;
+    assert_eq!(shown, credits_text(charged), "charges are shown exactly");
+    assert_eq!(rows(&c, "my-apps").await, 2);
+    shot(&c, "me-key").await;
+
+    // The provider's nodes and earnings with its key.
+    c.goto(&format!("{base}#/provider")).await.unwrap();
+    ready(&c, "provider").await;
+    type_into(&c, "#provider-key-input", s.provider_key.expose()).await;
+    click(&c, "#provider-key-use").await;
+    wait_for(&c, "#tile-earned").await;
+    ready(&c, "provider").await;
+    assert_eq!(rows(&c, "nodes").await, 2);
+    let (marks, max) = chart(&c, "earnings").await;
+    assert_eq!(marks, 2, "the range chosen above holds across views");
+    assert!(max > 0.0, "earnings are drawn");
+    shot(&c, "provider").await;
+
+    // Operators, with the admin's key.
+    c.goto(&format!("{base}#/admin")).await.unwrap();
+    ready(&c, "admin").await;
+    type_into(&c, "#admin-key-input", s.h.admin_key.expose()).await;
+    click(&c, "#admin-key-use").await;
+    wait_for(&c, "#top-users").await;
+    ready(&c, "admin").await;
+    assert_eq!(rows(&c, "top-users").await, 1);
+    assert_eq!(text(&c, "#top-users tbody td").await, s.user.id.as_str());
+    assert_eq!(rows(&c, "top-apps").await, 2);
+    shot(&c, "admin").await;
+
+    c.close().await.unwrap();
+}
+
+/// Credits as the page shows them: exact, at least two decimals.
+fn credits_text(c: Credits) -> String {
+    let whole = c.0 / 1_000_000;
+    let mut frac = format!("{:06}", c.0 % 1_000_000)
+        .trim_end_matches('0')
+        .to_owned();
+    while frac.len() < 2 {
+        frac.push('0');
+    }
+    format!("{whole}.{frac}")
+}
+
+/// The SMTP sink and its Maildir, when the test script runs one.
+fn smtp_sink() -> Option<(String, u16, PathBuf)> {
+    let (Ok(addr), Ok(dir)) = (
+        std::env::var("CXMPUTE_TEST_SMTP"),
+        std::env::var("CXMPUTE_TEST_MAILDIR"),
+    ) else {
+        skip("CXMPUTE_TEST_SMTP and CXMPUTE_TEST_MAILDIR");
+        return None;
+    };
+    let (host, port) = addr.rsplit_once(':').expect("host:port");
+    Some((host.to_owned(), port.parse().unwrap(), PathBuf::from(dir)))
+}
+
+/// The sign-in code in the newest mail to `to` (the server writes a message
+/// before it acknowledges it, so once the page says "sent" it is on disk).
+fn mailed_code(maildir: &Path, to: &str, seen: &mut HashSet<PathBuf>) -> Option<String> {
+    for sub in ["new", "cur"] {
+        let Ok(rd) = std::fs::read_dir(maildir.join(sub)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let to_us = text
+                .lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("to:") && l.contains(to));
+            if to_us && seen.insert(p) {
+                let at = text.find("sign-in code: ")? + "sign-in code: ".len();
+                return Some(
+                    text[at..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect(),
+                );
+            }
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
+    let Some(d) = driver().await else { return };
+    let Some((host, port, maildir)) = smtp_sink() else {
+        return;
+    };
+    let vars = [
+        ("CXMPUTE_MAILER", "smtp".to_owned()),
+        ("CXMPUTE_SMTP_HOST", host),
+        ("CXMPUTE_SMTP_PORT", port.to_string()),
+        ("CXMPUTE_SMTP_TLS", "none".to_owned()),
+        (
+            "CXMPUTE_SMTP_FROM",
+            "Cxmpute <no-reply@cxmpute.test>".to_owned(),
+        ),
+    ];
+    let mailer =
+        MailerConfig::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+            .unwrap()
+            .build()
+            .unwrap();
+    let s = seeded(Some(mailer)).await;
+    let c = browser(&d).await;
+    c.goto(&format!("{}/dashboard#/me", s.h.url)).await.unwrap();
+    ready(&c, "me").await;
+    assert!(c.find(Locator::Css("#signin-form")).await.is_ok());
+
+    type_into(&c, "#signin-email", &s.user.email).await;
+    click(&c, "#signin-send").await;
+    wait_for(&c, "#signin-code-form:not([hidden])").await;
+    assert_eq!(status_text(&c).await, "");
+    let code = mailed_code(&maildir, &s.user.email, &mut HashSet::new()).expect("a mailed code");
+    assert_eq!(code.len(), 8);
+    type_into(&c, "#signin-code", &code).await;
+    click(&c, "#signin-verify").await;
+    wait_for(&c, "#me-who").await;
+    ready(&c, "me").await;
+    assert!(text(&c, "#me-who").await.starts_with(&s.user.email));
+    assert_eq!(text(&c, "#tile-requests .value").await, "5");
+    assert_eq!(rows(&c, "my-keys").await, 1, "the user's one key is listed");
+    let (marks, max) = chart(&c, "my-requests").await;
+    assert_eq!((marks, max), (30, 3.0));
+    shot(&c, "me-session").await;
+
+    // Signing out returns to the sign-in form.
+    click(&c, "#signout").await;
+    wait_for(&c, "#signin-form").await;
+    c.close().await.unwrap();
+}
