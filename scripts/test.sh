@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs and starts
-# what the tests need (a DynamoDB API server, an SMTP sink, espeak-ng), runs
-# fmt, clippy and the tests, and stops the servers afterwards.
+# what the tests need (a DynamoDB API server, an SMTP sink, espeak-ng, a
+# headless Chromium with its WebDriver), runs fmt, clippy and the tests, and
+# stops the servers afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,13 +24,26 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq espeak-ng >/dev/null
 fi
 
-# Python tools in a virtualenv of the project: moto's DynamoDB server, aiosmtpd.
-venv="$root/.venv"
-if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aiosmtpd" ]; then
-  log "installing moto[server] and aiosmtpd into .venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5' 'aiosmtpd>=1.4'
+# Chromium and its WebDriver for the dashboard's browser test.
+if ! command -v chromedriver >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1; then
+  log "installing chromium and chromium-driver"
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+export CXMPUTE_TEST_CHROMEDRIVER="$(command -v chromedriver)"
+
+# Python tools in a virtualenv of the project: moto's DynamoDB server,
+# aiosmtpd, and an OpenAPI validator for the API document.
+venv="$root/.venv"
+if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/aiosmtpd" ] \
+  || [ ! -x "$venv/bin/openapi-spec-validator" ]; then
+  log "installing moto[server], aiosmtpd and openapi-spec-validator into .venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5' 'aiosmtpd>=1.4' \
+    'openapi-spec-validator>=0.7'
+fi
+export CXMPUTE_TEST_OPENAPI_VALIDATOR="$venv/bin/openapi-spec-validator"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() {
@@ -46,7 +60,8 @@ log "starting moto_server on 127.0.0.1:$moto_port"
 pids+=($!)
 
 smtp_port=$(free_port)
-mkdir -p "$work/maildir"
+# A complete Maildir: the server only creates the subfolders of a folder it makes itself.
+mkdir -p "$work/maildir/tmp" "$work/maildir/new" "$work/maildir/cur"
 log "starting aiosmtpd on 127.0.0.1:$smtp_port"
 "$venv/bin/aiosmtpd" -n -l "127.0.0.1:$smtp_port" -c aiosmtpd.handlers.Mailbox "$work/maildir" \
   >"$work/smtp.log" 2>&1 &
