@@ -264,6 +264,19 @@ impl Client {
         &self.shared.base
     }
 
+    /// `GET /healthz`: `Ok` when the host answers that it is up. Needs no
+    /// credential; retried like every read.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// client.health().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn health(&self) -> Result<()> {
+        self.req(Method::GET, &["healthz"]).send_unit().await
+    }
+
     /// The user API: the OpenAI-compatible gateway and the model list.
     ///
     /// ```no_run

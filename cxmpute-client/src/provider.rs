@@ -5,7 +5,8 @@
 
 use cxmpute_core::wire::{
     EarningsResponse, ProviderAccountResponse, ProviderKeyResponse, ProvisionView,
-    RegisterProvisionRequest, RegisterProvisionResponse,
+    ReadyProvisionRequest, RegisterProvisionRequest, RegisterProvisionResponse,
+    StartProvisionRequest, StartProvisionResponse,
 };
 use cxmpute_core::ProvisionId;
 use reqwest::Method;
@@ -92,7 +93,93 @@ impl ProviderApi<'_> {
             .await
     }
 
-    /// `DELETE /v1/provider/provisions/{id}`: ends the node; it leaves every pool.
+    /// `GET /v1/provider/provisions/{id}`: one of the provider's nodes.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let id = cxmpute_client::types::ProvisionId::new("node_...");
+    /// let node = client.provider().provision(&id).await?;
+    /// println!("{:?}, healthy: {}", node.state, node.healthy);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn provision(&self, id: &ProvisionId) -> Result<ProvisionView> {
+        self.client
+            .req(Method::GET, &["v1", "provider", "provisions", id.as_str()])
+            .send_json()
+            .await
+    }
+
+    /// `POST /v1/provider/provisions/{id}/start`: asks what to serve. The
+    /// broker assigns models the node's tier allows and the network lacks;
+    /// the node leaves any pool until it reports [`ready`](Self::ready).
+    ///
+    /// Not retried: each start may assign differently.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::{ProvisionId, Service};
+    /// use cxmpute_client::wire::StartProvisionRequest;
+    ///
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let id = ProvisionId::new("node_...");
+    /// let can = StartProvisionRequest { services: vec![Service::Chat, Service::Embeddings] };
+    /// for m in client.provider().start(&id, &can).await?.services {
+    ///     println!("pull and serve {} for {}", m.model, m.service);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn start(
+        &self,
+        id: &ProvisionId,
+        req: &StartProvisionRequest,
+    ) -> Result<StartProvisionResponse> {
+        self.client
+            .req(
+                Method::POST,
+                &["v1", "provider", "provisions", id.as_str(), "start"],
+            )
+            .json(req)?
+            .send_json()
+            .await
+    }
+
+    /// `POST /v1/provider/provisions/{id}/ready`: reports the node's endpoint
+    /// and the services it started; it joins exactly those pools.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::{ProvisionId, Service};
+    /// use cxmpute_client::wire::{ReadyProvisionRequest, ServedModel};
+    ///
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let ready = ReadyProvisionRequest {
+    ///     endpoint: "https://node.example:8443".into(),
+    ///     services: vec![ServedModel { service: Service::Chat, model: "llama3.2:3b".into() }],
+    /// };
+    /// let node = client.provider().ready(&ProvisionId::new("node_..."), &ready).await?;
+    /// assert!(node.healthy);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn ready(
+        &self,
+        id: &ProvisionId,
+        req: &ReadyProvisionRequest,
+    ) -> Result<ProvisionView> {
+        self.client
+            .req(
+                Method::POST,
+                &["v1", "provider", "provisions", id.as_str(), "ready"],
+            )
+            .json(req)?
+            // It states what the node serves; saying it twice says it once.
+            .idempotent(true)
+            .send_json()
+            .await
+    }
+
+    /// `POST /v1/provider/provisions/{id}/end`: the node leaves every pool at
+    /// once; it is kept and may [`start`](Self::start) again.
     ///
     /// ```no_run
     /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
@@ -102,6 +189,27 @@ impl ProviderApi<'_> {
     /// # }
     /// ```
     pub async fn end(&self, id: &ProvisionId) -> Result<()> {
+        self.client
+            .req(
+                Method::POST,
+                &["v1", "provider", "provisions", id.as_str(), "end"],
+            )
+            .idempotent(true)
+            .send_unit()
+            .await
+    }
+
+    /// `DELETE /v1/provider/provisions/{id}`: the node leaves every pool and
+    /// is forgotten.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let id = cxmpute_client::types::ProvisionId::new("node_...");
+    /// client.provider().delete(&id).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn delete(&self, id: &ProvisionId) -> Result<()> {
         self.client
             .req(
                 Method::DELETE,

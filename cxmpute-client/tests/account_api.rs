@@ -257,6 +257,10 @@ async fn usage_counts_the_days_and_the_calls() {
         week.days.iter().map(|d| d.charged.as_micros()).sum::<i64>(),
         2_040
     );
+    assert_eq!(week.recent.len(), 2, "the latest requests, newest first");
+    assert!(week.recent[0].at >= week.recent[1].at);
+    assert_eq!(week.recent[0].model, MODEL);
+    assert_eq!(week.recent[0].charged, Credits(1_020));
     let default = session.account().usage(None).await.unwrap();
     assert_eq!(default.days.len(), 30);
     let e = session.account().usage(Some(0)).await.unwrap_err();

@@ -648,17 +648,21 @@ async fn calls_carry_the_credential_the_app_name_and_encoded_ids() {
         .unwrap();
     c.with_bearer("cxp-two")
         .provider()
-        .end(&ProvisionId::new("n.1"))
+        .delete(&ProvisionId::new("n.1"))
         .await
         .unwrap();
     c.anonymous()
         .provider()
-        .end(&ProvisionId::new("x"))
+        .delete(&ProvisionId::new("x"))
         .await
         .unwrap();
     // `.` and `..` cannot be path segments (URLs resolve them away): refused unsent.
     for id in ["", ".", ".."] {
-        let e = c.provider().end(&ProvisionId::new(id)).await.unwrap_err();
+        let e = c
+            .provider()
+            .delete(&ProvisionId::new(id))
+            .await
+            .unwrap_err();
         assert!(matches!(e, Error::InvalidRequest(_)), "{id:?}: {e:?}");
     }
     assert_eq!(s.hits(), 3);

@@ -6,7 +6,8 @@ mod common;
 use common::{client_for, World, MODEL};
 use cxmpute_client::types::{Location, ProvisionId, ProvisionState, Service};
 use cxmpute_client::wire::{
-    ChatCompletionRequest, ChatMessage, RegisterProvisionRequest, ServedModel,
+    ChatCompletionRequest, ChatMessage, ReadyProvisionRequest, RegisterProvisionRequest,
+    ServedModel, StartProvisionRequest,
 };
 use cxmpute_core::testkit::StandInNode;
 
@@ -88,10 +89,107 @@ async fn register_list_heartbeat_and_end_a_node() {
         .last_heartbeat;
     assert!(after > before);
 
+    // Ended: out of every pool, but kept.
     provider.provider().end(&reg.provision_id).await.unwrap();
-    assert!(provider.provider().provisions().await.unwrap().is_empty());
+    let ended = provider
+        .provider()
+        .provision(&reg.provision_id)
+        .await
+        .unwrap();
+    assert_eq!(ended.state, ProvisionState::Ended);
+    assert!(!ended.healthy);
     let e = w.client().user().chat(&req).await.unwrap_err();
     assert_eq!(e.status(), Some(404), "{e}");
+
+    // Deleted: forgotten.
+    provider.provider().delete(&reg.provision_id).await.unwrap();
+    assert!(provider.provider().provisions().await.unwrap().is_empty());
+    let e = provider
+        .provider()
+        .provision(&reg.provision_id)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+}
+
+#[tokio::test]
+async fn a_node_joins_through_start_and_ready_and_can_start_again() {
+    let w = World::start().await;
+    let (_, key) = w.host.provider().await;
+    let provider = client_for(&w.host.url, &key);
+    let node = StandInNode::start("lifecycle").await;
+    let reg = provider
+        .provider()
+        .register(&RegisterProvisionRequest {
+            endpoint: None,
+            services: Vec::new(),
+            device: serde_json::json!({"gpu": {"memory_mb": 24576}}),
+            location: Location::default(),
+        })
+        .await
+        .unwrap();
+    assert_eq!((reg.state, reg.tier), (ProvisionState::Registered, 4));
+    node.require_secret(&reg.node_secret);
+    let id = &reg.provision_id;
+
+    let can = StartProvisionRequest {
+        services: vec![Service::Chat],
+    };
+    let start = provider.provider().start(id, &can).await.unwrap();
+    assert_eq!(
+        (&start.provision_id, start.state, start.tier),
+        (id, ProvisionState::Starting, 4)
+    );
+    assert!(!start.services.is_empty());
+    assert!(
+        start.services.iter().all(|m| m.service == Service::Chat),
+        "{:?}",
+        start.services
+    );
+    assert_eq!(
+        provider.provider().provision(id).await.unwrap().state,
+        ProvisionState::Starting
+    );
+
+    let serving = start.services[..1].to_vec();
+    let ready = ReadyProvisionRequest {
+        endpoint: node.url(),
+        services: serving.clone(),
+    };
+    let view = provider.provider().ready(id, &ready).await.unwrap();
+    assert_eq!(view.state, ProvisionState::Ready);
+    assert_eq!(view.services, serving);
+    assert_eq!(view.endpoint.as_deref(), Some(node.url().as_str()));
+    assert!(view.healthy);
+    let req = ChatCompletionRequest::new(serving[0].model.clone(), vec![ChatMessage::user("hi")]);
+    let answer = w.client().user().chat(&req).await.unwrap();
+    assert_eq!(
+        answer.choices[0].message.text().as_deref(),
+        Some("Hello from lifecycle")
+    );
+    provider.provider().heartbeat(id).await.unwrap();
+
+    provider.provider().end(id).await.unwrap();
+    assert!(w.client().user().chat(&req).await.is_err());
+    // An ended node starts again and comes back.
+    provider
+        .provider()
+        .start(id, &StartProvisionRequest::default())
+        .await
+        .unwrap();
+    provider.provider().ready(id, &ready).await.unwrap();
+    w.client().user().chat(&req).await.unwrap();
+
+    // A model outside the catalogue is refused.
+    let bogus = ReadyProvisionRequest {
+        endpoint: node.url(),
+        services: vec![ServedModel {
+            service: Service::Chat,
+            model: "not-in-catalogue:1b".into(),
+        }],
+    };
+    let e = provider.provider().ready(id, &bogus).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
 }
 
 #[tokio::test]
@@ -106,9 +204,21 @@ async fn another_providers_node_is_not_found() {
         .await
         .unwrap();
     let id = &theirs[0].provision_id;
+    let ready = ReadyProvisionRequest {
+        endpoint: "http://127.0.0.1:9".into(),
+        services: Vec::new(),
+    };
     for e in [
+        stranger.provider().provision(id).await.unwrap_err(),
+        stranger
+            .provider()
+            .start(id, &StartProvisionRequest::default())
+            .await
+            .unwrap_err(),
+        stranger.provider().ready(id, &ready).await.unwrap_err(),
         stranger.provider().heartbeat(id).await.unwrap_err(),
         stranger.provider().end(id).await.unwrap_err(),
+        stranger.provider().delete(id).await.unwrap_err(),
     ] {
         assert_eq!(
             (e.status(), e.code()),

@@ -251,3 +251,9 @@ async fn the_hosts_refusals_map_to_api_errors_with_their_codes() {
         "no refusal costs anything"
     );
 }
+
+#[tokio::test]
+async fn health_answers_without_a_credential() {
+    let w = World::start().await;
+    w.client().anonymous().health().await.unwrap();
+}
