@@ -24,7 +24,10 @@ fn chat_price() -> PriceEntry {
 
 async fn host() -> TestHost {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let h = TestHost::start_with(store, |b| b.reward_policy(Arc::new(FlatReward(Credits(500))))).await;
+    let h = TestHost::start_with(store, |b| {
+        b.reward_policy(Arc::new(FlatReward(Credits(500))))
+    })
+    .await;
     h.broker.put_price(chat_price()).await.unwrap();
     h
 }
@@ -72,7 +75,10 @@ async fn plain_chat_is_charged_by_the_price_table_and_rewarded() {
     assert_eq!(usage[0].charged, Credits(1_020));
     assert!(usage[0].success);
     let t = h.broker.store().ledger_totals().await.unwrap();
-    assert_eq!((t.charged, t.rewarded, t.reserved), (Credits(1_020), Credits(500), Credits::ZERO));
+    assert_eq!(
+        (t.charged, t.rewarded, t.reserved),
+        (Credits(1_020), Credits(500), Credits::ZERO)
+    );
     assert_eq!(node.hits(), 1);
 }
 
@@ -110,7 +116,10 @@ async fn streamed_chat_passes_chunks_through_and_charges_reported_usage() {
 /// Checks that `n` settlements are in the store. A streamed answer is
 /// settled before its body ends, so having read the body is enough.
 async fn wait_settled(h: &TestHost, n: u64) {
-    assert_eq!(h.broker.store().ledger_totals().await.unwrap().settlements, n);
+    assert_eq!(
+        h.broker.store().ledger_totals().await.unwrap().settlements,
+        n
+    );
 }
 
 #[tokio::test]
@@ -129,7 +138,8 @@ async fn embeddings_are_charged_by_input_tokens() {
         .unwrap();
     let node = StandInNode::start("e").await;
     let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Embeddings, "nomic-embed-text").await;
+    h.add_node(&p, &node, Service::Embeddings, "nomic-embed-text")
+        .await;
     let (u, key) = h.user(Credits::whole(1)).await;
     let body = json!({"model": "nomic-embed-text", "input": ["one", "two"]});
     let r = post(&h, "/v1/embeddings", &key, &body).await;
@@ -158,7 +168,11 @@ async fn failover_case(bad: Behavior) {
     }
     assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 1_020 * n));
     assert_eq!(earnings(&h, &pg).await, Credits(500 * n));
-    assert_eq!(earnings(&h, &pb).await, Credits::ZERO, "the failing node earns nothing");
+    assert_eq!(
+        earnings(&h, &pb).await,
+        Credits::ZERO,
+        "the failing node earns nothing"
+    );
 }
 
 #[tokio::test]
@@ -228,7 +242,10 @@ async fn a_stream_cut_after_the_first_byte_ends_with_an_error_event_and_charges_
     let r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
-    let events: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(events.len(), 3, "{text}");
     let last: Value = serde_json::from_str(events[2]).unwrap();
     assert_eq!(last["error"]["code"], "stream_interrupted");
@@ -306,33 +323,88 @@ async fn bad_input_gets_the_right_4xx_and_costs_nothing() {
     let c = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", h.url);
     let raw = |body: &'static str| {
-        c.post(&url).bearer_auth(key.expose()).header("content-type", "application/json").body(body).send()
+        c.post(&url)
+            .bearer_auth(key.expose())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
     };
     expect_error(raw("{not json").await.unwrap(), 400, "invalid_request").await;
-    expect_error(raw(r#"{"model": "llama3.2:3b"}"#).await.unwrap(), 400, "invalid_request").await;
-    expect_error(raw(r#"{"model": 5, "messages": []}"#).await.unwrap(), 400, "invalid_request").await;
-    expect_error(raw(r#"{"model": "llama3.2:3b", "messages": "hi"}"#).await.unwrap(), 400, "invalid_request")
-        .await;
-    expect_error(raw(r#"{"model": "llama3.2:3b", "messages": []}"#).await.unwrap(), 400, "invalid_request")
-        .await;
     expect_error(
-        raw(r#"{"model": "llama3.2:3b", "messages": [{"role": "wizard", "content": "x"}]}"#).await.unwrap(),
+        raw(r#"{"model": "llama3.2:3b"}"#).await.unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        raw(r#"{"model": 5, "messages": []}"#).await.unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        raw(r#"{"model": "llama3.2:3b", "messages": "hi"}"#)
+            .await
+            .unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        raw(r#"{"model": "llama3.2:3b", "messages": []}"#)
+            .await
+            .unwrap(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        raw(r#"{"model": "llama3.2:3b", "messages": [{"role": "wizard", "content": "x"}]}"#)
+            .await
+            .unwrap(),
         400,
         "invalid_request",
     )
     .await;
     expect_error(raw("").await.unwrap(), 400, "invalid_request").await;
     let unknown = json!({"model": "nope:1b", "messages": [{"role": "user", "content": "x"}]});
-    expect_error(post(&h, "/v1/chat/completions", &key, &unknown).await, 404, "model_not_found").await;
-    let huge = json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(5 << 20)}]});
-    expect_error(post(&h, "/v1/chat/completions", &key, &huge).await, 413, "payload_too_large").await;
+    expect_error(
+        post(&h, "/v1/chat/completions", &key, &unknown).await,
+        404,
+        "model_not_found",
+    )
+    .await;
+    let huge =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(5 << 20)}]});
+    expect_error(
+        post(&h, "/v1/chat/completions", &key, &huge).await,
+        413,
+        "payload_too_large",
+    )
+    .await;
     let none = c.post(&url).json(&chat_body(false)).send().await.unwrap();
     expect_error(none, 401, "invalid_api_key").await;
-    let wrong = post(&h, "/v1/chat/completions", &Secret::new("cx-wrong"), &chat_body(false)).await;
+    let wrong = post(
+        &h,
+        "/v1/chat/completions",
+        &Secret::new("cx-wrong"),
+        &chat_body(false),
+    )
+    .await;
     expect_error(wrong, 401, "invalid_api_key").await;
     let bad_emb = json!({"model": "x", "input": []});
-    expect_error(post(&h, "/v1/embeddings", &key, &bad_emb).await, 400, "invalid_request").await;
-    expect_error(c.get(format!("{}/v1/nothing", h.url)).send().await.unwrap(), 404, "not_found").await;
+    expect_error(
+        post(&h, "/v1/embeddings", &key, &bad_emb).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect_error(
+        c.get(format!("{}/v1/nothing", h.url)).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
     assert_eq!(balance(&h, &u).await, Credits::whole(1));
     assert_eq!(node.hits(), 0);
 }
@@ -344,16 +416,38 @@ async fn credits_and_key_limits_are_refused_with_402_and_429() {
     let (p, _) = h.provider().await;
     h.add_node(&p, &node, Service::Chat, MODEL).await;
     let (poor, key) = h.user(Credits(10)).await;
-    expect_error(post(&h, "/v1/chat/completions", &key, &chat_body(false)).await, 402, "insufficient_credits")
-        .await;
-    h.broker.grant_credits(&poor.id, Credits::whole(100), "test", "top up").await.unwrap();
-    let (_, limited) =
-        h.broker.create_api_key(&poor.id, "small", Some(Credits(100)), Vec::new()).await.unwrap();
-    expect_error(post(&h, "/v1/chat/completions", &limited, &chat_body(false)).await, 429, "key_limit_reached")
-        .await;
-    let (_, embed_only) =
-        h.broker.create_api_key(&poor.id, "emb", None, vec![Route::Embeddings]).await.unwrap();
-    expect_error(post(&h, "/v1/chat/completions", &embed_only, &chat_body(false)).await, 403, "forbidden").await;
+    expect_error(
+        post(&h, "/v1/chat/completions", &key, &chat_body(false)).await,
+        402,
+        "insufficient_credits",
+    )
+    .await;
+    h.broker
+        .grant_credits(&poor.id, Credits::whole(100), "test", "top up")
+        .await
+        .unwrap();
+    let (_, limited) = h
+        .broker
+        .create_api_key(&poor.id, "small", Some(Credits(100)), Vec::new())
+        .await
+        .unwrap();
+    expect_error(
+        post(&h, "/v1/chat/completions", &limited, &chat_body(false)).await,
+        429,
+        "key_limit_reached",
+    )
+    .await;
+    let (_, embed_only) = h
+        .broker
+        .create_api_key(&poor.id, "emb", None, vec![Route::Embeddings])
+        .await
+        .unwrap();
+    expect_error(
+        post(&h, "/v1/chat/completions", &embed_only, &chat_body(false)).await,
+        403,
+        "forbidden",
+    )
+    .await;
     assert_eq!(node.hits(), 0);
 }
 
@@ -363,12 +457,22 @@ async fn no_healthy_node_is_503_and_models_lists_what_is_served() {
     let node = StandInNode::start("a").await;
     let (p, _) = h.provider().await;
     let id = h.add_node(&p, &node, Service::Chat, MODEL).await;
-    let models: Value = reqwest::get(format!("{}/v1/models", h.url)).await.unwrap().json().await.unwrap();
+    let models: Value = reqwest::get(format!("{}/v1/models", h.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(models["data"][0]["id"], MODEL);
     assert_eq!(models["data"][0]["nodes"], 1);
     h.broker.pools().set_healthy(&id, false);
     let (u, key) = h.user(Credits::whole(1)).await;
-    expect_error(post(&h, "/v1/chat/completions", &key, &chat_body(false)).await, 503, "no_capacity").await;
+    expect_error(
+        post(&h, "/v1/chat/completions", &key, &chat_body(false)).await,
+        503,
+        "no_capacity",
+    )
+    .await;
     assert_eq!(balance(&h, &u).await, Credits::whole(1));
     let health = reqwest::get(format!("{}/healthz", h.url)).await.unwrap();
     assert_eq!(health.status(), 200);
@@ -378,14 +482,25 @@ async fn no_healthy_node_is_503_and_models_lists_what_is_served() {
 async fn a_node_usage_claim_above_the_bounds_is_clamped() {
     let h = host().await;
     let node = StandInNode::start("greedy").await;
-    node.set_usage(Some(Usage { prompt_tokens: 1_000_000, completion_tokens: 1_000_000, total_tokens: 0 }));
+    node.set_usage(Some(Usage {
+        prompt_tokens: 1_000_000,
+        completion_tokens: 1_000_000,
+        total_tokens: 0,
+    }));
     let (p, _) = h.provider().await;
     h.add_node(&p, &node, Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(10)).await;
-    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7});
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7});
     let r = post(&h, "/v1/chat/completions", &key, &body).await;
     assert_eq!(r.status(), 200);
-    let used = h.broker.store().usage_records(&u.id, 1).await.unwrap().remove(0);
+    let used = h
+        .broker
+        .store()
+        .usage_records(&u.id, 1)
+        .await
+        .unwrap()
+        .remove(0);
     assert_eq!(used.output_tokens, 7, "at most max_tokens");
     assert!(used.input_tokens <= serde_json::to_vec(&body).unwrap().len() as u64);
 }
@@ -399,21 +514,42 @@ async fn provider_api_registers_heartbeats_and_ends_only_its_own_nodes() {
     let c = reqwest::Client::new();
     let reg = json!({"endpoint": node.url(), "services": [{"service": "chat", "model": MODEL}],
         "device": {"gpu": {"memory_mb": 24576}}, "location": {"country": "DE"}});
-    let r = c.post(format!("{}/v1/provider/provisions", h.url)).bearer_auth(key_a.expose()).json(&reg).send().await.unwrap();
+    let r = c
+        .post(format!("{}/v1/provider/provisions", h.url))
+        .bearer_auth(key_a.expose())
+        .json(&reg)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["tier"], 4);
     assert_eq!(v["state"], "ready");
     let id = v["provision_id"].as_str().unwrap().to_owned();
-    let hb = |k: &Secret| c.post(format!("{}/v1/provider/provisions/{id}/heartbeat", h.url)).bearer_auth(k.expose()).send();
+    let hb = |k: &Secret| {
+        c.post(format!("{}/v1/provider/provisions/{id}/heartbeat", h.url))
+            .bearer_auth(k.expose())
+            .send()
+    };
     assert_eq!(hb(&key_a).await.unwrap().status(), 204);
-    assert_eq!(hb(&key_b).await.unwrap().status(), 404, "another provider's node");
+    assert_eq!(
+        hb(&key_b).await.unwrap().status(),
+        404,
+        "another provider's node"
+    );
     assert_eq!(hb(&Secret::new("nope")).await.unwrap().status(), 401);
-    let end = |k: &Secret| c.delete(format!("{}/v1/provider/provisions/{id}", h.url)).bearer_auth(k.expose()).send();
+    let end = |k: &Secret| {
+        c.delete(format!("{}/v1/provider/provisions/{id}", h.url))
+            .bearer_auth(k.expose())
+            .send()
+    };
     assert_eq!(end(&key_b).await.unwrap().status(), 404);
     assert_eq!(h.broker.models().data.len(), 1);
     assert_eq!(end(&key_a).await.unwrap().status(), 204);
-    assert!(h.broker.models().data.is_empty(), "an ended node leaves every pool");
+    assert!(
+        h.broker.models().data.is_empty(),
+        "an ended node leaves every pool"
+    );
 }
 
 #[tokio::test]
@@ -423,9 +559,21 @@ async fn admin_routes_need_an_admin_key() {
     let (u, user_key) = h.user(Credits::ZERO).await;
     let url = format!("{}/v1/admin/users/{}/credits", h.url, u.id);
     let grant = json!({"amount": 5_000_000, "reason": "welcome"});
-    let r = c.post(&url).bearer_auth(user_key.expose()).json(&grant).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .bearer_auth(user_key.expose())
+        .json(&grant)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    let r = c.post(&url).bearer_auth(h.admin_key.expose()).json(&grant).send().await.unwrap();
+    let r = c
+        .post(&url)
+        .bearer_auth(h.admin_key.expose())
+        .json(&grant)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(balance(&h, &u).await, Credits::whole(5));
     let r = c
@@ -482,4 +630,29 @@ async fn a_client_going_away_cancels_the_upstream_call_and_pays_for_what_was_del
     assert_eq!(rec.charged, Credits(1_009));
     assert_eq!(balance(&h, &u).await, Credits(1_000_000 - 1_009));
     assert_eq!(earnings(&h, &p).await, Credits(500));
+}
+
+#[tokio::test]
+async fn a_node_refusing_the_request_itself_is_a_400_with_its_reason_and_costs_nothing() {
+    let h = host().await;
+    let node = StandInNode::start("strict").await;
+    node.set(Behavior::Status(400));
+    let (p, _) = h.provider().await;
+    let id = h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+    assert_eq!(r.status(), 400);
+    let e: ErrorBody = r.json().await.unwrap();
+    assert!(
+        e.error.message.contains("scripted failure"),
+        "{}",
+        e.error.message
+    );
+    assert_eq!(node.hits(), 1, "a refusal is not retried");
+    assert!(
+        h.broker.pools().is_healthy(&id),
+        "a refusal is not the node's failure"
+    );
+    assert_eq!(balance(&h, &u).await, Credits::whole(1));
+    assert_eq!(earnings(&h, &p).await, Credits::ZERO);
 }

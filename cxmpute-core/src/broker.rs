@@ -300,6 +300,9 @@ enum AttemptError {
     Failed(String),
     /// The node said it is busy (429/503) and when to come back.
     Busy(String, Duration),
+    /// The node refused the request itself (400/413/422 with an OpenAI error
+    /// message): another node would refuse it too, so it is not retried.
+    Rejected(String),
 }
 
 enum Answer {
@@ -1054,6 +1057,8 @@ impl CallContext {
                     Err(AttemptError::Timeout(_)) => AttemptOutcome::Timeout,
                     Err(AttemptError::Busy(..)) => AttemptOutcome::Busy,
                     Err(AttemptError::Failed(_)) => AttemptOutcome::Failure,
+                    // The node is fine; the request was not.
+                    Err(AttemptError::Rejected(_)) => AttemptOutcome::Success,
                 },
             );
             match result {
@@ -1069,6 +1074,16 @@ impl CallContext {
                 }
                 Ok(Answer::Stream(first, start)) => {
                     return Ok(self.stream(node, in_flight, t0, first, *start));
+                }
+                Err(AttemptError::Rejected(m)) => {
+                    // Not the node's fault and not worth another node: the
+                    // caller gets the node's reason as a 400 and pays nothing.
+                    drop(in_flight);
+                    let st = self.settlement(None, Meter::default(), Credits::ZERO, false, false);
+                    self.broker.settle(st).await;
+                    return Err(Error::InvalidInput(format!(
+                        "the node refused the request: {m}"
+                    )));
                 }
                 Err(e) => {
                     tracing::warn!(node = %node.entry.provision_id, error = ?e, "node attempt failed");
@@ -1091,7 +1106,9 @@ impl CallContext {
                 self.prep.model
             )),
             Some(AttemptError::Timeout(m)) => Error::UpstreamTimeout(m),
-            Some(AttemptError::Failed(m) | AttemptError::Busy(m, _)) => Error::Upstream(m),
+            Some(
+                AttemptError::Failed(m) | AttemptError::Busy(m, _) | AttemptError::Rejected(m),
+            ) => Error::Upstream(m),
         })
     }
 
@@ -1166,6 +1183,14 @@ impl CallContext {
             Ok(Err(e)) => return Err(AttemptError::Failed(format!("node unreachable: {e}"))),
             Ok(Ok(r)) => r,
         };
+        if matches!(resp.status().as_u16(), 400 | 413 | 422) {
+            if let Some(m) = rejection_message(resp).await {
+                return Err(AttemptError::Rejected(m));
+            }
+            return Err(AttemptError::Failed(
+                "node refused the request without saying why".into(),
+            ));
+        }
         if !resp.status().is_success() {
             let msg = format!("node answered {}", resp.status());
             let now = self.broker.now();
@@ -1355,6 +1380,19 @@ fn binary_content_type(resp: &reqwest::Response) -> String {
     } else {
         "audio/wav".to_owned()
     }
+}
+
+/// The message of a node's OpenAI-style error answer (`{"error":{"message":..}}`),
+/// read with a small cap and cleaned for display; `None` when there is none.
+async fn rejection_message(resp: reqwest::Response) -> Option<String> {
+    let mut resp = resp;
+    let buf = read_capped(&mut resp, Duration::from_secs(5), 16 * 1024)
+        .await
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
+    let m = v.pointer("/error/message")?.as_str()?;
+    let clean: String = m.chars().filter(|c| !c.is_control()).take(300).collect();
+    (!clean.trim().is_empty()).then_some(clean)
 }
 
 /// Reads a whole answer with an idle timeout between chunks and a size cap.
