@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::error::{retryable_status, ApiError, Error, Result, TimeoutPhase};
 use crate::session::{Credential, SessionCell};
 use crate::stream::{ByteStream, SseStream};
-use crate::{AccountApi, AdminApi, ProviderApi, UserApi};
+use crate::{AccountApi, AdminApi, ProviderApi, StatsApi, UserApi};
 
 /// How many bytes of an unexpected body an [`Error::Decode`] keeps.
 const BODY_SNIPPET: usize = 512;
@@ -275,6 +275,32 @@ impl Client {
     /// ```
     pub async fn health(&self) -> Result<()> {
         self.req(Method::GET, &["healthz"]).send_unit().await
+    }
+
+    /// `GET /openapi.json`: the host's OpenAPI document, every route it serves.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let doc = client.openapi().await?;
+    /// println!("OpenAPI {}", doc["openapi"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn openapi(&self) -> Result<serde_json::Value> {
+        self.req(Method::GET, &["openapi.json"]).send_json().await
+    }
+
+    /// The stats API: usage analytics for the network, the caller, a
+    /// provider and operators, and Prometheus metrics.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let mine = client.stats().me(None).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn stats(&self) -> StatsApi<'_> {
+        StatsApi { client: self }
     }
 
     /// The user API: the OpenAI-compatible gateway and the model list.
@@ -602,6 +628,12 @@ impl Req<'_> {
         // Read the body so the connection goes back to the pool.
         resp.bytes().await.map_err(Error::from)?;
         Ok(())
+    }
+
+    /// Sends and returns the answer as text.
+    pub(crate) async fn send_text(mut self) -> Result<String> {
+        let resp = self.send(true).await?;
+        resp.text().await.map_err(Error::from)
     }
 
     /// Sends and returns the whole answer body.

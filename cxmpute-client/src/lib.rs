@@ -8,7 +8,8 @@
 //!   OpenAI-compatible gateway and the services), [`Client::account`]
 //!   (sign-in, sessions, own keys and usage), [`Client::provider`] (a
 //!   provider's account and nodes), [`Client::admin`] (accounts, credits,
-//!   suspensions, nodes, prices, notifications).
+//!   suspensions, nodes, prices, notifications), [`Client::stats`] (usage
+//!   analytics and metrics).
 //! - [`Error`]: the HTTP status and the parsed OpenAI error body, or what
 //!   went wrong on the way (connect, timeout, transport, decode).
 //! - [`ChatStream`]: a streamed chat completion as a `futures::Stream` of
@@ -53,6 +54,7 @@ mod client;
 mod error;
 mod provider;
 mod session;
+mod stats;
 mod stream;
 mod user;
 
@@ -61,6 +63,7 @@ pub use admin::AdminApi;
 pub use client::{Client, ClientBuilder, RetryPolicy};
 pub use error::{ApiError, Error, Result, TimeoutPhase};
 pub use provider::ProviderApi;
+pub use stats::StatsApi;
 pub use stream::{ByteStream, ChatStream, SseStream};
 pub use user::UserApi;
 
@@ -69,6 +72,9 @@ pub use cxmpute_core::wire;
 
 /// The host's domain types used in the wire types (ids, [`Credits`](types::Credits), services...).
 pub use cxmpute_core::types;
+
+/// The host's analytics answers ([`StatsApi`]), shared with the host.
+pub use cxmpute_core::analytics;
 
 /// A secret (API key, token) whose `Debug` and `Display` are redacted, as the
 /// wire types carry them.
