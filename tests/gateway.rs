@@ -656,3 +656,37 @@ async fn a_node_refusing_the_request_itself_is_a_400_with_its_reason_and_costs_n
     assert_eq!(balance(&h, &u).await, Credits::whole(1));
     assert_eq!(earnings(&h, &p).await, Credits::ZERO);
 }
+
+#[tokio::test]
+async fn a_preferred_region_routes_to_nodes_there_and_falls_back_elsewhere() {
+    let h = host().await;
+    let de = StandInNode::start("de").await;
+    let us = StandInNode::start("us").await;
+    let (p, _) = h.provider().await;
+    for (node, country) in [(&de, "DE"), (&us, "US")] {
+        let req = wire::RegisterProvisionRequest {
+            endpoint: Some(node.url()),
+            services: vec![wire::ServedModel { service: Service::Chat, model: MODEL.into() }],
+            device: json!({"gpu": {"memory_mb": 8192}}),
+            location: Location { country: country.into(), ..Location::default() },
+        };
+        let r = h.broker.register_provision(&p, req).await.unwrap();
+        node.require_secret(&r.node_secret);
+    }
+    let (_, key) = h.user(Credits::whole(10)).await;
+    let c = reqwest::Client::new();
+    let call = |region: &'static str| {
+        c.post(format!("{}/v1/chat/completions", h.url))
+            .bearer_auth(key.expose())
+            .header("x-cxmpute-region", region)
+            .json(&chat_body(false))
+            .send()
+    };
+    for _ in 0..8 {
+        assert_eq!(call("de").await.unwrap().status(), 200);
+    }
+    assert_eq!((de.hits(), us.hits()), (8, 0));
+    de.set(Behavior::Status(500));
+    assert_eq!(call("DE").await.unwrap().status(), 200, "falls back to another region");
+    assert_eq!(us.hits(), 1);
+}

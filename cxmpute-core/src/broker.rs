@@ -49,7 +49,7 @@ use crate::health::{self, HealthConfig, HealthReport, Outcome};
 use crate::mail::{ConsoleMailer, Mailer};
 use crate::metrics::{AttemptOutcome, Metrics};
 use crate::network::NetworkConfig;
-use crate::pool::{Node, PoolIndex};
+use crate::pool::{Node, PoolIndex, RoutePreferences};
 use crate::pricing::{default_prices, Meter, PriceTable};
 use crate::reward::{FlatReward, RewardContext, RewardPolicy};
 use crate::secret::Secret;
@@ -262,6 +262,16 @@ pub struct GatewayRequest {
     pub body: Bytes,
     /// The calling application (`X-Title`, else `HTTP-Referer`).
     pub app: Option<String>,
+    /// Routing preferences (a preferred region, from `X-Cxmpute-Region`).
+    pub preferences: RoutePreferences,
+}
+
+impl GatewayRequest {
+    /// A call of `route` with `body`, authenticated by `api_key`, with no
+    /// application name and no routing preference.
+    pub fn new(api_key: Option<Secret>, route: Route, body: Bytes) -> Self {
+        GatewayRequest { api_key, route, body, app: None, preferences: RoutePreferences::none() }
+    }
 }
 
 /// A gateway answer.
@@ -916,6 +926,7 @@ impl Broker {
             prep,
             price,
             app: req.app,
+            preferences: req.preferences,
             started,
         };
         // 3-6.
@@ -1023,6 +1034,7 @@ struct CallContext {
     prep: Prepared,
     price: PriceEntry,
     app: Option<String>,
+    preferences: RoutePreferences,
     started: Instant,
 }
 
@@ -1032,11 +1044,12 @@ impl CallContext {
         let mut tried: Vec<ProvisionId> = Vec::new();
         let mut last: Option<AttemptError> = None;
         for attempt in 1..=b.config.max_attempts {
-            let Some(node) = b.pools.select(
+            let Some(node) = b.pools.select_with(
                 self.prep.service,
                 &self.prep.model,
                 b.selector.as_ref(),
                 &tried,
+                &self.preferences,
             ) else {
                 break;
             };

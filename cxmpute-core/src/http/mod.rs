@@ -190,6 +190,19 @@ pub fn json_body<T: DeserializeOwned>(
         .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
 }
 
+/// Routing preferences a caller may send: `X-Cxmpute-Region: DE` prefers
+/// nodes in that region (their location's country) and falls back to any
+/// node when the region has none.
+fn preferences(headers: &HeaderMap) -> crate::pool::RoutePreferences {
+    match headers
+        .get("x-cxmpute-region")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(r) if r.len() <= 64 => crate::pool::RoutePreferences::region(r),
+        _ => crate::pool::RoutePreferences::none(),
+    }
+}
+
 fn app_name(headers: &HeaderMap) -> Option<String> {
     let v = headers
         .get("x-title")
@@ -224,6 +237,7 @@ async fn gateway(
             route,
             body: body_bytes(body)?,
             app: app_name(&headers),
+            preferences: preferences(&headers),
         };
         broker.handle(req).await
     }
@@ -305,21 +319,12 @@ impl Routes {
         self
     }
 
-    /// Adds every route of another table.
-    pub(crate) fn merge(mut self, other: impl Into<Routes>) -> Self {
-        let other = other.into();
+    /// Adds every route of another table. There is deliberately no way to
+    /// merge a plain `Router`: its paths would escape the OpenAPI check.
+    pub(crate) fn merge(mut self, other: Routes) -> Self {
         self.router = self.router.merge(other.router);
         self.paths.extend(other.paths);
         self
-    }
-}
-
-impl From<Router<Broker>> for Routes {
-    fn from(router: Router<Broker>) -> Self {
-        Routes {
-            router,
-            paths: Vec::new(),
-        }
     }
 }
 
