@@ -15,7 +15,11 @@ use cxmpute_core::*;
 const MODEL: &str = "llama3.2:3b";
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let (host, node, key) = rt.block_on(async {
         let host = TestHost::start(Arc::new(MemoryStore::new())).await;
         let node = StandInNode::start("bench").await;
@@ -54,7 +58,11 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let r = host
                 .broker
-                .handle(GatewayRequest::new(Some(key.clone()), Route::ChatCompletions, body.clone()))
+                .handle(GatewayRequest::new(
+                    Some(key.clone()),
+                    Route::ChatCompletions,
+                    body.clone(),
+                ))
                 .await
                 .unwrap();
             match r {

@@ -666,9 +666,15 @@ async fn a_preferred_region_routes_to_nodes_there_and_falls_back_elsewhere() {
     for (node, country) in [(&de, "DE"), (&us, "US")] {
         let req = wire::RegisterProvisionRequest {
             endpoint: Some(node.url()),
-            services: vec![wire::ServedModel { service: Service::Chat, model: MODEL.into() }],
+            services: vec![wire::ServedModel {
+                service: Service::Chat,
+                model: MODEL.into(),
+            }],
             device: json!({"gpu": {"memory_mb": 8192}}),
-            location: Location { country: country.into(), ..Location::default() },
+            location: Location {
+                country: country.into(),
+                ..Location::default()
+            },
         };
         let r = h.broker.register_provision(&p, req).await.unwrap();
         node.require_secret(&r.node_secret);
@@ -687,6 +693,10 @@ async fn a_preferred_region_routes_to_nodes_there_and_falls_back_elsewhere() {
     }
     assert_eq!((de.hits(), us.hits()), (8, 0));
     de.set(Behavior::Status(500));
-    assert_eq!(call("DE").await.unwrap().status(), 200, "falls back to another region");
+    assert_eq!(
+        call("DE").await.unwrap().status(),
+        200,
+        "falls back to another region"
+    );
     assert_eq!(us.hits(), 1);
 }

@@ -270,7 +270,13 @@ impl GatewayRequest {
     /// A call of `route` with `body`, authenticated by `api_key`, with no
     /// application name and no routing preference.
     pub fn new(api_key: Option<Secret>, route: Route, body: Bytes) -> Self {
-        GatewayRequest { api_key, route, body, app: None, preferences: RoutePreferences::none() }
+        GatewayRequest {
+            api_key,
+            route,
+            body,
+            app: None,
+            preferences: RoutePreferences::none(),
+        }
     }
 }
 
