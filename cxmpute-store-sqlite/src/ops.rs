@@ -8,14 +8,13 @@
 use std::collections::BTreeMap;
 
 use cxmpute_core::secret::KeyHash;
-use cxmpute_core::store_support::{
-    check_reservation, moved_credits_left, refunded_credits_left, release_settlement, SettlePlan,
-};
+use cxmpute_core::store_support::{moved_credits_left, release_settlement};
 use cxmpute_core::*;
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 
 use crate::error::map;
+use crate::money::{self, MoneyAnswer, MoneyOp};
 use crate::rows::{self, col, limit, to_i64};
 use crate::writer::Outcome;
 
@@ -566,152 +565,6 @@ pub(crate) async fn expire_provisions(c: &mut Conn, before: Timestamp) -> Result
 
 // ---- credits -------------------------------------------------------------------
 
-/// The reservation's key and user and whether its request id is taken, in
-/// one round trip: this runs for every request the broker admits.
-const RESERVE_READ: &str = concat!(
-    "SELECT EXISTS (SELECT 1 FROM reservations WHERE request_id = ?1) ",
-    "OR EXISTS (SELECT 1 FROM usage WHERE request_id = ?1), ",
-    "k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
-    "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at, ",
-    "u.id, u.email, u.credits, u.is_admin, u.suspended_reason, u.suspended_by, ",
-    "u.suspended_at, u.created_at ",
-    "FROM (SELECT 1) LEFT JOIN api_keys k ON k.id = ?2 LEFT JOIN users u ON u.id = k.user_id"
-);
-const KEY_N: usize = 11;
-
-/// Every change of a reservation, sent as one batch of statements.
-///
-/// Multi-statement queries use plain `?`, bound in order of appearance: sqlx
-/// numbers the arguments of each statement on from the previous one's, so
-/// `?N` shared across statements would bind the wrong values.
-const RESERVE_WRITE: &str = concat!(
-    "UPDATE users SET credits = credits - ? WHERE id = ?; ",
-    // NULL (no limit) minus anything stays NULL.
-    "UPDATE api_keys SET credits_left = credits_left - ?, last_used_at = ? WHERE id = ?; ",
-    "INSERT INTO reservations (request_id, user_id, key_id, route, amount, created_at) ",
-    "VALUES (?, ?, ?, ?, ?, ?); ",
-    "UPDATE ledger SET reserved = reserved + ? WHERE id = 1"
-);
-
-pub(crate) async fn reserve(c: &mut Conn, r: &Reservation) -> Result<()> {
-    let row = sqlx::query(RESERVE_READ)
-        .bind(r.request_id.as_str())
-        .bind(r.key_id.as_str())
-        .fetch_one(&mut *c)
-        .await
-        .map_err(|e| map("reading a reservation's account", e))?;
-    if col::<bool>(&row, 0)? {
-        return Err(Error::AlreadyExists(format!(
-            "reservation {}",
-            r.request_id
-        )));
-    }
-    if col::<Option<String>>(&row, 1)?.is_none() {
-        return Err(Error::Unauthorized("unknown API key".into()));
-    }
-    let key = rows::api_key(&row, 1)?;
-    if key.user_id != r.user_id {
-        return Err(Error::Unauthorized("unknown API key".into()));
-    }
-    if col::<Option<String>>(&row, 1 + KEY_N)?.is_none() {
-        return Err(Error::Unauthorized("unknown account".into()));
-    }
-    let user = rows::user(&row, 1 + KEY_N)?;
-    debug_assert_eq!(row.len(), 1 + KEY_N + rows::USER_N);
-    check_reservation(&user, &key, r)?;
-    let q = sqlx::query(RESERVE_WRITE)
-        .bind(r.amount.0)
-        .bind(r.user_id.as_str())
-        .bind(r.amount.0)
-        .bind(r.created_at.0)
-        .bind(r.key_id.as_str())
-        .bind(r.request_id.as_str())
-        .bind(r.user_id.as_str())
-        .bind(r.key_id.as_str())
-        .bind(r.route.path())
-        .bind(r.amount.0)
-        .bind(r.created_at.0)
-        .bind(r.amount.0);
-    execute(c, "reservation", q).await.map(drop)
-}
-
-/// Whether the request is settled, its reservation if open, and its key's
-/// limit: everything a settlement decides on, in one round trip.
-const SETTLE_READ: &str = concat!(
-    "SELECT EXISTS (SELECT 1 FROM usage WHERE request_id = ?1), ",
-    "r.request_id, r.user_id, r.key_id, r.route, r.amount, r.created_at, ",
-    "k.credit_limit, k.credits_left ",
-    "FROM (SELECT 1) LEFT JOIN reservations r ON r.request_id = ?1 ",
-    "LEFT JOIN api_keys k ON k.id = r.key_id"
-);
-
-/// Every change of a settlement, sent as one batch of statements. A NULL
-/// provider id (no reward) updates no provider.
-const SETTLE_WRITE: &str = concat!(
-    "DELETE FROM reservations WHERE request_id = ?; ",
-    "UPDATE users SET credits = credits + ? WHERE id = ?; ",
-    "UPDATE api_keys SET credits_left = ? WHERE id = ?; ",
-    "UPDATE providers SET earnings = earnings + ? WHERE id = ?; ",
-    "INSERT INTO usage (request_id, user_id, key_id, route, model, provision_id, provider_id, ",
-    "input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward) ",
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?); ",
-    "UPDATE ledger SET settlements = settlements + 1, charged = charged + ?, ",
-    "rewarded = rewarded + ?, reserved = reserved - ? WHERE id = 1"
-);
-
-pub(crate) async fn settle(c: &mut Conn, st: &Settlement) -> Result<SettleOutcome> {
-    let row = sqlx::query(SETTLE_READ)
-        .bind(st.request_id.as_str())
-        .fetch_one(&mut *c)
-        .await
-        .map_err(|e| map("reading a reservation", e))?;
-    if col::<bool>(&row, 0)? {
-        return Ok(SettleOutcome::AlreadySettled);
-    }
-    if col::<Option<String>>(&row, 1)?.is_none() {
-        return Err(not_found(format!("reservation {}", st.request_id)));
-    }
-    let r = rows::reservation(&row, 1)?;
-    let limit = col::<Option<i64>>(&row, 7)?.map(Credits);
-    let left = col::<Option<i64>>(&row, 8)?.map(Credits);
-    let plan = SettlePlan::new(&r, st);
-    let key_left = refunded_credits_left(limit, left, plan.refund);
-    let (provider, reward) = match &plan.reward {
-        Some((p, a)) => (Some(p.as_str()), a.0),
-        None => (None, 0),
-    };
-    let u = &plan.usage;
-    let q = sqlx::query(SETTLE_WRITE)
-        .bind(r.request_id.as_str())
-        .bind(plan.refund.0)
-        .bind(r.user_id.as_str())
-        .bind(key_left.map(|c| c.0))
-        .bind(r.key_id.as_str())
-        .bind(reward)
-        .bind(provider)
-        .bind(r.request_id.as_str())
-        .bind(u.user_id.as_str())
-        .bind(u.key_id.as_str())
-        .bind(u.route.path())
-        .bind(&u.model)
-        .bind(u.provision_id.as_ref().map(|p| p.as_str()))
-        .bind(u.provider_id.as_ref().map(|p| p.as_str()))
-        .bind(to_i64(u.input_tokens))
-        .bind(to_i64(u.output_tokens))
-        .bind(to_i64(u.units))
-        .bind(u.success)
-        .bind(to_i64(u.latency_ms))
-        .bind(u.app.as_deref())
-        .bind(u.at.0)
-        .bind(plan.charged.0)
-        .bind(u.reward.0)
-        .bind(plan.charged.0)
-        .bind(u.reward.0)
-        .bind(r.amount.0);
-    execute(c, "settlement", q).await?;
-    Ok(SettleOutcome::Applied)
-}
-
 pub(crate) async fn settlement(c: &mut Conn, request: &str) -> Result<UsageRecord> {
     let sql = concat!(
         "SELECT request_id, user_id, key_id, route, model, provision_id, provider_id, ",
@@ -733,10 +586,20 @@ pub(crate) async fn release_stale_reservations(c: &mut Conn, before: Timestamp) 
         sqlx::query(sql).bind(before.0),
     )
     .await?;
+    let releases = stale
+        .iter()
+        .map(|row| {
+            Ok(MoneyOp::Settle(release_settlement(
+                &rows::reservation(row, 0)?,
+                before,
+            )))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // The same path as every settlement, so a release is one exactly like them.
+    let answers = money::apply(c, &releases).await?;
     let mut n = 0;
-    for row in &stale {
-        let r = rows::reservation(row, 0)?;
-        if settle(c, &release_settlement(&r, before)).await? == SettleOutcome::Applied {
+    for answer in answers {
+        if let MoneyAnswer::Settled(SettleOutcome::Applied) = answer? {
             n += 1;
         }
     }

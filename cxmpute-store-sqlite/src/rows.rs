@@ -56,10 +56,7 @@ pub(crate) fn suspension_cols(s: &Option<Suspension>) -> (Option<&str>, Option<&
     }
 }
 
-/// How many columns [`user`] reads.
-pub(crate) const USER_N: usize = 8;
-
-/// A user from `USER_N` columns starting at `at`, in order: `id, email,
+/// A user from the 8 columns starting at `at`, in order: `id, email,
 /// credits, is_admin, suspended_reason, suspended_by, suspended_at, created_at`.
 pub(crate) fn user(row: &SqliteRow, at: usize) -> Result<User> {
     Ok(User {

@@ -4,11 +4,13 @@
 //! SQLite lets one connection write at a time however many ask, so many
 //! writing connections would only queue on its lock (and time out as
 //! `SQLITE_BUSY` under load). Here callers queue on a channel instead; the
-//! writer takes whatever is waiting (up to [`MAX_BATCH`]), runs each operation
-//! inside its own `SAVEPOINT` so a refused operation (insufficient credits,
-//! a duplicate) undoes only itself, commits once, and only then answers every
-//! caller. One commit — one fsync — is shared by the whole batch: that is
-//! what makes thousands of durable settlements a second possible.
+//! writer takes whatever is waiting (up to [`MAX_BATCH`]), runs each unit of
+//! work inside its own `SAVEPOINT` so a refused or failed one undoes only
+//! itself, commits once, and only then answers every caller. One commit (one
+//! fsync) is shared by the whole batch.
+//!
+//! A unit is one operation, or a run of neighbouring reservations and
+//! settlements that [`crate::money`] decides one by one and writes together.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::map_shared;
+use crate::money::{self, MoneyAnswer, MoneyOp};
 
 /// The most operations one transaction takes. Large enough to amortise the
 /// commit's fsync, small enough that one batch never holds readers' view of
@@ -97,8 +100,15 @@ where
     }
 }
 
+/// A money operation and where its answer goes.
+type Money = (MoneyOp, oneshot::Sender<Result<MoneyAnswer>>);
+
 enum Msg {
     Op(Box<dyn WriteOp>),
+    /// Reserve or settle: queued apart so runs of them are applied together.
+    /// Boxed: a settlement is large, and every queue slot is as large as
+    /// the largest message.
+    Money(Box<Money>),
     /// Answered once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
     /// Like `Flush`, then the writer stops and closes its connection.
@@ -155,6 +165,19 @@ impl Writer {
         })?
     }
 
+    /// Queues a reservation or settlement and waits for its committed answer.
+    pub(crate) async fn money(&self, op: MoneyOp) -> Result<MoneyAnswer> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Money(Box::new((op, reply))))
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| Error::Unavailable {
+            message: "the SQLite writer stopped before answering".into(),
+            source: None,
+        })?
+    }
+
     /// Waits until every write queued before this call is committed.
     pub(crate) async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
@@ -177,12 +200,24 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
     let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         let Some(first) = rx.recv().await else { break };
-        let mut ops: Vec<Box<dyn WriteOp>> = Vec::new();
+        let mut units: Vec<Unit> = Vec::new();
+        let mut queued = 0;
         let mut flushed = Vec::new();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Op(op) => ops.push(op),
+                Msg::Op(op) => {
+                    units.push(Unit::Op(op));
+                    queued += 1;
+                }
+                Msg::Money(m) => {
+                    // Neighbouring money operations form one run.
+                    match units.last_mut() {
+                        Some(Unit::Money(run)) => run.push(*m),
+                        _ => units.push(Unit::Money(vec![*m])),
+                    }
+                    queued += 1;
+                }
                 Msg::Flush(tx) => flushed.push(tx),
                 Msg::Close(tx) => {
                     closing.push(tx);
@@ -190,11 +225,11 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
                     rx.close();
                 }
             }
-            if ops.len() < MAX_BATCH {
+            if queued < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        run_batch(&mut conn, ops).await;
+        run_batch(&mut conn, units).await;
         for tx in flushed {
             let _ = tx.send(());
         }
@@ -212,17 +247,17 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
 /// up front (no lock upgrade can fail half way), each operation gets a
 /// savepoint, and the savepoint steps are sent together with the next one so
 /// each operation costs one extra round trip to SQLite, not two.
-async fn run_batch(conn: &mut SqliteConnection, ops: Vec<Box<dyn WriteOp>>) {
-    if ops.is_empty() {
+async fn run_batch(conn: &mut SqliteConnection, units: Vec<Unit>) {
+    if units.is_empty() {
         return;
     }
-    let total = ops.len();
+    let total = units.len();
     let mut ran: Vec<Ran> = Vec::with_capacity(total);
-    let mut ops = ops.into_iter();
+    let mut units = units.into_iter();
     let mut broken = exec(conn, "BEGIN IMMEDIATE; SAVEPOINT op").await.err();
     if broken.is_none() {
-        for op in ops.by_ref() {
-            let r = op.run(conn).await;
+        for unit in units.by_ref() {
+            let r = unit.run(conn).await;
             let last = ran.len() + 1 == total;
             let step = match (r.keep, last) {
                 (true, false) => "RELEASE op; SAVEPOINT op",
@@ -253,11 +288,88 @@ async fn run_batch(conn: &mut SqliteConnection, ops: Vec<Box<dyn WriteOp>>) {
     for r in ran {
         (r.answer)(Some(&e));
     }
-    for op in ops {
-        op.fail(map_shared(
+    for unit in units {
+        unit.fail(&map_shared(
             "a batch of writes failed before this one ran",
             &e,
         ));
+    }
+}
+
+/// What runs inside one savepoint: one generic operation, or a run of
+/// neighbouring money operations.
+enum Unit {
+    Op(Box<dyn WriteOp>),
+    Money(Vec<Money>),
+}
+
+impl Unit {
+    async fn run(self, conn: &mut SqliteConnection) -> Ran {
+        let run = match self {
+            Unit::Op(op) => return op.run(conn).await,
+            Unit::Money(run) => run,
+        };
+        let (ops, replies): (Vec<MoneyOp>, Vec<_>) = run.into_iter().unzip();
+        let out = match AssertUnwindSafe(money::apply(conn, &ops))
+            .catch_unwind()
+            .await
+        {
+            Ok(out) => out,
+            Err(_) => Err(Error::Backend {
+                message: "applying reservations and settlements panicked; undone".into(),
+                source: None,
+            }),
+        };
+        match out {
+            Ok(answers) => Ran {
+                keep: true,
+                answer: Box::new(move |commit_failed| {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let answer = match (answer, commit_failed) {
+                            (Ok(_), Some(e)) => Err(map_shared("committing a batch of writes", e)),
+                            (answer, _) => answer,
+                        };
+                        let _ = reply.send(answer);
+                    }
+                }),
+            },
+            // The run's writes failed as a whole: every operation in it learns why.
+            Err(e) => Ran {
+                keep: false,
+                answer: Box::new(move |_| {
+                    for reply in replies {
+                        let _ = reply.send(Err(replicate(&e)));
+                    }
+                }),
+            },
+        }
+    }
+
+    fn fail(self, e: &Error) {
+        match self {
+            Unit::Op(op) => op.fail(replicate(e)),
+            Unit::Money(run) => {
+                for (_, reply) in run {
+                    let _ = reply.send(Err(replicate(e)));
+                }
+            }
+        }
+    }
+}
+
+/// A copy of a backend error for each of the callers that share it (the
+/// core error is not `Clone`); its kind, so its retryability, is kept.
+fn replicate(e: &Error) -> Error {
+    let message = e.to_string();
+    match e {
+        Error::Unavailable { .. } => Error::Unavailable {
+            message,
+            source: None,
+        },
+        _ => Error::Backend {
+            message,
+            source: None,
+        },
     }
 }
 

@@ -1,0 +1,248 @@
+//! Writes queued together (and so likely applied in one batch, reservations
+//! and settlements in one run) mean exactly what they would one at a time,
+//! in queue order.
+//!
+//! `tokio::join!` polls its futures in order, and each store call queues its
+//! write on its first poll, so the writes below reach the writer in the
+//! order written whether or not they end up in the same batch.
+
+use cxmpute_core::secret::Secret;
+use cxmpute_core::*;
+use cxmpute_store_sqlite::SqliteStore;
+
+const T0: i64 = 1_767_225_600_000;
+
+struct Fixture {
+    store: SqliteStore,
+    user: User,
+    key: ApiKey,
+    provider: Provider,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("batching.db"))
+        .await
+        .unwrap();
+    let user = User {
+        id: UserId::generate(),
+        email: "batch@example.com".into(),
+        credits,
+        is_admin: false,
+        suspended: None,
+        created_at: Timestamp(T0),
+    };
+    store.create_user(&user).await.unwrap();
+    let secret = Secret::generate_api_key();
+    let key = ApiKey {
+        id: ApiKeyId::generate(),
+        user_id: user.id.clone(),
+        hash: secret.hash(),
+        name: "k".into(),
+        prefix: secret.display_prefix(),
+        credit_limit: limit,
+        credits_left: limit,
+        permitted_routes: Vec::new(),
+        created_at: Timestamp(T0),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    store.create_api_key(&key).await.unwrap();
+    let provider = Provider {
+        id: ProviderId::generate(),
+        user_id: None,
+        email: "p@example.com".into(),
+        key_hash: Secret::generate_provider_key().hash(),
+        earnings: Credits::ZERO,
+        suspended: None,
+        created_at: Timestamp(T0),
+    };
+    store.create_provider(&provider).await.unwrap();
+    Fixture {
+        store,
+        user,
+        key,
+        provider,
+        _dir: dir,
+    }
+}
+
+fn reservation(f: &Fixture, amount: Credits, at: i64) -> Reservation {
+    Reservation {
+        request_id: RequestId::generate(),
+        user_id: f.user.id.clone(),
+        key_id: f.key.id.clone(),
+        route: Route::ChatCompletions,
+        amount,
+        created_at: Timestamp(T0 + at),
+    }
+}
+
+fn settlement(f: &Fixture, r: &Reservation, charged: Credits, reward: Credits) -> Settlement {
+    Settlement {
+        request_id: r.request_id.clone(),
+        charged,
+        reward: Some((f.provider.id.clone(), reward)),
+        usage: UsageRecord {
+            request_id: r.request_id.clone(),
+            user_id: r.user_id.clone(),
+            key_id: r.key_id.clone(),
+            route: r.route,
+            model: "m".into(),
+            provision_id: None,
+            provider_id: Some(f.provider.id.clone()),
+            input_tokens: 1,
+            output_tokens: 2,
+            units: 0,
+            success: true,
+            latency_ms: 3,
+            app: None,
+            at: r.created_at,
+            charged: Credits::ZERO,
+            reward: Credits::ZERO,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_between_reservations_applies_in_order() {
+    let f = fixture(Credits::whole(10), None).await;
+    let (r1, r2) = (
+        reservation(&f, Credits::whole(1), 1),
+        reservation(&f, Credits::whole(1), 2),
+    );
+    let (a, b, c) = tokio::join!(
+        f.store.reserve(&r1),
+        f.store.revoke_api_key(&f.key.id, Timestamp(T0 + 1)),
+        f.store.reserve(&r2),
+    );
+    a.unwrap();
+    b.unwrap();
+    assert!(matches!(c, Err(Error::Unauthorized(_))), "{c:?}");
+    assert_eq!(
+        f.store.user(&f.user.id).await.unwrap().credits,
+        Credits::whole(9)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_before_a_reservation_funds_it() {
+    let f = fixture(Credits::ZERO, None).await;
+    let r = reservation(&f, Credits::whole(3), 1);
+    let grant = CreditGrant {
+        user_id: f.user.id.clone(),
+        amount: Credits::whole(3),
+        by: "usr_admin".into(),
+        reason: "top-up".into(),
+        at: Timestamp(T0),
+    };
+    let (g, a) = tokio::join!(f.store.grant_credits(&grant), f.store.reserve(&r));
+    assert_eq!(g.unwrap(), Credits::whole(3));
+    a.unwrap();
+    assert_eq!(
+        f.store.user(&f.user.id).await.unwrap().credits,
+        Credits::ZERO
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_and_settle_queued_together_apply_both() {
+    let f = fixture(Credits::whole(10), Some(Credits::whole(8))).await;
+    let r = reservation(&f, Credits::whole(5), 1);
+    let st = settlement(&f, &r, Credits::whole(2), Credits::whole(1));
+    // The settlement is queued before the reservation is acknowledged.
+    let (a, b, c) = tokio::join!(
+        f.store.reserve(&r),
+        f.store.settle(&st),
+        f.store.settle(&st)
+    );
+    a.unwrap();
+    assert_eq!(b.unwrap(), SettleOutcome::Applied);
+    assert_eq!(c.unwrap(), SettleOutcome::AlreadySettled);
+    assert_eq!(
+        f.store.user(&f.user.id).await.unwrap().credits,
+        Credits::whole(8)
+    );
+    let key = f.store.api_key_by_hash(&f.key.hash).await.unwrap();
+    assert_eq!(key.credits_left, Some(Credits::whole(6)));
+    let t = f.store.ledger_totals().await.unwrap();
+    assert_eq!(t.reserved, Credits::ZERO);
+    assert_eq!(
+        (t.settlements, t.charged, t.rewarded),
+        (1, Credits::whole(2), Credits::whole(1))
+    );
+    // Nothing is left open to release.
+    assert_eq!(
+        f.store
+            .release_stale_reservations(Timestamp(i64::MAX))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        f.store.provider(&f.provider.id).await.unwrap().earnings,
+        Credits::whole(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_in_a_run_leave_the_rest_of_it_alone() {
+    let f = fixture(Credits::whole(3), Some(Credits::whole(10))).await;
+    let r1 = reservation(&f, Credits::whole(2), 1);
+    let too_much = reservation(&f, Credits::whole(2), 2);
+    let r3 = reservation(&f, Credits::whole(1), 3);
+    let unknown = settlement(
+        &f,
+        &reservation(&f, Credits::whole(1), 4),
+        Credits::ZERO,
+        Credits::ZERO,
+    );
+    let (a, b, c, d, e) = tokio::join!(
+        f.store.reserve(&r1),
+        f.store.reserve(&too_much),
+        f.store.reserve(&r1),
+        f.store.settle(&unknown),
+        f.store.reserve(&r3),
+    );
+    a.unwrap();
+    assert!(matches!(b, Err(Error::InsufficientCredits(_))), "{b:?}");
+    assert!(matches!(c, Err(Error::AlreadyExists(_))), "{c:?}");
+    assert!(matches!(d, Err(Error::NotFound(_))), "{d:?}");
+    e.unwrap();
+    assert_eq!(
+        f.store.user(&f.user.id).await.unwrap().credits,
+        Credits::ZERO
+    );
+    let key = f.store.api_key_by_hash(&f.key.hash).await.unwrap();
+    assert_eq!(key.credits_left, Some(Credits::whole(7)));
+    assert_eq!(
+        f.store.ledger_totals().await.unwrap().reserved,
+        Credits::whole(3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_racing_a_stale_release_applies_once() {
+    let f = fixture(Credits::whole(10), None).await;
+    let r = reservation(&f, Credits::whole(4), 1);
+    f.store.reserve(&r).await.unwrap();
+    let st = settlement(&f, &r, Credits::whole(3), Credits::whole(2));
+    let (released, settled) = tokio::join!(
+        f.store.release_stale_reservations(Timestamp(T0 + 100)),
+        f.store.settle(&st),
+    );
+    // The release came first: the request is settled at zero cost, and the
+    // late settlement is a repeat.
+    assert_eq!(released.unwrap(), 1);
+    assert_eq!(settled.unwrap(), SettleOutcome::AlreadySettled);
+    assert_eq!(
+        f.store.user(&f.user.id).await.unwrap().credits,
+        Credits::whole(10)
+    );
+    let t = f.store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.settlements, t.charged, t.reserved),
+        (1, Credits::ZERO, Credits::ZERO)
+    );
+}
