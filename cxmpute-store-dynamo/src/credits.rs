@@ -42,38 +42,44 @@ enum KeyRefund {
 impl KeyRefund {
     /// The update, its guard and their names and values.
     fn expression(self, refund: Credits) -> (String, String, Ex) {
+        // Each variant names only what it uses: DynamoDB refuses names and
+        // values an expression does not mention.
         let mut ex = Ex::new();
-        let (left, spent, limited, limit) = (
-            ex.n("credits_left"),
-            ex.n("spent"),
-            ex.n("limited"),
-            ex.n("credit_limit"),
-        );
-        let (t, f) = (
-            ex.v(AttributeValue::Bool(true)),
-            ex.v(AttributeValue::Bool(false)),
-        );
-        let r = ex.v(n(refund.0));
+        let (limited, limit) = (ex.n("limited"), ex.n("credit_limit"));
         let (upd, cond) = match self {
-            KeyRefund::Add => (
-                format!(
-                    "ADD {left} {r}, {spent} {}",
-                    ex.v(n(refund.0.saturating_neg()))
-                ),
-                format!("{limited} = {f} OR (attribute_exists({limit}) AND {spent} >= {r})"),
-            ),
-            KeyRefund::Cap => (
-                format!("SET {left} = {limit}, {spent} = {}", ex.v(n(0))),
-                format!("{limited} = {t} AND attribute_exists({limit}) AND {spent} < {r}"),
-            ),
-            KeyRefund::Drop => (
-                format!("SET {limited} = {f}"),
-                format!("{limited} = {t} AND attribute_not_exists({limit})"),
-            ),
+            KeyRefund::Add => {
+                let (left, spent) = (ex.n("credits_left"), ex.n("spent"));
+                let r = ex.v(n(refund.0));
+                let f = ex.v(AttributeValue::Bool(false));
+                let back = ex.v(n(refund.0.saturating_neg()));
+                (
+                    format!("ADD {left} {r}, {spent} {back}"),
+                    format!("{limited} = {f} OR (attribute_exists({limit}) AND {spent} >= {r})"),
+                )
+            }
+            KeyRefund::Cap => {
+                let (left, spent) = (ex.n("credits_left"), ex.n("spent"));
+                let r = ex.v(n(refund.0));
+                let t = ex.v(AttributeValue::Bool(true));
+                let zero = ex.v(n(0));
+                (
+                    format!("SET {left} = {limit}, {spent} = {zero}"),
+                    format!("{limited} = {t} AND attribute_exists({limit}) AND {spent} < {r}"),
+                )
+            }
+            KeyRefund::Drop => {
+                let t = ex.v(AttributeValue::Bool(true));
+                let f = ex.v(AttributeValue::Bool(false));
+                (
+                    format!("SET {limited} = {f}"),
+                    format!("{limited} = {t} AND attribute_not_exists({limit})"),
+                )
+            }
         };
         (upd, cond, ex)
     }
 }
+
 const SETTLED: &str = "settled";
 
 /// What the request item says.

@@ -343,6 +343,7 @@ impl DynamoStore {
         cond: Option<String>,
         ex: Ex,
     ) -> Result<(), Fail> {
+        ex.check_used(&[cond.as_deref().unwrap_or_default()])?;
         self.run(|| {
             let call = self
                 .client
@@ -368,6 +369,7 @@ impl DynamoStore {
         ex: Ex,
         return_new: bool,
     ) -> Result<Option<Item>, Fail> {
+        ex.check_used(&[&update, cond.as_deref().unwrap_or_default()])?;
         let ret = if return_new {
             aws_sdk_dynamodb::types::ReturnValue::AllNew
         } else {
@@ -402,6 +404,7 @@ impl DynamoStore {
         cond: Option<String>,
         ex: Ex,
     ) -> Result<(), Fail> {
+        ex.check_used(&[cond.as_deref().unwrap_or_default()])?;
         self.run(|| {
             let call = self
                 .client
@@ -441,6 +444,7 @@ impl DynamoStore {
     /// Every item a query finds, following pages; stops early once `q.limit`
     /// items were collected.
     pub(crate) async fn query(&self, what: &str, q: Query) -> Result<Vec<Item>> {
+        q.ex.check_used(&[&q.key_cond, q.filter.as_deref().unwrap_or_default()])?;
         let mut out = Vec::new();
         let mut start: Option<Item> = None;
         loop {
@@ -602,6 +606,7 @@ impl Tx {
 
     /// Writes a whole item.
     pub(crate) fn put(&mut self, item: Item, cond: Option<String>, ex: Ex) -> Result<usize> {
+        ex.check_used(&[cond.as_deref().unwrap_or_default()])?;
         let put = Put::builder()
             .table_name(&self.table)
             .set_item(Some(item))
@@ -621,6 +626,7 @@ impl Tx {
         cond: Option<String>,
         ex: Ex,
     ) -> Result<usize> {
+        ex.check_used(&[&update, cond.as_deref().unwrap_or_default()])?;
         let u = Update::builder()
             .table_name(&self.table)
             .set_key(Some(key))
@@ -635,6 +641,7 @@ impl Tx {
 
     /// Deletes an item.
     pub(crate) fn delete(&mut self, key: Item, cond: Option<String>, ex: Ex) -> Result<usize> {
+        ex.check_used(&[cond.as_deref().unwrap_or_default()])?;
         let d = Delete::builder()
             .table_name(&self.table)
             .set_key(Some(key))
@@ -648,6 +655,7 @@ impl Tx {
 
     /// Checks a condition on an item without changing it.
     pub(crate) fn check(&mut self, key: Item, cond: String, ex: Ex) -> Result<usize> {
+        ex.check_used(&[&cond])?;
         let c = ConditionCheck::builder()
             .table_name(&self.table)
             .set_key(Some(key))

@@ -261,6 +261,24 @@ impl Ex {
         (!self.values.is_empty()).then(|| self.values.clone())
     }
 
+    /// Fails unless every name and value placeholder appears in one of
+    /// `exprs`: DynamoDB rejects requests carrying unused ones, and some
+    /// emulators do not, so the store checks before sending.
+    pub(crate) fn check_used(&self, exprs: &[&str]) -> Result<(), Error> {
+        let unused = self
+            .names
+            .keys()
+            .chain(self.values.keys())
+            .find(|p| !exprs.iter().any(|e| mentions(e, p)));
+        match unused {
+            None => Ok(()),
+            Some(p) => Err(Error::Backend {
+                message: format!("expression placeholder {p} is unused in {exprs:?}"),
+                source: None,
+            }),
+        }
+    }
+
     /// `attribute_exists(pk)`: the item is there.
     pub(crate) fn exists(&mut self) -> String {
         format!("attribute_exists({})", self.n(PK))
@@ -270,6 +288,17 @@ impl Ex {
     pub(crate) fn absent(&mut self) -> String {
         format!("attribute_not_exists({})", self.n(PK))
     }
+}
+
+/// Whether `expr` contains the placeholder `p` as a whole token (`:v1` is
+/// not mentioned by `:v10`).
+fn mentions(expr: &str, p: &str) -> bool {
+    expr.match_indices(p).any(|(i, _)| {
+        expr[i + p.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+    })
 }
 
 /// A fixed-width decimal text that sorts like the signed millisecond
@@ -286,6 +315,26 @@ pub(crate) fn sortable_i32(v: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unused_placeholders_are_caught() {
+        let mut ex = Ex::new();
+        let a = ex.n("a");
+        let vals: Vec<String> = (0..11).map(|i| ex.v(n(i))).collect();
+        assert_eq!((vals[1].as_str(), vals[10].as_str()), (":v1", ":v10"));
+        assert!(ex.check_used(&["SET x = y"]).is_err());
+        let all = format!("SET {a} = {}", vals.join(" + "));
+        assert!(ex.check_used(&[&all]).is_ok());
+        // `:v10` is not a mention of `:v1`.
+        let without_v1: Vec<&str> = vals
+            .iter()
+            .filter(|v| v.as_str() != ":v1")
+            .map(String::as_str)
+            .collect();
+        let expr = format!("SET {a} = {}", without_v1.join(" + "));
+        assert!(ex.check_used(&[&expr]).is_err());
+        assert!(ex.check_used(&[&expr, ":v1"]).is_ok());
+    }
 
     #[test]
     fn sortable_keys_sort_like_numbers() {
