@@ -19,10 +19,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
 
+use super::Routes;
 use super::{bearer, body_bytes, json_body, ok, ApiResult};
 use crate::accounts::{Credentials, SessionTokens};
 use crate::broker::Broker;
@@ -38,8 +39,8 @@ pub const REFRESH_COOKIE: &str = "cx_refresh";
 const REFRESH_COOKIE_PATH: &str = "/v1/auth";
 
 /// The user and session routes.
-pub(super) fn routes() -> Router<Broker> {
-    Router::new()
+pub(super) fn routes() -> Routes {
+    Routes::new()
         .route("/v1/auth/code", post(request_code))
         .route("/v1/auth/verify", post(verify))
         .route("/v1/auth/refresh", post(refresh))

@@ -21,19 +21,20 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
 
 use super::account::{credentials, path_param, query};
+use super::Routes;
 use super::{json_body, ok, ApiResult};
 use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;
 
 /// The admin routes.
-pub(super) fn routes() -> Router<Broker> {
-    Router::new()
+pub(super) fn routes() -> Routes {
+    Routes::new()
         .route("/v1/admin/users", post(create_user).get(search_users))
         .route("/v1/admin/users/{id}", get(user_detail))
         .route("/v1/admin/users/{id}/credits", post(grant_credits))

@@ -18,17 +18,18 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use bytes::Bytes;
 
+use super::Routes;
 use super::{bearer, body_bytes, json_body, ok, ApiResult};
 use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;
 
 /// The provider routes.
-pub(super) fn routes() -> Router<Broker> {
-    Router::new()
+pub(super) fn routes() -> Routes {
+    Routes::new()
         .route(
             "/v1/provider/provisions",
             post(register_provision).get(list_provisions),

@@ -9,16 +9,17 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 
 use super::account::credentials;
+use super::Routes;
 use super::{ok, ApiResult};
 use crate::broker::Broker;
 use crate::wire::*;
 
 /// The provider account routes.
-pub(super) fn routes() -> Router<Broker> {
-    Router::new()
+pub(super) fn routes() -> Routes {
+    Routes::new()
         .route("/v1/provider/account", get(account))
         .route("/v1/provider/account/key", post(rotate_key))
         .route("/v1/provider/account/earnings", get(earnings))
