@@ -8,6 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::error::Error;
 use crate::secret::KeyHash;
@@ -425,7 +426,7 @@ impl FromStr for Route {
 }
 
 /// Why and by whom an account was suspended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Suspension {
     /// The reason given.
     pub reason: String,
@@ -518,7 +519,7 @@ pub struct Provider {
 }
 
 /// Where a node says it is.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Location {
     /// Country (ISO code or name).
     #[serde(default)]
@@ -532,7 +533,7 @@ pub struct Location {
 }
 
 /// The lifecycle state of a provision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ProvisionState {
     /// Registered; not serving yet.
@@ -740,7 +741,7 @@ impl LedgerTotals {
 }
 
 /// A manual change to a user's balance, recorded with who and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreditGrant {
     /// Whose balance.
     pub user_id: UserId,
@@ -758,7 +759,7 @@ pub struct CreditGrant {
 ///
 /// Cost of a request = `per_request` + tokens and units at the per-million
 /// rates, each rounded up to a whole micro-credit.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PriceEntry {
     /// The service priced.
     pub service: Service,
@@ -807,7 +808,7 @@ pub struct RefreshToken {
 }
 
 /// Where a notification is shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Placement {
     /// The public homepage.
@@ -819,7 +820,7 @@ pub enum Placement {
 }
 
 /// A notification with its display window.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Notification {
     /// Its id.
     pub id: NotificationId,

@@ -6,20 +6,21 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
 
 use crate::types::*;
 
 // ---- errors -------------------------------------------------------------------
 
 /// OpenAI's error body: `{"error": {...}}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// The inside of an [`ErrorBody`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Human-readable message.
     pub message: String,
@@ -37,7 +38,7 @@ pub struct ErrorDetail {
 // ---- chat ---------------------------------------------------------------------
 
 /// `POST /v1/chat/completions` body.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     /// The model, e.g. `llama3.2:3b`.
     pub model: String,
@@ -80,7 +81,7 @@ impl ChatCompletionRequest {
 }
 
 /// `stream_options` of a chat request.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StreamOptions {
     /// Ask for a final chunk with token usage.
     #[serde(default)]
@@ -88,7 +89,7 @@ pub struct StreamOptions {
 }
 
 /// One message of a conversation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
@@ -136,7 +137,7 @@ impl ChatMessage {
 }
 
 /// A message's content: text, or an array of parts.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     /// Plain text.
@@ -146,7 +147,7 @@ pub enum MessageContent {
 }
 
 /// Token usage as OpenAI reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Usage {
     /// Input tokens.
     #[serde(default)]
@@ -160,7 +161,7 @@ pub struct Usage {
 }
 
 /// A chat completion (non-streamed).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ChatCompletionResponse {
     /// Its id.
     #[serde(default)]
@@ -185,7 +186,7 @@ pub struct ChatCompletionResponse {
 }
 
 /// One answer of a completion.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ChatChoice {
     /// Its index.
     #[serde(default)]
@@ -198,7 +199,7 @@ pub struct ChatChoice {
 }
 
 /// One streamed chunk of a chat completion.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ChatCompletionChunk {
     /// Its id.
     #[serde(default)]
@@ -221,7 +222,7 @@ pub struct ChatCompletionChunk {
 }
 
 /// One delta of a chunk.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ChunkChoice {
     /// Its index.
     #[serde(default)]
@@ -235,7 +236,7 @@ pub struct ChunkChoice {
 }
 
 /// New content in a chunk.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ChatDelta {
     /// The role, in the first delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -251,7 +252,7 @@ pub struct ChatDelta {
 // ---- embeddings ---------------------------------------------------------------
 
 /// `POST /v1/embeddings` body.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EmbeddingsRequest {
     /// The model, e.g. `nomic-embed-text`.
     pub model: String,
@@ -263,7 +264,7 @@ pub struct EmbeddingsRequest {
 }
 
 /// What to embed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum EmbeddingInput {
     /// One text.
@@ -277,7 +278,7 @@ pub enum EmbeddingInput {
 }
 
 /// Embeddings answer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EmbeddingsResponse {
     /// `list`.
     #[serde(default)]
@@ -293,7 +294,7 @@ pub struct EmbeddingsResponse {
 }
 
 /// One embedding.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Embedding {
     /// `embedding`.
     #[serde(default)]
@@ -308,7 +309,7 @@ pub struct Embedding {
 // ---- models -------------------------------------------------------------------
 
 /// `GET /v1/models` answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ModelList {
     /// `list`.
     pub object: String,
@@ -317,7 +318,7 @@ pub struct ModelList {
 }
 
 /// One served model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ModelInfo {
     /// The model name.
     pub id: String,
@@ -336,7 +337,7 @@ pub struct ModelInfo {
 // ---- admin --------------------------------------------------------------------
 
 /// `POST /v1/admin/users`: create a user with a first API key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreateUserRequest {
     /// The email.
     pub email: String,
@@ -346,7 +347,7 @@ pub struct CreateUserRequest {
 }
 
 /// A created user and its first API key (shown once).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreateUserResponse {
     /// The user's id.
     pub user_id: UserId,
@@ -357,7 +358,7 @@ pub struct CreateUserResponse {
 }
 
 /// `POST /v1/admin/users/{id}/credits`: add or remove credits.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct GrantCreditsRequest {
     /// Micro-credits to add (negative removes).
     pub amount: Credits,
@@ -367,7 +368,7 @@ pub struct GrantCreditsRequest {
 }
 
 /// The balance after a grant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct BalanceResponse {
     /// The user.
     pub user_id: UserId,
@@ -376,14 +377,14 @@ pub struct BalanceResponse {
 }
 
 /// `POST /v1/admin/providers`: create a provider account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreateProviderRequest {
     /// Contact email.
     pub email: String,
 }
 
 /// A created provider and its key (shown once).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreateProviderResponse {
     /// The provider's id.
     pub provider_id: ProviderId,
@@ -394,7 +395,7 @@ pub struct CreateProviderResponse {
 // ---- provider -----------------------------------------------------------------
 
 /// A (service, model) a node serves.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub struct ServedModel {
     /// The service.
     pub service: Service,
@@ -403,7 +404,7 @@ pub struct ServedModel {
 }
 
 /// `POST /v1/provider/provisions`: register a node.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterProvisionRequest {
     /// The node's base URL; given here (or later, when it is ready).
     #[serde(default)]
@@ -420,7 +421,7 @@ pub struct RegisterProvisionRequest {
 }
 
 /// A registered node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RegisterProvisionResponse {
     /// Its id.
     pub provision_id: ProvisionId,
@@ -434,7 +435,7 @@ pub struct RegisterProvisionResponse {
 }
 
 /// A node as its provider sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ProvisionView {
     /// Its id.
     pub provision_id: ProvisionId,
@@ -482,7 +483,7 @@ pub const MAX_IMAGE_BYTES: usize = 2 << 20;
 pub const MAX_VISION_PROMPT_CHARS: usize = 2000;
 
 /// `POST /v1/audio/speech` body (OpenAI's shape).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SpeechRequest {
     /// The pool model, e.g. `kokoro`.
     pub model: String,
@@ -503,7 +504,7 @@ pub struct SpeechRequest {
 }
 
 /// The audio formats the speech routes produce.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AudioFormat {
     /// RIFF WAVE, 16-bit mono (`audio/wav`).
@@ -528,7 +529,7 @@ fn default_tts_voice() -> String {
 }
 
 /// `POST /v1/tts` body (the original platform's shape).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TtsRequest {
     /// The text to speak (at most [`MAX_SPEECH_CHARS`] characters).
     pub text: String,
@@ -541,7 +542,7 @@ pub struct TtsRequest {
 }
 
 /// What a scraped page is turned into.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ScrapeFormat {
     /// The page as it came.
@@ -554,7 +555,7 @@ pub enum ScrapeFormat {
 }
 
 /// `POST /v1/scrape` body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ScrapeRequest {
     /// The pages to fetch: 1 to [`MAX_SCRAPE_URLS`] `http(s)` URLs.
     pub urls: Vec<String>,
@@ -567,14 +568,14 @@ pub struct ScrapeRequest {
 }
 
 /// The answer of `POST /v1/scrape`: one result per requested URL, in order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ScrapeResponse {
     /// The results.
     pub results: Vec<ScrapeResult>,
 }
 
 /// What became of one URL.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ScrapeResult {
     /// The URL as requested.
     pub url: String,
@@ -597,7 +598,7 @@ pub struct ScrapeResult {
 /// The body of every vision route (`/v1/m/caption`, `/v1/m/query`,
 /// `/v1/m/detect`, `/v1/m/point`): an image and, by route, a question or a
 /// target.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VisionRequest {
     /// The pool model; [`DEFAULT_VISION_MODEL`] when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -618,21 +619,21 @@ pub struct VisionRequest {
 }
 
 /// The answer of `POST /v1/m/caption`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CaptionResponse {
     /// What the image shows.
     pub caption: String,
 }
 
 /// The answer of `POST /v1/m/query`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct QueryResponse {
     /// The answer to the question.
     pub answer: String,
 }
 
 /// The answer of `POST /v1/m/detect`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DetectResponse {
     /// A box around each instance of the target found.
     pub objects: Vec<BoundingBox>,
@@ -640,7 +641,7 @@ pub struct DetectResponse {
 
 /// A box in an image, as fractions of its width and height (0 to 1, origin
 /// top left).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct BoundingBox {
     /// Left edge.
     pub x_min: f64,
@@ -653,7 +654,7 @@ pub struct BoundingBox {
 }
 
 /// The answer of `POST /v1/m/point`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PointResponse {
     /// A point on each instance of the target found.
     pub points: Vec<ImagePoint>,
@@ -661,7 +662,7 @@ pub struct PointResponse {
 
 /// A point in an image, as fractions of its width and height (0 to 1, origin
 /// top left).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ImagePoint {
     /// Across.
     pub x: f64,
@@ -672,7 +673,7 @@ pub struct ImagePoint {
 // ---- accounts -----------------------------------------------------------------
 
 /// `POST /v1/auth/code`: send a sign-in code to an email.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RequestCodeRequest {
     /// Where to send the code.
     pub email: String,
@@ -680,7 +681,7 @@ pub struct RequestCodeRequest {
 
 /// The answer to a code request. It is the same whether or not an account
 /// exists for the email, so it reveals nothing about who has an account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RequestCodeResponse {
     /// Always `sent`.
     pub status: String,
@@ -689,7 +690,7 @@ pub struct RequestCodeResponse {
 }
 
 /// `POST /v1/auth/verify`: exchange a sign-in code for a session.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VerifyCodeRequest {
     /// The email the code was sent to.
     pub email: String,
@@ -700,7 +701,7 @@ pub struct VerifyCodeRequest {
 /// A session: a short-lived access token and a refresh token that works once.
 ///
 /// The session routes also set both as `HttpOnly` cookies for browsers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SessionResponse {
     /// `Bearer`.
     pub token_type: String,
@@ -718,7 +719,7 @@ pub struct SessionResponse {
 
 /// `POST /v1/auth/refresh` and `POST /v1/auth/logout`: the refresh token,
 /// unless the browser sends it as a cookie.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RefreshRequest {
     /// The refresh token (redacted in `Debug`).
     #[serde(default)]
@@ -726,7 +727,7 @@ pub struct RefreshRequest {
 }
 
 /// An API key as its owner sees it: never the secret, only its prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ApiKeyView {
     /// The key's id.
     pub key_id: ApiKeyId,
@@ -762,7 +763,7 @@ impl From<&ApiKey> for ApiKeyView {
 }
 
 /// `GET /v1/me`: the signed-in user's account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MeResponse {
     /// The user's id.
     pub user_id: UserId,
@@ -783,7 +784,7 @@ pub struct MeResponse {
 }
 
 /// `POST /v1/me/keys`: create an API key.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreateKeyRequest {
     /// A name (default `key`).
     #[serde(default)]
@@ -797,7 +798,7 @@ pub struct CreateKeyRequest {
 }
 
 /// A new API key: the secret is shown here once and never again.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CreateKeyResponse {
     /// The key.
     pub key: ApiKeyView,
@@ -807,7 +808,7 @@ pub struct CreateKeyResponse {
 
 /// `PATCH /v1/me/keys/{id}`: change a key. Absent fields stay as they are;
 /// `"credit_limit": null` removes the limit.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct UpdateKeyRequest {
     /// A new name.
     #[serde(default)]
@@ -834,7 +835,7 @@ where
 }
 
 /// One day of a user's usage.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DayUsage {
     /// The UTC day.
     pub day: Day,
@@ -853,7 +854,7 @@ pub struct DayUsage {
 }
 
 /// A user's usage of one service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ServiceUsage {
     /// The service.
     pub service: Service,
@@ -872,7 +873,7 @@ pub struct ServiceUsage {
 }
 
 /// One of a user's latest requests (what was asked and paid, not who served it).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RecentRequest {
     /// The request.
     pub request_id: RequestId,
@@ -901,7 +902,7 @@ pub struct RecentRequest {
 }
 
 /// `GET /v1/me/usage?days=N`: usage per day and per service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct UsageResponse {
     /// First day covered.
     pub from: Day,
@@ -917,7 +918,7 @@ pub struct UsageResponse {
 }
 
 /// `GET /v1/provider/account`: a provider's account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ProviderAccountResponse {
     /// The provider's id.
     pub provider_id: ProviderId,
@@ -937,7 +938,7 @@ pub struct ProviderAccountResponse {
 
 /// `POST /v1/provider/account/key`: a new provider key (shown once); the old
 /// one stopped working.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ProviderKeyResponse {
     /// The provider.
     pub provider_id: ProviderId,
@@ -946,7 +947,7 @@ pub struct ProviderKeyResponse {
 }
 
 /// One day of a provider's earnings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DayEarnings {
     /// The UTC day.
     pub day: Day,
@@ -957,7 +958,7 @@ pub struct DayEarnings {
 }
 
 /// `GET /v1/provider/account/earnings`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EarningsResponse {
     /// The provider.
     pub provider_id: ProviderId,
@@ -970,14 +971,14 @@ pub struct EarningsResponse {
 }
 
 /// `POST /v1/admin/users/{id}/suspend` and `.../providers/{id}/suspend`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct SuspendRequest {
     /// Why (recorded, shown to the account holder).
     pub reason: String,
 }
 
 /// A user as an admin sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AdminUserView {
     /// The user's id.
     pub user_id: UserId,
@@ -996,7 +997,7 @@ pub struct AdminUserView {
 }
 
 /// `GET /v1/admin/users/{id}`: a user with its keys and credit grants.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AdminUserDetail {
     /// The user.
     pub user: AdminUserView,
@@ -1007,7 +1008,7 @@ pub struct AdminUserDetail {
 }
 
 /// A provider as an admin sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AdminProviderView {
     /// The provider's id.
     pub provider_id: ProviderId,
@@ -1026,7 +1027,7 @@ pub struct AdminProviderView {
 }
 
 /// A node as an admin sees it: the provider's view plus its owner.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct AdminProvisionView {
     /// The provider that owns it.
     pub provider_id: ProviderId,
@@ -1036,7 +1037,7 @@ pub struct AdminProvisionView {
 }
 
 /// `POST /v1/admin/notifications` and `PUT /v1/admin/notifications/{id}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NotificationRequest {
     /// Title.
     pub title: String,
@@ -1060,7 +1061,7 @@ pub struct NotificationRequest {
 /// every field is optional and unknown fields are ignored, so node programs
 /// of any version can report what they know; a field of the wrong type is a
 /// 400. camelCase names (the original node's) are accepted too.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DeviceDiagnostics {
     /// The operating system: an object, or just its name as a string.
     #[serde(
@@ -1084,7 +1085,7 @@ pub struct DeviceDiagnostics {
 }
 
 /// A node's operating system.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct OsInfo {
     /// `linux`, `macos`, `windows`...
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1115,7 +1116,7 @@ fn os_lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<OsInfo>, 
 }
 
 /// A node's GPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct GpuInfo {
     /// Its name, e.g. `NVIDIA GeForce RTX 4090`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1152,7 +1153,7 @@ pub struct GpuInfo {
 }
 
 /// A node's CPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CpuInfo {
     /// Its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1169,7 +1170,7 @@ pub struct CpuInfo {
 }
 
 /// Total, used and free space of a memory or storage device, in MB.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CapacityInfo {
     /// Total.
     #[serde(default, alias = "totalMb", skip_serializing_if = "Option::is_none")]
@@ -1206,7 +1207,7 @@ impl DeviceDiagnostics {
 }
 
 /// `POST /v1/provider/provisions/{id}/start`: ask what to serve.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StartProvisionRequest {
     /// The services the node is able to run (empty: any its tier allows).
     #[serde(default)]
@@ -1214,7 +1215,7 @@ pub struct StartProvisionRequest {
 }
 
 /// What the broker asks a starting node to serve.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StartProvisionResponse {
     /// The node.
     pub provision_id: ProvisionId,
@@ -1227,7 +1228,7 @@ pub struct StartProvisionResponse {
 }
 
 /// `POST /v1/provider/provisions/{id}/ready`: the node is serving.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReadyProvisionRequest {
     /// The node's base URL (the broker calls `{endpoint}/v1/...` and
     /// `{endpoint}/heartbeat`).

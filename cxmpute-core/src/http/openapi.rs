@@ -66,11 +66,30 @@ use super::Routes;
 )]
 pub struct ApiDoc;
 
-/// The security schemes the annotations refer to.
+/// The security schemes the annotations refer to, and unique operation ids.
 struct Security;
 
 impl Modify for Security {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        // Handlers are named within their area (`me`, `provisions`), so the
+        // ids utoipa takes from them repeat across areas: prefix the tag.
+        for item in doc.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
+                if let (Some(tag), Some(id)) = (tag, op.operation_id.as_mut()) {
+                    *id = format!("{tag}_{id}");
+                }
+            }
+        }
         let c = doc.components.get_or_insert_with(Default::default);
         let bearer = |d: &str| {
             let mut h = Http::new(HttpAuthScheme::Bearer);
@@ -116,19 +135,21 @@ async fn openapi_json() -> impl IntoResponse {
 
 /// The gateway routes, described one by one (they share one handler).
 pub mod gateway {
-    #![allow(missing_docs, dead_code)]
     use super::ErrorSchema;
+    use crate::wire::*;
 
     #[utoipa::path(get, path = "/healthz", tag = "observability",
         responses((status = 200, description = "The process is up", content_type = "text/plain", body = String)))]
+    /// `GET /healthz`: the process is up.
     pub fn healthz() {}
 
     #[utoipa::path(get, path = "/v1/models", tag = "gateway",
-        responses((status = 200, description = "The models served now, with node counts", body = Object)))]
+        responses((status = 200, description = "The models served now, with node counts", body = ModelList)))]
+    /// `GET /v1/models`: the models served now.
     pub fn models() {}
 
     macro_rules! gateway_doc {
-        ($name:ident, $path:literal, $what:literal, $answer:literal, $ct:literal) => {
+        ($name:ident, $path:literal, $what:literal, $req:ty, $answer:literal, $ct:literal, $resp:ty) => {
             #[doc = $what]
             #[utoipa::path(post, path = $path, tag = "gateway",
                 description = $what,
@@ -137,9 +158,9 @@ pub mod gateway {
                     ("X-Title" = Option<String>, Header, description = "The calling application, for per-application usage"),
                     ("HTTP-Referer" = Option<String>, Header, description = "The calling application, when X-Title is absent"),
                 ),
-                request_body(content = Object, description = "The request, in the route's shape", content_type = "application/json"),
+                request_body(content = $req, content_type = "application/json"),
                 responses(
-                    (status = 200, description = $answer, content_type = $ct, body = Object),
+                    (status = 200, description = $answer, content_type = $ct, body = $resp),
                     (status = 400, description = "Malformed or missing fields", body = ErrorSchema),
                     (status = 401, description = "Missing, unknown or revoked key", body = ErrorSchema),
                     (status = 402, description = "The account's balance does not cover the request", body = ErrorSchema),
@@ -159,64 +180,82 @@ pub mod gateway {
         chat_completions,
         "/v1/chat/completions",
         "Chat completions (OpenAI shape); `stream: true` answers server-sent events.",
+        ChatCompletionRequest,
         "A completion, or an event stream",
-        "application/json"
+        "application/json",
+        ChatCompletionResponse
     );
     gateway_doc!(
         embeddings,
         "/v1/embeddings",
         "Embeddings (OpenAI shape).",
+        EmbeddingsRequest,
         "The embeddings",
-        "application/json"
+        "application/json",
+        EmbeddingsResponse
     );
     gateway_doc!(
         audio_speech,
         "/v1/audio/speech",
         "Text to speech (OpenAI shape).",
+        SpeechRequest,
         "The audio",
-        "audio/wav"
+        "audio/wav",
+        super::Binary
     );
     gateway_doc!(
         tts,
         "/v1/tts",
         "Text to speech (Cxmpute shape: `text`, `voice`).",
+        TtsRequest,
         "The audio",
-        "audio/wav"
+        "audio/wav",
+        super::Binary
     );
     gateway_doc!(
         scrape,
         "/v1/scrape",
         "Fetch pages as HTML, Markdown or text.",
+        ScrapeRequest,
         "The pages",
-        "application/json"
+        "application/json",
+        ScrapeResponse
     );
     gateway_doc!(
         caption,
         "/v1/m/caption",
         "Caption an image.",
+        VisionRequest,
         "The caption",
-        "application/json"
+        "application/json",
+        CaptionResponse
     );
     gateway_doc!(
         query,
         "/v1/m/query",
         "Answer a question about an image.",
+        VisionRequest,
         "The answer",
-        "application/json"
+        "application/json",
+        QueryResponse
     );
     gateway_doc!(
         detect,
         "/v1/m/detect",
         "Find objects in an image.",
+        VisionRequest,
         "Bounding boxes",
-        "application/json"
+        "application/json",
+        DetectResponse
     );
     gateway_doc!(
         point,
         "/v1/m/point",
         "Point at objects in an image.",
+        VisionRequest,
         "Points",
-        "application/json"
+        "application/json",
+        PointResponse
     );
 }
 
@@ -254,6 +293,22 @@ impl ToSchema for ErrorSchema {
         Cow::Borrowed("Error")
     }
 }
+
+/// Opaque bytes (audio): a binary string in the schema.
+#[derive(Debug)]
+pub struct Binary;
+
+impl PartialSchema for Binary {
+    fn schema() -> RefOr<Schema> {
+        use utoipa::openapi::schema::{KnownFormat, SchemaFormat};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .into()
+    }
+}
+
+impl ToSchema for Binary {}
 
 /// The refusals every authenticated route can answer (400, 401, 403, 404,
 /// 409), each with OpenAI's error JSON. Used as `responses(..., Refusals)`.
@@ -316,6 +371,32 @@ mod domain {
         }
     }
     impl ToSchema for Route {}
+
+    /// Ids and secrets travel as plain strings.
+    macro_rules! string_schema {
+        ($($t:ty => $d:literal),* $(,)?) => {$(
+            impl PartialSchema for $t {
+                fn schema() -> RefOr<Schema> {
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .description(Some($d))
+                        .into()
+                }
+            }
+            impl ToSchema for $t {}
+        )*};
+    }
+
+    string_schema!(
+        crate::types::UserId => "A user's id (`usr_...`).",
+        crate::types::ApiKeyId => "An API key's public id (not its secret).",
+        crate::types::ProviderId => "A provider's id.",
+        crate::types::ProvisionId => "A node's id.",
+        crate::types::RequestId => "A gateway request's id.",
+        crate::types::NotificationId => "A notification's id.",
+        crate::types::TokenFamilyId => "A session's token family.",
+        crate::secret::Secret => "A secret (key or token), shown once.",
+    );
 
     impl PartialSchema for Day {
         fn schema() -> RefOr<Schema> {
