@@ -396,9 +396,15 @@ impl Broker {
 
     /// Rebuilds the routing index from the store (at start, and periodically
     /// when several hosts share one store).
+    ///
+    /// Prices are reloaded too, so a price set through one host reaches the
+    /// others on their next refresh.
     pub async fn refresh_pools(&self) -> Result<()> {
         let entries = self.inner.store.pool_entries().await?;
         self.inner.pools.rebuild(entries);
+        for price in self.inner.store.prices().await? {
+            self.inner.prices.set(price);
+        }
         Ok(())
     }
 
