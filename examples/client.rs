@@ -9,7 +9,8 @@
 //! Settings come from the environment: `CXMPUTE_URL` (default
 //! `http://127.0.0.1:8080`), and `CXMPUTE_API_KEY` (a user's key) or
 //! `CXMPUTE_ADMIN_KEY` (an admin's key: the example then creates a user with
-//! one credit and calls as that user). It lists the models served, then runs
+//! one credit and calls as that user). It checks the host is up, shows the
+//! network's stats, lists the models served, then runs
 //! a chat completion (whole and streamed) on the first chat model and an
 //! embedding on the first embeddings model.
 
@@ -57,6 +58,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         (None, None) => return Err("set CXMPUTE_API_KEY or CXMPUTE_ADMIN_KEY".into()),
     };
+
+    base.health().await?;
+    let net = base.stats().network(None).await?;
+    println!(
+        "network: {} requests over 30 days, {} nodes now",
+        net.totals.requests, net.nodes_now
+    );
 
     let models = user.user().models().await?;
     if models.data.is_empty() {
