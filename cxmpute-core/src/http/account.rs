@@ -121,6 +121,14 @@ fn session_answer(b: &Broker, t: &SessionTokens) -> Response {
     resp
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/code",
+    tag = "auth",
+    description = "Mails a sign-in code to the address (rate-limited per email).",
+    request_body = RequestCodeRequest,
+    responses((status = 202, description = "The code was sent", body = RequestCodeResponse), super::openapi::Refusals)
+)]
 async fn request_code(
     State(b): State<Broker>,
     body: Result<Bytes, BytesRejection>,
@@ -134,6 +142,14 @@ async fn request_code(
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/verify",
+    tag = "auth",
+    description = "Exchanges a mailed code for a session (also set as HttpOnly cookies).",
+    request_body = VerifyCodeRequest,
+    responses((status = 200, description = "A new session", body = SessionResponse), super::openapi::Refusals)
+)]
 async fn verify(
     State(b): State<Broker>,
     body: Result<Bytes, BytesRejection>,
@@ -159,6 +175,14 @@ fn refresh_token(
     Ok(from_body.or_else(|| cookie(h, REFRESH_COOKIE)))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/refresh",
+    tag = "auth",
+    description = "Rotates a refresh token (from the body or its cookie) into a new session.",
+    request_body = RefreshRequest,
+    responses((status = 200, description = "A new session", body = SessionResponse), super::openapi::Refusals)
+)]
 async fn refresh(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -171,6 +195,14 @@ async fn refresh(
     Ok(session_answer(&b, &t))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/auth/logout",
+    tag = "auth",
+    description = "Ends the session (its whole token family) and clears the cookies.",
+    request_body = RefreshRequest,
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn logout(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -188,6 +220,14 @@ async fn logout(
     Ok(resp)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "account",
+    description = "The signed-in user's account.",
+    security(("session" = []), ("session_cookie" = [])),
+    responses((status = 200, description = "The account", body = MeResponse), super::openapi::Refusals)
+)]
 async fn me(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<MeResponse>> {
     let a = b.accounts();
     let s = a.session(&credentials(&h)).await?;
@@ -204,6 +244,15 @@ fn thirty() -> u32 {
     30
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/me/usage",
+    tag = "account",
+    description = "Usage over the last `days` days.",
+    security(("session" = []), ("session_cookie" = [])),
+    params(("days" = Option<u32>, Query, description = "1 to 90; default 30")),
+    responses((status = 200, description = "Usage per day and per service", body = UsageResponse), super::openapi::Refusals)
+)]
 async fn usage(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -215,12 +264,29 @@ async fn usage(
     ok(a.usage(&s.user, q.days).await?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/me/keys",
+    tag = "account",
+    description = "The user's active API keys (never their secrets).",
+    security(("session" = []), ("session_cookie" = [])),
+    responses((status = 200, description = "The keys", body = Vec<ApiKeyView>), super::openapi::Refusals)
+)]
 async fn list_keys(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<ApiKeyView>>> {
     let a = b.accounts();
     let s = a.session(&credentials(&h)).await?;
     ok(a.me(&s.user).await?.keys)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/me/keys",
+    tag = "account",
+    description = "Creates an API key; its secret is shown once.",
+    security(("session" = []), ("session_cookie" = [])),
+    request_body = CreateKeyRequest,
+    responses((status = 201, description = "The key and its secret", body = CreateKeyResponse), super::openapi::Refusals)
+)]
 async fn create_key(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -239,6 +305,16 @@ async fn create_key(
     Ok(resp)
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/me/keys/{id}",
+    tag = "account",
+    description = "Changes a key's name, credit limit or permitted routes.",
+    security(("session" = []), ("session_cookie" = [])),
+    params(("id" = String, Path, description = "The key")),
+    request_body = UpdateKeyRequest,
+    responses((status = 200, description = "The key", body = ApiKeyView), super::openapi::Refusals)
+)]
 async fn update_key(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -253,6 +329,15 @@ async fn update_key(
     ok(ApiKeyView::from(&key))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/me/keys/{id}",
+    tag = "account",
+    description = "Revokes a key for good.",
+    security(("session" = []), ("session_cookie" = [])),
+    params(("id" = String, Path, description = "The key")),
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn revoke_key(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -271,6 +356,14 @@ struct PlacementQuery {
     placement: Option<Placement>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/notifications",
+    tag = "account",
+    description = "The notifications shown now.",
+    params(("placement" = Option<Placement>, Query, description = "Only those shown there")),
+    responses((status = 200, description = "Notifications", body = Vec<Notification>), super::openapi::Refusals)
+)]
 async fn active_notifications(
     State(b): State<Broker>,
     q: Result<Query<PlacementQuery>, QueryRejection>,

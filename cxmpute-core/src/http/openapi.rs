@@ -54,6 +54,17 @@ use super::Routes;
         super::dashboard::app_js,
         super::dashboard::style_css,
         openapi_json,
+        super::account::request_code,
+        super::account::verify,
+        super::account::refresh,
+        super::account::logout,
+        super::account::me,
+        super::account::usage,
+        super::account::list_keys,
+        super::account::create_key,
+        super::account::update_key,
+        super::account::revoke_key,
+        super::account::active_notifications,
     ),
     components(schemas(ErrorSchema)),
     modifiers(&Security),
@@ -62,6 +73,8 @@ use super::Routes;
         (name = "stats", description = "Usage analytics over date ranges"),
         (name = "observability", description = "Health, metrics and this document"),
         (name = "dashboard", description = "The web dashboard"),
+        (name = "auth", description = "Sign-in by emailed code, sessions"),
+        (name = "account", description = "The signed-in user's account and keys"),
     )
 )]
 pub struct ApiDoc;
