@@ -65,6 +65,10 @@ use super::Routes;
         super::account::update_key,
         super::account::revoke_key,
         super::account::active_notifications,
+        super::provider_account::account,
+        super::provider_account::rotate_key,
+        super::provider_account::earnings,
+        super::provider_account::provisions,
     ),
     components(schemas(ErrorSchema)),
     modifiers(&Security),
@@ -75,6 +79,7 @@ use super::Routes;
         (name = "dashboard", description = "The web dashboard"),
         (name = "auth", description = "Sign-in by emailed code, sessions"),
         (name = "account", description = "The signed-in user's account and keys"),
+        (name = "provider", description = "Provider accounts and their nodes"),
     )
 )]
 pub struct ApiDoc;

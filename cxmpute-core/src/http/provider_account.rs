@@ -26,6 +26,14 @@ pub(super) fn routes() -> Routes {
         .route("/v1/provider/account/provisions", get(provisions))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/provider/account",
+    tag = "provider",
+    description = "The provider's account summary.",
+    security(("provider_key" = []), ("session" = []), ("session_cookie" = [])),
+    responses((status = 200, description = "The account", body = ProviderAccountResponse), super::openapi::Refusals)
+)]
 async fn account(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -35,6 +43,14 @@ async fn account(
     ok(a.provider_account(&p).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/provider/account/key",
+    tag = "provider",
+    description = "Replaces the provider key; the old one stops working at once.",
+    security(("provider_key" = []), ("session" = []), ("session_cookie" = [])),
+    responses((status = 200, description = "The new key, shown once", body = ProviderKeyResponse), super::openapi::Refusals)
+)]
 async fn rotate_key(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Response> {
     let a = b.accounts();
     let p = a.provider(&credentials(&h)).await?;
@@ -50,12 +66,28 @@ async fn rotate_key(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Response
     Ok(resp)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/provider/account/earnings",
+    tag = "provider",
+    description = "Unpaid earnings and each of the last 30 days.",
+    security(("provider_key" = []), ("session" = []), ("session_cookie" = [])),
+    responses((status = 200, description = "Earnings", body = EarningsResponse), super::openapi::Refusals)
+)]
 async fn earnings(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<EarningsResponse>> {
     let a = b.accounts();
     let p = a.provider(&credentials(&h)).await?;
     ok(a.earnings(&p).await?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/provider/account/provisions",
+    tag = "provider",
+    description = "The provider's nodes.",
+    security(("provider_key" = []), ("session" = []), ("session_cookie" = [])),
+    responses((status = 200, description = "Nodes", body = Vec<ProvisionView>), super::openapi::Refusals)
+)]
 async fn provisions(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<ProvisionView>>> {
     let p = b.accounts().provider(&credentials(&h)).await?;
     ok(b.provider_provisions(&p).await?)
