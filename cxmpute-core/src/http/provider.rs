@@ -44,6 +44,15 @@ pub(super) fn routes() -> Routes {
         .route("/v1/provider/provisions/{id}/end", post(end_provision))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/provider/provisions",
+    tag = "provider",
+    description = "Registers a node (device diagnostics, location; optionally its endpoint and services).",
+    security(("provider_key" = [])),
+    request_body = RegisterProvisionRequest,
+    responses((status = 200, description = "The node and its secret", body = RegisterProvisionResponse), super::openapi::Refusals)
+)]
 async fn register_provision(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -54,6 +63,14 @@ async fn register_provision(
     ok(b.register_provision(&p, req).await?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/provider/provisions",
+    tag = "provider",
+    description = "The provider's nodes.",
+    security(("provider_key" = [])),
+    responses((status = 200, description = "Nodes", body = Vec<ProvisionView>), super::openapi::Refusals)
+)]
 async fn list_provisions(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -62,6 +79,15 @@ async fn list_provisions(
     ok(b.provider_provisions(&p).await?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/provider/provisions/{id}",
+    tag = "provider",
+    description = "One of the provider's nodes.",
+    security(("provider_key" = [])),
+    params(("id" = String, Path, description = "The node")),
+    responses((status = 200, description = "The node", body = ProvisionView), super::openapi::Refusals)
+)]
 async fn get_provision(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -71,6 +97,16 @@ async fn get_provision(
     ok(b.provider_provision(&p, &ProvisionId::new(id)).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/provider/provisions/{id}/start",
+    tag = "provider",
+    description = "Assigns the services the node should run.",
+    security(("provider_key" = [])),
+    params(("id" = String, Path, description = "The node")),
+    request_body = StartProvisionRequest,
+    responses((status = 200, description = "The services to start", body = StartProvisionResponse), super::openapi::Refusals)
+)]
 async fn start_provision(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -88,6 +124,16 @@ async fn start_provision(
     ok(b.start_provision(&p, &ProvisionId::new(id), req).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/provider/provisions/{id}/ready",
+    tag = "provider",
+    description = "Reports the endpoint and the services started; the node joins their pools.",
+    security(("provider_key" = [])),
+    params(("id" = String, Path, description = "The node")),
+    request_body = ReadyProvisionRequest,
+    responses((status = 200, description = "The node", body = ProvisionView), super::openapi::Refusals)
+)]
 async fn ready_provision(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -99,6 +145,15 @@ async fn ready_provision(
     ok(b.ready_provision(&p, &ProvisionId::new(id), req).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/provider/provisions/{id}/heartbeat",
+    tag = "provider",
+    description = "Keeps the node alive.",
+    security(("provider_key" = [])),
+    params(("id" = String, Path, description = "The node")),
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn heartbeat(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -109,6 +164,15 @@ async fn heartbeat(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/provider/provisions/{id}/end",
+    tag = "provider",
+    description = "Leaves every pool and keeps the node.",
+    security(("provider_key" = [])),
+    params(("id" = String, Path, description = "The node")),
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn end_provision(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -119,6 +183,15 @@ async fn end_provision(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/provider/provisions/{id}",
+    tag = "provider",
+    description = "Leaves every pool and deletes the node.",
+    security(("provider_key" = [])),
+    params(("id" = String, Path, description = "The node")),
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn delete_provision(
     State(b): State<Broker>,
     h: HeaderMap,
