@@ -67,6 +67,15 @@ async fn admin(b: &Broker, h: &HeaderMap) -> ApiResult<User> {
     Ok(b.accounts().admin(&credentials(h)).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users",
+    tag = "admin",
+    description = "Creates a user with a first API key.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    request_body = CreateUserRequest,
+    responses((status = 200, description = "The user and its key", body = CreateUserResponse), super::openapi::Refusals)
+)]
 async fn create_user(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -95,6 +104,15 @@ fn fifty() -> usize {
     50
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users",
+    tag = "admin",
+    description = "Lists and searches accounts by email.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("q" = Option<String>, Query, description = "Part of an email"), ("limit" = Option<usize>, Query, description = "1 to 200; default 50")),
+    responses((status = 200, description = "Accounts", body = Vec<AdminUserView>), super::openapi::Refusals)
+)]
 async fn search_users(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -105,6 +123,15 @@ async fn search_users(
     ok(b.accounts().search_accounts(&q.q, q.limit).await?)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/users/{id}",
+    tag = "admin",
+    description = "A user with keys (no secrets) and credit grants.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The user")),
+    responses((status = 200, description = "The user", body = AdminUserDetail), super::openapi::Refusals)
+)]
 async fn user_detail(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -115,6 +142,16 @@ async fn user_detail(
     ok(b.accounts().user_detail(&id).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users/{id}/credits",
+    tag = "admin",
+    description = "Grants (or removes) credits; who and why are recorded.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The user")),
+    request_body = GrantCreditsRequest,
+    responses((status = 200, description = "The new balance", body = BalanceResponse), super::openapi::Refusals)
+)]
 async fn grant_credits(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -130,6 +167,16 @@ async fn grant_credits(
     ok(BalanceResponse { user_id, credits })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users/{id}/suspend",
+    tag = "admin",
+    description = "Suspends a user, with a reason.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The user")),
+    request_body = SuspendRequest,
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn suspend_user(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -143,6 +190,15 @@ async fn suspend_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/users/{id}/unsuspend",
+    tag = "admin",
+    description = "Lifts a user's suspension.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The user")),
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn unsuspend_user(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -154,6 +210,15 @@ async fn unsuspend_user(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/providers",
+    tag = "admin",
+    description = "Creates a provider account; its key is shown once.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    request_body = CreateProviderRequest,
+    responses((status = 200, description = "The provider and its key", body = CreateProviderResponse), super::openapi::Refusals)
+)]
 async fn create_provider(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -168,6 +233,15 @@ async fn create_provider(
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/providers/{id}",
+    tag = "admin",
+    description = "A provider with its nodes.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The provider")),
+    responses((status = 200, description = "The provider", body = AdminProviderView), super::openapi::Refusals)
+)]
 async fn provider_detail(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -178,6 +252,16 @@ async fn provider_detail(
     ok(b.accounts().provider_detail(&id).await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/providers/{id}/suspend",
+    tag = "admin",
+    description = "Suspends a provider: its key is refused and its nodes leave routing.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The provider")),
+    request_body = SuspendRequest,
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn suspend_provider(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -193,6 +277,15 @@ async fn suspend_provider(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/providers/{id}/unsuspend",
+    tag = "admin",
+    description = "Lifts a provider's suspension.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The provider")),
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn unsuspend_provider(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -204,6 +297,14 @@ async fn unsuspend_provider(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/provisions",
+    tag = "admin",
+    description = "Every node.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    responses((status = 200, description = "Nodes", body = Vec<AdminProvisionView>), super::openapi::Refusals)
+)]
 async fn provisions(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -212,6 +313,15 @@ async fn provisions(
     ok(b.accounts().all_provisions().await?)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/provisions/{id}",
+    tag = "admin",
+    description = "Disconnects a node: it leaves every pool.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The node")),
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn disconnect(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -223,6 +333,15 @@ async fn disconnect(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/admin/prices",
+    tag = "admin",
+    description = "Sets the price of a service (and optionally a model).",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    request_body = PriceEntry,
+    responses((status = 200, description = "The price stored", body = PriceEntry), super::openapi::Refusals)
+)]
 async fn put_price(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -234,11 +353,27 @@ async fn put_price(
     ok(price)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/prices",
+    tag = "admin",
+    description = "Every price in force.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    responses((status = 200, description = "Prices", body = Vec<PriceEntry>), super::openapi::Refusals)
+)]
 async fn prices(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<PriceEntry>>> {
     admin(&b, &h).await?;
     ok(b.prices().all())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/notifications",
+    tag = "admin",
+    description = "Every notification.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    responses((status = 200, description = "Notifications", body = Vec<Notification>), super::openapi::Refusals)
+)]
 async fn notifications(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -247,6 +382,15 @@ async fn notifications(
     ok(b.accounts().notifications().await?)
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/notifications",
+    tag = "admin",
+    description = "Creates a notification.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    request_body = NotificationRequest,
+    responses((status = 201, description = "The notification", body = Notification), super::openapi::Refusals)
+)]
 async fn create_notification(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -258,6 +402,16 @@ async fn create_notification(
     Ok((StatusCode::CREATED, Json(n)).into_response())
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/admin/notifications/{id}",
+    tag = "admin",
+    description = "Replaces a notification.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The notification")),
+    request_body = NotificationRequest,
+    responses((status = 200, description = "The notification", body = Notification), super::openapi::Refusals)
+)]
 async fn replace_notification(
     State(b): State<Broker>,
     h: HeaderMap,
@@ -270,6 +424,15 @@ async fn replace_notification(
     ok(b.accounts().put_notification(Some(id), req).await?)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/notifications/{id}",
+    tag = "admin",
+    description = "Deletes a notification.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The notification")),
+    responses((status = 204, description = "Done"), super::openapi::Refusals)
+)]
 async fn delete_notification(
     State(b): State<Broker>,
     h: HeaderMap,
