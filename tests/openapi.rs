@@ -87,14 +87,22 @@ async fn the_document_lists_every_route_the_router_serves() {
         "served but not in the OpenAPI document: {missing:?}"
     );
     assert!(stale.is_empty(), "documented but not served: {stale:?}");
-    // Sanity: the walk saw the areas of the API.
-    for p in [
-        "/v1/chat/completions",
-        "/v1/stats/network",
-        "/metrics",
-        "/openapi.json",
+    // Sanity: the walk saw every area of the API, methods included.
+    for (m, p) in [
+        ("post", "/v1/chat/completions"),
+        ("get", "/v1/stats/network"),
+        ("get", "/metrics"),
+        ("get", "/openapi.json"),
+        ("get", "/dashboard"),
+        ("post", "/v1/auth/code"),
+        ("patch", "/v1/me/keys/{id}"),
+        ("delete", "/v1/me/keys/{id}"),
+        ("post", "/v1/provider/provisions/{id}/ready"),
+        ("get", "/v1/provider/account/earnings"),
+        ("put", "/v1/admin/prices"),
     ] {
-        assert!(served.iter().any(|(_, x)| x == p), "{p} is served");
+        let op = (m.to_owned(), p.to_owned());
+        assert!(served.contains(&op), "{m} {p} is served");
     }
 }
 
