@@ -363,7 +363,7 @@ fn table() -> Routes {
 /// Every route of the broker: the gateway, the provider API and the admin API.
 ///
 /// Each area keeps its routes in its own module (`provider`, `admin`, ...) and
-/// [`table`] merges them.
+/// one route table merges them.
 pub fn router(broker: Broker) -> Router {
     let limit = broker.config().max_body_bytes;
     table()
