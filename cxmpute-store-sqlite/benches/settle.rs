@@ -41,13 +41,15 @@ fn requests() -> usize {
 
 struct Fixture {
     store: Arc<SqliteStore>,
+    /// The run's request ids: random, like the broker's.
+    ids: Vec<RequestId>,
     user: User,
     key: ApiKey,
     provider: Provider,
     _dir: tempfile::TempDir,
 }
 
-async fn fixture() -> Fixture {
+async fn fixture(n: usize) -> Fixture {
     let dir = tempfile::tempdir().expect("temporary directory");
     let store = SqliteStore::open(dir.path().join("bench.db"))
         .await
@@ -90,6 +92,7 @@ async fn fixture() -> Fixture {
     store.create_provider(&provider).await.expect("provider");
     Fixture {
         store: Arc::new(store),
+        ids: (0..n).map(|_| RequestId::generate()).collect(),
         user,
         key,
         provider,
@@ -97,9 +100,11 @@ async fn fixture() -> Fixture {
     }
 }
 
+/// Request `i` of a run: its id is drawn in advance, so the timed phase of
+/// `settles` can name what the untimed phase reserved.
 fn reservation(f: &Fixture, i: usize) -> Reservation {
     Reservation {
-        request_id: RequestId::generate(),
+        request_id: f.ids[i].clone(),
         user_id: f.user.id.clone(),
         key_id: f.key.id.clone(),
         route: Route::ChatCompletions,
@@ -156,12 +161,42 @@ where
     }
 }
 
+/// One timed run on a fresh database: `prepare` (untimed) then `work` over
+/// every request, spread over the tasks. Returns the time `work` took.
+async fn timed_run<P, W, PF, WF>(n: usize, prepare: P, work: W) -> Duration
+where
+    P: Fn(Arc<Fixture>, usize) -> PF + Clone + Send + Sync + 'static,
+    PF: std::future::Future<Output = ()> + Send,
+    W: Fn(Arc<Fixture>, usize) -> WF + Clone + Send + Sync + 'static,
+    WF: std::future::Future<Output = ()> + Send,
+{
+    let f = Arc::new(fixture(n).await);
+    let g = f.clone();
+    spread(n, move |i| prepare(g.clone(), i)).await;
+    let g = f.clone();
+    let start = Instant::now();
+    spread(n, move |i| work(g.clone(), i)).await;
+    let took = start.elapsed();
+    // The books balance after the run, and the file is closed cleanly.
+    let t = f.store.ledger_totals().await.expect("totals");
+    let earned = f
+        .store
+        .provider(&f.provider.id)
+        .await
+        .expect("provider")
+        .earnings;
+    assert_eq!(t.rewarded, earned);
+    assert_eq!(t.reserved, Credits::ZERO);
+    assert_eq!(t.settlements, n as u64);
+    f.store.close().await;
+    took
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let f = Arc::new(rt.block_on(fixture()));
     let n = requests();
 
     let mut group = c.benchmark_group("sqlite");
@@ -169,75 +204,52 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(20));
 
+    // Each iteration starts from an empty database file, so every sample
+    // measures the same thing (the store's speed with the tables it has
+    // after `n` requests), not a database that grows with the sample count.
     group.bench_function("reserve_settle_pairs", |b| {
-        b.to_async(&rt).iter(|| {
-            let f = f.clone();
-            async move {
-                spread(n, move |i| {
-                    let f = f.clone();
-                    async move {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += timed_run(
+                    n,
+                    |_, _| async {},
+                    |f, i| async move {
                         let r = reservation(&f, i);
                         f.store.reserve(&r).await.expect("reserve");
-                        let st = settlement(&f, &r);
-                        let out = f.store.settle(&st).await.expect("settle");
+                        let out = f.store.settle(&settlement(&f, &r)).await.expect("settle");
                         assert_eq!(out, SettleOutcome::Applied);
-                    }
-                })
-                .await
+                    },
+                )
+                .await;
             }
+            total
         })
     });
 
     group.bench_function("settles", |b| {
-        b.to_async(&rt).iter_custom(|iters| {
-            let f = f.clone();
-            async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    // Reserve outside the clock, then time the settlements alone.
-                    let pending: Vec<Reservation> = (0..n).map(|i| reservation(&f, i)).collect();
-                    let pending = Arc::new(pending);
-                    let (f2, p2) = (f.clone(), pending.clone());
-                    spread(n, move |i| {
-                        let (f, p) = (f2.clone(), p2.clone());
-                        async move { f.store.reserve(&p[i]).await.expect("reserve") }
-                    })
-                    .await;
-                    let start = Instant::now();
-                    let (f2, p2) = (f.clone(), pending.clone());
-                    spread(n, move |i| {
-                        let (f, p) = (f2.clone(), p2.clone());
-                        async move {
-                            let out = f
-                                .store
-                                .settle(&settlement(&f, &p[i]))
-                                .await
-                                .expect("settle");
-                            assert_eq!(out, SettleOutcome::Applied);
-                        }
-                    })
-                    .await;
-                    total += start.elapsed();
-                }
-                total
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // Reserve outside the clock, then time the settlements alone.
+                total += timed_run(
+                    n,
+                    |f, i| async move {
+                        f.store.reserve(&reservation(&f, i)).await.expect("reserve");
+                    },
+                    |f, i| async move {
+                        // The same request the untimed phase reserved.
+                        let r = reservation(&f, i);
+                        let out = f.store.settle(&settlement(&f, &r)).await.expect("settle");
+                        assert_eq!(out, SettleOutcome::Applied);
+                    },
+                )
+                .await;
             }
+            total
         })
     });
     group.finish();
-
-    // The books still balance after everything the benchmark did.
-    rt.block_on(async {
-        let t = f.store.ledger_totals().await.expect("totals");
-        let earned = f
-            .store
-            .provider(&f.provider.id)
-            .await
-            .expect("provider")
-            .earnings;
-        assert_eq!(t.rewarded, earned);
-        assert_eq!(t.reserved, Credits::ZERO);
-        f.store.close().await;
-    });
 }
 
 criterion_group!(benches, bench);
