@@ -7,6 +7,7 @@
 //! skip with a notice, unless `CXMPUTE_REQUIRE_SERVICES=1`.
 
 use std::collections::HashSet;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -39,6 +40,10 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // The driver runs in its own process group with the browsers it
+        // started: end the whole group, so a failed test leaves no browser.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -56,6 +61,7 @@ async fn driver() -> Option<Driver> {
         .port();
     let child = Command::new(&program)
         .arg(format!("--port={port}"))
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -81,6 +87,7 @@ async fn browser(d: &Driver) -> Client {
     let mut caps = serde_json::Map::new();
     let mut opts = json!({"args": [
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-crash-reporter", "--disable-breakpad",
         "--window-size=1280,1000",
     ]});
     if let Ok(bin) = std::env::var("CXMPUTE_TEST_CHROMIUM") {
