@@ -91,6 +91,7 @@ const GATEWAY: Expect = [401, 401, 200, 401, 401, 200, 401, 401, 401, 200];
 const GATEWAY_IN: Expect = [401, 401, IN, 401, 401, IN, 401, 401, 401, IN];
 const ME: Expect = [401, 200, 401, 200, 200, 401, 401, 401, 200, 401];
 const PROV_ACCOUNT: Expect = [401, 200, 401, 200, 200, 401, 200, 200, 200, 401];
+const STATS_ME: Expect = [401, 200, 200, 200, 200, 200, 401, 401, 200, 200];
 const fn admin_only(ses: u16, key: u16) -> Expect {
     [401, 403, 403, 403, 403, 403, 401, 401, ses, key]
 }
@@ -392,6 +393,16 @@ fn routes(w: &World) -> Vec<Route> {
         route("GET", "/v1/models", None, everyone(200)),
         route("GET", "/v1/notifications", None, everyone(200)),
         route("GET", "/v1/nothing-here", None, everyone(404)),
+        route("GET", "/openapi.json", None, everyone(200)),
+        route("GET", "/metrics", None, everyone(200)),
+        route("GET", "/dashboard", None, everyone(200)),
+        route("GET", "/dashboard/app.js", None, everyone(200)),
+        route("GET", "/dashboard/style.css", None, everyone(200)),
+        route("GET", "/v1/stats/network", None, everyone(200)),
+        // Statistics of one's own account; money only for admins.
+        route("GET", "/v1/stats/me", None, STATS_ME),
+        route("GET", "/v1/stats/provider", None, PROV_ACCOUNT),
+        route("GET", "/v1/stats/admin", None, admin_only(200, 200)),
         route(
             "POST",
             "/v1/auth/verify",
@@ -618,6 +629,39 @@ fn routes(w: &World) -> Vec<Route> {
     // Last: logging out with the session ends it.
     v.push(route("POST", "/v1/auth/logout", None, everyone(204)));
     v
+}
+
+/// The route a concrete path was made from: ids become `{id}`.
+fn template(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    path.split('/')
+        .map(|seg| {
+            let id = ["usr_", "prv_", "node_", "key_", "ntf_"]
+                .iter()
+                .any(|p| seg.starts_with(p));
+            if id {
+                "{id}"
+            } else {
+                seg
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[tokio::test]
+async fn every_served_route_is_in_the_matrix() {
+    let w = world().await;
+    let covered: std::collections::HashSet<String> =
+        routes(&w).iter().map(|r| template(&r.path)).collect();
+    let missing: Vec<String> = cxmpute_core::http::paths()
+        .into_iter()
+        .filter(|p| !covered.contains(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "routes without authorization expectations: {missing:?}"
+    );
 }
 
 #[tokio::test]
