@@ -50,9 +50,9 @@
 //!   the last commits on power loss or an OS crash; a settled charge the
 //!   broker has acknowledged must not vanish, and batching makes FULL's one
 //!   fsync per batch cheap.
-//! - `foreign_keys=ON`, a `busy_timeout` of five seconds for another process
-//!   holding the lock; a lock still held after it is [`Error::Unavailable`]
-//!   (retryable). A unique-key clash is [`Error::AlreadyExists`]; anything
+//! - `foreign_keys=ON`, a `busy_timeout` (five seconds, see [`SqliteOptions`])
+//!   for another process holding the lock; a lock still held after it is
+//!   [`Error::Unavailable`] (retryable). A unique-key clash is [`Error::AlreadyExists`]; anything
 //!   else SQLite reports is [`Error::Backend`] with SQLite's error as source.
 //!
 //! Every operation that moves credits (reserve, settle, stale release, grant)
@@ -82,8 +82,32 @@ mod writer;
 use money::{MoneyAnswer, MoneyOp};
 use writer::Writer;
 
-/// How long a connection waits for another process's lock before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Settings for [`SqliteStore::open_with`]. The default is what
+/// [`SqliteStore::open`] uses.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SqliteOptions {
+    /// How long a call waits for another process holding the database's
+    /// lock before it fails with the retryable [`Error::Unavailable`].
+    /// Five seconds by default.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl SqliteOptions {
+    /// Sets [`busy_timeout`](Self::busy_timeout).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+}
 
 /// Read connections. Reads are short index lookups; two cores gain nothing
 /// from more.
@@ -132,6 +156,11 @@ impl SqliteStore {
     /// A file that is not a SQLite database, or a path that cannot be
     /// created or written, is an [`Error::Backend`] saying so.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    /// [`open`](Self::open) with settings.
+    pub async fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
         let path = path.as_ref();
         let opts = SqliteConnectOptions::new()
             .filename(path)
@@ -145,7 +174,7 @@ impl SqliteStore {
             // pauses of the writer, each copying pages it would copy anyway.
             .pragma("wal_autocheckpoint", "4096")
             .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT)
+            .busy_timeout(options.busy_timeout)
             // Every statement would otherwise be formatted for the log: a
             // measurable cost at tens of thousands of statements a second.
             .disable_statement_logging();
@@ -166,6 +195,9 @@ impl SqliteStore {
             .min_connections(1)
             .connect_with(
                 opts.create_if_missing(false)
+                    // Point lookups; the OS caches the file too. Four readers
+                    // at the writer's 64 MiB each would be a lot to embed.
+                    .pragma("cache_size", "-16384")
                     // Belt and braces: nothing but the writer ever writes.
                     .pragma("query_only", "ON"),
             )

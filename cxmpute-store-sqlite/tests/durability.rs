@@ -2,10 +2,11 @@
 //! without close, and a database that cannot be opened says so.
 
 use std::path::Path;
+use std::time::Duration;
 
 use cxmpute_core::secret::Secret;
 use cxmpute_core::*;
-use cxmpute_store_sqlite::SqliteStore;
+use cxmpute_store_sqlite::{SqliteOptions, SqliteStore};
 use serde_json::json;
 
 const T0: Timestamp = Timestamp(1_767_225_600_000);
@@ -355,4 +356,58 @@ async fn an_unwritable_path_is_a_clear_error() {
     let missing = dir.path().join("missing").join("cxmpute.db");
     let e = SqliteStore::open(&missing).await.unwrap_err();
     assert_clear_open_error(e, &missing);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_elsewhere_is_unavailable_then_clears() {
+    use sqlx::ConnectOptions;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cxmpute.db");
+    let options = SqliteOptions::default().busy_timeout(Duration::from_millis(50));
+    let store = SqliteStore::open_with(&path, options).await.unwrap();
+    // Another process takes the write lock (here: a connection of our own).
+    let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    let user = User {
+        id: UserId::generate(),
+        email: "locked@example.com".into(),
+        credits: Credits::whole(1),
+        is_admin: false,
+        suspended: None,
+        created_at: T0,
+    };
+    let e = store.create_user(&user).await.unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    assert!(e.is_retryable());
+    // Reservations and settlements take the same path and fail the same way.
+    let r = Reservation {
+        request_id: RequestId::generate(),
+        user_id: user.id.clone(),
+        key_id: ApiKeyId::generate(),
+        route: Route::ChatCompletions,
+        amount: Credits::micros(1),
+        created_at: T0,
+    };
+    let e = store.reserve(&r).await.unwrap_err();
+    assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+    // Reads go on beside the lock (WAL), and the refused write left nothing.
+    assert!(matches!(
+        store.user(&user.id).await,
+        Err(Error::NotFound(_))
+    ));
+
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    // The writer is not stuck: the same write now succeeds.
+    store.create_user(&user).await.unwrap();
+    assert_eq!(store.user(&user.id).await.unwrap(), user);
+    store.close().await;
 }
