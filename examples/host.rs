@@ -55,7 +55,11 @@ struct Args {
     #[arg(long, env = "CXMPUTE_DYNAMO_CREATE_TABLES")]
     dynamo_create_tables: bool,
     /// Email of the admin account created on first start.
-    #[arg(long, env = "CXMPUTE_ADMIN_EMAIL", default_value = "admin@localhost.localdomain")]
+    #[arg(
+        long,
+        env = "CXMPUTE_ADMIN_EMAIL",
+        default_value = "admin@localhost.localdomain"
+    )]
     admin_email: String,
     /// Which mailer sends sign-in codes: `console` or `smtp` (SMTP settings
     /// from CXMPUTE_SMTP_HOST, _PORT, _TLS, _FROM, _USERNAME, _PASSWORD).
@@ -98,7 +102,10 @@ async fn open_store(args: &Args) -> Result<Arc<dyn Store>, BoxError> {
 /// sessions survive restarts. Several hosts sharing DynamoDB must all be given
 /// the same `CXMPUTE_SESSION_SECRET`.
 fn session_secret(args: &Args) -> Result<Option<Secret>, BoxError> {
-    if let Some(s) = std::env::var("CXMPUTE_SESSION_SECRET").ok().filter(|s| !s.is_empty()) {
+    if let Some(s) = std::env::var("CXMPUTE_SESSION_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty())
+    {
         return Ok(Some(Secret::new(s)));
     }
     if !matches!(args.store, StoreKind::Sqlite) {
@@ -127,12 +134,17 @@ async fn main() -> Result<(), BoxError> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 
-    let store = open_store(&args).await.map_err(|e| format!("cannot open the store: {e}"))?;
+    let store = open_store(&args)
+        .await
+        .map_err(|e| format!("cannot open the store: {e}"))?;
     let mailer = MailerConfig::from_lookup(|k| match k {
         "CXMPUTE_MAILER" => Some(args.mailer.clone()),
         "CXMPUTE_MAIL_REVEAL_CODES" => Some(if args.reveal_codes { "1" } else { "0" }.into()),
@@ -143,13 +155,24 @@ async fn main() -> Result<(), BoxError> {
     if args.allow_private_nodes {
         config = config.allow_private_endpoints();
     }
-    let mut auth = AuthConfig::default().with_admin_emails([args.admin_email.clone()]);
+    // Session lifetimes, sign-up credits and further admin emails come from
+    // CXMPUTE_* variables (see `AuthConfig::from_env`).
+    let mut auth = AuthConfig::from_env()?;
+    auth.admin_emails.push(args.admin_email.clone());
     if let Some(s) = session_secret(&args)? {
         auth = auth.with_session_secret(s);
     }
-    let broker = Broker::builder(store).config(config).auth(auth).mailer(mailer).build().await?;
+    let broker = Broker::builder(store)
+        .config(config)
+        .auth(auth)
+        .mailer(mailer)
+        .build()
+        .await?;
 
-    let admin_key = std::env::var("CXMPUTE_ADMIN_KEY").ok().filter(|k| !k.is_empty()).map(Secret::new);
+    let admin_key = std::env::var("CXMPUTE_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(Secret::new);
     if let Some(secret) = broker.ensure_admin(&args.admin_email, admin_key).await? {
         // Printed once, on the terminal of whoever started the host: it is
         // stored only as a hash and cannot be shown again.
@@ -174,7 +197,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };
