@@ -145,7 +145,8 @@ async fn metrics_are_prometheus_text() {
 }
 
 /// Every route the client calls, as `METHOD /path` in the OpenAPI document's
-/// spelling. Each is exercised against the host by the other tests.
+/// spelling. Each is exercised against the host by the other tests; this
+/// list is checked against the document both ways.
 const CLIENT_ROUTES: &[&str] = &[
     "GET /healthz",
     "GET /openapi.json",
@@ -237,5 +238,11 @@ async fn the_client_covers_every_route_the_host_documents() {
     assert!(
         missing.is_empty(),
         "routes the host serves without a cxmpute-client method: {missing:?}"
+    );
+    // And the client calls nothing the host does not serve.
+    let unknown: Vec<_> = called.difference(&documented).collect();
+    assert!(
+        unknown.is_empty(),
+        "client routes the host does not serve: {unknown:?}"
     );
 }
