@@ -149,12 +149,16 @@ async fn it_registers_with_this_machines_diagnostics_and_leaves_every_pool_on_st
         .provision(&view.provision_id)
         .await
         .unwrap();
-    let d: device::DeviceReport = serde_json::from_value(stored.device.clone()).unwrap();
+    // Stored as sent, read as the broker reads it.
+    let d = wire::DeviceDiagnostics::from_json(&stored.device).unwrap();
     let here = device::diagnose().await;
-    assert_eq!(d.cpu.threads, here.cpu.threads);
-    assert_eq!(d.memory.total_mb, here.memory.total_mb);
-    assert!(d.cpu.threads >= 1 && d.memory.total_mb > 0 && !d.os.family.is_empty());
+    let (cpu, memory) = (d.cpu.as_ref().unwrap(), d.memory.as_ref().unwrap());
+    assert_eq!(cpu.threads, here.cpu.as_ref().unwrap().threads);
+    assert_eq!(memory.total_mb, here.memory.as_ref().unwrap().total_mb);
+    assert!(cpu.threads.unwrap() >= 1 && memory.total_mb.unwrap() > 0);
+    assert!(d.os.as_ref().and_then(|o| o.family.as_ref()).is_some());
     assert_eq!(d.gpu.is_some(), here.gpu.is_some());
+    assert_eq!(d.tier(), here.tier());
 
     stop.send(()).unwrap();
     run.await.unwrap().unwrap();

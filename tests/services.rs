@@ -191,11 +191,11 @@ async fn world() -> World {
     // This machine as it is, but with an 8 GB GPU: a tier 3 node, which the
     // catalogue lets serve a 3B chat model and a vision model.
     let mut device = cxmpute_core::node::device::diagnose().await;
-    device.gpu = Some(cxmpute_core::node::device::GpuInfo {
-        name: "test GPU".into(),
-        memory_mb: 8192,
-        count: 1,
-        cuda: true,
+    device.gpu = Some(wire::GpuInfo {
+        name: Some("test GPU".into()),
+        memory_mb: Some(8192),
+        count: Some(1),
+        cuda: Some(true),
         ..Default::default()
     });
     cfg.device_override = Some(device);

@@ -1,84 +1,18 @@
 //! Device diagnostics of the machine the node runs on, reported when it
-//! registers: the broker derives the node's tier from `gpu.memory_mb`.
+//! registers as the broker's own [`DeviceDiagnostics`]: the broker derives
+//! the node's tier from `gpu.memory_mb`.
 //!
 //! Read from `/proc/cpuinfo`, `/proc/meminfo`, `/etc/os-release`, `df` for
 //! the disk and `nvidia-smi` for an NVIDIA GPU; anything unreadable is left
-//! empty rather than guessed. Each parser is a plain function over text so it
+//! out (`None`) rather than guessed. Each parser is a plain function over text so it
 //! is testable on any machine.
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-/// What the node reports about its machine.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DeviceReport {
-    /// The operating system.
-    pub os: OsInfo,
-    /// The processor.
-    pub cpu: CpuInfo,
-    /// Main memory.
-    pub memory: Capacity,
-    /// The disk holding the root file system.
-    pub storage: Capacity,
-    /// The GPU, when one is found.
-    pub gpu: Option<GpuInfo>,
-}
-
-/// The operating system.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OsInfo {
-    /// `linux`, `macos`...
-    pub family: String,
-    /// The distribution's pretty name, e.g. `Debian GNU/Linux 12 (bookworm)`.
-    pub name: String,
-    /// The kernel release.
-    pub kernel: String,
-}
-
-/// The processor.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CpuInfo {
-    /// Its model name.
-    pub name: String,
-    /// Physical cores.
-    pub cores: u32,
-    /// Hardware threads.
-    pub threads: u32,
-    /// `x86_64`, `aarch64`...
-    pub architecture: String,
-}
-
-/// A capacity in MiB.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Capacity {
-    /// Total.
-    pub total_mb: u64,
-    /// In use.
-    pub used_mb: u64,
-    /// Free for use.
-    pub free_mb: u64,
-}
-
-/// A GPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GpuInfo {
-    /// Its name, e.g. `NVIDIA GeForce RTX 4090`.
-    pub name: String,
-    /// Its memory in MiB (the largest GPU's, when there are several).
-    pub memory_mb: u64,
-    /// How many GPUs the machine has.
-    pub count: u32,
-    /// Whether it shares main memory.
-    pub integrated: bool,
-    /// Whether CUDA is available.
-    pub cuda: bool,
-    /// The driver version.
-    pub driver: String,
-}
+use crate::wire::{CapacityInfo, CpuInfo, DeviceDiagnostics, GpuInfo, OsInfo};
 
 /// Diagnoses the machine.
-pub async fn diagnose() -> DeviceReport {
+pub async fn diagnose() -> DeviceDiagnostics {
     let read =
         |p: &'static str| async move { tokio::fs::read_to_string(p).await.unwrap_or_default() };
     let cpuinfo = read("/proc/cpuinfo").await;
@@ -94,17 +28,24 @@ pub async fn diagnose() -> DeviceReport {
         ],
     )
     .await;
-    DeviceReport {
-        os: OsInfo {
-            family: std::env::consts::OS.to_owned(),
+    DeviceDiagnostics {
+        os: Some(OsInfo {
+            family: Some(std::env::consts::OS.to_owned()),
             name: parse_os_release(&os_release),
-            kernel: kernel.trim().to_owned(),
-        },
-        cpu: parse_cpuinfo(&cpuinfo),
+            kernel: non_empty(&kernel),
+        }),
+        cpu: Some(parse_cpuinfo(&cpuinfo)),
         memory: parse_meminfo(&meminfo),
         storage: parse_df(&df),
         gpu: smi.as_deref().and_then(parse_nvidia_smi),
     }
+}
+
+/// `text` trimmed, unless nothing is left.
+fn non_empty(text: &str) -> Option<String> {
+    Some(text.trim())
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
 }
 
 /// Runs a diagnostic program (arguments, never a shell) for its output; `None`
@@ -125,7 +66,7 @@ async fn run(program: &str, args: &[&str]) -> Option<String> {
 /// The CPU from `/proc/cpuinfo`: model name, threads (processor entries),
 /// cores (distinct physical id and core id pairs, else threads).
 pub fn parse_cpuinfo(text: &str) -> CpuInfo {
-    let mut name = String::new();
+    let mut name = None;
     let mut threads = 0u32;
     let mut cores = std::collections::HashSet::new();
     let mut physical = String::new();
@@ -136,7 +77,7 @@ pub fn parse_cpuinfo(text: &str) -> CpuInfo {
         let (k, v) = (k.trim(), v.trim());
         match k {
             "processor" => threads += 1,
-            "model name" | "Model" | "Hardware" if name.is_empty() => name = v.to_owned(),
+            "model name" | "Model" | "Hardware" if name.is_none() => name = non_empty(v),
             "physical id" => physical = v.to_owned(),
             "core id" => {
                 cores.insert((physical.clone(), v.to_owned()));
@@ -151,36 +92,33 @@ pub fn parse_cpuinfo(text: &str) -> CpuInfo {
     };
     CpuInfo {
         name,
-        cores,
-        threads,
-        architecture: std::env::consts::ARCH.to_owned(),
+        cores: Some(cores).filter(|&n| n > 0),
+        threads: Some(threads).filter(|&n| n > 0),
+        architecture: Some(std::env::consts::ARCH.to_owned()),
     }
 }
 
-/// Memory from `/proc/meminfo` (`MemTotal`, `MemAvailable`, in kB).
-pub fn parse_meminfo(text: &str) -> Capacity {
+/// Memory from `/proc/meminfo` (`MemTotal`, `MemAvailable`, in kB); `None`
+/// without a total.
+pub fn parse_meminfo(text: &str) -> Option<CapacityInfo> {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
     };
-    let total = field("MemTotal").unwrap_or(0) / 1024;
-    let free = field("MemAvailable")
-        .or_else(|| field("MemFree"))
-        .unwrap_or(0)
-        / 1024;
-    Capacity {
-        total_mb: total,
-        used_mb: total.saturating_sub(free),
-        free_mb: free,
-    }
+    let total = field("MemTotal")? / 1024;
+    let free = field("MemAvailable").or_else(|| field("MemFree"));
+    Some(CapacityInfo {
+        total_mb: Some(total),
+        used_mb: free.map(|f| total.saturating_sub(f / 1024)),
+        free_mb: free.map(|f| f / 1024),
+    })
 }
 
-/// The root file system from `df -Pk /` (1 KiB blocks).
-pub fn parse_df(text: &str) -> Capacity {
-    let Some(line) = text.lines().nth(1) else {
-        return Capacity::default();
-    };
+/// The root file system from `df -Pk /` (1 KiB blocks); `None` when the
+/// output is not that.
+pub fn parse_df(text: &str) -> Option<CapacityInfo> {
+    let line = text.lines().nth(1)?;
     let cols: Vec<u64> = line
         .split_whitespace()
         .skip(1)
@@ -188,25 +126,25 @@ pub fn parse_df(text: &str) -> Capacity {
         .filter_map(|c| c.parse().ok())
         .collect();
     match cols[..] {
-        [total, used, free] => Capacity {
-            total_mb: total / 1024,
-            used_mb: used / 1024,
-            free_mb: free / 1024,
-        },
-        _ => Capacity::default(),
+        [total, used, free] => Some(CapacityInfo {
+            total_mb: Some(total / 1024),
+            used_mb: Some(used / 1024),
+            free_mb: Some(free / 1024),
+        }),
+        _ => None,
     }
 }
 
 /// The distribution's `PRETTY_NAME` from `/etc/os-release`.
-pub fn parse_os_release(text: &str) -> String {
+pub fn parse_os_release(text: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-        .map(|v| v.trim().trim_matches('"').to_owned())
-        .unwrap_or_default()
+        .and_then(|v| non_empty(v.trim().trim_matches('"')))
 }
 
 /// GPUs from `nvidia-smi --query-gpu=name,memory.total,driver_version
-/// --format=csv,noheader,nounits`: the largest one, and how many there are.
+/// --format=csv,noheader,nounits`: the largest one (its memory in MiB is what
+/// the tier is decided by), and how many there are.
 pub fn parse_nvidia_smi(text: &str) -> Option<GpuInfo> {
     let mut gpus: Vec<(String, u64, String)> = text
         .lines()
@@ -222,12 +160,12 @@ pub fn parse_nvidia_smi(text: &str) -> Option<GpuInfo> {
     gpus.sort_by_key(|g| std::cmp::Reverse(g.1));
     let (name, memory_mb, driver) = gpus.into_iter().next()?;
     Some(GpuInfo {
-        name,
-        memory_mb,
-        count,
-        integrated: false,
-        cuda: true,
-        driver,
+        name: non_empty(&name),
+        memory_mb: Some(memory_mb),
+        integrated: Some(false),
+        cuda: Some(true),
+        count: Some(count),
+        driver: non_empty(&driver),
     })
 }
 
@@ -242,34 +180,69 @@ mod tests {
                    processor\t: 2\nmodel name\t: AMD EPYC 7B13\nphysical id\t: 0\ncore id\t\t: 1\n";
         let c = parse_cpuinfo(cpu);
         assert_eq!(
-            (c.name.as_str(), c.cores, c.threads),
-            ("AMD EPYC 7B13", 2, 3)
+            (c.name.as_deref(), c.cores, c.threads),
+            (Some("AMD EPYC 7B13"), Some(2), Some(3))
         );
         let m = parse_meminfo(
             "MemTotal:       16384000 kB\nMemFree:  100 kB\nMemAvailable:    8192000 kB\n",
-        );
-        assert_eq!((m.total_mb, m.free_mb, m.used_mb), (16000, 8000, 8000));
-        let d = parse_df("Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/sda1 10485760 4194304 6291456 40% /\n");
-        assert_eq!((d.total_mb, d.used_mb, d.free_mb), (10240, 4096, 6144));
+        )
+        .unwrap();
         assert_eq!(
-            parse_os_release("NAME=x\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n"),
-            "Debian GNU/Linux 12"
+            (m.total_mb, m.free_mb, m.used_mb),
+            (Some(16000), Some(8000), Some(8000))
+        );
+        let d = parse_df("Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/sda1 10485760 4194304 6291456 40% /\n").unwrap();
+        assert_eq!(
+            (d.total_mb, d.used_mb, d.free_mb),
+            (Some(10240), Some(4096), Some(6144))
+        );
+        assert_eq!(
+            parse_os_release("NAME=x\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n").as_deref(),
+            Some("Debian GNU/Linux 12")
         );
         let g =
             parse_nvidia_smi("NVIDIA A10G, 23028, 535.104\nNVIDIA T4, 15360, 535.104\n").unwrap();
         assert_eq!(
-            (g.name.as_str(), g.memory_mb, g.count),
-            ("NVIDIA A10G", 23028, 2)
+            (g.name.as_deref(), g.memory_mb, g.count),
+            (Some("NVIDIA A10G"), Some(23028), Some(2))
         );
         assert!(parse_nvidia_smi("").is_none());
-        assert_eq!(parse_df("garbage"), Capacity::default());
+        assert!(parse_df("garbage").is_none());
+    }
+
+    #[test]
+    fn unreadable_sources_are_left_empty() {
+        let c = parse_cpuinfo("");
+        assert_eq!((c.name, c.cores, c.threads), (None, None, None));
+        assert!(parse_meminfo("").is_none());
+        let m = parse_meminfo("MemTotal: 2048 kB\n").unwrap();
+        assert_eq!((m.total_mb, m.free_mb, m.used_mb), (Some(2), None, None));
+        assert!(parse_os_release("NAME=x\n").is_none());
+        assert!(parse_os_release("PRETTY_NAME=\"\"\n").is_none());
+    }
+
+    #[test]
+    fn the_report_yields_the_tier_of_its_gpu() {
+        let gpu = parse_nvidia_smi("NVIDIA GeForce RTX 4090, 24564, 550.54\n");
+        let d = DeviceDiagnostics {
+            gpu,
+            ..DeviceDiagnostics::default()
+        };
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["gpu"]["memory_mb"], 24564);
+        let parsed = DeviceDiagnostics::from_json(&json).unwrap();
+        assert_eq!(parsed, d);
+        assert_eq!(parsed.tier(), 4, "the broker reads what the node sends");
+        assert_eq!(DeviceDiagnostics::default().tier(), 1);
     }
 
     #[tokio::test]
     async fn this_machine_is_diagnosed() {
         let d = diagnose().await;
-        assert!(d.cpu.threads >= 1);
-        assert!(d.memory.total_mb > 0);
-        assert!(!d.cpu.architecture.is_empty());
+        let cpu = d.cpu.unwrap();
+        assert!(cpu.threads.unwrap() >= 1);
+        assert!(d.memory.unwrap().total_mb.unwrap() > 0);
+        assert!(cpu.architecture.is_some_and(|a| !a.is_empty()));
+        assert!(d.os.unwrap().family.is_some());
     }
 }

@@ -160,7 +160,7 @@ pub struct NodeConfig {
     pub location: Location,
     /// Device diagnostics to report instead of diagnosing the machine
     /// (machines whose probes mislead, tests).
-    pub device_override: Option<device::DeviceReport>,
+    pub device_override: Option<crate::wire::DeviceDiagnostics>,
 }
 
 impl NodeConfig {
