@@ -238,7 +238,8 @@ impl SqliteStore {
         self.path.as_deref().map(PathBuf::as_path)
     }
 
-    /// Waits until every write queued before this call is committed.
+    /// Waits until every write queued before this call has been applied:
+    /// committed, or answered with the error that kept it out.
     pub async fn flush(&self) -> Result<()> {
         self.writer.flush().await
     }

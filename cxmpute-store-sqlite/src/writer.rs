@@ -178,7 +178,8 @@ impl Writer {
         })?
     }
 
-    /// Waits until every write queued before this call is committed.
+    /// Waits until every write queued before this call has been applied:
+    /// committed, or answered with the error that kept it out.
     pub(crate) async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         self.tx.send(Msg::Flush(tx)).await.map_err(|_| closed())?;
