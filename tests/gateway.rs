@@ -700,3 +700,33 @@ async fn a_preferred_region_routes_to_nodes_there_and_falls_back_elsewhere() {
     );
     assert_eq!(us.hits(), 1);
 }
+
+#[tokio::test]
+async fn the_usage_chunk_reaches_only_callers_who_asked_for_it() {
+    let h = host().await;
+    let node = StandInNode::start("a").await;
+    let (p, _) = h.provider().await;
+    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(10)).await;
+    let usage_events = |text: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .filter(|d| serde_json::from_str::<Value>(d).unwrap()["usage"].is_object())
+            .count()
+    };
+    let plain = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    let text = plain.text().await.unwrap();
+    assert_eq!(usage_events(&text), 0, "{text}");
+    assert!(text.contains("Hel") && text.trim_end().ends_with("data: [DONE]"));
+    let mut asked = chat_body(true);
+    asked["stream_options"] = json!({"include_usage": true});
+    let text = post(&h, "/v1/chat/completions", &key, &asked)
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(usage_events(&text), 1, "{text}");
+    // Both were metered by the node's usage all the same.
+    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 2 * 1_020));
+}

@@ -1226,7 +1226,12 @@ impl CallContext {
         }
         let mut resp = resp;
         let stream_meter = match self.prep.kind {
-            AnswerKind::ChatSse => Some(ChatStreamMeter::default()),
+            AnswerKind::ChatSse {
+                caller_wants_usage: true,
+            } => Some(ChatStreamMeter::default()),
+            AnswerKind::ChatSse {
+                caller_wants_usage: false,
+            } => Some(ChatStreamMeter::without_usage_chunk()),
             AnswerKind::Binary => None,
             AnswerKind::Json(meter_json) => {
                 let buf = read_capped(&mut resp, cfg.idle_timeout, cfg.max_response_bytes).await?;
@@ -1247,12 +1252,16 @@ impl CallContext {
             None => binary_content_type(&resp),
         };
         let mut stream_meter = stream_meter;
+        let mut first = first;
         if let Some(m) = stream_meter.as_mut() {
             m.feed(&first);
             if m.garbage {
                 return Err(AttemptError::Failed(
                     "node sent something that is not a chat stream".into(),
                 ));
+            }
+            if m.is_filtering() {
+                first = Bytes::from(m.take_output());
             }
         }
         Ok(Answer::Stream(
@@ -1288,7 +1297,7 @@ impl CallContext {
                 ClientGone,
                 NodeFailed(String),
             }
-            let mut end = if tx.send(Ok(first)).await.is_err() {
+            let mut end = if !first.is_empty() && tx.send(Ok(first)).await.is_err() {
                 Some(End::ClientGone)
             } else {
                 None
@@ -1305,6 +1314,10 @@ impl CallContext {
                         let complete = match meter.as_mut() {
                             Some(m) => {
                                 m.finish();
+                                let rest = m.take_output();
+                                if !rest.is_empty() {
+                                    let _ = tx.send(Ok(Bytes::from(rest))).await;
+                                }
                                 m.done && !m.garbage
                             }
                             None => true,
@@ -1316,10 +1329,15 @@ impl CallContext {
                         });
                     }
                     Ok(Ok(Some(chunk))) => {
+                        let mut chunk = chunk;
                         if let Some(m) = meter.as_mut() {
                             m.feed(&chunk);
+                            if m.is_filtering() {
+                                chunk = Bytes::from(m.take_output());
+                            }
                         }
-                        if tx.send(Ok(chunk)).await.is_err() {
+                        // An empty chunk would end a chunked body early.
+                        if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
                             end = Some(End::ClientGone);
                         } else if meter.as_ref().is_some_and(|m| m.garbage) {
                             end = Some(End::NodeFailed("node sent garbage mid-stream".into()));

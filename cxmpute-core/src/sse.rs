@@ -140,9 +140,35 @@ pub struct ChatStreamMeter {
     pub garbage: bool,
     /// Events seen.
     pub events: u64,
+    /// When set, every event is written back here as SSE text, except a
+    /// usage-only chunk (no choices): see [`ChatStreamMeter::without_usage_chunk`].
+    filtered: Option<Vec<u8>>,
 }
 
 impl ChatStreamMeter {
+    /// A meter that also rewrites the stream without its usage-only chunk:
+    /// for callers that did not ask for usage, since the broker always asks
+    /// the node for it. Take the rewritten bytes with [`Self::take_output`].
+    pub fn without_usage_chunk() -> Self {
+        ChatStreamMeter {
+            filtered: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// Whether this meter rewrites the stream (see [`Self::without_usage_chunk`]).
+    pub fn is_filtering(&self) -> bool {
+        self.filtered.is_some()
+    }
+
+    /// The rewritten bytes produced since the last call (empty when not filtering).
+    pub fn take_output(&mut self) -> Vec<u8> {
+        self.filtered
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     /// Feeds bytes as they pass through.
     pub fn feed(&mut self, chunk: &[u8]) {
         let mut evs = Vec::new();
@@ -168,12 +194,16 @@ impl ChatStreamMeter {
         let data = e.data.trim();
         if data == "[DONE]" {
             self.done = true;
+            self.write_back(&e);
             return;
         }
         match serde_json::from_str::<ChatCompletionChunk>(data) {
             Ok(chunk) => {
                 if let Some(u) = chunk.usage {
                     self.reported = Some(u);
+                }
+                if !(chunk.usage.is_some() && chunk.choices.is_empty()) {
+                    self.write_back(&e);
                 }
                 for c in &chunk.choices {
                     if let Some(t) = c.delta.content.as_deref().filter(|t| !t.is_empty()) {
@@ -182,8 +212,26 @@ impl ChatStreamMeter {
                     }
                 }
             }
-            Err(_) => self.garbage = true,
+            Err(_) => {
+                self.garbage = true;
+                self.write_back(&e);
+            }
         }
+    }
+
+    fn write_back(&mut self, e: &SseEvent) {
+        let Some(out) = self.filtered.as_mut() else {
+            return;
+        };
+        if let Some(name) = &e.event {
+            out.extend_from_slice(format!("event: {name}\n").as_bytes());
+        }
+        for line in e.data.split('\n') {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+        out.push(b'\n');
     }
 
     /// What the stream consumed: the node's usage when it reported one, else
@@ -282,6 +330,31 @@ mod tests {
             units: 0,
         };
         assert_eq!(m.meter(3, tight), tight);
+    }
+
+    #[test]
+    fn the_usage_chunk_is_taken_out_when_filtering() {
+        let mut m = ChatStreamMeter::without_usage_chunk();
+        let s = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1,\"total_tokens\":8}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut out = Vec::new();
+        for c in s.as_bytes().chunks(3) {
+            m.feed(c);
+            out.extend(m.take_output());
+        }
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n"
+        );
+        assert_eq!(
+            m.reported.map(|u| u.prompt_tokens),
+            Some(7),
+            "still metered"
+        );
     }
 
     #[test]

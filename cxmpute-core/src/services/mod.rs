@@ -45,7 +45,12 @@ pub(crate) enum AnswerKind {
     /// A JSON body, read whole (size-capped), checked and metered by the function.
     Json(JsonMeter),
     /// A chat completion stream (SSE), passed through and metered on the way.
-    ChatSse,
+    ChatSse {
+        /// Whether the caller asked for the usage chunk itself. The node is
+        /// always asked for it (to meter); when the caller did not ask, it
+        /// is taken out of the stream, as OpenAI would not send it.
+        caller_wants_usage: bool,
+    },
     /// Opaque bytes (audio), passed through; metered as the request's bounds
     /// when it completes.
     Binary,
@@ -55,7 +60,7 @@ impl std::fmt::Debug for AnswerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             AnswerKind::Json(_) => "Json",
-            AnswerKind::ChatSse => "ChatSse",
+            AnswerKind::ChatSse { .. } => "ChatSse",
             AnswerKind::Binary => "Binary",
         })
     }
@@ -159,6 +164,7 @@ fn prepare_chat(cfg: &BrokerConfig, body: &Bytes) -> Result<Prepared> {
         }
     };
     let stream = req.stream.unwrap_or(false);
+    let caller_wants_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     if stream {
         req.stream_options
             .get_or_insert_with(StreamOptions::default)
@@ -183,7 +189,7 @@ fn prepare_chat(cfg: &BrokerConfig, body: &Bytes) -> Result<Prepared> {
         fallback_input: ceil_div4(text_bytes),
         body: Bytes::from(out),
         kind: if stream {
-            AnswerKind::ChatSse
+            AnswerKind::ChatSse { caller_wants_usage }
         } else {
             AnswerKind::Json(meter_chat)
         },
