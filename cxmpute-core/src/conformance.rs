@@ -83,6 +83,7 @@ macro_rules! store_conformance_tests {
             reserve_same_request_twice_is_already_exists,
             settle_charges_reserved_min_and_releases_rest,
             settle_clamps_charge_and_reward,
+            settle_records_usage_under_the_reservations_user_and_key,
             failed_request_costs_nothing,
             settle_twice_has_effect_once,
             settle_unknown_request_is_not_found,
@@ -1190,6 +1191,26 @@ pub async fn settle_charges_reserved_min_and_releases_rest(store: Arc<dyn Store>
     assert_eq!(t.rewarded, Credits::whole(3));
     assert_eq!(t.platform(), Credits::micros(1_000_123));
     assert_eq!(t.reserved, Credits::ZERO);
+}
+
+/// The usage record is filed under the reservation's user, key and route,
+/// whatever the settlement's record says: usage always follows the money.
+pub async fn settle_records_usage_under_the_reservations_user_and_key(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(5), None).await;
+    let (other, other_key) = funded(&store, Credits::whole(5), None).await;
+    let r = reservation(&user, &key, Credits::whole(1), at(1));
+    store.reserve(&r).await.unwrap();
+    let mut st = settlement(&r, Credits::whole(1), None, at(2));
+    st.usage.user_id = other.id.clone();
+    st.usage.key_id = other_key.id.clone();
+    store.settle(&st).await.unwrap();
+    let rec = store.settlement(&r.request_id).await.unwrap();
+    assert_eq!(
+        (&rec.user_id, &rec.key_id, rec.route),
+        (&user.id, &key.id, r.route)
+    );
+    assert_eq!(store.usage_records(&user.id, 10).await.unwrap().len(), 1);
+    assert!(store.usage_records(&other.id, 10).await.unwrap().is_empty());
 }
 
 /// A charge above the reservation is cut to it, and a reward above the

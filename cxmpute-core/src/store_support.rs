@@ -66,7 +66,12 @@ impl SettlePlan {
         let mut usage = st.usage.clone();
         usage.charged = charged;
         usage.reward = reward.as_ref().map(|r| r.1).unwrap_or_default();
+        // Who paid and through which key and route are the reservation's,
+        // whatever the caller put in the record.
         usage.request_id = st.request_id.clone();
+        usage.user_id = r.user_id.clone();
+        usage.key_id = r.key_id.clone();
+        usage.route = r.route;
         SettlePlan {
             charged,
             refund,
