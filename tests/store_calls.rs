@@ -115,7 +115,11 @@ impl Store for CountingStore {
         self.inner.rotate_provider_key(id, new_hash).await
     }
 
-    async fn set_provider_suspended(&self, id: &ProviderId, suspension: Option<Suspension>) -> Result<()> {
+    async fn set_provider_suspended(
+        &self,
+        id: &ProviderId,
+        suspension: Option<Suspension>,
+    ) -> Result<()> {
         self.hit("set_provider_suspended");
         self.inner.set_provider_suspended(id, suspension).await
     }
@@ -135,14 +139,22 @@ impl Store for CountingStore {
         self.inner.provisions_by_provider(provider).await
     }
 
-    async fn provisions(&self, ) -> Result<Vec<Provision>> {
+    async fn provisions(&self) -> Result<Vec<Provision>> {
         self.hit("provisions");
         self.inner.provisions().await
     }
 
-    async fn update_provision(&self, id: &ProvisionId, state: ProvisionState, endpoint: Option<String>, entries: &[PoolEntry]) -> Result<()> {
+    async fn update_provision(
+        &self,
+        id: &ProvisionId,
+        state: ProvisionState,
+        endpoint: Option<String>,
+        entries: &[PoolEntry],
+    ) -> Result<()> {
         self.hit("update_provision");
-        self.inner.update_provision(id, state, endpoint, entries).await
+        self.inner
+            .update_provision(id, state, endpoint, entries)
+            .await
     }
 
     async fn heartbeat(&self, id: &ProvisionId, at: Timestamp) -> Result<()> {
@@ -155,7 +167,7 @@ impl Store for CountingStore {
         self.inner.delete_provision(id).await
     }
 
-    async fn pool_entries(&self, ) -> Result<Vec<PoolEntry>> {
+    async fn pool_entries(&self) -> Result<Vec<PoolEntry>> {
         self.hit("pool_entries");
         self.inner.pool_entries().await
     }
@@ -185,7 +197,7 @@ impl Store for CountingStore {
         self.inner.release_stale_reservations(before).await
     }
 
-    async fn ledger_totals(&self, ) -> Result<LedgerTotals> {
+    async fn ledger_totals(&self) -> Result<LedgerTotals> {
         self.hit("ledger_totals");
         self.inner.ledger_totals().await
     }
@@ -195,7 +207,7 @@ impl Store for CountingStore {
         self.inner.usage_records(user, limit).await
     }
 
-    async fn prices(&self, ) -> Result<Vec<PriceEntry>> {
+    async fn prices(&self) -> Result<Vec<PriceEntry>> {
         self.hit("prices");
         self.inner.prices().await
     }
@@ -205,14 +217,29 @@ impl Store for CountingStore {
         self.inner.put_price(price).await
     }
 
-    async fn issue_login_code(&self, code: &LoginCode, window_start: Timestamp, max_per_window: u32) -> Result<()> {
+    async fn issue_login_code(
+        &self,
+        code: &LoginCode,
+        window_start: Timestamp,
+        max_per_window: u32,
+    ) -> Result<()> {
         self.hit("issue_login_code");
-        self.inner.issue_login_code(code, window_start, max_per_window).await
+        self.inner
+            .issue_login_code(code, window_start, max_per_window)
+            .await
     }
 
-    async fn verify_login_code(&self, email: &str, code_hash: &KeyHash, now: Timestamp, max_attempts: u32) -> Result<()> {
+    async fn verify_login_code(
+        &self,
+        email: &str,
+        code_hash: &KeyHash,
+        now: Timestamp,
+        max_attempts: u32,
+    ) -> Result<()> {
         self.hit("verify_login_code");
-        self.inner.verify_login_code(email, code_hash, now, max_attempts).await
+        self.inner
+            .verify_login_code(email, code_hash, now, max_attempts)
+            .await
     }
 
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
@@ -220,7 +247,12 @@ impl Store for CountingStore {
         self.inner.create_refresh_token(token).await
     }
 
-    async fn rotate_refresh_token(&self, old: &KeyHash, next: &RefreshToken, now: Timestamp) -> Result<UserId> {
+    async fn rotate_refresh_token(
+        &self,
+        old: &KeyHash,
+        next: &RefreshToken,
+        now: Timestamp,
+    ) -> Result<UserId> {
         self.hit("rotate_refresh_token");
         self.inner.rotate_refresh_token(old, next, now).await
     }
@@ -245,7 +277,7 @@ impl Store for CountingStore {
         self.inner.delete_notification(id).await
     }
 
-    async fn notifications(&self, ) -> Result<Vec<Notification>> {
+    async fn notifications(&self) -> Result<Vec<Notification>> {
         self.hit("notifications");
         self.inner.notifications().await
     }
@@ -260,7 +292,12 @@ impl Store for CountingStore {
         self.inner.stats(scope, from, to).await
     }
 
-    async fn stats_by_prefix(&self, prefix: &str, from: Day, to: Day) -> Result<Vec<(String, StatsCounters)>> {
+    async fn stats_by_prefix(
+        &self,
+        prefix: &str,
+        from: Day,
+        to: Day,
+    ) -> Result<Vec<(String, StatsCounters)>> {
         self.hit("stats_by_prefix");
         self.inner.stats_by_prefix(prefix, from, to).await
     }
@@ -268,7 +305,10 @@ impl Store for CountingStore {
 
 #[tokio::test]
 async fn a_gateway_call_reads_once_to_authenticate_and_writes_once_to_admit_and_once_to_settle() {
-    let store = Arc::new(CountingStore { inner: MemoryStore::new(), calls: Mutex::new(BTreeMap::new()) });
+    let store = Arc::new(CountingStore {
+        inner: MemoryStore::new(),
+        calls: Mutex::new(BTreeMap::new()),
+    });
     let h = TestHost::start(store.clone()).await;
     let node = StandInNode::start("a").await;
     let (p, _) = h.provider().await;
@@ -292,7 +332,9 @@ async fn a_gateway_call_reads_once_to_authenticate_and_writes_once_to_admit_and_
         assert_eq!(settled, settled_before + 1);
         let calls = store.take();
         let expected: BTreeMap<&'static str, usize> =
-            [("api_key_by_hash", 1), ("reserve", 1), ("settle", 1)].into_iter().collect();
+            [("api_key_by_hash", 1), ("reserve", 1), ("settle", 1)]
+                .into_iter()
+                .collect();
         assert_eq!(calls, expected, "stream: {stream}");
     }
 }
