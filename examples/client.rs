@@ -54,7 +54,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     p.service, p.model, p.per_request
                 );
             }
-            base.with_bearer(created.api_key)
+            base.with_bearer(created.api_key.expose())
         }
         (None, None) => return Err("set CXMPUTE_API_KEY or CXMPUTE_ADMIN_KEY".into()),
     };

@@ -797,7 +797,7 @@ async fn a_provider_rotates_its_key_and_sees_its_earnings() {
         )
         .ok()
         .await;
-    node.require_secret(&reg.node_secret);
+    node.require_secret(reg.node_secret.expose());
     let nodes: Vec<ProvisionView> = call(&h, "GET", "/v1/provider/account/provisions")
         .bearer(tok)
         .ok()
@@ -1187,7 +1187,7 @@ async fn no_secret_reaches_the_logs_through_a_whole_flow() {
         .json(json!({"endpoint": node.url(), "services": [{"service": "chat", "model": MODEL}]}))
         .ok()
         .await;
-    node.require_secret(&reg.node_secret);
+    node.require_secret(reg.node_secret.expose());
     let r = call(&h, "POST", "/v1/chat/completions")
         .bearer(k.api_key.expose())
         .json(chat())
@@ -1213,7 +1213,7 @@ async fn no_secret_reaches_the_logs_through_a_whole_flow() {
     }
     secrets.push(k.api_key.expose().to_owned());
     secrets.push(pk.provider_key.expose().to_owned());
-    secrets.push(reg.node_secret.clone());
+    secrets.push(reg.node_secret.expose().to_owned());
 
     let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     assert!(log.contains("signed in"), "the subscriber saw the flow");

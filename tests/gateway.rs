@@ -677,7 +677,7 @@ async fn a_preferred_region_routes_to_nodes_there_and_falls_back_elsewhere() {
             },
         };
         let r = h.broker.register_provision(&p, req).await.unwrap();
-        node.require_secret(&r.node_secret);
+        node.require_secret(r.node_secret.expose());
     }
     let (_, key) = h.user(Credits::whole(10)).await;
     let c = reqwest::Client::new();
@@ -729,4 +729,22 @@ async fn the_usage_chunk_reaches_only_callers_who_asked_for_it() {
     assert_eq!(usage_events(&text), 1, "{text}");
     // Both were metered by the node's usage all the same.
     assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 2 * 1_020));
+}
+
+#[test]
+fn answers_carrying_secrets_redact_them_in_debug_but_not_on_the_wire() {
+    let r = wire::CreateUserResponse {
+        user_id: UserId::new("usr_1"),
+        key_id: ApiKeyId::new("key_1"),
+        api_key: Secret::new("cx-supersecretvalue"),
+    };
+    assert!(!format!("{r:?}").contains("supersecret"));
+    assert!(serde_json::to_string(&r)
+        .unwrap()
+        .contains("cx-supersecretvalue"));
+    let p = wire::CreateProviderResponse {
+        provider_id: ProviderId::new("prv_1"),
+        provider_key: Secret::new("cxp-supersecretvalue"),
+    };
+    assert!(!format!("{p:?}").contains("supersecret"));
 }

@@ -31,7 +31,7 @@ impl AdminApi<'_> {
     ///     .admin()
     ///     .create_user(&CreateUserRequest { email: "ada@example.com".into(), credits: Credits::whole(5) })
     ///     .await?;
-    /// println!("{} got key {}", user.user_id, user.api_key);
+    /// println!("{} got key {}", user.user_id, user.api_key.expose());
     /// # Ok(())
     /// # }
     /// ```
@@ -85,7 +85,7 @@ impl AdminApi<'_> {
     ///     .admin()
     ///     .create_provider(&CreateProviderRequest { email: "gpu@example.com".into() })
     ///     .await?;
-    /// let provider = admin.with_bearer(p.provider_key);
+    /// let provider = admin.with_bearer(p.provider_key.expose());
     /// # Ok(())
     /// # }
     /// ```

@@ -11,7 +11,6 @@ use cxmpute_client::wire::{
     GrantCreditsRequest, NotificationRequest, RegisterProvisionRequest, ServedModel,
 };
 use cxmpute_core::testkit::StandInNode;
-use cxmpute_core::Secret;
 
 #[tokio::test]
 async fn create_a_user_grant_credits_and_call_with_its_key() {
@@ -25,8 +24,8 @@ async fn create_a_user_grant_credits_and_call_with_its_key() {
         })
         .await
         .unwrap();
-    assert!(created.api_key.starts_with("cx-"));
-    let user = client_for(&w.host.url, &Secret::new(created.api_key.clone()));
+    assert!(created.api_key.expose().starts_with("cx-"));
+    let user = client_for(&w.host.url, &created.api_key.clone());
     let req = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user("hi")]);
     let e = user.user().chat(&req).await.unwrap_err();
     assert_eq!(e.status(), Some(402), "{e}");
@@ -69,7 +68,7 @@ async fn create_a_provider_whose_key_registers_a_node() {
         })
         .await
         .unwrap();
-    let provider = w.admin().with_bearer(created.provider_key);
+    let provider = w.admin().with_bearer(created.provider_key.expose());
     let node = StandInNode::start("new").await;
     let reg = provider
         .provider()
@@ -194,7 +193,7 @@ async fn search_a_user_see_its_grants_suspend_and_lift() {
         (Credits::whole(1), "pilot")
     );
 
-    let user = client_for(&w.host.url, &Secret::new(created.api_key.clone()));
+    let user = client_for(&w.host.url, &created.api_key.clone());
     let req = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user("hi")]);
     admin
         .admin()

@@ -39,8 +39,8 @@ async fn register_list_heartbeat_and_end_a_node() {
         .await
         .unwrap();
     assert_eq!(reg.state, ProvisionState::Ready);
-    assert!(!reg.node_secret.is_empty());
-    node.require_secret(&reg.node_secret);
+    assert!(!reg.node_secret.expose().is_empty());
+    node.require_secret(reg.node_secret.expose());
 
     let list = provider.provider().provisions().await.unwrap();
     assert_eq!(list.len(), 1);
@@ -129,7 +129,7 @@ async fn a_node_joins_through_start_and_ready_and_can_start_again() {
         .await
         .unwrap();
     assert_eq!((reg.state, reg.tier), (ProvisionState::Registered, 4));
-    node.require_secret(&reg.node_secret);
+    node.require_secret(reg.node_secret.expose());
     let id = &reg.provision_id;
 
     let can = StartProvisionRequest {
@@ -270,7 +270,7 @@ async fn the_provider_account_its_earnings_and_a_key_rotation() {
         .register(&registration(node.url(), "qwen3:8b"))
         .await
         .unwrap();
-    node.require_secret(&reg.node_secret);
+    node.require_secret(reg.node_secret.expose());
     let req = ChatCompletionRequest::new("qwen3:8b", vec![ChatMessage::user("hi")]);
     w.client().user().chat(&req).await.unwrap();
     w.client().user().chat(&req).await.unwrap();

@@ -798,7 +798,7 @@ impl Broker {
         self.inner.pools.upsert(&provision.id, entries);
         Ok(RegisterProvisionResponse {
             provision_id: provision.id,
-            node_secret: secret.expose().to_owned(),
+            node_secret: secret,
             state,
             tier,
         })

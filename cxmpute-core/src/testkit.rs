@@ -449,7 +449,7 @@ impl TestHost {
             .await
             .expect("register provision");
         if let Some(n) = node {
-            n.require_secret(&r.node_secret);
+            n.require_secret(r.node_secret.expose());
         }
         r.provision_id
     }

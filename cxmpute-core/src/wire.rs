@@ -354,7 +354,7 @@ pub struct CreateUserResponse {
     /// The key's id.
     pub key_id: ApiKeyId,
     /// The API key itself. Shown only here.
-    pub api_key: String,
+    pub api_key: crate::secret::Secret,
 }
 
 /// `POST /v1/admin/users/{id}/credits`: add or remove credits.
@@ -389,7 +389,7 @@ pub struct CreateProviderResponse {
     /// The provider's id.
     pub provider_id: ProviderId,
     /// The provider key itself. Shown only here.
-    pub provider_key: String,
+    pub provider_key: crate::secret::Secret,
 }
 
 // ---- provider -----------------------------------------------------------------
@@ -427,7 +427,7 @@ pub struct RegisterProvisionResponse {
     pub provision_id: ProvisionId,
     /// The secret the broker will present on every call to the node; the node
     /// answers 401 to anything without it. Shown only here.
-    pub node_secret: String,
+    pub node_secret: crate::secret::Secret,
     /// Its state.
     pub state: ProvisionState,
     /// Capacity tier.

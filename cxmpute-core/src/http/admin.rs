@@ -87,7 +87,7 @@ async fn create_user(
     let out = CreateUserResponse {
         user_id: user.id,
         key_id: key.id,
-        api_key: secret.expose().to_owned(),
+        api_key: secret,
     };
     Ok((StatusCode::OK, Json(out)).into_response())
 }
@@ -229,7 +229,7 @@ async fn create_provider(
     let (p, secret) = b.create_provider(&req.email, None).await?;
     ok(CreateProviderResponse {
         provider_id: p.id,
-        provider_key: secret.expose().to_owned(),
+        provider_key: secret,
     })
 }
 

@@ -392,7 +392,7 @@ impl Joiner {
         };
         let r = self.api.register(&bare).await?;
         let id = r.provision_id.clone();
-        let secret = Secret::new(r.node_secret);
+        let secret = r.node_secret;
         match self.start_and_ready(&id).await {
             Ok(Some(services)) => Ok(Joined {
                 id,
@@ -412,7 +412,7 @@ impl Joiner {
                 let r = self.api.register(&full).await?;
                 Ok(Joined {
                     id: r.provision_id,
-                    secret: Secret::new(r.node_secret),
+                    secret: r.node_secret,
                     tier: r.tier,
                     services: self.configured.clone(),
                 })
