@@ -41,7 +41,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::accounts::{AuthConfig, AuthState};
+use crate::accounts::{normalize_email, AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
 use crate::egress::{self, EgressPolicy};
 use crate::error::{Error, Result};
@@ -947,12 +947,13 @@ impl Broker {
 
     // ---- settle ----------------------------------------------------------------
 
-    async fn settle(&self, st: Settlement) {
+    async fn settle(&self, r: &Reservation, st: Settlement) {
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=5 {
             match self.inner.store.settle(&st).await {
                 Ok(_) => {
-                    let u = finalize_usage(&st);
+                    // Stats see exactly what the store kept.
+                    let u = crate::store_support::SettlePlan::new(r, &st).usage;
                     self.inner.stats.record(&u);
                     self.inner.metrics.settled(&u);
                     let outcome = if u.success { "success" } else { "failure" };
@@ -981,34 +982,6 @@ impl Broker {
             }
         }
     }
-}
-
-/// The usage record as the store will keep it (charge and reward clamped).
-fn finalize_usage(st: &Settlement) -> UsageRecord {
-    let mut u = st.usage.clone();
-    u.charged = Credits(st.charged.0.max(0));
-    u.reward = st
-        .reward
-        .as_ref()
-        .map(|r| Credits(r.1 .0.clamp(0, u.charged.0)))
-        .unwrap_or_default();
-    u
-}
-
-/// A lower-cased, checked email address.
-pub(crate) fn normalize_email(email: &str) -> Result<String> {
-    let e = email.trim().to_lowercase();
-    let valid = e.len() <= 254
-        && e.split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
-        && !e.chars().any(|c| c.is_whitespace() || c.is_control());
-    if !valid {
-        return Err(Error::InvalidInput(format!(
-            "`{}` is not an email address",
-            email.trim()
-        )));
-    }
-    Ok(e)
 }
 
 /// The pool entries of a node for the (service, model) pairs it serves.
@@ -1093,7 +1066,7 @@ impl CallContext {
                     drop(in_flight);
                     let charged = self.price.cost(meter);
                     let st = self.settlement(Some(&node), meter, charged, true, true);
-                    self.broker.settle(st).await;
+                    self.broker.settle(&self.reservation, st).await;
                     let content_type = "application/json".to_owned();
                     return Ok(GatewayResponse::Complete { content_type, body });
                 }
@@ -1105,7 +1078,7 @@ impl CallContext {
                     // caller gets the node's reason as a 400 and pays nothing.
                     drop(in_flight);
                     let st = self.settlement(None, Meter::default(), Credits::ZERO, false, false);
-                    self.broker.settle(st).await;
+                    self.broker.settle(&self.reservation, st).await;
                     return Err(Error::InvalidInput(format!(
                         "the node refused the request: {m}"
                     )));
@@ -1124,7 +1097,7 @@ impl CallContext {
         }
         // Nothing reached the client: release the whole reservation.
         let st = self.settlement(None, Meter::default(), Credits::ZERO, false, false);
-        self.broker.settle(st).await;
+        self.broker.settle(&self.reservation, st).await;
         Err(match last {
             None => Error::NoCapacity(format!(
                 "no healthy node serves `{}` right now",
@@ -1386,7 +1359,7 @@ impl CallContext {
             };
             // Settle before the body ends: a client that has read the whole
             // answer can rely on it being charged and recorded.
-            self.broker.settle(st).await;
+            self.broker.settle(&self.reservation, st).await;
             drop(tx);
         };
         // The stream outlives the handler: it keeps the request's span.
