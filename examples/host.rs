@@ -97,17 +97,12 @@ async fn open_store(args: &Args) -> Result<Arc<dyn Store>, BoxError> {
     })
 }
 
-/// The secret that signs sessions: `CXMPUTE_SESSION_SECRET`, else one kept in
-/// a file beside the SQLite database (created on first start, owner-only), so
-/// sessions survive restarts. Several hosts sharing DynamoDB must all be given
-/// the same `CXMPUTE_SESSION_SECRET`.
-fn session_secret(args: &Args) -> Result<Option<Secret>, BoxError> {
-    if let Some(s) = std::env::var("CXMPUTE_SESSION_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty())
-    {
-        return Ok(Some(Secret::new(s)));
-    }
+/// The session secret kept in a file beside the SQLite database (created on
+/// first start, owner-only), so sessions survive restarts; used when
+/// `CXMPUTE_SESSION_SECRET` (read by `AuthConfig::from_env`) is not set.
+/// Several hosts sharing DynamoDB must all be given the same
+/// `CXMPUTE_SESSION_SECRET`.
+fn stored_session_secret(args: &Args) -> Result<Option<Secret>, BoxError> {
     if !matches!(args.store, StoreKind::Sqlite) {
         return Ok(None);
     }
@@ -159,8 +154,10 @@ async fn main() -> Result<(), BoxError> {
     // CXMPUTE_* variables (see `AuthConfig::from_env`).
     let mut auth = AuthConfig::from_env()?;
     auth.admin_emails.push(args.admin_email.clone());
-    if let Some(s) = session_secret(&args)? {
-        auth = auth.with_session_secret(s);
+    if auth.session_secret.is_none() {
+        if let Some(s) = stored_session_secret(&args)? {
+            auth = auth.with_session_secret(s);
+        }
     }
     let broker = Broker::builder(store)
         .config(config)
