@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cxmpute_core::mail::{SmtpConfig, SmtpMailer, SmtpTls};
-use cxmpute_core::testkit::StandInNode;
+use cxmpute_core::testkit::{SmtpSink, StandInNode};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
 use serde_json::{json, Value};
@@ -17,37 +17,6 @@ mod accounts_common;
 use accounts_common::*;
 
 // ---- sign-in through a real SMTP server ------------------------------------------
-
-/// The SMTP server and Maildir the test script started, if any.
-fn smtp_server() -> Option<(String, u16, PathBuf)> {
-    let addr = std::env::var("CXMPUTE_TEST_SMTP").ok();
-    let dir = std::env::var("CXMPUTE_TEST_MAILDIR").ok();
-    match (addr, dir) {
-        (Some(a), Some(d)) => {
-            // A Maildir that exists but is empty (made with `mkdir -p`) is not
-            // completed by the server: make its three folders.
-            for sub in ["tmp", "new", "cur"] {
-                std::fs::create_dir_all(Path::new(&d).join(sub)).expect("the Maildir");
-            }
-            let (host, port) = a.rsplit_once(':').expect("CXMPUTE_TEST_SMTP is host:port");
-            Some((
-                host.to_owned(),
-                port.parse().expect("a port"),
-                PathBuf::from(d),
-            ))
-        }
-        _ => {
-            if std::env::var("CXMPUTE_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                panic!("CXMPUTE_TEST_SMTP and CXMPUTE_TEST_MAILDIR must be set");
-            }
-            eprintln!(
-                "skipped: no SMTP server (set CXMPUTE_TEST_SMTP=host:port and \
-                 CXMPUTE_TEST_MAILDIR, as scripts/test.sh does)"
-            );
-            None
-        }
-    }
-}
 
 /// Every message in the Maildir addressed to `to` that is not in `seen`.
 /// The server writes a message before it acknowledges it, so once the code
@@ -101,7 +70,12 @@ fn cookies(r: &reqwest::Response) -> Vec<String> {
 
 #[tokio::test]
 async fn the_whole_sign_in_flow_through_a_real_smtp_server() {
-    let Some((host, port, maildir)) = smtp_server() else {
+    let Some(SmtpSink {
+        host,
+        port,
+        maildir,
+    }) = SmtpSink::from_env()
+    else {
         return;
     };
     let vars = [

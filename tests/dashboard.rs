@@ -13,24 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cxmpute_core::testkit::{StandInNode, TestHost};
+use cxmpute_core::testkit::{service_env, SmtpSink, StandInNode, TestHost};
 use cxmpute_core::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 const MODEL: &str = "llama3.2:3b";
-
-fn required() -> bool {
-    std::env::var("CXMPUTE_REQUIRE_SERVICES").as_deref() == Ok("1")
-}
-
-fn skip(what: &str) {
-    assert!(
-        !required(),
-        "{what} must be set (CXMPUTE_REQUIRE_SERVICES=1)"
-    );
-    eprintln!("skipped: {what} is not set (scripts/test.sh sets it)");
-}
 
 /// A WebDriver server this test started; stopped when dropped.
 struct Driver {
@@ -50,10 +38,7 @@ impl Drop for Driver {
 }
 
 async fn driver() -> Option<Driver> {
-    let Ok(program) = std::env::var("CXMPUTE_TEST_CHROMEDRIVER") else {
-        skip("CXMPUTE_TEST_CHROMEDRIVER");
-        return None;
-    };
+    let program = service_env("CXMPUTE_TEST_CHROMEDRIVER")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -349,19 +334,6 @@ fn credits_text(c: Credits) -> String {
     format!("{whole}.{frac}")
 }
 
-/// The SMTP sink and its Maildir, when the test script runs one.
-fn smtp_sink() -> Option<(String, u16, PathBuf)> {
-    let (Ok(addr), Ok(dir)) = (
-        std::env::var("CXMPUTE_TEST_SMTP"),
-        std::env::var("CXMPUTE_TEST_MAILDIR"),
-    ) else {
-        skip("CXMPUTE_TEST_SMTP and CXMPUTE_TEST_MAILDIR");
-        return None;
-    };
-    let (host, port) = addr.rsplit_once(':').expect("host:port");
-    Some((host.to_owned(), port.parse().unwrap(), PathBuf::from(dir)))
-}
-
 /// The sign-in code in the newest mail to `to` (the server writes a message
 /// before it acknowledges it, so once the page says "sent" it is on disk).
 fn mailed_code(maildir: &Path, to: &str, seen: &mut HashSet<PathBuf>) -> Option<String> {
@@ -392,7 +364,12 @@ fn mailed_code(maildir: &Path, to: &str, seen: &mut HashSet<PathBuf>) -> Option<
 #[tokio::test]
 async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     let Some(d) = driver().await else { return };
-    let Some((host, port, maildir)) = smtp_sink() else {
+    let Some(SmtpSink {
+        host,
+        port,
+        maildir,
+    }) = SmtpSink::from_env()
+    else {
         return;
     };
     let vars = [

@@ -19,17 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 const MODEL: &str = "llama3.2:3b";
 
 fn endpoint() -> Option<String> {
-    match std::env::var("CXMPUTE_TEST_DYNAMO_ENDPOINT") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CXMPUTE_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "CXMPUTE_REQUIRE_SERVICES=1 but CXMPUTE_TEST_DYNAMO_ENDPOINT is not set"
-            );
-            eprintln!("skipped: set CXMPUTE_TEST_DYNAMO_ENDPOINT to run the DynamoDB host tests");
-            None
-        }
-    }
+    cxmpute_core::testkit::service_env("CXMPUTE_TEST_DYNAMO_ENDPOINT")
 }
 
 /// One request at a time to the test server from every store of this binary:

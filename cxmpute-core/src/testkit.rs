@@ -460,3 +460,55 @@ impl Drop for TestHost {
         self.task.abort();
     }
 }
+
+/// A variable naming a service the test script starts (a DynamoDB server, an
+/// SMTP sink, a browser driver, a validator). Its value when set; when unset
+/// or empty a notice is printed and the test should skip on `None`, unless
+/// `CXMPUTE_REQUIRE_SERVICES=1` (the test script sets it): then it panics, so
+/// a missing service fails the run instead of skipping it silently.
+pub fn service_env(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.trim().is_empty() => Some(v),
+        _ => {
+            assert!(
+                std::env::var("CXMPUTE_REQUIRE_SERVICES").as_deref() != Ok("1"),
+                "CXMPUTE_REQUIRE_SERVICES=1 but {var} is not set (scripts/test.sh sets it)"
+            );
+            eprintln!("skipped: {var} is not set (scripts/test.sh sets it)");
+            None
+        }
+    }
+}
+
+/// The SMTP sink the test script runs: where it listens and the Maildir it
+/// delivers to (from `CXMPUTE_TEST_SMTP` and `CXMPUTE_TEST_MAILDIR`, see
+/// [`service_env`]).
+#[derive(Clone, Debug)]
+pub struct SmtpSink {
+    /// Its host.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The Maildir messages land in.
+    pub maildir: std::path::PathBuf,
+}
+
+impl SmtpSink {
+    /// The sink, when the test script runs one. Makes the Maildir's three
+    /// folders: a Maildir that exists but is empty is not completed by the server.
+    pub fn from_env() -> Option<SmtpSink> {
+        let addr = service_env("CXMPUTE_TEST_SMTP")?;
+        let maildir = std::path::PathBuf::from(service_env("CXMPUTE_TEST_MAILDIR")?);
+        for sub in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(maildir.join(sub)).expect("the Maildir");
+        }
+        let (host, port) = addr
+            .rsplit_once(':')
+            .expect("CXMPUTE_TEST_SMTP is host:port");
+        Some(SmtpSink {
+            host: host.to_owned(),
+            port: port.parse().expect("CXMPUTE_TEST_SMTP names a port"),
+            maildir,
+        })
+    }
+}

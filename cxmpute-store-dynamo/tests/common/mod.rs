@@ -14,22 +14,7 @@ use cxmpute_store_dynamo::{DynamoConfig, DynamoStore, RequestGate, StaticCredent
 /// and returns, unless `CXMPUTE_REQUIRE_SERVICES=1` says the server must be
 /// there (the project's test script sets both), in which case it fails.
 pub fn dynamo_endpoint() -> Option<String> {
-    match std::env::var("CXMPUTE_TEST_DYNAMO_ENDPOINT") {
-        Ok(url) if !url.trim().is_empty() => Some(url),
-        _ => {
-            if std::env::var("CXMPUTE_REQUIRE_SERVICES").as_deref() == Ok("1") {
-                panic!(
-                    "CXMPUTE_REQUIRE_SERVICES=1 but CXMPUTE_TEST_DYNAMO_ENDPOINT is not set: \
-                     start a DynamoDB-compatible server and point the variable at it"
-                );
-            }
-            eprintln!(
-                "skipped: set CXMPUTE_TEST_DYNAMO_ENDPOINT (e.g. http://127.0.0.1:5055) \
-                 to run the DynamoDB store tests"
-            );
-            None
-        }
-    }
+    cxmpute_core::testkit::service_env("CXMPUTE_TEST_DYNAMO_ENDPOINT")
 }
 
 /// A configuration for `endpoint` with a table prefix no other test uses,
