@@ -40,8 +40,8 @@ fn pool(n: usize) -> PoolIndex {
         let e = entry(i);
         let id = e.provision_id.clone();
         ix.upsert(&id, vec![e]);
-        let stats = ix.stats(&id).expect("just joined");
-        stats.observe(20_000 + (i as u64 * 7_919) % 200_000, true);
+        let node = ix.any_node(&id).expect("just joined");
+        node.observe(20_000 + (i as u64 * 7_919) % 200_000, true);
     }
     ix
 }

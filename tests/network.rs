@@ -805,8 +805,8 @@ fn peak_ewma_sends_a_slow_node_a_small_share() {
     let sel = PeakEwmaSelector;
     for _ in 0..3_000 {
         let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
-        let _busy = n.stats.start();
-        n.stats.observe(latency[&n.entry.provision_id], true);
+        let _busy = n.start();
+        n.observe(latency[&n.entry.provision_id], true);
         *share.entry(n.entry.provision_id.clone()).or_default() += 1;
     }
     let slow = share.get(&ids[0]).copied().unwrap_or(0);
@@ -846,7 +846,7 @@ fn least_in_flight_balances_in_flight_counts() {
     let mut held = Vec::new();
     for _ in 0..30 {
         let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
-        held.push((n.entry.provision_id.clone(), n.stats.start()));
+        held.push((n.entry.provision_id.clone(), n.start()));
     }
     let load = |id: &ProvisionId| ix.stats(id).unwrap().in_flight();
     assert_eq!(ids.iter().map(load).collect::<Vec<_>>(), [10, 10, 10]);
@@ -864,14 +864,14 @@ fn least_in_flight_balances_in_flight_counts() {
     for _ in 0..3 {
         let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
         assert_eq!(n.entry.provision_id, target);
-        held.push((n.entry.provision_id.clone(), n.stats.start()));
+        held.push((n.entry.provision_id.clone(), n.start()));
     }
     // Large pools: the lesser of two random nodes keeps every node near the mean.
     let (ix, ids) = pool_of(200, "big");
     let mut held = Vec::new();
     for _ in 0..2_000 {
         let n = ix.select(Service::Chat, "big", &sel, &[]).unwrap();
-        held.push(n.stats.start());
+        held.push(n.start());
     }
     let loads: Vec<u32> = ids
         .iter()

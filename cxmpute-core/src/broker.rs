@@ -1046,7 +1046,7 @@ impl CallContext {
             tracing::Span::current().record("attempts", attempt);
             let span = tracing::debug_span!("attempt", attempt, node = %node.entry.provision_id);
             let t0 = Instant::now();
-            let in_flight = node.stats.start();
+            let in_flight = node.start();
             let result = self.attempt(&node).instrument(span).await;
             b.metrics.attempt(
                 self.prep.service,
@@ -1061,7 +1061,7 @@ impl CallContext {
             );
             match result {
                 Ok(Answer::Complete(body, meter)) => {
-                    node.stats.observe(elapsed_us(t0), true);
+                    node.observe(elapsed_us(t0), true);
                     self.broker.node_outcome(&node, Outcome::Success);
                     drop(in_flight);
                     let charged = self.price.cost(meter);
@@ -1085,7 +1085,7 @@ impl CallContext {
                 }
                 Err(e) => {
                     tracing::warn!(node = %node.entry.provision_id, error = ?e, "node attempt failed");
-                    node.stats.observe(elapsed_us(t0), false);
+                    node.observe(elapsed_us(t0), false);
                     let outcome = match &e {
                         AttemptError::Busy(_, d) => Outcome::Busy(*d),
                         _ => Outcome::Failure,
@@ -1328,7 +1328,7 @@ impl CallContext {
             };
             let st = match end {
                 Some(End::NodeFailed(reason)) => {
-                    node.stats.observe(elapsed_us(t0), false);
+                    node.observe(elapsed_us(t0), false);
                     self.broker.node_outcome(&node, Outcome::Failure);
                     let charged = match meter {
                         Some(_) => {
@@ -1351,7 +1351,7 @@ impl CallContext {
                     self.settlement(Some(&node), m, charged, false, false)
                 }
                 Some(End::ClientGone) | Some(End::Done) | None => {
-                    node.stats.observe(elapsed_us(t0), true);
+                    node.observe(elapsed_us(t0), true);
                     self.broker.node_outcome(&node, Outcome::Success);
                     let charged = self.price.cost(m);
                     self.settlement(Some(&node), m, charged, true, true)

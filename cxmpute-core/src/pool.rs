@@ -7,27 +7,44 @@
 //! (the node's country), so a request that prefers a region is served in O(1)
 //! as well.
 //!
-//! Per-node statistics ([`NodeStats`]) are atomics shared by all of a node's
-//! entries, so the request path records latency, load and outcomes without
-//! taking any lock.
+//! ## Memory layout (what a selection touches)
+//!
+//! A pool is a dense vector of `Arc<Node>` (8 bytes a node). Each [`Node`]
+//! (one pool entry of a provision) starts with its [`NodeLoad`], the numbers
+//! selectors compare (requests in flight, peak-EWMA latency and its stamp, a
+//! hash of the provision id), so they sit beside the `Arc`'s reference count:
+//! comparing two random nodes and taking the winner costs one cache miss per
+//! candidate, both issued before either is compared, and the winner's clone
+//! usually hits the line just read. In a pool larger than the caches those
+//! misses are most of a selection's cost; see `benches/routing.rs`. The provision-wide
+//! part ([`NodeStats`]: totals, circuit breaker) is shared by a node's
+//! entries and never read while choosing.
+//!
+//! Load is therefore tracked per pool entry, the way a load balancer tracks
+//! each endpoint: a node's latency on one model says little about another,
+//! and requests in flight on another model show up as its latency rises.
+//! [`NodeStats`] keeps the provision's totals for display.
+//!
+//! Per-node statistics are atomics, so the request path records latency, load
+//! and outcomes without taking any lock.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use parking_lot::RwLock;
 
 use crate::health::NodeHealth;
-use crate::select::{Candidates, ProvisionSelector};
+use crate::select::{Candidates, ProvisionSelector, Turns};
 use crate::types::{PoolEntry, ProvisionId, Service};
 
 /// How fast a latency estimate forgets a slow sample when no new sample
 /// arrives: after this long only 1/e of the excess is left. Long enough that
 /// one slow answer keeps a node out of favour for a while, short enough that
 /// a node that recovered is tried again within a minute.
-pub const EWMA_DECAY_US: f64 = 10_000_000.0;
+pub const EWMA_DECAY_US: u64 = 10_000_000;
 
 /// The load score of a node that has answered nothing yet while requests to
 /// it are in flight (per request): so large that it is avoided until its
@@ -40,7 +57,7 @@ pub const UNMEASURED_PENALTY_US: u64 = u64::MAX >> 16;
 pub const FAILURE_PENALTY_US: u64 = 1_000_000;
 
 /// Microseconds on a process-wide monotonic clock: the time base of
-/// [`NodeStats::load_score_at`]. Latency estimates decay with real elapsed
+/// [`Node::load_score_at`]. Latency estimates decay with real elapsed
 /// time; they are heuristics for choosing a node and never decide money or
 /// expiry, so they do not use the broker's [`Clock`](crate::Clock).
 pub fn mono_us() -> u64 {
@@ -49,29 +66,97 @@ pub fn mono_us() -> u64 {
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-/// See [`coarse_now_us`].
-static COARSE_NOW_US: AtomicU64 = AtomicU64::new(0);
+/// The time unit of a [`PeakEwma`]'s stamp: 8 ms. Decay works on a scale of
+/// seconds; with 32 bits the stamp wraps after 397 days and differences stay
+/// exact for idle times under 199 days.
+const STAMP_UNIT_US: u64 = 8_000;
 
-/// [`mono_us`] as of the latest answer any node gave (to within a
-/// millisecond): what selectors use as "now". One relaxed load.
-///
-/// Reading the clock costs tens of nanoseconds on some virtual machines,
-/// more than the rest of a selection; the latency decay it feeds works on a
-/// scale of seconds, and while requests flow the answers keep this fresh.
-pub fn coarse_now_us() -> u64 {
-    COARSE_NOW_US.load(Ordering::Relaxed)
+/// A peak-EWMA latency estimate and the time of its last sample, packed in
+/// one atomic word (estimate in microseconds, saturating at about 71 minutes,
+/// in the high half; the stamp in [`STAMP_UNIT_US`] units, wrapping, in the
+/// low half), so a reader always sees an estimate with its own stamp and a
+/// selector reads both with one load.
+#[derive(Debug, Default)]
+struct PeakEwma(AtomicU64);
+
+fn stamp_of(now_us: u64) -> u32 {
+    // Wrapping on purpose: only differences between stamps matter.
+    (now_us / STAMP_UNIT_US) as u32
 }
 
-/// Advances the coarse time to `now`, writing the shared value only about
-/// once a millisecond so concurrent answers do not contend on it.
-fn advance_coarse(now: u64) {
-    if now > COARSE_NOW_US.load(Ordering::Relaxed).saturating_add(1_000) {
-        COARSE_NOW_US.fetch_max(now, Ordering::Relaxed);
+fn unpack_ewma(v: u64) -> (u64, u32) {
+    (v >> 32, v as u32)
+}
+
+fn pack_ewma(ewma_us: u64, stamp: u32) -> u64 {
+    (ewma_us.min(u64::from(u32::MAX)) << 32) | u64::from(stamp)
+}
+
+/// Microseconds from `stamp` to `now_us`; 0 when `now_us` is not later (a
+/// time read just before another thread stamped a sample).
+fn idle_us(stamp: u32, now_us: u64) -> u64 {
+    let units = stamp_of(now_us).wrapping_sub(stamp) as i32;
+    u64::from(units.max(0).unsigned_abs()) * STAMP_UNIT_US
+}
+
+impl PeakEwma {
+    /// The estimate as last recorded (0 before the first sample).
+    fn raw_us(&self) -> u64 {
+        unpack_ewma(self.0.load(Ordering::Relaxed)).0
+    }
+
+    /// Folds in a sample taken at `now_us`. A sample above the estimate
+    /// replaces it at once; a lower one pulls it down with a weight that
+    /// grows with the time since the last sample.
+    fn observe(&self, sample_us: u64, now_us: u64) {
+        let stamp = stamp_of(now_us);
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                let (old, then) = unpack_ewma(v);
+                let new = if old == 0 || sample_us >= old {
+                    sample_us
+                } else {
+                    // `old > sample` here, so the result stays in [sample, old].
+                    sample_us + decay(old - sample_us, idle_us(then, now_us))
+                };
+                Some(pack_ewma(new.max(1), stamp))
+            });
+    }
+
+    /// The estimate at `now_us`: the recorded one decayed toward zero by the
+    /// time since it was recorded (so an idle node is tried again); 0 before
+    /// the first sample.
+    fn estimate_at(&self, now_us: u64) -> u64 {
+        estimate_of(self.0.load(Ordering::Relaxed), now_us)
     }
 }
 
-/// Live statistics of one node, shared by all its pool entries and updated
-/// by the pipeline with atomics (no lock on the hot path).
+/// [`PeakEwma::estimate_at`] of a packed estimate and stamp.
+fn estimate_of(packed: u64, now_us: u64) -> u64 {
+    {
+        let (ewma, stamp) = unpack_ewma(packed);
+        if ewma == 0 {
+            return 0;
+        }
+        match idle_us(stamp, now_us) {
+            0 => ewma,
+            idle => decay(ewma, idle).max(1),
+        }
+    }
+}
+
+/// The sample a failure counts as: at least twice the current estimate and
+/// [`FAILURE_PENALTY_US`].
+fn failure_sample(latency_us: u64, estimate_us: u64) -> u64 {
+    latency_us
+        .max(estimate_us.saturating_mul(2))
+        .max(FAILURE_PENALTY_US)
+}
+
+/// The statistics of one provision, shared by all its pool entries: totals
+/// for display and the circuit breaker. Never read while choosing a node
+/// (the numbers selectors compare live in each [`Node`]).
 ///
 /// Aligned to a cache line so two nodes' counters never share one (requests
 /// on different nodes then do not slow each other down).
@@ -79,10 +164,7 @@ fn advance_coarse(now: u64) {
 #[repr(align(64))]
 pub struct NodeStats {
     in_flight: AtomicU32,
-    /// Peak-EWMA of latency in microseconds (0 = no sample yet).
-    ewma_us: AtomicU64,
-    /// When `ewma_us` was last updated, on [`mono_us`].
-    stamp_us: AtomicU64,
+    latency: PeakEwma,
     requests: AtomicU64,
     failures: AtomicU64,
     /// The node's circuit breaker and probe state.
@@ -90,15 +172,15 @@ pub struct NodeStats {
 }
 
 impl NodeStats {
-    /// Requests being served by the node right now.
+    /// Requests being served by the provision right now, over all its entries.
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The latency estimate in microseconds as last recorded (0 before the
-    /// first sample), without the decay since then.
+    /// The provision's latency estimate in microseconds over all its
+    /// entries, as last recorded (0 before the first sample).
     pub fn ewma_us(&self) -> u64 {
-        self.ewma_us.load(Ordering::Relaxed)
+        self.latency.raw_us()
     }
 
     /// Requests completed (successes and failures).
@@ -111,13 +193,164 @@ impl NodeStats {
         self.failures.load(Ordering::Relaxed)
     }
 
-    /// Marks a request started; the guard marks it finished when dropped.
+    /// The node's circuit breaker (see [`crate::health`]).
+    pub fn health(&self) -> &NodeHealth {
+        &self.health
+    }
+}
+
+/// `value × e^(-dt/τ)` (τ = [`EWMA_DECAY_US`]): what is left of an old
+/// estimate after `dt_us`, to within 0.1%.
+///
+/// Integer arithmetic, because selectors compute it for every candidate and
+/// a floating-point `exp` cost more than the rest of a selection:
+/// `e^(-dt/τ) = 2^(-dt/(τ·ln 2))`, the whole halvings as a shift, the
+/// fraction from a table of sixteenths of a halving, linearly interpolated.
+fn decay(value: u64, dt_us: u64) -> u64 {
+    /// `2^(-i/16)` in 1/65536ths.
+    const FRACTION: [u64; 17] = [
+        65536, 62757, 60097, 57549, 55109, 52773, 50535, 48393, 46341, 44376, 42495, 40693, 38968,
+        37316, 35734, 34219, 32768,
+    ];
+    /// Halvings per microsecond in 1/2^48ths: `2^48 / (τ · ln 2)`.
+    const HALVINGS: u128 = (1u128 << 48) * 1_000_000_000 / (EWMA_DECAY_US as u128 * 693_147_181);
+    // Halvings in 1/65536ths (fits: dt below 2^64 gives under 2^64 × 2^26 / 2^32).
+    let q = (u128::from(dt_us) * HALVINGS) >> 32;
+    let whole = q >> 16;
+    if whole >= 64 {
+        return 0;
+    }
+    let frac = (q & 0xFFFF) as usize;
+    let (i, rest) = (frac >> 12, (frac & 0xFFF) as u64);
+    let m = FRACTION[i] - (((FRACTION[i] - FRACTION[i + 1]) * rest) >> 12);
+    ((u128::from(value >> whole) * u128::from(m)) >> 16) as u64
+}
+
+/// A started request on a node; finishing (drop) decrements the in-flight
+/// counts of the entry and of its provision.
+#[derive(Debug)]
+pub struct InFlight(Arc<Node>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.load().in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The live load of one pool entry: what selectors compare. 16 bytes, at the
+/// start of its [`Node`] (see the module docs).
+#[derive(Debug)]
+pub struct NodeLoad {
+    in_flight: AtomicU32,
+    /// A hash of the provision id, so skipping the nodes a request already
+    /// tried rarely has to read the id itself (a cache miss).
+    id_tag: u32,
+    latency: PeakEwma,
+}
+
+impl NodeLoad {
+    /// Requests to the entry in flight right now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The entry's latency estimate in microseconds as last recorded (0
+    /// before the first sample), without the decay since then.
+    pub fn ewma_us(&self) -> u64 {
+        self.latency.raw_us()
+    }
+
+    /// The entry's latency estimate now: the recorded one decayed toward zero
+    /// by the time since it was recorded (so an idle node is tried again); 0
+    /// before the first sample.
+    pub fn latency_estimate_us(&self) -> u64 {
+        self.latency.estimate_at(mono_us())
+    }
+
+    /// The load score used by peak-EWMA selection: latency estimate ×
+    /// (in-flight + 1); for an entry not measured yet, 0 when idle and
+    /// [`UNMEASURED_PENALTY_US`] per request in flight otherwise. Lower is better.
+    pub fn load_score(&self) -> u64 {
+        self.load_score_at(mono_us())
+    }
+
+    /// [`NodeLoad::load_score`] at `now_us` on [`mono_us`]: a selector
+    /// comparing several nodes reads the clock once.
+    pub fn load_score_at(&self, now_us: u64) -> u64 {
+        self.snapshot().load_score_at(now_us)
+    }
+
+    /// The numbers as they are now, read with two plain loads and no
+    /// arithmetic: a selector reads every candidate's snapshot before scoring
+    /// any, so the candidates' cache misses overlap instead of each waiting
+    /// for the previous score's branches.
+    pub fn snapshot(&self) -> LoadSnapshot {
+        LoadSnapshot {
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            latency: self.latency.0.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether this is the load of an entry of one of the provisions `ids`
+    /// (`id_of` reads the entry's id, only when its hash matches).
+    pub(crate) fn is_any_of<'a>(
+        &self,
+        ids: &[ProvisionId],
+        id_of: impl Fn() -> &'a ProvisionId,
+    ) -> bool {
+        ids.iter()
+            .any(|id| id_tag(id) == self.id_tag && id == id_of())
+    }
+}
+
+/// One routable pool entry of a provision: what the store says about it, its
+/// live load and its provision's shared statistics.
+///
+/// `repr(C)` with the load first: inside an `Arc` it follows the reference
+/// counts directly, so a selector's read and the winner's clone usually touch
+/// one cache line (see the module docs).
+#[derive(Debug)]
+#[repr(C)]
+pub struct Node {
+    load: NodeLoad,
+    /// What the store says about the entry.
+    pub entry: PoolEntry,
+    /// The provision's shared statistics and circuit breaker.
+    pub stats: Arc<NodeStats>,
+    /// The entry's region, normalised by [`normalize_region`] (empty: none).
+    region: String,
+}
+
+impl Node {
+    fn new(entry: PoolEntry, stats: Arc<NodeStats>) -> Self {
+        Node {
+            load: NodeLoad {
+                in_flight: AtomicU32::new(0),
+                id_tag: id_tag(&entry.provision_id),
+                latency: PeakEwma::default(),
+            },
+            region: normalize_region(&entry.region),
+            entry,
+            stats,
+        }
+    }
+
+    /// The entry's live load, as selectors see it.
+    pub fn load(&self) -> &NodeLoad {
+        &self.load
+    }
+
+    /// Marks a request started (on the entry and its provision); the guard
+    /// marks it finished when dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.load().in_flight.fetch_add(1, Ordering::Relaxed);
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
-    /// Records a finished request's latency and outcome.
+    /// Records a finished request's latency and outcome, on the entry (what
+    /// selectors compare) and on the provision's totals.
     ///
     /// Peak-EWMA: a sample above the estimate replaces it at once (so a node
     /// that turns slow is avoided immediately); a lower one pulls it down with
@@ -126,112 +359,27 @@ impl NodeStats {
     /// believed within seconds). A failure counts as a sample of at least
     /// twice the current estimate and [`FAILURE_PENALTY_US`].
     pub fn observe(&self, latency_us: u64, success: bool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         let now = mono_us();
-        advance_coarse(now);
-        let sample = if success {
-            latency_us
+        let (mine, s) = (&self.load().latency, &self.stats);
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        if success {
+            mine.observe(latency_us, now);
+            s.latency.observe(latency_us, now);
         } else {
-            self.failures.fetch_add(1, Ordering::Relaxed);
-            latency_us
-                .max(self.ewma_us().saturating_mul(2))
-                .max(FAILURE_PENALTY_US)
-        };
-        let stamp = self.stamp_us.swap(now, Ordering::Relaxed);
-        let w = decay_weight(now.saturating_sub(stamp));
-        let _ = self
-            .ewma_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(if old == 0 || sample >= old {
-                    sample
-                } else {
-                    // `old > sample` here, so the result stays in (sample, old].
-                    let blended = sample as f64 + (old - sample) as f64 * w;
-                    (blended as u64).max(1)
-                })
-            });
-    }
-
-    /// The latency estimate now: the recorded one decayed toward zero by the
-    /// time since it was recorded (so an idle node is tried again); 0 before
-    /// the first sample.
-    pub fn latency_estimate_us(&self) -> u64 {
-        self.latency_estimate_at(mono_us())
-    }
-
-    fn latency_estimate_at(&self, now_us: u64) -> u64 {
-        let ewma = self.ewma_us();
-        if ewma == 0 {
-            return 0;
+            s.failures.fetch_add(1, Ordering::Relaxed);
+            mine.observe(failure_sample(latency_us, mine.raw_us()), now);
+            s.latency
+                .observe(failure_sample(latency_us, s.latency.raw_us()), now);
         }
-        let idle = now_us.saturating_sub(self.stamp_us.load(Ordering::Relaxed));
-        if idle == 0 {
-            return ewma;
-        }
-        ((ewma as f64 * decay_weight(idle)) as u64).max(1)
-    }
-
-    /// The load score used by peak-EWMA selection: latency estimate ×
-    /// (in-flight + 1); for a node not measured yet, 0 when idle and
-    /// [`UNMEASURED_PENALTY_US`] per request in flight otherwise. Lower is better.
-    pub fn load_score(&self) -> u64 {
-        self.load_score_at(mono_us())
-    }
-
-    /// [`NodeStats::load_score`] at `now_us` on [`mono_us`]: a selector
-    /// comparing several nodes reads the clock once.
-    pub fn load_score_at(&self, now_us: u64) -> u64 {
-        let in_flight = u64::from(self.in_flight());
-        if self.ewma_us() == 0 {
-            return UNMEASURED_PENALTY_US.saturating_mul(in_flight);
-        }
-        self.latency_estimate_at(now_us)
-            .saturating_mul(in_flight + 1)
-    }
-
-    /// The node's circuit breaker (see [`crate::health`]).
-    pub fn health(&self) -> &NodeHealth {
-        &self.health
     }
 }
 
-/// `e^(-dt/τ)`: how much of an old estimate is kept after `dt_us`.
-fn decay_weight(dt_us: u64) -> f64 {
-    (-(dt_us as f64) / EWMA_DECAY_US).exp()
-}
-
-/// A started request on a node; finishing (drop) decrements the in-flight count.
-#[derive(Debug)]
-pub struct InFlight(Arc<NodeStats>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// One routable node of a pool.
-#[derive(Debug)]
-pub struct Node {
-    /// What the store says about the entry.
-    pub entry: PoolEntry,
-    /// The node's live statistics.
-    pub stats: Arc<NodeStats>,
-    /// The entry's region, normalised by [`normalize_region`] (empty: none).
-    region: String,
-}
-
-impl Node {
-    /// A node for `entry` with `stats` (for selectors' tests and benchmarks;
-    /// the index builds its own).
-    pub fn new(entry: PoolEntry, stats: Arc<NodeStats>) -> Self {
-        let region = normalize_region(&entry.region);
-        Node {
-            entry,
-            stats,
-            region,
-        }
-    }
+/// See [`NodeLoad::is_any_of`].
+fn id_tag(id: &ProvisionId) -> u32 {
+    let mut h = FastHasher::default();
+    h.write(id.as_str().as_bytes());
+    // The high half: a multiplicative hash mixes its upper bits best.
+    (h.finish() >> 32) as u32
 }
 
 /// A region as the index keys it: trimmed and upper-cased (`de` and ` DE`
@@ -267,43 +415,24 @@ impl RoutePreferences {
     }
 }
 
-/// One routable node in a pool: the node and, beside it, its statistics, so
-/// a selector comparing nodes reads their statistics without going through
-/// the node (one memory access fewer per candidate in large pools).
-#[derive(Debug, Clone)]
-pub struct Slot {
-    /// The node.
-    pub node: Arc<Node>,
-    /// Its statistics (the same as `node.stats`).
-    pub stats: Arc<NodeStats>,
-}
-
-impl Slot {
-    /// The slot of a node.
-    pub fn new(node: Arc<Node>) -> Self {
-        let stats = node.stats.clone();
-        Slot { node, stats }
-    }
-}
-
 /// One list of routable nodes with O(1) insert and remove.
 #[derive(Debug, Default)]
 struct Pool {
-    nodes: Vec<Slot>,
+    nodes: Vec<Arc<Node>>,
     pos: HashMap<ProvisionId, usize>,
-    /// Round-robin position: each pool has its own, so pools used in turn do
-    /// not skew one another.
-    cursor: AtomicUsize,
+    /// Round-robin position and random state: each pool has its own, so
+    /// pools used in turn do not skew one another.
+    turns: Turns,
 }
 
 impl Pool {
     fn insert(&mut self, node: Arc<Node>) {
         match self.pos.get(&node.entry.provision_id) {
-            Some(&i) => self.nodes[i] = Slot::new(node),
+            Some(&i) => self.nodes[i] = node,
             None => {
                 self.pos
                     .insert(node.entry.provision_id.clone(), self.nodes.len());
-                self.nodes.push(Slot::new(node));
+                self.nodes.push(node);
             }
         }
     }
@@ -314,22 +443,25 @@ impl Pool {
         };
         self.nodes.swap_remove(i);
         if let Some(moved) = self.nodes.get(i) {
-            if let Some(p) = self.pos.get_mut(&moved.node.entry.provision_id) {
+            if let Some(p) = self.pos.get_mut(&moved.entry.provision_id) {
                 *p = i;
             }
         }
         true
     }
 
-    fn candidates(&self) -> Candidates<'_> {
-        Candidates::new(&self.nodes, &self.cursor)
-    }
-
-    fn select(&self, selector: &dyn ProvisionSelector, excluded: &[ProvisionId]) -> Option<usize> {
+    /// Picks a node with `selector`.
+    fn select(
+        &self,
+        selector: &dyn ProvisionSelector,
+        excluded: &[ProvisionId],
+    ) -> Option<Arc<Node>> {
         if self.nodes.is_empty() {
             return None;
         }
-        selector.select(&self.candidates(), excluded)
+        let c = Candidates::new(&self.nodes, &self.turns);
+        let i = selector.select(&c, excluded)?;
+        self.nodes.get(i).cloned()
     }
 }
 
@@ -371,14 +503,73 @@ struct NodeRecord {
     healthy: bool,
 }
 
-/// A fast hash for model names (FxHash's multiply-rotate). The request path
-/// looks a model up on every call; SipHash's resistance to crafted keys is
-/// not needed here because only nodes add models, and only models of the
-/// catalogue, so no caller can fill the map with colliding names.
-#[derive(Default)]
-struct ModelHasher(u64);
+/// A copy of a [`NodeLoad`] taken by [`NodeLoad::snapshot`].
+#[derive(Clone, Copy, Debug)]
+pub struct LoadSnapshot {
+    in_flight: u32,
+    /// The packed [`PeakEwma`] word.
+    latency: u64,
+}
 
-impl Hasher for ModelHasher {
+impl LoadSnapshot {
+    /// Requests in flight when the snapshot was taken.
+    pub fn in_flight(self) -> u32 {
+        self.in_flight
+    }
+
+    /// See [`NodeLoad::load_score`].
+    pub fn load_score_at(self, now_us: u64) -> u64 {
+        score(self.in_flight, estimate_of(self.latency, now_us))
+    }
+
+    /// Orders two snapshots by [load score](NodeLoad::load_score) as it would
+    /// be at any instant after both were stamped, without reading a clock.
+    ///
+    /// Both estimates decay at the same rate, so their ratio is the same at
+    /// every later instant: aging the older one to the newer one's stamp
+    /// orders them as at "now", with one decay computed instead of two.
+    ///
+    /// Written as selects rather than branches (see [`decay`]).
+    pub fn cmp_load(self, other: LoadSnapshot) -> std::cmp::Ordering {
+        let ((ea, ta), (eb, tb)) = (unpack_ewma(self.latency), unpack_ewma(other.latency));
+        // Stamp difference in units, wrapping like the stamps themselves.
+        let d = tb.wrapping_sub(ta) as i32;
+        let a_older = d >= 0;
+        let older = if a_older { ea } else { eb };
+        let aged = decay(older, u64::from(d.unsigned_abs()) * STAMP_UNIT_US).max(1);
+        // An unmeasured estimate (0) stays 0: its score does not decay.
+        let ea = if a_older && ea != 0 { aged } else { ea };
+        let eb = if !a_older && eb != 0 { aged } else { eb };
+        wide_score(self.in_flight, ea).cmp(&wide_score(other.in_flight, eb))
+    }
+}
+
+/// The load score of an entry with `in_flight` requests and latency
+/// estimate `estimate_us` (0: not measured yet).
+fn score(in_flight: u32, estimate_us: u64) -> u64 {
+    u64::try_from(wide_score(in_flight, estimate_us)).unwrap_or(u64::MAX)
+}
+
+/// [`score`] in 128 bits, where it cannot overflow, so computing it needs no
+/// saturation branches.
+fn wide_score(in_flight: u32, estimate_us: u64) -> u128 {
+    let n = u128::from(in_flight);
+    if estimate_us == 0 {
+        u128::from(UNMEASURED_PENALTY_US) * n
+    } else {
+        u128::from(estimate_us) * (n + 1)
+    }
+}
+
+/// A fast hash (FxHash's multiply-rotate) for model names and provision
+/// ids. The request path looks a model up on every call; SipHash's
+/// resistance to crafted keys is not needed here because only nodes add
+/// models, and only models of the catalogue, so no caller can fill the map
+/// with colliding names (and an id's hash only ever speeds up a comparison).
+#[derive(Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
     fn write(&mut self, bytes: &[u8]) {
         const K: u64 = 0x517c_c1b7_2722_0a95;
         let mut chunks = bytes.chunks_exact(8);
@@ -398,7 +589,7 @@ impl Hasher for ModelHasher {
 }
 
 /// Models of one service, by name.
-type ByModel<V> = HashMap<String, V, BuildHasherDefault<ModelHasher>>;
+type ByModel<V> = HashMap<String, V, BuildHasherDefault<FastHasher>>;
 
 /// Per service, by [`service_slot`]: a plain array instead of a hash lookup.
 type PerService<V> = [ByModel<V>; Service::ALL.len()];
@@ -493,16 +684,25 @@ impl PoolIndex {
         if entries.is_empty() {
             return;
         }
-        let (stats, healthy) = old.map_or_else(|| (Arc::default(), true), |r| (r.stats, r.healthy));
+        let (stats, healthy, before) = old.map_or_else(
+            || (Arc::default(), true, Vec::new()),
+            |r| (r.stats, r.healthy, r.nodes),
+        );
         let mut nodes: Vec<Arc<Node>> = Vec::with_capacity(entries.len());
         for e in entries {
             // One entry per (service, model): a duplicate would count twice.
             let dup = nodes
                 .iter()
                 .any(|n| n.entry.service == e.service && n.entry.model == e.model);
-            if !dup {
-                nodes.push(Arc::new(Node::new(e, stats.clone())));
+            if dup {
+                continue;
             }
+            // An unchanged entry keeps its node, and so its live load.
+            let node = match before.iter().find(|n| n.entry == e) {
+                Some(n) => n.clone(),
+                None => Arc::new(Node::new(e, stats.clone())),
+            };
+            nodes.push(node);
         }
         for n in &nodes {
             ix.count_offer(n, true);
@@ -612,13 +812,11 @@ impl PoolIndex {
         let ix = self.index.read();
         let mp = ix.pools[service_slot(service)].get(model)?;
         if let Some(p) = prefs.region.as_deref().and_then(|r| mp.by_region.get(r)) {
-            if let Some(i) = p.select(selector, excluded) {
-                return Some(p.nodes[i].node.clone());
+            if let Some(n) = p.select(selector, excluded) {
+                return Some(n);
             }
         }
-        mp.all
-            .select(selector, excluded)
-            .map(|i| mp.all.nodes[i].node.clone())
+        mp.all.select(selector, excluded)
     }
 
     /// Every pool with its routable node count, sorted.
@@ -679,6 +877,15 @@ impl PoolIndex {
             .get(id)
             .and_then(|r| r.nodes.first().cloned())
     }
+}
+
+/// One routable node for each of `entries`: candidates for selectors' unit tests.
+#[cfg(test)]
+pub(crate) fn nodes_for_tests(entries: Vec<PoolEntry>) -> Vec<Arc<Node>> {
+    entries
+        .into_iter()
+        .map(|e| Arc::new(Node::new(e, Arc::default())))
+        .collect()
 }
 
 #[cfg(test)]
@@ -773,7 +980,7 @@ mod tests {
             &ProvisionId::new("b"),
             vec![entry("b", Service::Chat, "m", "")],
         );
-        ix.stats(&a).unwrap().observe(5_000, true);
+        ix.any_node(&a).unwrap().observe(5_000, true);
         ix.set_healthy(&a, false);
         ix.rebuild(vec![entry("a", Service::Chat, "m", "")]);
         assert_eq!(ix.node_ids(), vec![a.clone()]);
@@ -783,27 +990,152 @@ mod tests {
 
     #[test]
     fn peak_ewma_jumps_up_at_once_and_failures_look_slow() {
-        let s = NodeStats::default();
-        assert_eq!(s.load_score(), 0, "a new idle node is tried first");
-        let s = Arc::new(s);
+        let ix = PoolIndex::new();
+        let a = ProvisionId::new("a");
+        ix.upsert(&a, vec![entry("a", Service::Chat, "m", "")]);
+        let s = ix.any_node(&a).unwrap();
+        let l = s.load();
+        assert_eq!(l.load_score(), 0, "a new idle node is tried first");
         let g = s.start();
         assert_eq!(
-            s.load_score(),
+            l.load_score(),
             UNMEASURED_PENALTY_US,
             "but one request at a time"
         );
         drop(g);
         s.observe(100, true);
-        assert_eq!(s.ewma_us(), 100);
+        assert_eq!(l.ewma_us(), 100);
         s.observe(5_000, true);
-        assert_eq!(s.ewma_us(), 5_000, "a slower sample replaces the estimate");
+        assert_eq!(l.ewma_us(), 5_000, "a slower sample replaces the estimate");
         s.observe(100, true);
         assert!(
-            s.ewma_us() > 4_000,
+            l.ewma_us() > 4_000,
             "one fast answer does not hide a slow node"
         );
         s.observe(10, false);
-        assert!(s.ewma_us() >= FAILURE_PENALTY_US);
-        assert_eq!((s.requests(), s.failures()), (4, 1));
+        assert!(l.ewma_us() >= FAILURE_PENALTY_US);
+        assert_eq!((s.stats.requests(), s.stats.failures()), (4, 1));
+        assert_eq!(
+            s.stats.ewma_us(),
+            l.ewma_us(),
+            "one entry: the same estimate"
+        );
+    }
+
+    #[test]
+    fn load_is_per_entry_and_totals_are_per_provision() {
+        let ix = PoolIndex::new();
+        let a = ProvisionId::new("a");
+        let chat = entry("a", Service::Chat, "m", "");
+        let emb = entry("a", Service::Embeddings, "e", "");
+        ix.upsert(&a, vec![chat.clone(), emb.clone()]);
+        let rr = RoundRobinSelector;
+        let c = ix.select(Service::Chat, "m", &rr, &[]).unwrap();
+        let e = ix.select(Service::Embeddings, "e", &rr, &[]).unwrap();
+        let (g1, g2, g3) = (c.start(), c.start(), e.start());
+        assert_eq!((c.load().in_flight(), e.load().in_flight()), (2, 1));
+        assert_eq!(ix.stats(&a).unwrap().in_flight(), 3);
+        c.observe(50_000, true);
+        e.observe(2_000, true);
+        assert_eq!((c.load().ewma_us(), e.load().ewma_us()), (50_000, 2_000));
+        // Re-registering with the chat entry unchanged keeps its node and load;
+        // the changed embeddings entry starts afresh.
+        let mut moved = emb.clone();
+        moved.endpoint = "http://elsewhere.example".into();
+        ix.upsert(&a, vec![chat, moved]);
+        let c2 = ix.select(Service::Chat, "m", &rr, &[]).unwrap();
+        assert!(Arc::ptr_eq(&c, &c2));
+        let e2 = ix.select(Service::Embeddings, "e", &rr, &[]).unwrap();
+        assert_eq!((e2.load().in_flight(), e2.load().ewma_us()), (0, 0));
+        assert!(
+            Arc::ptr_eq(&e2.stats, &c.stats),
+            "one provision, one breaker"
+        );
+        drop((g1, g2, g3));
+        assert_eq!(ix.stats(&a).unwrap().in_flight(), 0);
+        assert_eq!(c.load().in_flight(), 0);
+    }
+
+    #[test]
+    fn comparing_snapshots_orders_them_as_their_scores_do_now() {
+        let snap = |in_flight: u32, ewma: u64, at_us: u64| LoadSnapshot {
+            in_flight,
+            latency: if ewma == 0 {
+                0
+            } else {
+                pack_ewma(ewma, stamp_of(at_us))
+            },
+        };
+        let t = 1_000_000_000;
+        let cases = [
+            (snap(0, 50_000, t), snap(0, 20_000, t)),
+            (snap(3, 20_000, t), snap(0, 50_000, t)),
+            // An old slow estimate against a fresh fast one, and the reverse.
+            (snap(0, 400_000, t), snap(0, 20_000, t + 30_000_000)),
+            (snap(0, 20_000, t + 30_000_000), snap(0, 400_000, t)),
+            (snap(1, 90_000, t + 5_000_000), snap(0, 100_000, t)),
+            (snap(0, 0, 0), snap(0, 20_000, t)),
+            (snap(2, 0, 0), snap(9, 20_000, t)),
+            (snap(1, 0, 0), snap(1, 0, 0)),
+        ];
+        for (a, b) in cases {
+            for now in [t + 30_000_000, t + 31_000_000, t + 90_000_000] {
+                let want = a.load_score_at(now).cmp(&b.load_score_at(now));
+                // Scores that differ by less than the decay's rounding may tie.
+                if a.load_score_at(now).abs_diff(b.load_score_at(now)) > 2 {
+                    assert_eq!(a.cmp_load(b), want, "{a:?} vs {b:?} at {now}");
+                    assert_eq!(b.cmp_load(a), want.reverse());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn integer_decay_matches_the_exponential() {
+        for dt in [
+            0,
+            1,
+            999,
+            8_000,
+            1_000_000,
+            6_931_472,
+            10_000_000,
+            37_000_000,
+            200_000_000,
+        ] {
+            for v in [1_000u64, 80_000, 1_000_000, u64::from(u32::MAX)] {
+                let exact = v as f64 * (-(dt as f64) / EWMA_DECAY_US as f64).exp();
+                let got = decay(v, dt) as f64;
+                assert!(
+                    (got - exact).abs() <= exact * 0.001 + 1.0,
+                    "{v} after {dt} us: {got} vs {exact}"
+                );
+            }
+        }
+        assert_eq!(decay(u64::MAX, u64::MAX), 0);
+        assert_eq!(decay(5, 0), 5);
+    }
+
+    #[test]
+    fn estimates_decay_with_idle_time_and_survive_the_stamp_wrapping() {
+        let l = PeakEwma::default();
+        let t0 = 5 * STAMP_UNIT_US;
+        l.observe(80_000, t0);
+        assert_eq!(l.estimate_at(t0), 80_000);
+        assert_eq!(
+            l.estimate_at(t0 - 1_000),
+            80_000,
+            "a lagging clock is not idle time"
+        );
+        let later = l.estimate_at(t0 + 10_000_000);
+        assert!((29_000..=30_000).contains(&later), "1/e after τ: {later}");
+        assert_eq!(l.estimate_at(t0 + 1_000_000_000), 1, "long idle: nearly 0");
+        // Across the 32-bit wrap of the stamp, differences stay right.
+        let near_wrap = (u64::from(u32::MAX) - 1) * STAMP_UNIT_US;
+        let w = PeakEwma::default();
+        w.observe(80_000, near_wrap);
+        let after = w.estimate_at(near_wrap + 10_000_000);
+        assert!((29_000..=30_000).contains(&after), "{after}");
+        assert_eq!(idle_us(stamp_of(near_wrap), near_wrap + 16_000), 16_000);
     }
 }

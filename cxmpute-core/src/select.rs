@@ -12,40 +12,57 @@
 //! a handful at most); when nearly every node of a small pool is excluded it
 //! falls back to a scan, which is bounded by the attempts per request.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use rand::Rng;
-
-use crate::pool::{coarse_now_us, Node, NodeStats, Slot};
+use crate::pool::{LoadSnapshot, Node, NodeLoad};
 use crate::types::ProvisionId;
 
 /// The routable nodes of one pool, as a selector sees them.
+///
+/// A node's [`load`](Candidates::load) shares a cache line with the node's
+/// reference count; its entry (strings) does not, so selectors compare loads
+/// and read entries only when they must.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidates<'a> {
-    nodes: &'a [Slot],
-    cursor: &'a AtomicUsize,
+    nodes: &'a [Arc<Node>],
+    turns: &'a Turns,
+}
+
+/// A pool's round-robin cursor and random generator state, on a cache line
+/// of their own: every selection writes one of them, and sharing a line with
+/// the pool's node list would make every other core's next read of that list
+/// a miss.
+#[derive(Debug)]
+#[repr(align(64))]
+pub(crate) struct Turns {
+    cursor: AtomicUsize,
+    seed: AtomicU64,
+}
+
+impl Default for Turns {
+    fn default() -> Self {
+        Turns {
+            cursor: AtomicUsize::new(0),
+            seed: AtomicU64::new(rand::random()),
+        }
+    }
 }
 
 impl<'a> Candidates<'a> {
-    /// The nodes of a pool and the pool's own round-robin cursor.
-    pub fn new(nodes: &'a [Slot], cursor: &'a AtomicUsize) -> Self {
-        Candidates { nodes, cursor }
-    }
-
-    /// The nodes.
-    pub fn nodes(&self) -> &'a [Slot] {
-        self.nodes
+    /// The nodes of a pool and the pool's own cursor and generator.
+    pub(crate) fn new(nodes: &'a [Arc<Node>], turns: &'a Turns) -> Self {
+        Candidates { nodes, turns }
     }
 
     /// Node `i`.
     pub fn node(&self, i: usize) -> &'a Arc<Node> {
-        &self.nodes[i].node
+        &self.nodes[i]
     }
 
-    /// The statistics of node `i`.
-    pub fn stats(&self, i: usize) -> &'a NodeStats {
-        &self.nodes[i].stats
+    /// The live load of node `i`.
+    pub fn load(&self, i: usize) -> &'a NodeLoad {
+        self.nodes[i].load()
     }
 
     /// How many nodes.
@@ -61,14 +78,40 @@ impl<'a> Candidates<'a> {
     /// Takes the next position of the pool's cursor (wrapping), for selectors
     /// that go round.
     pub fn next_turn(&self) -> usize {
-        self.cursor.fetch_add(1, Ordering::Relaxed)
+        self.turns.cursor.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A uniformly random index below `n` (`n > 0`), from the pool's
+    /// own generator (SplitMix64).
+    ///
+    /// Picks must be uniform, not unpredictable. The state is stepped with a
+    /// plain load and store, no lock and no read-modify-write: two threads
+    /// drawing at the same instant may get the same number, which only makes
+    /// two selections alike. (A thread-local or general-purpose generator
+    /// measured slower here than the whole rest of a selection.)
+    pub fn random_below(&self, n: usize) -> usize {
+        let s = self
+            .turns
+            .seed
+            .load(Ordering::Relaxed)
+            .wrapping_add(0x9e37_79b9_7f4a_7c15);
+        self.turns.seed.store(s, Ordering::Relaxed);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // Multiply-shift: bias below n / 2^64.
+        ((u128::from(z) * n as u128) >> 64) as usize
     }
 
     /// Whether node `i` may be chosen for a request that already tried `excluded`.
     pub fn allowed(&self, i: usize, excluded: &[ProvisionId]) -> bool {
         // Only looks into the node when something is excluded: on a first
         // attempt a selector touches nothing but the statistics it compares.
-        excluded.is_empty() || !excluded.contains(&self.nodes[i].node.entry.provision_id)
+        excluded.is_empty()
+            || !self
+                .load(i)
+                .is_any_of(excluded, || &self.nodes[i].entry.provision_id)
     }
 }
 
@@ -89,24 +132,20 @@ pub trait ProvisionSelector: Send + Sync + 'static {
 
 /// A uniformly random allowed index: a few random draws, then (only when
 /// nearly everything is excluded) a scan from a random start.
-fn random_allowed(
-    rng: &mut impl Rng,
-    c: &Candidates<'_>,
-    excluded: &[ProvisionId],
-) -> Option<usize> {
+fn random_allowed(c: &Candidates<'_>, excluded: &[ProvisionId]) -> Option<usize> {
     let n = c.len();
     if n == 0 {
         return None;
     }
     for _ in 0..8 {
-        let i = rng.random_range(0..n);
+        let i = c.random_below(n);
         if c.allowed(i, excluded) {
             return Some(i);
         }
     }
     // Only reached when most of a (then tiny) pool is excluded: bounded by
     // the number of attempts per request, not by the pool size in practice.
-    let start = rng.random_range(0..n);
+    let start = c.random_below(n);
     (0..n)
         .map(|k| (start + k) % n)
         .find(|&i| c.allowed(i, excluded))
@@ -114,19 +153,15 @@ fn random_allowed(
 
 /// Two different allowed indices drawn at random (or one, when only one is
 /// allowed): the candidates of a power-of-two-choices pick.
-fn two_allowed(
-    rng: &mut impl Rng,
-    c: &Candidates<'_>,
-    excluded: &[ProvisionId],
-) -> Option<(usize, Option<usize>)> {
+fn two_allowed(c: &Candidates<'_>, excluded: &[ProvisionId]) -> Option<(usize, Option<usize>)> {
     let n = c.len();
-    let a = random_allowed(rng, c, excluded)?;
+    let a = random_allowed(c, excluded)?;
     if n == 1 {
         return Some((a, None));
     }
     for _ in 0..8 {
         // A draw from the other n-1 indices: never `a` itself.
-        let r = rng.random_range(0..n - 1);
+        let r = c.random_below(n - 1);
         let b = if r >= a { r + 1 } else { r };
         if c.allowed(b, excluded) {
             return Some((a, Some(b)));
@@ -138,27 +173,25 @@ fn two_allowed(
     Some((a, b))
 }
 
-/// The better of two candidates by `score` (lower wins); ties go either way
-/// at random so equal nodes share the load.
-fn better_of(
-    rng: &mut impl Rng,
+/// The better of two candidates by `cmp` on what `read` takes of them
+/// (lesser wins); ties go either way at random so equal nodes share the load.
+/// Both candidates are read before they are compared, so in a large pool
+/// their two cache misses are waited for once, not one after the other.
+fn better_of<T>(
+    c: &Candidates<'_>,
     pair: (usize, Option<usize>),
-    score: impl Fn(usize) -> u64,
+    read: impl Fn(usize) -> T,
+    cmp: impl Fn(T, T) -> std::cmp::Ordering,
 ) -> usize {
     let (a, Some(b)) = pair else {
         return pair.0;
     };
-    let (sa, sb) = (score(a), score(b));
-    match sa.cmp(&sb) {
+    let (ra, rb) = (read(a), read(b));
+    match cmp(ra, rb) {
         std::cmp::Ordering::Less => a,
         std::cmp::Ordering::Greater => b,
-        std::cmp::Ordering::Equal => {
-            if rng.random::<bool>() {
-                a
-            } else {
-                b
-            }
-        }
+        std::cmp::Ordering::Equal if c.random_below(2) == 0 => a,
+        std::cmp::Ordering::Equal => b,
     }
 }
 
@@ -168,7 +201,7 @@ pub struct RandomSelector;
 
 impl ProvisionSelector for RandomSelector {
     fn select(&self, c: &Candidates<'_>, excluded: &[ProvisionId]) -> Option<usize> {
-        random_allowed(&mut rand::rng(), c, excluded)
+        random_allowed(c, excluded)
     }
 
     fn name(&self) -> &'static str {
@@ -218,20 +251,23 @@ impl LeastInFlightSelector {
 impl ProvisionSelector for LeastInFlightSelector {
     fn select(&self, c: &Candidates<'_>, excluded: &[ProvisionId]) -> Option<usize> {
         let n = c.len();
-        let mut rng = rand::rng();
-        let load = |i: usize| u64::from(c.stats(i).in_flight());
         if n <= Self::EXACT_UP_TO {
             if n == 0 {
                 return None;
             }
-            let start = rng.random_range(0..n);
+            let start = c.random_below(n);
             return (0..n)
                 .map(|k| (start + k) % n)
                 .filter(|&i| c.allowed(i, excluded))
-                .min_by_key(|&i| load(i));
+                .min_by_key(|&i| c.load(i).in_flight());
         }
-        let pair = two_allowed(&mut rng, c, excluded)?;
-        Some(better_of(&mut rng, pair, load))
+        let pair = two_allowed(c, excluded)?;
+        Some(better_of(
+            c,
+            pair,
+            |i| c.load(i).in_flight(),
+            |x, y| x.cmp(&y),
+        ))
     }
 
     fn name(&self) -> &'static str {
@@ -244,17 +280,20 @@ impl ProvisionSelector for LeastInFlightSelector {
 ///
 /// Slow nodes lose nearly every comparison and so get a small share; a node
 /// that has been idle has its estimate decay (see
-/// [`NodeStats::latency_estimate_us`](crate::pool::NodeStats::latency_estimate_us))
+/// [`NodeLoad::latency_estimate_us`])
 /// and is tried again, so a node that recovered wins its share back.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PeakEwmaSelector;
 
 impl ProvisionSelector for PeakEwmaSelector {
     fn select(&self, c: &Candidates<'_>, excluded: &[ProvisionId]) -> Option<usize> {
-        let mut rng = rand::rng();
-        let pair = two_allowed(&mut rng, c, excluded)?;
-        let now = coarse_now_us();
-        Some(better_of(&mut rng, pair, |i| c.stats(i).load_score_at(now)))
+        let pair = two_allowed(c, excluded)?;
+        Some(better_of(
+            c,
+            pair,
+            |i| c.load(i).snapshot(),
+            LoadSnapshot::cmp_load,
+        ))
     }
 
     fn name(&self) -> &'static str {
@@ -267,24 +306,21 @@ mod tests {
     use super::*;
     use crate::types::{PoolEntry, ProviderId, Service};
 
-    fn nodes(n: usize) -> Vec<Slot> {
-        (0..n)
-            .map(|i| {
-                Slot::new(Arc::new(Node::new(
-                    PoolEntry {
-                        provision_id: ProvisionId::new(format!("n{i}")),
-                        provider_id: ProviderId::new("p"),
-                        service: Service::Chat,
-                        model: "m".into(),
-                        endpoint: "http://x".into(),
-                        node_secret: "s".into(),
-                        tier: 1,
-                        region: String::new(),
-                    },
-                    Arc::new(NodeStats::default()),
-                )))
-            })
-            .collect()
+    fn nodes(n: usize) -> Vec<Arc<Node>> {
+        crate::pool::nodes_for_tests(
+            (0..n)
+                .map(|i| PoolEntry {
+                    provision_id: ProvisionId::new(format!("n{i}")),
+                    provider_id: ProviderId::new("p"),
+                    service: Service::Chat,
+                    model: "m".into(),
+                    endpoint: "http://x".into(),
+                    node_secret: "s".into(),
+                    tier: 1,
+                    region: String::new(),
+                })
+                .collect(),
+        )
     }
 
     fn all() -> Vec<Box<dyn ProvisionSelector>> {
@@ -300,12 +336,9 @@ mod tests {
     fn every_selector_skips_excluded_nodes_and_gives_up_when_all_are() {
         for size in [1, 2, 3, 40] {
             let ns = nodes(size);
-            let cursor = AtomicUsize::new(0);
-            let c = Candidates::new(&ns, &cursor);
-            let ids: Vec<ProvisionId> = ns
-                .iter()
-                .map(|n| n.node.entry.provision_id.clone())
-                .collect();
+            let turns = Turns::default();
+            let c = Candidates::new(&ns, &turns);
+            let ids: Vec<ProvisionId> = ns.iter().map(|n| n.entry.provision_id.clone()).collect();
             for s in all() {
                 for _ in 0..50 {
                     let i = s.select(&c, &ids[1..]).unwrap();
@@ -314,21 +347,35 @@ mod tests {
                 assert_eq!(s.select(&c, &ids), None, "{}", s.name());
             }
         }
-        let empty: Vec<Slot> = Vec::new();
-        let cursor = AtomicUsize::new(0);
+        let empty = nodes(0);
+        let turns = Turns::default();
         for s in all() {
-            assert_eq!(s.select(&Candidates::new(&empty, &cursor), &[]), None);
+            let c = Candidates::new(&empty, &turns);
+            assert_eq!(s.select(&c, &[]), None);
         }
+    }
+
+    #[test]
+    fn draws_are_uniform() {
+        let (ns, turns) = (nodes(10), Turns::default());
+        let c = Candidates::new(&ns, &turns);
+        let mut seen = [0u32; 10];
+        for _ in 0..100_000 {
+            seen[c.random_below(10)] += 1;
+        }
+        assert!(
+            seen.iter().all(|&k| (9_000..11_000).contains(&k)),
+            "{seen:?}"
+        );
     }
 
     #[test]
     fn two_choices_are_distinct() {
         let ns = nodes(2);
-        let cursor = AtomicUsize::new(0);
-        let c = Candidates::new(&ns, &cursor);
-        let mut rng = rand::rng();
+        let turns = Turns::default();
+        let c = Candidates::new(&ns, &turns);
         for _ in 0..100 {
-            let (a, b) = two_allowed(&mut rng, &c, &[]).unwrap();
+            let (a, b) = two_allowed(&c, &[]).unwrap();
             assert_ne!(Some(a), b);
         }
     }
