@@ -848,7 +848,7 @@ fn least_in_flight_balances_in_flight_counts() {
         let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
         held.push((n.entry.provision_id.clone(), n.start()));
     }
-    let load = |id: &ProvisionId| ix.stats(id).unwrap().in_flight();
+    let load = |id: &ProvisionId| ix.in_flight(id);
     assert_eq!(ids.iter().map(load).collect::<Vec<_>>(), [10, 10, 10]);
     // Finishing three requests on one node sends the next three there.
     let target = ids[1].clone();
@@ -873,10 +873,7 @@ fn least_in_flight_balances_in_flight_counts() {
         let n = ix.select(Service::Chat, "big", &sel, &[]).unwrap();
         held.push(n.start());
     }
-    let loads: Vec<u32> = ids
-        .iter()
-        .map(|id| ix.stats(id).unwrap().in_flight())
-        .collect();
+    let loads: Vec<u32> = ids.iter().map(|id| ix.in_flight(id)).collect();
     let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
     assert!(
         *max <= 16 && *min >= 4,

@@ -658,11 +658,8 @@ impl Analytics {
                 breaker: live
                     .as_ref()
                     .map(|s| breaker_name(s.health().state()).to_owned()),
-                in_flight: live.as_ref().map_or(0, |s| s.in_flight()),
-                latency_ewma_ms: live
-                    .as_ref()
-                    .map(|s| s.ewma_us() / 1000)
-                    .filter(|&ms| ms > 0),
+                in_flight: pools.in_flight(&p.id),
+                latency_ewma_ms: Some(pools.latency_ewma_us(&p.id) / 1000).filter(|&ms| ms > 0),
                 stats: keep(Summary::of(&c.unwrap_or_default())),
                 provision_id: p.id,
                 state: p.state,

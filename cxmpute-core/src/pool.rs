@@ -123,26 +123,19 @@ impl PeakEwma {
                 Some(pack_ewma(new.max(1), stamp))
             });
     }
-
-    /// The estimate at `now_us`: the recorded one decayed toward zero by the
-    /// time since it was recorded (so an idle node is tried again); 0 before
-    /// the first sample.
-    fn estimate_at(&self, now_us: u64) -> u64 {
-        estimate_of(self.0.load(Ordering::Relaxed), now_us)
-    }
 }
 
-/// [`PeakEwma::estimate_at`] of a packed estimate and stamp.
+/// The estimate of a packed [`PeakEwma`] word at `now_us`: the recorded one
+/// decayed toward zero by the time since it was recorded (so an idle node is
+/// tried again); 0 before the first sample.
 fn estimate_of(packed: u64, now_us: u64) -> u64 {
-    {
-        let (ewma, stamp) = unpack_ewma(packed);
-        if ewma == 0 {
-            return 0;
-        }
-        match idle_us(stamp, now_us) {
-            0 => ewma,
-            idle => decay(ewma, idle).max(1),
-        }
+    let (ewma, stamp) = unpack_ewma(packed);
+    if ewma == 0 {
+        return 0;
+    }
+    match idle_us(stamp, now_us) {
+        0 => ewma,
+        idle => decay(ewma, idle).max(1),
     }
 }
 
@@ -154,17 +147,17 @@ fn failure_sample(latency_us: u64, estimate_us: u64) -> u64 {
         .max(FAILURE_PENALTY_US)
 }
 
-/// The statistics of one provision, shared by all its pool entries: totals
-/// for display and the circuit breaker. Never read while choosing a node
-/// (the numbers selectors compare live in each [`Node`]).
+/// The statistics of one provision, shared by all its pool entries: outcome
+/// counts and the circuit breaker. Never read while choosing a node (the
+/// numbers selectors compare live in each [`Node`]); the provision's load is
+/// derived from its entries' ([`PoolIndex::in_flight`],
+/// [`PoolIndex::latency_ewma_us`]), not kept twice.
 ///
 /// Aligned to a cache line so two nodes' counters never share one (requests
 /// on different nodes then do not slow each other down).
 #[derive(Debug, Default)]
 #[repr(align(64))]
 pub struct NodeStats {
-    in_flight: AtomicU32,
-    latency: PeakEwma,
     requests: AtomicU64,
     failures: AtomicU64,
     /// The node's circuit breaker and probe state.
@@ -172,17 +165,6 @@ pub struct NodeStats {
 }
 
 impl NodeStats {
-    /// Requests being served by the provision right now, over all its entries.
-    pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// The provision's latency estimate in microseconds over all its
-    /// entries, as last recorded (0 before the first sample).
-    pub fn ewma_us(&self) -> u64 {
-        self.latency.raw_us()
-    }
-
     /// Requests completed (successes and failures).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -226,15 +208,14 @@ fn decay(value: u64, dt_us: u64) -> u64 {
     ((u128::from(value >> whole) * u128::from(m)) >> 16) as u64
 }
 
-/// A started request on a node; finishing (drop) decrements the in-flight
-/// counts of the entry and of its provision.
+/// A started request on a node; finishing (drop) decrements the entry's
+/// in-flight count.
 #[derive(Debug)]
 pub struct InFlight(Arc<Node>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.load().in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -259,13 +240,6 @@ impl NodeLoad {
     /// before the first sample), without the decay since then.
     pub fn ewma_us(&self) -> u64 {
         self.latency.raw_us()
-    }
-
-    /// The entry's latency estimate now: the recorded one decayed toward zero
-    /// by the time since it was recorded (so an idle node is tried again); 0
-    /// before the first sample.
-    pub fn latency_estimate_us(&self) -> u64 {
-        self.latency.estimate_at(mono_us())
     }
 
     /// The load score used by peak-EWMA selection: latency estimate ×
@@ -341,16 +315,14 @@ impl Node {
         &self.load
     }
 
-    /// Marks a request started (on the entry and its provision); the guard
-    /// marks it finished when dropped.
+    /// Marks a request started; the guard marks it finished when dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.load().in_flight.fetch_add(1, Ordering::Relaxed);
-        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
-    /// Records a finished request's latency and outcome, on the entry (what
-    /// selectors compare) and on the provision's totals.
+    /// Records a finished request's latency (on the entry: what selectors
+    /// compare) and outcome (on the provision's counts).
     ///
     /// Peak-EWMA: a sample above the estimate replaces it at once (so a node
     /// that turns slow is avoided immediately); a lower one pulls it down with
@@ -362,15 +334,13 @@ impl Node {
         let now = mono_us();
         let (mine, s) = (&self.load().latency, &self.stats);
         s.requests.fetch_add(1, Ordering::Relaxed);
-        if success {
-            mine.observe(latency_us, now);
-            s.latency.observe(latency_us, now);
+        let sample = if success {
+            latency_us
         } else {
             s.failures.fetch_add(1, Ordering::Relaxed);
-            mine.observe(failure_sample(latency_us, mine.raw_us()), now);
-            s.latency
-                .observe(failure_sample(latency_us, s.latency.raw_us()), now);
-        }
+            failure_sample(latency_us, mine.raw_us())
+        };
+        mine.observe(sample, now);
     }
 }
 
@@ -673,6 +643,28 @@ impl PoolIndex {
     /// The live statistics of a node in the index.
     pub fn stats(&self, id: &ProvisionId) -> Option<Arc<NodeStats>> {
         self.index.read().nodes.get(id).map(|r| r.stats.clone())
+    }
+
+    /// Requests a node is serving right now, over all its entries (0 for a
+    /// node not in the index).
+    pub fn in_flight(&self, id: &ProvisionId) -> u32 {
+        self.index
+            .read()
+            .nodes
+            .get(id)
+            .map_or(0, |r| r.nodes.iter().map(|n| n.load().in_flight()).sum())
+    }
+
+    /// A node's latency estimate in microseconds, as last recorded: that of
+    /// its slowest entry (0 before any sample, or for a node not in the index).
+    pub fn latency_ewma_us(&self, id: &ProvisionId) -> u64 {
+        self.index.read().nodes.get(id).map_or(0, |r| {
+            r.nodes
+                .iter()
+                .map(|n| n.load().ewma_us())
+                .max()
+                .unwrap_or(0)
+        })
     }
 
     /// Sets a node's entries (replacing any it had): it joins exactly these
@@ -1016,7 +1008,7 @@ mod tests {
         assert!(l.ewma_us() >= FAILURE_PENALTY_US);
         assert_eq!((s.stats.requests(), s.stats.failures()), (4, 1));
         assert_eq!(
-            s.stats.ewma_us(),
+            ix.latency_ewma_us(&a),
             l.ewma_us(),
             "one entry: the same estimate"
         );
@@ -1034,7 +1026,7 @@ mod tests {
         let e = ix.select(Service::Embeddings, "e", &rr, &[]).unwrap();
         let (g1, g2, g3) = (c.start(), c.start(), e.start());
         assert_eq!((c.load().in_flight(), e.load().in_flight()), (2, 1));
-        assert_eq!(ix.stats(&a).unwrap().in_flight(), 3);
+        assert_eq!(ix.in_flight(&a), 3);
         c.observe(50_000, true);
         e.observe(2_000, true);
         assert_eq!((c.load().ewma_us(), e.load().ewma_us()), (50_000, 2_000));
@@ -1052,7 +1044,7 @@ mod tests {
             "one provision, one breaker"
         );
         drop((g1, g2, g3));
-        assert_eq!(ix.stats(&a).unwrap().in_flight(), 0);
+        assert_eq!(ix.in_flight(&a), 0);
         assert_eq!(c.load().in_flight(), 0);
     }
 
@@ -1121,20 +1113,24 @@ mod tests {
         let l = PeakEwma::default();
         let t0 = 5 * STAMP_UNIT_US;
         l.observe(80_000, t0);
-        assert_eq!(l.estimate_at(t0), 80_000);
+        assert_eq!(estimate_of(l.0.load(Ordering::Relaxed), t0), 80_000);
         assert_eq!(
-            l.estimate_at(t0 - 1_000),
+            estimate_of(l.0.load(Ordering::Relaxed), t0 - 1_000),
             80_000,
             "a lagging clock is not idle time"
         );
-        let later = l.estimate_at(t0 + 10_000_000);
+        let later = estimate_of(l.0.load(Ordering::Relaxed), t0 + 10_000_000);
         assert!((29_000..=30_000).contains(&later), "1/e after τ: {later}");
-        assert_eq!(l.estimate_at(t0 + 1_000_000_000), 1, "long idle: nearly 0");
+        assert_eq!(
+            estimate_of(l.0.load(Ordering::Relaxed), t0 + 1_000_000_000),
+            1,
+            "long idle: nearly 0"
+        );
         // Across the 32-bit wrap of the stamp, differences stay right.
         let near_wrap = (u64::from(u32::MAX) - 1) * STAMP_UNIT_US;
         let w = PeakEwma::default();
         w.observe(80_000, near_wrap);
-        let after = w.estimate_at(near_wrap + 10_000_000);
+        let after = estimate_of(w.0.load(Ordering::Relaxed), near_wrap + 10_000_000);
         assert!((29_000..=30_000).contains(&after), "{after}");
         assert_eq!(idle_us(stamp_of(near_wrap), near_wrap + 16_000), 16_000);
     }
