@@ -1,12 +1,13 @@
 //! The [`Client`], its builder, and the one request helper every API method goes through.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
+use cxmpute_core::health::retry_after;
 use cxmpute_core::wire::{ErrorBody, SessionResponse};
-use cxmpute_core::Secret;
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use cxmpute_core::{Clock, Secret, SystemClock};
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{Method, Response, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -78,20 +79,6 @@ fn jitter() -> f64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u8(0);
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// Parses `Retry-After`: delta-seconds or an HTTP date.
-pub(crate) fn parse_retry_after(v: &HeaderValue) -> Option<Duration> {
-    let s = v.to_str().ok()?.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(s).ok()?;
-    // A date already past means "now".
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 struct Shared {
@@ -689,7 +676,7 @@ fn worth_retrying(e: &Error) -> bool {
 /// The error for an answer whose status is not a success.
 async fn error_from(resp: Response) -> Error {
     let status = resp.status().as_u16();
-    let retry_after = resp.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+    let retry_after = retry_after(resp.headers(), SystemClock.now());
     let bytes = match resp.bytes().await {
         Ok(b) => b,
         Err(e) => return Error::from(e),
@@ -720,6 +707,13 @@ mod tests {
 
     #[test]
     fn retry_after_takes_seconds_and_dates() {
+        use reqwest::header::{HeaderMap, RETRY_AFTER};
+        use std::time::SystemTime;
+        let parse_retry_after = |v: &HeaderValue| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, v.clone());
+            retry_after(&h, SystemClock.now())
+        };
         let v = HeaderValue::from_static("7");
         assert_eq!(parse_retry_after(&v), Some(Duration::from_secs(7)));
         let past = HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT");

@@ -57,7 +57,7 @@ use parking_lot::Mutex;
 
 use crate::clock::Clock;
 use crate::pool::{Node, PoolIndex};
-use crate::types::{Day, ProvisionId, Timestamp};
+use crate::types::{ProvisionId, Timestamp};
 
 /// Settings of the breaker and the monitor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -479,34 +479,11 @@ pub fn retry_after(headers: &http::HeaderMap, now: Timestamp) -> Option<Duration
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
-    let at = parse_http_date(v)?;
+    let at = httpdate::parse_http_date(v).ok()?;
+    let at = at.duration_since(std::time::UNIX_EPOCH).ok()?;
+    let at = i64::try_from(at.as_millis()).ok()?;
     Some(Duration::from_millis(
-        u64::try_from(at.millis().saturating_sub(now.millis())).unwrap_or(0),
-    ))
-}
-
-/// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
-fn parse_http_date(s: &str) -> Option<Timestamp> {
-    let parts: Vec<&str> = s.split_ascii_whitespace().collect();
-    let [_dow, d, mon, y, hms, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let m = MONTHS.iter().position(|x| x == mon)? as u32 + 1;
-    let day = Day::from_ymd(y.parse().ok()?, m, d.parse().ok()?)?;
-    let mut it = hms.split(':').map(|x| x.parse::<i64>().ok());
-    let (Some(Some(h)), Some(Some(mi)), Some(Some(sec)), None) =
-        (it.next(), it.next(), it.next(), it.next())
-    else {
-        return None;
-    };
-    if h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    Some(Timestamp(
-        i64::from(day.0) * 86_400_000 + (h * 3_600 + mi * 60 + sec) * 1_000,
+        u64::try_from(at.saturating_sub(now.millis())).unwrap_or(0),
     ))
 }
 
