@@ -269,18 +269,24 @@ fn transition(
     Some(t)
 }
 
+/// Counts one more trip and keeps the node out for the next cooldown of the
+/// doubling sequence (never bringing it back sooner than already set).
+fn extend_cooldown(cfg: &HealthConfig, h: &NodeHealth, now: Timestamp) {
+    let trips = h.trips.fetch_add(1, Ordering::Relaxed).min(20);
+    let cooldown = ms(cfg.cooldown)
+        .saturating_mul(1i64 << trips)
+        .min(ms(cfg.max_cooldown));
+    h.open_until
+        .fetch_max(now.millis().saturating_add(cooldown), Ordering::AcqRel);
+}
+
 /// Opens the breaker with the next cooldown of the doubling sequence.
 fn trip(cfg: &HealthConfig, pools: &PoolIndex, node: &Node, now: Timestamp) -> Option<Transition> {
     transition(pools, node, |h| {
         if h.state() == BreakerState::Open {
             return None;
         }
-        let trips = h.trips.fetch_add(1, Ordering::Relaxed).min(20);
-        let cooldown = ms(cfg.cooldown)
-            .saturating_mul(1i64 << trips)
-            .min(ms(cfg.max_cooldown));
-        h.open_until
-            .fetch_max(now.millis().saturating_add(cooldown), Ordering::AcqRel);
+        extend_cooldown(cfg, h, now);
         open(h);
         Some(Transition::Opened(h.open_until()))
     })
@@ -425,12 +431,7 @@ pub fn record_probe(
             // The half-open probe failed: stay out, for longer.
             if now >= h.open_until() {
                 transition(pools, node, |h| {
-                    let trips = h.trips.fetch_add(1, Ordering::Relaxed).min(20);
-                    let cooldown = ms(cfg.cooldown)
-                        .saturating_mul(1i64 << trips)
-                        .min(ms(cfg.max_cooldown));
-                    h.open_until
-                        .fetch_max(now.millis().saturating_add(cooldown), Ordering::AcqRel);
+                    extend_cooldown(cfg, h, now);
                     Some(Transition::Opened(h.open_until()))
                 })
             } else {
@@ -495,14 +496,15 @@ async fn probe(
     clock: &dyn Clock,
 ) -> Outcome {
     let url = format!("{}/heartbeat", node.entry.endpoint);
-    let send = client
+    let sent = client
         .get(url)
         .bearer_auth(&node.entry.node_secret)
         .timeout(timeout)
-        .send();
-    match tokio::time::timeout(timeout, send).await {
-        Ok(Ok(resp)) => classify(resp.status(), resp.headers(), clock.now()),
-        Ok(Err(_)) | Err(_) => Outcome::Failure,
+        .send()
+        .await;
+    match sent {
+        Ok(resp) => classify(resp.status(), resp.headers(), clock.now()),
+        Err(_) => Outcome::Failure,
     }
 }
 
