@@ -194,11 +194,6 @@ impl NodeHealth {
         Timestamp(self.open_until.load(Ordering::Acquire))
     }
 
-    /// Failed probes in a row.
-    pub fn probe_failures(&self) -> u32 {
-        self.probe_failures.load(Ordering::Relaxed)
-    }
-
     /// (failures, attempts) within the window ending at `now`.
     pub fn window_counts(&self, cfg: &HealthConfig, now: Timestamp) -> (u32, u32) {
         let cur = epoch(cfg, now);
