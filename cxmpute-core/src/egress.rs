@@ -368,17 +368,12 @@ async fn fetch_inner(
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.trim().to_ascii_lowercase());
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
+        let body = read_capped(&mut resp, limits.max_bytes, None)
             .await
-            .map_err(|e| Error::Upstream(format!("reading `{current}` failed: {e}")))?
-        {
-            if body.len() + chunk.len() > limits.max_bytes {
-                return Err(too_large(&current, limits));
-            }
-            body.extend_from_slice(&chunk);
-        }
+            .map_err(|e| match e {
+                CappedReadError::TooLarge => too_large(&current, limits),
+                other => Error::Upstream(format!("reading `{current}` failed: {other}")),
+            })?;
         return Ok(Fetched {
             url: current,
             status: status.as_u16(),
@@ -390,6 +385,54 @@ async fn fetch_inner(
         "`{url}`: more than {} redirects",
         limits.max_redirects
     )))
+}
+
+/// Why [`read_capped`] stopped before the end of a body.
+#[derive(Debug)]
+pub(crate) enum CappedReadError {
+    /// The body broke off.
+    Failed(reqwest::Error),
+    /// The body is larger than the cap.
+    TooLarge,
+    /// No bytes came within the idle timeout.
+    Stalled,
+}
+
+impl std::fmt::Display for CappedReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CappedReadError::Failed(e) => e.fmt(f),
+            CappedReadError::TooLarge => f.write_str("the body is too large"),
+            CappedReadError::Stalled => f.write_str("the body stalled"),
+        }
+    }
+}
+
+/// Reads a response's whole body, refusing it once it would pass `cap`
+/// bytes and, with an `idle` timeout, when no bytes come for that long.
+pub(crate) async fn read_capped(
+    resp: &mut reqwest::Response,
+    cap: usize,
+    idle: Option<Duration>,
+) -> std::result::Result<Vec<u8>, CappedReadError> {
+    let mut buf = Vec::new();
+    loop {
+        let chunk = match idle {
+            Some(idle) => tokio::time::timeout(idle, resp.chunk())
+                .await
+                .map_err(|_| CappedReadError::Stalled)?,
+            None => resp.chunk().await,
+        };
+        match chunk.map_err(CappedReadError::Failed)? {
+            None => return Ok(buf),
+            Some(c) => {
+                if buf.len() + c.len() > cap {
+                    return Err(CappedReadError::TooLarge);
+                }
+                buf.extend_from_slice(&c);
+            }
+        }
+    }
 }
 
 fn too_large(url: &reqwest::Url, limits: &FetchLimits) -> Error {

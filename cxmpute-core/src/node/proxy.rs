@@ -149,19 +149,14 @@ pub(crate) async fn vision(s: &Serving, route: Route, body: &[u8]) -> Result<Res
             resp.status()
         )));
     }
-    let mut buf = Vec::new();
-    while let Some(c) = resp
-        .chunk()
+    let buf = egress::read_capped(&mut resp, VISION_MAX_ANSWER, None)
         .await
-        .map_err(|e| Error::Upstream(format!("the model server's answer failed: {e}")))?
-    {
-        if buf.len() + c.len() > VISION_MAX_ANSWER {
-            return Err(Error::Upstream(
-                "the model server's answer is too large".into(),
-            ));
-        }
-        buf.extend_from_slice(&c);
-    }
+        .map_err(|e| match e {
+            egress::CappedReadError::TooLarge => {
+                Error::Upstream("the model server's answer is too large".into())
+            }
+            other => Error::Upstream(format!("the model server's answer failed: {other}")),
+        })?;
     let answer: ChatCompletionResponse = serde_json::from_slice(&buf).map_err(|e| {
         Error::Upstream(format!(
             "the model server's answer is not a chat completion: {e}"

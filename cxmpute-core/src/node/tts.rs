@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::server::Serving;
 use crate::error::{Error, Result};
@@ -155,12 +156,9 @@ pub(crate) async fn speak(s: &Serving, route: Route, body: &[u8]) -> Result<Resp
             }
         }
     });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    });
     Ok((
         [(header::CONTENT_TYPE, format.content_type())],
-        Body::from_stream(stream),
+        Body::from_stream(ReceiverStream::new(rx)),
     )
         .into_response())
 }
