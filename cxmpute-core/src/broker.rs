@@ -198,11 +198,11 @@ impl BrokerBuilder {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|e| Error::backend("building the HTTP client", e))?;
-        let stored = self.store.prices().await?;
         let auth = AuthState::new(&self.config.auth)?;
         let inner = Inner {
             auth,
-            prices: PriceTable::new(self.default_prices, stored),
+            // Stored prices are applied over these by the refresh below.
+            prices: PriceTable::new(self.default_prices, Vec::new()),
             pools: PoolIndex::new(),
             stats: StatsRecorder::default(),
             metrics: Metrics::new(),
@@ -326,8 +326,6 @@ enum Answer {
     Stream(Bytes, Box<StreamStart>),
 }
 
-pub use crate::network::tier_for_vram;
-
 impl Broker {
     /// A builder around a store.
     pub fn builder(store: Arc<dyn Store>) -> BrokerBuilder {
@@ -439,8 +437,10 @@ impl Broker {
         health::run_health_checks(&i.config.health, &i.pools, &i.http, i.clock.as_ref()).await
     }
 
-    /// Feeds the outcome of one forwarded attempt to the node's circuit breaker.
-    fn node_outcome(&self, node: &Node, outcome: Outcome) {
+    /// Records one forwarded attempt that started at `t0`: its latency and
+    /// success on the node's load, its outcome on the node's circuit breaker.
+    fn attempt_done(&self, node: &Node, t0: Instant, outcome: Outcome) {
+        node.observe(elapsed_us(t0), matches!(outcome, Outcome::Success));
         let i = &self.inner;
         let now = i.clock.now();
         if let Some(t) = health::record_forwarding(&i.config.health, &i.pools, node, now, outcome) {
@@ -515,16 +515,6 @@ impl Broker {
         Ok(key)
     }
 
-    /// The admin user behind a bearer secret. `Forbidden` for non-admins.
-    pub async fn authenticate_admin(&self, secret: Option<&Secret>) -> Result<User> {
-        let key = self.authenticate_key(secret).await?;
-        let user = self.inner.store.user(&key.user_id).await?;
-        if !user.is_admin || user.suspended.is_some() {
-            return Err(Error::Forbidden("admin only".into()));
-        }
-        Ok(user)
-    }
-
     /// The provider behind a provider key. `Forbidden` when suspended.
     pub async fn authenticate_provider(&self, secret: Option<&Secret>) -> Result<Provider> {
         let secret = secret.ok_or_else(|| Error::Unauthorized("missing provider key".into()))?;
@@ -585,7 +575,6 @@ impl Broker {
             Secret::generate_api_key(),
         )
         .await
-        .map(|k| (k.0, k.1))
     }
 
     async fn create_api_key_with_secret(
@@ -917,10 +906,14 @@ impl Broker {
         }
         let prep = services::prepare(&self.inner.config, req.route, &req.body)?;
         tracing::Span::current().record("model", prep.model.as_str());
-        if !self.inner.pools.is_offered(prep.service, &prep.model) {
+        if !self
+            .inner
+            .pools
+            .is_offered(prep.route.service(), &prep.model)
+        {
             return Err(Error::NotFound(format!("model `{}`", prep.model)));
         }
-        let price = self.inner.prices.get(prep.service, &prep.model);
+        let price = self.inner.prices.get(prep.route.service(), &prep.model);
         let amount = price.cost(prep.bound);
         let reservation = Reservation {
             request_id: RequestId::generate(),
@@ -992,10 +985,10 @@ pub fn pool_entries_for(p: &Provision, services: &[ServedModel]) -> Result<Vec<P
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
     for s in services {
-        let model = s.model.trim();
-        if model.is_empty() || model.len() > 200 || model.chars().any(char::is_control) {
-            return Err(Error::InvalidInput(format!("bad model name `{}`", s.model)));
-        }
+        // The same rule as a model named in a request: the pool key is shared.
+        let model = services::check_model(&s.model)
+            .map_err(|_| Error::InvalidInput(format!("bad model name `{}`", s.model)))?;
+        let model = model.as_str();
         if seen.insert((s.service, model.to_owned())) {
             out.push(PoolEntry {
                 provision_id: p.id.clone(),
@@ -1017,7 +1010,7 @@ struct CallContext {
     broker: Broker,
     reservation: Reservation,
     prep: Prepared,
-    price: PriceEntry,
+    price: Arc<PriceEntry>,
     app: Option<String>,
     preferences: RoutePreferences,
     started: Instant,
@@ -1030,7 +1023,7 @@ impl CallContext {
         let mut last: Option<AttemptError> = None;
         for attempt in 1..=b.config.max_attempts {
             let Some(node) = b.pools.select_with(
-                self.prep.service,
+                self.prep.route.service(),
                 &self.prep.model,
                 b.selector.as_ref(),
                 &tried,
@@ -1049,7 +1042,7 @@ impl CallContext {
             let in_flight = node.start();
             let result = self.attempt(&node).instrument(span).await;
             b.metrics.attempt(
-                self.prep.service,
+                self.prep.route.service(),
                 match &result {
                     Ok(_) => AttemptOutcome::Success,
                     Err(AttemptError::Timeout(_)) => AttemptOutcome::Timeout,
@@ -1061,11 +1054,10 @@ impl CallContext {
             );
             match result {
                 Ok(Answer::Complete(body, meter)) => {
-                    node.observe(elapsed_us(t0), true);
-                    self.broker.node_outcome(&node, Outcome::Success);
+                    self.broker.attempt_done(&node, t0, Outcome::Success);
                     drop(in_flight);
                     let charged = self.price.cost(meter);
-                    let st = self.settlement(Some(&node), meter, charged, true, true);
+                    let st = self.settlement(Some(&node), meter, charged, true);
                     self.broker.settle(&self.reservation, st).await;
                     let content_type = "application/json".to_owned();
                     return Ok(GatewayResponse::Complete { content_type, body });
@@ -1077,7 +1069,7 @@ impl CallContext {
                     // Not the node's fault and not worth another node: the
                     // caller gets the node's reason as a 400 and pays nothing.
                     drop(in_flight);
-                    let st = self.settlement(None, Meter::default(), Credits::ZERO, false, false);
+                    let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
                     self.broker.settle(&self.reservation, st).await;
                     return Err(Error::InvalidInput(format!(
                         "the node refused the request: {m}"
@@ -1085,18 +1077,17 @@ impl CallContext {
                 }
                 Err(e) => {
                     tracing::warn!(node = %node.entry.provision_id, error = ?e, "node attempt failed");
-                    node.observe(elapsed_us(t0), false);
                     let outcome = match &e {
                         AttemptError::Busy(_, d) => Outcome::Busy(*d),
                         _ => Outcome::Failure,
                     };
-                    self.broker.node_outcome(&node, outcome);
+                    self.broker.attempt_done(&node, t0, outcome);
                     last = Some(e);
                 }
             }
         }
         // Nothing reached the client: release the whole reservation.
-        let st = self.settlement(None, Meter::default(), Credits::ZERO, false, false);
+        let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
         self.broker.settle(&self.reservation, st).await;
         Err(match last {
             None => Error::NoCapacity(format!(
@@ -1116,14 +1107,14 @@ impl CallContext {
         meter: Meter,
         charged: Credits,
         success: bool,
-        rewarded: bool,
     ) -> Settlement {
         let b = &self.broker.inner;
         let latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let reward = match node {
-            Some(n) if rewarded => {
+            // Only a successful request earns its node a reward.
+            Some(n) if success => {
                 let ctx = RewardContext {
-                    service: self.prep.service,
+                    service: self.prep.route.service(),
                     model: &self.prep.model,
                     tier: n.entry.tier,
                     meter,
@@ -1227,14 +1218,11 @@ impl CallContext {
         let mut stream_meter = stream_meter;
         let mut first = first;
         if let Some(m) = stream_meter.as_mut() {
-            m.feed(&first);
+            first = m.pass(first);
             if m.garbage {
                 return Err(AttemptError::Failed(
                     "node sent something that is not a chat stream".into(),
                 ));
-            }
-            if m.is_filtering() {
-                first = Bytes::from(m.take_output());
             }
         }
         Ok(Answer::Stream(
@@ -1302,13 +1290,10 @@ impl CallContext {
                         });
                     }
                     Ok(Ok(Some(chunk))) => {
-                        let mut chunk = chunk;
-                        if let Some(m) = meter.as_mut() {
-                            m.feed(&chunk);
-                            if m.is_filtering() {
-                                chunk = Bytes::from(m.take_output());
-                            }
-                        }
+                        let chunk = match meter.as_mut() {
+                            Some(m) => m.pass(chunk),
+                            None => chunk,
+                        };
                         // An empty chunk would end a chunked body early.
                         if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
                             end = Some(End::ClientGone);
@@ -1328,8 +1313,7 @@ impl CallContext {
             };
             let st = match end {
                 Some(End::NodeFailed(reason)) => {
-                    node.observe(elapsed_us(t0), false);
-                    self.broker.node_outcome(&node, Outcome::Failure);
+                    self.broker.attempt_done(&node, t0, Outcome::Failure);
                     let charged = match meter {
                         Some(_) => {
                             let event = serde_json::json!({"error": {
@@ -1348,13 +1332,12 @@ impl CallContext {
                             Credits::ZERO
                         }
                     };
-                    self.settlement(Some(&node), m, charged, false, false)
+                    self.settlement(Some(&node), m, charged, false)
                 }
                 Some(End::ClientGone) | Some(End::Done) | None => {
-                    node.observe(elapsed_us(t0), true);
-                    self.broker.node_outcome(&node, Outcome::Success);
+                    self.broker.attempt_done(&node, t0, Outcome::Success);
                     let charged = self.price.cost(m);
-                    self.settlement(Some(&node), m, charged, true, true)
+                    self.settlement(Some(&node), m, charged, true)
                 }
             };
             // Settle before the body ends: a client that has read the whole

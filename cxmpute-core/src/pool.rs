@@ -537,7 +537,7 @@ fn wide_score(in_flight: u32, estimate_us: u64) -> u128 {
 /// models, and only models of the catalogue, so no caller can fill the map
 /// with colliding names (and an id's hash only ever speeds up a comparison).
 #[derive(Default)]
-struct FastHasher(u64);
+pub(crate) struct FastHasher(u64);
 
 impl Hasher for FastHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -558,14 +558,15 @@ impl Hasher for FastHasher {
     }
 }
 
-/// Models of one service, by name.
-type ByModel<V> = HashMap<String, V, BuildHasherDefault<FastHasher>>;
+/// Models of one service, by name (looked up by `&str`, no allocation).
+pub(crate) type ByModel<V> = HashMap<String, V, BuildHasherDefault<FastHasher>>;
 
 /// Per service, by [`service_slot`]: a plain array instead of a hash lookup.
 type PerService<V> = [ByModel<V>; Service::ALL.len()];
 
-/// The position of a service in a [`PerService`] array.
-fn service_slot(s: Service) -> usize {
+/// The position of a service in a [`PerService`] array (or any array of
+/// [`Service::ALL`]'s length).
+pub(crate) fn service_slot(s: Service) -> usize {
     match s {
         Service::Chat => 0,
         Service::Embeddings => 1,

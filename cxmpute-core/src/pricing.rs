@@ -6,11 +6,12 @@
 //! (prompt bytes as input tokens, `max_tokens` as output tokens) and settles
 //! the cost of what was actually metered, never more than it reserved.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
+use crate::pool::{service_slot, ByModel};
 use crate::types::{Credits, PriceEntry, Service};
 
 /// What a request consumed (or may consume, as an upper bound).
@@ -48,23 +49,24 @@ fn per_million(count: u64, rate: Credits) -> i64 {
 impl PriceEntry {
     /// The cost of `m` at this price, rounded up per part.
     pub fn cost(&self, m: Meter) -> Credits {
-        let parts = [
-            self.per_request.0.max(0),
-            per_million(m.input_tokens, self.per_million_input_tokens),
-            per_million(m.output_tokens, self.per_million_output_tokens),
-            per_million(m.units, self.per_million_units),
-        ];
-        Credits(parts.into_iter().fold(0i64, |a, b| a.saturating_add(b)))
+        self.cost_with(self.per_request, m)
     }
 
     /// The cost of what was delivered of a request that failed part-way: the
     /// metered tokens and units, without the per-request fee.
     pub fn partial_cost(&self, m: Meter) -> Credits {
-        let full = PriceEntry {
-            per_request: Credits::ZERO,
-            ..self.clone()
-        };
-        full.cost(m)
+        self.cost_with(Credits::ZERO, m)
+    }
+
+    /// [`PriceEntry::cost`] with `per_request` as the fee.
+    fn cost_with(&self, per_request: Credits, m: Meter) -> Credits {
+        let parts = [
+            per_request.0.max(0),
+            per_million(m.input_tokens, self.per_million_input_tokens),
+            per_million(m.output_tokens, self.per_million_output_tokens),
+            per_million(m.units, self.per_million_units),
+        ];
+        Credits(parts.into_iter().fold(0i64, |a, b| a.saturating_add(b)))
     }
 }
 
@@ -96,10 +98,18 @@ pub fn default_prices() -> Vec<PriceEntry> {
 }
 
 /// The price list in memory: stored prices over the defaults, looked up without
-/// a store read on the request path.
+/// a store read on the request path, and without allocating: per service an
+/// array slot, per model a map looked up by `&str`, entries shared by `Arc`.
 #[derive(Debug, Default)]
 pub struct PriceTable {
-    prices: RwLock<HashMap<(Service, Option<String>), PriceEntry>>,
+    prices: RwLock<[ServicePrices; Service::ALL.len()]>,
+}
+
+/// The prices of one service: its default and its models' own.
+#[derive(Debug, Default)]
+struct ServicePrices {
+    default: Option<Arc<PriceEntry>>,
+    models: ByModel<Arc<PriceEntry>>,
 }
 
 impl PriceTable {
@@ -114,28 +124,44 @@ impl PriceTable {
 
     /// Sets one price.
     pub fn set(&self, p: PriceEntry) {
-        self.prices.write().insert((p.service, p.model.clone()), p);
+        let mut t = self.prices.write();
+        let sp = &mut t[service_slot(p.service)];
+        match p.model.clone() {
+            Some(m) => {
+                sp.models.insert(m, Arc::new(p));
+            }
+            None => sp.default = Some(Arc::new(p)),
+        }
     }
 
     /// The price for a model: its own, else its service's default, else free.
-    pub fn get(&self, service: Service, model: &str) -> PriceEntry {
+    pub fn get(&self, service: Service, model: &str) -> Arc<PriceEntry> {
         let t = self.prices.read();
-        t.get(&(service, Some(model.to_owned())))
-            .or_else(|| t.get(&(service, None)))
+        let sp = &t[service_slot(service)];
+        sp.models
+            .get(model)
+            .or(sp.default.as_ref())
             .cloned()
-            .unwrap_or(PriceEntry {
-                service,
-                model: None,
-                per_request: Credits::ZERO,
-                per_million_input_tokens: Credits::ZERO,
-                per_million_output_tokens: Credits::ZERO,
-                per_million_units: Credits::ZERO,
+            .unwrap_or_else(|| {
+                Arc::new(PriceEntry {
+                    service,
+                    model: None,
+                    per_request: Credits::ZERO,
+                    per_million_input_tokens: Credits::ZERO,
+                    per_million_output_tokens: Credits::ZERO,
+                    per_million_units: Credits::ZERO,
+                })
             })
     }
 
     /// Every price, sorted by service and model.
     pub fn all(&self) -> Vec<PriceEntry> {
-        let mut v: Vec<PriceEntry> = self.prices.read().values().cloned().collect();
+        let t = self.prices.read();
+        let mut v: Vec<PriceEntry> = t
+            .iter()
+            .flat_map(|sp| sp.default.iter().chain(sp.models.values()))
+            .map(|p| PriceEntry::clone(p))
+            .collect();
         v.sort_by(|a, b| (a.service, &a.model).cmp(&(b.service, &b.model)));
         v
     }

@@ -4,6 +4,8 @@
 //! The decoder is shared by the broker (to meter streams it passes through)
 //! and `cxmpute-client` (to turn streams into typed chunks).
 
+use bytes::Bytes;
+
 use crate::pricing::Meter;
 use crate::wire::{ChatCompletionChunk, Usage};
 
@@ -132,14 +134,10 @@ pub struct ChatStreamMeter {
     pub reported: Option<Usage>,
     /// Chunks carrying content (each is at least one token), counted here.
     pub content_chunks: u64,
-    /// Bytes of content seen.
-    pub content_bytes: u64,
     /// Whether `data: [DONE]` arrived.
     pub done: bool,
     /// Whether the node sent an event that is not a chunk, an error event, or an endless line.
     pub garbage: bool,
-    /// Events seen.
-    pub events: u64,
     /// When set, every event is written back here as SSE text, except a
     /// usage-only chunk (no choices): see [`ChatStreamMeter::without_usage_chunk`].
     filtered: Option<Vec<u8>>,
@@ -171,26 +169,34 @@ impl ChatStreamMeter {
 
     /// Feeds bytes as they pass through.
     pub fn feed(&mut self, chunk: &[u8]) {
-        let mut evs = Vec::new();
-        if self.decoder.push(chunk, &mut |e| evs.push(e)).is_err() {
+        // The decoder is taken out while it calls back into `self`, so events
+        // are handled as they are decoded, without collecting them first.
+        let mut d = std::mem::take(&mut self.decoder);
+        if d.push(chunk, &mut |e| self.on_event(e)).is_err() {
             self.garbage = true;
         }
-        for e in evs {
-            self.on_event(e);
+        self.decoder = d;
+    }
+
+    /// Feeds a chunk passing through and returns what to pass on: the chunk
+    /// itself, or when filtering the rewritten bytes produced so far.
+    pub fn pass(&mut self, chunk: Bytes) -> Bytes {
+        self.feed(&chunk);
+        if self.is_filtering() {
+            Bytes::from(self.take_output())
+        } else {
+            chunk
         }
     }
 
     /// Ends the stream.
     pub fn finish(&mut self) {
-        let mut evs = Vec::new();
-        self.decoder.finish(&mut |e| evs.push(e));
-        for e in evs {
-            self.on_event(e);
-        }
+        let mut d = std::mem::take(&mut self.decoder);
+        d.finish(&mut |e| self.on_event(e));
+        self.decoder = d;
     }
 
     fn on_event(&mut self, e: SseEvent) {
-        self.events += 1;
         let data = e.data.trim();
         if data == "[DONE]" {
             self.done = true;
@@ -205,12 +211,11 @@ impl ChatStreamMeter {
                 if !(chunk.usage.is_some() && chunk.choices.is_empty()) {
                     self.write_back(&e);
                 }
-                for c in &chunk.choices {
-                    if let Some(t) = c.delta.content.as_deref().filter(|t| !t.is_empty()) {
-                        self.content_chunks += 1;
-                        self.content_bytes += t.len() as u64;
-                    }
-                }
+                self.content_chunks += chunk
+                    .choices
+                    .iter()
+                    .filter(|c| c.delta.content.as_deref().is_some_and(|t| !t.is_empty()))
+                    .count() as u64;
             }
             Err(_) => {
                 self.garbage = true;

@@ -215,11 +215,20 @@ impl StatsRecorder {
             }
         }
         loop {
-            let Some(batch) = self.state.lock().unsent.first().cloned() else {
-                return Ok(());
+            // Taken out while it is written (no copy, and a flush running at
+            // the same time never writes or drops the same batch); put back
+            // first in line if the write fails, to be retried with its id.
+            let batch = {
+                let mut s = self.state.lock();
+                if s.unsent.is_empty() {
+                    return Ok(());
+                }
+                s.unsent.remove(0)
             };
-            store.record_stats(&batch).await?;
-            self.state.lock().unsent.remove(0);
+            if let Err(e) = store.record_stats(&batch).await {
+                self.state.lock().unsent.insert(0, batch);
+                return Err(e);
+            }
         }
     }
 }

@@ -125,15 +125,25 @@ impl ChatMessage {
     pub fn text(&self) -> Option<String> {
         match self.content.as_ref()? {
             MessageContent::Text(t) => Some(t.clone()),
-            MessageContent::Parts(parts) => Some(
-                parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join(""),
-            ),
+            MessageContent::Parts(parts) => Some(parts.iter().filter_map(part_text).collect()),
         }
     }
+
+    /// The length in bytes of [`Message::text`], without building it (the
+    /// request path measures every prompt and answer).
+    pub fn text_len(&self) -> Option<usize> {
+        match self.content.as_ref()? {
+            MessageContent::Text(t) => Some(t.len()),
+            MessageContent::Parts(parts) => {
+                Some(parts.iter().filter_map(part_text).map(str::len).sum())
+            }
+        }
+    }
+}
+
+/// The text of one content part, if it has any.
+fn part_text(part: &Value) -> Option<&str> {
+    part.get("text").and_then(Value::as_str)
 }
 
 /// A message's content: text, or an array of parts.

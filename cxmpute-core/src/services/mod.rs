@@ -23,11 +23,11 @@ use bytes::Bytes;
 use crate::broker::BrokerConfig;
 use crate::error::{Error, Result};
 use crate::pricing::Meter;
-use crate::types::{Route, Service};
+use crate::types::Route;
 use crate::wire::*;
 
 mod scrape;
-mod speech;
+pub(crate) mod speech;
 mod vision;
 
 #[cfg(feature = "node")]
@@ -71,8 +71,6 @@ impl std::fmt::Debug for AnswerKind {
 pub(crate) struct Prepared {
     /// The route called (also the path forwarded to on the node).
     pub route: Route,
-    /// The service sold.
-    pub service: Service,
     /// The pool's model name.
     pub model: String,
     /// The body sent to the node.
@@ -173,12 +171,11 @@ fn prepare_chat(cfg: &BrokerConfig, body: &Bytes) -> Result<Prepared> {
     let text_bytes: u64 = req
         .messages
         .iter()
-        .map(|m| m.text().map_or(0, |t| t.len() as u64) + 16)
+        .map(|m| m.text_len().map_or(0, |n| n as u64) + 16)
         .sum();
-    let out = serde_json::to_vec(&req).map_err(|e| Error::backend("encoding request", e))?;
+    let encoded = encode(&req)?;
     Ok(Prepared {
         route: Route::ChatCompletions,
-        service: Service::Chat,
         model: req.model,
         // A token is at least one byte, so the body's length bounds the input.
         bound: Meter {
@@ -187,7 +184,7 @@ fn prepare_chat(cfg: &BrokerConfig, body: &Bytes) -> Result<Prepared> {
             units: 0,
         },
         fallback_input: ceil_div4(text_bytes),
-        body: Bytes::from(out),
+        body: encoded,
         kind: if stream {
             AnswerKind::ChatSse { caller_wants_usage }
         } else {
@@ -205,8 +202,8 @@ fn meter_chat(prep: &Prepared, body: &[u8]) -> std::result::Result<Meter, String
     let text: u64 = r
         .choices
         .iter()
-        .filter_map(|c| c.message.text())
-        .map(|t| t.len() as u64)
+        .filter_map(|c| c.message.text_len())
+        .map(|n| n as u64)
         .sum();
     let m = match r.usage {
         Some(u) => Meter {
@@ -242,7 +239,6 @@ fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
     }
     Ok(Prepared {
         route: Route::Embeddings,
-        service: Service::Embeddings,
         model: req.model,
         bound: Meter {
             input_tokens: bytes + tokens,

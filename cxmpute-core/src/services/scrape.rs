@@ -11,7 +11,7 @@ use super::{check_model, encode, invalid, parse_body, AnswerKind, Prepared};
 use crate::egress;
 use crate::error::Result;
 use crate::pricing::Meter;
-use crate::types::{Route, Service};
+use crate::types::Route;
 use crate::wire::*;
 
 /// `POST /v1/scrape`.
@@ -41,7 +41,6 @@ pub(super) fn prepare_scrape(body: &Bytes) -> Result<Prepared> {
     let n = req.urls.len() as u64;
     Ok(Prepared {
         route: Route::Scrape,
-        service: Service::Scrape,
         model,
         body: encode(&req)?,
         kind: AnswerKind::Json(meter_scrape),

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use super::{check_model, encode, invalid, parse_body, AnswerKind, Prepared};
 use crate::error::Result;
 use crate::pricing::Meter;
-use crate::types::{Route, Service};
+use crate::types::Route;
 use crate::wire::*;
 
 /// The voices the speech routes accept, and the espeak-ng voice each is
@@ -106,7 +106,7 @@ fn check_voice(voice: &str) -> Result<()> {
 }
 
 /// Checks the text to speak; returns its length in characters.
-fn check_text(text: &str, field: &str) -> Result<u64> {
+pub(crate) fn check_text(text: &str, field: &str) -> Result<u64> {
     if text.trim().is_empty() {
         return Err(invalid(format!("`{field}` must not be empty")));
     }
@@ -127,7 +127,6 @@ fn check_text(text: &str, field: &str) -> Result<u64> {
 fn speech(route: Route, model: String, body: Bytes, chars: u64) -> Prepared {
     Prepared {
         route,
-        service: Service::Tts,
         model,
         body,
         kind: AnswerKind::Binary,

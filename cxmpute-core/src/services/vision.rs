@@ -14,7 +14,7 @@ use crate::broker::BrokerConfig;
 use crate::egress;
 use crate::error::{Error, Result};
 use crate::pricing::Meter;
-use crate::types::{Route, Service};
+use crate::types::Route;
 use crate::wire::*;
 
 /// The image type of `bytes`, by its magic number.
@@ -141,7 +141,6 @@ pub(super) fn prepare_vision(cfg: &BrokerConfig, route: Route, body: &Bytes) -> 
     }
     Ok(Prepared {
         route,
-        service: Service::Vision,
         model,
         body: encode(&out)?,
         kind: AnswerKind::Json(meter_vision),
