@@ -12,7 +12,7 @@ use super::server::Serving;
 use super::Upstream;
 use crate::egress;
 use crate::error::{Error, Result};
-use crate::services::{data_url, decode_inline_image, sniff_image};
+use crate::services::{data_url, decode_inline_image, parse_body, sniff_image};
 use crate::types::{Route, Service};
 use crate::wire::*;
 
@@ -22,7 +22,8 @@ struct ModelOnly {
     model: String,
 }
 
-fn served(models: &[String], model: &str) -> Result<()> {
+/// `Ok` when `model` is one of `models`, else a 404 naming it.
+pub(super) fn served(models: &[String], model: &str) -> Result<()> {
     if models.iter().any(|m| m == model) {
         Ok(())
     } else {
@@ -81,8 +82,7 @@ pub(crate) async fn forward(
         .upstream
         .as_ref()
         .ok_or_else(|| Error::NotFound(format!("{service} on this node")))?;
-    let m: ModelOnly = serde_json::from_slice(&body)
-        .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))?;
+    let m: ModelOnly = parse_body(&body)?;
     let models = match service {
         Service::Chat => &s.cfg.chat_models,
         _ => &s.cfg.embedding_models,
@@ -113,8 +113,7 @@ const VISION_MAX_ANSWER: usize = 1 << 20;
 /// A vision call: the image made inline, a chat request with an image part,
 /// the answer parsed into the route's typed result.
 pub(crate) async fn vision(s: &Serving, route: Route, body: &[u8]) -> Result<Response> {
-    let req: VisionRequest = serde_json::from_slice(body)
-        .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))?;
+    let req: VisionRequest = parse_body(body)?;
     let model = req
         .model
         .clone()
@@ -174,17 +173,17 @@ pub(crate) async fn vision(s: &Serving, route: Route, body: &[u8]) -> Result<Res
 /// The image as a data URL: inline ones checked again, URLs fetched through
 /// the egress guard (size-capped) and checked to be images.
 async fn image_data_url(s: &Serving, req: &VisionRequest) -> Result<String> {
-    if let Some(inline) = &req.image {
+    let data_image_url = req
+        .image_url
+        .as_deref()
+        .filter(|u| u.trim_start().starts_with("data:"));
+    if let Some(inline) = req.image.as_deref().or(data_image_url) {
         let (mime, bytes) = decode_inline_image(inline, s.cfg.image_limits.max_bytes)?;
         return Ok(data_url(mime, &bytes));
     }
     let url = req.image_url.as_deref().ok_or_else(|| {
         Error::InvalidInput("an image is required: `image_url` or `image`".into())
     })?;
-    if url.trim_start().starts_with("data:") {
-        let (mime, bytes) = decode_inline_image(url, s.cfg.image_limits.max_bytes)?;
-        return Ok(data_url(mime, &bytes));
-    }
     let page = egress::fetch(url, &s.cfg.egress, &s.cfg.image_limits)
         .await
         .map_err(|e| match e {

@@ -5,10 +5,12 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
+use super::proxy::served;
 use super::server::Serving;
 use super::ScrapeConfig;
 use crate::egress::{self, EgressRules};
 use crate::error::{Error, Result};
+use crate::services::parse_body;
 use crate::wire::*;
 
 /// Width of plain-text output: wide enough that prose is not re-wrapped
@@ -22,12 +24,9 @@ pub(crate) async fn scrape(s: &Serving, body: &[u8]) -> Result<Response> {
         .scrape
         .as_ref()
         .ok_or_else(|| Error::NotFound("scraping on this node".into()))?;
-    let req: ScrapeRequest = serde_json::from_slice(body)
-        .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))?;
+    let req: ScrapeRequest = parse_body(body)?;
     let model = req.model.as_deref().unwrap_or(DEFAULT_SCRAPE_MODEL);
-    if model != cfg.model {
-        return Err(Error::NotFound(format!("model `{model}` on this node")));
-    }
+    served(std::slice::from_ref(&cfg.model), model)?;
     if req.urls.is_empty() || req.urls.len() > MAX_SCRAPE_URLS {
         return Err(Error::InvalidInput(format!(
             "`urls` must name 1 to {MAX_SCRAPE_URLS} URLs"

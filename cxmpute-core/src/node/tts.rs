@@ -16,9 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::proxy::served;
 use super::server::Serving;
 use crate::error::{Error, Result};
-use crate::services::espeak_voice;
+use crate::services::speech::check_text;
+use crate::services::{espeak_voice, parse_body};
 use crate::types::Route;
 use crate::wire::*;
 
@@ -53,31 +55,25 @@ pub(crate) async fn speak(s: &Serving, route: Route, body: &[u8]) -> Result<Resp
         .tts
         .as_ref()
         .ok_or_else(|| Error::NotFound("text to speech on this node".into()))?;
-    let bad = |e: serde_json::Error| Error::InvalidInput(format!("invalid request body: {e}"));
-    let (model, text, voice, speed, format) = if route == Route::AudioSpeech {
-        let r: SpeechRequest = serde_json::from_slice(body).map_err(bad)?;
+    let (model, text, field, voice, speed, format) = if route == Route::AudioSpeech {
+        let r: SpeechRequest = parse_body(body)?;
         (
             r.model,
             r.input,
+            "input",
             r.voice,
             r.speed,
             r.response_format.unwrap_or_default(),
         )
     } else {
-        let r: TtsRequest = serde_json::from_slice(body).map_err(bad)?;
+        let r: TtsRequest = parse_body(body)?;
         let model = r.model.unwrap_or_else(|| DEFAULT_TTS_MODEL.to_owned());
-        (model, r.text, r.voice, None, AudioFormat::Wav)
+        (model, r.text, "text", r.voice, None, AudioFormat::Wav)
     };
-    if model != cfg.model {
-        return Err(Error::NotFound(format!("model `{model}` on this node")));
-    }
+    served(std::slice::from_ref(&cfg.model), &model)?;
     let voice = espeak_voice(&voice)
         .ok_or_else(|| Error::InvalidInput(format!("unknown voice `{voice}`")))?;
-    if text.trim().is_empty() || text.chars().count() > MAX_SPEECH_CHARS || text.contains('\0') {
-        return Err(Error::InvalidInput(format!(
-            "the text must have 1 to {MAX_SPEECH_CHARS} characters and no NUL"
-        )));
-    }
+    check_text(&text, field)?;
     // espeak-ng's default rate is 175 words per minute.
     let wpm = (175.0 * f64::from(speed.unwrap_or(1.0)).clamp(0.25, 4.0)).round() as u32;
     let wpm = wpm.clamp(80, 450).to_string();
