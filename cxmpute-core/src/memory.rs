@@ -372,18 +372,7 @@ impl Store for MemoryStore {
                 r.request_id
             )));
         }
-        let key = s.keys.get_mut(&r.key_id).filter(|k| k.user_id == r.user_id);
-        let key = key.ok_or_else(|| Error::Unauthorized("unknown API key".into()))?;
-        let user = s
-            .users
-            .get_mut(&r.user_id)
-            .ok_or_else(|| Error::Unauthorized("unknown account".into()))?;
-        crate::store_support::check_reservation(user, key, r)?;
-        user.credits = user.credits.saturating_sub(r.amount);
-        if let Some(left) = key.credits_left.as_mut() {
-            *left = left.saturating_sub(r.amount);
-        }
-        key.last_used_at = Some(r.created_at);
+        crate::store_support::apply_reservation(&mut s.users, &mut s.keys, r)?;
         s.totals.reserved = s.totals.reserved.saturating_add(r.amount);
         s.reservations.insert(r.request_id.clone(), r.clone());
         Ok(())
@@ -399,25 +388,18 @@ impl Store for MemoryStore {
             format!("reservation {}", st.request_id)
         })?;
         let plan = crate::store_support::SettlePlan::new(&r, st);
-        if let Some(u) = s.users.get_mut(&r.user_id) {
-            u.credits = u.credits.saturating_add(plan.refund);
-        }
-        if let Some(k) = s.keys.get_mut(&r.key_id) {
-            k.credits_left = crate::store_support::refunded_credits_left(
-                k.credit_limit,
-                k.credits_left,
-                plan.refund,
-            );
-        }
+        plan.refund_to(s.users.get_mut(&r.user_id), s.keys.get_mut(&r.key_id));
         if let Some((pid, amount)) = &plan.reward {
             if let Some(p) = s.providers.get_mut(pid) {
                 p.earnings = p.earnings.saturating_add(*amount);
             }
         }
-        s.totals.reserved = s.totals.reserved.saturating_sub(r.amount);
-        s.totals.settlements += 1;
-        s.totals.charged = s.totals.charged.saturating_add(plan.charged);
-        s.totals.rewarded = s.totals.rewarded.saturating_add(plan.usage.reward);
+        let d = plan.ledger_delta();
+        let t = &mut s.totals;
+        t.settlements += d.settlements;
+        t.charged = t.charged.saturating_add(d.charged);
+        t.rewarded = t.rewarded.saturating_add(d.rewarded);
+        t.reserved = t.reserved.saturating_add(d.reserved);
         s.settled.insert(st.request_id.clone(), plan.usage);
         Ok(SettleOutcome::Applied)
     }

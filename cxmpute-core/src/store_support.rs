@@ -1,6 +1,8 @@
 //! Rules shared by every [`Store`](crate::store::Store) implementation, written
 //! once so memory, SQLite and DynamoDB decide alike.
 
+use std::collections::HashMap;
+
 use crate::error::{Error, Result};
 use crate::types::*;
 
@@ -39,18 +41,58 @@ pub fn check_reservation(user: &User, key: &ApiKey, r: &Reservation) -> Result<(
     Ok(())
 }
 
+/// Takes reservation `r` from the user and key it names, found in `users`
+/// and `keys`: the key must be the user's (else `Unauthorized("unknown API
+/// key")`) and the user must exist (else `Unauthorized("unknown account")`);
+/// then [`check_reservation`], and on success the amount comes off the
+/// balance and the key's `credits_left`, and the key is marked used. A
+/// refusal changes nothing.
+pub fn apply_reservation(
+    users: &mut HashMap<UserId, User>,
+    keys: &mut HashMap<ApiKeyId, ApiKey>,
+    r: &Reservation,
+) -> Result<()> {
+    let key = keys
+        .get_mut(&r.key_id)
+        .filter(|k| k.user_id == r.user_id)
+        .ok_or_else(|| Error::Unauthorized("unknown API key".into()))?;
+    let user = users
+        .get_mut(&r.user_id)
+        .ok_or_else(|| Error::Unauthorized("unknown account".into()))?;
+    check_reservation(user, key, r)?;
+    user.credits = user.credits.saturating_sub(r.amount);
+    if let Some(left) = key.credits_left.as_mut() {
+        *left = left.saturating_sub(r.amount);
+    }
+    key.last_used_at = Some(r.created_at);
+    Ok(())
+}
+
 /// What a settlement does to balances, computed from its reservation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettlePlan {
-    /// Charged to the user: the settlement's charge, clamped to `0..=reserved`.
-    pub charged: Credits,
     /// Returned to the user and the key: `reserved - charged`.
     pub refund: Credits,
     /// Credited to the provider: clamped to `0..=charged`, so the platform never
     /// pays out more for a request than the user paid for it.
     pub reward: Option<(ProviderId, Credits)>,
-    /// The usage record to store, with the final charge and reward filled in.
+    /// The usage record to store, with the final charge and reward filled in:
+    /// `usage.charged` is what the user pays, the settlement's charge clamped
+    /// to `0..=reserved`.
     pub usage: UsageRecord,
+}
+
+/// What one settlement adds to the ledger's running totals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LedgerDelta {
+    /// Settlements applied: one.
+    pub settlements: u64,
+    /// Added to the total charged.
+    pub charged: Credits,
+    /// Added to the total rewarded.
+    pub rewarded: Credits,
+    /// Added to the total reserved: minus the reservation settled.
+    pub reserved: Credits,
 }
 
 impl SettlePlan {
@@ -73,10 +115,34 @@ impl SettlePlan {
         usage.key_id = r.key_id.clone();
         usage.route = r.route;
         SettlePlan {
-            charged,
             refund,
             reward,
             usage,
+        }
+    }
+
+    /// Gives the refund back to the user and the key that reserved, where
+    /// they still exist: to the balance, and to the key's `credits_left`
+    /// under [`refunded_credits_left`].
+    pub fn refund_to(&self, user: Option<&mut User>, key: Option<&mut ApiKey>) {
+        if let Some(u) = user {
+            u.credits = u.credits.saturating_add(self.refund);
+        }
+        if let Some(k) = key {
+            k.credits_left = refunded_credits_left(k.credit_limit, k.credits_left, self.refund);
+        }
+    }
+
+    /// What this settlement adds to the ledger: the charge and reward
+    /// recorded, and the whole reservation (charged plus refunded) no longer
+    /// held.
+    pub fn ledger_delta(&self) -> LedgerDelta {
+        let released = self.usage.charged.saturating_add(self.refund);
+        LedgerDelta {
+            settlements: 1,
+            charged: self.usage.charged,
+            rewarded: self.usage.reward,
+            reserved: Credits(released.0.saturating_neg()),
         }
     }
 }

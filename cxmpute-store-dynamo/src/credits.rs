@@ -393,17 +393,18 @@ impl DynamoStore {
             let cond = ex.absent();
             tx.put(usage_item(&plan.usage), Some(cond), ex)?;
 
+            let d = plan.ledger_delta();
             let mut ex = Ex::new();
             let upd = format!(
                 "ADD {} {}, {} {}, {} {}, {} {}",
                 ex.n("settlements"),
-                ex.v(n(1)),
+                ex.v(n(d.settlements)),
                 ex.n("charged"),
-                ex.v(n(plan.charged.0)),
+                ex.v(n(d.charged.0)),
                 ex.n("rewarded"),
-                ex.v(n(plan.usage.reward.0)),
+                ex.v(n(d.rewarded.0)),
                 ex.n("reserved"),
-                ex.v(n(r.amount.0.saturating_neg())),
+                ex.v(n(d.reserved.0)),
             );
             tx.update(schema::ledger(h.shard), upd, None, ex)?;
 

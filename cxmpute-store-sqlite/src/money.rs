@@ -3,10 +3,10 @@
 //!
 //! A run is a sequence of reserve and settle operations the writer found
 //! next to each other in its queue. Every operation in it is decided in
-//! order with the core's shared rules ([`check_reservation`], [`SettlePlan`],
-//! [`refunded_credits_left`]) against the rows it touches, read once for the
-//! whole run inside the writer's transaction and kept up to date in memory
-//! as each operation is decided. A refused operation (insufficient credits,
+//! order with the core's shared rules ([`apply_reservation`], [`SettlePlan`])
+//! against the rows it touches, read once for the whole run inside the
+//! writer's transaction and kept up to date in memory as each operation is
+//! decided. A refused operation (insufficient credits,
 //! a duplicate id) changes nothing: it never gets as far as a write. The
 //! accepted ones are then written together, a handful of set-wise statements
 //! fed JSON arrays, inside one savepoint: all of the run lands or none of it.
@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use cxmpute_core::store_support::{check_reservation, refunded_credits_left, SettlePlan};
+use cxmpute_core::store_support::{apply_reservation, SettlePlan};
 use cxmpute_core::*;
 use sqlx::SqliteConnection;
 
@@ -126,21 +126,7 @@ impl Run {
                 r.request_id
             )));
         }
-        let key = self
-            .keys
-            .get_mut(&r.key_id)
-            .filter(|k| k.user_id == r.user_id)
-            .ok_or_else(|| Error::Unauthorized("unknown API key".into()))?;
-        let user = self
-            .users
-            .get_mut(&r.user_id)
-            .ok_or_else(|| Error::Unauthorized("unknown account".into()))?;
-        check_reservation(user, key, r)?;
-        user.credits = user.credits.saturating_sub(r.amount);
-        if let Some(left) = key.credits_left.as_mut() {
-            *left = left.saturating_sub(r.amount);
-        }
-        key.last_used_at = Some(r.created_at);
+        apply_reservation(&mut self.users, &mut self.keys, r)?;
         *self.user_delta.entry(r.user_id.clone()).or_default() -= r.amount.0;
         self.touched_keys.insert(r.key_id.clone());
         self.reserved += r.amount.0;
@@ -158,21 +144,20 @@ impl Run {
             .remove(&st.request_id)
             .ok_or_else(|| Error::NotFound(format!("reservation {}", st.request_id)))?;
         let plan = SettlePlan::new(&r, st);
-        if let Some(u) = self.users.get_mut(&r.user_id) {
-            u.credits = u.credits.saturating_add(plan.refund);
-        }
-        *self.user_delta.entry(r.user_id.clone()).or_default() += plan.refund.0;
-        if let Some(k) = self.keys.get_mut(&r.key_id) {
-            k.credits_left = refunded_credits_left(k.credit_limit, k.credits_left, plan.refund);
+        let key = self.keys.get_mut(&r.key_id);
+        if key.is_some() {
             self.touched_keys.insert(r.key_id.clone());
         }
+        plan.refund_to(self.users.get_mut(&r.user_id), key);
+        *self.user_delta.entry(r.user_id.clone()).or_default() += plan.refund.0;
         if let Some((provider, amount)) = &plan.reward {
             *self.provider_delta.entry(provider.clone()).or_default() += amount.0;
         }
-        self.settlements += 1;
-        self.charged += plan.charged.0;
-        self.rewarded += plan.usage.reward.0;
-        self.reserved -= r.amount.0;
+        let d = plan.ledger_delta();
+        self.settlements += rows::to_i64(d.settlements);
+        self.charged += d.charged.0;
+        self.rewarded += d.rewarded.0;
+        self.reserved += d.reserved.0;
         if !self.taken_here.remove(&st.request_id) {
             self.closed.push(st.request_id.clone());
         }
