@@ -93,9 +93,7 @@ async fn the_whole_sign_in_flow_through_a_real_smtp_server() {
             .unwrap();
     let mailer = cfg.build().unwrap();
     let h = host_with(mailer).await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
 
     let email = format!("smtp-{}@users.test", random_suffix());
     let mut seen = HashSet::new();
@@ -387,7 +385,7 @@ async fn concurrent_first_sign_ins_create_one_account() {
 #[tokio::test]
 async fn codes_sign_ups_and_refresh_rotation_hold_on_sqlite_too() {
     let store = cxmpute::sqlite::SqliteStore::in_memory().await.unwrap();
-    let outbox = Outbox::default();
+    let outbox = RecordingMailer::default();
     let h = host_on(Arc::new(store), Arc::new(outbox.clone())).await;
 
     let acc = h.broker.accounts();
@@ -521,9 +519,7 @@ async fn keys_are_created_limited_restricted_and_revoked_by_their_owner() {
 #[tokio::test]
 async fn usage_is_summarised_per_day_and_per_service() {
     let (h, outbox) = host().await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let s = sign_in(&h, &outbox, "usage@users.test").await;
     let tok = s.access_token.expose();
     grant(&h, &s.user_id, 1).await;
@@ -801,9 +797,7 @@ async fn admins_search_accounts_grant_credits_and_disconnect_nodes() {
         (boss.user_id.as_str(), "welcome")
     );
 
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    let id = h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, p, id) = h.stand_in("a", Service::Chat, MODEL).await;
     let nodes: Vec<AdminProvisionView> = call(&h, "GET", "/v1/admin/provisions")
         .bearer(admin)
         .ok()

@@ -6,13 +6,10 @@
 
 use std::sync::Arc;
 
-use cxmpute_core::testkit::{StandInNode, TestHost};
+use cxmpute_core::testkit::{StandInNode, TestHost, EMBED, MODEL};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
 use serde_json::{json, Value};
-
-const MODEL: &str = "llama3.2:3b";
-const EMBED: &str = "nomic-embed-text";
 
 /// Who calls, in the order of the expectation arrays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

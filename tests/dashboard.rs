@@ -13,12 +13,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cxmpute_core::testkit::{service_env, SmtpSink, StandInNode, TestHost};
+use cxmpute_core::testkit::{service_env, SmtpSink, StandInNode, TestHost, MODEL};
 use cxmpute_core::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-
-const MODEL: &str = "llama3.2:3b";
 
 /// A WebDriver server this test started; stopped when dropped.
 struct Driver {

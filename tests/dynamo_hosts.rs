@@ -10,13 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cxmpute::dynamo::{DynamoConfig, DynamoStore, RequestGate, StaticCredentials};
-use cxmpute_core::testkit::{StandInNode, TestHost};
+use cxmpute_core::testkit::{StandInNode, TestHost, MODEL};
 use cxmpute_core::wire::ErrorBody;
 use cxmpute_core::*;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
-
-const MODEL: &str = "llama3.2:3b";
 
 fn endpoint() -> Option<String> {
     cxmpute_core::testkit::service_env("CXMPUTE_TEST_DYNAMO_ENDPOINT")
@@ -206,9 +204,7 @@ async fn an_unreachable_database_is_a_clear_503_and_the_host_recovers() {
     cfg.operation_timeout = Duration::from_secs(4);
     let h = TestHost::start(store(cfg).await).await;
     h.broker.put_price(per_request_price(1_000)).await.unwrap();
-    let node = StandInNode::start("n").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
     let c = reqwest::Client::new();
 

@@ -1,49 +1,19 @@
 //! End to end over real sockets: a host router on loopback, stand-in nodes on
 //! loopback, calls through reqwest.
 
-use std::sync::Arc;
-
-use cxmpute_core::testkit::{Behavior, StandInNode, TestHost};
+use cxmpute_core::testkit::{
+    chat_price, expect_error, Behavior, StandInNode, TestHost, EMBED, MODEL,
+};
 use cxmpute_core::wire::{ErrorBody, Usage};
 use cxmpute_core::*;
 use serde_json::{json, Value};
 
-const MODEL: &str = "llama3.2:3b";
-
-/// 1 micro-credit per input token, 2 per output token, 1,000 per request.
-fn chat_price() -> PriceEntry {
-    PriceEntry {
-        service: Service::Chat,
-        model: None,
-        per_request: Credits(1_000),
-        per_million_input_tokens: Credits(1_000_000),
-        per_million_output_tokens: Credits(2_000_000),
-        per_million_units: Credits::ZERO,
-    }
-}
-
 async fn host() -> TestHost {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let h = TestHost::start_with(store, |b| {
-        b.reward_policy(Arc::new(FlatReward(Credits(500))))
-    })
-    .await;
-    h.broker.put_price(chat_price()).await.unwrap();
-    h
+    TestHost::start_market(Credits(500)).await
 }
 
 fn chat_body(stream: bool) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
-}
-
-async fn post(h: &TestHost, path: &str, key: &Secret, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{}{path}", h.url))
-        .bearer_auth(key.expose())
-        .json(body)
-        .send()
-        .await
-        .unwrap()
 }
 
 async fn balance(h: &TestHost, u: &User) -> Credits {
@@ -57,12 +27,12 @@ async fn earnings(h: &TestHost, p: &Provider) -> Credits {
 #[tokio::test]
 async fn plain_chat_is_charged_by_the_price_table_and_rewarded() {
     let h = host().await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (node, p, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(10)).await;
 
-    let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+    let r = h
+        .post("/v1/chat/completions", &key, &chat_body(false))
+        .await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Hello from a");
@@ -85,12 +55,10 @@ async fn plain_chat_is_charged_by_the_price_table_and_rewarded() {
 #[tokio::test]
 async fn streamed_chat_passes_chunks_through_and_charges_reported_usage() {
     let h = host().await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, p, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(10)).await;
 
-    let r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    let r = h.post("/v1/chat/completions", &key, &chat_body(true)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let text = r.text().await.unwrap();
@@ -128,7 +96,7 @@ async fn embeddings_are_charged_by_input_tokens() {
     h.broker
         .put_price(PriceEntry {
             service: Service::Embeddings,
-            model: Some("nomic-embed-text".into()),
+            model: Some(EMBED.into()),
             per_request: Credits(7),
             per_million_input_tokens: Credits(3_000_000),
             per_million_output_tokens: Credits::ZERO,
@@ -136,13 +104,10 @@ async fn embeddings_are_charged_by_input_tokens() {
         })
         .await
         .unwrap();
-    let node = StandInNode::start("e").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Embeddings, "nomic-embed-text")
-        .await;
+    let (_node, _, _) = h.stand_in("e", Service::Embeddings, EMBED).await;
     let (u, key) = h.user(Credits::whole(1)).await;
-    let body = json!({"model": "nomic-embed-text", "input": ["one", "two"]});
-    let r = post(&h, "/v1/embeddings", &key, &body).await;
+    let body = json!({"model": EMBED, "input": ["one", "two"]});
+    let r = h.post("/v1/embeddings", &key, &body).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
@@ -153,17 +118,15 @@ async fn embeddings_are_charged_by_input_tokens() {
 
 async fn failover_case(bad: Behavior) {
     let h = host().await;
-    let good = StandInNode::start("good").await;
-    let badn = StandInNode::start("bad").await;
+    let (_good, pg, _) = h.stand_in("good", Service::Chat, MODEL).await;
+    let (badn, pb, _) = h.stand_in("bad", Service::Chat, MODEL).await;
     badn.set(bad.clone());
-    let (pg, _) = h.provider().await;
-    let (pb, _) = h.provider().await;
-    h.add_node(&pg, &good, Service::Chat, MODEL).await;
-    h.add_node(&pb, &badn, Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(10)).await;
     let n = 6;
     for _ in 0..n {
-        let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+        let r = h
+            .post("/v1/chat/completions", &key, &chat_body(false))
+            .await;
         assert_eq!(r.status(), 200, "{bad:?}");
     }
     assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 1_020 * n));
@@ -193,15 +156,15 @@ async fn failover_from_a_node_sending_garbage() {
 #[tokio::test]
 async fn failover_from_a_node_refusing_connections() {
     let h = host().await;
-    let good = StandInNode::start("good").await;
-    let (pg, _) = h.provider().await;
+    let (_good, _, _) = h.stand_in("good", Service::Chat, MODEL).await;
     let (pb, _) = h.provider().await;
-    h.add_node(&pg, &good, Service::Chat, MODEL).await;
     let dead = StandInNode::dead_url().await;
     h.add_node_at(&pb, &dead, Service::Chat, MODEL, None).await;
     let (u, key) = h.user(Credits::whole(10)).await;
     for _ in 0..6 {
-        let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+        let r = h
+            .post("/v1/chat/completions", &key, &chat_body(false))
+            .await;
         assert_eq!(r.status(), 200);
     }
     assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 6 * 1_020));
@@ -211,17 +174,17 @@ async fn failover_from_a_node_refusing_connections() {
 #[tokio::test]
 async fn every_node_failing_costs_nothing_and_says_why() {
     let h = host().await;
-    let a = StandInNode::start("a").await;
+    let (a, p, _) = h.stand_in("a", Service::Chat, MODEL).await;
     a.set(Behavior::Status(500));
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &a, Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
-    let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+    let r = h
+        .post("/v1/chat/completions", &key, &chat_body(false))
+        .await;
     assert_eq!(r.status(), 502);
     let e: ErrorBody = r.json().await.unwrap();
     assert_eq!(e.error.code.as_deref(), Some("upstream_failed"));
     a.set(Behavior::Hang);
-    let r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    let r = h.post("/v1/chat/completions", &key, &chat_body(true)).await;
     assert_eq!(r.status(), 504);
     assert_eq!(balance(&h, &u).await, Credits::whole(1));
     assert_eq!(earnings(&h, &p).await, Credits::ZERO);
@@ -233,13 +196,11 @@ async fn every_node_failing_costs_nothing_and_says_why() {
 async fn a_stream_cut_after_the_first_byte_ends_with_an_error_event_and_charges_what_was_delivered()
 {
     let h = host().await;
-    let node = StandInNode::start("cut").await;
+    let (node, p, _) = h.stand_in("cut", Service::Chat, MODEL).await;
     node.set(Behavior::CutStream(2));
     node.set_usage(None);
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
-    let r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    let r = h.post("/v1/chat/completions", &key, &chat_body(true)).await;
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     let events: Vec<&str> = text
@@ -268,9 +229,7 @@ async fn concurrent_calls_never_overspend() {
         })
         .await
         .unwrap();
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     // Covers exactly 50 calls at 1,000 each.
     let (u, key) = h.user(Credits(50_000)).await;
     let client = reqwest::Client::new();
@@ -306,19 +265,10 @@ async fn concurrent_calls_never_overspend() {
     assert_eq!(node.hits(), 50);
 }
 
-async fn expect_error(r: reqwest::Response, status: u16, code: &str) {
-    assert_eq!(r.status(), status);
-    let e: ErrorBody = r.json().await.expect("OpenAI error JSON");
-    assert_eq!(e.error.code.as_deref(), Some(code), "{}", e.error.message);
-    assert!(!e.error.message.is_empty());
-}
-
 #[tokio::test]
 async fn bad_input_gets_the_right_4xx_and_costs_nothing() {
     let h = host().await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
     let c = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", h.url);
@@ -329,82 +279,41 @@ async fn bad_input_gets_the_right_4xx_and_costs_nothing() {
             .body(body)
             .send()
     };
-    expect_error(raw("{not json").await.unwrap(), 400, "invalid_request").await;
-    expect_error(
-        raw(r#"{"model": "llama3.2:3b"}"#).await.unwrap(),
-        400,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        raw(r#"{"model": 5, "messages": []}"#).await.unwrap(),
-        400,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        raw(r#"{"model": "llama3.2:3b", "messages": "hi"}"#)
-            .await
-            .unwrap(),
-        400,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        raw(r#"{"model": "llama3.2:3b", "messages": []}"#)
-            .await
-            .unwrap(),
-        400,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        raw(r#"{"model": "llama3.2:3b", "messages": [{"role": "wizard", "content": "x"}]}"#)
-            .await
-            .unwrap(),
-        400,
-        "invalid_request",
-    )
-    .await;
-    expect_error(raw("").await.unwrap(), 400, "invalid_request").await;
+    // Every error answer says what was wrong.
+    for body in [
+        "{not json",
+        r#"{"model": "llama3.2:3b"}"#,
+        r#"{"model": 5, "messages": []}"#,
+        r#"{"model": "llama3.2:3b", "messages": "hi"}"#,
+        r#"{"model": "llama3.2:3b", "messages": []}"#,
+        r#"{"model": "llama3.2:3b", "messages": [{"role": "wizard", "content": "x"}]}"#,
+        "",
+    ] {
+        let m = expect_error(raw(body).await.unwrap(), 400, "invalid_request").await;
+        assert!(!m.is_empty(), "{body}");
+    }
     let unknown = json!({"model": "nope:1b", "messages": [{"role": "user", "content": "x"}]});
-    expect_error(
-        post(&h, "/v1/chat/completions", &key, &unknown).await,
-        404,
-        "model_not_found",
-    )
-    .await;
+    let r = h.post("/v1/chat/completions", &key, &unknown).await;
+    assert!(!expect_error(r, 404, "model_not_found").await.is_empty());
     let huge =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "x".repeat(5 << 20)}]});
-    expect_error(
-        post(&h, "/v1/chat/completions", &key, &huge).await,
-        413,
-        "payload_too_large",
-    )
-    .await;
+    let r = h.post("/v1/chat/completions", &key, &huge).await;
+    assert!(!expect_error(r, 413, "payload_too_large").await.is_empty());
     let none = c.post(&url).json(&chat_body(false)).send().await.unwrap();
-    expect_error(none, 401, "invalid_api_key").await;
-    let wrong = post(
-        &h,
-        "/v1/chat/completions",
-        &Secret::new("cx-wrong"),
-        &chat_body(false),
-    )
-    .await;
-    expect_error(wrong, 401, "invalid_api_key").await;
+    assert!(!expect_error(none, 401, "invalid_api_key").await.is_empty());
+    let wrong = h
+        .post(
+            "/v1/chat/completions",
+            &Secret::new("cx-wrong"),
+            &chat_body(false),
+        )
+        .await;
+    assert!(!expect_error(wrong, 401, "invalid_api_key").await.is_empty());
     let bad_emb = json!({"model": "x", "input": []});
-    expect_error(
-        post(&h, "/v1/embeddings", &key, &bad_emb).await,
-        400,
-        "invalid_request",
-    )
-    .await;
-    expect_error(
-        c.get(format!("{}/v1/nothing", h.url)).send().await.unwrap(),
-        404,
-        "not_found",
-    )
-    .await;
+    let r = h.post("/v1/embeddings", &key, &bad_emb).await;
+    assert!(!expect_error(r, 400, "invalid_request").await.is_empty());
+    let r = c.get(format!("{}/v1/nothing", h.url)).send().await.unwrap();
+    assert!(!expect_error(r, 404, "not_found").await.is_empty());
     assert_eq!(balance(&h, &u).await, Credits::whole(1));
     assert_eq!(node.hits(), 0);
 }
@@ -412,16 +321,14 @@ async fn bad_input_gets_the_right_4xx_and_costs_nothing() {
 #[tokio::test]
 async fn credits_and_key_limits_are_refused_with_402_and_429() {
     let h = host().await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (poor, key) = h.user(Credits(10)).await;
-    expect_error(
-        post(&h, "/v1/chat/completions", &key, &chat_body(false)).await,
-        402,
-        "insufficient_credits",
-    )
-    .await;
+    let r = h
+        .post("/v1/chat/completions", &key, &chat_body(false))
+        .await;
+    assert!(!expect_error(r, 402, "insufficient_credits")
+        .await
+        .is_empty());
     h.broker
         .grant_credits(&poor.id, Credits::whole(100), "test", "top up")
         .await
@@ -431,32 +338,26 @@ async fn credits_and_key_limits_are_refused_with_402_and_429() {
         .create_api_key(&poor.id, "small", Some(Credits(100)), Vec::new())
         .await
         .unwrap();
-    expect_error(
-        post(&h, "/v1/chat/completions", &limited, &chat_body(false)).await,
-        429,
-        "key_limit_reached",
-    )
-    .await;
+    let r = h
+        .post("/v1/chat/completions", &limited, &chat_body(false))
+        .await;
+    assert!(!expect_error(r, 429, "key_limit_reached").await.is_empty());
     let (_, embed_only) = h
         .broker
         .create_api_key(&poor.id, "emb", None, vec![Route::Embeddings])
         .await
         .unwrap();
-    expect_error(
-        post(&h, "/v1/chat/completions", &embed_only, &chat_body(false)).await,
-        403,
-        "forbidden",
-    )
-    .await;
+    let r = h
+        .post("/v1/chat/completions", &embed_only, &chat_body(false))
+        .await;
+    assert!(!expect_error(r, 403, "forbidden").await.is_empty());
     assert_eq!(node.hits(), 0);
 }
 
 #[tokio::test]
 async fn no_healthy_node_is_503_and_models_lists_what_is_served() {
     let h = host().await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    let id = h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, _, id) = h.stand_in("a", Service::Chat, MODEL).await;
     let models: Value = reqwest::get(format!("{}/v1/models", h.url))
         .await
         .unwrap()
@@ -467,12 +368,10 @@ async fn no_healthy_node_is_503_and_models_lists_what_is_served() {
     assert_eq!(models["data"][0]["nodes"], 1);
     h.broker.pools().set_healthy(&id, false);
     let (u, key) = h.user(Credits::whole(1)).await;
-    expect_error(
-        post(&h, "/v1/chat/completions", &key, &chat_body(false)).await,
-        503,
-        "no_capacity",
-    )
-    .await;
+    let r = h
+        .post("/v1/chat/completions", &key, &chat_body(false))
+        .await;
+    assert!(!expect_error(r, 503, "no_capacity").await.is_empty());
     assert_eq!(balance(&h, &u).await, Credits::whole(1));
     let health = reqwest::get(format!("{}/healthz", h.url)).await.unwrap();
     assert_eq!(health.status(), 200);
@@ -481,18 +380,16 @@ async fn no_healthy_node_is_503_and_models_lists_what_is_served() {
 #[tokio::test]
 async fn a_node_usage_claim_above_the_bounds_is_clamped() {
     let h = host().await;
-    let node = StandInNode::start("greedy").await;
+    let (node, _, _) = h.stand_in("greedy", Service::Chat, MODEL).await;
     node.set_usage(Some(Usage {
         prompt_tokens: 1_000_000,
         completion_tokens: 1_000_000,
         total_tokens: 0,
     }));
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(10)).await;
     let body =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7});
-    let r = post(&h, "/v1/chat/completions", &key, &body).await;
+    let r = h.post("/v1/chat/completions", &key, &body).await;
     assert_eq!(r.status(), 200);
     let used = h
         .broker
@@ -555,57 +452,32 @@ async fn provider_api_registers_heartbeats_and_ends_only_its_own_nodes() {
 #[tokio::test]
 async fn admin_routes_need_an_admin_key() {
     let h = host().await;
-    let c = reqwest::Client::new();
     let (u, user_key) = h.user(Credits::ZERO).await;
-    let url = format!("{}/v1/admin/users/{}/credits", h.url, u.id);
+    let path = format!("/v1/admin/users/{}/credits", u.id);
     let grant = json!({"amount": 5_000_000, "reason": "welcome"});
-    let r = c
-        .post(&url)
-        .bearer_auth(user_key.expose())
-        .json(&grant)
-        .send()
-        .await
-        .unwrap();
+    let r = h.post(&path, &user_key, &grant).await;
     assert_eq!(r.status(), 403);
-    let r = c
-        .post(&url)
-        .bearer_auth(h.admin_key.expose())
-        .json(&grant)
-        .send()
-        .await
-        .unwrap();
+    let r = h.post(&path, &h.admin_key, &grant).await;
     assert_eq!(r.status(), 200);
     assert_eq!(balance(&h, &u).await, Credits::whole(5));
-    let r = c
-        .post(format!("{}/v1/admin/users", h.url))
-        .bearer_auth(h.admin_key.expose())
-        .json(&json!({"email": "New@Example.com", "credits": 1}))
-        .send()
-        .await
-        .unwrap();
+    let new_user = json!({"email": "New@Example.com", "credits": 1});
+    let r = h.post("/v1/admin/users", &h.admin_key, &new_user).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert!(v["api_key"].as_str().unwrap().starts_with("cx-"));
-    let again = c
-        .post(format!("{}/v1/admin/users", h.url))
-        .bearer_auth(h.admin_key.expose())
-        .json(&json!({"email": "new@example.com"}))
-        .send()
-        .await
-        .unwrap();
+    let same = json!({"email": "new@example.com"});
+    let again = h.post("/v1/admin/users", &h.admin_key, &same).await;
     assert_eq!(again.status(), 409);
 }
 
 #[tokio::test]
 async fn a_client_going_away_cancels_the_upstream_call_and_pays_for_what_was_delivered() {
     let h = host().await;
-    let node = StandInNode::start("stall").await;
+    let (node, p, _) = h.stand_in("stall", Service::Chat, MODEL).await;
     node.set(Behavior::StallStream(2));
     node.set_usage(None);
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
-    let mut r = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    let mut r = h.post("/v1/chat/completions", &key, &chat_body(true)).await;
     assert_eq!(r.status(), 200);
     let first = r.chunk().await.unwrap().expect("a first chunk");
     assert!(first.starts_with(b"data: "));
@@ -635,12 +507,12 @@ async fn a_client_going_away_cancels_the_upstream_call_and_pays_for_what_was_del
 #[tokio::test]
 async fn a_node_refusing_the_request_itself_is_a_400_with_its_reason_and_costs_nothing() {
     let h = host().await;
-    let node = StandInNode::start("strict").await;
+    let (node, p, id) = h.stand_in("strict", Service::Chat, MODEL).await;
     node.set(Behavior::Status(400));
-    let (p, _) = h.provider().await;
-    let id = h.add_node(&p, &node, Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
-    let r = post(&h, "/v1/chat/completions", &key, &chat_body(false)).await;
+    let r = h
+        .post("/v1/chat/completions", &key, &chat_body(false))
+        .await;
     assert_eq!(r.status(), 400);
     let e: ErrorBody = r.json().await.unwrap();
     assert!(
@@ -680,12 +552,9 @@ async fn a_preferred_region_routes_to_nodes_there_and_falls_back_elsewhere() {
         node.require_secret(r.node_secret.expose());
     }
     let (_, key) = h.user(Credits::whole(10)).await;
-    let c = reqwest::Client::new();
     let call = |region: &'static str| {
-        c.post(format!("{}/v1/chat/completions", h.url))
-            .bearer_auth(key.expose())
+        h.post_request("/v1/chat/completions", &key, &chat_body(false))
             .header("x-cxmpute-region", region)
-            .json(&chat_body(false))
             .send()
     };
     for _ in 0..8 {
@@ -704,9 +573,7 @@ async fn a_preferred_region_routes_to_nodes_there_and_falls_back_elsewhere() {
 #[tokio::test]
 async fn the_usage_chunk_reaches_only_callers_who_asked_for_it() {
     let h = host().await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(10)).await;
     let usage_events = |text: &str| {
         text.lines()
@@ -715,13 +582,14 @@ async fn the_usage_chunk_reaches_only_callers_who_asked_for_it() {
             .filter(|d| serde_json::from_str::<Value>(d).unwrap()["usage"].is_object())
             .count()
     };
-    let plain = post(&h, "/v1/chat/completions", &key, &chat_body(true)).await;
+    let plain = h.post("/v1/chat/completions", &key, &chat_body(true)).await;
     let text = plain.text().await.unwrap();
     assert_eq!(usage_events(&text), 0, "{text}");
     assert!(text.contains("Hel") && text.trim_end().ends_with("data: [DONE]"));
     let mut asked = chat_body(true);
     asked["stream_options"] = json!({"include_usage": true});
-    let text = post(&h, "/v1/chat/completions", &key, &asked)
+    let text = h
+        .post("/v1/chat/completions", &key, &asked)
         .await
         .text()
         .await

@@ -6,12 +6,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cxmpute_core::testkit::{Behavior, StandInNode, TestHost};
+use cxmpute_core::testkit::{Behavior, StandInNode, TestHost, MODEL};
 use cxmpute_core::*;
 use prometheus_parse::{LineInfo, Scrape, Value as PromValue};
 use serde_json::json;
 
-const MODEL: &str = "llama3.2:3b";
 const CHAT: &str = "/v1/chat/completions";
 
 /// Parses a page strictly: every line must be a comment, a type or help
@@ -77,22 +76,7 @@ fn histogram_count(s: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test]
 async fn metrics_parse_and_move_with_traffic() {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let h = TestHost::start_with(store, |b| {
-        b.reward_policy(Arc::new(FlatReward(Credits(300))))
-    })
-    .await;
-    h.broker
-        .put_price(PriceEntry {
-            service: Service::Chat,
-            model: None,
-            per_request: Credits(1_000),
-            per_million_input_tokens: Credits(1_000_000),
-            per_million_output_tokens: Credits(2_000_000),
-            per_million_units: Credits::ZERO,
-        })
-        .await
-        .unwrap();
+    let h = TestHost::start_market(Credits(300)).await;
     let bad = StandInNode::start("bad").await;
     let good = StandInNode::start("good").await;
     bad.set(Behavior::Status(500));
@@ -113,31 +97,18 @@ async fn metrics_parse_and_move_with_traffic() {
     assert_eq!(value(&before, "cxmpute_nodes", &[]), 2.0);
     assert_eq!(value(&before, "cxmpute_requests_total", &[]), 0.0);
 
-    let client = reqwest::Client::new();
-    let send = |stream: bool| {
-        client
-            .post(format!("{}{CHAT}", h.url))
-            .bearer_auth(key.expose())
-            .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
-            .send()
-    };
+    let body = |stream: bool| json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream});
     // Calls until the failing node was picked first at least once (a
     // failover); which node goes first is the selector's business.
     let mut calls = 0;
     while bad.hits() == 0 {
         assert!(calls < 50, "the failing node was never tried");
-        let r = send(calls % 2 == 1).await.unwrap();
+        let r = h.post(CHAT, &key, &body(calls % 2 == 1)).await;
         assert_eq!(r.status(), 200);
         r.text().await.unwrap();
         calls += 1;
     }
-    let refused = client
-        .post(format!("{}{CHAT}", h.url))
-        .bearer_auth("sk-wrong")
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
+    let refused = h.post(CHAT, &Secret::new("sk-wrong"), &json!({})).await;
     assert_eq!(refused.status(), 401);
 
     let after = scrape(&h).await;

@@ -16,25 +16,13 @@ use cxmpute_core::health::{BreakerState, HealthConfig};
 use cxmpute_core::pool::PoolIndex;
 use cxmpute_core::pricing::Meter;
 use cxmpute_core::reward::RewardContext;
-use cxmpute_core::testkit::{test_config, Behavior, StandInNode, TestHost};
-use cxmpute_core::wire::ErrorBody;
+use cxmpute_core::testkit::{
+    chat_price, expect_error, test_config, Behavior, StandInNode, TestHost, MODEL,
+};
 use cxmpute_core::*;
 use serde_json::{json, Value};
 
-const MODEL: &str = "llama3.2:3b";
-
 // ---- helpers -------------------------------------------------------------------
-
-fn chat_price() -> PriceEntry {
-    PriceEntry {
-        service: Service::Chat,
-        model: None,
-        per_request: Credits(1_000),
-        per_million_input_tokens: Credits(1_000_000),
-        per_million_output_tokens: Credits(2_000_000),
-        per_million_units: Credits::ZERO,
-    }
-}
 
 async fn host_with(f: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> TestHost {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
@@ -45,23 +33,6 @@ async fn host_with(f: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> TestHost {
 
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
-}
-
-async fn call(h: &TestHost, key: &Secret, path: &str, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{}{path}", h.url))
-        .bearer_auth(key.expose())
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> String {
-    assert_eq!(r.status(), status);
-    let e: ErrorBody = r.json().await.expect("OpenAI error JSON");
-    assert_eq!(e.error.code.as_deref(), Some(code), "{}", e.error.message);
-    e.error.message
 }
 
 /// The provider API, as one provider's key sees it.
@@ -308,13 +279,13 @@ async fn lifecycle_register_start_ready_heartbeat_end_delete_over_http() {
 
     // It serves both pools, with the node secret.
     assert_eq!(
-        call(&h, &user, "/v1/chat/completions", &chat(&first))
+        h.post("/v1/chat/completions", &user, &chat(&first))
             .await
             .status(),
         200
     );
     let emb = json!({"model": "nomic-embed-text", "input": "hello"});
-    assert_eq!(call(&h, &user, "/v1/embeddings", &emb).await.status(), 200);
+    assert_eq!(h.post("/v1/embeddings", &user, &emb).await.status(), 200);
     assert_eq!(node.hits(), 2);
 
     let list: Value = a.get("").await.json().await.unwrap();
@@ -331,7 +302,7 @@ async fn lifecycle_register_start_ready_heartbeat_end_delete_over_http() {
     assert_eq!(a.post(&format!("{path}/end"), None).await.status(), 204);
     assert!(h.broker.models().data.is_empty());
     expect_error(
-        call(&h, &user, "/v1/chat/completions", &chat(&first)).await,
+        h.post("/v1/chat/completions", &user, &chat(&first)).await,
         404,
         "model_not_found",
     )
@@ -349,7 +320,7 @@ async fn lifecycle_register_start_ready_heartbeat_end_delete_over_http() {
         200
     );
     assert_eq!(
-        call(&h, &user, "/v1/chat/completions", &chat(&first))
+        h.post("/v1/chat/completions", &user, &chat(&first))
             .await
             .status(),
         200
@@ -510,7 +481,7 @@ async fn a_node_that_stops_heartbeating_leaves_routing_after_the_ttl_and_returns
     h.broker.run_maintenance().await.unwrap();
     assert!(h.broker.pools().is_healthy(&id));
     assert_eq!(
-        call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+        h.post("/v1/chat/completions", &user, &chat(MODEL))
             .await
             .status(),
         200
@@ -525,7 +496,7 @@ async fn a_node_that_stops_heartbeating_leaves_routing_after_the_ttl_and_returns
         ProvisionState::Ended
     );
     expect_error(
-        call(&h, &user, "/v1/chat/completions", &chat(MODEL)).await,
+        h.post("/v1/chat/completions", &user, &chat(MODEL)).await,
         404,
         "model_not_found",
     )
@@ -551,7 +522,7 @@ async fn a_node_that_stops_heartbeating_leaves_routing_after_the_ttl_and_returns
     h.broker.run_maintenance().await.unwrap();
     assert!(h.broker.pools().is_healthy(&id));
     assert_eq!(
-        call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+        h.post("/v1/chat/completions", &user, &chat(MODEL))
             .await
             .status(),
         200
@@ -597,7 +568,7 @@ async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on
     assert_eq!(breaker(&h, &id), BreakerState::Open);
     for _ in 0..4 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -617,7 +588,7 @@ async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on
     // On trial: two forwarded successes close it.
     for _ in 0..6 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -659,7 +630,7 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
     // failure, the minimum sample, with no health check on the request path.
     for _ in 0..20 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -672,7 +643,7 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
     assert_eq!(bad.hits(), 3);
     for _ in 0..5 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -692,7 +663,7 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
     );
     for _ in 0..4 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -705,7 +676,7 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
     // closed breaker starts again from the first cooldown.
     bad.set(Behavior::Status(500));
     for _ in 0..20 {
-        call(&h, &user, "/v1/chat/completions", &chat(MODEL)).await;
+        h.post("/v1/chat/completions", &user, &chat(MODEL)).await;
         if !h.broker.pools().is_healthy(&id) {
             break;
         }
@@ -735,7 +706,7 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
     let (_, user) = h.user(Credits::whole(1)).await;
     for _ in 0..2 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -758,7 +729,7 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
     );
     for _ in 0..2 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -828,7 +799,7 @@ async fn the_default_selector_avoids_a_slow_node_end_to_end() {
     let (_, user) = h.user(Credits::whole(10)).await;
     for _ in 0..40 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -1085,17 +1056,13 @@ fn revenue_share_and_flat_rewards_are_exact() {
 async fn providers_earn_what_the_policy_says_from_settled_successful_requests_only() {
     // Revenue share: 70 % of the 1,020 charged.
     let h = host_with(|b| b.reward_policy(Arc::new(RevenueShare::new(7_000).unwrap()))).await;
-    let node = StandInNode::start("n").await;
-    let failing = StandInNode::start("f").await;
+    let (_node, p, _) = h.stand_in("n", Service::Chat, MODEL).await;
+    let (failing, pf, _) = h.stand_in("f", Service::Chat, MODEL).await;
     failing.set(Behavior::Status(500));
-    let (p, _) = h.provider().await;
-    let (pf, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
-    h.add_node(&pf, &failing, Service::Chat, MODEL).await;
     let (_, user) = h.user(Credits::whole(1)).await;
     for _ in 0..3 {
         assert_eq!(
-            call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+            h.post("/v1/chat/completions", &user, &chat(MODEL))
                 .await
                 .status(),
             200
@@ -1121,12 +1088,10 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
         })
         .await
         .unwrap();
-    let node = StandInNode::start("n").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, p, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (u, user) = h.user(Credits::whole(10)).await;
     assert_eq!(
-        call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+        h.post("/v1/chat/completions", &user, &chat(MODEL))
             .await
             .status(),
         200
@@ -1149,12 +1114,10 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
 
     // A reward above the charge is clamped to it: the platform never pays out more.
     let h = host_with(|b| b.reward_policy(Arc::new(FlatReward(Credits(5_000))))).await;
-    let node = StandInNode::start("n").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, p, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (_, user) = h.user(Credits::whole(1)).await;
     assert_eq!(
-        call(&h, &user, "/v1/chat/completions", &chat(MODEL))
+        h.post("/v1/chat/completions", &user, &chat(MODEL))
             .await
             .status(),
         200

@@ -4,11 +4,9 @@
 use std::sync::Arc;
 
 use cxmpute::sqlite::SqliteStore;
-use cxmpute_core::testkit::{StandInNode, TestHost};
+use cxmpute_core::testkit::{StandInNode, TestHost, MODEL};
 use cxmpute_core::*;
 use serde_json::json;
-
-const MODEL: &str = "llama3.2:3b";
 
 fn temp_db() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("cxmpute-restart-{}.db", secret::random_token(12)))

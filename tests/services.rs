@@ -11,14 +11,11 @@ use axum::http::header;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
 use cxmpute_core::node::{Node, NodeConfig, NodeHandle};
-use cxmpute_core::testkit::{StandInNode, TestHost};
+use cxmpute_core::testkit::{chat_price, expect_error, StandInNode, TestHost, EMBED, MODEL};
 use cxmpute_core::wire::ErrorBody;
 use cxmpute_core::*;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-
-const CHAT: &str = "llama3.2:3b";
-const EMBED: &str = "nomic-embed-text";
 
 /// A valid 1x1 PNG.
 const PNG: [u8; 70] = [
@@ -46,14 +43,14 @@ fn price(service: Service, per_request: i64, input: i64, output: i64, units: i64
 ///
 /// | service | per request | per unit |
 /// |---|---|---|
-/// | chat | 1,000 | 1 per input token, 2 per output token |
+/// | chat ([`chat_price`]) | 1,000 | 1 per input token, 2 per output token |
 /// | embeddings | 7 | 3 per input token |
 /// | tts | 100 | 20 per character |
 /// | scrape | 0 | 1,000 per URL fetched |
 /// | vision | 1,000 | 500 per image |
 fn prices() -> Vec<PriceEntry> {
     vec![
-        price(Service::Chat, 1_000, 1_000_000, 2_000_000, 0),
+        chat_price(),
         price(Service::Embeddings, 7, 3_000_000, 0, 0),
         price(Service::Tts, 100, 0, 0, 20_000_000),
         price(Service::Scrape, 0, 0, 0, 1_000_000_000),
@@ -182,7 +179,7 @@ async fn world() -> World {
     let mut cfg = NodeConfig::new(h.url.clone(), key.expose());
     cfg.upstream = Some(format!("{}/v1", upstream.url()).parse().unwrap());
     cfg.vision_upstream = Some(vision_url.parse().unwrap());
-    cfg.chat_models = vec![CHAT.into()];
+    cfg.chat_models = vec![MODEL.into()];
     cfg.embedding_models = vec![EMBED.into()];
     cfg.vision_models = vec![wire::DEFAULT_VISION_MODEL.into()];
     // Exactly 127.0.0.1: the test's own pages. Every other non-public
@@ -213,16 +210,6 @@ async fn world() -> World {
     }
 }
 
-async fn post(w: &World, path: &str, key: &Secret, body: &Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{}{path}", w.h.url))
-        .bearer_auth(key.expose())
-        .json(body)
-        .send()
-        .await
-        .unwrap()
-}
-
 async fn balance(w: &World, u: &User) -> Credits {
     w.h.broker.store().user(&u.id).await.unwrap().credits
 }
@@ -247,14 +234,6 @@ async fn wait_settled(w: &World, n: u64) {
     panic!("{n} settlements never arrived");
 }
 
-async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> String {
-    assert_eq!(r.status(), status);
-    let e: ErrorBody = r.json().await.expect("OpenAI error JSON");
-    assert_eq!(e.error.code.as_deref(), Some(code), "{}", e.error.message);
-    assert!(!e.error.message.is_empty());
-    e.error.message
-}
-
 #[tokio::test]
 async fn the_node_joins_every_pool_it_serves() {
     let w = world().await;
@@ -268,7 +247,7 @@ async fn the_node_joins_every_pool_it_serves() {
     assert_eq!(
         served,
         vec![
-            (Service::Chat, CHAT.to_owned()),
+            (Service::Chat, MODEL.to_owned()),
             (Service::Embeddings, EMBED.to_owned()),
             (Service::Tts, "kokoro".to_owned()),
             (Service::Scrape, "default".to_owned()),
@@ -284,8 +263,8 @@ async fn the_node_joins_every_pool_it_serves() {
 async fn chat_plain_and_streamed_and_embeddings_pass_through_the_node() {
     let w = world().await;
     let (u, key) = w.h.user(Credits::whole(10)).await;
-    let body = json!({"model": CHAT, "messages": [{"role": "user", "content": "hi"}]});
-    let r = post(&w, "/v1/chat/completions", &key, &body).await;
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let r = w.h.post("/v1/chat/completions", &key, &body).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Hello from upstream");
@@ -293,8 +272,8 @@ async fn chat_plain_and_streamed_and_embeddings_pass_through_the_node() {
     assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 1_020));
 
     let body =
-        json!({"model": CHAT, "messages": [{"role": "user", "content": "hi"}], "stream": true});
-    let r = post(&w, "/v1/chat/completions", &key, &body).await;
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    let r = w.h.post("/v1/chat/completions", &key, &body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/event-stream");
     let text = r.text().await.unwrap();
@@ -315,7 +294,7 @@ async fn chat_plain_and_streamed_and_embeddings_pass_through_the_node() {
     assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 2 * 1_020));
 
     let body = json!({"model": EMBED, "input": ["one", "two"]});
-    let r = post(&w, "/v1/embeddings", &key, &body).await;
+    let r = w.h.post("/v1/embeddings", &key, &body).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
@@ -350,7 +329,7 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
     let text = "Hello from the marketplace.";
     let chars = text.chars().count() as i64;
     let body = json!({"model": "kokoro", "input": text, "voice": "alloy"});
-    let r = post(&w, "/v1/audio/speech", &key, &body).await;
+    let r = w.h.post("/v1/audio/speech", &key, &body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "audio/wav");
     check_wav(&r.bytes().await.unwrap());
@@ -359,7 +338,7 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
     assert_eq!(balance(&w, &u).await, Credits(10_000_000 - one));
 
     // The original's route: `text`, voice defaulted to af_bella, model to kokoro.
-    let r = post(&w, "/v1/tts", &key, &json!({"text": text})).await;
+    let r = w.h.post("/v1/tts", &key, &json!({"text": text})).await;
     assert_eq!(r.status(), 200);
     check_wav(&r.bytes().await.unwrap());
     wait_settled(&w, 2).await;
@@ -368,7 +347,7 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
     // Raw samples on request.
     let body =
         json!({"model": "kokoro", "input": text, "voice": "bm_george", "response_format": "pcm"});
-    let r = post(&w, "/v1/audio/speech", &key, &body).await;
+    let r = w.h.post("/v1/audio/speech", &key, &body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "audio/pcm");
     let pcm = r.bytes().await.unwrap();
@@ -393,13 +372,13 @@ async fn scraping_fetches_converts_and_refuses_forbidden_hops() {
         format!("{s}/to-v6-loopback"),
         "http://10.0.0.1/".to_owned(),
     ];
-    let r = post(
-        &w,
-        "/v1/scrape",
-        &key,
-        &json!({"urls": urls, "format": "markdown"}),
-    )
-    .await;
+    let r =
+        w.h.post(
+            "/v1/scrape",
+            &key,
+            &json!({"urls": urls, "format": "markdown"}),
+        )
+        .await;
     assert_eq!(r.status(), 200);
     let v: wire::ScrapeResponse = r.json().await.unwrap();
     assert_eq!(v.results.len(), urls.len());
@@ -438,7 +417,7 @@ async fn scraping_fetches_converts_and_refuses_forbidden_hops() {
         ("html", "<h1>Hello scraper</h1>"),
     ] {
         let body = json!({"urls": [format!("{s}/article")], "format": format});
-        let r = post(&w, "/v1/scrape", &key, &body).await;
+        let r = w.h.post("/v1/scrape", &key, &body).await;
         assert_eq!(r.status(), 200);
         let v: wire::ScrapeResponse = r.json().await.unwrap();
         let c = v.results[0].content.as_deref().unwrap();
@@ -455,28 +434,30 @@ async fn vision_routes_answer_typed_results_and_charge_per_image() {
     let w = world().await;
     let (u, key) = w.h.user(Credits::whole(10)).await;
     let img = json!(PNG_B64);
-    let r = post(&w, "/v1/m/caption", &key, &json!({"image": img})).await;
+    let r =
+        w.h.post("/v1/m/caption", &key, &json!({"image": img}))
+            .await;
     assert_eq!(r.status(), 200);
     let v: wire::CaptionResponse = r.json().await.unwrap();
     assert_eq!(v.caption, "A single transparent pixel.");
 
-    let r = post(
-        &w,
-        "/v1/m/query",
-        &key,
-        &json!({"image": img, "question": "What is it?"}),
-    )
-    .await;
+    let r =
+        w.h.post(
+            "/v1/m/query",
+            &key,
+            &json!({"image": img, "question": "What is it?"}),
+        )
+        .await;
     let v: wire::QueryResponse = r.json().await.unwrap();
     assert_eq!(v.answer, "It is a pixel.");
 
-    let r = post(
-        &w,
-        "/v1/m/detect",
-        &key,
-        &json!({"image": img, "target": "pixel"}),
-    )
-    .await;
+    let r =
+        w.h.post(
+            "/v1/m/detect",
+            &key,
+            &json!({"image": img, "target": "pixel"}),
+        )
+        .await;
     let v: wire::DetectResponse = r.json().await.unwrap();
     assert_eq!(
         v.objects,
@@ -490,13 +471,13 @@ async fn vision_routes_answer_typed_results_and_charge_per_image() {
 
     // By URL: the node fetches it (from 127.0.0.1, allowed) and sends it inline.
     let url = format!("{}/pixel.png", w.site);
-    let r = post(
-        &w,
-        "/v1/m/point",
-        &key,
-        &json!({"imageUrl": url, "target": "pixel"}),
-    )
-    .await;
+    let r =
+        w.h.post(
+            "/v1/m/point",
+            &key,
+            &json!({"imageUrl": url, "target": "pixel"}),
+        )
+        .await;
     let v: wire::PointResponse = r.json().await.unwrap();
     assert_eq!(v.points, [wire::ImagePoint { x: 0.5, y: 0.25 }]);
 
@@ -522,7 +503,9 @@ async fn an_image_url_the_node_may_not_fetch_costs_nothing() {
         format!("{}/huge.png", w.site),
         "http://127.0.0.2/x.png".to_owned(),
     ] {
-        let r = post(&w, "/v1/m/caption", &key, &json!({"image_url": url})).await;
+        let r =
+            w.h.post("/v1/m/caption", &key, &json!({"image_url": url}))
+                .await;
         assert!(
             r.status().is_client_error() || r.status().is_server_error(),
             "{url}"
@@ -613,19 +596,16 @@ async fn bad_input_on_every_route_is_a_clear_400_and_costs_nothing() {
         ),
     ];
     for (path, body, says) in cases {
-        let msg = expect_error(post(&w, path, &key, &body).await, 400, "invalid_request").await;
+        let msg = expect_error(w.h.post(path, &key, &body).await, 400, "invalid_request").await;
+        assert!(!msg.is_empty());
         assert!(
             msg.contains(says),
             "{path} {body}: `{msg}` should mention `{says}`"
         );
     }
     let unknown = json!({"model": "nope", "input": "hi", "voice": "alloy"});
-    expect_error(
-        post(&w, "/v1/audio/speech", &key, &unknown).await,
-        404,
-        "model_not_found",
-    )
-    .await;
+    let r = w.h.post("/v1/audio/speech", &key, &unknown).await;
+    assert!(!expect_error(r, 404, "model_not_found").await.is_empty());
     assert_eq!(balance(&w, &u).await, Credits::whole(10));
     assert_eq!(
         w.h.broker
@@ -649,15 +629,11 @@ async fn a_key_limited_to_scraping_may_not_speak() {
             .await
             .unwrap();
     let body = json!({"text": "hi"});
-    expect_error(
-        post(&w, "/v1/tts", &scrape_only, &body).await,
-        403,
-        "forbidden",
-    )
-    .await;
+    let r = w.h.post("/v1/tts", &scrape_only, &body).await;
+    assert!(!expect_error(r, 403, "forbidden").await.is_empty());
     let body = json!({"urls": [format!("{}/notes.txt", w.site)]});
     assert_eq!(
-        post(&w, "/v1/scrape", &scrape_only, &body).await.status(),
+        w.h.post("/v1/scrape", &scrape_only, &body).await.status(),
         200
     );
 }

@@ -7,23 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cxmpute_core::stats::scope;
-use cxmpute_core::testkit::{Behavior, StandInNode, TestHost};
+use cxmpute_core::testkit::{Behavior, StandInNode, TestHost, EMBED, MODEL};
 use cxmpute_core::*;
 use serde_json::{json, Value};
-
-const MODEL: &str = "llama3.2:3b";
-const EMBED: &str = "nomic-embed-text";
-
-fn chat_price() -> PriceEntry {
-    PriceEntry {
-        service: Service::Chat,
-        model: None,
-        per_request: Credits(1_000),
-        per_million_input_tokens: Credits(1_000_000),
-        per_million_output_tokens: Credits(2_000_000),
-        per_million_units: Credits::ZERO,
-    }
-}
 
 fn chat(stream: bool) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
@@ -36,10 +22,7 @@ async fn call(
     body: &Value,
     app: Option<(&str, &str)>,
 ) -> (u16, String) {
-    let mut r = reqwest::Client::new()
-        .post(format!("{}{path}", h.url))
-        .bearer_auth(key.expose())
-        .json(body);
+    let mut r = h.post_request(path, key, body);
     if let Some((name, value)) = app {
         r = r.header(name, value);
     }
@@ -74,12 +57,7 @@ fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
 
 #[tokio::test]
 async fn stats_add_up_exactly_after_a_mix_of_calls() {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let h = TestHost::start_with(store, |b| {
-        b.reward_policy(Arc::new(FlatReward(Credits(500))))
-    })
-    .await;
-    h.broker.put_price(chat_price()).await.unwrap();
+    let h = TestHost::start_market(Credits(500)).await;
     let chat_node = StandInNode::start("a").await;
     let embed_node = StandInNode::start("e").await;
     let (p, pkey) = h.provider().await;
@@ -289,9 +267,7 @@ async fn stats_add_up_exactly_after_a_mix_of_calls() {
 #[tokio::test]
 async fn days_are_kept_apart_and_ranges_are_checked() {
     let h = TestHost::start(Arc::new(MemoryStore::new())).await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (_, key) = h.user(Credits::whole(10)).await;
     let day1 = h.broker.now().day();
     assert_eq!(
@@ -378,9 +354,7 @@ async fn a_retried_flush_counts_nothing_twice() {
         failed_once: AtomicBool::new(false),
     });
     let h = TestHost::start(store.clone()).await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(10)).await;
     for _ in 0..3 {
         assert_eq!(

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use cxmpute_core::testkit::{StandInNode, TestHost};
+use cxmpute_core::testkit::{TestHost, MODEL};
 use cxmpute_core::*;
 use parking_lot::Mutex;
 use serde_json::json;
@@ -310,21 +310,13 @@ async fn a_gateway_call_reads_once_to_authenticate_and_writes_once_to_admit_and_
         calls: Mutex::new(BTreeMap::new()),
     });
     let h = TestHost::start(store.clone()).await;
-    let node = StandInNode::start("a").await;
-    let (p, _) = h.provider().await;
-    h.add_node(&p, &node, Service::Chat, "llama3.2:3b").await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (_, key) = h.user(Credits::whole(10)).await;
-    let c = reqwest::Client::new();
     for stream in [false, true] {
         let settled_before = h.broker.store().ledger_totals().await.unwrap().settlements;
         store.take();
-        let r = c
-            .post(format!("{}/v1/chat/completions", h.url))
-            .bearer_auth(key.expose())
-            .json(&json!({"model": "llama3.2:3b", "messages": [{"role": "user", "content": "hi"}], "stream": stream}))
-            .send()
-            .await
-            .unwrap();
+        let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream});
+        let r = h.post("/v1/chat/completions", &key, &body).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
         // Even a stream is settled before its body ends.

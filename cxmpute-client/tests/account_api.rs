@@ -28,7 +28,7 @@ async fn request_a_code_and_sign_in_with_it() {
         .unwrap();
     assert_eq!(sent.status, "sent");
     assert!(sent.expires_in > 0);
-    let code = w.inbox.code_for("ada@example.com");
+    let code = w.inbox.last_code("ada@example.com");
 
     let e = anon
         .account()

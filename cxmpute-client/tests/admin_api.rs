@@ -270,9 +270,7 @@ async fn see_a_provider_suspend_it_and_disconnect_its_node() {
         .is_none());
 
     // Back in routing after the suspension is lifted, then disconnected for good.
-    let other = StandInNode::start("spare").await;
-    let (p2, _) = w.host.provider().await;
-    let spare = w.host.add_node(&p2, &other, Service::Chat, MODEL).await;
+    let (_other, _, spare) = w.host.stand_in("spare", Service::Chat, MODEL).await;
     admin.admin().disconnect(&w.chat_node_id).await.unwrap();
     admin.admin().disconnect(&spare).await.unwrap();
     let e = w.client().user().chat(&req).await.unwrap_err();

@@ -4,6 +4,11 @@
 //!
 //! A [`StandInNode`] answers in OpenAI shape and can be scripted, at any time,
 //! to be slow, fail with a status, hang, cut a stream half-way or send garbage.
+//!
+//! Beside them, what many tests share: the models the stand-ins serve
+//! ([`MODEL`], [`EMBED`]), the chat price ([`chat_price`]), a mailer that
+//! keeps its codes ([`RecordingMailer`]) and the check of an error answer
+//! ([`expect_error`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,10 +27,75 @@ use serde_json::{json, Value};
 use crate::broker::{Broker, BrokerConfig};
 use crate::clock::ManualClock;
 use crate::http::bearer;
+use crate::mail::Mailer;
+use crate::memory::MemoryStore;
+use crate::reward::FlatReward;
 use crate::secret::Secret;
 use crate::store::Store;
 use crate::types::*;
-use crate::wire::{RegisterProvisionRequest, ServedModel, Usage};
+use crate::wire::{ErrorBody, RegisterProvisionRequest, ServedModel, Usage};
+
+/// The chat model tests serve.
+pub const MODEL: &str = "llama3.2:3b";
+/// The embeddings model tests serve.
+pub const EMBED: &str = "nomic-embed-text";
+
+/// The chat price tests charge: 1,000 micro-credits per request, 1 per input
+/// token and 2 per output token, for every chat model.
+pub fn chat_price() -> PriceEntry {
+    PriceEntry {
+        service: Service::Chat,
+        model: None,
+        per_request: Credits(1_000),
+        per_million_input_tokens: Credits(1_000_000),
+        per_million_output_tokens: Credits(2_000_000),
+        per_million_units: Credits::ZERO,
+    }
+}
+
+/// Asserts that `r` is an OpenAI-shaped error answer with this status and
+/// code, and returns its message.
+pub async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(r.status().as_u16(), status);
+    let e: ErrorBody = r.json().await.expect("OpenAI error JSON");
+    assert_eq!(e.error.code.as_deref(), Some(code), "{}", e.error.message);
+    e.error.message
+}
+
+/// A mailer that keeps the sign-in codes it is asked to send instead of
+/// delivering them, for tests to read as a person reads their mail (tests
+/// about delivery use a real server). Clones share the mail.
+#[derive(Clone, Default)]
+pub struct RecordingMailer(Arc<Mutex<Vec<(String, String)>>>);
+
+impl std::fmt::Debug for RecordingMailer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordingMailer").finish_non_exhaustive()
+    }
+}
+
+impl RecordingMailer {
+    /// The last code sent to `email`; panics when none was.
+    pub fn last_code(&self, email: &str) -> String {
+        self.0
+            .lock()
+            .iter()
+            .rev()
+            .find(|(to, _)| to == email)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_else(|| panic!("no mail to {email}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl Mailer for RecordingMailer {
+    async fn send_login_code(&self, email: &str, code: &Secret) -> crate::Result<()> {
+        self.0
+            .lock()
+            .push((email.to_owned(), code.expose().to_owned()));
+        Ok(())
+    }
+}
 
 /// What a stand-in node does with the next requests.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -386,6 +456,46 @@ impl TestHost {
         }
     }
 
+    /// A host on a fresh memory store that charges [`chat_price`] and pays
+    /// providers a flat `reward` a request.
+    pub async fn start_market(reward: Credits) -> Self {
+        Self::start_market_with(Arc::new(MemoryStore::new()), reward, |b| b).await
+    }
+
+    /// [`TestHost::start_market`] on `store`, its builder further adjusted by `f`.
+    pub async fn start_market_with(
+        store: Arc<dyn Store>,
+        reward: Credits,
+        f: impl FnOnce(crate::broker::BrokerBuilder) -> crate::broker::BrokerBuilder,
+    ) -> Self {
+        let h = Self::start_with(store, move |b| {
+            f(b.reward_policy(Arc::new(FlatReward(reward))))
+        })
+        .await;
+        h.broker
+            .put_price(chat_price())
+            .await
+            .expect("put the chat price");
+        h
+    }
+
+    /// A POST of `body` as JSON to `path` on this host, with `key` as the
+    /// bearer, to add to before sending.
+    pub fn post_request(&self, path: &str, key: &Secret, body: &Value) -> reqwest::RequestBuilder {
+        reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key.expose())
+            .json(body)
+    }
+
+    /// Sends [`TestHost::post_request`] as it is: the answer.
+    pub async fn post(&self, path: &str, key: &Secret, body: &Value) -> reqwest::Response {
+        self.post_request(path, key, body)
+            .send()
+            .await
+            .expect("the host answers")
+    }
+
     /// A user holding `credits`, and its API key.
     pub async fn user(&self, credits: Credits) -> (User, Secret) {
         let email = format!(
@@ -423,6 +533,20 @@ impl TestHost {
     ) -> ProvisionId {
         self.add_node_at(provider, &node.url(), service, model, Some(node))
             .await
+    }
+
+    /// Starts a stand-in node named `name` for a new provider, registered to
+    /// serve `model` for `service`: the node, the provider and the node's id.
+    pub async fn stand_in(
+        &self,
+        name: &str,
+        service: Service,
+        model: &str,
+    ) -> (StandInNode, Provider, ProvisionId) {
+        let node = StandInNode::start(name).await;
+        let (provider, _) = self.provider().await;
+        let id = self.add_node(&provider, &node, service, model).await;
+        (node, provider, id)
     }
 
     /// Registers a node at `url` (which may be dead), serving `model` for `service`.

@@ -1,49 +1,19 @@
-//! What the account tests share: a host with a mail outbox, and a small
-//! request builder.
+//! What the account tests share: a host with a mail outbox (the testkit's
+//! recording mailer), and a small request builder.
 
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use async_trait::async_trait;
 use cxmpute_core::testkit::TestHost;
+#[allow(unused_imports)] // each test binary uses a different part of this module
+pub use cxmpute_core::testkit::{expect_error, RecordingMailer, EMBED, MODEL};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
 use serde_json::{json, Value};
 
-pub const MODEL: &str = "llama3.2:3b";
-pub const EMBED: &str = "nomic-embed-text";
 pub const BOSS: &str = "boss@admins.test";
-
-/// Keeps mail instead of delivering it: the stand-in for the mail system in
-/// tests that are not about delivery (the SMTP test uses a real server).
-#[derive(Clone, Default)]
-pub struct Outbox(Arc<Mutex<Vec<(String, String)>>>);
-
-impl Outbox {
-    pub fn last_code(&self, email: &str) -> String {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find(|(to, _)| to == email)
-            .map(|(_, c)| c.clone())
-            .unwrap_or_else(|| panic!("no mail to {email}"))
-    }
-}
-
-#[async_trait]
-impl Mailer for Outbox {
-    async fn send_login_code(&self, email: &str, code: &Secret) -> Result<()> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((email.to_owned(), code.expose().to_owned()));
-        Ok(())
-    }
-}
 
 pub fn auth() -> AuthConfig {
     AuthConfig::default().with_admin_emails([BOSS.to_owned()])
@@ -54,28 +24,11 @@ pub async fn host_with(mailer: Arc<dyn Mailer>) -> TestHost {
 }
 
 pub async fn host_on(store: Arc<dyn Store>, mailer: Arc<dyn Mailer>) -> TestHost {
-    let h = TestHost::start_with(store, move |b| {
-        b.mailer(mailer)
-            .auth(auth())
-            .reward_policy(Arc::new(FlatReward(Credits(500))))
-    })
-    .await;
-    h.broker
-        .put_price(PriceEntry {
-            service: Service::Chat,
-            model: None,
-            per_request: Credits(1_000),
-            per_million_input_tokens: Credits(1_000_000),
-            per_million_output_tokens: Credits(2_000_000),
-            per_million_units: Credits::ZERO,
-        })
-        .await
-        .unwrap();
-    h
+    TestHost::start_market_with(store, Credits(500), move |b| b.mailer(mailer).auth(auth())).await
 }
 
-pub async fn host() -> (TestHost, Outbox) {
-    let outbox = Outbox::default();
+pub async fn host() -> (TestHost, RecordingMailer) {
+    let outbox = RecordingMailer::default();
     (host_with(Arc::new(outbox.clone())).await, outbox)
 }
 
@@ -140,13 +93,6 @@ impl Call<'_> {
     }
 }
 
-/// Asserts an OpenAI error answer with this status and code.
-pub async fn expect_error(r: reqwest::Response, status: u16, code: &str) {
-    assert_eq!(r.status().as_u16(), status);
-    let e: ErrorBody = r.json().await.unwrap();
-    assert_eq!(e.error.code.as_deref(), Some(code), "{}", e.error.message);
-}
-
 pub async fn request_code(h: &TestHost, email: &str) -> reqwest::Response {
     call(h, "POST", "/v1/auth/code")
         .json(json!({ "email": email }))
@@ -161,7 +107,7 @@ pub async fn verify(h: &TestHost, email: &str, code: &str) -> reqwest::Response 
         .await
 }
 
-pub async fn sign_in(h: &TestHost, outbox: &Outbox, email: &str) -> SessionResponse {
+pub async fn sign_in(h: &TestHost, outbox: &RecordingMailer, email: &str) -> SessionResponse {
     assert_eq!(request_code(h, email).await.status(), 202);
     let r = verify(h, email, &outbox.last_code(email)).await;
     assert_eq!(r.status(), 200);

@@ -2,60 +2,13 @@
 
 #![allow(dead_code)] // each test binary uses its own part of this
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cxmpute_client::{Client, RetryPolicy};
-use cxmpute_core::testkit::{StandInNode, TestHost};
-use cxmpute_core::{
-    Credits, FlatReward, Mailer, MemoryStore, PriceEntry, Provider, ProvisionId, Secret, Service,
-    Store, User,
-};
-
-/// The chat model the stand-ins serve.
-pub const MODEL: &str = "llama3.2:3b";
-/// The embeddings model the stand-ins serve.
-pub const EMBED: &str = "nomic-embed-text";
-
-/// 1 micro-credit per input token, 2 per output token, 1,000 per request.
-pub fn chat_price() -> PriceEntry {
-    PriceEntry {
-        service: Service::Chat,
-        model: None,
-        per_request: Credits(1_000),
-        per_million_input_tokens: Credits(1_000_000),
-        per_million_output_tokens: Credits(2_000_000),
-        per_million_units: Credits::ZERO,
-    }
-}
-
-/// Where the host's sign-in codes go: kept for the tests to read, as a
-/// person reads their mail.
-#[derive(Default)]
-pub struct Inbox(Mutex<Vec<(String, String)>>);
-
-#[async_trait::async_trait]
-impl Mailer for Inbox {
-    async fn send_login_code(&self, email: &str, code: &Secret) -> cxmpute_core::Result<()> {
-        self.0
-            .lock()
-            .unwrap()
-            .push((email.to_owned(), code.expose().to_owned()));
-        Ok(())
-    }
-}
-
-impl Inbox {
-    /// The last code sent to `email`.
-    pub fn code_for(&self, email: &str) -> String {
-        let mails = self.0.lock().unwrap();
-        let (_, code) = mails
-            .iter()
-            .rev()
-            .find(|(to, _)| to == email)
-            .expect("a code was mailed");
-        code.clone()
-    }
-}
+#[allow(unused_imports)] // each test binary uses its own part of this
+pub use cxmpute_core::testkit::{chat_price, EMBED, MODEL};
+use cxmpute_core::testkit::{RecordingMailer, StandInNode, TestHost};
+use cxmpute_core::{Credits, MemoryStore, Provider, ProvisionId, Secret, Service, User};
 
 /// A host with a chat node and an embeddings node, and a user holding 10 credits.
 pub struct World {
@@ -66,20 +19,19 @@ pub struct World {
     pub chat_node_id: ProvisionId,
     pub user: User,
     pub key: Secret,
-    pub inbox: Arc<Inbox>,
+    /// Where the host's sign-in codes go: kept for the tests to read, as a
+    /// person reads their mail.
+    pub inbox: RecordingMailer,
 }
 
 impl World {
     pub async fn start() -> World {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let inbox = Arc::new(Inbox::default());
-        let mailer: Arc<dyn Mailer> = inbox.clone();
-        let host = TestHost::start_with(store, |b| {
-            b.reward_policy(Arc::new(FlatReward(Credits(500))))
-                .mailer(mailer)
+        let inbox = RecordingMailer::default();
+        let mailer = Arc::new(inbox.clone());
+        let host = TestHost::start_market_with(Arc::new(MemoryStore::new()), Credits(500), |b| {
+            b.mailer(mailer)
         })
         .await;
-        host.broker.put_price(chat_price()).await.unwrap();
         let chat_node = StandInNode::start("a").await;
         let embed_node = StandInNode::start("e").await;
         let (provider, _) = host.provider().await;
@@ -121,7 +73,7 @@ impl World {
         let anon = self.anonymous();
         anon.account().request_code(email).await.unwrap();
         anon.account()
-            .sign_in(email, &self.inbox.code_for(email))
+            .sign_in(email, &self.inbox.last_code(email))
             .await
             .unwrap()
     }
