@@ -33,20 +33,17 @@ pub(crate) async fn scrape(s: &Serving, body: &[u8]) -> Result<Response> {
         )));
     }
     let deadline = tokio::time::Instant::now() + cfg.deadline;
-    // Owned per page: each fetch is its own future, buffered in order.
-    let shared = std::sync::Arc::new((s.cfg.egress.clone(), cfg.clone()));
+    // Each fetch is its own future, buffered in order; all are awaited here,
+    // so they borrow the rules and the configuration.
+    let rules = &s.cfg.egress;
     let format = req.format;
-    let pages = req.urls.into_iter().map(move |url| {
-        let shared = shared.clone();
-        async move {
-            let (rules, cfg) = &*shared;
-            match tokio::time::timeout_at(deadline, scrape_one(&url, format, rules, cfg)).await {
-                Ok(r) => r,
-                Err(_) => failed(
-                    &url,
-                    "the scrape's time ran out before this page was fetched",
-                ),
-            }
+    let pages = req.urls.into_iter().map(move |url| async move {
+        match tokio::time::timeout_at(deadline, scrape_one(&url, format, rules, cfg)).await {
+            Ok(r) => r,
+            Err(_) => failed(
+                &url,
+                "the scrape's time ran out before this page was fetched",
+            ),
         }
     });
     let results: Vec<ScrapeResult> = futures::stream::iter(pages)
