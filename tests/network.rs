@@ -3,15 +3,9 @@
 //! behaviour, and reward policies to the micro-credit.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use cxmpute_core::health::{BreakerState, HealthConfig};
 use cxmpute_core::pool::PoolIndex;
 use cxmpute_core::pricing::Meter;
@@ -78,90 +72,6 @@ impl ProviderApi {
             .send()
             .await
             .unwrap()
-    }
-}
-
-/// A node whose heartbeat and chat answers are scripted separately: a status,
-/// and a Retry-After to send with it.
-#[derive(Default)]
-struct Script {
-    heartbeat: Mutex<(u16, Option<String>)>,
-    chat: Mutex<(u16, Option<String>)>,
-    probes: AtomicUsize,
-    chats: AtomicUsize,
-}
-
-struct ScriptedNode {
-    url: String,
-    script: Arc<Script>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ScriptedNode {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn scripted(status: u16, retry_after: &Option<String>, ok: impl FnOnce() -> Response) -> Response {
-    if status == 200 {
-        return ok();
-    }
-    let mut r = (StatusCode::from_u16(status).unwrap(), "scripted").into_response();
-    if let Some(ra) = retry_after {
-        r.headers_mut().insert("retry-after", ra.parse().unwrap());
-    }
-    r
-}
-
-impl ScriptedNode {
-    async fn start() -> Self {
-        let script = Arc::new(Script {
-            heartbeat: Mutex::new((200, None)),
-            chat: Mutex::new((200, None)),
-            ..Script::default()
-        });
-        let app = Router::new()
-            .route(
-                "/heartbeat",
-                get(|State(s): State<Arc<Script>>, _h: HeaderMap| async move {
-                    s.probes.fetch_add(1, Ordering::SeqCst);
-                    let (status, ra) = s.heartbeat.lock().unwrap().clone();
-                    scripted(status, &ra, || "ok".into_response())
-                }),
-            )
-            .route(
-                "/v1/chat/completions",
-                post(|State(s): State<Arc<Script>>| async move {
-                    s.chats.fetch_add(1, Ordering::SeqCst);
-                    let (status, ra) = s.chat.lock().unwrap().clone();
-                    scripted(status, &ra, || {
-                        let v = json!({"id": "x", "object": "chat.completion", "created": 1, "model": MODEL,
-                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-                            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}});
-                        ([("content-type", "application/json")], v.to_string()).into_response()
-                    })
-                }),
-            )
-            .with_state(script.clone());
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", l.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(l, app).await;
-        });
-        ScriptedNode { url, script, task }
-    }
-
-    fn heartbeat(&self, status: u16, retry_after: Option<&str>) {
-        *self.script.heartbeat.lock().unwrap() = (status, retry_after.map(str::to_owned));
-    }
-
-    fn chat(&self, status: u16, retry_after: Option<&str>) {
-        *self.script.chat.lock().unwrap() = (status, retry_after.map(str::to_owned));
-    }
-
-    fn chats(&self) -> usize {
-        self.script.chats.load(Ordering::SeqCst)
     }
 }
 
@@ -549,17 +459,15 @@ async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on
     })
     .await;
     let good = StandInNode::start("good").await;
-    let flaky = ScriptedNode::start().await;
+    let flaky = StandInNode::start("flaky").await;
     let (p, _) = h.provider().await;
     h.add_node(&p, &good, Service::Chat, MODEL).await;
-    let id = h
-        .add_node_at(&p, &flaky.url, Service::Chat, MODEL, None)
-        .await;
+    let id = h.add_node(&p, &flaky, Service::Chat, MODEL).await;
     let (_, user) = h.user(Credits::whole(1)).await;
 
     let r = h.broker.run_health_checks().await;
     assert_eq!((r.probed, r.failed), (2, 0));
-    flaky.heartbeat(500, None);
+    flaky.set_heartbeat(Behavior::Status(500));
     let r = h.broker.run_health_checks().await;
     assert!(r.ejected.is_empty(), "one failed probe is not enough");
     assert!(h.broker.pools().is_healthy(&id));
@@ -574,10 +482,10 @@ async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on
             200
         );
     }
-    assert_eq!(flaky.chats(), 0, "no traffic while out");
+    assert_eq!(flaky.hits(), 0, "no traffic while out");
 
     // Healthy again, but not before the cooldown: it is not even probed.
-    flaky.heartbeat(200, None);
+    flaky.set_heartbeat(Behavior::Ok);
     h.clock.advance(Duration::from_secs(9));
     let r = h.broker.run_health_checks().await;
     assert_eq!((r.probed, r.restored.len()), (1, 0));
@@ -594,14 +502,14 @@ async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on
             200
         );
     }
-    assert_eq!(flaky.chats(), 3, "round robin over two nodes");
+    assert_eq!(flaky.hits(), 3, "round robin over two nodes");
     assert_eq!(breaker(&h, &id), BreakerState::Closed);
 
     // A busy answer with Retry-After takes it out in one round, for that long.
-    flaky.heartbeat(503, Some("30"));
+    flaky.set_heartbeat(Behavior::StatusRetryAfter(503, 30));
     let r = h.broker.run_health_checks().await;
     assert_eq!(r.ejected, vec![id.clone()]);
-    flaky.heartbeat(200, None);
+    flaky.set_heartbeat(Behavior::Ok);
     h.clock.advance(Duration::from_secs(29));
     assert!(h.broker.run_health_checks().await.restored.is_empty());
     h.clock.advance(Duration::from_secs(1));
@@ -696,13 +604,11 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
     })
     .await;
     let good = StandInNode::start("good").await;
-    let busy = ScriptedNode::start().await;
-    busy.chat(429, Some("20"));
+    let busy = StandInNode::start("busy").await;
+    busy.set(Behavior::StatusRetryAfter(429, 20));
     let (p, _) = h.provider().await;
     h.add_node(&p, &good, Service::Chat, MODEL).await;
-    let id = h
-        .add_node_at(&p, &busy.url, Service::Chat, MODEL, None)
-        .await;
+    let id = h.add_node(&p, &busy, Service::Chat, MODEL).await;
     let (_, user) = h.user(Credits::whole(1)).await;
     for _ in 0..2 {
         assert_eq!(
@@ -712,14 +618,14 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
             200
         );
     }
-    assert_eq!(busy.chats(), 1);
+    assert_eq!(busy.hits(), 1);
     assert!(
         !h.broker.pools().is_healthy(&id),
         "out on the first busy answer"
     );
     let until = h.broker.pools().stats(&id).unwrap().health().open_until();
     assert_eq!(until, h.clock.now().plus(Duration::from_secs(20)));
-    busy.chat(200, None);
+    busy.set(Behavior::Ok);
     h.clock.advance(Duration::from_secs(19));
     assert!(h.broker.run_health_checks().await.restored.is_empty());
     h.clock.advance(Duration::from_secs(1));
@@ -735,7 +641,7 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
             200
         );
     }
-    assert_eq!(busy.chats(), 2);
+    assert_eq!(busy.hits(), 2);
 }
 
 // ---- selectors -----------------------------------------------------------------

@@ -3,7 +3,8 @@
 //! manual clock.
 //!
 //! A [`StandInNode`] answers in OpenAI shape and can be scripted, at any time,
-//! to be slow, fail with a status, hang, cut a stream half-way or send garbage.
+//! to be slow, fail with a status (and a `Retry-After`), hang, cut a stream
+//! half-way or send garbage; its health probe answer is scripted apart.
 //!
 //! Beside them, what many tests share: the models the stand-ins serve
 //! ([`MODEL`], [`EMBED`]), the chat price ([`chat_price`]), a mailer that
@@ -106,6 +107,9 @@ pub enum Behavior {
     Slow(Duration),
     /// Answer with this status and an error body.
     Status(u16),
+    /// Answer with this status, an error body and a `Retry-After` of this
+    /// many seconds.
+    StatusRetryAfter(u16, u64),
     /// Never answer.
     Hang,
     /// Stream this many content chunks, then break the connection
@@ -119,6 +123,7 @@ pub enum Behavior {
 
 struct NodeState {
     behavior: Mutex<Behavior>,
+    heartbeat: Mutex<Behavior>,
     usage: Mutex<Option<Usage>>,
     secret: Mutex<Option<String>>,
     hits: AtomicUsize,
@@ -160,6 +165,7 @@ impl StandInNode {
     pub async fn start(name: &str) -> Self {
         let state = Arc::new(NodeState {
             behavior: Mutex::new(Behavior::Ok),
+            heartbeat: Mutex::new(Behavior::Ok),
             usage: Mutex::new(Some(Usage {
                 prompt_tokens: 10,
                 completion_tokens: 5,
@@ -173,7 +179,7 @@ impl StandInNode {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
-            .route("/heartbeat", get(|| async { "ok" }))
+            .route("/heartbeat", get(heartbeat))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -193,6 +199,14 @@ impl StandInNode {
     /// Scripts what it does next.
     pub fn set(&self, b: Behavior) {
         *self.state.behavior.lock() = b;
+    }
+
+    /// Scripts how it answers health probes (`GET /heartbeat`), apart from
+    /// its calls: `Ok` answers "ok"; `Slow`, `Hang`, `Status`,
+    /// `StatusRetryAfter` and `Garbage` do what they do to calls; the
+    /// stream behaviours answer "ok".
+    pub fn set_heartbeat(&self, b: Behavior) {
+        *self.state.heartbeat.lock() = b;
     }
 
     /// Sets the usage it reports (`None`: it reports none, like some servers).
@@ -245,17 +259,37 @@ async fn admit(s: &NodeState, h: &HeaderMap) -> Result<Behavior, Response> {
         }
     }
     let b = s.behavior.lock().clone();
-    match &b {
+    match misbehave(&b).await {
+        Some(r) => Err(r),
+        None => Ok(b),
+    }
+}
+
+/// Waits as `b` says; the answer to send instead of a correct one, if any.
+async fn misbehave(b: &Behavior) -> Option<Response> {
+    let failure = |code: u16| {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, r#"{"error":{"message":"scripted failure"}}"#).into_response()
+    };
+    match b {
         Behavior::Slow(d) => tokio::time::sleep(*d).await,
         Behavior::Hang => futures::future::pending::<()>().await,
-        Behavior::Status(code) => {
-            let status = StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            return Err((status, r#"{"error":{"message":"scripted failure"}}"#).into_response());
+        Behavior::Status(code) => return Some(failure(*code)),
+        Behavior::StatusRetryAfter(code, secs) => {
+            let mut r = failure(*code);
+            r.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from(*secs));
+            return Some(r);
         }
-        Behavior::Garbage => return Err((StatusCode::OK, "this is not json\n\n").into_response()),
-        _ => {}
+        Behavior::Garbage => return Some((StatusCode::OK, "this is not json\n\n").into_response()),
+        Behavior::Ok | Behavior::CutStream(_) | Behavior::StallStream(_) => {}
     }
-    Ok(b)
+    None
+}
+
+async fn heartbeat(State(s): State<Arc<NodeState>>) -> Response {
+    let b = s.heartbeat.lock().clone();
+    misbehave(&b).await.unwrap_or_else(|| "ok".into_response())
 }
 
 fn broken_body(state: &Arc<NodeState>, prefix: Vec<Bytes>, stall: bool) -> Body {
