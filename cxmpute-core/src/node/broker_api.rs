@@ -9,7 +9,7 @@ use crate::wire::{ErrorBody, RegisterProvisionRequest, RegisterProvisionResponse
 
 /// A client of the broker's provider API, signed in with a provider key.
 #[derive(Clone, Debug)]
-pub struct BrokerApi {
+pub(crate) struct BrokerApi {
     http: reqwest::Client,
     base: String,
     key: Secret,

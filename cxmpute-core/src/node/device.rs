@@ -65,7 +65,7 @@ async fn run(program: &str, args: &[&str]) -> Option<String> {
 
 /// The CPU from `/proc/cpuinfo`: model name, threads (processor entries),
 /// cores (distinct physical id and core id pairs, else threads).
-pub fn parse_cpuinfo(text: &str) -> CpuInfo {
+fn parse_cpuinfo(text: &str) -> CpuInfo {
     let mut name = None;
     let mut threads = 0u32;
     let mut cores = std::collections::HashSet::new();
@@ -100,7 +100,7 @@ pub fn parse_cpuinfo(text: &str) -> CpuInfo {
 
 /// Memory from `/proc/meminfo` (`MemTotal`, `MemAvailable`, in kB); `None`
 /// without a total.
-pub fn parse_meminfo(text: &str) -> Option<CapacityInfo> {
+fn parse_meminfo(text: &str) -> Option<CapacityInfo> {
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
@@ -117,7 +117,7 @@ pub fn parse_meminfo(text: &str) -> Option<CapacityInfo> {
 
 /// The root file system from `df -Pk /` (1 KiB blocks); `None` when the
 /// output is not that.
-pub fn parse_df(text: &str) -> Option<CapacityInfo> {
+fn parse_df(text: &str) -> Option<CapacityInfo> {
     let line = text.lines().nth(1)?;
     let cols: Vec<u64> = line
         .split_whitespace()
@@ -136,7 +136,7 @@ pub fn parse_df(text: &str) -> Option<CapacityInfo> {
 }
 
 /// The distribution's `PRETTY_NAME` from `/etc/os-release`.
-pub fn parse_os_release(text: &str) -> Option<String> {
+fn parse_os_release(text: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.strip_prefix("PRETTY_NAME="))
         .and_then(|v| non_empty(v.trim().trim_matches('"')))
@@ -145,7 +145,7 @@ pub fn parse_os_release(text: &str) -> Option<String> {
 /// GPUs from `nvidia-smi --query-gpu=name,memory.total,driver_version
 /// --format=csv,noheader,nounits`: the largest one (its memory in MiB is what
 /// the tier is decided by), and how many there are.
-pub fn parse_nvidia_smi(text: &str) -> Option<GpuInfo> {
+fn parse_nvidia_smi(text: &str) -> Option<GpuInfo> {
     let mut gpus: Vec<(String, u64, String)> = text
         .lines()
         .filter_map(|l| {

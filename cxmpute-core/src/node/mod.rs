@@ -49,7 +49,7 @@ mod scrape;
 mod server;
 mod tts;
 
-pub use broker_api::BrokerApi;
+use broker_api::BrokerApi;
 
 /// An OpenAI-compatible server the node forwards to.
 #[derive(Clone, Debug)]
