@@ -32,6 +32,11 @@ pub fn is_global_v4(ip: Ipv4Addr) -> bool {
         || o[0] >= 240) // reserved
 }
 
+/// The IPv4 address two IPv6 segments carry.
+fn v4_from(hi: u16, lo: u16) -> Ipv4Addr {
+    Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo))
+}
+
 /// Whether an IPv6 address is globally routable (embedded IPv4 forms are
 /// judged by the IPv4 address they carry).
 pub fn is_global_v6(ip: Ipv6Addr) -> bool {
@@ -44,33 +49,18 @@ pub fn is_global_v6(ip: Ipv6Addr) -> bool {
     }
     // IPv4-compatible ::a.b.c.d (deprecated) – judge the IPv4 part.
     if s[..6] == [0, 0, 0, 0, 0, 0] {
-        return is_global_v4(Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            s[6] as u8,
-            (s[7] >> 8) as u8,
-            s[7] as u8,
-        ));
+        return is_global_v4(v4_from(s[6], s[7]));
     }
     // NAT64 well-known prefix 64:ff9b::/96 and local-use 64:ff9b:1::/48.
     if s[0] == 0x64 && s[1] == 0xff9b {
         if s[2] == 1 {
             return false;
         }
-        return is_global_v4(Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            s[6] as u8,
-            (s[7] >> 8) as u8,
-            s[7] as u8,
-        ));
+        return is_global_v4(v4_from(s[6], s[7]));
     }
     // 6to4 2002::/16 carries an IPv4 address in the next 32 bits.
     if s[0] == 0x2002 {
-        return is_global_v4(Ipv4Addr::new(
-            (s[1] >> 8) as u8,
-            s[1] as u8,
-            (s[2] >> 8) as u8,
-            s[2] as u8,
-        ));
+        return is_global_v4(v4_from(s[1], s[2]));
     }
     let unique_local = (s[0] & 0xfe00) == 0xfc00; // fc00::/7
     let link_local = (s[0] & 0xffc0) == 0xfe80; // fe80::/10
