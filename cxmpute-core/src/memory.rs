@@ -112,14 +112,7 @@ impl Store for MemoryStore {
         let u = found(s.users.get_mut(&grant.user_id), || {
             format!("user {}", grant.user_id)
         })?;
-        let next = u.credits.saturating_add(grant.amount);
-        if next.is_negative() {
-            return Err(Error::InsufficientCredits(format!(
-                "cannot remove {} from a balance of {}",
-                Credits(grant.amount.0.saturating_neg()),
-                u.credits
-            )));
-        }
+        let next = crate::store_support::granted_balance(u.credits, grant.amount)?;
         u.credits = next;
         s.grants.push(grant.clone());
         Ok(next)
@@ -311,11 +304,7 @@ impl Store for MemoryStore {
         endpoint: Option<String>,
         entries: &[PoolEntry],
     ) -> Result<()> {
-        if state == ProvisionState::Ended && !entries.is_empty() {
-            return Err(Error::InvalidInput(
-                "an ended provision serves nothing".into(),
-            ));
-        }
+        crate::store_support::check_provision_update(state, entries)?;
         let mut s = self.inner.lock();
         let p = found(s.provisions.get_mut(id), || format!("provision {id}"))?;
         p.state = state;

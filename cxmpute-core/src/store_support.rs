@@ -147,6 +147,31 @@ impl SettlePlan {
     }
 }
 
+/// A balance after a grant of `amount` (negative: a removal); a removal of
+/// more than the balance holds is refused.
+pub fn granted_balance(balance: Credits, amount: Credits) -> Result<Credits> {
+    let next = balance.saturating_add(amount);
+    if next.is_negative() {
+        return Err(Error::InsufficientCredits(format!(
+            "cannot remove {} from a balance of {}",
+            Credits(amount.0.saturating_neg()),
+            balance
+        )));
+    }
+    Ok(next)
+}
+
+/// Refuses a provision update that ends the provision yet gives it pool
+/// entries: an ended provision serves nothing.
+pub fn check_provision_update(state: ProvisionState, entries: &[PoolEntry]) -> Result<()> {
+    if state == ProvisionState::Ended && !entries.is_empty() {
+        return Err(Error::InvalidInput(
+            "an ended provision serves nothing".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The settlement that releases a reservation whose request never finished.
 pub fn release_settlement(r: &Reservation, at: Timestamp) -> Settlement {
     Settlement {

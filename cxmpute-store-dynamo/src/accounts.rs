@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use cxmpute_core::store_support::moved_credits_left;
+use cxmpute_core::store_support::{granted_balance, moved_credits_left};
 use cxmpute_core::{
     ApiKey, ApiKeyId, ApiKeyUpdate, CreditGrant, Credits, Error, KeyHash, Provider, ProviderId,
     Result, Route, Suspension, Timestamp, User, UserId,
@@ -288,13 +288,7 @@ impl DynamoStore {
                 Ok(()) => break,
                 Err(Fail::Condition(_)) => {
                     let u = self.user_impl(&g.user_id).await?;
-                    if u.credits.saturating_add(g.amount).is_negative() {
-                        return Err(Error::InsufficientCredits(format!(
-                            "cannot remove {} from a balance of {}",
-                            Credits(g.amount.0.saturating_neg()),
-                            u.credits
-                        )));
-                    }
+                    granted_balance(u.credits, g.amount)?;
                     // The balance moved between the failed write and the read: again.
                     self.again(&mut attempt, what).await?;
                 }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use cxmpute_core::store_support::check_provision_update;
 use cxmpute_core::{
     Error, Location, PoolEntry, ProviderId, Provision, ProvisionId, ProvisionState, Result,
     Timestamp,
@@ -230,11 +231,7 @@ impl DynamoStore {
         entries: &[PoolEntry],
     ) -> Result<()> {
         let what = "updating a provision";
-        if state == ProvisionState::Ended && !entries.is_empty() {
-            return Err(Error::InvalidInput(
-                "an ended provision serves nothing".into(),
-            ));
-        }
+        check_provision_update(state, entries)?;
         let entries = entries_by_key(id, entries);
         let mut attempt = 0;
         loop {

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use cxmpute_core::secret::KeyHash;
-use cxmpute_core::store_support::{moved_credits_left, release_settlement};
+use cxmpute_core::store_support::{
+    check_provision_update, granted_balance, moved_credits_left, release_settlement,
+};
 use cxmpute_core::*;
 use sqlx::sqlite::SqliteRow;
 use sqlx::SqliteConnection;
@@ -138,15 +140,7 @@ pub(crate) async fn grant_credits(c: &mut Conn, g: &CreditGrant) -> Result<Credi
     )
     .await?
     .ok_or_else(|| not_found(format!("user {}", g.user_id)))?;
-    let credits = Credits(col(&row, 0)?);
-    let next = credits.saturating_add(g.amount);
-    if next.is_negative() {
-        return Err(Error::InsufficientCredits(format!(
-            "cannot remove {} from a balance of {}",
-            Credits(g.amount.0.saturating_neg()),
-            credits
-        )));
-    }
+    let next = granted_balance(Credits(col(&row, 0)?), g.amount)?;
     let q = sqlx::query(
         "UPDATE users SET credits = ? WHERE id = ?; \
          INSERT INTO credit_grants (user_id, amount, by_whom, reason, at) VALUES (?, ?, ?, ?, ?)",
@@ -492,11 +486,7 @@ pub(crate) async fn update_provision(
     endpoint: Option<&str>,
     entries: &[PoolEntry],
 ) -> Result<()> {
-    if state == ProvisionState::Ended && !entries.is_empty() {
-        return Err(Error::InvalidInput(
-            "an ended provision serves nothing".into(),
-        ));
-    }
+    check_provision_update(state, entries)?;
     let q = sqlx::query("UPDATE provisions SET state = ?2, endpoint = ?3 WHERE id = ?1")
         .bind(id)
         .bind(state.as_str())
