@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use cxmpute::core::node::{Node, NodeConfig, ScrapeConfig, TtsConfig, Upstream};
+use cxmpute::core::wire::{DEFAULT_SCRAPE_MODEL, DEFAULT_TTS_MODEL};
 use cxmpute::core::{Location, Secret};
 
 #[derive(Debug, Parser)]
@@ -57,13 +58,13 @@ struct Args {
     #[arg(long)]
     no_tts: bool,
     /// The pool model speech is offered as.
-    #[arg(long, default_value = "kokoro")]
+    #[arg(long, default_value = DEFAULT_TTS_MODEL)]
     tts_model: String,
     /// Do not offer scraping.
     #[arg(long)]
     no_scrape: bool,
     /// The pool model scraping is offered as.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = DEFAULT_SCRAPE_MODEL)]
     scrape_model: String,
     /// An address or CIDR scrape targets and image URLs may reach although it
     /// is not public (repeatable; e.g. a private mirror).
