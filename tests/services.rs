@@ -214,24 +214,18 @@ async fn balance(w: &World, u: &User) -> Credits {
     w.h.broker.store().user(&u.id).await.unwrap().credits
 }
 
-/// Waits (bounded) until `n` settlements are in the store: streamed answers
-/// settle in their own task.
-async fn wait_settled(w: &World, n: u64) {
-    for _ in 0..1000 {
-        if w.h
-            .broker
+/// Checks that `n` settlements (at least) are in the store. An answer is
+/// settled before its body ends, streamed ones included, so having read the
+/// body is enough.
+async fn assert_settled(w: &World, n: u64) {
+    let settlements =
+        w.h.broker
             .store()
             .ledger_totals()
             .await
             .unwrap()
-            .settlements
-            >= n
-        {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-    panic!("{n} settlements never arrived");
+            .settlements;
+    assert!(settlements >= n, "{n} settlements never arrived");
 }
 
 #[tokio::test]
@@ -290,7 +284,7 @@ async fn chat_plain_and_streamed_and_embeddings_pass_through_the_node() {
         .collect();
     assert_eq!(content, "Hello from the node");
     assert!(text.trim_end().ends_with("data: [DONE]"));
-    wait_settled(&w, 2).await;
+    assert_settled(&w, 2).await;
     assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 2 * 1_020));
 
     let body = json!({"model": EMBED, "input": ["one", "two"]});
@@ -333,7 +327,7 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "audio/wav");
     check_wav(&r.bytes().await.unwrap());
-    wait_settled(&w, 1).await;
+    assert_settled(&w, 1).await;
     let one = 100 + 20 * chars;
     assert_eq!(balance(&w, &u).await, Credits(10_000_000 - one));
 
@@ -341,7 +335,7 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
     let r = w.h.post("/v1/tts", &key, &json!({"text": text})).await;
     assert_eq!(r.status(), 200);
     check_wav(&r.bytes().await.unwrap());
-    wait_settled(&w, 2).await;
+    assert_settled(&w, 2).await;
     assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 2 * one));
 
     // Raw samples on request.
@@ -352,7 +346,7 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
     assert_eq!(r.headers()["content-type"], "audio/pcm");
     let pcm = r.bytes().await.unwrap();
     assert!(pcm.len() > 1_000 && &pcm[..4] != b"RIFF");
-    wait_settled(&w, 3).await;
+    assert_settled(&w, 3).await;
     assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 3 * one));
     let usage = w.h.broker.store().usage_records(&u.id, 10).await.unwrap();
     assert!(usage.iter().all(|r| r.units == chars as u64 && r.success));
@@ -408,7 +402,7 @@ async fn scraping_fetches_converts_and_refuses_forbidden_hops() {
         let e = res.error.as_deref().unwrap();
         assert!(e.contains("not a public address"), "{}: {e}", res.url);
     }
-    wait_settled(&w, 1).await;
+    assert_settled(&w, 1).await;
     // Three pages fetched, at 1,000 each; the refused ones cost nothing.
     assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 3_000));
 
