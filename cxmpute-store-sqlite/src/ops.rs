@@ -511,7 +511,7 @@ pub(crate) async fn heartbeat(c: &mut Conn, id: &str, at: Timestamp) -> Result<(
 }
 
 pub(crate) async fn delete_provision(c: &mut Conn, id: &str) -> Result<()> {
-    delete_entries(c, id).await?;
+    // Its pool entries go with it: the schema cascades the delete.
     let q = sqlx::query("DELETE FROM provisions WHERE id = ?1").bind(id);
     match execute(c, "deleting a provision", q).await? {
         0 => Err(not_found(format!("provision {id}"))),
