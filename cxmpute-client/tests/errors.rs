@@ -13,6 +13,7 @@ use axum::response::Response;
 use cxmpute_client::types::ProvisionId;
 use cxmpute_client::wire::{ChatCompletionRequest, ChatMessage};
 use cxmpute_client::{Client, Error, RetryPolicy, TimeoutPhase};
+use cxmpute_core::testkit::StandInNode;
 use futures::StreamExt;
 use serde_json::json;
 
@@ -411,9 +412,7 @@ async fn a_body_cut_short_is_a_transport_error() {
 
 #[tokio::test]
 async fn a_refused_connection_is_a_connect_error() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", l.local_addr().unwrap());
-    drop(l);
+    let url = StandInNode::dead_url().await;
     let c = client_of(&url);
     let e = c.user().chat(&hi()).await.unwrap_err();
     assert!(matches!(e, Error::Connect(_)), "{e:?}");

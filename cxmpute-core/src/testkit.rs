@@ -230,11 +230,6 @@ impl StandInNode {
         self.state.abandoned.notified().await;
     }
 
-    /// Stops serving: later connections are refused.
-    pub fn stop(&self) {
-        self.task.abort();
-    }
-
     /// A URL on loopback where nothing listens (connection refused).
     pub async fn dead_url() -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
