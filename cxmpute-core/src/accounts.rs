@@ -232,8 +232,9 @@ impl AuthState {
         let admin_emails = cfg
             .admin_emails
             .iter()
-            .map(|e| e.trim().to_lowercase())
-            .filter(|e| !e.is_empty())
+            // The one email rule; an invalid address could never match an
+            // account's (normalised) email anyway.
+            .filter_map(|e| normalize_email(e).ok())
             .collect();
         Ok(AuthState {
             encoding: EncodingKey::from_secret(&jwt_key),
@@ -804,12 +805,8 @@ impl Accounts {
 
     /// The user's account as they see it.
     pub async fn me(&self, user: &User) -> Result<MeResponse> {
-        let keys = self.store().api_keys(&user.id).await?;
-        let provider_id = match self.store().provider_by_user(&user.id).await {
-            Ok(p) => Some(p.id),
-            Err(Error::NotFound(_)) => None,
-            Err(e) => return Err(e),
-        };
+        let keys = self.active_keys(user).await?;
+        let provider_id = self.provider_id_of(&user.id).await?;
         Ok(MeResponse {
             user_id: user.id.clone(),
             email: user.email.clone(),
@@ -818,12 +815,15 @@ impl Accounts {
             suspended: user.suspended.clone(),
             created_at: user.created_at,
             provider_id,
-            keys: keys
-                .iter()
-                .filter(|k| k.revoked_at.is_none())
-                .map(ApiKeyView::from)
-                .collect(),
+            keys: keys.iter().map(ApiKeyView::from).collect(),
         })
+    }
+
+    /// The user's keys that are not revoked.
+    pub async fn active_keys(&self, user: &User) -> Result<Vec<ApiKey>> {
+        let mut keys = self.store().api_keys(&user.id).await?;
+        keys.retain(|k| k.revoked_at.is_none());
+        Ok(keys)
     }
 
     /// Usage over the last `days` days (1 to 90): per day and per service from
@@ -947,13 +947,7 @@ impl Accounts {
         forbidden_if_suspended(&user.suspended, "this account")?;
         let name = req.name.as_deref().map(str::trim).unwrap_or("key");
         Self::check_key_fields(Some(name), req.credit_limit, Some(&req.permitted_routes))?;
-        let active = self
-            .store()
-            .api_keys(&user.id)
-            .await?
-            .iter()
-            .filter(|k| k.revoked_at.is_none())
-            .count();
+        let active = self.active_keys(user).await?.len();
         if active >= self.cfg().max_keys_per_user {
             return Err(Error::Conflict(format!(
                 "at most {} active keys per account; revoke one first",
@@ -971,11 +965,10 @@ impl Accounts {
     /// One of the user's own keys; `NotFound` for anyone else's (whether it
     /// exists is not revealed).
     async fn owned_key(&self, user: &User, id: &ApiKeyId) -> Result<ApiKey> {
-        self.store()
-            .api_keys(&user.id)
+        self.active_keys(user)
             .await?
             .into_iter()
-            .find(|k| &k.id == id && k.revoked_at.is_none())
+            .find(|k| &k.id == id)
             .ok_or_else(|| Error::NotFound(format!("API key {id}")))
     }
 
@@ -1049,7 +1042,8 @@ impl Accounts {
         Ok(secret)
     }
 
-    /// Earnings: the unpaid total and each of the last 30 days.
+    /// Earnings: the unpaid total (as of `p`, read for this request) and each
+    /// of the last 30 days.
     pub async fn earnings(&self, p: &Provider) -> Result<EarningsResponse> {
         let to = self.now().day();
         let from = to.plus_days(-29);
@@ -1073,11 +1067,9 @@ impl Accounts {
         let last_30_days = days
             .iter()
             .fold(Credits::ZERO, |a, d| a.saturating_add(d.rewarded));
-        // Read fresh: the caller's copy may predate the last settlement.
-        let total = self.store().provider(&p.id).await?.earnings;
         Ok(EarningsResponse {
             provider_id: p.id.clone(),
-            total,
+            total: p.earnings,
             last_30_days,
             days,
         })
@@ -1196,13 +1188,7 @@ impl Accounts {
     /// A provider with its nodes.
     pub async fn provider_detail(&self, id: &ProviderId) -> Result<AdminProviderView> {
         let p = self.store().provider(id).await?;
-        let provisions = self
-            .store()
-            .provisions_by_provider(id)
-            .await?
-            .into_iter()
-            .map(|n| self.broker.view(n))
-            .collect();
+        let provisions = self.broker.provider_provisions(&p).await?;
         Ok(AdminProviderView {
             provider_id: p.id,
             email: p.email,
@@ -1230,9 +1216,7 @@ impl Accounts {
 
     /// Disconnects a node: it leaves every pool and is deleted.
     pub async fn disconnect_provision(&self, admin: &User, id: &ProvisionId) -> Result<()> {
-        self.store().provision(id).await?;
-        self.store().delete_provision(id).await?;
-        self.broker.pools().remove(id);
+        self.broker.delete_provision(id).await?;
         tracing::info!(provision = %id, by = %admin.id, "node disconnected by an admin");
         Ok(())
     }

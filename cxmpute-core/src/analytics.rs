@@ -626,20 +626,21 @@ impl Analytics {
         })
     }
 
-    /// A provider's earnings and node performance over `range`.
-    pub async fn provider(&self, provider: &ProviderId, range: DateRange) -> Result<ProviderStats> {
+    /// A provider's earnings (the total as of `p`, read for this request)
+    /// and node performance over `range`.
+    pub async fn provider(&self, p: &Provider, range: DateRange) -> Result<ProviderStats> {
+        let provider = &p.id;
         let keep = Summary::without_charges;
         let (own, model_prefix, node_prefix) = (
             scope::provider(provider),
             scope::provider_model_prefix(provider),
             scope::provider_node_prefix(provider),
         );
-        let (days, models, nodes, provisions, fresh) = futures::try_join!(
+        let (days, models, nodes, provisions) = futures::try_join!(
             self.series(&own, range),
             self.prefixed(&model_prefix, range),
             self.prefixed(&node_prefix, range),
             self.store().provisions_by_provider(provider),
-            self.store().provider(provider),
         )?;
         let mut counted: HashMap<String, StatsCounters> = nodes
             .into_iter()
@@ -680,7 +681,7 @@ impl Analytics {
         Ok(ProviderStats {
             provider_id: provider.clone(),
             range,
-            earnings_total: fresh.earnings,
+            earnings_total: p.earnings,
             totals: keep(Summary::of(&total_of(days.iter().map(|r| &r.1)))),
             days: day_series(range, days, keep),
             models: breakdown(&model_prefix, models, keep),

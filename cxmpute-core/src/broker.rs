@@ -826,6 +826,12 @@ impl Broker {
     /// Ends a provider's own node: it leaves every pool at once.
     pub async fn end_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
         self.owned_provision(provider, id).await?;
+        self.delete_provision(id).await
+    }
+
+    /// Deletes a node (`NotFound` if there is none) and takes it out of
+    /// every pool at once.
+    pub(crate) async fn delete_provision(&self, id: &ProvisionId) -> Result<()> {
         self.inner.store.delete_provision(id).await?;
         self.inner.pools.remove(id);
         Ok(())

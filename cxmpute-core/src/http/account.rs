@@ -24,7 +24,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::Routes;
-use super::{bearer, body_bytes, json_body, ok, ApiResult};
+use super::{bearer, json_body, no_store, ok, optional_json_body, path_param, query, ApiResult};
 use crate::accounts::{Credentials, SessionTokens};
 use crate::broker::Broker;
 use crate::error::Error;
@@ -71,18 +71,6 @@ pub(super) fn credentials(h: &HeaderMap) -> Credentials {
     }
 }
 
-/// A path parameter, or a 400 in OpenAI's error shape.
-pub(super) fn path_param(p: Result<Path<String>, PathRejection>) -> Result<String, Error> {
-    p.map(|Path(s)| s)
-        .map_err(|e| Error::InvalidInput(format!("bad path parameter: {e}")))
-}
-
-/// Query parameters, or a 400 in OpenAI's error shape.
-pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Error> {
-    q.map(|Query(t)| t)
-        .map_err(|e| Error::InvalidInput(format!("bad query parameters: {}", e.body_text())))
-}
-
 fn set_cookie(resp: &mut Response, name: &str, value: &str, path: &str, max_age: u64) {
     let c = format!(
         "{name}={value}; Path={path}; Max-Age={max_age}; HttpOnly; Secure; SameSite=Strict"
@@ -92,12 +80,6 @@ fn set_cookie(resp: &mut Response, name: &str, value: &str, path: &str, max_age:
     if let Ok(v) = HeaderValue::from_str(&c) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
-}
-
-fn no_store(resp: &mut Response) {
-    // Tokens must not land in a shared or browser cache.
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
 }
 
 fn session_answer(b: &Broker, t: &SessionTokens) -> Response {
@@ -164,14 +146,7 @@ fn refresh_token(
     h: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Option<Secret>, Error> {
-    let bytes = body_bytes(body)?;
-    let from_body = if bytes.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        serde_json::from_slice::<RefreshRequest>(&bytes)
-            .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))?
-            .refresh_token
-    };
+    let from_body = optional_json_body::<RefreshRequest>(body)?.refresh_token;
     Ok(from_body.or_else(|| cookie(h, REFRESH_COOKIE)))
 }
 
@@ -275,7 +250,11 @@ async fn usage(
 async fn list_keys(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<ApiKeyView>>> {
     let a = b.accounts();
     let s = a.session(&credentials(&h)).await?;
-    ok(a.me(&s.user).await?.keys)
+    ok(a.active_keys(&s.user)
+        .await?
+        .iter()
+        .map(ApiKeyView::from)
+        .collect())
 }
 
 #[utoipa::path(

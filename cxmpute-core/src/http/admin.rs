@@ -25,9 +25,10 @@ use axum::Json;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use super::account::{credentials, path_param, query};
+use super::account::credentials;
 use super::Routes;
 use super::{json_body, ok, ApiResult};
+use super::{path_param, query};
 use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;

@@ -190,6 +190,40 @@ pub fn json_body<T: DeserializeOwned>(
         .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
 }
 
+/// Parses an optional JSON body: an empty (or blank) body is `T::default()`.
+pub(crate) fn optional_json_body<T: DeserializeOwned + Default>(
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<T, Error> {
+    let b = body_bytes(body)?;
+    if b.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    json_body(Ok(b))
+}
+
+/// A path parameter, or a 400 in OpenAI's error shape.
+pub(crate) fn path_param(
+    p: std::result::Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<String, Error> {
+    p.map(|axum::extract::Path(s)| s)
+        .map_err(|e| Error::InvalidInput(format!("bad path parameter: {e}")))
+}
+
+/// Query parameters, or a 400 in OpenAI's error shape.
+pub(crate) fn query<T>(
+    q: std::result::Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, Error> {
+    q.map(|axum::extract::Query(t)| t)
+        .map_err(|e| Error::InvalidInput(format!("bad query parameters: {}", e.body_text())))
+}
+
+/// Marks an answer that carries a secret shown once (tokens, keys): it must
+/// not land in a shared or browser cache.
+pub(crate) fn no_store(resp: &mut Response) {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
 /// Routing preferences a caller may send: `X-Cxmpute-Region: DE` prefers
 /// nodes in that region (their location's country) and falls back to any
 /// node when the region has none.

@@ -150,7 +150,7 @@ impl Modify for Security {
         c.add_security_scheme(
             "session_cookie",
             SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
-                "cx_access",
+                super::account::ACCESS_COOKIE,
                 "The access-token cookie set by the sign-in routes.",
             ))),
         );

@@ -22,7 +22,7 @@ use axum::Json;
 use bytes::Bytes;
 
 use super::Routes;
-use super::{bearer, body_bytes, json_body, ok, ApiResult};
+use super::{bearer, json_body, ok, optional_json_body, ApiResult};
 use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;
@@ -115,12 +115,7 @@ async fn start_provision(
 ) -> ApiResult<Json<StartProvisionResponse>> {
     let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
     // The body is optional: no body asks for any service the tier allows.
-    let raw = body_bytes(body)?;
-    let req: StartProvisionRequest = if raw.iter().all(u8::is_ascii_whitespace) {
-        StartProvisionRequest::default()
-    } else {
-        json_body(Ok(raw))?
-    };
+    let req: StartProvisionRequest = optional_json_body(body)?;
     ok(b.start_provision(&p, &ProvisionId::new(id), req).await?)
 }
 

@@ -6,14 +6,14 @@
 //! the `provider` module.
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 
 use super::account::credentials;
 use super::Routes;
-use super::{ok, ApiResult};
+use super::{no_store, ok, ApiResult};
 use crate::broker::Broker;
 use crate::wire::*;
 
@@ -60,9 +60,8 @@ async fn rotate_key(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Response
         provider_key: key,
     })
     .into_response();
-    // The key is shown once: keep it out of caches.
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The key is shown once.
+    no_store(&mut resp);
     Ok(resp)
 }
 

@@ -19,7 +19,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Json;
 
-use super::account::{credentials, query};
+use super::account::credentials;
+use super::query;
 use super::{ok, ApiResult, Routes};
 use crate::analytics::{AdminStats, DateRange, NetworkStats, ProviderStats, RangeQuery, UserStats};
 use crate::broker::Broker;
@@ -99,7 +100,7 @@ pub(super) async fn provider(
 ) -> ApiResult<Json<ProviderStats>> {
     let p = b.accounts().provider(&credentials(&h)).await?;
     let r = range(&b, q)?;
-    ok(b.analytics().provider(&p.id, r).await?)
+    ok(b.analytics().provider(&p, r).await?)
 }
 
 /// Totals for operators.
