@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use cxmpute_core::secret::KeyHash;
+use cxmpute_core::store::found;
 use cxmpute_core::store_support::{
     check_provision_update, granted_balance, moved_credits_left, release_settlement,
 };
@@ -22,10 +23,6 @@ use crate::writer::Outcome;
 
 type Conn = SqliteConnection;
 type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
-
-fn not_found(what: impl Into<String>) -> Error {
-    Error::NotFound(what.into())
-}
 
 async fn fetch_optional<'q>(
     conn: &mut Conn,
@@ -45,6 +42,18 @@ async fn execute<'q>(conn: &mut Conn, what: &str, q: Query<'q>) -> Result<u64> {
         .await
         .map(|r| r.rows_affected())
         .map_err(|e| map(what, e))
+}
+
+/// Runs a statement that changes one row by its key; none changed means
+/// the row is not there: `NotFound(missing())`.
+async fn execute_found<'q>(
+    conn: &mut Conn,
+    what: &str,
+    q: Query<'q>,
+    missing: impl FnOnce() -> String,
+) -> Result<()> {
+    let changed = execute(conn, what, q).await?;
+    found((changed > 0).then_some(()), missing)
 }
 
 /// Whether `sql` (a `SELECT EXISTS(...)` with one bind) is true.
@@ -92,12 +101,12 @@ const USER_SEARCH: &str = concat!(
 
 pub(crate) async fn user(c: &mut Conn, id: &str) -> Result<User> {
     let row = fetch_optional(c, "reading a user", sqlx::query(USER_BY_ID).bind(id)).await?;
-    rows::user(&row.ok_or_else(|| not_found(format!("user {id}")))?, 0)
+    rows::user(&found(row, || format!("user {id}"))?, 0)
 }
 
 pub(crate) async fn user_by_email(c: &mut Conn, email: &str) -> Result<User> {
     let row = fetch_optional(c, "reading a user", sqlx::query(USER_BY_EMAIL).bind(email)).await?;
-    rows::user(&row.ok_or_else(|| not_found(format!("user {email}")))?, 0)
+    rows::user(&found(row, || format!("user {email}"))?, 0)
 }
 
 pub(crate) async fn search_users(c: &mut Conn, query: &str, n: usize) -> Result<Vec<User>> {
@@ -113,23 +122,31 @@ pub(crate) async fn search_users(c: &mut Conn, query: &str, n: usize) -> Result<
     found.iter().map(|r| rows::user(r, 0)).collect()
 }
 
+/// Sets or clears the suspension of the `noun` ("user", "provider") whose
+/// row in `table` has id `id`.
+async fn set_suspended(
+    c: &mut Conn,
+    table: &str,
+    noun: &str,
+    id: &str,
+    s: &Option<Suspension>,
+) -> Result<()> {
+    let (reason, by, at) = rows::suspension_cols(s);
+    let sql = format!(
+        "UPDATE {table} SET suspended_reason = ?2, suspended_by = ?3, suspended_at = ?4 \
+         WHERE id = ?1"
+    );
+    let q = sqlx::query(&sql).bind(id).bind(reason).bind(by).bind(at);
+    let what = format!("suspending a {noun}");
+    execute_found(c, &what, q, || format!("{noun} {id}")).await
+}
+
 pub(crate) async fn set_user_suspended(
     c: &mut Conn,
     id: &str,
     s: &Option<Suspension>,
 ) -> Result<()> {
-    let (reason, by, at) = rows::suspension_cols(s);
-    let q = sqlx::query(
-        "UPDATE users SET suspended_reason = ?2, suspended_by = ?3, suspended_at = ?4 WHERE id = ?1",
-    )
-    .bind(id)
-    .bind(reason)
-    .bind(by)
-    .bind(at);
-    match execute(c, "suspending a user", q).await? {
-        0 => Err(not_found(format!("user {id}"))),
-        _ => Ok(()),
-    }
+    set_suspended(c, "users", "user", id, s).await
 }
 
 pub(crate) async fn grant_credits(c: &mut Conn, g: &CreditGrant) -> Result<Credits> {
@@ -138,8 +155,8 @@ pub(crate) async fn grant_credits(c: &mut Conn, g: &CreditGrant) -> Result<Credi
         "reading a balance",
         sqlx::query("SELECT credits FROM users WHERE id = ?1").bind(g.user_id.as_str()),
     )
-    .await?
-    .ok_or_else(|| not_found(format!("user {}", g.user_id)))?;
+    .await?;
+    let row = found(row, || format!("user {}", g.user_id))?;
     let next = granted_balance(Credits(col(&row, 0)?), g.amount)?;
     let q = sqlx::query(
         "UPDATE users SET credits = ? WHERE id = ?; \
@@ -192,7 +209,7 @@ pub(crate) async fn create_api_key(c: &mut Conn, k: &ApiKey) -> Result<()> {
     )
     .await?
     {
-        return Err(not_found(format!("user {}", k.user_id)));
+        return Err(Error::NotFound(format!("user {}", k.user_id)));
     }
     let q = sqlx::query(
         "INSERT INTO api_keys (id, user_id, hash, name, prefix, credit_limit, credits_left, \
@@ -234,7 +251,7 @@ pub(crate) async fn api_key_by_hash(c: &mut Conn, hash: &KeyHash) -> Result<ApiK
         sqlx::query(KEY_BY_HASH).bind(&hash.0[..]),
     )
     .await?;
-    rows::api_key(&row.ok_or_else(|| not_found("api key"))?, 0)
+    rows::api_key(&found(row, || "api key".into())?, 0)
 }
 
 pub(crate) async fn api_keys(c: &mut Conn, user: &str) -> Result<Vec<ApiKey>> {
@@ -244,7 +261,7 @@ pub(crate) async fn api_keys(c: &mut Conn, user: &str) -> Result<Vec<ApiKey>> {
 
 pub(crate) async fn update_api_key(c: &mut Conn, id: &str, u: &ApiKeyUpdate) -> Result<ApiKey> {
     let row = fetch_optional(c, "reading an api key", sqlx::query(KEY_BY_ID).bind(id)).await?;
-    let mut k = rows::api_key(&row.ok_or_else(|| not_found(format!("api key {id}")))?, 0)?;
+    let mut k = rows::api_key(&found(row, || format!("api key {id}"))?, 0)?;
     if let Some(name) = &u.name {
         k.name = name.clone();
     }
@@ -273,10 +290,7 @@ pub(crate) async fn revoke_api_key(c: &mut Conn, id: &str, at: Timestamp) -> Res
     let q = sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1")
         .bind(id)
         .bind(at.0);
-    match execute(c, "revoking an api key", q).await? {
-        0 => Err(not_found(format!("api key {id}"))),
-        _ => Ok(()),
-    }
+    execute_found(c, "revoking an api key", q, || format!("api key {id}")).await
 }
 
 // ---- providers -------------------------------------------------------------------
@@ -321,13 +335,13 @@ pub(crate) async fn provider(c: &mut Conn, id: &str) -> Result<Provider> {
         sqlx::query(PROVIDER_BY[0]).bind(id),
     )
     .await?;
-    rows::provider(&row.ok_or_else(|| not_found(format!("provider {id}")))?)
+    rows::provider(&found(row, || format!("provider {id}"))?)
 }
 
 pub(crate) async fn provider_by_key_hash(c: &mut Conn, hash: &KeyHash) -> Result<Provider> {
     let q = sqlx::query(PROVIDER_BY[1]).bind(&hash.0[..]);
     let row = fetch_optional(c, "reading a provider", q).await?;
-    rows::provider(&row.ok_or_else(|| not_found("provider key"))?)
+    rows::provider(&found(row, || "provider key".into())?)
 }
 
 pub(crate) async fn provider_by_user(c: &mut Conn, user: &str) -> Result<Provider> {
@@ -337,7 +351,7 @@ pub(crate) async fn provider_by_user(c: &mut Conn, user: &str) -> Result<Provide
         sqlx::query(PROVIDER_BY[2]).bind(user),
     )
     .await?;
-    rows::provider(&row.ok_or_else(|| not_found(format!("provider of {user}")))?)
+    rows::provider(&found(row, || format!("provider of {user}"))?)
 }
 
 pub(crate) async fn rotate_provider_key(c: &mut Conn, id: &str, new_hash: &KeyHash) -> Result<()> {
@@ -352,10 +366,7 @@ pub(crate) async fn rotate_provider_key(c: &mut Conn, id: &str, new_hash: &KeyHa
     let q = sqlx::query("UPDATE providers SET key_hash = ?2 WHERE id = ?1")
         .bind(id)
         .bind(&new_hash.0[..]);
-    match execute(c, "provider key", q).await? {
-        0 => Err(not_found(format!("provider {id}"))),
-        _ => Ok(()),
-    }
+    execute_found(c, "provider key", q, || format!("provider {id}")).await
 }
 
 pub(crate) async fn set_provider_suspended(
@@ -363,19 +374,7 @@ pub(crate) async fn set_provider_suspended(
     id: &str,
     s: &Option<Suspension>,
 ) -> Result<()> {
-    let (reason, by, at) = rows::suspension_cols(s);
-    let q = sqlx::query(
-        "UPDATE providers SET suspended_reason = ?2, suspended_by = ?3, suspended_at = ?4 \
-         WHERE id = ?1",
-    )
-    .bind(id)
-    .bind(reason)
-    .bind(by)
-    .bind(at);
-    match execute(c, "suspending a provider", q).await? {
-        0 => Err(not_found(format!("provider {id}"))),
-        _ => Ok(()),
-    }
+    set_suspended(c, "providers", "provider", id, s).await
 }
 
 // ---- provisions and pools -----------------------------------------------------------
@@ -418,7 +417,7 @@ pub(crate) async fn create_provision(
     )
     .await?
     {
-        return Err(not_found(format!("provider {}", p.provider_id)));
+        return Err(Error::NotFound(format!("provider {}", p.provider_id)));
     }
     let q = sqlx::query(
         "INSERT INTO provisions (id, provider_id, endpoint, node_secret, device, country, region, \
@@ -465,7 +464,7 @@ pub(crate) async fn provision(c: &mut Conn, id: &str) -> Result<Provision> {
         sqlx::query(PROVISIONS[0]).bind(id),
     )
     .await?;
-    rows::provision(&row.ok_or_else(|| not_found(format!("provision {id}")))?)
+    rows::provision(&found(row, || format!("provision {id}"))?)
 }
 
 pub(crate) async fn provisions_by_provider(c: &mut Conn, provider: &str) -> Result<Vec<Provision>> {
@@ -492,7 +491,7 @@ pub(crate) async fn update_provision(
         .bind(state.as_str())
         .bind(endpoint);
     if execute(c, "updating a provision", q).await? == 0 {
-        return Err(not_found(format!("provision {id}")));
+        return Err(Error::NotFound(format!("provision {id}")));
     }
     delete_entries(c, id).await?;
     insert_entries(c, id, entries).await
@@ -504,19 +503,13 @@ pub(crate) async fn heartbeat(c: &mut Conn, id: &str, at: Timestamp) -> Result<(
         sqlx::query("UPDATE provisions SET last_heartbeat = max(last_heartbeat, ?2) WHERE id = ?1")
             .bind(id)
             .bind(at.0);
-    match execute(c, "recording a heartbeat", q).await? {
-        0 => Err(not_found(format!("provision {id}"))),
-        _ => Ok(()),
-    }
+    execute_found(c, "recording a heartbeat", q, || format!("provision {id}")).await
 }
 
 pub(crate) async fn delete_provision(c: &mut Conn, id: &str) -> Result<()> {
     // Its pool entries go with it: the schema cascades the delete.
     let q = sqlx::query("DELETE FROM provisions WHERE id = ?1").bind(id);
-    match execute(c, "deleting a provision", q).await? {
-        0 => Err(not_found(format!("provision {id}"))),
-        _ => Ok(()),
-    }
+    execute_found(c, "deleting a provision", q, || format!("provision {id}")).await
 }
 
 pub(crate) async fn pool_entries(c: &mut Conn) -> Result<Vec<PoolEntry>> {
@@ -562,7 +555,7 @@ pub(crate) async fn settlement(c: &mut Conn, request: &str) -> Result<UsageRecor
         "FROM usage WHERE request_id = ?1"
     );
     let row = fetch_optional(c, "reading a settlement", sqlx::query(sql).bind(request)).await?;
-    rows::usage(&row.ok_or_else(|| not_found(format!("settlement {request}")))?)
+    rows::usage(&found(row, || format!("settlement {request}"))?)
 }
 
 pub(crate) async fn release_stale_reservations(c: &mut Conn, before: Timestamp) -> Result<u64> {
@@ -804,7 +797,7 @@ pub(crate) async fn revoke_token_family(c: &mut Conn, family: &str) -> Result<()
 pub(crate) async fn refresh_token_family(c: &mut Conn, hash: &KeyHash) -> Result<TokenFamilyId> {
     let q = sqlx::query("SELECT family FROM refresh_tokens WHERE hash = ?1").bind(&hash.0[..]);
     let row = fetch_optional(c, "reading a refresh token", q).await?;
-    let row = row.ok_or_else(|| not_found("refresh token"))?;
+    let row = found(row, || "refresh token".into())?;
     Ok(TokenFamilyId::new(col::<String>(&row, 0)?))
 }
 
@@ -828,10 +821,10 @@ pub(crate) async fn put_notification(c: &mut Conn, n: &Notification) -> Result<(
 
 pub(crate) async fn delete_notification(c: &mut Conn, id: &str) -> Result<()> {
     let q = sqlx::query("DELETE FROM notifications WHERE id = ?1").bind(id);
-    match execute(c, "deleting a notification", q).await? {
-        0 => Err(not_found(format!("notification {id}"))),
-        _ => Ok(()),
-    }
+    execute_found(c, "deleting a notification", q, || {
+        format!("notification {id}")
+    })
+    .await
 }
 
 pub(crate) async fn notifications(c: &mut Conn) -> Result<Vec<Notification>> {
