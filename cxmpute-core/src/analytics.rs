@@ -23,7 +23,6 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::broker::Broker;
 use crate::error::{Error, Result};
-use crate::health::BreakerState;
 use crate::stats::scope;
 use crate::types::*;
 
@@ -489,14 +488,6 @@ pub fn gauge_breakdown(prefix: &str, rows: Vec<(String, StatsCounters)>) -> Vec<
         .collect()
 }
 
-fn breaker_name(s: BreakerState) -> &'static str {
-    match s {
-        BreakerState::Closed => "closed",
-        BreakerState::Open => "open",
-        BreakerState::HalfOpen => "half_open",
-    }
-}
-
 /// Analytics over a broker's store and routing index.
 #[derive(Clone, Debug)]
 pub struct Analytics {
@@ -562,9 +553,9 @@ impl Analytics {
         let public = Summary::without_money;
         let (net, endpoints, services, models, nodes, pools) = futures::try_join!(
             self.series(scope::NETWORK, range),
-            self.prefixed("endpoint:", range),
-            self.prefixed("service:", range),
-            self.prefixed("model:", range),
+            self.prefixed(scope::ENDPOINT_PREFIX, range),
+            self.prefixed(scope::SERVICE_PREFIX, range),
+            self.prefixed(scope::MODEL_PREFIX, range),
             self.series(scope::NODES, range),
             self.prefixed(scope::POOL_PREFIX, range),
         )?;
@@ -592,9 +583,9 @@ impl Analytics {
             range,
             totals,
             days: day_series(range, net, public),
-            endpoints: breakdown("endpoint:", endpoints, public),
-            services: breakdown("service:", services, public),
-            models: breakdown("model:", models, public),
+            endpoints: breakdown(scope::ENDPOINT_PREFIX, endpoints, public),
+            services: breakdown(scope::SERVICE_PREFIX, services, public),
+            models: breakdown(scope::MODEL_PREFIX, models, public),
             nodes_now: self.broker.pools().node_count(),
             pools_now,
             nodes: gauge_series(range, nodes),
@@ -658,7 +649,7 @@ impl Analytics {
                 routable: pools.is_healthy(&p.id),
                 breaker: live
                     .as_ref()
-                    .map(|s| breaker_name(s.health().state()).to_owned()),
+                    .map(|s| s.health().state().as_str().to_owned()),
                 in_flight: pools.in_flight(&p.id),
                 latency_ewma_ms: Some(pools.latency_ewma_us(&p.id) / 1000).filter(|&ms| ms > 0),
                 stats: keep(Summary::of(&c.unwrap_or_default())),
@@ -694,12 +685,12 @@ impl Analytics {
         let all = |s: Summary| s;
         let (net, endpoints, services, models, apps, users, providers, nodes, pools, ledger) = futures::try_join!(
             self.series(scope::NETWORK, range),
-            self.prefixed("endpoint:", range),
-            self.prefixed("service:", range),
-            self.prefixed("model:", range),
-            self.prefixed("app:", range),
-            self.prefixed("user:", range),
-            self.prefixed("provider:", range),
+            self.prefixed(scope::ENDPOINT_PREFIX, range),
+            self.prefixed(scope::SERVICE_PREFIX, range),
+            self.prefixed(scope::MODEL_PREFIX, range),
+            self.prefixed(scope::APP_PREFIX, range),
+            self.prefixed(scope::USER_PREFIX, range),
+            self.prefixed(scope::PROVIDER_PREFIX, range),
             self.series(scope::NODES, range),
             self.prefixed(scope::POOL_PREFIX, range),
             self.store().ledger_totals(),
@@ -709,20 +700,20 @@ impl Analytics {
             v.truncate(TOP_N);
             v
         };
-        let mut top_apps = breakdown("app:", apps, all);
+        let mut top_apps = breakdown(scope::APP_PREFIX, apps, all);
         top_apps.truncate(TOP_N);
         Ok(AdminStats {
             range,
             totals: Summary::of(&total_of(net.iter().map(|r| &r.1))),
             days: day_series(range, net, all),
-            endpoints: breakdown("endpoint:", endpoints, all),
-            services: breakdown("service:", services, all),
-            models: breakdown("model:", models, all),
+            endpoints: breakdown(scope::ENDPOINT_PREFIX, endpoints, all),
+            services: breakdown(scope::SERVICE_PREFIX, services, all),
+            models: breakdown(scope::MODEL_PREFIX, models, all),
             top_apps,
-            top_users: top(breakdown("user:", users, all), |n| {
+            top_users: top(breakdown(scope::USER_PREFIX, users, all), |n| {
                 n.stats.charged.unwrap_or_default().0
             }),
-            top_providers: top(breakdown("provider:", providers, all), |n| {
+            top_providers: top(breakdown(scope::PROVIDER_PREFIX, providers, all), |n| {
                 n.stats.rewarded.unwrap_or_default().0
             }),
             ledger: LedgerView {

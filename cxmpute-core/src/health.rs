@@ -125,11 +125,28 @@ impl BreakerState {
         }
     }
 
-    fn as_u8(self) -> u8 {
+    /// The state's position in [`BreakerState::ALL`] (and as stored).
+    pub(crate) fn as_u8(self) -> u8 {
         match self {
             BreakerState::Closed => 0,
             BreakerState::Open => 1,
             BreakerState::HalfOpen => 2,
+        }
+    }
+
+    /// Every state, in [`BreakerState::as_u8`] order.
+    pub const ALL: [BreakerState; 3] = [
+        BreakerState::Closed,
+        BreakerState::Open,
+        BreakerState::HalfOpen,
+    ];
+
+    /// The state's name in metrics and statistics: `closed`, `open`, `half_open`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
         }
     }
 }

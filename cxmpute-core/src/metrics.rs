@@ -98,14 +98,6 @@ impl AttemptOutcome {
     }
 }
 
-fn breaker_label(s: BreakerState) -> &'static str {
-    match s {
-        BreakerState::Closed => "closed",
-        BreakerState::Open => "open",
-        BreakerState::HalfOpen => "half_open",
-    }
-}
-
 impl Metrics {
     /// A fresh recorder with the metrics described.
     pub fn new() -> Self {
@@ -179,8 +171,7 @@ impl Metrics {
     /// A node's circuit breaker changed state.
     pub fn breaker_transition(&self, to: BreakerState) {
         self.with(|| {
-            counter!("cxmpute_circuit_breaker_transitions_total", "to" => breaker_label(to))
-                .increment(1);
+            counter!("cxmpute_circuit_breaker_transitions_total", "to" => to.as_str()).increment(1);
         });
     }
 
@@ -203,12 +194,7 @@ impl Metrics {
         let mut breakers = [0u64; 3];
         for id in &ids {
             if let Some(s) = pools.stats(id) {
-                let i = match s.health().state() {
-                    BreakerState::Closed => 0,
-                    BreakerState::Open => 1,
-                    BreakerState::HalfOpen => 2,
-                };
-                breakers[i] += 1;
+                breakers[usize::from(s.health().state().as_u8())] += 1;
             }
         }
         {
@@ -225,16 +211,8 @@ impl Metrics {
                         .set(*n as f64);
                 }
                 seen.extend(now);
-                for (state, n) in [
-                    BreakerState::Closed,
-                    BreakerState::Open,
-                    BreakerState::HalfOpen,
-                ]
-                .into_iter()
-                .zip(breakers)
-                {
-                    gauge!("cxmpute_circuit_breakers", "state" => breaker_label(state))
-                        .set(n as f64);
+                for (state, n) in BreakerState::ALL.into_iter().zip(breakers) {
+                    gauge!("cxmpute_circuit_breakers", "state" => state.as_str()).set(n as f64);
                 }
                 gauge!("cxmpute_nodes").set(ids.len() as f64);
                 gauge!("cxmpute_stats_unsent_batches")

@@ -14,7 +14,7 @@
 //! so `units / requests` is the day's average. Sums of samples add up like
 //! any counter, so batching, retries and several hosts sampling one store
 //! all keep the average right. Gauge scopes are `pool:`, `nodes:` and
-//! `nodes`; [`scope::is_gauge`] tells them apart.
+//! `nodes`.
 
 use std::collections::HashMap;
 
@@ -28,32 +28,45 @@ use crate::types::*;
 pub mod scope {
     use crate::types::{ProviderId, ProvisionId, Route, Service, UserId};
 
+    /// The prefix of every [`endpoint`] scope.
+    pub const ENDPOINT_PREFIX: &str = "endpoint:";
+    /// The prefix of every [`model`] scope.
+    pub const MODEL_PREFIX: &str = "model:";
+    /// The prefix of every [`app`] scope.
+    pub const APP_PREFIX: &str = "app:";
+    /// The prefix of every [`user`] scope.
+    pub const USER_PREFIX: &str = "user:";
+    /// The prefix of every [`provider`] scope.
+    pub const PROVIDER_PREFIX: &str = "provider:";
+    /// The prefix of every [`service`] scope.
+    pub const SERVICE_PREFIX: &str = "service:";
+
     /// Per gateway endpoint.
     pub fn endpoint(route: Route) -> String {
-        format!("endpoint:{}", route.path())
+        format!("{ENDPOINT_PREFIX}{}", route.path())
     }
     /// Per service and model.
     pub fn model(service: Service, model: &str) -> String {
-        format!("model:{}:{model}", service.as_str())
+        format!("{MODEL_PREFIX}{}:{model}", service.as_str())
     }
     /// Per calling application (`X-Title` / `HTTP-Referer`).
     pub fn app(app: &str) -> String {
-        format!("app:{app}")
+        format!("{APP_PREFIX}{app}")
     }
     /// Per user.
     pub fn user(user: &UserId) -> String {
-        format!("user:{user}")
+        format!("{USER_PREFIX}{user}")
     }
     /// Per provider.
     pub fn provider(provider: &ProviderId) -> String {
-        format!("provider:{provider}")
+        format!("{PROVIDER_PREFIX}{provider}")
     }
     /// The whole network.
     pub const NETWORK: &str = "network";
 
     /// Per service (every model and route of it).
     pub fn service(service: Service) -> String {
-        format!("service:{}", service.as_str())
+        format!("{SERVICE_PREFIX}{}", service.as_str())
     }
     /// One user's requests to one model. Its own prefix (not under `user:`),
     /// so that a `user:` prefix query still lists only users.
@@ -101,11 +114,6 @@ pub mod scope {
     }
     /// Gauge: distinct nodes in routing.
     pub const NODES: &str = "nodes";
-
-    /// Whether a scope holds gauge samples rather than request counters.
-    pub fn is_gauge(scope: &str) -> bool {
-        scope == NODES || scope.starts_with(POOL_PREFIX) || scope.starts_with("nodes:")
-    }
 }
 
 /// Counters for one finished request.
