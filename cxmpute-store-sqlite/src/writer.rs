@@ -155,23 +155,18 @@ impl Writer {
         T: Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Msg::Op(Box::new(Op { f, reply })))
-            .await
-            .map_err(|_| closed())?;
-        answer.await.map_err(|_| Error::Unavailable {
-            message: "the SQLite writer stopped before answering".into(),
-            source: None,
-        })?
+        self.ask(Msg::Op(Box::new(Op { f, reply })), answer).await
     }
 
     /// Queues a reservation or settlement and waits for its committed answer.
     pub(crate) async fn money(&self, op: MoneyOp) -> Result<MoneyAnswer> {
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Msg::Money(Box::new((op, reply))))
-            .await
-            .map_err(|_| closed())?;
+        self.ask(Msg::Money(Box::new((op, reply))), answer).await
+    }
+
+    /// Queues `msg`, whose reply goes to `answer`, and waits for the reply.
+    async fn ask<T>(&self, msg: Msg, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
+        self.tx.send(msg).await.map_err(|_| closed())?;
         answer.await.map_err(|_| Error::Unavailable {
             message: "the SQLite writer stopped before answering".into(),
             source: None,
