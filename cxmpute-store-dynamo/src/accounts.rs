@@ -245,17 +245,27 @@ impl DynamoStore {
         id: &UserId,
         suspension: Option<Suspension>,
     ) -> Result<()> {
-        let what = "suspending a user";
+        self.set_suspended("user", id.as_str(), schema::user(id), suspension)
+            .await
+    }
+
+    /// Sets or clears the suspension on the `noun` ("user", "provider") `id`
+    /// stored at `key`; `NotFound` when there is no such item.
+    async fn set_suspended(
+        &self,
+        noun: &str,
+        id: &str,
+        key: Item,
+        suspension: Option<Suspension>,
+    ) -> Result<()> {
+        let what = format!("suspending a {noun}");
         let mut ex = Ex::new();
         let upd = set_or_remove_json(&mut ex, "suspended", suspension.as_ref())?;
         let cond = ex.exists();
-        match self
-            .update(what, schema::user(id), upd, Some(cond), ex, false)
-            .await
-        {
+        match self.update(&what, key, upd, Some(cond), ex, false).await {
             Ok(_) => Ok(()),
-            Err(Fail::Condition(_)) => Err(Error::NotFound(format!("user {id}"))),
-            Err(f) => Err(f.into_error(what)),
+            Err(Fail::Condition(_)) => Err(Error::NotFound(format!("{noun} {id}"))),
+            Err(f) => Err(f.into_error(&what)),
         }
     }
 
@@ -339,11 +349,9 @@ impl DynamoStore {
                 Ok(())
             }
             Err(Fail::Condition(flags)) => {
-                let no_user = if flags.is_empty() {
-                    self.get(what, schema::user(&k.user_id)).await?.is_none()
-                } else {
-                    Fail::failed(&flags, owner)
-                };
+                let no_user = self
+                    .must_exist_failed(what, &flags, owner, schema::user(&k.user_id))
+                    .await?;
                 Err(if no_user {
                     Error::NotFound(format!("user {}", k.user_id))
                 } else {
@@ -623,17 +631,7 @@ impl DynamoStore {
         id: &ProviderId,
         suspension: Option<Suspension>,
     ) -> Result<()> {
-        let what = "suspending a provider";
-        let mut ex = Ex::new();
-        let upd = set_or_remove_json(&mut ex, "suspended", suspension.as_ref())?;
-        let cond = ex.exists();
-        match self
-            .update(what, schema::provider(id), upd, Some(cond), ex, false)
+        self.set_suspended("provider", id.as_str(), schema::provider(id), suspension)
             .await
-        {
-            Ok(_) => Ok(()),
-            Err(Fail::Condition(_)) => Err(Error::NotFound(format!("provider {id}"))),
-            Err(f) => Err(f.into_error(what)),
-        }
     }
 }

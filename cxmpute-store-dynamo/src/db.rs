@@ -420,6 +420,23 @@ impl DynamoStore {
         .await
     }
 
+    /// Whether the check at `i` of a refused transaction, that the item at
+    /// `key` exists, is one that failed. When DynamoDB named no failed
+    /// items (`flags` empty), a consistent read of the item says.
+    pub(crate) async fn must_exist_failed(
+        &self,
+        what: &str,
+        flags: &[bool],
+        i: usize,
+        key: Item,
+    ) -> Result<bool> {
+        if flags.is_empty() {
+            Ok(self.get(what, key).await?.is_none())
+        } else {
+            Ok(Fail::failed(flags, i))
+        }
+    }
+
     /// Applies a transaction: all of it or none of it.
     pub(crate) async fn transact(&self, what: &str, tx: Tx) -> Result<(), Fail> {
         if tx.items.is_empty() {

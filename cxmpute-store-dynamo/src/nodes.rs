@@ -143,13 +143,9 @@ impl DynamoStore {
         match self.transact(what, tx).await {
             Ok(()) => Ok(()),
             Err(Fail::Condition(flags)) => {
-                let no_provider = if flags.is_empty() {
-                    self.get(what, schema::provider(&p.provider_id))
-                        .await?
-                        .is_none()
-                } else {
-                    Fail::failed(&flags, owner)
-                };
+                let no_provider = self
+                    .must_exist_failed(what, &flags, owner, schema::provider(&p.provider_id))
+                    .await?;
                 Err(if no_provider {
                     Error::NotFound(format!("provider {}", p.provider_id))
                 } else {
