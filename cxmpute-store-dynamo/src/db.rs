@@ -125,16 +125,6 @@ impl DynamoStore {
         })
     }
 
-    /// The table this store reads and writes.
-    pub fn table_name(&self) -> &str {
-        &self.table
-    }
-
-    /// The SDK client, for hosts that want to reuse it.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// Creates the table (on-demand capacity) and its index when they do not
     /// exist, then waits until both are active. For a fresh account, an
     /// emulator or tests; production tables are better made by your
