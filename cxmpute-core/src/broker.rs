@@ -43,7 +43,7 @@ use tracing::Instrument;
 
 use crate::accounts::{normalize_email, AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
-use crate::egress::{self, EgressPolicy};
+use crate::egress::{self, CappedReadError, EgressPolicy};
 use crate::error::{Error, Result};
 use crate::health::{self, HealthConfig, HealthReport, Outcome};
 use crate::mail::{ConsoleMailer, Mailer};
@@ -1355,7 +1355,7 @@ impl CallContext {
         tokio::spawn(task.instrument(tracing::Span::current()));
         GatewayResponse::Stream {
             content_type,
-            body: tokio_stream_from(rx),
+            body: tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         }
     }
 }
@@ -1401,31 +1401,19 @@ async fn rejection_message(resp: reqwest::Response) -> Option<String> {
 }
 
 /// Reads a whole answer with an idle timeout between chunks and a size cap.
+/// A node's whole answer, at most `cap` bytes, each read within `idle`.
 async fn read_capped(
     resp: &mut reqwest::Response,
     idle: Duration,
     cap: usize,
 ) -> std::result::Result<Vec<u8>, AttemptError> {
-    let mut buf = Vec::new();
-    loop {
-        match tokio::time::timeout(idle, resp.chunk()).await {
-            Err(_) => return Err(AttemptError::Timeout("node stalled mid-answer".into())),
-            Ok(Err(e)) => return Err(AttemptError::Failed(format!("node answer failed: {e}"))),
-            Ok(Ok(None)) => return Ok(buf),
-            Ok(Ok(Some(c))) => {
-                if buf.len() + c.len() > cap {
-                    return Err(AttemptError::Failed("node answer too large".into()));
-                }
-                buf.extend_from_slice(&c);
-            }
-        }
-    }
-}
-
-fn tokio_stream_from(
-    mut rx: mpsc::Receiver<std::result::Result<Bytes, std::io::Error>>,
-) -> BoxStream<'static, std::result::Result<Bytes, std::io::Error>> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+    egress::read_capped(resp, cap, Some(idle))
+        .await
+        .map_err(|e| match e {
+            CappedReadError::Stalled => AttemptError::Timeout("node stalled mid-answer".into()),
+            CappedReadError::Failed(e) => AttemptError::Failed(format!("node answer failed: {e}")),
+            CappedReadError::TooLarge => AttemptError::Failed("node answer too large".into()),
+        })
 }
 
 fn elapsed_us(t0: Instant) -> u64 {
