@@ -23,7 +23,7 @@ use cxmpute_core::*;
 use sqlx::SqliteConnection;
 
 use crate::error::map;
-use crate::rows::{self, col, to_i64};
+use crate::rows::{self, col, key_cols, reservation_cols, to_i64, usage_cols, user_cols};
 
 /// One money operation.
 pub(crate) enum MoneyOp {
@@ -48,14 +48,15 @@ pub(crate) enum MoneyAnswer {
 /// Binds, in order: request ids, request ids, the reserving keys' ids,
 /// request ids (JSON arrays).
 const READ_RUN: &str = concat!(
-    "SELECT 'r', r.request_id, r.user_id, r.key_id, r.route, r.amount, r.created_at ",
-    "FROM json_each(?) j JOIN reservations r ON r.request_id = j.value; ",
+    "SELECT 'r', ",
+    reservation_cols!(),
+    " FROM json_each(?) j JOIN reservations r ON r.request_id = j.value; ",
     "SELECT 's', u.request_id FROM json_each(?) j JOIN usage u ON u.request_id = j.value; ",
-    "SELECT 'k', k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
-    "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at, ",
-    "u.id, u.email, u.credits, u.is_admin, u.suspended_reason, u.suspended_by, ",
-    "u.suspended_at, u.created_at ",
-    "FROM api_keys k LEFT JOIN users u ON u.id = k.user_id WHERE k.id IN (",
+    "SELECT 'k', ",
+    key_cols!(),
+    ", ",
+    user_cols!(),
+    " FROM api_keys k LEFT JOIN users u ON u.id = k.user_id WHERE k.id IN (",
     "SELECT value FROM json_each(?) UNION ",
     "SELECT r.key_id FROM json_each(?) j JOIN reservations r ON r.request_id = j.value)"
 );
@@ -70,8 +71,9 @@ const WRITE_RUN: &str = concat!(
     "INSERT INTO reservations (request_id, user_id, key_id, route, amount, created_at) ",
     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 ",
     "FROM json_each(?); ",
-    "INSERT INTO usage (request_id, user_id, key_id, route, model, provision_id, provider_id, ",
-    "input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward) ",
+    "INSERT INTO usage (",
+    usage_cols!(),
+    ") ",
     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, ",
     "value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, ",
     "value ->> 12, value ->> 13, value ->> 14, value ->> 15 FROM json_each(?); ",

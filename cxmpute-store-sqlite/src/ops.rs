@@ -18,7 +18,10 @@ use sqlx::SqliteConnection;
 
 use crate::error::map;
 use crate::money::{self, MoneyAnswer, MoneyOp};
-use crate::rows::{self, col, limit, to_i64};
+use crate::rows::{
+    self, col, key_cols, limit, pool_entry_cols, provider_cols, provision_cols, reservation_cols,
+    stats_cols, to_i64, usage_cols, user_cols,
+};
 use crate::writer::Outcome;
 
 type Conn = SqliteConnection;
@@ -85,17 +88,12 @@ pub(crate) async fn create_user(c: &mut Conn, u: &User) -> Result<()> {
     execute(c, &format!("user {}", u.email), q).await.map(drop)
 }
 
-const USER_BY_ID: &str = concat!(
-    "SELECT u.id, u.email, u.credits, u.is_admin, u.suspended_reason, u.suspended_by, ",
-    "u.suspended_at, u.created_at FROM users u WHERE u.id = ?1"
-);
-const USER_BY_EMAIL: &str = concat!(
-    "SELECT u.id, u.email, u.credits, u.is_admin, u.suspended_reason, u.suspended_by, ",
-    "u.suspended_at, u.created_at FROM users u WHERE u.email = ?1"
-);
+const USER_BY_ID: &str = concat!("SELECT ", user_cols!(), " FROM users u WHERE u.id = ?1");
+const USER_BY_EMAIL: &str = concat!("SELECT ", user_cols!(), " FROM users u WHERE u.email = ?1");
 const USER_SEARCH: &str = concat!(
-    "SELECT u.id, u.email, u.credits, u.is_admin, u.suspended_reason, u.suspended_by, ",
-    "u.suspended_at, u.created_at FROM users u ",
+    "SELECT ",
+    user_cols!(),
+    " FROM users u ",
     "WHERE instr(u.email, ?1) > 0 ORDER BY u.email LIMIT ?2"
 );
 
@@ -230,17 +228,12 @@ pub(crate) async fn create_api_key(c: &mut Conn, k: &ApiKey) -> Result<()> {
     execute(c, &format!("api key {}", k.id), q).await.map(drop)
 }
 
-const KEY_BY_HASH: &str = concat!(
-    "SELECT k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
-    "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at FROM api_keys k WHERE k.hash = ?1"
-);
-const KEY_BY_ID: &str = concat!(
-    "SELECT k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
-    "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at FROM api_keys k WHERE k.id = ?1"
-);
+const KEY_BY_HASH: &str = concat!("SELECT ", key_cols!(), " FROM api_keys k WHERE k.hash = ?1");
+const KEY_BY_ID: &str = concat!("SELECT ", key_cols!(), " FROM api_keys k WHERE k.id = ?1");
 const KEYS_BY_USER: &str = concat!(
-    "SELECT k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
-    "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at FROM api_keys k ",
+    "SELECT ",
+    key_cols!(),
+    " FROM api_keys k ",
     "WHERE k.user_id = ?1 ORDER BY k.created_at, k.id"
 );
 
@@ -315,16 +308,19 @@ pub(crate) async fn create_provider(c: &mut Conn, p: &Provider) -> Result<()> {
 
 const PROVIDER_BY: [&str; 3] = [
     concat!(
-        "SELECT p.id, p.user_id, p.email, p.key_hash, p.earnings, p.suspended_reason, ",
-        "p.suspended_by, p.suspended_at, p.created_at FROM providers p WHERE p.id = ?1"
+        "SELECT ",
+        provider_cols!(),
+        " FROM providers p WHERE p.id = ?1"
     ),
     concat!(
-        "SELECT p.id, p.user_id, p.email, p.key_hash, p.earnings, p.suspended_reason, ",
-        "p.suspended_by, p.suspended_at, p.created_at FROM providers p WHERE p.key_hash = ?1"
+        "SELECT ",
+        provider_cols!(),
+        " FROM providers p WHERE p.key_hash = ?1"
     ),
     concat!(
-        "SELECT p.id, p.user_id, p.email, p.key_hash, p.earnings, p.suspended_reason, ",
-        "p.suspended_by, p.suspended_at, p.created_at FROM providers p WHERE p.user_id = ?1"
+        "SELECT ",
+        provider_cols!(),
+        " FROM providers p WHERE p.user_id = ?1"
     ),
 ];
 
@@ -442,17 +438,20 @@ pub(crate) async fn create_provision(
 
 const PROVISIONS: [&str; 3] = [
     concat!(
-        "SELECT n.id, n.provider_id, n.endpoint, n.node_secret, n.device, n.country, n.region, ",
-        "n.city, n.tier, n.state, n.last_heartbeat, n.created_at FROM provisions n WHERE n.id = ?1"
+        "SELECT ",
+        provision_cols!(),
+        " FROM provisions n WHERE n.id = ?1"
     ),
     concat!(
-        "SELECT n.id, n.provider_id, n.endpoint, n.node_secret, n.device, n.country, n.region, ",
-        "n.city, n.tier, n.state, n.last_heartbeat, n.created_at FROM provisions n ",
+        "SELECT ",
+        provision_cols!(),
+        " FROM provisions n ",
         "WHERE n.provider_id = ?1 ORDER BY n.created_at, n.id"
     ),
     concat!(
-        "SELECT n.id, n.provider_id, n.endpoint, n.node_secret, n.device, n.country, n.region, ",
-        "n.city, n.tier, n.state, n.last_heartbeat, n.created_at FROM provisions n ",
+        "SELECT ",
+        provision_cols!(),
+        " FROM provisions n ",
         "WHERE n.state <> 'ended' ORDER BY n.created_at, n.id"
     ),
 ];
@@ -514,8 +513,9 @@ pub(crate) async fn delete_provision(c: &mut Conn, id: &str) -> Result<()> {
 
 pub(crate) async fn pool_entries(c: &mut Conn) -> Result<Vec<PoolEntry>> {
     let sql = concat!(
-        "SELECT e.provision_id, e.provider_id, e.service, e.model, e.endpoint, e.node_secret, ",
-        "e.tier, e.region FROM pool_entries e ORDER BY e.provision_id, e.seq"
+        "SELECT ",
+        pool_entry_cols!(),
+        " FROM pool_entries e ORDER BY e.provision_id, e.seq"
     );
     let found = fetch_all(c, "reading pool entries", sqlx::query(sql)).await?;
     let mut v = found
@@ -550,9 +550,9 @@ pub(crate) async fn expire_provisions(c: &mut Conn, before: Timestamp) -> Result
 
 pub(crate) async fn settlement(c: &mut Conn, request: &str) -> Result<UsageRecord> {
     let sql = concat!(
-        "SELECT request_id, user_id, key_id, route, model, provision_id, provider_id, ",
-        "input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward ",
-        "FROM usage WHERE request_id = ?1"
+        "SELECT ",
+        usage_cols!(),
+        " FROM usage WHERE request_id = ?1"
     );
     let row = fetch_optional(c, "reading a settlement", sqlx::query(sql).bind(request)).await?;
     rows::usage(&found(row, || format!("settlement {request}"))?)
@@ -560,8 +560,9 @@ pub(crate) async fn settlement(c: &mut Conn, request: &str) -> Result<UsageRecor
 
 pub(crate) async fn release_stale_reservations(c: &mut Conn, before: Timestamp) -> Result<u64> {
     let sql = concat!(
-        "SELECT r.request_id, r.user_id, r.key_id, r.route, r.amount, r.created_at ",
-        "FROM reservations r WHERE r.created_at < ?1 ORDER BY r.created_at"
+        "SELECT ",
+        reservation_cols!(),
+        " FROM reservations r WHERE r.created_at < ?1 ORDER BY r.created_at"
     );
     let stale = fetch_all(
         c,
@@ -605,9 +606,9 @@ pub(crate) async fn ledger_totals(c: &mut Conn) -> Result<LedgerTotals> {
 
 pub(crate) async fn usage_records(c: &mut Conn, user: &str, n: usize) -> Result<Vec<UsageRecord>> {
     let sql = concat!(
-        "SELECT request_id, user_id, key_id, route, model, provision_id, provider_id, ",
-        "input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward ",
-        "FROM usage WHERE user_id = ?1 ORDER BY at DESC, request_id DESC LIMIT ?2"
+        "SELECT ",
+        usage_cols!(),
+        " FROM usage WHERE user_id = ?1 ORDER BY at DESC, request_id DESC LIMIT ?2"
     );
     let q = sqlx::query(sql).bind(user).bind(limit(n));
     let found = fetch_all(c, "reading usage", q).await?;
@@ -849,8 +850,9 @@ pub(crate) async fn record_stats(c: &mut Conn, batch: &StatsBatch) -> Result<()>
         sums.entry((scope.as_str(), *day)).or_default().add(delta);
     }
     let select = concat!(
-        "SELECT scope, day, requests, failures, input_tokens, output_tokens, units, ",
-        "latency_ms_sum, latency_buckets, charged, rewarded FROM stats WHERE scope = ?1 AND day = ?2"
+        "SELECT ",
+        stats_cols!(),
+        " FROM stats WHERE scope = ?1 AND day = ?2"
     );
     for ((scope, day), delta) in sums {
         let q = sqlx::query(select).bind(scope).bind(i64::from(day.0));
@@ -888,8 +890,9 @@ pub(crate) async fn stats(
     to: Day,
 ) -> Result<Vec<(Day, StatsCounters)>> {
     let sql = concat!(
-        "SELECT scope, day, requests, failures, input_tokens, output_tokens, units, ",
-        "latency_ms_sum, latency_buckets, charged, rewarded FROM stats ",
+        "SELECT ",
+        stats_cols!(),
+        " FROM stats ",
         "WHERE scope = ?1 AND day BETWEEN ?2 AND ?3 ORDER BY day"
     );
     let q = sqlx::query(sql)
@@ -927,8 +930,9 @@ pub(crate) async fn stats_by_prefix(
     to: Day,
 ) -> Result<Vec<(String, StatsCounters)>> {
     let sql = concat!(
-        "SELECT scope, day, requests, failures, input_tokens, output_tokens, units, ",
-        "latency_ms_sum, latency_buckets, charged, rewarded FROM stats ",
+        "SELECT ",
+        stats_cols!(),
+        " FROM stats ",
         "WHERE scope >= ?1 AND (?2 IS NULL OR scope < ?2) AND day BETWEEN ?3 AND ?4"
     );
     let q = sqlx::query(sql)

@@ -56,8 +56,18 @@ pub(crate) fn suspension_cols(s: &Option<Suspension>) -> (Option<&str>, Option<&
     }
 }
 
-/// A user from the 8 columns starting at `at`, in order: `id, email,
-/// credits, is_admin, suspended_reason, suspended_by, suspended_at, created_at`.
+/// The columns of `users u` the reader below takes, in its order, for `concat!`.
+macro_rules! user_cols {
+    () => {
+        concat!(
+            "u.id, u.email, u.credits, u.is_admin, u.suspended_reason, u.suspended_by, ",
+            "u.suspended_at, u.created_at"
+        )
+    };
+}
+pub(crate) use user_cols;
+
+/// A user from the columns of `user_cols!()` starting at `at`.
 pub(crate) fn user(row: &SqliteRow, at: usize) -> Result<User> {
     Ok(User {
         id: UserId::new(col::<String>(row, at)?),
@@ -69,7 +79,18 @@ pub(crate) fn user(row: &SqliteRow, at: usize) -> Result<User> {
     })
 }
 
-/// Columns, in order: `k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at`.
+/// The columns of `api_keys k` the reader below takes, in its order, for `concat!`.
+macro_rules! key_cols {
+    () => {
+        concat!(
+            "k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
+            "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at"
+        )
+    };
+}
+pub(crate) use key_cols;
+
+/// An API key from the columns of `key_cols!()` starting at `at`.
 pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
     let routes: String = col(row, at + 7)?;
     Ok(ApiKey {
@@ -94,7 +115,18 @@ pub(crate) fn routes_json(routes: &[Route]) -> String {
     serde_json::to_string(routes).unwrap_or_else(|_| "[]".into())
 }
 
-/// Columns, in order: `p.id, p.user_id, p.email, p.key_hash, p.earnings, p.suspended_reason, p.suspended_by, p.suspended_at, p.created_at`.
+/// The columns of `providers p` the reader below takes, in its order, for `concat!`.
+macro_rules! provider_cols {
+    () => {
+        concat!(
+            "p.id, p.user_id, p.email, p.key_hash, p.earnings, p.suspended_reason, ",
+            "p.suspended_by, p.suspended_at, p.created_at"
+        )
+    };
+}
+pub(crate) use provider_cols;
+
+/// A provider from the columns of `provider_cols!()`.
 pub(crate) fn provider(row: &SqliteRow) -> Result<Provider> {
     Ok(Provider {
         id: ProviderId::new(col::<String>(row, 0)?),
@@ -107,7 +139,18 @@ pub(crate) fn provider(row: &SqliteRow) -> Result<Provider> {
     })
 }
 
-/// Columns, in order: `n.id, n.provider_id, n.endpoint, n.node_secret, n.device, n.country, n.region, n.city, n.tier, n.state, n.last_heartbeat, n.created_at`.
+/// The columns of `provisions n` the reader below takes, in its order, for `concat!`.
+macro_rules! provision_cols {
+    () => {
+        concat!(
+            "n.id, n.provider_id, n.endpoint, n.node_secret, n.device, n.country, n.region, ",
+            "n.city, n.tier, n.state, n.last_heartbeat, n.created_at"
+        )
+    };
+}
+pub(crate) use provision_cols;
+
+/// A provision from the columns of `provision_cols!()`.
 pub(crate) fn provision(row: &SqliteRow) -> Result<Provision> {
     let device: String = col(row, 4)?;
     let state: String = col(row, 9)?;
@@ -130,7 +173,18 @@ pub(crate) fn provision(row: &SqliteRow) -> Result<Provision> {
     })
 }
 
-/// Columns, in order: `e.provision_id, e.provider_id, e.service, e.model, e.endpoint, e.node_secret, e.tier, e.region`.
+/// The columns of `pool_entries e` the reader below takes, in its order, for `concat!`.
+macro_rules! pool_entry_cols {
+    () => {
+        concat!(
+            "e.provision_id, e.provider_id, e.service, e.model, e.endpoint, e.node_secret, ",
+            "e.tier, e.region"
+        )
+    };
+}
+pub(crate) use pool_entry_cols;
+
+/// A pool entry from the columns of `pool_entry_cols!()`.
 pub(crate) fn pool_entry(row: &SqliteRow) -> Result<PoolEntry> {
     let service: String = col(row, 2)?;
     Ok(PoolEntry {
@@ -145,7 +199,15 @@ pub(crate) fn pool_entry(row: &SqliteRow) -> Result<PoolEntry> {
     })
 }
 
-/// Columns, in order: `r.request_id, r.user_id, r.key_id, r.route, r.amount, r.created_at`.
+/// The columns of `reservations r` the reader below takes, in its order, for `concat!`.
+macro_rules! reservation_cols {
+    () => {
+        "r.request_id, r.user_id, r.key_id, r.route, r.amount, r.created_at"
+    };
+}
+pub(crate) use reservation_cols;
+
+/// A reservation from the columns of `reservation_cols!()` starting at `at`.
 pub(crate) fn reservation(row: &SqliteRow, at: usize) -> Result<Reservation> {
     let route: String = col(row, at + 3)?;
     Ok(Reservation {
@@ -158,7 +220,18 @@ pub(crate) fn reservation(row: &SqliteRow, at: usize) -> Result<Reservation> {
     })
 }
 
-/// Columns, in order: `request_id, user_id, key_id, route, model, provision_id, provider_id, input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward`.
+/// The columns of `usage`, unqualified (also the column list its rows are inserted with) the reader below takes, in its order, for `concat!`.
+macro_rules! usage_cols {
+    () => {
+        concat!(
+            "request_id, user_id, key_id, route, model, provision_id, provider_id, ",
+            "input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward"
+        )
+    };
+}
+pub(crate) use usage_cols;
+
+/// A usage record from the columns of `usage_cols!()`.
 pub(crate) fn usage(row: &SqliteRow) -> Result<UsageRecord> {
     let route: String = col(row, 3)?;
     Ok(UsageRecord {
@@ -181,9 +254,18 @@ pub(crate) fn usage(row: &SqliteRow) -> Result<UsageRecord> {
     })
 }
 
-/// A stats row's scope, day and counters; columns, in order: `scope, day,
-/// requests, failures, input_tokens, output_tokens, units, latency_ms_sum,
-/// latency_buckets, charged, rewarded`.
+/// The columns of `stats`, unqualified the reader below takes, in its order, for `concat!`.
+macro_rules! stats_cols {
+    () => {
+        concat!(
+            "scope, day, requests, failures, input_tokens, output_tokens, units, ",
+            "latency_ms_sum, latency_buckets, charged, rewarded"
+        )
+    };
+}
+pub(crate) use stats_cols;
+
+/// A stats row's scope, day and counters, from the columns of `stats_cols!()`.
 pub(crate) fn stats(row: &SqliteRow) -> Result<(String, Day, StatsCounters)> {
     let buckets: String = col(row, 8)?;
     let day: i64 = col(row, 1)?;
