@@ -528,34 +528,17 @@ impl Accounts {
     /// Safe against concurrent sign-ins: one row of each, whoever wins.
     pub async fn ensure_account(&self, email: &str) -> Result<User> {
         let email = normalize_email(email)?;
-        let user = match self.store().user_by_email(&email).await {
-            Ok(u) => u,
-            Err(Error::NotFound(_)) => {
-                let u = User {
-                    id: UserId::generate(),
-                    email: email.clone(),
-                    credits: Credits::ZERO,
-                    is_admin: false,
-                    suspended: None,
-                    created_at: self.now(),
-                };
-                match self.store().create_user(&u).await {
-                    Ok(()) => {
-                        let credits = self.cfg().signup_credits;
-                        if credits > Credits::ZERO {
-                            self.broker
-                                .grant_credits(&u.id, credits, "system", "sign-up credits")
-                                .await?;
-                        }
-                        tracing::info!(user = %u.id, "account created");
-                        self.store().user(&u.id).await?
-                    }
-                    Err(Error::AlreadyExists(_)) => self.store().user_by_email(&email).await?,
-                    Err(e) => return Err(e),
-                }
+        let (mut user, created) = self.broker.user_for_email(email, false).await?;
+        if created {
+            let credits = self.cfg().signup_credits;
+            if credits > Credits::ZERO {
+                user.credits = self
+                    .broker
+                    .grant_credits(&user.id, credits, "system", "sign-up credits")
+                    .await?;
             }
-            Err(e) => return Err(e),
-        };
+            tracing::info!(user = %user.id, "account created");
+        }
         self.ensure_provider(&user).await?;
         Ok(user)
     }

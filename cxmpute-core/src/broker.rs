@@ -605,38 +605,43 @@ impl Broker {
         Ok((key, secret))
     }
 
+    /// The user with (normalised) `email`, created with `is_admin` and no
+    /// credits if absent; `true` when this call created it. Safe against
+    /// concurrent callers: one user, whoever wins, and the losers read it.
+    pub(crate) async fn user_for_email(
+        &self,
+        email: String,
+        is_admin: bool,
+    ) -> Result<(User, bool)> {
+        match self.inner.store.user_by_email(&email).await {
+            Ok(u) => return Ok((u, false)),
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let u = User {
+            id: UserId::generate(),
+            email,
+            credits: Credits::ZERO,
+            is_admin,
+            suspended: None,
+            created_at: self.now(),
+        };
+        match self.inner.store.create_user(&u).await {
+            Ok(()) => Ok((u, true)),
+            // Another caller (or host) created it first.
+            Err(Error::AlreadyExists(_)) => {
+                Ok((self.inner.store.user_by_email(&u.email).await?, false))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Makes sure an admin account for `email` exists. Returns a new API key's
     /// secret when one was created: on first start, or when `key` names a
     /// secret the store does not know yet (it is then stored, hashed, and not
     /// returned).
     pub async fn ensure_admin(&self, email: &str, key: Option<Secret>) -> Result<Option<Secret>> {
-        let email = normalize_email(email)?;
-        let user = match self.inner.store.user_by_email(&email).await {
-            Ok(u) => Some(u),
-            Err(Error::NotFound(_)) => None,
-            Err(e) => return Err(e),
-        };
-        let user = match user {
-            Some(u) => u,
-            None => {
-                let u = User {
-                    id: UserId::generate(),
-                    email,
-                    credits: Credits::ZERO,
-                    is_admin: true,
-                    suspended: None,
-                    created_at: self.now(),
-                };
-                match self.inner.store.create_user(&u).await {
-                    Ok(()) => u,
-                    // Another host created it first.
-                    Err(Error::AlreadyExists(_)) => {
-                        self.inner.store.user_by_email(&u.email).await?
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        };
+        let (user, _) = self.user_for_email(normalize_email(email)?, true).await?;
         if !user.is_admin {
             return Err(Error::Conflict(format!(
                 "{} exists and is not an admin",
