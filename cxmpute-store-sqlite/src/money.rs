@@ -23,7 +23,7 @@ use cxmpute_core::*;
 use sqlx::SqliteConnection;
 
 use crate::error::map;
-use crate::rows::{self, col, key_cols, reservation_cols, to_i64, usage_cols, user_cols};
+use crate::rows::{self, col, json, key_cols, reservation_cols, to_i64, usage_cols, user_cols};
 
 /// One money operation.
 pub(crate) enum MoneyOp {
@@ -89,13 +89,6 @@ const WRITE_RUN: &str = concat!(
     "UPDATE ledger SET settlements = settlements + ?, charged = charged + ?, ",
     "rewarded = rewarded + ?, reserved = reserved + ? WHERE id = 1"
 );
-
-fn json<T: serde::Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| Error::Backend {
-        message: "encoding a batch of writes".into(),
-        source: Some(Box::new(e)),
-    })
-}
 
 /// The run's view of the rows it touches, and what it will write.
 #[derive(Default)]

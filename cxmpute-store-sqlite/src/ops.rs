@@ -19,8 +19,8 @@ use sqlx::SqliteConnection;
 use crate::error::map;
 use crate::money::{self, MoneyAnswer, MoneyOp};
 use crate::rows::{
-    self, col, key_cols, limit, pool_entry_cols, provider_cols, provision_cols, reservation_cols,
-    stats_cols, to_i64, usage_cols, user_cols,
+    self, col, json, key_cols, limit, pool_entry_cols, provider_cols, provision_cols,
+    reservation_cols, stats_cols, to_i64, usage_cols, user_cols,
 };
 use crate::writer::Outcome;
 
@@ -376,23 +376,32 @@ pub(crate) async fn set_provider_suspended(
 // ---- provisions and pools -----------------------------------------------------------
 
 async fn insert_entries(c: &mut Conn, id: &str, entries: &[PoolEntry]) -> Result<()> {
-    for (seq, e) in entries.iter().enumerate() {
-        let q = sqlx::query(
-            "INSERT INTO pool_entries (provision_id, seq, provider_id, service, model, endpoint, \
-             node_secret, tier, region) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )
-        .bind(id)
-        .bind(seq as i64)
-        .bind(e.provider_id.as_str())
-        .bind(e.service.as_str())
-        .bind(&e.model)
-        .bind(&e.endpoint)
-        .bind(&e.node_secret)
-        .bind(i64::from(e.tier))
-        .bind(&e.region);
-        execute(c, "storing a pool entry", q).await?;
+    if entries.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    // All in one statement; an entry's place in the array is its seq.
+    let rows: Vec<_> = entries
+        .iter()
+        .map(|e| {
+            (
+                e.provider_id.as_str(),
+                e.service.as_str(),
+                e.model.as_str(),
+                e.endpoint.as_str(),
+                e.node_secret.as_str(),
+                i64::from(e.tier),
+                e.region.as_str(),
+            )
+        })
+        .collect();
+    let q = sqlx::query(concat!(
+        "INSERT INTO pool_entries (provision_id, seq, provider_id, service, model, endpoint, ",
+        "node_secret, tier, region) SELECT ?1, key, value ->> 0, value ->> 1, value ->> 2, ",
+        "value ->> 3, value ->> 4, value ->> 5, value ->> 6 FROM json_each(?2)"
+    ))
+    .bind(id)
+    .bind(json(&rows)?);
+    execute(c, "storing a pool entry", q).await.map(drop)
 }
 
 async fn delete_entries(c: &mut Conn, id: &str) -> Result<()> {
@@ -536,12 +545,18 @@ pub(crate) async fn expire_provisions(c: &mut Conn, before: Timestamp) -> Result
     )
     .bind(before.0);
     let ended = fetch_all(c, "expiring provisions", q).await?;
-    let mut ids = Vec::with_capacity(ended.len());
-    for row in &ended {
-        let id: String = col(row, 0)?;
-        delete_entries(c, &id).await?;
-        ids.push(ProvisionId::new(id));
+    let ids = ended
+        .iter()
+        .map(|row| col::<String>(row, 0))
+        .collect::<Result<Vec<_>>>()?;
+    if !ids.is_empty() {
+        let q = sqlx::query(
+            "DELETE FROM pool_entries WHERE provision_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(json(&ids)?);
+        execute(c, "deleting pool entries", q).await?;
     }
+    let mut ids: Vec<ProvisionId> = ids.into_iter().map(ProvisionId::new).collect();
     ids.sort();
     Ok(ids)
 }
@@ -849,38 +864,49 @@ pub(crate) async fn record_stats(c: &mut Conn, batch: &StatsBatch) -> Result<()>
     for (day, scope, delta) in &batch.deltas {
         sums.entry((scope.as_str(), *day)).or_default().add(delta);
     }
-    let select = concat!(
+    // Read every row the batch adds to in one statement, and write them
+    // back in another.
+    let keys: Vec<(&str, i32)> = sums.keys().map(|(scope, day)| (*scope, day.0)).collect();
+    let q = sqlx::query(concat!(
         "SELECT ",
         stats_cols!(),
-        " FROM stats WHERE scope = ?1 AND day = ?2"
-    );
+        " FROM stats WHERE (scope, day) IN ",
+        "(SELECT value ->> 0, value ->> 1 FROM json_each(?1))"
+    ))
+    .bind(json(&keys)?);
+    let mut stored: BTreeMap<(String, Day), StatsCounters> = BTreeMap::new();
+    for row in &fetch_all(c, "reading stats", q).await? {
+        let (scope, day, counters) = rows::stats(row)?;
+        stored.insert((scope, day), counters);
+    }
+    let mut totals = Vec::with_capacity(sums.len());
     for ((scope, day), delta) in sums {
-        let q = sqlx::query(select).bind(scope).bind(i64::from(day.0));
-        let mut total = match fetch_optional(c, "reading stats", q).await? {
-            Some(row) => rows::stats(&row)?.2,
-            None => StatsCounters::default(),
-        };
+        let mut total = stored.remove(&(scope.to_owned(), day)).unwrap_or_default();
         total.add(&delta);
         let buckets = serde_json::to_string(&total.latency_buckets).unwrap_or_else(|_| "[]".into());
-        let q = sqlx::query(
-            "INSERT OR REPLACE INTO stats (scope, day, requests, failures, input_tokens, \
-             output_tokens, units, latency_ms_sum, latency_buckets, charged, rewarded) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-        )
-        .bind(scope)
-        .bind(i64::from(day.0))
-        .bind(to_i64(total.requests))
-        .bind(to_i64(total.failures))
-        .bind(to_i64(total.input_tokens))
-        .bind(to_i64(total.output_tokens))
-        .bind(to_i64(total.units))
-        .bind(to_i64(total.latency_ms_sum))
-        .bind(buckets)
-        .bind(total.charged)
-        .bind(total.rewarded);
-        execute(c, "storing stats", q).await?;
+        totals.push((
+            scope,
+            i64::from(day.0),
+            to_i64(total.requests),
+            to_i64(total.failures),
+            to_i64(total.input_tokens),
+            to_i64(total.output_tokens),
+            to_i64(total.units),
+            to_i64(total.latency_ms_sum),
+            buckets,
+            total.charged,
+            total.rewarded,
+        ));
     }
-    Ok(())
+    let q = sqlx::query(concat!(
+        "INSERT OR REPLACE INTO stats (",
+        stats_cols!(),
+        ") SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, ",
+        "value ->> 5, value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10 ",
+        "FROM json_each(?1)"
+    ))
+    .bind(json(&totals)?);
+    execute(c, "storing stats", q).await.map(drop)
 }
 
 pub(crate) async fn stats(

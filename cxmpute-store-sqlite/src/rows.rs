@@ -35,6 +35,15 @@ pub(crate) fn to_u64(v: i64) -> u64 {
     v as u64
 }
 
+/// A value as JSON, for statements that take a whole batch of rows as one
+/// array and read it back with `json_each`.
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::Backend {
+        message: "encoding a batch of writes".into(),
+        source: Some(Box::new(e)),
+    })
+}
+
 /// A stored `LIMIT`.
 pub(crate) fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
