@@ -37,6 +37,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use crate::analytics::{per_day, DateRange};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::secret::{random_token, KeyHash, Secret};
@@ -54,6 +55,8 @@ const CODE_DIGITS: u32 = 8;
 const MAX_TOKEN_LEN: usize = 512;
 const MAX_NAME_LEN: usize = 100;
 const MAX_REASON_LEN: usize = 1_000;
+/// Days of history in a provider's earnings.
+const EARNINGS_DAYS: i32 = 30;
 
 /// Settings of sign-in, sessions and administration.
 #[derive(Clone, Debug)]
@@ -817,27 +820,17 @@ impl Accounts {
         }
         let to = self.now().day();
         let from = to.plus_days(1 - days as i32);
-        let counted: HashMap<Day, StatsCounters> = self
-            .store()
-            .stats(&scope::user(&user.id), from, to)
-            .await?
-            .into_iter()
-            .collect();
-        let days_out = (0..days as i32)
-            .map(|i| {
-                let day = from.plus_days(i);
-                let c = counted.get(&day).cloned().unwrap_or_default();
-                DayUsage {
-                    day,
-                    requests: c.requests,
-                    failures: c.failures,
-                    input_tokens: c.input_tokens,
-                    output_tokens: c.output_tokens,
-                    units: c.units,
-                    charged: Credits(c.charged),
-                }
-            })
-            .collect();
+        let range = DateRange::new(from, to)?;
+        let rows = self.store().stats(&scope::user(&user.id), from, to).await?;
+        let days_out = per_day(range, rows, |day, c| DayUsage {
+            day,
+            requests: c.requests,
+            failures: c.failures,
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+            units: c.units,
+            charged: Credits(c.charged),
+        });
         // Per service: the per-user, per-model counters, summed by service.
         let prefix = scope::user_model_prefix(&user.id);
         let mut by_service: Vec<ServiceUsage> = Vec::new();
@@ -1029,24 +1022,17 @@ impl Accounts {
     /// of the last 30 days.
     pub async fn earnings(&self, p: &Provider) -> Result<EarningsResponse> {
         let to = self.now().day();
-        let from = to.plus_days(-29);
-        let counted: HashMap<Day, StatsCounters> = self
+        let from = to.plus_days(1 - EARNINGS_DAYS);
+        let range = DateRange::new(from, to)?;
+        let rows = self
             .store()
             .stats(&scope::provider(&p.id), from, to)
-            .await?
-            .into_iter()
-            .collect();
-        let days: Vec<DayEarnings> = (0..30)
-            .map(|i| {
-                let day = from.plus_days(i);
-                let c = counted.get(&day).cloned().unwrap_or_default();
-                DayEarnings {
-                    day,
-                    requests: c.requests,
-                    rewarded: Credits(c.rewarded),
-                }
-            })
-            .collect();
+            .await?;
+        let days = per_day(range, rows, |day, c| DayEarnings {
+            day,
+            requests: c.requests,
+            rewarded: Credits(c.rewarded),
+        });
         let last_30_days = days
             .iter()
             .fold(Credits::ZERO, |a, d| a.saturating_add(d.rewarded));

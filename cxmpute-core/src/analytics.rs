@@ -420,29 +420,33 @@ pub fn day_series(
     rows: Vec<(Day, StatsCounters)>,
     shape: impl Fn(Summary) -> Summary,
 ) -> Vec<DayStats> {
-    let by_day: HashMap<Day, StatsCounters> = rows.into_iter().collect();
-    range
-        .days()
-        .map(|day| DayStats {
-            day,
-            stats: shape(Summary::of(&by_day.get(&day).cloned().unwrap_or_default())),
-        })
-        .collect()
+    per_day(range, rows, |day, c| DayStats {
+        day,
+        stats: shape(Summary::of(c)),
+    })
 }
 
 /// A gauge's daily averages over the whole range (zeros where no sample was taken).
 pub fn gauge_series(range: DateRange, rows: Vec<(Day, StatsCounters)>) -> Vec<GaugeDay> {
+    per_day(range, rows, |day, c| GaugeDay {
+        day,
+        samples: c.requests,
+        average: gauge_avg(c),
+    })
+}
+
+/// One value per day of `range`, made by `f` from the day's counters in
+/// `rows` (zeros for a day without a row).
+pub(crate) fn per_day<T>(
+    range: DateRange,
+    rows: Vec<(Day, StatsCounters)>,
+    f: impl Fn(Day, &StatsCounters) -> T,
+) -> Vec<T> {
     let by_day: HashMap<Day, StatsCounters> = rows.into_iter().collect();
+    let zero = StatsCounters::default();
     range
         .days()
-        .map(|day| {
-            let c = by_day.get(&day).cloned().unwrap_or_default();
-            GaugeDay {
-                day,
-                samples: c.requests,
-                average: gauge_avg(&c),
-            }
-        })
+        .map(|day| f(day, by_day.get(&day).unwrap_or(&zero)))
         .collect()
 }
 
