@@ -192,6 +192,9 @@ impl BrokerBuilder {
     /// Loads prices and pools from the store and returns the broker.
     pub async fn build(self) -> Result<Broker> {
         let http = reqwest::Client::builder()
+            // Node endpoints were checked when they registered; this checks
+            // every later resolution too, so DNS cannot re-point one.
+            .dns_resolver(Arc::new(egress::GuardedResolver(self.config.egress)))
             .connect_timeout(self.config.connect_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .tcp_nodelay(true)

@@ -244,6 +244,40 @@ pub async fn resolve_checked(
     Ok(addrs)
 }
 
+/// A DNS resolver for HTTP clients that hands out a name's addresses only
+/// when `filter` permits every one of them (the rule of [`resolve_checked`]).
+///
+/// Checking a host once (at registration) is not enough when a client
+/// resolves it again for each new connection: its DNS could later point it
+/// at a forbidden address. A client built with this resolver re-applies the
+/// check on every resolution. (Literal IP hosts are never resolved; they are
+/// checked once and cannot change.)
+#[derive(Clone, Debug)]
+pub struct GuardedResolver<F>(pub F);
+
+impl<F: AddressFilter + Clone + Send + Sync + 'static> reqwest::dns::Resolve
+    for GuardedResolver<F>
+{
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let filter = self.0.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            // The port is the caller's; reqwest replaces this one.
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if let Some(bad) = addrs.iter().find(|a| !filter.permits_ip(a.ip())) {
+                return Err(format!(
+                    "`{host}` resolves to {}, which is not a public address",
+                    bad.ip()
+                )
+                .into());
+            }
+            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            Ok(addrs)
+        })
+    }
+}
+
 /// Parses and checks a URL under `policy` (see [`resolve_checked`]).
 pub async fn check_url(
     url: &str,
@@ -620,6 +654,26 @@ mod tests {
             let _ = axum::serve(l, app).await;
         });
         addr
+    }
+
+    #[tokio::test]
+    async fn a_guarded_client_never_connects_to_a_name_resolving_to_a_forbidden_address() {
+        let addr = page_server().await;
+        let url = format!("http://localhost:{}/chain/0", addr.port());
+        let client = |p: EgressPolicy| {
+            reqwest::Client::builder()
+                .dns_resolver(std::sync::Arc::new(GuardedResolver(p)))
+                .build()
+                .unwrap()
+        };
+        let refused = client(EgressPolicy::PublicOnly).get(&url).send().await;
+        assert!(refused.is_err(), "connected to loopback through a name");
+        let allowed = client(EgressPolicy::AllowPrivate)
+            .get(&url)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(allowed.status(), 200);
     }
 
     #[tokio::test]
