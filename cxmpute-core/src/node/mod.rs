@@ -336,8 +336,9 @@ impl Node {
         let (stop, stopped) = oneshot::channel::<()>();
         let every = config.heartbeat_every;
         let id = provision_id.clone();
+        let joined_with = services.clone();
         let task = tokio::spawn(async move {
-            let id = lifecycle(&joiner, &state, id, every, stopped).await;
+            let id = lifecycle(&joiner, &state, id, joined_with, every, stopped).await;
             // Leave every pool first, then stop serving: no call is routed
             // here once the broker has forgotten the node.
             let left = joiner.api.end(&id).await;
@@ -491,10 +492,12 @@ async fn lifecycle(
     joiner: &Joiner,
     state: &server::Serving,
     mut id: ProvisionId,
+    // What the node joined with (its configured models plus any assigned
+    // ones it took on): what it reports when it joins again.
+    mut serving: Vec<ServedModel>,
     every: Duration,
     mut stopped: oneshot::Receiver<()>,
 ) -> ProvisionId {
-    let mut serving = joiner.configured.clone();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await; // the first tick is immediate; the node just joined
