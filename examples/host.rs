@@ -17,6 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+mod common;
+use common::shutdown_signal;
 use cxmpute::core::accounts::AuthConfig;
 use cxmpute::core::mail::MailerConfig;
 use cxmpute::core::{Broker, BrokerConfig, MemoryStore, Secret, Store};
@@ -186,20 +189,4 @@ async fn main() -> Result<(), BoxError> {
     broker.shutdown().await?;
     tracing::info!("stopped cleanly");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }

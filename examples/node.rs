@@ -17,6 +17,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+
+mod common;
+use common::shutdown_signal;
 use cxmpute::core::node::{Node, NodeConfig, ScrapeConfig, TtsConfig, Upstream};
 use cxmpute::core::wire::{DEFAULT_SCRAPE_MODEL, DEFAULT_TTS_MODEL};
 use cxmpute::core::{Location, Secret};
@@ -134,22 +137,4 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     Node::new(cfg).run(shutdown_signal()).await?;
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("stopping: leaving the broker");
 }
