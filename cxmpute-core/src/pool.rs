@@ -16,7 +16,9 @@
 //! comparing two random nodes and taking the winner costs one cache miss per
 //! candidate, both issued before either is compared, and the winner's clone
 //! usually hits the line just read. In a pool larger than the caches those
-//! misses are most of a selection's cost; see `benches/routing.rs`. The provision-wide
+//! misses are most of a selection's cost, so selectors draw candidates one
+//! pick ahead and prefetch them (see [`crate::select`] and
+//! `benches/routing.rs`). The provision-wide
 //! part ([`NodeStats`]: totals, circuit breaker) is shared by a node's
 //! entries and never read while choosing.
 //!
