@@ -856,80 +856,36 @@ fn ctx(
 
 #[test]
 fn tiered_rewards_are_the_original_formula_to_the_micro_credit() {
+    use Service::*;
+    // (service, model, tier, (input, output) tokens, latency ms, reward in micro-credits, why)
+    #[rustfmt::skip]
+    let cases: [(Service, &str, u8, (u64, u64), u64, i64, &str); 15] = [
+        (Chat, "llama3.2:1b", 1, (10, 5), 500, 5_665, "tier 1 chat, 1B (x1.0), 15 tokens, fast: (5,000 + 15 x 10) x 1.1"),
+        (Chat, "llama3.2:3b", 2, (60, 40), 1_999, 23_100, "tier 2 chat, 3B (x1.2), 100 tokens, fast: (15,000 x 1.2 + 100 x 30) x 1.1"),
+        (Chat, "llama3.1:8b", 3, (1_000, 234), 2_000, 138_880, "tier 3 chat, 8B (x1.5), 1,234 tokens, exactly 2 s (no bonus): 52,500 + 86,380"),
+        (Embeddings, "nomic-embed-text", 4, (1_000, 99), 5_000, 67_500, "tier 4 embeddings (x0.3), 1,000 input tokens (output ignored): 22,500 + 45,000"),
+        (Tts, "kokoro", 3, (500, 500), 10_001, 18_900, "tier 3 tts (x0.6), slow (x0.9), tokens not paid: 35,000 x 0.6 x 0.9"),
+        (Tts, "kokoro", 3, (0, 0), 10_000, 21_000, "exactly 10 s is not slow"),
+        (Scrape, "default", 3, (0, 0), 3_000, 7_000, "tier 3 scrape (x0.2)"),
+        (Vision, "moondream", 2, (0, 0), 1_000, 8_250, "tier 2 vision (others, x0.5), fast"),
+        (Embeddings, "all-minilm", 1, (5, 0), 100, 1_667, "one rounding, half up: (1,500 + 5 x 3) x 1.1 = 1,666.5"),
+        (Embeddings, "all-minilm", 1, (1, 0), 100, 1_653, "(1,500 + 1 x 3) x 1.1 = 1,653.3"),
+        (Chat, "qwen2.5:14b", 1, (0, 0), 5_000, 10_000, "size from the tag: 14B x2.0"),
+        (Chat, "llama3.1:70b", 1, (0, 0), 5_000, 12_500, "size from the tag: 70B x2.5"),
+        (Chat, "qwen2.5:0.5b", 1, (0, 0), 5_000, 5_000, "size from the tag: 0.5B x1.0"),
+        (Chat, "llama3.2:1b", 0, (0, 0), 5_000, 5_000, "tiers below 1 are paid as tier 1"),
+        (Chat, "llama3.2:1b", 9, (0, 0), 5_000, 75_000, "tiers above 4 are paid as tier 4"),
+    ];
     let p = TieredReward::default();
-    let r = |c: RewardContext<'_>| p.reward(&c).as_micros();
-    // Tier 1 chat, 1B (×1.0), 15 tokens, fast: (5,000 + 15 × 10) × 1.1.
-    assert_eq!(r(ctx(Service::Chat, "llama3.2:1b", 1, (10, 5), 500)), 5_665);
-    // Tier 2 chat, 3B (×1.2), 100 tokens, fast: (15,000 × 1.2 + 100 × 30) × 1.1.
-    assert_eq!(
-        r(ctx(Service::Chat, "llama3.2:3b", 2, (60, 40), 1_999)),
-        23_100
-    );
-    // Tier 3 chat, 8B (×1.5), 1,234 tokens, exactly 2 s (no bonus): 52,500 + 86,380.
-    assert_eq!(
-        r(ctx(Service::Chat, "llama3.1:8b", 3, (1_000, 234), 2_000)),
-        138_880
-    );
-    // Tier 4 embeddings (×0.3), 1,000 input tokens (output ignored): 22,500 + 45,000.
-    assert_eq!(
-        r(ctx(
-            Service::Embeddings,
-            "nomic-embed-text",
-            4,
-            (1_000, 99),
-            5_000
-        )),
-        67_500
-    );
-    // Tier 3 tts (×0.6), slow (×0.9), tokens not paid: 35,000 × 0.6 × 0.9.
-    assert_eq!(
-        r(ctx(Service::Tts, "kokoro", 3, (500, 500), 10_001)),
-        18_900
-    );
-    // Exactly 10 s is not slow.
-    assert_eq!(r(ctx(Service::Tts, "kokoro", 3, (0, 0), 10_000)), 21_000);
-    // Tier 3 scrape (×0.2): 7,000; tier 2 vision (others, ×0.5), fast: 8,250.
-    assert_eq!(r(ctx(Service::Scrape, "default", 3, (0, 0), 3_000)), 7_000);
-    assert_eq!(
-        r(ctx(Service::Vision, "moondream", 2, (0, 0), 1_000)),
-        8_250
-    );
-    // One rounding, half up: (1,500 + 5 × 3) × 1.1 = 1,666.5 → 1,667.
-    assert_eq!(
-        r(ctx(Service::Embeddings, "all-minilm", 1, (5, 0), 100)),
-        1_667
-    );
-    // (1,500 + 1 × 3) × 1.1 = 1,653.3 → 1,653.
-    assert_eq!(
-        r(ctx(Service::Embeddings, "all-minilm", 1, (1, 0), 100)),
-        1_653
-    );
-    // Sizes from tags: 14B ×2.0, 70B ×2.5, 0.5B ×1.0; overrides win.
-    assert_eq!(
-        r(ctx(Service::Chat, "qwen2.5:14b", 1, (0, 0), 5_000)),
-        10_000
-    );
-    assert_eq!(
-        r(ctx(Service::Chat, "llama3.1:70b", 1, (0, 0), 5_000)),
-        12_500
-    );
-    assert_eq!(
-        r(ctx(Service::Chat, "qwen2.5:0.5b", 1, (0, 0), 5_000)),
-        5_000
-    );
+    for (service, model, tier, tokens, latency_ms, reward, why) in cases {
+        let got = p.reward(&ctx(service, model, tier, tokens, latency_ms));
+        assert_eq!(got.as_micros(), reward, "{why}");
+    }
+    // A complexity override wins over the size in the tag.
     let custom = TieredReward::default().with_complexity("llama3.2:1b", 3_000);
     assert_eq!(
-        custom.reward(&ctx(Service::Chat, "llama3.2:1b", 1, (0, 0), 5_000)),
+        custom.reward(&ctx(Chat, "llama3.2:1b", 1, (0, 0), 5_000)),
         Credits(15_000)
-    );
-    // Tiers outside 1-4 are paid as the nearest tier.
-    assert_eq!(
-        r(ctx(Service::Chat, "llama3.2:1b", 0, (0, 0), 5_000)),
-        5_000
-    );
-    assert_eq!(
-        r(ctx(Service::Chat, "llama3.2:1b", 9, (0, 0), 5_000)),
-        75_000
     );
 }
 
