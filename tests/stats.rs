@@ -33,6 +33,17 @@ async fn call(
     (status, text)
 }
 
+/// The status of [`call`].
+async fn status(
+    h: &TestHost,
+    path: &str,
+    key: &Secret,
+    body: &Value,
+    app: Option<(&str, &str)>,
+) -> u16 {
+    call(h, path, key, body, app).await.0
+}
+
 async fn get(h: &TestHost, path: &str, key: Option<&Secret>) -> (u16, Value) {
     let mut r = reqwest::Client::new().get(format!("{}{path}", h.url));
     if let Some(k) = key {
@@ -72,15 +83,11 @@ async fn stats_add_up_exactly_after_a_mix_of_calls() {
     let app1 = Some(("X-Title", "AppOne"));
     let app2 = Some(("HTTP-Referer", "https://two.example"));
     assert_eq!(
-        call(&h, "/v1/chat/completions", &key, &chat(false), app1)
-            .await
-            .0,
+        status(&h, "/v1/chat/completions", &key, &chat(false), app1).await,
         200
     );
     assert_eq!(
-        call(&h, "/v1/chat/completions", &key, &chat(false), None)
-            .await
-            .0,
+        status(&h, "/v1/chat/completions", &key, &chat(false), None).await,
         200
     );
     for _ in 0..2 {
@@ -89,14 +96,12 @@ async fn stats_add_up_exactly_after_a_mix_of_calls() {
         assert!(body.contains("[DONE]"));
     }
     let embed = json!({"model": EMBED, "input": "hello"});
-    assert_eq!(call(&h, "/v1/embeddings", &key, &embed, None).await.0, 200);
+    assert_eq!(status(&h, "/v1/embeddings", &key, &embed, None).await, 200);
     // Failures: the node answers 500 (nothing charged), then cuts a stream
     // half-way (input and delivered output charged, nothing rewarded).
     chat_node.set(Behavior::Status(500));
     assert_eq!(
-        call(&h, "/v1/chat/completions", &key, &chat(false), app1)
-            .await
-            .0,
+        status(&h, "/v1/chat/completions", &key, &chat(false), app1).await,
         502
     );
     chat_node.set(Behavior::CutStream(2));
@@ -107,24 +112,18 @@ async fn stats_add_up_exactly_after_a_mix_of_calls() {
     // Refused before admission: never counted.
     let bad = Secret::new("sk-not-a-key");
     assert_eq!(
-        call(&h, "/v1/chat/completions", &bad, &chat(false), None)
-            .await
-            .0,
+        status(&h, "/v1/chat/completions", &bad, &chat(false), None).await,
         401
     );
     let unknown =
         json!({"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]});
     assert_eq!(
-        call(&h, "/v1/chat/completions", &key, &unknown, None)
-            .await
-            .0,
+        status(&h, "/v1/chat/completions", &key, &unknown, None).await,
         404
     );
     // Another user's call: in the network's totals, not in ours.
     assert_eq!(
-        call(&h, "/v1/chat/completions", &other_key, &chat(false), None)
-            .await
-            .0,
+        status(&h, "/v1/chat/completions", &other_key, &chat(false), None).await,
         200
     );
 
@@ -271,17 +270,13 @@ async fn days_are_kept_apart_and_ranges_are_checked() {
     let (_, key) = h.user(Credits::whole(10)).await;
     let day1 = h.broker.now().day();
     assert_eq!(
-        call(&h, "/v1/chat/completions", &key, &chat(false), None)
-            .await
-            .0,
+        status(&h, "/v1/chat/completions", &key, &chat(false), None).await,
         200
     );
     h.clock.advance(Duration::from_secs(86_400));
     for _ in 0..2 {
         assert_eq!(
-            call(&h, "/v1/chat/completions", &key, &chat(false), None)
-                .await
-                .0,
+            status(&h, "/v1/chat/completions", &key, &chat(false), None).await,
             200
         );
     }
@@ -358,9 +353,7 @@ async fn a_retried_flush_counts_nothing_twice() {
     let (u, key) = h.user(Credits::whole(10)).await;
     for _ in 0..3 {
         assert_eq!(
-            call(&h, "/v1/chat/completions", &key, &chat(false), None)
-                .await
-                .0,
+            status(&h, "/v1/chat/completions", &key, &chat(false), None).await,
             200
         );
     }
@@ -368,9 +361,7 @@ async fn a_retried_flush_counts_nothing_twice() {
     assert!(store.failed_once.load(Ordering::SeqCst));
     // A call between the failed flush and its retry goes into a new batch.
     assert_eq!(
-        call(&h, "/v1/chat/completions", &key, &chat(false), None)
-            .await
-            .0,
+        status(&h, "/v1/chat/completions", &key, &chat(false), None).await,
         200
     );
     h.broker.flush_stats().await.unwrap();
