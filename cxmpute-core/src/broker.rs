@@ -1291,7 +1291,7 @@ impl CallContext {
                                 m.finish();
                                 let rest = m.take_output();
                                 if !rest.is_empty() {
-                                    let _ = tx.send(Ok(Bytes::from(rest))).await;
+                                    let _ = tx.send(Ok(rest)).await;
                                 }
                                 m.done && !m.garbage
                             }

@@ -4,7 +4,7 @@
 //! The decoder is shared by the broker (to meter streams it passes through)
 //! and `cxmpute-client` (to turn streams into typed chunks).
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::pricing::Meter;
 use crate::wire::{ChatCompletionChunk, Usage};
@@ -140,7 +140,9 @@ pub struct ChatStreamMeter {
     pub garbage: bool,
     /// When set, every event is written back here as SSE text, except a
     /// usage-only chunk (no choices): see [`ChatStreamMeter::without_usage_chunk`].
-    filtered: Option<Vec<u8>>,
+    /// A `BytesMut` so that handing out what was written is a split, not a
+    /// copy, and the buffer is reused once those bytes were sent.
+    filtered: Option<BytesMut>,
 }
 
 impl ChatStreamMeter {
@@ -149,21 +151,16 @@ impl ChatStreamMeter {
     /// the node for it. Take the rewritten bytes with [`Self::take_output`].
     pub fn without_usage_chunk() -> Self {
         ChatStreamMeter {
-            filtered: Some(Vec::new()),
+            filtered: Some(BytesMut::new()),
             ..Self::default()
         }
     }
 
-    /// Whether this meter rewrites the stream (see [`Self::without_usage_chunk`]).
-    pub fn is_filtering(&self) -> bool {
-        self.filtered.is_some()
-    }
-
     /// The rewritten bytes produced since the last call (empty when not filtering).
-    pub fn take_output(&mut self) -> Vec<u8> {
+    pub fn take_output(&mut self) -> Bytes {
         self.filtered
             .as_mut()
-            .map(std::mem::take)
+            .map(|out| out.split().freeze())
             .unwrap_or_default()
     }
 
@@ -182,10 +179,9 @@ impl ChatStreamMeter {
     /// itself, or when filtering the rewritten bytes produced so far.
     pub fn pass(&mut self, chunk: Bytes) -> Bytes {
         self.feed(&chunk);
-        if self.is_filtering() {
-            Bytes::from(self.take_output())
-        } else {
-            chunk
+        match self.filtered.as_mut() {
+            Some(out) => out.split().freeze(),
+            None => chunk,
         }
     }
 
@@ -229,14 +225,16 @@ impl ChatStreamMeter {
             return;
         };
         if let Some(name) = &e.event {
-            out.extend_from_slice(format!("event: {name}\n").as_bytes());
+            out.put_slice(b"event: ");
+            out.put_slice(name.as_bytes());
+            out.put_u8(b'\n');
         }
         for line in e.data.split('\n') {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(line.as_bytes());
-            out.push(b'\n');
+            out.put_slice(b"data: ");
+            out.put_slice(line.as_bytes());
+            out.put_u8(b'\n');
         }
-        out.push(b'\n');
+        out.put_u8(b'\n');
     }
 
     /// What the stream consumed: the node's usage when it reported one, else
