@@ -514,22 +514,22 @@ impl Broker {
         let day = self.now().day();
         let pools = self.pools();
         let stats = self.stats_recorder();
-        let mut per_service: HashMap<Service, std::collections::HashSet<ProvisionId>> =
-            HashMap::new();
-        let ids = pools.node_ids();
-        for id in &ids {
-            for e in pools.entries_of(id) {
-                per_service.entry(e.service).or_default().insert(id.clone());
-            }
-        }
+        let provisions = pools.provisions();
+        // Distinct nodes per service: a node counts once however many of
+        // the service's models it serves.
+        let per_service = Service::ALL.map(|s| {
+            provisions
+                .iter()
+                .filter(|nodes| nodes.iter().any(|n| n.entry.service == s))
+                .count()
+        });
         for (service, model, nodes) in pools.summary() {
             stats.sample(day, scope::pool(service, &model), nodes as u64);
         }
-        for service in Service::ALL {
-            let n = per_service.get(&service).map_or(0, |s| s.len());
+        for (service, n) in Service::ALL.into_iter().zip(per_service) {
             stats.sample(day, scope::nodes_of(service), n as u64);
         }
-        stats.sample(day, scope::NODES.to_owned(), ids.len() as u64);
+        stats.sample(day, scope::NODES.to_owned(), provisions.len() as u64);
     }
 }
 

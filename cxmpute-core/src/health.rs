@@ -532,17 +532,16 @@ pub async fn run_health_checks(
     clock: &dyn Clock,
 ) -> HealthReport {
     let now = clock.now();
-    let mut due = Vec::new();
-    for id in pools.node_ids() {
-        let Some(node) = pools.any_node(&id) else {
-            continue;
-        };
-        let h = node.stats.health();
-        if h.state() == BreakerState::Open && now < h.open_until() {
-            continue;
-        }
-        due.push(node);
-    }
+    // One node per provision (the breaker is the provision's).
+    let due: Vec<Arc<Node>> = pools
+        .provisions()
+        .into_iter()
+        .filter_map(|nodes| nodes.into_iter().next())
+        .filter(|node| {
+            let h = node.stats.health();
+            h.state() != BreakerState::Open || now >= h.open_until()
+        })
+        .collect();
     let mut report = HealthReport {
         probed: due.len(),
         ..HealthReport::default()

@@ -848,6 +848,19 @@ impl PoolIndex {
         self.index.read().nodes.keys().cloned().collect()
     }
 
+    /// Every node in the index, routable or not, as the nodes of its entries
+    /// (never empty; they share the provision's [`NodeStats`]), taken in one
+    /// read: rounds that visit every node (probes, network snapshots) need
+    /// no lookup, and no copy of an entry, per node.
+    pub fn provisions(&self) -> Vec<Vec<Arc<Node>>> {
+        self.index
+            .read()
+            .nodes
+            .values()
+            .map(|r| r.nodes.clone())
+            .collect()
+    }
+
     /// How many nodes the index holds, routable or not.
     pub fn node_count(&self) -> usize {
         self.index.read().nodes.len()
