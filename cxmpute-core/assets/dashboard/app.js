@@ -237,6 +237,14 @@ function totalsTiles(t, extra, services) {
 
 function days(list) { return list.map(d => d.day); }
 
+// Requests and failures per day: the same chart on every view.
+function requestsChart(id, list) {
+  return chart(id, days(list), [
+    { name: 'requests', values: list.map(d => d.requests) },
+    { name: 'failures', values: list.map(d => d.failures) },
+  ], 'line');
+}
+
 // ---- views ---------------------------------------------------------------------------
 
 // The services that had nodes in the range (at most four lines stay readable).
@@ -257,10 +265,7 @@ async function viewNetwork(main) {
     el('p', { class: 'sub' }, `${s.range.from} to ${s.range.to}: traffic through the gateway and the nodes serving it.`),
     totalsTiles(s.totals, tile('nodes', 'Nodes now', fmtInt(s.nodes_now), s.pools_now.length + ' pools'), s.services),
     el('div', { class: 'grid2' },
-      panel('Requests per day', chart('requests', days(s.days), [
-        { name: 'requests', values: s.days.map(d => d.requests) },
-        { name: 'failures', values: s.days.map(d => d.failures) },
-      ], 'line')),
+      panel('Requests per day', requestsChart('requests', s.days)),
       panel('Nodes per day (average)', chart('nodes', days(s.nodes), [
         { name: 'nodes', values: s.nodes.map(d => d.average) },
       ], 'bar', fmtAmount)),
@@ -333,10 +338,7 @@ async function viewMe(main) {
     el('p', { class: 'sub', id: 'me-who' }, me ? `${me.email}: ${fmtCredits(me.credits)} credits left` : 'Signed in with an API key'),
     totalsTiles(s.totals, tile('charged', 'Charged', fmtCredits(s.totals.charged), 'credits')),
     el('div', { class: 'grid2' },
-      panel('Requests per day', chart('my-requests', days(s.days), [
-        { name: 'requests', values: s.days.map(d => d.requests) },
-        { name: 'failures', values: s.days.map(d => d.failures) },
-      ], 'line')),
+      panel('Requests per day', requestsChart('my-requests', s.days)),
       panel('Charged per day', chart('my-charged', days(s.days), [
         { name: 'credits', values: s.days.map(d => d.charged / 1e6) },
       ], 'bar', fmtAmount)),
@@ -389,10 +391,7 @@ async function viewProvider(main) {
       panel('Earnings per day', chart('earnings', days(s.days), [
         { name: 'credits', values: s.days.map(d => d.rewarded / 1e6) },
       ], 'bar', fmtAmount)),
-      panel('Requests served per day', chart('served', days(s.days), [
-        { name: 'requests', values: s.days.map(d => d.requests) },
-        { name: 'failures', values: s.days.map(d => d.failures) },
-      ], 'line')),
+      panel('Requests served per day', requestsChart('served', s.days)),
     ),
     panel('Nodes', table('nodes', [
       ['Node', n => n.provision_id],
@@ -431,10 +430,7 @@ async function viewAdmin(main) {
         { name: 'charged', values: s.days.map(d => d.charged / 1e6) },
         { name: 'rewarded', values: s.days.map(d => d.rewarded / 1e6) },
       ], 'line', fmtAmount)),
-      panel('Requests per day', chart('admin-requests', days(s.days), [
-        { name: 'requests', values: s.days.map(d => d.requests) },
-        { name: 'failures', values: s.days.map(d => d.failures) },
-      ], 'line')),
+      panel('Requests per day', requestsChart('admin-requests', s.days)),
     ),
     panel('Top users', table('top-users', usageColumns(['Charged', 'charged']), s.top_users)),
     panel('Top providers', table('top-providers', usageColumns(['Rewarded', 'rewarded']), s.top_providers)),
