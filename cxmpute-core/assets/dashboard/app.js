@@ -126,6 +126,11 @@ async function asUser(path, opts) {
   return r;
 }
 
+// A call with the key someone gave for this view, else as the signed-in user.
+function withKeyOrUser(key, path) {
+  return key ? api(path, { bearer: key }) : asUser(path);
+}
+
 // ---- charts: inline SVG, drawn here -------------------------------------------
 
 function niceMax(v) {
@@ -319,9 +324,7 @@ function signinPanel(onDone) {
 
 async function viewMe(main) {
   const rerender = () => render();
-  let r;
-  if (state.apiKey) r = await api('/v1/stats/me' + rangeQuery(), { bearer: state.apiKey });
-  else r = await asUser('/v1/stats/me' + rangeQuery());
+  const r = await withKeyOrUser(state.apiKey, '/v1/stats/me' + rangeQuery());
   if (r.status === 401) {
     main.append(el('h1', {}, 'My usage'), el('p', { class: 'sub' }, 'Sign in to see your usage, charges and keys.'), signinPanel(rerender));
     return;
@@ -370,9 +373,7 @@ function keyPanel(id, label, placeholder, onKey) {
 }
 
 async function viewProvider(main) {
-  const r = state.providerKey
-    ? await api('/v1/stats/provider' + rangeQuery(), { bearer: state.providerKey })
-    : await asUser('/v1/stats/provider' + rangeQuery());
+  const r = await withKeyOrUser(state.providerKey, '/v1/stats/provider' + rangeQuery());
   if (r.status === 401 || r.status === 404) {
     main.append(el('h1', {}, 'Provider'), el('p', { class: 'sub' }, 'Your nodes and what they earned.'),
       keyPanel('provider-key', 'Provider key', 'pk-…', k => { state.providerKey = k; render(); }));
@@ -408,9 +409,7 @@ async function viewProvider(main) {
 }
 
 async function viewAdmin(main) {
-  const r = state.adminKey
-    ? await api('/v1/stats/admin' + rangeQuery(), { bearer: state.adminKey })
-    : await asUser('/v1/stats/admin' + rangeQuery());
+  const r = await withKeyOrUser(state.adminKey, '/v1/stats/admin' + rangeQuery());
   if (r.status === 401 || r.status === 403) {
     if (r.status === 403) setStatus('This account is not an admin.');
     main.append(el('h1', {}, 'Admin'), keyPanel('admin-key', 'Admin API key', 'sk-…', k => { state.adminKey = k; render(); }));
