@@ -383,12 +383,7 @@ impl Store for MemoryStore {
                 p.earnings = p.earnings.saturating_add(*amount);
             }
         }
-        let d = plan.ledger_delta();
-        let t = &mut s.totals;
-        t.settlements += d.settlements;
-        t.charged = t.charged.saturating_add(d.charged);
-        t.rewarded = t.rewarded.saturating_add(d.rewarded);
-        t.reserved = t.reserved.saturating_add(d.reserved);
+        plan.ledger_delta().add_to(&mut s.totals);
         s.settled.insert(st.request_id.clone(), plan.usage);
         Ok(SettleOutcome::Applied)
     }

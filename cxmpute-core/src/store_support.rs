@@ -95,6 +95,17 @@ pub struct LedgerDelta {
     pub reserved: Credits,
 }
 
+impl LedgerDelta {
+    /// Adds this delta to the running totals `t` (credit sums saturate, as
+    /// every balance does).
+    pub fn add_to(&self, t: &mut LedgerTotals) {
+        t.settlements += self.settlements;
+        t.charged = t.charged.saturating_add(self.charged);
+        t.rewarded = t.rewarded.saturating_add(self.rewarded);
+        t.reserved = t.reserved.saturating_add(self.reserved);
+    }
+}
+
 impl SettlePlan {
     /// The plan for settling `st` against reservation `r`.
     pub fn new(r: &Reservation, st: &Settlement) -> Self {

@@ -107,10 +107,8 @@ struct Run {
     user_delta: HashMap<UserId, i64>,
     touched_keys: HashSet<ApiKeyId>,
     provider_delta: HashMap<ProviderId, i64>,
-    settlements: i64,
-    charged: i64,
-    rewarded: i64,
-    reserved: i64,
+    /// What the run adds to the ledger's totals.
+    ledger: LedgerTotals,
 }
 
 impl Run {
@@ -124,7 +122,7 @@ impl Run {
         apply_reservation(&mut self.users, &mut self.keys, r)?;
         *self.user_delta.entry(r.user_id.clone()).or_default() -= r.amount.0;
         self.touched_keys.insert(r.key_id.clone());
-        self.reserved += r.amount.0;
+        self.ledger.reserved = self.ledger.reserved.saturating_add(r.amount);
         self.open.insert(r.request_id.clone(), r.clone());
         self.taken_here.insert(r.request_id.clone());
         Ok(MoneyAnswer::Reserved)
@@ -148,11 +146,7 @@ impl Run {
         if let Some((provider, amount)) = &plan.reward {
             *self.provider_delta.entry(provider.clone()).or_default() += amount.0;
         }
-        let d = plan.ledger_delta();
-        self.settlements += rows::to_i64(d.settlements);
-        self.charged += d.charged.0;
-        self.rewarded += d.rewarded.0;
-        self.reserved += d.reserved.0;
+        plan.ledger_delta().add_to(&mut self.ledger);
         if !self.taken_here.remove(&st.request_id) {
             self.closed.push(st.request_id.clone());
         }
@@ -302,10 +296,10 @@ async fn write(c: &mut SqliteConnection, run: &Run) -> Result<()> {
         .bind(json(&users)?)
         .bind(json(&keys)?)
         .bind(json(&providers)?)
-        .bind(run.settlements)
-        .bind(run.charged)
-        .bind(run.rewarded)
-        .bind(run.reserved)
+        .bind(to_i64(run.ledger.settlements))
+        .bind(run.ledger.charged.0)
+        .bind(run.ledger.rewarded.0)
+        .bind(run.ledger.reserved.0)
         .execute(c)
         .await
         .map_err(|e| map("writing reservations and settlements", e))?;
