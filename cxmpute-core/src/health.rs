@@ -134,7 +134,7 @@ impl BreakerState {
         }
     }
 
-    /// Every state, in [`BreakerState::as_u8`] order.
+    /// Every state, in the order of their stored values: closed, open, half-open.
     pub const ALL: [BreakerState; 3] = [
         BreakerState::Closed,
         BreakerState::Open,

@@ -59,7 +59,7 @@ pub const UNMEASURED_PENALTY_US: u64 = u64::MAX >> 16;
 pub const FAILURE_PENALTY_US: u64 = 1_000_000;
 
 /// Microseconds on a process-wide monotonic clock: the time base of
-/// [`Node::load_score_at`]. Latency estimates decay with real elapsed
+/// [`LoadSnapshot::load_score_at`]. Latency estimates decay with real elapsed
 /// time; they are heuristics for choosing a node and never decide money or
 /// expiry, so they do not use the broker's [`Clock`](crate::Clock).
 pub fn mono_us() -> u64 {
@@ -248,13 +248,7 @@ impl NodeLoad {
     /// (in-flight + 1); for an entry not measured yet, 0 when idle and
     /// [`UNMEASURED_PENALTY_US`] per request in flight otherwise. Lower is better.
     pub fn load_score(&self) -> u64 {
-        self.load_score_at(mono_us())
-    }
-
-    /// [`NodeLoad::load_score`] at `now_us` on [`mono_us`]: a selector
-    /// comparing several nodes reads the clock once.
-    pub fn load_score_at(&self, now_us: u64) -> u64 {
-        self.snapshot().load_score_at(now_us)
+        self.snapshot().load_score_at(mono_us())
     }
 
     /// The numbers as they are now, read with two plain loads and no
@@ -489,7 +483,8 @@ impl LoadSnapshot {
         self.in_flight
     }
 
-    /// See [`NodeLoad::load_score`].
+    /// [`NodeLoad::load_score`] at `now_us` on [`mono_us`]. Selectors do not
+    /// score (they compare with [`LoadSnapshot::cmp_load`], reading no clock).
     pub fn load_score_at(self, now_us: u64) -> u64 {
         score(self.in_flight, estimate_of(self.latency, now_us))
     }
@@ -500,9 +495,9 @@ impl LoadSnapshot {
     /// Both estimates decay at the same rate, so their ratio is the same at
     /// every later instant: aging the older one to the newer one's stamp
     /// orders them as at "now", with one decay computed instead of two.
-    ///
-    /// Written as selects rather than branches (see [`decay`]).
     pub fn cmp_load(self, other: LoadSnapshot) -> std::cmp::Ordering {
+        // Written as selects rather than branches, like `decay`: it runs on
+        // every pick.
         let ((ea, ta), (eb, tb)) = (unpack_ewma(self.latency), unpack_ewma(other.latency));
         // Stamp difference in units, wrapping like the stamps themselves.
         let d = tb.wrapping_sub(ta) as i32;

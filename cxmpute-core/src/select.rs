@@ -371,8 +371,7 @@ impl ProvisionSelector for LeastInFlightSelector {
 /// with the lower latency estimate × (in flight + 1). The default selector.
 ///
 /// Slow nodes lose nearly every comparison and so get a small share; a node
-/// that has been idle has its estimate decay (see
-/// [`NodeLoad::latency_estimate_us`])
+/// that has been idle has its estimate decay (see [`NodeLoad::load_score`])
 /// and is tried again, so a node that recovered wins its share back.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PeakEwmaSelector;
