@@ -35,17 +35,19 @@
 //! the usage statistics, behind authentication.
 
 use std::collections::HashSet;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::Unit;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Histogram, Unit};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::broker::Broker;
 use crate::health::BreakerState;
+use crate::pool::service_slot;
 use crate::types::*;
 
 /// Histogram buckets (seconds) for latencies: 5 ms to 2 minutes.
@@ -60,6 +62,34 @@ pub struct Metrics {
     /// Pools given a gauge before: a pool that disappears is set to 0
     /// rather than left at its last size.
     pools_seen: Mutex<HashSet<(Service, String)>>,
+    /// The series each request touches, by route (indexed by `Route as usize`).
+    routes: [RouteSeries; Route::ALL.len()],
+    /// `cxmpute_upstream_attempts_total` by service slot and outcome.
+    attempts: [[OnceLock<Counter>; AttemptOutcome::COUNT]; Service::ALL.len()],
+}
+
+/// The series of one route. Each handle is registered on first use (so a
+/// series still appears with its first value, as with the macros) and then
+/// kept: the request path builds no label set and does no registry lookup.
+#[derive(Default)]
+struct RouteSeries {
+    /// Requests and their duration, by outcome (indexed by `success`).
+    settled: [OnceLock<(Counter, Histogram)>; 2],
+    /// Tokens, units and money.
+    totals: OnceLock<Totals>,
+    failovers: OnceLock<Counter>,
+    ttfb: OnceLock<Histogram>,
+    /// `cxmpute_http_requests_total` by status: a handful per route.
+    http: RwLock<Vec<(u16, Counter)>>,
+}
+
+/// A route's running totals of what settled requests consumed and paid.
+struct Totals {
+    input_tokens: Counter,
+    output_tokens: Counter,
+    units: Counter,
+    charged: Counter,
+    rewarded: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -88,6 +118,9 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
+    /// How many outcomes there are (`self as usize` is below it).
+    const COUNT: usize = 4;
+
     fn as_str(self) -> &'static str {
         match self {
             AttemptOutcome::Success => "success",
@@ -110,6 +143,8 @@ impl Metrics {
             recorder,
             handle,
             pools_seen: Mutex::new(HashSet::new()),
+            routes: Default::default(),
+            attempts: Default::default(),
         };
         m.with(describe);
         m
@@ -121,51 +156,86 @@ impl Metrics {
         metrics::with_local_recorder(&self.recorder, f)
     }
 
+    /// The handle in `cell`, registered in this broker's recorder by `register`
+    /// the first time.
+    fn once<'a, T>(&self, cell: &'a OnceLock<T>, register: impl FnOnce() -> T) -> &'a T {
+        cell.get_or_init(|| self.with(register))
+    }
+
     /// A gateway call answered with `status`; `ttfb` is the time until the
     /// response head (for streams: until the node's first chunk arrived).
     pub fn http_request(&self, route: Route, status: u16, ttfb: Duration) {
-        self.with(|| {
-            let r = route.path();
-            counter!("cxmpute_http_requests_total", "route" => r, "status" => status.to_string())
-                .increment(1);
-            if (200..300).contains(&status) {
-                histogram!("cxmpute_time_to_first_byte_seconds", "route" => r)
-                    .record(ttfb.as_secs_f64());
+        let s = &self.routes[route as usize];
+        let counted = (s.http.read().iter())
+            .find(|(c, _)| *c == status)
+            .map(|(_, h)| h.increment(1));
+        if counted.is_none() {
+            // The route's first answer with this status: register its series
+            // (checked again under the write lock, another call may have).
+            let mut by_status = s.http.write();
+            match by_status.iter().find(|(c, _)| *c == status) {
+                Some((_, h)) => h.increment(1),
+                None => {
+                    let h = self.with(|| {
+                        counter!("cxmpute_http_requests_total", "route" => route.path(), "status" => status.to_string())
+                    });
+                    h.increment(1);
+                    by_status.push((status, h));
+                }
             }
-        });
+        }
+        if (200..300).contains(&status) {
+            self.once(
+                &s.ttfb,
+                || histogram!("cxmpute_time_to_first_byte_seconds", "route" => route.path()),
+            )
+            .record(ttfb.as_secs_f64());
+        }
     }
 
     /// A request settled (charged, rewarded, recorded).
     pub fn settled(&self, u: &UsageRecord) {
-        self.with(|| {
-            let r = u.route.path();
+        let s = &self.routes[u.route as usize];
+        let r = u.route.path();
+        let (requests, duration) = self.once(&s.settled[usize::from(u.success)], || {
             let outcome = if u.success { "success" } else { "failure" };
-            counter!("cxmpute_requests_total", "route" => r, "outcome" => outcome).increment(1);
-            histogram!("cxmpute_request_duration_seconds", "route" => r, "outcome" => outcome)
-                .record(u.latency_ms as f64 / 1000.0);
-            counter!("cxmpute_tokens_total", "route" => r, "kind" => "input")
-                .increment(u.input_tokens);
-            counter!("cxmpute_tokens_total", "route" => r, "kind" => "output")
-                .increment(u.output_tokens);
-            counter!("cxmpute_units_total", "route" => r).increment(u.units);
-            counter!("cxmpute_charged_microcredits_total", "route" => r)
-                .increment(u.charged.0.max(0) as u64);
-            counter!("cxmpute_rewarded_microcredits_total", "route" => r)
-                .increment(u.reward.0.max(0) as u64);
+            (
+                counter!("cxmpute_requests_total", "route" => r, "outcome" => outcome),
+                histogram!("cxmpute_request_duration_seconds", "route" => r, "outcome" => outcome),
+            )
         });
+        requests.increment(1);
+        duration.record(u.latency_ms as f64 / 1000.0);
+        let t = self.once(&s.totals, || Totals {
+            input_tokens: counter!("cxmpute_tokens_total", "route" => r, "kind" => "input"),
+            output_tokens: counter!("cxmpute_tokens_total", "route" => r, "kind" => "output"),
+            units: counter!("cxmpute_units_total", "route" => r),
+            charged: counter!("cxmpute_charged_microcredits_total", "route" => r),
+            rewarded: counter!("cxmpute_rewarded_microcredits_total", "route" => r),
+        });
+        t.input_tokens.increment(u.input_tokens);
+        t.output_tokens.increment(u.output_tokens);
+        t.units.increment(u.units);
+        t.charged.increment(u.charged.0.max(0) as u64);
+        t.rewarded.increment(u.reward.0.max(0) as u64);
     }
 
     /// One forwarded attempt on one node ended.
     pub fn attempt(&self, service: Service, outcome: AttemptOutcome) {
-        self.with(|| {
+        let cell = &self.attempts[service_slot(service)][outcome as usize];
+        self.once(cell, || {
             counter!("cxmpute_upstream_attempts_total", "service" => service.as_str(), "outcome" => outcome.as_str())
-                .increment(1);
-        });
+        })
+        .increment(1);
     }
 
     /// A request moved on to another node after a failed attempt.
     pub fn failover(&self, route: Route) {
-        self.with(|| counter!("cxmpute_failovers_total", "route" => route.path()).increment(1));
+        self.once(
+            &self.routes[route as usize].failovers,
+            || counter!("cxmpute_failovers_total", "route" => route.path()),
+        )
+        .increment(1);
     }
 
     /// A node's circuit breaker changed state.
@@ -281,4 +351,37 @@ fn describe() {
         "cxmpute_stats_unsent_batches",
         "Usage statistics batches waiting to be written."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_index_their_series_by_their_place_in_route_all() {
+        for (i, r) in Route::ALL.into_iter().enumerate() {
+            assert_eq!(r as usize, i, "{r}");
+        }
+    }
+
+    #[test]
+    fn a_cached_series_counts_like_the_macro() {
+        let m = Metrics::new();
+        for status in [200, 401, 200] {
+            m.http_request(Route::Embeddings, status, Duration::from_millis(3));
+        }
+        m.attempt(Service::Chat, AttemptOutcome::Busy);
+        m.attempt(Service::Chat, AttemptOutcome::Busy);
+        let page = m.handle.render();
+        for line in [
+            r#"cxmpute_http_requests_total{route="/v1/embeddings",status="200"} 2"#,
+            r#"cxmpute_http_requests_total{route="/v1/embeddings",status="401"} 1"#,
+            r#"cxmpute_upstream_attempts_total{service="chat",outcome="busy"} 2"#,
+        ] {
+            assert!(
+                page.lines().any(|l| l == line),
+                "{line} missing from\n{page}"
+            );
+        }
+    }
 }
