@@ -285,10 +285,7 @@ async fn run_batch(conn: &mut SqliteConnection, units: Vec<Unit>) {
         (r.answer)(Some(&e));
     }
     for unit in units {
-        unit.fail(&map_shared(
-            "a batch of writes failed before this one ran",
-            &e,
-        ));
+        unit.fail(&e);
     }
 }
 
@@ -341,20 +338,23 @@ impl Unit {
         }
     }
 
-    fn fail(self, e: &Error) {
+    /// Answers every caller of the unit that the batch broke (with `e`)
+    /// before the unit ran; each answer keeps SQLite's error as its source.
+    fn fail(self, e: &Arc<sqlx::Error>) {
+        let failed = || map_shared("a batch of writes failed before this one ran", e);
         match self {
-            Unit::Op(op) => op.fail(replicate(e)),
+            Unit::Op(op) => op.fail(failed()),
             Unit::Money(run) => {
                 for (_, reply) in run {
-                    let _ = reply.send(Err(replicate(e)));
+                    let _ = reply.send(Err(failed()));
                 }
             }
         }
     }
 }
 
-/// A copy of a backend error for each of the callers that share it (the
-/// core error is not `Clone`); its kind, so its retryability, is kept.
+/// A copy of a run's error for each of the callers that share it (the core
+/// error is not `Clone`); its kind, so its retryability, is kept.
 fn replicate(e: &Error) -> Error {
     let message = e.to_string();
     match e {
