@@ -203,6 +203,12 @@ impl Summary {
         self.charged = None;
         self
     }
+
+    /// The same without what providers earned (a user's view).
+    pub fn without_money_but_charged(mut self) -> Summary {
+        self.rewarded = None;
+        self
+    }
 }
 
 fn round2(x: f64) -> f64 {
@@ -600,7 +606,7 @@ impl Analytics {
 
     /// A user's own usage over `range`, with what they were charged.
     pub async fn user(&self, user: &UserId, range: DateRange) -> Result<UserStats> {
-        let keep = |s: Summary| s.without_money_but_charged();
+        let keep = Summary::without_money_but_charged;
         let (own, model_prefix, app_prefix) = (
             scope::user(user),
             scope::user_model_prefix(user),
@@ -731,14 +737,6 @@ impl Analytics {
             nodes: gauge_series(range, nodes),
             pools: gauge_breakdown(scope::POOL_PREFIX, pools),
         })
-    }
-}
-
-impl Summary {
-    /// The same without what providers earned (a user's view).
-    pub fn without_money_but_charged(mut self) -> Summary {
-        self.rewarded = None;
-        self
     }
 }
 
