@@ -27,7 +27,7 @@
 //! that saw the revocation and expire within [`AuthConfig::access_ttl`]
 //! everywhere else: the store keeps revocation only for refresh tokens.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -831,9 +831,10 @@ impl Accounts {
             units: c.units,
             charged: Credits(c.charged),
         });
-        // Per service: the per-user, per-model counters, summed by service.
+        // Per service: the per-user, per-model counters, summed by service
+        // (in service order).
         let prefix = scope::user_model_prefix(&user.id);
-        let mut by_service: Vec<ServiceUsage> = Vec::new();
+        let mut per_service: BTreeMap<Service, StatsCounters> = BTreeMap::new();
         for (sc, c) in self.store().stats_by_prefix(&prefix, from, to).await? {
             let Some(service) = sc
                 .strip_prefix(&prefix)
@@ -842,30 +843,20 @@ impl Accounts {
             else {
                 continue;
             };
-            let i = match by_service.iter().position(|s| s.service == service) {
-                Some(i) => i,
-                None => {
-                    by_service.push(ServiceUsage {
-                        service,
-                        requests: 0,
-                        failures: 0,
-                        input_tokens: 0,
-                        output_tokens: 0,
-                        units: 0,
-                        charged: Credits::ZERO,
-                    });
-                    by_service.len() - 1
-                }
-            };
-            let s = &mut by_service[i];
-            s.requests += c.requests;
-            s.failures += c.failures;
-            s.input_tokens += c.input_tokens;
-            s.output_tokens += c.output_tokens;
-            s.units += c.units;
-            s.charged = s.charged.saturating_add(Credits(c.charged));
+            per_service.entry(service).or_default().add(&c);
         }
-        by_service.sort_by_key(|s| s.service);
+        let by_service = per_service
+            .into_iter()
+            .map(|(service, c)| ServiceUsage {
+                service,
+                requests: c.requests,
+                failures: c.failures,
+                input_tokens: c.input_tokens,
+                output_tokens: c.output_tokens,
+                units: c.units,
+                charged: Credits(c.charged),
+            })
+            .collect();
         // Who served a request is the provider's business: left out.
         let recent = self
             .store()
