@@ -1178,7 +1178,7 @@ impl CallContext {
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(self.prep.body.clone())
             .send();
-        let resp = match tokio::time::timeout(cfg.first_byte_timeout, send).await {
+        let mut resp = match tokio::time::timeout(cfg.first_byte_timeout, send).await {
             Err(_) => return Err(AttemptError::Timeout("node did not answer in time".into())),
             Ok(Err(e)) if e.is_timeout() => {
                 return Err(AttemptError::Timeout(format!("node timed out: {e}")))
@@ -1202,8 +1202,7 @@ impl CallContext {
                 _ => AttemptError::Failed(msg),
             });
         }
-        let mut resp = resp;
-        let stream_meter = match self.prep.kind {
+        let mut stream_meter = match self.prep.kind {
             AnswerKind::ChatSse {
                 caller_wants_usage: true,
             } => Some(ChatStreamMeter::default()),
@@ -1219,7 +1218,7 @@ impl CallContext {
         };
         // A stream: wait for its first bytes before answering the client, so
         // that a node failing now can still be replaced by another.
-        let first = match tokio::time::timeout(cfg.first_byte_timeout, resp.chunk()).await {
+        let mut first = match tokio::time::timeout(cfg.first_byte_timeout, resp.chunk()).await {
             Err(_) => return Err(AttemptError::Timeout("node sent no bytes in time".into())),
             Ok(Err(e)) => return Err(AttemptError::Failed(format!("node stream failed: {e}"))),
             Ok(Ok(None)) => return Err(AttemptError::Failed("node sent an empty answer".into())),
@@ -1229,8 +1228,6 @@ impl CallContext {
             Some(_) => "text/event-stream".to_owned(),
             None => binary_content_type(&resp),
         };
-        let mut stream_meter = stream_meter;
-        let mut first = first;
         if let Some(m) = stream_meter.as_mut() {
             first = m.pass(first);
             if m.garbage {
@@ -1397,8 +1394,7 @@ fn binary_content_type(resp: &reqwest::Response) -> String {
 
 /// The message of a node's OpenAI-style error answer (`{"error":{"message":..}}`),
 /// read with a small cap and cleaned for display; `None` when there is none.
-async fn rejection_message(resp: reqwest::Response) -> Option<String> {
-    let mut resp = resp;
+async fn rejection_message(mut resp: reqwest::Response) -> Option<String> {
     let buf = read_capped(&mut resp, Duration::from_secs(5), 16 * 1024)
         .await
         .ok()?;
@@ -1408,7 +1404,6 @@ async fn rejection_message(resp: reqwest::Response) -> Option<String> {
     (!clean.trim().is_empty()).then_some(clean)
 }
 
-/// Reads a whole answer with an idle timeout between chunks and a size cap.
 /// A node's whole answer, at most `cap` bytes, each read within `idle`.
 async fn read_capped(
     resp: &mut reqwest::Response,

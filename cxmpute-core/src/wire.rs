@@ -129,7 +129,7 @@ impl ChatMessage {
         }
     }
 
-    /// The length in bytes of [`Message::text`], without building it (the
+    /// The length in bytes of [`ChatMessage::text`], without building it (the
     /// request path measures every prompt and answer).
     pub fn text_len(&self) -> Option<usize> {
         match self.content.as_ref()? {
