@@ -498,9 +498,7 @@ pub(crate) async fn update_provision(
         .bind(id)
         .bind(state.as_str())
         .bind(endpoint);
-    if execute(c, "updating a provision", q).await? == 0 {
-        return Err(Error::NotFound(format!("provision {id}")));
-    }
+    execute_found(c, "updating a provision", q, || format!("provision {id}")).await?;
     delete_entries(c, id).await?;
     insert_entries(c, id, entries).await
 }
