@@ -229,7 +229,8 @@ pub(crate) fn reservation(row: &SqliteRow, at: usize) -> Result<Reservation> {
     })
 }
 
-/// The columns of `usage`, unqualified (also the column list its rows are inserted with) the reader below takes, in its order, for `concat!`.
+/// The columns of `usage` the reader below takes, in its order, for
+/// `concat!`: unqualified, so also the column list its rows are inserted with.
 macro_rules! usage_cols {
     () => {
         concat!(
@@ -263,7 +264,8 @@ pub(crate) fn usage(row: &SqliteRow) -> Result<UsageRecord> {
     })
 }
 
-/// The columns of `stats`, unqualified the reader below takes, in its order, for `concat!`.
+/// The columns of `stats` the reader below takes, in its order, for
+/// `concat!`: unqualified, so also the column list its rows are written with.
 macro_rules! stats_cols {
     () => {
         concat!(
