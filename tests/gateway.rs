@@ -16,14 +16,6 @@ fn chat_body(stream: bool) -> Value {
     json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream})
 }
 
-async fn balance(h: &TestHost, u: &User) -> Credits {
-    h.broker.store().user(&u.id).await.unwrap().credits
-}
-
-async fn earnings(h: &TestHost, p: &Provider) -> Credits {
-    h.broker.store().provider(&p.id).await.unwrap().earnings
-}
-
 #[tokio::test]
 async fn plain_chat_is_charged_by_the_price_table_and_rewarded() {
     let h = host().await;
@@ -37,8 +29,8 @@ async fn plain_chat_is_charged_by_the_price_table_and_rewarded() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Hello from a");
     // 1,000 + 10 input tokens x 1 + 5 output tokens x 2.
-    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 1_020));
-    assert_eq!(earnings(&h, &p).await, Credits(500));
+    assert_eq!(h.balance(&u.id).await, Credits(10_000_000 - 1_020));
+    assert_eq!(h.earnings(&p.id).await, Credits(500));
     let usage = h.broker.store().usage_records(&u.id, 10).await.unwrap();
     assert_eq!(usage.len(), 1);
     assert_eq!((usage[0].input_tokens, usage[0].output_tokens), (10, 5));
@@ -77,8 +69,8 @@ async fn streamed_chat_passes_chunks_through_and_charges_reported_usage() {
     h.broker.flush_stats().await.unwrap();
     // Settling happens as the stream ends; wait for it through the store.
     wait_settled(&h, 1).await;
-    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 1_020));
-    assert_eq!(earnings(&h, &p).await, Credits(500));
+    assert_eq!(h.balance(&u.id).await, Credits(10_000_000 - 1_020));
+    assert_eq!(h.earnings(&p.id).await, Credits(500));
 }
 
 /// Checks that `n` settlements are in the store. A streamed answer is
@@ -113,7 +105,7 @@ async fn embeddings_are_charged_by_input_tokens() {
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
     // The node reports 10 prompt tokens, but the input is only 6 bytes: a node
     // cannot claim more tokens than the input has bytes. 7 + 6 x 3.
-    assert_eq!(balance(&h, &u).await, Credits(1_000_000 - 25));
+    assert_eq!(h.balance(&u.id).await, Credits(1_000_000 - 25));
 }
 
 async fn failover_case(bad: Behavior) {
@@ -129,10 +121,10 @@ async fn failover_case(bad: Behavior) {
             .await;
         assert_eq!(r.status(), 200, "{bad:?}");
     }
-    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 1_020 * n));
-    assert_eq!(earnings(&h, &pg).await, Credits(500 * n));
+    assert_eq!(h.balance(&u.id).await, Credits(10_000_000 - 1_020 * n));
+    assert_eq!(h.earnings(&pg.id).await, Credits(500 * n));
     assert_eq!(
-        earnings(&h, &pb).await,
+        h.earnings(&pb.id).await,
         Credits::ZERO,
         "the failing node earns nothing"
     );
@@ -167,8 +159,8 @@ async fn failover_from_a_node_refusing_connections() {
             .await;
         assert_eq!(r.status(), 200);
     }
-    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 6 * 1_020));
-    assert_eq!(earnings(&h, &pb).await, Credits::ZERO);
+    assert_eq!(h.balance(&u.id).await, Credits(10_000_000 - 6 * 1_020));
+    assert_eq!(h.earnings(&pb.id).await, Credits::ZERO);
 }
 
 #[tokio::test]
@@ -186,8 +178,8 @@ async fn every_node_failing_costs_nothing_and_says_why() {
     a.set(Behavior::Hang);
     let r = h.post("/v1/chat/completions", &key, &chat_body(true)).await;
     assert_eq!(r.status(), 504);
-    assert_eq!(balance(&h, &u).await, Credits::whole(1));
-    assert_eq!(earnings(&h, &p).await, Credits::ZERO);
+    assert_eq!(h.balance(&u.id).await, Credits::whole(1));
+    assert_eq!(h.earnings(&p.id).await, Credits::ZERO);
     let t = h.broker.store().ledger_totals().await.unwrap();
     assert_eq!((t.charged, t.reserved), (Credits::ZERO, Credits::ZERO));
 }
@@ -214,8 +206,8 @@ async fn a_stream_cut_after_the_first_byte_ends_with_an_error_event_and_charges_
     wait_settled(&h, 1).await;
     // Input: ("hi" = 2 bytes + 16 per message) / 4, rounded up = 5 tokens x 1;
     // output: 2 delivered chunks x 2; no per-request fee; no reward.
-    assert_eq!(balance(&h, &u).await, Credits(1_000_000 - 9));
-    assert_eq!(earnings(&h, &p).await, Credits::ZERO);
+    assert_eq!(h.balance(&u.id).await, Credits(1_000_000 - 9));
+    assert_eq!(h.earnings(&p.id).await, Credits::ZERO);
 }
 
 #[tokio::test]
@@ -258,7 +250,7 @@ async fn concurrent_calls_never_overspend() {
         }
     }
     assert_eq!((ok, refused), (50, 150));
-    assert_eq!(balance(&h, &u).await, Credits::ZERO);
+    assert_eq!(h.balance(&u.id).await, Credits::ZERO);
     let t = h.broker.store().ledger_totals().await.unwrap();
     assert_eq!(t.settlements, 50);
     assert_eq!(t.charged, Credits(50_000));
@@ -314,7 +306,7 @@ async fn bad_input_gets_the_right_4xx_and_costs_nothing() {
     assert!(!expect_error(r, 400, "invalid_request").await.is_empty());
     let r = c.get(format!("{}/v1/nothing", h.url)).send().await.unwrap();
     assert!(!expect_error(r, 404, "not_found").await.is_empty());
-    assert_eq!(balance(&h, &u).await, Credits::whole(1));
+    assert_eq!(h.balance(&u.id).await, Credits::whole(1));
     assert_eq!(node.hits(), 0);
 }
 
@@ -372,7 +364,7 @@ async fn no_healthy_node_is_503_and_models_lists_what_is_served() {
         .post("/v1/chat/completions", &key, &chat_body(false))
         .await;
     assert!(!expect_error(r, 503, "no_capacity").await.is_empty());
-    assert_eq!(balance(&h, &u).await, Credits::whole(1));
+    assert_eq!(h.balance(&u.id).await, Credits::whole(1));
     let health = reqwest::get(format!("{}/healthz", h.url)).await.unwrap();
     assert_eq!(health.status(), 200);
 }
@@ -391,13 +383,7 @@ async fn a_node_usage_claim_above_the_bounds_is_clamped() {
         json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7});
     let r = h.post("/v1/chat/completions", &key, &body).await;
     assert_eq!(r.status(), 200);
-    let used = h
-        .broker
-        .store()
-        .usage_records(&u.id, 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let used = h.last_usage(&u.id).await;
     assert_eq!(used.output_tokens, 7, "at most max_tokens");
     assert!(used.input_tokens <= serde_json::to_vec(&body).unwrap().len() as u64);
 }
@@ -459,7 +445,7 @@ async fn admin_routes_need_an_admin_key() {
     assert_eq!(r.status(), 403);
     let r = h.post(&path, &h.admin_key, &grant).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(balance(&h, &u).await, Credits::whole(5));
+    assert_eq!(h.balance(&u.id).await, Credits::whole(5));
     let new_user = json!({"email": "New@Example.com", "credits": 1});
     let r = h.post("/v1/admin/users", &h.admin_key, &new_user).await;
     assert_eq!(r.status(), 200);
@@ -500,8 +486,8 @@ async fn a_client_going_away_cancels_the_upstream_call_and_pays_for_what_was_del
     assert_eq!(rec.output_tokens, 2, "two chunks were delivered");
     // 1,000 per request + 5 input tokens x 1 + 2 output tokens x 2.
     assert_eq!(rec.charged, Credits(1_009));
-    assert_eq!(balance(&h, &u).await, Credits(1_000_000 - 1_009));
-    assert_eq!(earnings(&h, &p).await, Credits(500));
+    assert_eq!(h.balance(&u.id).await, Credits(1_000_000 - 1_009));
+    assert_eq!(h.earnings(&p.id).await, Credits(500));
 }
 
 #[tokio::test]
@@ -525,8 +511,8 @@ async fn a_node_refusing_the_request_itself_is_a_400_with_its_reason_and_costs_n
         h.broker.pools().is_healthy(&id),
         "a refusal is not the node's failure"
     );
-    assert_eq!(balance(&h, &u).await, Credits::whole(1));
-    assert_eq!(earnings(&h, &p).await, Credits::ZERO);
+    assert_eq!(h.balance(&u.id).await, Credits::whole(1));
+    assert_eq!(h.earnings(&p.id).await, Credits::ZERO);
 }
 
 #[tokio::test]
@@ -596,7 +582,7 @@ async fn the_usage_chunk_reaches_only_callers_who_asked_for_it() {
         .unwrap();
     assert_eq!(usage_events(&text), 1, "{text}");
     // Both were metered by the node's usage all the same.
-    assert_eq!(balance(&h, &u).await, Credits(10_000_000 - 2 * 1_020));
+    assert_eq!(h.balance(&u.id).await, Credits(10_000_000 - 2 * 1_020));
 }
 
 #[test]

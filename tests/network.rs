@@ -859,7 +859,7 @@ fn tiered_rewards_are_the_original_formula_to_the_micro_credit() {
     use Service::*;
     // (service, model, tier, (input, output) tokens, latency ms, reward in micro-credits, why)
     #[rustfmt::skip]
-    let cases: [(Service, &str, u8, (u64, u64), u64, i64, &str); 15] = [
+    let cases = [
         (Chat, "llama3.2:1b", 1, (10, 5), 500, 5_665, "tier 1 chat, 1B (x1.0), 15 tokens, fast: (5,000 + 15 x 10) x 1.1"),
         (Chat, "llama3.2:3b", 2, (60, 40), 1_999, 23_100, "tier 2 chat, 3B (x1.2), 100 tokens, fast: (15,000 x 1.2 + 100 x 30) x 1.1"),
         (Chat, "llama3.1:8b", 3, (1_000, 234), 2_000, 138_880, "tier 3 chat, 8B (x1.5), 1,234 tokens, exactly 2 s (no bonus): 52,500 + 86,380"),
@@ -930,13 +930,9 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
             200
         );
     }
-    let earned = |id: ProviderId| {
-        let b = h.broker.clone();
-        async move { b.store().provider(&id).await.unwrap().earnings }
-    };
-    assert_eq!(earned(p.id.clone()).await, Credits(3 * 714));
+    assert_eq!(h.earnings(&p.id).await, Credits(3 * 714));
     assert_eq!(
-        earned(pf.id.clone()).await,
+        h.earnings(&pf.id).await,
         Credits::ZERO,
         "failures earn nothing"
     );
@@ -958,21 +954,12 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
             .status(),
         200
     );
-    let usage = h
-        .broker
-        .store()
-        .usage_records(&u.id, 1)
-        .await
-        .unwrap()
-        .remove(0);
+    let usage = h.last_usage(&u.id).await;
     // (35,000 × 1.2 + 15 tokens × 70) × latency factor.
     let factor = TieredReward::latency_permille(usage.latency_ms) as i64;
     let expected = (42_000 + 1_050) * factor / 1_000;
     assert_eq!(usage.reward, Credits(expected));
-    assert_eq!(
-        h.broker.store().provider(&p.id).await.unwrap().earnings,
-        Credits(expected)
-    );
+    assert_eq!(h.earnings(&p.id).await, Credits(expected));
 
     // A reward above the charge is clamped to it: the platform never pays out more.
     let h = host_with(|b| b.reward_policy(Arc::new(FlatReward(Credits(5_000))))).await;
@@ -984,8 +971,5 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
             .status(),
         200
     );
-    assert_eq!(
-        h.broker.store().provider(&p.id).await.unwrap().earnings,
-        Credits(1_020)
-    );
+    assert_eq!(h.earnings(&p.id).await, Credits(1_020));
 }

@@ -210,24 +210,6 @@ async fn world() -> World {
     }
 }
 
-async fn balance(w: &World, u: &User) -> Credits {
-    w.h.broker.store().user(&u.id).await.unwrap().credits
-}
-
-/// Checks that `n` settlements (at least) are in the store. An answer is
-/// settled before its body ends, streamed ones included, so having read the
-/// body is enough.
-async fn assert_settled(w: &World, n: u64) {
-    let settlements =
-        w.h.broker
-            .store()
-            .ledger_totals()
-            .await
-            .unwrap()
-            .settlements;
-    assert!(settlements >= n, "{n} settlements never arrived");
-}
-
 #[tokio::test]
 async fn the_node_joins_every_pool_it_serves() {
     let w = world().await;
@@ -263,7 +245,7 @@ async fn chat_plain_and_streamed_and_embeddings_pass_through_the_node() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Hello from upstream");
     // 1,000 + 10 input tokens x 1 + 5 output tokens x 2.
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 1_020));
+    assert_eq!(w.h.balance(&u.id).await, Credits(10_000_000 - 1_020));
 
     let body =
         json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true});
@@ -284,8 +266,8 @@ async fn chat_plain_and_streamed_and_embeddings_pass_through_the_node() {
         .collect();
     assert_eq!(content, "Hello from the node");
     assert!(text.trim_end().ends_with("data: [DONE]"));
-    assert_settled(&w, 2).await;
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 2 * 1_020));
+    w.h.assert_settled(2).await;
+    assert_eq!(w.h.balance(&u.id).await, Credits(10_000_000 - 2 * 1_020));
 
     let body = json!({"model": EMBED, "input": ["one", "two"]});
     let r = w.h.post("/v1/embeddings", &key, &body).await;
@@ -293,15 +275,12 @@ async fn chat_plain_and_streamed_and_embeddings_pass_through_the_node() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["data"].as_array().unwrap().len(), 2);
     // 7 + 6 input tokens (the node's claim of 10 is clamped to the 6 bytes) x 3.
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 2 * 1_020 - 25));
+    assert_eq!(
+        w.h.balance(&u.id).await,
+        Credits(10_000_000 - 2 * 1_020 - 25)
+    );
     assert_eq!(w.upstream.hits(), 3);
-    let earned =
-        w.h.broker
-            .store()
-            .provider(&w.provider.id)
-            .await
-            .unwrap()
-            .earnings;
+    let earned = w.h.earnings(&w.provider.id).await;
     // 100 per call, never more than the call was charged: 100 + 100 + 25.
     assert_eq!(earned, Credits(225));
 }
@@ -327,16 +306,16 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "audio/wav");
     check_wav(&r.bytes().await.unwrap());
-    assert_settled(&w, 1).await;
+    w.h.assert_settled(1).await;
     let one = 100 + 20 * chars;
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - one));
+    assert_eq!(w.h.balance(&u.id).await, Credits(10_000_000 - one));
 
     // The original's route: `text`, voice defaulted to af_bella, model to kokoro.
     let r = w.h.post("/v1/tts", &key, &json!({"text": text})).await;
     assert_eq!(r.status(), 200);
     check_wav(&r.bytes().await.unwrap());
-    assert_settled(&w, 2).await;
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 2 * one));
+    w.h.assert_settled(2).await;
+    assert_eq!(w.h.balance(&u.id).await, Credits(10_000_000 - 2 * one));
 
     // Raw samples on request.
     let body =
@@ -346,8 +325,8 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
     assert_eq!(r.headers()["content-type"], "audio/pcm");
     let pcm = r.bytes().await.unwrap();
     assert!(pcm.len() > 1_000 && &pcm[..4] != b"RIFF");
-    assert_settled(&w, 3).await;
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 3 * one));
+    w.h.assert_settled(3).await;
+    assert_eq!(w.h.balance(&u.id).await, Credits(10_000_000 - 3 * one));
     let usage = w.h.broker.store().usage_records(&u.id, 10).await.unwrap();
     assert!(usage.iter().all(|r| r.units == chars as u64 && r.success));
 }
@@ -402,9 +381,9 @@ async fn scraping_fetches_converts_and_refuses_forbidden_hops() {
         let e = res.error.as_deref().unwrap();
         assert!(e.contains("not a public address"), "{}: {e}", res.url);
     }
-    assert_settled(&w, 1).await;
+    w.h.assert_settled(1).await;
     // Three pages fetched, at 1,000 each; the refused ones cost nothing.
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 3_000));
+    assert_eq!(w.h.balance(&u.id).await, Credits(10_000_000 - 3_000));
 
     for (format, check) in [
         ("text", "Hello scraper"),
@@ -420,7 +399,7 @@ async fn scraping_fetches_converts_and_refuses_forbidden_hops() {
             assert!(!c.contains('<'), "{c}");
         }
     }
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 5_000));
+    assert_eq!(w.h.balance(&u.id).await, Credits(10_000_000 - 5_000));
 }
 
 #[tokio::test]
@@ -486,7 +465,7 @@ async fn vision_routes_answer_typed_results_and_charge_per_image() {
             "the image reaches the model inline"
         );
     }
-    assert_eq!(balance(&w, &u).await, Credits(10_000_000 - 4 * 1_500));
+    assert_eq!(w.h.balance(&u.id).await, Credits(10_000_000 - 4 * 1_500));
 }
 
 #[tokio::test]
@@ -506,7 +485,7 @@ async fn an_image_url_the_node_may_not_fetch_costs_nothing() {
         );
         let _: ErrorBody = r.json().await.expect("OpenAI error JSON");
     }
-    assert_eq!(balance(&w, &u).await, Credits::whole(10));
+    assert_eq!(w.h.balance(&u.id).await, Credits::whole(10));
     assert!(
         w.vision_seen.lock().prompts.is_empty(),
         "the model never saw them"
@@ -600,7 +579,7 @@ async fn bad_input_on_every_route_is_a_clear_400_and_costs_nothing() {
     let unknown = json!({"model": "nope", "input": "hi", "voice": "alloy"});
     let r = w.h.post("/v1/audio/speech", &key, &unknown).await;
     assert!(!expect_error(r, 404, "model_not_found").await.is_empty());
-    assert_eq!(balance(&w, &u).await, Credits::whole(10));
+    assert_eq!(w.h.balance(&u.id).await, Credits::whole(10));
     assert_eq!(
         w.h.broker
             .store()

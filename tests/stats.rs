@@ -137,7 +137,7 @@ async fn stats_add_up_exactly_after_a_mix_of_calls() {
     assert_eq!(failures, 2);
     let sum = |f: fn(&UsageRecord) -> u64| records.iter().map(f).sum::<u64>();
     let charged: i64 = records.iter().map(|r| r.charged.0).sum();
-    let balance = h.broker.store().user(&u.id).await.unwrap().credits;
+    let balance = h.balance(&u.id).await;
     assert_eq!(Credits(start.0 - charged), balance);
 
     let (s, me) = get(&h, "/v1/stats/me", Some(&key)).await;
@@ -174,7 +174,7 @@ async fn stats_add_up_exactly_after_a_mix_of_calls() {
     assert_eq!(me["apps"].as_array().unwrap().len(), 2);
 
     // The provider: served 7 of the 8 admitted calls (the 500 went nowhere).
-    let earnings = h.broker.store().provider(&p.id).await.unwrap().earnings;
+    let earnings = h.earnings(&p.id).await;
     let (s, pv) = get(&h, "/v1/stats/provider", Some(&pkey)).await;
     assert_eq!(s, 200, "{pv}");
     assert_eq!(n(&pv["totals"]["requests"]), 7);

@@ -13,21 +13,6 @@ fn hi() -> ChatCompletionRequest {
     ChatCompletionRequest::new(MODEL, vec![ChatMessage::user("hi")])
 }
 
-/// Checks that `n` settlements (at least) are in the store: an answer is
-/// settled before its body ends, streamed ones included, so having read the
-/// body is enough.
-async fn assert_settled(w: &World, n: u64) {
-    let settlements = w
-        .host
-        .broker
-        .store()
-        .ledger_totals()
-        .await
-        .unwrap()
-        .settlements;
-    assert!(settlements >= n, "{n} settlements never arrived");
-}
-
 #[tokio::test]
 async fn chat_returns_the_typed_completion_and_is_charged() {
     let w = World::start().await;
@@ -73,7 +58,7 @@ async fn chat_stream_yields_typed_chunks_then_usage_then_ends() {
         "usage asked for by default"
     );
     assert!(stream.next().await.is_none(), "the stream stays ended");
-    assert_settled(&w, 1).await;
+    w.host.assert_settled(1).await;
     assert_eq!(w.balance().await, Credits(10_000_000 - 1_020));
 }
 

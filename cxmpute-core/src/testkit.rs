@@ -578,6 +578,35 @@ impl TestHost {
         (node, provider, id)
     }
 
+    /// The credits `user` holds now, as stored.
+    pub async fn balance(&self, user: &UserId) -> Credits {
+        self.broker.store().user(user).await.expect("user").credits
+    }
+
+    /// What `provider` has earned so far, as stored.
+    pub async fn earnings(&self, provider: &ProviderId) -> Credits {
+        let p = self.broker.store().provider(provider).await;
+        p.expect("provider").earnings
+    }
+
+    /// The usage record of `user`'s latest request.
+    pub async fn last_usage(&self, user: &UserId) -> UsageRecord {
+        let latest = self.broker.store().usage_records(user, 1).await;
+        latest
+            .expect("usage records")
+            .pop()
+            .expect("a usage record")
+    }
+
+    /// Checks that `n` settlements (at least) are in the store. An answer is
+    /// settled before its body ends, streamed ones included, so a test that
+    /// has read the body needs no waiting.
+    pub async fn assert_settled(&self, n: u64) {
+        let totals = self.broker.store().ledger_totals().await;
+        let settlements = totals.expect("ledger totals").settlements;
+        assert!(settlements >= n, "{n} settlements never arrived");
+    }
+
     /// Registers a node at `url` (which may be dead), serving `model` for `service`.
     pub async fn add_node_at(
         &self,

@@ -80,13 +80,7 @@ impl World {
 
     /// The user's balance, read from the store.
     pub async fn balance(&self) -> Credits {
-        self.host
-            .broker
-            .store()
-            .user(&self.user.id)
-            .await
-            .unwrap()
-            .credits
+        self.host.balance(&self.user.id).await
     }
 }
 
