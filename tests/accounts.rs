@@ -3,12 +3,11 @@
 //! administration, and that no secret reaches a log or a `Debug` output.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cxmpute_core::mail::{SmtpConfig, SmtpMailer, SmtpTls};
-use cxmpute_core::testkit::{SmtpSink, StandInNode};
+use cxmpute_core::testkit::{sign_in_code, SmtpSink, StandInNode};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
 use serde_json::{json, Value};
@@ -18,39 +17,8 @@ use accounts_common::*;
 
 // ---- sign-in through a real SMTP server ------------------------------------------
 
-/// Every message in the Maildir addressed to `to` that is not in `seen`.
-/// The server writes a message before it acknowledges it, so once the code
-/// request has been answered the mail is on disk.
-fn new_mail(maildir: &Path, to: &str, seen: &mut HashSet<PathBuf>) -> Vec<String> {
-    let mut out = Vec::new();
-    for sub in ["new", "cur"] {
-        let Ok(rd) = std::fs::read_dir(maildir.join(sub)) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if seen.contains(&p) {
-                continue;
-            }
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let addressed = text
-                .lines()
-                .any(|l| l.to_ascii_lowercase().starts_with("to:") && l.contains(to));
-            if addressed {
-                seen.insert(p);
-                out.push(text);
-            }
-        }
-    }
-    out
-}
-
 fn code_in(mail: &str) -> String {
-    let at = mail.find("sign-in code: ").expect("a code in the mail") + "sign-in code: ".len();
-    let code: String = mail[at..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
+    let code = sign_in_code(mail).expect("a code in the mail");
     assert_eq!(code.len(), 8, "{mail}");
     let subject = mail
         .lines()
@@ -70,28 +38,10 @@ fn cookies(r: &reqwest::Response) -> Vec<String> {
 
 #[tokio::test]
 async fn the_whole_sign_in_flow_through_a_real_smtp_server() {
-    let Some(SmtpSink {
-        host,
-        port,
-        maildir,
-    }) = SmtpSink::from_env()
-    else {
+    let Some(sink) = SmtpSink::from_env() else {
         return;
     };
-    let vars = [
-        ("CXMPUTE_MAILER", "smtp".to_owned()),
-        ("CXMPUTE_SMTP_HOST", host),
-        ("CXMPUTE_SMTP_PORT", port.to_string()),
-        ("CXMPUTE_SMTP_TLS", "none".to_owned()),
-        (
-            "CXMPUTE_SMTP_FROM",
-            "Cxmpute <no-reply@cxmpute.test>".to_owned(),
-        ),
-    ];
-    let cfg =
-        MailerConfig::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
-            .unwrap();
-    let mailer = cfg.build().unwrap();
+    let mailer = sink.mailer();
     let h = host_with(mailer).await;
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
 
@@ -103,7 +53,7 @@ async fn the_whole_sign_in_flow_through_a_real_smtp_server() {
     assert_eq!(r.status(), 202);
     let v: RequestCodeResponse = r.json().await.unwrap();
     assert_eq!((v.status.as_str(), v.expires_in), ("sent", 600));
-    let mails = new_mail(&maildir, &email, &mut seen);
+    let mails = sink.new_mail(&email, &mut seen);
     assert_eq!(mails.len(), 1);
     let code = code_in(&mails[0]);
 
@@ -189,7 +139,7 @@ async fn the_whole_sign_in_flow_through_a_real_smtp_server() {
 
     // Sign in again: same account, not a second one.
     assert_eq!(request_code(&h, &email).await.status(), 202);
-    let mails = new_mail(&maildir, &email, &mut seen);
+    let mails = sink.new_mail(&email, &mut seen);
     assert_eq!(mails.len(), 1);
     let code2 = code_in(&mails[0]);
     assert_ne!(code2, code);

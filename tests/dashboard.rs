@@ -8,12 +8,12 @@
 
 use std::collections::HashSet;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cxmpute_core::testkit::{service_env, SmtpSink, StandInNode, TestHost, MODEL};
+use cxmpute_core::testkit::{service_env, sign_in_code, SmtpSink, StandInNode, TestHost, MODEL};
 use cxmpute_core::*;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
@@ -332,59 +332,13 @@ fn credits_text(c: Credits) -> String {
     format!("{whole}.{frac}")
 }
 
-/// The sign-in code in the newest mail to `to` (the server writes a message
-/// before it acknowledges it, so once the page says "sent" it is on disk).
-fn mailed_code(maildir: &Path, to: &str, seen: &mut HashSet<PathBuf>) -> Option<String> {
-    for sub in ["new", "cur"] {
-        let Ok(rd) = std::fs::read_dir(maildir.join(sub)) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            let text = std::fs::read_to_string(&p).unwrap_or_default();
-            let to_us = text
-                .lines()
-                .any(|l| l.to_ascii_lowercase().starts_with("to:") && l.contains(to));
-            if to_us && seen.insert(p) {
-                let at = text.find("sign-in code: ")? + "sign-in code: ".len();
-                return Some(
-                    text[at..]
-                        .chars()
-                        .take_while(char::is_ascii_digit)
-                        .collect(),
-                );
-            }
-        }
-    }
-    None
-}
-
 #[tokio::test]
 async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     let Some(d) = driver().await else { return };
-    let Some(SmtpSink {
-        host,
-        port,
-        maildir,
-    }) = SmtpSink::from_env()
-    else {
+    let Some(sink) = SmtpSink::from_env() else {
         return;
     };
-    let vars = [
-        ("CXMPUTE_MAILER", "smtp".to_owned()),
-        ("CXMPUTE_SMTP_HOST", host),
-        ("CXMPUTE_SMTP_PORT", port.to_string()),
-        ("CXMPUTE_SMTP_TLS", "none".to_owned()),
-        (
-            "CXMPUTE_SMTP_FROM",
-            "Cxmpute <no-reply@cxmpute.test>".to_owned(),
-        ),
-    ];
-    let mailer =
-        MailerConfig::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
-            .unwrap()
-            .build()
-            .unwrap();
+    let mailer = sink.mailer();
     let s = seeded(Some(mailer)).await;
     let c = browser(&d).await;
     c.goto(&format!("{}/dashboard#/me", s.h.url)).await.unwrap();
@@ -395,7 +349,11 @@ async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     click(&c, "#signin-send").await;
     wait_for(&c, "#signin-code-form:not([hidden])").await;
     assert_eq!(status_text(&c).await, "");
-    let code = mailed_code(&maildir, &s.user.email, &mut HashSet::new()).expect("a mailed code");
+    let mail = sink.new_mail(&s.user.email, &mut HashSet::new());
+    let code = mail
+        .first()
+        .and_then(|m| sign_in_code(m))
+        .expect("a mailed code");
     assert_eq!(code.len(), 8);
     type_into(&c, "#signin-code", &code).await;
     click(&c, "#signin-verify").await;

@@ -693,4 +693,67 @@ impl SmtpSink {
             maildir,
         })
     }
+
+    /// A mailer sending to this sink, configured as an operator would: from
+    /// the `CXMPUTE_MAILER` and `CXMPUTE_SMTP_*` settings (plain SMTP).
+    pub fn mailer(&self) -> Arc<dyn Mailer> {
+        let vars = [
+            ("CXMPUTE_MAILER", "smtp".to_owned()),
+            ("CXMPUTE_SMTP_HOST", self.host.clone()),
+            ("CXMPUTE_SMTP_PORT", self.port.to_string()),
+            ("CXMPUTE_SMTP_TLS", "none".to_owned()),
+            (
+                "CXMPUTE_SMTP_FROM",
+                "Cxmpute <no-reply@cxmpute.test>".to_owned(),
+            ),
+        ];
+        let lookup = |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        crate::mail::MailerConfig::from_lookup(lookup)
+            .expect("SMTP settings")
+            .build()
+            .expect("an SMTP mailer")
+    }
+
+    /// Every message in the Maildir addressed to `to` and not in `seen`
+    /// (which it is added to). The server writes a message before it
+    /// acknowledges it, so once a send has been answered the mail is on disk.
+    pub fn new_mail(
+        &self,
+        to: &str,
+        seen: &mut std::collections::HashSet<std::path::PathBuf>,
+    ) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            let Ok(rd) = std::fs::read_dir(self.maildir.join(sub)) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if seen.contains(&p) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let addressed = text
+                    .lines()
+                    .any(|l| l.to_ascii_lowercase().starts_with("to:") && l.contains(to));
+                if addressed {
+                    seen.insert(p);
+                    out.push(text);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The sign-in code a mail carries (the digits after "sign-in code: ").
+pub fn sign_in_code(mail: &str) -> Option<String> {
+    const LEAD: &str = "sign-in code: ";
+    let at = mail.find(LEAD)? + LEAD.len();
+    Some(
+        mail[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect(),
+    )
 }
