@@ -1,13 +1,11 @@
 //! Usage statistics end to end: a scripted mix of calls over real sockets,
 //! then the stats routes must add up exactly to what the ledger holds.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use cxmpute_core::stats::scope;
-use cxmpute_core::testkit::{Behavior, StandInNode, TestHost, EMBED, MODEL};
+use cxmpute_core::testkit::{Behavior, InstrumentedStore, StandInNode, TestHost, EMBED, MODEL};
 use cxmpute_core::*;
 use serde_json::{json, Value};
 
@@ -335,19 +333,12 @@ async fn stats_routes_check_who_is_asking() {
     assert_eq!(get(&h, "/v1/stats/network", None).await.0, 200);
 }
 
-/// A store whose `record_stats` applies the batch and then reports a failure
-/// once: the broker cannot tell, retries, and must not count twice.
-struct LosesTheAnswer {
-    inner: MemoryStore,
-    failed_once: AtomicBool,
-}
-
 #[tokio::test]
 async fn a_retried_flush_counts_nothing_twice() {
-    let store = Arc::new(LosesTheAnswer {
-        inner: MemoryStore::new(),
-        failed_once: AtomicBool::new(false),
-    });
+    // The store applies the first batch and then reports a failure: the
+    // broker cannot tell, retries, and must not count twice.
+    let store = Arc::new(InstrumentedStore::new());
+    store.lose_next_answer("record_stats");
     let h = TestHost::start(store.clone()).await;
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(10)).await;
@@ -358,7 +349,7 @@ async fn a_retried_flush_counts_nothing_twice() {
         );
     }
     assert!(h.broker.flush_stats().await.is_err());
-    assert!(store.failed_once.load(Ordering::SeqCst));
+    assert_eq!(store.lost_answers(), 1);
     // A call between the failed flush and its retry goes into a new batch.
     assert_eq!(
         status(&h, "/v1/chat/completions", &key, &chat(false), None).await,
@@ -375,173 +366,4 @@ async fn a_retried_flush_counts_nothing_twice() {
     assert_eq!(rows[0].1.requests, 4);
     let (_, me) = get(&h, "/v1/stats/me", Some(&key)).await;
     assert_eq!(n(&me["totals"]["requests"]), 4);
-}
-
-/// Delegates everything to a memory store; see [`LosesTheAnswer`].
-#[async_trait]
-impl Store for LosesTheAnswer {
-    async fn record_stats(&self, batch: &StatsBatch) -> Result<()> {
-        self.inner.record_stats(batch).await?;
-        if !self.failed_once.swap(true, Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                message: "stats (the answer was lost)".into(),
-                source: None,
-            });
-        }
-        Ok(())
-    }
-    async fn create_user(&self, user: &User) -> Result<()> {
-        self.inner.create_user(user).await
-    }
-    async fn user(&self, id: &UserId) -> Result<User> {
-        self.inner.user(id).await
-    }
-    async fn user_by_email(&self, email: &str) -> Result<User> {
-        self.inner.user_by_email(email).await
-    }
-    async fn search_users(&self, q: &str, limit: usize) -> Result<Vec<User>> {
-        self.inner.search_users(q, limit).await
-    }
-    async fn set_user_suspended(&self, id: &UserId, s: Option<Suspension>) -> Result<()> {
-        self.inner.set_user_suspended(id, s).await
-    }
-    async fn grant_credits(&self, g: &CreditGrant) -> Result<Credits> {
-        self.inner.grant_credits(g).await
-    }
-    async fn credit_grants(&self, u: &UserId) -> Result<Vec<CreditGrant>> {
-        self.inner.credit_grants(u).await
-    }
-    async fn create_api_key(&self, k: &ApiKey) -> Result<()> {
-        self.inner.create_api_key(k).await
-    }
-    async fn api_key_by_hash(&self, h: &KeyHash) -> Result<ApiKey> {
-        self.inner.api_key_by_hash(h).await
-    }
-    async fn api_keys(&self, u: &UserId) -> Result<Vec<ApiKey>> {
-        self.inner.api_keys(u).await
-    }
-    async fn update_api_key(&self, id: &ApiKeyId, up: &ApiKeyUpdate) -> Result<ApiKey> {
-        self.inner.update_api_key(id, up).await
-    }
-    async fn revoke_api_key(&self, id: &ApiKeyId, at: Timestamp) -> Result<()> {
-        self.inner.revoke_api_key(id, at).await
-    }
-    async fn create_provider(&self, p: &Provider) -> Result<()> {
-        self.inner.create_provider(p).await
-    }
-    async fn provider(&self, id: &ProviderId) -> Result<Provider> {
-        self.inner.provider(id).await
-    }
-    async fn provider_by_key_hash(&self, h: &KeyHash) -> Result<Provider> {
-        self.inner.provider_by_key_hash(h).await
-    }
-    async fn provider_by_user(&self, u: &UserId) -> Result<Provider> {
-        self.inner.provider_by_user(u).await
-    }
-    async fn rotate_provider_key(&self, id: &ProviderId, h: &KeyHash) -> Result<()> {
-        self.inner.rotate_provider_key(id, h).await
-    }
-    async fn set_provider_suspended(&self, id: &ProviderId, s: Option<Suspension>) -> Result<()> {
-        self.inner.set_provider_suspended(id, s).await
-    }
-    async fn create_provision(&self, p: &Provision, e: &[PoolEntry]) -> Result<()> {
-        self.inner.create_provision(p, e).await
-    }
-    async fn provision(&self, id: &ProvisionId) -> Result<Provision> {
-        self.inner.provision(id).await
-    }
-    async fn provisions_by_provider(&self, p: &ProviderId) -> Result<Vec<Provision>> {
-        self.inner.provisions_by_provider(p).await
-    }
-    async fn provisions(&self) -> Result<Vec<Provision>> {
-        self.inner.provisions().await
-    }
-    async fn update_provision(
-        &self,
-        id: &ProvisionId,
-        st: ProvisionState,
-        ep: Option<String>,
-        e: &[PoolEntry],
-    ) -> Result<()> {
-        self.inner.update_provision(id, st, ep, e).await
-    }
-    async fn heartbeat(&self, id: &ProvisionId, at: Timestamp) -> Result<()> {
-        self.inner.heartbeat(id, at).await
-    }
-    async fn delete_provision(&self, id: &ProvisionId) -> Result<()> {
-        self.inner.delete_provision(id).await
-    }
-    async fn pool_entries(&self) -> Result<Vec<PoolEntry>> {
-        self.inner.pool_entries().await
-    }
-    async fn expire_provisions(&self, before: Timestamp) -> Result<Vec<ProvisionId>> {
-        self.inner.expire_provisions(before).await
-    }
-    async fn reserve(&self, r: &Reservation) -> Result<()> {
-        self.inner.reserve(r).await
-    }
-    async fn settle(&self, s: &Settlement) -> Result<SettleOutcome> {
-        self.inner.settle(s).await
-    }
-    async fn settlement(&self, r: &RequestId) -> Result<UsageRecord> {
-        self.inner.settlement(r).await
-    }
-    async fn release_stale_reservations(&self, before: Timestamp) -> Result<u64> {
-        self.inner.release_stale_reservations(before).await
-    }
-    async fn ledger_totals(&self) -> Result<LedgerTotals> {
-        self.inner.ledger_totals().await
-    }
-    async fn usage_records(&self, u: &UserId, limit: usize) -> Result<Vec<UsageRecord>> {
-        self.inner.usage_records(u, limit).await
-    }
-    async fn prices(&self) -> Result<Vec<PriceEntry>> {
-        self.inner.prices().await
-    }
-    async fn put_price(&self, p: &PriceEntry) -> Result<()> {
-        self.inner.put_price(p).await
-    }
-    async fn issue_login_code(&self, c: &LoginCode, w: Timestamp, m: u32) -> Result<()> {
-        self.inner.issue_login_code(c, w, m).await
-    }
-    async fn verify_login_code(&self, e: &str, h: &KeyHash, now: Timestamp, m: u32) -> Result<()> {
-        self.inner.verify_login_code(e, h, now, m).await
-    }
-    async fn create_refresh_token(&self, t: &RefreshToken) -> Result<()> {
-        self.inner.create_refresh_token(t).await
-    }
-    async fn rotate_refresh_token(
-        &self,
-        old: &KeyHash,
-        next: &RefreshToken,
-        now: Timestamp,
-    ) -> Result<UserId> {
-        self.inner.rotate_refresh_token(old, next, now).await
-    }
-    async fn revoke_token_family(&self, f: &TokenFamilyId) -> Result<()> {
-        self.inner.revoke_token_family(f).await
-    }
-    async fn refresh_token_family(&self, h: &KeyHash) -> Result<TokenFamilyId> {
-        self.inner.refresh_token_family(h).await
-    }
-    async fn put_notification(&self, x: &Notification) -> Result<()> {
-        self.inner.put_notification(x).await
-    }
-    async fn delete_notification(&self, id: &NotificationId) -> Result<()> {
-        self.inner.delete_notification(id).await
-    }
-    async fn notifications(&self) -> Result<Vec<Notification>> {
-        self.inner.notifications().await
-    }
-    async fn stats(&self, s: &str, from: Day, to: Day) -> Result<Vec<(Day, StatsCounters)>> {
-        self.inner.stats(s, from, to).await
-    }
-    async fn stats_by_prefix(
-        &self,
-        p: &str,
-        from: Day,
-        to: Day,
-    ) -> Result<Vec<(String, StatsCounters)>> {
-        self.inner.stats_by_prefix(p, from, to).await
-    }
 }

@@ -25,6 +25,9 @@ use axum::Router;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
+mod instrumented;
+pub use instrumented::InstrumentedStore;
+
 use crate::broker::{Broker, BrokerConfig};
 use crate::clock::ManualClock;
 use crate::http::bearer;

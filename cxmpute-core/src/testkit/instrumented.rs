@@ -1,0 +1,361 @@
+//! [`InstrumentedStore`]: a memory store that counts calls and can lose answers.
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use crate::*;
+
+/// A [`MemoryStore`] with instruments, for tests that watch what the broker
+/// asks of its store: it counts every call by name and can lose the answer
+/// of a call (apply it, then report a failure, as when a connection drops
+/// after the database committed).
+#[derive(Debug, Default)]
+pub struct InstrumentedStore {
+    /// The store that does the work (read it directly to look without counting).
+    pub inner: MemoryStore,
+    calls: Mutex<std::collections::BTreeMap<&'static str, usize>>,
+    /// The call whose next answer is lost, and how many answers were lost.
+    lose: Mutex<(Option<&'static str>, usize)>,
+}
+
+impl InstrumentedStore {
+    /// An empty store with nothing counted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The calls counted since the last take, by name; counting starts again.
+    pub fn take_calls(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        std::mem::take(&mut *self.calls.lock())
+    }
+
+    /// The next successful `call` (a [`Store`] method's name) is applied and
+    /// then answered with [`Error::Unavailable`].
+    pub fn lose_next_answer(&self, call: &'static str) {
+        self.lose.lock().0 = Some(call);
+    }
+
+    /// How many answers were lost so far.
+    pub fn lost_answers(&self) -> usize {
+        self.lose.lock().1
+    }
+
+    async fn call<T>(
+        &self,
+        name: &'static str,
+        work: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        *self.calls.lock().entry(name).or_default() += 1;
+        let answer = work.await?;
+        let mut lose = self.lose.lock();
+        if lose.0 == Some(name) {
+            *lose = (None, lose.1 + 1);
+            return Err(Error::Unavailable {
+                message: format!("{name} (the answer was lost)"),
+                source: None,
+            });
+        }
+        Ok(answer)
+    }
+}
+
+#[async_trait]
+impl Store for InstrumentedStore {
+    async fn create_user(&self, user: &User) -> Result<()> {
+        self.call("create_user", self.inner.create_user(user)).await
+    }
+
+    async fn user(&self, id: &UserId) -> Result<User> {
+        self.call("user", self.inner.user(id)).await
+    }
+
+    async fn user_by_email(&self, email: &str) -> Result<User> {
+        self.call("user_by_email", self.inner.user_by_email(email))
+            .await
+    }
+
+    async fn search_users(&self, query: &str, limit: usize) -> Result<Vec<User>> {
+        self.call("search_users", self.inner.search_users(query, limit))
+            .await
+    }
+
+    async fn set_user_suspended(&self, id: &UserId, suspension: Option<Suspension>) -> Result<()> {
+        self.call(
+            "set_user_suspended",
+            self.inner.set_user_suspended(id, suspension),
+        )
+        .await
+    }
+
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
+        self.call("grant_credits", self.inner.grant_credits(grant))
+            .await
+    }
+
+    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
+        self.call("credit_grants", self.inner.credit_grants(user))
+            .await
+    }
+
+    async fn create_api_key(&self, key: &ApiKey) -> Result<()> {
+        self.call("create_api_key", self.inner.create_api_key(key))
+            .await
+    }
+
+    async fn api_key_by_hash(&self, hash: &KeyHash) -> Result<ApiKey> {
+        self.call("api_key_by_hash", self.inner.api_key_by_hash(hash))
+            .await
+    }
+
+    async fn api_keys(&self, user: &UserId) -> Result<Vec<ApiKey>> {
+        self.call("api_keys", self.inner.api_keys(user)).await
+    }
+
+    async fn update_api_key(&self, id: &ApiKeyId, update: &ApiKeyUpdate) -> Result<ApiKey> {
+        self.call("update_api_key", self.inner.update_api_key(id, update))
+            .await
+    }
+
+    async fn revoke_api_key(&self, id: &ApiKeyId, at: Timestamp) -> Result<()> {
+        self.call("revoke_api_key", self.inner.revoke_api_key(id, at))
+            .await
+    }
+
+    async fn create_provider(&self, provider: &Provider) -> Result<()> {
+        self.call("create_provider", self.inner.create_provider(provider))
+            .await
+    }
+
+    async fn provider(&self, id: &ProviderId) -> Result<Provider> {
+        self.call("provider", self.inner.provider(id)).await
+    }
+
+    async fn provider_by_key_hash(&self, hash: &KeyHash) -> Result<Provider> {
+        self.call(
+            "provider_by_key_hash",
+            self.inner.provider_by_key_hash(hash),
+        )
+        .await
+    }
+
+    async fn provider_by_user(&self, user: &UserId) -> Result<Provider> {
+        self.call("provider_by_user", self.inner.provider_by_user(user))
+            .await
+    }
+
+    async fn rotate_provider_key(&self, id: &ProviderId, new_hash: &KeyHash) -> Result<()> {
+        self.call(
+            "rotate_provider_key",
+            self.inner.rotate_provider_key(id, new_hash),
+        )
+        .await
+    }
+
+    async fn set_provider_suspended(
+        &self,
+        id: &ProviderId,
+        suspension: Option<Suspension>,
+    ) -> Result<()> {
+        self.call(
+            "set_provider_suspended",
+            self.inner.set_provider_suspended(id, suspension),
+        )
+        .await
+    }
+
+    async fn create_provision(&self, provision: &Provision, entries: &[PoolEntry]) -> Result<()> {
+        self.call(
+            "create_provision",
+            self.inner.create_provision(provision, entries),
+        )
+        .await
+    }
+
+    async fn provision(&self, id: &ProvisionId) -> Result<Provision> {
+        self.call("provision", self.inner.provision(id)).await
+    }
+
+    async fn provisions_by_provider(&self, provider: &ProviderId) -> Result<Vec<Provision>> {
+        self.call(
+            "provisions_by_provider",
+            self.inner.provisions_by_provider(provider),
+        )
+        .await
+    }
+
+    async fn provisions(&self) -> Result<Vec<Provision>> {
+        self.call("provisions", self.inner.provisions()).await
+    }
+
+    async fn update_provision(
+        &self,
+        id: &ProvisionId,
+        state: ProvisionState,
+        endpoint: Option<String>,
+        entries: &[PoolEntry],
+    ) -> Result<()> {
+        self.call(
+            "update_provision",
+            self.inner.update_provision(id, state, endpoint, entries),
+        )
+        .await
+    }
+
+    async fn heartbeat(&self, id: &ProvisionId, at: Timestamp) -> Result<()> {
+        self.call("heartbeat", self.inner.heartbeat(id, at)).await
+    }
+
+    async fn delete_provision(&self, id: &ProvisionId) -> Result<()> {
+        self.call("delete_provision", self.inner.delete_provision(id))
+            .await
+    }
+
+    async fn pool_entries(&self) -> Result<Vec<PoolEntry>> {
+        self.call("pool_entries", self.inner.pool_entries()).await
+    }
+
+    async fn expire_provisions(&self, before: Timestamp) -> Result<Vec<ProvisionId>> {
+        self.call("expire_provisions", self.inner.expire_provisions(before))
+            .await
+    }
+
+    async fn reserve(&self, reservation: &Reservation) -> Result<()> {
+        self.call("reserve", self.inner.reserve(reservation)).await
+    }
+
+    async fn settle(&self, settlement: &Settlement) -> Result<SettleOutcome> {
+        self.call("settle", self.inner.settle(settlement)).await
+    }
+
+    async fn settlement(&self, request: &RequestId) -> Result<UsageRecord> {
+        self.call("settlement", self.inner.settlement(request))
+            .await
+    }
+
+    async fn release_stale_reservations(&self, before: Timestamp) -> Result<u64> {
+        self.call(
+            "release_stale_reservations",
+            self.inner.release_stale_reservations(before),
+        )
+        .await
+    }
+
+    async fn ledger_totals(&self) -> Result<LedgerTotals> {
+        self.call("ledger_totals", self.inner.ledger_totals()).await
+    }
+
+    async fn usage_records(&self, user: &UserId, limit: usize) -> Result<Vec<UsageRecord>> {
+        self.call("usage_records", self.inner.usage_records(user, limit))
+            .await
+    }
+
+    async fn prices(&self) -> Result<Vec<PriceEntry>> {
+        self.call("prices", self.inner.prices()).await
+    }
+
+    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
+        self.call("put_price", self.inner.put_price(price)).await
+    }
+
+    async fn issue_login_code(
+        &self,
+        code: &LoginCode,
+        window_start: Timestamp,
+        max_per_window: u32,
+    ) -> Result<()> {
+        self.call(
+            "issue_login_code",
+            self.inner
+                .issue_login_code(code, window_start, max_per_window),
+        )
+        .await
+    }
+
+    async fn verify_login_code(
+        &self,
+        email: &str,
+        code_hash: &KeyHash,
+        now: Timestamp,
+        max_attempts: u32,
+    ) -> Result<()> {
+        self.call(
+            "verify_login_code",
+            self.inner
+                .verify_login_code(email, code_hash, now, max_attempts),
+        )
+        .await
+    }
+
+    async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
+        self.call(
+            "create_refresh_token",
+            self.inner.create_refresh_token(token),
+        )
+        .await
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        old: &KeyHash,
+        next: &RefreshToken,
+        now: Timestamp,
+    ) -> Result<UserId> {
+        self.call(
+            "rotate_refresh_token",
+            self.inner.rotate_refresh_token(old, next, now),
+        )
+        .await
+    }
+
+    async fn revoke_token_family(&self, family: &TokenFamilyId) -> Result<()> {
+        self.call(
+            "revoke_token_family",
+            self.inner.revoke_token_family(family),
+        )
+        .await
+    }
+
+    async fn refresh_token_family(&self, hash: &KeyHash) -> Result<TokenFamilyId> {
+        self.call(
+            "refresh_token_family",
+            self.inner.refresh_token_family(hash),
+        )
+        .await
+    }
+
+    async fn put_notification(&self, n: &Notification) -> Result<()> {
+        self.call("put_notification", self.inner.put_notification(n))
+            .await
+    }
+
+    async fn delete_notification(&self, id: &NotificationId) -> Result<()> {
+        self.call("delete_notification", self.inner.delete_notification(id))
+            .await
+    }
+
+    async fn notifications(&self) -> Result<Vec<Notification>> {
+        self.call("notifications", self.inner.notifications()).await
+    }
+
+    async fn record_stats(&self, batch: &StatsBatch) -> Result<()> {
+        self.call("record_stats", self.inner.record_stats(batch))
+            .await
+    }
+
+    async fn stats(&self, scope: &str, from: Day, to: Day) -> Result<Vec<(Day, StatsCounters)>> {
+        self.call("stats", self.inner.stats(scope, from, to)).await
+    }
+
+    async fn stats_by_prefix(
+        &self,
+        prefix: &str,
+        from: Day,
+        to: Day,
+    ) -> Result<Vec<(String, StatsCounters)>> {
+        self.call(
+            "stats_by_prefix",
+            self.inner.stats_by_prefix(prefix, from, to),
+        )
+        .await
+    }
+}
