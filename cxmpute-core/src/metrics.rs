@@ -260,12 +260,11 @@ impl Metrics {
     pub fn render(&self, broker: &Broker) -> String {
         let pools = broker.pools();
         let summary = pools.summary();
-        let ids = pools.node_ids();
+        let provisions = pools.provisions();
         let mut breakers = [0u64; 3];
-        for id in &ids {
-            if let Some(s) = pools.stats(id) {
-                breakers[usize::from(s.health().state().as_u8())] += 1;
-            }
+        // One index read for all nodes; a provision's entries share its breaker.
+        for nodes in &provisions {
+            breakers[usize::from(nodes[0].stats.health().state().as_u8())] += 1;
         }
         {
             let mut seen = self.pools_seen.lock();
@@ -284,7 +283,7 @@ impl Metrics {
                 for (state, n) in BreakerState::ALL.into_iter().zip(breakers) {
                     gauge!("cxmpute_circuit_breakers", "state" => state.as_str()).set(n as f64);
                 }
-                gauge!("cxmpute_nodes").set(ids.len() as f64);
+                gauge!("cxmpute_nodes").set(provisions.len() as f64);
                 gauge!("cxmpute_stats_unsent_batches")
                     .set(broker.stats_recorder().unsent_batches() as f64);
             });
