@@ -81,6 +81,8 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+log "cargo doc (broken doc links fail the run)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps
 log "cargo test"
 cargo test --workspace --all-features --all-targets
 log "doc tests"

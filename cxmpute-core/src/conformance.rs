@@ -1,6 +1,7 @@
 //! The store conformance suite: what every [`Store`] must do, as async
-//! functions over `Arc<dyn Store>`, and [`store_conformance_tests!`] to stamp
-//! them into `#[tokio::test]`s.
+//! functions over `Arc<dyn Store>`, and
+//! [`store_conformance_tests!`](crate::store_conformance_tests) to stamp them
+//! into `#[tokio::test]`s.
 //!
 //! ```ignore
 //! // tests/conformance.rs of a store crate (needs tokio with `macros` and
