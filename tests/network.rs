@@ -25,6 +25,13 @@ async fn host_with(f: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> TestHost {
     h
 }
 
+/// The status of a chat call to `model` with `key`.
+async fn chat_status(h: &TestHost, key: &Secret, model: &str) -> reqwest::StatusCode {
+    h.post("/v1/chat/completions", key, &chat(model))
+        .await
+        .status()
+}
+
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
 }
@@ -188,12 +195,7 @@ async fn lifecycle_register_start_ready_heartbeat_end_delete_over_http() {
     );
 
     // It serves both pools, with the node secret.
-    assert_eq!(
-        h.post("/v1/chat/completions", &user, &chat(&first))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&h, &user, &first).await, 200);
     let emb = json!({"model": "nomic-embed-text", "input": "hello"});
     assert_eq!(h.post("/v1/embeddings", &user, &emb).await.status(), 200);
     assert_eq!(node.hits(), 2);
@@ -229,12 +231,7 @@ async fn lifecycle_register_start_ready_heartbeat_end_delete_over_http() {
         a.post(&format!("{path}/ready"), Some(ready)).await.status(),
         200
     );
-    assert_eq!(
-        h.post("/v1/chat/completions", &user, &chat(&first))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&h, &user, &first).await, 200);
 
     // Delete: gone from every pool and from the store.
     assert_eq!(a.delete(&path).await.status(), 204);
@@ -390,12 +387,7 @@ async fn a_node_that_stops_heartbeating_leaves_routing_after_the_ttl_and_returns
     h.clock.advance(Duration::from_secs(30));
     h.broker.run_maintenance().await.unwrap();
     assert!(h.broker.pools().is_healthy(&id));
-    assert_eq!(
-        h.post("/v1/chat/completions", &user, &chat(MODEL))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     // One millisecond more: out, and ended in the store.
     h.clock.advance(Duration::from_millis(1));
     h.broker.run_maintenance().await.unwrap();
@@ -431,12 +423,7 @@ async fn a_node_that_stops_heartbeating_leaves_routing_after_the_ttl_and_returns
     h.clock.advance(Duration::from_secs(25));
     h.broker.run_maintenance().await.unwrap();
     assert!(h.broker.pools().is_healthy(&id));
-    assert_eq!(
-        h.post("/v1/chat/completions", &user, &chat(MODEL))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     assert_eq!(node.hits(), 2);
 }
 
@@ -475,12 +462,7 @@ async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on
     assert_eq!(r.ejected, vec![id.clone()], "two in a row take it out");
     assert_eq!(breaker(&h, &id), BreakerState::Open);
     for _ in 0..4 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert_eq!(flaky.hits(), 0, "no traffic while out");
 
@@ -495,12 +477,7 @@ async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on
     assert_eq!(breaker(&h, &id), BreakerState::HalfOpen);
     // On trial: two forwarded successes close it.
     for _ in 0..6 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert_eq!(flaky.hits(), 3, "round robin over two nodes");
     assert_eq!(breaker(&h, &id), BreakerState::Closed);
@@ -537,12 +514,7 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
     // Every call succeeds (failover); the bad node is out after its third
     // failure, the minimum sample, with no health check on the request path.
     for _ in 0..20 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
         if !h.broker.pools().is_healthy(&id) {
             break;
         }
@@ -550,12 +522,7 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
     assert!(!h.broker.pools().is_healthy(&id));
     assert_eq!(bad.hits(), 3);
     for _ in 0..5 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert_eq!(bad.hits(), 3, "no traffic while out");
 
@@ -570,12 +537,7 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
         vec![id.clone()]
     );
     for _ in 0..4 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert_eq!(bad.hits(), 5);
     assert_eq!(breaker(&h, &id), BreakerState::Closed);
@@ -611,12 +573,7 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
     let id = h.add_node(&p, &busy, Service::Chat, MODEL).await;
     let (_, user) = h.user(Credits::whole(1)).await;
     for _ in 0..2 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert_eq!(busy.hits(), 1);
     assert!(
@@ -634,12 +591,7 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
         vec![id.clone()]
     );
     for _ in 0..2 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert_eq!(busy.hits(), 2);
 }
@@ -704,12 +656,7 @@ async fn the_default_selector_avoids_a_slow_node_end_to_end() {
     }
     let (_, user) = h.user(Credits::whole(10)).await;
     for _ in 0..40 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert!(slow.hits() <= 3, "slow node got {} of 40", slow.hits());
     assert_eq!(slow.hits() + fast1.hits() + fast2.hits(), 40);
@@ -923,12 +870,7 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
     failing.set(Behavior::Status(500));
     let (_, user) = h.user(Credits::whole(1)).await;
     for _ in 0..3 {
-        assert_eq!(
-            h.post("/v1/chat/completions", &user, &chat(MODEL))
-                .await
-                .status(),
-            200
-        );
+        assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert_eq!(h.earnings(&p.id).await, Credits(3 * 714));
     assert_eq!(
@@ -948,12 +890,7 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
         .unwrap();
     let (_node, p, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (u, user) = h.user(Credits::whole(10)).await;
-    assert_eq!(
-        h.post("/v1/chat/completions", &user, &chat(MODEL))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     let usage = h.last_usage(&u.id).await;
     // (35,000 × 1.2 + 15 tokens × 70) × latency factor.
     let factor = TieredReward::latency_permille(usage.latency_ms) as i64;
@@ -965,11 +902,6 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
     let h = host_with(|b| b.reward_policy(Arc::new(FlatReward(Credits(5_000))))).await;
     let (_node, p, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (_, user) = h.user(Credits::whole(1)).await;
-    assert_eq!(
-        h.post("/v1/chat/completions", &user, &chat(MODEL))
-            .await
-            .status(),
-        200
-    );
+    assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     assert_eq!(h.earnings(&p.id).await, Credits(1_020));
 }
