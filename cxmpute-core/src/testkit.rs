@@ -415,6 +415,9 @@ pub struct TestHost {
     pub clock: ManualClock,
     /// An admin API key.
     pub admin_key: Secret,
+    /// Users made by [`TestHost::user`] with the credits they started with,
+    /// for [`TestHost::assert_ledger`].
+    users: Mutex<Vec<(UserId, Credits)>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -484,6 +487,7 @@ impl TestHost {
             url: format!("http://{addr}"),
             clock,
             admin_key,
+            users: Mutex::new(Vec::new()),
             task,
         }
     }
@@ -539,6 +543,7 @@ impl TestHost {
             .create_user(&email, credits, false)
             .await
             .expect("create user");
+        self.users.lock().push((u.id.clone(), credits));
         (u, secret)
     }
 
@@ -608,6 +613,63 @@ impl TestHost {
         let totals = self.broker.store().ledger_totals().await;
         let settlements = totals.expect("ledger totals").settlements;
         assert!(settlements >= n, "{n} settlements never arrived");
+    }
+
+    /// Checks that the money adds up once every call has settled: nothing is
+    /// held; for each user made by [`TestHost::user`], what it started with
+    /// plus its grants minus its balance is what its usage records charged;
+    /// for each provider those records name, its earnings are what they
+    /// rewarded; the store's totals agree (charged = rewarded + platform).
+    pub async fn assert_ledger(&self) {
+        let store = self.broker.store();
+        let totals = store.ledger_totals().await.expect("ledger totals");
+        assert_eq!(totals.reserved, Credits::ZERO, "credits are still held");
+        let users = self.users.lock().clone();
+        let mut rewards: std::collections::BTreeMap<ProviderId, Credits> = Default::default();
+        let mut charged = Credits::ZERO;
+        for (user, start) in &users {
+            let granted: Credits = store
+                .credit_grants(user)
+                .await
+                .expect("grants")
+                .iter()
+                .fold(*start, |sum, g| sum.saturating_add(g.amount));
+            let balance = self.balance(user).await;
+            let records = store.usage_records(user, 1_000_000).await.expect("usage");
+            let spent = records
+                .iter()
+                .fold(Credits::ZERO, |s, r| s.saturating_add(r.charged));
+            assert_eq!(
+                granted.saturating_sub(balance),
+                spent,
+                "user {user}: granted {granted:?}, balance {balance:?}, charged {spent:?}"
+            );
+            charged = charged.saturating_add(spent);
+            for r in &records {
+                if let Some(p) = &r.provider_id {
+                    let e = rewards.entry(p.clone()).or_insert(Credits::ZERO);
+                    *e = e.saturating_add(r.reward);
+                }
+            }
+        }
+        for (provider, rewarded) in &rewards {
+            assert_eq!(
+                self.earnings(provider).await,
+                *rewarded,
+                "provider {provider}"
+            );
+        }
+        let rewarded = rewards
+            .values()
+            .fold(Credits::ZERO, |s, r| s.saturating_add(*r));
+        // When this host's users made every charge, they also made every reward.
+        if charged == totals.charged {
+            assert_eq!(totals.rewarded, rewarded, "the store's rewarded total");
+        }
+        assert!(
+            totals.rewarded <= totals.charged,
+            "rewarded more than charged"
+        );
     }
 
     /// Registers a node at `url` (which may be dead), serving `model` for `service`.
