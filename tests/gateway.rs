@@ -491,7 +491,7 @@ async fn a_client_going_away_cancels_the_upstream_call_and_pays_for_what_was_del
 }
 
 #[tokio::test]
-async fn a_node_refusing_the_request_itself_is_a_400_with_its_reason_and_costs_nothing() {
+async fn a_lone_node_refusing_the_request_is_a_400_in_the_brokers_words_and_costs_nothing() {
     let h = host().await;
     let (node, p, id) = h.stand_in("strict", Service::Chat, MODEL).await;
     node.set(Behavior::Status(400));
@@ -502,17 +502,18 @@ async fn a_node_refusing_the_request_itself_is_a_400_with_its_reason_and_costs_n
     assert_eq!(r.status(), 400);
     let e: ErrorBody = r.json().await.unwrap();
     assert!(
-        e.error.message.contains("scripted failure"),
-        "{}",
+        !e.error.message.contains("scripted failure"),
+        "a node's words reached the caller: {}",
         e.error.message
     );
-    assert_eq!(node.hits(), 1, "a refusal is not retried");
+    assert_eq!(node.hits(), 1, "no other node to confirm it with");
     assert!(
         h.broker.pools().is_healthy(&id),
-        "a refusal is not the node's failure"
+        "an unconfirmed refusal is not the node's failure"
     );
     assert_eq!(h.balance(&u.id).await, Credits::whole(1));
     assert_eq!(h.earnings(&p.id).await, Credits::ZERO);
+    h.assert_ledger().await;
 }
 
 #[tokio::test]

@@ -659,7 +659,9 @@ async fn the_default_selector_avoids_a_slow_node_end_to_end() {
         assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert!(slow.hits() <= 3, "slow node got {} of 40", slow.hits());
-    assert_eq!(slow.hits() + fast1.hits() + fast2.hits(), 40);
+    // A call to the slow node is hedged on a fast one, so a call may reach two nodes.
+    let hits = slow.hits() + fast1.hits() + fast2.hits();
+    assert!((40..=40 + slow.hits()).contains(&hits), "{hits} hits");
 }
 
 #[test]

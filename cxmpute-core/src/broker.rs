@@ -4,9 +4,11 @@
 //! 2. **Admit**: validate the body, price its upper bounds, reserve that much
 //!    of the user's credits and the key's limit in one atomic store write.
 //! 3. **Select** a node from the in-memory pool index (no store read).
-//! 4. **Forward** with connect, first-byte and idle timeouts; before the first
-//!    byte reaches the client a failed node is marked and another is tried.
-//! 5. **Stream** bytes through as they arrive, metering usage on the way.
+//! 4. **Forward** with adaptive timeouts and a hedged second attempt;
+//!    before the first byte reaches the client a failed node is marked and
+//!    another is tried.
+//! 5. **Stream** bytes through as they arrive, metering usage on the way,
+//!    within bounds on bytes, time, output and the caller's reading speed.
 //! 6. **Settle** in one atomic store write: charge the metered cost, release
 //!    the rest, reward the provider, record usage. Failures cost nothing.
 //! 7. **Record** statistics off the request path, in batches.
@@ -23,39 +25,74 @@
 //!
 //! * Success: the full price of the metered usage; the provider earns what
 //!   the [`RewardPolicy`] gives (at most the charge).
-//! * Failure before the answer starts (every attempt failed, no node):
-//!   nothing is charged and nothing rewarded.
-//! * A stream cut by the node after the first byte: the stream ends with an
-//!   explicit error event; the user pays for the input and the output tokens
-//!   delivered, without the per-request fee; the provider earns nothing.
-//! * The client going away mid-stream: the upstream call is cancelled; the
-//!   user pays for what was delivered, including the per-request fee, and the
-//!   provider earns its reward, since it did nothing wrong.
+//! * Failure before the answer starts (every attempt failed, no node, the
+//!   nodes refused the request): nothing is charged and nothing rewarded.
+//! * A stream cut by the node after the first byte (it broke, stalled, sent
+//!   garbage, more output than reserved, more bytes than
+//!   [`BrokerConfig::max_response_bytes`], or ran past
+//!   [`BrokerConfig::max_stream_duration`]): the stream ends with an
+//!   explicit error event; the user pays for the input (as the broker counts
+//!   it) and the output chunks delivered, without the per-request fee; the
+//!   provider earns nothing. A node's usage claim is not believed for a
+//!   stream it did not finish.
+//! * The client going away mid-stream, or reading so slowly that a chunk
+//!   waits [`BrokerConfig::client_send_timeout`]: the upstream call is
+//!   cancelled; the user pays for what was passed on, including the
+//!   per-request fee, and the provider earns its reward, since it did
+//!   nothing wrong.
+//! * The client going away before a non-streamed answer: the call runs to
+//!   its end on the node (each call runs in a task of its own) and is
+//!   charged and rewarded as if it had been read, as OpenAI charges a
+//!   completion whose client left. No hold is ever left to the
+//!   stale-reservation sweep by a caller.
+//!
+//! ## Nodes are strangers
+//!
+//! * Every wait adapts to what the pool usually takes (an EWMA of
+//!   successes per service, model and phase): an attempt times out after
+//!   [`BrokerConfig::adaptive_timeout_multiple`] times that, within
+//!   [`BrokerConfig::adaptive_timeout_floor`] and the configured ceilings
+//!   ([`BrokerConfig::first_byte_timeout`], and the shorter
+//!   [`BrokerConfig::stream_header_timeout`] for a stream's headers, which
+//!   servers send before prefill). A slow model's long prefill is not a
+//!   hang; a node suddenly twenty times slower than usual is.
+//! * An attempt still waiting for its response headers after
+//!   [`BrokerConfig::hedge_multiple`] times the usual is hedged: a second
+//!   attempt starts on another node and the first answer wins. The loser is
+//!   judged in the background until its own timeout, so a hung node is
+//!   found and ejected at its first timeout while no caller waits for it.
+//!   Meanwhile its latency estimate rises to the time it has been waiting:
+//!   a call in flight longer than usual counts as that slow.
+//! * A timeout takes the node out of routing at once (the circuit breaker
+//!   opens); other failures count toward the breaker's failure rate.
+//! * A node's refusal (400/413/422) is confirmed on another node. If another
+//!   node serves the call, each refusal counts as the refusing node's
+//!   failure; if every node tried refuses, the caller gets a 400 in the
+//!   broker's own words. A node's words (error texts, error events,
+//!   comments) never reach a caller, and neither does a node's address.
+//! * The HTTP client takes no proxy from the environment, so every node
+//!   address passes the egress guard's resolver.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
-use futures::StreamExt;
-use tokio::sync::mpsc;
-use tracing::Instrument;
 
 use crate::accounts::{normalize_email, AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
-use crate::egress::{self, CappedReadError, EgressPolicy};
+use crate::egress::{self, EgressPolicy};
 use crate::error::{Error, Result};
-use crate::health::{self, HealthConfig, HealthReport, Outcome};
+use crate::health::{self, HealthConfig, HealthReport};
 use crate::mail::{ConsoleMailer, Mailer};
-use crate::metrics::{AttemptOutcome, Metrics};
+use crate::metrics::Metrics;
 use crate::network::NetworkConfig;
-use crate::pool::{Node, PoolIndex, RoutePreferences};
-use crate::pricing::{default_prices, Meter, PriceTable};
-use crate::reward::{FlatReward, RewardContext, RewardPolicy};
+use crate::pool::{PoolIndex, RoutePreferences};
+use crate::pricing::{default_prices, PriceTable};
+use crate::reward::{FlatReward, RewardPolicy};
 use crate::secret::Secret;
 use crate::select::{PeakEwmaSelector, ProvisionSelector};
-use crate::services::{self, AnswerKind, Prepared};
-use crate::sse::ChatStreamMeter;
+use crate::services;
 use crate::stats::StatsRecorder;
 use crate::store::Store;
 use crate::types::*;
@@ -67,16 +104,42 @@ use crate::wire::*;
 pub struct BrokerConfig {
     /// Largest request body accepted (413 above it).
     pub max_body_bytes: usize,
-    /// Largest non-streamed answer accepted from a node.
+    /// Largest answer accepted from a node: a whole JSON answer, or all the
+    /// bytes of a stream together. Going over it is a node failure.
     pub max_response_bytes: usize,
     /// Nodes tried per request before giving up.
     pub max_attempts: usize,
     /// TCP connect timeout to a node.
     pub connect_timeout: Duration,
-    /// From sending the request to the node's first response bytes.
+    /// The longest wait for a node's first response bytes: the ceiling of
+    /// the adaptive wait (see the module docs) for a non-streamed answer
+    /// and for a stream's first chunk.
     pub first_byte_timeout: Duration,
+    /// The ceiling of the adaptive wait for a streamed call's response
+    /// headers, which model servers send before they start generating.
+    pub stream_header_timeout: Duration,
+    /// An attempt waiting this many times what its pool usually takes is a
+    /// hang: it times out and its node leaves routing.
+    pub adaptive_timeout_multiple: u32,
+    /// The adaptive wait is never shorter than this.
+    pub adaptive_timeout_floor: Duration,
+    /// A second attempt starts on another node once the first has waited
+    /// this many times what its pool usually takes for the response headers
+    /// (0: never hedge).
+    pub hedge_multiple: u32,
+    /// The hedge never starts sooner than this.
+    pub hedge_floor: Duration,
+    /// When the hedge starts while the pool has no measurement yet.
+    pub hedge_unmeasured: Duration,
     /// Longest silence between two chunks of an answer.
     pub idle_timeout: Duration,
+    /// The longest a stream may run. Kept well below `reservation_ttl`, so a
+    /// stream always settles before its hold could be swept.
+    pub max_stream_duration: Duration,
+    /// The longest one chunk may wait for a caller to read the ones before
+    /// it; a caller slower than this is treated as gone and pays for what
+    /// was passed on.
+    pub client_send_timeout: Duration,
     /// `max_tokens` sent to the node when the caller gave none (and reserved for).
     pub default_max_tokens: u32,
     /// A node not heard from for this long leaves routing.
@@ -101,7 +164,15 @@ impl Default for BrokerConfig {
             max_attempts: 3,
             connect_timeout: Duration::from_secs(3),
             first_byte_timeout: Duration::from_secs(60),
+            stream_header_timeout: Duration::from_secs(10),
+            adaptive_timeout_multiple: 20,
+            adaptive_timeout_floor: Duration::from_secs(2),
+            hedge_multiple: 4,
+            hedge_floor: Duration::from_millis(50),
+            hedge_unmeasured: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(30),
+            max_stream_duration: Duration::from_secs(10 * 60),
+            client_send_timeout: Duration::from_secs(30),
             default_max_tokens: 4096,
             heartbeat_ttl: Duration::from_secs(90),
             reservation_ttl: Duration::from_secs(30 * 60),
@@ -114,6 +185,31 @@ impl Default for BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// Refuses settings that would break the money rules: a call must always
+    /// settle before the stale-reservation sweep could release its hold.
+    fn check(&self) -> Result<()> {
+        let attempts = u32::try_from(self.max_attempts).unwrap_or(u32::MAX);
+        let longest = self
+            .first_byte_timeout
+            .saturating_mul(attempts.saturating_add(1))
+            .saturating_add(self.max_stream_duration)
+            .saturating_add(self.client_send_timeout)
+            .saturating_add(self.idle_timeout);
+        if longest >= self.reservation_ttl {
+            return Err(Error::InvalidInput(format!(
+                "a call may last {longest:?} (first-byte timeouts, stream duration, send \
+                 timeout), not below reservation_ttl ({:?})",
+                self.reservation_ttl
+            )));
+        }
+        if self.max_attempts == 0 {
+            return Err(Error::InvalidInput(
+                "max_attempts must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Allows loopback and private node endpoints (tests, private clusters).
     pub fn allow_private_endpoints(mut self) -> Self {
         self.egress = EgressPolicy::AllowPrivate;
@@ -123,12 +219,12 @@ impl BrokerConfig {
 
 /// Builds a [`Broker`] from its parts; everything but the store has a default.
 pub struct BrokerBuilder {
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    selector: Arc<dyn ProvisionSelector>,
-    rewards: Arc<dyn RewardPolicy>,
-    mailer: Arc<dyn Mailer>,
-    config: BrokerConfig,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) selector: Arc<dyn ProvisionSelector>,
+    pub(crate) rewards: Arc<dyn RewardPolicy>,
+    pub(crate) mailer: Arc<dyn Mailer>,
+    pub(crate) config: BrokerConfig,
     default_prices: Vec<PriceEntry>,
 }
 
@@ -191,7 +287,11 @@ impl BrokerBuilder {
 
     /// Loads prices and pools from the store and returns the broker.
     pub async fn build(self) -> Result<Broker> {
+        self.config.check()?;
         let http = reqwest::Client::builder()
+            // No proxy from the environment (`HTTP(S)_PROXY`): a proxy would
+            // resolve node names itself, around the guarded resolver below.
+            .no_proxy()
             // Node endpoints were checked when they registered; this checks
             // every later resolution too, so DNS cannot re-point one.
             .dns_resolver(Arc::new(egress::GuardedResolver(self.config.egress)))
@@ -216,6 +316,7 @@ impl BrokerBuilder {
             mailer: self.mailer,
             config: self.config,
             http,
+            usual: Default::default(),
         };
         let broker = Broker {
             inner: Arc::new(inner),
@@ -225,19 +326,22 @@ impl BrokerBuilder {
     }
 }
 
-struct Inner {
-    auth: AuthState,
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    selector: Arc<dyn ProvisionSelector>,
-    rewards: Arc<dyn RewardPolicy>,
-    mailer: Arc<dyn Mailer>,
-    config: BrokerConfig,
-    prices: PriceTable,
-    pools: PoolIndex,
-    stats: StatsRecorder,
-    metrics: Metrics,
-    http: reqwest::Client,
+/// What every clone of a [`Broker`] shares.
+pub(crate) struct Inner {
+    pub(crate) auth: AuthState,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) selector: Arc<dyn ProvisionSelector>,
+    pub(crate) rewards: Arc<dyn RewardPolicy>,
+    pub(crate) mailer: Arc<dyn Mailer>,
+    pub(crate) config: BrokerConfig,
+    pub(crate) prices: PriceTable,
+    pub(crate) pools: PoolIndex,
+    pub(crate) stats: StatsRecorder,
+    pub(crate) metrics: Metrics,
+    pub(crate) http: reqwest::Client,
+    /// How long each pool usually takes to answer (adaptive timeouts, hedging).
+    pub(crate) usual: crate::gateway::UsualDurations,
 }
 
 /// The marketplace broker. Cheap to clone: clones share everything.
@@ -312,24 +416,12 @@ impl std::fmt::Debug for GatewayResponse {
     }
 }
 
-/// Why one attempt on one node failed.
-#[derive(Debug)]
-enum AttemptError {
-    Timeout(String),
-    Failed(String),
-    /// The node said it is busy (429/503) and when to come back.
-    Busy(String, Duration),
-    /// The node refused the request itself (400/413/422 with an OpenAI error
-    /// message): another node would refuse it too, so it is not retried.
-    Rejected(String),
-}
-
-enum Answer {
-    Complete(Bytes, Meter),
-    Stream(Bytes, Box<StreamStart>),
-}
-
 impl Broker {
+    /// Everything the clones share, for the broker's own modules.
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
     /// A builder around a store.
     pub fn builder(store: Arc<dyn Store>) -> BrokerBuilder {
         BrokerBuilder {
@@ -428,6 +520,8 @@ impl Broker {
             .release_stale_reservations(now.minus(self.inner.config.reservation_ttl))
             .await?;
         self.record_network_snapshot();
+        let pools = &self.inner.pools;
+        self.inner.usual.retain(|s, m| pools.is_offered(s, m));
         self.inner.metrics.upkeep();
         self.flush_stats().await
     }
@@ -438,22 +532,6 @@ impl Broker {
     pub async fn run_health_checks(&self) -> HealthReport {
         let i = &self.inner;
         health::run_health_checks(&i.config.health, &i.pools, &i.http, i.clock.as_ref()).await
-    }
-
-    /// Records one forwarded attempt that started at `t0`: its latency and
-    /// success on the node's load, its outcome on the node's circuit breaker.
-    fn attempt_done(&self, node: &Node, t0: Instant, outcome: Outcome) {
-        node.observe(elapsed_us(t0), matches!(outcome, Outcome::Success));
-        let i = &self.inner;
-        let now = i.clock.now();
-        if let Some(t) = health::record_forwarding(&i.config.health, &i.pools, node, now, outcome) {
-            tracing::info!(provision = %node.entry.provision_id, transition = ?t, "circuit breaker");
-            i.metrics.breaker_transition(match t {
-                health::Transition::Opened(_) => health::BreakerState::Open,
-                health::Transition::HalfOpened => health::BreakerState::HalfOpen,
-                health::Transition::Closed => health::BreakerState::Closed,
-            });
-        }
     }
 
     /// Writes the statistics collected so far.
@@ -897,98 +975,6 @@ impl Broker {
             data,
         }
     }
-
-    // ---- the gateway pipeline --------------------------------------------------
-
-    /// Runs one gateway call through the whole pipeline.
-    pub async fn handle(&self, req: GatewayRequest) -> Result<GatewayResponse> {
-        let started = Instant::now();
-        // 1. Authenticate.
-        let key = self.authenticate_key(req.api_key.as_ref()).await?;
-        if !key.permits(req.route) {
-            return Err(Error::Forbidden(format!(
-                "this API key may not call {}",
-                req.route
-            )));
-        }
-        // 2. Admit: validate and price.
-        if req.body.len() > self.inner.config.max_body_bytes {
-            return Err(Error::PayloadTooLarge(format!(
-                "request body is larger than {} bytes",
-                self.inner.config.max_body_bytes
-            )));
-        }
-        let prep = services::prepare(&self.inner.config, req.route, &req.body)?;
-        tracing::Span::current().record("model", prep.model.as_str());
-        if !self
-            .inner
-            .pools
-            .is_offered(prep.route.service(), &prep.model)
-        {
-            return Err(Error::NotFound(format!("model `{}`", prep.model)));
-        }
-        let price = self.inner.prices.get(prep.route.service(), &prep.model);
-        let amount = price.cost(prep.bound);
-        let reservation = Reservation {
-            request_id: RequestId::generate(),
-            user_id: key.user_id.clone(),
-            key_id: key.id.clone(),
-            route: req.route,
-            amount,
-            created_at: self.now(),
-        };
-        self.inner.store.reserve(&reservation).await?;
-        tracing::Span::current().record("request_id", reservation.request_id.as_str());
-        let ctx = CallContext {
-            broker: self.clone(),
-            reservation,
-            prep,
-            price,
-            app: req.app,
-            preferences: req.preferences,
-            started,
-        };
-        // 3-6.
-        ctx.run().await
-    }
-
-    // ---- settle ----------------------------------------------------------------
-
-    async fn settle(&self, r: &Reservation, st: Settlement) {
-        let mut delay = Duration::from_millis(50);
-        for attempt in 1..=5 {
-            match self.inner.store.settle(&st).await {
-                Ok(_) => {
-                    // Stats see exactly what the store kept.
-                    let u = crate::store_support::SettlePlan::new(r, &st).usage;
-                    self.inner.stats.record(&u);
-                    self.inner.metrics.settled(&u);
-                    let outcome = if u.success { "success" } else { "failure" };
-                    tracing::Span::current().record("outcome", outcome);
-                    tracing::info!(
-                        outcome,
-                        latency_ms = u.latency_ms,
-                        input_tokens = u.input_tokens,
-                        output_tokens = u.output_tokens,
-                        charged = u.charged.0,
-                        "request settled"
-                    );
-                    return;
-                }
-                Err(e) if e.is_retryable() && attempt < 5 => {
-                    tracing::warn!(error = %e, request = %st.request_id, "settle failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => {
-                    // The reservation stays; the stale-reservation sweep releases it,
-                    // so the user is never charged for an unrecorded request.
-                    tracing::error!(error = %e, request = %st.request_id, "settle failed");
-                    return;
-                }
-            }
-        }
-    }
 }
 
 /// The pool entries of a node for the (service, model) pairs it serves.
@@ -1017,408 +1003,4 @@ pub fn pool_entries_for(p: &Provision, services: &[ServedModel]) -> Result<Vec<P
         }
     }
     Ok(out)
-}
-
-/// One admitted request on its way through selection, forwarding and settling.
-struct CallContext {
-    broker: Broker,
-    reservation: Reservation,
-    prep: Prepared,
-    price: Arc<PriceEntry>,
-    app: Option<String>,
-    preferences: RoutePreferences,
-    started: Instant,
-}
-
-impl CallContext {
-    async fn run(self) -> Result<GatewayResponse> {
-        let b = self.broker.inner.clone();
-        let mut tried: Vec<ProvisionId> = Vec::new();
-        let mut last: Option<AttemptError> = None;
-        for attempt in 1..=b.config.max_attempts {
-            let Some(node) = b.pools.select_with(
-                self.prep.route.service(),
-                &self.prep.model,
-                b.selector.as_ref(),
-                &tried,
-                &self.preferences,
-            ) else {
-                break;
-            };
-            tried.push(node.entry.provision_id.clone());
-            if attempt > 1 {
-                b.metrics.failover(self.reservation.route);
-            }
-            tracing::Span::current().record("node", node.entry.provision_id.as_str());
-            tracing::Span::current().record("attempts", attempt);
-            let span = tracing::debug_span!("attempt", attempt, node = %node.entry.provision_id);
-            let t0 = Instant::now();
-            let in_flight = node.start();
-            let result = self.attempt(&node).instrument(span).await;
-            b.metrics.attempt(
-                self.prep.route.service(),
-                match &result {
-                    Ok(_) => AttemptOutcome::Success,
-                    Err(AttemptError::Timeout(_)) => AttemptOutcome::Timeout,
-                    Err(AttemptError::Busy(..)) => AttemptOutcome::Busy,
-                    Err(AttemptError::Failed(_)) => AttemptOutcome::Failure,
-                    // The node is fine; the request was not.
-                    Err(AttemptError::Rejected(_)) => AttemptOutcome::Success,
-                },
-            );
-            match result {
-                Ok(Answer::Complete(body, meter)) => {
-                    self.broker.attempt_done(&node, t0, Outcome::Success);
-                    drop(in_flight);
-                    let charged = self.price.cost(meter);
-                    let st = self.settlement(Some(&node), meter, charged, true);
-                    self.broker.settle(&self.reservation, st).await;
-                    let content_type = "application/json".to_owned();
-                    return Ok(GatewayResponse::Complete { content_type, body });
-                }
-                Ok(Answer::Stream(first, start)) => {
-                    return Ok(self.stream(node, in_flight, t0, first, *start));
-                }
-                Err(AttemptError::Rejected(m)) => {
-                    // Not the node's fault and not worth another node: the
-                    // caller gets the node's reason as a 400 and pays nothing.
-                    drop(in_flight);
-                    let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
-                    self.broker.settle(&self.reservation, st).await;
-                    return Err(Error::InvalidInput(format!(
-                        "the node refused the request: {m}"
-                    )));
-                }
-                Err(e) => {
-                    tracing::warn!(node = %node.entry.provision_id, error = ?e, "node attempt failed");
-                    let outcome = match &e {
-                        AttemptError::Busy(_, d) => Outcome::Busy(*d),
-                        _ => Outcome::Failure,
-                    };
-                    self.broker.attempt_done(&node, t0, outcome);
-                    last = Some(e);
-                }
-            }
-        }
-        // Nothing reached the client: release the whole reservation.
-        let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
-        self.broker.settle(&self.reservation, st).await;
-        Err(match last {
-            None => Error::NoCapacity(format!(
-                "no healthy node serves `{}` right now",
-                self.prep.model
-            )),
-            Some(AttemptError::Timeout(m)) => Error::UpstreamTimeout(m),
-            Some(
-                AttemptError::Failed(m) | AttemptError::Busy(m, _) | AttemptError::Rejected(m),
-            ) => Error::Upstream(m),
-        })
-    }
-
-    fn settlement(
-        &self,
-        node: Option<&Node>,
-        meter: Meter,
-        charged: Credits,
-        success: bool,
-    ) -> Settlement {
-        let b = &self.broker.inner;
-        let latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let reward = match node {
-            // Only a successful request earns its node a reward.
-            Some(n) if success => {
-                let ctx = RewardContext {
-                    service: self.prep.route.service(),
-                    model: &self.prep.model,
-                    tier: n.entry.tier,
-                    meter,
-                    latency_ms,
-                    charged,
-                };
-                Some((n.entry.provider_id.clone(), b.rewards.reward(&ctx)))
-            }
-            _ => None,
-        };
-        let r = &self.reservation;
-        Settlement {
-            request_id: r.request_id.clone(),
-            charged,
-            reward,
-            usage: UsageRecord {
-                request_id: r.request_id.clone(),
-                user_id: r.user_id.clone(),
-                key_id: r.key_id.clone(),
-                route: r.route,
-                model: self.prep.model.clone(),
-                provision_id: node.map(|n| n.entry.provision_id.clone()),
-                provider_id: node.map(|n| n.entry.provider_id.clone()),
-                input_tokens: meter.input_tokens,
-                output_tokens: meter.output_tokens,
-                units: meter.units,
-                success,
-                latency_ms,
-                app: self.app.clone(),
-                at: b.clock.now(),
-                charged: Credits::ZERO,
-                reward: Credits::ZERO,
-            },
-        }
-    }
-
-    /// One try on one node, up to the point where the client could see bytes.
-    async fn attempt(&self, node: &Node) -> std::result::Result<Answer, AttemptError> {
-        let cfg = &self.broker.inner.config;
-        let url = format!("{}{}", node.entry.endpoint, self.prep.route.path());
-        let send = self
-            .broker
-            .inner
-            .http
-            .post(url)
-            .bearer_auth(&node.entry.node_secret)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(self.prep.body.clone())
-            .send();
-        let mut resp = match tokio::time::timeout(cfg.first_byte_timeout, send).await {
-            Err(_) => return Err(AttemptError::Timeout("node did not answer in time".into())),
-            Ok(Err(e)) if e.is_timeout() => {
-                return Err(AttemptError::Timeout(format!("node timed out: {e}")))
-            }
-            Ok(Err(e)) => return Err(AttemptError::Failed(format!("node unreachable: {e}"))),
-            Ok(Ok(r)) => r,
-        };
-        if matches!(resp.status().as_u16(), 400 | 413 | 422) {
-            if let Some(m) = rejection_message(resp).await {
-                return Err(AttemptError::Rejected(m));
-            }
-            return Err(AttemptError::Failed(
-                "node refused the request without saying why".into(),
-            ));
-        }
-        if !resp.status().is_success() {
-            let msg = format!("node answered {}", resp.status());
-            let now = self.broker.now();
-            return Err(match health::classify(resp.status(), resp.headers(), now) {
-                Outcome::Busy(d) => AttemptError::Busy(msg, d),
-                _ => AttemptError::Failed(msg),
-            });
-        }
-        let mut stream_meter = match self.prep.kind {
-            AnswerKind::ChatSse {
-                caller_wants_usage: true,
-            } => Some(ChatStreamMeter::default()),
-            AnswerKind::ChatSse {
-                caller_wants_usage: false,
-            } => Some(ChatStreamMeter::without_usage_chunk()),
-            AnswerKind::Binary => None,
-            AnswerKind::Json(meter_json) => {
-                let buf = read_capped(&mut resp, cfg.idle_timeout, cfg.max_response_bytes).await?;
-                let meter = meter_json(&self.prep, &buf).map_err(AttemptError::Failed)?;
-                return Ok(Answer::Complete(Bytes::from(buf), meter));
-            }
-        };
-        // A stream: wait for its first bytes before answering the client, so
-        // that a node failing now can still be replaced by another.
-        let mut first = match tokio::time::timeout(cfg.first_byte_timeout, resp.chunk()).await {
-            Err(_) => return Err(AttemptError::Timeout("node sent no bytes in time".into())),
-            Ok(Err(e)) => return Err(AttemptError::Failed(format!("node stream failed: {e}"))),
-            Ok(Ok(None)) => return Err(AttemptError::Failed("node sent an empty answer".into())),
-            Ok(Ok(Some(c))) => c,
-        };
-        let content_type = match &stream_meter {
-            Some(_) => "text/event-stream".to_owned(),
-            None => binary_content_type(&resp),
-        };
-        if let Some(m) = stream_meter.as_mut() {
-            first = m.pass(first);
-            if m.garbage {
-                return Err(AttemptError::Failed(
-                    "node sent something that is not a chat stream".into(),
-                ));
-            }
-        }
-        Ok(Answer::Stream(
-            first,
-            Box::new(StreamStart {
-                resp,
-                meter: stream_meter,
-                content_type,
-            }),
-        ))
-    }
-
-    /// Passes a stream through from its first chunk on, and settles when it ends.
-    fn stream(
-        self,
-        node: Arc<Node>,
-        in_flight: crate::pool::InFlight,
-        t0: Instant,
-        first: Bytes,
-        start: StreamStart,
-    ) -> GatewayResponse {
-        let StreamStart {
-            mut resp,
-            mut meter,
-            content_type,
-        } = start;
-        let (tx, rx) = mpsc::channel::<std::result::Result<Bytes, std::io::Error>>(16);
-        let idle = self.broker.inner.config.idle_timeout;
-        let task = async move {
-            let _in_flight = in_flight;
-            enum End {
-                Done,
-                ClientGone,
-                NodeFailed(String),
-            }
-            let mut end = if !first.is_empty() && tx.send(Ok(first)).await.is_err() {
-                Some(End::ClientGone)
-            } else {
-                None
-            };
-            while end.is_none() {
-                let next = tokio::select! {
-                    r = tokio::time::timeout(idle, resp.chunk()) => r,
-                    _ = tx.closed() => { end = Some(End::ClientGone); break; }
-                };
-                match next {
-                    Err(_) => end = Some(End::NodeFailed("node stalled mid-stream".into())),
-                    Ok(Err(e)) => end = Some(End::NodeFailed(format!("node stream failed: {e}"))),
-                    Ok(Ok(None)) => {
-                        let complete = match meter.as_mut() {
-                            Some(m) => {
-                                m.finish();
-                                let rest = m.take_output();
-                                if !rest.is_empty() {
-                                    let _ = tx.send(Ok(rest)).await;
-                                }
-                                m.done && !m.garbage
-                            }
-                            None => true,
-                        };
-                        end = Some(if complete {
-                            End::Done
-                        } else {
-                            End::NodeFailed("node ended the stream early".into())
-                        });
-                    }
-                    Ok(Ok(Some(chunk))) => {
-                        let chunk = match meter.as_mut() {
-                            Some(m) => m.pass(chunk),
-                            None => chunk,
-                        };
-                        // An empty chunk would end a chunked body early.
-                        if !chunk.is_empty() && tx.send(Ok(chunk)).await.is_err() {
-                            end = Some(End::ClientGone);
-                        } else if meter.as_ref().is_some_and(|m| m.garbage) {
-                            end = Some(End::NodeFailed("node sent garbage mid-stream".into()));
-                        }
-                    }
-                }
-            }
-            // Dropping the response cancels the upstream call.
-            drop(resp);
-            // A binary answer (audio) is metered by the request's bounds
-            // (characters to speak), known before it started.
-            let m = match &meter {
-                Some(m) => m.meter(self.prep.fallback_input, self.prep.bound),
-                None => self.prep.bound,
-            };
-            let st = match end {
-                Some(End::NodeFailed(reason)) => {
-                    self.broker.attempt_done(&node, t0, Outcome::Failure);
-                    let charged = match meter {
-                        Some(_) => {
-                            let event = serde_json::json!({"error": {
-                                "message": format!("the stream was interrupted: {reason}"),
-                                "type": "upstream_error",
-                                "code": "stream_interrupted",
-                            }});
-                            let _ = tx.send(Ok(Bytes::from(format!("data: {event}\n\n")))).await;
-                            self.price.partial_cost(m)
-                        }
-                        None => {
-                            // Audio cannot carry an error event: break the
-                            // body so the client sees a truncated transfer,
-                            // and charge nothing for unusable audio.
-                            let _ = tx.send(Err(std::io::Error::other(reason))).await;
-                            Credits::ZERO
-                        }
-                    };
-                    self.settlement(Some(&node), m, charged, false)
-                }
-                Some(End::ClientGone) | Some(End::Done) | None => {
-                    self.broker.attempt_done(&node, t0, Outcome::Success);
-                    let charged = self.price.cost(m);
-                    self.settlement(Some(&node), m, charged, true)
-                }
-            };
-            // Settle before the body ends: a client that has read the whole
-            // answer can rely on it being charged and recorded.
-            self.broker.settle(&self.reservation, st).await;
-            drop(tx);
-        };
-        // The stream outlives the handler: it keeps the request's span.
-        tokio::spawn(task.instrument(tracing::Span::current()));
-        GatewayResponse::Stream {
-            content_type,
-            body: tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
-        }
-    }
-}
-
-/// What a streamed answer needs after its first chunk.
-struct StreamStart {
-    resp: reqwest::Response,
-    /// The chat stream meter; `None` for opaque (binary) answers.
-    meter: Option<ChatStreamMeter>,
-    content_type: String,
-}
-
-/// The content type of a binary answer: the node's, when it is audio or
-/// octet-stream (never anything a browser would render), else `audio/wav`.
-fn binary_content_type(resp: &reqwest::Response) -> String {
-    let ct = resp
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    if (ct.starts_with("audio/") || ct == "application/octet-stream")
-        && ct.chars().all(|c| c.is_ascii_graphic() || c == ' ')
-    {
-        ct
-    } else {
-        "audio/wav".to_owned()
-    }
-}
-
-/// The message of a node's OpenAI-style error answer (`{"error":{"message":..}}`),
-/// read with a small cap and cleaned for display; `None` when there is none.
-async fn rejection_message(mut resp: reqwest::Response) -> Option<String> {
-    let buf = read_capped(&mut resp, Duration::from_secs(5), 16 * 1024)
-        .await
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
-    let m = v.pointer("/error/message")?.as_str()?;
-    let clean: String = m.chars().filter(|c| !c.is_control()).take(300).collect();
-    (!clean.trim().is_empty()).then_some(clean)
-}
-
-/// A node's whole answer, at most `cap` bytes, each read within `idle`.
-async fn read_capped(
-    resp: &mut reqwest::Response,
-    idle: Duration,
-    cap: usize,
-) -> std::result::Result<Vec<u8>, AttemptError> {
-    egress::read_capped(resp, cap, Some(idle))
-        .await
-        .map_err(|e| match e {
-            CappedReadError::Stalled => AttemptError::Timeout("node stalled mid-answer".into()),
-            CappedReadError::Failed(e) => AttemptError::Failed(format!("node answer failed: {e}")),
-            CappedReadError::TooLarge => AttemptError::Failed("node answer too large".into()),
-        })
-}
-
-fn elapsed_us(t0: Instant) -> u64 {
-    u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX)
 }

@@ -156,8 +156,13 @@ impl BreakerState {
 pub enum Outcome {
     /// It worked.
     Success,
-    /// It failed (status, garbage, timeout, refused connection).
+    /// It failed (status, garbage, refused connection).
     Failure,
+    /// It timed out: the node hung for many times what its pool usually
+    /// takes. Forwarding takes such a node out of routing at once (one hung
+    /// call is enough: waiting for a failure rate would hang more callers);
+    /// for a probe it is a failure like any other.
+    Timeout,
     /// The node said it is busy (429 or 503) and when to come back.
     Busy(Duration),
 }
@@ -411,6 +416,10 @@ pub fn record_forwarding(
             h.window_add(cfg, now, true);
             hold(cfg, pools, node, now, d)
         }
+        Outcome::Timeout => {
+            h.window_add(cfg, now, true);
+            trip(cfg, pools, node, now)
+        }
     }
 }
 
@@ -430,7 +439,7 @@ pub fn record_probe(
             h.probe_failures.store(0, Ordering::Relaxed);
             None
         }
-        (Outcome::Failure, BreakerState::Closed) => {
+        (Outcome::Failure | Outcome::Timeout, BreakerState::Closed) => {
             let n = h.probe_failures.fetch_add(1, Ordering::Relaxed) + 1;
             if n >= cfg.probe_failures_to_eject.max(1) {
                 trip(cfg, pools, node, now)
@@ -438,8 +447,10 @@ pub fn record_probe(
                 None
             }
         }
-        (Outcome::Failure, BreakerState::HalfOpen) => trip(cfg, pools, node, now),
-        (Outcome::Failure, BreakerState::Open) => {
+        (Outcome::Failure | Outcome::Timeout, BreakerState::HalfOpen) => {
+            trip(cfg, pools, node, now)
+        }
+        (Outcome::Failure | Outcome::Timeout, BreakerState::Open) => {
             // The half-open probe failed: stay out, for longer.
             if now >= h.open_until() {
                 transition(pools, node, |h| {

@@ -13,6 +13,7 @@ pub mod broker;
 pub mod clock;
 pub mod egress;
 pub mod error;
+mod gateway;
 pub mod health;
 pub mod http;
 pub mod mail;

@@ -22,8 +22,9 @@
 //! | `cxmpute_units_total` | counter | `route` |
 //! | `cxmpute_charged_microcredits_total` | counter | `route` |
 //! | `cxmpute_rewarded_microcredits_total` | counter | `route` |
-//! | `cxmpute_upstream_attempts_total` | counter | `service`, `outcome` (`success`/`failure`/`timeout`/`busy`) |
+//! | `cxmpute_upstream_attempts_total` | counter | `service`, `outcome` (`success`/`failure`/`timeout`/`busy`/`refused`) |
 //! | `cxmpute_failovers_total` | counter | `route` |
+//! | `cxmpute_hedges_total` | counter | `route` |
 //! | `cxmpute_circuit_breaker_transitions_total` | counter | `to` (`open`/`half_open`/`closed`) |
 //! | `cxmpute_circuit_breakers` | gauge | `state` |
 //! | `cxmpute_pool_nodes` | gauge | `service`, `model` |
@@ -78,6 +79,7 @@ struct RouteSeries {
     /// Tokens, units and money.
     totals: OnceLock<Totals>,
     failovers: OnceLock<Counter>,
+    hedges: OnceLock<Counter>,
     ttfb: OnceLock<Histogram>,
     /// `cxmpute_http_requests_total` by status: a handful per route.
     http: RwLock<Vec<(u16, Counter)>>,
@@ -115,11 +117,13 @@ pub enum AttemptOutcome {
     Timeout,
     /// It said it was busy (429/503).
     Busy,
+    /// It refused the request (400/413/422 with a message).
+    Refused,
 }
 
 impl AttemptOutcome {
     /// How many outcomes there are (`self as usize` is below it).
-    const COUNT: usize = 4;
+    const COUNT: usize = 5;
 
     fn as_str(self) -> &'static str {
         match self {
@@ -127,6 +131,7 @@ impl AttemptOutcome {
             AttemptOutcome::Failure => "failure",
             AttemptOutcome::Timeout => "timeout",
             AttemptOutcome::Busy => "busy",
+            AttemptOutcome::Refused => "refused",
         }
     }
 }
@@ -238,6 +243,15 @@ impl Metrics {
         .increment(1);
     }
 
+    /// A slow attempt was hedged: a second one started on another node.
+    pub fn hedge(&self, route: Route) {
+        self.once(
+            &self.routes[route as usize].hedges,
+            || counter!("cxmpute_hedges_total", "route" => route.path()),
+        )
+        .increment(1);
+    }
+
     /// A node's circuit breaker changed state.
     pub fn breaker_transition(&self, to: BreakerState) {
         self.with(|| {
@@ -331,6 +345,10 @@ fn describe() {
     describe_counter!(
         "cxmpute_failovers_total",
         "Requests moved to another node after a failed attempt."
+    );
+    describe_counter!(
+        "cxmpute_hedges_total",
+        "Slow attempts hedged by a second attempt on another node."
     );
     describe_counter!(
         "cxmpute_circuit_breaker_transitions_total",

@@ -127,6 +127,20 @@ impl PeakEwma {
     }
 }
 
+impl PeakEwma {
+    /// Raises the estimate to `sample_us` if it is higher; a lower sample
+    /// changes nothing (it is a lower bound, not a measurement).
+    fn observe_peak(&self, sample_us: u64, now_us: u64) {
+        let stamp = stamp_of(now_us);
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                let (old, _) = unpack_ewma(v);
+                (sample_us > old).then(|| pack_ewma(sample_us, stamp))
+            });
+    }
+}
+
 /// The estimate of a packed [`PeakEwma`] word at `now_us`: the recorded one
 /// decayed toward zero by the time since it was recorded (so an idle node is
 /// tried again); 0 before the first sample.
@@ -337,6 +351,16 @@ impl Node {
             failure_sample(latency_us, mine.raw_us())
         };
         mine.observe(sample, now);
+    }
+}
+
+impl Node {
+    /// Records that a request to the entry has been waiting `waited_us` and
+    /// is not over: the latency estimate rises to it at once (a peak), so a
+    /// call in flight longer than the node's usual latency counts as that
+    /// slow before it ends. Nothing is counted as a finished request.
+    pub(crate) fn observe_outstanding(&self, waited_us: u64) {
+        self.load().latency.observe_peak(waited_us, mono_us());
     }
 }
 

@@ -18,9 +18,10 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// A line longer than the decoder's cap: the peer sends garbage or attacks.
+/// A line, or an event's data, longer than the decoder's cap: the peer sends
+/// garbage or attacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("server-sent event line longer than {0} bytes")]
+#[error("server-sent event line or event longer than {0} bytes")]
 pub struct LineTooLong(pub usize);
 
 /// Incremental SSE decoder. Feed it chunks as they arrive; it calls back once
@@ -40,7 +41,9 @@ impl Default for SseDecoder {
 }
 
 impl SseDecoder {
-    /// A decoder refusing lines longer than `max_line` bytes.
+    /// A decoder refusing lines, and events whose data lines add up to,
+    /// more than `max_line` bytes (an event is never held longer than that,
+    /// however its lines come).
     pub fn new(max_line: usize) -> Self {
         SseDecoder {
             line: Vec::new(),
@@ -68,9 +71,12 @@ impl SseDecoder {
                 self.line = line;
                 self.line.clear();
             }
+            if self.event.data.len() > self.max_line {
+                return Err(LineTooLong(self.max_line));
+            }
         }
         self.line.extend_from_slice(chunk);
-        if self.line.len() > self.max_line {
+        if self.line.len().saturating_add(self.event.data.len()) > self.max_line {
             return Err(LineTooLong(self.max_line));
         }
         Ok(())
@@ -138,30 +144,33 @@ pub struct ChatStreamMeter {
     pub done: bool,
     /// Whether the node sent an event that is not a chunk, an error event, or an endless line.
     pub garbage: bool,
-    /// When set, every event is written back here as SSE text, except a
-    /// usage-only chunk (no choices): see [`ChatStreamMeter::without_usage_chunk`].
-    /// A `BytesMut` so that handing out what was written is a split, not a
-    /// copy, and the buffer is reused once those bytes were sent.
-    filtered: Option<BytesMut>,
+    /// Whether a usage-only chunk (no choices) is written back: only when
+    /// the caller asked for usage, since the broker always asks the node.
+    keep_usage_chunk: bool,
+    /// The stream as it is passed on: each well-formed event written back
+    /// as SSE data lines. Nothing else the node sent (comments, event names,
+    /// error events, garbage) reaches the caller: a stranger's node must not
+    /// be able to speak to users in the broker's voice. A `BytesMut` so that
+    /// handing out what was written is a split, not a copy, and the buffer
+    /// is reused once those bytes were sent.
+    filtered: BytesMut,
 }
 
 impl ChatStreamMeter {
-    /// A meter that also rewrites the stream without its usage-only chunk:
-    /// for callers that did not ask for usage, since the broker always asks
-    /// the node for it. Take the rewritten bytes with [`Self::take_output`].
-    pub fn without_usage_chunk() -> Self {
+    /// A meter that rewrites the stream as it passes; with
+    /// `keep_usage_chunk` false, without the usage-only chunk (for callers
+    /// that did not ask for usage). Take the rewritten bytes with
+    /// [`Self::pass`] and, at the end, [`Self::take_output`].
+    pub fn new(keep_usage_chunk: bool) -> Self {
         ChatStreamMeter {
-            filtered: Some(BytesMut::new()),
+            keep_usage_chunk,
             ..Self::default()
         }
     }
 
-    /// The rewritten bytes produced since the last call (empty when not filtering).
+    /// The rewritten bytes produced since the last call.
     pub fn take_output(&mut self) -> Bytes {
-        self.filtered
-            .as_mut()
-            .map(|out| out.split().freeze())
-            .unwrap_or_default()
+        self.filtered.split().freeze()
     }
 
     /// Feeds bytes as they pass through.
@@ -175,14 +184,11 @@ impl ChatStreamMeter {
         self.decoder = d;
     }
 
-    /// Feeds a chunk passing through and returns what to pass on: the chunk
-    /// itself, or when filtering the rewritten bytes produced so far.
+    /// Feeds a chunk passing through and returns what to pass on: the
+    /// rewritten bytes of the events it completed.
     pub fn pass(&mut self, chunk: Bytes) -> Bytes {
         self.feed(&chunk);
-        match self.filtered.as_mut() {
-            Some(out) => out.split().freeze(),
-            None => chunk,
-        }
+        self.take_output()
     }
 
     /// Ends the stream.
@@ -204,7 +210,7 @@ impl ChatStreamMeter {
                 if let Some(u) = chunk.usage {
                     self.reported = Some(u);
                 }
-                if !(chunk.usage.is_some() && chunk.choices.is_empty()) {
+                if self.keep_usage_chunk || !(chunk.usage.is_some() && chunk.choices.is_empty()) {
                     self.write_back(&e);
                 }
                 self.content_chunks += chunk
@@ -213,22 +219,13 @@ impl ChatStreamMeter {
                     .filter(|c| c.delta.content.as_deref().is_some_and(|t| !t.is_empty()))
                     .count() as u64;
             }
-            Err(_) => {
-                self.garbage = true;
-                self.write_back(&e);
-            }
+            // Never passed on: see `filtered`.
+            Err(_) => self.garbage = true,
         }
     }
 
     fn write_back(&mut self, e: &SseEvent) {
-        let Some(out) = self.filtered.as_mut() else {
-            return;
-        };
-        if let Some(name) = &e.event {
-            out.put_slice(b"event: ");
-            out.put_slice(name.as_bytes());
-            out.put_u8(b'\n');
-        }
+        let out = &mut self.filtered;
         for line in e.data.split('\n') {
             out.put_slice(b"data: ");
             out.put_slice(line.as_bytes());
@@ -253,6 +250,19 @@ impl ChatStreamMeter {
             },
         };
         m.clamp_to(bound)
+    }
+
+    /// What a stream that broke consumed, counted by the broker alone: the
+    /// input as `fallback_input`, the content chunks that were passed on as
+    /// output, clamped to `bound`. A node's usage claim is not believed for
+    /// a stream it did not finish (it could claim the whole bound and cut).
+    pub fn delivered(&self, fallback_input: u64, bound: Meter) -> Meter {
+        Meter {
+            input_tokens: fallback_input,
+            output_tokens: self.content_chunks,
+            units: 0,
+        }
+        .clamp_to(bound)
     }
 }
 
@@ -337,7 +347,7 @@ mod tests {
 
     #[test]
     fn the_usage_chunk_is_taken_out_when_filtering() {
-        let mut m = ChatStreamMeter::without_usage_chunk();
+        let mut m = ChatStreamMeter::new(false);
         let s = concat!(
             "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1,\"total_tokens\":8}}\n\n",

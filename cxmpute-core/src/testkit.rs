@@ -122,6 +122,19 @@ pub enum Behavior {
     StallStream(usize),
     /// Answer 200 with bytes that are not what was asked for.
     Garbage,
+    /// Refuse the request itself: 400 with an OpenAI error carrying this
+    /// message (text a hostile node crafts for users).
+    Refuse(String),
+    /// Stream one content chunk, then one `data:` line after another,
+    /// forever, never ending the event (a hostile node aiming at memory).
+    EndlessEvent,
+    /// Stream well-formed content chunks forever, never `[DONE]`.
+    EndlessStream,
+    /// Stream one well-formed content chunk every so often, forever.
+    Drip(Duration),
+    /// Stream every chunk and the usage chunk (with the usage set by
+    /// [`StandInNode::set_usage`]), then break before `[DONE]`.
+    CutAfterUsage,
 }
 
 struct NodeState {
@@ -280,7 +293,17 @@ async fn misbehave(b: &Behavior) -> Option<Response> {
             return Some(r);
         }
         Behavior::Garbage => return Some((StatusCode::OK, "this is not json\n\n").into_response()),
-        Behavior::Ok | Behavior::CutStream(_) | Behavior::StallStream(_) => {}
+        Behavior::Refuse(m) => {
+            let body = json!({"error": {"message": m, "type": "invalid_request_error"}});
+            return Some((StatusCode::BAD_REQUEST, body.to_string()).into_response());
+        }
+        Behavior::Ok
+        | Behavior::CutStream(_)
+        | Behavior::StallStream(_)
+        | Behavior::EndlessEvent
+        | Behavior::EndlessStream
+        | Behavior::Drip(_)
+        | Behavior::CutAfterUsage => {}
     }
     None
 }
@@ -348,6 +371,50 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
             "choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
         events.push(Bytes::from(format!("data: {ev}\n\n")));
     }
+    let chunk_event = |c: &str| {
+        let ev = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1, "model": model,
+            "choices": [{"index": 0, "delta": {"content": c}, "finish_reason": null}]});
+        Bytes::from(format!("data: {ev}\n\n"))
+    };
+    let forever = |first: Bytes, next: Bytes| {
+        let guard = AbandonGuard(s.clone());
+        let rest = futures::stream::repeat_with(move || {
+            let _ = &guard;
+            Ok::<_, std::io::Error>(next.clone())
+        });
+        Body::from_stream(futures::StreamExt::chain(
+            futures::stream::iter([Ok(first)]),
+            rest,
+        ))
+    };
+    match b {
+        Behavior::EndlessEvent => {
+            let line = Bytes::from(format!("data: {}\n", "A".repeat(8 * 1024)));
+            let body = forever(chunk_event("Hel"), line);
+            return ([("content-type", "text/event-stream")], body).into_response();
+        }
+        Behavior::EndlessStream => {
+            let body = forever(chunk_event("Hel"), chunk_event("lo"));
+            return ([("content-type", "text/event-stream")], body).into_response();
+        }
+        Behavior::Drip(every) => {
+            let (first, next) = (chunk_event("Hel"), chunk_event("lo"));
+            let guard = AbandonGuard(s.clone());
+            let rest = futures::stream::unfold(guard, move |guard| {
+                let next = next.clone();
+                async move {
+                    tokio::time::sleep(every).await;
+                    Some((Ok::<_, std::io::Error>(next), guard))
+                }
+            });
+            let body = Body::from_stream(futures::StreamExt::chain(
+                futures::stream::iter([Ok(first)]),
+                rest,
+            ));
+            return ([("content-type", "text/event-stream")], body).into_response();
+        }
+        _ => {}
+    }
     let (cut, stall) = match b {
         Behavior::CutStream(n) => (Some(n), false),
         Behavior::StallStream(n) => (Some(n), true),
@@ -368,6 +435,13 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
         let ev = json!({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1, "model": model,
             "choices": [], "usage": u});
         events.push(Bytes::from(format!("data: {ev}\n\n")));
+    }
+    if b == Behavior::CutAfterUsage {
+        return (
+            [("content-type", "text/event-stream")],
+            broken_body(&s, events, false),
+        )
+            .into_response();
     }
     events.push(Bytes::from_static(b"data: [DONE]\n\n"));
     // Split events across network chunks at odd places, as real servers do.

@@ -1,0 +1,1030 @@
+//! The gateway pipeline: from an authenticated call to a settled answer.
+//!
+//! What it does, what a request costs and how nodes are bounded is written
+//! once, in the [`crate::broker`] module docs. Here: an attempt has two
+//! phases. The first (send, until the response headers) is raced: it is
+//! cheap to repeat, since nothing reached the caller, so a slow one is
+//! hedged on another node and the losers are judged in the background. The
+//! second (the whole JSON answer, or a stream's first chunk) is not raced;
+//! a failure there moves on to another node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use parking_lot::RwLock;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::broker::{Broker, GatewayRequest, GatewayResponse};
+use crate::clock::Clock;
+use crate::egress::{self, CappedReadError};
+use crate::error::{Error, Result};
+use crate::health::{self, Outcome};
+use crate::metrics::AttemptOutcome;
+use crate::pool::{InFlight, Node, RoutePreferences};
+use crate::pricing::Meter;
+use crate::reward::RewardContext;
+use crate::services::{self, AnswerKind, Prepared};
+use crate::sse::ChatStreamMeter;
+use crate::types::*;
+
+/// What the caller is told when a node refused its request. Never the node's
+/// own words: a stranger's node could make them say anything.
+const REFUSED: &str = "the model server refused this request (for example, the input is too \
+                       long for the model or a parameter is not supported)";
+
+/// The phases of an attempt whose usual duration is tracked per pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Phase {
+    /// Until a non-streamed call's response headers (the whole generation).
+    Headers,
+    /// Until a streamed call's response headers (before prefill on most servers).
+    StreamHeaders,
+    /// From a stream's headers to its first chunk (prefill).
+    FirstChunk,
+}
+
+/// How long one phase usually takes in one pool: an EWMA (weight 1/8) of
+/// the durations of successes, in microseconds; 0 until the first.
+#[derive(Debug, Default)]
+pub(crate) struct Usual(AtomicU64);
+
+impl Usual {
+    fn get(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn observe(&self, d: Duration) {
+        let sample = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    (old.saturating_mul(7).saturating_add(sample) / 8).max(1)
+                })
+            });
+    }
+}
+
+/// The usual phase durations of every pool, created on first use.
+#[derive(Debug, Default)]
+pub(crate) struct UsualDurations(RwLock<HashMap<(Service, String, Phase), Arc<Usual>>>);
+
+impl UsualDurations {
+    fn of(&self, service: Service, model: &str, phase: Phase) -> Arc<Usual> {
+        let key = (service, model.to_owned(), phase);
+        if let Some(u) = self.0.read().get(&key) {
+            return u.clone();
+        }
+        self.0.write().entry(key).or_default().clone()
+    }
+
+    /// Forgets pools no node serves any more (called from maintenance), so
+    /// the table is as bounded as the routing index.
+    pub(crate) fn retain(&self, mut live: impl FnMut(Service, &str) -> bool) {
+        self.0.write().retain(|(s, m, _), _| live(*s, m));
+    }
+}
+
+/// The wait allowed for a phase: `multiple` × usual, within `[floor, ceiling]`
+/// (the ceiling alone while the pool has no measurement).
+fn adaptive(
+    usual: Option<Duration>,
+    multiple: u32,
+    floor: Duration,
+    ceiling: Duration,
+) -> Duration {
+    match usual {
+        Some(u) => u.saturating_mul(multiple).max(floor).min(ceiling),
+        None => ceiling,
+    }
+}
+
+/// Why one attempt on one node failed. `public` is what a caller may read
+/// (fixed text: never a node's words or address); `detail` goes to the log.
+#[derive(Debug)]
+struct AttemptError {
+    kind: Failure,
+    public: &'static str,
+    detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    Timeout,
+    Failed,
+    /// The node said it is busy (429/503) and when to come back.
+    Busy(Duration),
+    /// The node refused the request itself (400/413/422 with a message).
+    Refused,
+}
+
+impl AttemptError {
+    fn new(kind: Failure, public: &'static str, detail: impl Into<String>) -> Self {
+        AttemptError {
+            kind,
+            public,
+            detail: detail.into(),
+        }
+    }
+
+    fn timeout(public: &'static str) -> Self {
+        Self::new(Failure::Timeout, public, public)
+    }
+
+    fn failed(public: &'static str) -> Self {
+        Self::new(Failure::Failed, public, public)
+    }
+
+    /// The outcome the node's breaker and latency see.
+    fn outcome(&self) -> Outcome {
+        match self.kind {
+            Failure::Timeout => Outcome::Timeout,
+            Failure::Busy(d) => Outcome::Busy(d),
+            Failure::Failed | Failure::Refused => Outcome::Failure,
+        }
+    }
+
+    fn metric(&self) -> AttemptOutcome {
+        match self.kind {
+            Failure::Timeout => AttemptOutcome::Timeout,
+            Failure::Busy(_) => AttemptOutcome::Busy,
+            Failure::Failed => AttemptOutcome::Failure,
+            Failure::Refused => AttemptOutcome::Refused,
+        }
+    }
+}
+
+/// The first phase of one attempt, as it ended.
+struct Raced {
+    node: Arc<Node>,
+    in_flight: InFlight,
+    t0: Instant,
+    result: std::result::Result<reqwest::Response, AttemptError>,
+}
+
+enum Answer {
+    Complete(Bytes, Meter),
+    Stream(Bytes, Box<StreamStart>),
+}
+
+/// What a streamed answer needs after its first chunk.
+struct StreamStart {
+    resp: reqwest::Response,
+    /// The chat stream meter; `None` for opaque (binary) answers.
+    meter: Option<ChatStreamMeter>,
+    content_type: String,
+}
+
+impl Broker {
+    /// Runs one gateway call through the whole pipeline.
+    ///
+    /// The call runs in a task of its own, so a caller that hangs up does
+    /// not cancel it half-way: a non-streamed call runs to its end on the
+    /// node and is settled as answered (the node did the work it was asked
+    /// for, as OpenAI charges a completion whose client went away); a
+    /// stream is settled for what was passed on before the caller left.
+    /// Nothing is ever left held for the stale-reservation sweep.
+    pub async fn handle(&self, req: GatewayRequest) -> Result<GatewayResponse> {
+        let broker = self.clone();
+        let task = async move { broker.admit_and_run(req).await };
+        tokio::spawn(task.instrument(tracing::Span::current()))
+            .await
+            .map_err(|e| Error::backend("the gateway call's task failed", e))?
+    }
+
+    async fn admit_and_run(&self, req: GatewayRequest) -> Result<GatewayResponse> {
+        let started = Instant::now();
+        let i = self.inner();
+        // 1. Authenticate.
+        let key = self.authenticate_key(req.api_key.as_ref()).await?;
+        if !key.permits(req.route) {
+            return Err(Error::Forbidden(format!(
+                "this API key may not call {}",
+                req.route
+            )));
+        }
+        // 2. Admit: validate and price.
+        if req.body.len() > i.config.max_body_bytes {
+            return Err(Error::PayloadTooLarge(format!(
+                "request body is larger than {} bytes",
+                i.config.max_body_bytes
+            )));
+        }
+        let prep = services::prepare(&i.config, req.route, &req.body)?;
+        tracing::Span::current().record("model", prep.model.as_str());
+        if !i.pools.is_offered(prep.route.service(), &prep.model) {
+            return Err(Error::NotFound(format!("model `{}`", prep.model)));
+        }
+        let price = i.prices.get(prep.route.service(), &prep.model);
+        let amount = price.cost(prep.bound);
+        let reservation = Reservation {
+            request_id: RequestId::generate(),
+            user_id: key.user_id.clone(),
+            key_id: key.id.clone(),
+            route: req.route,
+            amount,
+            created_at: self.now(),
+        };
+        i.store.reserve(&reservation).await?;
+        tracing::Span::current().record("request_id", reservation.request_id.as_str());
+        let ctx = CallContext {
+            broker: self.clone(),
+            reservation,
+            prep,
+            price,
+            app: req.app,
+            preferences: req.preferences,
+            started,
+        };
+        // 3-6.
+        ctx.run().await
+    }
+
+    /// Settles a request in the store, retrying what may succeed later.
+    async fn settle(&self, r: &Reservation, st: Settlement) {
+        let i = self.inner();
+        let mut delay = Duration::from_millis(50);
+        let plan = crate::store_support::SettlePlan::new(r, &st);
+        for attempt in 1..=5 {
+            let applied = match i.store.settle(&st).await {
+                Ok(SettleOutcome::Applied) => Ok(true),
+                // Settled before: by an earlier try of ours whose answer was
+                // lost (then the stored record is ours), or by someone else,
+                // such as the stale-reservation sweep (then it is not, and
+                // statistics must not count what the store did not keep).
+                Ok(SettleOutcome::AlreadySettled) => {
+                    let kept = i.store.settlement(&st.request_id).await;
+                    Ok(kept.is_ok_and(|k| same_settlement(&k, &plan.usage)))
+                }
+                Err(e) => Err(e),
+            };
+            match applied {
+                Ok(true) => {
+                    // Stats see exactly what the store kept.
+                    let u = &plan.usage;
+                    i.stats.record(u);
+                    i.metrics.settled(u);
+                    let outcome = if u.success { "success" } else { "failure" };
+                    tracing::Span::current().record("outcome", outcome);
+                    tracing::info!(
+                        outcome,
+                        latency_ms = u.latency_ms,
+                        input_tokens = u.input_tokens,
+                        output_tokens = u.output_tokens,
+                        charged = u.charged.0,
+                        "request settled"
+                    );
+                    return;
+                }
+                Ok(false) => {
+                    tracing::warn!(request = %st.request_id, "request was settled by someone else");
+                    return;
+                }
+                Err(e) if e.is_retryable() && attempt < 5 => {
+                    tracing::warn!(error = %e, request = %st.request_id, "settle failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => {
+                    // The reservation stays; the stale-reservation sweep releases it,
+                    // so the user is never charged for an unrecorded request.
+                    tracing::error!(error = %e, request = %st.request_id, "settle failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Records one forwarded attempt that started at `t0`: its latency and
+    /// success on the node's load, its outcome on the node's circuit breaker.
+    pub(crate) fn attempt_done(&self, node: &Node, t0: Instant, outcome: Outcome) {
+        node.observe(elapsed_us(t0), matches!(outcome, Outcome::Success));
+        let i = self.inner();
+        let now = i.clock.now();
+        if let Some(t) = health::record_forwarding(&i.config.health, &i.pools, node, now, outcome) {
+            tracing::info!(provision = %node.entry.provision_id, transition = ?t, "circuit breaker");
+            i.metrics.breaker_transition(match t {
+                health::Transition::Opened(_) => health::BreakerState::Open,
+                health::Transition::HalfOpened => health::BreakerState::HalfOpen,
+                health::Transition::Closed => health::BreakerState::Closed,
+            });
+        }
+    }
+
+    /// Judges the attempts still racing after another won: each runs to its
+    /// answer or its own timeout in the background, and its outcome counts on
+    /// its node (a hung node is ejected at its first timeout although no
+    /// caller waited for it). Their answers are dropped unread.
+    fn judge(&self, mut losers: FuturesUnordered<BoxFuture<'static, Raced>>) {
+        let broker = self.clone();
+        tokio::spawn(async move {
+            while let Some(r) = losers.next().await {
+                match r.result {
+                    Ok(_) => broker.attempt_done(&r.node, r.t0, Outcome::Success),
+                    // An unconfirmed refusal counts its latency and nothing more.
+                    Err(e) if e.kind == Failure::Refused => {
+                        r.node.observe(elapsed_us(r.t0), true);
+                    }
+                    Err(e) => broker.attempt_done(&r.node, r.t0, e.outcome()),
+                }
+            }
+        });
+    }
+}
+
+/// Whether a stored usage record is the one a settlement of ours would have
+/// written (compared on what money and statistics depend on, since stores
+/// may round timestamps).
+fn same_settlement(kept: &UsageRecord, ours: &UsageRecord) -> bool {
+    (
+        kept.success,
+        kept.charged,
+        kept.reward,
+        kept.input_tokens,
+        kept.output_tokens,
+    ) == (
+        ours.success,
+        ours.charged,
+        ours.reward,
+        ours.input_tokens,
+        ours.output_tokens,
+    ) && kept.provision_id == ours.provision_id
+}
+
+/// One admitted request on its way through selection, forwarding and settling.
+struct CallContext {
+    broker: Broker,
+    reservation: Reservation,
+    prep: Prepared,
+    price: Arc<PriceEntry>,
+    app: Option<String>,
+    preferences: RoutePreferences,
+    started: Instant,
+}
+
+impl CallContext {
+    fn streamed(&self) -> bool {
+        matches!(
+            self.prep.kind,
+            AnswerKind::ChatSse { .. } | AnswerKind::Binary
+        )
+    }
+
+    /// The next node to try, none of `tried`.
+    fn pick(&self, tried: &[ProvisionId]) -> Option<Arc<Node>> {
+        let i = self.broker.inner();
+        i.pools.select_with(
+            self.prep.route.service(),
+            &self.prep.model,
+            i.selector.as_ref(),
+            tried,
+            &self.preferences,
+        )
+    }
+
+    async fn run(self) -> Result<GatewayResponse> {
+        let b = self.broker.inner().clone();
+        let cfg = &b.config;
+        let service = self.prep.route.service();
+        let phase = if self.streamed() {
+            Phase::StreamHeaders
+        } else {
+            Phase::Headers
+        };
+        let usual = b.usual.of(service, &self.prep.model, phase);
+        let ceiling = match phase {
+            Phase::StreamHeaders => cfg.stream_header_timeout.min(cfg.first_byte_timeout),
+            _ => cfg.first_byte_timeout,
+        };
+        let mut tried: Vec<ProvisionId> = Vec::new();
+        let mut racing: FuturesUnordered<BoxFuture<'static, Raced>> = FuturesUnordered::new();
+        let mut refused: Vec<(Arc<Node>, Instant)> = Vec::new();
+        let mut last: Option<AttemptError> = None;
+        let mut can_hedge = cfg.hedge_multiple > 0;
+        loop {
+            if racing.is_empty() {
+                if tried.len() >= cfg.max_attempts {
+                    break;
+                }
+                let Some(node) = self.pick(&tried) else {
+                    break;
+                };
+                if !tried.is_empty() {
+                    b.metrics.failover(self.reservation.route);
+                }
+                tried.push(node.entry.provision_id.clone());
+                let timeout = adaptive(
+                    usual.get(),
+                    cfg.adaptive_timeout_multiple,
+                    cfg.adaptive_timeout_floor,
+                    ceiling,
+                );
+                racing.push(self.launch(node, timeout, self.hedge_delay(&usual)));
+                can_hedge = cfg.hedge_multiple > 0;
+            }
+            let hedge = can_hedge && racing.len() == 1 && tried.len() < cfg.max_attempts;
+            let raced = tokio::select! {
+                Some(r) = racing.next() => r,
+                _ = tokio::time::sleep(self.hedge_delay(&usual)), if hedge => {
+                    match self.pick(&tried) {
+                        Some(node) => {
+                            b.metrics.hedge(self.reservation.route);
+                            tracing::debug!(node = %node.entry.provision_id, "hedging a slow attempt");
+                            tried.push(node.entry.provision_id.clone());
+                            let timeout = adaptive(
+                                usual.get(),
+                                cfg.adaptive_timeout_multiple,
+                                cfg.adaptive_timeout_floor,
+                                ceiling,
+                            );
+                            racing.push(self.launch(node, timeout, self.hedge_delay(&usual)));
+                        }
+                        None => can_hedge = false,
+                    }
+                    continue;
+                }
+            };
+            let Raced {
+                node,
+                in_flight,
+                t0,
+                result,
+            } = raced;
+            tracing::Span::current().record("node", node.entry.provision_id.as_str());
+            tracing::Span::current().record("attempts", tried.len());
+            let resp = match result {
+                Ok(resp) => resp,
+                Err(e) => {
+                    b.metrics.attempt(service, e.metric());
+                    tracing::warn!(node = %node.entry.provision_id, error = %e.detail, "node attempt failed");
+                    drop(in_flight);
+                    if e.kind == Failure::Refused {
+                        refused.push((node, t0));
+                    } else {
+                        self.broker.attempt_done(&node, t0, e.outcome());
+                    }
+                    last = Some(e);
+                    continue;
+                }
+            };
+            usual.observe(t0.elapsed());
+            if !racing.is_empty() {
+                self.broker.judge(std::mem::take(&mut racing));
+            }
+            let span = tracing::debug_span!("attempt", node = %node.entry.provision_id);
+            let result = self.receive(resp).instrument(span).await;
+            match result {
+                Err(e) => {
+                    b.metrics.attempt(service, e.metric());
+                    tracing::warn!(node = %node.entry.provision_id, error = %e.detail, "node answer failed");
+                    self.broker.attempt_done(&node, t0, e.outcome());
+                    last = Some(e);
+                }
+                Ok(answer) => {
+                    b.metrics.attempt(service, AttemptOutcome::Success);
+                    // Another node served what these refused: they were wrong.
+                    for (n, t) in refused.drain(..) {
+                        self.broker.attempt_done(&n, t, Outcome::Failure);
+                    }
+                    return Ok(match answer {
+                        Answer::Complete(body, meter) => {
+                            self.broker.attempt_done(&node, t0, Outcome::Success);
+                            drop(in_flight);
+                            let charged = self.price.cost(meter);
+                            let st = self.settlement(Some(&node), meter, charged, true);
+                            self.broker.settle(&self.reservation, st).await;
+                            let content_type = "application/json".to_owned();
+                            GatewayResponse::Complete { content_type, body }
+                        }
+                        Answer::Stream(first, start) => {
+                            self.stream(node, in_flight, t0, first, *start)
+                        }
+                    });
+                }
+            }
+        }
+        drop(racing);
+        // Nothing reached the client: release the whole reservation.
+        let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
+        self.broker.settle(&self.reservation, st).await;
+        if !refused.is_empty() {
+            // No node served it. Refusals by two nodes or more confirm each
+            // other and count as answers; a lone refusal counts its latency.
+            let confirmed = refused.len() >= 2;
+            for (n, t) in &refused {
+                if confirmed {
+                    self.broker.attempt_done(n, *t, Outcome::Success);
+                } else {
+                    n.observe(elapsed_us(*t), true);
+                }
+            }
+            return Err(Error::InvalidInput(REFUSED.to_owned()));
+        }
+        Err(match last {
+            None => Error::NoCapacity(format!(
+                "no healthy node serves `{}` right now",
+                self.prep.model
+            )),
+            Some(e) if e.kind == Failure::Timeout => Error::UpstreamTimeout(e.public.to_owned()),
+            Some(e) => Error::Upstream(e.public.to_owned()),
+        })
+    }
+
+    /// How long an attempt may take before a second one starts elsewhere.
+    fn hedge_delay(&self, usual: &Usual) -> Duration {
+        let cfg = &self.broker.inner().config;
+        match usual.get() {
+            Some(u) => u.saturating_mul(cfg.hedge_multiple).max(cfg.hedge_floor),
+            None => cfg.hedge_unmeasured,
+        }
+    }
+
+    /// Starts the first phase of an attempt on `node`: send the request and
+    /// wait for the response headers within `timeout`, raising the node's
+    /// latency estimate to the wait so far at `mark` and each doubling after.
+    fn launch(
+        &self,
+        node: Arc<Node>,
+        timeout: Duration,
+        mark: Duration,
+    ) -> BoxFuture<'static, Raced> {
+        let i = self.broker.inner();
+        let url = format!("{}{}", node.entry.endpoint, self.prep.route.path());
+        let send = i
+            .http
+            .post(url)
+            .bearer_auth(&node.entry.node_secret)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(self.prep.body.clone())
+            .send();
+        let clock = i.clock.clone();
+        let in_flight = node.start();
+        let t0 = Instant::now();
+        async move {
+            let result = first_phase(send, &node, t0, timeout, mark, clock.as_ref()).await;
+            Raced {
+                node,
+                in_flight,
+                t0,
+                result,
+            }
+        }
+        .boxed()
+    }
+
+    /// The second phase: the whole JSON answer, or a stream's first chunk.
+    async fn receive(
+        &self,
+        mut resp: reqwest::Response,
+    ) -> std::result::Result<Answer, AttemptError> {
+        let b = self.broker.inner();
+        let cfg = &b.config;
+        let mut stream_meter = match self.prep.kind {
+            AnswerKind::ChatSse { caller_wants_usage } => {
+                Some(ChatStreamMeter::new(caller_wants_usage))
+            }
+            AnswerKind::Binary => None,
+            AnswerKind::Json(meter_json) => {
+                // Bounded as a whole too: a node trickling a byte now and
+                // then must not hold the call (and its credits) for ever.
+                let read = read_capped(&mut resp, cfg.idle_timeout, cfg.max_response_bytes);
+                let buf = tokio::time::timeout(cfg.max_stream_duration, read)
+                    .await
+                    .map_err(|_| AttemptError::timeout("the answer took longer than allowed"))??;
+                let meter = meter_json(&self.prep, &buf).map_err(|m| {
+                    AttemptError::new(Failure::Failed, "the node's answer was malformed", m)
+                })?;
+                return Ok(Answer::Complete(Bytes::from(buf), meter));
+            }
+        };
+        // A stream: wait for its first bytes before answering the client, so
+        // that a node failing now can still be replaced by another. The wait
+        // is what the pool's prefill usually takes, within the bounds.
+        let usual = b.usual.of(
+            self.prep.route.service(),
+            &self.prep.model,
+            Phase::FirstChunk,
+        );
+        let wait = adaptive(
+            usual.get(),
+            cfg.adaptive_timeout_multiple,
+            cfg.adaptive_timeout_floor,
+            cfg.first_byte_timeout,
+        );
+        let t1 = Instant::now();
+        let mut first = match tokio::time::timeout(wait, resp.chunk()).await {
+            Err(_) => return Err(AttemptError::timeout("the node sent no bytes in time")),
+            Ok(Err(e)) => {
+                return Err(AttemptError::new(
+                    Failure::Failed,
+                    "the node's stream failed",
+                    format!("node stream failed: {e}"),
+                ))
+            }
+            Ok(Ok(None)) => return Err(AttemptError::failed("the node sent an empty answer")),
+            Ok(Ok(Some(c))) => c,
+        };
+        usual.observe(t1.elapsed());
+        let content_type = match &stream_meter {
+            Some(_) => "text/event-stream".to_owned(),
+            None => binary_content_type(&resp),
+        };
+        if let Some(m) = stream_meter.as_mut() {
+            first = m.pass(first);
+            if m.garbage {
+                return Err(AttemptError::failed(
+                    "the node sent something that is not a chat stream",
+                ));
+            }
+        }
+        Ok(Answer::Stream(
+            first,
+            Box::new(StreamStart {
+                resp,
+                meter: stream_meter,
+                content_type,
+            }),
+        ))
+    }
+
+    fn settlement(
+        &self,
+        node: Option<&Node>,
+        meter: Meter,
+        charged: Credits,
+        success: bool,
+    ) -> Settlement {
+        let b = self.broker.inner();
+        let latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let reward = match node {
+            // Only a successful request earns its node a reward.
+            Some(n) if success => {
+                let ctx = RewardContext {
+                    service: self.prep.route.service(),
+                    model: &self.prep.model,
+                    tier: n.entry.tier,
+                    meter,
+                    latency_ms,
+                    charged,
+                };
+                Some((n.entry.provider_id.clone(), b.rewards.reward(&ctx)))
+            }
+            _ => None,
+        };
+        let r = &self.reservation;
+        Settlement {
+            request_id: r.request_id.clone(),
+            charged,
+            reward,
+            usage: UsageRecord {
+                request_id: r.request_id.clone(),
+                user_id: r.user_id.clone(),
+                key_id: r.key_id.clone(),
+                route: r.route,
+                model: self.prep.model.clone(),
+                provision_id: node.map(|n| n.entry.provision_id.clone()),
+                provider_id: node.map(|n| n.entry.provider_id.clone()),
+                input_tokens: meter.input_tokens,
+                output_tokens: meter.output_tokens,
+                units: meter.units,
+                success,
+                latency_ms,
+                app: self.app.clone(),
+                at: b.clock.now(),
+                charged: Credits::ZERO,
+                reward: Credits::ZERO,
+            },
+        }
+    }
+
+    /// Passes a stream through from its first chunk on, and settles when it ends.
+    ///
+    /// Bounded on every side: the answer's bytes (`max_response_bytes`), its
+    /// length in time (`max_stream_duration`, well below the reservation's
+    /// life, so a stream always settles before the stale-hold sweep could
+    /// release it), its output (a node streaming more content chunks than
+    /// the output tokens reserved is lying) and each send to the caller
+    /// (`client_send_timeout`: a caller that stops reading is treated as
+    /// gone, and pays for what was passed on).
+    fn stream(
+        self,
+        node: Arc<Node>,
+        in_flight: InFlight,
+        t0: Instant,
+        first: Bytes,
+        start: StreamStart,
+    ) -> GatewayResponse {
+        let StreamStart {
+            mut resp,
+            mut meter,
+            content_type,
+        } = start;
+        let (tx, rx) = mpsc::channel::<std::result::Result<Bytes, std::io::Error>>(16);
+        let cfg = self.broker.inner().config.clone();
+        let task = async move {
+            let _in_flight = in_flight;
+            enum End {
+                Done,
+                ClientGone,
+                NodeFailed(&'static str),
+            }
+            let deadline = tokio::time::Instant::now() + cfg.max_stream_duration;
+            let mut passed = first.len();
+            let send = |chunk: Bytes| send_within(&tx, chunk, cfg.client_send_timeout);
+            let mut end = if send(first).await {
+                None
+            } else {
+                Some(End::ClientGone)
+            };
+            while end.is_none() {
+                let next = tokio::select! {
+                    r = tokio::time::timeout(cfg.idle_timeout, resp.chunk()) => r,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        end = Some(End::NodeFailed("the answer took longer than allowed"));
+                        break;
+                    }
+                    _ = tx.closed() => { end = Some(End::ClientGone); break; }
+                };
+                match next {
+                    Err(_) => end = Some(End::NodeFailed("the node stalled mid-stream")),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "node stream failed");
+                        end = Some(End::NodeFailed("the node's stream failed"));
+                    }
+                    Ok(Ok(None)) => {
+                        let complete = match meter.as_mut() {
+                            Some(m) => {
+                                m.finish();
+                                let rest = m.take_output();
+                                if !send(rest).await {
+                                    end = Some(End::ClientGone);
+                                    break;
+                                }
+                                m.done && !m.garbage
+                            }
+                            None => true,
+                        };
+                        end = Some(if complete {
+                            End::Done
+                        } else {
+                            End::NodeFailed("the node ended the stream early")
+                        });
+                    }
+                    Ok(Ok(Some(chunk))) => {
+                        passed = passed.saturating_add(chunk.len());
+                        if passed > cfg.max_response_bytes {
+                            end = Some(End::NodeFailed("the node's answer was too large"));
+                            continue;
+                        }
+                        let chunk = match meter.as_mut() {
+                            Some(m) => m.pass(chunk),
+                            None => chunk,
+                        };
+                        if let Some(m) = meter.as_ref() {
+                            if m.garbage {
+                                end = Some(End::NodeFailed("the node sent garbage mid-stream"));
+                                continue;
+                            }
+                            if m.content_chunks > self.prep.bound.output_tokens {
+                                // Each content chunk is at least one token: the
+                                // node produced more than it was asked for.
+                                end = Some(End::NodeFailed(
+                                    "the node sent more output than was asked for",
+                                ));
+                                continue;
+                            }
+                        }
+                        if !send(chunk).await {
+                            end = Some(End::ClientGone);
+                        }
+                    }
+                }
+            }
+            // Dropping the response cancels the upstream call.
+            drop(resp);
+            let st = match end {
+                Some(End::NodeFailed(reason)) => {
+                    self.broker.attempt_done(&node, t0, Outcome::Failure);
+                    match &meter {
+                        Some(m) => {
+                            // What was delivered, counted by the broker: a
+                            // node's usage claim for a broken stream is not
+                            // believed.
+                            let m = m.delivered(self.prep.fallback_input, self.prep.bound);
+                            let event = serde_json::json!({"error": {
+                                "message": format!("the stream was interrupted: {reason}"),
+                                "type": "upstream_error",
+                                "code": "stream_interrupted",
+                            }});
+                            let _ = send(Bytes::from(format!("data: {event}\n\n"))).await;
+                            let charged = self.price.partial_cost(m);
+                            self.settlement(Some(&node), m, charged, false)
+                        }
+                        None => {
+                            // Audio cannot carry an error event: break the
+                            // body so the client sees a truncated transfer,
+                            // and charge nothing for unusable audio.
+                            let _ = tokio::time::timeout(
+                                cfg.client_send_timeout,
+                                tx.send(Err(std::io::Error::other(reason))),
+                            )
+                            .await;
+                            self.settlement(Some(&node), Meter::default(), Credits::ZERO, false)
+                        }
+                    }
+                }
+                Some(End::ClientGone) | Some(End::Done) | None => {
+                    self.broker.attempt_done(&node, t0, Outcome::Success);
+                    // A binary answer (audio) is metered by the request's
+                    // bounds (characters to speak), known before it started.
+                    let m = match &meter {
+                        Some(m) => m.meter(self.prep.fallback_input, self.prep.bound),
+                        None => self.prep.bound,
+                    };
+                    let charged = self.price.cost(m);
+                    self.settlement(Some(&node), m, charged, true)
+                }
+            };
+            // Settle before the body ends: a client that has read the whole
+            // answer can rely on it being charged and recorded.
+            self.broker.settle(&self.reservation, st).await;
+            drop(tx);
+        };
+        // The stream outlives the handler: it keeps the request's span.
+        tokio::spawn(task.instrument(tracing::Span::current()));
+        GatewayResponse::Stream {
+            content_type,
+            body: tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
+        }
+    }
+}
+
+/// Passes `chunk` on to the caller within `timeout`: `false` when the caller
+/// is gone or stopped reading. An empty chunk is not sent (it would end a
+/// chunked body early).
+async fn send_within(
+    tx: &mpsc::Sender<std::result::Result<Bytes, std::io::Error>>,
+    chunk: Bytes,
+    timeout: Duration,
+) -> bool {
+    chunk.is_empty()
+        || matches!(
+            tokio::time::timeout(timeout, tx.send(Ok(chunk))).await,
+            Ok(Ok(()))
+        )
+}
+
+/// Sends a request and waits for a usable response's headers within
+/// `timeout`; see [`CallContext::launch`].
+async fn first_phase(
+    send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    node: &Node,
+    t0: Instant,
+    timeout: Duration,
+    mut mark: Duration,
+    clock: &dyn Clock,
+) -> std::result::Result<reqwest::Response, AttemptError> {
+    let deadline = t0 + timeout;
+    tokio::pin!(send);
+    let sent = loop {
+        let at = (t0 + mark).min(deadline);
+        tokio::select! {
+            r = &mut send => break r,
+            _ = tokio::time::sleep_until(at.into()) => {
+                if at >= deadline {
+                    return Err(AttemptError::timeout("the node did not answer in time"));
+                }
+                // Still waiting: the node is at least this slow right now.
+                node.observe_outstanding(elapsed_us(t0));
+                mark = mark.saturating_mul(2);
+            }
+        }
+    };
+    let resp = match sent {
+        Err(e) if e.is_timeout() => {
+            return Err(AttemptError::new(
+                Failure::Timeout,
+                "the node did not answer in time",
+                format!("node timed out: {e}"),
+            ))
+        }
+        // reqwest's text names the node's address: it goes to the log only.
+        Err(e) => {
+            return Err(AttemptError::new(
+                Failure::Failed,
+                "the node could not be reached",
+                format!("node unreachable: {e}"),
+            ))
+        }
+        Ok(r) => r,
+    };
+    let status = resp.status();
+    if matches!(status.as_u16(), 400 | 413 | 422) {
+        return Err(match rejection_message(resp).await {
+            Some(m) => AttemptError::new(Failure::Refused, REFUSED, format!("node refused: {m}")),
+            None => AttemptError::failed("the node refused the request without saying why"),
+        });
+    }
+    if !status.is_success() {
+        let detail = format!("node answered {status}");
+        return Err(
+            match health::classify(status, resp.headers(), clock.now()) {
+                Outcome::Busy(d) => AttemptError::new(Failure::Busy(d), "the node is busy", detail),
+                _ => AttemptError::new(Failure::Failed, "the node failed", detail),
+            },
+        );
+    }
+    Ok(resp)
+}
+
+/// The content type of a binary answer: the node's, when it is audio or
+/// octet-stream (never anything a browser would render), else `audio/wav`.
+fn binary_content_type(resp: &reqwest::Response) -> String {
+    let ct = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if (ct.starts_with("audio/") || ct == "application/octet-stream")
+        && ct.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+    {
+        ct
+    } else {
+        "audio/wav".to_owned()
+    }
+}
+
+/// The message of a node's OpenAI-style error answer (`{"error":{"message":..}}`),
+/// read with a small cap and cleaned for the log; `None` when there is none.
+async fn rejection_message(mut resp: reqwest::Response) -> Option<String> {
+    let buf = read_capped(&mut resp, Duration::from_secs(5), 16 * 1024)
+        .await
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&buf).ok()?;
+    let m = v.pointer("/error/message")?.as_str()?;
+    let clean: String = m.chars().filter(|c| !c.is_control()).take(300).collect();
+    (!clean.trim().is_empty()).then_some(clean)
+}
+
+/// A node's whole answer, at most `cap` bytes, each read within `idle`.
+async fn read_capped(
+    resp: &mut reqwest::Response,
+    idle: Duration,
+    cap: usize,
+) -> std::result::Result<Vec<u8>, AttemptError> {
+    egress::read_capped(resp, cap, Some(idle))
+        .await
+        .map_err(|e| match e {
+            CappedReadError::Stalled => AttemptError::timeout("the node stalled mid-answer"),
+            CappedReadError::Failed(e) => AttemptError::new(
+                Failure::Failed,
+                "the node's answer failed",
+                format!("node answer failed: {e}"),
+            ),
+            CappedReadError::TooLarge => AttemptError::failed("the node's answer was too large"),
+        })
+}
+
+fn elapsed_us(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_waits_follow_the_pool_within_bounds() {
+        let (floor, ceiling) = (Duration::from_secs(2), Duration::from_secs(60));
+        assert_eq!(adaptive(None, 20, floor, ceiling), ceiling);
+        let ms = Duration::from_millis;
+        assert_eq!(adaptive(Some(ms(3)), 20, floor, ceiling), floor);
+        assert_eq!(adaptive(Some(ms(500)), 20, floor, ceiling), ms(10_000));
+        assert_eq!(adaptive(Some(ms(9_000)), 20, floor, ceiling), ceiling);
+    }
+
+    #[test]
+    fn the_usual_duration_is_a_slow_average() {
+        let u = Usual::default();
+        assert_eq!(u.get(), None);
+        u.observe(Duration::from_millis(8));
+        assert_eq!(u.get(), Some(Duration::from_millis(8)));
+        // One outlier moves it by an eighth of the difference.
+        u.observe(Duration::from_millis(808));
+        assert_eq!(u.get(), Some(Duration::from_millis(108)));
+    }
+}
