@@ -158,6 +158,17 @@ impl Drop for AbandonGuard {
     }
 }
 
+/// A listener whose connections send small writes at once (`TCP_NODELAY`):
+/// without it a stream's small chunks wait for delayed ACKs (~40 ms each).
+fn nodelay(
+    l: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    use axum::serve::ListenerExt;
+    l.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    })
+}
+
 /// A stand-in provider node: a real HTTP server on `127.0.0.1:0`.
 pub struct StandInNode {
     addr: SocketAddr,
@@ -202,7 +213,7 @@ impl StandInNode {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(nodelay(listener), app).await;
         });
         StandInNode { addr, state, task }
     }
@@ -554,7 +565,7 @@ impl TestHost {
         let addr = listener.local_addr().expect("local addr");
         let app = crate::http::router(broker.clone());
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(nodelay(listener), app).await;
         });
         TestHost {
             broker,

@@ -305,6 +305,10 @@ impl Node {
         let (stop_serving, serving_stopped) = oneshot::channel::<()>();
         let app = server::router(state.clone());
         let serve = tokio::spawn(async move {
+            // Small stream chunks go out at once, not after a delayed ACK.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(async {
                     let _ = serving_stopped.await;
