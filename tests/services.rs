@@ -11,7 +11,9 @@ use axum::http::header;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
 use cxmpute_core::node::{Node, NodeConfig, NodeHandle};
-use cxmpute_core::testkit::{chat_price, expect_error, StandInNode, TestHost, EMBED, MODEL};
+use cxmpute_core::testkit::{
+    chat_price, expect_error, test_config, StandInNode, TestHost, EMBED, MODEL,
+};
 use cxmpute_core::wire::ErrorBody;
 use cxmpute_core::*;
 use parking_lot::Mutex;
@@ -165,8 +167,15 @@ struct World {
 
 async fn world() -> World {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    // Callers may name the test's own pages (127.0.0.1) and nothing else
+    // that is not public.
+    let mut config = test_config();
+    config.url_egress = egress::EgressRules::public_only()
+        .allowing("127.0.0.1")
+        .unwrap();
     let h = TestHost::start_with(store, |b| {
-        b.reward_policy(Arc::new(FlatReward(Credits(100))))
+        b.config(config)
+            .reward_policy(Arc::new(FlatReward(Credits(100))))
     })
     .await;
     for p in prices() {
