@@ -803,3 +803,28 @@ async fn a_chat_image_is_reserved_and_charged_as_its_flat_figure() {
     assert_eq!(node.hits(), 1);
     h.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn embeddings_pass_only_their_known_fields_to_the_node() {
+    let h = host().await;
+    let (node, _, _) = h.stand_in("e", Service::Embeddings, EMBED).await;
+    let (_, key) = h.user(Credits::whole(1)).await;
+    let body = json!({"model": EMBED, "input": "hi", "dimensions": 3,
+        "options": {"num_ctx": 1_000_000}, "truncate_prompt_tokens": 5});
+    let r = h.post("/v1/embeddings", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    let sent = node.last_body().unwrap();
+    assert_eq!(
+        sent,
+        json!({"model": EMBED, "input": "hi", "dimensions": 3})
+    );
+    for (field, value) in [("dimensions", json!(0)), ("encoding_format", json!("pdf"))] {
+        let mut bad = json!({"model": EMBED, "input": "hi"});
+        bad[field] = value;
+        let r = h.post("/v1/embeddings", &key, &bad).await;
+        let m = expect_error(r, 400, "invalid_request").await;
+        assert!(m.contains(field), "{m}");
+    }
+    assert_eq!(node.hits(), 1);
+    h.assert_ledger().await;
+}

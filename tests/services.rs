@@ -341,6 +341,27 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
 }
 
 #[tokio::test]
+async fn speech_instructions_are_capped_and_priced_with_the_input() {
+    let w = world().await;
+    let (u, key) = w.h.user(Credits::whole(10)).await;
+    let long = "x".repeat(4097);
+    let body = json!({"model": "kokoro", "input": "hi", "voice": "alloy", "instructions": long});
+    let r = w.h.post("/v1/audio/speech", &key, &body).await;
+    let m = expect_error(r, 400, "invalid_request").await;
+    assert!(m.contains("instructions"), "{m}");
+    // A model that reads how to speak reads those characters too.
+    let body = json!({"model": "kokoro", "input": "Hello.", "voice": "alloy",
+        "instructions": "Speak calmly.", "stream_format": "sse"});
+    let r = w.h.post("/v1/audio/speech", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    check_wav(&r.bytes().await.unwrap());
+    let used = w.h.last_usage(&u.id).await;
+    assert_eq!(used.units, 6 + 13);
+    assert_eq!(used.charged, Credits(100 + 20 * 19));
+    w.h.assert_ledger().await;
+}
+
+#[tokio::test]
 async fn scraping_fetches_converts_and_refuses_forbidden_hops() {
     let w = world().await;
     let (u, key) = w.h.user(Credits::whole(10)).await;

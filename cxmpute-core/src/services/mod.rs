@@ -171,10 +171,30 @@ pub(crate) fn prepare(cfg: &BrokerConfig, route: Route, body: &Bytes) -> Result<
     }
 }
 
+/// The embeddings request fields passed to the node beside `model` and
+/// `input`: none of them adds work. Any other (a server's own options) is
+/// dropped.
+const EMBEDDING_FIELDS: &[&str] = &["encoding_format", "dimensions", "user"];
+
 fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
-    let req: EmbeddingsRequest = parse_body(body)?;
+    let mut req: EmbeddingsRequest = parse_body(body)?;
     if req.model.trim().is_empty() {
         return Err(invalid("`model` must not be empty"));
+    }
+    req.extra
+        .retain(|k, v| EMBEDDING_FIELDS.contains(&k.as_str()) && !v.is_null());
+    if let Some(f) = req.extra.get("encoding_format") {
+        if !matches!(f.as_str(), Some("float" | "base64")) {
+            return Err(invalid("`encoding_format` must be `float` or `base64`"));
+        }
+    }
+    if let Some(d) = req.extra.get("dimensions") {
+        if !d
+            .as_u64()
+            .is_some_and(|d| (1..=u64::from(u32::MAX)).contains(&d))
+        {
+            return Err(invalid("`dimensions` must be a whole number of at least 1"));
+        }
     }
     let (items, bytes, tokens) = match &req.input {
         EmbeddingInput::Text(t) => (1, t.len() as u64, 0),
@@ -188,6 +208,7 @@ fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
     if items > 2048 {
         return Err(invalid("`input` has more than 2048 items"));
     }
+    let encoded = encode(&req)?;
     Ok(Prepared {
         route: Route::Embeddings,
         model: req.model,
@@ -197,7 +218,7 @@ fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
             units: 0,
         },
         fallback_input: ceil_div4(bytes) + tokens,
-        body: body.clone(),
+        body: encoded,
         kind: AnswerKind::Json(meter_embeddings),
     })
 }
