@@ -523,6 +523,49 @@ async fn an_image_url_the_node_may_not_fetch_costs_nothing() {
 }
 
 #[tokio::test]
+async fn chat_image_urls_are_fetched_by_the_node_through_its_guard_and_inlined() {
+    let w = world().await;
+    let (_, key) = w.h.user(Credits::whole(10)).await;
+    let ask = |url: String| {
+        json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is it?"},
+            {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+        ]}]})
+    };
+    let r =
+        w.h.post(
+            "/v1/chat/completions",
+            &key,
+            &ask(format!("{}/pixel.png", w.site)),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let sent = w.upstream.last_body().unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"][1]["image_url"],
+        json!({"url": format!("data:image/png;base64,{PNG_B64}"), "detail": "low"}),
+        "the model server gets the image, never a URL to fetch"
+    );
+    // Refused by the node's guard (a redirect to the metadata address, a
+    // private address on the way) or its size cap: the model server never
+    // sees the request.
+    let hits = w.upstream.hits();
+    for path in ["/to-metadata", "/to-private", "/huge.png"] {
+        let r =
+            w.h.post(
+                "/v1/chat/completions",
+                &key,
+                &ask(format!("{}{path}", w.site)),
+            )
+            .await;
+        let m = expect_error(r, 400, "invalid_request").await;
+        assert!(m.contains("image"), "{path}: {m}");
+    }
+    assert_eq!(w.upstream.hits(), hits);
+    w.h.assert_ledger().await;
+}
+
+#[tokio::test]
 async fn bad_input_on_every_route_is_a_clear_400_and_costs_nothing() {
     let w = world().await;
     let (u, key) = w.h.user(Credits::whole(10)).await;
