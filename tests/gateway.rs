@@ -603,3 +603,229 @@ fn answers_carrying_secrets_redact_them_in_debug_but_not_on_the_wire() {
     };
     assert!(!format!("{p:?}").contains("supersecret"));
 }
+
+// ---- what a request may ask of a node ------------------------------------------
+
+/// A valid 1x1 PNG, base64.
+const PNG_B64: &str =
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+fn ask(content: Value) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 1})
+}
+
+fn image_part(url: &str) -> Value {
+    json!({"type": "image_url", "image_url": {"url": url}})
+}
+
+#[tokio::test]
+async fn every_choice_is_reserved_and_charged_and_n_is_capped() {
+    let h = host().await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    // The node claims far more output than anyone could ask for: what it is
+    // paid for is what the caller reserved.
+    node.set_usage(Some(Usage {
+        prompt_tokens: 1,
+        completion_tokens: 1_000_000,
+        total_tokens: 0,
+    }));
+    let (u, key) = h.user(Credits::whole(10)).await;
+    let mut body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 40, "n": 50});
+    let r = h.post("/v1/chat/completions", &key, &body).await;
+    let m = expect_error(r, 400, "invalid_request").await;
+    assert!(m.contains("`n`") && m.contains('8'), "{m}");
+    assert_eq!(node.hits(), 0);
+
+    body["n"] = json!(4);
+    let r = h.post("/v1/chat/completions", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(node.last_body().unwrap()["n"], 4);
+    let used = h.last_usage(&u.id).await;
+    assert_eq!(used.output_tokens, 4 * 40, "four whole completions");
+    // 1,000 + 1 input token x 1 + 160 output tokens x 2.
+    assert_eq!(used.charged, Credits(1_321));
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn work_the_price_does_not_cover_is_refused_before_any_node() {
+    let h = host().await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    for (field, value, says) in [
+        ("best_of", json!(8), "best_of"),
+        ("audio", json!({"voice": "alloy", "format": "wav"}), "audio"),
+        ("modalities", json!(["text", "audio"]), "modalities"),
+        ("web_search_options", json!({}), "web search"),
+        (
+            "tools",
+            json!([{"type": "mcp", "server_url": "http://169.254.169.254/"}]),
+            "tools[0]",
+        ),
+        ("top_logprobs", json!(1000), "top_logprobs"),
+    ] {
+        let mut body = chat_body(false);
+        body[field] = value;
+        let r = h.post("/v1/chat/completions", &key, &body).await;
+        let m = expect_error(r, 400, "invalid_request").await;
+        assert!(m.contains(says), "{field}: {m}");
+    }
+    assert_eq!(node.hits(), 0);
+    assert_eq!(h.balance(&u.id).await, Credits::whole(1));
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn the_node_receives_exactly_the_output_limit_that_was_reserved() {
+    let h = host().await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    // What a node obeying `max_tokens: 2000` would report.
+    node.set_usage(Some(Usage {
+        prompt_tokens: 10,
+        completion_tokens: 2_000,
+        total_tokens: 2_010,
+    }));
+    let (u, key) = h.user(Credits::whole(10)).await;
+    let mut body = chat_body(false);
+    body["max_completion_tokens"] = json!(1);
+    body["max_tokens"] = json!(2_000);
+    // Limits of particular servers (llama.cpp, Ollama, TGI, vLLM).
+    body["n_predict"] = json!(100_000);
+    body["options"] = json!({"num_predict": 100_000});
+    body["max_new_tokens"] = json!(100_000);
+    body["min_tokens"] = json!(500);
+    let r = h.post("/v1/chat/completions", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    let sent = node.last_body().unwrap();
+    assert_eq!(sent["max_completion_tokens"], 1, "{sent}");
+    assert_eq!(sent["max_tokens"], 1, "{sent}");
+    for other in ["n_predict", "options", "max_new_tokens", "min_tokens"] {
+        assert!(
+            sent.get(other).is_none(),
+            "{other} reached the node: {sent}"
+        );
+    }
+    // The node could produce one token, and that is what was paid for:
+    // 1,000 + 10 input tokens x 1 + 1 output token x 2.
+    let used = h.last_usage(&u.id).await;
+    assert_eq!((used.output_tokens, used.charged), (1, Credits(1_012)));
+
+    // No limit given: the default, reserved and sent in both fields.
+    let r = h.post("/v1/chat/completions", &key, &chat_body(true)).await;
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
+    let sent = node.last_body().unwrap();
+    assert_eq!(
+        (&sent["max_tokens"], &sent["max_completion_tokens"]),
+        (&json!(4096), &json!(4096))
+    );
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn chat_image_urls_naming_private_places_are_refused_before_any_node() {
+    let h = host().await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    for url in [
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "http://[fd00:ec2::254]/latest/meta-data/",
+        "http://localhost:11434/api/tags",
+        "http://10.0.0.1/x.png",
+        "file:///etc/passwd",
+        "gopher://example.com/",
+    ] {
+        let body = ask(json!([{"type": "text", "text": "what?"}, image_part(url)]));
+        let r = h.post("/v1/chat/completions", &key, &body).await;
+        let m = expect_error(r, 400, "invalid_request").await;
+        assert!(m.contains("messages[0].content[1]"), "{url}: {m}");
+        // The older form, a bare string.
+        let body = ask(json!([{"type": "image_url", "image_url": url}]));
+        let r = h.post("/v1/chat/completions", &key, &body).await;
+        expect_error(r, 400, "invalid_request").await;
+    }
+    assert_eq!(node.hits(), 0);
+    assert_eq!(h.balance(&u.id).await, Credits::whole(1));
+
+    // A public URL passes (the node fetches it through its own guard).
+    let url = "https://images.example/cat.png";
+    let r = h
+        .post("/v1/chat/completions", &key, &ask(json!([image_part(url)])))
+        .await;
+    assert_eq!(r.status(), 200);
+    let sent = node.last_body().unwrap();
+    assert_eq!(sent["messages"][0]["content"][0]["image_url"]["url"], url);
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn a_chat_image_is_reserved_and_charged_as_its_flat_figure() {
+    let h = host().await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    // A node claiming a huge prompt is paid for the request's bound.
+    node.set_usage(Some(Usage {
+        prompt_tokens: 1_000_000,
+        completion_tokens: 1,
+        total_tokens: 0,
+    }));
+    let (u, key) = h.user(Credits::whole(10)).await;
+    let data = format!("data:image/png;base64,{PNG_B64}");
+    let body = ask(json!([{"type": "text", "text": "what is it?"}, image_part(&data)]));
+    let r = h.post("/v1/chat/completions", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    let sent = node.last_body().unwrap();
+    assert_eq!(sent["messages"][0]["content"][1]["image_url"]["url"], data);
+    // The body's bytes stand for its text, the image for 1,024 tokens.
+    let bytes = serde_json::to_vec(&body).unwrap().len() as u64;
+    let used = h.last_usage(&u.id).await;
+    assert_eq!(used.input_tokens, bytes - data.len() as u64 + 1_024);
+
+    // Images over the size or the count cap, or not images at all.
+    let big = format!("data:image/png;base64,{}", "A".repeat(3 << 20));
+    let many: Vec<Value> = (0..9).map(|_| image_part(&data)).collect();
+    for (content, says) in [
+        (json!([image_part(&big)]), "larger than"),
+        (Value::Array(many), "at most 8 images"),
+        (
+            json!([image_part("data:text/html;base64,PGgxPmhpPC9oMT4=")]),
+            "not a PNG",
+        ),
+        (
+            json!([{"type": "video_url", "video_url": {"url": "https://v.example/a.mp4"}}]),
+            "video_url",
+        ),
+    ] {
+        let r = h.post("/v1/chat/completions", &key, &ask(content)).await;
+        let m = expect_error(r, 400, "invalid_request").await;
+        assert!(m.contains(says), "{m}");
+    }
+    assert_eq!(node.hits(), 1);
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn embeddings_pass_only_their_known_fields_to_the_node() {
+    let h = host().await;
+    let (node, _, _) = h.stand_in("e", Service::Embeddings, EMBED).await;
+    let (_, key) = h.user(Credits::whole(1)).await;
+    let body = json!({"model": EMBED, "input": "hi", "dimensions": 3,
+        "options": {"num_ctx": 1_000_000}, "truncate_prompt_tokens": 5});
+    let r = h.post("/v1/embeddings", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    let sent = node.last_body().unwrap();
+    assert_eq!(
+        sent,
+        json!({"model": EMBED, "input": "hi", "dimensions": 3})
+    );
+    for (field, value) in [("dimensions", json!(0)), ("encoding_format", json!("pdf"))] {
+        let mut bad = json!({"model": EMBED, "input": "hi"});
+        bad[field] = value;
+        let r = h.post("/v1/embeddings", &key, &bad).await;
+        let m = expect_error(r, 400, "invalid_request").await;
+        assert!(m.contains(field), "{m}");
+    }
+    assert_eq!(node.hits(), 1);
+    h.assert_ledger().await;
+}

@@ -11,7 +11,9 @@ use axum::http::header;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
 use cxmpute_core::node::{Node, NodeConfig, NodeHandle};
-use cxmpute_core::testkit::{chat_price, expect_error, StandInNode, TestHost, EMBED, MODEL};
+use cxmpute_core::testkit::{
+    chat_price, expect_error, test_config, StandInNode, TestHost, EMBED, MODEL,
+};
 use cxmpute_core::wire::ErrorBody;
 use cxmpute_core::*;
 use parking_lot::Mutex;
@@ -165,8 +167,15 @@ struct World {
 
 async fn world() -> World {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    // Callers may name the test's own pages (127.0.0.1) and nothing else
+    // that is not public.
+    let mut config = test_config();
+    config.url_egress = egress::EgressRules::public_only()
+        .allowing("127.0.0.1")
+        .unwrap();
     let h = TestHost::start_with(store, |b| {
-        b.reward_policy(Arc::new(FlatReward(Credits(100))))
+        b.config(config)
+            .reward_policy(Arc::new(FlatReward(Credits(100))))
     })
     .await;
     for p in prices() {
@@ -332,6 +341,27 @@ async fn speech_is_synthesised_streamed_and_charged_per_character() {
 }
 
 #[tokio::test]
+async fn speech_instructions_are_capped_and_priced_with_the_input() {
+    let w = world().await;
+    let (u, key) = w.h.user(Credits::whole(10)).await;
+    let long = "x".repeat(4097);
+    let body = json!({"model": "kokoro", "input": "hi", "voice": "alloy", "instructions": long});
+    let r = w.h.post("/v1/audio/speech", &key, &body).await;
+    let m = expect_error(r, 400, "invalid_request").await;
+    assert!(m.contains("instructions"), "{m}");
+    // A model that reads how to speak reads those characters too.
+    let body = json!({"model": "kokoro", "input": "Hello.", "voice": "alloy",
+        "instructions": "Speak calmly.", "stream_format": "sse"});
+    let r = w.h.post("/v1/audio/speech", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    check_wav(&r.bytes().await.unwrap());
+    let used = w.h.last_usage(&u.id).await;
+    assert_eq!(used.units, 6 + 13);
+    assert_eq!(used.charged, Credits(100 + 20 * 19));
+    w.h.assert_ledger().await;
+}
+
+#[tokio::test]
 async fn scraping_fetches_converts_and_refuses_forbidden_hops() {
     let w = world().await;
     let (u, key) = w.h.user(Credits::whole(10)).await;
@@ -490,6 +520,49 @@ async fn an_image_url_the_node_may_not_fetch_costs_nothing() {
         w.vision_seen.lock().prompts.is_empty(),
         "the model never saw them"
     );
+}
+
+#[tokio::test]
+async fn chat_image_urls_are_fetched_by_the_node_through_its_guard_and_inlined() {
+    let w = world().await;
+    let (_, key) = w.h.user(Credits::whole(10)).await;
+    let ask = |url: String| {
+        json!({"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is it?"},
+            {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+        ]}]})
+    };
+    let r =
+        w.h.post(
+            "/v1/chat/completions",
+            &key,
+            &ask(format!("{}/pixel.png", w.site)),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let sent = w.upstream.last_body().unwrap();
+    assert_eq!(
+        sent["messages"][0]["content"][1]["image_url"],
+        json!({"url": format!("data:image/png;base64,{PNG_B64}"), "detail": "low"}),
+        "the model server gets the image, never a URL to fetch"
+    );
+    // Refused by the node's guard (a redirect to the metadata address, a
+    // private address on the way) or its size cap: the model server never
+    // sees the request.
+    let hits = w.upstream.hits();
+    for path in ["/to-metadata", "/to-private", "/huge.png"] {
+        let r =
+            w.h.post(
+                "/v1/chat/completions",
+                &key,
+                &ask(format!("{}{path}", w.site)),
+            )
+            .await;
+        let m = expect_error(r, 400, "invalid_request").await;
+        assert!(m.contains("image"), "{path}: {m}");
+    }
+    assert_eq!(w.upstream.hits(), hits);
+    w.h.assert_ledger().await;
 }
 
 #[tokio::test]

@@ -81,7 +81,7 @@ use futures::stream::BoxStream;
 
 use crate::accounts::{normalize_email, AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
-use crate::egress::{self, EgressPolicy};
+use crate::egress::{self, EgressPolicy, EgressRules};
 use crate::error::{Error, Result};
 use crate::health::{self, HealthConfig, HealthReport};
 use crate::mail::{ConsoleMailer, Mailer};
@@ -142,6 +142,19 @@ pub struct BrokerConfig {
     pub client_send_timeout: Duration,
     /// `max_tokens` sent to the node when the caller gave none (and reserved for).
     pub default_max_tokens: u32,
+    /// Most choices (`n`) one chat request may ask for; each is reserved and
+    /// charged as a whole completion of the output limit. More is a 400.
+    pub max_choices: u32,
+    /// Most images one chat request may carry.
+    pub max_images: usize,
+    /// The input tokens one chat image is priced as: reserved for each image
+    /// and the most charged for it, whatever its size.
+    pub image_input_tokens: u64,
+    /// Which addresses URLs in callers' requests (images for a node to
+    /// fetch) may name, apart from [`BrokerConfig::egress`]: a cluster may
+    /// run its nodes on private addresses and still refuse callers' URLs
+    /// there.
+    pub url_egress: EgressRules,
     /// A node not heard from for this long leaves routing.
     pub heartbeat_ttl: Duration,
     /// A reservation older than this is released (its host died mid-request).
@@ -174,6 +187,10 @@ impl Default for BrokerConfig {
             max_stream_duration: Duration::from_secs(10 * 60),
             client_send_timeout: Duration::from_secs(30),
             default_max_tokens: 4096,
+            max_choices: 8,
+            max_images: 8,
+            image_input_tokens: 1024,
+            url_egress: EgressRules::public_only(),
             heartbeat_ttl: Duration::from_secs(90),
             reservation_ttl: Duration::from_secs(30 * 60),
             egress: EgressPolicy::PublicOnly,

@@ -210,6 +210,39 @@ pub fn literal_ip(url: &reqwest::Url) -> Option<IpAddr> {
         .ok()
 }
 
+/// Name suffixes that never lead to a public address: special-use names
+/// (`localhost`, RFC 6761; `local`, mDNS; `home.arpa`, RFC 8375), the
+/// private-use `internal` (cloud metadata: `metadata.google.internal`) and
+/// the suffixes private networks commonly use.
+const LOCAL_SUFFIXES: &[&str] = &[
+    "localhost",
+    "local",
+    "internal",
+    "home.arpa",
+    "localdomain",
+    "lan",
+    "home",
+    "corp",
+    "intranet",
+];
+
+/// Whether a host name can only mean a machine on a private network: one
+/// label (`metadata`, `intranet`), or a name under a special-use or private
+/// suffix (`localhost`, `metadata.google.internal`, `printer.local`...).
+///
+/// Such a URL can be refused without resolving it, where resolving is not
+/// possible (the broker checking a URL a node will fetch). It is a first
+/// filter, not the guard: a public-looking name may still resolve to a
+/// private address, which only [`resolve_checked`] catches.
+pub fn is_local_name(host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    !host.contains('.')
+        || LOCAL_SUFFIXES.iter().any(|s| {
+            host.strip_suffix(s)
+                .is_some_and(|rest| rest.is_empty() || rest.ends_with('.'))
+        })
+}
+
 /// Resolves a URL's host and checks every address under `policy`. Returns the
 /// addresses to connect to (pin them: do not resolve again).
 pub async fn resolve_checked(
@@ -535,6 +568,30 @@ mod tests {
         ] {
             let ip: IpAddr = bad.parse().unwrap();
             assert!(!is_global(ip), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn local_names_are_told_from_public_ones() {
+        for local in [
+            "localhost",
+            "LOCALHOST.",
+            "api.localhost",
+            "metadata",
+            "metadata.google.internal",
+            "printer.local",
+            "router.home.arpa",
+            "nas.lan",
+        ] {
+            assert!(is_local_name(local), "{local}");
+        }
+        for public in [
+            "example.com",
+            "images.example.org.",
+            "internal.example.com",
+            "mylan.com",
+        ] {
+            assert!(!is_local_name(public), "{public}");
         }
     }
 

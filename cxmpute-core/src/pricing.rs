@@ -3,8 +3,9 @@
 //! A request's cost is `per_request` plus input tokens, output tokens and
 //! other units at per-million rates, each part rounded up to a whole
 //! micro-credit. The broker reserves the cost of a request's *upper bounds*
-//! (prompt bytes as input tokens, `max_tokens` as output tokens) and settles
-//! the cost of what was actually metered, never more than it reserved.
+//! (prompt bytes as input tokens, an image as a flat figure, the output
+//! limit times the choices asked for as output tokens) and settles the cost
+//! of what was actually metered, never more than it reserved.
 
 use std::sync::Arc;
 

@@ -143,6 +143,8 @@ struct NodeState {
     usage: Mutex<Option<Usage>>,
     secret: Mutex<Option<String>>,
     hits: AtomicUsize,
+    /// The body of the last call it received.
+    last_body: Mutex<Option<Bytes>>,
     name: String,
     /// Signalled when a broken or stalled answer is dropped by the server,
     /// i.e. when the peer went away.
@@ -200,6 +202,7 @@ impl StandInNode {
             })),
             secret: Mutex::new(None),
             hits: AtomicUsize::new(0),
+            last_body: Mutex::new(None),
             name: name.to_owned(),
             abandoned: tokio::sync::Notify::new(),
         });
@@ -263,6 +266,12 @@ impl StandInNode {
         let addr = l.local_addr().expect("addr");
         drop(l);
         format!("http://{addr}")
+    }
+
+    /// The JSON body of the last call it received (`None` before any).
+    pub fn last_body(&self) -> Option<Value> {
+        let body = self.state.last_body.lock().clone()?;
+        Some(serde_json::from_slice(&body).expect("the broker sends JSON"))
     }
 }
 
@@ -341,6 +350,7 @@ fn broken_body(state: &Arc<NodeState>, prefix: Vec<Bytes>, stall: bool) -> Body 
 }
 
 async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
+    *s.last_body.lock() = Some(body.clone());
     let b = match admit(&s, &h).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -469,6 +479,7 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
 }
 
 async fn embeddings(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
+    *s.last_body.lock() = Some(body.clone());
     if let Err(r) = admit(&s, &h).await {
         return r;
     }

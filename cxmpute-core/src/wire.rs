@@ -1,8 +1,10 @@
 //! Wire types: the JSON bodies of the HTTP API, defined once and shared by
 //! the broker and `cxmpute-client`.
 //!
-//! OpenAI shapes keep fields they do not name in `extra`, so a request passes
-//! through to the node with every option the caller set.
+//! OpenAI shapes keep fields they do not name in `extra`, so a client can
+//! send any option and an answer keeps everything the node said. The broker
+//! passes on to a node only the options it knows to be covered by the price
+//! (see the gateway routes' validation); the rest is dropped or refused.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -59,7 +61,9 @@ pub struct ChatCompletionRequest {
     /// Sampling temperature.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
-    /// Every other field, passed through unchanged.
+    /// Every other field (`n`, `tools`, `top_p`...). The broker passes on
+    /// the sampling and tool options it knows, checks `n` and refuses or
+    /// drops the rest.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -268,7 +272,8 @@ pub struct EmbeddingsRequest {
     pub model: String,
     /// Text(s) or token ids to embed.
     pub input: EmbeddingInput,
-    /// Other fields (`encoding_format`, `dimensions`, `user`), passed through.
+    /// Other fields: `encoding_format`, `dimensions` and `user` are checked
+    /// and passed on; the broker drops any other.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
@@ -508,7 +513,9 @@ pub struct SpeechRequest {
     /// Speaking speed, 0.25 to 4.0 (1.0 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speed: Option<f32>,
-    /// Other fields (`instructions`...), passed through.
+    /// Other fields: `instructions` (at most [`MAX_SPEECH_CHARS`]
+    /// characters, priced per character with the input) is passed on; the
+    /// broker drops any other.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }

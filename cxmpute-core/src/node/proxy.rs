@@ -70,7 +70,8 @@ pub(crate) async fn upstream_models(http: &reqwest::Client, up: Option<&Upstream
 }
 
 /// Passes a chat or embeddings call through to the upstream: status, type
-/// and bytes as they arrive (streams stay streams).
+/// and bytes as they arrive (streams stay streams). A chat's image URLs are
+/// fetched and inlined first ([`inline_chat_images`]).
 pub(crate) async fn forward(
     s: &Serving,
     service: Service,
@@ -88,6 +89,10 @@ pub(crate) async fn forward(
         _ => &s.cfg.embedding_models,
     };
     served(models, &m.model)?;
+    let body = match service {
+        Service::Chat => inline_chat_images(s, body).await?,
+        _ => body,
+    };
     let resp = post(s, up, path)
         .body(body)
         .send()
@@ -103,6 +108,41 @@ pub(crate) async fn forward(
     *out.status_mut() = status;
     out.headers_mut().insert(header::CONTENT_TYPE, content_type);
     Ok(out)
+}
+
+/// A chat body whose `http(s)` image URLs are replaced by the images
+/// themselves, fetched here through the egress guard (all at once, each
+/// capped in size and time): the model server never fetches a URL a caller
+/// named, since it would do so unguarded, link-local metadata included. A
+/// body without one is passed on as it is.
+async fn inline_chat_images(s: &Serving, body: Bytes) -> Result<Bytes> {
+    let mut v: Value = parse_body(&body)?;
+    let mut found = Vec::new();
+    for (i, m) in v["messages"].as_array().into_iter().flatten().enumerate() {
+        for (j, part) in m["content"].as_array().into_iter().flatten().enumerate() {
+            let image = &part["image_url"];
+            let url = image["url"].as_str().or(image.as_str());
+            if let Some(url) = url.filter(|u| !u.trim_start().starts_with("data:")) {
+                found.push((i, j, url.to_owned()));
+            }
+        }
+    }
+    if found.is_empty() {
+        return Ok(body);
+    }
+    let images =
+        futures::future::try_join_all(found.iter().map(|(_, _, url)| fetch_image(s, url))).await?;
+    for ((i, j, _), image) in found.iter().zip(images) {
+        let part = &mut v["messages"][*i]["content"][*j]["image_url"];
+        if part.is_object() {
+            part["url"] = Value::String(image);
+        } else {
+            *part = json!({ "url": image });
+        }
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| Error::backend("encoding the chat request", e))
 }
 
 /// The most tokens a vision answer may take.
@@ -184,6 +224,12 @@ async fn image_data_url(s: &Serving, req: &VisionRequest) -> Result<String> {
     let url = req.image_url.as_deref().ok_or_else(|| {
         Error::InvalidInput("an image is required: `image_url` or `image`".into())
     })?;
+    fetch_image(s, url).await
+}
+
+/// An image URL fetched through the egress guard (size-capped), checked to
+/// be an image, as a data URL.
+async fn fetch_image(s: &Serving, url: &str) -> Result<String> {
     let page = egress::fetch(url, &s.cfg.egress, &s.cfg.image_limits)
         .await
         .map_err(|e| match e {

@@ -8,7 +8,7 @@
 //!
 //! | route | service | pool model | metered as |
 //! |---|---|---|---|
-//! | `/v1/chat/completions` | chat | `model` | input and output tokens |
+//! | `/v1/chat/completions` | chat | `model` | input and output tokens (an image: a flat figure) |
 //! | `/v1/embeddings` | embeddings | `model` | input tokens |
 //! | `/v1/audio/speech` | tts | `model` | units: characters spoken |
 //! | `/v1/tts` | tts | `model`, else `kokoro` | units: characters spoken |
@@ -21,11 +21,13 @@
 use bytes::Bytes;
 
 use crate::broker::BrokerConfig;
+use crate::egress::{self, AddressFilter};
 use crate::error::{Error, Result};
 use crate::pricing::Meter;
 use crate::types::Route;
 use crate::wire::*;
 
+mod chat;
 mod scrape;
 pub(crate) mod speech;
 mod vision;
@@ -77,7 +79,10 @@ pub(crate) struct Prepared {
     pub body: Bytes,
     /// How the answer is checked and metered.
     pub kind: AnswerKind,
-    /// Upper bounds of what the request can consume.
+    /// Upper bounds of what the request can consume: what was reserved, and
+    /// the most a node's answer is metered as. For chat, `output_tokens` is
+    /// every choice's output together (the limit sent to the node times
+    /// `n`): a stream must not pass on more.
     pub bound: Meter,
     /// The input tokens assumed when a node reports none.
     pub fallback_input: u64,
@@ -106,6 +111,40 @@ pub(crate) fn check_model(model: &str) -> Result<String> {
     Ok(m.to_owned())
 }
 
+/// Checks a URL a caller gives for a node to fetch (an image): `http(s)`,
+/// at most [`MAX_URL_LEN`] long, and not pointing at a private place as far
+/// as can be told without resolving it: a literal address must pass
+/// [`BrokerConfig::url_egress`] and, unless that allows private addresses,
+/// a name that can only be local (`localhost`, `metadata.google.internal`)
+/// is refused. The node resolves and checks a name again when it fetches it.
+pub(crate) fn check_fetch_url(cfg: &BrokerConfig, url: &str, field: &str) -> Result<reqwest::Url> {
+    let u = url.trim();
+    if u.len() > MAX_URL_LEN {
+        return Err(invalid(format!(
+            "`{field}` is longer than {MAX_URL_LEN} characters"
+        )));
+    }
+    let url = egress::parse_http_url(u).map_err(|e| match e {
+        Error::InvalidInput(m) => invalid(format!("`{field}`: {m}")),
+        other => other,
+    })?;
+    let rules = &cfg.url_egress;
+    match egress::literal_ip(&url) {
+        Some(ip) if !rules.permits_ip(ip) => {
+            Err(invalid(format!("`{field}`: {ip} is not a public address")))
+        }
+        None if rules.base == egress::EgressPolicy::PublicOnly
+            && url.host_str().is_some_and(egress::is_local_name) =>
+        {
+            Err(invalid(format!(
+                "`{field}`: `{}` is not a public host name",
+                url.host_str().unwrap_or_default()
+            )))
+        }
+        _ => Ok(url),
+    }
+}
+
 /// Encodes a normalised body for the node.
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Bytes> {
     serde_json::to_vec(v)
@@ -121,7 +160,7 @@ pub(crate) fn ceil_div4(n: u64) -> u64 {
 /// Validates a gateway body for `route` and prepares it for forwarding.
 pub(crate) fn prepare(cfg: &BrokerConfig, route: Route, body: &Bytes) -> Result<Prepared> {
     match route {
-        Route::ChatCompletions => prepare_chat(cfg, body),
+        Route::ChatCompletions => chat::prepare_chat(cfg, body),
         Route::Embeddings => prepare_embeddings(body),
         Route::AudioSpeech => speech::prepare_speech(body),
         Route::Tts => speech::prepare_tts(body),
@@ -132,98 +171,30 @@ pub(crate) fn prepare(cfg: &BrokerConfig, route: Route, body: &Bytes) -> Result<
     }
 }
 
-fn prepare_chat(cfg: &BrokerConfig, body: &Bytes) -> Result<Prepared> {
-    let mut req: ChatCompletionRequest = parse_body(body)?;
-    if req.model.trim().is_empty() {
-        return Err(invalid("`model` must not be empty"));
-    }
-    if req.messages.is_empty() {
-        return Err(invalid("`messages` must not be empty"));
-    }
-    for (i, m) in req.messages.iter().enumerate() {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "user" | "assistant" | "tool" | "developer" | "function"
-        ) {
-            return Err(invalid(format!(
-                "messages[{i}].role `{}` is not a known role",
-                m.role
-            )));
-        }
-    }
-    let max_out = match (req.max_completion_tokens, req.max_tokens) {
-        (Some(0), _) | (None, Some(0)) => return Err(invalid("`max_tokens` must be at least 1")),
-        (Some(n), _) | (None, Some(n)) => n,
-        (None, None) => {
-            // The reservation covers this many output tokens, so the node is
-            // told to stop there.
-            req.max_tokens = Some(cfg.default_max_tokens);
-            cfg.default_max_tokens
-        }
-    };
-    let stream = req.stream.unwrap_or(false);
-    let caller_wants_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    if stream {
-        req.stream_options
-            .get_or_insert_with(StreamOptions::default)
-            .include_usage = true;
-    }
-    let text_bytes: u64 = req
-        .messages
-        .iter()
-        .map(|m| m.text_len().map_or(0, |n| n as u64) + 16)
-        .sum();
-    let encoded = encode(&req)?;
-    Ok(Prepared {
-        route: Route::ChatCompletions,
-        model: req.model,
-        // A token is at least one byte, so the body's length bounds the input.
-        bound: Meter {
-            input_tokens: body.len() as u64,
-            output_tokens: u64::from(max_out),
-            units: 0,
-        },
-        fallback_input: ceil_div4(text_bytes),
-        body: encoded,
-        kind: if stream {
-            AnswerKind::ChatSse { caller_wants_usage }
-        } else {
-            AnswerKind::Json(meter_chat)
-        },
-    })
-}
-
-fn meter_chat(prep: &Prepared, body: &[u8]) -> std::result::Result<Meter, String> {
-    let r: ChatCompletionResponse =
-        serde_json::from_slice(body).map_err(|e| format!("not a chat completion: {e}"))?;
-    if r.choices.is_empty() {
-        return Err("chat completion without choices".into());
-    }
-    let text: u64 = r
-        .choices
-        .iter()
-        .filter_map(|c| c.message.text_len())
-        .map(|n| n as u64)
-        .sum();
-    let m = match r.usage {
-        Some(u) => Meter {
-            input_tokens: u.prompt_tokens,
-            output_tokens: u.completion_tokens,
-            units: 0,
-        },
-        None => Meter {
-            input_tokens: prep.fallback_input,
-            output_tokens: ceil_div4(text),
-            units: 0,
-        },
-    };
-    Ok(m.clamp_to(prep.bound))
-}
+/// The embeddings request fields passed to the node beside `model` and
+/// `input`: none of them adds work. Any other (a server's own options) is
+/// dropped.
+const EMBEDDING_FIELDS: &[&str] = &["encoding_format", "dimensions", "user"];
 
 fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
-    let req: EmbeddingsRequest = parse_body(body)?;
+    let mut req: EmbeddingsRequest = parse_body(body)?;
     if req.model.trim().is_empty() {
         return Err(invalid("`model` must not be empty"));
+    }
+    req.extra
+        .retain(|k, v| EMBEDDING_FIELDS.contains(&k.as_str()) && !v.is_null());
+    if let Some(f) = req.extra.get("encoding_format") {
+        if !matches!(f.as_str(), Some("float" | "base64")) {
+            return Err(invalid("`encoding_format` must be `float` or `base64`"));
+        }
+    }
+    if let Some(d) = req.extra.get("dimensions") {
+        if !d
+            .as_u64()
+            .is_some_and(|d| (1..=u64::from(u32::MAX)).contains(&d))
+        {
+            return Err(invalid("`dimensions` must be a whole number of at least 1"));
+        }
     }
     let (items, bytes, tokens) = match &req.input {
         EmbeddingInput::Text(t) => (1, t.len() as u64, 0),
@@ -237,6 +208,7 @@ fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
     if items > 2048 {
         return Err(invalid("`input` has more than 2048 items"));
     }
+    let encoded = encode(&req)?;
     Ok(Prepared {
         route: Route::Embeddings,
         model: req.model,
@@ -246,7 +218,7 @@ fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
             units: 0,
         },
         fallback_input: ceil_div4(bytes) + tokens,
-        body: body.clone(),
+        body: encoded,
         kind: AnswerKind::Json(meter_embeddings),
     })
 }

@@ -150,9 +150,36 @@ pub(super) fn prepare_speech(body: &Bytes) -> Result<Prepared> {
             return Err(invalid("`speed` must be between 0.25 and 4.0"));
         }
     }
+    let instructions = check_instructions(&mut req.extra)?;
     req.model = model.clone();
     req.response_format = Some(req.response_format.unwrap_or_default());
-    Ok(speech(Route::AudioSpeech, model, encode(&req)?, chars))
+    Ok(speech(
+        Route::AudioSpeech,
+        model,
+        encode(&req)?,
+        chars + instructions,
+    ))
+}
+
+/// Keeps of a speech request's other fields only `instructions` (how to
+/// speak: text a model reads, so capped like the input and priced per
+/// character with it); anything else is dropped. Returns its length in
+/// characters.
+fn check_instructions(extra: &mut serde_json::Map<String, serde_json::Value>) -> Result<u64> {
+    let instructions = extra.remove("instructions").filter(|v| !v.is_null());
+    extra.clear();
+    let Some(v) = instructions else {
+        return Ok(0);
+    };
+    let text = v
+        .as_str()
+        .ok_or_else(|| invalid("`instructions` must be text"))?;
+    if text.trim().is_empty() {
+        return Ok(0);
+    }
+    let chars = check_text(text, "instructions")?;
+    extra.insert("instructions".into(), v);
+    Ok(chars)
 }
 
 /// `POST /v1/tts`: `text`, `voice` (default `af_bella`), optional `model`
@@ -209,5 +236,18 @@ mod tests {
         }
         let long = serde_json::json!({"model":"kokoro","input":"a".repeat(MAX_SPEECH_CHARS + 1),"voice":"alloy"});
         assert!(prepare_speech(&Bytes::from(long.to_string())).is_err());
+        let long = serde_json::json!({"model":"kokoro","input":"hi","voice":"alloy",
+            "instructions": "a".repeat(MAX_SPEECH_CHARS + 1)});
+        assert!(prepare_speech(&Bytes::from(long.to_string())).is_err());
+    }
+
+    #[test]
+    fn instructions_are_priced_with_the_input_and_other_fields_dropped() {
+        let body = br#"{"model":"kokoro","input":"hello","voice":"alloy",
+            "instructions":"calm","stream_format":"sse","x":1}"#;
+        let p = prepare_speech(&Bytes::from_static(body)).unwrap();
+        assert_eq!(p.bound.units, 5 + 4);
+        let sent: SpeechRequest = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(sent.extra.keys().collect::<Vec<_>>(), ["instructions"]);
     }
 }

@@ -9,9 +9,8 @@
 use base64::Engine;
 use bytes::Bytes;
 
-use super::{check_model, encode, invalid, parse_body, AnswerKind, Prepared};
+use super::{check_fetch_url, check_model, encode, invalid, parse_body, AnswerKind, Prepared};
 use crate::broker::BrokerConfig;
-use crate::egress;
 use crate::error::{Error, Result};
 use crate::pricing::Meter;
 use crate::types::Route;
@@ -110,24 +109,7 @@ pub(super) fn prepare_vision(cfg: &BrokerConfig, route: Route, body: &Bytes) -> 
         }
         (None, None) => return Err(invalid("an image is required: `image_url` or `image`")),
         (Some(u), None) if !u.trim_start().starts_with("data:") => {
-            let u = u.trim();
-            if u.len() > MAX_URL_LEN {
-                return Err(invalid(format!(
-                    "`image_url` is longer than {MAX_URL_LEN} characters"
-                )));
-            }
-            let url =
-                egress::parse_http_url(u).map_err(|e| invalid(format!("`image_url`: {e}")))?;
-            // A literal address can be judged now; names are resolved and
-            // checked by the node that fetches them.
-            if let Some(ip) = egress::literal_ip(&url) {
-                if !cfg.egress.permits(ip) {
-                    return Err(invalid(format!(
-                        "`image_url`: {ip} is not a public address"
-                    )));
-                }
-            }
-            out.image_url = Some(url.to_string());
+            out.image_url = Some(check_fetch_url(cfg, &u, "image_url")?.to_string());
         }
         (Some(inline), None) | (None, Some(inline)) => {
             let (mime, bytes) = decode_inline_image(&inline, MAX_IMAGE_BYTES)?;
