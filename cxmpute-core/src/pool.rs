@@ -30,13 +30,13 @@
 //! Per-node statistics are atomics, so the request path records latency, load
 //! and outcomes without taking any lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::health::NodeHealth;
 use crate::select::{Candidates, ProvisionSelector, Turns};
@@ -441,11 +441,16 @@ struct ModelPool {
 impl ModelPool {
     fn insert(&mut self, node: &Arc<Node>) {
         self.all.insert(node.clone());
-        if !node.region.is_empty() {
-            self.by_region
-                .entry(node.region.clone())
-                .or_default()
-                .insert(node.clone());
+        if node.region.is_empty() {
+            return;
+        }
+        match self.by_region.get_mut(&node.region) {
+            Some(p) => p.insert(node.clone()),
+            None => {
+                let mut p = Pool::default();
+                p.insert(node.clone());
+                self.by_region.insert(node.region.clone(), p);
+            }
         }
     }
 
@@ -585,10 +590,16 @@ struct Index {
 
 impl Index {
     fn route(&mut self, node: &Arc<Node>) {
-        self.pools[service_slot(node.entry.service)]
-            .entry(node.entry.model.clone())
-            .or_default()
-            .insert(node);
+        let by_model = &mut self.pools[service_slot(node.entry.service)];
+        // Looked up by `&str` first: the key is copied only for a new pool.
+        match by_model.get_mut(node.entry.model.as_str()) {
+            Some(p) => p.insert(node),
+            None => {
+                let mut p = ModelPool::default();
+                p.insert(node);
+                by_model.insert(node.entry.model.clone(), p);
+            }
+        }
     }
 
     fn unroute(&mut self, node: &Node) {
@@ -604,7 +615,12 @@ impl Index {
     fn count_offer(&mut self, node: &Node, up: bool) {
         let by_model = &mut self.offered[service_slot(node.entry.service)];
         if up {
-            *by_model.entry(node.entry.model.clone()).or_default() += 1;
+            match by_model.get_mut(node.entry.model.as_str()) {
+                Some(n) => *n += 1,
+                None => {
+                    by_model.insert(node.entry.model.clone(), 1);
+                }
+            }
         } else if let Some(n) = by_model.get_mut(node.entry.model.as_str()) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -617,6 +633,7 @@ impl Index {
     fn detach(&mut self, id: &ProvisionId) -> Option<NodeRecord> {
         let rec = self.nodes.remove(id)?;
         for n in &rec.nodes {
+            locked_step();
             if rec.healthy {
                 self.unroute(n);
             }
@@ -626,10 +643,31 @@ impl Index {
     }
 }
 
-/// The routing index. Cheap reads under a read lock; O(1) updates.
+#[cfg(test)]
+thread_local!(static LOCKED_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) });
+
+/// One step of work under the index's write lock: tests count them, to hold
+/// an update's time under the lock in proportion to the entries it changes.
+fn locked_step() {
+    #[cfg(test)]
+    LOCKED_STEPS.with(|c| c.set(c.get() + 1));
+}
+
+/// The routing index. Cheap reads under a read lock; O(1) updates per entry.
+///
+/// A node's entries come from a stranger, so an update does everything that
+/// allocates or compares entries (dropping duplicates, building nodes,
+/// finding the ones that stay) before it takes the write lock; under the
+/// lock it only unlinks the old entries and links the new ones, so routing
+/// waits for work in proportion to the entries changed, never more.
 #[derive(Debug, Default)]
 pub struct PoolIndex {
     index: RwLock<Index>,
+    /// Held by every change of a node's entries ([`PoolIndex::upsert`],
+    /// [`PoolIndex::remove`]) from reading the node's record to replacing it,
+    /// so the record an update prepared from is still the one it replaces.
+    /// Routing never takes it.
+    membership: Mutex<()>,
 }
 
 impl PoolIndex {
@@ -667,34 +705,53 @@ impl PoolIndex {
 
     /// Sets a node's entries (replacing any it had): it joins exactly these
     /// pools. Its statistics and health mark are kept. No entries: the node
-    /// leaves the index.
-    pub fn upsert(&self, id: &ProvisionId, entries: Vec<PoolEntry>) {
-        let mut ix = self.index.write();
-        let old = ix.detach(id);
+    /// leaves the index. A (service, model) listed twice counts once.
+    pub fn upsert(&self, id: &ProvisionId, mut entries: Vec<PoolEntry>) {
+        // One entry per (service, model): a duplicate would count twice.
+        // Checked with a set, before any lock.
+        let keep: Vec<bool> = {
+            let mut seen = HashSet::with_capacity(entries.len());
+            (entries.iter())
+                .map(|e| seen.insert((e.service, e.model.as_str())))
+                .collect()
+        };
+        let mut keep = keep.into_iter();
+        entries.retain(|_| keep.next().unwrap_or(false));
+        let _membership = self.membership.lock();
         if entries.is_empty() {
+            let gone = self.index.write().detach(id);
+            drop(gone);
             return;
         }
-        let (stats, healthy, before) = old.map_or_else(
-            || (Arc::default(), true, Vec::new()),
-            |r| (r.stats, r.healthy, r.nodes),
-        );
-        let mut nodes: Vec<Arc<Node>> = Vec::with_capacity(entries.len());
-        for e in entries {
-            // One entry per (service, model): a duplicate would count twice.
-            let dup = nodes
-                .iter()
-                .any(|n| n.entry.service == e.service && n.entry.model == e.model);
-            if dup {
-                continue;
-            }
-            // An unchanged entry keeps its node, and so its live load.
-            let node = match before.iter().find(|n| n.entry == e) {
-                Some(n) => n.clone(),
-                None => Arc::new(Node::new(e, stats.clone())),
-            };
-            nodes.push(node);
-        }
+        // The node's record as it is; no other change of membership can
+        // replace it before this one is done.
+        let (stats, before) = {
+            let ix = self.index.read();
+            ix.nodes
+                .get(id)
+                .map(|r| (r.stats.clone(), r.nodes.clone()))
+                .unwrap_or_default()
+        };
+        // An unchanged entry keeps its node, and so its live load.
+        let by_key: HashMap<(Service, &str), &Arc<Node>> = (before.iter())
+            .map(|n| ((n.entry.service, n.entry.model.as_str()), n))
+            .collect();
+        let nodes: Vec<Arc<Node>> = entries
+            .into_iter()
+            .map(|e| {
+                let same = (by_key.get(&(e.service, e.model.as_str())))
+                    .filter(|n| n.entry == e)
+                    .map(|n| Arc::clone(n));
+                same.unwrap_or_else(|| Arc::new(Node::new(e, stats.clone())))
+            })
+            .collect();
+        drop(by_key);
+        let mut ix = self.index.write();
+        let old = ix.detach(id);
+        // A health verdict given meanwhile is the one that holds.
+        let healthy = old.as_ref().is_none_or(|r| r.healthy);
         for n in &nodes {
+            locked_step();
             ix.count_offer(n, true);
             if healthy {
                 ix.route(n);
@@ -708,11 +765,16 @@ impl PoolIndex {
                 healthy,
             },
         );
+        drop(ix);
+        // The old record and `before` are freed after the lock is released.
+        drop((old, before));
     }
 
     /// Removes a node from every pool, with its statistics and health mark.
     pub fn remove(&self, id: &ProvisionId) {
-        self.index.write().detach(id);
+        let _membership = self.membership.lock();
+        let gone = self.index.write().detach(id);
+        drop(gone);
     }
 
     /// Takes a node out of routing (`false`) or puts it back (`true`), keeping
@@ -972,6 +1034,31 @@ mod tests {
         assert_eq!(ix.coverage()[&(Service::Chat, "llama3.2:3b".into())], 2);
         ix.upsert(&a, Vec::new());
         assert_eq!(ix.node_count(), 1);
+    }
+
+    #[test]
+    fn an_upsert_does_work_in_proportion_to_its_entries_under_the_write_lock() {
+        let ix = PoolIndex::new();
+        let a = ProvisionId::new("a");
+        let n = 2_000;
+        let entries = |from: usize| -> Vec<PoolEntry> {
+            (from..from + n)
+                .map(|i| entry("a", Service::Chat, &format!("m{i}"), "DE"))
+                .collect()
+        };
+        let steps = |f: &dyn Fn()| {
+            LOCKED_STEPS.with(|c| c.set(0));
+            f();
+            LOCKED_STEPS.with(std::cell::Cell::get)
+        };
+        // Joining, changing half the entries, and every entry sent twice.
+        let join = steps(&|| ix.upsert(&a, entries(0)));
+        let change = steps(&|| ix.upsert(&a, entries(n / 2)));
+        let twice = steps(&|| ix.upsert(&a, [entries(0), entries(0)].concat()));
+        for s in [join, change, twice] {
+            assert!(s <= 4 * n, "{s} steps under the lock for {n} entries");
+        }
+        assert_eq!(ix.entries_of(&a).len(), n);
     }
 
     #[test]
