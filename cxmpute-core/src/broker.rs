@@ -747,17 +747,19 @@ impl Broker {
 
     /// Registers a node for a provider; with an endpoint and services it joins
     /// those pools at once.
+    ///
+    /// Everything a stranger sends is bounded first (diagnostics, location,
+    /// the number of services: 400s), and a provider holds at most
+    /// [`NetworkConfig::max_nodes_per_provider`] nodes (403 past it).
     pub async fn register_provision(
         &self,
         provider: &Provider,
         req: RegisterProvisionRequest,
     ) -> Result<RegisterProvisionResponse> {
-        let device_len = serde_json::to_vec(&req.device)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if device_len > 64 * 1024 {
-            return Err(services::invalid("device diagnostics larger than 64 KiB"));
-        }
+        let net = &self.inner.config.network;
+        net.check_device(&req.device)?;
+        net.check_services(&req.services)?;
+        net.check_location(&req.location)?;
         let tier = DeviceDiagnostics::from_json(&req.device)?.tier();
         let endpoint = match &req.endpoint {
             Some(e) => Some(self.check_endpoint(e).await?),
@@ -788,10 +790,27 @@ impl Broker {
             created_at: now,
         };
         let entries = pool_entries_for(&provision, &req.services)?;
-        self.inner
-            .store
-            .create_provision(&provision, &entries)
-            .await?;
+        let store = &self.inner.store;
+        let cap = net.max_nodes_per_provider;
+        let full = || {
+            Error::Forbidden(format!(
+                "a provider may have at most {cap} nodes, ended ones included; \
+                 delete one (DELETE /v1/provider/provisions/{{id}}) to register another"
+            ))
+        };
+        if store.provisions_by_provider(&provider.id).await?.len() >= cap {
+            return Err(full());
+        }
+        store.create_provision(&provision, &entries).await?;
+        // Registrations running at once, on this host or another, each passed
+        // the check above. Counting again now that this one is stored and
+        // withdrawing it when that made too many keeps the cap whatever the
+        // interleaving: the last one admitted sees every other one admitted.
+        // (A burst may be refused more than it had to be; a retry succeeds.)
+        if store.provisions_by_provider(&provider.id).await?.len() > cap {
+            store.delete_provision(&provision.id).await?;
+            return Err(full());
+        }
         self.inner.pools.upsert(&provision.id, entries);
         Ok(RegisterProvisionResponse {
             provision_id: provision.id,
