@@ -91,6 +91,13 @@ pub struct BrokerConfig {
     pub network: NetworkConfig,
     /// Sign-in, sessions and the admin role.
     pub auth: AuthConfig,
+    /// The most pools or models a public list names (default 100):
+    /// `GET /v1/models`, the pool and model lists of `GET /v1/stats/network`
+    /// and the per-pool series of `GET /metrics`. Anyone may register nodes
+    /// serving any names, so these lists name the catalogue's pools first,
+    /// then the largest (the busiest, for models by traffic), and count the
+    /// rest without naming them.
+    pub public_list_limit: usize,
 }
 
 impl Default for BrokerConfig {
@@ -109,6 +116,7 @@ impl Default for BrokerConfig {
             health: HealthConfig::default(),
             network: NetworkConfig::default(),
             auth: AuthConfig::default(),
+            public_list_limit: 100,
         }
     }
 }
@@ -895,12 +903,30 @@ impl Broker {
         }
     }
 
-    /// The models served now, with healthy node counts.
+    /// The pools public lists name: at most
+    /// [`BrokerConfig::public_list_limit`], the catalogue's first, then the
+    /// largest (see [`PoolIndex::listed`]).
+    pub fn listed_pools(&self) -> crate::pool::ListedPools {
+        let catalogue: std::collections::HashSet<(Service, &str)> = (self.inner.config)
+            .network
+            .catalogue
+            .models()
+            .iter()
+            .map(|m| (m.service, m.model.as_str()))
+            .collect();
+        self.inner
+            .pools
+            .listed(self.inner.config.public_list_limit, |s, m| {
+                catalogue.contains(&(s, m))
+            })
+    }
+
+    /// The models served now, with healthy node counts: those of
+    /// [`Broker::listed_pools`].
     pub fn models(&self) -> ModelList {
         let data = self
-            .inner
+            .listed_pools()
             .pools
-            .summary()
             .into_iter()
             .map(|(service, model, nodes)| ModelInfo {
                 id: model,

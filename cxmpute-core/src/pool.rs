@@ -30,6 +30,7 @@
 //! Per-node statistics are atomics, so the request path records latency, load
 //! and outcomes without taking any lock.
 
+use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -670,6 +671,24 @@ pub struct PoolIndex {
     membership: Mutex<()>,
 }
 
+/// Some of the index's pools and how many there are in all: see
+/// [`PoolIndex::listed`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListedPools {
+    /// The pools listed, with their routable node counts, sorted by
+    /// (service, model).
+    pub pools: Vec<(Service, String, usize)>,
+    /// How many pools the index has, listed or not.
+    pub total: usize,
+}
+
+impl ListedPools {
+    /// How many pools were left out.
+    pub fn omitted(&self) -> usize {
+        self.total.saturating_sub(self.pools.len())
+    }
+}
+
 impl PoolIndex {
     /// An empty index.
     pub fn new() -> Self {
@@ -871,7 +890,8 @@ impl PoolIndex {
         mp.all.select(selector, excluded)
     }
 
-    /// Every pool with its routable node count, sorted.
+    /// Every pool with its routable node count, sorted. As long as strangers
+    /// make it: public lists use [`PoolIndex::listed`].
     pub fn summary(&self) -> Vec<(Service, String, usize)> {
         let ix = self.index.read();
         let mut v: Vec<_> = Service::ALL
@@ -884,6 +904,43 @@ impl PoolIndex {
             .collect();
         v.sort();
         v
+    }
+
+    /// At most `limit` pools, for lists that must stay short whatever
+    /// strangers register (public pages): the pools `first` picks before the
+    /// others, then the largest, ties by (service, model); and how many pools
+    /// there are in all. One read of the index, no name copied but the
+    /// listed ones'.
+    pub fn listed(&self, limit: usize, first: impl Fn(Service, &str) -> bool) -> ListedPools {
+        let ix = self.index.read();
+        let mut all: Vec<(bool, Reverse<usize>, Service, &str)> = Service::ALL
+            .iter()
+            .flat_map(|s| {
+                ix.pools[service_slot(*s)]
+                    .iter()
+                    .map(|(m, p)| (!first(*s, m), Reverse(p.all.nodes.len()), *s, m.as_str()))
+            })
+            .collect();
+        let total = all.len();
+        if total > limit {
+            all.select_nth_unstable(limit);
+            all.truncate(limit);
+        }
+        let mut pools: Vec<(Service, String, usize)> = all
+            .into_iter()
+            .map(|(_, Reverse(n), s, m)| (s, m.to_owned(), n))
+            .collect();
+        drop(ix);
+        pools.sort();
+        ListedPools { pools, total }
+    }
+
+    /// Routable nodes in the pool of (service, model) (0 when it has none).
+    pub fn pool_size(&self, service: Service, model: &str) -> usize {
+        let ix = self.index.read();
+        ix.pools[service_slot(service)]
+            .get(model)
+            .map_or(0, |p| p.all.nodes.len())
     }
 
     /// How many nodes (healthy or not) offer each (service, model): what the
@@ -1059,6 +1116,37 @@ mod tests {
             assert!(s <= 4 * n, "{s} steps under the lock for {n} entries");
         }
         assert_eq!(ix.entries_of(&a).len(), n);
+    }
+
+    #[test]
+    fn a_listing_names_the_chosen_pools_first_then_the_largest() {
+        let ix = PoolIndex::new();
+        for (id, models) in [
+            ("a", &["big", "mid", "small"][..]),
+            ("b", &["big", "mid", "cat"][..]),
+            ("c", &["big"][..]),
+        ] {
+            let es = models
+                .iter()
+                .map(|m| entry(id, Service::Chat, m, ""))
+                .collect();
+            ix.upsert(&ProvisionId::new(id), es);
+        }
+        let cat = |_: Service, m: &str| m == "cat";
+        let l = ix.listed(2, cat);
+        assert_eq!(
+            l.pools,
+            vec![
+                (Service::Chat, "big".into(), 3),
+                (Service::Chat, "cat".into(), 1)
+            ]
+        );
+        assert_eq!((l.total, l.omitted()), (4, 2));
+        assert_eq!(ix.listed(3, cat).pools[2].1, "mid");
+        assert_eq!(ix.listed(9, cat).pools.len(), 4);
+        assert!(ix.listed(0, cat).pools.is_empty());
+        assert_eq!(ix.pool_size(Service::Chat, "mid"), 2);
+        assert_eq!(ix.pool_size(Service::Chat, "none"), 0);
     }
 
     #[test]
