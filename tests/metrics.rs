@@ -222,3 +222,90 @@ async fn brokers_in_one_process_keep_their_own_metrics() {
     );
     assert_eq!(value(&sb, "cxmpute_http_requests_total", &[]), 0.0);
 }
+
+/// Registers a node at `url` for `key`'s provider serving chat models
+/// `{prefix}-0`... `{prefix}-{n-1}` (the one-step path takes any model
+/// name); its id.
+async fn register(h: &TestHost, key: &Secret, url: &str, prefix: &str, n: usize) -> String {
+    let services: Vec<_> = (0..n)
+        .map(|i| json!({"service": "chat", "model": format!("{prefix}-{i}")}))
+        .collect();
+    let r = h
+        .post(
+            "/v1/provider/provisions",
+            key,
+            &json!({"endpoint": url, "services": services}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    v["provision_id"].as_str().unwrap().to_owned()
+}
+
+/// The `cxmpute_pool_nodes` series on a page, by model.
+fn pool_series(s: &Scrape) -> HashMap<String, f64> {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == "cxmpute_pool_nodes")
+        .map(|x| {
+            let v = match x.value {
+                PromValue::Gauge(v) | PromValue::Untyped(v) => v,
+                ref other => panic!("not a gauge: {other:?}"),
+            };
+            (x.labels.get("model").unwrap().to_owned(), v)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_pools_of_a_deleted_node_leave_the_page() {
+    let h = TestHost::start_market(Credits(300)).await;
+    let (_node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
+    let (_, key) = h.provider().await;
+    let url = StandInNode::dead_url().await;
+    let id = register(&h, &key, &url, "junk", 60).await;
+    let before = pool_series(&scrape(&h).await);
+    assert_eq!(before.len(), 61);
+    assert_eq!(before["junk-59"], 1.0);
+
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/provider/provisions/{id}", h.url))
+        .bearer_auth(key.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let after = scrape(&h).await;
+    assert_eq!(
+        pool_series(&after),
+        HashMap::from([(MODEL.to_owned(), 1.0)]),
+        "only the pool that still has a node"
+    );
+    assert_eq!(value(&after, "cxmpute_pools", &[]), 1.0);
+
+    // Money moved as usual meanwhile.
+    let (_, user) = h.user(Credits::whole(1)).await;
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(h.post(CHAT, &user, &chat).await.status(), 200);
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn the_page_names_a_bounded_number_of_pools_catalogue_first() {
+    let h = TestHost::start_market(Credits(300)).await;
+    let (_node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
+    // Strangers' pools, each larger than the catalogue pool: 2 × 64 of them.
+    let (_, key) = h.provider().await;
+    let url = StandInNode::dead_url().await;
+    for prefix in ["a", "a", "b", "b"] {
+        register(&h, &key, &url, prefix, 64).await;
+    }
+    let page = scrape(&h).await;
+    let pools = pool_series(&page);
+    let limit = h.broker.config().public_list_limit;
+    assert_eq!(pools.len(), limit);
+    assert_eq!(pools[MODEL], 1.0, "the catalogue's pool is always named");
+    assert!(pools.iter().all(|(m, n)| m == MODEL || *n == 2.0));
+    assert_eq!(value(&page, "cxmpute_pools", &[]), 129.0, "all are counted");
+    assert_eq!(value(&page, "cxmpute_nodes", &[]), 5.0);
+}

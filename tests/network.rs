@@ -365,6 +365,192 @@ async fn node_endpoints_pass_the_egress_guard_unless_private_addresses_are_allow
     assert!(h.broker.models().data.is_empty());
 }
 
+// ---- hostile providers ---------------------------------------------------------
+
+/// `n` chat services named `{prefix}-0`, `{prefix}-1`... (the one-step
+/// registration path takes models outside the catalogue).
+fn services(prefix: &str, n: usize) -> Value {
+    (0..n)
+        .map(|i| json!({"service": "chat", "model": format!("{prefix}-{i}")}))
+        .collect()
+}
+
+/// The provider's nodes, as it lists them.
+async fn listed(a: &ProviderApi) -> usize {
+    let v: Value = a.get("").await.json().await.unwrap();
+    v.as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn a_node_may_serve_at_most_the_cap_of_models_on_every_path() {
+    let h = host_with(|b| b).await;
+    let (p, key) = h.provider().await;
+    let a = ProviderApi::new(&h, &key);
+    let node = StandInNode::start("n").await;
+    let (_, user) = h.user(Credits::whole(1)).await;
+
+    // One over the cap: refused before anything is stored or routed.
+    let reg = |n: usize| json!({"endpoint": node.url(), "services": services("m", n)});
+    let m = expect_error(a.post("", Some(reg(65))).await, 400, "invalid_request").await;
+    assert!(m.contains("65") && m.contains("at most 64"), "{m}");
+    // The reported flood (80,000 pairs, 3.3 MB): refused the same way, at once.
+    let m = expect_error(a.post("", Some(reg(80_000))).await, 400, "invalid_request").await;
+    assert!(m.contains("at most 64"), "{m}");
+    assert_eq!(listed(&a).await, 0);
+    assert!(h.broker.models().data.is_empty());
+
+    // At the cap: accepted and served.
+    let r = a.post("", Some(reg(64))).await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    node.require_secret(v["node_secret"].as_str().unwrap());
+    assert_eq!(h.broker.models().data.len(), 64);
+    assert_eq!(chat_status(&h, &user, "m-63").await, 200);
+
+    // Reporting ready is held to the same cap.
+    let id = h.add_node(&p, &node, Service::Chat, "llama3.2:1b").await;
+    let ready = json!({"endpoint": node.url(), "services": services("llama3.2:1b", 65)});
+    let m = expect_error(
+        a.post(&format!("/{id}/ready"), Some(ready)).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(m.contains("at most 64"), "{m}");
+    h.assert_ledger().await;
+
+    // The cap is the operator's: a smaller one applies to both paths alike.
+    let mut cfg = test_config();
+    cfg.network.max_services_per_node = 2;
+    let h = host_with(|b| b.config(cfg)).await;
+    let (_, key) = h.provider().await;
+    let a = ProviderApi::new(&h, &key);
+    let m = expect_error(a.post("", Some(reg(3))).await, 400, "invalid_request").await;
+    assert!(m.contains("at most 2"), "{m}");
+    let v: Value = a.post("", Some(json!({}))).await.json().await.unwrap();
+    let path = format!("/{}/ready", v["provision_id"].as_str().unwrap());
+    let ready = json!({"endpoint": node.url(), "services": [
+        {"service": "chat", "model": "llama3.2:1b"},
+        {"service": "chat", "model": "llama3.2:3b"},
+        {"service": "embeddings", "model": "all-minilm"}]});
+    let m = expect_error(a.post(&path, Some(ready)).await, 400, "invalid_request").await;
+    assert!(m.contains("at most 2"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_may_hold_at_most_the_cap_of_nodes_even_registering_all_at_once() {
+    // On SQLite, where registrations running at once interleave in the store.
+    let path =
+        std::env::temp_dir().join(format!("cxmpute-node-cap-{}.db", secret::random_token(12)));
+    let store = Arc::new(cxmpute::sqlite::SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    let (_, key) = h.provider().await;
+    let a = ProviderApi::new(&h, &key);
+
+    // Forty registrations at once: never more than the cap get in, and each
+    // refusal says why.
+    let all = futures::future::join_all((0..40).map(|_| a.post("", Some(json!({}))))).await;
+    let mut admitted = 0;
+    for r in all {
+        if r.status() == 200 {
+            admitted += 1;
+        } else {
+            let m = expect_error(r, 403, "forbidden").await;
+            assert!(m.contains("at most 32"), "{m}");
+        }
+    }
+    assert!(admitted <= 32, "{admitted} nodes admitted");
+    assert_eq!(listed(&a).await, admitted);
+
+    // One at a time up to the cap, then refused; ended nodes still count
+    // (they are kept and may start again).
+    for _ in admitted..32 {
+        assert_eq!(a.post("", Some(json!({}))).await.status(), 200);
+    }
+    let ids: Vec<String> = a
+        .get("")
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["provision_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 32);
+    assert_eq!(
+        a.post(&format!("/{}/end", ids[0]), None).await.status(),
+        204
+    );
+    let m = expect_error(a.post("", Some(json!({}))).await, 403, "forbidden").await;
+    assert!(m.contains("at most 32"), "{m}");
+    assert_eq!(listed(&a).await, 32);
+
+    // Another provider is not affected; deleting a node makes room.
+    let (_, other) = h.provider().await;
+    let b = ProviderApi::new(&h, &other);
+    assert_eq!(b.post("", Some(json!({}))).await.status(), 200);
+    assert_eq!(a.delete(&format!("/{}", ids[0])).await.status(), 204);
+    assert_eq!(a.post("", Some(json!({}))).await.status(), 200);
+    assert_eq!(listed(&a).await, 32);
+    drop(h);
+    store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+#[tokio::test]
+async fn what_a_stranger_writes_into_a_registration_is_bounded() {
+    let h = host_with(|b| b).await;
+    let (_, key) = h.provider().await;
+    let a = ProviderApi::new(&h, &key);
+
+    // Location fields: short text, no control characters.
+    let long = "x".repeat(101);
+    for location in [
+        json!({"country": long}),
+        json!({"state": long}),
+        json!({"city": long}),
+        json!({"city": "Ber\u{0}lin"}),
+    ] {
+        let m = expect_error(
+            a.post("", Some(json!({"location": location}))).await,
+            400,
+            "invalid_request",
+        )
+        .await;
+        assert!(m.contains("location"), "{m}");
+    }
+    let ok = json!({"location": {"country": "DE", "state": "BE", "city": "x".repeat(100)}});
+    assert_eq!(a.post("", Some(ok)).await.status(), 200);
+    assert_eq!(listed(&a).await, 1);
+
+    // Device diagnostics are capped.
+    let big = json!({"device": {"os": "y".repeat(70_000)}});
+    let m = expect_error(a.post("", Some(big)).await, 400, "invalid_request").await;
+    assert!(m.contains("device diagnostics"), "{m}");
+
+    // Asking to start with a long list of services is answered with a short
+    // message, not the list echoed back.
+    let v: Value = a
+        .post("", Some(json!({"device": {"gpu": {"memory_mb": 2048}}})))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let path = format!("/{}/start", v["provision_id"].as_str().unwrap());
+    let wanted = vec!["vision"; 200_000];
+    let m = expect_error(
+        a.post(&path, Some(json!({"services": wanted}))).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(m.len() < 200, "{} bytes: {}", m.len(), &m[..200]);
+}
+
 // ---- expiry and health ---------------------------------------------------------
 
 #[tokio::test]

@@ -367,3 +367,113 @@ async fn a_retried_flush_counts_nothing_twice() {
     let (_, me) = get(&h, "/v1/stats/me", Some(&key)).await;
     assert_eq!(n(&me["totals"]["requests"]), 4);
 }
+
+/// Registers a node at `url` for `key`'s provider serving chat models
+/// `{prefix}-0`... `{prefix}-{n-1}` (the one-step path takes any name).
+async fn register(h: &TestHost, key: &Secret, url: &str, prefix: &str, n: usize) {
+    let services: Vec<Value> = (0..n)
+        .map(|i| json!({"service": "chat", "model": format!("{prefix}-{i}")}))
+        .collect();
+    let body = json!({"endpoint": url, "services": services});
+    assert_eq!(
+        status(h, "/v1/provider/provisions", key, &body, None).await,
+        200
+    );
+}
+
+fn names(list: &Value, key: &str) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[key].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_public_network_picture_stays_small_whatever_strangers_register() {
+    let h = TestHost::start_market(Credits(300)).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (_, pkey) = h.provider().await;
+    let url = StandInNode::dead_url().await;
+    for prefix in ["x", "y", "z"] {
+        register(&h, &pkey, &url, prefix, 64).await;
+    }
+    let (_, key) = h.user(Credits::whole(10)).await;
+    assert_eq!(
+        status(&h, "/v1/chat/completions", &key, &chat(false), None).await,
+        200
+    );
+    h.broker.record_network_snapshot();
+    h.broker.flush_stats().await.unwrap();
+
+    let limit = h.broker.config().public_list_limit;
+    let (s, net) = get(&h, "/v1/stats/network", None).await;
+    assert_eq!(s, 200, "{net}");
+    assert_eq!(net["nodes_now"], 4);
+    // Pools now: the catalogue's first, then the largest; the rest counted.
+    let now = names(&net["pools_now"], "model");
+    assert_eq!(now.len(), limit);
+    assert!(now.iter().any(|m| m == MODEL));
+    assert_eq!(n(&net["pools_now_omitted"]), (1 + 3 * 64 - limit) as u64);
+    // Pool history is kept for the catalogue's pools only: a stranger's
+    // names never reach the store.
+    assert_eq!(names(&net["pools"], "name"), [format!("chat:{MODEL}")]);
+    assert_eq!(n(&net["pools_omitted"]), 0);
+    let rows = h
+        .broker
+        .store()
+        .stats_by_prefix(
+            scope::POOL_PREFIX,
+            h.broker.now().day(),
+            h.broker.now().day(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    // The models list is held to the same bound.
+    let models: Value = reqwest::get(format!("{}/v1/models", h.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids = names(&models["data"], "id");
+    assert_eq!(ids.len(), limit);
+    assert!(ids.iter().any(|m| m == MODEL));
+    h.assert_ledger().await;
+
+    // A small bound: the busiest models and the catalogue's pools are listed.
+    let mut cfg = cxmpute_core::testkit::test_config();
+    cfg.public_list_limit = 2;
+    let h = TestHost::start_market_with(Arc::new(MemoryStore::new()), Credits(300), |b| {
+        b.config(cfg)
+    })
+    .await;
+    let mut nodes = Vec::new();
+    for model in [MODEL, "llama3.2:1b", "someones-own"] {
+        nodes.push(h.stand_in(model, Service::Chat, model).await);
+    }
+    let (_, key) = h.user(Credits::whole(10)).await;
+    for (model, calls) in [(MODEL, 1), ("llama3.2:1b", 2), ("someones-own", 3)] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        for _ in 0..calls {
+            assert_eq!(
+                status(&h, "/v1/chat/completions", &key, &body, None).await,
+                200
+            );
+        }
+    }
+    h.broker.flush_stats().await.unwrap();
+    let (_, net) = get(&h, "/v1/stats/network", None).await;
+    assert_eq!(
+        names(&net["models"], "name"),
+        ["chat:someones-own", "chat:llama3.2:1b"],
+        "busiest first"
+    );
+    assert_eq!(n(&net["models_omitted"]), 1);
+    let mut now = names(&net["pools_now"], "model");
+    now.sort();
+    assert_eq!(now, ["llama3.2:1b", MODEL], "the catalogue's pools first");
+    assert_eq!(n(&net["pools_now_omitted"]), 1);
+    h.assert_ledger().await;
+}

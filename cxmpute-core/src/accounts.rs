@@ -402,7 +402,9 @@ fn check_len(what: &str, s: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
+/// Refuses text longer than `max` bytes or holding control characters
+/// other than newlines.
+pub(crate) fn check_text(what: &str, s: &str, max: usize) -> Result<()> {
     check_len(what, s, max)?;
     if s.chars().any(|c| c.is_control() && c != '\n') {
         return Err(Error::InvalidInput(format!(

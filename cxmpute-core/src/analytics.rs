@@ -287,6 +287,10 @@ pub struct GaugeSeries {
 }
 
 /// The public picture of the network: `GET /v1/stats/network`.
+///
+/// Its lists of models and pools are bounded: anyone may register nodes
+/// serving any names, so each names at most the broker's
+/// `public_list_limit` entries (100 by default) and counts the rest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NetworkStats {
     /// The range covered.
@@ -299,18 +303,27 @@ pub struct NetworkStats {
     pub endpoints: Vec<Named>,
     /// Per service.
     pub services: Vec<Named>,
-    /// Per service and model (`service:model`).
+    /// Per service and model (`service:model`), busiest first; at most
+    /// the list limit.
     pub models: Vec<Named>,
+    /// Models over the range not in `models`.
+    pub models_omitted: usize,
     /// Distinct nodes in routing now.
     pub nodes_now: usize,
-    /// Every pool now.
+    /// Pools now, sorted by service and model: the catalogue's, then the
+    /// largest others; at most the list limit.
     pub pools_now: Vec<PoolNow>,
+    /// Pools now not in `pools_now`.
+    pub pools_now_omitted: usize,
     /// Distinct nodes in routing, averaged per day.
     pub nodes: Vec<GaugeDay>,
     /// Distinct nodes per service, averaged per day.
     pub nodes_by_service: Vec<GaugeSeries>,
-    /// Nodes per pool (`service:model`), averaged over the range.
+    /// Nodes per pool (`service:model`) of the catalogue, averaged over the
+    /// range, largest first; at most the list limit.
     pub pools: Vec<GaugeSummary>,
+    /// Pools with samples in the range not in `pools`.
+    pub pools_omitted: usize,
 }
 
 /// A user's usage: `GET /v1/stats/me`.
@@ -498,6 +511,13 @@ pub fn gauge_breakdown(prefix: &str, rows: Vec<(String, StatsCounters)>) -> Vec<
         .collect()
 }
 
+/// The first `limit` of `v`, and how many were cut off.
+fn bounded<T>(mut v: Vec<T>, limit: usize) -> (Vec<T>, usize) {
+    let omitted = v.len().saturating_sub(limit);
+    v.truncate(limit);
+    (v, omitted)
+}
+
 /// Analytics over a broker's store and routing index.
 #[derive(Clone, Debug)]
 pub struct Analytics {
@@ -513,9 +533,14 @@ impl Broker {
     }
 
     /// Takes one snapshot of the network into the gauge scopes: nodes per
-    /// pool (`pool:<service>:<model>`), distinct nodes per service
-    /// (`nodes:<service>`) and distinct nodes in routing (`nodes`).
+    /// pool of the catalogue (`pool:<service>:<model>`), distinct nodes per
+    /// service (`nodes:<service>`) and distinct nodes in routing (`nodes`).
     /// [`Broker::run_maintenance`] calls it every round.
+    ///
+    /// Only the catalogue's pools get a scope: every scope is a stored row
+    /// per day, kept for good, and other pools are named by strangers, who
+    /// could otherwise add rows at will. Their nodes still count in the
+    /// `nodes` gauges.
     pub fn record_network_snapshot(&self) {
         let day = self.now().day();
         let pools = self.pools();
@@ -529,8 +554,12 @@ impl Broker {
                 .filter(|nodes| nodes.iter().any(|n| n.entry.service == s))
                 .count()
         });
-        for (service, model, nodes) in pools.summary() {
-            stats.sample(day, scope::pool(service, &model), nodes as u64);
+        for m in self.config().network.catalogue.models() {
+            let nodes = pools.pool_size(m.service, &m.model);
+            // A pool is sampled while it has routable nodes, as before.
+            if nodes > 0 {
+                stats.sample(day, scope::pool(m.service, &m.model), nodes as u64);
+            }
         }
         for (service, n) in Service::ALL.into_iter().zip(per_service) {
             stats.sample(day, scope::nodes_of(service), n as u64);
@@ -578,29 +607,41 @@ impl Analytics {
         }))
         .await?;
         let totals = public(Summary::of(&total_of(net.iter().map(|r| &r.1))));
-        let pools_now: Vec<PoolNow> = self
-            .broker
-            .pools()
-            .summary()
-            .into_iter()
+        let limit = self.broker.config().public_list_limit;
+        let listed = self.broker.listed_pools();
+        let pools_now_omitted = listed.omitted();
+        let pools_now: Vec<PoolNow> = (listed.pools.into_iter())
             .map(|(service, model, nodes)| PoolNow {
                 service,
                 model,
                 nodes,
             })
             .collect();
+        // Busiest first already: the list keeps the busiest.
+        let (models, models_omitted) =
+            bounded(breakdown(scope::MODEL_PREFIX, models, public), limit);
+        let mut pools = gauge_breakdown(scope::POOL_PREFIX, pools);
+        pools.sort_by(|a, b| {
+            b.average
+                .total_cmp(&a.average)
+                .then_with(|| a.name.cmp(&b.name))
+        });
+        let (pools, pools_omitted) = bounded(pools, limit);
         Ok(NetworkStats {
             range,
             totals,
             days: day_series(range, net, public),
             endpoints: breakdown(scope::ENDPOINT_PREFIX, endpoints, public),
             services: breakdown(scope::SERVICE_PREFIX, services, public),
-            models: breakdown(scope::MODEL_PREFIX, models, public),
+            models,
+            models_omitted,
             nodes_now: self.broker.pools().node_count(),
             pools_now,
+            pools_now_omitted,
             nodes: gauge_series(range, nodes),
             nodes_by_service: by_service,
-            pools: gauge_breakdown(scope::POOL_PREFIX, pools),
+            pools,
+            pools_omitted,
         })
     }
 

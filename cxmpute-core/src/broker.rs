@@ -167,6 +167,13 @@ pub struct BrokerConfig {
     pub network: NetworkConfig,
     /// Sign-in, sessions and the admin role.
     pub auth: AuthConfig,
+    /// The most pools or models a public list names (default 100):
+    /// `GET /v1/models`, the pool and model lists of `GET /v1/stats/network`
+    /// and the per-pool series of `GET /metrics`. Anyone may register nodes
+    /// serving any names, so these lists name the catalogue's pools first,
+    /// then the largest (the busiest, for models by traffic), and count the
+    /// rest without naming them.
+    pub public_list_limit: usize,
 }
 
 impl Default for BrokerConfig {
@@ -197,6 +204,7 @@ impl Default for BrokerConfig {
             health: HealthConfig::default(),
             network: NetworkConfig::default(),
             auth: AuthConfig::default(),
+            public_list_limit: 100,
         }
     }
 }
@@ -842,17 +850,19 @@ impl Broker {
 
     /// Registers a node for a provider; with an endpoint and services it joins
     /// those pools at once.
+    ///
+    /// Everything a stranger sends is bounded first (diagnostics, location,
+    /// the number of services: 400s), and a provider holds at most
+    /// [`NetworkConfig::max_nodes_per_provider`] nodes (403 past it).
     pub async fn register_provision(
         &self,
         provider: &Provider,
         req: RegisterProvisionRequest,
     ) -> Result<RegisterProvisionResponse> {
-        let device_len = serde_json::to_vec(&req.device)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if device_len > 64 * 1024 {
-            return Err(services::invalid("device diagnostics larger than 64 KiB"));
-        }
+        let net = &self.inner.config.network;
+        net.check_device(&req.device)?;
+        net.check_services(&req.services)?;
+        net.check_location(&req.location)?;
         let tier = DeviceDiagnostics::from_json(&req.device)?.tier();
         let endpoint = match &req.endpoint {
             Some(e) => Some(self.check_endpoint(e).await?),
@@ -883,10 +893,27 @@ impl Broker {
             created_at: now,
         };
         let entries = pool_entries_for(&provision, &req.services)?;
-        self.inner
-            .store
-            .create_provision(&provision, &entries)
-            .await?;
+        let store = &self.inner.store;
+        let cap = net.max_nodes_per_provider;
+        let full = || {
+            Error::Forbidden(format!(
+                "a provider may have at most {cap} nodes, ended ones included; \
+                 delete one (DELETE /v1/provider/provisions/{{id}}) to register another"
+            ))
+        };
+        if store.provisions_by_provider(&provider.id).await?.len() >= cap {
+            return Err(full());
+        }
+        store.create_provision(&provision, &entries).await?;
+        // Registrations running at once, on this host or another, each passed
+        // the check above. Counting again now that this one is stored and
+        // withdrawing it when that made too many keeps the cap whatever the
+        // interleaving: the last one admitted sees every other one admitted.
+        // (A burst may be refused more than it had to be; a retry succeeds.)
+        if store.provisions_by_provider(&provider.id).await?.len() > cap {
+            store.delete_provision(&provision.id).await?;
+            return Err(full());
+        }
         self.inner.pools.upsert(&provision.id, entries);
         Ok(RegisterProvisionResponse {
             provision_id: provision.id,
@@ -971,12 +998,30 @@ impl Broker {
         }
     }
 
-    /// The models served now, with healthy node counts.
+    /// The pools public lists name: at most
+    /// [`BrokerConfig::public_list_limit`], the catalogue's first, then the
+    /// largest (see [`PoolIndex::listed`]).
+    pub fn listed_pools(&self) -> crate::pool::ListedPools {
+        let catalogue: std::collections::HashSet<(Service, &str)> = (self.inner.config)
+            .network
+            .catalogue
+            .models()
+            .iter()
+            .map(|m| (m.service, m.model.as_str()))
+            .collect();
+        self.inner
+            .pools
+            .listed(self.inner.config.public_list_limit, |s, m| {
+                catalogue.contains(&(s, m))
+            })
+    }
+
+    /// The models served now, with healthy node counts: those of
+    /// [`Broker::listed_pools`].
     pub fn models(&self) -> ModelList {
         let data = self
-            .inner
+            .listed_pools()
             .pools
-            .summary()
             .into_iter()
             .map(|(service, model, nodes)| ModelInfo {
                 id: model,

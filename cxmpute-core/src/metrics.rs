@@ -12,6 +12,13 @@
 //! are set from the live state when the page is rendered, so they are never
 //! stale.
 //!
+//! Pool sizes are written onto the page directly rather than through the
+//! recorder: a recorder keeps every series it was ever given, and pools come
+//! and go with strangers' nodes, so a pool with no node left must vanish from
+//! the page, not linger at 0. The page names the pools of
+//! [`Broker::listed_pools`] (at most `BrokerConfig::public_list_limit`, the
+//! catalogue's first) and counts them all in `cxmpute_pools`.
+//!
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `cxmpute_http_requests_total` | counter | `route`, `status` |
@@ -27,7 +34,8 @@
 //! | `cxmpute_hedges_total` | counter | `route` |
 //! | `cxmpute_circuit_breaker_transitions_total` | counter | `to` (`open`/`half_open`/`closed`) |
 //! | `cxmpute_circuit_breakers` | gauge | `state` |
-//! | `cxmpute_pool_nodes` | gauge | `service`, `model` |
+//! | `cxmpute_pool_nodes` | gauge | `service`, `model` (listed pools only) |
+//! | `cxmpute_pools` | gauge | |
 //! | `cxmpute_nodes` | gauge | |
 //! | `cxmpute_stats_flush_failures_total` | counter | |
 //! | `cxmpute_stats_unsent_batches` | gauge | |
@@ -35,16 +43,18 @@
 //! Labels never carry a user, key or provider: what is per account lives in
 //! the usage statistics, behind authentication.
 
-use std::collections::HashSet;
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics::{Counter, Histogram, Unit};
+use metrics_exporter_prometheus::formatting::{
+    sanitize_label_value, write_help_line, write_type_line,
+};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 
 use crate::broker::Broker;
 use crate::health::BreakerState;
@@ -60,9 +70,6 @@ pub const SECONDS_BUCKETS: [f64; 16] = [
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
-    /// Pools given a gauge before: a pool that disappears is set to 0
-    /// rather than left at its last size.
-    pools_seen: Mutex<HashSet<(Service, String)>>,
     /// The series each request touches, by route (indexed by `Route as usize`).
     routes: [RouteSeries; Route::ALL.len()],
     /// `cxmpute_upstream_attempts_total` by service slot and outcome.
@@ -147,7 +154,6 @@ impl Metrics {
         let m = Metrics {
             recorder,
             handle,
-            pools_seen: Mutex::new(HashSet::new()),
             routes: Default::default(),
             attempts: Default::default(),
         };
@@ -270,40 +276,53 @@ impl Metrics {
         self.handle.run_upkeep();
     }
 
-    /// The Prometheus text page, with the live gauges of `broker` set first.
+    /// The Prometheus text page, with the live gauges of `broker` set first
+    /// and its listed pools' sizes written after the recorder's series.
     pub fn render(&self, broker: &Broker) -> String {
-        let pools = broker.pools();
-        let summary = pools.summary();
-        let provisions = pools.provisions();
+        let pools = broker.listed_pools();
+        let provisions = broker.pools().provisions();
         let mut breakers = [0u64; 3];
         // One index read for all nodes; a provision's entries share its breaker.
         for nodes in &provisions {
             breakers[usize::from(nodes[0].stats.health().state().as_u8())] += 1;
         }
-        {
-            let mut seen = self.pools_seen.lock();
-            self.with(|| {
-                let now: HashSet<(Service, String)> =
-                    summary.iter().map(|(s, m, _)| (*s, m.clone())).collect();
-                for (s, m) in seen.difference(&now) {
-                    gauge!("cxmpute_pool_nodes", "service" => s.as_str(), "model" => m.clone())
-                        .set(0.0);
-                }
-                for (s, m, n) in &summary {
-                    gauge!("cxmpute_pool_nodes", "service" => s.as_str(), "model" => m.clone())
-                        .set(*n as f64);
-                }
-                seen.extend(now);
-                for (state, n) in BreakerState::ALL.into_iter().zip(breakers) {
-                    gauge!("cxmpute_circuit_breakers", "state" => state.as_str()).set(n as f64);
-                }
-                gauge!("cxmpute_nodes").set(provisions.len() as f64);
-                gauge!("cxmpute_stats_unsent_batches")
-                    .set(broker.stats_recorder().unsent_batches() as f64);
-            });
-        }
-        self.handle.render()
+        self.with(|| {
+            for (state, n) in BreakerState::ALL.into_iter().zip(breakers) {
+                gauge!("cxmpute_circuit_breakers", "state" => state.as_str()).set(n as f64);
+            }
+            gauge!("cxmpute_nodes").set(provisions.len() as f64);
+            gauge!("cxmpute_pools").set(pools.total as f64);
+            gauge!("cxmpute_stats_unsent_batches")
+                .set(broker.stats_recorder().unsent_batches() as f64);
+        });
+        let mut page = self.handle.render();
+        write_pool_gauges(&mut page, &pools.pools);
+        page
     }
+}
+
+/// Writes `cxmpute_pool_nodes` for `pools` in the text format, as the
+/// recorder writes its own families (help, type, samples, a blank line).
+fn write_pool_gauges(page: &mut String, pools: &[(Service, String, usize)]) {
+    use std::fmt::Write;
+    const NAME: &str = "cxmpute_pool_nodes";
+    write_help_line(
+        page,
+        NAME,
+        None,
+        None,
+        "Nodes per (service, model) pool; the catalogue's pools and the largest others.",
+    );
+    write_type_line(page, NAME, None, None, "gauge");
+    for (service, model, n) in pools {
+        let model = sanitize_label_value(model);
+        let _ = writeln!(
+            page,
+            "{NAME}{{service=\"{}\",model=\"{model}\"}} {n}",
+            service.as_str()
+        );
+    }
+    page.push('\n');
 }
 
 fn describe() {
@@ -358,7 +377,10 @@ fn describe() {
         "cxmpute_circuit_breakers",
         "Nodes in routing by circuit breaker state."
     );
-    describe_gauge!("cxmpute_pool_nodes", "Nodes per (service, model) pool.");
+    describe_gauge!(
+        "cxmpute_pools",
+        "Pools in routing, named on this page or not."
+    );
     describe_gauge!("cxmpute_nodes", "Distinct nodes in the routing index.");
     describe_counter!(
         "cxmpute_stats_flush_failures_total",
@@ -379,6 +401,18 @@ mod tests {
         for (i, r) in Route::ALL.into_iter().enumerate() {
             assert_eq!(r as usize, i, "{r}");
         }
+    }
+
+    #[test]
+    fn pool_gauges_are_written_in_the_text_format_with_names_escaped() {
+        let mut page = String::new();
+        write_pool_gauges(&mut page, &[(Service::Chat, "a\"b\\c".into(), 2)]);
+        assert!(page.starts_with("# HELP cxmpute_pool_nodes "), "{page}");
+        assert!(page.contains("# TYPE cxmpute_pool_nodes gauge\n"), "{page}");
+        assert!(
+            page.contains("cxmpute_pool_nodes{service=\"chat\",model=\"a\\\"b\\\\c\"} 2\n"),
+            "{page}"
+        );
     }
 
     #[test]

@@ -209,6 +209,9 @@ impl Catalogue {
 }
 
 /// Settings of the provider network.
+///
+/// Every provider is a stranger, and so is every node: the limits below
+/// bound what one of them can make the broker hold and show.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NetworkConfig {
@@ -216,15 +219,90 @@ pub struct NetworkConfig {
     pub catalogue: Catalogue,
     /// How many models a node is assigned at start, by tier 1-4.
     pub models_per_tier: [usize; 4],
+    /// The most (service, model) pairs one node may serve, on every path
+    /// that sets them (registering with services, reporting ready); a longer
+    /// list is refused with a 400. Default 64: ten times what the largest
+    /// tier is assigned, while a node's entries are what the routing index
+    /// links and unlinks under its lock.
+    pub max_services_per_node: usize,
+    /// The most nodes one provider may have registered, ended ones included
+    /// (they are kept and may start again); registering another is refused
+    /// with a 403 until one is deleted. Default 32: a provider is anyone
+    /// with an email address, and each node is a store record, a row in its
+    /// listings and up to [`NetworkConfig::max_services_per_node`] pool
+    /// entries; a farm larger than that is an operator's conversation.
+    pub max_nodes_per_provider: usize,
+    /// The longest location field (country, state, city) a node may give,
+    /// in bytes (default 100). The country keys a regional sub-pool.
+    pub max_location_bytes: usize,
+    /// The largest device diagnostics a node may send, in bytes of JSON
+    /// (default 64 KiB). They are stored with the node and shown to admins.
+    pub max_device_bytes: usize,
 }
 
 impl Default for NetworkConfig {
-    /// The original catalogue; 2, 3, 4 and 6 models for tiers 1 to 4.
+    /// The original catalogue; 2, 3, 4 and 6 models for tiers 1 to 4; the
+    /// limits as documented on each field.
     fn default() -> Self {
         NetworkConfig {
             catalogue: Catalogue::original(),
             models_per_tier: [2, 3, 4, 6],
+            max_services_per_node: 64,
+            max_nodes_per_provider: 32,
+            max_location_bytes: 100,
+            max_device_bytes: 64 * 1024,
         }
+    }
+}
+
+impl NetworkConfig {
+    /// Refuses (400) a list of more services than a node may serve. Counted
+    /// as sent, duplicates included: checked before anything else is read.
+    pub(crate) fn check_services(&self, services: &[ServedModel]) -> Result<()> {
+        let max = self.max_services_per_node;
+        if services.len() > max {
+            return Err(Error::InvalidInput(format!(
+                "`services` lists {} models; a node may serve at most {max}",
+                services.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses (400) location fields that are too long or hold control characters.
+    pub(crate) fn check_location(&self, l: &Location) -> Result<()> {
+        for (what, text) in [
+            ("location.country", &l.country),
+            ("location.state", &l.state),
+            ("location.city", &l.city),
+        ] {
+            crate::accounts::check_text(what, text, self.max_location_bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses (400) device diagnostics larger than the limit.
+    pub(crate) fn check_device(&self, device: &serde_json::Value) -> Result<()> {
+        // Measured as JSON without writing it anywhere.
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0 += b.len();
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut n = Count(0);
+        let len = serde_json::to_writer(&mut n, device).map_or(usize::MAX, |()| n.0);
+        if len > self.max_device_bytes {
+            return Err(Error::InvalidInput(format!(
+                "device diagnostics are larger than {} bytes",
+                self.max_device_bytes
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -282,21 +360,26 @@ impl Broker {
         let p = self.owned_provision(provider, id).await?;
         let net = &self.config().network;
         let count = net.models_per_tier[usize::from(p.tier.clamp(1, 4)) - 1];
+        // Each service once: the list is a stranger's, and is named in the
+        // refusal below.
+        let mut wanted = req.services;
+        wanted.sort_unstable();
+        wanted.dedup();
         let services = assign_services(
             &net.catalogue,
             p.tier,
             count,
-            &req.services,
+            &wanted,
             &self.pools().coverage(),
         );
         if services.is_empty() {
             return Err(Error::InvalidInput(format!(
                 "nothing in the catalogue fits a tier {} node{}",
                 p.tier,
-                if req.services.is_empty() {
+                if wanted.is_empty() {
                     String::new()
                 } else {
-                    format!(" offering {:?}", req.services)
+                    format!(" offering {wanted:?}")
                 }
             )));
         }
@@ -329,15 +412,9 @@ impl Broker {
                 "`services` must name at least one service the node serves".into(),
             ));
         }
-        if req.services.len() > 64 {
-            return Err(Error::InvalidInput(
-                "`services` lists more than 64 models".into(),
-            ));
-        }
-        self.config()
-            .network
-            .catalogue
-            .check(p.tier, &req.services)?;
+        let net = &self.config().network;
+        net.check_services(&req.services)?;
+        net.catalogue.check(p.tier, &req.services)?;
         let endpoint = self.check_endpoint(&req.endpoint).await?;
         let now = self.now();
         p.endpoint = Some(endpoint);

@@ -30,13 +30,14 @@
 //! Per-node statistics are atomics, so the request path records latency, load
 //! and outcomes without taking any lock.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::health::NodeHealth;
 use crate::select::{Candidates, ProvisionSelector, Turns};
@@ -465,11 +466,16 @@ struct ModelPool {
 impl ModelPool {
     fn insert(&mut self, node: &Arc<Node>) {
         self.all.insert(node.clone());
-        if !node.region.is_empty() {
-            self.by_region
-                .entry(node.region.clone())
-                .or_default()
-                .insert(node.clone());
+        if node.region.is_empty() {
+            return;
+        }
+        match self.by_region.get_mut(&node.region) {
+            Some(p) => p.insert(node.clone()),
+            None => {
+                let mut p = Pool::default();
+                p.insert(node.clone());
+                self.by_region.insert(node.region.clone(), p);
+            }
         }
     }
 
@@ -609,10 +615,16 @@ struct Index {
 
 impl Index {
     fn route(&mut self, node: &Arc<Node>) {
-        self.pools[service_slot(node.entry.service)]
-            .entry(node.entry.model.clone())
-            .or_default()
-            .insert(node);
+        let by_model = &mut self.pools[service_slot(node.entry.service)];
+        // Looked up by `&str` first: the key is copied only for a new pool.
+        match by_model.get_mut(node.entry.model.as_str()) {
+            Some(p) => p.insert(node),
+            None => {
+                let mut p = ModelPool::default();
+                p.insert(node);
+                by_model.insert(node.entry.model.clone(), p);
+            }
+        }
     }
 
     fn unroute(&mut self, node: &Node) {
@@ -628,7 +640,12 @@ impl Index {
     fn count_offer(&mut self, node: &Node, up: bool) {
         let by_model = &mut self.offered[service_slot(node.entry.service)];
         if up {
-            *by_model.entry(node.entry.model.clone()).or_default() += 1;
+            match by_model.get_mut(node.entry.model.as_str()) {
+                Some(n) => *n += 1,
+                None => {
+                    by_model.insert(node.entry.model.clone(), 1);
+                }
+            }
         } else if let Some(n) = by_model.get_mut(node.entry.model.as_str()) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -641,6 +658,7 @@ impl Index {
     fn detach(&mut self, id: &ProvisionId) -> Option<NodeRecord> {
         let rec = self.nodes.remove(id)?;
         for n in &rec.nodes {
+            locked_step();
             if rec.healthy {
                 self.unroute(n);
             }
@@ -650,10 +668,49 @@ impl Index {
     }
 }
 
-/// The routing index. Cheap reads under a read lock; O(1) updates.
+#[cfg(test)]
+thread_local!(static LOCKED_STEPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) });
+
+/// One step of work under the index's write lock: tests count them, to hold
+/// an update's time under the lock in proportion to the entries it changes.
+fn locked_step() {
+    #[cfg(test)]
+    LOCKED_STEPS.with(|c| c.set(c.get() + 1));
+}
+
+/// The routing index. Cheap reads under a read lock; O(1) updates per entry.
+///
+/// A node's entries come from a stranger, so an update does everything that
+/// allocates or compares entries (dropping duplicates, building nodes,
+/// finding the ones that stay) before it takes the write lock; under the
+/// lock it only unlinks the old entries and links the new ones, so routing
+/// waits for work in proportion to the entries changed, never more.
 #[derive(Debug, Default)]
 pub struct PoolIndex {
     index: RwLock<Index>,
+    /// Held by every change of a node's entries ([`PoolIndex::upsert`],
+    /// [`PoolIndex::remove`]) from reading the node's record to replacing it,
+    /// so the record an update prepared from is still the one it replaces.
+    /// Routing never takes it.
+    membership: Mutex<()>,
+}
+
+/// Some of the index's pools and how many there are in all: see
+/// [`PoolIndex::listed`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListedPools {
+    /// The pools listed, with their routable node counts, sorted by
+    /// (service, model).
+    pub pools: Vec<(Service, String, usize)>,
+    /// How many pools the index has, listed or not.
+    pub total: usize,
+}
+
+impl ListedPools {
+    /// How many pools were left out.
+    pub fn omitted(&self) -> usize {
+        self.total.saturating_sub(self.pools.len())
+    }
 }
 
 impl PoolIndex {
@@ -691,34 +748,53 @@ impl PoolIndex {
 
     /// Sets a node's entries (replacing any it had): it joins exactly these
     /// pools. Its statistics and health mark are kept. No entries: the node
-    /// leaves the index.
-    pub fn upsert(&self, id: &ProvisionId, entries: Vec<PoolEntry>) {
-        let mut ix = self.index.write();
-        let old = ix.detach(id);
+    /// leaves the index. A (service, model) listed twice counts once.
+    pub fn upsert(&self, id: &ProvisionId, mut entries: Vec<PoolEntry>) {
+        // One entry per (service, model): a duplicate would count twice.
+        // Checked with a set, before any lock.
+        let keep: Vec<bool> = {
+            let mut seen = HashSet::with_capacity(entries.len());
+            (entries.iter())
+                .map(|e| seen.insert((e.service, e.model.as_str())))
+                .collect()
+        };
+        let mut keep = keep.into_iter();
+        entries.retain(|_| keep.next().unwrap_or(false));
+        let _membership = self.membership.lock();
         if entries.is_empty() {
+            let gone = self.index.write().detach(id);
+            drop(gone);
             return;
         }
-        let (stats, healthy, before) = old.map_or_else(
-            || (Arc::default(), true, Vec::new()),
-            |r| (r.stats, r.healthy, r.nodes),
-        );
-        let mut nodes: Vec<Arc<Node>> = Vec::with_capacity(entries.len());
-        for e in entries {
-            // One entry per (service, model): a duplicate would count twice.
-            let dup = nodes
-                .iter()
-                .any(|n| n.entry.service == e.service && n.entry.model == e.model);
-            if dup {
-                continue;
-            }
-            // An unchanged entry keeps its node, and so its live load.
-            let node = match before.iter().find(|n| n.entry == e) {
-                Some(n) => n.clone(),
-                None => Arc::new(Node::new(e, stats.clone())),
-            };
-            nodes.push(node);
-        }
+        // The node's record as it is; no other change of membership can
+        // replace it before this one is done.
+        let (stats, before) = {
+            let ix = self.index.read();
+            ix.nodes
+                .get(id)
+                .map(|r| (r.stats.clone(), r.nodes.clone()))
+                .unwrap_or_default()
+        };
+        // An unchanged entry keeps its node, and so its live load.
+        let by_key: HashMap<(Service, &str), &Arc<Node>> = (before.iter())
+            .map(|n| ((n.entry.service, n.entry.model.as_str()), n))
+            .collect();
+        let nodes: Vec<Arc<Node>> = entries
+            .into_iter()
+            .map(|e| {
+                let same = (by_key.get(&(e.service, e.model.as_str())))
+                    .filter(|n| n.entry == e)
+                    .map(|n| Arc::clone(n));
+                same.unwrap_or_else(|| Arc::new(Node::new(e, stats.clone())))
+            })
+            .collect();
+        drop(by_key);
+        let mut ix = self.index.write();
+        let old = ix.detach(id);
+        // A health verdict given meanwhile is the one that holds.
+        let healthy = old.as_ref().is_none_or(|r| r.healthy);
         for n in &nodes {
+            locked_step();
             ix.count_offer(n, true);
             if healthy {
                 ix.route(n);
@@ -732,11 +808,16 @@ impl PoolIndex {
                 healthy,
             },
         );
+        drop(ix);
+        // The old record and `before` are freed after the lock is released.
+        drop((old, before));
     }
 
     /// Removes a node from every pool, with its statistics and health mark.
     pub fn remove(&self, id: &ProvisionId) {
-        self.index.write().detach(id);
+        let _membership = self.membership.lock();
+        let gone = self.index.write().detach(id);
+        drop(gone);
     }
 
     /// Takes a node out of routing (`false`) or puts it back (`true`), keeping
@@ -833,7 +914,8 @@ impl PoolIndex {
         mp.all.select(selector, excluded)
     }
 
-    /// Every pool with its routable node count, sorted.
+    /// Every pool with its routable node count, sorted. As long as strangers
+    /// make it: public lists use [`PoolIndex::listed`].
     pub fn summary(&self) -> Vec<(Service, String, usize)> {
         let ix = self.index.read();
         let mut v: Vec<_> = Service::ALL
@@ -846,6 +928,43 @@ impl PoolIndex {
             .collect();
         v.sort();
         v
+    }
+
+    /// At most `limit` pools, for lists that must stay short whatever
+    /// strangers register (public pages): the pools `first` picks before the
+    /// others, then the largest, ties by (service, model); and how many pools
+    /// there are in all. One read of the index, no name copied but the
+    /// listed ones'.
+    pub fn listed(&self, limit: usize, first: impl Fn(Service, &str) -> bool) -> ListedPools {
+        let ix = self.index.read();
+        let mut all: Vec<(bool, Reverse<usize>, Service, &str)> = Service::ALL
+            .iter()
+            .flat_map(|s| {
+                ix.pools[service_slot(*s)]
+                    .iter()
+                    .map(|(m, p)| (!first(*s, m), Reverse(p.all.nodes.len()), *s, m.as_str()))
+            })
+            .collect();
+        let total = all.len();
+        if total > limit {
+            all.select_nth_unstable(limit);
+            all.truncate(limit);
+        }
+        let mut pools: Vec<(Service, String, usize)> = all
+            .into_iter()
+            .map(|(_, Reverse(n), s, m)| (s, m.to_owned(), n))
+            .collect();
+        drop(ix);
+        pools.sort();
+        ListedPools { pools, total }
+    }
+
+    /// Routable nodes in the pool of (service, model) (0 when it has none).
+    pub fn pool_size(&self, service: Service, model: &str) -> usize {
+        let ix = self.index.read();
+        ix.pools[service_slot(service)]
+            .get(model)
+            .map_or(0, |p| p.all.nodes.len())
     }
 
     /// How many nodes (healthy or not) offer each (service, model): what the
@@ -996,6 +1115,62 @@ mod tests {
         assert_eq!(ix.coverage()[&(Service::Chat, "llama3.2:3b".into())], 2);
         ix.upsert(&a, Vec::new());
         assert_eq!(ix.node_count(), 1);
+    }
+
+    #[test]
+    fn an_upsert_does_work_in_proportion_to_its_entries_under_the_write_lock() {
+        let ix = PoolIndex::new();
+        let a = ProvisionId::new("a");
+        let n = 2_000;
+        let entries = |from: usize| -> Vec<PoolEntry> {
+            (from..from + n)
+                .map(|i| entry("a", Service::Chat, &format!("m{i}"), "DE"))
+                .collect()
+        };
+        let steps = |f: &dyn Fn()| {
+            LOCKED_STEPS.with(|c| c.set(0));
+            f();
+            LOCKED_STEPS.with(std::cell::Cell::get)
+        };
+        // Joining, changing half the entries, and every entry sent twice.
+        let join = steps(&|| ix.upsert(&a, entries(0)));
+        let change = steps(&|| ix.upsert(&a, entries(n / 2)));
+        let twice = steps(&|| ix.upsert(&a, [entries(0), entries(0)].concat()));
+        for s in [join, change, twice] {
+            assert!(s <= 4 * n, "{s} steps under the lock for {n} entries");
+        }
+        assert_eq!(ix.entries_of(&a).len(), n);
+    }
+
+    #[test]
+    fn a_listing_names_the_chosen_pools_first_then_the_largest() {
+        let ix = PoolIndex::new();
+        for (id, models) in [
+            ("a", &["big", "mid", "small"][..]),
+            ("b", &["big", "mid", "cat"][..]),
+            ("c", &["big"][..]),
+        ] {
+            let es = models
+                .iter()
+                .map(|m| entry(id, Service::Chat, m, ""))
+                .collect();
+            ix.upsert(&ProvisionId::new(id), es);
+        }
+        let cat = |_: Service, m: &str| m == "cat";
+        let l = ix.listed(2, cat);
+        assert_eq!(
+            l.pools,
+            vec![
+                (Service::Chat, "big".into(), 3),
+                (Service::Chat, "cat".into(), 1)
+            ]
+        );
+        assert_eq!((l.total, l.omitted()), (4, 2));
+        assert_eq!(ix.listed(3, cat).pools[2].1, "mid");
+        assert_eq!(ix.listed(9, cat).pools.len(), 4);
+        assert!(ix.listed(0, cat).pools.is_empty());
+        assert_eq!(ix.pool_size(Service::Chat, "mid"), 2);
+        assert_eq!(ix.pool_size(Service::Chat, "none"), 0);
     }
 
     #[test]

@@ -13,6 +13,12 @@
 //!
 //! Another provider's node answers 404, exactly like a node that does not
 //! exist. See [`crate::network`] for the lifecycle's rules.
+//!
+//! Limits ([`NetworkConfig`](crate::network::NetworkConfig)): a node serves
+//! at most 64 (service, model) pairs by default, on registering and on
+//! ready alike (400 above); a provider holds at most 32 nodes, ended ones
+//! included (403 for the next, until one is deleted); location fields and
+//! device diagnostics are size-capped (400).
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
@@ -48,7 +54,10 @@ pub(super) fn routes() -> Routes {
     post,
     path = "/v1/provider/provisions",
     tag = "provider",
-    description = "Registers a node (device diagnostics, location; optionally its endpoint and services).",
+    description = "Registers a node (device diagnostics, location; optionally its endpoint and services). \
+        Refused with 400 when it lists more services than a node may serve (64 by default) or its \
+        location or diagnostics are too long, and with 403 when the provider already has as many \
+        nodes as it may (32 by default, ended ones included).",
     security(("provider_key" = [])),
     request_body = RegisterProvisionRequest,
     responses((status = 200, description = "The node and its secret", body = RegisterProvisionResponse), super::openapi::Refusals)
@@ -123,7 +132,8 @@ async fn start_provision(
     post,
     path = "/v1/provider/provisions/{id}/ready",
     tag = "provider",
-    description = "Reports the endpoint and the services started; the node joins their pools.",
+    description = "Reports the endpoint and the services started; the node joins their pools. \
+        At most as many services as a node may serve (64 by default).",
     security(("provider_key" = [])),
     params(("id" = String, Path, description = "The node")),
     request_body = ReadyProvisionRequest,

@@ -11,6 +11,11 @@
 //! Every stats route takes `?from=YYYY-MM-DD&to=YYYY-MM-DD` (inclusive UTC
 //! days, at most 366; default the last 30) and answers 400 otherwise. The
 //! computations live in [`crate::analytics`].
+//!
+//! The public routes stay small whatever strangers register: the network's
+//! lists of models and pools, and the per-pool series of `/metrics`, name at
+//! most `BrokerConfig::public_list_limit` entries (the catalogue's pools
+//! first) and count the rest.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -43,6 +48,9 @@ fn range(b: &Broker, q: Result<Query<RangeQuery>, QueryRejection>) -> Result<Dat
 /// Public network statistics.
 #[utoipa::path(
     get, path = "/v1/stats/network", tag = "stats",
+    description = "Traffic and nodes, no money and no accounts. The lists of models and pools \
+        name at most the broker's list limit (100 by default): the busiest models, the \
+        catalogue's pools and then the largest; `*_omitted` counts the rest.",
     params(RangeQuery),
     responses(
         (status = 200, description = "Traffic and nodes over the range", body = NetworkStats),
@@ -128,6 +136,9 @@ pub(super) async fn admin(
 /// Prometheus metrics of this broker.
 #[utoipa::path(
     get, path = "/metrics", tag = "observability",
+    description = "Aggregates only. `cxmpute_pool_nodes` names at most the broker's list \
+        limit of pools (the catalogue's first, then the largest) and only pools that have \
+        nodes; `cxmpute_pools` counts them all.",
     responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String))
 )]
 pub(super) async fn metrics(State(b): State<Broker>) -> impl IntoResponse {
