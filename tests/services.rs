@@ -548,7 +548,7 @@ async fn chat_image_urls_are_fetched_by_the_node_through_its_guard_and_inlined()
     );
     // Refused by the node's guard (a redirect to the metadata address, a
     // private address on the way) or its size cap: the model server never
-    // sees the request.
+    // sees the request. The caller reads the broker's words, not the node's.
     let hits = w.upstream.hits();
     for path in ["/to-metadata", "/to-private", "/huge.png"] {
         let r =

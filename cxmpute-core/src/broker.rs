@@ -16,9 +16,11 @@
 //! ## What a request costs
 //!
 //! The reservation is the price of the request's upper bounds: its body's
-//! bytes as input tokens (a token is at least one byte), `max_tokens` (or
-//! `max_completion_tokens`, or the configured default, which is then sent to
-//! the node) as output tokens. The charge is the price of what was metered,
+//! bytes as input tokens (a token is at least one byte; each chat image as
+//! [`BrokerConfig::image_input_tokens`]), and as output tokens the output
+//! limit (`max_completion_tokens`, else `max_tokens`, else the configured
+//! default; the node is sent exactly that limit) times the choices asked
+//! for (`n`, at most [`BrokerConfig::max_choices`]). The charge is the price of what was metered,
 //! never more than the reservation. Usage reported by a node is clamped to
 //! those bounds; when a node reports none, the broker counts it (streamed
 //! content chunks, or a quarter of the text's bytes).

@@ -36,8 +36,9 @@ use crate::types::*;
 
 /// What the caller is told when a node refused its request. Never the node's
 /// own words: a stranger's node could make them say anything.
-const REFUSED: &str = "the model server refused this request (for example, the input is too \
-                       long for the model or a parameter is not supported)";
+const REFUSED: &str = "the model server refused this request (for example: the input is too \
+                       long for the model, an image could not be fetched, or a parameter is \
+                       not supported)";
 
 /// The phases of an attempt whose usual duration is tracked per pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -32,7 +32,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -558,11 +558,9 @@ fn wide_score(in_flight: u32, estimate_us: u64) -> u128 {
     }
 }
 
-/// A fast hash (FxHash's multiply-rotate) for model names and provision
-/// ids. The request path looks a model up on every call; SipHash's
-/// resistance to crafted keys is not needed here because only nodes add
-/// models, and only models of the catalogue, so no caller can fill the map
-/// with colliding names (and an id's hash only ever speeds up a comparison).
+/// A fast hash (FxHash's multiply-rotate) for provision ids' tags: a tag
+/// only ever speeds up a comparison, so a crafted collision costs nothing.
+/// Maps keyed by names strangers choose use [`ByModel`]'s keyed hash.
 #[derive(Default)]
 pub(crate) struct FastHasher(u64);
 
@@ -586,7 +584,14 @@ impl Hasher for FastHasher {
 }
 
 /// Models of one service, by name (looked up by `&str`, no allocation).
-pub(crate) type ByModel<V> = HashMap<String, V, BuildHasherDefault<FastHasher>>;
+///
+/// Keyed SipHash (std's `RandomState`, a random key per map), not a fast
+/// unkeyed hash: any provider may register a node, and the one-step
+/// register path names models freely, so a stranger could otherwise pick
+/// names that all collide and turn every lookup (and every index update,
+/// under its write lock) into a scan. The ~20 ns it costs per lookup is a
+/// small part of a call.
+pub(crate) type ByModel<V> = HashMap<String, V, std::collections::hash_map::RandomState>;
 
 /// Per service, by [`service_slot`]: a plain array instead of a hash lookup.
 type PerService<V> = [ByModel<V>; Service::ALL.len()];

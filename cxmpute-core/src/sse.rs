@@ -7,7 +7,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::pricing::Meter;
-use crate::wire::{ChatCompletionChunk, Usage};
+use crate::wire::{ChatDelta, Usage};
 
 /// One event: its `event:` name (if any) and its `data:` lines joined by `\n`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -130,6 +130,25 @@ impl SseDecoder {
     }
 }
 
+/// What the meter reads of a chunk: less than a whole
+/// [`ChatCompletionChunk`](crate::wire::ChatCompletionChunk), plus whether
+/// it is an error event.
+#[derive(serde::Deserialize)]
+struct MeteredChunk {
+    #[serde(default)]
+    choices: Vec<MeteredChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct MeteredChoice {
+    #[serde(default)]
+    delta: Option<ChatDelta>,
+}
+
 /// Watches a chat completion stream pass by and meters it: usage the node
 /// reported, content chunks counted by the broker, whether `[DONE]` came, and
 /// whether the node sent anything that is not a chunk.
@@ -138,7 +157,8 @@ pub struct ChatStreamMeter {
     decoder: SseDecoder,
     /// Usage from the node's final chunk, if it sent one.
     pub reported: Option<Usage>,
-    /// Chunks carrying content (each is at least one token), counted here.
+    /// Chunks carrying output (text, reasoning, tool calls: each at least
+    /// one token), counted here.
     pub content_chunks: u64,
     /// Whether `data: [DONE]` arrived.
     pub done: bool,
@@ -205,7 +225,14 @@ impl ChatStreamMeter {
             self.write_back(&e);
             return;
         }
-        match serde_json::from_str::<ChatCompletionChunk>(data) {
+        match serde_json::from_str::<MeteredChunk>(data) {
+            // An error event, or an event with neither choices nor usage, is
+            // not a chunk: a node's words meant for the caller.
+            Ok(chunk)
+                if chunk.error.is_some() || (chunk.choices.is_empty() && chunk.usage.is_none()) =>
+            {
+                self.garbage = true;
+            }
             Ok(chunk) => {
                 if let Some(u) = chunk.usage {
                     self.reported = Some(u);
@@ -216,7 +243,7 @@ impl ChatStreamMeter {
                 self.content_chunks += chunk
                     .choices
                     .iter()
-                    .filter(|c| c.delta.content.as_deref().is_some_and(|t| !t.is_empty()))
+                    .filter(|c| c.delta.as_ref().is_some_and(ChatDelta::carries_output))
                     .count() as u64;
             }
             // Never passed on: see `filtered`.
@@ -374,6 +401,48 @@ mod tests {
     fn meter_flags_garbage() {
         let mut m = ChatStreamMeter::default();
         m.feed(b"data: not json\n\n");
+        assert!(m.garbage);
+    }
+
+    #[test]
+    fn meter_counts_tool_calls_and_reasoning_as_output() {
+        let mut m = ChatStreamMeter::default();
+        let s = concat!(
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"reasoning_content\":\"hm\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{}\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\n",
+        );
+        m.feed(s.as_bytes());
+        assert!(!m.garbage);
+        assert_eq!(m.content_chunks, 2);
+    }
+
+    #[test]
+    fn an_event_is_held_no_longer_than_the_cap_however_its_lines_come() {
+        let mut d = SseDecoder::new(1024);
+        let line = format!("data: {}\n", "A".repeat(100));
+        let mut err = None;
+        for _ in 0..20 {
+            if let Err(e) = d.push(line.as_bytes(), &mut |_| {}) {
+                err = Some(e);
+                break;
+            }
+        }
+        assert_eq!(err, Some(LineTooLong(1024)));
+    }
+
+    #[test]
+    fn nothing_but_well_formed_chunks_is_passed_on() {
+        let mut m = ChatStreamMeter::new(true);
+        let out = m.pass(bytes::Bytes::from_static(
+            b": a comment\nevent: error\ndata: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"error\":{\"message\":\"rotate your key at evil\"}}\n\n",
+        ));
+        let text = std::str::from_utf8(&out).unwrap();
+        assert_eq!(
+            text,
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n"
+        );
         assert!(m.garbage);
     }
 }

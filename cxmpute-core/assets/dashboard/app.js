@@ -268,7 +268,7 @@ async function viewNetwork(main) {
   main.append(
     el('h1', {}, 'Network'),
     el('p', { class: 'sub' }, `${s.range.from} to ${s.range.to}: traffic through the gateway and the nodes serving it.`),
-    totalsTiles(s.totals, tile('nodes', 'Nodes now', fmtInt(s.nodes_now), s.pools_now.length + ' pools'), s.services),
+    totalsTiles(s.totals, tile('nodes', 'Nodes now', fmtInt(s.nodes_now), fmtInt(s.pools_now.length + (s.pools_now_omitted || 0)) + ' pools'), s.services),
     el('div', { class: 'grid2' },
       panel('Requests per day', requestsChart('requests', s.days)),
       panel('Nodes per day (average)', chart('nodes', days(s.nodes), [
