@@ -98,17 +98,28 @@ impl UsualDurations {
     }
 }
 
-/// The wait allowed for a phase: `multiple` × usual, within `[floor, ceiling]`
-/// (the ceiling alone while the pool has no measurement).
-fn adaptive(
-    usual: Option<Duration>,
+/// How often a waiting attempt looks again at what its pool usually takes.
+const RECHECK: Duration = Duration::from_millis(250);
+
+/// The bounds of an adaptive wait (see [`Waits::timeout`]).
+#[derive(Clone, Copy, Debug)]
+struct Waits {
     multiple: u32,
     floor: Duration,
     ceiling: Duration,
-) -> Duration {
-    match usual {
-        Some(u) => u.saturating_mul(multiple).max(floor).min(ceiling),
-        None => ceiling,
+}
+
+impl Waits {
+    /// The wait allowed for a phase: `multiple` × usual, within
+    /// `[floor, ceiling]` (the ceiling alone while the pool has no measurement).
+    fn timeout(self, usual: Option<Duration>) -> Duration {
+        match usual {
+            Some(u) => u
+                .saturating_mul(self.multiple)
+                .max(self.floor)
+                .min(self.ceiling),
+            None => self.ceiling,
+        }
     }
 }
 
@@ -405,10 +416,15 @@ impl CallContext {
             Phase::Headers
         };
         let usual = b.usual.of(service, &self.prep.model, phase);
-        let ceiling = match phase {
-            Phase::StreamHeaders => cfg.stream_header_timeout.min(cfg.first_byte_timeout),
-            _ => cfg.first_byte_timeout,
+        let waits = Waits {
+            multiple: cfg.adaptive_timeout_multiple,
+            floor: cfg.adaptive_timeout_floor,
+            ceiling: match phase {
+                Phase::StreamHeaders => cfg.stream_header_timeout.min(cfg.first_byte_timeout),
+                _ => cfg.first_byte_timeout,
+            },
         };
+        let mut lone_since = Instant::now();
         let mut tried: Vec<ProvisionId> = Vec::new();
         let mut racing: FuturesUnordered<BoxFuture<'static, Raced>> = FuturesUnordered::new();
         let mut refused: Vec<(Arc<Node>, Instant)> = Vec::new();
@@ -426,31 +442,27 @@ impl CallContext {
                     b.metrics.failover(self.reservation.route);
                 }
                 tried.push(node.entry.provision_id.clone());
-                let timeout = adaptive(
-                    usual.get(),
-                    cfg.adaptive_timeout_multiple,
-                    cfg.adaptive_timeout_floor,
-                    ceiling,
-                );
-                racing.push(self.launch(node, timeout, self.hedge_delay(&usual)));
+                racing.push(self.launch(node, &usual, waits));
                 can_hedge = cfg.hedge_multiple > 0;
+                lone_since = Instant::now();
             }
             let hedge = can_hedge && racing.len() == 1 && tried.len() < cfg.max_attempts;
+            // When to hedge follows what the pool learns meanwhile; until
+            // then, look again now and then.
+            let due = lone_since + self.hedge_delay(&usual);
+            let wake = due.min(Instant::now() + RECHECK);
             let raced = tokio::select! {
                 Some(r) = racing.next() => r,
-                _ = tokio::time::sleep(self.hedge_delay(&usual)), if hedge => {
+                _ = tokio::time::sleep_until(wake.into()), if hedge => {
+                    if Instant::now() < lone_since + self.hedge_delay(&usual) {
+                        continue;
+                    }
                     match self.pick(&tried) {
                         Some(node) => {
                             b.metrics.hedge(self.reservation.route);
                             tracing::debug!(node = %node.entry.provision_id, "hedging a slow attempt");
                             tried.push(node.entry.provision_id.clone());
-                            let timeout = adaptive(
-                                usual.get(),
-                                cfg.adaptive_timeout_multiple,
-                                cfg.adaptive_timeout_floor,
-                                ceiling,
-                            );
-                            racing.push(self.launch(node, timeout, self.hedge_delay(&usual)));
+                            racing.push(self.launch(node, &usual, waits));
                         }
                         None => can_hedge = false,
                     }
@@ -477,6 +489,7 @@ impl CallContext {
                         self.broker.attempt_done(&node, t0, e.outcome());
                     }
                     last = Some(e);
+                    lone_since = Instant::now();
                     continue;
                 }
             };
@@ -553,13 +566,14 @@ impl CallContext {
     }
 
     /// Starts the first phase of an attempt on `node`: send the request and
-    /// wait for the response headers within `timeout`, raising the node's
-    /// latency estimate to the wait so far at `mark` and each doubling after.
+    /// wait for the response headers within the adaptive wait, raising the
+    /// node's latency estimate to the wait so far at the hedge point and
+    /// each doubling after.
     fn launch(
         &self,
         node: Arc<Node>,
-        timeout: Duration,
-        mark: Duration,
+        usual: &Arc<Usual>,
+        waits: Waits,
     ) -> BoxFuture<'static, Raced> {
         let i = self.broker.inner();
         let url = format!("{}{}", node.entry.endpoint, self.prep.route.path());
@@ -571,10 +585,12 @@ impl CallContext {
             .body(self.prep.body.clone())
             .send();
         let clock = i.clock.clone();
+        let usual = usual.clone();
+        let mark = self.hedge_delay(&usual);
         let in_flight = node.start();
         let t0 = Instant::now();
         async move {
-            let result = first_phase(send, &node, t0, timeout, mark, clock.as_ref()).await;
+            let result = first_phase(send, &node, t0, waits, &usual, mark, clock.as_ref()).await;
             Raced {
                 node,
                 in_flight,
@@ -618,12 +634,12 @@ impl CallContext {
             &self.prep.model,
             Phase::FirstChunk,
         );
-        let wait = adaptive(
-            usual.get(),
-            cfg.adaptive_timeout_multiple,
-            cfg.adaptive_timeout_floor,
-            cfg.first_byte_timeout,
-        );
+        let wait = Waits {
+            multiple: cfg.adaptive_timeout_multiple,
+            floor: cfg.adaptive_timeout_floor,
+            ceiling: cfg.first_byte_timeout,
+        }
+        .timeout(usual.get());
         let t1 = Instant::now();
         let mut first = match tokio::time::timeout(wait, resp.chunk()).await {
             Err(_) => return Err(AttemptError::timeout("the node sent no bytes in time")),
@@ -893,23 +909,31 @@ async fn first_phase(
     send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
     node: &Node,
     t0: Instant,
-    timeout: Duration,
+    waits: Waits,
+    usual: &Usual,
     mut mark: Duration,
     clock: &dyn Clock,
 ) -> std::result::Result<reqwest::Response, AttemptError> {
-    let deadline = t0 + timeout;
     tokio::pin!(send);
     let sent = loop {
-        let at = (t0 + mark).min(deadline);
+        // The allowed wait follows what the pool learns meanwhile: an attempt
+        // started before its pool had a measurement is not left with the
+        // ceiling once calls elsewhere showed what is usual.
+        let deadline = t0 + waits.timeout(usual.get());
+        let now = Instant::now();
+        let at = (t0 + mark).min(deadline).min(now + RECHECK);
         tokio::select! {
             r = &mut send => break r,
             _ = tokio::time::sleep_until(at.into()) => {
-                if at >= deadline {
+                let now = Instant::now();
+                if now >= t0 + waits.timeout(usual.get()) {
                     return Err(AttemptError::timeout("the node did not answer in time"));
                 }
-                // Still waiting: the node is at least this slow right now.
-                node.observe_outstanding(elapsed_us(t0));
-                mark = mark.saturating_mul(2);
+                if now >= t0 + mark {
+                    // Still waiting: the node is at least this slow right now.
+                    node.observe_outstanding(elapsed_us(t0));
+                    mark = mark.saturating_mul(2);
+                }
             }
         }
     };
@@ -1011,11 +1035,16 @@ mod tests {
     #[test]
     fn adaptive_waits_follow_the_pool_within_bounds() {
         let (floor, ceiling) = (Duration::from_secs(2), Duration::from_secs(60));
-        assert_eq!(adaptive(None, 20, floor, ceiling), ceiling);
+        let w = Waits {
+            multiple: 20,
+            floor,
+            ceiling,
+        };
+        assert_eq!(w.timeout(None), ceiling);
         let ms = Duration::from_millis;
-        assert_eq!(adaptive(Some(ms(3)), 20, floor, ceiling), floor);
-        assert_eq!(adaptive(Some(ms(500)), 20, floor, ceiling), ms(10_000));
-        assert_eq!(adaptive(Some(ms(9_000)), 20, floor, ceiling), ceiling);
+        assert_eq!(w.timeout(Some(ms(3))), floor);
+        assert_eq!(w.timeout(Some(ms(500))), ms(10_000));
+        assert_eq!(w.timeout(Some(ms(9_000))), ceiling);
     }
 
     #[test]
