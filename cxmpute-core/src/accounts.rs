@@ -439,6 +439,15 @@ fn provider_id_for(user: &UserId) -> ProviderId {
     ProviderId::new(format!("{}{tail}", ProviderId::PREFIX))
 }
 
+/// Whether an admin account's API key may call the admin API: only when it
+/// is unrestricted (every route, no credit limit). A key an admin narrowed,
+/// to hand it to a program or a colleague, is meant for that use alone: it
+/// is a gateway key, never an administrator's credential. The key the host
+/// makes for its admin (`Broker::ensure_admin`) is unrestricted.
+pub(crate) fn key_may_administer(key: &ApiKey) -> bool {
+    key.permitted_routes.is_empty() && key.credit_limit.is_none()
+}
+
 fn forbidden_if_suspended(s: &Option<Suspension>, what: &str) -> Result<()> {
     match s {
         Some(s) => Err(Error::Forbidden(format!(
@@ -753,18 +762,26 @@ impl Accounts {
         }
     }
 
-    /// The admin behind a request: an admin's session or an admin's API key.
-    /// `Forbidden` for anyone else who is signed in.
+    /// The admin behind a request: an admin's session or an admin's
+    /// unrestricted API key (every route, no credit limit). `Forbidden` for
+    /// anyone else who is signed in, and for an admin's restricted key.
     pub async fn admin(&self, creds: &Credentials) -> Result<User> {
-        let user = match creds.key() {
+        let (user, key) = match creds.key() {
             Some(k) => {
                 let key = self.broker.authenticate_key(Some(k)).await?;
-                self.store().user(&key.user_id).await?
+                (self.store().user(&key.user_id).await?, Some(key))
             }
-            None => self.session(creds).await?.user,
+            None => (self.session(creds).await?.user, None),
         };
         if !self.is_admin(&user) {
             return Err(Error::Forbidden("admin only".into()));
+        }
+        if key.as_ref().is_some_and(|k| !key_may_administer(k)) {
+            return Err(Error::Forbidden(
+                "this API key is restricted (permitted routes or a credit limit), so it \
+                 cannot administer: use a session or an unrestricted admin key"
+                    .into(),
+            ));
         }
         Ok(user)
     }

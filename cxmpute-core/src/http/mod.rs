@@ -8,7 +8,7 @@
 //! | 400 | malformed JSON, missing or wrong fields | `invalid_request_error` / `invalid_request` |
 //! | 401 | missing, unknown or revoked key | `authentication_error` / `invalid_api_key` |
 //! | 402 | the **account** balance does not cover the request: topping up fixes it | `insufficient_quota` / `insufficient_credits` |
-//! | 403 | suspended account, route not permitted for the key, not an admin | `permission_error` / `forbidden` |
+//! | 403 | suspended account, route not permitted for the key, not an admin (or an admin's restricted key) | `permission_error` / `forbidden` |
 //! | 404 | unknown model, unknown thing, another account's thing | `not_found_error` / `model_not_found` or `not_found` |
 //! | 409 | already exists, conflicting change | `conflict_error` / `conflict` |
 //! | 413 | request body over the limit | `invalid_request_error` / `payload_too_large` |
