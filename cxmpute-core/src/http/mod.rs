@@ -1,6 +1,9 @@
 //! The HTTP surface: an axum [`Router`] built from a [`Broker`].
 //!
-//! A host only serves it (see [`router`]). Every error is OpenAI's error JSON
+//! A host only serves it (see [`router`]), best with [`serve`], which puts
+//! limits on every connection (header and body read timeouts, idle
+//! connections, a cap on open ones) and gives the router the caller's
+//! address. Every error is OpenAI's error JSON
 //! with a status that means something:
 //!
 //! | status | when | `type` / `code` |
@@ -47,7 +50,10 @@ mod dashboard;
 pub mod openapi;
 mod provider;
 mod provider_account;
+mod serve;
 mod stats;
+
+pub use serve::{serve, ServeConfig};
 
 /// The status, OpenAI `type` and `code` of an error.
 pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
