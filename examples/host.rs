@@ -12,6 +12,9 @@
 //!
 //! Connections are bounded (`--header-read-timeout-secs`,
 //! `--body-read-timeout-secs`, `--idle-timeout-secs`, `--max-connections`).
+//! Behind a reverse proxy, set `CXMPUTE_CLIENT_IP_HEADER` to the header it
+//! puts the caller's address in, so sign-in codes are limited per caller
+//! rather than per proxy.
 //! Every flag can also be set through the environment variable it names.
 
 use std::net::SocketAddr;

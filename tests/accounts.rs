@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cxmpute_core::accounts::RateLimit;
 use cxmpute_core::mail::{SmtpConfig, SmtpMailer, SmtpTls};
-use cxmpute_core::testkit::{sign_in_code, SmtpSink, StandInNode};
+use cxmpute_core::testkit::{sign_in_code, SmtpSink, StandInNode, TestHost};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
 use serde_json::{json, Value};
@@ -260,6 +261,141 @@ async fn code_requests_are_rate_limited_per_email() {
     assert_eq!(request_code(&h, "calm@users.test").await.status(), 202);
     h.clock.advance(Duration::from_secs(3601));
     assert_eq!(request_code(&h, "busy@users.test").await.status(), 202);
+}
+
+/// A mailer that records who was sent a code (the code itself is not needed).
+#[derive(Clone, Default)]
+struct Outbox(Arc<parking_lot::Mutex<Vec<String>>>);
+
+impl Outbox {
+    fn sent(&self) -> usize {
+        self.0.lock().len()
+    }
+}
+
+#[async_trait::async_trait]
+impl Mailer for Outbox {
+    async fn send_login_code(&self, email: &str, _code: &Secret) -> Result<()> {
+        self.0.lock().push(email.to_owned());
+        Ok(())
+    }
+}
+
+/// A host whose sign-in limits are set by `f`, and its outbox.
+async fn limited_host(f: impl FnOnce(&mut AuthConfig)) -> (TestHost, Outbox) {
+    let outbox = Outbox::default();
+    let mut a = auth();
+    f(&mut a);
+    let mailer = outbox.clone();
+    let h = TestHost::start_market_with(Arc::new(MemoryStore::new()), Credits(500), move |b| {
+        b.mailer(Arc::new(mailer)).auth(a)
+    })
+    .await;
+    (h, outbox)
+}
+
+/// Asks for a code for `email` from the loopback address `from`.
+async fn code_from(h: &TestHost, from: [u8; 4], email: &str) -> reqwest::Response {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/auth/code", h.url))
+        .json(&json!({ "email": email }))
+        .send()
+        .await
+        .unwrap()
+}
+
+const ONE: [u8; 4] = [127, 0, 0, 1];
+const TWO: [u8; 4] = [127, 0, 0, 2];
+
+fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_client_cannot_have_codes_mailed_to_any_number_of_addresses() {
+    // Three at once, then one a minute.
+    let (h, outbox) = limited_host(|a| {
+        a.codes_per_client = RateLimit::new(3, Duration::from_secs(180));
+    })
+    .await;
+    for i in 0..3 {
+        let r = code_from(&h, ONE, &format!("victim{i}@users.test")).await;
+        assert_eq!(r.status(), 202);
+    }
+    let r = code_from(&h, ONE, "victim3@users.test").await;
+    assert_eq!(retry_after(&r), 60);
+    expect_error(r, 429, "rate_limited").await;
+    assert_eq!(outbox.sent(), 3, "nothing is mailed over the limit");
+    // Another client is not held back by this one.
+    assert_eq!(code_from(&h, TWO, "someone@users.test").await.status(), 202);
+    // A minute later, one more; then the limit again.
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(code_from(&h, ONE, "victim3@users.test").await.status(), 202);
+    expect_error(
+        code_from(&h, ONE, "victim4@users.test").await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    assert_eq!(outbox.sent(), 5);
+}
+
+#[tokio::test]
+async fn codes_mailed_in_all_are_limited_whoever_asks() {
+    // Four at once, then one a minute, across every client and address.
+    let (h, outbox) = limited_host(|a| {
+        a.codes_overall = RateLimit::new(4, Duration::from_secs(240));
+    })
+    .await;
+    for (i, from) in [ONE, ONE, TWO, TWO].into_iter().enumerate() {
+        let r = code_from(&h, from, &format!("many{i}@users.test")).await;
+        assert_eq!(r.status(), 202);
+    }
+    for from in [ONE, TWO] {
+        let r = code_from(&h, from, "one-more@users.test").await;
+        assert_eq!(retry_after(&r), 60);
+        let msg = expect_error(r, 429, "rate_limited").await;
+        assert!(msg.contains("try again in 60 s"), "{msg}");
+    }
+    assert_eq!(outbox.sent(), 4);
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        code_from(&h, TWO, "one-more@users.test").await.status(),
+        202
+    );
+    assert_eq!(outbox.sent(), 5);
+}
+
+#[tokio::test]
+async fn maintenance_deletes_sign_in_codes_too_old_to_use_or_count() {
+    let store = Arc::new(MemoryStore::new());
+    let outbox = RecordingMailer::default();
+    let h = host_on(store.clone(), Arc::new(outbox.clone())).await;
+    for i in 0..3 {
+        assert_eq!(
+            request_code(&h, &format!("flood{i}@users.test"))
+                .await
+                .status(),
+            202
+        );
+    }
+    // Past the code lifetime and the per-email window (an hour): dead rows.
+    h.clock.advance(Duration::from_secs(3600 + 1));
+    assert_eq!(request_code(&h, "fresh@users.test").await.status(), 202);
+    h.broker.run_maintenance().await.unwrap();
+    // Only the fresh code is left for a sweep to find, and it still works.
+    let code = outbox.last_code("fresh@users.test");
+    assert_eq!(verify(&h, "fresh@users.test", &code).await.status(), 200);
+    assert_eq!(request_code(&h, "fresh@users.test").await.status(), 202);
+    let far = h.clock.now().plus(Duration::from_secs(86_400));
+    assert_eq!(store.prune_login_codes(far).await.unwrap(), 1);
 }
 
 #[tokio::test]

@@ -10,8 +10,10 @@
 //! 1. [`Accounts::request_code`]: a random 8-digit code is stored as a keyed
 //!    hash (HMAC with a key derived from the session secret, so a leaked
 //!    table of hashes cannot be brute-forced offline), expires after
-//!    [`AuthConfig::code_ttl`], and is mailed. Requests per email are limited
-//!    by the store. The answer never depends on whether the account exists.
+//!    [`AuthConfig::code_ttl`], and is mailed. Requests are limited per email
+//!    (by the store), per client address ([`AuthConfig::codes_per_client`])
+//!    and in all ([`AuthConfig::codes_overall`]); a refused request mails
+//!    nothing. The answer never depends on whether the account exists.
 //! 2. [`Accounts::verify_code`]: the store checks the code atomically (single
 //!    use, at most [`AuthConfig::code_max_attempts`] wrong tries, after which
 //!    even the right code fails). The first success creates the account, user
@@ -28,6 +30,7 @@
 //! everywhere else: the store keeps revocation only for refresh tokens.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -79,6 +82,28 @@ pub struct AuthConfig {
     pub codes_per_window: u32,
     /// The window of the code rate limit.
     pub code_window: Duration,
+    /// Codes one client may request, whatever the emails: one IP address, or
+    /// one IPv6 /64 (a single host usually holds a whole /64). Default: 10,
+    /// then one a minute. Needs the caller's address: the router sees it when
+    /// served by [`crate::http::serve`] (or with axum's `ConnectInfo`), or
+    /// from [`AuthConfig::client_ip_header`]; without either, only the
+    /// per-email and overall limits apply.
+    pub codes_per_client: RateLimit,
+    /// Codes this host mails in all, to any addresses, so that no flood of
+    /// distinct addresses and clients turns it into a spam cannon or burns
+    /// the mail provider's quota. Default: 60, then one a second. The count
+    /// is per host: hosts sharing a store each allow this much.
+    pub codes_overall: RateLimit,
+    /// Most clients the per-client limit remembers at once, so that its table
+    /// cannot itself be flooded. When full, clients whose allowance has
+    /// refilled are forgotten first, then the half nearest to refilled.
+    pub max_tracked_clients: usize,
+    /// The request header a trusted reverse proxy sets to the caller's address
+    /// (e.g. `X-Real-IP`; for `X-Forwarded-For` the last address is taken,
+    /// the one the proxy appended). Set it only behind a proxy that always
+    /// sets it: anyone else may send it and pick their own address. `None`
+    /// (the default) uses the connection's peer address.
+    pub client_ip_header: Option<String>,
     /// Emails that hold the admin role (besides accounts stored as admins).
     pub admin_emails: Vec<String>,
     /// Credits a new account starts with (recorded as a grant by `system`).
@@ -97,6 +122,10 @@ impl Default for AuthConfig {
             code_max_attempts: 5,
             codes_per_window: 5,
             code_window: Duration::from_secs(3600),
+            codes_per_client: RateLimit::new(10, Duration::from_secs(10 * 60)),
+            codes_overall: RateLimit::new(60, Duration::from_secs(60)),
+            max_tracked_clients: 100_000,
+            client_ip_header: None,
             admin_emails: Vec::new(),
             signup_credits: Credits::ZERO,
             max_keys_per_user: 50,
@@ -125,6 +154,7 @@ impl AuthConfig {
     /// | `CXMPUTE_ADMIN_EMAILS` | comma-separated emails holding the admin role |
     /// | `CXMPUTE_SIGNUP_CREDITS` | micro-credits a new account starts with |
     /// | `CXMPUTE_ACCESS_TTL_SECS`, `CXMPUTE_REFRESH_TTL_SECS` | session token lifetimes |
+    /// | `CXMPUTE_CLIENT_IP_HEADER` | the header a trusted reverse proxy puts the caller's address in ([`AuthConfig::client_ip_header`]) |
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -154,6 +184,14 @@ impl AuthConfig {
                 .map(normalize_email)
                 .collect::<Result<_>>()?;
         }
+        if let Some(h) = var("CXMPUTE_CLIENT_IP_HEADER") {
+            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(Error::InvalidInput(format!(
+                    "CXMPUTE_CLIENT_IP_HEADER `{h}` is not a header name"
+                )));
+            }
+            c.client_ip_header = Some(h);
+        }
         if let Some(v) = var("CXMPUTE_SIGNUP_CREDITS") {
             c.signup_credits = Credits(num("CXMPUTE_SIGNUP_CREDITS", v)?);
         }
@@ -173,6 +211,125 @@ impl AuthConfig {
     }
 }
 
+/// A rate limit: a burst of up to `burst` at once, refilled evenly so that
+/// a spent burst is whole again after `per` (`burst` per `per`, sustained).
+/// A `burst` of 0 allows nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimit {
+    /// How many at once.
+    pub burst: u32,
+    /// How long a spent burst takes to refill.
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// `burst` at once, refilled over `per`.
+    pub const fn new(burst: u32, per: Duration) -> Self {
+        RateLimit { burst, per }
+    }
+
+    /// Milliseconds between two refills (at least 1).
+    fn interval_ms(self) -> i64 {
+        let per = i64::try_from(self.per.as_millis()).unwrap_or(i64::MAX);
+        (per / i64::from(self.burst.max(1))).max(1)
+    }
+
+    /// The generic cell rate algorithm over one number, the "theoretical
+    /// arrival time" `tat` (a refilled allowance is `tat <= now`): `Ok` with
+    /// the next `tat` when one more is allowed at `now`, else how long until
+    /// it is.
+    fn admit(self, tat: Option<i64>, now: i64) -> std::result::Result<i64, Duration> {
+        if self.burst == 0 {
+            return Err(self.per.max(Duration::from_secs(1)));
+        }
+        let t = self.interval_ms();
+        let tolerance = t.saturating_mul(i64::from(self.burst) - 1);
+        let tat = tat.unwrap_or(now).max(now);
+        let wait = tat - now - tolerance;
+        if wait > 0 {
+            return Err(Duration::from_millis(wait.unsigned_abs()));
+        }
+        Ok(tat.saturating_add(t))
+    }
+}
+
+/// The per-client and overall limits on mailing sign-in codes, in memory:
+/// per host, bounded by [`AuthConfig::max_tracked_clients`].
+#[derive(Default)]
+struct CodeLimiter {
+    clients: HashMap<IpAddr, i64>,
+    overall: Option<i64>,
+}
+
+/// The key a client is limited under: its IPv4 address (an IPv4-mapped IPv6
+/// one included), or the /64 of its IPv6 address.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+impl CodeLimiter {
+    /// Takes one code from the client's allowance and one from the overall
+    /// one, or neither: a client over its limit does not use up everyone
+    /// else's. `Err` says when to retry.
+    fn admit(
+        &mut self,
+        cfg: &AuthConfig,
+        client: Option<IpAddr>,
+        now: Timestamp,
+    ) -> std::result::Result<(), (&'static str, Duration)> {
+        let now = now.0;
+        let client = client.map(client_key);
+        let client_tat = match client {
+            Some(c) => Some(
+                cfg.codes_per_client
+                    .admit(self.clients.get(&c).copied(), now)
+                    .map_err(|d| ("from this address", d))?,
+            ),
+            None => None,
+        };
+        let overall_tat = cfg
+            .codes_overall
+            .admit(self.overall, now)
+            .map_err(|d| ("right now", d))?;
+        self.overall = Some(overall_tat);
+        if let (Some(c), Some(tat)) = (client, client_tat) {
+            if !self.clients.contains_key(&c) {
+                self.make_room(cfg.max_tracked_clients, now);
+            }
+            self.clients.insert(c, tat);
+        }
+        Ok(())
+    }
+
+    /// Frees a place when the table is full: forgets the clients whose
+    /// allowance has refilled (they are as good as new), and if that is not
+    /// enough, the half nearest to refilled. Each sweep frees many places, so
+    /// a sweep is rare and its cost is shared by the inserts it makes room for.
+    fn make_room(&mut self, max: usize, now: i64) {
+        if self.clients.len() < max {
+            return;
+        }
+        self.forget_refilled(now);
+        if self.clients.len() >= max {
+            let mut tats: Vec<i64> = self.clients.values().copied().collect();
+            let mid = tats.len() / 2;
+            let cut = *tats.select_nth_unstable(mid).1;
+            self.clients.retain(|_, t| *t > cut);
+        }
+    }
+
+    fn forget_refilled(&mut self, now: i64) {
+        self.clients.retain(|_, t| *t > now);
+    }
+}
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Keys derived from the session secret and the per-host revocation list;
@@ -186,6 +343,7 @@ pub(crate) struct AuthState {
     /// Families revoked on this host, with the time after which none of their
     /// access tokens can still be valid (then the entry is dropped).
     revoked: Mutex<HashMap<TokenFamilyId, Timestamp>>,
+    code_limiter: Mutex<CodeLimiter>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -246,6 +404,7 @@ impl AuthState {
             code_key,
             admin_emails,
             revoked: Mutex::new(HashMap::new()),
+            code_limiter: Mutex::new(CodeLimiter::default()),
         })
     }
 
@@ -264,6 +423,22 @@ impl AuthState {
 
     fn is_revoked_locally(&self, family: &TokenFamilyId, now: Timestamp) -> bool {
         self.revoked.lock().get(family).is_some_and(|t| *t > now)
+    }
+}
+
+/// A refused sign-in step, and when a rate limit says to try again.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) error: Error,
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl From<Error> for Refused {
+    fn from(error: Error) -> Self {
+        Refused {
+            error,
+            retry_after: None,
+        }
     }
 }
 
@@ -486,36 +661,95 @@ impl Accounts {
 
     /// Issues a sign-in code for `email` and mails it. Says nothing about
     /// whether an account exists: none is looked up. `RateLimited` after too
-    /// many requests for the email; `Unavailable` when the mail cannot be sent.
+    /// many requests for the email or in all; `Unavailable` when the mail
+    /// cannot be sent. Not limited per client: see [`Accounts::request_code_from`].
     pub async fn request_code(&self, email: &str) -> Result<()> {
+        self.issue_code(email, None).await.map_err(|r| r.error)
+    }
+
+    /// As [`Accounts::request_code`], for a request from `client` (the
+    /// caller's IP address), which [`AuthConfig::codes_per_client`] limits.
+    pub async fn request_code_from(&self, email: &str, client: Option<IpAddr>) -> Result<()> {
+        self.issue_code(email, client).await.map_err(|r| r.error)
+    }
+
+    /// The sign-in code flow; a refusal by a rate limit says when to retry.
+    pub(crate) async fn issue_code(
+        &self,
+        email: &str,
+        client: Option<IpAddr>,
+    ) -> std::result::Result<(), Refused> {
         let email = normalize_email(email)?;
+        let now = self.now();
+        let cfg = self.cfg();
+        // Before anything is stored or sent: a refused request costs a lock.
+        let admitted = self.state().code_limiter.lock().admit(cfg, client, now);
+        if let Err((whence, wait)) = admitted {
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            tracing::info!(?client, "sign-in code refused: too many requested {whence}");
+            return Err(Refused {
+                error: Error::RateLimited(format!(
+                    "too many sign-in codes requested {whence}; try again in {secs} s"
+                )),
+                retry_after: Some(Duration::from_secs(secs.max(1))),
+            });
+        }
         let code = {
             let n: u32 = rand::rng().random_range(0..10u32.pow(CODE_DIGITS));
             Secret::new(format!("{n:0width$}", width = CODE_DIGITS as usize))
         };
-        let now = self.now();
-        let cfg = self.cfg();
         let lc = LoginCode {
             code_hash: self.state().code_hash(&email, code.expose()),
             email: email.clone(),
             expires_at: now.plus(cfg.code_ttl),
             created_at: now,
         };
-        self.store()
+        match self
+            .store()
             .issue_login_code(&lc, now.minus(cfg.code_window), cfg.codes_per_window)
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            // The store does not say when the oldest code in the window
+            // leaves it; the whole window is the longest the wait can be.
+            Err(e @ Error::RateLimited(_)) => {
+                return Err(Refused {
+                    error: e,
+                    retry_after: Some(cfg.code_window),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
         match self.broker.mailer().send_login_code(&email, &code).await {
             Ok(()) => {}
-            Err(e @ Error::InvalidInput(_)) => return Err(e),
+            Err(e @ Error::InvalidInput(_)) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, "sending a sign-in code failed");
                 return Err(Error::Unavailable {
                     message: "the sign-in code could not be sent".into(),
                     source: Some(Box::new(e)),
-                });
+                }
+                .into());
             }
         }
         tracing::info!("sign-in code issued");
+        Ok(())
+    }
+
+    /// Housekeeping of sign-in, run by [`Broker::run_maintenance`]: deletes
+    /// codes that can no longer be used nor count towards the per-email
+    /// limit, and forgets clients whose allowance has refilled.
+    pub(crate) async fn prune(&self) -> Result<()> {
+        let now = self.now();
+        let cfg = self.cfg();
+        self.state().code_limiter.lock().forget_refilled(now.0);
+        let pruned = self
+            .store()
+            .prune_login_codes(now.minus(cfg.code_ttl.max(cfg.code_window)))
+            .await?;
+        if pruned > 0 {
+            tracing::debug!(pruned, "old sign-in codes deleted");
+        }
         Ok(())
     }
 
@@ -1300,6 +1534,91 @@ mod tests {
         ] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
         }
+    }
+
+    fn ms(t: i64) -> Timestamp {
+        Timestamp(1_767_225_600_000 + t)
+    }
+
+    #[test]
+    fn a_rate_limit_allows_its_burst_then_one_per_interval() {
+        let r = RateLimit::new(3, Duration::from_secs(3));
+        let mut tat = None;
+        for _ in 0..3 {
+            tat = Some(r.admit(tat, 0).unwrap());
+        }
+        assert_eq!(r.admit(tat, 0), Err(Duration::from_secs(1)));
+        assert_eq!(r.admit(tat, 400), Err(Duration::from_millis(600)));
+        tat = Some(r.admit(tat, 1_000).unwrap());
+        assert!(r.admit(tat, 1_000).is_err());
+        // Unused time refills the burst, never beyond it.
+        for _ in 0..3 {
+            tat = Some(r.admit(tat, 60_000).unwrap());
+        }
+        assert!(r.admit(tat, 60_000).is_err());
+        assert!(RateLimit::new(0, Duration::from_secs(1))
+            .admit(None, 0)
+            .is_err());
+    }
+
+    #[test]
+    fn clients_are_keyed_by_address_and_ipv6_by_its_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_key(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(client_key(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(client_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            client_key(ip("2001:db8:1:2::5"))
+        );
+        assert_ne!(
+            client_key(ip("2001:db8:1:3::1")),
+            client_key(ip("2001:db8:1:2::1"))
+        );
+    }
+
+    #[test]
+    fn a_client_over_its_limit_does_not_use_up_everyone_elses() {
+        let cfg = AuthConfig {
+            codes_per_client: RateLimit::new(1, Duration::from_secs(60)),
+            codes_overall: RateLimit::new(2, Duration::from_secs(60)),
+            ..AuthConfig::default()
+        };
+        let mut l = CodeLimiter::default();
+        let a = Some("10.0.0.1".parse().unwrap());
+        let b = Some("10.0.0.2".parse().unwrap());
+        assert!(l.admit(&cfg, a, ms(0)).is_ok());
+        for _ in 0..10 {
+            assert_eq!(l.admit(&cfg, a, ms(0)).unwrap_err().0, "from this address");
+        }
+        assert!(l.admit(&cfg, b, ms(0)).is_ok());
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert_eq!(l.admit(&cfg, Some(c), ms(0)).unwrap_err().0, "right now");
+        // Refused by the overall limit: c's own allowance is untouched.
+        assert!(!l.clients.contains_key(&client_key(c)));
+    }
+
+    #[test]
+    fn the_client_table_stays_bounded_under_a_flood_of_addresses() {
+        let cfg = AuthConfig {
+            codes_per_client: RateLimit::new(2, Duration::from_secs(3600)),
+            codes_overall: RateLimit::new(1_000_000, Duration::from_secs(1)),
+            max_tracked_clients: 64,
+            ..AuthConfig::default()
+        };
+        let mut l = CodeLimiter::default();
+        for i in 0..10_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(l.admit(&cfg, Some(ip), ms(i64::from(i))).is_ok());
+            assert!(l.clients.len() <= 64);
+        }
+        // The most recent clients are the ones remembered.
+        let last = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + 9_999));
+        assert!(l.admit(&cfg, Some(last), ms(10_000)).is_ok());
+        assert!(l.admit(&cfg, Some(last), ms(10_000)).is_err());
+        // Housekeeping forgets those whose allowance refilled.
+        l.forget_refilled(ms(10_000 + 3_600_000).0);
+        assert!(l.clients.is_empty());
     }
 
     #[test]

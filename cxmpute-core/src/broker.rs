@@ -410,7 +410,7 @@ impl Broker {
     }
 
     /// One round of housekeeping: expire silent nodes, release stale
-    /// reservations, flush statistics. Run it on an interval (see
+    /// reservations, delete spent sign-in codes, flush statistics. Run it on an interval (see
     /// [`Broker::spawn_maintenance`]) or call it from tests with a manual clock.
     pub async fn run_maintenance(&self) -> Result<()> {
         let now = self.now();
@@ -427,6 +427,7 @@ impl Broker {
             .store
             .release_stale_reservations(now.minus(self.inner.config.reservation_ttl))
             .await?;
+        self.accounts().prune().await?;
         self.record_network_snapshot();
         self.inner.metrics.upkeep();
         self.flush_stats().await

@@ -98,6 +98,7 @@ macro_rules! store_conformance_tests {
             login_code_attempts_are_limited,
             login_code_reissue_replaces_and_resets_attempts,
             login_codes_are_rate_limited_per_window,
+            old_login_codes_are_pruned,
             refresh_token_rotates,
             refresh_token_reuse_revokes_family,
             refresh_token_expiry_and_revocation,
@@ -1699,6 +1700,56 @@ pub async fn login_codes_are_rate_limited_per_window(store: Arc<dyn Store>) {
         .verify_login_code("a@example.com", &later.code_hash, at(hour + 700), 5)
         .await
         .unwrap();
+}
+
+/// Housekeeping deletes the codes issued before the cut, used or not, and
+/// the issue records of emails last issued one before it; newer codes stay.
+pub async fn old_login_codes_are_pruned(store: Arc<dyn Store>) {
+    let hour = 3_600_000;
+    let issue = |c: LoginCode| {
+        let store = store.clone();
+        async move {
+            let window = Timestamp(c.created_at.0 - hour);
+            store.issue_login_code(&c, window, 5).await.unwrap();
+        }
+    };
+    let a = login_code("a@example.com", "111111", at(0));
+    issue(a.clone()).await;
+    issue(login_code("b@example.com", "222222", at(1_000))).await;
+    let used = login_code("u@example.com", "333333", at(2_000));
+    issue(used.clone()).await;
+    store
+        .verify_login_code("u@example.com", &used.code_hash, at(2_001), 5)
+        .await
+        .unwrap();
+    let c = login_code("c@example.com", "444444", at(hour));
+    issue(c.clone()).await;
+    // An old code replaced by a newer one.
+    issue(login_code("e@example.com", "555555", at(0))).await;
+    let e = login_code("e@example.com", "666666", at(hour + 1));
+    issue(e.clone()).await;
+
+    // a's and b's codes go (the used one was gone already); again, nothing.
+    assert_eq!(store.prune_login_codes(at(hour)).await.unwrap(), 2);
+    assert_eq!(store.prune_login_codes(at(hour)).await.unwrap(), 0);
+    // A pruned code is gone, even at a time it would still be valid.
+    assert_err!(
+        store
+            .verify_login_code("a@example.com", &a.code_hash, at(10), 5)
+            .await,
+        Error::Unauthorized(_)
+    );
+    // So is a's record of issues: a limit of one in a window reaching back
+    // to its old code allows a new one.
+    let again = login_code("a@example.com", "777777", at(hour + 20));
+    store.issue_login_code(&again, at(-hour), 1).await.unwrap();
+    // Newer codes still work.
+    for (email, code) in [("c@example.com", &c), ("e@example.com", &e)] {
+        store
+            .verify_login_code(email, &code.code_hash, at(hour + 30), 5)
+            .await
+            .unwrap();
+    }
 }
 
 fn refresh(

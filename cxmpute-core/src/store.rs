@@ -156,6 +156,12 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         max_attempts: u32,
     ) -> Result<()>;
+    /// Deletes every sign-in code issued before `before`, used or not, and the
+    /// record of issues before it that the per-email limit counts; returns
+    /// how many codes were deleted. The broker passes a time before which no
+    /// code can still be used or counted (housekeeping, so that a flood of
+    /// requests for distinct emails leaves nothing behind).
+    async fn prune_login_codes(&self, before: Timestamp) -> Result<u64>;
     /// Stores a new refresh token.
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()>;
     /// Rotates a refresh token, atomically: the old one must be unused, unexpired

@@ -132,6 +132,11 @@ pub(crate) fn login_issued(email: &str) -> Item {
     key(format!("LOGIN#{email}"), "ISSUED")
 }
 
+/// The index partition of every email's sign-in issues, by latest issue,
+/// for the sweep that deletes old ones. Written once per code issued, which
+/// the broker's rate limits keep far below a partition's write capacity.
+pub(crate) const LOGINS_PK: &str = "LOGINS";
+
 pub(crate) fn refresh_token(hash: &KeyHash) -> Item {
     key(format!("RTOKEN#{}", hash.to_hex()), "RTOKEN")
 }

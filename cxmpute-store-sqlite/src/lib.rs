@@ -579,6 +579,12 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn prune_login_codes(&self, before: Timestamp) -> Result<u64> {
+        self.writer
+            .write(move |c| Box::pin(async move { ops::prune_login_codes(c, before).await }))
+            .await
+    }
+
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         let token = token.clone();
         self.writer

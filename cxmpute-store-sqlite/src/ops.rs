@@ -738,6 +738,16 @@ pub(crate) async fn verify_login_code(
     Ok(Ok(()))
 }
 
+pub(crate) async fn prune_login_codes(c: &mut Conn, before: Timestamp) -> Result<u64> {
+    // Both tables are small (what the rate limits let through in a window),
+    // so a scan each maintenance round costs little and needs no index.
+    let q = sqlx::query("DELETE FROM login_codes WHERE created_at < ?1").bind(before.0);
+    let pruned = execute(c, "deleting old sign-in codes", q).await?;
+    let q = sqlx::query("DELETE FROM login_code_issues WHERE at < ?1").bind(before.0);
+    execute(c, "deleting old sign-in code issues", q).await?;
+    Ok(pruned)
+}
+
 pub(crate) async fn create_refresh_token(c: &mut Conn, t: &RefreshToken) -> Result<()> {
     let q = sqlx::query(
         "INSERT INTO refresh_tokens (hash, family, user_id, expires_at, created_at, used) \

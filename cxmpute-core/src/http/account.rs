@@ -2,7 +2,7 @@
 //!
 //! | route | who |
 //! |---|---|
-//! | `POST /v1/auth/code` | anyone (rate-limited per email) |
+//! | `POST /v1/auth/code` | anyone (rate-limited per email, per client address and in all) |
 //! | `POST /v1/auth/verify` | anyone with the mailed code |
 //! | `POST /v1/auth/refresh` | the holder of a refresh token (body or cookie) |
 //! | `POST /v1/auth/logout` | the holder of a refresh or access token |
@@ -14,17 +14,21 @@
 //! `cx_access` cookie; the session routes set both cookies `HttpOnly`,
 //! `Secure`, `SameSite=Strict`, so another site can neither read nor send them.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::Deserialize;
 
 use super::Routes;
-use super::{bearer, json_body, no_store, ok, optional_json_body, path_param, query, ApiResult};
+use super::{bearer, json_body, no_store, ok, optional_json_body, path_param, query};
+use super::{ApiError, ApiResult};
 use crate::accounts::{Credentials, SessionTokens};
 use crate::broker::Broker;
 use crate::error::Error;
@@ -103,20 +107,58 @@ fn session_answer(b: &Broker, t: &SessionTokens) -> Response {
     resp
 }
 
+/// The caller's address: from the trusted proxy header when one is
+/// configured and present, else the connection's peer (known when the
+/// router is served with connect info, as [`super::serve`] does).
+fn client_ip(b: &Broker, h: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
+    let from_header = b
+        .config()
+        .auth
+        .client_ip_header
+        .as_deref()
+        .and_then(|name| {
+            // The last address: the one the trusted proxy added (earlier ones
+            // in a list came from the caller).
+            let v = h.get_all(name).iter().next_back()?.to_str().ok()?;
+            v.rsplit(',').next()?.trim().parse::<IpAddr>().ok()
+        });
+    let ip = from_header.or(peer.map(|a| a.ip()));
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if ip.is_none() && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "the caller's address is unknown, so sign-in codes are not limited per client: \
+             serve the router with `cxmpute_core::http::serve` (or axum's connect info), or \
+             set a trusted client address header"
+        );
+    }
+    ip
+}
+
 #[utoipa::path(
     post,
     path = "/v1/auth/code",
     tag = "auth",
-    description = "Mails a sign-in code to the address (rate-limited per email).",
+    description = "Mails a sign-in code to the address. Rate-limited per email, per client \
+        address and in all: over a limit the answer is 429 with `Retry-After`, and nothing is sent.",
     request_body = RequestCodeRequest,
     responses((status = 202, description = "The code was sent", body = RequestCodeResponse), super::openapi::Refusals)
 )]
 async fn request_code(
     State(b): State<Broker>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    h: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let req: RequestCodeRequest = json_body(body)?;
-    b.accounts().request_code(&req.email).await?;
+    let client = client_ip(&b, &h, peer.map(|Extension(ConnectInfo(a))| a));
+    if let Err(refused) = b.accounts().issue_code(&req.email, client).await {
+        let mut resp = ApiError(refused.error).into_response();
+        if let Some(wait) = refused.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+        }
+        return Ok(resp);
+    }
     let out = RequestCodeResponse {
         status: "sent".into(),
         expires_in: b.config().auth.code_ttl.as_secs(),

@@ -286,6 +286,11 @@ impl Store for InstrumentedStore {
         .await
     }
 
+    async fn prune_login_codes(&self, before: Timestamp) -> Result<u64> {
+        self.call("prune_login_codes", self.inner.prune_login_codes(before))
+            .await
+    }
+
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         self.call(
             "create_refresh_token",
