@@ -281,17 +281,25 @@ impl Mailer for Outbox {
     }
 }
 
+/// A host on `store` mailing through `mailer`, its sign-in settings changed by `f`.
+async fn host_with_auth(
+    store: Arc<dyn Store>,
+    mailer: Arc<dyn Mailer>,
+    f: impl FnOnce(&mut AuthConfig),
+) -> TestHost {
+    let mut a = auth();
+    f(&mut a);
+    TestHost::start_market_with(store, Credits(500), move |b| b.mailer(mailer).auth(a)).await
+}
+
 /// A host whose sign-in limits are set by `f`, and its outbox.
 async fn limited_host(f: impl FnOnce(&mut AuthConfig)) -> (TestHost, Outbox) {
     let outbox = Outbox::default();
-    let mut a = auth();
-    f(&mut a);
-    let mailer = outbox.clone();
-    let h = TestHost::start_market_with(Arc::new(MemoryStore::new()), Credits(500), move |b| {
-        b.mailer(Arc::new(mailer)).auth(a)
-    })
-    .await;
-    (h, outbox)
+    let store = Arc::new(MemoryStore::new());
+    (
+        host_with_auth(store, Arc::new(outbox.clone()), f).await,
+        outbox,
+    )
 }
 
 /// Asks for a code for `email` from the loopback address `from`.
@@ -396,6 +404,56 @@ async fn maintenance_deletes_sign_in_codes_too_old_to_use_or_count() {
     assert_eq!(request_code(&h, "fresh@users.test").await.status(), 202);
     let far = h.clock.now().plus(Duration::from_secs(86_400));
     assert_eq!(store.prune_login_codes(far).await.unwrap(), 1);
+}
+
+async fn refresh_with(h: &TestHost, token: &Secret) -> reqwest::Response {
+    call(h, "POST", "/v1/auth/refresh")
+        .json(json!({ "refresh_token": token.expose() }))
+        .send()
+        .await
+}
+
+#[tokio::test]
+async fn a_session_cannot_refresh_without_end() {
+    // Each refresh stores a token: two at once, then one a minute.
+    let outbox = RecordingMailer::default();
+    let store = Arc::new(MemoryStore::new());
+    let h = host_with_auth(store, Arc::new(outbox.clone()), |a| {
+        a.refreshes_per_session = RateLimit::new(2, Duration::from_secs(120));
+    })
+    .await;
+    let mut s = sign_in(&h, &outbox, "looper@users.test").await;
+    for _ in 0..2 {
+        let r = refresh_with(&h, &s.refresh_token).await;
+        assert_eq!(r.status(), 200);
+        s = r.json().await.unwrap();
+    }
+    let r = refresh_with(&h, &s.refresh_token).await;
+    assert_eq!(retry_after(&r), 60);
+    expect_error(r, 429, "rate_limited").await;
+    // The refused refresh used nothing up: the same token works a minute on,
+    // and another session is not held back.
+    let other = sign_in(&h, &outbox, "calm@users.test").await;
+    assert_eq!(refresh_with(&h, &other.refresh_token).await.status(), 200);
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(refresh_with(&h, &s.refresh_token).await.status(), 200);
+}
+
+#[tokio::test]
+async fn maintenance_deletes_expired_refresh_tokens() {
+    let store = Arc::new(MemoryStore::new());
+    let outbox = RecordingMailer::default();
+    let h = host_on(store.clone(), Arc::new(outbox.clone())).await;
+    let old = sign_in(&h, &outbox, "old@users.test").await;
+    assert_eq!(refresh_with(&h, &old.refresh_token).await.status(), 200);
+    // Past the refresh lifetime (30 days) both of its tokens are dead rows.
+    h.clock.advance(Duration::from_secs(30 * 24 * 3600 + 1));
+    let fresh = sign_in(&h, &outbox, "fresh@users.test").await;
+    h.broker.run_maintenance().await.unwrap();
+    assert_eq!(refresh_with(&h, &fresh.refresh_token).await.status(), 200);
+    // What is left: the fresh session's used token and its new one.
+    let far = h.clock.now().plus(Duration::from_secs(365 * 24 * 3600));
+    assert_eq!(store.prune_refresh_tokens(far).await.unwrap(), 2);
 }
 
 #[tokio::test]

@@ -22,7 +22,9 @@
 //! 3. A session: a short-lived HS256 access token (JWT) and an opaque refresh
 //!    token stored hashed. Each refresh rotates it; presenting a used refresh
 //!    token revokes its whole family (someone copied it). Logout revokes the
-//!    family too.
+//!    family too. Refreshes are limited per session
+//!    ([`AuthConfig::refreshes_per_session`]), and expired tokens are deleted
+//!    by the maintenance round.
 //!
 //! Access tokens are checked by signature and expiry against the broker's
 //! clock. A revoked family's access tokens are refused at once on the host
@@ -94,10 +96,16 @@ pub struct AuthConfig {
     /// the mail provider's quota. Default: 60, then one a second. The count
     /// is per host: hosts sharing a store each allow this much.
     pub codes_overall: RateLimit,
-    /// Most clients the per-client limit remembers at once, so that its table
-    /// cannot itself be flooded. When full, clients whose allowance has
-    /// refilled are forgotten first, then the half nearest to refilled.
-    pub max_tracked_clients: usize,
+    /// Refreshes one session may make: default 10, then one a minute. A
+    /// session's client refreshes once per access token (every
+    /// [`AuthConfig::access_ttl`]); each refresh stores a token, kept until
+    /// it expires, so an unbounded loop of them would grow the store.
+    pub refreshes_per_session: RateLimit,
+    /// Most clients, and most sessions, the per-client and per-session limits
+    /// remember at once, so that their tables cannot themselves be flooded.
+    /// When full, those whose allowance has refilled are forgotten first,
+    /// then the half nearest to refilled.
+    pub max_tracked: usize,
     /// The request header a trusted reverse proxy sets to the caller's address
     /// (e.g. `X-Real-IP`; for `X-Forwarded-For` the last address is taken,
     /// the one the proxy appended). Set it only behind a proxy that always
@@ -124,7 +132,8 @@ impl Default for AuthConfig {
             code_window: Duration::from_secs(3600),
             codes_per_client: RateLimit::new(10, Duration::from_secs(10 * 60)),
             codes_overall: RateLimit::new(60, Duration::from_secs(60)),
-            max_tracked_clients: 100_000,
+            refreshes_per_session: RateLimit::new(10, Duration::from_secs(10 * 60)),
+            max_tracked: 100_000,
             client_ip_header: None,
             admin_emails: Vec::new(),
             signup_credits: Credits::ZERO,
@@ -254,11 +263,63 @@ impl RateLimit {
     }
 }
 
-/// The per-client and overall limits on mailing sign-in codes, in memory:
-/// per host, bounded by [`AuthConfig::max_tracked_clients`].
+/// What is left of each key's allowance under one [`RateLimit`] (a client's,
+/// a session's), in memory and per host, for at most
+/// [`AuthConfig::max_tracked`] keys, so that the table cannot itself be
+/// flooded.
+struct Allowances<K> {
+    /// Each key's "theoretical arrival time" (see [`RateLimit::admit`]).
+    tats: HashMap<K, i64>,
+}
+
+impl<K> Default for Allowances<K> {
+    fn default() -> Self {
+        Allowances {
+            tats: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Allowances<K> {
+    /// The key's next state if one more is allowed now, else when to retry.
+    fn check(&self, limit: RateLimit, key: &K, now: i64) -> std::result::Result<i64, Duration> {
+        limit.admit(self.tats.get(key).copied(), now)
+    }
+
+    /// Records what [`Allowances::check`] allowed.
+    fn commit(&mut self, key: K, tat: i64, max: usize, now: i64) {
+        if !self.tats.contains_key(&key) {
+            self.make_room(max, now);
+        }
+        self.tats.insert(key, tat);
+    }
+
+    /// Frees a place when the table is full: forgets the keys whose
+    /// allowance has refilled (they are as good as new), and if that is not
+    /// enough, the half nearest to refilled. Each sweep frees many places, so
+    /// a sweep is rare and its cost is shared by the inserts it makes room for.
+    fn make_room(&mut self, max: usize, now: i64) {
+        if self.tats.len() < max.max(1) {
+            return;
+        }
+        self.forget_refilled(now);
+        if self.tats.len() >= max.max(1) {
+            let mut tats: Vec<i64> = self.tats.values().copied().collect();
+            let mid = tats.len() / 2;
+            let cut = *tats.select_nth_unstable(mid).1;
+            self.tats.retain(|_, t| *t > cut);
+        }
+    }
+
+    fn forget_refilled(&mut self, now: i64) {
+        self.tats.retain(|_, t| *t > now);
+    }
+}
+
+/// The per-client and overall limits on mailing sign-in codes.
 #[derive(Default)]
 struct CodeLimiter {
-    clients: HashMap<IpAddr, i64>,
+    clients: Allowances<IpAddr>,
     overall: Option<i64>,
 }
 
@@ -286,10 +347,10 @@ impl CodeLimiter {
     ) -> std::result::Result<(), (&'static str, Duration)> {
         let now = now.0;
         let client = client.map(client_key);
-        let client_tat = match client {
+        let client_tat = match &client {
             Some(c) => Some(
-                cfg.codes_per_client
-                    .admit(self.clients.get(&c).copied(), now)
+                self.clients
+                    .check(cfg.codes_per_client, c, now)
                     .map_err(|d| ("from this address", d))?,
             ),
             None => None,
@@ -300,33 +361,9 @@ impl CodeLimiter {
             .map_err(|d| ("right now", d))?;
         self.overall = Some(overall_tat);
         if let (Some(c), Some(tat)) = (client, client_tat) {
-            if !self.clients.contains_key(&c) {
-                self.make_room(cfg.max_tracked_clients, now);
-            }
-            self.clients.insert(c, tat);
+            self.clients.commit(c, tat, cfg.max_tracked, now);
         }
         Ok(())
-    }
-
-    /// Frees a place when the table is full: forgets the clients whose
-    /// allowance has refilled (they are as good as new), and if that is not
-    /// enough, the half nearest to refilled. Each sweep frees many places, so
-    /// a sweep is rare and its cost is shared by the inserts it makes room for.
-    fn make_room(&mut self, max: usize, now: i64) {
-        if self.clients.len() < max {
-            return;
-        }
-        self.forget_refilled(now);
-        if self.clients.len() >= max {
-            let mut tats: Vec<i64> = self.clients.values().copied().collect();
-            let mid = tats.len() / 2;
-            let cut = *tats.select_nth_unstable(mid).1;
-            self.clients.retain(|_, t| *t > cut);
-        }
-    }
-
-    fn forget_refilled(&mut self, now: i64) {
-        self.clients.retain(|_, t| *t > now);
     }
 }
 
@@ -344,6 +381,7 @@ pub(crate) struct AuthState {
     /// access tokens can still be valid (then the entry is dropped).
     revoked: Mutex<HashMap<TokenFamilyId, Timestamp>>,
     code_limiter: Mutex<CodeLimiter>,
+    refresh_limiter: Mutex<Allowances<TokenFamilyId>>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -405,6 +443,7 @@ impl AuthState {
             admin_emails,
             revoked: Mutex::new(HashMap::new()),
             code_limiter: Mutex::new(CodeLimiter::default()),
+            refresh_limiter: Mutex::new(Allowances::default()),
         })
     }
 
@@ -431,6 +470,17 @@ impl AuthState {
 pub(crate) struct Refused {
     pub(crate) error: Error,
     pub(crate) retry_after: Option<Duration>,
+}
+
+impl Refused {
+    /// A 429 saying why and when to retry (in whole seconds, rounded up).
+    fn rate_limited(why: &str, wait: Duration) -> Self {
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        Refused {
+            error: Error::RateLimited(format!("{why}; try again in {secs} s")),
+            retry_after: Some(Duration::from_secs(secs)),
+        }
+    }
 }
 
 impl From<Error> for Refused {
@@ -685,14 +735,11 @@ impl Accounts {
         // Before anything is stored or sent: a refused request costs a lock.
         let admitted = self.state().code_limiter.lock().admit(cfg, client, now);
         if let Err((whence, wait)) = admitted {
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             tracing::info!(?client, "sign-in code refused: too many requested {whence}");
-            return Err(Refused {
-                error: Error::RateLimited(format!(
-                    "too many sign-in codes requested {whence}; try again in {secs} s"
-                )),
-                retry_after: Some(Duration::from_secs(secs.max(1))),
-            });
+            return Err(Refused::rate_limited(
+                &format!("too many sign-in codes requested {whence}"),
+                wait,
+            ));
         }
         let code = {
             let n: u32 = rand::rng().random_range(0..10u32.pow(CODE_DIGITS));
@@ -738,17 +785,27 @@ impl Accounts {
 
     /// Housekeeping of sign-in, run by [`Broker::run_maintenance`]: deletes
     /// codes that can no longer be used nor count towards the per-email
-    /// limit, and forgets clients whose allowance has refilled.
+    /// limit and expired refresh tokens, and forgets the clients and sessions
+    /// whose allowance has refilled.
     pub(crate) async fn prune(&self) -> Result<()> {
         let now = self.now();
         let cfg = self.cfg();
-        self.state().code_limiter.lock().forget_refilled(now.0);
+        self.state()
+            .code_limiter
+            .lock()
+            .clients
+            .forget_refilled(now.0);
+        self.state().refresh_limiter.lock().forget_refilled(now.0);
         let pruned = self
             .store()
             .prune_login_codes(now.minus(cfg.code_ttl.max(cfg.code_window)))
             .await?;
         if pruned > 0 {
             tracing::debug!(pruned, "old sign-in codes deleted");
+        }
+        let pruned = self.store().prune_refresh_tokens(now).await?;
+        if pruned > 0 {
+            tracing::debug!(pruned, "expired refresh tokens deleted");
         }
         Ok(())
     }
@@ -863,19 +920,44 @@ impl Accounts {
     }
 
     /// Trades a refresh token for a new session (the token is used up).
-    /// Presenting a used token revokes its whole family.
+    /// Presenting a used token revokes its whole family. `RateLimited` past
+    /// [`AuthConfig::refreshes_per_session`].
     pub async fn refresh(&self, token: &Secret) -> Result<SessionTokens> {
+        self.refresh_session(token).await.map_err(|r| r.error)
+    }
+
+    /// The refresh flow; a refusal by the rate limit says when to retry.
+    pub(crate) async fn refresh_session(
+        &self,
+        token: &Secret,
+    ) -> std::result::Result<SessionTokens, Refused> {
         let bad = || Error::Unauthorized("invalid or expired refresh token".into());
         if token.expose().is_empty() || token.expose().len() > MAX_TOKEN_LEN {
-            return Err(bad());
+            return Err(bad().into());
         }
         let old = token.hash();
         let family = match self.store().refresh_token_family(&old).await {
             Ok(f) => f,
-            Err(Error::NotFound(_)) => return Err(bad()),
-            Err(e) => return Err(e),
+            Err(Error::NotFound(_)) => return Err(bad().into()),
+            Err(e) => return Err(e.into()),
         };
         let now = self.now();
+        // Each refresh stores a token until it expires: a session looping on
+        // refresh would grow the store without end.
+        {
+            let cfg = self.cfg();
+            let mut limiter = self.state().refresh_limiter.lock();
+            match limiter.check(cfg.refreshes_per_session, &family, now.0) {
+                Ok(tat) => limiter.commit(family.clone(), tat, cfg.max_tracked, now.0),
+                Err(wait) => {
+                    tracing::info!(family = %family, "refresh refused: too many");
+                    return Err(Refused::rate_limited(
+                        "this session is refreshed too often",
+                        wait,
+                    ));
+                }
+            }
+        }
         // The token names its user (see `refresh_secret`); it is authentic
         // only if the store knows its hash, which `rotate` checks.
         let user_id = refresh_user(token).ok_or_else(bad)?;
@@ -892,7 +974,7 @@ impl Accounts {
             Ok(_) => {
                 // Unreachable with honest tokens: the user is part of the hashed text.
                 self.store().revoke_token_family(&family).await?;
-                return Err(bad());
+                return Err(bad().into());
             }
             Err(Error::Unauthorized(m)) => {
                 // Reuse (the store has revoked the family) or a dead session:
@@ -900,16 +982,16 @@ impl Accounts {
                 self.state()
                     .revoke_locally(&family, now.plus(self.cfg().access_ttl), now);
                 tracing::warn!(family = %family, "refresh refused: {m}");
-                return Err(Error::Unauthorized(m));
+                return Err(Error::Unauthorized(m).into());
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         match self.store().user(&user_id).await {
             Ok(_) => {}
-            Err(Error::NotFound(_)) => return Err(bad()),
-            Err(e) => return Err(e),
+            Err(Error::NotFound(_)) => return Err(bad().into()),
+            Err(e) => return Err(e.into()),
         }
-        self.tokens(&user_id, &family, next_secret, next.expires_at)
+        Ok(self.tokens(&user_id, &family, next_secret, next.expires_at)?)
     }
 
     /// Ends a session: its refresh tokens stop working everywhere, its access
@@ -1595,7 +1677,7 @@ mod tests {
         let c: IpAddr = "10.0.0.3".parse().unwrap();
         assert_eq!(l.admit(&cfg, Some(c), ms(0)).unwrap_err().0, "right now");
         // Refused by the overall limit: c's own allowance is untouched.
-        assert!(!l.clients.contains_key(&client_key(c)));
+        assert!(!l.clients.tats.contains_key(&client_key(c)));
     }
 
     #[test]
@@ -1603,22 +1685,22 @@ mod tests {
         let cfg = AuthConfig {
             codes_per_client: RateLimit::new(2, Duration::from_secs(3600)),
             codes_overall: RateLimit::new(1_000_000, Duration::from_secs(1)),
-            max_tracked_clients: 64,
+            max_tracked: 64,
             ..AuthConfig::default()
         };
         let mut l = CodeLimiter::default();
         for i in 0..10_000u32 {
             let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
             assert!(l.admit(&cfg, Some(ip), ms(i64::from(i))).is_ok());
-            assert!(l.clients.len() <= 64);
+            assert!(l.clients.tats.len() <= 64);
         }
         // The most recent clients are the ones remembered.
         let last = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + 9_999));
         assert!(l.admit(&cfg, Some(last), ms(10_000)).is_ok());
         assert!(l.admit(&cfg, Some(last), ms(10_000)).is_err());
         // Housekeeping forgets those whose allowance refilled.
-        l.forget_refilled(ms(10_000 + 3_600_000).0);
-        assert!(l.clients.is_empty());
+        l.clients.forget_refilled(ms(10_000 + 3_600_000).0);
+        assert!(l.clients.tats.is_empty());
     }
 
     #[test]

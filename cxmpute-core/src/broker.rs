@@ -410,7 +410,8 @@ impl Broker {
     }
 
     /// One round of housekeeping: expire silent nodes, release stale
-    /// reservations, delete spent sign-in codes, flush statistics. Run it on an interval (see
+    /// reservations, delete spent sign-in codes and expired refresh tokens,
+    /// flush statistics. Run it on an interval (see
     /// [`Broker::spawn_maintenance`]) or call it from tests with a manual clock.
     pub async fn run_maintenance(&self) -> Result<()> {
         let now = self.now();

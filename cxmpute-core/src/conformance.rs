@@ -102,6 +102,7 @@ macro_rules! store_conformance_tests {
             refresh_token_rotates,
             refresh_token_reuse_revokes_family,
             refresh_token_expiry_and_revocation,
+            expired_refresh_tokens_are_pruned,
             notifications_put_replace_delete,
             record_stats_is_idempotent_per_batch,
             stats_over_day_range,
@@ -1873,6 +1874,59 @@ pub async fn refresh_token_expiry_and_revocation(store: Arc<dyn Store>) {
     assert_err!(
         store
             .rotate_refresh_token(&u1.hash, &refresh(&user, &fam2, "u2", at(1)), at(1))
+            .await,
+        Error::Unauthorized(_)
+    );
+}
+
+/// Housekeeping deletes the refresh tokens that expired before the cut, used
+/// or not; later ones keep working, and a revoked family with a live token
+/// stays revoked.
+pub async fn expired_refresh_tokens_are_pruned(store: Arc<dyn Store>) {
+    let day = 86_400_000;
+    let user = UserId::generate();
+    let fam = TokenFamilyId::generate();
+    let t1 = refresh(&user, &fam, "t1", at(0));
+    store.create_refresh_token(&t1).await.unwrap();
+    let t2 = refresh(&user, &fam, "t2", at(10));
+    store
+        .rotate_refresh_token(&t1.hash, &t2, at(10))
+        .await
+        .unwrap();
+    let ended = TokenFamilyId::generate();
+    let u1 = refresh(&user, &ended, "u1", at(0));
+    store.create_refresh_token(&u1).await.unwrap();
+    store.revoke_token_family(&ended).await.unwrap();
+    let revoked = TokenFamilyId::generate();
+    let v1 = refresh(&user, &revoked, "v1", at(day));
+    store.create_refresh_token(&v1).await.unwrap();
+    store.revoke_token_family(&revoked).await.unwrap();
+
+    // t1 (used) and u1 expired at `day`; t2 and v1 later.
+    assert_eq!(store.prune_refresh_tokens(at(day + 5)).await.unwrap(), 2);
+    assert_eq!(store.prune_refresh_tokens(at(day + 5)).await.unwrap(), 0);
+    for gone in [&t1, &u1] {
+        assert_err!(
+            store.refresh_token_family(&gone.hash).await,
+            Error::NotFound(_)
+        );
+    }
+    assert_eq!(store.refresh_token_family(&t2.hash).await.unwrap(), fam);
+    let t3 = refresh(&user, &fam, "t3", at(day + 6));
+    assert_eq!(
+        store
+            .rotate_refresh_token(&t2.hash, &t3, at(day + 6))
+            .await
+            .unwrap(),
+        user
+    );
+    assert_err!(
+        store
+            .rotate_refresh_token(
+                &v1.hash,
+                &refresh(&user, &revoked, "v2", at(day + 7)),
+                at(day + 7)
+            )
             .await,
         Error::Unauthorized(_)
     );

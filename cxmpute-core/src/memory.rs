@@ -502,6 +502,17 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        let mut s = self.inner.lock();
+        let n = s.tokens.len();
+        s.tokens.retain(|_, (t, _)| t.expires_at >= before);
+        let pruned = (n - s.tokens.len()) as u64;
+        let live: HashSet<TokenFamilyId> =
+            s.tokens.values().map(|(t, _)| t.family.clone()).collect();
+        s.revoked_families.retain(|f| live.contains(f));
+        Ok(pruned)
+    }
+
     async fn rotate_refresh_token(
         &self,
         old: &KeyHash,

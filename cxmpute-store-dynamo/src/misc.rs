@@ -324,7 +324,14 @@ impl DynamoStore {
     // ---- refresh tokens --------------------------------------------------------
 
     fn token_item(t: &RefreshToken, family: &TokenFamilyId) -> Item {
+        // In the index by expiry, for the housekeeping sweep; sharded by
+        // hash, as every sign-in and refresh writes one.
         ItemBuilder::at(schema::refresh_token(&t.hash))
+            .s(GSI_PK, schema::tokens_pk(&t.hash))
+            .s(
+                GSI_SK,
+                format!("{}#{}", sortable_i64(t.expires_at.0), t.hash.to_hex()),
+            )
             .s("hash", t.hash.to_hex())
             .s("family", family.as_str())
             .s("user_id", t.user_id.as_str())
@@ -416,6 +423,41 @@ impl DynamoStore {
                 Err(f) => return Err(f.into_error(what)),
             }
         }
+    }
+
+    pub(crate) async fn prune_refresh_tokens_impl(&self, before: Timestamp) -> Result<u64> {
+        let what = "deleting expired refresh tokens";
+        let mut pruned = 0;
+        for shard in 0..schema::TOKEN_SHARDS {
+            let mut q = Query {
+                index: Some(GSI),
+                forward: true,
+                limit: Some(PRUNE_BATCH),
+                ..Query::default()
+            };
+            q.key_cond = format!(
+                "{} = {} AND {} < {}",
+                q.ex.n(GSI_PK),
+                q.ex.v(s(schema::tokens_shard_pk(shard))),
+                q.ex.n(GSI_SK),
+                q.ex.v(s(sortable_i64(before.0)))
+            );
+            for it in self.query(what, q).await? {
+                let r = Rd::new(&it, "refresh token");
+                let key = crate::item::key(r.s(PK)?, r.s(SK)?);
+                let mut ex = Ex::new();
+                let cond = format!("{} < {}", ex.n("expires_at"), ex.v(n(before.0)));
+                match self.delete(what, key, Some(cond), ex).await {
+                    Ok(()) => pruned += 1,
+                    Err(Fail::Condition(_)) => {}
+                    Err(f) => return Err(f.into_error(what)),
+                }
+            }
+        }
+        // Revocation items stay: without an index of tokens by family, which
+        // every rotation would write, a sweep cannot tell when a family's
+        // last token is gone. There is one per ended session.
+        Ok(pruned)
     }
 
     pub(crate) async fn revoke_token_family_impl(&self, family: &TokenFamilyId) -> Result<()> {

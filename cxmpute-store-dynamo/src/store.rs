@@ -158,6 +158,9 @@ impl Store for DynamoStore {
     async fn prune_login_codes(&self, before: Timestamp) -> Result<u64> {
         self.prune_login_codes_impl(before).await
     }
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        self.prune_refresh_tokens_impl(before).await
+    }
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         self.create_refresh_token_impl(token).await
     }

@@ -592,6 +592,12 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        self.writer
+            .write(move |c| Box::pin(async move { ops::prune_refresh_tokens(c, before).await }))
+            .await
+    }
+
     async fn rotate_refresh_token(
         &self,
         old: &KeyHash,

@@ -761,6 +761,21 @@ pub(crate) async fn create_refresh_token(c: &mut Conn, t: &RefreshToken) -> Resu
     execute(c, "refresh token", q).await.map(drop)
 }
 
+pub(crate) async fn prune_refresh_tokens(c: &mut Conn, before: Timestamp) -> Result<u64> {
+    // First the revocations of families whose every token expires now (the
+    // expiry index finds them), then the tokens.
+    let q = sqlx::query(
+        "DELETE FROM revoked_token_families WHERE family IN \
+         (SELECT family FROM refresh_tokens WHERE expires_at < ?1) \
+         AND NOT EXISTS (SELECT 1 FROM refresh_tokens t \
+         WHERE t.family = revoked_token_families.family AND t.expires_at >= ?1)",
+    )
+    .bind(before.0);
+    execute(c, "deleting revocations of ended sessions", q).await?;
+    let q = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < ?1").bind(before.0);
+    execute(c, "deleting expired refresh tokens", q).await
+}
+
 pub(crate) async fn rotate_refresh_token(
     c: &mut Conn,
     old: &KeyHash,

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /v1/auth/code` | anyone (rate-limited per email, per client address and in all) |
 //! | `POST /v1/auth/verify` | anyone with the mailed code |
-//! | `POST /v1/auth/refresh` | the holder of a refresh token (body or cookie) |
+//! | `POST /v1/auth/refresh` | the holder of a refresh token (body or cookie; rate-limited per session) |
 //! | `POST /v1/auth/logout` | the holder of a refresh or access token |
 //! | `GET /v1/me`, `GET /v1/me/usage` | a signed-in user |
 //! | `GET`/`POST /v1/me/keys`, `PATCH`/`DELETE /v1/me/keys/{id}` | a signed-in user, own keys only |
@@ -29,7 +29,7 @@ use serde::Deserialize;
 use super::Routes;
 use super::{bearer, json_body, no_store, ok, optional_json_body, path_param, query};
 use super::{ApiError, ApiResult};
-use crate::accounts::{Credentials, SessionTokens};
+use crate::accounts::{Credentials, Refused, SessionTokens};
 use crate::broker::Broker;
 use crate::error::Error;
 use crate::secret::Secret;
@@ -107,6 +107,17 @@ fn session_answer(b: &Broker, t: &SessionTokens) -> Response {
     resp
 }
 
+/// The answer to a refused sign-in step: the error, with the rate limit's
+/// own `Retry-After` when one refused it.
+fn refused(r: Refused) -> Response {
+    let mut resp = ApiError(r.error).into_response();
+    if let Some(wait) = r.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+    }
+    resp
+}
+
 /// The caller's address: from the trusted proxy header when one is
 /// configured and present, else the connection's peer (known when the
 /// router is served with connect info, as [`super::serve`] does).
@@ -151,13 +162,8 @@ async fn request_code(
 ) -> ApiResult<Response> {
     let req: RequestCodeRequest = json_body(body)?;
     let client = client_ip(&b, &h, peer.map(|Extension(ConnectInfo(a))| a));
-    if let Err(refused) = b.accounts().issue_code(&req.email, client).await {
-        let mut resp = ApiError(refused.error).into_response();
-        if let Some(wait) = refused.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
-        }
-        return Ok(resp);
+    if let Err(r) = b.accounts().issue_code(&req.email, client).await {
+        return Ok(refused(r));
     }
     let out = RequestCodeResponse {
         status: "sent".into(),
@@ -208,8 +214,10 @@ async fn refresh(
     let token = refresh_token(&h, body)?.ok_or_else(|| {
         Error::Unauthorized("send the refresh token in the body or its cookie".into())
     })?;
-    let t = b.accounts().refresh(&token).await?;
-    Ok(session_answer(&b, &t))
+    match b.accounts().refresh_session(&token).await {
+        Ok(t) => Ok(session_answer(&b, &t)),
+        Err(r) => Ok(refused(r)),
+    }
 }
 
 #[utoipa::path(
