@@ -355,6 +355,45 @@ async fn one_client_cannot_have_codes_mailed_to_any_number_of_addresses() {
     assert_eq!(outbox.sent(), 5);
 }
 
+async fn code_via_proxy(h: &TestHost, real_ip: &str, email: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v1/auth/code", h.url))
+        .header("x-forwarded-for", real_ip)
+        .json(&json!({ "email": email }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_client_is_the_address_it_names() {
+    let limit = RateLimit::new(1, Duration::from_secs(60));
+    let (h, _outbox) = limited_host(|a| {
+        a.codes_per_client = limit;
+        a.client_ip_header = Some("X-Forwarded-For".into());
+    })
+    .await;
+    // The last address is the one the proxy appended; the first is the caller's word.
+    let r = code_via_proxy(&h, "10.9.9.9, 198.51.100.1", "p1@users.test").await;
+    assert_eq!(r.status(), 202);
+    let r = code_via_proxy(&h, "10.9.9.8, 198.51.100.1", "p2@users.test").await;
+    expect_error(r, 429, "rate_limited").await;
+    let r = code_via_proxy(&h, "198.51.100.2", "p3@users.test").await;
+    assert_eq!(r.status(), 202);
+
+    // Without a trusted header configured, the header is nobody's word: the
+    // peer address is the client, whatever the caller claims.
+    let (h, _outbox) = limited_host(|a| a.codes_per_client = limit).await;
+    assert_eq!(
+        code_via_proxy(&h, "198.51.100.1", "q1@users.test")
+            .await
+            .status(),
+        202
+    );
+    let r = code_via_proxy(&h, "198.51.100.2", "q2@users.test").await;
+    expect_error(r, 429, "rate_limited").await;
+}
+
 #[tokio::test]
 async fn codes_mailed_in_all_are_limited_whoever_asks() {
     // Four at once, then one a minute, across every client and address.

@@ -118,6 +118,15 @@ fn refused(r: Refused) -> Response {
     resp
 }
 
+/// An address as proxies write it: `203.0.113.5`, `2001:db8::1`, with a port
+/// (`203.0.113.5:4711`, `[2001:db8::1]:4711`) or in brackets.
+fn parse_addr(v: &str) -> Option<IpAddr> {
+    v.parse::<IpAddr>()
+        .ok()
+        .or_else(|| v.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| v.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
+}
+
 /// The caller's address: from the trusted proxy header when one is
 /// configured and present, else the connection's peer (known when the
 /// router is served with connect info, as [`super::serve`] does).
@@ -131,7 +140,7 @@ fn client_ip(b: &Broker, h: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAd
             // The last address: the one the trusted proxy added (earlier ones
             // in a list came from the caller).
             let v = h.get_all(name).iter().next_back()?.to_str().ok()?;
-            v.rsplit(',').next()?.trim().parse::<IpAddr>().ok()
+            parse_addr(v.rsplit(',').next()?.trim())
         });
     let ip = from_header.or(peer.map(|a| a.ip()));
     static WARNED: AtomicBool = AtomicBool::new(false);
@@ -399,4 +408,21 @@ async fn active_notifications(
 ) -> ApiResult<Json<Vec<Notification>>> {
     let q = query(q)?;
     ok(b.accounts().active_notifications(q.placement).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_addresses_parse_with_or_without_ports() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(parse_addr("203.0.113.5"), ip("203.0.113.5"));
+        assert_eq!(parse_addr("203.0.113.5:4711"), ip("203.0.113.5"));
+        assert_eq!(parse_addr("2001:db8::1"), ip("2001:db8::1"));
+        assert_eq!(parse_addr("[2001:db8::1]"), ip("2001:db8::1"));
+        assert_eq!(parse_addr("[2001:db8::1]:4711"), ip("2001:db8::1"));
+        assert_eq!(parse_addr("unknown"), None);
+        assert_eq!(parse_addr(""), None);
+    }
 }

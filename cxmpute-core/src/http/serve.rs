@@ -128,7 +128,10 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
-    let max = config.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    // Waiting for every slot at shutdown takes a `u32` count.
+    let max = config
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let slots = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let refusal = too_many_connections();
