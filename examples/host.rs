@@ -9,6 +9,12 @@
 //!
 //! On first start with an empty store it creates an admin account and prints
 //! its API key once; set `CXMPUTE_ADMIN_KEY` to choose that key instead.
+//!
+//! Connections are bounded (`--header-read-timeout-secs`,
+//! `--body-read-timeout-secs`, `--idle-timeout-secs`, `--max-connections`).
+//! Behind a reverse proxy, set `CXMPUTE_CLIENT_IP_HEADER` to the header it
+//! puts the caller's address in, so sign-in codes are limited per caller
+//! rather than per proxy.
 //! Every flag can also be set through the environment variable it names.
 
 use std::net::SocketAddr;
@@ -21,6 +27,7 @@ use clap::{Parser, ValueEnum};
 mod common;
 use common::shutdown_signal;
 use cxmpute::core::accounts::AuthConfig;
+use cxmpute::core::http::{serve, ServeConfig};
 use cxmpute::core::mail::MailerConfig;
 use cxmpute::core::{Broker, BrokerConfig, MemoryStore, Secret, Store};
 
@@ -77,6 +84,35 @@ struct Args {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "CXMPUTE_LOG_JSON")]
     log_json: bool,
+    /// Seconds a request's head (request line and headers) may take to arrive.
+    #[arg(long, env = "CXMPUTE_HEADER_READ_TIMEOUT_SECS",
+          default_value_t = ServeConfig::default().header_read_timeout.as_secs())]
+    header_read_timeout_secs: u64,
+    /// Seconds a request's body may take to arrive after its head.
+    #[arg(long, env = "CXMPUTE_BODY_READ_TIMEOUT_SECS",
+          default_value_t = ServeConfig::default().body_read_timeout.as_secs())]
+    body_read_timeout_secs: u64,
+    /// Seconds after which a connection with nothing to do is closed.
+    #[arg(long, env = "CXMPUTE_IDLE_TIMEOUT_SECS",
+          default_value_t = ServeConfig::default().idle_timeout.as_secs())]
+    idle_timeout_secs: u64,
+    /// Most client connections open at once (more are answered 503); keep it
+    /// under the file-descriptor limit (`ulimit -n`).
+    #[arg(long, env = "CXMPUTE_MAX_CONNECTIONS",
+          default_value_t = ServeConfig::default().max_connections)]
+    max_connections: usize,
+}
+
+impl Args {
+    /// The connection limits from the flags; a zero timeout is taken as one second.
+    fn serve_config(&self) -> ServeConfig {
+        let secs = |s: u64| Duration::from_secs(s.max(1));
+        ServeConfig::default()
+            .header_read_timeout(secs(self.header_read_timeout_secs))
+            .body_read_timeout(secs(self.body_read_timeout_secs))
+            .idle_timeout(secs(self.idle_timeout_secs))
+            .max_connections(self.max_connections.max(1))
+    }
 }
 
 async fn open_store(args: &Args) -> Result<Arc<dyn Store>, BoxError> {
@@ -182,9 +218,10 @@ async fn main() -> Result<(), BoxError> {
     let maintenance = broker.spawn_maintenance(Duration::from_secs(15));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "cxmpute host listening");
-    axum::serve(listener, cxmpute::core::router(broker.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    // Not `axum::serve`: this one bounds how long a stranger's connection may
+    // be held (header, body, idle) and how many are open.
+    let router = cxmpute::core::router(broker.clone());
+    serve(listener, router, args.serve_config(), shutdown_signal()).await?;
     maintenance.abort();
     broker.shutdown().await?;
     tracing::info!("stopped cleanly");

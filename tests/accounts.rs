@@ -6,8 +6,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cxmpute_core::accounts::RateLimit;
 use cxmpute_core::mail::{SmtpConfig, SmtpMailer, SmtpTls};
-use cxmpute_core::testkit::{sign_in_code, SmtpSink, StandInNode};
+use cxmpute_core::testkit::{sign_in_code, SmtpSink, StandInNode, TestHost};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
 use serde_json::{json, Value};
@@ -260,6 +261,238 @@ async fn code_requests_are_rate_limited_per_email() {
     assert_eq!(request_code(&h, "calm@users.test").await.status(), 202);
     h.clock.advance(Duration::from_secs(3601));
     assert_eq!(request_code(&h, "busy@users.test").await.status(), 202);
+}
+
+/// A mailer that records who was sent a code (the code itself is not needed).
+#[derive(Clone, Default)]
+struct Outbox(Arc<parking_lot::Mutex<Vec<String>>>);
+
+impl Outbox {
+    fn sent(&self) -> usize {
+        self.0.lock().len()
+    }
+}
+
+#[async_trait::async_trait]
+impl Mailer for Outbox {
+    async fn send_login_code(&self, email: &str, _code: &Secret) -> Result<()> {
+        self.0.lock().push(email.to_owned());
+        Ok(())
+    }
+}
+
+/// A host on `store` mailing through `mailer`, its sign-in settings changed by `f`.
+async fn host_with_auth(
+    store: Arc<dyn Store>,
+    mailer: Arc<dyn Mailer>,
+    f: impl FnOnce(&mut AuthConfig),
+) -> TestHost {
+    let mut a = auth();
+    f(&mut a);
+    TestHost::start_market_with(store, Credits(500), move |b| b.mailer(mailer).auth(a)).await
+}
+
+/// A host whose sign-in limits are set by `f`, and its outbox.
+async fn limited_host(f: impl FnOnce(&mut AuthConfig)) -> (TestHost, Outbox) {
+    let outbox = Outbox::default();
+    let store = Arc::new(MemoryStore::new());
+    (
+        host_with_auth(store, Arc::new(outbox.clone()), f).await,
+        outbox,
+    )
+}
+
+/// Asks for a code for `email` from the loopback address `from`.
+async fn code_from(h: &TestHost, from: [u8; 4], email: &str) -> reqwest::Response {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/auth/code", h.url))
+        .json(&json!({ "email": email }))
+        .send()
+        .await
+        .unwrap()
+}
+
+const ONE: [u8; 4] = [127, 0, 0, 1];
+const TWO: [u8; 4] = [127, 0, 0, 2];
+
+fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn one_client_cannot_have_codes_mailed_to_any_number_of_addresses() {
+    // Three at once, then one a minute.
+    let (h, outbox) = limited_host(|a| {
+        a.codes_per_client = RateLimit::new(3, Duration::from_secs(180));
+    })
+    .await;
+    for i in 0..3 {
+        let r = code_from(&h, ONE, &format!("victim{i}@users.test")).await;
+        assert_eq!(r.status(), 202);
+    }
+    let r = code_from(&h, ONE, "victim3@users.test").await;
+    assert_eq!(retry_after(&r), 60);
+    expect_error(r, 429, "rate_limited").await;
+    assert_eq!(outbox.sent(), 3, "nothing is mailed over the limit");
+    // Another client is not held back by this one.
+    assert_eq!(code_from(&h, TWO, "someone@users.test").await.status(), 202);
+    // A minute later, one more; then the limit again.
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(code_from(&h, ONE, "victim3@users.test").await.status(), 202);
+    expect_error(
+        code_from(&h, ONE, "victim4@users.test").await,
+        429,
+        "rate_limited",
+    )
+    .await;
+    assert_eq!(outbox.sent(), 5);
+}
+
+async fn code_via_proxy(h: &TestHost, real_ip: &str, email: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/v1/auth/code", h.url))
+        .header("x-forwarded-for", real_ip)
+        .json(&json!({ "email": email }))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_client_is_the_address_it_names() {
+    let limit = RateLimit::new(1, Duration::from_secs(60));
+    let (h, _outbox) = limited_host(|a| {
+        a.codes_per_client = limit;
+        a.client_ip_header = Some("X-Forwarded-For".into());
+    })
+    .await;
+    // The last address is the one the proxy appended; the first is the caller's word.
+    let r = code_via_proxy(&h, "10.9.9.9, 198.51.100.1", "p1@users.test").await;
+    assert_eq!(r.status(), 202);
+    let r = code_via_proxy(&h, "10.9.9.8, 198.51.100.1", "p2@users.test").await;
+    expect_error(r, 429, "rate_limited").await;
+    let r = code_via_proxy(&h, "198.51.100.2", "p3@users.test").await;
+    assert_eq!(r.status(), 202);
+
+    // Without a trusted header configured, the header is nobody's word: the
+    // peer address is the client, whatever the caller claims.
+    let (h, _outbox) = limited_host(|a| a.codes_per_client = limit).await;
+    assert_eq!(
+        code_via_proxy(&h, "198.51.100.1", "q1@users.test")
+            .await
+            .status(),
+        202
+    );
+    let r = code_via_proxy(&h, "198.51.100.2", "q2@users.test").await;
+    expect_error(r, 429, "rate_limited").await;
+}
+
+#[tokio::test]
+async fn codes_mailed_in_all_are_limited_whoever_asks() {
+    // Four at once, then one a minute, across every client and address.
+    let (h, outbox) = limited_host(|a| {
+        a.codes_overall = RateLimit::new(4, Duration::from_secs(240));
+    })
+    .await;
+    for (i, from) in [ONE, ONE, TWO, TWO].into_iter().enumerate() {
+        let r = code_from(&h, from, &format!("many{i}@users.test")).await;
+        assert_eq!(r.status(), 202);
+    }
+    for from in [ONE, TWO] {
+        let r = code_from(&h, from, "one-more@users.test").await;
+        assert_eq!(retry_after(&r), 60);
+        let msg = expect_error(r, 429, "rate_limited").await;
+        assert!(msg.contains("try again in 60 s"), "{msg}");
+    }
+    assert_eq!(outbox.sent(), 4);
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        code_from(&h, TWO, "one-more@users.test").await.status(),
+        202
+    );
+    assert_eq!(outbox.sent(), 5);
+}
+
+#[tokio::test]
+async fn maintenance_deletes_sign_in_codes_too_old_to_use_or_count() {
+    let store = Arc::new(MemoryStore::new());
+    let outbox = RecordingMailer::default();
+    let h = host_on(store.clone(), Arc::new(outbox.clone())).await;
+    for i in 0..3 {
+        assert_eq!(
+            request_code(&h, &format!("flood{i}@users.test"))
+                .await
+                .status(),
+            202
+        );
+    }
+    // Past the code lifetime and the per-email window (an hour): dead rows.
+    h.clock.advance(Duration::from_secs(3600 + 1));
+    assert_eq!(request_code(&h, "fresh@users.test").await.status(), 202);
+    h.broker.run_maintenance().await.unwrap();
+    // Only the fresh code is left for a sweep to find, and it still works.
+    let code = outbox.last_code("fresh@users.test");
+    assert_eq!(verify(&h, "fresh@users.test", &code).await.status(), 200);
+    assert_eq!(request_code(&h, "fresh@users.test").await.status(), 202);
+    let far = h.clock.now().plus(Duration::from_secs(86_400));
+    assert_eq!(store.prune_login_codes(far).await.unwrap(), 1);
+}
+
+async fn refresh_with(h: &TestHost, token: &Secret) -> reqwest::Response {
+    call(h, "POST", "/v1/auth/refresh")
+        .json(json!({ "refresh_token": token.expose() }))
+        .send()
+        .await
+}
+
+#[tokio::test]
+async fn a_session_cannot_refresh_without_end() {
+    // Each refresh stores a token: two at once, then one a minute.
+    let outbox = RecordingMailer::default();
+    let store = Arc::new(MemoryStore::new());
+    let h = host_with_auth(store, Arc::new(outbox.clone()), |a| {
+        a.refreshes_per_session = RateLimit::new(2, Duration::from_secs(120));
+    })
+    .await;
+    let mut s = sign_in(&h, &outbox, "looper@users.test").await;
+    for _ in 0..2 {
+        let r = refresh_with(&h, &s.refresh_token).await;
+        assert_eq!(r.status(), 200);
+        s = r.json().await.unwrap();
+    }
+    let r = refresh_with(&h, &s.refresh_token).await;
+    assert_eq!(retry_after(&r), 60);
+    expect_error(r, 429, "rate_limited").await;
+    // The refused refresh used nothing up: the same token works a minute on,
+    // and another session is not held back.
+    let other = sign_in(&h, &outbox, "calm@users.test").await;
+    assert_eq!(refresh_with(&h, &other.refresh_token).await.status(), 200);
+    h.clock.advance(Duration::from_secs(60));
+    assert_eq!(refresh_with(&h, &s.refresh_token).await.status(), 200);
+}
+
+#[tokio::test]
+async fn maintenance_deletes_expired_refresh_tokens() {
+    let store = Arc::new(MemoryStore::new());
+    let outbox = RecordingMailer::default();
+    let h = host_on(store.clone(), Arc::new(outbox.clone())).await;
+    let old = sign_in(&h, &outbox, "old@users.test").await;
+    assert_eq!(refresh_with(&h, &old.refresh_token).await.status(), 200);
+    // Past the refresh lifetime (30 days) both of its tokens are dead rows.
+    h.clock.advance(Duration::from_secs(30 * 24 * 3600 + 1));
+    let fresh = sign_in(&h, &outbox, "fresh@users.test").await;
+    h.broker.run_maintenance().await.unwrap();
+    assert_eq!(refresh_with(&h, &fresh.refresh_token).await.status(), 200);
+    // What is left: the fresh session's used token and its new one.
+    let far = h.clock.now().plus(Duration::from_secs(365 * 24 * 3600));
+    assert_eq!(store.prune_refresh_tokens(far).await.unwrap(), 2);
 }
 
 #[tokio::test]

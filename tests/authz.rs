@@ -1,10 +1,12 @@
 //! The authorization matrix: every route of the HTTP API, called over real
 //! sockets as anonymous, a user (session, cookie and API key), another user,
-//! a provider, another provider and an admin (session and API key). Each
+//! a provider, another provider and an admin (session, API key, and a key of
+//! the admin's restricted by a credit limit, which must not administer). Each
 //! answer has the expected status, every refusal is OpenAI's error JSON, and
 //! no answer carries another account's data or anyone's secret.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use cxmpute_core::testkit::{StandInNode, TestHost, EMBED, MODEL};
 use cxmpute_core::wire::*;
@@ -24,11 +26,13 @@ enum Caller {
     ProvB,
     AdminSession,
     AdminKey,
+    /// A key of the admin's account with a credit limit: a gateway key only.
+    AdminLimitedKey,
 }
 
 use Caller::*;
 
-const CALLERS: [Caller; 10] = [
+const CALLERS: [Caller; 11] = [
     Anon,
     ASession,
     AKey,
@@ -39,17 +43,21 @@ const CALLERS: [Caller; 10] = [
     ProvB,
     AdminSession,
     AdminKey,
+    AdminLimitedKey,
 ];
 
 /// Run order: user A's session callers last, so a route that only user A may
-/// change (revoke its key) is tried by everyone else first.
-const ORDER: [Caller; 10] = [
+/// change (revoke its key) is tried by everyone else first. The admin's
+/// limited key goes before the admin, so an admin route it wrongly passed
+/// would show (a disconnect, a delete) rather than answer 404.
+const ORDER: [Caller; 11] = [
     Anon,
     AKey,
     BSession,
     BKey,
     ProvA,
     ProvB,
+    AdminLimitedKey,
     AdminSession,
     AdminKey,
     ASession,
@@ -73,35 +81,36 @@ fn account_of(c: Caller) -> Option<Account> {
         BSession | BKey => Some(Account::UserB),
         ProvA => Some(Account::ProvA),
         ProvB => Some(Account::ProvB),
-        AdminSession | AdminKey => Some(Account::Admin),
+        AdminSession | AdminKey | AdminLimitedKey => Some(Account::Admin),
     }
 }
 
-type Expect = [u16; 10];
+type Expect = [u16; 11];
 
 /// In an expectation: any answer but 401 and 403 (the caller is let in; what
 /// the route then says about the body or capacity is not this test's matter).
 const IN: u16 = 0;
 
-//                      anon a-ses a-key a-ck b-ses b-key pr-a pr-b adm-s adm-k
-const GATEWAY: Expect = [401, 401, 200, 401, 401, 200, 401, 401, 401, 200];
-const GATEWAY_IN: Expect = [401, 401, IN, 401, 401, IN, 401, 401, 401, IN];
-const ME: Expect = [401, 200, 401, 200, 200, 401, 401, 401, 200, 401];
-const PROV_ACCOUNT: Expect = [401, 200, 401, 200, 200, 401, 200, 200, 200, 401];
-const STATS_ME: Expect = [401, 200, 200, 200, 200, 200, 401, 401, 200, 200];
+//                      anon a-ses a-key a-ck b-ses b-key pr-a pr-b adm-s adm-k adm-lk
+const GATEWAY: Expect = [401, 401, 200, 401, 401, 200, 401, 401, 401, 200, 200];
+const GATEWAY_IN: Expect = [401, 401, IN, 401, 401, IN, 401, 401, 401, IN, IN];
+const ME: Expect = [401, 200, 401, 200, 200, 401, 401, 401, 200, 401, 401];
+const PROV_ACCOUNT: Expect = [401, 200, 401, 200, 200, 401, 200, 200, 200, 401, 401];
+const STATS_ME: Expect = [401, 200, 200, 200, 200, 200, 401, 401, 200, 200, 200];
+/// An admin route: the admin's limited key is refused like a user's key.
 const fn admin_only(ses: u16, key: u16) -> Expect {
-    [401, 403, 403, 403, 403, 403, 401, 401, ses, key]
+    [401, 403, 403, 403, 403, 403, 401, 401, ses, key, 403]
 }
 const fn everyone(s: u16) -> Expect {
-    [s; 10]
+    [s; 11]
 }
 const fn providers(a: u16, b: u16) -> Expect {
-    [401, 401, 401, 401, 401, 401, a, b, 401, 401]
+    [401, 401, 401, 401, 401, 401, a, b, 401, 401, 401]
 }
 /// A route on one of user A's keys: A changes it, B and the admin (as a user)
 /// do not see it.
 const fn a_key(ses: u16, cookie: u16) -> Expect {
-    [401, ses, 401, cookie, 404, 401, 401, 401, 404, 401]
+    [401, ses, 401, cookie, 404, 401, 401, 401, 404, 401, 401]
 }
 
 struct Route {
@@ -172,10 +181,11 @@ async fn signed_in(h: &TestHost, email: &str, credits: i64) -> (User, Secret, Ap
 
 async fn world() -> World {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let h = TestHost::start_with(store, |b| {
-        b.auth(AuthConfig::default().with_admin_emails(["boss@admins.test".to_owned()]))
-    })
-    .await;
+    // Every caller asks for a sign-in code from this one address: more than
+    // a client's default allowance, which is not what this test is about.
+    let mut auth = AuthConfig::default().with_admin_emails(["boss@admins.test".to_owned()]);
+    auth.codes_per_client = cxmpute_core::accounts::RateLimit::new(100, Duration::from_secs(60));
+    let h = TestHost::start_with(store, |b| b.auth(auth)).await;
     let mut w = World {
         h,
         creds: Default::default(),
@@ -197,6 +207,28 @@ async fn world() -> World {
         .unwrap();
     h.broker
         .grant_credits(&stored_admin.id, Credits::whole(10), "test", "setup")
+        .await
+        .unwrap();
+    // Keys of the admin's account narrowed by a credit limit, or to one
+    // route: gateway keys, never admin credentials.
+    let (adm_limited, adm_limited_secret) = h
+        .broker
+        .create_api_key(
+            &stored_admin.id,
+            "limited",
+            Some(Credits::whole(5)),
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    let (adm_routed, adm_routed_secret) = h
+        .broker
+        .create_api_key(
+            &stored_admin.id,
+            "chat only",
+            None,
+            vec![cxmpute_core::Route::ChatCompletions],
+        )
         .await
         .unwrap();
     let (pa, pa_key) = w.h.provider().await;
@@ -266,6 +298,8 @@ async fn world() -> World {
         ("pb_key", pb_key.expose()),
         ("adm_tok", adm_tok.expose()),
         ("adm_key", admin_api_key.expose()),
+        ("adm_limited_key", adm_limited_secret.expose()),
+        ("adm_routed_key", adm_routed_secret.expose()),
     ] {
         w.creds.insert(name, v.to_owned());
     }
@@ -309,6 +343,10 @@ async fn world() -> World {
     w.secret(Account::Admin, adm_tok.expose());
     w.secret(Account::Admin, adm_secret.expose());
     w.secret(Account::Admin, admin_api_key.expose());
+    w.secret(Account::Admin, adm_limited_secret.expose());
+    w.secret(Account::Admin, adm_routed_secret.expose());
+    w.mark(Account::Admin, adm_limited.id.to_string());
+    w.mark(Account::Admin, adm_routed.id.to_string());
     w.mark(Account::ProvA, pa.id.to_string());
     w.mark(Account::ProvA, pa.email.clone());
     w.mark(Account::ProvB, pb.id.to_string());
@@ -345,6 +383,7 @@ fn headers_for(w: &World, c: Caller) -> Vec<(&'static str, String)> {
         ProvB => bearer("pb_key"),
         AdminSession => bearer("adm_tok"),
         AdminKey => bearer("adm_key"),
+        AdminLimitedKey => bearer("adm_limited_key"),
     }
 }
 
@@ -747,6 +786,7 @@ async fn every_route_answers_each_caller_as_expected_and_leaks_nothing() {
     for c in [ASession, BSession, AdminSession] {
         assert_eq!(call(&w, &me, c).await.0, 401, "{c:?} still signed in");
     }
+    w.h.assert_ledger().await;
 }
 
 #[tokio::test]
@@ -783,6 +823,65 @@ async fn a_suspended_admin_and_a_demoted_account_lose_the_admin_api_at_once() {
         admin_only(409, 409),
     );
     assert_eq!(call(&w, &own, AdminSession).await.0, 409);
+}
+
+/// Calls `r` with `bearer` as the credential: the status and the body.
+async fn call_with(w: &World, r: &Route, bearer: &str) -> (u16, String) {
+    let method = reqwest::Method::from_bytes(r.method.as_bytes()).unwrap();
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{}{}", w.h.url, r.path))
+        .bearer_auth(bearer);
+    if let Some(b) = (r.body)(AdminLimitedKey) {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn restricted_keys_of_an_admin_never_administer() {
+    let w = world().await;
+    let admin_routes: Vec<Route> = routes(&w)
+        .into_iter()
+        .filter(|r| r.path.starts_with("/v1/admin") || r.path == "/v1/stats/admin")
+        .collect();
+    assert!(admin_routes.len() > 15);
+    // A key of the admin's that may call one route only: 403 on every admin
+    // route, in OpenAI's error JSON, with nothing of anyone's in it.
+    let routed = w.cred("adm_routed_key");
+    for r in &admin_routes {
+        let (status, body) = call_with(&w, r, &routed).await;
+        assert_eq!(status, 403, "{} {}: {body}", r.method, r.path);
+        let e: ErrorBody = serde_json::from_str(&body).unwrap();
+        assert_eq!(e.error.code.as_deref(), Some("forbidden"), "{body}");
+        assert!(!body.contains("@"), "{body}");
+    }
+    // It is still a working gateway key for its route.
+    let chat = route("POST", "/v1/chat/completions", Some(chat()), GATEWAY);
+    assert_eq!(call_with(&w, &chat, &routed).await.0, 200);
+
+    // Restricting the admin's own key (a credit limit) ends its admin use at
+    // once; lifting the limit gives it back.
+    let users = route("GET", "/v1/admin/users", None, admin_only(200, 200));
+    assert_eq!(call(&w, &users, AdminKey).await.0, 200);
+    let store = w.h.broker.store();
+    let key = store
+        .api_key_by_hash(&Secret::new(w.cred("adm_key")).hash())
+        .await
+        .unwrap();
+    let limit = |l: Option<Credits>| ApiKeyUpdate {
+        credit_limit: Some(l),
+        ..ApiKeyUpdate::default()
+    };
+    store
+        .update_api_key(&key.id, &limit(Some(Credits::whole(1))))
+        .await
+        .unwrap();
+    assert_eq!(call(&w, &users, AdminKey).await.0, 403);
+    store.update_api_key(&key.id, &limit(None)).await.unwrap();
+    assert_eq!(call(&w, &users, AdminKey).await.0, 200);
+    w.h.assert_ledger().await;
 }
 
 #[tokio::test]

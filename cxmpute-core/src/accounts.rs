@@ -10,8 +10,10 @@
 //! 1. [`Accounts::request_code`]: a random 8-digit code is stored as a keyed
 //!    hash (HMAC with a key derived from the session secret, so a leaked
 //!    table of hashes cannot be brute-forced offline), expires after
-//!    [`AuthConfig::code_ttl`], and is mailed. Requests per email are limited
-//!    by the store. The answer never depends on whether the account exists.
+//!    [`AuthConfig::code_ttl`], and is mailed. Requests are limited per email
+//!    (by the store), per client address ([`AuthConfig::codes_per_client`])
+//!    and in all ([`AuthConfig::codes_overall`]); a refused request mails
+//!    nothing. The answer never depends on whether the account exists.
 //! 2. [`Accounts::verify_code`]: the store checks the code atomically (single
 //!    use, at most [`AuthConfig::code_max_attempts`] wrong tries, after which
 //!    even the right code fails). The first success creates the account, user
@@ -20,7 +22,9 @@
 //! 3. A session: a short-lived HS256 access token (JWT) and an opaque refresh
 //!    token stored hashed. Each refresh rotates it; presenting a used refresh
 //!    token revokes its whole family (someone copied it). Logout revokes the
-//!    family too.
+//!    family too. Refreshes are limited per session
+//!    ([`AuthConfig::refreshes_per_session`]), and expired tokens are deleted
+//!    by the maintenance round.
 //!
 //! Access tokens are checked by signature and expiry against the broker's
 //! clock. A revoked family's access tokens are refused at once on the host
@@ -28,6 +32,7 @@
 //! everywhere else: the store keeps revocation only for refresh tokens.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -79,6 +84,34 @@ pub struct AuthConfig {
     pub codes_per_window: u32,
     /// The window of the code rate limit.
     pub code_window: Duration,
+    /// Codes one client may request, whatever the emails: one IP address, or
+    /// one IPv6 /64 (a single host usually holds a whole /64). Default: 10,
+    /// then one a minute. Needs the caller's address: the router sees it when
+    /// served by [`crate::http::serve`] (or with axum's `ConnectInfo`), or
+    /// from [`AuthConfig::client_ip_header`]; without either, only the
+    /// per-email and overall limits apply.
+    pub codes_per_client: RateLimit,
+    /// Codes this host mails in all, to any addresses, so that no flood of
+    /// distinct addresses and clients turns it into a spam cannon or burns
+    /// the mail provider's quota. Default: 60, then one a second. The count
+    /// is per host: hosts sharing a store each allow this much.
+    pub codes_overall: RateLimit,
+    /// Refreshes one session may make: default 10, then one a minute. A
+    /// session's client refreshes once per access token (every
+    /// [`AuthConfig::access_ttl`]); each refresh stores a token, kept until
+    /// it expires, so an unbounded loop of them would grow the store.
+    pub refreshes_per_session: RateLimit,
+    /// Most clients, and most sessions, the per-client and per-session limits
+    /// remember at once, so that their tables cannot themselves be flooded.
+    /// When full, those whose allowance has refilled are forgotten first,
+    /// then the half nearest to refilled.
+    pub max_tracked: usize,
+    /// The request header a trusted reverse proxy sets to the caller's address
+    /// (e.g. `X-Real-IP`; for `X-Forwarded-For` the last address is taken,
+    /// the one the proxy appended). Set it only behind a proxy that always
+    /// sets it: anyone else may send it and pick their own address. `None`
+    /// (the default) uses the connection's peer address.
+    pub client_ip_header: Option<String>,
     /// Emails that hold the admin role (besides accounts stored as admins).
     pub admin_emails: Vec<String>,
     /// Credits a new account starts with (recorded as a grant by `system`).
@@ -97,6 +130,11 @@ impl Default for AuthConfig {
             code_max_attempts: 5,
             codes_per_window: 5,
             code_window: Duration::from_secs(3600),
+            codes_per_client: RateLimit::new(10, Duration::from_secs(10 * 60)),
+            codes_overall: RateLimit::new(60, Duration::from_secs(60)),
+            refreshes_per_session: RateLimit::new(10, Duration::from_secs(10 * 60)),
+            max_tracked: 100_000,
+            client_ip_header: None,
             admin_emails: Vec::new(),
             signup_credits: Credits::ZERO,
             max_keys_per_user: 50,
@@ -125,6 +163,7 @@ impl AuthConfig {
     /// | `CXMPUTE_ADMIN_EMAILS` | comma-separated emails holding the admin role |
     /// | `CXMPUTE_SIGNUP_CREDITS` | micro-credits a new account starts with |
     /// | `CXMPUTE_ACCESS_TTL_SECS`, `CXMPUTE_REFRESH_TTL_SECS` | session token lifetimes |
+    /// | `CXMPUTE_CLIENT_IP_HEADER` | the header a trusted reverse proxy puts the caller's address in ([`AuthConfig::client_ip_header`]) |
     pub fn from_env() -> Result<Self> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -154,6 +193,14 @@ impl AuthConfig {
                 .map(normalize_email)
                 .collect::<Result<_>>()?;
         }
+        if let Some(h) = var("CXMPUTE_CLIENT_IP_HEADER") {
+            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(Error::InvalidInput(format!(
+                    "CXMPUTE_CLIENT_IP_HEADER `{h}` is not a header name"
+                )));
+            }
+            c.client_ip_header = Some(h);
+        }
         if let Some(v) = var("CXMPUTE_SIGNUP_CREDITS") {
             c.signup_credits = Credits(num("CXMPUTE_SIGNUP_CREDITS", v)?);
         }
@@ -173,6 +220,153 @@ impl AuthConfig {
     }
 }
 
+/// A rate limit: a burst of up to `burst` at once, refilled evenly so that
+/// a spent burst is whole again after `per` (`burst` per `per`, sustained).
+/// A `burst` of 0 allows nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RateLimit {
+    /// How many at once.
+    pub burst: u32,
+    /// How long a spent burst takes to refill.
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// `burst` at once, refilled over `per`.
+    pub const fn new(burst: u32, per: Duration) -> Self {
+        RateLimit { burst, per }
+    }
+
+    /// Milliseconds between two refills (at least 1).
+    fn interval_ms(self) -> i64 {
+        let per = i64::try_from(self.per.as_millis()).unwrap_or(i64::MAX);
+        (per / i64::from(self.burst.max(1))).max(1)
+    }
+
+    /// The generic cell rate algorithm over one number, the "theoretical
+    /// arrival time" `tat` (a refilled allowance is `tat <= now`): `Ok` with
+    /// the next `tat` when one more is allowed at `now`, else how long until
+    /// it is.
+    fn admit(self, tat: Option<i64>, now: i64) -> std::result::Result<i64, Duration> {
+        if self.burst == 0 {
+            return Err(self.per.max(Duration::from_secs(1)));
+        }
+        let t = self.interval_ms();
+        let tolerance = t.saturating_mul(i64::from(self.burst) - 1);
+        let tat = tat.unwrap_or(now).max(now);
+        let wait = tat - now - tolerance;
+        if wait > 0 {
+            return Err(Duration::from_millis(wait.unsigned_abs()));
+        }
+        Ok(tat.saturating_add(t))
+    }
+}
+
+/// What is left of each key's allowance under one [`RateLimit`] (a client's,
+/// a session's), in memory and per host, for at most
+/// [`AuthConfig::max_tracked`] keys, so that the table cannot itself be
+/// flooded.
+struct Allowances<K> {
+    /// Each key's "theoretical arrival time" (see [`RateLimit::admit`]).
+    tats: HashMap<K, i64>,
+}
+
+impl<K> Default for Allowances<K> {
+    fn default() -> Self {
+        Allowances {
+            tats: HashMap::new(),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Allowances<K> {
+    /// The key's next state if one more is allowed now, else when to retry.
+    fn check(&self, limit: RateLimit, key: &K, now: i64) -> std::result::Result<i64, Duration> {
+        limit.admit(self.tats.get(key).copied(), now)
+    }
+
+    /// Records what [`Allowances::check`] allowed.
+    fn commit(&mut self, key: K, tat: i64, max: usize, now: i64) {
+        if !self.tats.contains_key(&key) {
+            self.make_room(max, now);
+        }
+        self.tats.insert(key, tat);
+    }
+
+    /// Frees a place when the table is full: forgets the keys whose
+    /// allowance has refilled (they are as good as new), and if that is not
+    /// enough, the half nearest to refilled. Each sweep frees many places, so
+    /// a sweep is rare and its cost is shared by the inserts it makes room for.
+    fn make_room(&mut self, max: usize, now: i64) {
+        if self.tats.len() < max.max(1) {
+            return;
+        }
+        self.forget_refilled(now);
+        if self.tats.len() >= max.max(1) {
+            let mut tats: Vec<i64> = self.tats.values().copied().collect();
+            let mid = tats.len() / 2;
+            let cut = *tats.select_nth_unstable(mid).1;
+            self.tats.retain(|_, t| *t > cut);
+        }
+    }
+
+    fn forget_refilled(&mut self, now: i64) {
+        self.tats.retain(|_, t| *t > now);
+    }
+}
+
+/// The per-client and overall limits on mailing sign-in codes.
+#[derive(Default)]
+struct CodeLimiter {
+    clients: Allowances<IpAddr>,
+    overall: Option<i64>,
+}
+
+/// The key a client is limited under: its IPv4 address (an IPv4-mapped IPv6
+/// one included), or the /64 of its IPv6 address.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
+}
+
+impl CodeLimiter {
+    /// Takes one code from the client's allowance and one from the overall
+    /// one, or neither: a client over its limit does not use up everyone
+    /// else's. `Err` says when to retry.
+    fn admit(
+        &mut self,
+        cfg: &AuthConfig,
+        client: Option<IpAddr>,
+        now: Timestamp,
+    ) -> std::result::Result<(), (&'static str, Duration)> {
+        let now = now.0;
+        let client = client.map(client_key);
+        let client_tat = match &client {
+            Some(c) => Some(
+                self.clients
+                    .check(cfg.codes_per_client, c, now)
+                    .map_err(|d| ("from this address", d))?,
+            ),
+            None => None,
+        };
+        let overall_tat = cfg
+            .codes_overall
+            .admit(self.overall, now)
+            .map_err(|d| ("right now", d))?;
+        self.overall = Some(overall_tat);
+        if let (Some(c), Some(tat)) = (client, client_tat) {
+            self.clients.commit(c, tat, cfg.max_tracked, now);
+        }
+        Ok(())
+    }
+}
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Keys derived from the session secret and the per-host revocation list;
@@ -186,6 +380,8 @@ pub(crate) struct AuthState {
     /// Families revoked on this host, with the time after which none of their
     /// access tokens can still be valid (then the entry is dropped).
     revoked: Mutex<HashMap<TokenFamilyId, Timestamp>>,
+    code_limiter: Mutex<CodeLimiter>,
+    refresh_limiter: Mutex<Allowances<TokenFamilyId>>,
 }
 
 impl std::fmt::Debug for AuthState {
@@ -246,6 +442,8 @@ impl AuthState {
             code_key,
             admin_emails,
             revoked: Mutex::new(HashMap::new()),
+            code_limiter: Mutex::new(CodeLimiter::default()),
+            refresh_limiter: Mutex::new(Allowances::default()),
         })
     }
 
@@ -264,6 +462,33 @@ impl AuthState {
 
     fn is_revoked_locally(&self, family: &TokenFamilyId, now: Timestamp) -> bool {
         self.revoked.lock().get(family).is_some_and(|t| *t > now)
+    }
+}
+
+/// A refused sign-in step, and when a rate limit says to try again.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) error: Error,
+    pub(crate) retry_after: Option<Duration>,
+}
+
+impl Refused {
+    /// A 429 saying why and when to retry (in whole seconds, rounded up).
+    fn rate_limited(why: &str, wait: Duration) -> Self {
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        Refused {
+            error: Error::RateLimited(format!("{why}; try again in {secs} s")),
+            retry_after: Some(Duration::from_secs(secs)),
+        }
+    }
+}
+
+impl From<Error> for Refused {
+    fn from(error: Error) -> Self {
+        Refused {
+            error,
+            retry_after: None,
+        }
     }
 }
 
@@ -441,6 +666,15 @@ fn provider_id_for(user: &UserId) -> ProviderId {
     ProviderId::new(format!("{}{tail}", ProviderId::PREFIX))
 }
 
+/// Whether an admin account's API key may call the admin API: only when it
+/// is unrestricted (every route, no credit limit). A key an admin narrowed,
+/// to hand it to a program or a colleague, is meant for that use alone: it
+/// is a gateway key, never an administrator's credential. The key the host
+/// makes for its admin (`Broker::ensure_admin`) is unrestricted.
+pub(crate) fn key_may_administer(key: &ApiKey) -> bool {
+    key.permitted_routes.is_empty() && key.credit_limit.is_none()
+}
+
 fn forbidden_if_suspended(s: &Option<Suspension>, what: &str) -> Result<()> {
     match s {
         Some(s) => Err(Error::Forbidden(format!(
@@ -479,36 +713,102 @@ impl Accounts {
 
     /// Issues a sign-in code for `email` and mails it. Says nothing about
     /// whether an account exists: none is looked up. `RateLimited` after too
-    /// many requests for the email; `Unavailable` when the mail cannot be sent.
+    /// many requests for the email or in all; `Unavailable` when the mail
+    /// cannot be sent. Not limited per client: see [`Accounts::request_code_from`].
     pub async fn request_code(&self, email: &str) -> Result<()> {
+        self.issue_code(email, None).await.map_err(|r| r.error)
+    }
+
+    /// As [`Accounts::request_code`], for a request from `client` (the
+    /// caller's IP address), which [`AuthConfig::codes_per_client`] limits.
+    pub async fn request_code_from(&self, email: &str, client: Option<IpAddr>) -> Result<()> {
+        self.issue_code(email, client).await.map_err(|r| r.error)
+    }
+
+    /// The sign-in code flow; a refusal by a rate limit says when to retry.
+    pub(crate) async fn issue_code(
+        &self,
+        email: &str,
+        client: Option<IpAddr>,
+    ) -> std::result::Result<(), Refused> {
         let email = normalize_email(email)?;
+        let now = self.now();
+        let cfg = self.cfg();
+        // Before anything is stored or sent: a refused request costs a lock.
+        let admitted = self.state().code_limiter.lock().admit(cfg, client, now);
+        if let Err((whence, wait)) = admitted {
+            tracing::info!(?client, "sign-in code refused: too many requested {whence}");
+            return Err(Refused::rate_limited(
+                &format!("too many sign-in codes requested {whence}"),
+                wait,
+            ));
+        }
         let code = {
             let n: u32 = rand::rng().random_range(0..10u32.pow(CODE_DIGITS));
             Secret::new(format!("{n:0width$}", width = CODE_DIGITS as usize))
         };
-        let now = self.now();
-        let cfg = self.cfg();
         let lc = LoginCode {
             code_hash: self.state().code_hash(&email, code.expose()),
             email: email.clone(),
             expires_at: now.plus(cfg.code_ttl),
             created_at: now,
         };
-        self.store()
+        match self
+            .store()
             .issue_login_code(&lc, now.minus(cfg.code_window), cfg.codes_per_window)
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            // The store does not say when the oldest code in the window
+            // leaves it; the whole window is the longest the wait can be.
+            Err(e @ Error::RateLimited(_)) => {
+                return Err(Refused {
+                    error: e,
+                    retry_after: Some(cfg.code_window),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
         match self.broker.mailer().send_login_code(&email, &code).await {
             Ok(()) => {}
-            Err(e @ Error::InvalidInput(_)) => return Err(e),
+            Err(e @ Error::InvalidInput(_)) => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, "sending a sign-in code failed");
                 return Err(Error::Unavailable {
                     message: "the sign-in code could not be sent".into(),
                     source: Some(Box::new(e)),
-                });
+                }
+                .into());
             }
         }
         tracing::info!("sign-in code issued");
+        Ok(())
+    }
+
+    /// Housekeeping of sign-in, run by [`Broker::run_maintenance`]: deletes
+    /// codes that can no longer be used nor count towards the per-email
+    /// limit and expired refresh tokens, and forgets the clients and sessions
+    /// whose allowance has refilled.
+    pub(crate) async fn prune(&self) -> Result<()> {
+        let now = self.now();
+        let cfg = self.cfg();
+        self.state()
+            .code_limiter
+            .lock()
+            .clients
+            .forget_refilled(now.0);
+        self.state().refresh_limiter.lock().forget_refilled(now.0);
+        let pruned = self
+            .store()
+            .prune_login_codes(now.minus(cfg.code_ttl.max(cfg.code_window)))
+            .await?;
+        if pruned > 0 {
+            tracing::debug!(pruned, "old sign-in codes deleted");
+        }
+        let pruned = self.store().prune_refresh_tokens(now).await?;
+        if pruned > 0 {
+            tracing::debug!(pruned, "expired refresh tokens deleted");
+        }
         Ok(())
     }
 
@@ -622,19 +922,44 @@ impl Accounts {
     }
 
     /// Trades a refresh token for a new session (the token is used up).
-    /// Presenting a used token revokes its whole family.
+    /// Presenting a used token revokes its whole family. `RateLimited` past
+    /// [`AuthConfig::refreshes_per_session`].
     pub async fn refresh(&self, token: &Secret) -> Result<SessionTokens> {
+        self.refresh_session(token).await.map_err(|r| r.error)
+    }
+
+    /// The refresh flow; a refusal by the rate limit says when to retry.
+    pub(crate) async fn refresh_session(
+        &self,
+        token: &Secret,
+    ) -> std::result::Result<SessionTokens, Refused> {
         let bad = || Error::Unauthorized("invalid or expired refresh token".into());
         if token.expose().is_empty() || token.expose().len() > MAX_TOKEN_LEN {
-            return Err(bad());
+            return Err(bad().into());
         }
         let old = token.hash();
         let family = match self.store().refresh_token_family(&old).await {
             Ok(f) => f,
-            Err(Error::NotFound(_)) => return Err(bad()),
-            Err(e) => return Err(e),
+            Err(Error::NotFound(_)) => return Err(bad().into()),
+            Err(e) => return Err(e.into()),
         };
         let now = self.now();
+        // Each refresh stores a token until it expires: a session looping on
+        // refresh would grow the store without end.
+        {
+            let cfg = self.cfg();
+            let mut limiter = self.state().refresh_limiter.lock();
+            match limiter.check(cfg.refreshes_per_session, &family, now.0) {
+                Ok(tat) => limiter.commit(family.clone(), tat, cfg.max_tracked, now.0),
+                Err(wait) => {
+                    tracing::info!(family = %family, "refresh refused: too many");
+                    return Err(Refused::rate_limited(
+                        "this session is refreshed too often",
+                        wait,
+                    ));
+                }
+            }
+        }
         // The token names its user (see `refresh_secret`); it is authentic
         // only if the store knows its hash, which `rotate` checks.
         let user_id = refresh_user(token).ok_or_else(bad)?;
@@ -651,7 +976,7 @@ impl Accounts {
             Ok(_) => {
                 // Unreachable with honest tokens: the user is part of the hashed text.
                 self.store().revoke_token_family(&family).await?;
-                return Err(bad());
+                return Err(bad().into());
             }
             Err(Error::Unauthorized(m)) => {
                 // Reuse (the store has revoked the family) or a dead session:
@@ -659,16 +984,16 @@ impl Accounts {
                 self.state()
                     .revoke_locally(&family, now.plus(self.cfg().access_ttl), now);
                 tracing::warn!(family = %family, "refresh refused: {m}");
-                return Err(Error::Unauthorized(m));
+                return Err(Error::Unauthorized(m).into());
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
         match self.store().user(&user_id).await {
             Ok(_) => {}
-            Err(Error::NotFound(_)) => return Err(bad()),
-            Err(e) => return Err(e),
+            Err(Error::NotFound(_)) => return Err(bad().into()),
+            Err(e) => return Err(e.into()),
         }
-        self.tokens(&user_id, &family, next_secret, next.expires_at)
+        Ok(self.tokens(&user_id, &family, next_secret, next.expires_at)?)
     }
 
     /// Ends a session: its refresh tokens stop working everywhere, its access
@@ -755,18 +1080,26 @@ impl Accounts {
         }
     }
 
-    /// The admin behind a request: an admin's session or an admin's API key.
-    /// `Forbidden` for anyone else who is signed in.
+    /// The admin behind a request: an admin's session or an admin's
+    /// unrestricted API key (every route, no credit limit). `Forbidden` for
+    /// anyone else who is signed in, and for an admin's restricted key.
     pub async fn admin(&self, creds: &Credentials) -> Result<User> {
-        let user = match creds.key() {
+        let (user, key) = match creds.key() {
             Some(k) => {
                 let key = self.broker.authenticate_key(Some(k)).await?;
-                self.store().user(&key.user_id).await?
+                (self.store().user(&key.user_id).await?, Some(key))
             }
-            None => self.session(creds).await?.user,
+            None => (self.session(creds).await?.user, None),
         };
         if !self.is_admin(&user) {
             return Err(Error::Forbidden("admin only".into()));
+        }
+        if key.as_ref().is_some_and(|k| !key_may_administer(k)) {
+            return Err(Error::Forbidden(
+                "this API key is restricted (permitted routes or a credit limit), so it \
+                 cannot administer: use a session or an unrestricted admin key"
+                    .into(),
+            ));
         }
         Ok(user)
     }
@@ -1285,6 +1618,91 @@ mod tests {
         ] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
         }
+    }
+
+    fn ms(t: i64) -> Timestamp {
+        Timestamp(1_767_225_600_000 + t)
+    }
+
+    #[test]
+    fn a_rate_limit_allows_its_burst_then_one_per_interval() {
+        let r = RateLimit::new(3, Duration::from_secs(3));
+        let mut tat = None;
+        for _ in 0..3 {
+            tat = Some(r.admit(tat, 0).unwrap());
+        }
+        assert_eq!(r.admit(tat, 0), Err(Duration::from_secs(1)));
+        assert_eq!(r.admit(tat, 400), Err(Duration::from_millis(600)));
+        tat = Some(r.admit(tat, 1_000).unwrap());
+        assert!(r.admit(tat, 1_000).is_err());
+        // Unused time refills the burst, never beyond it.
+        for _ in 0..3 {
+            tat = Some(r.admit(tat, 60_000).unwrap());
+        }
+        assert!(r.admit(tat, 60_000).is_err());
+        assert!(RateLimit::new(0, Duration::from_secs(1))
+            .admit(None, 0)
+            .is_err());
+    }
+
+    #[test]
+    fn clients_are_keyed_by_address_and_ipv6_by_its_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_key(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(client_key(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(client_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            client_key(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
+            client_key(ip("2001:db8:1:2::5"))
+        );
+        assert_ne!(
+            client_key(ip("2001:db8:1:3::1")),
+            client_key(ip("2001:db8:1:2::1"))
+        );
+    }
+
+    #[test]
+    fn a_client_over_its_limit_does_not_use_up_everyone_elses() {
+        let cfg = AuthConfig {
+            codes_per_client: RateLimit::new(1, Duration::from_secs(60)),
+            codes_overall: RateLimit::new(2, Duration::from_secs(60)),
+            ..AuthConfig::default()
+        };
+        let mut l = CodeLimiter::default();
+        let a = Some("10.0.0.1".parse().unwrap());
+        let b = Some("10.0.0.2".parse().unwrap());
+        assert!(l.admit(&cfg, a, ms(0)).is_ok());
+        for _ in 0..10 {
+            assert_eq!(l.admit(&cfg, a, ms(0)).unwrap_err().0, "from this address");
+        }
+        assert!(l.admit(&cfg, b, ms(0)).is_ok());
+        let c: IpAddr = "10.0.0.3".parse().unwrap();
+        assert_eq!(l.admit(&cfg, Some(c), ms(0)).unwrap_err().0, "right now");
+        // Refused by the overall limit: c's own allowance is untouched.
+        assert!(!l.clients.tats.contains_key(&client_key(c)));
+    }
+
+    #[test]
+    fn the_client_table_stays_bounded_under_a_flood_of_addresses() {
+        let cfg = AuthConfig {
+            codes_per_client: RateLimit::new(2, Duration::from_secs(3600)),
+            codes_overall: RateLimit::new(1_000_000, Duration::from_secs(1)),
+            max_tracked: 64,
+            ..AuthConfig::default()
+        };
+        let mut l = CodeLimiter::default();
+        for i in 0..10_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            assert!(l.admit(&cfg, Some(ip), ms(i64::from(i))).is_ok());
+            assert!(l.clients.tats.len() <= 64);
+        }
+        // The most recent clients are the ones remembered.
+        let last = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + 9_999));
+        assert!(l.admit(&cfg, Some(last), ms(10_000)).is_ok());
+        assert!(l.admit(&cfg, Some(last), ms(10_000)).is_err());
+        // Housekeeping forgets those whose allowance refilled.
+        l.clients.forget_refilled(ms(10_000 + 3_600_000).0);
+        assert!(l.clients.tats.is_empty());
     }
 
     #[test]

@@ -81,7 +81,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::accounts::{normalize_email, AuthConfig, AuthState};
+use crate::accounts::{key_may_administer, normalize_email, AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
 use crate::egress::{self, EgressPolicy, EgressRules};
 use crate::error::{Error, Result};
@@ -529,7 +529,8 @@ impl Broker {
     }
 
     /// One round of housekeeping: expire silent nodes, release stale
-    /// reservations, flush statistics. Run it on an interval (see
+    /// reservations, delete spent sign-in codes and expired refresh tokens,
+    /// flush statistics. Run it on an interval (see
     /// [`Broker::spawn_maintenance`]) or call it from tests with a manual clock.
     pub async fn run_maintenance(&self) -> Result<()> {
         let now = self.now();
@@ -546,6 +547,7 @@ impl Broker {
             .store
             .release_stale_reservations(now.minus(self.inner.config.reservation_ttl))
             .await?;
+        self.accounts().prune().await?;
         self.record_network_snapshot();
         let pools = &self.inner.pools;
         self.inner.usual.retain(|s, m| pools.is_offered(s, m));
@@ -744,10 +746,12 @@ impl Broker {
         }
     }
 
-    /// Makes sure an admin account for `email` exists. Returns a new API key's
-    /// secret when one was created: on first start, or when `key` names a
-    /// secret the store does not know yet (it is then stored, hashed, and not
-    /// returned).
+    /// Makes sure an admin account for `email` exists with an API key that
+    /// administers (an unrestricted one: restricted keys never do). Returns a
+    /// new key's secret when one was created: on first start (or when the
+    /// admin holds no active unrestricted key), or when `key` names a secret
+    /// the store does not know yet (it is then stored, hashed, and not
+    /// returned). `Conflict` when `key` is a restricted key of the admin's.
     pub async fn ensure_admin(&self, email: &str, key: Option<Secret>) -> Result<Option<Secret>> {
         let (user, _) = self.user_for_email(normalize_email(email)?, true).await?;
         if !user.is_admin {
@@ -759,7 +763,14 @@ impl Broker {
         match key {
             Some(secret) => {
                 match self.inner.store.api_key_by_hash(&secret.hash()).await {
-                    Ok(k) if k.user_id == user.id => {}
+                    Ok(k) if k.user_id == user.id && key_may_administer(&k) => {}
+                    Ok(k) if k.user_id == user.id => {
+                        return Err(Error::Conflict(
+                            "that admin key is restricted (routes or a credit limit) and \
+                             cannot administer"
+                                .into(),
+                        ))
+                    }
                     Ok(_) => {
                         return Err(Error::Conflict(
                             "that admin key belongs to another account".into(),
@@ -781,7 +792,11 @@ impl Broker {
             }
             None => {
                 let keys = self.inner.store.api_keys(&user.id).await?;
-                if keys.iter().any(|k| k.revoked_at.is_none()) {
+                // Restricted keys do not administer: the admin needs one that does.
+                if keys
+                    .iter()
+                    .any(|k| k.revoked_at.is_none() && key_may_administer(k))
+                {
                     return Ok(None);
                 }
                 let (_, secret) = self

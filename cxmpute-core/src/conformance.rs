@@ -98,9 +98,11 @@ macro_rules! store_conformance_tests {
             login_code_attempts_are_limited,
             login_code_reissue_replaces_and_resets_attempts,
             login_codes_are_rate_limited_per_window,
+            old_login_codes_are_pruned,
             refresh_token_rotates,
             refresh_token_reuse_revokes_family,
             refresh_token_expiry_and_revocation,
+            expired_refresh_tokens_are_pruned,
             notifications_put_replace_delete,
             record_stats_is_idempotent_per_batch,
             stats_over_day_range,
@@ -1701,6 +1703,56 @@ pub async fn login_codes_are_rate_limited_per_window(store: Arc<dyn Store>) {
         .unwrap();
 }
 
+/// Housekeeping deletes the codes issued before the cut, used or not, and
+/// the issue records of emails last issued one before it; newer codes stay.
+pub async fn old_login_codes_are_pruned(store: Arc<dyn Store>) {
+    let hour = 3_600_000;
+    let issue = |c: LoginCode| {
+        let store = store.clone();
+        async move {
+            let window = Timestamp(c.created_at.0 - hour);
+            store.issue_login_code(&c, window, 5).await.unwrap();
+        }
+    };
+    let a = login_code("a@example.com", "111111", at(0));
+    issue(a.clone()).await;
+    issue(login_code("b@example.com", "222222", at(1_000))).await;
+    let used = login_code("u@example.com", "333333", at(2_000));
+    issue(used.clone()).await;
+    store
+        .verify_login_code("u@example.com", &used.code_hash, at(2_001), 5)
+        .await
+        .unwrap();
+    let c = login_code("c@example.com", "444444", at(hour));
+    issue(c.clone()).await;
+    // An old code replaced by a newer one.
+    issue(login_code("e@example.com", "555555", at(0))).await;
+    let e = login_code("e@example.com", "666666", at(hour + 1));
+    issue(e.clone()).await;
+
+    // a's and b's codes go (the used one was gone already); again, nothing.
+    assert_eq!(store.prune_login_codes(at(hour)).await.unwrap(), 2);
+    assert_eq!(store.prune_login_codes(at(hour)).await.unwrap(), 0);
+    // A pruned code is gone, even at a time it would still be valid.
+    assert_err!(
+        store
+            .verify_login_code("a@example.com", &a.code_hash, at(10), 5)
+            .await,
+        Error::Unauthorized(_)
+    );
+    // So is a's record of issues: a limit of one in a window reaching back
+    // to its old code allows a new one.
+    let again = login_code("a@example.com", "777777", at(hour + 20));
+    store.issue_login_code(&again, at(-hour), 1).await.unwrap();
+    // Newer codes still work.
+    for (email, code) in [("c@example.com", &c), ("e@example.com", &e)] {
+        store
+            .verify_login_code(email, &code.code_hash, at(hour + 30), 5)
+            .await
+            .unwrap();
+    }
+}
+
 fn refresh(
     user: &UserId,
     family: &TokenFamilyId,
@@ -1822,6 +1874,59 @@ pub async fn refresh_token_expiry_and_revocation(store: Arc<dyn Store>) {
     assert_err!(
         store
             .rotate_refresh_token(&u1.hash, &refresh(&user, &fam2, "u2", at(1)), at(1))
+            .await,
+        Error::Unauthorized(_)
+    );
+}
+
+/// Housekeeping deletes the refresh tokens that expired before the cut, used
+/// or not; later ones keep working, and a revoked family with a live token
+/// stays revoked.
+pub async fn expired_refresh_tokens_are_pruned(store: Arc<dyn Store>) {
+    let day = 86_400_000;
+    let user = UserId::generate();
+    let fam = TokenFamilyId::generate();
+    let t1 = refresh(&user, &fam, "t1", at(0));
+    store.create_refresh_token(&t1).await.unwrap();
+    let t2 = refresh(&user, &fam, "t2", at(10));
+    store
+        .rotate_refresh_token(&t1.hash, &t2, at(10))
+        .await
+        .unwrap();
+    let ended = TokenFamilyId::generate();
+    let u1 = refresh(&user, &ended, "u1", at(0));
+    store.create_refresh_token(&u1).await.unwrap();
+    store.revoke_token_family(&ended).await.unwrap();
+    let revoked = TokenFamilyId::generate();
+    let v1 = refresh(&user, &revoked, "v1", at(day));
+    store.create_refresh_token(&v1).await.unwrap();
+    store.revoke_token_family(&revoked).await.unwrap();
+
+    // t1 (used) and u1 expired at `day`; t2 and v1 later.
+    assert_eq!(store.prune_refresh_tokens(at(day + 5)).await.unwrap(), 2);
+    assert_eq!(store.prune_refresh_tokens(at(day + 5)).await.unwrap(), 0);
+    for gone in [&t1, &u1] {
+        assert_err!(
+            store.refresh_token_family(&gone.hash).await,
+            Error::NotFound(_)
+        );
+    }
+    assert_eq!(store.refresh_token_family(&t2.hash).await.unwrap(), fam);
+    let t3 = refresh(&user, &fam, "t3", at(day + 6));
+    assert_eq!(
+        store
+            .rotate_refresh_token(&t2.hash, &t3, at(day + 6))
+            .await
+            .unwrap(),
+        user
+    );
+    assert_err!(
+        store
+            .rotate_refresh_token(
+                &v1.hash,
+                &refresh(&user, &revoked, "v2", at(day + 7)),
+                at(day + 7)
+            )
             .await,
         Error::Unauthorized(_)
     );

@@ -481,6 +481,18 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn prune_login_codes(&self, before: Timestamp) -> Result<u64> {
+        let mut s = self.inner.lock();
+        let n = s.codes.len();
+        s.codes.retain(|_, (c, _)| c.created_at >= before);
+        let pruned = (n - s.codes.len()) as u64;
+        s.code_issues.retain(|_, issued| {
+            issued.retain(|t| *t >= before);
+            !issued.is_empty()
+        });
+        Ok(pruned)
+    }
+
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         let mut s = self.inner.lock();
         if s.tokens.contains_key(&token.hash) {
@@ -488,6 +500,17 @@ impl Store for MemoryStore {
         }
         s.tokens.insert(token.hash, (token.clone(), false));
         Ok(())
+    }
+
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        let mut s = self.inner.lock();
+        let n = s.tokens.len();
+        s.tokens.retain(|_, (t, _)| t.expires_at >= before);
+        let pruned = (n - s.tokens.len()) as u64;
+        let live: HashSet<TokenFamilyId> =
+            s.tokens.values().map(|(t, _)| t.family.clone()).collect();
+        s.revoked_families.retain(|f| live.contains(f));
+        Ok(pruned)
     }
 
     async fn rotate_refresh_token(

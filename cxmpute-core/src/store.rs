@@ -156,8 +156,20 @@ pub trait Store: Send + Sync + 'static {
         now: Timestamp,
         max_attempts: u32,
     ) -> Result<()>;
+    /// Deletes every sign-in code issued before `before`, used or not, and the
+    /// record of issues before it that the per-email limit counts; returns
+    /// how many codes were deleted. The broker passes a time before which no
+    /// code can still be used or counted (housekeeping, so that a flood of
+    /// requests for distinct emails leaves nothing behind).
+    async fn prune_login_codes(&self, before: Timestamp) -> Result<u64>;
     /// Stores a new refresh token.
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()>;
+    /// Deletes every refresh token that expired before `before`, used or not,
+    /// and the revocation of each family with no token left where the store
+    /// keeps revocations apart; returns how many tokens were deleted. An
+    /// expired token is refused anyway; a deleted one is refused as unknown
+    /// (so presenting it again no longer revokes its family).
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64>;
     /// Rotates a refresh token, atomically: the old one must be unused, unexpired
     /// and its family not revoked; it is marked used and `next` (same family) is
     /// stored. Presenting a used token revokes its whole family. Returns the user.

@@ -575,8 +575,10 @@ impl TestHost {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local addr");
         let app = crate::http::router(broker.clone());
+        // Served as a host should be: connection limits, the peer's address.
         let task = tokio::spawn(async move {
-            let _ = axum::serve(nodelay(listener), app).await;
+            let config = crate::http::ServeConfig::default();
+            let _ = crate::http::serve(listener, app, config, std::future::pending()).await;
         });
         TestHost {
             broker,

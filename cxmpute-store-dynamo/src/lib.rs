@@ -67,7 +67,11 @@
 //! stale-reservation sweep reads it; every candidate it finds is read again
 //! consistently and released under the usual conditions, so its lag is
 //! harmless. A reservation enters it on reserve and leaves it on settle:
-//! one index write each, no extra call.
+//! one index write each, no extra call. It also holds each email's sign-in
+//! issues by latest issue (partition `LOGINS`) and refresh tokens by expiry
+//! (partitions `RTOKENS#0..7`, by hash), which the housekeeping sweeps read
+//! to delete codes too old to use or count and expired tokens, in bounded
+//! batches.
 //!
 //! **Single-partition listings** (`USERS`, `NODES`, `POOL`, `PRICES`,
 //! `NOTIFS`, `STATSDAYS`) are read with one paged, strongly consistent

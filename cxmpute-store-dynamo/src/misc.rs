@@ -10,12 +10,14 @@ use cxmpute_core::{
 };
 
 use crate::db::{DynamoStore, Fail, Query, Tx};
-use crate::item::{n, s, Ex, Item, ItemBuilder, Rd, PK, SK};
-use crate::schema;
+use crate::item::{n, s, sortable_i64, Ex, Item, ItemBuilder, Rd, PK, SK};
+use crate::schema::{self, GSI, GSI_PK, GSI_SK};
 
 /// Deltas per stats transaction: each takes two counter updates, plus one
 /// marker and at most one day-registry put per delta, within the cap of 100.
 const STATS_CHUNK: usize = 30;
+/// Emails the sign-in housekeeping looks at per round.
+const PRUNE_BATCH: usize = 1_000;
 
 fn decode_price(it: &Item) -> Result<PriceEntry> {
     let r = Rd::new(it, "price");
@@ -170,9 +172,15 @@ impl DynamoStore {
                 Some(v) => format!("{} = {}", ex.n("ver"), ex.v(n(v))),
                 None => ex.absent(),
             };
+            // In the index by its latest issue, for the housekeeping sweep.
             let issues = ItemBuilder::at(schema::login_issued(&code.email))
                 .json("issued", &issued)?
                 .n("ver", ver.map_or(0, |v| v + 1))
+                .s(GSI_PK, schema::LOGINS_PK)
+                .s(
+                    GSI_SK,
+                    format!("{}#{}", sortable_i64(code.created_at.0), code.email),
+                )
                 .build();
             tx.put(issues, Some(cond), ex)?;
             let c = ItemBuilder::at(schema::login_code(&code.email))
@@ -253,10 +261,77 @@ impl DynamoStore {
         }
     }
 
+    pub(crate) async fn prune_login_codes_impl(&self, before: Timestamp) -> Result<u64> {
+        let what = "deleting old sign-in codes";
+        let mut q = Query {
+            index: Some(GSI),
+            forward: true,
+            // A bounded sweep per round: a backlog clears over a few rounds.
+            limit: Some(PRUNE_BATCH),
+            ..Query::default()
+        };
+        // Sort key `{latest issue}#{email}`, fixed-width time: everything
+        // below the bare time of `before` was last issued earlier.
+        q.key_cond = format!(
+            "{} = {} AND {} < {}",
+            q.ex.n(GSI_PK),
+            q.ex.v(s(schema::LOGINS_PK)),
+            q.ex.n(GSI_SK),
+            q.ex.v(s(sortable_i64(before.0)))
+        );
+        let mut pruned = 0;
+        // The index lags; each email is read again and deleted only if
+        // nothing was issued for it since (`ver` unchanged).
+        for it in self.query(what, q).await? {
+            let pk = Rd::new(&it, "sign-in issues").s(PK)?;
+            let Some(email) = pk.strip_prefix("LOGIN#") else {
+                continue;
+            };
+            let Some(issues) = self.get(what, schema::login_issued(email)).await? else {
+                continue;
+            };
+            let r = Rd::new(&issues, "sign-in issues");
+            let latest = r.json::<Vec<i64>>("issued")?.into_iter().max();
+            if latest.is_some_and(|t| t >= before.0) {
+                continue;
+            }
+            let mut ex = Ex::new();
+            let cond = format!("{} = {}", ex.n("ver"), ex.v(n(r.num::<u64>("ver")?)));
+            match self
+                .delete(what, schema::login_issued(email), Some(cond), ex)
+                .await
+            {
+                Ok(()) => {}
+                Err(Fail::Condition(_)) => continue,
+                Err(f) => return Err(f.into_error(what)),
+            }
+            // The code (if not used) is as old; a newer one issued since
+            // the read fails the condition and stays.
+            let mut ex = Ex::new();
+            let cond = format!("{} < {}", ex.n("created_at"), ex.v(n(before.0)));
+            match self
+                .delete(what, schema::login_code(email), Some(cond), ex)
+                .await
+            {
+                Ok(()) => pruned += 1,
+                Err(Fail::Condition(_)) => {}
+                Err(f) => return Err(f.into_error(what)),
+            }
+        }
+        Ok(pruned)
+    }
+
     // ---- refresh tokens --------------------------------------------------------
 
     fn token_item(t: &RefreshToken, family: &TokenFamilyId) -> Item {
+        // In the index by expiry, for the housekeeping sweep; sharded by
+        // hash, as every sign-in and refresh writes one.
         ItemBuilder::at(schema::refresh_token(&t.hash))
+            .s(GSI_PK, schema::tokens_pk(&t.hash))
+            .s(
+                GSI_SK,
+                format!("{}#{}", sortable_i64(t.expires_at.0), t.hash.to_hex()),
+            )
             .s("hash", t.hash.to_hex())
             .s("family", family.as_str())
             .s("user_id", t.user_id.as_str())
@@ -348,6 +423,41 @@ impl DynamoStore {
                 Err(f) => return Err(f.into_error(what)),
             }
         }
+    }
+
+    pub(crate) async fn prune_refresh_tokens_impl(&self, before: Timestamp) -> Result<u64> {
+        let what = "deleting expired refresh tokens";
+        let mut pruned = 0;
+        for shard in 0..schema::TOKEN_SHARDS {
+            let mut q = Query {
+                index: Some(GSI),
+                forward: true,
+                limit: Some(PRUNE_BATCH),
+                ..Query::default()
+            };
+            q.key_cond = format!(
+                "{} = {} AND {} < {}",
+                q.ex.n(GSI_PK),
+                q.ex.v(s(schema::tokens_shard_pk(shard))),
+                q.ex.n(GSI_SK),
+                q.ex.v(s(sortable_i64(before.0)))
+            );
+            for it in self.query(what, q).await? {
+                let r = Rd::new(&it, "refresh token");
+                let key = crate::item::key(r.s(PK)?, r.s(SK)?);
+                let mut ex = Ex::new();
+                let cond = format!("{} < {}", ex.n("expires_at"), ex.v(n(before.0)));
+                match self.delete(what, key, Some(cond), ex).await {
+                    Ok(()) => pruned += 1,
+                    Err(Fail::Condition(_)) => {}
+                    Err(f) => return Err(f.into_error(what)),
+                }
+            }
+        }
+        // Revocation items stay: without an index of tokens by family, which
+        // every rotation would write, a sweep cannot tell when a family's
+        // last token is gone. There is one per ended session.
+        Ok(pruned)
     }
 
     pub(crate) async fn revoke_token_family_impl(&self, family: &TokenFamilyId) -> Result<()> {

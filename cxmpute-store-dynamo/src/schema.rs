@@ -132,8 +132,25 @@ pub(crate) fn login_issued(email: &str) -> Item {
     key(format!("LOGIN#{email}"), "ISSUED")
 }
 
+/// The index partition of every email's sign-in issues, by latest issue,
+/// for the sweep that deletes old ones. Written once per code issued, which
+/// the broker's rate limits keep far below a partition's write capacity.
+pub(crate) const LOGINS_PK: &str = "LOGINS";
+
 pub(crate) fn refresh_token(hash: &KeyHash) -> Item {
     key(format!("RTOKEN#{}", hash.to_hex()), "RTOKEN")
+}
+
+/// Partitions of the index of refresh tokens by expiry.
+pub(crate) const TOKEN_SHARDS: u8 = 8;
+
+pub(crate) fn tokens_shard_pk(shard: u8) -> String {
+    format!("RTOKENS#{shard}")
+}
+
+/// The index partition of a refresh token.
+pub(crate) fn tokens_pk(hash: &KeyHash) -> String {
+    tokens_shard_pk(hash.0[0] % TOKEN_SHARDS)
 }
 
 pub(crate) fn token_family(id: &TokenFamilyId) -> Item {

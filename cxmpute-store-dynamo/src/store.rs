@@ -155,6 +155,12 @@ impl Store for DynamoStore {
         self.verify_login_code_impl(email, code_hash, now, max_attempts)
             .await
     }
+    async fn prune_login_codes(&self, before: Timestamp) -> Result<u64> {
+        self.prune_login_codes_impl(before).await
+    }
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        self.prune_refresh_tokens_impl(before).await
+    }
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         self.create_refresh_token_impl(token).await
     }

@@ -579,10 +579,22 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn prune_login_codes(&self, before: Timestamp) -> Result<u64> {
+        self.writer
+            .write(move |c| Box::pin(async move { ops::prune_login_codes(c, before).await }))
+            .await
+    }
+
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         let token = token.clone();
         self.writer
             .write(move |c| Box::pin(async move { ops::create_refresh_token(c, &token).await }))
+            .await
+    }
+
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        self.writer
+            .write(move |c| Box::pin(async move { ops::prune_refresh_tokens(c, before).await }))
             .await
     }
 

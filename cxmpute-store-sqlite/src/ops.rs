@@ -738,6 +738,16 @@ pub(crate) async fn verify_login_code(
     Ok(Ok(()))
 }
 
+pub(crate) async fn prune_login_codes(c: &mut Conn, before: Timestamp) -> Result<u64> {
+    // Both tables are small (what the rate limits let through in a window),
+    // so a scan each maintenance round costs little and needs no index.
+    let q = sqlx::query("DELETE FROM login_codes WHERE created_at < ?1").bind(before.0);
+    let pruned = execute(c, "deleting old sign-in codes", q).await?;
+    let q = sqlx::query("DELETE FROM login_code_issues WHERE at < ?1").bind(before.0);
+    execute(c, "deleting old sign-in code issues", q).await?;
+    Ok(pruned)
+}
+
 pub(crate) async fn create_refresh_token(c: &mut Conn, t: &RefreshToken) -> Result<()> {
     let q = sqlx::query(
         "INSERT INTO refresh_tokens (hash, family, user_id, expires_at, created_at, used) \
@@ -749,6 +759,21 @@ pub(crate) async fn create_refresh_token(c: &mut Conn, t: &RefreshToken) -> Resu
     .bind(t.expires_at.0)
     .bind(t.created_at.0);
     execute(c, "refresh token", q).await.map(drop)
+}
+
+pub(crate) async fn prune_refresh_tokens(c: &mut Conn, before: Timestamp) -> Result<u64> {
+    // First the revocations of families whose every token expires now (the
+    // expiry index finds them), then the tokens.
+    let q = sqlx::query(
+        "DELETE FROM revoked_token_families WHERE family IN \
+         (SELECT family FROM refresh_tokens WHERE expires_at < ?1) \
+         AND NOT EXISTS (SELECT 1 FROM refresh_tokens t \
+         WHERE t.family = revoked_token_families.family AND t.expires_at >= ?1)",
+    )
+    .bind(before.0);
+    execute(c, "deleting revocations of ended sessions", q).await?;
+    let q = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < ?1").bind(before.0);
+    execute(c, "deleting expired refresh tokens", q).await
 }
 
 pub(crate) async fn rotate_refresh_token(

@@ -2,9 +2,9 @@
 //!
 //! | route | who |
 //! |---|---|
-//! | `POST /v1/auth/code` | anyone (rate-limited per email) |
+//! | `POST /v1/auth/code` | anyone (rate-limited per email, per client address and in all) |
 //! | `POST /v1/auth/verify` | anyone with the mailed code |
-//! | `POST /v1/auth/refresh` | the holder of a refresh token (body or cookie) |
+//! | `POST /v1/auth/refresh` | the holder of a refresh token (body or cookie; rate-limited per session) |
 //! | `POST /v1/auth/logout` | the holder of a refresh or access token |
 //! | `GET /v1/me`, `GET /v1/me/usage` | a signed-in user |
 //! | `GET`/`POST /v1/me/keys`, `PATCH`/`DELETE /v1/me/keys/{id}` | a signed-in user, own keys only |
@@ -14,18 +14,22 @@
 //! `cx_access` cookie; the session routes set both cookies `HttpOnly`,
 //! `Secure`, `SameSite=Strict`, so another site can neither read nor send them.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::Deserialize;
 
 use super::Routes;
-use super::{bearer, json_body, no_store, ok, optional_json_body, path_param, query, ApiResult};
-use crate::accounts::{Credentials, SessionTokens};
+use super::{bearer, json_body, no_store, ok, optional_json_body, path_param, query};
+use super::{ApiError, ApiResult};
+use crate::accounts::{Credentials, Refused, SessionTokens};
 use crate::broker::Broker;
 use crate::error::Error;
 use crate::secret::Secret;
@@ -103,20 +107,73 @@ fn session_answer(b: &Broker, t: &SessionTokens) -> Response {
     resp
 }
 
+/// The answer to a refused sign-in step: the error, with the rate limit's
+/// own `Retry-After` when one refused it.
+fn refused(r: Refused) -> Response {
+    let mut resp = ApiError(r.error).into_response();
+    if let Some(wait) = r.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+    }
+    resp
+}
+
+/// An address as proxies write it: `203.0.113.5`, `2001:db8::1`, with a port
+/// (`203.0.113.5:4711`, `[2001:db8::1]:4711`) or in brackets.
+fn parse_addr(v: &str) -> Option<IpAddr> {
+    v.parse::<IpAddr>()
+        .ok()
+        .or_else(|| v.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| v.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
+}
+
+/// The caller's address: from the trusted proxy header when one is
+/// configured and present, else the connection's peer (known when the
+/// router is served with connect info, as [`super::serve`] does).
+fn client_ip(b: &Broker, h: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
+    let from_header = b
+        .config()
+        .auth
+        .client_ip_header
+        .as_deref()
+        .and_then(|name| {
+            // The last address: the one the trusted proxy added (earlier ones
+            // in a list came from the caller).
+            let v = h.get_all(name).iter().next_back()?.to_str().ok()?;
+            parse_addr(v.rsplit(',').next()?.trim())
+        });
+    let ip = from_header.or(peer.map(|a| a.ip()));
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if ip.is_none() && !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "the caller's address is unknown, so sign-in codes are not limited per client: \
+             serve the router with `cxmpute_core::http::serve` (or axum's connect info), or \
+             set a trusted client address header"
+        );
+    }
+    ip
+}
+
 #[utoipa::path(
     post,
     path = "/v1/auth/code",
     tag = "auth",
-    description = "Mails a sign-in code to the address (rate-limited per email).",
+    description = "Mails a sign-in code to the address. Rate-limited per email, per client \
+        address and in all: over a limit the answer is 429 with `Retry-After`, and nothing is sent.",
     request_body = RequestCodeRequest,
     responses((status = 202, description = "The code was sent", body = RequestCodeResponse), super::openapi::Refusals)
 )]
 async fn request_code(
     State(b): State<Broker>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    h: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let req: RequestCodeRequest = json_body(body)?;
-    b.accounts().request_code(&req.email).await?;
+    let client = client_ip(&b, &h, peer.map(|Extension(ConnectInfo(a))| a));
+    if let Err(r) = b.accounts().issue_code(&req.email, client).await {
+        return Ok(refused(r));
+    }
     let out = RequestCodeResponse {
         status: "sent".into(),
         expires_in: b.config().auth.code_ttl.as_secs(),
@@ -166,8 +223,10 @@ async fn refresh(
     let token = refresh_token(&h, body)?.ok_or_else(|| {
         Error::Unauthorized("send the refresh token in the body or its cookie".into())
     })?;
-    let t = b.accounts().refresh(&token).await?;
-    Ok(session_answer(&b, &t))
+    match b.accounts().refresh_session(&token).await {
+        Ok(t) => Ok(session_answer(&b, &t)),
+        Err(r) => Ok(refused(r)),
+    }
 }
 
 #[utoipa::path(
@@ -349,4 +408,21 @@ async fn active_notifications(
 ) -> ApiResult<Json<Vec<Notification>>> {
     let q = query(q)?;
     ok(b.accounts().active_notifications(q.placement).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_addresses_parse_with_or_without_ports() {
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(parse_addr("203.0.113.5"), ip("203.0.113.5"));
+        assert_eq!(parse_addr("203.0.113.5:4711"), ip("203.0.113.5"));
+        assert_eq!(parse_addr("2001:db8::1"), ip("2001:db8::1"));
+        assert_eq!(parse_addr("[2001:db8::1]"), ip("2001:db8::1"));
+        assert_eq!(parse_addr("[2001:db8::1]:4711"), ip("2001:db8::1"));
+        assert_eq!(parse_addr("unknown"), None);
+        assert_eq!(parse_addr(""), None);
+    }
 }

@@ -1,6 +1,7 @@
 //! The admin API. Every call checks, on every request, that the caller holds
-//! the admin role now: an admin's session or an admin's API key, the account
-//! not suspended, and the role stored or granted by configuration.
+//! the admin role now: an admin's session or an admin's unrestricted API key
+//! (a key limited to some routes or by a credit limit is refused with 403),
+//! the account not suspended, and the role stored or granted by configuration.
 //!
 //! | route | what |
 //! |---|---|

@@ -1,6 +1,9 @@
 //! The HTTP surface: an axum [`Router`] built from a [`Broker`].
 //!
-//! A host only serves it (see [`router`]). Every error is OpenAI's error JSON
+//! A host only serves it (see [`router`]), best with [`serve`], which puts
+//! limits on every connection (header and body read timeouts, idle
+//! connections, a cap on open ones) and gives the router the caller's
+//! address. Every error is OpenAI's error JSON
 //! with a status that means something:
 //!
 //! | status | when | `type` / `code` |
@@ -8,7 +11,7 @@
 //! | 400 | malformed JSON, missing or wrong fields | `invalid_request_error` / `invalid_request` |
 //! | 401 | missing, unknown or revoked key | `authentication_error` / `invalid_api_key` |
 //! | 402 | the **account** balance does not cover the request: topping up fixes it | `insufficient_quota` / `insufficient_credits` |
-//! | 403 | suspended account, route not permitted for the key, not an admin | `permission_error` / `forbidden` |
+//! | 403 | suspended account, route not permitted for the key, not an admin (or an admin's restricted key) | `permission_error` / `forbidden` |
 //! | 404 | unknown model, unknown thing, another account's thing | `not_found_error` / `model_not_found` or `not_found` |
 //! | 409 | already exists, conflicting change | `conflict_error` / `conflict` |
 //! | 413 | request body over the limit | `invalid_request_error` / `payload_too_large` |
@@ -47,7 +50,10 @@ mod dashboard;
 pub mod openapi;
 mod provider;
 mod provider_account;
+mod serve;
 mod stats;
+
+pub use serve::{serve, ServeConfig};
 
 /// The status, OpenAI `type` and `code` of an error.
 pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {

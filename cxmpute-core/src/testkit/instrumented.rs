@@ -286,6 +286,19 @@ impl Store for InstrumentedStore {
         .await
     }
 
+    async fn prune_login_codes(&self, before: Timestamp) -> Result<u64> {
+        self.call("prune_login_codes", self.inner.prune_login_codes(before))
+            .await
+    }
+
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        self.call(
+            "prune_refresh_tokens",
+            self.inner.prune_refresh_tokens(before),
+        )
+        .await
+    }
+
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         self.call(
             "create_refresh_token",
