@@ -98,8 +98,10 @@ impl UsualDurations {
     }
 }
 
-/// How often a waiting attempt looks again at what its pool usually takes.
-const RECHECK: Duration = Duration::from_millis(250);
+/// How often a waiting attempt looks again at what its pool usually takes,
+/// while the pool has no measurement yet (once it has one, the waits are
+/// computed when they fall due).
+const RECHECK: Duration = Duration::from_millis(50);
 
 /// The bounds of an adaptive wait (see [`Waits::timeout`]).
 #[derive(Clone, Copy, Debug)]
@@ -450,7 +452,10 @@ impl CallContext {
             // When to hedge follows what the pool learns meanwhile; until
             // then, look again now and then.
             let due = lone_since + self.hedge_delay(&usual);
-            let wake = due.min(Instant::now() + RECHECK);
+            let wake = match usual.get() {
+                Some(_) => due,
+                None => due.min(Instant::now() + RECHECK),
+            };
             let raced = tokio::select! {
                 Some(r) = racing.next() => r,
                 _ = tokio::time::sleep_until(wake.into()), if hedge => {
@@ -920,8 +925,10 @@ async fn first_phase(
         // started before its pool had a measurement is not left with the
         // ceiling once calls elsewhere showed what is usual.
         let deadline = t0 + waits.timeout(usual.get());
-        let now = Instant::now();
-        let at = (t0 + mark).min(deadline).min(now + RECHECK);
+        let mut at = (t0 + mark).min(deadline);
+        if usual.get().is_none() {
+            at = at.min(Instant::now() + RECHECK);
+        }
         tokio::select! {
             r = &mut send => break r,
             _ = tokio::time::sleep_until(at.into()) => {
