@@ -78,23 +78,35 @@ impl Usual {
     }
 }
 
-/// The usual phase durations of every pool, created on first use.
+/// The usual phase durations of every pool, created on first use. Keyed
+/// by phase and service first, so a lookup borrows the request's model name
+/// instead of allocating a key.
 #[derive(Debug, Default)]
-pub(crate) struct UsualDurations(RwLock<HashMap<(Service, String, Phase), Arc<Usual>>>);
+pub(crate) struct UsualDurations(RwLock<HashMap<(Service, Phase), HashMap<String, Arc<Usual>>>>);
 
 impl UsualDurations {
     fn of(&self, service: Service, model: &str, phase: Phase) -> Arc<Usual> {
-        let key = (service, model.to_owned(), phase);
-        if let Some(u) = self.0.read().get(&key) {
+        if let Some(u) = self
+            .0
+            .read()
+            .get(&(service, phase))
+            .and_then(|m| m.get(model))
+        {
             return u.clone();
         }
-        self.0.write().entry(key).or_default().clone()
+        let mut map = self.0.write();
+        let models = map.entry((service, phase)).or_default();
+        models.entry(model.to_owned()).or_default().clone()
     }
 
     /// Forgets pools no node serves any more (called from maintenance), so
     /// the table is as bounded as the routing index.
     pub(crate) fn retain(&self, mut live: impl FnMut(Service, &str) -> bool) {
-        self.0.write().retain(|(s, m, _), _| live(*s, m));
+        let mut map = self.0.write();
+        for ((service, _), models) in map.iter_mut() {
+            models.retain(|m, _| live(*service, m));
+        }
+        map.retain(|_, models| !models.is_empty());
     }
 }
 
