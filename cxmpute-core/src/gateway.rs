@@ -82,7 +82,10 @@ impl Usual {
 /// by phase and service first, so a lookup borrows the request's model name
 /// instead of allocating a key.
 #[derive(Debug, Default)]
-pub(crate) struct UsualDurations(RwLock<HashMap<(Service, Phase), HashMap<String, Arc<Usual>>>>);
+pub(crate) struct UsualDurations(RwLock<HashMap<(Service, Phase), UsualByModel>>);
+
+/// One phase's usual durations in one service's pools, by model.
+type UsualByModel = HashMap<String, Arc<Usual>>;
 
 impl UsualDurations {
     fn of(&self, service: Service, model: &str, phase: Phase) -> Arc<Usual> {
