@@ -38,6 +38,15 @@ fn events(text: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The whole body of an answer whose node may never stop: bounded, so a
+/// broker that lets it run fails the test instead of hanging it.
+async fn to_the_end(r: reqwest::Response) -> String {
+    tokio::time::timeout(Duration::from_secs(60), r.text())
+        .await
+        .expect("the stream ends")
+        .unwrap()
+}
+
 /// Waits (bounded) until `user`'s latest call is settled: for calls whose
 /// caller is gone, so no answer tells when.
 async fn settled(h: &TestHost, user: &UserId) -> UsageRecord {
@@ -58,10 +67,7 @@ async fn an_event_that_never_ends_is_cut_as_a_node_failure() {
     let (u, key) = h.user(Credits::whole(1)).await;
     let r = h.post("/v1/chat/completions", &key, &chat(true, 100)).await;
     assert_eq!(r.status(), 200, "the first chunk was fine");
-    let text = tokio::time::timeout(Duration::from_secs(60), r.text())
-        .await
-        .expect("the stream ends")
-        .unwrap();
+    let text = to_the_end(r).await;
     let evs = events(&text);
     assert!(
         evs.last().unwrap().contains("stream_interrupted"),
@@ -87,10 +93,7 @@ async fn an_endless_stream_stops_at_the_output_reserved() {
     node.set(Behavior::EndlessStream);
     let (u, key) = h.user(Credits::whole(1)).await;
     let r = h.post("/v1/chat/completions", &key, &chat(true, 40)).await;
-    let text = tokio::time::timeout(Duration::from_secs(60), r.text())
-        .await
-        .expect("the stream ends")
-        .unwrap();
+    let text = to_the_end(r).await;
     let evs = events(&text);
     let content = evs.iter().filter(|e| e.contains("\"content\"")).count();
     assert!(
@@ -113,10 +116,7 @@ async fn an_endless_stream_stops_at_the_byte_cap() {
     let r = h
         .post("/v1/chat/completions", &key, &chat(true, 1_000_000))
         .await;
-    let text = tokio::time::timeout(Duration::from_secs(60), r.text())
-        .await
-        .expect("the stream ends")
-        .unwrap();
+    let text = to_the_end(r).await;
     assert!(text.len() < 20 * 1024, "{} bytes passed", text.len());
     assert!(events(&text).last().unwrap().contains("stream_interrupted"));
     assert!(!h.last_usage(&u.id).await.success);
@@ -132,10 +132,7 @@ async fn a_stream_stops_at_its_longest_allowed_duration() {
     let r = h
         .post("/v1/chat/completions", &key, &chat(true, 1_000_000))
         .await;
-    let text = tokio::time::timeout(Duration::from_secs(60), r.text())
-        .await
-        .expect("the stream ends")
-        .unwrap();
+    let text = to_the_end(r).await;
     let last = *events(&text).last().unwrap();
     assert!(last.contains("longer than allowed"), "{last}");
     assert!(!h.last_usage(&u.id).await.success);

@@ -263,22 +263,9 @@ impl DynamoStore {
 
     pub(crate) async fn prune_login_codes_impl(&self, before: Timestamp) -> Result<u64> {
         let what = "deleting old sign-in codes";
-        let mut q = Query {
-            index: Some(GSI),
-            forward: true,
-            // A bounded sweep per round: a backlog clears over a few rounds.
-            limit: Some(PRUNE_BATCH),
-            ..Query::default()
-        };
         // Sort key `{latest issue}#{email}`, fixed-width time: everything
         // below the bare time of `before` was last issued earlier.
-        q.key_cond = format!(
-            "{} = {} AND {} < {}",
-            q.ex.n(GSI_PK),
-            q.ex.v(s(schema::LOGINS_PK)),
-            q.ex.n(GSI_SK),
-            q.ex.v(s(sortable_i64(before.0)))
-        );
+        let q = older_than(schema::LOGINS_PK, before);
         let mut pruned = 0;
         // The index lags; each email is read again and deleted only if
         // nothing was issued for it since (`ver` unchanged).
@@ -429,19 +416,7 @@ impl DynamoStore {
         let what = "deleting expired refresh tokens";
         let mut pruned = 0;
         for shard in 0..schema::TOKEN_SHARDS {
-            let mut q = Query {
-                index: Some(GSI),
-                forward: true,
-                limit: Some(PRUNE_BATCH),
-                ..Query::default()
-            };
-            q.key_cond = format!(
-                "{} = {} AND {} < {}",
-                q.ex.n(GSI_PK),
-                q.ex.v(s(schema::tokens_shard_pk(shard))),
-                q.ex.n(GSI_SK),
-                q.ex.v(s(sortable_i64(before.0)))
-            );
+            let q = older_than(&schema::tokens_shard_pk(shard), before);
             for it in self.query(what, q).await? {
                 let r = Rd::new(&it, "refresh token");
                 let key = crate::item::key(r.s(PK)?, r.s(SK)?);
@@ -635,4 +610,24 @@ impl DynamoStore {
         }
         Ok(out.into_iter().collect())
     }
+}
+
+/// A bounded sweep of the index partition `pk` for items whose time-first
+/// sort key is below `before`, oldest first: a backlog clears over a few
+/// maintenance rounds.
+fn older_than(pk: &str, before: Timestamp) -> Query {
+    let mut q = Query {
+        index: Some(GSI),
+        forward: true,
+        limit: Some(PRUNE_BATCH),
+        ..Query::default()
+    };
+    q.key_cond = format!(
+        "{} = {} AND {} < {}",
+        q.ex.n(GSI_PK),
+        q.ex.v(s(pk)),
+        q.ex.n(GSI_SK),
+        q.ex.v(s(sortable_i64(before.0)))
+    );
+    q
 }
