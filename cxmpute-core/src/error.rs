@@ -20,6 +20,10 @@ pub enum Error {
     /// The thing asked for does not exist (or is not visible to the caller).
     #[error("{0} not found")]
     NotFound(String),
+    /// The model named is not offered for the route called (no node serves
+    /// it, or a node does not run it).
+    #[error("model `{0}` not found")]
+    ModelNotFound(String),
     /// A create-if-absent found the thing already there.
     #[error("{0} already exists")]
     AlreadyExists(String),

@@ -254,7 +254,7 @@ impl Broker {
         let prep = services::prepare(&i.config, req.route, &req.body)?;
         tracing::Span::current().record("model", prep.model.as_str());
         if !i.pools.is_offered(prep.route.service(), &prep.model) {
-            return Err(Error::NotFound(format!("model `{}`", prep.model)));
+            return Err(Error::ModelNotFound(prep.model));
         }
         let price = i.prices.get(prep.route.service(), &prep.model);
         let amount = price.cost(prep.bound);

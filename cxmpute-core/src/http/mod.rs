@@ -84,9 +84,7 @@ pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
             "rate_limited",
         ),
         Error::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", "forbidden"),
-        Error::NotFound(what) if what.starts_with("model") => {
-            (StatusCode::NOT_FOUND, "not_found_error", "model_not_found")
-        }
+        Error::ModelNotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "model_not_found"),
         Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
         Error::AlreadyExists(_) | Error::Conflict(_) => {
             (StatusCode::CONFLICT, "conflict_error", "conflict")

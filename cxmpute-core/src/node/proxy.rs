@@ -27,7 +27,7 @@ pub(super) fn served(models: &[String], model: &str) -> Result<()> {
     if models.iter().any(|m| m == model) {
         Ok(())
     } else {
-        Err(Error::NotFound(format!("model `{model}` on this node")))
+        Err(Error::ModelNotFound(model.to_owned()))
     }
 }
 
