@@ -1222,7 +1222,8 @@ impl Accounts {
         })
     }
 
-    fn check_key_fields(
+    /// The rules every API key's fields obey, however the key is made or changed.
+    pub(crate) fn check_key_fields(
         name: Option<&str>,
         limit: Option<Credits>,
         routes: Option<&[Route]>,
@@ -1247,20 +1248,9 @@ impl Accounts {
     /// Creates an API key for the user; its secret is returned once.
     pub async fn create_key(&self, user: &User, req: CreateKeyRequest) -> Result<(ApiKey, Secret)> {
         forbidden_if_suspended(&user.suspended, "this account")?;
-        let name = req.name.as_deref().map(str::trim).unwrap_or("key");
-        Self::check_key_fields(Some(name), req.credit_limit, Some(&req.permitted_routes))?;
-        let active = self.active_keys(user).await?.len();
-        if active >= self.cfg().max_keys_per_user {
-            return Err(Error::Conflict(format!(
-                "at most {} active keys per account; revoke one first",
-                self.cfg().max_keys_per_user
-            )));
-        }
-        let mut routes = req.permitted_routes;
-        routes.sort();
-        routes.dedup();
+        let name = req.name.as_deref().unwrap_or("key");
         self.broker
-            .create_api_key(&user.id, name, req.credit_limit, routes)
+            .create_api_key(&user.id, name, req.credit_limit, req.permitted_routes)
             .await
     }
 

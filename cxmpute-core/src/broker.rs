@@ -695,8 +695,23 @@ impl Broker {
         permitted_routes: Vec<Route>,
         secret: Secret,
     ) -> Result<(ApiKey, Secret)> {
-        if credit_limit.is_some_and(Credits::is_negative) {
-            return Err(services::invalid("credit_limit must not be negative"));
+        // The one path every key is made by: the same checks for a user's
+        // own keys, an admin's and the ones made with an account.
+        let name = name.trim();
+        crate::accounts::Accounts::check_key_fields(
+            Some(name),
+            credit_limit,
+            Some(&permitted_routes),
+        )?;
+        let mut permitted_routes = permitted_routes;
+        permitted_routes.sort();
+        permitted_routes.dedup();
+        let max = self.inner.config.auth.max_keys_per_user;
+        let keys = self.inner.store.api_keys(user).await?;
+        if keys.iter().filter(|k| k.revoked_at.is_none()).count() >= max {
+            return Err(Error::Conflict(format!(
+                "at most {max} active keys per account; revoke one first"
+            )));
         }
         let key = ApiKey {
             id: ApiKeyId::generate(),
