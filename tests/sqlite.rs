@@ -1,5 +1,5 @@
-//! Durability through the host: state written through the HTTP API is all
-//! there after a clean restart on the same SQLite file.
+//! The host on SQLite, the facade's default store: state written through the
+//! HTTP API is all there after a clean restart on the same file.
 
 use std::sync::Arc;
 
