@@ -14,6 +14,7 @@ use cxmpute_core::testkit::{StandInNode, TestHost, MODEL};
 use cxmpute_core::*;
 use serde_json::{json, Value};
 
+#[path = "../cxmpute-core/tests/common/mod.rs"]
 mod common;
 use common::{
     call, expect_error, host_on, listed, request_code, sign_in, verify, ProviderApi,

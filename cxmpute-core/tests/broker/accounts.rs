@@ -6,15 +6,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use cxmpute_core::accounts::RateLimit;
 use cxmpute_core::mail::{SmtpConfig, SmtpMailer, SmtpTls};
 use cxmpute_core::testkit::{sign_in_code, SmtpSink, StandInNode, TestHost};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
 use serde_json::{json, Value};
-
-mod common;
-use common::*;
 
 // ---- sign-in through a real SMTP server ------------------------------------------
 

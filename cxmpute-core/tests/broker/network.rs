@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{listed, ProviderApi};
 use cxmpute_core::health::{BreakerState, HealthConfig};
 use cxmpute_core::pool::PoolIndex;
 use cxmpute_core::pricing::Meter;
@@ -15,9 +16,6 @@ use cxmpute_core::testkit::{
 };
 use cxmpute_core::*;
 use serde_json::{json, Value};
-
-mod common;
-use common::{listed, ProviderApi};
 
 // ---- helpers -------------------------------------------------------------------
 
