@@ -6,15 +6,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use cxmpute_core::accounts::RateLimit;
 use cxmpute_core::mail::{SmtpConfig, SmtpMailer, SmtpTls};
 use cxmpute_core::testkit::{sign_in_code, SmtpSink, StandInNode, TestHost};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
 use serde_json::{json, Value};
-
-mod accounts_common;
-use accounts_common::*;
 
 // ---- sign-in through a real SMTP server ------------------------------------------
 
@@ -560,53 +558,6 @@ async fn concurrent_first_sign_ins_create_one_account() {
         h.broker.store().provider_by_user(&id).await.unwrap().id,
         p.id
     );
-}
-
-/// The store's atomic operations are what make codes single-use, sign-ups
-/// unique and refresh tokens one-shot: the same flow on SQLite.
-#[cfg(feature = "sqlite")]
-#[tokio::test]
-async fn codes_sign_ups_and_refresh_rotation_hold_on_sqlite_too() {
-    let store = cxmpute::sqlite::SqliteStore::in_memory().await.unwrap();
-    let outbox = RecordingMailer::default();
-    let h = host_on(Arc::new(store), Arc::new(outbox.clone())).await;
-
-    let acc = h.broker.accounts();
-    let email = "lite@users.test";
-    let all = futures::future::join_all((0..8).map(|_| acc.ensure_account(email))).await;
-    let ids: HashSet<UserId> = all.into_iter().map(|u| u.unwrap().id).collect();
-    assert_eq!(ids.len(), 1);
-
-    assert_eq!(request_code(&h, email).await.status(), 202);
-    let code = outbox.last_code(email);
-    let wrong = if code == "00000000" {
-        "11111111"
-    } else {
-        "00000000"
-    };
-    for _ in 0..5 {
-        assert_eq!(verify(&h, email, wrong).await.status(), 401);
-    }
-    assert_eq!(verify(&h, email, &code).await.status(), 401);
-
-    let s1 = sign_in(&h, &outbox, email).await;
-    assert!(ids.contains(&s1.user_id));
-    let (a, b) = tokio::join!(
-        call(&h, "POST", "/v1/auth/refresh")
-            .json(json!({"refresh_token": s1.refresh_token.expose()}))
-            .send(),
-        call(&h, "POST", "/v1/auth/refresh")
-            .json(json!({"refresh_token": s1.refresh_token.expose()}))
-            .send()
-    );
-    let mut st = [a.status().as_u16(), b.status().as_u16()];
-    st.sort();
-    assert_eq!(st, [200, 401], "one refresh wins");
-    let r = call(&h, "POST", "/v1/auth/refresh")
-        .json(json!({"refresh_token": s1.refresh_token.expose()}))
-        .send()
-        .await;
-    assert_eq!(r.status(), 401);
 }
 
 // ---- the user's own account -------------------------------------------------------

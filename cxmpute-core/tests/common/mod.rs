@@ -1,5 +1,6 @@
-//! What the account tests share: a host with a mail outbox (the testkit's
-//! recording mailer), and a small request builder.
+//! What tests in several binaries share: a host with a mail outbox (the
+//! testkit's recording mailer), a small request builder, and the provider
+//! API as one provider's key sees it.
 
 // Each test binary uses a different part of this module.
 #![allow(dead_code)]
@@ -125,4 +126,57 @@ pub async fn grant(h: &TestHost, user: &UserId, credits: i64) {
         .send()
         .await;
     assert_eq!(r.status(), 200);
+}
+
+/// The provider API, as one provider's key sees it.
+pub struct ProviderApi {
+    c: reqwest::Client,
+    /// The provisions collection's URL.
+    pub base: String,
+    key: Secret,
+}
+
+impl ProviderApi {
+    pub fn new(h: &TestHost, key: &Secret) -> Self {
+        ProviderApi {
+            c: reqwest::Client::new(),
+            base: format!("{}/v1/provider/provisions", h.url),
+            key: key.clone(),
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut r = self
+            .c
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(self.key.expose());
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send().await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.c
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(self.key.expose())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.c
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(self.key.expose())
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// The provider's nodes, as it lists them.
+pub async fn listed(a: &ProviderApi) -> usize {
+    let v: Value = a.get("").await.json().await.unwrap();
+    v.as_array().unwrap().len()
 }

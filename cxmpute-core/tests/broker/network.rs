@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{listed, ProviderApi};
 use cxmpute_core::health::{BreakerState, HealthConfig};
 use cxmpute_core::pool::PoolIndex;
 use cxmpute_core::pricing::Meter;
@@ -34,52 +35,6 @@ async fn chat_status(h: &TestHost, key: &Secret, model: &str) -> reqwest::Status
 
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
-}
-
-/// The provider API, as one provider's key sees it.
-struct ProviderApi {
-    c: reqwest::Client,
-    base: String,
-    key: Secret,
-}
-
-impl ProviderApi {
-    fn new(h: &TestHost, key: &Secret) -> Self {
-        ProviderApi {
-            c: reqwest::Client::new(),
-            base: format!("{}/v1/provider/provisions", h.url),
-            key: key.clone(),
-        }
-    }
-
-    async fn post(&self, path: &str, body: Option<Value>) -> reqwest::Response {
-        let mut r = self
-            .c
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(self.key.expose());
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        r.send().await.unwrap()
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.c
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(self.key.expose())
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn delete(&self, path: &str) -> reqwest::Response {
-        self.c
-            .delete(format!("{}{path}", self.base))
-            .bearer_auth(self.key.expose())
-            .send()
-            .await
-            .unwrap()
-    }
 }
 
 fn breaker(h: &TestHost, id: &ProvisionId) -> BreakerState {
@@ -375,12 +330,6 @@ fn services(prefix: &str, n: usize) -> Value {
         .collect()
 }
 
-/// The provider's nodes, as it lists them.
-async fn listed(a: &ProviderApi) -> usize {
-    let v: Value = a.get("").await.json().await.unwrap();
-    v.as_array().unwrap().len()
-}
-
 #[tokio::test]
 async fn a_node_may_serve_at_most_the_cap_of_models_on_every_path() {
     let h = host_with(|b| b).await;
@@ -435,70 +384,6 @@ async fn a_node_may_serve_at_most_the_cap_of_models_on_every_path() {
         {"service": "embeddings", "model": "all-minilm"}]});
     let m = expect_error(a.post(&path, Some(ready)).await, 400, "invalid_request").await;
     assert!(m.contains("at most 2"), "{m}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_provider_may_hold_at_most_the_cap_of_nodes_even_registering_all_at_once() {
-    // On SQLite, where registrations running at once interleave in the store.
-    let path =
-        std::env::temp_dir().join(format!("cxmpute-node-cap-{}.db", secret::random_token(12)));
-    let store = Arc::new(cxmpute::sqlite::SqliteStore::open(&path).await.unwrap());
-    let h = TestHost::start(store.clone()).await;
-    let (_, key) = h.provider().await;
-    let a = ProviderApi::new(&h, &key);
-
-    // Forty registrations at once: never more than the cap get in, and each
-    // refusal says why.
-    let all = futures::future::join_all((0..40).map(|_| a.post("", Some(json!({}))))).await;
-    let mut admitted = 0;
-    for r in all {
-        if r.status() == 200 {
-            admitted += 1;
-        } else {
-            let m = expect_error(r, 403, "forbidden").await;
-            assert!(m.contains("at most 32"), "{m}");
-        }
-    }
-    assert!(admitted <= 32, "{admitted} nodes admitted");
-    assert_eq!(listed(&a).await, admitted);
-
-    // One at a time up to the cap, then refused; ended nodes still count
-    // (they are kept and may start again).
-    for _ in admitted..32 {
-        assert_eq!(a.post("", Some(json!({}))).await.status(), 200);
-    }
-    let ids: Vec<String> = a
-        .get("")
-        .await
-        .json::<Value>()
-        .await
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["provision_id"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(ids.len(), 32);
-    assert_eq!(
-        a.post(&format!("/{}/end", ids[0]), None).await.status(),
-        204
-    );
-    let m = expect_error(a.post("", Some(json!({}))).await, 403, "forbidden").await;
-    assert!(m.contains("at most 32"), "{m}");
-    assert_eq!(listed(&a).await, 32);
-
-    // Another provider is not affected; deleting a node makes room.
-    let (_, other) = h.provider().await;
-    let b = ProviderApi::new(&h, &other);
-    assert_eq!(b.post("", Some(json!({}))).await.status(), 200);
-    assert_eq!(a.delete(&format!("/{}", ids[0])).await.status(), 204);
-    assert_eq!(a.post("", Some(json!({}))).await.status(), 200);
-    assert_eq!(listed(&a).await, 32);
-    drop(h);
-    store.close().await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
 }
 
 #[tokio::test]

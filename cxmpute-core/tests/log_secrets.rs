@@ -4,11 +4,11 @@
 //! test's thread, and tracing's per-callsite interest cache can race with
 //! other tests' threads registering the same callsites in one process.
 
-mod accounts_common;
+mod common;
 
 use std::sync::{Arc, Mutex};
 
-use accounts_common::*;
+use common::*;
 use cxmpute_core::testkit::StandInNode;
 use cxmpute_core::wire::*;
 use serde_json::json;

@@ -1,0 +1,27 @@
+//! Core's tests over real sockets, as one test binary: a host on loopback,
+//! stand-in nodes, a real browser, SMTP and OpenAPI tools when the test
+//! script provides them. Each module was once a binary of its own; one
+//! binary links once instead of once per file.
+//!
+//! Tests that change process-wide state (environment variables, tracing's
+//! callsite cache) are binaries of their own beside this one.
+
+// Shared with the other test binaries of core, and the root's SQLite tests.
+#[path = "../common/mod.rs"]
+mod common;
+
+mod accounts;
+mod authz;
+mod dashboard;
+mod gateway;
+mod hostile;
+mod metrics;
+mod network;
+#[cfg(feature = "node")]
+mod node;
+mod openapi;
+mod serve;
+#[cfg(feature = "node")]
+mod services;
+mod stats;
+mod store_calls;

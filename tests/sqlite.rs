@@ -1,0 +1,221 @@
+//! The host on SQLite, the facade's default store: state written through the
+//! HTTP API is all there after a clean restart on the same file, and flows
+//! whose correctness rests on the store's atomic operations hold where calls
+//! running at once really interleave.
+//!
+//! Here rather than beside core's tests because core does not depend on a
+//! store crate; the helpers are core's tests' own.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use cxmpute::sqlite::SqliteStore;
+use cxmpute_core::testkit::{StandInNode, TestHost, MODEL};
+use cxmpute_core::*;
+use serde_json::{json, Value};
+
+#[path = "../cxmpute-core/tests/common/mod.rs"]
+mod common;
+use common::{
+    call, expect_error, host_on, listed, request_code, sign_in, verify, ProviderApi,
+    RecordingMailer,
+};
+
+fn temp_db() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("cxmpute-restart-{}.db", secret::random_token(12)))
+}
+
+/// A streamed chat call, read to its end (a stream is settled before its body ends).
+async fn chat(h: &TestHost, key: &Secret) -> reqwest::StatusCode {
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(key.expose())
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    r.bytes().await.unwrap();
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_written_through_the_host_survives_a_clean_restart() {
+    let path = temp_db();
+    let node = StandInNode::start("a").await;
+
+    // First life: a user, a provider with a node, credits, calls, stats.
+    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    let (user, key) = h.user(Credits::whole(3)).await;
+    h.broker
+        .grant_credits(&user.id, Credits::whole(2), "admin", "welcome")
+        .await
+        .unwrap();
+    let (provider, provider_key) = h.provider().await;
+    let node_id = h.add_node(&provider, &node, Service::Chat, MODEL).await;
+    for _ in 0..3 {
+        assert_eq!(chat(&h, &key).await, 200);
+    }
+    h.broker.shutdown().await.unwrap();
+    let before_user = h.broker.store().user(&user.id).await.unwrap();
+    let before_provider = h.broker.store().provider(&provider.id).await.unwrap();
+    let before_totals = h.broker.store().ledger_totals().await.unwrap();
+    let before_usage = h.broker.store().usage_records(&user.id, 10).await.unwrap();
+    let day = h.clock.now().day();
+    let before_stats = h
+        .broker
+        .store()
+        .stats(&format!("user:{}", user.id), day, day)
+        .await
+        .unwrap();
+    assert_eq!(before_usage.len(), 3);
+    assert_eq!(before_totals.settlements, 3);
+    assert!(!before_stats.is_empty());
+    drop(h);
+    store.close().await;
+    drop(store);
+
+    // Second life on the same file.
+    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    let s = h.broker.store();
+    assert_eq!(s.user(&user.id).await.unwrap(), before_user);
+    assert_eq!(s.provider(&provider.id).await.unwrap(), before_provider);
+    assert_eq!(s.ledger_totals().await.unwrap(), before_totals);
+    assert_eq!(s.usage_records(&user.id, 10).await.unwrap(), before_usage);
+    assert_eq!(
+        s.stats(&format!("user:{}", user.id), day, day)
+            .await
+            .unwrap(),
+        before_stats
+    );
+    assert_eq!(s.credit_grants(&user.id).await.unwrap().len(), 1);
+    assert_eq!(
+        s.provision(&node_id).await.unwrap().provider_id,
+        provider.id
+    );
+    // The keys still work, and the node is routable again without re-registering.
+    assert!(h
+        .broker
+        .authenticate_provider(Some(&provider_key))
+        .await
+        .is_ok());
+    assert_eq!(chat(&h, &key).await, 200);
+    assert_eq!(s.ledger_totals().await.unwrap().settlements, 4);
+    drop(h);
+    store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+/// The store's atomic operations are what make codes single-use, sign-ups
+/// unique and refresh tokens one-shot: the same flow on SQLite.
+#[tokio::test]
+async fn codes_sign_ups_and_refresh_rotation_hold_on_sqlite_too() {
+    let store = cxmpute::sqlite::SqliteStore::in_memory().await.unwrap();
+    let outbox = RecordingMailer::default();
+    let h = host_on(Arc::new(store), Arc::new(outbox.clone())).await;
+
+    let acc = h.broker.accounts();
+    let email = "lite@users.test";
+    let all = futures::future::join_all((0..8).map(|_| acc.ensure_account(email))).await;
+    let ids: HashSet<UserId> = all.into_iter().map(|u| u.unwrap().id).collect();
+    assert_eq!(ids.len(), 1);
+
+    assert_eq!(request_code(&h, email).await.status(), 202);
+    let code = outbox.last_code(email);
+    let wrong = if code == "00000000" {
+        "11111111"
+    } else {
+        "00000000"
+    };
+    for _ in 0..5 {
+        assert_eq!(verify(&h, email, wrong).await.status(), 401);
+    }
+    assert_eq!(verify(&h, email, &code).await.status(), 401);
+
+    let s1 = sign_in(&h, &outbox, email).await;
+    assert!(ids.contains(&s1.user_id));
+    let (a, b) = tokio::join!(
+        call(&h, "POST", "/v1/auth/refresh")
+            .json(json!({"refresh_token": s1.refresh_token.expose()}))
+            .send(),
+        call(&h, "POST", "/v1/auth/refresh")
+            .json(json!({"refresh_token": s1.refresh_token.expose()}))
+            .send()
+    );
+    let mut st = [a.status().as_u16(), b.status().as_u16()];
+    st.sort();
+    assert_eq!(st, [200, 401], "one refresh wins");
+    let r = call(&h, "POST", "/v1/auth/refresh")
+        .json(json!({"refresh_token": s1.refresh_token.expose()}))
+        .send()
+        .await;
+    assert_eq!(r.status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_may_hold_at_most_the_cap_of_nodes_even_registering_all_at_once() {
+    // On SQLite, where registrations running at once interleave in the store.
+    let path =
+        std::env::temp_dir().join(format!("cxmpute-node-cap-{}.db", secret::random_token(12)));
+    let store = Arc::new(cxmpute::sqlite::SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    let (_, key) = h.provider().await;
+    let a = ProviderApi::new(&h, &key);
+
+    // Forty registrations at once: never more than the cap get in, and each
+    // refusal says why.
+    let all = futures::future::join_all((0..40).map(|_| a.post("", Some(json!({}))))).await;
+    let mut admitted = 0;
+    for r in all {
+        if r.status() == 200 {
+            admitted += 1;
+        } else {
+            let m = expect_error(r, 403, "forbidden").await;
+            assert!(m.contains("at most 32"), "{m}");
+        }
+    }
+    assert!(admitted <= 32, "{admitted} nodes admitted");
+    assert_eq!(listed(&a).await, admitted);
+
+    // One at a time up to the cap, then refused; ended nodes still count
+    // (they are kept and may start again).
+    for _ in admitted..32 {
+        assert_eq!(a.post("", Some(json!({}))).await.status(), 200);
+    }
+    let ids: Vec<String> = a
+        .get("")
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["provision_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 32);
+    assert_eq!(
+        a.post(&format!("/{}/end", ids[0]), None).await.status(),
+        204
+    );
+    let m = expect_error(a.post("", Some(json!({}))).await, 403, "forbidden").await;
+    assert!(m.contains("at most 32"), "{m}");
+    assert_eq!(listed(&a).await, 32);
+
+    // Another provider is not affected; deleting a node makes room.
+    let (_, other) = h.provider().await;
+    let b = ProviderApi::new(&h, &other);
+    assert_eq!(b.post("", Some(json!({}))).await.status(), 200);
+    assert_eq!(a.delete(&format!("/{}", ids[0])).await.status(), 204);
+    assert_eq!(a.post("", Some(json!({}))).await.status(), 200);
+    assert_eq!(listed(&a).await, 32);
+    drop(h);
+    store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
