@@ -84,6 +84,10 @@ struct Args {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long, env = "CXMPUTE_LOG_JSON")]
     log_json: bool,
+    /// What to log, as a tracing filter (`info`, `warn`, `cxmpute_core=debug,info`, ...);
+    /// `info` writes a line per call.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
     /// Seconds a request's head (request line and headers) may take to arrive.
     #[arg(long, env = "CXMPUTE_HEADER_READ_TIMEOUT_SECS",
           default_value_t = ServeConfig::default().header_read_timeout.as_secs())]
@@ -165,15 +169,25 @@ fn stored_session_secret(args: &Args) -> Result<Option<Secret>, BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The log must not slow calls down: lines go to a background writer
+    // thread (a line that finds its queue full is dropped, not waited for),
+    // as plain text unless stdout is a terminal. The guard flushes at exit.
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .map_err(|e| format!("bad --log filter `{}`: {e}", args.log))?;
+    let (writer, _log_guard) = tracing_appender::non_blocking(std::io::stdout());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     if args.log_json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
+            .with_writer(writer)
             .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(ansi)
+            .with_writer(writer)
+            .init();
     }
 
     let store = open_store(&args)
