@@ -17,19 +17,16 @@
 //! | `GET`/`PUT /v1/admin/prices` | prices per service and model |
 //! | `GET`/`POST /v1/admin/notifications`, `PUT`/`DELETE /v1/admin/notifications/{id}` | notifications |
 
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Json;
-use bytes::Bytes;
 use serde::Deserialize;
 
-use super::account::credentials;
+use super::extract::{Admin, Body, Path, Query};
 use super::Routes;
-use super::{json_body, ok, ApiResult};
-use super::{path_param, query};
+use super::{ok, ApiResult};
 use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;
@@ -65,10 +62,6 @@ pub(super) fn routes() -> Routes {
         )
 }
 
-async fn admin(b: &Broker, h: &HeaderMap) -> ApiResult<User> {
-    Ok(b.accounts().admin(&credentials(h)).await?)
-}
-
 #[utoipa::path(
     post,
     path = "/v1/admin/users",
@@ -79,12 +72,10 @@ async fn admin(b: &Broker, h: &HeaderMap) -> ApiResult<User> {
     responses((status = 200, description = "The user and its key", body = CreateUserResponse), super::openapi::Refusals)
 )]
 async fn create_user(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<CreateUserRequest>,
 ) -> ApiResult<Response> {
-    admin(&b, &h).await?;
-    let req: CreateUserRequest = json_body(body)?;
     let (user, key, secret) = b.create_user(&req.email, req.credits, false).await?;
     let out = CreateUserResponse {
         user_id: user.id,
@@ -116,12 +107,10 @@ fn fifty() -> usize {
     responses((status = 200, description = "Accounts", body = Vec<AdminUserView>), super::openapi::Refusals)
 )]
 async fn search_users(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    q: Result<Query<SearchQuery>, QueryRejection>,
+    Query(q): Query<SearchQuery>,
 ) -> ApiResult<Json<Vec<AdminUserView>>> {
-    admin(&b, &h).await?;
-    let q = query(q)?;
     ok(b.accounts().search_accounts(&q.q, q.limit).await?)
 }
 
@@ -135,12 +124,11 @@ async fn search_users(
     responses((status = 200, description = "The user", body = AdminUserDetail), super::openapi::Refusals)
 )]
 async fn user_detail(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<Json<AdminUserDetail>> {
-    admin(&b, &h).await?;
-    let id = UserId::new(path_param(id)?);
+    let id = UserId::new(id);
     ok(b.accounts().user_detail(&id).await?)
 }
 
@@ -155,14 +143,12 @@ async fn user_detail(
     responses((status = 200, description = "The new balance", body = BalanceResponse), super::openapi::Refusals)
 )]
 async fn grant_credits(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<GrantCreditsRequest>,
 ) -> ApiResult<Json<BalanceResponse>> {
-    let admin = admin(&b, &h).await?;
-    let user_id = UserId::new(path_param(id)?);
-    let req: GrantCreditsRequest = json_body(body)?;
+    let user_id = UserId::new(id);
     let credits = b
         .grant_credits(&user_id, req.amount, admin.id.as_str(), &req.reason)
         .await?;
@@ -180,14 +166,12 @@ async fn grant_credits(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn suspend_user(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<SuspendRequest>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = UserId::new(path_param(id)?);
-    let req: SuspendRequest = json_body(body)?;
+    let id = UserId::new(id);
     b.accounts().suspend_user(&admin, &id, &req.reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -202,12 +186,11 @@ async fn suspend_user(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn unsuspend_user(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = UserId::new(path_param(id)?);
+    let id = UserId::new(id);
     b.accounts().unsuspend_user(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -222,12 +205,10 @@ async fn unsuspend_user(
     responses((status = 200, description = "The provider and its key", body = CreateProviderResponse), super::openapi::Refusals)
 )]
 async fn create_provider(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<CreateProviderRequest>,
 ) -> ApiResult<Json<CreateProviderResponse>> {
-    admin(&b, &h).await?;
-    let req: CreateProviderRequest = json_body(body)?;
     let (p, secret) = b.create_provider(&req.email, None).await?;
     ok(CreateProviderResponse {
         provider_id: p.id,
@@ -245,12 +226,11 @@ async fn create_provider(
     responses((status = 200, description = "The provider", body = AdminProviderView), super::openapi::Refusals)
 )]
 async fn provider_detail(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<Json<AdminProviderView>> {
-    admin(&b, &h).await?;
-    let id = ProviderId::new(path_param(id)?);
+    let id = ProviderId::new(id);
     ok(b.accounts().provider_detail(&id).await?)
 }
 
@@ -265,14 +245,12 @@ async fn provider_detail(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn suspend_provider(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<SuspendRequest>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = ProviderId::new(path_param(id)?);
-    let req: SuspendRequest = json_body(body)?;
+    let id = ProviderId::new(id);
     b.accounts()
         .suspend_provider(&admin, &id, &req.reason)
         .await?;
@@ -289,12 +267,11 @@ async fn suspend_provider(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn unsuspend_provider(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = ProviderId::new(path_param(id)?);
+    let id = ProviderId::new(id);
     b.accounts().unsuspend_provider(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -307,11 +284,7 @@ async fn unsuspend_provider(
     security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
     responses((status = 200, description = "Nodes", body = Vec<AdminProvisionView>), super::openapi::Refusals)
 )]
-async fn provisions(
-    State(b): State<Broker>,
-    h: HeaderMap,
-) -> ApiResult<Json<Vec<AdminProvisionView>>> {
-    admin(&b, &h).await?;
+async fn provisions(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<AdminProvisionView>>> {
     ok(b.accounts().all_provisions().await?)
 }
 
@@ -325,12 +298,11 @@ async fn provisions(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn disconnect(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = ProvisionId::new(path_param(id)?);
+    let id = ProvisionId::new(id);
     b.accounts().disconnect_provision(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -345,12 +317,10 @@ async fn disconnect(
     responses((status = 200, description = "The price stored", body = PriceEntry), super::openapi::Refusals)
 )]
 async fn put_price(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(price): Body<PriceEntry>,
 ) -> ApiResult<Json<PriceEntry>> {
-    admin(&b, &h).await?;
-    let price: PriceEntry = json_body(body)?;
     b.put_price(price.clone()).await?;
     ok(price)
 }
@@ -363,8 +333,7 @@ async fn put_price(
     security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
     responses((status = 200, description = "Prices", body = Vec<PriceEntry>), super::openapi::Refusals)
 )]
-async fn prices(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<PriceEntry>>> {
-    admin(&b, &h).await?;
+async fn prices(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<PriceEntry>>> {
     ok(b.prices().all())
 }
 
@@ -376,11 +345,7 @@ async fn prices(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<Pri
     security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
     responses((status = 200, description = "Notifications", body = Vec<Notification>), super::openapi::Refusals)
 )]
-async fn notifications(
-    State(b): State<Broker>,
-    h: HeaderMap,
-) -> ApiResult<Json<Vec<Notification>>> {
-    admin(&b, &h).await?;
+async fn notifications(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<Notification>>> {
     ok(b.accounts().notifications().await?)
 }
 
@@ -394,12 +359,10 @@ async fn notifications(
     responses((status = 201, description = "The notification", body = Notification), super::openapi::Refusals)
 )]
 async fn create_notification(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<NotificationRequest>,
 ) -> ApiResult<Response> {
-    admin(&b, &h).await?;
-    let req: NotificationRequest = json_body(body)?;
     let n = b.accounts().put_notification(None, req).await?;
     Ok((StatusCode::CREATED, Json(n)).into_response())
 }
@@ -415,14 +378,12 @@ async fn create_notification(
     responses((status = 200, description = "The notification", body = Notification), super::openapi::Refusals)
 )]
 async fn replace_notification(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<NotificationRequest>,
 ) -> ApiResult<Json<Notification>> {
-    admin(&b, &h).await?;
-    let id = NotificationId::new(path_param(id)?);
-    let req: NotificationRequest = json_body(body)?;
+    let id = NotificationId::new(id);
     ok(b.accounts().put_notification(Some(id), req).await?)
 }
 
@@ -436,12 +397,11 @@ async fn replace_notification(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn delete_notification(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    admin(&b, &h).await?;
-    let id = NotificationId::new(path_param(id)?);
+    let id = NotificationId::new(id);
     b.accounts().delete_notification(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
