@@ -18,9 +18,10 @@
 //! | `GET`/`POST /v1/admin/notifications`, `PUT`/`DELETE /v1/admin/notifications/{id}` | notifications |
 
 use axum::extract::State;
+use axum::handler::Handler;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::MethodRouter;
 use axum::Json;
 use serde::Deserialize;
 
@@ -31,9 +32,11 @@ use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;
 
-/// The admin routes.
+/// The admin routes. The table takes only handlers whose first argument is
+/// [`Admin`] (see [`AdminHandler`]): an admin route that forgets to authorize
+/// does not compile.
 pub(super) fn routes() -> Routes {
-    Routes::new()
+    AdminRoutes(Routes::new())
         .route("/v1/admin/users", post(create_user).get(search_users))
         .route("/v1/admin/users/{id}", get(user_detail))
         .route("/v1/admin/users/{id}/credits", post(grant_credits))
@@ -47,10 +50,7 @@ pub(super) fn routes() -> Routes {
             post(unsuspend_provider),
         )
         .route("/v1/admin/provisions", get(provisions))
-        .route(
-            "/v1/admin/provisions/{id}",
-            axum::routing::delete(disconnect),
-        )
+        .route("/v1/admin/provisions/{id}", delete(disconnect))
         .route("/v1/admin/prices", put(put_price).get(prices))
         .route(
             "/v1/admin/notifications",
@@ -60,7 +60,57 @@ pub(super) fn routes() -> Routes {
             "/v1/admin/notifications/{id}",
             put(replace_notification).delete(delete_notification),
         )
+        .0
 }
+
+/// A handler whose first argument is [`Admin`]: the admin check runs before
+/// anything else of the request is read. `T` is axum's list of a handler's
+/// extractors (the first item is axum's marker for the last one).
+trait AdminHandler<T>: Handler<T, Broker> {}
+
+macro_rules! admin_handler {
+    ($($rest:ident),*) => {
+        impl<H, M, $($rest,)*> AdminHandler<(M, Admin, $($rest,)*)> for H where
+            H: Handler<(M, Admin, $($rest,)*), Broker>
+        {
+        }
+    };
+}
+admin_handler!();
+admin_handler!(T2);
+admin_handler!(T2, T3);
+admin_handler!(T2, T3, T4);
+
+/// The admin route table: like [`Routes`], but its routes are
+/// [`AdminMethods`] only.
+struct AdminRoutes(Routes);
+
+impl AdminRoutes {
+    fn route(self, path: &str, methods: AdminMethods) -> Self {
+        AdminRoutes(self.0.route(path, methods.0))
+    }
+}
+
+/// A method router whose every handler is an [`AdminHandler`].
+struct AdminMethods(MethodRouter<Broker>);
+
+macro_rules! admin_methods {
+    ($($method:ident),*) => {
+        impl AdminMethods {
+            $(
+                fn $method<H: AdminHandler<T>, T: 'static>(self, h: H) -> Self {
+                    AdminMethods(self.0.$method(h))
+                }
+            )*
+        }
+        $(
+            fn $method<H: AdminHandler<T>, T: 'static>(h: H) -> AdminMethods {
+                AdminMethods(MethodRouter::new()).$method(h)
+            }
+        )*
+    };
+}
+admin_methods!(get, post, put, delete);
 
 #[utoipa::path(
     post,
