@@ -1,8 +1,10 @@
 //! The extractors every handler takes its inputs through: bodies, paths and
 //! queries that reject with our [`ApiError`] (OpenAI's error JSON), and the
-//! caller ([`Admin`], [`ProviderKey`], [`ProviderAccount`], [`SessionUser`]),
-//! authenticated before the handler runs. A handler that does not name its
-//! caller in its signature has none: there is no other way to get one.
+//! caller ([`Admin`], [`ProviderKey`], [`ProviderAccount`], [`SessionUser`],
+//! [`KeyOrSession`]), authenticated before the handler runs. Handlers name
+//! their caller in their signature rather than checking credentials in their
+//! body, and the admin route table accepts only handlers that take [`Admin`]
+//! first (see `admin::AdminHandler`).
 //!
 //! Caller extractors go first in a handler's arguments, so a caller who may
 //! not call is refused before the path, query or body is looked at.
