@@ -17,17 +17,16 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
 use axum::{Extension, Json};
-use bytes::Bytes;
 use serde::Deserialize;
 
+use super::extract::{Body, OptionalBody, Path, Query, SessionUser};
 use super::Routes;
-use super::{bearer, json_body, no_store, ok, optional_json_body, path_param, query};
+use super::{bearer, no_store, ok};
 use super::{ApiError, ApiResult};
 use crate::accounts::{Credentials, Refused, SessionTokens};
 use crate::broker::Broker;
@@ -167,9 +166,8 @@ async fn request_code(
     State(b): State<Broker>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<RequestCodeRequest>,
 ) -> ApiResult<Response> {
-    let req: RequestCodeRequest = json_body(body)?;
     let client = client_ip(&b, &h, peer.map(|Extension(ConnectInfo(a))| a));
     if let Err(r) = b.accounts().issue_code(&req.email, client).await {
         return Ok(refused(r));
@@ -191,20 +189,15 @@ async fn request_code(
 )]
 async fn verify(
     State(b): State<Broker>,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<VerifyCodeRequest>,
 ) -> ApiResult<Response> {
-    let req: VerifyCodeRequest = json_body(body)?;
     let t = b.accounts().verify_code(&req.email, &req.code).await?;
     Ok(session_answer(&b, &t))
 }
 
 /// The refresh token from the body, else from the cookie. An empty body is fine.
-fn refresh_token(
-    h: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Option<Secret>, Error> {
-    let from_body = optional_json_body::<RefreshRequest>(body)?.refresh_token;
-    Ok(from_body.or_else(|| cookie(h, REFRESH_COOKIE)))
+fn refresh_token(h: &HeaderMap, body: RefreshRequest) -> Option<Secret> {
+    body.refresh_token.or_else(|| cookie(h, REFRESH_COOKIE))
 }
 
 #[utoipa::path(
@@ -218,9 +211,9 @@ fn refresh_token(
 async fn refresh(
     State(b): State<Broker>,
     h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    OptionalBody(body): OptionalBody<RefreshRequest>,
 ) -> ApiResult<Response> {
-    let token = refresh_token(&h, body)?.ok_or_else(|| {
+    let token = refresh_token(&h, body).ok_or_else(|| {
         Error::Unauthorized("send the refresh token in the body or its cookie".into())
     })?;
     match b.accounts().refresh_session(&token).await {
@@ -240,9 +233,9 @@ async fn refresh(
 async fn logout(
     State(b): State<Broker>,
     h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    OptionalBody(body): OptionalBody<RefreshRequest>,
 ) -> ApiResult<Response> {
-    let token = refresh_token(&h, body)?;
+    let token = refresh_token(&h, body);
     let creds = credentials(&h);
     b.accounts()
         .logout(token.as_ref(), creds.access_token())
@@ -262,10 +255,12 @@ async fn logout(
     security(("session" = []), ("session_cookie" = [])),
     responses((status = 200, description = "The account", body = MeResponse), super::openapi::Refusals)
 )]
-async fn me(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<MeResponse>> {
+async fn me(
+    SessionUser(user): SessionUser,
+    State(b): State<Broker>,
+) -> ApiResult<Json<MeResponse>> {
     let a = b.accounts();
-    let s = a.session(&credentials(&h)).await?;
-    ok(a.me(&s.user).await?)
+    ok(a.me(&user).await?)
 }
 
 #[derive(Deserialize)]
@@ -288,14 +283,12 @@ fn thirty() -> u32 {
     responses((status = 200, description = "Usage per day and per service", body = UsageResponse), super::openapi::Refusals)
 )]
 async fn usage(
+    SessionUser(user): SessionUser,
     State(b): State<Broker>,
-    h: HeaderMap,
-    q: Result<Query<UsageQuery>, QueryRejection>,
+    Query(q): Query<UsageQuery>,
 ) -> ApiResult<Json<UsageResponse>> {
     let a = b.accounts();
-    let s = a.session(&credentials(&h)).await?;
-    let q = query(q)?;
-    ok(a.usage(&s.user, q.days).await?)
+    ok(a.usage(&user, q.days).await?)
 }
 
 #[utoipa::path(
@@ -306,10 +299,12 @@ async fn usage(
     security(("session" = []), ("session_cookie" = [])),
     responses((status = 200, description = "The keys", body = Vec<ApiKeyView>), super::openapi::Refusals)
 )]
-async fn list_keys(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<ApiKeyView>>> {
+async fn list_keys(
+    SessionUser(user): SessionUser,
+    State(b): State<Broker>,
+) -> ApiResult<Json<Vec<ApiKeyView>>> {
     let a = b.accounts();
-    let s = a.session(&credentials(&h)).await?;
-    ok(a.active_keys(&s.user)
+    ok(a.active_keys(&user)
         .await?
         .iter()
         .map(ApiKeyView::from)
@@ -326,14 +321,12 @@ async fn list_keys(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<
     responses((status = 201, description = "The key and its secret", body = CreateKeyResponse), super::openapi::Refusals)
 )]
 async fn create_key(
+    SessionUser(user): SessionUser,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<CreateKeyRequest>,
 ) -> ApiResult<Response> {
     let a = b.accounts();
-    let s = a.session(&credentials(&h)).await?;
-    let req: CreateKeyRequest = json_body(body)?;
-    let (key, secret) = a.create_key(&s.user, req).await?;
+    let (key, secret) = a.create_key(&user, req).await?;
     let out = CreateKeyResponse {
         key: ApiKeyView::from(&key),
         api_key: secret,
@@ -354,16 +347,14 @@ async fn create_key(
     responses((status = 200, description = "The key", body = ApiKeyView), super::openapi::Refusals)
 )]
 async fn update_key(
+    SessionUser(user): SessionUser,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<UpdateKeyRequest>,
 ) -> ApiResult<Json<ApiKeyView>> {
     let a = b.accounts();
-    let s = a.session(&credentials(&h)).await?;
-    let id = ApiKeyId::new(path_param(id)?);
-    let req: UpdateKeyRequest = json_body(body)?;
-    let key = a.update_key(&s.user, &id, req).await?;
+    let id = ApiKeyId::new(id);
+    let key = a.update_key(&user, &id, req).await?;
     ok(ApiKeyView::from(&key))
 }
 
@@ -377,14 +368,13 @@ async fn update_key(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn revoke_key(
+    SessionUser(user): SessionUser,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let a = b.accounts();
-    let s = a.session(&credentials(&h)).await?;
-    let id = ApiKeyId::new(path_param(id)?);
-    a.revoke_key(&s.user, &id).await?;
+    let id = ApiKeyId::new(id);
+    a.revoke_key(&user, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -404,9 +394,8 @@ struct PlacementQuery {
 )]
 async fn active_notifications(
     State(b): State<Broker>,
-    q: Result<Query<PlacementQuery>, QueryRejection>,
+    Query(q): Query<PlacementQuery>,
 ) -> ApiResult<Json<Vec<Notification>>> {
-    let q = query(q)?;
     ok(b.accounts().active_notifications(q.placement).await?)
 }
 

@@ -17,26 +17,26 @@
 //! | `GET`/`PUT /v1/admin/prices` | prices per service and model |
 //! | `GET`/`POST /v1/admin/notifications`, `PUT`/`DELETE /v1/admin/notifications/{id}` | notifications |
 
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::handler::Handler;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::MethodRouter;
 use axum::Json;
-use bytes::Bytes;
 use serde::Deserialize;
 
-use super::account::credentials;
+use super::extract::{Admin, Body, Path, Query};
 use super::Routes;
-use super::{json_body, ok, ApiResult};
-use super::{path_param, query};
+use super::{ok, ApiResult};
 use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;
 
-/// The admin routes.
+/// The admin routes. The table takes only handlers whose first argument is
+/// [`Admin`] (see [`AdminHandler`]): an admin route that forgets to authorize
+/// does not compile.
 pub(super) fn routes() -> Routes {
-    Routes::new()
+    AdminRoutes(Routes::new())
         .route("/v1/admin/users", post(create_user).get(search_users))
         .route("/v1/admin/users/{id}", get(user_detail))
         .route("/v1/admin/users/{id}/credits", post(grant_credits))
@@ -50,10 +50,7 @@ pub(super) fn routes() -> Routes {
             post(unsuspend_provider),
         )
         .route("/v1/admin/provisions", get(provisions))
-        .route(
-            "/v1/admin/provisions/{id}",
-            axum::routing::delete(disconnect),
-        )
+        .route("/v1/admin/provisions/{id}", delete(disconnect))
         .route("/v1/admin/prices", put(put_price).get(prices))
         .route(
             "/v1/admin/notifications",
@@ -63,11 +60,57 @@ pub(super) fn routes() -> Routes {
             "/v1/admin/notifications/{id}",
             put(replace_notification).delete(delete_notification),
         )
+        .0
 }
 
-async fn admin(b: &Broker, h: &HeaderMap) -> ApiResult<User> {
-    Ok(b.accounts().admin(&credentials(h)).await?)
+/// A handler whose first argument is [`Admin`]: the admin check runs before
+/// anything else of the request is read. `T` is axum's list of a handler's
+/// extractors (the first item is axum's marker for the last one).
+trait AdminHandler<T>: Handler<T, Broker> {}
+
+macro_rules! admin_handler {
+    ($($rest:ident),*) => {
+        impl<H, M, $($rest,)*> AdminHandler<(M, Admin, $($rest,)*)> for H where
+            H: Handler<(M, Admin, $($rest,)*), Broker>
+        {
+        }
+    };
 }
+admin_handler!();
+admin_handler!(T2);
+admin_handler!(T2, T3);
+admin_handler!(T2, T3, T4);
+
+/// The admin route table: like [`Routes`], but its routes are
+/// [`AdminMethods`] only.
+struct AdminRoutes(Routes);
+
+impl AdminRoutes {
+    fn route(self, path: &str, methods: AdminMethods) -> Self {
+        AdminRoutes(self.0.route(path, methods.0))
+    }
+}
+
+/// A method router whose every handler is an [`AdminHandler`].
+struct AdminMethods(MethodRouter<Broker>);
+
+macro_rules! admin_methods {
+    ($($method:ident),*) => {
+        impl AdminMethods {
+            $(
+                fn $method<H: AdminHandler<T>, T: 'static>(self, h: H) -> Self {
+                    AdminMethods(self.0.$method(h))
+                }
+            )*
+        }
+        $(
+            fn $method<H: AdminHandler<T>, T: 'static>(h: H) -> AdminMethods {
+                AdminMethods(MethodRouter::new()).$method(h)
+            }
+        )*
+    };
+}
+admin_methods!(get, post, put, delete);
 
 #[utoipa::path(
     post,
@@ -79,12 +122,10 @@ async fn admin(b: &Broker, h: &HeaderMap) -> ApiResult<User> {
     responses((status = 200, description = "The user and its key", body = CreateUserResponse), super::openapi::Refusals)
 )]
 async fn create_user(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<CreateUserRequest>,
 ) -> ApiResult<Response> {
-    admin(&b, &h).await?;
-    let req: CreateUserRequest = json_body(body)?;
     let (user, key, secret) = b.create_user(&req.email, req.credits, false).await?;
     let out = CreateUserResponse {
         user_id: user.id,
@@ -116,12 +157,10 @@ fn fifty() -> usize {
     responses((status = 200, description = "Accounts", body = Vec<AdminUserView>), super::openapi::Refusals)
 )]
 async fn search_users(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    q: Result<Query<SearchQuery>, QueryRejection>,
+    Query(q): Query<SearchQuery>,
 ) -> ApiResult<Json<Vec<AdminUserView>>> {
-    admin(&b, &h).await?;
-    let q = query(q)?;
     ok(b.accounts().search_accounts(&q.q, q.limit).await?)
 }
 
@@ -135,12 +174,11 @@ async fn search_users(
     responses((status = 200, description = "The user", body = AdminUserDetail), super::openapi::Refusals)
 )]
 async fn user_detail(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<Json<AdminUserDetail>> {
-    admin(&b, &h).await?;
-    let id = UserId::new(path_param(id)?);
+    let id = UserId::new(id);
     ok(b.accounts().user_detail(&id).await?)
 }
 
@@ -155,14 +193,12 @@ async fn user_detail(
     responses((status = 200, description = "The new balance", body = BalanceResponse), super::openapi::Refusals)
 )]
 async fn grant_credits(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<GrantCreditsRequest>,
 ) -> ApiResult<Json<BalanceResponse>> {
-    let admin = admin(&b, &h).await?;
-    let user_id = UserId::new(path_param(id)?);
-    let req: GrantCreditsRequest = json_body(body)?;
+    let user_id = UserId::new(id);
     let credits = b
         .grant_credits(&user_id, req.amount, admin.id.as_str(), &req.reason)
         .await?;
@@ -180,14 +216,12 @@ async fn grant_credits(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn suspend_user(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<SuspendRequest>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = UserId::new(path_param(id)?);
-    let req: SuspendRequest = json_body(body)?;
+    let id = UserId::new(id);
     b.accounts().suspend_user(&admin, &id, &req.reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -202,12 +236,11 @@ async fn suspend_user(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn unsuspend_user(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = UserId::new(path_param(id)?);
+    let id = UserId::new(id);
     b.accounts().unsuspend_user(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -222,12 +255,10 @@ async fn unsuspend_user(
     responses((status = 200, description = "The provider and its key", body = CreateProviderResponse), super::openapi::Refusals)
 )]
 async fn create_provider(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<CreateProviderRequest>,
 ) -> ApiResult<Json<CreateProviderResponse>> {
-    admin(&b, &h).await?;
-    let req: CreateProviderRequest = json_body(body)?;
     let (p, secret) = b.create_provider(&req.email, None).await?;
     ok(CreateProviderResponse {
         provider_id: p.id,
@@ -245,12 +276,11 @@ async fn create_provider(
     responses((status = 200, description = "The provider", body = AdminProviderView), super::openapi::Refusals)
 )]
 async fn provider_detail(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<Json<AdminProviderView>> {
-    admin(&b, &h).await?;
-    let id = ProviderId::new(path_param(id)?);
+    let id = ProviderId::new(id);
     ok(b.accounts().provider_detail(&id).await?)
 }
 
@@ -265,14 +295,12 @@ async fn provider_detail(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn suspend_provider(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<SuspendRequest>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = ProviderId::new(path_param(id)?);
-    let req: SuspendRequest = json_body(body)?;
+    let id = ProviderId::new(id);
     b.accounts()
         .suspend_provider(&admin, &id, &req.reason)
         .await?;
@@ -289,12 +317,11 @@ async fn suspend_provider(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn unsuspend_provider(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = ProviderId::new(path_param(id)?);
+    let id = ProviderId::new(id);
     b.accounts().unsuspend_provider(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -307,11 +334,7 @@ async fn unsuspend_provider(
     security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
     responses((status = 200, description = "Nodes", body = Vec<AdminProvisionView>), super::openapi::Refusals)
 )]
-async fn provisions(
-    State(b): State<Broker>,
-    h: HeaderMap,
-) -> ApiResult<Json<Vec<AdminProvisionView>>> {
-    admin(&b, &h).await?;
+async fn provisions(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<AdminProvisionView>>> {
     ok(b.accounts().all_provisions().await?)
 }
 
@@ -325,12 +348,11 @@ async fn provisions(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn disconnect(
+    Admin(admin): Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let admin = admin(&b, &h).await?;
-    let id = ProvisionId::new(path_param(id)?);
+    let id = ProvisionId::new(id);
     b.accounts().disconnect_provision(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -345,12 +367,10 @@ async fn disconnect(
     responses((status = 200, description = "The price stored", body = PriceEntry), super::openapi::Refusals)
 )]
 async fn put_price(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(price): Body<PriceEntry>,
 ) -> ApiResult<Json<PriceEntry>> {
-    admin(&b, &h).await?;
-    let price: PriceEntry = json_body(body)?;
     b.put_price(price.clone()).await?;
     ok(price)
 }
@@ -363,8 +383,7 @@ async fn put_price(
     security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
     responses((status = 200, description = "Prices", body = Vec<PriceEntry>), super::openapi::Refusals)
 )]
-async fn prices(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<PriceEntry>>> {
-    admin(&b, &h).await?;
+async fn prices(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<PriceEntry>>> {
     ok(b.prices().all())
 }
 
@@ -376,11 +395,7 @@ async fn prices(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<Pri
     security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
     responses((status = 200, description = "Notifications", body = Vec<Notification>), super::openapi::Refusals)
 )]
-async fn notifications(
-    State(b): State<Broker>,
-    h: HeaderMap,
-) -> ApiResult<Json<Vec<Notification>>> {
-    admin(&b, &h).await?;
+async fn notifications(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<Notification>>> {
     ok(b.accounts().notifications().await?)
 }
 
@@ -394,12 +409,10 @@ async fn notifications(
     responses((status = 201, description = "The notification", body = Notification), super::openapi::Refusals)
 )]
 async fn create_notification(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    Body(req): Body<NotificationRequest>,
 ) -> ApiResult<Response> {
-    admin(&b, &h).await?;
-    let req: NotificationRequest = json_body(body)?;
     let n = b.accounts().put_notification(None, req).await?;
     Ok((StatusCode::CREATED, Json(n)).into_response())
 }
@@ -415,14 +428,12 @@ async fn create_notification(
     responses((status = 200, description = "The notification", body = Notification), super::openapi::Refusals)
 )]
 async fn replace_notification(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
-    body: Result<Bytes, BytesRejection>,
+    Path(id): Path<String>,
+    Body(req): Body<NotificationRequest>,
 ) -> ApiResult<Json<Notification>> {
-    admin(&b, &h).await?;
-    let id = NotificationId::new(path_param(id)?);
-    let req: NotificationRequest = json_body(body)?;
+    let id = NotificationId::new(id);
     ok(b.accounts().put_notification(Some(id), req).await?)
 }
 
@@ -436,12 +447,11 @@ async fn replace_notification(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn delete_notification(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    id: Result<Path<String>, PathRejection>,
+    Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    admin(&b, &h).await?;
-    let id = NotificationId::new(path_param(id)?);
+    let id = NotificationId::new(id);
     b.accounts().delete_notification(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -26,14 +26,12 @@
 //! `Retry-After`.
 
 use axum::body::Body;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tower_http::trace::TraceLayer;
 use tracing::Instrument;
@@ -47,6 +45,7 @@ use crate::wire::*;
 mod account;
 mod admin;
 mod dashboard;
+mod extract;
 pub mod openapi;
 mod provider;
 mod provider_account;
@@ -174,53 +173,6 @@ pub fn bearer(headers: &HeaderMap) -> Option<Secret> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| Secret::new(token))
 }
 
-/// The body, or the right error when it is too large or unreadable.
-pub fn body_bytes(body: std::result::Result<Bytes, BytesRejection>) -> Result<Bytes, Error> {
-    body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            Error::PayloadTooLarge("request body is too large".into())
-        } else {
-            Error::InvalidInput(format!("unreadable body: {r}"))
-        }
-    })
-}
-
-/// Parses a JSON body into `T` with a clear 400 on failure.
-pub fn json_body<T: DeserializeOwned>(
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<T, Error> {
-    let b = body_bytes(body)?;
-    serde_json::from_slice(&b)
-        .map_err(|e| Error::InvalidInput(format!("invalid request body: {e}")))
-}
-
-/// Parses an optional JSON body: an empty (or blank) body is `T::default()`.
-pub(crate) fn optional_json_body<T: DeserializeOwned + Default>(
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Result<T, Error> {
-    let b = body_bytes(body)?;
-    if b.iter().all(u8::is_ascii_whitespace) {
-        return Ok(T::default());
-    }
-    json_body(Ok(b))
-}
-
-/// A path parameter, or a 400 in OpenAI's error shape.
-pub(crate) fn path_param(
-    p: std::result::Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<String, Error> {
-    p.map(|axum::extract::Path(s)| s)
-        .map_err(|e| Error::InvalidInput(format!("bad path parameter: {e}")))
-}
-
-/// Query parameters, or a 400 in OpenAI's error shape.
-pub(crate) fn query<T>(
-    q: std::result::Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
-) -> Result<T, Error> {
-    q.map(|axum::extract::Query(t)| t)
-        .map_err(|e| Error::InvalidInput(format!("bad query parameters: {}", e.body_text())))
-}
-
 /// Marks an answer that carries a secret shown once (tokens, keys): it must
 /// not land in a shared or browser cache.
 pub(crate) fn no_store(resp: &mut Response) {
@@ -253,7 +205,9 @@ async fn gateway(
     broker: Broker,
     route: Route,
     headers: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
+    // An unreadable or oversized body is answered inside the request's span
+    // and metrics, like any other refusal.
+    body: Result<Bytes, Error>,
 ) -> ApiResult<Response> {
     let started = std::time::Instant::now();
     // One span per call: the pipeline fills in the model, the request id,
@@ -273,7 +227,7 @@ async fn gateway(
         let req = GatewayRequest {
             api_key: bearer(&headers),
             route,
-            body: body_bytes(body)?,
+            body: body?,
             app: app_name(&headers),
             preferences: preferences(&headers),
         };
@@ -320,8 +274,8 @@ macro_rules! gateway_route {
         post(
             |State(b): State<Broker>,
              h: HeaderMap,
-             body: std::result::Result<Bytes, BytesRejection>| {
-                gateway(b, $route, h, body)
+             body: std::result::Result<extract::RawBody, ApiError>| {
+                gateway(b, $route, h, body.map(|r| r.0).map_err(|e| e.0))
             },
         )
     };

@@ -20,15 +20,14 @@
 //! included (403 for the next, until one is deleted); location fields and
 //! device diagnostics are size-capped (400).
 
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::Json;
-use bytes::Bytes;
 
+use super::extract::{Body, OptionalBody, Path, ProviderKey};
 use super::Routes;
-use super::{bearer, json_body, ok, optional_json_body, ApiResult};
+use super::{ok, ApiResult};
 use crate::broker::Broker;
 use crate::types::*;
 use crate::wire::*;
@@ -63,12 +62,10 @@ pub(super) fn routes() -> Routes {
     responses((status = 200, description = "The node and its secret", body = RegisterProvisionResponse), super::openapi::Refusals)
 )]
 async fn register_provision(
+    ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
-    h: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
+    Body(req): Body<RegisterProvisionRequest>,
 ) -> ApiResult<Json<RegisterProvisionResponse>> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
-    let req: RegisterProvisionRequest = json_body(body)?;
     ok(b.register_provision(&p, req).await?)
 }
 
@@ -81,10 +78,9 @@ async fn register_provision(
     responses((status = 200, description = "Nodes", body = Vec<ProvisionView>), super::openapi::Refusals)
 )]
 async fn list_provisions(
+    ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
-    h: HeaderMap,
 ) -> ApiResult<Json<Vec<ProvisionView>>> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
     ok(b.provider_provisions(&p).await?)
 }
 
@@ -98,11 +94,10 @@ async fn list_provisions(
     responses((status = 200, description = "The node", body = ProvisionView), super::openapi::Refusals)
 )]
 async fn get_provision(
+    ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
-    h: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ProvisionView>> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
     ok(b.provider_provision(&p, &ProvisionId::new(id)).await?)
 }
 
@@ -117,14 +112,12 @@ async fn get_provision(
     responses((status = 200, description = "The services to start", body = StartProvisionResponse), super::openapi::Refusals)
 )]
 async fn start_provision(
+    ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
-    h: HeaderMap,
     Path(id): Path<String>,
-    body: std::result::Result<Bytes, BytesRejection>,
+    OptionalBody(req): OptionalBody<StartProvisionRequest>,
 ) -> ApiResult<Json<StartProvisionResponse>> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
     // The body is optional: no body asks for any service the tier allows.
-    let req: StartProvisionRequest = optional_json_body(body)?;
     ok(b.start_provision(&p, &ProvisionId::new(id), req).await?)
 }
 
@@ -140,13 +133,11 @@ async fn start_provision(
     responses((status = 200, description = "The node", body = ProvisionView), super::openapi::Refusals)
 )]
 async fn ready_provision(
+    ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
-    h: HeaderMap,
     Path(id): Path<String>,
-    body: std::result::Result<Bytes, BytesRejection>,
+    Body(req): Body<ReadyProvisionRequest>,
 ) -> ApiResult<Json<ProvisionView>> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
-    let req: ReadyProvisionRequest = json_body(body)?;
     ok(b.ready_provision(&p, &ProvisionId::new(id), req).await?)
 }
 
@@ -160,11 +151,10 @@ async fn ready_provision(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn heartbeat(
+    ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
-    h: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
     b.heartbeat(&p, &ProvisionId::new(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -179,11 +169,10 @@ async fn heartbeat(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn end_provision(
+    ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
-    h: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
     b.stop_provision(&p, &ProvisionId::new(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -198,11 +187,10 @@ async fn end_provision(
     responses((status = 204, description = "Done"), super::openapi::Refusals)
 )]
 async fn delete_provision(
+    ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
-    h: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let p = b.authenticate_provider(bearer(&h).as_ref()).await?;
     b.end_provision(&p, &ProvisionId::new(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -6,12 +6,11 @@
 //! the `provider` module.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
 
-use super::account::credentials;
+use super::extract::ProviderAccount;
 use super::Routes;
 use super::{no_store, ok, ApiResult};
 use crate::broker::Broker;
@@ -35,11 +34,10 @@ pub(super) fn routes() -> Routes {
     responses((status = 200, description = "The account", body = ProviderAccountResponse), super::openapi::Refusals)
 )]
 async fn account(
+    ProviderAccount(p): ProviderAccount,
     State(b): State<Broker>,
-    h: HeaderMap,
 ) -> ApiResult<Json<ProviderAccountResponse>> {
     let a = b.accounts();
-    let p = a.provider(&credentials(&h)).await?;
     ok(a.provider_account(&p).await?)
 }
 
@@ -51,9 +49,11 @@ async fn account(
     security(("provider_key" = []), ("session" = []), ("session_cookie" = [])),
     responses((status = 200, description = "The new key, shown once", body = ProviderKeyResponse), super::openapi::Refusals)
 )]
-async fn rotate_key(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Response> {
+async fn rotate_key(
+    ProviderAccount(p): ProviderAccount,
+    State(b): State<Broker>,
+) -> ApiResult<Response> {
     let a = b.accounts();
-    let p = a.provider(&credentials(&h)).await?;
     let key = a.rotate_provider_key(&p).await?;
     let mut resp = Json(ProviderKeyResponse {
         provider_id: p.id,
@@ -73,9 +73,11 @@ async fn rotate_key(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Response
     security(("provider_key" = []), ("session" = []), ("session_cookie" = [])),
     responses((status = 200, description = "Earnings", body = EarningsResponse), super::openapi::Refusals)
 )]
-async fn earnings(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<EarningsResponse>> {
+async fn earnings(
+    ProviderAccount(p): ProviderAccount,
+    State(b): State<Broker>,
+) -> ApiResult<Json<EarningsResponse>> {
     let a = b.accounts();
-    let p = a.provider(&credentials(&h)).await?;
     ok(a.earnings(&p).await?)
 }
 
@@ -87,7 +89,9 @@ async fn earnings(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Earni
     security(("provider_key" = []), ("session" = []), ("session_cookie" = [])),
     responses((status = 200, description = "Nodes", body = Vec<ProvisionView>), super::openapi::Refusals)
 )]
-async fn provisions(State(b): State<Broker>, h: HeaderMap) -> ApiResult<Json<Vec<ProvisionView>>> {
-    let p = b.accounts().provider(&credentials(&h)).await?;
+async fn provisions(
+    ProviderAccount(p): ProviderAccount,
+    State(b): State<Broker>,
+) -> ApiResult<Json<Vec<ProvisionView>>> {
     ok(b.provider_provisions(&p).await?)
 }

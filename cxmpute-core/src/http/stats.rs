@@ -17,15 +17,13 @@
 //! most `BrokerConfig::public_list_limit` entries (the catalogue's pools
 //! first) and count the rest.
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap};
+use axum::extract::State;
+use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Json;
 
-use super::account::credentials;
-use super::query;
+use super::extract::{Admin, KeyOrSession, ProviderAccount, Query};
 use super::{ok, ApiResult, Routes};
 use crate::analytics::{AdminStats, DateRange, NetworkStats, ProviderStats, RangeQuery, UserStats};
 use crate::broker::Broker;
@@ -41,8 +39,8 @@ pub(super) fn routes() -> Routes {
         .route("/metrics", get(metrics))
 }
 
-fn range(b: &Broker, q: Result<Query<RangeQuery>, QueryRejection>) -> Result<DateRange, Error> {
-    DateRange::from_query(&query(q)?, b.now().day())
+fn range(b: &Broker, q: &RangeQuery) -> Result<DateRange, Error> {
+    DateRange::from_query(q, b.now().day())
 }
 
 /// Public network statistics.
@@ -59,9 +57,9 @@ fn range(b: &Broker, q: Result<Query<RangeQuery>, QueryRejection>) -> Result<Dat
 )]
 pub(super) async fn network(
     State(b): State<Broker>,
-    q: Result<Query<RangeQuery>, QueryRejection>,
+    Query(q): Query<RangeQuery>,
 ) -> ApiResult<Json<NetworkStats>> {
-    let r = range(&b, q)?;
+    let r = range(&b, &q)?;
     ok(b.analytics().network(r).await?)
 }
 
@@ -77,16 +75,11 @@ pub(super) async fn network(
     )
 )]
 pub(super) async fn me(
+    KeyOrSession(user): KeyOrSession,
     State(b): State<Broker>,
-    h: HeaderMap,
-    q: Result<Query<RangeQuery>, QueryRejection>,
+    Query(q): Query<RangeQuery>,
 ) -> ApiResult<Json<UserStats>> {
-    let creds = credentials(&h);
-    let user = match creds.key() {
-        Some(k) => b.authenticate_key(Some(k)).await?.user_id,
-        None => b.accounts().session(&creds).await?.user.id,
-    };
-    let r = range(&b, q)?;
+    let r = range(&b, &q)?;
     ok(b.analytics().user(&user, r).await?)
 }
 
@@ -102,12 +95,11 @@ pub(super) async fn me(
     )
 )]
 pub(super) async fn provider(
+    ProviderAccount(p): ProviderAccount,
     State(b): State<Broker>,
-    h: HeaderMap,
-    q: Result<Query<RangeQuery>, QueryRejection>,
+    Query(q): Query<RangeQuery>,
 ) -> ApiResult<Json<ProviderStats>> {
-    let p = b.accounts().provider(&credentials(&h)).await?;
-    let r = range(&b, q)?;
+    let r = range(&b, &q)?;
     ok(b.analytics().provider(&p, r).await?)
 }
 
@@ -124,12 +116,11 @@ pub(super) async fn provider(
     )
 )]
 pub(super) async fn admin(
+    _: Admin,
     State(b): State<Broker>,
-    h: HeaderMap,
-    q: Result<Query<RangeQuery>, QueryRejection>,
+    Query(q): Query<RangeQuery>,
 ) -> ApiResult<Json<AdminStats>> {
-    b.accounts().admin(&credentials(&h)).await?;
-    let r = range(&b, q)?;
+    let r = range(&b, &q)?;
     ok(b.analytics().admin(r).await?)
 }
 
