@@ -1501,7 +1501,7 @@ impl Accounts {
 
     /// Disconnects a node: it leaves every pool and is deleted.
     pub async fn disconnect_provision(&self, admin: &User, id: &ProvisionId) -> Result<()> {
-        self.broker.delete_provision(id).await?;
+        self.broker.delete_any_provision(id).await?;
         tracing::info!(provision = %id, by = %admin.id, "node disconnected by an admin");
         Ok(())
     }

@@ -985,15 +985,17 @@ impl Broker {
         self.inner.store.heartbeat(id, self.now()).await
     }
 
-    /// Ends a provider's own node: it leaves every pool at once.
-    pub async fn end_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
+    /// Deletes a provider's own node: it leaves every pool at once and is
+    /// gone (to keep it and start it again later, end it instead:
+    /// [`Broker::end_provision`]).
+    pub async fn delete_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
         self.owned_provision(provider, id).await?;
-        self.delete_provision(id).await
+        self.delete_any_provision(id).await
     }
 
-    /// Deletes a node (`NotFound` if there is none) and takes it out of
-    /// every pool at once.
-    pub(crate) async fn delete_provision(&self, id: &ProvisionId) -> Result<()> {
+    /// Deletes any node, whoever owns it (`NotFound` if there is none), and
+    /// takes it out of every pool at once: for administration.
+    pub(crate) async fn delete_any_provision(&self, id: &ProvisionId) -> Result<()> {
         self.inner.store.delete_provision(id).await?;
         self.inner.pools.remove(id);
         Ok(())

@@ -429,9 +429,10 @@ impl Broker {
         Ok(self.view(p))
     }
 
-    /// Ends a provider's node: it leaves every pool at once and is kept
-    /// (ended), so it can start again later.
-    pub async fn stop_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
+    /// Ends a provider's own node: it leaves every pool at once and is kept
+    /// (ended), so it can start again later (to remove it for good:
+    /// [`Broker::delete_provision`]).
+    pub async fn end_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
         let p = self.owned_provision(provider, id).await?;
         self.store()
             .update_provision(id, ProvisionState::Ended, p.endpoint, &[])

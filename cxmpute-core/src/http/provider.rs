@@ -173,7 +173,7 @@ async fn end_provision(
     State(b): State<Broker>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    b.stop_provision(&p, &ProvisionId::new(id)).await?;
+    b.end_provision(&p, &ProvisionId::new(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -191,6 +191,6 @@ async fn delete_provision(
     State(b): State<Broker>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    b.end_provision(&p, &ProvisionId::new(id)).await?;
+    b.delete_provision(&p, &ProvisionId::new(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -198,7 +198,7 @@ async fn it_heartbeats_and_registers_again_when_forgotten() {
 
     // The broker forgets it (ended behind its back): the next heartbeat is
     // refused and the node registers again, with a new id and secret.
-    h.broker.end_provision(&p, &first).await.unwrap();
+    h.broker.delete_provision(&p, &first).await.unwrap();
     assert!(h.broker.models().data.is_empty());
     eventually("registering again", || async {
         !h.broker.models().data.is_empty()
