@@ -48,6 +48,9 @@
 //! never retried by the client, since a call that reached a node may have
 //! been charged.
 
+// Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
+#![warn(unreachable_pub)]
+
 mod account;
 mod admin;
 mod client;

@@ -7,6 +7,9 @@
 //!
 //! Money is [`Credits`]: integer micro-credits.
 
+// Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
+#![warn(unreachable_pub)]
+
 pub mod accounts;
 pub mod analytics;
 pub mod broker;

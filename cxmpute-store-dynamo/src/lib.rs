@@ -149,6 +149,9 @@
 //! transaction (a transaction returns no values): exact unless a reservation
 //! on the same account lands in between.
 
+// Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
+#![warn(unreachable_pub)]
+
 mod accounts;
 mod config;
 mod credits;

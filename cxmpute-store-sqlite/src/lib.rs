@@ -59,6 +59,9 @@
 //! happens inside one transaction: all of it lands or none of it does. Money
 //! is INTEGER micro-credits in every column.
 
+// Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
+#![warn(unreachable_pub)]
+
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;

@@ -36,9 +36,9 @@ use crate::types::*;
 use crate::wire::*;
 
 /// The access-token cookie: sent on every path.
-pub const ACCESS_COOKIE: &str = "cx_access";
+pub(crate) const ACCESS_COOKIE: &str = "cx_access";
 /// The refresh-token cookie: sent only to the session routes.
-pub const REFRESH_COOKIE: &str = "cx_refresh";
+pub(crate) const REFRESH_COOKIE: &str = "cx_refresh";
 const REFRESH_COOKIE_PATH: &str = "/v1/auth";
 
 /// The user and session routes.

@@ -17,7 +17,7 @@ pub(crate) struct BrokerApi {
 
 impl BrokerApi {
     /// A client of the broker at `base` (its base URL).
-    pub fn new(base: &str, key: Secret) -> Result<Self> {
+    pub(crate) fn new(base: &str, key: Secret) -> Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
@@ -31,7 +31,7 @@ impl BrokerApi {
     }
 
     /// Registers a provision; the answer carries the node secret.
-    pub async fn register(
+    pub(crate) async fn register(
         &self,
         req: &RegisterProvisionRequest,
     ) -> Result<RegisterProvisionResponse> {
@@ -51,7 +51,7 @@ impl BrokerApi {
     /// Asks which services to start, offering the kinds the node can run.
     /// `None` when the broker has no start step (then registration with
     /// services is the whole lifecycle).
-    pub async fn start(
+    pub(crate) async fn start(
         &self,
         id: &ProvisionId,
         kinds: &[Service],
@@ -82,7 +82,7 @@ impl BrokerApi {
 
     /// Reports the node serving `services` at `endpoint`: it joins exactly
     /// those pools.
-    pub async fn ready(
+    pub(crate) async fn ready(
         &self,
         id: &ProvisionId,
         endpoint: &str,
@@ -99,7 +99,7 @@ impl BrokerApi {
     }
 
     /// Says the node is alive.
-    pub async fn heartbeat(&self, id: &ProvisionId) -> Result<()> {
+    pub(crate) async fn heartbeat(&self, id: &ProvisionId) -> Result<()> {
         let r = self
             .http
             .post(format!(
@@ -113,7 +113,7 @@ impl BrokerApi {
     }
 
     /// Ends the provision: it leaves every pool.
-    pub async fn end(&self, id: &ProvisionId) -> Result<()> {
+    pub(crate) async fn end(&self, id: &ProvisionId) -> Result<()> {
         let r = self
             .http
             .delete(format!("{}/v1/provider/provisions/{id}", self.base))

@@ -28,7 +28,7 @@ pub(crate) struct Serving {
 }
 
 impl Serving {
-    pub fn new(cfg: Arc<NodeConfig>) -> Result<Arc<Self>> {
+    pub(crate) fn new(cfg: Arc<NodeConfig>) -> Result<Arc<Self>> {
         let upstream_http = reqwest::Client::builder()
             .connect_timeout(cfg.upstream_connect_timeout)
             .read_timeout(cfg.upstream_read_timeout)
@@ -42,7 +42,7 @@ impl Serving {
         }))
     }
 
-    pub fn set_secret(&self, s: Secret) {
+    pub(crate) fn set_secret(&self, s: Secret) {
         *self.secret.write() = Some(s);
     }
 
