@@ -596,7 +596,22 @@ impl CallContext {
         waits: Waits,
     ) -> BoxFuture<'static, Raced> {
         let i = self.broker.inner();
-        let url = format!("{}{}", node.entry.endpoint, self.prep.route.path());
+        let Some(url) = node.url(self.prep.route.path()) else {
+            let in_flight = node.start();
+            let t0 = Instant::now();
+            let result = Err(AttemptError::new(
+                Failure::Failed,
+                "the node could not be reached",
+                "the node's endpoint is not a URL",
+            ));
+            return futures::future::ready(Raced {
+                node,
+                in_flight,
+                t0,
+                result,
+            })
+            .boxed();
+        };
         let send = i
             .http
             .post(url)

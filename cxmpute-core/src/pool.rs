@@ -305,11 +305,16 @@ pub struct Node {
     pub stats: Arc<NodeStats>,
     /// The entry's region, normalised by [`normalize_region`] (empty: none).
     region: String,
+    /// The endpoint parsed once, when the node joins: a call then only sets
+    /// the path, instead of parsing the whole URL (IDNA included) again.
+    /// `None` if it does not parse (calls then fail as unreachable).
+    base_url: Option<reqwest::Url>,
 }
 
 impl Node {
     fn new(entry: PoolEntry, stats: Arc<NodeStats>) -> Self {
         Node {
+            base_url: reqwest::Url::parse(&entry.endpoint).ok(),
             load: NodeLoad {
                 in_flight: AtomicU32::new(0),
                 id_tag: id_tag(&entry.provision_id),
@@ -319,6 +324,15 @@ impl Node {
             entry,
             stats,
         }
+    }
+
+    /// The URL of `path` (e.g. `/v1/chat/completions`) on this node: the
+    /// endpoint's own path, if any, followed by `path`.
+    pub(crate) fn url(&self, path: &str) -> Option<reqwest::Url> {
+        let mut url = self.base_url.clone()?;
+        let full = format!("{}{path}", url.path().trim_end_matches('/'));
+        url.set_path(&full);
+        Some(url)
     }
 
     /// The entry's live load, as selectors see it.
@@ -1056,6 +1070,26 @@ mod tests {
             tier: 2,
             region: region.into(),
         }
+    }
+
+    #[test]
+    fn a_nodes_call_url_keeps_its_endpoints_path() {
+        let mut e = entry("a", Service::Chat, "m", "");
+        let path = "/v1/chat/completions";
+        let n = Node::new(e.clone(), Arc::default());
+        assert_eq!(
+            n.url(path).unwrap().as_str(),
+            "http://a.example/v1/chat/completions"
+        );
+        e.endpoint = "http://a.example:8080/ollama".into();
+        let n = Node::new(e.clone(), Arc::default());
+        let url = n.url(path).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "http://a.example:8080/ollama/v1/chat/completions"
+        );
+        e.endpoint = "not a url".into();
+        assert!(Node::new(e, Arc::default()).url(path).is_none());
     }
 
     #[test]
