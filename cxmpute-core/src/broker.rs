@@ -246,12 +246,12 @@ impl BrokerConfig {
 
 /// Builds a [`Broker`] from its parts; everything but the store has a default.
 pub struct BrokerBuilder {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) selector: Arc<dyn ProvisionSelector>,
-    pub(crate) rewards: Arc<dyn RewardPolicy>,
-    pub(crate) mailer: Arc<dyn Mailer>,
-    pub(crate) config: BrokerConfig,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    selector: Arc<dyn ProvisionSelector>,
+    rewards: Arc<dyn RewardPolicy>,
+    mailer: Arc<dyn Mailer>,
+    config: BrokerConfig,
     default_prices: Vec<PriceEntry>,
 }
 

@@ -127,6 +127,15 @@ struct Waits {
 }
 
 impl Waits {
+    /// The broker's adaptive-wait settings under `ceiling`.
+    fn under(cfg: &crate::broker::BrokerConfig, ceiling: Duration) -> Self {
+        Waits {
+            multiple: cfg.adaptive_timeout_multiple,
+            floor: cfg.adaptive_timeout_floor,
+            ceiling,
+        }
+    }
+
     /// The wait allowed for a phase: `multiple` × usual, within
     /// `[floor, ceiling]` (the ceiling alone while the pool has no measurement).
     fn timeout(self, usual: Option<Duration>) -> Duration {
@@ -352,6 +361,18 @@ impl Broker {
         }
     }
 
+    /// Records a refusal no other node contradicted: confirmed by another
+    /// refusal, it counts as an answer; unconfirmed, only its latency counts
+    /// (a caller sending bad requests must not be able to eject an honest
+    /// node). A contradicted refusal is an [`Outcome::Failure`] instead.
+    fn refusal_done(&self, node: &Node, t0: Instant, confirmed: bool) {
+        if confirmed {
+            self.attempt_done(node, t0, Outcome::Success);
+        } else {
+            node.observe(elapsed_us(t0), true);
+        }
+    }
+
     /// Judges the attempts still racing after another won: each runs to its
     /// answer or its own timeout in the background, and its outcome counts on
     /// its node (a hung node is ejected at its first timeout although no
@@ -362,9 +383,8 @@ impl Broker {
             while let Some(r) = losers.next().await {
                 match r.result {
                     Ok(_) => broker.attempt_done(&r.node, r.t0, Outcome::Success),
-                    // An unconfirmed refusal counts its latency and nothing more.
                     Err(e) if e.kind == Failure::Refused => {
-                        r.node.observe(elapsed_us(r.t0), true);
+                        broker.refusal_done(&r.node, r.t0, false)
                     }
                     Err(e) => broker.attempt_done(&r.node, r.t0, e.outcome()),
                 }
@@ -433,14 +453,13 @@ impl CallContext {
             Phase::Headers
         };
         let usual = b.usual.of(service, &self.prep.model, phase);
-        let waits = Waits {
-            multiple: cfg.adaptive_timeout_multiple,
-            floor: cfg.adaptive_timeout_floor,
-            ceiling: match phase {
+        let waits = Waits::under(
+            cfg,
+            match phase {
                 Phase::StreamHeaders => cfg.stream_header_timeout.min(cfg.first_byte_timeout),
                 _ => cfg.first_byte_timeout,
             },
-        };
+        );
         let mut lone_since = Instant::now();
         let mut tried: Vec<ProvisionId> = Vec::new();
         let mut racing: FuturesUnordered<BoxFuture<'static, Raced>> = FuturesUnordered::new();
@@ -558,11 +577,7 @@ impl CallContext {
             // other and count as answers; a lone refusal counts its latency.
             let confirmed = refused.len() >= 2;
             for (n, t) in &refused {
-                if confirmed {
-                    self.broker.attempt_done(n, *t, Outcome::Success);
-                } else {
-                    n.observe(elapsed_us(*t), true);
-                }
+                self.broker.refusal_done(n, *t, confirmed);
             }
             return Err(Error::InvalidInput(REFUSED.to_owned()));
         }
@@ -669,12 +684,7 @@ impl CallContext {
             &self.prep.model,
             Phase::FirstChunk,
         );
-        let wait = Waits {
-            multiple: cfg.adaptive_timeout_multiple,
-            floor: cfg.adaptive_timeout_floor,
-            ceiling: cfg.first_byte_timeout,
-        }
-        .timeout(usual.get());
+        let wait = Waits::under(cfg, cfg.first_byte_timeout).timeout(usual.get());
         let t1 = Instant::now();
         let mut first = match tokio::time::timeout(wait, resp.chunk()).await {
             Err(_) => return Err(AttemptError::timeout("the node sent no bytes in time")),
