@@ -446,7 +446,7 @@ async fn fetch_inner(
 
 /// Why [`read_capped`] stopped before the end of a body.
 #[derive(Debug)]
-pub(crate) enum CappedReadError {
+pub enum CappedReadError {
     /// The body broke off.
     Failed(reqwest::Error),
     /// The body is larger than the cap.
@@ -466,8 +466,9 @@ impl std::fmt::Display for CappedReadError {
 }
 
 /// Reads a response's whole body, refusing it once it would pass `cap`
-/// bytes and, with an `idle` timeout, when no bytes come for that long.
-pub(crate) async fn read_capped(
+/// bytes and, with an `idle` timeout, when no bytes come for that long: how
+/// an answer from a stranger's server (a node's, a model server's) is read.
+pub async fn read_capped(
     resp: &mut reqwest::Response,
     cap: usize,
     idle: Option<Duration>,

@@ -28,7 +28,7 @@ pub mod pricing;
 pub mod reward;
 pub mod secret;
 pub mod select;
-pub(crate) mod services;
+pub mod services;
 pub mod sse;
 pub mod stats;
 pub mod store;
@@ -38,9 +38,6 @@ pub mod wire;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;
-
-#[cfg(feature = "node")]
-pub mod node;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

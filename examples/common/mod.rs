@@ -1,6 +1,6 @@
 //! What the example binaries share.
 
-/// Resolves on Ctrl-C or (on Unix) SIGTERM: when a host or node should stop.
+/// Resolves on Ctrl-C or (on Unix) SIGTERM: when a host should stop.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -4,7 +4,7 @@
 //!
 //! Everything else (auth, reservation, selection, failover, streaming,
 //! settling, usage) is one generic path in [`crate::broker`]. Adding a route
-//! means adding a `prepare_*` function here and an arm in [`prepare`].
+//! means adding a `prepare_*` function here and an arm in `prepare`.
 //!
 //! | route | service | pool model | metered as |
 //! |---|---|---|---|
@@ -17,6 +17,11 @@
 //!
 //! Each is then charged by the price table: `per_request` plus the per-million
 //! rates of what was metered.
+//!
+//! The public items are the rules a provider node (the `cxmpute-node` crate)
+//! applies again to what it is sent: JSON bodies, inline images, speech text
+//! and voices. One definition keeps the broker and its nodes agreeing on what
+//! a valid request is.
 
 use bytes::Bytes;
 
@@ -29,13 +34,11 @@ use crate::wire::*;
 
 mod chat;
 mod scrape;
-pub(crate) mod speech;
+mod speech;
 mod vision;
 
-#[cfg(feature = "node")]
-pub(crate) use speech::espeak_voice;
-#[cfg(feature = "node")]
-pub(crate) use vision::{data_url, decode_inline_image, sniff_image};
+pub use speech::{check_speech_text, espeak_voice};
+pub use vision::{data_url, decode_inline_image, sniff_image};
 
 /// Checks a complete (non-streamed) answer's shape and meters it; `Err` says
 /// why the answer is not acceptable (the node is then treated as failed).
@@ -93,8 +96,8 @@ pub(crate) fn invalid(msg: impl Into<String>) -> Error {
     Error::InvalidInput(msg.into())
 }
 
-/// Parses a JSON body with a clear 400 on failure.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
+/// Parses a JSON body with a clear 400 ([`Error::InvalidInput`]) on failure.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| invalid(format!("invalid request body: {e}")))
 }
 

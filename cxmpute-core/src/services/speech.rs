@@ -86,7 +86,7 @@ const VOICES: &[(&str, &str)] = &[
 
 /// The espeak-ng voice a speech voice name is rendered with; `None` for a
 /// voice nobody serves.
-pub(crate) fn espeak_voice(name: &str) -> Option<&'static str> {
+pub fn espeak_voice(name: &str) -> Option<&'static str> {
     let name = name.trim();
     VOICES
         .iter()
@@ -105,8 +105,10 @@ fn check_voice(voice: &str) -> Result<()> {
     Ok(())
 }
 
-/// Checks the text to speak; returns its length in characters.
-pub(crate) fn check_text(text: &str, field: &str) -> Result<u64> {
+/// Checks the text to speak (not blank, at most [`MAX_SPEECH_CHARS`]
+/// characters, no NUL); returns its length in characters. `field` names it in
+/// the error.
+pub fn check_speech_text(text: &str, field: &str) -> Result<u64> {
     if text.trim().is_empty() {
         return Err(invalid(format!("`{field}` must not be empty")));
     }
@@ -143,7 +145,7 @@ fn speech(route: Route, model: String, body: Bytes, chars: u64) -> Prepared {
 pub(super) fn prepare_speech(body: &Bytes) -> Result<Prepared> {
     let mut req: SpeechRequest = parse_body(body)?;
     let model = check_model(&req.model)?;
-    let chars = check_text(&req.input, "input")?;
+    let chars = check_speech_text(&req.input, "input")?;
     check_voice(&req.voice)?;
     if let Some(speed) = req.speed {
         if !(0.25..=4.0).contains(&speed) {
@@ -177,7 +179,7 @@ fn check_instructions(extra: &mut serde_json::Map<String, serde_json::Value>) ->
     if text.trim().is_empty() {
         return Ok(0);
     }
-    let chars = check_text(text, "instructions")?;
+    let chars = check_speech_text(text, "instructions")?;
     extra.insert("instructions".into(), v);
     Ok(chars)
 }
@@ -187,7 +189,7 @@ fn check_instructions(extra: &mut serde_json::Map<String, serde_json::Value>) ->
 pub(super) fn prepare_tts(body: &Bytes) -> Result<Prepared> {
     let mut req: TtsRequest = parse_body(body)?;
     let model = check_model(req.model.as_deref().unwrap_or(DEFAULT_TTS_MODEL))?;
-    let chars = check_text(&req.text, "text")?;
+    let chars = check_speech_text(&req.text, "text")?;
     check_voice(&req.voice)?;
     req.model = Some(model.clone());
     Ok(speech(Route::Tts, model, encode(&req)?, chars))

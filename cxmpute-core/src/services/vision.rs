@@ -17,7 +17,7 @@ use crate::types::Route;
 use crate::wire::*;
 
 /// The image type of `bytes`, by its magic number.
-pub(crate) fn sniff_image(bytes: &[u8]) -> Option<&'static str> {
+pub fn sniff_image(bytes: &[u8]) -> Option<&'static str> {
     if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
         Some("image/png")
     } else if bytes.starts_with(&[0xff, 0xd8, 0xff]) {
@@ -33,7 +33,7 @@ pub(crate) fn sniff_image(bytes: &[u8]) -> Option<&'static str> {
 
 /// Decodes an inline image (plain base64 or a `data:...;base64,` URL),
 /// checking its size against `max` and its type. Returns the type and bytes.
-pub(crate) fn decode_inline_image(s: &str, max: usize) -> Result<(&'static str, Vec<u8>)> {
+pub fn decode_inline_image(s: &str, max: usize) -> Result<(&'static str, Vec<u8>)> {
     let s = s.trim();
     let b64 = match s.strip_prefix("data:") {
         Some(rest) => {
@@ -72,7 +72,7 @@ fn too_big(max: usize) -> Error {
 }
 
 /// A `data:` URL for an image.
-pub(crate) fn data_url(mime: &str, bytes: &[u8]) -> String {
+pub fn data_url(mime: &str, bytes: &[u8]) -> String {
     format!(
         "data:{mime};base64,{}",
         base64::engine::general_purpose::STANDARD.encode(bytes)

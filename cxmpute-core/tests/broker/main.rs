@@ -17,11 +17,7 @@ mod gateway;
 mod hostile;
 mod metrics;
 mod network;
-#[cfg(feature = "node")]
-mod node;
 mod openapi;
 mod serve;
-#[cfg(feature = "node")]
-mod services;
 mod stats;
 mod store_calls;

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::wire::{CapacityInfo, CpuInfo, DeviceDiagnostics, GpuInfo, OsInfo};
+use cxmpute_core::wire::{CapacityInfo, CpuInfo, DeviceDiagnostics, GpuInfo, OsInfo};
 
 /// Diagnoses the machine.
 pub async fn diagnose() -> DeviceDiagnostics {

@@ -3,7 +3,7 @@
 //! built in, for one broker.
 //!
 //! ```text
-//! cargo run --release --features node --example node -- \
+//! cargo run --release -p cxmpute-node -- \
 //!     --broker http://127.0.0.1:8080 --provider-key cxp-... \
 //!     --upstream http://127.0.0.1:11434/v1 --chat-model llama3.2:3b \
 //!     --embeddings-model nomic-embed-text --vision-model moondream
@@ -18,11 +18,9 @@ use std::time::Duration;
 
 use clap::Parser;
 
-mod common;
-use common::shutdown_signal;
-use cxmpute::core::node::{Node, NodeConfig, ScrapeConfig, TtsConfig, Upstream};
-use cxmpute::core::wire::{DEFAULT_SCRAPE_MODEL, DEFAULT_TTS_MODEL};
-use cxmpute::core::{Location, Secret};
+use cxmpute_core::wire::{DEFAULT_SCRAPE_MODEL, DEFAULT_TTS_MODEL};
+use cxmpute_core::{Location, Secret};
+use cxmpute_node::{Node, NodeConfig, ScrapeConfig, TtsConfig, Upstream};
 
 #[derive(Debug, Parser)]
 #[command(about = "Runs a Cxmpute provider node")]
@@ -85,6 +83,23 @@ struct Args {
     /// Where the node is: city.
     #[arg(long, default_value = "")]
     city: String,
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM: when the node should leave and stop.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
 fn upstream(url: &str, key: Option<&str>) -> Result<Upstream, Box<dyn std::error::Error>> {

@@ -1,25 +1,30 @@
-//! The provider node (feature `node`): the program a provider runs to serve
-//! the marketplace.
+//! # cxmpute-node
+//!
+//! The provider node: the program a provider runs to serve the marketplace
+//! (the `cxmpute-node` binary), and the library it is made of.
 //!
 //! A node signs in with its provider key, registers a provision with the
 //! machine's [device diagnostics](device), serves the services it was
 //! configured with on its own HTTP endpoint, heartbeats, and leaves every
-//! pool when it stops.
+//! pool when it stops. It talks to the broker through the provider API of
+//! [`cxmpute_client`], like any other client of the broker.
 //!
 //! | service | backend |
 //! |---|---|
 //! | chat, embeddings | proxied to an OpenAI-compatible server (Ollama, vLLM, llama.cpp's server) |
 //! | vision | that server's image chat: a chat request with an `image_url` part, its answer parsed into typed results |
 //! | tts | `espeak-ng`, run with arguments (never a shell), text on stdin, WAV streamed back |
-//! | scrape | built in: every target through the [egress guard](crate::egress), HTML to Markdown or text |
+//! | scrape | built in: every target through the [egress guard](cxmpute_core::egress), HTML to Markdown or text |
 //!
 //! The node answers only the broker: every call must carry the per-provision
 //! secret the broker was given at registration (`Authorization: Bearer`),
 //! compared in constant time; anything else gets 401. It serves the same
-//! paths the broker forwards to (`Route::path`), so the two cannot disagree.
+//! paths the broker forwards to (`Route::path`), so the two cannot disagree,
+//! and checks what it is sent by the broker's own rules
+//! ([`cxmpute_core::services`]).
 //!
 //! ```no_run
-//! use cxmpute_core::node::{Node, NodeConfig};
+//! use cxmpute_node::{Node, NodeConfig};
 //! # async fn run() -> cxmpute_core::Result<()> {
 //! let mut cfg = NodeConfig::new("https://broker.example", "cxp-provider-key");
 //! cfg.upstream = Some("http://127.0.0.1:11434/v1".parse()?);
@@ -28,28 +33,29 @@
 //! # }
 //! ```
 
+// Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
+#![warn(unreachable_pub)]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cxmpute_client::{Client, RetryPolicy};
+use cxmpute_core::egress::{EgressRules, FetchLimits};
+use cxmpute_core::wire::{
+    DeviceDiagnostics, ReadyProvisionRequest, RegisterProvisionRequest, RegisterProvisionResponse,
+    ServedModel, StartProvisionRequest, DEFAULT_SCRAPE_MODEL, DEFAULT_TTS_MODEL, MAX_IMAGE_BYTES,
+};
+use cxmpute_core::{Error, Location, ProvisionId, Result, Secret, Service};
 use tokio::sync::oneshot;
 
-use crate::egress::{EgressRules, FetchLimits};
-use crate::error::{Error, Result};
-use crate::secret::Secret;
-use crate::types::{Location, ProvisionId, Service};
-use crate::wire::{ServedModel, DEFAULT_SCRAPE_MODEL, DEFAULT_TTS_MODEL};
-
-mod broker_api;
 pub mod device;
 mod proxy;
 mod scrape;
 mod server;
 mod tts;
-
-use broker_api::BrokerApi;
 
 /// An OpenAI-compatible server the node forwards to.
 #[derive(Clone, Debug)]
@@ -64,7 +70,7 @@ pub struct Upstream {
 impl std::str::FromStr for Upstream {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let u = crate::egress::parse_http_url(s.trim())?;
+        let u = cxmpute_core::egress::parse_http_url(s.trim())?;
         Ok(Upstream {
             base_url: u.as_str().trim_end_matches('/').to_owned(),
             api_key: None,
@@ -160,7 +166,7 @@ pub struct NodeConfig {
     pub location: Location,
     /// Device diagnostics to report instead of diagnosing the machine
     /// (machines whose probes mislead, tests).
-    pub device_override: Option<crate::wire::DeviceDiagnostics>,
+    pub device_override: Option<DeviceDiagnostics>,
 }
 
 impl NodeConfig {
@@ -182,7 +188,7 @@ impl NodeConfig {
             scrape: Some(ScrapeConfig::default()),
             egress: EgressRules::public_only(),
             image_limits: FetchLimits {
-                max_bytes: crate::wire::MAX_IMAGE_BYTES,
+                max_bytes: MAX_IMAGE_BYTES,
                 ..FetchLimits::default()
             },
             upstream_connect_timeout: Duration::from_secs(5),
@@ -285,6 +291,7 @@ impl Node {
                     .into(),
             ));
         }
+        let broker = broker_client(&config)?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| Error::backend(format!("binding {}", config.listen), e))?;
@@ -317,7 +324,7 @@ impl Node {
         });
 
         let joiner = Joiner {
-            api: BrokerApi::new(&config.broker_url, config.provider_key.clone())?,
+            broker,
             device: serde_json::to_value(&device).unwrap_or_default(),
             config: config.clone(),
             endpoint: endpoint.clone(),
@@ -345,7 +352,7 @@ impl Node {
             let id = lifecycle(&joiner, &state, id, joined_with, every, stopped).await;
             // Leave every pool first, then stop serving: no call is routed
             // here once the broker has forgotten the node.
-            let left = joiner.api.end(&id).await;
+            let left = joiner.delete(&id).await;
             if let Err(e) = &left {
                 tracing::warn!(error = %e, provision = %id, "could not leave the broker");
             }
@@ -375,7 +382,8 @@ struct Joined {
 
 /// Everything needed to join the broker, again if need be.
 struct Joiner {
-    api: BrokerApi,
+    /// The broker's client, calling with the provider key.
+    broker: Client,
     config: Arc<NodeConfig>,
     device: serde_json::Value,
     endpoint: String,
@@ -389,13 +397,13 @@ impl Joiner {
     /// with those it serves. A broker without the start step gets the
     /// services at registration instead.
     async fn join(&self) -> Result<Joined> {
-        let bare = crate::wire::RegisterProvisionRequest {
+        let bare = RegisterProvisionRequest {
             endpoint: None,
             services: Vec::new(),
             device: self.device.clone(),
             location: self.config.location.clone(),
         };
-        let r = self.api.register(&bare).await?;
+        let r = self.register(&bare).await?;
         let id = r.provision_id.clone();
         let secret = r.node_secret;
         match self.start_and_ready(&id).await {
@@ -408,13 +416,13 @@ impl Joiner {
             Ok(None) => {
                 // No start step: this registration cannot take services
                 // later, so it is replaced by one that carries them.
-                let _ = self.api.end(&id).await;
-                let full = crate::wire::RegisterProvisionRequest {
+                let _ = self.delete(&id).await;
+                let full = RegisterProvisionRequest {
                     endpoint: Some(self.endpoint.clone()),
                     services: self.configured.clone(),
                     ..bare
                 };
-                let r = self.api.register(&full).await?;
+                let r = self.register(&full).await?;
                 Ok(Joined {
                     id: r.provision_id,
                     secret: r.node_secret,
@@ -423,7 +431,7 @@ impl Joiner {
                 })
             }
             Err(e) => {
-                let _ = self.api.end(&id).await;
+                let _ = self.delete(&id).await;
                 Err(e)
             }
         }
@@ -433,11 +441,11 @@ impl Joiner {
     async fn start_and_ready(&self, id: &ProvisionId) -> Result<Option<Vec<ServedModel>>> {
         let mut kinds: Vec<Service> = self.configured.iter().map(|s| s.service).collect();
         kinds.dedup();
-        let Some(assigned) = self.api.start(id, &kinds).await? else {
+        let Some(assigned) = self.start(id, kinds).await? else {
             return Ok(None);
         };
         let services = self.to_serve(&assigned).await;
-        self.api.ready(id, &self.endpoint, &services).await?;
+        self.ready(id, &services).await?;
         Ok(Some(services))
     }
 
@@ -480,13 +488,126 @@ impl Joiner {
     /// Comes back after the broker forgot the node: ready again as the same
     /// node when the broker allows it, else a new registration.
     async fn rejoin(&self, id: &ProvisionId, serving: &[ServedModel]) -> Result<Option<Joined>> {
-        match self.api.ready(id, &self.endpoint, serving).await {
+        match self.ready(id, serving).await {
             Ok(()) => return Ok(None),
             // Deleted, or a broker without the ready step.
             Err(Error::NotFound(_) | Error::Conflict(_)) => {}
             Err(e) => return Err(e),
         }
         self.join().await.map(Some)
+    }
+
+    // The broker's provider API, through the client. Its failures become the
+    // errors the lifecycle tells apart: forgotten (`NotFound`, `Conflict`)
+    // or anything else (retried at the next heartbeat).
+
+    /// Registers a provision; the answer carries the node secret.
+    async fn register(&self, req: &RegisterProvisionRequest) -> Result<RegisterProvisionResponse> {
+        self.broker
+            .provider()
+            .register(req)
+            .await
+            .map_err(broker_error)
+    }
+
+    /// Asks which services to start, offering the kinds the node can run.
+    /// `None` when the broker has no start step (then registration with
+    /// services is the whole lifecycle).
+    async fn start(
+        &self,
+        id: &ProvisionId,
+        kinds: Vec<Service>,
+    ) -> Result<Option<Vec<ServedModel>>> {
+        let req = StartProvisionRequest { services: kinds };
+        match self
+            .broker
+            .provider()
+            .start(id, &req)
+            .await
+            .map_err(broker_error)
+        {
+            Ok(started) => Ok(Some(started.services)),
+            Err(Error::NotFound(m)) if m.contains("no such route") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Reports the node serving `services` at its endpoint: it joins exactly
+    /// those pools.
+    async fn ready(&self, id: &ProvisionId, services: &[ServedModel]) -> Result<()> {
+        let req = ReadyProvisionRequest {
+            endpoint: self.endpoint.clone(),
+            services: services.to_vec(),
+        };
+        self.broker
+            .provider()
+            .ready(id, &req)
+            .await
+            .map(drop)
+            .map_err(broker_error)
+    }
+
+    /// Says the node is alive.
+    async fn heartbeat(&self, id: &ProvisionId) -> Result<()> {
+        self.broker
+            .provider()
+            .heartbeat(id)
+            .await
+            .map_err(broker_error)
+    }
+
+    /// Leaves every pool and is forgotten: a node that starts again
+    /// registers anew.
+    async fn delete(&self, id: &ProvisionId) -> Result<()> {
+        self.broker
+            .provider()
+            .delete(id)
+            .await
+            .map_err(broker_error)
+    }
+}
+
+/// The broker's client for `config`, calling with its provider key.
+///
+/// Not retried by the client: the node's lifecycle is its retry loop (a
+/// heartbeat each period, joining again when forgotten), and a node that
+/// cannot register should say so at once.
+fn broker_client(config: &NodeConfig) -> Result<Client> {
+    Client::builder()
+        .base_url(config.broker_url.as_str())
+        .bearer(config.provider_key.expose())
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .retry(RetryPolicy::none())
+        .build()
+        .map_err(broker_error)
+}
+
+/// What a failed broker call means to the node: a refusal by its status,
+/// with the broker's own message; a connection that failed or timed out,
+/// unavailable.
+fn broker_error(e: cxmpute_client::Error) -> Error {
+    use cxmpute_client::Error as E;
+    let (status, message) = match &e {
+        E::Api(a) => (a.status, a.error.message.clone()),
+        // A proxy's page in front of the broker, not its JSON.
+        E::Decode { status, .. } if !(200..300).contains(status) => {
+            (*status, format!("the broker answered {status}"))
+        }
+        E::Decode { .. } => return Error::Upstream(format!("the broker's answer: {e}")),
+        E::Config(_) | E::InvalidRequest(_) => return Error::InvalidInput(e.to_string()),
+        _ => return Error::unavailable("the broker is unreachable", e),
+    };
+    match status {
+        400 | 422 => Error::InvalidInput(message),
+        401 => Error::Unauthorized(message),
+        403 => Error::Forbidden(message),
+        404 => Error::NotFound(message),
+        409 => Error::Conflict(message),
+        _ => Error::Unavailable {
+            message,
+            source: None,
+        },
     }
 }
 
@@ -510,7 +631,7 @@ async fn lifecycle(
             _ = &mut stopped => return id,
             _ = tick.tick() => {}
         }
-        match joiner.api.heartbeat(&id).await {
+        match joiner.heartbeat(&id).await {
             Ok(()) => {}
             Err(Error::NotFound(_) | Error::Conflict(_)) => {
                 tracing::warn!(provision = %id, "the broker forgot this node; joining again");

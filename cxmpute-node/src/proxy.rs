@@ -8,13 +8,13 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::server::Serving;
-use super::Upstream;
-use crate::egress;
-use crate::error::{Error, Result};
-use crate::services::{data_url, decode_inline_image, parse_body, sniff_image};
-use crate::types::{Route, Service};
-use crate::wire::*;
+use cxmpute_core::egress;
+use cxmpute_core::services::{data_url, decode_inline_image, parse_body, sniff_image};
+use cxmpute_core::wire::*;
+use cxmpute_core::{Error, Result, Route, Service};
+
+use crate::server::Serving;
+use crate::Upstream;
 
 #[derive(Deserialize)]
 struct ModelOnly {
@@ -23,7 +23,7 @@ struct ModelOnly {
 }
 
 /// `Ok` when `model` is one of `models`, else a 404 naming it.
-pub(super) fn served(models: &[String], model: &str) -> Result<()> {
+pub(crate) fn served(models: &[String], model: &str) -> Result<()> {
     if models.iter().any(|m| m == model) {
         Ok(())
     } else {

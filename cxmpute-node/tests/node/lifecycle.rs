@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cxmpute_core::node::{device, Node, NodeConfig};
 use cxmpute_core::testkit::TestHost;
 use cxmpute_core::*;
+use cxmpute_node::{device, Node, NodeConfig};
 use serde_json::{json, Value};
 
 async fn host() -> TestHost {

@@ -16,13 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::proxy::served;
-use super::server::Serving;
-use crate::error::{Error, Result};
-use crate::services::speech::check_text;
-use crate::services::{espeak_voice, parse_body};
-use crate::types::Route;
-use crate::wire::*;
+use cxmpute_core::services::{check_speech_text, espeak_voice, parse_body};
+use cxmpute_core::wire::*;
+use cxmpute_core::{Error, Result, Route};
+
+use crate::proxy::served;
+use crate::server::Serving;
 
 /// The size of the RIFF header espeak-ng writes before the samples.
 const WAV_HEADER: usize = 44;
@@ -73,7 +72,7 @@ pub(crate) async fn speak(s: &Serving, route: Route, body: &[u8]) -> Result<Resp
     served(std::slice::from_ref(&cfg.model), &model)?;
     let voice = espeak_voice(&voice)
         .ok_or_else(|| Error::InvalidInput(format!("unknown voice `{voice}`")))?;
-    check_text(&text, field)?;
+    check_speech_text(&text, field)?;
     // espeak-ng's default rate is 175 words per minute.
     let wpm = (175.0 * f64::from(speed.unwrap_or(1.0)).clamp(0.25, 4.0)).round() as u32;
     let wpm = wpm.clamp(80, 450).to_string();

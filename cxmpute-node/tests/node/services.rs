@@ -10,12 +10,12 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Redirect};
 use axum::routing::get;
-use cxmpute_core::node::{Node, NodeConfig, NodeHandle};
 use cxmpute_core::testkit::{
     chat_price, expect_error, test_config, StandInNode, TestHost, EMBED, MODEL,
 };
 use cxmpute_core::wire::ErrorBody;
 use cxmpute_core::*;
+use cxmpute_node::{Node, NodeConfig, NodeHandle};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 
@@ -196,7 +196,7 @@ async fn world() -> World {
     cfg.egress = cfg.egress.allowing("127.0.0.1").unwrap();
     // This machine as it is, but with an 8 GB GPU: a tier 3 node, which the
     // catalogue lets serve a 3B chat model and a vision model.
-    let mut device = cxmpute_core::node::device::diagnose().await;
+    let mut device = cxmpute_node::device::diagnose().await;
     device.gpu = Some(wire::GpuInfo {
         name: Some("test GPU".into()),
         memory_mb: Some(8192),

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -11,17 +11,17 @@ use axum::Router;
 use bytes::Bytes;
 use parking_lot::RwLock;
 
-use super::NodeConfig;
-use crate::error::{Error, Result};
-use crate::http::{bearer, ApiError};
-use crate::secret::{ct_eq, Secret};
-use crate::types::Route;
+use cxmpute_core::http::ApiError;
+use cxmpute_core::secret::ct_eq;
+use cxmpute_core::{Error, Result, Route, Secret, Service};
+
+use crate::NodeConfig;
 
 /// What every handler shares.
 pub(crate) struct Serving {
-    pub cfg: Arc<NodeConfig>,
+    pub(crate) cfg: Arc<NodeConfig>,
     /// Calls to upstreams (from configuration: no egress guard needed).
-    pub upstream_http: reqwest::Client,
+    pub(crate) upstream_http: reqwest::Client,
     /// The secret the broker presents; `None` until registered (everything
     /// is refused until then).
     secret: RwLock<Option<Secret>>,
@@ -49,10 +49,19 @@ impl Serving {
     fn authorized(&self, h: &HeaderMap) -> bool {
         let want = self.secret.read();
         match (want.as_ref(), bearer(h)) {
-            (Some(w), Some(got)) => ct_eq(w.expose().as_bytes(), got.expose().as_bytes()),
+            (Some(w), Some(got)) => ct_eq(w.expose().as_bytes(), got.as_bytes()),
             _ => false,
         }
     }
+}
+
+/// The bearer token of a request, read as the broker reads its own callers'
+/// (scheme in any case, spaces trimmed).
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    let v = h.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Bodies above this are refused before reading: the broker's own limit is
@@ -94,16 +103,19 @@ async fn require_secret(State(s): State<Arc<Serving>>, req: Request, next: Next)
 async fn handle(s: Arc<Serving>, route: Route, body: Bytes) -> Response {
     let r = match route {
         Route::ChatCompletions => {
-            super::proxy::forward(&s, crate::types::Service::Chat, "/chat/completions", body).await
+            crate::proxy::forward(&s, Service::Chat, "/chat/completions", body).await
         }
         Route::Embeddings => {
-            super::proxy::forward(&s, crate::types::Service::Embeddings, "/embeddings", body).await
+            crate::proxy::forward(&s, Service::Embeddings, "/embeddings", body).await
         }
-        Route::AudioSpeech | Route::Tts => super::tts::speak(&s, route, &body).await,
-        Route::Scrape => super::scrape::scrape(&s, &body).await,
+        Route::AudioSpeech | Route::Tts => crate::tts::speak(&s, route, &body).await,
+        Route::Scrape => crate::scrape::scrape(&s, &body).await,
         Route::Caption | Route::Query | Route::Detect | Route::Point => {
-            super::proxy::vision(&s, route, &body).await
+            crate::proxy::vision(&s, route, &body).await
         }
+        // `Route` is non-exhaustive: a route the broker learns before its
+        // nodes do is one this node does not serve.
+        other => Err(Error::NotFound(format!("{other} on this node"))),
     };
     r.unwrap_or_else(|e| ApiError(e).into_response())
 }

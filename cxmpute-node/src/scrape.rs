@@ -5,13 +5,14 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 
-use super::proxy::served;
-use super::server::Serving;
-use super::ScrapeConfig;
-use crate::egress::{self, EgressRules};
-use crate::error::{Error, Result};
-use crate::services::parse_body;
-use crate::wire::*;
+use cxmpute_core::egress::{self, EgressRules};
+use cxmpute_core::services::parse_body;
+use cxmpute_core::wire::*;
+use cxmpute_core::{Error, Result};
+
+use crate::proxy::served;
+use crate::server::Serving;
+use crate::ScrapeConfig;
 
 /// Width of plain-text output: wide enough that prose is not re-wrapped
 /// much, narrow enough for tables to stay readable.
