@@ -4,13 +4,14 @@
 //! The `/v1/me` routes take a session (see [`AccountApi::sign_in`]) or the
 //! user's API key, as the host allows.
 
-use cxmpute_core::wire::{
+use cxmpute_api::secret::Secret;
+use cxmpute_api::types::{ApiKeyId, Notification, Placement};
+use cxmpute_api::wire::{
     ApiKeyView, CreateKeyRequest, CreateKeyResponse, MeResponse, RefreshRequest,
     RequestCodeRequest, RequestCodeResponse, SessionResponse, UpdateKeyRequest, UsageResponse,
     VerifyCodeRequest,
 };
-use cxmpute_core::{ApiKeyId, Notification, Placement, Secret};
-use reqwest::Method;
+use http::Method;
 
 use crate::error::Result;
 use crate::Client;

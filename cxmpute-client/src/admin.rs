@@ -1,13 +1,15 @@
 //! The admin API: accounts, credits, suspensions, nodes, prices and
 //! notifications, called with an admin's API key or session.
 
-use cxmpute_core::wire::{
+use cxmpute_api::types::{
+    Notification, NotificationId, PriceEntry, ProviderId, ProvisionId, UserId,
+};
+use cxmpute_api::wire::{
     AdminProviderView, AdminProvisionView, AdminUserDetail, AdminUserView, BalanceResponse,
     CreateProviderRequest, CreateProviderResponse, CreateUserRequest, CreateUserResponse,
     GrantCreditsRequest, NotificationRequest, SuspendRequest,
 };
-use cxmpute_core::{Notification, NotificationId, PriceEntry, ProviderId, ProvisionId, UserId};
-use reqwest::Method;
+use http::Method;
 
 use crate::error::Result;
 use crate::Client;

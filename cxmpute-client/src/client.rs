@@ -4,21 +4,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cxmpute_core::health::retry_after;
-use cxmpute_core::wire::{ErrorBody, SessionResponse};
-use cxmpute_core::{Clock, Secret, SystemClock};
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use reqwest::{Method, Response, Url};
+use cxmpute_api::clock::{Clock, SystemClock};
+use cxmpute_api::retry_after;
+use cxmpute_api::secret::Secret;
+use cxmpute_api::wire::{ErrorBody, SessionResponse};
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
+use http::{Method, Uri};
+use http_body_util::Full;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{retryable_status, ApiError, Error, Result, TimeoutPhase};
 use crate::session::{Credential, SessionCell};
 use crate::stream::{ByteStream, SseStream};
+use crate::transport::{self, Answer, Http};
 use crate::{AccountApi, AdminApi, ProviderApi, StatsApi, UserApi};
 
 /// How many bytes of an unexpected body an [`Error::Decode`] keeps.
 const BODY_SNIPPET: usize = 512;
+
+/// Sent as `User-Agent` with every call.
+const USER_AGENT_VALUE: &str = concat!("cxmpute-client/", env!("CARGO_PKG_VERSION"));
 
 /// How failed calls are retried.
 ///
@@ -82,8 +88,14 @@ fn jitter() -> f64 {
 }
 
 struct Shared {
-    http: reqwest::Client,
-    base: Url,
+    http: Http,
+    /// The base URL as given.
+    base: Uri,
+    /// Scheme, authority and path of the base URL, without a trailing `/`:
+    /// every call's path is appended to it.
+    prefix: String,
+    /// The base URL's own query, kept in front of every call's.
+    base_query: Option<String>,
     timeout: Option<Duration>,
     read_timeout: Option<Duration>,
     retry: RetryPolicy,
@@ -127,7 +139,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("base_url", &self.shared.base.as_str())
+            .field("base_url", &self.shared.base.to_string())
             .field("credential", &self.cred)
             .field("timeout", &self.shared.timeout)
             .field("read_timeout", &self.shared.read_timeout)
@@ -247,7 +259,7 @@ impl Client {
     /// println!("talking to {}", client.base_url());
     /// # }
     /// ```
-    pub fn base_url(&self) -> &Url {
+    pub fn base_url(&self) -> &Uri {
         &self.shared.base
     }
 
@@ -359,15 +371,16 @@ impl Client {
     /// Starts a call to the path made of `segments`, each percent-encoded so
     /// an id can never walk to another route.
     pub(crate) fn req(&self, method: Method, segments: &[&str]) -> Req<'_> {
-        let mut url = self.shared.base.clone();
+        let mut url = self.shared.prefix.clone();
         // URLs resolve `.` and `..` (even encoded) away, so such an id would
         // address another path: refuse it instead of sending.
         let invalid = segments
             .iter()
             .find(|s| matches!(**s, "" | "." | ".."))
             .map(|s| Error::InvalidRequest(format!("`{s}` cannot be an id in a path")));
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
+        for s in segments {
+            url.push('/');
+            transport::encode(s, &mut url);
         }
         // Reads, replacements and deletions can be repeated safely; a POST
         // opts in with `idempotent(true)` when it can be.
@@ -393,7 +406,6 @@ pub struct ClientBuilder {
     connect_timeout: Option<Duration>,
     read_timeout: Option<Option<Duration>>,
     retry: Option<RetryPolicy>,
-    http: Option<reqwest::Client>,
     app_name: Option<String>,
 }
 
@@ -431,8 +443,7 @@ impl ClientBuilder {
         self
     }
 
-    /// The most connecting may take (default 10 s). Ignored with
-    /// [`http_client`](Self::http_client): that client's own setting applies.
+    /// The most connecting may take, TLS handshake included (default 10 s).
     pub fn connect_timeout(mut self, t: Duration) -> Self {
         self.connect_timeout = Some(t);
         self
@@ -451,38 +462,43 @@ impl ClientBuilder {
         self
     }
 
-    /// Uses this reqwest client (proxies, TLS roots, pool settings are its own).
-    pub fn http_client(mut self, c: reqwest::Client) -> Self {
-        self.http = Some(c);
-        self
-    }
-
     /// Names the calling application (`X-Title`); the host records usage per application.
     pub fn app_name(mut self, name: impl Into<String>) -> Self {
         self.app_name = Some(name.into());
         self
     }
 
-    /// The client. Fails when the base URL is missing or not an `http(s)` URL.
+    /// The client. Fails when the base URL is missing or not an `http(s)` URL
+    /// (an `https` one needs the `rustls` feature).
     pub fn build(self) -> Result<Client> {
         let raw = self
             .base_url
             .ok_or_else(|| Error::Config("a base URL is required".into()))?;
-        let base =
-            Url::parse(raw.trim()).map_err(|e| Error::Config(format!("base URL `{raw}`: {e}")))?;
-        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+        let base: Uri = raw
+            .trim()
+            .parse()
+            .map_err(|e| Error::Config(format!("base URL `{raw}`: {e}")))?;
+        let scheme = base.scheme_str().map(str::to_ascii_lowercase);
+        let Some(authority) = base
+            .authority()
+            .filter(|_| matches!(scheme.as_deref(), Some("http" | "https")))
+        else {
             return Err(Error::Config(format!(
                 "base URL `{raw}` is not an http(s) URL"
             )));
-        }
-        let http = match self.http {
-            Some(c) => c,
-            None => reqwest::Client::builder()
-                .connect_timeout(self.connect_timeout.unwrap_or(Duration::from_secs(10)))
-                .user_agent(concat!("cxmpute-client/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(|e| Error::Config(e.to_string()))?,
         };
+        if cfg!(not(feature = "rustls")) && scheme.as_deref() == Some("https") {
+            return Err(Error::Config(format!(
+                "base URL `{raw}` is https, which needs the client's `rustls` feature"
+            )));
+        }
+        let prefix = format!(
+            "{}://{authority}{}",
+            scheme.unwrap_or_default(),
+            base.path().strip_suffix('/').unwrap_or(base.path())
+        );
+        let base_query = base.query().filter(|q| !q.is_empty()).map(str::to_owned);
+        let http = transport::http(self.connect_timeout.unwrap_or(Duration::from_secs(10)))?;
         let app_name = self
             .app_name
             .map(|n| {
@@ -494,6 +510,8 @@ impl ClientBuilder {
             shared: Arc::new(Shared {
                 http,
                 base,
+                prefix,
+                base_query,
                 timeout: self.timeout.unwrap_or(Some(Duration::from_secs(600))),
                 read_timeout: self.read_timeout.unwrap_or(Some(Duration::from_secs(120))),
                 retry: self.retry.unwrap_or_default(),
@@ -508,7 +526,8 @@ impl ClientBuilder {
 pub(crate) struct Req<'c> {
     client: &'c Client,
     method: Method,
-    url: Url,
+    /// The URL without its query: the base's prefix and the encoded segments.
+    url: String,
     query: Vec<(&'static str, String)>,
     body: Option<Bytes>,
     idempotent: bool,
@@ -537,48 +556,76 @@ impl Req<'_> {
         self
     }
 
+    /// The URL called: the path, then the base URL's query and the call's.
+    fn uri(&self) -> Result<Uri> {
+        let mut url = self.url.clone();
+        let base_query = self.client.shared.base_query.as_deref();
+        let mut sep = '?';
+        if let Some(q) = base_query {
+            url.push(sep);
+            url.push_str(q);
+            sep = '&';
+        }
+        for (name, value) in &self.query {
+            url.push(sep);
+            transport::encode(name, &mut url);
+            url.push('=');
+            transport::encode(value, &mut url);
+            sep = '&';
+        }
+        url.parse()
+            .map_err(|e| Error::InvalidRequest(format!("`{url}` is not a URL: {e}")))
+    }
+
     /// One attempt. `whole` bounds the whole call by the client's timeout;
     /// streams bound only the wait for the head, then use the idle timeout.
-    async fn attempt(&self, whole: bool, bearer: Option<&Secret>) -> Result<Response> {
+    async fn attempt(&self, uri: &Uri, whole: bool, bearer: Option<&Secret>) -> Result<Answer> {
         let s = &self.client.shared;
-        let mut rb = s.http.request(self.method.clone(), self.url.clone());
-        if !self.query.is_empty() {
-            rb = rb.query(&self.query);
-        }
+        let mut rb = http::Request::builder()
+            .method(self.method.clone())
+            .uri(uri.clone())
+            .header(USER_AGENT, HeaderValue::from_static(USER_AGENT_VALUE));
         if let Some(b) = bearer {
-            rb = rb.header(AUTHORIZATION, format!("Bearer {}", b.expose()));
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", b.expose()))
+                .map_err(|_| Error::Config("the credential is not a header value".into()))?;
+            v.set_sensitive(true);
+            rb = rb.header(AUTHORIZATION, v);
         }
         if let Some(app) = &s.app_name {
             rb = rb.header("x-title", app.clone());
         }
-        if let Some(body) = &self.body {
-            rb = rb
-                .header(CONTENT_TYPE, "application/json")
-                .body(body.clone());
+        if self.body.is_some() {
+            rb = rb.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
-        match s.timeout {
-            Some(t) if whole => rb.timeout(t).send().await.map_err(Error::from),
-            Some(t) => match tokio::time::timeout(t, rb.send()).await {
-                Ok(r) => r.map_err(Error::from),
-                Err(_) => Err(Error::Timeout(TimeoutPhase::Request)),
-            },
-            None => rb.send().await.map_err(Error::from),
+        let req = rb
+            .body(Full::new(self.body.clone().unwrap_or_default()))
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        let deadline = s.timeout.map(|t| tokio::time::Instant::now() + t);
+        let sending = s.http.request(req);
+        let resp = match deadline {
+            Some(d) => tokio::time::timeout_at(d, sending)
+                .await
+                .map_err(|_| Error::Timeout(TimeoutPhase::Request))?,
+            None => sending.await,
         }
+        .map_err(transport::send_error)?;
+        Ok(Answer::new(resp, deadline.filter(|_| whole)))
     }
 
     /// Sends the call, retrying as the policy allows, and returns the answer
     /// when its status is a success, else the mapped error.
-    async fn send(&mut self, whole: bool) -> Result<Response> {
+    async fn send(&mut self, whole: bool) -> Result<Answer> {
         if let Some(e) = self.invalid.take() {
             return Err(e);
         }
+        let uri = self.uri()?;
         let retry = self.client.shared.retry;
         let mut attempt = 0;
         let mut renewed = false;
         loop {
             let bearer = self.client.cred.bearer().await;
-            let err = match self.attempt(whole, bearer.as_ref()).await {
-                Ok(r) if r.status().is_success() => return Ok(r),
+            let err = match self.attempt(&uri, whole, bearer.as_ref()).await {
+                Ok(r) if r.status.is_success() => return Ok(r),
                 Ok(r) => error_from(r).await,
                 Err(e) => e,
             };
@@ -604,8 +651,8 @@ impl Req<'_> {
     /// Sends and parses the answer as `T`.
     pub(crate) async fn send_json<T: DeserializeOwned>(mut self) -> Result<T> {
         let resp = self.send(true).await?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(Error::from)?;
+        let status = resp.status.as_u16();
+        let bytes = resp.bytes().await?;
         serde_json::from_slice(&bytes).map_err(|e| decode_error(status, e, &bytes))
     }
 
@@ -613,20 +660,19 @@ impl Req<'_> {
     pub(crate) async fn send_unit(mut self) -> Result<()> {
         let resp = self.send(true).await?;
         // Read the body so the connection goes back to the pool.
-        resp.bytes().await.map_err(Error::from)?;
+        resp.bytes().await?;
         Ok(())
     }
 
     /// Sends and returns the answer as text.
     pub(crate) async fn send_text(mut self) -> Result<String> {
-        let resp = self.send(true).await?;
-        resp.text().await.map_err(Error::from)
+        let bytes = self.send(true).await?.bytes().await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Sends and returns the whole answer body.
     pub(crate) async fn send_bytes(mut self) -> Result<Bytes> {
-        let resp = self.send(true).await?;
-        resp.bytes().await.map_err(Error::from)
+        self.send(true).await?.bytes().await
     }
 
     /// Sends and returns the answer body as a stream of bytes.
@@ -642,15 +688,15 @@ impl Req<'_> {
     ) -> Result<SseStream<T>> {
         let idle = self.client.shared.read_timeout;
         let resp = self.send(false).await?;
-        let status = resp.status().as_u16();
+        let status = resp.status.as_u16();
         let is_sse = resp
-            .headers()
+            .headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if !is_sse {
             // A host (or a proxy) that answers JSON to a streamed request.
-            let bytes = resp.bytes().await.map_err(Error::from)?;
+            let bytes = resp.bytes().await?;
             let why = <serde_json::Error as serde::de::Error>::custom(
                 "expected a stream of server-sent events",
             );
@@ -674,12 +720,12 @@ fn worth_retrying(e: &Error) -> bool {
 }
 
 /// The error for an answer whose status is not a success.
-async fn error_from(resp: Response) -> Error {
-    let status = resp.status().as_u16();
-    let retry_after = retry_after(resp.headers(), SystemClock.now());
+async fn error_from(resp: Answer) -> Error {
+    let status = resp.status.as_u16();
+    let retry_after = retry_after(&resp.headers, SystemClock.now());
     let bytes = match resp.bytes().await {
         Ok(b) => b,
-        Err(e) => return Error::from(e),
+        Err(e) => return e,
     };
     match serde_json::from_slice::<ErrorBody>(&bytes) {
         Ok(b) => Error::Api(Box::new(ApiError {
@@ -707,7 +753,7 @@ mod tests {
 
     #[test]
     fn retry_after_takes_seconds_and_dates() {
-        use reqwest::header::{HeaderMap, RETRY_AFTER};
+        use http::header::{HeaderMap, RETRY_AFTER};
         use std::time::SystemTime;
         let parse_retry_after = |v: &HeaderValue| {
             let mut h = HeaderMap::new();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use cxmpute_core::wire::ErrorDetail;
+use cxmpute_api::wire::ErrorDetail;
 
 /// Result with the client's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -58,15 +58,17 @@ pub enum Error {
     /// when the connection closed without `[DONE]`.
     #[error("stream failed: {} ({})", .0.message, .0.code.as_deref().unwrap_or(.0.kind.as_str()))]
     Stream(ErrorDetail),
-    /// No connection could be made to the host.
-    #[error("cannot connect to the host: {0}")]
-    Connect(#[source] reqwest::Error),
+    /// No connection could be made to the host. The source is the hyper or
+    /// I/O error underneath.
+    #[error("cannot connect to the host: {}", root_cause(.0.as_ref()))]
+    Connect(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A timeout configured on the client ran out.
     #[error("timed out {0}")]
     Timeout(TimeoutPhase),
-    /// The connection failed after it was made.
-    #[error("transport error: {0}")]
-    Transport(#[source] reqwest::Error),
+    /// The connection failed after it was made. The source is the hyper or
+    /// I/O error underneath.
+    #[error("transport error: {}", root_cause(.0.as_ref()))]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The client refused to send the call: its body cannot be serialized,
     /// or an id cannot be a path segment (empty, `.` or `..`). Nothing was sent.
     #[error("invalid request: {0}")]
@@ -168,18 +170,14 @@ pub(crate) fn retryable_status(status: u16, kind: Option<&str>) -> bool {
     }
 }
 
-impl From<reqwest::Error> for Error {
-    fn from(e: reqwest::Error) -> Self {
-        if e.is_timeout() {
-            Error::Timeout(TimeoutPhase::Request)
-        } else if e.is_connect() {
-            Error::Connect(e)
-        } else if e.is_builder() {
-            Error::Config(e.to_string())
-        } else {
-            Error::Transport(e)
-        }
+/// The last error of `e`'s chain of causes: what actually went wrong
+/// (`Connection refused`...), where the first says only where it happened.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(next) = e.source() {
+        e = next;
     }
+    e.to_string()
 }
 
 #[cfg(test)]

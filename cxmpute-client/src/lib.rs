@@ -15,8 +15,9 @@
 //! - [`ChatStream`]: a streamed chat completion as a `futures::Stream` of
 //!   typed chunks; [`ByteStream`]: streamed audio.
 //!
-//! The request and answer bodies are the host's own wire types, re-exported
-//! as [`wire`] and [`types`]: the client and the host share one definition.
+//! The request and answer bodies are the API's types from `cxmpute-api`,
+//! re-exported as [`wire`], [`types`] and [`analytics`]: the client and the
+//! host share one definition, and the client builds none of the host.
 //!
 //! ```no_run
 //! use cxmpute_client::Client;
@@ -47,6 +48,16 @@
 //! `Retry-After`) or cannot be reached; see [`RetryPolicy`]. Gateway calls are
 //! never retried by the client, since a call that reached a node may have
 //! been charged.
+//!
+//! ## Transport
+//!
+//! HTTP/1.1 over hyper, with a pool of kept-alive connections shared by a
+//! client and its clones. `https://` hosts need the default feature
+//! `rustls` (rustls with ring, Mozilla's root certificates); without it the
+//! client speaks plain `http://` only, and an `https://` base URL is a
+//! configuration error. Kept small on purpose, it does not read proxy
+//! settings from the environment (`HTTP_PROXY`, `HTTPS_PROXY`), follow
+//! redirects (a `3xx` is an error with its status) or decompress answers.
 
 // Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
 #![warn(unreachable_pub)]
@@ -59,6 +70,7 @@ mod provider;
 mod session;
 mod stats;
 mod stream;
+mod transport;
 mod user;
 
 pub use account::AccountApi;
@@ -70,18 +82,18 @@ pub use stats::StatsApi;
 pub use stream::{ByteStream, ChatStream, SseStream};
 pub use user::UserApi;
 
-/// The host's wire types (request and answer bodies), shared with the host.
-pub use cxmpute_core::wire;
+/// The request and answer bodies, shared with the host.
+pub use cxmpute_api::wire;
 
-/// The host's domain types used in the wire types (ids, [`Credits`](types::Credits), services...).
-pub use cxmpute_core::types;
+/// The domain types used in the wire types (ids, [`Credits`](types::Credits), services...).
+pub use cxmpute_api::types;
 
 /// The host's analytics answers ([`StatsApi`]), shared with the host.
-pub use cxmpute_core::analytics;
+pub use cxmpute_api::analytics;
 
 /// A secret (API key, token) whose `Debug` and `Display` are redacted, as the
 /// wire types carry them.
-pub use cxmpute_core::Secret;
+pub use cxmpute_api::secret::Secret;
 
 /// URLs, as [`Client::base_url`] returns them.
-pub use reqwest::Url;
+pub use http::Uri;

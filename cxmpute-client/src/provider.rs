@@ -3,13 +3,13 @@
 //! who owns the provider. The provider node program uses this API to join and
 //! stay in the network.
 
-use cxmpute_core::wire::{
+use cxmpute_api::types::ProvisionId;
+use cxmpute_api::wire::{
     EarningsResponse, ProviderAccountResponse, ProviderKeyResponse, ProvisionView,
     ReadyProvisionRequest, RegisterProvisionRequest, RegisterProvisionResponse,
     StartProvisionRequest, StartProvisionResponse,
 };
-use cxmpute_core::ProvisionId;
-use reqwest::Method;
+use http::Method;
 
 use crate::error::Result;
 use crate::Client;

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use cxmpute_core::wire::SessionResponse;
-use cxmpute_core::Secret;
+use cxmpute_api::secret::Secret;
+use cxmpute_api::wire::SessionResponse;
 
 /// What a client presents as `Authorization: Bearer`.
 #[derive(Clone)]

@@ -4,8 +4,8 @@
 //! Every stats call takes an inclusive range of UTC days (at most 366);
 //! `None` asks for the host's default, the last 30 days.
 
-use cxmpute_core::analytics::{AdminStats, DateRange, NetworkStats, ProviderStats, UserStats};
-use reqwest::Method;
+use cxmpute_api::analytics::{AdminStats, DateRange, NetworkStats, ProviderStats, UserStats};
+use http::Method;
 use serde::de::DeserializeOwned;
 
 use crate::client::Req;

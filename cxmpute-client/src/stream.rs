@@ -7,50 +7,57 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cxmpute_core::sse::{SseDecoder, SseEvent};
-use cxmpute_core::wire::{ChatCompletionChunk, ErrorDetail};
-use futures::stream::BoxStream;
-use futures::{Stream, StreamExt};
+use cxmpute_api::sse::{SseDecoder, SseEvent};
+use cxmpute_api::wire::{ChatCompletionChunk, ErrorDetail};
+use futures_core::Stream;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::client::decode_error;
 use crate::error::{Error, Result, TimeoutPhase};
+use crate::transport::{body_error, Answer};
 
 /// A streamed chat completion: one [`ChatCompletionChunk`] per event.
 pub type ChatStream = SseStream<ChatCompletionChunk>;
 
 /// The body of an answer, chunk by chunk, bounded by the idle timeout.
 struct Body {
-    inner: BoxStream<'static, reqwest::Result<Bytes>>,
+    inner: Incoming,
     idle: Option<Duration>,
 }
 
 impl Body {
-    fn new(resp: reqwest::Response, idle: Option<Duration>) -> Self {
+    fn new(resp: Answer, idle: Option<Duration>) -> Self {
         Body {
-            inner: resp.bytes_stream().boxed(),
+            inner: resp.into_body(),
             idle,
         }
     }
 
     /// The next chunk; `None` at the end of the body.
     async fn next(&mut self) -> Option<Result<Bytes>> {
-        let next = self.inner.next();
-        let item = match self.idle {
-            Some(t) => match tokio::time::timeout(t, next).await {
-                Ok(item) => item,
-                Err(_) => return Some(Err(Error::Timeout(TimeoutPhase::StreamIdle))),
-            },
-            None => next.await,
-        };
-        Some(item?.map_err(|e| {
-            if e.is_timeout() {
-                Error::Timeout(TimeoutPhase::StreamIdle)
-            } else {
-                Error::Transport(e)
+        loop {
+            let next = self.inner.frame();
+            let frame = match self.idle {
+                Some(t) => match tokio::time::timeout(t, next).await {
+                    Ok(frame) => frame,
+                    Err(_) => return Some(Err(Error::Timeout(TimeoutPhase::StreamIdle))),
+                },
+                None => next.await,
+            };
+            match frame?.map_err(body_error) {
+                // Trailers carry no data: read on.
+                Ok(f) => match f.into_data() {
+                    Ok(data) => return Some(Ok(data)),
+                    Err(_) => continue,
+                },
+                Err(e) => return Some(Err(e)),
             }
-        }))
+        }
     }
 }
 
@@ -168,8 +175,8 @@ impl<T> std::fmt::Debug for SseStream<T> {
 }
 
 impl<T: DeserializeOwned + Send + 'static> SseStream<T> {
-    pub(crate) fn new(resp: reqwest::Response, idle: Option<Duration>) -> Self {
-        let status = resp.status().as_u16();
+    pub(crate) fn new(resp: Answer, idle: Option<Duration>) -> Self {
+        let status = resp.status.as_u16();
         let events = Events {
             body: Body::new(resp, idle),
             decoder: SseDecoder::default(),
@@ -178,7 +185,7 @@ impl<T: DeserializeOwned + Send + 'static> SseStream<T> {
         };
         // `Some(events)` while the stream goes on; `None` once it has ended,
         // so nothing is read after `[DONE]` or an error.
-        let inner = futures::stream::unfold(Some(events), move |state| async move {
+        let inner = futures_util::stream::unfold(Some(events), move |state| async move {
             let mut events = state?;
             loop {
                 let ev = match events.next().await {
@@ -256,14 +263,14 @@ impl std::fmt::Debug for ByteStream {
 }
 
 impl ByteStream {
-    pub(crate) fn new(resp: reqwest::Response, idle: Option<Duration>) -> Self {
+    pub(crate) fn new(resp: Answer, idle: Option<Duration>) -> Self {
         let content_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
+            .headers
+            .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = Body::new(resp, idle);
-        let inner = futures::stream::unfold(Some(body), |state| async move {
+        let inner = futures_util::stream::unfold(Some(body), |state| async move {
             let mut body = state?;
             match body.next().await? {
                 Ok(b) => Some((Ok(b), Some(body))),

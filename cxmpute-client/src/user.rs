@@ -3,12 +3,12 @@
 //! the model list, called with a user's API key.
 
 use bytes::Bytes;
-use cxmpute_core::wire::{
+use cxmpute_api::wire::{
     CaptionResponse, ChatCompletionRequest, ChatCompletionResponse, DetectResponse,
     EmbeddingsRequest, EmbeddingsResponse, ModelList, PointResponse, QueryResponse, ScrapeRequest,
     ScrapeResponse, SpeechRequest, StreamOptions, TtsRequest, VisionRequest,
 };
-use reqwest::Method;
+use http::Method;
 
 use crate::error::Result;
 use crate::stream::{ByteStream, ChatStream};

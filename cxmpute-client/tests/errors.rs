@@ -417,8 +417,27 @@ async fn a_refused_connection_is_a_connect_error() {
     let e = c.user().chat(&hi()).await.unwrap_err();
     assert!(matches!(e, Error::Connect(_)), "{e:?}");
     assert!(e.is_retryable() && e.status().is_none());
+    // The message says what went wrong, not only where.
+    assert!(e.to_string().to_lowercase().contains("refused"), "{e}");
     // Retried (a read), then given up with the same variant.
     assert!(matches!(c.user().models().await, Err(Error::Connect(_))));
+}
+
+#[cfg(feature = "rustls")]
+#[tokio::test]
+async fn an_https_host_is_spoken_to_in_tls() {
+    // A plain-HTTP server cannot complete a TLS handshake.
+    let s = Server::start(vec![models_json()]).await;
+    let url = s.url.replacen("http://", "https://", 1);
+    let e = client_of(&url).user().models().await.unwrap_err();
+    assert!(matches!(e, Error::Connect(_)), "{e:?}");
+}
+
+#[cfg(not(feature = "rustls"))]
+#[test]
+fn an_https_host_needs_the_rustls_feature() {
+    let e = Client::builder().base_url("https://h").build().unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e:?}");
 }
 
 #[tokio::test]

@@ -105,3 +105,15 @@ impl Error {
         )
     }
 }
+
+impl From<cxmpute_api::Error> for Error {
+    /// A value of the API's types that does not parse or is out of range:
+    /// invalid input (HTTP 400), worded as the API's types word it.
+    fn from(e: cxmpute_api::Error) -> Self {
+        match e {
+            cxmpute_api::Error::InvalidInput(m) => Error::InvalidInput(m),
+            // Future kinds keep their text until they get a variant here.
+            other => Error::InvalidInput(other.to_string()),
+        }
+    }
+}

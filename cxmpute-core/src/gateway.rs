@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::health::{self, Outcome};
 use crate::metrics::AttemptOutcome;
 use crate::pool::{InFlight, Node, RoutePreferences};
-use crate::pricing::Meter;
+use crate::pricing::{Cost, Meter};
 use crate::reward::RewardContext;
 use crate::services::{self, AnswerKind, Prepared};
 use crate::sse::ChatStreamMeter;

@@ -13,7 +13,6 @@
 pub mod accounts;
 pub mod analytics;
 pub mod broker;
-pub mod clock;
 pub mod egress;
 pub mod error;
 mod gateway;
@@ -26,15 +25,16 @@ pub mod network;
 pub mod pool;
 pub mod pricing;
 pub mod reward;
-pub mod secret;
 pub mod select;
 pub mod services;
 pub mod sse;
 pub mod stats;
 pub mod store;
 pub mod store_support;
-pub mod types;
-pub mod wire;
+
+// The API's types live in `cxmpute-api`, shared with the client; they are
+// reached here at the paths they always had.
+pub use cxmpute_api::{clock, secret, types, wire};
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -40,16 +40,7 @@ use crate::error::{Error, Result};
 use crate::types::*;
 use crate::wire::*;
 
-/// The VRAM tier of a node (the original's thresholds): under 4,096 MB tier 1,
-/// under 8,192 tier 2, under 22,528 tier 3, else tier 4.
-pub fn tier_for_vram(vram_mb: u64) -> u8 {
-    match vram_mb {
-        0..4_096 => 1,
-        4_096..8_192 => 2,
-        8_192..22_528 => 3,
-        _ => 4,
-    }
-}
+pub use cxmpute_api::wire::tier_for_vram;
 
 /// One model the network offers, and how much of the network should serve it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -47,28 +47,37 @@ fn per_million(count: u64, rate: Credits) -> i64 {
     i64::try_from(c).unwrap_or(i64::MAX)
 }
 
-impl PriceEntry {
+/// What a request costs at a price. A trait because [`PriceEntry`] is one of
+/// the API's types (defined in `cxmpute-api`, shared with the client) while
+/// costing belongs to the broker; `price.cost(m)` reads as before.
+pub(crate) trait Cost {
     /// The cost of `m` at this price, rounded up per part.
-    pub fn cost(&self, m: Meter) -> Credits {
-        self.cost_with(self.per_request, m)
-    }
+    fn cost(&self, m: Meter) -> Credits;
 
     /// The cost of what was delivered of a request that failed part-way: the
     /// metered tokens and units, without the per-request fee.
-    pub fn partial_cost(&self, m: Meter) -> Credits {
-        self.cost_with(Credits::ZERO, m)
+    fn partial_cost(&self, m: Meter) -> Credits;
+}
+
+impl Cost for PriceEntry {
+    fn cost(&self, m: Meter) -> Credits {
+        cost_with(self, self.per_request, m)
     }
 
-    /// [`PriceEntry::cost`] with `per_request` as the fee.
-    fn cost_with(&self, per_request: Credits, m: Meter) -> Credits {
-        let parts = [
-            per_request.0.max(0),
-            per_million(m.input_tokens, self.per_million_input_tokens),
-            per_million(m.output_tokens, self.per_million_output_tokens),
-            per_million(m.units, self.per_million_units),
-        ];
-        Credits(parts.into_iter().fold(0i64, |a, b| a.saturating_add(b)))
+    fn partial_cost(&self, m: Meter) -> Credits {
+        cost_with(self, Credits::ZERO, m)
     }
+}
+
+/// [`Cost::cost`] with `per_request` as the fee.
+fn cost_with(p: &PriceEntry, per_request: Credits, m: Meter) -> Credits {
+    let parts = [
+        per_request.0.max(0),
+        per_million(m.input_tokens, p.per_million_input_tokens),
+        per_million(m.output_tokens, p.per_million_output_tokens),
+        per_million(m.units, p.per_million_units),
+    ];
+    Credits(parts.into_iter().fold(0i64, |a, b| a.saturating_add(b)))
 }
 
 /// The default price list, used for any service and model without a stored price.

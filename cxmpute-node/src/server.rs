@@ -113,9 +113,6 @@ async fn handle(s: Arc<Serving>, route: Route, body: Bytes) -> Response {
         Route::Caption | Route::Query | Route::Detect | Route::Point => {
             crate::proxy::vision(&s, route, &body).await
         }
-        // `Route` is non-exhaustive: a route the broker learns before its
-        // nodes do is one this node does not serve.
-        other => Err(Error::NotFound(format!("{other} on this node"))),
     };
     r.unwrap_or_else(|e| ApiError(e).into_response())
 }

@@ -40,7 +40,7 @@ pub(super) fn routes() -> Routes {
 }
 
 fn range(b: &Broker, q: &RangeQuery) -> Result<DateRange, Error> {
-    DateRange::from_query(q, b.now().day())
+    Ok(DateRange::from_query(q, b.now().day())?)
 }
 
 /// Public network statistics.

@@ -8,10 +8,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::error::Error;
 use crate::secret::KeyHash;
+use crate::Error;
 
 macro_rules! string_id {
     ($(#[$meta:meta])* $name:ident, $prefix:literal) => {
@@ -281,9 +280,12 @@ impl<'de> Deserialize<'de> for Day {
 }
 
 /// A kind of AI service the marketplace sells.
+///
+/// Exhaustive on purpose: the host matches on it everywhere a service is
+/// handled, so a new service cannot be forgotten in any of those places; a
+/// new one changes [`Service::ALL`]'s length anyway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum Service {
     /// Chat completions.
     Chat,
@@ -336,8 +338,9 @@ impl FromStr for Service {
 }
 
 /// A gateway route a key may be permitted to call.
+///
+/// Exhaustive for the same reason as [`Service`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum Route {
     /// `POST /v1/chat/completions`
     #[serde(rename = "/v1/chat/completions")]
@@ -426,7 +429,8 @@ impl FromStr for Route {
 }
 
 /// Why and by whom an account was suspended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Suspension {
     /// The reason given.
     pub reason: String,
@@ -519,7 +523,8 @@ pub struct Provider {
 }
 
 /// Where a node says it is.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Location {
     /// Country (ISO code or name).
     #[serde(default)]
@@ -533,7 +538,8 @@ pub struct Location {
 }
 
 /// The lifecycle state of a provision.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ProvisionState {
     /// Registered; not serving yet.
@@ -741,7 +747,8 @@ impl LedgerTotals {
 }
 
 /// A manual change to a user's balance, recorded with who and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreditGrant {
     /// Whose balance.
     pub user_id: UserId,
@@ -759,7 +766,8 @@ pub struct CreditGrant {
 ///
 /// Cost of a request = `per_request` + tokens and units at the per-million
 /// rates, each rounded up to a whole micro-credit.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PriceEntry {
     /// The service priced.
     pub service: Service,
@@ -808,7 +816,8 @@ pub struct RefreshToken {
 }
 
 /// Where a notification is shown.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Placement {
     /// The public homepage.
@@ -820,7 +829,8 @@ pub enum Placement {
 }
 
 /// A notification with its display window.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Notification {
     /// Its id.
     pub id: NotificationId,

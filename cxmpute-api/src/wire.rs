@@ -8,21 +8,23 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
 
+use crate::secret::Secret;
 use crate::types::*;
 
 // ---- errors -------------------------------------------------------------------
 
 /// OpenAI's error body: `{"error": {...}}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// The inside of an [`ErrorBody`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Human-readable message.
     pub message: String,
@@ -40,7 +42,8 @@ pub struct ErrorDetail {
 // ---- chat ---------------------------------------------------------------------
 
 /// `POST /v1/chat/completions` body.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletionRequest {
     /// The model, e.g. `llama3.2:3b`.
     pub model: String,
@@ -85,7 +88,8 @@ impl ChatCompletionRequest {
 }
 
 /// `stream_options` of a chat request.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StreamOptions {
     /// Ask for a final chunk with token usage.
     #[serde(default)]
@@ -93,7 +97,8 @@ pub struct StreamOptions {
 }
 
 /// One message of a conversation.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
@@ -151,7 +156,8 @@ fn part_text(part: &Value) -> Option<&str> {
 }
 
 /// A message's content: text, or an array of parts.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum MessageContent {
     /// Plain text.
@@ -161,7 +167,8 @@ pub enum MessageContent {
 }
 
 /// Token usage as OpenAI reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     /// Input tokens.
     #[serde(default)]
@@ -175,7 +182,8 @@ pub struct Usage {
 }
 
 /// A chat completion (non-streamed).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletionResponse {
     /// Its id.
     #[serde(default)]
@@ -200,7 +208,8 @@ pub struct ChatCompletionResponse {
 }
 
 /// One answer of a completion.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatChoice {
     /// Its index.
     #[serde(default)]
@@ -213,7 +222,8 @@ pub struct ChatChoice {
 }
 
 /// One streamed chunk of a chat completion.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletionChunk {
     /// Its id.
     #[serde(default)]
@@ -236,7 +246,8 @@ pub struct ChatCompletionChunk {
 }
 
 /// One delta of a chunk.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChunkChoice {
     /// Its index.
     #[serde(default)]
@@ -250,7 +261,8 @@ pub struct ChunkChoice {
 }
 
 /// New content in a chunk.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatDelta {
     /// The role, in the first delta.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -291,7 +303,8 @@ impl ChatDelta {
 // ---- embeddings ---------------------------------------------------------------
 
 /// `POST /v1/embeddings` body.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EmbeddingsRequest {
     /// The model, e.g. `nomic-embed-text`.
     pub model: String,
@@ -304,7 +317,8 @@ pub struct EmbeddingsRequest {
 }
 
 /// What to embed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum EmbeddingInput {
     /// One text.
@@ -318,7 +332,8 @@ pub enum EmbeddingInput {
 }
 
 /// Embeddings answer.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EmbeddingsResponse {
     /// `list`.
     #[serde(default)]
@@ -334,7 +349,8 @@ pub struct EmbeddingsResponse {
 }
 
 /// One embedding.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Embedding {
     /// `embedding`.
     #[serde(default)]
@@ -349,7 +365,8 @@ pub struct Embedding {
 // ---- models -------------------------------------------------------------------
 
 /// `GET /v1/models` answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelList {
     /// `list`.
     pub object: String,
@@ -358,7 +375,8 @@ pub struct ModelList {
 }
 
 /// One served model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModelInfo {
     /// The model name.
     pub id: String,
@@ -377,7 +395,8 @@ pub struct ModelInfo {
 // ---- admin --------------------------------------------------------------------
 
 /// `POST /v1/admin/users`: create a user with a first API key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateUserRequest {
     /// The email.
     pub email: String,
@@ -387,18 +406,20 @@ pub struct CreateUserRequest {
 }
 
 /// A created user and its first API key (shown once).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateUserResponse {
     /// The user's id.
     pub user_id: UserId,
     /// The key's id.
     pub key_id: ApiKeyId,
     /// The API key itself. Shown only here.
-    pub api_key: crate::secret::Secret,
+    pub api_key: Secret,
 }
 
 /// `POST /v1/admin/users/{id}/credits`: add or remove credits.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GrantCreditsRequest {
     /// Micro-credits to add (negative removes).
     pub amount: Credits,
@@ -408,7 +429,8 @@ pub struct GrantCreditsRequest {
 }
 
 /// The balance after a grant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalanceResponse {
     /// The user.
     pub user_id: UserId,
@@ -417,25 +439,28 @@ pub struct BalanceResponse {
 }
 
 /// `POST /v1/admin/providers`: create a provider account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateProviderRequest {
     /// Contact email.
     pub email: String,
 }
 
 /// A created provider and its key (shown once).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateProviderResponse {
     /// The provider's id.
     pub provider_id: ProviderId,
     /// The provider key itself. Shown only here.
-    pub provider_key: crate::secret::Secret,
+    pub provider_key: Secret,
 }
 
 // ---- provider -----------------------------------------------------------------
 
 /// A (service, model) a node serves.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServedModel {
     /// The service.
     pub service: Service,
@@ -444,7 +469,8 @@ pub struct ServedModel {
 }
 
 /// `POST /v1/provider/provisions`: register a node.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterProvisionRequest {
     /// The node's base URL; given here (or later, when it is ready).
     #[serde(default)]
@@ -461,13 +487,14 @@ pub struct RegisterProvisionRequest {
 }
 
 /// A registered node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegisterProvisionResponse {
     /// Its id.
     pub provision_id: ProvisionId,
     /// The secret the broker will present on every call to the node; the node
     /// answers 401 to anything without it. Shown only here.
-    pub node_secret: crate::secret::Secret,
+    pub node_secret: Secret,
     /// Its state.
     pub state: ProvisionState,
     /// Capacity tier.
@@ -475,7 +502,8 @@ pub struct RegisterProvisionResponse {
 }
 
 /// A node as its provider sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProvisionView {
     /// Its id.
     pub provision_id: ProvisionId,
@@ -523,7 +551,8 @@ pub const MAX_IMAGE_BYTES: usize = 2 << 20;
 pub const MAX_VISION_PROMPT_CHARS: usize = 2000;
 
 /// `POST /v1/audio/speech` body (OpenAI's shape).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SpeechRequest {
     /// The pool model, e.g. `kokoro`.
     pub model: String,
@@ -546,7 +575,8 @@ pub struct SpeechRequest {
 }
 
 /// The audio formats the speech routes produce.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum AudioFormat {
     /// RIFF WAVE, 16-bit mono (`audio/wav`).
@@ -571,7 +601,8 @@ fn default_tts_voice() -> String {
 }
 
 /// `POST /v1/tts` body (the original platform's shape).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TtsRequest {
     /// The text to speak (at most [`MAX_SPEECH_CHARS`] characters).
     pub text: String,
@@ -584,7 +615,8 @@ pub struct TtsRequest {
 }
 
 /// What a scraped page is turned into.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ScrapeFormat {
     /// The page as it came.
@@ -597,7 +629,8 @@ pub enum ScrapeFormat {
 }
 
 /// `POST /v1/scrape` body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScrapeRequest {
     /// The pages to fetch: 1 to [`MAX_SCRAPE_URLS`] `http(s)` URLs.
     pub urls: Vec<String>,
@@ -610,14 +643,16 @@ pub struct ScrapeRequest {
 }
 
 /// The answer of `POST /v1/scrape`: one result per requested URL, in order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScrapeResponse {
     /// The results.
     pub results: Vec<ScrapeResult>,
 }
 
 /// What became of one URL.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScrapeResult {
     /// The URL as requested.
     pub url: String,
@@ -640,7 +675,8 @@ pub struct ScrapeResult {
 /// The body of every vision route (`/v1/m/caption`, `/v1/m/query`,
 /// `/v1/m/detect`, `/v1/m/point`): an image and, by route, a question or a
 /// target.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VisionRequest {
     /// The pool model; [`DEFAULT_VISION_MODEL`] when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -661,21 +697,24 @@ pub struct VisionRequest {
 }
 
 /// The answer of `POST /v1/m/caption`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CaptionResponse {
     /// What the image shows.
     pub caption: String,
 }
 
 /// The answer of `POST /v1/m/query`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueryResponse {
     /// The answer to the question.
     pub answer: String,
 }
 
 /// The answer of `POST /v1/m/detect`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DetectResponse {
     /// A box around each instance of the target found.
     pub objects: Vec<BoundingBox>,
@@ -683,7 +722,8 @@ pub struct DetectResponse {
 
 /// A box in an image, as fractions of its width and height (0 to 1, origin
 /// top left).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BoundingBox {
     /// Left edge.
     pub x_min: f64,
@@ -696,7 +736,8 @@ pub struct BoundingBox {
 }
 
 /// The answer of `POST /v1/m/point`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PointResponse {
     /// A point on each instance of the target found.
     pub points: Vec<ImagePoint>,
@@ -704,7 +745,8 @@ pub struct PointResponse {
 
 /// A point in an image, as fractions of its width and height (0 to 1, origin
 /// top left).
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImagePoint {
     /// Across.
     pub x: f64,
@@ -715,7 +757,8 @@ pub struct ImagePoint {
 // ---- accounts -----------------------------------------------------------------
 
 /// `POST /v1/auth/code`: send a sign-in code to an email.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RequestCodeRequest {
     /// Where to send the code.
     pub email: String,
@@ -723,7 +766,8 @@ pub struct RequestCodeRequest {
 
 /// The answer to a code request. It is the same whether or not an account
 /// exists for the email, so it reveals nothing about who has an account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RequestCodeResponse {
     /// Always `sent`.
     pub status: String,
@@ -732,27 +776,29 @@ pub struct RequestCodeResponse {
 }
 
 /// `POST /v1/auth/verify`: exchange a sign-in code for a session.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VerifyCodeRequest {
     /// The email the code was sent to.
     pub email: String,
     /// The code from the mail (redacted in `Debug`).
-    pub code: crate::secret::Secret,
+    pub code: Secret,
 }
 
 /// A session: a short-lived access token and a refresh token that works once.
 ///
 /// The session routes also set both as `HttpOnly` cookies for browsers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionResponse {
     /// `Bearer`.
     pub token_type: String,
     /// The access token: send it as `Authorization: Bearer <token>`.
-    pub access_token: crate::secret::Secret,
+    pub access_token: Secret,
     /// Seconds until the access token expires.
     pub expires_in: u64,
     /// Trade it at `POST /v1/auth/refresh` for a new session; it works once.
-    pub refresh_token: crate::secret::Secret,
+    pub refresh_token: Secret,
     /// Seconds until the refresh token expires.
     pub refresh_expires_in: u64,
     /// The signed-in user.
@@ -761,15 +807,17 @@ pub struct SessionResponse {
 
 /// `POST /v1/auth/refresh` and `POST /v1/auth/logout`: the refresh token,
 /// unless the browser sends it as a cookie.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RefreshRequest {
     /// The refresh token (redacted in `Debug`).
     #[serde(default)]
-    pub refresh_token: Option<crate::secret::Secret>,
+    pub refresh_token: Option<Secret>,
 }
 
 /// An API key as its owner sees it: never the secret, only its prefix.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ApiKeyView {
     /// The key's id.
     pub key_id: ApiKeyId,
@@ -805,7 +853,8 @@ impl From<&ApiKey> for ApiKeyView {
 }
 
 /// `GET /v1/me`: the signed-in user's account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MeResponse {
     /// The user's id.
     pub user_id: UserId,
@@ -826,7 +875,8 @@ pub struct MeResponse {
 }
 
 /// `POST /v1/me/keys`: create an API key.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateKeyRequest {
     /// A name (default `key`).
     #[serde(default)]
@@ -840,17 +890,19 @@ pub struct CreateKeyRequest {
 }
 
 /// A new API key: the secret is shown here once and never again.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateKeyResponse {
     /// The key.
     pub key: ApiKeyView,
     /// The secret (redacted in `Debug`).
-    pub api_key: crate::secret::Secret,
+    pub api_key: Secret,
 }
 
 /// `PATCH /v1/me/keys/{id}`: change a key. Absent fields stay as they are;
 /// `"credit_limit": null` removes the limit.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateKeyRequest {
     /// A new name.
     #[serde(default)]
@@ -877,7 +929,8 @@ where
 }
 
 /// One day of a user's usage.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DayUsage {
     /// The UTC day.
     pub day: Day,
@@ -896,7 +949,8 @@ pub struct DayUsage {
 }
 
 /// A user's usage of one service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ServiceUsage {
     /// The service.
     pub service: Service,
@@ -915,7 +969,8 @@ pub struct ServiceUsage {
 }
 
 /// One of a user's latest requests (what was asked and paid, not who served it).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RecentRequest {
     /// The request.
     pub request_id: RequestId,
@@ -944,7 +999,8 @@ pub struct RecentRequest {
 }
 
 /// `GET /v1/me/usage?days=N`: usage per day and per service.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageResponse {
     /// First day covered.
     pub from: Day,
@@ -960,7 +1016,8 @@ pub struct UsageResponse {
 }
 
 /// `GET /v1/provider/account`: a provider's account.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProviderAccountResponse {
     /// The provider's id.
     pub provider_id: ProviderId,
@@ -980,16 +1037,18 @@ pub struct ProviderAccountResponse {
 
 /// `POST /v1/provider/account/key`: a new provider key (shown once); the old
 /// one stopped working.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProviderKeyResponse {
     /// The provider.
     pub provider_id: ProviderId,
     /// The new key (redacted in `Debug`).
-    pub provider_key: crate::secret::Secret,
+    pub provider_key: Secret,
 }
 
 /// One day of a provider's earnings.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DayEarnings {
     /// The UTC day.
     pub day: Day,
@@ -1000,7 +1059,8 @@ pub struct DayEarnings {
 }
 
 /// `GET /v1/provider/account/earnings`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EarningsResponse {
     /// The provider.
     pub provider_id: ProviderId,
@@ -1013,14 +1073,16 @@ pub struct EarningsResponse {
 }
 
 /// `POST /v1/admin/users/{id}/suspend` and `.../providers/{id}/suspend`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SuspendRequest {
     /// Why (recorded, shown to the account holder).
     pub reason: String,
 }
 
 /// A user as an admin sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AdminUserView {
     /// The user's id.
     pub user_id: UserId,
@@ -1039,7 +1101,8 @@ pub struct AdminUserView {
 }
 
 /// `GET /v1/admin/users/{id}`: a user with its keys and credit grants.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AdminUserDetail {
     /// The user.
     pub user: AdminUserView,
@@ -1050,7 +1113,8 @@ pub struct AdminUserDetail {
 }
 
 /// A provider as an admin sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AdminProviderView {
     /// The provider's id.
     pub provider_id: ProviderId,
@@ -1069,7 +1133,8 @@ pub struct AdminProviderView {
 }
 
 /// A node as an admin sees it: the provider's view plus its owner.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AdminProvisionView {
     /// The provider that owns it.
     pub provider_id: ProviderId,
@@ -1079,7 +1144,8 @@ pub struct AdminProvisionView {
 }
 
 /// `POST /v1/admin/notifications` and `PUT /v1/admin/notifications/{id}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NotificationRequest {
     /// Title.
     pub title: String,
@@ -1103,7 +1169,8 @@ pub struct NotificationRequest {
 /// every field is optional and unknown fields are ignored, so node programs
 /// of any version can report what they know; a field of the wrong type is a
 /// 400. camelCase names (the original node's) are accepted too.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DeviceDiagnostics {
     /// The operating system: an object, or just its name as a string.
     #[serde(
@@ -1127,7 +1194,8 @@ pub struct DeviceDiagnostics {
 }
 
 /// A node's operating system.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OsInfo {
     /// `linux`, `macos`, `windows`...
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1158,7 +1226,8 @@ fn os_lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<OsInfo>, 
 }
 
 /// A node's GPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GpuInfo {
     /// Its name, e.g. `NVIDIA GeForce RTX 4090`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1195,7 +1264,8 @@ pub struct GpuInfo {
 }
 
 /// A node's CPU.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CpuInfo {
     /// Its name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1212,7 +1282,8 @@ pub struct CpuInfo {
 }
 
 /// Total, used and free space of a memory or storage device, in MB.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CapacityInfo {
     /// Total.
     #[serde(default, alias = "totalMb", skip_serializing_if = "Option::is_none")]
@@ -1228,13 +1299,12 @@ pub struct CapacityInfo {
 impl DeviceDiagnostics {
     /// Reads diagnostics from a JSON value (`null`: none reported). A value
     /// that is not an object, or a field of the wrong type, is a 400.
-    pub fn from_json(v: &Value) -> crate::error::Result<Self> {
+    pub fn from_json(v: &Value) -> Result<Self, crate::Error> {
         if v.is_null() {
             return Ok(Self::default());
         }
-        Self::deserialize(v).map_err(|e| {
-            crate::error::Error::InvalidInput(format!("invalid device diagnostics: {e}"))
-        })
+        Self::deserialize(v)
+            .map_err(|e| crate::Error::InvalidInput(format!("invalid device diagnostics: {e}")))
     }
 
     /// GPU memory in MB (0 without a GPU).
@@ -1242,14 +1312,26 @@ impl DeviceDiagnostics {
         self.gpu.as_ref().and_then(|g| g.memory_mb).unwrap_or(0)
     }
 
-    /// The node's capacity tier, by VRAM (see [`crate::network::tier_for_vram`]).
+    /// The node's capacity tier, by VRAM (see [`tier_for_vram`]).
     pub fn tier(&self) -> u8 {
-        crate::network::tier_for_vram(self.vram_mb())
+        tier_for_vram(self.vram_mb())
+    }
+}
+
+/// The VRAM tier of a node (the original's thresholds): under 4,096 MB tier 1,
+/// under 8,192 tier 2, under 22,528 tier 3, else tier 4.
+pub fn tier_for_vram(vram_mb: u64) -> u8 {
+    match vram_mb {
+        0..4_096 => 1,
+        4_096..8_192 => 2,
+        8_192..22_528 => 3,
+        _ => 4,
     }
 }
 
 /// `POST /v1/provider/provisions/{id}/start`: ask what to serve.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartProvisionRequest {
     /// The services the node is able to run (empty: any its tier allows).
     #[serde(default)]
@@ -1257,7 +1339,8 @@ pub struct StartProvisionRequest {
 }
 
 /// What the broker asks a starting node to serve.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartProvisionResponse {
     /// The node.
     pub provision_id: ProvisionId,
@@ -1270,7 +1353,8 @@ pub struct StartProvisionResponse {
 }
 
 /// `POST /v1/provider/provisions/{id}/ready`: the node is serving.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReadyProvisionRequest {
     /// The node's base URL (the broker calls `{endpoint}/v1/...` and
     /// `{endpoint}/heartbeat`).
