@@ -3,17 +3,18 @@
 
 use async_trait::async_trait;
 use cxmpute_core::{
-    ApiKey, ApiKeyId, ApiKeyUpdate, CreditGrant, Credits, Day, KeyHash, LedgerTotals, LoginCode,
-    Notification, NotificationId, PoolEntry, PriceEntry, Provider, ProviderId, Provision,
-    ProvisionId, ProvisionState, RefreshToken, RequestId, Reservation, Result, SettleOutcome,
-    Settlement, StatsBatch, StatsCounters, Store, Suspension, Timestamp, TokenFamilyId,
-    UsageRecord, User, UserId,
+    ApiKey, ApiKeyId, ApiKeyUpdate, CatalogueStore, CreditGrant, Credits, Day, KeyHash,
+    LedgerStore, LedgerTotals, LoginCode, NetworkStore, Notification, NotificationId, PoolEntry,
+    PriceEntry, Provider, ProviderId, Provision, ProvisionId, ProvisionState, RefreshToken,
+    RequestId, Reservation, Result, SettleOutcome, Settlement, SignInStore, StatsBatch,
+    StatsCounters, StatsStore, Suspension, Timestamp, TokenFamilyId, UsageRecord, User, UserId,
+    UserStore,
 };
 
 use crate::DynamoStore;
 
 #[async_trait]
-impl Store for DynamoStore {
+impl UserStore for DynamoStore {
     async fn create_user(&self, user: &User) -> Result<()> {
         self.create_user_impl(user).await
     }
@@ -29,13 +30,6 @@ impl Store for DynamoStore {
     async fn set_user_suspended(&self, id: &UserId, suspension: Option<Suspension>) -> Result<()> {
         self.set_user_suspended_impl(id, suspension).await
     }
-    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
-        self.grant_credits_impl(grant).await
-    }
-    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
-        self.credit_grants_impl(user).await
-    }
-
     async fn create_api_key(&self, key: &ApiKey) -> Result<()> {
         self.create_api_key_impl(key).await
     }
@@ -51,7 +45,10 @@ impl Store for DynamoStore {
     async fn revoke_api_key(&self, id: &ApiKeyId, at: Timestamp) -> Result<()> {
         self.revoke_api_key_impl(id, at).await
     }
+}
 
+#[async_trait]
+impl NetworkStore for DynamoStore {
     async fn create_provider(&self, provider: &Provider) -> Result<()> {
         self.create_provider_impl(provider).await
     }
@@ -74,7 +71,6 @@ impl Store for DynamoStore {
     ) -> Result<()> {
         self.set_provider_suspended_impl(id, suspension).await
     }
-
     async fn create_provision(&self, provision: &Provision, entries: &[PoolEntry]) -> Result<()> {
         self.create_provision_impl(provision, entries).await
     }
@@ -109,7 +105,16 @@ impl Store for DynamoStore {
     async fn expire_provisions(&self, before: Timestamp) -> Result<Vec<ProvisionId>> {
         self.expire_provisions_impl(before).await
     }
+}
 
+#[async_trait]
+impl LedgerStore for DynamoStore {
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
+        self.grant_credits_impl(grant).await
+    }
+    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
+        self.credit_grants_impl(user).await
+    }
     async fn reserve(&self, reservation: &Reservation) -> Result<()> {
         self.reserve_impl(reservation).await
     }
@@ -128,14 +133,10 @@ impl Store for DynamoStore {
     async fn usage_records(&self, user: &UserId, limit: usize) -> Result<Vec<UsageRecord>> {
         self.usage_records_impl(user, limit).await
     }
+}
 
-    async fn prices(&self) -> Result<Vec<PriceEntry>> {
-        self.prices_impl().await
-    }
-    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
-        self.put_price_impl(price).await
-    }
-
+#[async_trait]
+impl SignInStore for DynamoStore {
     async fn issue_login_code(
         &self,
         code: &LoginCode,
@@ -158,11 +159,11 @@ impl Store for DynamoStore {
     async fn prune_login_codes(&self, before: Timestamp) -> Result<u64> {
         self.prune_login_codes_impl(before).await
     }
-    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
-        self.prune_refresh_tokens_impl(before).await
-    }
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         self.create_refresh_token_impl(token).await
+    }
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        self.prune_refresh_tokens_impl(before).await
     }
     async fn rotate_refresh_token(
         &self,
@@ -178,7 +179,16 @@ impl Store for DynamoStore {
     async fn refresh_token_family(&self, hash: &KeyHash) -> Result<TokenFamilyId> {
         self.refresh_token_family_impl(hash).await
     }
+}
 
+#[async_trait]
+impl CatalogueStore for DynamoStore {
+    async fn prices(&self) -> Result<Vec<PriceEntry>> {
+        self.prices_impl().await
+    }
+    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
+        self.put_price_impl(price).await
+    }
     async fn put_notification(&self, n: &Notification) -> Result<()> {
         self.put_notification_impl(n).await
     }
@@ -188,7 +198,10 @@ impl Store for DynamoStore {
     async fn notifications(&self) -> Result<Vec<Notification>> {
         self.notifications_impl().await
     }
+}
 
+#[async_trait]
+impl StatsStore for DynamoStore {
     async fn record_stats(&self, batch: &StatsBatch) -> Result<()> {
         self.record_stats_impl(batch).await
     }

@@ -285,7 +285,7 @@ fn unexpected(answer: MoneyAnswer) -> Error {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl UserStore for SqliteStore {
     async fn create_user(&self, user: &User) -> Result<()> {
         let user = user.clone();
         self.writer
@@ -317,19 +317,6 @@ impl Store for SqliteStore {
             .write(move |c| {
                 Box::pin(async move { ops::set_user_suspended(c, id.as_str(), &suspension).await })
             })
-            .await
-    }
-
-    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
-        let grant = grant.clone();
-        self.writer
-            .write(move |c| Box::pin(async move { ops::grant_credits(c, &grant).await }))
-            .await
-    }
-
-    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
-        let user = user.clone();
-        self.read(move |c| Box::pin(async move { ops::credit_grants(c, user.as_str()).await }))
             .await
     }
 
@@ -367,7 +354,10 @@ impl Store for SqliteStore {
             .write(move |c| Box::pin(async move { ops::revoke_api_key(c, id.as_str(), at).await }))
             .await
     }
+}
 
+#[async_trait]
+impl NetworkStore for SqliteStore {
     async fn create_provider(&self, provider: &Provider) -> Result<()> {
         let provider = provider.clone();
         self.writer
@@ -487,6 +477,22 @@ impl Store for SqliteStore {
             .write(move |c| Box::pin(async move { ops::expire_provisions(c, before).await }))
             .await
     }
+}
+
+#[async_trait]
+impl LedgerStore for SqliteStore {
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
+        let grant = grant.clone();
+        self.writer
+            .write(move |c| Box::pin(async move { ops::grant_credits(c, &grant).await }))
+            .await
+    }
+
+    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
+        let user = user.clone();
+        self.read(move |c| Box::pin(async move { ops::credit_grants(c, user.as_str()).await }))
+            .await
+    }
 
     async fn reserve(&self, reservation: &Reservation) -> Result<()> {
         match self
@@ -536,19 +542,10 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
 
-    async fn prices(&self) -> Result<Vec<PriceEntry>> {
-        self.read(move |c| Box::pin(async move { ops::prices(c).await }))
-            .await
-    }
-
-    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
-        let price = price.clone();
-        self.writer
-            .write(move |c| Box::pin(async move { ops::put_price(c, &price).await }))
-            .await
-    }
-
+#[async_trait]
+impl SignInStore for SqliteStore {
     async fn issue_login_code(
         &self,
         code: &LoginCode,
@@ -629,6 +626,21 @@ impl Store for SqliteStore {
         self.read(move |c| Box::pin(async move { ops::refresh_token_family(c, &hash).await }))
             .await
     }
+}
+
+#[async_trait]
+impl CatalogueStore for SqliteStore {
+    async fn prices(&self) -> Result<Vec<PriceEntry>> {
+        self.read(move |c| Box::pin(async move { ops::prices(c).await }))
+            .await
+    }
+
+    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
+        let price = price.clone();
+        self.writer
+            .write(move |c| Box::pin(async move { ops::put_price(c, &price).await }))
+            .await
+    }
 
     async fn put_notification(&self, n: &Notification) -> Result<()> {
         let n = n.clone();
@@ -648,7 +660,10 @@ impl Store for SqliteStore {
         self.read(move |c| Box::pin(async move { ops::notifications(c).await }))
             .await
     }
+}
 
+#[async_trait]
+impl StatsStore for SqliteStore {
     async fn record_stats(&self, batch: &StatsBatch) -> Result<()> {
         let batch = batch.clone();
         self.writer
