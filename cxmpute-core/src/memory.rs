@@ -12,9 +12,8 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::secret::KeyHash;
-use crate::store::{
-    found, CatalogueStore, LedgerStore, NetworkStore, SignInStore, StatsStore, UserStore,
-};
+use crate::store::{CatalogueStore, LedgerStore, NetworkStore, SignInStore, StatsStore, UserStore};
+use crate::store_support::found;
 use crate::types::*;
 
 #[derive(Default)]

@@ -35,10 +35,13 @@
 //! changes, an ended node's entries), it is written once in
 //! [`store_support`](crate::store_support) and every backend calls it, so
 //! they all decide alike.
+//!
+//! [`Error::AlreadyExists`]: crate::error::Error::AlreadyExists
+//! [`Error::NotFound`]: crate::error::Error::NotFound
 
 use async_trait::async_trait;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::secret::KeyHash;
 use crate::types::*;
 
@@ -309,9 +312,4 @@ pub trait StatsStore: Send + Sync + 'static {
         from: Day,
         to: Day,
     ) -> Result<Vec<(String, StatsCounters)>>;
-}
-
-/// `Err(NotFound)` for an absent value.
-pub fn found<T>(v: Option<T>, what: impl FnOnce() -> String) -> Result<T> {
-    v.ok_or_else(|| Error::NotFound(what()))
 }

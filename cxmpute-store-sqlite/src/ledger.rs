@@ -7,8 +7,7 @@
 //! Everything else is a statement like every other area's.
 
 use async_trait::async_trait;
-use cxmpute_core::store::found;
-use cxmpute_core::store_support::{granted_balance, release_settlement};
+use cxmpute_core::store_support::{found, granted_balance, release_settlement};
 use cxmpute_core::*;
 
 use crate::error::map;

@@ -3,8 +3,7 @@
 
 use async_trait::async_trait;
 use cxmpute_core::secret::KeyHash;
-use cxmpute_core::store::found;
-use cxmpute_core::store_support::check_provision_update;
+use cxmpute_core::store_support::{check_provision_update, found};
 use cxmpute_core::*;
 
 use crate::error::map;

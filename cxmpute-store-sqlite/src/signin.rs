@@ -8,7 +8,7 @@
 
 use async_trait::async_trait;
 use cxmpute_core::secret::KeyHash;
-use cxmpute_core::store::found;
+use cxmpute_core::store_support::found;
 use cxmpute_core::*;
 
 use crate::error::map;

@@ -6,7 +6,7 @@
 //! the core's shared rules, and return `Err` to have their changes undone.
 //! Reads run on a read connection.
 
-use cxmpute_core::store::found;
+use cxmpute_core::store_support::found;
 use cxmpute_core::*;
 use sqlx::sqlite::SqliteRow;
 use sqlx::SqliteConnection;

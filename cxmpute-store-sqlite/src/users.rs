@@ -3,8 +3,7 @@
 
 use async_trait::async_trait;
 use cxmpute_core::secret::KeyHash;
-use cxmpute_core::store::found;
-use cxmpute_core::store_support::moved_credits_left;
+use cxmpute_core::store_support::{found, moved_credits_left};
 use cxmpute_core::*;
 
 use crate::rows::{self, key_cols, limit, user_cols};
