@@ -54,5 +54,7 @@ pub use reward::{RevenueShare, TieredReward};
 pub use secret::{KeyHash, Secret};
 pub use select::{LeastInFlightSelector, PeakEwmaSelector, RoundRobinSelector};
 pub use select::{ProvisionSelector, RandomSelector};
-pub use store::Store;
+pub use store::{
+    CatalogueStore, LedgerStore, NetworkStore, SignInStore, StatsStore, Store, UserStore,
+};
 pub use types::*;

@@ -1,8 +1,9 @@
-//! [`MemoryStore`]: a complete [`Store`] in memory.
+//! [`MemoryStore`]: a complete [`Store`](crate::store::Store) in memory, one
+//! impl block per area of the store.
 //!
-//! One mutex guards all state, so every method is atomic exactly as a
-//! database transaction would be. Good for tests and for trying the broker
-//! out; state is lost when the process ends.
+//! One mutex guards all state, every area's, so every method is atomic
+//! exactly as a database transaction would be. Good for tests and for trying
+//! the broker out; state is lost when the process ends.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -11,34 +12,41 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::secret::KeyHash;
-use crate::store::{found, Store};
+use crate::store::{CatalogueStore, LedgerStore, NetworkStore, SignInStore, StatsStore, UserStore};
+use crate::store_support::found;
 use crate::types::*;
 
 #[derive(Default)]
 struct Inner {
+    // users and API keys
     users: HashMap<UserId, User>,
     emails: HashMap<String, UserId>,
-    grants: Vec<CreditGrant>,
     keys: HashMap<ApiKeyId, ApiKey>,
     key_hashes: HashMap<KeyHash, ApiKeyId>,
+    // the network
     providers: HashMap<ProviderId, Provider>,
     provider_hashes: HashMap<KeyHash, ProviderId>,
     provisions: HashMap<ProvisionId, Provision>,
     entries: HashMap<ProvisionId, Vec<PoolEntry>>,
+    // the ledger (balances and earnings are the users' and providers')
+    grants: Vec<CreditGrant>,
     reservations: HashMap<RequestId, Reservation>,
     settled: HashMap<RequestId, UsageRecord>,
     totals: LedgerTotals,
-    prices: BTreeMap<(Service, Option<String>), PriceEntry>,
+    // sign-in
     codes: HashMap<String, (LoginCode, u32)>,
     code_issues: HashMap<String, Vec<Timestamp>>,
     tokens: HashMap<KeyHash, (RefreshToken, bool)>,
     revoked_families: HashSet<TokenFamilyId>,
+    // the catalogue
+    prices: BTreeMap<(Service, Option<String>), PriceEntry>,
     notifications: HashMap<NotificationId, Notification>,
+    // stats
     stats: BTreeMap<(String, Day), StatsCounters>,
     stats_batches: HashSet<String>,
 }
 
-/// A [`Store`] in memory. Cheap to create; not shared between processes.
+/// A [`Store`](crate::store::Store) in memory. Cheap to create; not shared between processes.
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -63,7 +71,7 @@ fn sorted_by<T, K: Ord>(mut v: Vec<T>, key: impl Fn(&T) -> K) -> Vec<T> {
 }
 
 #[async_trait]
-impl Store for MemoryStore {
+impl UserStore for MemoryStore {
     async fn create_user(&self, user: &User) -> Result<()> {
         let mut s = self.inner.lock();
         if s.users.contains_key(&user.id) || s.emails.contains_key(&user.email) {
@@ -105,26 +113,6 @@ impl Store for MemoryStore {
         let u = found(s.users.get_mut(id), || format!("user {id}"))?;
         u.suspended = suspension;
         Ok(())
-    }
-
-    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
-        let mut s = self.inner.lock();
-        let u = found(s.users.get_mut(&grant.user_id), || {
-            format!("user {}", grant.user_id)
-        })?;
-        let next = crate::store_support::granted_balance(u.credits, grant.amount)?;
-        u.credits = next;
-        s.grants.push(grant.clone());
-        Ok(next)
-    }
-
-    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
-        let s = self.inner.lock();
-        Ok(s.grants
-            .iter()
-            .filter(|g| &g.user_id == user)
-            .cloned()
-            .collect())
     }
 
     async fn create_api_key(&self, key: &ApiKey) -> Result<()> {
@@ -184,7 +172,10 @@ impl Store for MemoryStore {
         k.revoked_at.get_or_insert(at);
         Ok(())
     }
+}
 
+#[async_trait]
+impl NetworkStore for MemoryStore {
     async fn create_provider(&self, provider: &Provider) -> Result<()> {
         let mut s = self.inner.lock();
         let user_taken = provider
@@ -351,6 +342,29 @@ impl Store for MemoryStore {
         gone.sort();
         Ok(gone)
     }
+}
+
+#[async_trait]
+impl LedgerStore for MemoryStore {
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
+        let mut s = self.inner.lock();
+        let u = found(s.users.get_mut(&grant.user_id), || {
+            format!("user {}", grant.user_id)
+        })?;
+        let next = crate::store_support::granted_balance(u.credits, grant.amount)?;
+        u.credits = next;
+        s.grants.push(grant.clone());
+        Ok(next)
+    }
+
+    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
+        let s = self.inner.lock();
+        Ok(s.grants
+            .iter()
+            .filter(|g| &g.user_id == user)
+            .cloned()
+            .collect())
+    }
 
     async fn reserve(&self, r: &Reservation) -> Result<()> {
         let mut guard = self.inner.lock();
@@ -429,18 +443,10 @@ impl Store for MemoryStore {
         v.truncate(limit);
         Ok(v)
     }
+}
 
-    async fn prices(&self) -> Result<Vec<PriceEntry>> {
-        Ok(self.inner.lock().prices.values().cloned().collect())
-    }
-
-    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
-        let mut s = self.inner.lock();
-        s.prices
-            .insert((price.service, price.model.clone()), price.clone());
-        Ok(())
-    }
-
+#[async_trait]
+impl SignInStore for MemoryStore {
     async fn issue_login_code(
         &self,
         code: &LoginCode,
@@ -557,6 +563,20 @@ impl Store for MemoryStore {
             "refresh token".into()
         })
     }
+}
+
+#[async_trait]
+impl CatalogueStore for MemoryStore {
+    async fn prices(&self) -> Result<Vec<PriceEntry>> {
+        Ok(self.inner.lock().prices.values().cloned().collect())
+    }
+
+    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
+        let mut s = self.inner.lock();
+        s.prices
+            .insert((price.service, price.model.clone()), price.clone());
+        Ok(())
+    }
 
     async fn put_notification(&self, n: &Notification) -> Result<()> {
         self.inner
@@ -575,7 +595,10 @@ impl Store for MemoryStore {
         let v = self.inner.lock().notifications.values().cloned().collect();
         Ok(sorted_by(v, |n: &Notification| (n.starts_at, n.id.clone())))
     }
+}
 
+#[async_trait]
+impl StatsStore for MemoryStore {
     async fn record_stats(&self, batch: &StatsBatch) -> Result<()> {
         let mut s = self.inner.lock();
         if !s.stats_batches.insert(batch.id.clone()) {

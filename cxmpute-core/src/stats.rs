@@ -2,8 +2,9 @@
 //!
 //! The pipeline adds each finished request to in-memory counters (one short
 //! lock); a flush turns them into a [`StatsBatch`] with a fresh id and writes
-//! it through [`Store::record_stats`]. A batch that fails to write is kept and
-//! retried with the *same* id, so a retry after an unseen success adds nothing.
+//! it through [`StatsStore::record_stats`](crate::store::StatsStore::record_stats).
+//! A batch that fails to write is kept and retried with the *same* id, so a
+//! retry after an unseen success adds nothing.
 //!
 //! ## Counter scopes and gauge scopes
 //!

@@ -1,5 +1,24 @@
-//! The [`Store`] trait: everything the broker keeps, behind one dyn-compatible
-//! interface that SQLite, DynamoDB and memory implement alike.
+//! The [`Store`]: everything the broker keeps, behind dyn-compatible traits
+//! that SQLite, DynamoDB and memory implement alike.
+//!
+//! A store is six areas, each a trait of its own:
+//!
+//! | trait | holds |
+//! |-------|-------|
+//! | [`UserStore`] | users and their API keys |
+//! | [`NetworkStore`] | providers, their nodes (provisions) and the nodes' pool entries |
+//! | [`LedgerStore`] | credit grants, reservations and settlements, usage records, the ledger's totals |
+//! | [`SignInStore`] | sign-in codes and the refresh tokens of sessions |
+//! | [`CatalogueStore`] | what the operator publishes: prices and notifications |
+//! | [`StatsStore`] | usage counters per scope and day |
+//!
+//! [`Store`] is their sum with a blanket impl: whatever implements the six
+//! is a store. Embedders hold an `Arc<dyn Store>` and call any area's method
+//! on it without importing the area's trait (a trait object carries its
+//! supertraits' methods); calling one on a concrete store (`MemoryStore`,
+//! `SqliteStore`) needs the area's trait in scope, e.g.
+//! `use cxmpute_core::store::UserStore`. A backend keeps one file (or impl
+//! block) per area, and the conformance suite checks it area by area.
 //!
 //! Rules every implementation follows (the conformance suite checks them):
 //!
@@ -9,17 +28,46 @@
 //! - Lookups of missing things fail with [`Error::NotFound`].
 //! - Every method that moves credits is atomic on its own: the broker never
 //!   reads a balance and writes it back.
-//! - [`Store::settle`] is idempotent per request id.
+//! - [`LedgerStore::settle`] is idempotent per request id.
+//!
+//! Where a rule decides about money or state (a reservation's checks, a
+//! settlement's refund and reward, a key's remaining credit when its limit
+//! changes, an ended node's entries), it is written once in
+//! [`store_support`](crate::store_support) and every backend calls it, so
+//! they all decide alike.
+//!
+//! [`Error::AlreadyExists`]: crate::error::Error::AlreadyExists
+//! [`Error::NotFound`]: crate::error::Error::NotFound
 
 use async_trait::async_trait;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::secret::KeyHash;
 use crate::types::*;
 
-/// Where the broker keeps its state. See the [module docs](self) for the rules.
+/// Where the broker keeps its state: the sum of the six area traits. See the
+/// [module docs](self) for the areas and the rules.
+///
+/// Implemented for every type that implements all six; implement those.
+pub trait Store:
+    UserStore + NetworkStore + LedgerStore + SignInStore + CatalogueStore + StatsStore
+{
+}
+
+impl<T> Store for T where
+    T: UserStore + NetworkStore + LedgerStore + SignInStore + CatalogueStore + StatsStore
+{
+}
+
+/// Users and their API keys: who may call the gateway, and with which key.
+///
+/// A user's balance is set when the user is created and moves afterwards
+/// only through the [`LedgerStore`]. A key's `credits_left` moves with its
+/// limit, by what was spent of it
+/// ([`store_support::moved_credits_left`](crate::store_support::moved_credits_left)),
+/// in the same atomic step as the limit.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait UserStore: Send + Sync + 'static {
     // ---- users -------------------------------------------------------------
 
     /// Creates a user. `AlreadyExists` when the id or the email is taken.
@@ -32,12 +80,6 @@ pub trait Store: Send + Sync + 'static {
     async fn search_users(&self, query: &str, limit: usize) -> Result<Vec<User>>;
     /// Suspends (`Some`) or unsuspends (`None`) a user.
     async fn set_user_suspended(&self, id: &UserId, suspension: Option<Suspension>) -> Result<()>;
-    /// Adds (or, when negative, removes) credits and records the grant, atomically.
-    /// Removing more than the balance fails with `InsufficientCredits` and changes
-    /// nothing. Returns the new balance.
-    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits>;
-    /// The grants recorded for a user, oldest first.
-    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>>;
 
     // ---- API keys ----------------------------------------------------------
 
@@ -52,7 +94,17 @@ pub trait Store: Send + Sync + 'static {
     async fn update_api_key(&self, id: &ApiKeyId, update: &ApiKeyUpdate) -> Result<ApiKey>;
     /// Revokes a key; it never works again. Revoking twice is fine.
     async fn revoke_api_key(&self, id: &ApiKeyId, at: Timestamp) -> Result<()>;
+}
 
+/// The provider network: providers, their nodes (provisions) and the pool
+/// entries the broker's routing index is built from.
+///
+/// A node and its pool entries change together, in one atomic step; an
+/// ended node has none
+/// ([`store_support::check_provision_update`](crate::store_support::check_provision_update)).
+/// A provider's `earnings` grow only through [`LedgerStore::settle`].
+#[async_trait]
+pub trait NetworkStore: Send + Sync + 'static {
     // ---- providers ---------------------------------------------------------
 
     /// Creates a provider. `AlreadyExists` when the id or key hash is taken.
@@ -101,8 +153,35 @@ pub trait Store: Send + Sync + 'static {
     /// Ends every non-ended node last heard from before `before` (its pool
     /// entries go) and returns their ids.
     async fn expire_provisions(&self, before: Timestamp) -> Result<Vec<ProvisionId>>;
+}
 
-    // ---- credits -----------------------------------------------------------
+/// The ledger: credit grants, reservations and their settlements, the usage
+/// records settlements leave, and the running totals over all of them.
+///
+/// Every method here that moves credits is atomic on its own, and the
+/// decisions are the shared ones of [`store_support`](crate::store_support):
+/// a reservation's checks and holds
+/// ([`apply_reservation`](crate::store_support::apply_reservation)), a
+/// settlement's charge, refund and reward
+/// ([`SettlePlan`](crate::store_support::SettlePlan): the charge clamped to
+/// the reservation, the reward to the charge, a key's refund to its limit),
+/// the release of a stale reservation
+/// ([`release_settlement`](crate::store_support::release_settlement)) and a
+/// grant's new balance
+/// ([`granted_balance`](crate::store_support::granted_balance)). A settlement
+/// applies once per request id.
+#[async_trait]
+pub trait LedgerStore: Send + Sync + 'static {
+    // ---- grants ------------------------------------------------------------
+
+    /// Adds (or, when negative, removes) credits and records the grant, atomically.
+    /// Removing more than the balance fails with `InsufficientCredits` and changes
+    /// nothing. Returns the new balance.
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits>;
+    /// The grants recorded for a user, oldest first.
+    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>>;
+
+    // ---- reservations and settlements --------------------------------------
 
     /// Holds `amount` of the user's credits and of the key's limit, atomically,
     /// and records the reservation. Fails, changing nothing, with
@@ -126,15 +205,16 @@ pub trait Store: Send + Sync + 'static {
     async fn ledger_totals(&self) -> Result<LedgerTotals>;
     /// A user's settled requests, newest first, at most `limit`.
     async fn usage_records(&self, user: &UserId, limit: usize) -> Result<Vec<UsageRecord>>;
+}
 
-    // ---- pricing -----------------------------------------------------------
-
-    /// Every stored price.
-    async fn prices(&self) -> Result<Vec<PriceEntry>>;
-    /// Stores a price, replacing the one for the same service and model.
-    async fn put_price(&self, price: &PriceEntry) -> Result<()>;
-
-    // ---- sign-in -----------------------------------------------------------
+/// Sign-in: the one-time codes mailed to an email address and the refresh
+/// tokens of the sessions they open, both kept as hashes only.
+///
+/// Checking a code and rotating a token are each one atomic step, so two
+/// hosts presented the same code or token cannot both accept it.
+#[async_trait]
+pub trait SignInStore: Send + Sync + 'static {
+    // ---- sign-in codes ---------------------------------------------------------
 
     /// Stores a new login code for the email, replacing any earlier one (its
     /// attempts reset). `RateLimited` when `max_per_window` codes were already
@@ -162,6 +242,9 @@ pub trait Store: Send + Sync + 'static {
     /// code can still be used or counted (housekeeping, so that a flood of
     /// requests for distinct emails leaves nothing behind).
     async fn prune_login_codes(&self, before: Timestamp) -> Result<u64>;
+
+    // ---- refresh tokens ----------------------------------------------------
+
     /// Stores a new refresh token.
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()>;
     /// Deletes every refresh token that expired before `before`, used or not,
@@ -183,6 +266,22 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_token_family(&self, family: &TokenFamilyId) -> Result<()>;
     /// The family of a token (to log out with it).
     async fn refresh_token_family(&self, hash: &KeyHash) -> Result<TokenFamilyId>;
+}
+
+/// What the operator publishes: prices and notifications. (The catalogue of
+/// models will join them here.)
+///
+/// Written rarely, by an administrator; neither is read on the gateway's
+/// request path (hosts keep the prices in memory and refresh them with the
+/// pools).
+#[async_trait]
+pub trait CatalogueStore: Send + Sync + 'static {
+    // ---- prices ------------------------------------------------------------
+
+    /// Every stored price.
+    async fn prices(&self) -> Result<Vec<PriceEntry>>;
+    /// Stores a price, replacing the one for the same service and model.
+    async fn put_price(&self, price: &PriceEntry) -> Result<()>;
 
     // ---- notifications -----------------------------------------------------
 
@@ -192,9 +291,14 @@ pub trait Store: Send + Sync + 'static {
     async fn delete_notification(&self, id: &NotificationId) -> Result<()>;
     /// Every notification, by start time.
     async fn notifications(&self) -> Result<Vec<Notification>>;
+}
 
-    // ---- stats -------------------------------------------------------------
-
+/// Usage statistics: counters per scope and day, added to in batches.
+///
+/// A batch carries an id and is applied at most once, so a host retrying a
+/// batch whose success it never saw counts nothing twice.
+#[async_trait]
+pub trait StatsStore: Send + Sync + 'static {
     /// Adds a batch of deltas once: a batch whose id was applied before adds nothing.
     async fn record_stats(&self, batch: &StatsBatch) -> Result<()>;
     /// Counters for one scope over a range of days (inclusive), by day;
@@ -208,9 +312,4 @@ pub trait Store: Send + Sync + 'static {
         from: Day,
         to: Day,
     ) -> Result<Vec<(String, StatsCounters)>>;
-}
-
-/// `Err(NotFound)` for an absent value.
-pub fn found<T>(v: Option<T>, what: impl FnOnce() -> String) -> Result<T> {
-    v.ok_or_else(|| Error::NotFound(what()))
 }

@@ -6,6 +6,12 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::types::*;
 
+/// `Err(NotFound)` for an absent value: how a store answers a lookup or a
+/// change of something it does not hold.
+pub fn found<T>(v: Option<T>, what: impl FnOnce() -> String) -> Result<T> {
+    v.ok_or_else(|| Error::NotFound(what()))
+}
+
 /// Checks a reservation against the user and key it names, without changing
 /// anything: revoked key, suspended account, unpermitted route, balance, key limit.
 pub fn check_reservation(user: &User, key: &ApiKey, r: &Reservation) -> Result<()> {

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 use cxmpute_core::secret::random_token;
 use cxmpute_core::{
-    ApiKey, ApiKeyId, Credits, Provider, ProviderId, RequestId, Reservation, Route, Secret,
-    SettleOutcome, Settlement, Store, Timestamp, UsageRecord, User, UserId,
+    ApiKey, ApiKeyId, Credits, LedgerStore, NetworkStore, Provider, ProviderId, RequestId,
+    Reservation, Route, Secret, SettleOutcome, Settlement, Timestamp, UsageRecord, User, UserId,
+    UserStore,
 };
 use cxmpute_store_dynamo::{DynamoConfig, DynamoStore, StaticCredentials};
 

@@ -152,15 +152,18 @@
 // Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
 #![warn(unreachable_pub)]
 
-mod accounts;
 mod config;
-mod credits;
 mod db;
 mod item;
-mod misc;
-mod nodes;
 mod schema;
-mod store;
+
+// One module per area of the store, each implementing its trait directly.
+mod catalogue;
+mod ledger;
+mod network;
+mod signin;
+mod stats;
+mod users;
 
 pub use config::{DynamoConfig, RequestGate, StaticCredentials};
 pub use db::DynamoStore;

@@ -14,9 +14,10 @@ use aws_sdk_dynamodb::operation::get_item::GetItemInput;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsInput;
 use cxmpute_core::error::BoxError;
 use cxmpute_core::{
-    ApiKey, ApiKeyId, Credits, Day, Error, PoolEntry, Provider, ProviderId, Provision, ProvisionId,
-    ProvisionState, RequestId, Reservation, Route, Secret, Service, SettleOutcome, Settlement,
-    StatsBatch, StatsCounters, Store, Timestamp, UsageRecord, User, UserId,
+    ApiKey, ApiKeyId, Credits, Day, Error, LedgerStore, NetworkStore, PoolEntry, Provider,
+    ProviderId, Provision, ProvisionId, ProvisionState, RequestId, Reservation, Route, Secret,
+    Service, SettleOutcome, Settlement, StatsBatch, StatsCounters, StatsStore, Store, Timestamp,
+    UsageRecord, User, UserId, UserStore,
 };
 use cxmpute_store_dynamo::{DynamoConfig, DynamoStore, StaticCredentials};
 

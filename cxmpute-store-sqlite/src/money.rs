@@ -27,9 +27,9 @@ use crate::rows::{self, col, json, key_cols, reservation_cols, to_i64, usage_col
 
 /// One money operation.
 pub(crate) enum MoneyOp {
-    /// [`Store::reserve`].
+    /// [`LedgerStore::reserve`].
     Reserve(Reservation),
-    /// [`Store::settle`].
+    /// [`LedgerStore::settle`].
     Settle(Settlement),
 }
 

@@ -60,7 +60,7 @@ impl InstrumentedStore {
 }
 
 #[async_trait]
-impl Store for InstrumentedStore {
+impl UserStore for InstrumentedStore {
     async fn create_user(&self, user: &User) -> Result<()> {
         self.call("create_user", self.inner.create_user(user)).await
     }
@@ -87,16 +87,6 @@ impl Store for InstrumentedStore {
         .await
     }
 
-    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
-        self.call("grant_credits", self.inner.grant_credits(grant))
-            .await
-    }
-
-    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
-        self.call("credit_grants", self.inner.credit_grants(user))
-            .await
-    }
-
     async fn create_api_key(&self, key: &ApiKey) -> Result<()> {
         self.call("create_api_key", self.inner.create_api_key(key))
             .await
@@ -120,7 +110,10 @@ impl Store for InstrumentedStore {
         self.call("revoke_api_key", self.inner.revoke_api_key(id, at))
             .await
     }
+}
 
+#[async_trait]
+impl NetworkStore for InstrumentedStore {
     async fn create_provider(&self, provider: &Provider) -> Result<()> {
         self.call("create_provider", self.inner.create_provider(provider))
             .await
@@ -218,6 +211,19 @@ impl Store for InstrumentedStore {
         self.call("expire_provisions", self.inner.expire_provisions(before))
             .await
     }
+}
+
+#[async_trait]
+impl LedgerStore for InstrumentedStore {
+    async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
+        self.call("grant_credits", self.inner.grant_credits(grant))
+            .await
+    }
+
+    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
+        self.call("credit_grants", self.inner.credit_grants(user))
+            .await
+    }
 
     async fn reserve(&self, reservation: &Reservation) -> Result<()> {
         self.call("reserve", self.inner.reserve(reservation)).await
@@ -248,15 +254,10 @@ impl Store for InstrumentedStore {
         self.call("usage_records", self.inner.usage_records(user, limit))
             .await
     }
+}
 
-    async fn prices(&self) -> Result<Vec<PriceEntry>> {
-        self.call("prices", self.inner.prices()).await
-    }
-
-    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
-        self.call("put_price", self.inner.put_price(price)).await
-    }
-
+#[async_trait]
+impl SignInStore for InstrumentedStore {
     async fn issue_login_code(
         &self,
         code: &LoginCode,
@@ -291,18 +292,18 @@ impl Store for InstrumentedStore {
             .await
     }
 
-    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
-        self.call(
-            "prune_refresh_tokens",
-            self.inner.prune_refresh_tokens(before),
-        )
-        .await
-    }
-
     async fn create_refresh_token(&self, token: &RefreshToken) -> Result<()> {
         self.call(
             "create_refresh_token",
             self.inner.create_refresh_token(token),
+        )
+        .await
+    }
+
+    async fn prune_refresh_tokens(&self, before: Timestamp) -> Result<u64> {
+        self.call(
+            "prune_refresh_tokens",
+            self.inner.prune_refresh_tokens(before),
         )
         .await
     }
@@ -335,6 +336,17 @@ impl Store for InstrumentedStore {
         )
         .await
     }
+}
+
+#[async_trait]
+impl CatalogueStore for InstrumentedStore {
+    async fn prices(&self) -> Result<Vec<PriceEntry>> {
+        self.call("prices", self.inner.prices()).await
+    }
+
+    async fn put_price(&self, price: &PriceEntry) -> Result<()> {
+        self.call("put_price", self.inner.put_price(price)).await
+    }
 
     async fn put_notification(&self, n: &Notification) -> Result<()> {
         self.call("put_notification", self.inner.put_notification(n))
@@ -349,7 +361,10 @@ impl Store for InstrumentedStore {
     async fn notifications(&self) -> Result<Vec<Notification>> {
         self.call("notifications", self.inner.notifications()).await
     }
+}
 
+#[async_trait]
+impl StatsStore for InstrumentedStore {
     async fn record_stats(&self, batch: &StatsBatch) -> Result<()> {
         self.call("record_stats", self.inner.record_stats(batch))
             .await

@@ -1,5 +1,5 @@
-//! Provisions (provider nodes) and the pool entries the routing index is
-//! built from.
+//! Providers, their nodes (provisions) and the pool entries the routing
+//! index is built from.
 //!
 //! A node item carries a version number and the sort keys of its pool
 //! entries. Every change of state or entries reads the node, then writes the
@@ -9,15 +9,41 @@
 
 use std::collections::BTreeMap;
 
+use async_trait::async_trait;
 use cxmpute_core::store_support::check_provision_update;
 use cxmpute_core::{
-    Error, Location, PoolEntry, ProviderId, Provision, ProvisionId, ProvisionState, Result,
-    Timestamp,
+    Credits, Error, KeyHash, Location, NetworkStore, PoolEntry, Provider, ProviderId, Provision,
+    ProvisionId, ProvisionState, Result, Suspension, Timestamp, UserId,
 };
 
 use crate::db::{DynamoStore, Fail, Query, Tx, MAX_TX_ITEMS};
 use crate::item::{key, list_s, n, s, Ex, Item, ItemBuilder, Rd};
 use crate::schema;
+
+fn provider_item(p: &Provider) -> Result<Item> {
+    Ok(ItemBuilder::at(schema::provider(&p.id))
+        .s("id", p.id.as_str())
+        .opt_s("user_id", p.user_id.as_ref().map(|u| u.as_str()))
+        .s("email", &p.email)
+        .s("key_hash", p.key_hash.to_hex())
+        .n("earnings", p.earnings.0)
+        .opt_json("suspended", p.suspended.as_ref())?
+        .n("created_at", p.created_at.0)
+        .build())
+}
+
+fn decode_provider(it: &Item) -> Result<Provider> {
+    let r = Rd::new(it, "provider");
+    Ok(Provider {
+        id: ProviderId::new(r.s("id")?),
+        user_id: r.opt_s("user_id")?.map(UserId::new),
+        email: r.s("email")?,
+        key_hash: r.hash("key_hash")?,
+        earnings: Credits(r.num("earnings")?),
+        suspended: r.opt_json("suspended")?,
+        created_at: Timestamp(r.num("created_at")?),
+    })
+}
 
 fn node_item(p: &Provision, entry_keys: &[String]) -> Result<Item> {
     Ok(ItemBuilder::at(schema::node(&p.id))
@@ -115,12 +141,110 @@ fn sort_nodes(mut v: Vec<Provision>) -> Vec<Provision> {
     v
 }
 
-impl DynamoStore {
-    pub(crate) async fn create_provision_impl(
+#[async_trait]
+impl NetworkStore for DynamoStore {
+    // ---- providers ----------------------------------------------------------
+
+    async fn create_provider(&self, p: &Provider) -> Result<()> {
+        let what = "creating a provider";
+        let mut tx = Tx::new(self);
+        let mut ex = Ex::new();
+        let c = ex.absent();
+        tx.put(provider_item(p)?, Some(c), ex)?;
+        let mut ex = Ex::new();
+        let c = ex.absent();
+        let by_hash = ItemBuilder::at(schema::provider_hash(&p.key_hash))
+            .s("provider_id", p.id.as_str())
+            .build();
+        tx.put(by_hash, Some(c), ex)?;
+        if let Some(u) = &p.user_id {
+            let mut ex = Ex::new();
+            let c = ex.absent();
+            let by_user = ItemBuilder::at(schema::user_provider(u))
+                .s("provider_id", p.id.as_str())
+                .build();
+            tx.put(by_user, Some(c), ex)?;
+        }
+        match self.transact(what, tx).await {
+            Ok(()) => Ok(()),
+            Err(Fail::Condition(_)) => Err(Error::AlreadyExists(format!("provider {}", p.id))),
+            Err(f) => Err(f.into_error(what)),
+        }
+    }
+
+    async fn provider(&self, id: &ProviderId) -> Result<Provider> {
+        match self.get("reading a provider", schema::provider(id)).await? {
+            Some(it) => decode_provider(&it),
+            None => Err(Error::NotFound(format!("provider {id}"))),
+        }
+    }
+
+    async fn provider_by_key_hash(&self, hash: &KeyHash) -> Result<Provider> {
+        let p = self
+            .provider_via("reading a provider by key", schema::provider_hash(hash))
+            .await?;
+        // Both reads are strongly consistent and rotation moves the pointer and
+        // the provider together, so a rotated-away key finds nothing; the
+        // comparison only makes that explicit.
+        match p {
+            Some(p) if p.key_hash == *hash => Ok(p),
+            _ => Err(Error::NotFound("provider key".into())),
+        }
+    }
+
+    async fn provider_by_user(&self, user: &UserId) -> Result<Provider> {
+        self.provider_via("reading a user's provider", schema::user_provider(user))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("provider of {user}")))
+    }
+
+    async fn rotate_provider_key(&self, id: &ProviderId, new_hash: &KeyHash) -> Result<()> {
+        let what = "rotating a provider key";
+        let mut attempt = 0;
+        loop {
+            if self
+                .get(what, schema::provider_hash(new_hash))
+                .await?
+                .is_some()
+            {
+                return Err(Error::AlreadyExists("provider key".into()));
+            }
+            let old = self.provider(id).await?.key_hash;
+            let mut tx = Tx::new(self);
+            let mut ex = Ex::new();
+            let h = ex.n("key_hash");
+            let upd = format!("SET {h} = {}", ex.v(s(new_hash.to_hex())));
+            let cond = format!("{h} = {}", ex.v(s(old.to_hex())));
+            tx.update(schema::provider(id), upd, Some(cond), ex)?;
+            tx.delete(schema::provider_hash(&old), None, Ex::new())?;
+            let mut ex = Ex::new();
+            let c = ex.absent();
+            let ptr = ItemBuilder::at(schema::provider_hash(new_hash))
+                .s("provider_id", id.as_str())
+                .build();
+            tx.put(ptr, Some(c), ex)?;
+            match self.transact(what, tx).await {
+                Ok(()) => return Ok(()),
+                // A concurrent rotation or a concurrent claim of the new hash:
+                // look again, the checks above will say which.
+                Err(Fail::Condition(_)) => self.again(&mut attempt, what).await?,
+                Err(f) => return Err(f.into_error(what)),
+            }
+        }
+    }
+
+    async fn set_provider_suspended(
         &self,
-        p: &Provision,
-        entries: &[PoolEntry],
+        id: &ProviderId,
+        suspension: Option<Suspension>,
     ) -> Result<()> {
+        self.set_suspended("provider", id.as_str(), schema::provider(id), suspension)
+            .await
+    }
+
+    // ---- provisions and pools -----------------------------------------------
+
+    async fn create_provision(&self, p: &Provision, entries: &[PoolEntry]) -> Result<()> {
         let what = "registering a provision";
         let entries = entries_by_key(&p.id, entries);
         let keys: Vec<String> = entries.keys().cloned().collect();
@@ -156,37 +280,14 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn provision_impl(&self, id: &ProvisionId) -> Result<Provision> {
+    async fn provision(&self, id: &ProvisionId) -> Result<Provision> {
         match self.get("reading a provision", schema::node(id)).await? {
             Some(it) => decode_node(&it),
             None => Err(Error::NotFound(format!("provision {id}"))),
         }
     }
 
-    /// Reads nodes by id (consistently), in any order.
-    async fn nodes(&self, what: &str, ids: Vec<ProvisionId>) -> Result<Vec<(Provision, Item)>> {
-        let keys = ids.iter().map(schema::node).collect();
-        self.batch_get(what, keys)
-            .await?
-            .into_iter()
-            .map(|it| Ok((decode_node(&it)?, it)))
-            .collect()
-    }
-
-    fn ids_after_prefix(items: &[Item], prefix: &str) -> Result<Vec<ProvisionId>> {
-        items
-            .iter()
-            .map(|it| {
-                let sk = Rd::new(it, "node listing").s(crate::item::SK)?;
-                Ok(ProvisionId::new(sk.strip_prefix(prefix).unwrap_or(&sk)))
-            })
-            .collect()
-    }
-
-    pub(crate) async fn provisions_by_provider_impl(
-        &self,
-        provider: &ProviderId,
-    ) -> Result<Vec<Provision>> {
+    async fn provisions_by_provider(&self, provider: &ProviderId) -> Result<Vec<Provision>> {
         let what = "listing a provider's provisions";
         let listed = self
             .query(what, Query::prefix(schema::provider_pk(provider), "NODE#"))
@@ -196,30 +297,12 @@ impl DynamoStore {
         Ok(sort_nodes(nodes.into_iter().map(|(p, _)| p).collect()))
     }
 
-    /// Every node not ended, with its raw item.
-    async fn live_nodes(&self, what: &str) -> Result<Vec<(Provision, Item)>> {
-        let mut q = Query::prefix(schema::NODES_PK, "NODE#");
-        let f = format!(
-            "{} <> {}",
-            q.ex.n("state"),
-            q.ex.v(s(ProvisionState::Ended.as_str()))
-        );
-        q.filter = Some(f);
-        let listed = self.query(what, q).await?;
-        let ids = Self::ids_after_prefix(&listed, "NODE#")?;
-        let mut nodes = self.nodes(what, ids).await?;
-        // The index and the node change in the same transactions; this only
-        // covers a node ended between the two reads.
-        nodes.retain(|(p, _)| p.state != ProvisionState::Ended);
-        Ok(nodes)
-    }
-
-    pub(crate) async fn provisions_impl(&self) -> Result<Vec<Provision>> {
+    async fn provisions(&self) -> Result<Vec<Provision>> {
         let nodes = self.live_nodes("listing provisions").await?;
         Ok(sort_nodes(nodes.into_iter().map(|(p, _)| p).collect()))
     }
 
-    pub(crate) async fn update_provision_impl(
+    async fn update_provision(
         &self,
         id: &ProvisionId,
         state: ProvisionState,
@@ -279,7 +362,7 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn heartbeat_impl(&self, id: &ProvisionId, at: Timestamp) -> Result<()> {
+    async fn heartbeat(&self, id: &ProvisionId, at: Timestamp) -> Result<()> {
         let what = "recording a heartbeat";
         let mut ex = Ex::new();
         let hb = ex.n("last_heartbeat");
@@ -300,7 +383,7 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn delete_provision_impl(&self, id: &ProvisionId) -> Result<()> {
+    async fn delete_provision(&self, id: &ProvisionId) -> Result<()> {
         let what = "deleting a provision";
         let mut attempt = 0;
         loop {
@@ -331,7 +414,7 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn pool_entries_impl(&self) -> Result<Vec<PoolEntry>> {
+    async fn pool_entries(&self) -> Result<Vec<PoolEntry>> {
         let items = self
             .query("reading the pool", Query::prefix(schema::POOL_PK, "ENTRY#"))
             .await?;
@@ -342,10 +425,7 @@ impl DynamoStore {
         Ok(v)
     }
 
-    pub(crate) async fn expire_provisions_impl(
-        &self,
-        before: Timestamp,
-    ) -> Result<Vec<ProvisionId>> {
+    async fn expire_provisions(&self, before: Timestamp) -> Result<Vec<ProvisionId>> {
         let what = "expiring provisions";
         let mut gone = Vec::new();
         for (mut node, mut item) in self.live_nodes(what).await? {
@@ -400,5 +480,56 @@ impl DynamoStore {
         }
         gone.sort();
         Ok(gone)
+    }
+}
+
+impl DynamoStore {
+    async fn provider_via(&self, what: &str, ptr: Item) -> Result<Option<Provider>> {
+        let Some(p) = self.get(what, ptr).await? else {
+            return Ok(None);
+        };
+        let id = ProviderId::new(Rd::new(&p, "provider pointer").s("provider_id")?);
+        match self.get(what, schema::provider(&id)).await? {
+            Some(it) => decode_provider(&it).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads nodes by id (consistently), in any order.
+    async fn nodes(&self, what: &str, ids: Vec<ProvisionId>) -> Result<Vec<(Provision, Item)>> {
+        let keys = ids.iter().map(schema::node).collect();
+        self.batch_get(what, keys)
+            .await?
+            .into_iter()
+            .map(|it| Ok((decode_node(&it)?, it)))
+            .collect()
+    }
+
+    fn ids_after_prefix(items: &[Item], prefix: &str) -> Result<Vec<ProvisionId>> {
+        items
+            .iter()
+            .map(|it| {
+                let sk = Rd::new(it, "node listing").s(crate::item::SK)?;
+                Ok(ProvisionId::new(sk.strip_prefix(prefix).unwrap_or(&sk)))
+            })
+            .collect()
+    }
+
+    /// Every node not ended, with its raw item.
+    async fn live_nodes(&self, what: &str) -> Result<Vec<(Provision, Item)>> {
+        let mut q = Query::prefix(schema::NODES_PK, "NODE#");
+        let f = format!(
+            "{} <> {}",
+            q.ex.n("state"),
+            q.ex.v(s(ProvisionState::Ended.as_str()))
+        );
+        q.filter = Some(f);
+        let listed = self.query(what, q).await?;
+        let ids = Self::ids_after_prefix(&listed, "NODE#")?;
+        let mut nodes = self.nodes(what, ids).await?;
+        // The index and the node change in the same transactions; this only
+        // covers a node ended between the two reads.
+        nodes.retain(|(p, _)| p.state != ProvisionState::Ended);
+        Ok(nodes)
     }
 }

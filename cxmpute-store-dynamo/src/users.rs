@@ -1,19 +1,20 @@
-//! Users, credit grants, API keys and providers.
+//! Users and their API keys.
+//!
+//! A key is stored under its hash, so authenticating a request is one
+//! strongly consistent `GetItem`; the key id item maps an id to its owner and
+//! hash, which never change, so a process remembers it after the first read.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
-use cxmpute_core::store_support::{granted_balance, moved_credits_left};
+use cxmpute_core::store_support::moved_credits_left;
 use cxmpute_core::{
-    ApiKey, ApiKeyId, ApiKeyUpdate, CreditGrant, Credits, Error, KeyHash, Provider, ProviderId,
-    Result, Route, Suspension, Timestamp, User, UserId,
+    ApiKey, ApiKeyId, ApiKeyUpdate, Credits, Error, KeyHash, Result, Route, Suspension, Timestamp,
+    User, UserId, UserStore,
 };
 
 use crate::db::{DynamoStore, Fail, Query, Tx};
-use crate::item::{corrupt, list_s, n, s, sortable_i64, Ex, Item, ItemBuilder, Rd};
+use crate::item::{corrupt, list_s, n, s, Ex, Item, ItemBuilder, Rd};
 use crate::schema;
-
-// ---- encoding ----------------------------------------------------------------
 
 fn user_item(u: &User) -> Result<Item> {
     Ok(ItemBuilder::at(schema::user(&u.id))
@@ -99,59 +100,6 @@ pub(crate) fn decode_key(it: &Item) -> Result<ApiKey> {
     })
 }
 
-fn provider_item(p: &Provider) -> Result<Item> {
-    Ok(ItemBuilder::at(schema::provider(&p.id))
-        .s("id", p.id.as_str())
-        .opt_s("user_id", p.user_id.as_ref().map(|u| u.as_str()))
-        .s("email", &p.email)
-        .s("key_hash", p.key_hash.to_hex())
-        .n("earnings", p.earnings.0)
-        .opt_json("suspended", p.suspended.as_ref())?
-        .n("created_at", p.created_at.0)
-        .build())
-}
-
-fn decode_provider(it: &Item) -> Result<Provider> {
-    let r = Rd::new(it, "provider");
-    Ok(Provider {
-        id: ProviderId::new(r.s("id")?),
-        user_id: r.opt_s("user_id")?.map(UserId::new),
-        email: r.s("email")?,
-        key_hash: r.hash("key_hash")?,
-        earnings: Credits(r.num("earnings")?),
-        suspended: r.opt_json("suspended")?,
-        created_at: Timestamp(r.num("created_at")?),
-    })
-}
-
-fn decode_grant(it: &Item) -> Result<CreditGrant> {
-    let r = Rd::new(it, "credit grant");
-    Ok(CreditGrant {
-        user_id: UserId::new(r.s("user_id")?),
-        amount: Credits(r.num("amount")?),
-        by: r.s("by")?,
-        reason: r.s("reason")?,
-        at: Timestamp(r.num("at")?),
-    })
-}
-
-/// A number that only grows within this process, seeded from the wall clock
-/// in nanoseconds: it orders grants made in the same millisecond the way
-/// they were made (the grant's own time comes first in the sort key).
-fn next_seq() -> u64 {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or_default();
-    let prev = SEQ
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
-            Some(p.saturating_add(1).max(now))
-        })
-        .unwrap_or_default();
-    prev.saturating_add(1).max(now)
-}
-
 /// `SET a = :x` or `REMOVE a` for an optional JSON attribute.
 fn set_or_remove_json<T: serde::Serialize>(
     ex: &mut Ex,
@@ -167,10 +115,11 @@ fn set_or_remove_json<T: serde::Serialize>(
     })
 }
 
-impl DynamoStore {
-    // ---- users ---------------------------------------------------------------
+#[async_trait]
+impl UserStore for DynamoStore {
+    // ---- users --------------------------------------------------------------
 
-    pub(crate) async fn create_user_impl(&self, u: &User) -> Result<()> {
+    async fn create_user(&self, u: &User) -> Result<()> {
         let what = "creating a user";
         let mut tx = Tx::new(self);
         let mut ex = Ex::new();
@@ -190,14 +139,14 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn user_impl(&self, id: &UserId) -> Result<User> {
+    async fn user(&self, id: &UserId) -> Result<User> {
         match self.get("reading a user", schema::user(id)).await? {
             Some(it) => decode_user(&it),
             None => Err(Error::NotFound(format!("user {id}"))),
         }
     }
 
-    pub(crate) async fn user_by_email_impl(&self, email: &str) -> Result<User> {
+    async fn user_by_email(&self, email: &str) -> Result<User> {
         let what = "reading a user by email";
         let nf = || Error::NotFound(format!("user {email}"));
         let ptr = self.get(what, schema::email(email)).await?.ok_or_else(nf)?;
@@ -208,7 +157,7 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn search_users_impl(&self, query: &str, limit: usize) -> Result<Vec<User>> {
+    async fn search_users(&self, query: &str, limit: usize) -> Result<Vec<User>> {
         let what = "searching users";
         if limit == 0 {
             return Ok(Vec::new());
@@ -240,88 +189,14 @@ impl DynamoStore {
         Ok(users)
     }
 
-    pub(crate) async fn set_user_suspended_impl(
-        &self,
-        id: &UserId,
-        suspension: Option<Suspension>,
-    ) -> Result<()> {
+    async fn set_user_suspended(&self, id: &UserId, suspension: Option<Suspension>) -> Result<()> {
         self.set_suspended("user", id.as_str(), schema::user(id), suspension)
             .await
     }
 
-    /// Sets or clears the suspension on the `noun` ("user", "provider") `id`
-    /// stored at `key`; `NotFound` when there is no such item.
-    async fn set_suspended(
-        &self,
-        noun: &str,
-        id: &str,
-        key: Item,
-        suspension: Option<Suspension>,
-    ) -> Result<()> {
-        let what = format!("suspending a {noun}");
-        let mut ex = Ex::new();
-        let upd = set_or_remove_json(&mut ex, "suspended", suspension.as_ref())?;
-        let cond = ex.exists();
-        match self.update(&what, key, upd, Some(cond), ex, false).await {
-            Ok(_) => Ok(()),
-            Err(Fail::Condition(_)) => Err(Error::NotFound(format!("{noun} {id}"))),
-            Err(f) => Err(f.into_error(&what)),
-        }
-    }
+    // ---- API keys -----------------------------------------------------------
 
-    pub(crate) async fn grant_credits_impl(&self, g: &CreditGrant) -> Result<Credits> {
-        let what = "granting credits";
-        let grant = ItemBuilder::new(
-            schema::user_pk(&g.user_id),
-            format!("GRANT#{}#{:020}", sortable_i64(g.at.0), next_seq()),
-        )
-        .s("user_id", g.user_id.as_str())
-        .n("amount", g.amount.0)
-        .s("by", &g.by)
-        .s("reason", &g.reason)
-        .n("at", g.at.0)
-        .build();
-        let mut attempt = 0;
-        loop {
-            let mut tx = Tx::new(self);
-            let mut ex = Ex::new();
-            let mut cond = ex.exists();
-            if g.amount.is_negative() {
-                // The balance never goes below zero: the condition is the guard.
-                let need = ex.v(n(g.amount.0.saturating_neg()));
-                cond = format!("{cond} AND {} >= {need}", ex.n("credits"));
-            }
-            let upd = format!("ADD {} {}", ex.n("credits"), ex.v(n(g.amount.0)));
-            tx.update(schema::user(&g.user_id), upd, Some(cond), ex)?;
-            tx.put(grant.clone(), None, Ex::new())?;
-            match self.transact(what, tx).await {
-                Ok(()) => break,
-                Err(Fail::Condition(_)) => {
-                    let u = self.user_impl(&g.user_id).await?;
-                    granted_balance(u.credits, g.amount)?;
-                    // The balance moved between the failed write and the read: again.
-                    self.again(&mut attempt, what).await?;
-                }
-                Err(f) => return Err(f.into_error(what)),
-            }
-        }
-        // A transaction returns no values, so the balance is read after it:
-        // exact unless a reservation on the same account landed in between.
-        Ok(self.user_impl(&g.user_id).await?.credits)
-    }
-
-    pub(crate) async fn credit_grants_impl(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
-        let q = Query::prefix(schema::user_pk(user), "GRANT#");
-        self.query("reading credit grants", q)
-            .await?
-            .iter()
-            .map(decode_grant)
-            .collect()
-    }
-
-    // ---- API keys --------------------------------------------------------------
-
-    pub(crate) async fn create_api_key_impl(&self, k: &ApiKey) -> Result<()> {
+    async fn create_api_key(&self, k: &ApiKey) -> Result<()> {
         let what = "creating an API key";
         let mut tx = Tx::new(self);
         let mut ex = Ex::new();
@@ -362,7 +237,7 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn api_key_by_hash_impl(&self, hash: &KeyHash) -> Result<ApiKey> {
+    async fn api_key_by_hash(&self, hash: &KeyHash) -> Result<ApiKey> {
         match self
             .get("reading an API key", schema::api_key(hash))
             .await?
@@ -376,7 +251,7 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn api_keys_impl(&self, user: &UserId) -> Result<Vec<ApiKey>> {
+    async fn api_keys(&self, user: &UserId) -> Result<Vec<ApiKey>> {
         let what = "listing API keys";
         let listed = self
             .query(what, Query::prefix(schema::user_pk(user), "KEY#"))
@@ -395,28 +270,7 @@ impl DynamoStore {
         Ok(out)
     }
 
-    /// The owner and hash of a key id: remembered, or one consistent read.
-    pub(crate) async fn key_owner(&self, id: &ApiKeyId) -> Result<Option<(UserId, KeyHash)>> {
-        if let Some(k) = self.known_key(id) {
-            return Ok(Some(k));
-        }
-        let Some(it) = self
-            .get("reading an API key id", schema::key_id(id))
-            .await?
-        else {
-            return Ok(None);
-        };
-        let r = Rd::new(&it, "api key id");
-        let owner = (UserId::new(r.s("user_id")?), r.hash("hash")?);
-        self.remember_key(id, &owner.0, owner.1);
-        Ok(Some(owner))
-    }
-
-    pub(crate) async fn update_api_key_impl(
-        &self,
-        id: &ApiKeyId,
-        update: &ApiKeyUpdate,
-    ) -> Result<ApiKey> {
+    async fn update_api_key(&self, id: &ApiKeyId, update: &ApiKeyUpdate) -> Result<ApiKey> {
         let what = "updating an API key";
         let nf = || Error::NotFound(format!("api key {id}"));
         let (_, hash) = self.key_owner(id).await?.ok_or_else(nf)?;
@@ -502,7 +356,7 @@ impl DynamoStore {
         }
     }
 
-    pub(crate) async fn revoke_api_key_impl(&self, id: &ApiKeyId, at: Timestamp) -> Result<()> {
+    async fn revoke_api_key(&self, id: &ApiKeyId, at: Timestamp) -> Result<()> {
         let what = "revoking an API key";
         let nf = || Error::NotFound(format!("api key {id}"));
         let (_, hash) = self.key_owner(id).await?.ok_or_else(nf)?;
@@ -520,118 +374,44 @@ impl DynamoStore {
             Err(f) => Err(f.into_error(what)),
         }
     }
+}
 
-    // ---- providers -------------------------------------------------------------
-
-    pub(crate) async fn create_provider_impl(&self, p: &Provider) -> Result<()> {
-        let what = "creating a provider";
-        let mut tx = Tx::new(self);
-        let mut ex = Ex::new();
-        let c = ex.absent();
-        tx.put(provider_item(p)?, Some(c), ex)?;
-        let mut ex = Ex::new();
-        let c = ex.absent();
-        let by_hash = ItemBuilder::at(schema::provider_hash(&p.key_hash))
-            .s("provider_id", p.id.as_str())
-            .build();
-        tx.put(by_hash, Some(c), ex)?;
-        if let Some(u) = &p.user_id {
-            let mut ex = Ex::new();
-            let c = ex.absent();
-            let by_user = ItemBuilder::at(schema::user_provider(u))
-                .s("provider_id", p.id.as_str())
-                .build();
-            tx.put(by_user, Some(c), ex)?;
-        }
-        match self.transact(what, tx).await {
-            Ok(()) => Ok(()),
-            Err(Fail::Condition(_)) => Err(Error::AlreadyExists(format!("provider {}", p.id))),
-            Err(f) => Err(f.into_error(what)),
-        }
-    }
-
-    pub(crate) async fn provider_impl(&self, id: &ProviderId) -> Result<Provider> {
-        match self.get("reading a provider", schema::provider(id)).await? {
-            Some(it) => decode_provider(&it),
-            None => Err(Error::NotFound(format!("provider {id}"))),
-        }
-    }
-
-    async fn provider_via(&self, what: &str, ptr: Item) -> Result<Option<Provider>> {
-        let Some(p) = self.get(what, ptr).await? else {
-            return Ok(None);
-        };
-        let id = ProviderId::new(Rd::new(&p, "provider pointer").s("provider_id")?);
-        match self.get(what, schema::provider(&id)).await? {
-            Some(it) => decode_provider(&it).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    pub(crate) async fn provider_by_key_hash_impl(&self, hash: &KeyHash) -> Result<Provider> {
-        let p = self
-            .provider_via("reading a provider by key", schema::provider_hash(hash))
-            .await?;
-        // Both reads are strongly consistent and rotation moves the pointer and
-        // the provider together, so a rotated-away key finds nothing; the
-        // comparison only makes that explicit.
-        match p {
-            Some(p) if p.key_hash == *hash => Ok(p),
-            _ => Err(Error::NotFound("provider key".into())),
-        }
-    }
-
-    pub(crate) async fn provider_by_user_impl(&self, user: &UserId) -> Result<Provider> {
-        self.provider_via("reading a user's provider", schema::user_provider(user))
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("provider of {user}")))
-    }
-
-    pub(crate) async fn rotate_provider_key_impl(
+impl DynamoStore {
+    /// Sets or clears the suspension on the `noun` ("user", "provider") `id`
+    /// stored at `key`; `NotFound` when there is no such item. Providers are
+    /// suspended the same way (`network.rs`).
+    pub(crate) async fn set_suspended(
         &self,
-        id: &ProviderId,
-        new_hash: &KeyHash,
-    ) -> Result<()> {
-        let what = "rotating a provider key";
-        let mut attempt = 0;
-        loop {
-            if self
-                .get(what, schema::provider_hash(new_hash))
-                .await?
-                .is_some()
-            {
-                return Err(Error::AlreadyExists("provider key".into()));
-            }
-            let old = self.provider_impl(id).await?.key_hash;
-            let mut tx = Tx::new(self);
-            let mut ex = Ex::new();
-            let h = ex.n("key_hash");
-            let upd = format!("SET {h} = {}", ex.v(s(new_hash.to_hex())));
-            let cond = format!("{h} = {}", ex.v(s(old.to_hex())));
-            tx.update(schema::provider(id), upd, Some(cond), ex)?;
-            tx.delete(schema::provider_hash(&old), None, Ex::new())?;
-            let mut ex = Ex::new();
-            let c = ex.absent();
-            let ptr = ItemBuilder::at(schema::provider_hash(new_hash))
-                .s("provider_id", id.as_str())
-                .build();
-            tx.put(ptr, Some(c), ex)?;
-            match self.transact(what, tx).await {
-                Ok(()) => return Ok(()),
-                // A concurrent rotation or a concurrent claim of the new hash:
-                // look again, the checks above will say which.
-                Err(Fail::Condition(_)) => self.again(&mut attempt, what).await?,
-                Err(f) => return Err(f.into_error(what)),
-            }
-        }
-    }
-
-    pub(crate) async fn set_provider_suspended_impl(
-        &self,
-        id: &ProviderId,
+        noun: &str,
+        id: &str,
+        key: Item,
         suspension: Option<Suspension>,
     ) -> Result<()> {
-        self.set_suspended("provider", id.as_str(), schema::provider(id), suspension)
-            .await
+        let what = format!("suspending a {noun}");
+        let mut ex = Ex::new();
+        let upd = set_or_remove_json(&mut ex, "suspended", suspension.as_ref())?;
+        let cond = ex.exists();
+        match self.update(&what, key, upd, Some(cond), ex, false).await {
+            Ok(_) => Ok(()),
+            Err(Fail::Condition(_)) => Err(Error::NotFound(format!("{noun} {id}"))),
+            Err(f) => Err(f.into_error(&what)),
+        }
+    }
+
+    /// The owner and hash of a key id: remembered, or one consistent read.
+    pub(crate) async fn key_owner(&self, id: &ApiKeyId) -> Result<Option<(UserId, KeyHash)>> {
+        if let Some(k) = self.known_key(id) {
+            return Ok(Some(k));
+        }
+        let Some(it) = self
+            .get("reading an API key id", schema::key_id(id))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let r = Rd::new(&it, "api key id");
+        let owner = (UserId::new(r.s("user_id")?), r.hash("hash")?);
+        self.remember_key(id, &owner.0, owner.1);
+        Ok(Some(owner))
     }
 }

@@ -1,4 +1,5 @@
-//! Reservations, settlements, the ledger and usage records: the hot path.
+//! Credit grants, reservations, settlements, the ledger and usage records:
+//! the hot path.
 //!
 //! `reserve` is one `TransactWriteItems` whose conditions are the whole
 //! admission rule (balance, suspension, key owner, revocation, routes, key
@@ -7,17 +8,51 @@
 //! happen only to explain a refusal precisely or when a settlement arrives at
 //! a process that did not take the reservation.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
-use cxmpute_core::store_support::{check_reservation, release_settlement, SettlePlan};
+use cxmpute_core::store_support::{
+    check_reservation, granted_balance, release_settlement, SettlePlan,
+};
 use cxmpute_core::{
-    ApiKeyId, Credits, Error, KeyHash, LedgerTotals, ProviderId, ProvisionId, RequestId,
-    Reservation, Result, SettleOutcome, Settlement, Timestamp, UsageRecord, UserId,
+    ApiKeyId, CreditGrant, Credits, Error, KeyHash, LedgerStore, LedgerTotals, ProviderId,
+    ProvisionId, RequestId, Reservation, Result, SettleOutcome, Settlement, Timestamp, UsageRecord,
+    UserId, UserStore,
 };
 
-use crate::accounts::{decode_key, decode_user};
 use crate::db::{DynamoStore, Fail, Held, Query, Tx};
 use crate::item::{n, s, sortable_i64, Ex, Item, ItemBuilder, Rd, PK};
 use crate::schema::{self, GSI, GSI_PK, GSI_SK};
+use crate::users::{decode_key, decode_user};
+
+fn decode_grant(it: &Item) -> Result<CreditGrant> {
+    let r = Rd::new(it, "credit grant");
+    Ok(CreditGrant {
+        user_id: UserId::new(r.s("user_id")?),
+        amount: Credits(r.num("amount")?),
+        by: r.s("by")?,
+        reason: r.s("reason")?,
+        at: Timestamp(r.num("at")?),
+    })
+}
+
+/// A number that only grows within this process, seeded from the wall clock
+/// in nanoseconds: it orders grants made in the same millisecond the way
+/// they were made (the grant's own time comes first in the sort key).
+fn next_seq() -> u64 {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or_default();
+    let prev = SEQ
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+            Some(p.saturating_add(1).max(now))
+        })
+        .unwrap_or_default();
+    prev.saturating_add(1).max(now)
+}
 
 const RESERVED: &str = "reserved";
 
@@ -156,8 +191,63 @@ fn decode_usage(it: &Item) -> Result<UsageRecord> {
     })
 }
 
-impl DynamoStore {
-    pub(crate) async fn reserve_impl(&self, r: &Reservation) -> Result<()> {
+#[async_trait]
+impl LedgerStore for DynamoStore {
+    // ---- grants -------------------------------------------------------------
+
+    async fn grant_credits(&self, g: &CreditGrant) -> Result<Credits> {
+        let what = "granting credits";
+        let grant = ItemBuilder::new(
+            schema::user_pk(&g.user_id),
+            format!("GRANT#{}#{:020}", sortable_i64(g.at.0), next_seq()),
+        )
+        .s("user_id", g.user_id.as_str())
+        .n("amount", g.amount.0)
+        .s("by", &g.by)
+        .s("reason", &g.reason)
+        .n("at", g.at.0)
+        .build();
+        let mut attempt = 0;
+        loop {
+            let mut tx = Tx::new(self);
+            let mut ex = Ex::new();
+            let mut cond = ex.exists();
+            if g.amount.is_negative() {
+                // The balance never goes below zero: the condition is the guard.
+                let need = ex.v(n(g.amount.0.saturating_neg()));
+                cond = format!("{cond} AND {} >= {need}", ex.n("credits"));
+            }
+            let upd = format!("ADD {} {}", ex.n("credits"), ex.v(n(g.amount.0)));
+            tx.update(schema::user(&g.user_id), upd, Some(cond), ex)?;
+            tx.put(grant.clone(), None, Ex::new())?;
+            match self.transact(what, tx).await {
+                Ok(()) => break,
+                Err(Fail::Condition(_)) => {
+                    let u = self.user(&g.user_id).await?;
+                    granted_balance(u.credits, g.amount)?;
+                    // The balance moved between the failed write and the read: again.
+                    self.again(&mut attempt, what).await?;
+                }
+                Err(f) => return Err(f.into_error(what)),
+            }
+        }
+        // A transaction returns no values, so the balance is read after it:
+        // exact unless a reservation on the same account landed in between.
+        Ok(self.user(&g.user_id).await?.credits)
+    }
+
+    async fn credit_grants(&self, user: &UserId) -> Result<Vec<CreditGrant>> {
+        let q = Query::prefix(schema::user_pk(user), "GRANT#");
+        self.query("reading credit grants", q)
+            .await?
+            .iter()
+            .map(decode_grant)
+            .collect()
+    }
+
+    // ---- reservations and settlements ---------------------------------------
+
+    async fn reserve(&self, r: &Reservation) -> Result<()> {
         let what = "reserving credits";
         let owner = self.key_owner(&r.key_id).await?;
         let key_hash = owner.as_ref().map(|(_, h)| *h);
@@ -263,6 +353,99 @@ impl DynamoStore {
         }
     }
 
+    async fn settle(&self, st: &Settlement) -> Result<SettleOutcome> {
+        let held = self.unhold(&st.request_id);
+        self.settle_from(held, st).await
+    }
+
+    async fn settlement(&self, request: &RequestId) -> Result<UsageRecord> {
+        let what = "reading a settlement";
+        let nf = || Error::NotFound(format!("settlement {request}"));
+        let Req::Settled(it) = self.read_req(request).await? else {
+            return Err(nf());
+        };
+        let r = Rd::new(&it, "request");
+        let key = crate::item::key(r.s("usage_pk")?, r.s("usage_sk")?);
+        match self.get(what, key).await? {
+            Some(u) => decode_usage(&u),
+            None => Err(nf()),
+        }
+    }
+
+    async fn release_stale_reservations(&self, before: Timestamp) -> Result<u64> {
+        let what = "releasing stale reservations";
+        let mut released = 0;
+        for shard in 0..self.cfg.ledger_shards {
+            let mut q = Query {
+                index: Some(GSI),
+                forward: true,
+                ..Query::default()
+            };
+            // The index sort key is `{created_at}#{request}` with a fixed-width
+            // time, so everything below the bare time of `before` is older.
+            q.key_cond = format!(
+                "{} = {} AND {} < {}",
+                q.ex.n(GSI_PK),
+                q.ex.v(s(schema::open_pk(shard))),
+                q.ex.n(GSI_SK),
+                q.ex.v(s(sortable_i64(before.0)))
+            );
+            // The index is eventually consistent; each candidate is read again
+            // consistently and settled under the usual conditions.
+            for it in self.query(what, q).await? {
+                let pk = Rd::new(&it, "open reservation").s(PK)?;
+                let id = RequestId::new(pk.strip_prefix("REQ#").unwrap_or(&pk));
+                let Req::Open(h) = self.read_req(&id).await? else {
+                    continue;
+                };
+                if h.r.created_at >= before {
+                    continue;
+                }
+                let st = release_settlement(&h.r, before);
+                self.unhold(&id);
+                match self.settle_from(Some(h), &st).await {
+                    Ok(SettleOutcome::Applied) => released += 1,
+                    Ok(SettleOutcome::AlreadySettled) | Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(released)
+    }
+
+    async fn ledger_totals(&self) -> Result<LedgerTotals> {
+        let keys = (0..self.cfg.ledger_shards).map(schema::ledger).collect();
+        let mut t = LedgerTotals::default();
+        for it in self.batch_get("reading the ledger", keys).await? {
+            let r = Rd::new(&it, "ledger shard");
+            t.settlements += r.num_or_zero::<u64>("settlements")?;
+            t.charged = t.charged.saturating_add(Credits(r.num_or_zero("charged")?));
+            t.rewarded = t
+                .rewarded
+                .saturating_add(Credits(r.num_or_zero("rewarded")?));
+            t.reserved = t
+                .reserved
+                .saturating_add(Credits(r.num_or_zero("reserved")?));
+        }
+        Ok(t)
+    }
+
+    async fn usage_records(&self, user: &UserId, limit: usize) -> Result<Vec<UsageRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut q = Query::prefix(schema::user_pk(user), "USAGE#");
+        q.forward = false;
+        q.limit = Some(limit);
+        self.query("reading usage records", q)
+            .await?
+            .iter()
+            .map(decode_usage)
+            .collect()
+    }
+}
+
+impl DynamoStore {
     /// Reads (consistently) what a reservation depends on and fails with the
     /// first rule it breaks, in the order every store checks them. `Ok` means
     /// nothing is wrong any more.
@@ -308,11 +491,6 @@ impl DynamoStore {
             Some(it) => decode_req(it),
             None => Ok(Req::Missing),
         }
-    }
-
-    pub(crate) async fn settle_impl(&self, st: &Settlement) -> Result<SettleOutcome> {
-        let held = self.unhold(&st.request_id);
-        self.settle_from(held, st).await
     }
 
     /// Settles, starting from what this process believes the reservation is
@@ -452,95 +630,5 @@ impl DynamoStore {
         } else {
             KeyRefund::Cap
         })
-    }
-
-    pub(crate) async fn settlement_impl(&self, request: &RequestId) -> Result<UsageRecord> {
-        let what = "reading a settlement";
-        let nf = || Error::NotFound(format!("settlement {request}"));
-        let Req::Settled(it) = self.read_req(request).await? else {
-            return Err(nf());
-        };
-        let r = Rd::new(&it, "request");
-        let key = crate::item::key(r.s("usage_pk")?, r.s("usage_sk")?);
-        match self.get(what, key).await? {
-            Some(u) => decode_usage(&u),
-            None => Err(nf()),
-        }
-    }
-
-    pub(crate) async fn release_stale_reservations_impl(&self, before: Timestamp) -> Result<u64> {
-        let what = "releasing stale reservations";
-        let mut released = 0;
-        for shard in 0..self.cfg.ledger_shards {
-            let mut q = Query {
-                index: Some(GSI),
-                forward: true,
-                ..Query::default()
-            };
-            // The index sort key is `{created_at}#{request}` with a fixed-width
-            // time, so everything below the bare time of `before` is older.
-            q.key_cond = format!(
-                "{} = {} AND {} < {}",
-                q.ex.n(GSI_PK),
-                q.ex.v(s(schema::open_pk(shard))),
-                q.ex.n(GSI_SK),
-                q.ex.v(s(sortable_i64(before.0)))
-            );
-            // The index is eventually consistent; each candidate is read again
-            // consistently and settled under the usual conditions.
-            for it in self.query(what, q).await? {
-                let pk = Rd::new(&it, "open reservation").s(PK)?;
-                let id = RequestId::new(pk.strip_prefix("REQ#").unwrap_or(&pk));
-                let Req::Open(h) = self.read_req(&id).await? else {
-                    continue;
-                };
-                if h.r.created_at >= before {
-                    continue;
-                }
-                let st = release_settlement(&h.r, before);
-                self.unhold(&id);
-                match self.settle_from(Some(h), &st).await {
-                    Ok(SettleOutcome::Applied) => released += 1,
-                    Ok(SettleOutcome::AlreadySettled) | Err(Error::NotFound(_)) => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(released)
-    }
-
-    pub(crate) async fn ledger_totals_impl(&self) -> Result<LedgerTotals> {
-        let keys = (0..self.cfg.ledger_shards).map(schema::ledger).collect();
-        let mut t = LedgerTotals::default();
-        for it in self.batch_get("reading the ledger", keys).await? {
-            let r = Rd::new(&it, "ledger shard");
-            t.settlements += r.num_or_zero::<u64>("settlements")?;
-            t.charged = t.charged.saturating_add(Credits(r.num_or_zero("charged")?));
-            t.rewarded = t
-                .rewarded
-                .saturating_add(Credits(r.num_or_zero("rewarded")?));
-            t.reserved = t
-                .reserved
-                .saturating_add(Credits(r.num_or_zero("reserved")?));
-        }
-        Ok(t)
-    }
-
-    pub(crate) async fn usage_records_impl(
-        &self,
-        user: &UserId,
-        limit: usize,
-    ) -> Result<Vec<UsageRecord>> {
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        let mut q = Query::prefix(schema::user_pk(user), "USAGE#");
-        q.forward = false;
-        q.limit = Some(limit);
-        self.query("reading usage records", q)
-            .await?
-            .iter()
-            .map(decode_usage)
-            .collect()
     }
 }

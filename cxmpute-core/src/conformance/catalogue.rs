@@ -1,0 +1,84 @@
+//! Conformance cases of [`CatalogueStore`](crate::store::CatalogueStore):
+//! prices and notifications.
+
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::store::Store;
+use crate::types::*;
+
+use super::fixtures::*;
+
+// ---- prices -----------------------------------------------------------------
+
+/// A price replaces the one for the same service and model; a service's
+/// default (no model) is a different price from any model's.
+pub async fn put_price_replaces_same_service_and_model(store: Arc<dyn Store>) {
+    assert!(store.prices().await.unwrap().is_empty());
+    let price = |service: Service, model: Option<&str>, per_request: i64| PriceEntry {
+        service,
+        model: model.map(str::to_owned),
+        per_request: Credits::micros(per_request),
+        per_million_input_tokens: Credits::micros(150_000),
+        per_million_output_tokens: Credits::micros(600_000),
+        per_million_units: Credits::ZERO,
+    };
+    let chat_default = price(Service::Chat, None, 10);
+    let chat_llama = price(Service::Chat, Some("llama3.2:3b"), 20);
+    let embed_default = price(Service::Embeddings, None, 1);
+    for p in [&chat_default, &chat_llama, &embed_default] {
+        store.put_price(p).await.unwrap();
+    }
+    let chat_llama2 = price(Service::Chat, Some("llama3.2:3b"), 25);
+    store.put_price(&chat_llama2).await.unwrap();
+
+    let key = |p: &PriceEntry| (p.service, p.model.clone());
+    let mut got = store.prices().await.unwrap();
+    got.sort_by_key(key);
+    let mut want = vec![chat_default, chat_llama2, embed_default];
+    want.sort_by_key(key);
+    assert_eq!(got, want);
+}
+
+// ---- notifications ----------------------------------------------------------
+
+/// Notifications are put (replacing by id), listed by start time and deleted.
+pub async fn notifications_put_replace_delete(store: Arc<dyn Store>) {
+    let n = |title: &str, starts: i64, placements: Vec<Placement>| Notification {
+        id: NotificationId::generate(),
+        title: title.into(),
+        banner: format!("{title} banner"),
+        popup: String::new(),
+        starts_at: at(starts),
+        ends_at: at(starts + 1_000),
+        placements,
+    };
+    let late = n("late", 500, vec![Placement::Homepage]);
+    let early = n(
+        "early",
+        100,
+        vec![Placement::UserDashboard, Placement::ProviderDashboard],
+    );
+    store.put_notification(&late).await.unwrap();
+    store.put_notification(&early).await.unwrap();
+    assert_eq!(
+        store.notifications().await.unwrap(),
+        vec![early.clone(), late.clone()]
+    );
+
+    let mut moved = late.clone();
+    moved.starts_at = at(50);
+    moved.title = "moved".into();
+    store.put_notification(&moved).await.unwrap();
+    assert_eq!(
+        store.notifications().await.unwrap(),
+        vec![moved.clone(), early.clone()]
+    );
+
+    store.delete_notification(&moved.id).await.unwrap();
+    assert_eq!(store.notifications().await.unwrap(), vec![early]);
+    assert_err!(
+        store.delete_notification(&moved.id).await,
+        Error::NotFound(_)
+    );
+}

@@ -1,0 +1,703 @@
+//! Conformance cases of [`LedgerStore`](crate::store::LedgerStore): grants,
+//! reservations, settlements and the totals.
+
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::store::Store;
+use crate::types::*;
+
+use super::fixtures::*;
+
+// ---- grants -----------------------------------------------------------------
+
+/// Grants add to the balance, return it, and are recorded oldest first per user.
+pub async fn grant_credits_adds_and_records(store: Arc<dyn Store>) {
+    let a = new_user("a@example.com", Credits::whole(1));
+    let b = new_user("b@example.com", Credits::ZERO);
+    store.create_user(&a).await.unwrap();
+    store.create_user(&b).await.unwrap();
+    let grant = |u: &User, amount: Credits, ms: i64| CreditGrant {
+        user_id: u.id.clone(),
+        amount,
+        by: "usr_admin".into(),
+        reason: format!("grant at {ms}"),
+        at: at(ms),
+    };
+    let g1 = grant(&a, Credits::micros(2_500_000), 1);
+    let g2 = grant(&b, Credits::whole(7), 2);
+    let g3 = grant(&a, Credits::micros(-3_500_000), 3);
+
+    assert_eq!(
+        store.grant_credits(&g1).await.unwrap(),
+        Credits::micros(3_500_000)
+    );
+    assert_eq!(store.grant_credits(&g2).await.unwrap(), Credits::whole(7));
+    // Down to exactly zero is allowed.
+    assert_eq!(store.grant_credits(&g3).await.unwrap(), Credits::ZERO);
+
+    assert_eq!(balance(&store, &a).await, Credits::ZERO);
+    assert_eq!(balance(&store, &b).await, Credits::whole(7));
+    assert_eq!(store.credit_grants(&a.id).await.unwrap(), vec![g1, g3]);
+    assert_eq!(store.credit_grants(&b.id).await.unwrap(), vec![g2]);
+}
+
+/// Removing more than the balance is `InsufficientCredits`, leaves the
+/// balance alone and records no grant.
+pub async fn negative_grant_below_zero_fails_and_changes_nothing(store: Arc<dyn Store>) {
+    let u = new_user("poor@example.com", Credits::whole(3));
+    store.create_user(&u).await.unwrap();
+    let take = CreditGrant {
+        user_id: u.id.clone(),
+        amount: Credits::micros(-3_000_001),
+        by: "usr_admin".into(),
+        reason: "refund".into(),
+        at: T0,
+    };
+    assert_err!(
+        store.grant_credits(&take).await,
+        Error::InsufficientCredits(_)
+    );
+    assert_eq!(balance(&store, &u).await, Credits::whole(3));
+    assert!(store.credit_grants(&u.id).await.unwrap().is_empty());
+}
+
+// ---- reservations and settlements -------------------------------------------
+
+/// A reservation takes the amount from the balance and the key's limit, marks
+/// the key used and shows in the ledger.
+pub async fn reserve_holds_balance_and_key_limit(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(4))).await;
+    let r = reservation(&user, &key, Credits::micros(1_250_000), at(77));
+    store.reserve(&r).await.unwrap();
+
+    assert_eq!(balance(&store, &user).await, Credits::micros(8_750_000));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::micros(2_750_000)));
+    assert_eq!(k.credit_limit, Some(Credits::whole(4)));
+    assert_eq!(k.last_used_at, Some(at(77)));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(t.reserved, Credits::micros(1_250_000));
+    assert_eq!(t.settlements, 0);
+    assert_err!(store.settlement(&r.request_id).await, Error::NotFound(_));
+}
+
+/// A reservation over the balance is `InsufficientCredits` and changes nothing.
+pub async fn reserve_insufficient_credits_changes_nothing(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(2), Some(Credits::whole(10))).await;
+    let r = reservation(&user, &key, Credits::micros(2_000_001), at(1));
+    assert_err!(store.reserve(&r).await, Error::InsufficientCredits(_));
+    assert_eq!(balance(&store, &user).await, Credits::whole(2));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::whole(10)));
+    assert_eq!(k.last_used_at, None);
+    assert_eq!(store.ledger_totals().await.unwrap().reserved, Credits::ZERO);
+    // Nothing was held, so nothing can be settled.
+    let st = settlement(&r, Credits::ZERO, None, at(2));
+    assert_err!(store.settle(&st).await, Error::NotFound(_));
+    // The whole balance is fine.
+    store
+        .reserve(&reservation(&user, &key, Credits::whole(2), at(3)))
+        .await
+        .unwrap();
+    assert_eq!(balance(&store, &user).await, Credits::ZERO);
+}
+
+/// A reservation over the key's limit is `KeyLimitReached` and changes nothing.
+pub async fn reserve_key_limit_changes_nothing(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(100), Some(Credits::whole(3))).await;
+    store
+        .reserve(&reservation(&user, &key, Credits::whole(2), at(1)))
+        .await
+        .unwrap();
+    let r = reservation(&user, &key, Credits::micros(1_000_001), at(2));
+    assert_err!(store.reserve(&r).await, Error::KeyLimitReached(_));
+    assert_eq!(balance(&store, &user).await, Credits::whole(98));
+    assert_eq!(key_left(&store, &key).await, Some(Credits::whole(1)));
+    assert_eq!(
+        store.ledger_totals().await.unwrap().reserved,
+        Credits::whole(2)
+    );
+    // Another key of the same user is not limited by this one.
+    let free = new_key(&user, None, at(3));
+    store.create_api_key(&free).await.unwrap();
+    store
+        .reserve(&reservation(&user, &free, Credits::whole(50), at(4)))
+        .await
+        .unwrap();
+    assert_eq!(balance(&store, &user).await, Credits::whole(48));
+}
+
+/// Unknown keys, revoked keys and other users' keys are `Unauthorized`.
+pub async fn reserve_rejects_unknown_revoked_and_foreign_keys(store: Arc<dyn Store>) {
+    let (alice, alice_key) = funded(&store, Credits::whole(10), None).await;
+    let (bob, _) = funded(&store, Credits::whole(10), None).await;
+
+    let unknown = new_key(&alice, None, T0);
+    assert_err!(
+        store
+            .reserve(&reservation(&alice, &unknown, Credits::whole(1), at(1)))
+            .await,
+        Error::Unauthorized(_)
+    );
+    // Bob's reservation with Alice's key: the key is not his.
+    assert_err!(
+        store
+            .reserve(&reservation(&bob, &alice_key, Credits::whole(1), at(2)))
+            .await,
+        Error::Unauthorized(_)
+    );
+    store.revoke_api_key(&alice_key.id, at(3)).await.unwrap();
+    assert_err!(
+        store
+            .reserve(&reservation(&alice, &alice_key, Credits::whole(1), at(4)))
+            .await,
+        Error::Unauthorized(_)
+    );
+    assert_eq!(balance(&store, &alice).await, Credits::whole(10));
+    assert_eq!(balance(&store, &bob).await, Credits::whole(10));
+    assert_eq!(store.ledger_totals().await.unwrap().reserved, Credits::ZERO);
+}
+
+/// Suspended accounts and routes the key may not call are `Forbidden`.
+pub async fn reserve_rejects_suspended_users_and_unpermitted_routes(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let mut embed_only = new_key(&user, None, at(1));
+    embed_only.permitted_routes = vec![Route::Embeddings];
+    store.create_api_key(&embed_only).await.unwrap();
+
+    let chat = reservation(&user, &embed_only, Credits::whole(1), at(2));
+    assert_err!(store.reserve(&chat).await, Error::Forbidden(_));
+    let mut embed = reservation(&user, &embed_only, Credits::whole(1), at(3));
+    embed.route = Route::Embeddings;
+    store.reserve(&embed).await.unwrap();
+
+    store
+        .set_user_suspended(
+            &user.id,
+            Some(Suspension {
+                reason: "fraud".into(),
+                by: "system".into(),
+                at: at(4),
+            }),
+        )
+        .await
+        .unwrap();
+    assert_err!(
+        store
+            .reserve(&reservation(&user, &key, Credits::whole(1), at(5)))
+            .await,
+        Error::Forbidden(_)
+    );
+    assert_eq!(balance(&store, &user).await, Credits::whole(9));
+    store.set_user_suspended(&user.id, None).await.unwrap();
+    store
+        .reserve(&reservation(&user, &key, Credits::whole(1), at(6)))
+        .await
+        .unwrap();
+    assert_eq!(balance(&store, &user).await, Credits::whole(8));
+}
+
+/// A request id reserves once: again while open or after settling is `AlreadyExists`.
+pub async fn reserve_same_request_twice_is_already_exists(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let r = reservation(&user, &key, Credits::whole(1), at(1));
+    store.reserve(&r).await.unwrap();
+    assert_err!(store.reserve(&r).await, Error::AlreadyExists(_));
+    assert_eq!(balance(&store, &user).await, Credits::whole(9));
+    store
+        .settle(&settlement(&r, Credits::whole(1), None, at(2)))
+        .await
+        .unwrap();
+    assert_err!(store.reserve(&r).await, Error::AlreadyExists(_));
+    assert_eq!(balance(&store, &user).await, Credits::whole(9));
+    assert_eq!(store.ledger_totals().await.unwrap().reserved, Credits::ZERO);
+}
+
+/// Settling charges what was charged, returns the rest to the user and the
+/// key, credits the provider and stores the usage record.
+pub async fn settle_charges_reserved_min_and_releases_rest(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(20), Some(Credits::whole(15))).await;
+    let provider = stored_provider(&store).await;
+    let r = reservation(&user, &key, Credits::whole(10), at(1));
+    store.reserve(&r).await.unwrap();
+
+    let st = settlement(
+        &r,
+        Credits::micros(4_000_123),
+        Some((&provider, Credits::micros(3_000_000))),
+        at(900),
+    );
+    assert_eq!(store.settle(&st).await.unwrap(), SettleOutcome::Applied);
+
+    assert_eq!(balance(&store, &user).await, Credits::micros(15_999_877));
+    assert_eq!(
+        key_left(&store, &key).await,
+        Some(Credits::micros(10_999_877))
+    );
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(3));
+    let mut want = st.usage.clone();
+    want.charged = Credits::micros(4_000_123);
+    want.reward = Credits::whole(3);
+    assert_eq!(store.settlement(&r.request_id).await.unwrap(), want);
+    assert_eq!(store.usage_records(&user.id, 10).await.unwrap(), vec![want]);
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(t.settlements, 1);
+    assert_eq!(t.charged, Credits::micros(4_000_123));
+    assert_eq!(t.rewarded, Credits::whole(3));
+    assert_eq!(t.platform(), Credits::micros(1_000_123));
+    assert_eq!(t.reserved, Credits::ZERO);
+}
+
+/// A charge above the reservation is cut to it, and a reward above the
+/// charge is cut to the charge.
+pub async fn settle_clamps_charge_and_reward(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(8))).await;
+    let provider = stored_provider(&store).await;
+    let r = reservation(&user, &key, Credits::whole(5), at(1));
+    store.reserve(&r).await.unwrap();
+    let st = settlement(
+        &r,
+        Credits::whole(9),
+        Some((&provider, Credits::whole(20))),
+        at(2),
+    );
+    store.settle(&st).await.unwrap();
+
+    assert_eq!(balance(&store, &user).await, Credits::whole(5));
+    assert_eq!(key_left(&store, &key).await, Some(Credits::whole(3)));
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(5));
+    let rec = store.settlement(&r.request_id).await.unwrap();
+    assert_eq!(
+        (rec.charged, rec.reward),
+        (Credits::whole(5), Credits::whole(5))
+    );
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.charged, t.rewarded),
+        (Credits::whole(5), Credits::whole(5))
+    );
+    assert_eq!(t.platform(), Credits::ZERO);
+}
+
+/// The usage record is filed under the reservation's user, key and route,
+/// whatever the settlement's record says: usage always follows the money.
+pub async fn settle_records_usage_under_the_reservations_user_and_key(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(5), None).await;
+    let (other, other_key) = funded(&store, Credits::whole(5), None).await;
+    let r = reservation(&user, &key, Credits::whole(1), at(1));
+    store.reserve(&r).await.unwrap();
+    let mut st = settlement(&r, Credits::whole(1), None, at(2));
+    st.usage.user_id = other.id.clone();
+    st.usage.key_id = other_key.id.clone();
+    store.settle(&st).await.unwrap();
+    let rec = store.settlement(&r.request_id).await.unwrap();
+    assert_eq!(
+        (&rec.user_id, &rec.key_id, rec.route),
+        (&user.id, &key.id, r.route)
+    );
+    assert_eq!(store.usage_records(&user.id, 10).await.unwrap().len(), 1);
+    assert!(store.usage_records(&other.id, 10).await.unwrap().is_empty());
+}
+
+/// A failed request (nothing charged, no reward) gives everything back.
+pub async fn failed_request_costs_nothing(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(6))).await;
+    let provider = stored_provider(&store).await;
+    let r = reservation(&user, &key, Credits::whole(6), at(1));
+    store.reserve(&r).await.unwrap();
+    assert_eq!(key_left(&store, &key).await, Some(Credits::ZERO));
+    // A reward on a zero charge is cut to zero too.
+    let st = settlement(
+        &r,
+        Credits::ZERO,
+        Some((&provider, Credits::whole(1))),
+        at(2),
+    );
+    store.settle(&st).await.unwrap();
+    assert_eq!(balance(&store, &user).await, Credits::whole(10));
+    assert_eq!(key_left(&store, &key).await, Some(Credits::whole(6)));
+    assert_eq!(earnings(&store, &provider).await, Credits::ZERO);
+    let rec = store.settlement(&r.request_id).await.unwrap();
+    assert_eq!((rec.charged, rec.reward), (Credits::ZERO, Credits::ZERO));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(t.settlements, 1);
+    assert_eq!(
+        (t.charged, t.rewarded, t.reserved),
+        (Credits::ZERO, Credits::ZERO, Credits::ZERO)
+    );
+}
+
+/// The same settlement applied twice has effect once: `AlreadySettled`.
+pub async fn settle_twice_has_effect_once(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(10))).await;
+    let provider = stored_provider(&store).await;
+    let r = reservation(&user, &key, Credits::whole(4), at(1));
+    store.reserve(&r).await.unwrap();
+    let st = settlement(
+        &r,
+        Credits::whole(3),
+        Some((&provider, Credits::whole(2))),
+        at(2),
+    );
+    assert_eq!(store.settle(&st).await.unwrap(), SettleOutcome::Applied);
+    let record = store.settlement(&r.request_id).await.unwrap();
+
+    assert_eq!(
+        store.settle(&st).await.unwrap(),
+        SettleOutcome::AlreadySettled
+    );
+    // A different charge for the same request id changes nothing either.
+    let mut other = settlement(&r, Credits::ZERO, None, at(3));
+    other.usage.model = "other".into();
+    assert_eq!(
+        store.settle(&other).await.unwrap(),
+        SettleOutcome::AlreadySettled
+    );
+
+    assert_eq!(balance(&store, &user).await, Credits::whole(7));
+    assert_eq!(key_left(&store, &key).await, Some(Credits::whole(7)));
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(2));
+    assert_eq!(store.settlement(&r.request_id).await.unwrap(), record);
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.settlements, t.charged, t.rewarded),
+        (1, Credits::whole(3), Credits::whole(2))
+    );
+}
+
+/// Settling a request that never reserved is `NotFound` and changes nothing.
+pub async fn settle_unknown_request_is_not_found(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let provider = stored_provider(&store).await;
+    let r = reservation(&user, &key, Credits::whole(4), at(1));
+    let st = settlement(
+        &r,
+        Credits::whole(3),
+        Some((&provider, Credits::whole(2))),
+        at(2),
+    );
+    assert_err!(store.settle(&st).await, Error::NotFound(_));
+    assert_err!(store.settlement(&r.request_id).await, Error::NotFound(_));
+    assert_eq!(balance(&store, &user).await, Credits::whole(10));
+    assert_eq!(earnings(&store, &provider).await, Credits::ZERO);
+    assert_eq!(
+        store.ledger_totals().await.unwrap(),
+        LedgerTotals::default()
+    );
+}
+
+/// A key's limit changed while a request was in flight: the refund never
+/// leaves the key with more than its limit.
+pub async fn settle_refund_never_lifts_key_above_its_limit(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(100), None).await;
+    // Reserved while the key had no limit: the key's limit never held it.
+    let r1 = reservation(&user, &key, Credits::whole(5), at(1));
+    store.reserve(&r1).await.unwrap();
+    let set_limit = |c: i64| ApiKeyUpdate {
+        credit_limit: Some(Some(Credits::whole(c))),
+        ..ApiKeyUpdate::default()
+    };
+    let k = store.update_api_key(&key.id, &set_limit(10)).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::whole(10)));
+    store
+        .settle(&settlement(&r1, Credits::ZERO, None, at(2)))
+        .await
+        .unwrap();
+    assert_eq!(key_left(&store, &key).await, Some(Credits::whole(10)));
+
+    // Reserved under a limit that was then lowered below the reservation.
+    let r2 = reservation(&user, &key, Credits::whole(8), at(3));
+    store.reserve(&r2).await.unwrap();
+    store.update_api_key(&key.id, &set_limit(5)).await.unwrap();
+    assert_eq!(key_left(&store, &key).await, Some(Credits::ZERO));
+    store
+        .settle(&settlement(&r2, Credits::whole(1), None, at(4)))
+        .await
+        .unwrap();
+    assert_eq!(key_left(&store, &key).await, Some(Credits::whole(5)));
+    assert_eq!(balance(&store, &user).await, Credits::whole(99));
+}
+
+/// Reservations taken before the cut-off are settled at zero cost, no reward;
+/// later ones stay open.
+pub async fn release_stale_reservations_releases_only_old_ones(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(10))).await;
+    let provider = stored_provider(&store).await;
+    let old1 = reservation(&user, &key, Credits::whole(1), at(100));
+    let old2 = reservation(&user, &key, Credits::whole(2), at(200));
+    let edge = reservation(&user, &key, Credits::whole(3), at(250));
+    for r in [&old1, &old2, &edge] {
+        store.reserve(r).await.unwrap();
+    }
+    assert_eq!(balance(&store, &user).await, Credits::whole(4));
+
+    assert_eq!(store.release_stale_reservations(at(250)).await.unwrap(), 2);
+    assert_eq!(balance(&store, &user).await, Credits::whole(7));
+    assert_eq!(key_left(&store, &key).await, Some(Credits::whole(7)));
+    for r in [&old1, &old2] {
+        let rec = store.settlement(&r.request_id).await.unwrap();
+        assert_eq!(
+            (rec.charged, rec.reward, rec.success),
+            (Credits::ZERO, Credits::ZERO, false)
+        );
+        assert_eq!(rec.user_id, user.id);
+        let st = settlement(
+            r,
+            Credits::whole(1),
+            Some((&provider, Credits::whole(1))),
+            at(300),
+        );
+        assert_eq!(
+            store.settle(&st).await.unwrap(),
+            SettleOutcome::AlreadySettled
+        );
+    }
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.settlements, t.charged, t.reserved),
+        (2, Credits::ZERO, Credits::whole(3))
+    );
+    assert_eq!(store.release_stale_reservations(at(250)).await.unwrap(), 0);
+
+    let st = settlement(
+        &edge,
+        Credits::whole(2),
+        Some((&provider, Credits::whole(1))),
+        at(400),
+    );
+    assert_eq!(store.settle(&st).await.unwrap(), SettleOutcome::Applied);
+    assert_eq!(balance(&store, &user).await, Credits::whole(8));
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(1));
+}
+
+/// The ledger's sums match the usage records, and `reserved` tracks what is open.
+pub async fn ledger_totals_add_up(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(1_000), None).await;
+    let p1 = stored_provider(&store).await;
+    let p2 = stored_provider(&store).await;
+    let mut charged = 0i64;
+    let mut rewarded = 0i64;
+    let mut open = 0i64;
+    for i in 0..30i64 {
+        let amount = Credits::micros(1_000_000 + i * 7_919);
+        let r = reservation(&user, &key, amount, at(i));
+        store.reserve(&r).await.unwrap();
+        if i % 5 == 4 {
+            open += amount.0;
+            continue;
+        }
+        let charge = amount.0 * (i % 4) / 3;
+        let provider = if i % 2 == 0 { &p1 } else { &p2 };
+        let reward = charge * 7 / 10 + (i % 3);
+        let st = settlement(
+            &r,
+            Credits(charge),
+            Some((provider, Credits(reward))),
+            at(i + 50),
+        );
+        store.settle(&st).await.unwrap();
+        let applied = charge.min(amount.0);
+        charged += applied;
+        rewarded += reward.min(applied);
+    }
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(t.settlements, 24);
+    assert_eq!(t.charged, Credits(charged));
+    assert_eq!(t.rewarded, Credits(rewarded));
+    assert_eq!(t.reserved, Credits(open));
+    assert_eq!(t.charged, t.rewarded.saturating_add(t.platform()));
+    let records = store.usage_records(&user.id, 1_000).await.unwrap();
+    assert_eq!(records.len(), 24);
+    assert_eq!(records.iter().map(|r| r.charged.0).sum::<i64>(), charged);
+    assert_eq!(records.iter().map(|r| r.reward.0).sum::<i64>(), rewarded);
+    assert_eq!(
+        earnings(&store, &p1)
+            .await
+            .saturating_add(earnings(&store, &p2).await),
+        Credits(rewarded)
+    );
+    assert_eq!(
+        balance(&store, &user).await,
+        Credits(Credits::whole(1_000).0 - charged - open)
+    );
+}
+
+/// `usage_records` lists one user's settled requests, newest first, at most `limit`.
+pub async fn usage_records_newest_first_per_user(store: Arc<dyn Store>) {
+    let (alice, alice_key) = funded(&store, Credits::whole(10), None).await;
+    let (bob, bob_key) = funded(&store, Credits::whole(10), None).await;
+    let mut alice_ids = Vec::new();
+    for finished in [300, 100, 200] {
+        let r = reservation(&alice, &alice_key, Credits::micros(10), at(1));
+        store.reserve(&r).await.unwrap();
+        store
+            .settle(&settlement(&r, Credits::micros(5), None, at(finished)))
+            .await
+            .unwrap();
+        alice_ids.push((finished, r.request_id));
+    }
+    let rb = reservation(&bob, &bob_key, Credits::micros(10), at(1));
+    store.reserve(&rb).await.unwrap();
+    store
+        .settle(&settlement(&rb, Credits::micros(5), None, at(1_000)))
+        .await
+        .unwrap();
+
+    alice_ids.sort_by_key(|x| std::cmp::Reverse(x.0));
+    let want: Vec<RequestId> = alice_ids.into_iter().map(|(_, id)| id).collect();
+    let got: Vec<RequestId> = store
+        .usage_records(&alice.id, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.request_id)
+        .collect();
+    assert_eq!(got, want);
+    let two = store.usage_records(&alice.id, 2).await.unwrap();
+    assert_eq!(two.len(), 2);
+    assert_eq!(two[0].request_id, want[0]);
+    let bobs = store.usage_records(&bob.id, 10).await.unwrap();
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(bobs[0].request_id, rb.request_id);
+}
+
+// ---- concurrency ------------------------------------------------------------
+
+/// 100 concurrent reservations of 1 credit against 37: exactly 37 succeed, the
+/// balance ends at zero and is never negative.
+pub async fn concurrent_reservations_never_overdraw(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(37), None).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let (store, user, key) = (store.clone(), user.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .reserve(&reservation(&user, &key, Credits::whole(1), at(i)))
+                .await
+        }));
+    }
+    let (mut ok, mut short) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(()) => ok += 1,
+            Err(Error::InsufficientCredits(_)) => short += 1,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    assert_eq!((ok, short), (37, 63));
+    assert_eq!(balance(&store, &user).await, Credits::ZERO);
+    assert_eq!(
+        store.ledger_totals().await.unwrap().reserved,
+        Credits::whole(37)
+    );
+}
+
+/// Concurrent reservations on a limited key: the key's limit holds as exactly
+/// as the balance does.
+pub async fn concurrent_reservations_respect_key_limit(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(100), Some(Credits::whole(20))).await;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let (store, user, key) = (store.clone(), user.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .reserve(&reservation(&user, &key, Credits::whole(1), at(i)))
+                .await
+        }));
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for t in tasks {
+        match t.await.expect("task") {
+            Ok(()) => ok += 1,
+            Err(Error::KeyLimitReached(_)) => limited += 1,
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    assert_eq!((ok, limited), (20, 40));
+    assert_eq!(balance(&store, &user).await, Credits::whole(80));
+    assert_eq!(key_left(&store, &key).await, Some(Credits::ZERO));
+}
+
+/// 200 concurrent settles of different requests: every one lands, no update is lost.
+pub async fn concurrent_settles_lose_no_update(store: Arc<dyn Store>) {
+    const N: i64 = 200;
+    let (user, key) = funded(&store, Credits::whole(1_000), Some(Credits::whole(900))).await;
+    let provider = stored_provider(&store).await;
+    let mut reservations = Vec::new();
+    for i in 0..N {
+        let r = reservation(&user, &key, Credits::whole(2), at(i));
+        store.reserve(&r).await.unwrap();
+        reservations.push(r);
+    }
+    let mut tasks = Vec::new();
+    for (i, r) in reservations.into_iter().enumerate() {
+        let (store, provider) = (store.clone(), provider.clone());
+        tasks.push(tokio::spawn(async move {
+            let charge = Credits::micros(1_000_000 + i as i64);
+            let st = settlement(
+                &r,
+                charge,
+                Some((&provider, Credits::micros(600_000))),
+                at(1_000),
+            );
+            store.settle(&st).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task").unwrap(), SettleOutcome::Applied);
+    }
+    let charged: i64 = (0..N).map(|i| 1_000_000 + i).sum();
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(t.settlements, N as u64);
+    assert_eq!(t.charged, Credits(charged));
+    assert_eq!(t.rewarded, Credits(600_000 * N));
+    assert_eq!(t.reserved, Credits::ZERO);
+    assert_eq!(earnings(&store, &provider).await, Credits(600_000 * N));
+    assert_eq!(
+        balance(&store, &user).await,
+        Credits(Credits::whole(1_000).0 - charged)
+    );
+    assert_eq!(
+        key_left(&store, &key).await,
+        Some(Credits(Credits::whole(900).0 - charged))
+    );
+    assert_eq!(
+        store.usage_records(&user.id, 1_000).await.unwrap().len(),
+        N as usize
+    );
+}
+
+/// The same settlement raced by 20 tasks applies exactly once.
+pub async fn concurrent_duplicate_settles_apply_once(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let provider = stored_provider(&store).await;
+    let r = reservation(&user, &key, Credits::whole(5), at(0));
+    store.reserve(&r).await.unwrap();
+    let st = settlement(
+        &r,
+        Credits::whole(3),
+        Some((&provider, Credits::whole(2))),
+        at(1),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (store, st) = (store.clone(), st.clone());
+        tasks.push(tokio::spawn(async move { store.settle(&st).await }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        match t.await.expect("task").unwrap() {
+            SettleOutcome::Applied => applied += 1,
+            SettleOutcome::AlreadySettled => {}
+        }
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(balance(&store, &user).await, Credits::whole(7));
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(2));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.settlements, t.charged, t.rewarded),
+        (1, Credits::whole(3), Credits::whole(2))
+    );
+}

@@ -1,0 +1,244 @@
+//! Conformance cases of [`UserStore`](crate::store::UserStore): users and their
+//! API keys.
+
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::store::Store;
+use crate::types::*;
+
+use super::fixtures::*;
+
+// ---- users ------------------------------------------------------------------
+
+/// A second user with the same id or email is `AlreadyExists` and changes nothing.
+pub async fn create_user_is_create_if_absent(store: Arc<dyn Store>) {
+    let alice = new_user("alice@example.com", Credits::whole(5));
+    store.create_user(&alice).await.unwrap();
+
+    let mut same_id = new_user("other@example.com", Credits::whole(99));
+    same_id.id = alice.id.clone();
+    assert_err!(store.create_user(&same_id).await, Error::AlreadyExists(_));
+    assert_err!(
+        store.user_by_email("other@example.com").await,
+        Error::NotFound(_)
+    );
+
+    let same_email = new_user("alice@example.com", Credits::whole(99));
+    assert_err!(
+        store.create_user(&same_email).await,
+        Error::AlreadyExists(_)
+    );
+    assert_err!(store.user(&same_email.id).await, Error::NotFound(_));
+
+    assert_eq!(store.user(&alice.id).await.unwrap(), alice);
+}
+
+/// Users come back exactly as stored, by id and by email.
+pub async fn users_round_trip_and_resolve_by_email(store: Arc<dyn Store>) {
+    let mut admin = new_user("root@example.com", Credits::micros(1_234_567));
+    admin.is_admin = true;
+    admin.created_at = at(42);
+    admin.suspended = Some(Suspension {
+        reason: "chargeback".into(),
+        by: "system".into(),
+        at: at(43),
+    });
+    store.create_user(&admin).await.unwrap();
+    let plain = new_user("plain@example.com", Credits::ZERO);
+    store.create_user(&plain).await.unwrap();
+
+    assert_eq!(store.user(&admin.id).await.unwrap(), admin);
+    assert_eq!(
+        store.user_by_email("root@example.com").await.unwrap(),
+        admin
+    );
+    assert_eq!(
+        store.user_by_email("plain@example.com").await.unwrap(),
+        plain
+    );
+}
+
+/// `search_users` matches a substring of the email whatever its case, sorted
+/// by email, at most `limit`.
+pub async fn search_users_is_case_insensitive_sorted_and_limited(store: Arc<dyn Store>) {
+    for email in [
+        "bob@example.com",
+        "alicia@other.org",
+        "alice@example.com",
+        "carol@example.com",
+    ] {
+        store
+            .create_user(&new_user(email, Credits::ZERO))
+            .await
+            .unwrap();
+    }
+    let emails = |v: Vec<User>| v.into_iter().map(|u| u.email).collect::<Vec<_>>();
+
+    assert_eq!(
+        emails(store.search_users("ALI", 10).await.unwrap()),
+        ["alice@example.com", "alicia@other.org"]
+    );
+    assert_eq!(
+        emails(store.search_users("example", 2).await.unwrap()),
+        ["alice@example.com", "bob@example.com"]
+    );
+    assert_eq!(store.search_users("", 10).await.unwrap().len(), 4);
+    assert!(store.search_users("zed", 10).await.unwrap().is_empty());
+    assert!(store.search_users("ali", 0).await.unwrap().is_empty());
+}
+
+/// Suspending and unsuspending a user is stored as given.
+pub async fn set_user_suspended_round_trips(store: Arc<dyn Store>) {
+    let u = new_user("sus@example.com", Credits::ZERO);
+    store.create_user(&u).await.unwrap();
+    let s = Suspension {
+        reason: "abuse".into(),
+        by: "usr_admin".into(),
+        at: at(5),
+    };
+    store
+        .set_user_suspended(&u.id, Some(s.clone()))
+        .await
+        .unwrap();
+    assert_eq!(store.user(&u.id).await.unwrap().suspended, Some(s));
+    store.set_user_suspended(&u.id, None).await.unwrap();
+    assert_eq!(store.user(&u.id).await.unwrap(), u);
+}
+
+// ---- API keys ---------------------------------------------------------------
+
+/// A second key with the same id or hash is `AlreadyExists` and changes nothing.
+pub async fn create_api_key_is_create_if_absent(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(1), None).await;
+
+    let mut same_id = new_key(&user, Some(Credits::whole(5)), at(1));
+    same_id.id = key.id.clone();
+    assert_err!(
+        store.create_api_key(&same_id).await,
+        Error::AlreadyExists(_)
+    );
+    assert_err!(
+        store.api_key_by_hash(&same_id.hash).await,
+        Error::NotFound(_)
+    );
+
+    let mut same_hash = new_key(&user, Some(Credits::whole(5)), at(1));
+    same_hash.hash = key.hash;
+    assert_err!(
+        store.create_api_key(&same_hash).await,
+        Error::AlreadyExists(_)
+    );
+
+    assert_eq!(store.api_keys(&user.id).await.unwrap(), vec![key]);
+}
+
+/// A key's hash resolves to the key (and so its user); a user's keys are
+/// listed oldest first and nobody else's.
+pub async fn api_key_hash_resolves_to_its_user(store: Arc<dyn Store>) {
+    let (alice, k1) = funded(&store, Credits::whole(1), None).await;
+    let (bob, bob_key) = funded(&store, Credits::whole(1), None).await;
+    let mut k2 = new_key(&alice, Some(Credits::micros(1_500_000)), at(10));
+    k2.name = "ci".into();
+    k2.permitted_routes = vec![Route::Embeddings, Route::ChatCompletions];
+    let k3 = new_key(&alice, None, at(5));
+    store.create_api_key(&k2).await.unwrap();
+    store.create_api_key(&k3).await.unwrap();
+
+    let got = store.api_key_by_hash(&k2.hash).await.unwrap();
+    assert_eq!(got, k2);
+    assert_eq!(got.user_id, alice.id);
+    assert_eq!(
+        store.api_key_by_hash(&bob_key.hash).await.unwrap().user_id,
+        bob.id
+    );
+    assert_eq!(
+        store.api_keys(&alice.id).await.unwrap(),
+        vec![k1, k3, k2],
+        "oldest first"
+    );
+    assert_eq!(store.api_keys(&bob.id).await.unwrap(), vec![bob_key]);
+}
+
+/// `update_api_key` renames, re-routes, and moves `credits_left` with the limit.
+pub async fn update_api_key_moves_limit_and_changes_fields(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(100), Some(Credits::whole(10))).await;
+    let r = reservation(&user, &key, Credits::whole(4), at(1));
+    store.reserve(&r).await.unwrap();
+    assert_eq!(key_left(&store, &key).await, Some(Credits::whole(6)));
+
+    let update = |limit: Option<Option<Credits>>| ApiKeyUpdate {
+        name: None,
+        credit_limit: limit,
+        permitted_routes: None,
+    };
+    // Raising the limit by 10 raises what is left by 10.
+    let k = store
+        .update_api_key(&key.id, &update(Some(Some(Credits::whole(20)))))
+        .await
+        .unwrap();
+    assert_eq!(k.credit_limit, Some(Credits::whole(20)));
+    assert_eq!(k.credits_left, Some(Credits::whole(16)));
+    // Lowering it below what is spent leaves nothing, never a negative.
+    let k = store
+        .update_api_key(&key.id, &update(Some(Some(Credits::whole(3)))))
+        .await
+        .unwrap();
+    assert_eq!(k.credits_left, Some(Credits::ZERO));
+    assert_err!(
+        store
+            .reserve(&reservation(&user, &key, Credits::micros(1), at(2)))
+            .await,
+        Error::KeyLimitReached(_)
+    );
+    // Removing the limit: only the balance limits the key.
+    let k = store
+        .update_api_key(&key.id, &update(Some(None)))
+        .await
+        .unwrap();
+    assert_eq!((k.credit_limit, k.credits_left), (None, None));
+    store
+        .reserve(&reservation(&user, &key, Credits::whole(50), at(3)))
+        .await
+        .unwrap();
+
+    // Name and routes; `None` fields stay as they are.
+    let k = store
+        .update_api_key(
+            &key.id,
+            &ApiKeyUpdate {
+                name: Some("renamed".into()),
+                credit_limit: None,
+                permitted_routes: Some(vec![Route::Embeddings]),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(k.name, "renamed");
+    assert_eq!(k.permitted_routes, vec![Route::Embeddings]);
+    assert_eq!((k.credit_limit, k.credits_left), (None, None));
+    assert_eq!(k.last_used_at, Some(at(3)));
+    assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), k);
+    assert_err!(
+        store
+            .reserve(&reservation(&user, &key, Credits::micros(1), at(4)))
+            .await,
+        Error::Forbidden(_)
+    );
+}
+
+/// A revoked key stays revoked (at its first revocation time) and reserves nothing.
+pub async fn revoke_api_key_is_permanent(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    store.revoke_api_key(&key.id, at(7)).await.unwrap();
+    store.revoke_api_key(&key.id, at(9)).await.unwrap();
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.revoked_at, Some(at(7)));
+    assert_err!(
+        store
+            .reserve(&reservation(&user, &key, Credits::whole(1), at(10)))
+            .await,
+        Error::Unauthorized(_)
+    );
+    assert_eq!(balance(&store, &user).await, Credits::whole(10));
+}

@@ -1,0 +1,112 @@
+//! Prices and notifications: what the operator publishes, each a
+//! single-partition listing, written rarely and read whole.
+
+use async_trait::async_trait;
+use cxmpute_core::{
+    CatalogueStore, Credits, Error, Notification, NotificationId, PriceEntry, Result, Timestamp,
+};
+
+use crate::db::{DynamoStore, Fail, Query};
+use crate::item::{Ex, Item, ItemBuilder, Rd};
+use crate::schema;
+
+fn decode_price(it: &Item) -> Result<PriceEntry> {
+    let r = Rd::new(it, "price");
+    Ok(PriceEntry {
+        service: r.parse("service")?,
+        model: r.opt_s("model")?,
+        per_request: Credits(r.num("per_request")?),
+        per_million_input_tokens: Credits(r.num("per_million_input_tokens")?),
+        per_million_output_tokens: Credits(r.num("per_million_output_tokens")?),
+        per_million_units: Credits(r.num("per_million_units")?),
+    })
+}
+
+fn decode_notification(it: &Item) -> Result<Notification> {
+    let r = Rd::new(it, "notification");
+    Ok(Notification {
+        id: NotificationId::new(r.s("id")?),
+        title: r.s("title")?,
+        banner: r.s("banner")?,
+        popup: r.s("popup")?,
+        starts_at: Timestamp(r.num("starts_at")?),
+        ends_at: Timestamp(r.num("ends_at")?),
+        placements: r.json("placements")?,
+    })
+}
+
+#[async_trait]
+impl CatalogueStore for DynamoStore {
+    // ---- prices -------------------------------------------------------------
+
+    async fn prices(&self) -> Result<Vec<PriceEntry>> {
+        let q = Query::prefix(schema::PRICES_PK, "PRICE#");
+        let mut v = self
+            .query("reading prices", q)
+            .await?
+            .iter()
+            .map(decode_price)
+            .collect::<Result<Vec<_>>>()?;
+        v.sort_by(|a, b| (a.service, &a.model).cmp(&(b.service, &b.model)));
+        Ok(v)
+    }
+
+    async fn put_price(&self, p: &PriceEntry) -> Result<()> {
+        let what = "storing a price";
+        let item = ItemBuilder::at(schema::price(p.service, p.model.as_deref()))
+            .s("service", p.service.as_str())
+            .opt_s("model", p.model.clone())
+            .n("per_request", p.per_request.0)
+            .n("per_million_input_tokens", p.per_million_input_tokens.0)
+            .n("per_million_output_tokens", p.per_million_output_tokens.0)
+            .n("per_million_units", p.per_million_units.0)
+            .build();
+        self.put(what, item, None, Ex::new())
+            .await
+            .map_err(|f| f.into_error(what))
+    }
+
+    // ---- notifications ------------------------------------------------------
+
+    async fn put_notification(&self, x: &Notification) -> Result<()> {
+        let what = "storing a notification";
+        let item = ItemBuilder::at(schema::notification(&x.id))
+            .s("id", x.id.as_str())
+            .s("title", &x.title)
+            .s("banner", &x.banner)
+            .s("popup", &x.popup)
+            .n("starts_at", x.starts_at.0)
+            .n("ends_at", x.ends_at.0)
+            .json("placements", &x.placements)?
+            .build();
+        self.put(what, item, None, Ex::new())
+            .await
+            .map_err(|f| f.into_error(what))
+    }
+
+    async fn delete_notification(&self, id: &NotificationId) -> Result<()> {
+        let what = "deleting a notification";
+        let mut ex = Ex::new();
+        let cond = ex.exists();
+        match self
+            .delete(what, schema::notification(id), Some(cond), ex)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(Fail::Condition(_)) => Err(Error::NotFound(format!("notification {id}"))),
+            Err(f) => Err(f.into_error(what)),
+        }
+    }
+
+    async fn notifications(&self) -> Result<Vec<Notification>> {
+        let q = Query::prefix(schema::NOTIFS_PK, "NTF#");
+        let mut v = self
+            .query("reading notifications", q)
+            .await?
+            .iter()
+            .map(decode_notification)
+            .collect::<Result<Vec<_>>>()?;
+        v.sort_by(|a, b| (a.starts_at, &a.id).cmp(&(b.starts_at, &b.id)));
+        Ok(v)
+    }
+}
