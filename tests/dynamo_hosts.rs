@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cxmpute::dynamo::{DynamoConfig, DynamoStore, RequestGate, StaticCredentials};
-use cxmpute_core::testkit::{StandInNode, TestHost, MODEL};
+use cxmpute_core::testkit::{InstrumentedStore, StandInNode, TestHost, MODEL};
 use cxmpute_core::wire::ErrorBody;
 use cxmpute_core::*;
 use serde_json::{json, Value};
@@ -140,6 +140,48 @@ async fn two_hosts_share_nodes_credits_and_usage() {
     assert_eq!(stats[0].1.requests, 12);
     assert_eq!(stats[0].1.charged, 12_000);
     assert_eq!(s.usage_records(&u.id, 100).await.unwrap().len(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_or_an_account_suspended_on_one_host_is_refused_on_another_within_the_bound()
+{
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("k{}_", secret::random_token(10).to_lowercase());
+    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
+    a.broker.put_price(per_request_price(1_000)).await.unwrap();
+    let b_store = DynamoStore::connect(config(&ep, &prefix)).await.unwrap();
+    let b_store = Arc::new(InstrumentedStore::wrap(b_store));
+    let b = TestHost::start(b_store.clone()).await;
+    let (_node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
+    b.broker.refresh_pools().await.unwrap();
+    let c = reqwest::Client::new();
+
+    // Two users, each key used on both hosts: both hold them in memory.
+    let (u1, k1) = a.user(Credits::whole(1)).await;
+    let (u2, k2) = a.user(Credits::whole(1)).await;
+    for (h, k) in [(&a, &k1), (&a, &k2), (&b, &k1), (&b, &k2)] {
+        assert_eq!(chat(&c, &h.url, k).await, 200);
+    }
+    // On host A: k1 revoked, u2 suspended. A refuses both at once.
+    let store = a.broker.store();
+    let id1 = store.api_key_by_hash(&k1.hash()).await.unwrap().id;
+    let admin = store.user_by_email("admin@cxmpute.test").await.unwrap();
+    let accounts = a.broker.accounts();
+    accounts.revoke_key(&u1, &id1).await.unwrap();
+    accounts.suspend_user(&admin, &u2.id, "test").await.unwrap();
+    assert_eq!(chat(&c, &a.url, &k1).await, 401);
+    assert_eq!(chat(&c, &a.url, &k2).await, 403);
+
+    // Host B refuses both once the bound has passed on its own clock, from
+    // what it read again: neither call reaches a reservation.
+    b.clock.advance(b.broker.config().key_cache_ttl);
+    b_store.take_calls();
+    assert_eq!(chat(&c, &b.url, &k1).await, 401);
+    assert_eq!(chat(&c, &b.url, &k2).await, 403);
+    let calls = b_store.take_calls();
+    assert_eq!(calls.get("reserve"), None, "{calls:?}");
+    assert_eq!(calls["api_key_by_hash"], 2, "{calls:?}");
+    a.assert_ledger().await;
 }
 
 /// A TCP relay in front of the database that can be cut and restored.

@@ -113,6 +113,13 @@ async fn everything_written_through_the_host_survives_a_clean_restart() {
 /// The store's atomic operations are what make codes single-use, sign-ups
 /// unique and refresh tokens one-shot: the same flow on SQLite.
 #[tokio::test]
+async fn key_changes_made_on_the_host_apply_at_once_on_sqlite_too() {
+    let h = TestHost::start(Arc::new(SqliteStore::in_memory().await.unwrap())).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    common::key_changes_apply_at_once(&h).await;
+}
+
+#[tokio::test]
 async fn codes_sign_ups_and_refresh_rotation_hold_on_sqlite_too() {
     let store = cxmpute::sqlite::SqliteStore::in_memory().await.unwrap();
     let outbox = RecordingMailer::default();

@@ -1289,13 +1289,16 @@ impl Accounts {
             credit_limit: req.credit_limit,
             permitted_routes: routes,
         };
-        self.store().update_api_key(id, &update).await
+        let key = self.store().update_api_key(id, &update).await?;
+        self.broker.inner().keys.forget(&key.hash);
+        Ok(key)
     }
 
     /// Revokes one of the user's keys: it never works again.
     pub async fn revoke_key(&self, user: &User, id: &ApiKeyId) -> Result<()> {
-        self.owned_key(user, id).await?;
+        let key = self.owned_key(user, id).await?;
         self.store().revoke_api_key(id, self.now()).await?;
+        self.broker.inner().keys.forget(&key.hash);
         tracing::info!(user = %user.id, key = %id, "API key revoked");
         Ok(())
     }
@@ -1423,14 +1426,16 @@ impl Accounts {
         })
     }
 
-    /// Suspends a user: the gateway refuses its keys at once (the store's
-    /// reservation checks the suspension).
+    /// Suspends a user: the gateway refuses its keys at once on this host,
+    /// and on other hosts sharing the store within
+    /// [`BrokerConfig::key_cache_ttl`](crate::BrokerConfig::key_cache_ttl).
     pub async fn suspend_user(&self, admin: &User, id: &UserId, reason: &str) -> Result<()> {
         let s = Self::suspension(admin, reason, self.now())?;
         if &admin.id == id {
             return Err(Error::Conflict("an admin cannot suspend itself".into()));
         }
         self.store().set_user_suspended(id, Some(s)).await?;
+        self.broker.inner().keys.forget_user(id);
         tracing::info!(user = %id, by = %admin.id, "user suspended");
         Ok(())
     }
@@ -1438,6 +1443,7 @@ impl Accounts {
     /// Lifts a user's suspension.
     pub async fn unsuspend_user(&self, admin: &User, id: &UserId) -> Result<()> {
         self.store().set_user_suspended(id, None).await?;
+        self.broker.inner().keys.forget_user(id);
         tracing::info!(user = %id, by = %admin.id, "user unsuspended");
         Ok(())
     }

@@ -86,6 +86,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::egress::{self, EgressPolicy, EgressRules};
 use crate::error::{Error, Result};
 use crate::health::{self, HealthConfig, HealthReport};
+use crate::keycache::KeyCache;
 use crate::mail::{ConsoleMailer, Mailer};
 use crate::metrics::Metrics;
 use crate::network::NetworkConfig;
@@ -169,6 +170,18 @@ pub struct BrokerConfig {
     pub network: NetworkConfig,
     /// Sign-in, sessions and the admin role.
     pub auth: AuthConfig,
+    /// Most API keys a host holds in memory (default 100,000), so that a
+    /// call with a key seen lately makes no store read; unknown keys are
+    /// held too, a sixteenth as many. The least useful go first when full.
+    /// 0 holds none: every gateway call reads its key from the store.
+    pub key_cache_capacity: u64,
+    /// How long a key held in memory is trusted (default 1 s): a key
+    /// revoked or changed, or an account suspended, through another host
+    /// sharing the store is refused here at most this long after (by this
+    /// host's clock). The host that makes the change applies it at once.
+    /// Keys in use are read again in the background after half of it, so
+    /// calls do not wait for the store. 0 turns the memory off.
+    pub key_cache_ttl: Duration,
     /// The most pools or models a public list names (default 100):
     /// `GET /v1/models`, the pool and model lists of `GET /v1/stats/network`
     /// and the per-pool series of `GET /metrics`. Anyone may register nodes
@@ -206,6 +219,8 @@ impl Default for BrokerConfig {
             health: HealthConfig::default(),
             network: NetworkConfig::default(),
             auth: AuthConfig::default(),
+            key_cache_capacity: 100_000,
+            key_cache_ttl: Duration::from_secs(1),
             public_list_limit: 100,
         }
     }
@@ -329,7 +344,9 @@ impl BrokerBuilder {
             .build()
             .map_err(|e| Error::backend("building the HTTP client", e))?;
         let auth = AuthState::new(&self.config.auth)?;
+        let (capacity, ttl) = (self.config.key_cache_capacity, self.config.key_cache_ttl);
         let inner = Inner {
+            keys: KeyCache::new(self.store.clone(), self.clock.clone(), capacity, ttl),
             auth,
             // Stored prices are applied over these by the refresh below.
             prices: PriceTable::new(self.default_prices, Vec::new()),
@@ -356,6 +373,8 @@ impl BrokerBuilder {
 /// What every clone of a [`Broker`] shares.
 pub(crate) struct Inner {
     pub(crate) auth: AuthState,
+    /// API keys held in memory for the gateway (see [`crate::keycache`]).
+    pub(crate) keys: KeyCache,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) selector: Arc<dyn ProvisionSelector>,
@@ -609,7 +628,9 @@ impl Broker {
 
     // ---- authentication --------------------------------------------------------
 
-    /// The API key for a bearer secret. `Unauthorized` for missing, unknown or revoked keys.
+    /// The API key for a bearer secret, read from the store (gateway calls
+    /// read it from memory instead: [`BrokerConfig::key_cache_ttl`]).
+    /// `Unauthorized` for missing, unknown or revoked keys.
     pub async fn authenticate_key(&self, secret: Option<&Secret>) -> Result<ApiKey> {
         let secret = secret.ok_or_else(|| {
             Error::Unauthorized("missing API key: send `Authorization: Bearer <key>`".into())
@@ -727,6 +748,7 @@ impl Broker {
             revoked_at: None,
         };
         self.inner.store.create_api_key(&key).await?;
+        self.inner.keys.forget(&key.hash); // it may be held as unknown
         Ok((key, secret))
     }
 

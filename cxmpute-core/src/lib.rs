@@ -18,6 +18,7 @@ pub mod error;
 mod gateway;
 pub mod health;
 pub mod http;
+mod keycache;
 pub mod mail;
 pub mod memory;
 pub mod metrics;

@@ -695,6 +695,12 @@ impl TestHost {
         p.expect("provider").earnings
     }
 
+    /// How many API keys the broker holds in memory: known ones and unknown
+    /// ones (see [`BrokerConfig::key_cache_capacity`]).
+    pub fn key_cache_sizes(&self) -> (u64, u64) {
+        self.broker.inner().keys.sizes()
+    }
+
     /// The usage record of `user`'s latest request.
     pub async fn last_usage(&self, user: &UserId) -> UsageRecord {
         let latest = self.broker.store().usage_records(user, 1).await;

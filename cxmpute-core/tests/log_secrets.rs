@@ -110,6 +110,10 @@ async fn no_secret_reaches_the_logs_through_a_whole_flow() {
 
     let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     assert!(log.contains("signed in"), "the subscriber saw the flow");
+    // The line each call writes names its request.
+    let settled = log.lines().find(|l| l.contains("request settled"));
+    let settled = settled.expect("a line per call");
+    assert!(settled.contains("request_id=\"req_"), "{settled}");
     for s in &secrets {
         assert!(
             !log.contains(s.as_str()),

@@ -89,10 +89,13 @@
 //!
 //! | step | store call | DynamoDB calls |
 //! |------|------------|----------------|
-//! | authenticate | `api_key_by_hash` | 1 `GetItem` (strongly consistent) |
+//! | authenticate | none: the host holds the key in memory | 0 |
 //! | admit | `reserve` | 1 `TransactWriteItems` (account, key, request, ledger shard) |
 //! | settle | `settle` | 1 `TransactWriteItems` (request, account, key, provider, usage, ledger shard) |
 //!
+//! A key in use is read again (`api_key_by_hash` and `user`: two strongly
+//! consistent `GetItem`s) in the background every half `key_cache_ttl`
+//! (0.5 s by default), and by its first call after an idle spell.
 //! `reserve` also reads the key id item the first time a process sees a key
 //! (the mapping never changes, so it is remembered). A settlement arriving at
 //! another host than the one that reserved adds one `GetItem` of the request.

@@ -1,32 +1,72 @@
-//! [`InstrumentedStore`]: a memory store that counts calls and can lose answers.
+//! [`InstrumentedStore`]: a store (memory by default) that counts calls,
+//! can slow them down and can lose answers.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::*;
 
-/// A [`MemoryStore`] with instruments, for tests that watch what the broker
-/// asks of its store: it counts every call by name and can lose the answer
-/// of a call (apply it, then report a failure, as when a connection drops
-/// after the database committed).
-#[derive(Debug, Default)]
-pub struct InstrumentedStore {
+/// A store with instruments (a [`MemoryStore`] unless another is
+/// [wrapped](InstrumentedStore::wrap)), for tests that watch what the broker
+/// asks of its store: it counts every call by name, and the most of one
+/// name under way at once; it can make a call take longer (as a distant
+/// database does) and lose the answer of a call (apply it, then report a
+/// failure, as when a connection drops after the database committed).
+#[derive(Default)]
+pub struct InstrumentedStore<S = MemoryStore> {
     /// The store that does the work (read it directly to look without counting).
-    pub inner: MemoryStore,
-    calls: Mutex<std::collections::BTreeMap<&'static str, usize>>,
+    pub inner: S,
+    calls: Mutex<BTreeMap<&'static str, usize>>,
+    /// By name: calls under way now, and the most at once so far.
+    in_flight: Mutex<BTreeMap<&'static str, (usize, usize)>>,
+    delays: Mutex<BTreeMap<&'static str, Duration>>,
     /// The call whose next answer is lost, and how many answers were lost.
     lose: Mutex<(Option<&'static str>, usize)>,
 }
 
+impl<S> std::fmt::Debug for InstrumentedStore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstrumentedStore")
+            .field("calls", &*self.calls.lock())
+            .finish_non_exhaustive()
+    }
+}
+
 impl InstrumentedStore {
-    /// An empty store with nothing counted.
+    /// An empty memory store with nothing counted.
     pub fn new() -> Self {
         Self::default()
     }
+}
+
+impl<S> InstrumentedStore<S> {
+    /// `inner` with instruments, nothing counted yet.
+    pub fn wrap(inner: S) -> Self {
+        InstrumentedStore {
+            inner,
+            calls: Mutex::default(),
+            in_flight: Mutex::default(),
+            delays: Mutex::default(),
+            lose: Mutex::default(),
+        }
+    }
 
     /// The calls counted since the last take, by name; counting starts again.
-    pub fn take_calls(&self) -> std::collections::BTreeMap<&'static str, usize> {
+    pub fn take_calls(&self) -> BTreeMap<&'static str, usize> {
         std::mem::take(&mut *self.calls.lock())
+    }
+
+    /// Every later `call` (a [`Store`] method's name) waits `d` before it runs.
+    pub fn delay(&self, call: &'static str, d: Duration) {
+        self.delays.lock().insert(call, d);
+    }
+
+    /// The most `call`s that were under way at once so far.
+    pub fn peak_in_flight(&self, call: &'static str) -> usize {
+        self.in_flight.lock().get(call).map_or(0, |c| c.1)
     }
 
     /// The next successful `call` (a [`Store`] method's name) is applied and
@@ -46,6 +86,11 @@ impl InstrumentedStore {
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         *self.calls.lock().entry(name).or_default() += 1;
+        let _under_way = UnderWay::start(&self.in_flight, name);
+        let delay = self.delays.lock().get(name).copied();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let answer = work.await?;
         let mut lose = self.lose.lock();
         if lose.0 == Some(name) {
@@ -59,8 +104,32 @@ impl InstrumentedStore {
     }
 }
 
+/// One call counted as under way until dropped (a cancelled call included).
+struct UnderWay<'a> {
+    table: &'a Mutex<BTreeMap<&'static str, (usize, usize)>>,
+    name: &'static str,
+}
+
+impl<'a> UnderWay<'a> {
+    fn start(table: &'a Mutex<BTreeMap<&'static str, (usize, usize)>>, name: &'static str) -> Self {
+        let mut t = table.lock();
+        let (now, peak) = t.entry(name).or_default();
+        *now += 1;
+        *peak = (*peak).max(*now);
+        UnderWay { table, name }
+    }
+}
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.table.lock().get_mut(self.name) {
+            c.0 -= 1;
+        }
+    }
+}
+
 #[async_trait]
-impl UserStore for InstrumentedStore {
+impl<S: Store> UserStore for InstrumentedStore<S> {
     async fn create_user(&self, user: &User) -> Result<()> {
         self.call("create_user", self.inner.create_user(user)).await
     }
@@ -113,7 +182,7 @@ impl UserStore for InstrumentedStore {
 }
 
 #[async_trait]
-impl NetworkStore for InstrumentedStore {
+impl<S: Store> NetworkStore for InstrumentedStore<S> {
     async fn create_provider(&self, provider: &Provider) -> Result<()> {
         self.call("create_provider", self.inner.create_provider(provider))
             .await
@@ -214,7 +283,7 @@ impl NetworkStore for InstrumentedStore {
 }
 
 #[async_trait]
-impl LedgerStore for InstrumentedStore {
+impl<S: Store> LedgerStore for InstrumentedStore<S> {
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
         self.call("grant_credits", self.inner.grant_credits(grant))
             .await
@@ -257,7 +326,7 @@ impl LedgerStore for InstrumentedStore {
 }
 
 #[async_trait]
-impl SignInStore for InstrumentedStore {
+impl<S: Store> SignInStore for InstrumentedStore<S> {
     async fn issue_login_code(
         &self,
         code: &LoginCode,
@@ -339,7 +408,7 @@ impl SignInStore for InstrumentedStore {
 }
 
 #[async_trait]
-impl CatalogueStore for InstrumentedStore {
+impl<S: Store> CatalogueStore for InstrumentedStore<S> {
     async fn prices(&self) -> Result<Vec<PriceEntry>> {
         self.call("prices", self.inner.prices()).await
     }
@@ -364,7 +433,7 @@ impl CatalogueStore for InstrumentedStore {
 }
 
 #[async_trait]
-impl StatsStore for InstrumentedStore {
+impl<S: Store> StatsStore for InstrumentedStore<S> {
     async fn record_stats(&self, batch: &StatsBatch) -> Result<()> {
         self.call("record_stats", self.inner.record_stats(batch))
             .await

@@ -15,6 +15,7 @@ mod authz;
 mod dashboard;
 mod gateway;
 mod hostile;
+mod keys;
 mod metrics;
 mod network;
 mod openapi;

@@ -180,3 +180,41 @@ pub async fn listed(a: &ProviderApi) -> usize {
     let v: Value = a.get("").await.json().await.unwrap();
     v.as_array().unwrap().len()
 }
+
+/// The status of a chat call with `key`, its answer read.
+pub async fn chat_status(h: &TestHost, key: &Secret) -> u16 {
+    let r = h.post("/v1/chat/completions", key, &chat()).await;
+    let status = r.status().as_u16();
+    r.bytes().await.unwrap();
+    status
+}
+
+/// On `h` (with a chat node), what this host does to a key held in memory
+/// reaches its very next gateway call, the clock unmoved: narrowing its
+/// routes, suspending its account, lifting both, revoking it.
+pub async fn key_changes_apply_at_once(h: &TestHost) {
+    let (user, key) = h.user(Credits::whole(10)).await;
+    assert_eq!(chat_status(h, &key).await, 200);
+    assert_eq!(chat_status(h, &key).await, 200);
+    let store = h.broker.store();
+    let id = store.api_key_by_hash(&key.hash()).await.unwrap().id;
+    let admin = store.user_by_email("admin@cxmpute.test").await.unwrap();
+    let a = h.broker.accounts();
+    let routes = |r: Vec<Route>| UpdateKeyRequest {
+        permitted_routes: Some(r),
+        ..UpdateKeyRequest::default()
+    };
+    a.update_key(&user, &id, routes(vec![Route::Embeddings]))
+        .await
+        .unwrap();
+    assert_eq!(chat_status(h, &key).await, 403, "narrowed routes");
+    a.update_key(&user, &id, routes(Vec::new())).await.unwrap();
+    assert_eq!(chat_status(h, &key).await, 200, "every route again");
+    a.suspend_user(&admin, &user.id, "test").await.unwrap();
+    assert_eq!(chat_status(h, &key).await, 403, "suspended");
+    a.unsuspend_user(&admin, &user.id).await.unwrap();
+    assert_eq!(chat_status(h, &key).await, 200, "unsuspended");
+    a.revoke_key(&user, &id).await.unwrap();
+    assert_eq!(chat_status(h, &key).await, 401, "revoked");
+    h.assert_ledger().await;
+}
