@@ -73,7 +73,11 @@ async fn two_hosts_share_nodes_credits_and_usage() {
     let Some(ep) = endpoint() else { return };
     let prefix = format!("h{}_", secret::random_token(10).to_lowercase());
     let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker.put_price(per_request_price(1_000)).await.unwrap();
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
     let b = TestHost::start(store(config(&ep, &prefix)).await).await;
     assert_eq!(
         b.broker.prices().get(Service::Chat, MODEL).per_request,
@@ -203,7 +207,11 @@ async fn an_unreachable_database_is_a_clear_503_and_the_host_recovers() {
     cfg.attempt_timeout = Duration::from_secs(2);
     cfg.operation_timeout = Duration::from_secs(4);
     let h = TestHost::start(store(cfg).await).await;
-    h.broker.put_price(per_request_price(1_000)).await.unwrap();
+    h.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
     let (node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
     let c = reqwest::Client::new();

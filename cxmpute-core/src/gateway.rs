@@ -246,7 +246,9 @@ impl Broker {
         let started = Instant::now();
         let i = self.inner();
         // 1. Authenticate.
-        let key = self.authenticate_key(req.api_key.as_ref()).await?;
+        let key = (self.sessions())
+            .authenticate_key(req.api_key.as_ref())
+            .await?;
         if !key.permits(req.route) {
             return Err(Error::Forbidden(format!(
                 "this API key may not call {}",

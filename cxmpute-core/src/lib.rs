@@ -11,6 +11,7 @@
 #![warn(unreachable_pub)]
 
 pub mod accounts;
+pub mod admin;
 pub mod analytics;
 pub mod broker;
 pub mod clock;
@@ -29,6 +30,7 @@ pub mod reward;
 pub mod secret;
 pub mod select;
 pub(crate) mod services;
+pub mod sessions;
 pub mod sse;
 pub mod stats;
 pub mod store;
@@ -45,17 +47,20 @@ pub mod node;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use accounts::{Accounts, AuthConfig};
+pub use accounts::Accounts;
+pub use admin::Admin;
 pub use broker::{Broker, BrokerBuilder, BrokerConfig, GatewayRequest, GatewayResponse};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use http::router;
 pub use mail::{ConsoleMailer, Mailer, MailerConfig};
 pub use memory::MemoryStore;
+pub use network::Network;
 pub use reward::{FlatReward, RewardPolicy};
 pub use reward::{RevenueShare, TieredReward};
 pub use secret::{KeyHash, Secret};
 pub use select::{LeastInFlightSelector, PeakEwmaSelector, RoundRobinSelector};
 pub use select::{ProvisionSelector, RandomSelector};
+pub use sessions::{AuthConfig, Sessions};
 pub use store::Store;
 pub use types::*;
