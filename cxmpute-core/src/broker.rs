@@ -88,7 +88,8 @@ use crate::health::{self, HealthConfig, HealthReport};
 use crate::mail::{ConsoleMailer, Mailer};
 use crate::metrics::Metrics;
 use crate::network::NetworkConfig;
-use crate::pool::{ListedPools, PoolIndex, RoutePreferences};
+use crate::pool::PoolIndex;
+pub use crate::pool::{ListedPools, RoutePreferences};
 use crate::pricing::{default_prices, PriceTable};
 use crate::reward::{FlatReward, RewardPolicy};
 use crate::secret::Secret;
@@ -504,7 +505,7 @@ impl Broker {
         &self.inner.mailer
     }
 
-    /// The in-memory price list.
+    /// The prices in use (to change one: [`crate::admin::Admin::put_price`]).
     pub fn prices(&self) -> &PriceTable {
         &self.inner.prices
     }

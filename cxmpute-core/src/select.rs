@@ -23,7 +23,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::pool::{LoadSnapshot, Node, NodeLoad};
+pub use crate::pool::{LoadSnapshot, Node, NodeLoad};
 use crate::types::ProvisionId;
 
 /// The routable nodes of one pool, as a selector sees them.

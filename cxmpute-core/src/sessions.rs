@@ -645,12 +645,12 @@ impl Sessions {
     /// Issues a sign-in code for `email` and mails it. Says nothing about
     /// whether an account exists: none is looked up. `RateLimited` after too
     /// many requests for the email or in all; `Unavailable` when the mail
-    /// cannot be sent. Not limited per client: see [`Accounts::request_code_from`].
+    /// cannot be sent. Not limited per client: see [`Sessions::request_code_from`].
     pub async fn request_code(&self, email: &str) -> Result<()> {
         self.issue_code(email, None).await.map_err(|r| r.error)
     }
 
-    /// As [`Accounts::request_code`], for a request from `client` (the
+    /// As [`Sessions::request_code`], for a request from `client` (the
     /// caller's IP address), which [`AuthConfig::codes_per_client`] limits.
     pub async fn request_code_from(&self, email: &str, client: Option<IpAddr>) -> Result<()> {
         self.issue_code(email, client).await.map_err(|r| r.error)
@@ -759,8 +759,6 @@ impl Sessions {
         tracing::info!(user = %user.id, "signed in");
         self.start_session(&user).await
     }
-
-    /// The user for `email`, created with its provider account if absent.
 
     /// Starts a session for a user: a new token family.
     pub async fn start_session(&self, user: &User) -> Result<SessionTokens> {

@@ -9,7 +9,8 @@
 //! Beside them, what many tests share: the models the stand-ins serve
 //! ([`MODEL`], [`EMBED`]), the chat price ([`chat_price`]), a mailer that
 //! keeps its codes ([`RecordingMailer`]) and the check of an error answer
-//! ([`expect_error`]).
+//! ([`expect_error`]), and a routing index of its own for benchmarks
+//! ([`RoutingIndex`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +27,9 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 mod instrumented;
+mod routing;
 pub use instrumented::InstrumentedStore;
+pub use routing::RoutingIndex;
 
 use crate::broker::{Broker, BrokerConfig};
 use crate::clock::ManualClock;

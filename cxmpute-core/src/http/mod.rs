@@ -55,7 +55,7 @@ mod stats;
 pub use serve::{serve, ServeConfig};
 
 /// The status, OpenAI `type` and `code` of an error.
-pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
+pub(crate) fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
     match e {
         Error::InvalidInput(_) => (
             StatusCode::BAD_REQUEST,
@@ -119,7 +119,7 @@ pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
 
 /// An [`Error`] as an HTTP answer.
 #[derive(Debug)]
-pub struct ApiError(pub Error);
+pub(crate) struct ApiError(pub(crate) Error);
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
@@ -163,10 +163,10 @@ impl IntoResponse for ApiError {
 }
 
 /// The result of a handler.
-pub type ApiResult<T> = std::result::Result<T, ApiError>;
+pub(crate) type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// The bearer secret of a request, if any.
-pub fn bearer(headers: &HeaderMap) -> Option<Secret> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<Secret> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.trim().split_once(' ')?;
     let token = token.trim();
