@@ -6,6 +6,13 @@
 //! [`RewardPolicy`]; time through [`Clock`].
 //!
 //! Money is [`Credits`]: integer micro-credits.
+//!
+//! A [`Broker`] serves the gateway ([`Broker::handle`]) and reaches every
+//! other operation through a handle for its area: [`Broker::sessions`]
+//! (sign-in, sessions, who is calling), [`Broker::accounts`] (a user's and a
+//! provider's own account), [`Broker::admin`] (administration),
+//! [`Broker::network`] (the node lifecycle) and [`Broker::analytics`]
+//! (statistics). [`router`] serves them all over HTTP.
 
 // Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
 #![warn(unreachable_pub)]
