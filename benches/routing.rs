@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_main, BenchmarkId, Criterion};
-use cxmpute_core::pool::{PoolIndex, RoutePreferences};
+use cxmpute_core::testkit::RoutingIndex;
 use cxmpute_core::*;
 
 const MODEL: &str = "llama3.2:3b";
@@ -34,14 +34,13 @@ fn entry(i: usize) -> PoolEntry {
 }
 
 /// A pool of `n` nodes with varied latencies, as a live pool would have.
-fn pool(n: usize) -> PoolIndex {
-    let ix = PoolIndex::new();
+fn pool(n: usize) -> RoutingIndex {
+    let ix = RoutingIndex::new();
     for i in 0..n {
         let e = entry(i);
         let id = e.provision_id.clone();
         ix.upsert(&id, vec![e]);
-        let node = ix.any_node(&id).expect("just joined");
-        node.observe(20_000 + (i as u64 * 7_919) % 200_000, true);
+        ix.observe(&id, 20_000 + (i as u64 * 7_919) % 200_000, true);
     }
     ix
 }

@@ -210,11 +210,11 @@ fn watch(host: &TestHost, nodes: &[Node], seen: &Mutex<(Moment, Moment)>, t0: In
     };
     let mut seen = seen.lock();
     let moment = Some((t0.elapsed().as_secs_f64(), node.stand_in.hits()));
-    let stats = host.broker.pools().stats(&node.id);
-    if seen.0.is_none() && stats.is_some_and(|s| s.failures() > 0) {
+    let status = host.broker.network().node_status(&node.id);
+    if seen.0.is_none() && status.is_some_and(|s| s.failures > 0) {
         seen.0 = moment;
     }
-    if seen.1.is_none() && !host.broker.pools().is_healthy(&node.id) {
+    if seen.1.is_none() && !host.is_routable(&node.id) {
         seen.1 = moment;
     }
 }
@@ -277,7 +277,7 @@ async fn phase(
             // The nodes heartbeat as real ones do, or the broker would expire them.
             if now - beat >= Duration::from_secs(30) {
                 for node in n.iter() {
-                    let _ = h.broker.heartbeat(&node.provider, &node.id).await;
+                    let _ = h.broker.network().heartbeat(&node.provider, &node.id).await;
                 }
                 beat = now;
             }

@@ -26,9 +26,9 @@ use clap::{Parser, ValueEnum};
 
 mod common;
 use common::shutdown_signal;
-use cxmpute::core::accounts::AuthConfig;
 use cxmpute::core::http::{serve, ServeConfig};
 use cxmpute::core::mail::MailerConfig;
+use cxmpute::core::sessions::AuthConfig;
 use cxmpute::core::{Broker, BrokerConfig, MemoryStore, Secret, Store};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -227,7 +227,11 @@ async fn main() -> Result<(), BoxError> {
         .ok()
         .filter(|k| !k.is_empty())
         .map(Secret::new);
-    if let Some(secret) = broker.ensure_admin(&args.admin_email, admin_key).await? {
+    if let Some(secret) = broker
+        .admin()
+        .ensure_admin(&args.admin_email, admin_key)
+        .await?
+    {
         // Printed once, on the terminal of whoever started the host: it is
         // stored only as a hash and cannot be shown again.
         println!("admin API key (shown once): {}", secret.expose());

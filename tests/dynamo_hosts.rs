@@ -73,7 +73,11 @@ async fn two_hosts_share_nodes_credits_and_usage() {
     let Some(ep) = endpoint() else { return };
     let prefix = format!("h{}_", secret::random_token(10).to_lowercase());
     let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker.put_price(per_request_price(1_000)).await.unwrap();
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
     let b = TestHost::start(store(config(&ep, &prefix)).await).await;
     assert_eq!(
         b.broker.prices().get(Service::Chat, MODEL).per_request,
@@ -148,7 +152,7 @@ async fn a_key_revoked_or_an_account_suspended_on_one_host_is_refused_on_another
     let Some(ep) = endpoint() else { return };
     let prefix = format!("k{}_", secret::random_token(10).to_lowercase());
     let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker.put_price(per_request_price(1_000)).await.unwrap();
+    a.broker.admin().put_price(per_request_price(1_000)).await.unwrap();
     let b_store = DynamoStore::connect(config(&ep, &prefix)).await.unwrap();
     let b_store = Arc::new(InstrumentedStore::wrap(b_store));
     let b = TestHost::start(b_store.clone()).await;
@@ -168,7 +172,7 @@ async fn a_key_revoked_or_an_account_suspended_on_one_host_is_refused_on_another
     let admin = store.user_by_email("admin@cxmpute.test").await.unwrap();
     let accounts = a.broker.accounts();
     accounts.revoke_key(&u1, &id1).await.unwrap();
-    accounts.suspend_user(&admin, &u2.id, "test").await.unwrap();
+    a.broker.admin().suspend_user(&admin, &u2.id, "test").await.unwrap();
     assert_eq!(chat(&c, &a.url, &k1).await, 401);
     assert_eq!(chat(&c, &a.url, &k2).await, 403);
 
@@ -245,7 +249,11 @@ async fn an_unreachable_database_is_a_clear_503_and_the_host_recovers() {
     cfg.attempt_timeout = Duration::from_secs(2);
     cfg.operation_timeout = Duration::from_secs(4);
     let h = TestHost::start(store(cfg).await).await;
-    h.broker.put_price(per_request_price(1_000)).await.unwrap();
+    h.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
     let (node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
     let c = reqwest::Client::new();

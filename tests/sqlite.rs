@@ -49,6 +49,7 @@ async fn everything_written_through_the_host_survives_a_clean_restart() {
     let h = TestHost::start(store.clone()).await;
     let (user, key) = h.user(Credits::whole(3)).await;
     h.broker
+        .admin()
         .grant_credits(&user.id, Credits::whole(2), "admin", "welcome")
         .await
         .unwrap();
@@ -98,6 +99,7 @@ async fn everything_written_through_the_host_survives_a_clean_restart() {
     // The keys still work, and the node is routable again without re-registering.
     assert!(h
         .broker
+        .sessions()
         .authenticate_provider(Some(&provider_key))
         .await
         .is_ok());

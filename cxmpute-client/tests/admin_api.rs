@@ -341,7 +341,7 @@ async fn an_admin_session_works_like_an_admin_key() {
     let tokens = w
         .host
         .broker
-        .accounts()
+        .sessions()
         .start_session(&admin_user)
         .await
         .unwrap();

@@ -200,7 +200,8 @@ async fn another_providers_node_is_not_found() {
     let theirs = w
         .host
         .broker
-        .provider_provisions(&w.provider)
+        .network()
+        .provisions(&w.provider)
         .await
         .unwrap();
     let id = &theirs[0].provision_id;

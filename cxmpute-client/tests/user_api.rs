@@ -181,6 +181,7 @@ async fn the_hosts_refusals_map_to_api_errors_with_their_codes() {
     let (_, small) = w
         .host
         .broker
+        .admin()
         .create_api_key(&w.user.id, "small", Some(Credits(100)), Vec::new())
         .await
         .unwrap();
@@ -200,6 +201,7 @@ async fn the_hosts_refusals_map_to_api_errors_with_their_codes() {
     let (_, embed_only) = w
         .host
         .broker
+        .admin()
         .create_api_key(
             &w.user.id,
             "emb",
@@ -218,7 +220,7 @@ async fn the_hosts_refusals_map_to_api_errors_with_their_codes() {
         "forbidden",
     );
 
-    w.host.broker.pools().set_healthy(&w.chat_node_id, false);
+    w.host.set_node_healthy(&w.chat_node_id, false);
     let e = c.user().chat(&hi()).await.unwrap_err();
     assert!(e.is_retryable());
     assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(1)));

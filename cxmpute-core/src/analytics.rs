@@ -377,21 +377,20 @@ impl Analytics {
             .into_iter()
             .map(|(s, c)| (s.strip_prefix(&node_prefix).unwrap_or(&s).to_owned(), c))
             .collect();
-        let pools = self.broker.pools();
+        let network = self.broker.network();
         let mut out = Vec::new();
         for p in provisions {
             let c = counted.remove(p.id.as_str());
             if p.state == ProvisionState::Ended && c.is_none() {
                 continue;
             }
-            let live = pools.stats(&p.id);
+            let live = network.node_status(&p.id);
+            let live = live.as_ref();
             out.push(NodePerformance {
-                routable: pools.is_healthy(&p.id),
-                breaker: live
-                    .as_ref()
-                    .map(|s| s.health().state().as_str().to_owned()),
-                in_flight: pools.in_flight(&p.id),
-                latency_ewma_ms: Some(pools.latency_ewma_us(&p.id) / 1000).filter(|&ms| ms > 0),
+                routable: live.is_some_and(|s| s.routable),
+                breaker: live.map(|s| s.breaker.as_str().to_owned()),
+                in_flight: live.map_or(0, |s| s.in_flight),
+                latency_ewma_ms: live.map(|s| s.latency_ewma_us / 1000).filter(|&ms| ms > 0),
                 stats: keep(Summary::of(&c.unwrap_or_default())),
                 provision_id: p.id,
                 state: p.state,

@@ -81,7 +81,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::accounts::{key_may_administer, normalize_email, AuthConfig, AuthState};
 use crate::clock::{Clock, SystemClock};
 use crate::egress::{self, EgressPolicy, EgressRules};
 use crate::error::{Error, Result};
@@ -90,12 +89,13 @@ use crate::keycache::KeyCache;
 use crate::mail::{ConsoleMailer, Mailer};
 use crate::metrics::Metrics;
 use crate::network::NetworkConfig;
-use crate::pool::{PoolIndex, RoutePreferences};
+use crate::pool::PoolIndex;
+pub use crate::pool::{ListedPools, RoutePreferences};
 use crate::pricing::{default_prices, PriceTable};
 use crate::reward::{FlatReward, RewardPolicy};
 use crate::secret::Secret;
 use crate::select::{PeakEwmaSelector, ProvisionSelector};
-use crate::services;
+use crate::sessions::{AuthConfig, AuthState};
 use crate::stats::StatsRecorder;
 use crate::store::Store;
 use crate::types::*;
@@ -496,13 +496,16 @@ impl Broker {
         &self.inner.config
     }
 
-    /// Keys and revocations of sessions (see [`crate::accounts`]).
+    /// Keys and revocations of sessions (see [`crate::sessions`]).
     pub(crate) fn auth_state(&self) -> &AuthState {
         &self.inner.auth
     }
 
-    /// The routing index.
-    pub fn pools(&self) -> &PoolIndex {
+    /// The routing index. Only the broker's own operations change it, each
+    /// after the store agreed: embedders read it through
+    /// [`Broker::listed_pools`], [`Broker::models`] and
+    /// [`crate::network::Network::node_status`].
+    pub(crate) fn pools(&self) -> &PoolIndex {
         &self.inner.pools
     }
 
@@ -521,7 +524,7 @@ impl Broker {
         &self.inner.mailer
     }
 
-    /// The in-memory price list.
+    /// The prices in use (to change one: [`crate::admin::Admin::put_price`]).
     pub fn prices(&self) -> &PriceTable {
         &self.inner.prices
     }
@@ -566,7 +569,7 @@ impl Broker {
             .store
             .release_stale_reservations(now.minus(self.inner.config.reservation_ttl))
             .await?;
-        self.accounts().prune().await?;
+        self.sessions().prune().await?;
         self.record_network_snapshot();
         let pools = &self.inner.pools;
         self.inner.usual.retain(|s, m| pools.is_offered(s, m));
@@ -626,438 +629,12 @@ impl Broker {
         self.flush_stats().await
     }
 
-    // ---- authentication --------------------------------------------------------
-
-    /// The API key for a bearer secret, read from the store (gateway calls
-    /// read it from memory instead: [`BrokerConfig::key_cache_ttl`]).
-    /// `Unauthorized` for missing, unknown or revoked keys.
-    pub async fn authenticate_key(&self, secret: Option<&Secret>) -> Result<ApiKey> {
-        let secret = secret.ok_or_else(|| {
-            Error::Unauthorized("missing API key: send `Authorization: Bearer <key>`".into())
-        })?;
-        let key = match self.inner.store.api_key_by_hash(&secret.hash()).await {
-            Ok(k) => k,
-            Err(Error::NotFound(_)) => return Err(Error::Unauthorized("invalid API key".into())),
-            Err(e) => return Err(e),
-        };
-        if key.revoked_at.is_some() {
-            return Err(Error::Unauthorized("API key revoked".into()));
-        }
-        Ok(key)
-    }
-
-    /// The provider behind a provider key. `Forbidden` when suspended.
-    pub async fn authenticate_provider(&self, secret: Option<&Secret>) -> Result<Provider> {
-        let secret = secret.ok_or_else(|| Error::Unauthorized("missing provider key".into()))?;
-        let p = match self.inner.store.provider_by_key_hash(&secret.hash()).await {
-            Ok(p) => p,
-            Err(Error::NotFound(_)) => {
-                return Err(Error::Unauthorized("invalid provider key".into()))
-            }
-            Err(e) => return Err(e),
-        };
-        if p.suspended.is_some() {
-            return Err(Error::Forbidden("provider suspended".into()));
-        }
-        Ok(p)
-    }
-
-    // ---- accounts (admin) ------------------------------------------------------
-
-    /// Creates a user with `credits` and a first API key; returns the key's secret.
-    pub async fn create_user(
-        &self,
-        email: &str,
-        credits: Credits,
-        is_admin: bool,
-    ) -> Result<(User, ApiKey, Secret)> {
-        let email = normalize_email(email)?;
-        if credits.is_negative() {
-            return Err(services::invalid("credits must not be negative"));
-        }
-        let user = User {
-            id: UserId::generate(),
-            email,
-            credits,
-            is_admin,
-            suspended: None,
-            created_at: self.now(),
-        };
-        self.inner.store.create_user(&user).await?;
-        let (key, secret) = self
-            .create_api_key(&user.id, "default", None, Vec::new())
-            .await?;
-        Ok((user, key, secret))
-    }
-
-    /// Creates an API key for a user; returns it and its secret (shown once).
-    pub async fn create_api_key(
-        &self,
-        user: &UserId,
-        name: &str,
-        credit_limit: Option<Credits>,
-        permitted_routes: Vec<Route>,
-    ) -> Result<(ApiKey, Secret)> {
-        self.create_api_key_with_secret(
-            user,
-            name,
-            credit_limit,
-            permitted_routes,
-            Secret::generate_api_key(),
-        )
-        .await
-    }
-
-    async fn create_api_key_with_secret(
-        &self,
-        user: &UserId,
-        name: &str,
-        credit_limit: Option<Credits>,
-        permitted_routes: Vec<Route>,
-        secret: Secret,
-    ) -> Result<(ApiKey, Secret)> {
-        // The one path every key is made by: the same checks for a user's
-        // own keys, an admin's and the ones made with an account.
-        let name = name.trim();
-        crate::accounts::Accounts::check_key_fields(
-            Some(name),
-            credit_limit,
-            Some(&permitted_routes),
-        )?;
-        let mut permitted_routes = permitted_routes;
-        permitted_routes.sort();
-        permitted_routes.dedup();
-        let max = self.inner.config.auth.max_keys_per_user;
-        let keys = self.inner.store.api_keys(user).await?;
-        if keys.iter().filter(|k| k.revoked_at.is_none()).count() >= max {
-            return Err(Error::Conflict(format!(
-                "at most {max} active keys per account; revoke one first"
-            )));
-        }
-        let key = ApiKey {
-            id: ApiKeyId::generate(),
-            user_id: user.clone(),
-            hash: secret.hash(),
-            name: name.to_owned(),
-            prefix: secret.display_prefix(),
-            credit_limit,
-            credits_left: credit_limit,
-            permitted_routes,
-            created_at: self.now(),
-            last_used_at: None,
-            revoked_at: None,
-        };
-        self.inner.store.create_api_key(&key).await?;
-        self.inner.keys.forget(&key.hash); // it may be held as unknown
-        Ok((key, secret))
-    }
-
-    /// The user with (normalised) `email`, created with `is_admin` and no
-    /// credits if absent; `true` when this call created it. Safe against
-    /// concurrent callers: one user, whoever wins, and the losers read it.
-    pub(crate) async fn user_for_email(
-        &self,
-        email: String,
-        is_admin: bool,
-    ) -> Result<(User, bool)> {
-        match self.inner.store.user_by_email(&email).await {
-            Ok(u) => return Ok((u, false)),
-            Err(Error::NotFound(_)) => {}
-            Err(e) => return Err(e),
-        }
-        let u = User {
-            id: UserId::generate(),
-            email,
-            credits: Credits::ZERO,
-            is_admin,
-            suspended: None,
-            created_at: self.now(),
-        };
-        match self.inner.store.create_user(&u).await {
-            Ok(()) => Ok((u, true)),
-            // Another caller (or host) created it first.
-            Err(Error::AlreadyExists(_)) => {
-                Ok((self.inner.store.user_by_email(&u.email).await?, false))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Makes sure an admin account for `email` exists with an API key that
-    /// administers (an unrestricted one: restricted keys never do). Returns a
-    /// new key's secret when one was created: on first start (or when the
-    /// admin holds no active unrestricted key), or when `key` names a secret
-    /// the store does not know yet (it is then stored, hashed, and not
-    /// returned). `Conflict` when `key` is a restricted key of the admin's.
-    pub async fn ensure_admin(&self, email: &str, key: Option<Secret>) -> Result<Option<Secret>> {
-        let (user, _) = self.user_for_email(normalize_email(email)?, true).await?;
-        if !user.is_admin {
-            return Err(Error::Conflict(format!(
-                "{} exists and is not an admin",
-                user.email
-            )));
-        }
-        match key {
-            Some(secret) => {
-                match self.inner.store.api_key_by_hash(&secret.hash()).await {
-                    Ok(k) if k.user_id == user.id && key_may_administer(&k) => {}
-                    Ok(k) if k.user_id == user.id => {
-                        return Err(Error::Conflict(
-                            "that admin key is restricted (routes or a credit limit) and \
-                             cannot administer"
-                                .into(),
-                        ))
-                    }
-                    Ok(_) => {
-                        return Err(Error::Conflict(
-                            "that admin key belongs to another account".into(),
-                        ))
-                    }
-                    Err(Error::NotFound(_)) => {
-                        self.create_api_key_with_secret(
-                            &user.id,
-                            "admin",
-                            None,
-                            Vec::new(),
-                            secret,
-                        )
-                        .await?;
-                    }
-                    Err(e) => return Err(e),
-                }
-                Ok(None)
-            }
-            None => {
-                let keys = self.inner.store.api_keys(&user.id).await?;
-                // Restricted keys do not administer: the admin needs one that does.
-                if keys
-                    .iter()
-                    .any(|k| k.revoked_at.is_none() && key_may_administer(k))
-                {
-                    return Ok(None);
-                }
-                let (_, secret) = self
-                    .create_api_key(&user.id, "admin", None, Vec::new())
-                    .await?;
-                Ok(Some(secret))
-            }
-        }
-    }
-
-    /// Adds (or removes) credits, recorded with who and why.
-    pub async fn grant_credits(
-        &self,
-        user: &UserId,
-        amount: Credits,
-        by: &str,
-        reason: &str,
-    ) -> Result<Credits> {
-        let grant = CreditGrant {
-            user_id: user.clone(),
-            amount,
-            by: by.to_owned(),
-            reason: reason.to_owned(),
-            at: self.now(),
-        };
-        self.inner.store.grant_credits(&grant).await
-    }
-
-    /// Creates a provider account; returns it and its key (shown once).
-    pub async fn create_provider(
-        &self,
-        email: &str,
-        user: Option<UserId>,
-    ) -> Result<(Provider, Secret)> {
-        let secret = Secret::generate_provider_key();
-        let p = Provider {
-            id: ProviderId::generate(),
-            user_id: user,
-            email: normalize_email(email)?,
-            key_hash: secret.hash(),
-            earnings: Credits::ZERO,
-            suspended: None,
-            created_at: self.now(),
-        };
-        self.inner.store.create_provider(&p).await?;
-        Ok((p, secret))
-    }
-
-    /// Stores a price and uses it at once.
-    pub async fn put_price(&self, price: PriceEntry) -> Result<()> {
-        let negative = [
-            price.per_request,
-            price.per_million_input_tokens,
-            price.per_million_output_tokens,
-            price.per_million_units,
-        ]
-        .iter()
-        .any(|c| c.is_negative());
-        if negative {
-            return Err(services::invalid("prices must not be negative"));
-        }
-        self.inner.store.put_price(&price).await?;
-        self.inner.prices.set(price);
-        Ok(())
-    }
-
-    // ---- provider network ------------------------------------------------------
-
-    /// Registers a node for a provider; with an endpoint and services it joins
-    /// those pools at once.
-    ///
-    /// Everything a stranger sends is bounded first (diagnostics, location,
-    /// the number of services: 400s), and a provider holds at most
-    /// [`NetworkConfig::max_nodes_per_provider`] nodes (403 past it).
-    pub async fn register_provision(
-        &self,
-        provider: &Provider,
-        req: RegisterProvisionRequest,
-    ) -> Result<RegisterProvisionResponse> {
-        let net = &self.inner.config.network;
-        net.check_device(&req.device)?;
-        net.check_services(&req.services)?;
-        net.check_location(&req.location)?;
-        let tier = DeviceDiagnostics::from_json(&req.device)?.tier();
-        let endpoint = match &req.endpoint {
-            Some(e) => Some(self.check_endpoint(e).await?),
-            None => None,
-        };
-        if endpoint.is_none() && !req.services.is_empty() {
-            return Err(services::invalid(
-                "services need an endpoint to be served from",
-            ));
-        }
-        let now = self.now();
-        let secret = Secret::generate(40);
-        let state = if endpoint.is_some() && !req.services.is_empty() {
-            ProvisionState::Ready
-        } else {
-            ProvisionState::Registered
-        };
-        let provision = Provision {
-            id: ProvisionId::generate(),
-            provider_id: provider.id.clone(),
-            endpoint: endpoint.clone(),
-            node_secret: secret.expose().to_owned(),
-            device: req.device,
-            location: req.location,
-            tier,
-            state,
-            last_heartbeat: now,
-            created_at: now,
-        };
-        let entries = pool_entries_for(&provision, &req.services)?;
-        let store = &self.inner.store;
-        let cap = net.max_nodes_per_provider;
-        let full = || {
-            Error::Forbidden(format!(
-                "a provider may have at most {cap} nodes, ended ones included; \
-                 delete one (DELETE /v1/provider/provisions/{{id}}) to register another"
-            ))
-        };
-        if store.provisions_by_provider(&provider.id).await?.len() >= cap {
-            return Err(full());
-        }
-        store.create_provision(&provision, &entries).await?;
-        // Registrations running at once, on this host or another, each passed
-        // the check above. Counting again now that this one is stored and
-        // withdrawing it when that made too many keeps the cap whatever the
-        // interleaving: the last one admitted sees every other one admitted.
-        // (A burst may be refused more than it had to be; a retry succeeds.)
-        if store.provisions_by_provider(&provider.id).await?.len() > cap {
-            store.delete_provision(&provision.id).await?;
-            return Err(full());
-        }
-        self.inner.pools.upsert(&provision.id, entries);
-        Ok(RegisterProvisionResponse {
-            provision_id: provision.id,
-            node_secret: secret,
-            state,
-            tier,
-        })
-    }
-
-    /// Checks a node endpoint under the egress policy and normalises it
-    /// (no trailing slash).
-    pub async fn check_endpoint(&self, endpoint: &str) -> Result<String> {
-        let (url, _) = egress::check_url(endpoint, self.inner.config.egress).await?;
-        Ok(url.as_str().trim_end_matches('/').to_owned())
-    }
-
-    /// A provision, if `provider` owns it; `NotFound` otherwise (whether it
-    /// exists is not revealed to other providers).
-    pub async fn owned_provision(
-        &self,
-        provider: &Provider,
-        id: &ProvisionId,
-    ) -> Result<Provision> {
-        match self.inner.store.provision(id).await {
-            Ok(p) if p.provider_id == provider.id => Ok(p),
-            Ok(_) | Err(Error::NotFound(_)) => Err(Error::NotFound(format!("provision {id}"))),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Records a heartbeat from a provider's own node.
-    pub async fn heartbeat(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
-        let p = self.owned_provision(provider, id).await?;
-        if p.state == ProvisionState::Ended {
-            return Err(Error::Conflict(format!("provision {id} has ended")));
-        }
-        self.inner.store.heartbeat(id, self.now()).await
-    }
-
-    /// Deletes a provider's own node: it leaves every pool at once and is
-    /// gone (to keep it and start it again later, end it instead:
-    /// [`Broker::end_provision`]).
-    pub async fn delete_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
-        self.owned_provision(provider, id).await?;
-        self.delete_any_provision(id).await
-    }
-
-    /// Deletes any node, whoever owns it (`NotFound` if there is none), and
-    /// takes it out of every pool at once: for administration.
-    pub(crate) async fn delete_any_provision(&self, id: &ProvisionId) -> Result<()> {
-        self.inner.store.delete_provision(id).await?;
-        self.inner.pools.remove(id);
-        Ok(())
-    }
-
-    /// A provider's nodes as it sees them.
-    pub async fn provider_provisions(&self, provider: &Provider) -> Result<Vec<ProvisionView>> {
-        let list = self
-            .inner
-            .store
-            .provisions_by_provider(&provider.id)
-            .await?;
-        Ok(list.into_iter().map(|p| self.view(p)).collect())
-    }
-
-    /// The public view of a node.
-    pub fn view(&self, p: Provision) -> ProvisionView {
-        let entries = self.inner.pools.entries_of(&p.id);
-        ProvisionView {
-            healthy: self.inner.pools.is_healthy(&p.id),
-            services: entries
-                .into_iter()
-                .map(|e| ServedModel {
-                    service: e.service,
-                    model: e.model,
-                })
-                .collect(),
-            provision_id: p.id,
-            state: p.state,
-            endpoint: p.endpoint,
-            tier: p.tier,
-            location: p.location,
-            last_heartbeat: p.last_heartbeat,
-        }
-    }
+    // ---- what routing offers now --------------------------------------------------
 
     /// The pools public lists name: at most
     /// [`BrokerConfig::public_list_limit`], the catalogue's first, then the
-    /// largest (see [`PoolIndex::listed`]).
-    pub fn listed_pools(&self) -> crate::pool::ListedPools {
+    /// largest.
+    pub fn listed_pools(&self) -> ListedPools {
         let catalogue: std::collections::HashSet<(Service, &str)> = (self.inner.config)
             .network
             .catalogue
@@ -1093,32 +670,4 @@ impl Broker {
             data,
         }
     }
-}
-
-/// The pool entries of a node for the (service, model) pairs it serves.
-pub fn pool_entries_for(p: &Provision, services: &[ServedModel]) -> Result<Vec<PoolEntry>> {
-    let Some(endpoint) = &p.endpoint else {
-        return Ok(Vec::new());
-    };
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::new();
-    for s in services {
-        // The same rule as a model named in a request: the pool key is shared.
-        let model = services::check_model(&s.model)
-            .map_err(|_| Error::InvalidInput(format!("bad model name `{}`", s.model)))?;
-        let model = model.as_str();
-        if seen.insert((s.service, model.to_owned())) {
-            out.push(PoolEntry {
-                provision_id: p.id.clone(),
-                provider_id: p.provider_id.clone(),
-                service: s.service,
-                model: model.to_owned(),
-                endpoint: endpoint.clone(),
-                node_secret: p.node_secret.clone(),
-                tier: p.tier,
-                region: p.location.country.clone(),
-            });
-        }
-    }
-    Ok(out)
 }

@@ -1,8 +1,8 @@
 //! Keeping the pools true: a passive circuit breaker fed by the request path,
 //! and an active monitor that probes nodes in the background.
 //!
-//! Both only ever change the in-memory routing index
-//! ([`PoolIndex::set_healthy`]); neither adds anything to a request's path
+//! Both only ever change the in-memory routing index (a node's health
+//! mark); neither adds anything to a request's path
 //! but a few atomic updates after each attempt. Time comes from the broker's
 //! [`Clock`], so tests drive every transition with a manual clock.
 //!
@@ -34,7 +34,7 @@
 //!
 //! ## The monitor
 //!
-//! [`run_health_checks`] probes `GET {endpoint}/heartbeat` with the node
+//! [`Broker::run_health_checks`] probes `GET {endpoint}/heartbeat` with the node
 //! secret as bearer, at most `max_concurrent_probes` at a time, each within
 //! `probe_timeout`: closed and half-open nodes every round, open nodes only
 //! once their cooldown is over (the half-open probe).
@@ -58,6 +58,8 @@ use parking_lot::Mutex;
 use crate::clock::Clock;
 use crate::pool::{Node, PoolIndex};
 use crate::types::{ProvisionId, Timestamp};
+#[cfg(doc)]
+use crate::Broker;
 
 /// Settings of the breaker and the monitor.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,7 +155,7 @@ impl BreakerState {
 
 /// What one forwarded attempt or probe came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// It worked.
     Success,
     /// It failed (status, garbage, refused connection).
@@ -169,7 +171,7 @@ pub enum Outcome {
 
 /// A change a recorded outcome made to a node's routing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// Taken out of routing until the given time at least.
     Opened(Timestamp),
     /// Back in routing on trial.
@@ -195,7 +197,7 @@ fn unpack(v: u64) -> (u32, u16, u16) {
 /// only to change state, so state changes and routing changes happen in the
 /// same order.
 #[derive(Debug, Default)]
-pub struct NodeHealth {
+pub(crate) struct NodeHealth {
     window: [AtomicU64; WINDOW_BUCKETS],
     state: AtomicU8,
     open_until: AtomicI64,
@@ -207,17 +209,17 @@ pub struct NodeHealth {
 
 impl NodeHealth {
     /// The breaker's state.
-    pub fn state(&self) -> BreakerState {
+    pub(crate) fn state(&self) -> BreakerState {
         BreakerState::from_u8(self.state.load(Ordering::Acquire))
     }
 
     /// The earliest time an open node may return (meaningless when closed).
-    pub fn open_until(&self) -> Timestamp {
+    pub(crate) fn open_until(&self) -> Timestamp {
         Timestamp(self.open_until.load(Ordering::Acquire))
     }
 
     /// (failures, attempts) within the window ending at `now`.
-    pub fn window_counts(&self, cfg: &HealthConfig, now: Timestamp) -> (u32, u32) {
+    pub(crate) fn window_counts(&self, cfg: &HealthConfig, now: Timestamp) -> (u32, u32) {
         let cur = epoch(cfg, now);
         self.window
             .iter()
@@ -374,7 +376,7 @@ fn close(pools: &PoolIndex, node: &Node) -> Option<Transition> {
 
 /// Records the outcome of one forwarded attempt on `node` (the passive
 /// breaker). Lock-free unless the node's state changes.
-pub fn record_forwarding(
+pub(crate) fn record_forwarding(
     cfg: &HealthConfig,
     pools: &PoolIndex,
     node: &Node,
@@ -424,7 +426,7 @@ pub fn record_forwarding(
 }
 
 /// Records the outcome of one probe of `node` (the active monitor).
-pub fn record_probe(
+pub(crate) fn record_probe(
     cfg: &HealthConfig,
     pools: &PoolIndex,
     node: &Node,
@@ -479,7 +481,11 @@ pub struct HealthReport {
 
 /// Classifies a node's HTTP answer: 2xx is a success; 429 or 503 with a
 /// Retry-After is [`Outcome::Busy`]; anything else a failure.
-pub fn classify(status: http::StatusCode, headers: &http::HeaderMap, now: Timestamp) -> Outcome {
+pub(crate) fn classify(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    now: Timestamp,
+) -> Outcome {
     if status.is_success() {
         return Outcome::Success;
     }
@@ -518,7 +524,7 @@ async fn probe(
 ///
 /// A node taken out of routing by hand ([`PoolIndex::set_healthy`]) with a
 /// closed breaker stays out: probes only move nodes the breaker moved.
-pub async fn run_health_checks(
+pub(crate) async fn run_health_checks(
     cfg: &HealthConfig,
     pools: &PoolIndex,
     client: &reqwest::Client,

@@ -6,11 +6,19 @@
 //! [`RewardPolicy`]; time through [`Clock`].
 //!
 //! Money is [`Credits`]: integer micro-credits.
+//!
+//! A [`Broker`] serves the gateway ([`Broker::handle`]) and reaches every
+//! other operation through a handle for its area: [`Broker::sessions`]
+//! (sign-in, sessions, who is calling), [`Broker::accounts`] (a user's and a
+//! provider's own account), [`Broker::admin`] (administration),
+//! [`Broker::network`] (the node lifecycle) and [`Broker::analytics`]
+//! (statistics). [`router`] serves them all over HTTP.
 
 // Items are `pub` only where an embedder can reach them; the rest say `pub(crate)`.
 #![warn(unreachable_pub)]
 
 pub mod accounts;
+pub mod admin;
 pub mod analytics;
 pub mod broker;
 pub mod egress;
@@ -23,11 +31,12 @@ pub mod mail;
 pub mod memory;
 pub mod metrics;
 pub mod network;
-pub mod pool;
+pub(crate) mod pool;
 pub mod pricing;
 pub mod reward;
 pub mod select;
 pub mod services;
+pub mod sessions;
 pub mod sse;
 pub mod stats;
 pub mod store;
@@ -43,13 +52,16 @@ pub mod testkit;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
-pub use accounts::{Accounts, AuthConfig};
+pub use accounts::Accounts;
+pub use admin::Admin;
 pub use broker::{Broker, BrokerBuilder, BrokerConfig, GatewayRequest, GatewayResponse};
+pub use broker::{ListedPools, RoutePreferences};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use http::router;
 pub use mail::{ConsoleMailer, Mailer, MailerConfig};
 pub use memory::MemoryStore;
+pub use network::Network;
 pub use reward::{FlatReward, RewardPolicy};
 pub use reward::{RevenueShare, TieredReward};
 pub use secret::{KeyHash, Secret};
@@ -58,4 +70,5 @@ pub use select::{ProvisionSelector, RandomSelector};
 pub use store::{
     CatalogueStore, LedgerStore, NetworkStore, SignInStore, StatsStore, Store, UserStore,
 };
+pub use sessions::{AuthConfig, Sessions};
 pub use types::*;

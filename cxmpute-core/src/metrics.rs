@@ -62,7 +62,7 @@ use crate::pool::service_slot;
 use crate::types::*;
 
 /// Histogram buckets (seconds) for latencies: 5 ms to 2 minutes.
-pub const SECONDS_BUCKETS: [f64; 16] = [
+pub(crate) const SECONDS_BUCKETS: [f64; 16] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 ];
 
@@ -115,7 +115,7 @@ impl Default for Metrics {
 
 /// The label value of an attempt's outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttemptOutcome {
+pub(crate) enum AttemptOutcome {
     /// The node answered.
     Success,
     /// It failed (status, garbage, refused connection).
@@ -145,7 +145,7 @@ impl AttemptOutcome {
 
 impl Metrics {
     /// A fresh recorder with the metrics described.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
             .expect("the bucket list is not empty")
@@ -163,7 +163,7 @@ impl Metrics {
 
     /// Runs `f` with this broker's recorder as the current one, so the
     /// `metrics` macros inside it land here.
-    pub fn with<T>(&self, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn with<T>(&self, f: impl FnOnce() -> T) -> T {
         metrics::with_local_recorder(&self.recorder, f)
     }
 
@@ -175,7 +175,7 @@ impl Metrics {
 
     /// A gateway call answered with `status`; `ttfb` is the time until the
     /// response head (for streams: until the node's first chunk arrived).
-    pub fn http_request(&self, route: Route, status: u16, ttfb: Duration) {
+    pub(crate) fn http_request(&self, route: Route, status: u16, ttfb: Duration) {
         let s = &self.routes[route as usize];
         let counted = (s.http.read().iter())
             .find(|(c, _)| *c == status)
@@ -205,7 +205,7 @@ impl Metrics {
     }
 
     /// A request settled (charged, rewarded, recorded).
-    pub fn settled(&self, u: &UsageRecord) {
+    pub(crate) fn settled(&self, u: &UsageRecord) {
         let s = &self.routes[u.route as usize];
         let r = u.route.path();
         let (requests, duration) = self.once(&s.settled[usize::from(u.success)], || {
@@ -232,7 +232,7 @@ impl Metrics {
     }
 
     /// One forwarded attempt on one node ended.
-    pub fn attempt(&self, service: Service, outcome: AttemptOutcome) {
+    pub(crate) fn attempt(&self, service: Service, outcome: AttemptOutcome) {
         let cell = &self.attempts[service_slot(service)][outcome as usize];
         self.once(cell, || {
             counter!("cxmpute_upstream_attempts_total", "service" => service.as_str(), "outcome" => outcome.as_str())
@@ -241,7 +241,7 @@ impl Metrics {
     }
 
     /// A request moved on to another node after a failed attempt.
-    pub fn failover(&self, route: Route) {
+    pub(crate) fn failover(&self, route: Route) {
         self.once(
             &self.routes[route as usize].failovers,
             || counter!("cxmpute_failovers_total", "route" => route.path()),
@@ -250,7 +250,7 @@ impl Metrics {
     }
 
     /// A slow attempt was hedged: a second one started on another node.
-    pub fn hedge(&self, route: Route) {
+    pub(crate) fn hedge(&self, route: Route) {
         self.once(
             &self.routes[route as usize].hedges,
             || counter!("cxmpute_hedges_total", "route" => route.path()),
@@ -259,20 +259,20 @@ impl Metrics {
     }
 
     /// A node's circuit breaker changed state.
-    pub fn breaker_transition(&self, to: BreakerState) {
+    pub(crate) fn breaker_transition(&self, to: BreakerState) {
         self.with(|| {
             counter!("cxmpute_circuit_breaker_transitions_total", "to" => to.as_str()).increment(1);
         });
     }
 
     /// A stats flush failed (its batch is kept and retried).
-    pub fn stats_flush_failed(&self) {
+    pub(crate) fn stats_flush_failed(&self) {
         self.with(|| counter!("cxmpute_stats_flush_failures_total").increment(1));
     }
 
     /// Folds buffered histogram samples in; run now and then when nobody
     /// scrapes, so the buffers stay small.
-    pub fn upkeep(&self) {
+    pub(crate) fn upkeep(&self) {
         self.handle.run_upkeep();
     }
 

@@ -1,6 +1,11 @@
 //! The provider network: what nodes may serve, what the broker asks each new
 //! node to serve, and the node lifecycle after registration.
 //!
+//! [`Network`] is a cheap view over a [`Broker`] (`broker.network()`): every
+//! step of the lifecycle below, a provider's view of its nodes, and
+//! [`Network::node_status`], how the routing index sees a node. The HTTP
+//! routes in `http::provider` are thin wrappers around it.
+//!
 //! ## Lifecycle
 //!
 //! | step | route (provider key) | effect |
@@ -35,8 +40,13 @@ use std::collections::HashMap;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use crate::broker::{pool_entries_for, Broker};
+use crate::broker::Broker;
+use crate::egress;
 use crate::error::{Error, Result};
+use crate::health::BreakerState;
+use crate::pool::PoolIndex;
+use crate::secret::Secret;
+use crate::services;
 use crate::types::*;
 use crate::wire::*;
 
@@ -339,7 +349,210 @@ pub fn assign_services(
         .collect()
 }
 
+/// The node lifecycle over a [`Broker`]: what providers do with their
+/// nodes, and how the routing index sees a node. Get one with
+/// [`Broker::network`].
+#[derive(Clone, Debug)]
+pub struct Network {
+    broker: Broker,
+}
+
 impl Broker {
+    /// The provider network: the node lifecycle and the nodes' status.
+    pub fn network(&self) -> Network {
+        Network {
+            broker: self.clone(),
+        }
+    }
+}
+
+/// How the routing index sees one node now: a read view, for dashboards and
+/// tests (see [`Network::node_status`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NodeStatus {
+    /// Whether requests are routed to it now: it is in the index and no
+    /// health verdict (probe, circuit breaker, suspension) took it out.
+    pub routable: bool,
+    /// Its circuit breaker.
+    pub breaker: BreakerState,
+    /// Until when an open breaker keeps it out of routing.
+    pub breaker_open_until: Timestamp,
+    /// Requests it completed (successes and failures) since it joined this host's index.
+    pub requests: u64,
+    /// Of those, the failed ones.
+    pub failures: u64,
+    /// Requests it is serving right now.
+    pub in_flight: u32,
+    /// Its latency estimate in microseconds as last recorded (0 before any sample).
+    pub latency_ewma_us: u64,
+}
+
+impl Network {
+    fn store(&self) -> &dyn crate::store::Store {
+        self.broker.store().as_ref()
+    }
+
+    fn now(&self) -> Timestamp {
+        self.broker.now()
+    }
+
+    fn config(&self) -> &NetworkConfig {
+        &self.broker.config().network
+    }
+
+    fn pools(&self) -> &PoolIndex {
+        self.broker.pools()
+    }
+
+    /// Registers a node for a provider; with an endpoint and services it joins
+    /// those pools at once.
+    ///
+    /// Everything a stranger sends is bounded first (diagnostics, location,
+    /// the number of services: 400s), and a provider holds at most
+    /// [`NetworkConfig::max_nodes_per_provider`] nodes (403 past it).
+    pub async fn register_provision(
+        &self,
+        provider: &Provider,
+        req: RegisterProvisionRequest,
+    ) -> Result<RegisterProvisionResponse> {
+        let net = self.config();
+        net.check_device(&req.device)?;
+        net.check_services(&req.services)?;
+        net.check_location(&req.location)?;
+        let tier = DeviceDiagnostics::from_json(&req.device)?.tier();
+        let endpoint = match &req.endpoint {
+            Some(e) => Some(self.check_endpoint(e).await?),
+            None => None,
+        };
+        if endpoint.is_none() && !req.services.is_empty() {
+            return Err(services::invalid(
+                "services need an endpoint to be served from",
+            ));
+        }
+        let now = self.now();
+        let secret = Secret::generate(40);
+        let state = if endpoint.is_some() && !req.services.is_empty() {
+            ProvisionState::Ready
+        } else {
+            ProvisionState::Registered
+        };
+        let provision = Provision {
+            id: ProvisionId::generate(),
+            provider_id: provider.id.clone(),
+            endpoint: endpoint.clone(),
+            node_secret: secret.expose().to_owned(),
+            device: req.device,
+            location: req.location,
+            tier,
+            state,
+            last_heartbeat: now,
+            created_at: now,
+        };
+        let entries = pool_entries_for(&provision, &req.services)?;
+        let store = self.store();
+        let cap = net.max_nodes_per_provider;
+        let full = || {
+            Error::Forbidden(format!(
+                "a provider may have at most {cap} nodes, ended ones included; \
+                 delete one (DELETE /v1/provider/provisions/{{id}}) to register another"
+            ))
+        };
+        if store.provisions_by_provider(&provider.id).await?.len() >= cap {
+            return Err(full());
+        }
+        store.create_provision(&provision, &entries).await?;
+        // Registrations running at once, on this host or another, each passed
+        // the check above. Counting again now that this one is stored and
+        // withdrawing it when that made too many keeps the cap whatever the
+        // interleaving: the last one admitted sees every other one admitted.
+        // (A burst may be refused more than it had to be; a retry succeeds.)
+        if store.provisions_by_provider(&provider.id).await?.len() > cap {
+            store.delete_provision(&provision.id).await?;
+            return Err(full());
+        }
+        self.pools().upsert(&provision.id, entries);
+        Ok(RegisterProvisionResponse {
+            provision_id: provision.id,
+            node_secret: secret,
+            state,
+            tier,
+        })
+    }
+
+    /// Checks a node endpoint under the egress policy and normalises it
+    /// (no trailing slash).
+    pub(crate) async fn check_endpoint(&self, endpoint: &str) -> Result<String> {
+        let (url, _) = egress::check_url(endpoint, self.broker.config().egress).await?;
+        Ok(url.as_str().trim_end_matches('/').to_owned())
+    }
+
+    /// A provision, if `provider` owns it; `NotFound` otherwise (whether it
+    /// exists is not revealed to other providers).
+    pub(crate) async fn owned_provision(
+        &self,
+        provider: &Provider,
+        id: &ProvisionId,
+    ) -> Result<Provision> {
+        match self.store().provision(id).await {
+            Ok(p) if p.provider_id == provider.id => Ok(p),
+            Ok(_) | Err(Error::NotFound(_)) => Err(Error::NotFound(format!("provision {id}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a heartbeat from a provider's own node.
+    pub async fn heartbeat(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
+        let p = self.owned_provision(provider, id).await?;
+        if p.state == ProvisionState::Ended {
+            return Err(Error::Conflict(format!("provision {id} has ended")));
+        }
+        self.store().heartbeat(id, self.now()).await
+    }
+
+    /// Deletes a provider's own node: it leaves every pool at once and is
+    /// gone (to keep it and start it again later, end it instead:
+    /// [`Network::end_provision`]).
+    pub async fn delete_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
+        self.owned_provision(provider, id).await?;
+        self.delete_any(id).await
+    }
+
+    /// Deletes any node, whoever owns it (`NotFound` if there is none), and
+    /// takes it out of every pool at once: for administration.
+    pub(crate) async fn delete_any(&self, id: &ProvisionId) -> Result<()> {
+        self.store().delete_provision(id).await?;
+        self.pools().remove(id);
+        Ok(())
+    }
+
+    /// A provider's nodes as it sees them.
+    pub async fn provisions(&self, provider: &Provider) -> Result<Vec<ProvisionView>> {
+        let list = self.store().provisions_by_provider(&provider.id).await?;
+        Ok(list.into_iter().map(|p| self.view(p)).collect())
+    }
+
+    /// The public view of a node.
+    pub(crate) fn view(&self, p: Provision) -> ProvisionView {
+        let entries = self.pools().entries_of(&p.id);
+        ProvisionView {
+            healthy: self.pools().is_healthy(&p.id),
+            services: entries
+                .into_iter()
+                .map(|e| ServedModel {
+                    service: e.service,
+                    model: e.model,
+                })
+                .collect(),
+            provision_id: p.id,
+            state: p.state,
+            endpoint: p.endpoint,
+            tier: p.tier,
+            location: p.location,
+            last_heartbeat: p.last_heartbeat,
+        }
+    }
+
     /// Starts a provider's node: assigns the services it should run (see
     /// [`assign_services`]) and takes it out of routing while it (re)starts.
     pub async fn start_provision(
@@ -349,7 +562,7 @@ impl Broker {
         req: StartProvisionRequest,
     ) -> Result<StartProvisionResponse> {
         let p = self.owned_provision(provider, id).await?;
-        let net = &self.config().network;
+        let net = self.config();
         let count = net.models_per_tier[usize::from(p.tier.clamp(1, 4)) - 1];
         // Each service once: the list is a stranger's, and is named in the
         // refusal below.
@@ -403,7 +616,7 @@ impl Broker {
                 "`services` must name at least one service the node serves".into(),
             ));
         }
-        let net = &self.config().network;
+        let net = self.config();
         net.check_services(&req.services)?;
         net.catalogue.check(p.tier, &req.services)?;
         let endpoint = self.check_endpoint(&req.endpoint).await?;
@@ -422,7 +635,7 @@ impl Broker {
 
     /// Ends a provider's own node: it leaves every pool at once and is kept
     /// (ended), so it can start again later (to remove it for good:
-    /// [`Broker::delete_provision`]).
+    /// [`Network::delete_provision`]).
     pub async fn end_provision(&self, provider: &Provider, id: &ProvisionId) -> Result<()> {
         let p = self.owned_provision(provider, id).await?;
         self.store()
@@ -433,14 +646,55 @@ impl Broker {
     }
 
     /// One of a provider's nodes, as it sees it.
-    pub async fn provider_provision(
-        &self,
-        provider: &Provider,
-        id: &ProvisionId,
-    ) -> Result<ProvisionView> {
+    pub async fn provision(&self, provider: &Provider, id: &ProvisionId) -> Result<ProvisionView> {
         let p = self.owned_provision(provider, id).await?;
         Ok(self.view(p))
     }
+
+    /// How the routing index of this host sees a node now; `None` when the
+    /// node is not in it (never registered with services, ended, deleted,
+    /// expired).
+    pub fn node_status(&self, id: &ProvisionId) -> Option<NodeStatus> {
+        let pools = self.broker.pools();
+        let stats = pools.stats(id)?;
+        Some(NodeStatus {
+            routable: pools.is_healthy(id),
+            breaker: stats.health().state(),
+            breaker_open_until: stats.health().open_until(),
+            requests: stats.requests(),
+            failures: stats.failures(),
+            in_flight: pools.in_flight(id),
+            latency_ewma_us: pools.latency_ewma_us(id),
+        })
+    }
+}
+
+/// The pool entries of a node for the (service, model) pairs it serves.
+pub(crate) fn pool_entries_for(p: &Provision, services: &[ServedModel]) -> Result<Vec<PoolEntry>> {
+    let Some(endpoint) = &p.endpoint else {
+        return Ok(Vec::new());
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for s in services {
+        // The same rule as a model named in a request: the pool key is shared.
+        let model = services::check_model(&s.model)
+            .map_err(|_| Error::InvalidInput(format!("bad model name `{}`", s.model)))?;
+        let model = model.as_str();
+        if seen.insert((s.service, model.to_owned())) {
+            out.push(PoolEntry {
+                provision_id: p.id.clone(),
+                provider_id: p.provider_id.clone(),
+                service: s.service,
+                model: model.to_owned(),
+                endpoint: endpoint.clone(),
+                node_secret: p.node_secret.clone(),
+                tier: p.tier,
+                region: p.location.country.clone(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -47,23 +47,23 @@ use crate::types::{PoolEntry, ProvisionId, Service};
 /// arrives: after this long only 1/e of the excess is left. Long enough that
 /// one slow answer keeps a node out of favour for a while, short enough that
 /// a node that recovered is tried again within a minute.
-pub const EWMA_DECAY_US: u64 = 10_000_000;
+pub(crate) const EWMA_DECAY_US: u64 = 10_000_000;
 
 /// The load score of a node that has answered nothing yet while requests to
 /// it are in flight (per request): so large that it is avoided until its
 /// first answer. With nothing in flight its score is 0, so a new node is
 /// tried at once, one request at a time, and then ranked by what it did.
-pub const UNMEASURED_PENALTY_US: u64 = u64::MAX >> 16;
+pub(crate) const UNMEASURED_PENALTY_US: u64 = u64::MAX >> 16;
 
 /// The least latency a failure counts as (1 s). A node failing fast (a
 /// refused connection) must not look like the fastest node.
-pub const FAILURE_PENALTY_US: u64 = 1_000_000;
+pub(crate) const FAILURE_PENALTY_US: u64 = 1_000_000;
 
 /// Microseconds on a process-wide monotonic clock: the time base of
 /// [`LoadSnapshot::load_score_at`]. Latency estimates decay with real elapsed
 /// time; they are heuristics for choosing a node and never decide money or
 /// expiry, so they do not use the broker's [`Clock`](crate::Clock).
-pub fn mono_us() -> u64 {
+pub(crate) fn mono_us() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
@@ -174,7 +174,7 @@ fn failure_sample(latency_us: u64, estimate_us: u64) -> u64 {
 /// on different nodes then do not slow each other down).
 #[derive(Debug, Default)]
 #[repr(align(64))]
-pub struct NodeStats {
+pub(crate) struct NodeStats {
     requests: AtomicU64,
     failures: AtomicU64,
     /// The node's circuit breaker and probe state.
@@ -183,17 +183,17 @@ pub struct NodeStats {
 
 impl NodeStats {
     /// Requests completed (successes and failures).
-    pub fn requests(&self) -> u64 {
+    pub(crate) fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
 
     /// Failed requests.
-    pub fn failures(&self) -> u64 {
+    pub(crate) fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
 
     /// The node's circuit breaker (see [`crate::health`]).
-    pub fn health(&self) -> &NodeHealth {
+    pub(crate) fn health(&self) -> &NodeHealth {
         &self.health
     }
 }
@@ -228,7 +228,7 @@ fn decay(value: u64, dt_us: u64) -> u64 {
 /// A started request on a node; finishing (drop) decrements the entry's
 /// in-flight count.
 #[derive(Debug)]
-pub struct InFlight(Arc<Node>);
+pub(crate) struct InFlight(Arc<Node>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -261,7 +261,8 @@ impl NodeLoad {
 
     /// The load score used by peak-EWMA selection: latency estimate ×
     /// (in-flight + 1); for an entry not measured yet, 0 when idle and
-    /// [`UNMEASURED_PENALTY_US`] per request in flight otherwise. Lower is better.
+    /// a penalty so large per request in flight otherwise that it is avoided
+    /// until its first answer. Lower is better.
     pub fn load_score(&self) -> u64 {
         self.snapshot().load_score_at(mono_us())
     }
@@ -302,7 +303,7 @@ pub struct Node {
     /// What the store says about the entry.
     pub entry: PoolEntry,
     /// The provision's shared statistics and circuit breaker.
-    pub stats: Arc<NodeStats>,
+    pub(crate) stats: Arc<NodeStats>,
     /// The entry's region, normalised by [`normalize_region`] (empty: none).
     region: String,
     /// The endpoint parsed once, when the node joins: a call then only sets
@@ -341,7 +342,7 @@ impl Node {
     }
 
     /// Marks a request started; the guard marks it finished when dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.load().in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -355,7 +356,7 @@ impl Node {
     /// fast answers does not hide a slow node, but a node that stays fast is
     /// believed within seconds). A failure counts as a sample of at least
     /// twice the current estimate and [`FAILURE_PENALTY_US`].
-    pub fn observe(&self, latency_us: u64, success: bool) {
+    pub(crate) fn observe(&self, latency_us: u64, success: bool) {
         let now = mono_us();
         let (mine, s) = (&self.load().latency, &self.stats);
         s.requests.fetch_add(1, Ordering::Relaxed);
@@ -389,7 +390,7 @@ fn id_tag(id: &ProvisionId) -> u32 {
 
 /// A region as the index keys it: trimmed and upper-cased (`de` and ` DE`
 /// are the same region).
-pub fn normalize_region(region: &str) -> String {
+pub(crate) fn normalize_region(region: &str) -> String {
     region.trim().to_ascii_uppercase()
 }
 
@@ -529,7 +530,7 @@ impl LoadSnapshot {
 
     /// [`NodeLoad::load_score`] at `now_us` on [`mono_us`]. Selectors do not
     /// score (they compare with [`LoadSnapshot::cmp_load`], reading no clock).
-    pub fn load_score_at(self, now_us: u64) -> u64 {
+    pub(crate) fn load_score_at(self, now_us: u64) -> u64 {
         score(self.in_flight, estimate_of(self.latency, now_us))
     }
 
@@ -705,7 +706,7 @@ fn locked_step() {
 /// lock it only unlinks the old entries and links the new ones, so routing
 /// waits for work in proportion to the entries changed, never more.
 #[derive(Debug, Default)]
-pub struct PoolIndex {
+pub(crate) struct PoolIndex {
     index: RwLock<Index>,
     /// Held by every change of a node's entries ([`PoolIndex::upsert`],
     /// [`PoolIndex::remove`]) from reading the node's record to replacing it,
@@ -714,8 +715,8 @@ pub struct PoolIndex {
     membership: Mutex<()>,
 }
 
-/// Some of the index's pools and how many there are in all: see
-/// [`PoolIndex::listed`].
+/// Some of the index's pools and how many there are in all: the
+/// catalogue's first, then the largest (see [`crate::Broker::listed_pools`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ListedPools {
     /// The pools listed, with their routable node counts, sorted by
@@ -734,18 +735,18 @@ impl ListedPools {
 
 impl PoolIndex {
     /// An empty index.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// The live statistics of a node in the index.
-    pub fn stats(&self, id: &ProvisionId) -> Option<Arc<NodeStats>> {
+    pub(crate) fn stats(&self, id: &ProvisionId) -> Option<Arc<NodeStats>> {
         self.index.read().nodes.get(id).map(|r| r.stats.clone())
     }
 
     /// Requests a node is serving right now, over all its entries (0 for a
     /// node not in the index).
-    pub fn in_flight(&self, id: &ProvisionId) -> u32 {
+    pub(crate) fn in_flight(&self, id: &ProvisionId) -> u32 {
         self.index
             .read()
             .nodes
@@ -755,7 +756,7 @@ impl PoolIndex {
 
     /// A node's latency estimate in microseconds, as last recorded: that of
     /// its slowest entry (0 before any sample, or for a node not in the index).
-    pub fn latency_ewma_us(&self, id: &ProvisionId) -> u64 {
+    pub(crate) fn latency_ewma_us(&self, id: &ProvisionId) -> u64 {
         self.index.read().nodes.get(id).map_or(0, |r| {
             r.nodes
                 .iter()
@@ -768,7 +769,7 @@ impl PoolIndex {
     /// Sets a node's entries (replacing any it had): it joins exactly these
     /// pools. Its statistics and health mark are kept. No entries: the node
     /// leaves the index. A (service, model) listed twice counts once.
-    pub fn upsert(&self, id: &ProvisionId, mut entries: Vec<PoolEntry>) {
+    pub(crate) fn upsert(&self, id: &ProvisionId, mut entries: Vec<PoolEntry>) {
         // One entry per (service, model): a duplicate would count twice.
         // Checked with a set, before any lock.
         let keep: Vec<bool> = {
@@ -833,7 +834,7 @@ impl PoolIndex {
     }
 
     /// Removes a node from every pool, with its statistics and health mark.
-    pub fn remove(&self, id: &ProvisionId) {
+    pub(crate) fn remove(&self, id: &ProvisionId) {
         let _membership = self.membership.lock();
         let gone = self.index.write().detach(id);
         drop(gone);
@@ -842,7 +843,7 @@ impl PoolIndex {
     /// Takes a node out of routing (`false`) or puts it back (`true`), keeping
     /// its entries. Unknown nodes are ignored: a health verdict about a node
     /// that has left must not stick to it if it joins again.
-    pub fn set_healthy(&self, id: &ProvisionId, healthy: bool) {
+    pub(crate) fn set_healthy(&self, id: &ProvisionId, healthy: bool) {
         let mut ix = self.index.write();
         let Some(rec) = ix.nodes.get_mut(id) else {
             return;
@@ -862,13 +863,13 @@ impl PoolIndex {
     }
 
     /// Whether a node is currently routable.
-    pub fn is_healthy(&self, id: &ProvisionId) -> bool {
+    pub(crate) fn is_healthy(&self, id: &ProvisionId) -> bool {
         self.index.read().nodes.get(id).is_some_and(|r| r.healthy)
     }
 
     /// Replaces the whole index with `entries` (grouped by node), keeping
     /// health marks and live stats of nodes that stay.
-    pub fn rebuild(&self, entries: Vec<PoolEntry>) {
+    pub(crate) fn rebuild(&self, entries: Vec<PoolEntry>) {
         let mut by_node: HashMap<ProvisionId, Vec<PoolEntry>> = HashMap::new();
         for e in entries {
             by_node.entry(e.provision_id.clone()).or_default().push(e);
@@ -892,12 +893,13 @@ impl PoolIndex {
     }
 
     /// Whether any node (healthy or not) offers this (service, model).
-    pub fn is_offered(&self, service: Service, model: &str) -> bool {
+    pub(crate) fn is_offered(&self, service: Service, model: &str) -> bool {
         self.index.read().offered[service_slot(service)].contains_key(model)
     }
 
+    #[cfg(any(test, feature = "testkit"))]
     /// Picks a routable node for (service, model) with `selector`, skipping `excluded`.
-    pub fn select(
+    pub(crate) fn select(
         &self,
         service: Service,
         model: &str,
@@ -915,7 +917,7 @@ impl PoolIndex {
 
     /// Like [`PoolIndex::select`], honouring the request's preferences: nodes
     /// of the preferred region first, any node when the region has none left.
-    pub fn select_with(
+    pub(crate) fn select_with(
         &self,
         service: Service,
         model: &str,
@@ -933,9 +935,10 @@ impl PoolIndex {
         mp.all.select(selector, excluded)
     }
 
+    #[cfg(test)]
     /// Every pool with its routable node count, sorted. As long as strangers
     /// make it: public lists use [`PoolIndex::listed`].
-    pub fn summary(&self) -> Vec<(Service, String, usize)> {
+    pub(crate) fn summary(&self) -> Vec<(Service, String, usize)> {
         let ix = self.index.read();
         let mut v: Vec<_> = Service::ALL
             .iter()
@@ -954,7 +957,11 @@ impl PoolIndex {
     /// others, then the largest, ties by (service, model); and how many pools
     /// there are in all. One read of the index, no name copied but the
     /// listed ones'.
-    pub fn listed(&self, limit: usize, first: impl Fn(Service, &str) -> bool) -> ListedPools {
+    pub(crate) fn listed(
+        &self,
+        limit: usize,
+        first: impl Fn(Service, &str) -> bool,
+    ) -> ListedPools {
         let ix = self.index.read();
         let mut all: Vec<(bool, Reverse<usize>, Service, &str)> = Service::ALL
             .iter()
@@ -979,7 +986,7 @@ impl PoolIndex {
     }
 
     /// Routable nodes in the pool of (service, model) (0 when it has none).
-    pub fn pool_size(&self, service: Service, model: &str) -> usize {
+    pub(crate) fn pool_size(&self, service: Service, model: &str) -> usize {
         let ix = self.index.read();
         ix.pools[service_slot(service)]
             .get(model)
@@ -988,7 +995,7 @@ impl PoolIndex {
 
     /// How many nodes (healthy or not) offer each (service, model): what the
     /// network has, for assigning services to new nodes.
-    pub fn coverage(&self) -> HashMap<(Service, String), usize> {
+    pub(crate) fn coverage(&self) -> HashMap<(Service, String), usize> {
         let ix = self.index.read();
         Service::ALL
             .iter()
@@ -1000,8 +1007,9 @@ impl PoolIndex {
             .collect()
     }
 
+    #[cfg(any(test, feature = "testkit"))]
     /// The ids of every node in the index.
-    pub fn node_ids(&self) -> Vec<ProvisionId> {
+    pub(crate) fn node_ids(&self) -> Vec<ProvisionId> {
         self.index.read().nodes.keys().cloned().collect()
     }
 
@@ -1009,7 +1017,7 @@ impl PoolIndex {
     /// (never empty; they share the provision's [`NodeStats`]), taken in one
     /// read: rounds that visit every node (probes, network snapshots) need
     /// no lookup, and no copy of an entry, per node.
-    pub fn provisions(&self) -> Vec<Vec<Arc<Node>>> {
+    pub(crate) fn provisions(&self) -> Vec<Vec<Arc<Node>>> {
         self.index
             .read()
             .nodes
@@ -1019,12 +1027,12 @@ impl PoolIndex {
     }
 
     /// How many nodes the index holds, routable or not.
-    pub fn node_count(&self) -> usize {
+    pub(crate) fn node_count(&self) -> usize {
         self.index.read().nodes.len()
     }
 
     /// A node's entries, routable or not.
-    pub fn entries_of(&self, id: &ProvisionId) -> Vec<PoolEntry> {
+    pub(crate) fn entries_of(&self, id: &ProvisionId) -> Vec<PoolEntry> {
         self.index
             .read()
             .nodes
@@ -1033,9 +1041,10 @@ impl PoolIndex {
             .unwrap_or_default()
     }
 
+    #[cfg(any(test, feature = "testkit"))]
     /// One routable-or-not node of a provision (its first entry), with its stats:
     /// what a health probe needs (endpoint, secret).
-    pub fn any_node(&self, id: &ProvisionId) -> Option<Arc<Node>> {
+    pub(crate) fn any_node(&self, id: &ProvisionId) -> Option<Arc<Node>> {
         self.index
             .read()
             .nodes

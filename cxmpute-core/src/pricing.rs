@@ -29,7 +29,7 @@ pub struct Meter {
 impl Meter {
     /// Each field clamped to the same field of `bound`: nodes are not trusted
     /// to report more than the request could have used.
-    pub fn clamp_to(self, bound: Meter) -> Meter {
+    pub(crate) fn clamp_to(self, bound: Meter) -> Meter {
         Meter {
             input_tokens: self.input_tokens.min(bound.input_tokens),
             output_tokens: self.output_tokens.min(bound.output_tokens),
@@ -124,7 +124,7 @@ struct ServicePrices {
 
 impl PriceTable {
     /// A table holding `defaults`, then `stored` over them.
-    pub fn new(defaults: Vec<PriceEntry>, stored: Vec<PriceEntry>) -> Self {
+    pub(crate) fn new(defaults: Vec<PriceEntry>, stored: Vec<PriceEntry>) -> Self {
         let t = PriceTable::default();
         for p in defaults.into_iter().chain(stored) {
             t.set(p);
@@ -132,8 +132,9 @@ impl PriceTable {
         t
     }
 
-    /// Sets one price.
-    pub fn set(&self, p: PriceEntry) {
+    /// Sets one price (in memory only: [`crate::admin::Admin::put_price`]
+    /// stores one and sets it here).
+    pub(crate) fn set(&self, p: PriceEntry) {
         let mut t = self.prices.write();
         let sp = &mut t[service_slot(p.service)];
         match p.model.clone() {

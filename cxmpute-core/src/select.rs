@@ -23,7 +23,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::pool::{LoadSnapshot, Node, NodeLoad};
+pub use crate::pool::{LoadSnapshot, Node, NodeLoad};
 use crate::types::ProvisionId;
 
 /// The routable nodes of one pool, as a selector sees them.
@@ -499,5 +499,174 @@ mod tests {
             let (a, b) = two_allowed(&c, &[]).unwrap();
             assert_ne!(Some(a), b);
         }
+    }
+
+    // ---- over the routing index -------------------------------------------------
+
+    use std::collections::HashMap;
+
+    use crate::pool::{PoolIndex, RoutePreferences};
+
+    const MODEL: &str = "llama3.2:3b";
+
+    fn pool_of(n: usize, model: &str) -> (PoolIndex, Vec<ProvisionId>) {
+        let ix = PoolIndex::new();
+        let ids: Vec<ProvisionId> = (0..n)
+            .map(|i| ProvisionId::new(format!("node_{model}_{i}")))
+            .collect();
+        for id in &ids {
+            ix.upsert(
+                id,
+                vec![PoolEntry {
+                    provision_id: id.clone(),
+                    provider_id: ProviderId::new("prv"),
+                    service: Service::Chat,
+                    model: model.into(),
+                    endpoint: "http://node.example".into(),
+                    node_secret: "s".into(),
+                    tier: 3,
+                    region: String::new(),
+                }],
+            );
+        }
+        (ix, ids)
+    }
+
+    #[test]
+    fn peak_ewma_sends_a_slow_node_a_small_share() {
+        let (ix, ids) = pool_of(3, MODEL);
+        let latency: HashMap<ProvisionId, u64> = [
+            (ids[0].clone(), 400_000),
+            (ids[1].clone(), 20_000),
+            (ids[2].clone(), 25_000),
+        ]
+        .into();
+        let mut share: HashMap<ProvisionId, usize> = HashMap::new();
+        let sel = PeakEwmaSelector;
+        for _ in 0..3_000 {
+            let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
+            let _busy = n.start();
+            n.observe(latency[&n.entry.provision_id], true);
+            *share.entry(n.entry.provision_id.clone()).or_default() += 1;
+        }
+        let slow = share.get(&ids[0]).copied().unwrap_or(0);
+        assert!(slow <= 30, "slow node got {slow} of 3000");
+        assert!(share[&ids[1]] > 700 && share[&ids[2]] > 700, "{share:?}");
+    }
+
+    #[test]
+    fn least_in_flight_balances_in_flight_counts() {
+        let sel = LeastInFlightSelector;
+        // Small pools are compared whole: exact balance.
+        let (ix, ids) = pool_of(3, MODEL);
+        let mut held = Vec::new();
+        for _ in 0..30 {
+            let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
+            held.push((n.entry.provision_id.clone(), n.start()));
+        }
+        let load = |id: &ProvisionId| ix.in_flight(id);
+        assert_eq!(ids.iter().map(load).collect::<Vec<_>>(), [10, 10, 10]);
+        // Finishing three requests on one node sends the next three there.
+        let target = ids[1].clone();
+        let mut dropped = 0;
+        held.retain(|(id, _)| {
+            if *id == target && dropped < 3 {
+                dropped += 1;
+                false
+            } else {
+                true
+            }
+        });
+        for _ in 0..3 {
+            let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
+            assert_eq!(n.entry.provision_id, target);
+            held.push((n.entry.provision_id.clone(), n.start()));
+        }
+        // Large pools: the lesser of two random nodes keeps every node near the mean.
+        let (ix, ids) = pool_of(200, "big");
+        let mut held = Vec::new();
+        for _ in 0..2_000 {
+            let n = ix.select(Service::Chat, "big", &sel, &[]).unwrap();
+            held.push(n.start());
+        }
+        let loads: Vec<u32> = ids.iter().map(|id| ix.in_flight(id)).collect();
+        let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+        assert!(
+            *max <= 16 && *min >= 4,
+            "in flight ranges {min}..{max} around a mean of 10"
+        );
+    }
+
+    #[test]
+    fn round_robin_is_even_per_pool() {
+        let (ix, ids) = pool_of(4, MODEL);
+        let sel = RoundRobinSelector;
+        let mut count: HashMap<ProvisionId, usize> = HashMap::new();
+        for _ in 0..400 {
+            let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
+            *count.entry(n.entry.provision_id.clone()).or_default() += 1;
+        }
+        assert!(ids.iter().all(|id| count[id] == 100), "{count:?}");
+        // Two pools used in turn do not skew each other.
+        let (ix, _) = pool_of(2, "a");
+        for id in pool_of(2, "b").1 {
+            ix.upsert(
+                &id,
+                vec![PoolEntry {
+                    provision_id: id.clone(),
+                    provider_id: ProviderId::new("prv"),
+                    service: Service::Chat,
+                    model: "b".into(),
+                    endpoint: "http://node.example".into(),
+                    node_secret: "s".into(),
+                    tier: 3,
+                    region: String::new(),
+                }],
+            );
+        }
+        let mut a: HashMap<ProvisionId, usize> = HashMap::new();
+        for _ in 0..100 {
+            let n = ix.select(Service::Chat, "a", &sel, &[]).unwrap();
+            *a.entry(n.entry.provision_id.clone()).or_default() += 1;
+            ix.select(Service::Chat, "b", &sel, &[]).unwrap();
+        }
+        assert_eq!(a.values().copied().collect::<Vec<_>>(), [50, 50]);
+    }
+
+    #[test]
+    fn a_preferred_region_is_served_first_and_others_serve_when_it_has_none() {
+        let ix = PoolIndex::new();
+        for (id, region) in [("de1", "DE"), ("de2", "de"), ("us1", "US")] {
+            let id = ProvisionId::new(id);
+            ix.upsert(
+                &id,
+                vec![PoolEntry {
+                    provision_id: id.clone(),
+                    provider_id: ProviderId::new("prv"),
+                    service: Service::Chat,
+                    model: MODEL.into(),
+                    endpoint: "http://node.example".into(),
+                    node_secret: "s".into(),
+                    tier: 3,
+                    region: region.into(),
+                }],
+            );
+        }
+        let de = RoutePreferences::region(" De ");
+        for _ in 0..50 {
+            let n = ix
+                .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &[], &de)
+                .unwrap();
+            assert!(n.entry.provision_id.as_str().starts_with("de"));
+        }
+        let tried = [ProvisionId::new("de1"), ProvisionId::new("de2")];
+        let n = ix
+            .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &tried, &de)
+            .unwrap();
+        assert_eq!(n.entry.provision_id.as_str(), "us1");
+        ix.set_healthy(&ProvisionId::new("us1"), false);
+        assert!(ix
+            .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &tried, &de)
+            .is_none());
     }
 }

@@ -32,17 +32,17 @@ struct MeteredChoice {
 /// reported, content chunks counted by the broker, whether `[DONE]` came, and
 /// whether the node sent anything that is not a chunk.
 #[derive(Debug, Default)]
-pub struct ChatStreamMeter {
+pub(crate) struct ChatStreamMeter {
     decoder: SseDecoder,
     /// Usage from the node's final chunk, if it sent one.
-    pub reported: Option<Usage>,
+    pub(crate) reported: Option<Usage>,
     /// Chunks carrying output (text, reasoning, tool calls: each at least
     /// one token), counted here.
-    pub content_chunks: u64,
+    pub(crate) content_chunks: u64,
     /// Whether `data: [DONE]` arrived.
-    pub done: bool,
+    pub(crate) done: bool,
     /// Whether the node sent an event that is not a chunk, an error event, or an endless line.
-    pub garbage: bool,
+    pub(crate) garbage: bool,
     /// Whether a usage-only chunk (no choices) is written back: only when
     /// the caller asked for usage, since the broker always asks the node.
     keep_usage_chunk: bool,
@@ -60,7 +60,7 @@ impl ChatStreamMeter {
     /// `keep_usage_chunk` false, without the usage-only chunk (for callers
     /// that did not ask for usage). Take the rewritten bytes with
     /// [`Self::pass`] and, at the end, [`Self::take_output`].
-    pub fn new(keep_usage_chunk: bool) -> Self {
+    pub(crate) fn new(keep_usage_chunk: bool) -> Self {
         ChatStreamMeter {
             keep_usage_chunk,
             ..Self::default()
@@ -68,12 +68,12 @@ impl ChatStreamMeter {
     }
 
     /// The rewritten bytes produced since the last call.
-    pub fn take_output(&mut self) -> Bytes {
+    pub(crate) fn take_output(&mut self) -> Bytes {
         self.filtered.split().freeze()
     }
 
     /// Feeds bytes as they pass through.
-    pub fn feed(&mut self, chunk: &[u8]) {
+    pub(crate) fn feed(&mut self, chunk: &[u8]) {
         // The decoder is taken out while it calls back into `self`, so events
         // are handled as they are decoded, without collecting them first.
         let mut d = std::mem::take(&mut self.decoder);
@@ -85,13 +85,13 @@ impl ChatStreamMeter {
 
     /// Feeds a chunk passing through and returns what to pass on: the
     /// rewritten bytes of the events it completed.
-    pub fn pass(&mut self, chunk: Bytes) -> Bytes {
+    pub(crate) fn pass(&mut self, chunk: Bytes) -> Bytes {
         self.feed(&chunk);
         self.take_output()
     }
 
     /// Ends the stream.
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         let mut d = std::mem::take(&mut self.decoder);
         d.finish(&mut |e| self.on_event(e));
         self.decoder = d;
@@ -142,7 +142,7 @@ impl ChatStreamMeter {
 
     /// What the stream consumed: the node's usage when it reported one, else
     /// the broker's own count (input estimated as `fallback_input`), clamped to `bound`.
-    pub fn meter(&self, fallback_input: u64, bound: Meter) -> Meter {
+    pub(crate) fn meter(&self, fallback_input: u64, bound: Meter) -> Meter {
         let m = match self.reported {
             Some(u) => Meter {
                 input_tokens: u.prompt_tokens,
@@ -162,7 +162,7 @@ impl ChatStreamMeter {
     /// input as `fallback_input`, the content chunks that were passed on as
     /// output, clamped to `bound`. A node's usage claim is not believed for
     /// a stream it did not finish (it could claim the whole bound and cut).
-    pub fn delivered(&self, fallback_input: u64, bound: Meter) -> Meter {
+    pub(crate) fn delivered(&self, fallback_input: u64, bound: Meter) -> Meter {
         Meter {
             input_tokens: fallback_input,
             output_tokens: self.content_chunks,

@@ -9,7 +9,7 @@
 //! ## Counter scopes and gauge scopes
 //!
 //! Most scopes are plain counters of finished requests (see [`scope`]). The
-//! network snapshot ([`StatsRecorder::sample`]) keeps *gauges* (how many
+//! network snapshot ([`Broker::record_network_snapshot`]) keeps *gauges* (how many
 //! nodes a pool has) in the same [`StatsCounters`], read differently:
 //! `requests` counts the samples taken and `units` sums the sampled values,
 //! so `units / requests` is the day's average. Sums of samples add up like
@@ -21,6 +21,8 @@ use std::collections::HashMap;
 
 use parking_lot::Mutex;
 
+#[cfg(doc)]
+use crate::broker::Broker;
 use crate::error::Result;
 use crate::store::Store;
 use crate::types::*;
@@ -118,7 +120,7 @@ pub mod scope {
 }
 
 /// Counters for one finished request.
-pub fn counters_of(u: &UsageRecord) -> StatsCounters {
+pub(crate) fn counters_of(u: &UsageRecord) -> StatsCounters {
     let mut buckets = vec![0; LATENCY_BUCKETS_MS.len() + 1];
     let i = LATENCY_BUCKETS_MS
         .iter()
@@ -147,7 +149,7 @@ struct State {
 
 /// Collects counters in memory and writes them in batches.
 #[derive(Default)]
-pub struct StatsRecorder {
+pub(crate) struct StatsRecorder {
     state: Mutex<State>,
 }
 
@@ -159,7 +161,7 @@ impl std::fmt::Debug for StatsRecorder {
 
 impl StatsRecorder {
     /// Adds one finished request to every scope it belongs to.
-    pub fn record(&self, u: &UsageRecord) {
+    pub(crate) fn record(&self, u: &UsageRecord) {
         let c = counters_of(u);
         let day = u.at.day();
         let service = u.route.service();
@@ -190,7 +192,7 @@ impl StatsRecorder {
 
     /// Adds one sample of a gauge (see the [module docs](self)): one more
     /// sample and `value` more to the day's sum.
-    pub fn sample(&self, day: Day, scope: String, value: u64) {
+    pub(crate) fn sample(&self, day: Day, scope: String, value: u64) {
         let c = StatsCounters {
             requests: 1,
             units: value,
@@ -205,13 +207,13 @@ impl StatsRecorder {
     }
 
     /// Batches built but not yet written (a failing store shows here).
-    pub fn unsent_batches(&self) -> usize {
+    pub(crate) fn unsent_batches(&self) -> usize {
         self.state.lock().unsent.len()
     }
 
     /// Writes everything collected so far. On failure the batch is kept (with
     /// its id) for the next flush and the error returned.
-    pub async fn flush(&self, store: &dyn Store) -> Result<()> {
+    pub(crate) async fn flush(&self, store: &dyn Store) -> Result<()> {
         {
             let mut s = self.state.lock();
             if !s.pending.is_empty() {

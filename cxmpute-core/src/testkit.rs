@@ -9,7 +9,8 @@
 //! Beside them, what many tests share: the models the stand-ins serve
 //! ([`MODEL`], [`EMBED`]), the chat price ([`chat_price`]), a mailer that
 //! keeps its codes ([`RecordingMailer`]) and the check of an error answer
-//! ([`expect_error`]).
+//! ([`expect_error`]), and a routing index of its own for benchmarks
+//! ([`RoutingIndex`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,7 +27,9 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 mod instrumented;
+mod routing;
 pub use instrumented::InstrumentedStore;
+pub use routing::RoutingIndex;
 
 use crate::broker::{Broker, BrokerConfig};
 use crate::clock::ManualClock;
@@ -549,7 +552,7 @@ impl TestHost {
         let builder =
             f(Broker::builder(store).config(test_config())).clock(Arc::new(clock.clone()));
         let broker = builder.build().await.expect("build broker");
-        let admin_key = match broker
+        let admin_key = match (broker.admin())
             .ensure_admin("admin@cxmpute.test", None)
             .await
             .expect("admin")
@@ -563,7 +566,7 @@ impl TestHost {
                     .user_by_email("admin@cxmpute.test")
                     .await
                     .expect("admin");
-                broker
+                (broker.admin())
                     .create_api_key(&admin.id, "test admin", None, Vec::new())
                     .await
                     .expect("key")
@@ -606,7 +609,7 @@ impl TestHost {
             f(b.reward_policy(Arc::new(FlatReward(reward))))
         })
         .await;
-        h.broker
+        (h.broker.admin())
             .put_price(chat_price())
             .await
             .expect("put the chat price");
@@ -638,6 +641,7 @@ impl TestHost {
         );
         let (u, _, secret) = self
             .broker
+            .admin()
             .create_user(&email, credits, false)
             .await
             .expect("create user");
@@ -651,7 +655,7 @@ impl TestHost {
             "{}@providers.test",
             crate::secret::random_token(10).to_lowercase()
         );
-        self.broker
+        (self.broker.admin())
             .create_provider(&email, None)
             .await
             .expect("create provider")
@@ -682,6 +686,33 @@ impl TestHost {
         let (provider, _) = self.provider().await;
         let id = self.add_node(&provider, &node, service, model).await;
         (node, provider, id)
+    }
+
+    /// Whether requests are routed to node `id` now (see
+    /// [`crate::network::Network::node_status`]).
+    pub fn is_routable(&self, id: &ProvisionId) -> bool {
+        (self.broker.network())
+            .node_status(id)
+            .is_some_and(|s| s.routable)
+    }
+
+    /// Takes node `id` out of routing (`false`) or puts it back (`true`) on
+    /// this host, as a health probe's verdict would, without a probe. A test
+    /// hook: embedders cannot reach the routing index.
+    pub fn set_node_healthy(&self, id: &ProvisionId, healthy: bool) {
+        self.broker.pools().set_healthy(id, healthy);
+    }
+
+    /// Removes node `id` from this host's routing index and leaves the store
+    /// as it is, as when another host deleted it and this one has not
+    /// refreshed yet. A test hook, like [`TestHost::set_node_healthy`].
+    pub fn unroute_node(&self, id: &ProvisionId) {
+        self.broker.pools().remove(id);
+    }
+
+    /// The nodes in this host's routing index, routable or not.
+    pub fn routed_node_ids(&self) -> Vec<ProvisionId> {
+        self.broker.pools().node_ids()
     }
 
     /// The credits `user` holds now, as stored.
@@ -796,6 +827,7 @@ impl TestHost {
         };
         let r = self
             .broker
+            .network()
             .register_provision(provider, req)
             .await
             .expect("register provision");

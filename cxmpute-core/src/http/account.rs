@@ -28,10 +28,10 @@ use super::extract::{Body, OptionalBody, Path, Query, SessionUser};
 use super::Routes;
 use super::{bearer, no_store, ok};
 use super::{ApiError, ApiResult};
-use crate::accounts::{Credentials, Refused, SessionTokens};
 use crate::broker::Broker;
 use crate::error::Error;
 use crate::secret::Secret;
+use crate::sessions::{Credentials, Refused, SessionTokens};
 use crate::types::*;
 use crate::wire::*;
 
@@ -169,7 +169,7 @@ async fn request_code(
     Body(req): Body<RequestCodeRequest>,
 ) -> ApiResult<Response> {
     let client = client_ip(&b, &h, peer.map(|Extension(ConnectInfo(a))| a));
-    if let Err(r) = b.accounts().issue_code(&req.email, client).await {
+    if let Err(r) = b.sessions().issue_code(&req.email, client).await {
         return Ok(refused(r));
     }
     let out = RequestCodeResponse {
@@ -191,7 +191,7 @@ async fn verify(
     State(b): State<Broker>,
     Body(req): Body<VerifyCodeRequest>,
 ) -> ApiResult<Response> {
-    let t = b.accounts().verify_code(&req.email, &req.code).await?;
+    let t = b.sessions().verify_code(&req.email, &req.code).await?;
     Ok(session_answer(&b, &t))
 }
 
@@ -216,7 +216,7 @@ async fn refresh(
     let token = refresh_token(&h, body).ok_or_else(|| {
         Error::Unauthorized("send the refresh token in the body or its cookie".into())
     })?;
-    match b.accounts().refresh_session(&token).await {
+    match b.sessions().refresh_session(&token).await {
         Ok(t) => Ok(session_answer(&b, &t)),
         Err(r) => Ok(refused(r)),
     }
@@ -237,7 +237,7 @@ async fn logout(
 ) -> ApiResult<Response> {
     let token = refresh_token(&h, body);
     let creds = credentials(&h);
-    b.accounts()
+    b.sessions()
         .logout(token.as_ref(), creds.access_token())
         .await?;
     let mut resp = StatusCode::NO_CONTENT.into_response();

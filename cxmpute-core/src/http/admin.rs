@@ -126,7 +126,10 @@ async fn create_user(
     State(b): State<Broker>,
     Body(req): Body<CreateUserRequest>,
 ) -> ApiResult<Response> {
-    let (user, key, secret) = b.create_user(&req.email, req.credits, false).await?;
+    let (user, key, secret) = b
+        .admin()
+        .create_user(&req.email, req.credits, false)
+        .await?;
     let out = CreateUserResponse {
         user_id: user.id,
         key_id: key.id,
@@ -161,7 +164,7 @@ async fn search_users(
     State(b): State<Broker>,
     Query(q): Query<SearchQuery>,
 ) -> ApiResult<Json<Vec<AdminUserView>>> {
-    ok(b.accounts().search_accounts(&q.q, q.limit).await?)
+    ok(b.admin().search_users(&q.q, q.limit).await?)
 }
 
 #[utoipa::path(
@@ -179,7 +182,7 @@ async fn user_detail(
     Path(id): Path<String>,
 ) -> ApiResult<Json<AdminUserDetail>> {
     let id = UserId::new(id);
-    ok(b.accounts().user_detail(&id).await?)
+    ok(b.admin().user_detail(&id).await?)
 }
 
 #[utoipa::path(
@@ -199,7 +202,7 @@ async fn grant_credits(
     Body(req): Body<GrantCreditsRequest>,
 ) -> ApiResult<Json<BalanceResponse>> {
     let user_id = UserId::new(id);
-    let credits = b
+    let credits = (b.admin())
         .grant_credits(&user_id, req.amount, admin.id.as_str(), &req.reason)
         .await?;
     ok(BalanceResponse { user_id, credits })
@@ -222,7 +225,7 @@ async fn suspend_user(
     Body(req): Body<SuspendRequest>,
 ) -> ApiResult<StatusCode> {
     let id = UserId::new(id);
-    b.accounts().suspend_user(&admin, &id, &req.reason).await?;
+    b.admin().suspend_user(&admin, &id, &req.reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -241,7 +244,7 @@ async fn unsuspend_user(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let id = UserId::new(id);
-    b.accounts().unsuspend_user(&admin, &id).await?;
+    b.admin().unsuspend_user(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -259,7 +262,7 @@ async fn create_provider(
     State(b): State<Broker>,
     Body(req): Body<CreateProviderRequest>,
 ) -> ApiResult<Json<CreateProviderResponse>> {
-    let (p, secret) = b.create_provider(&req.email, None).await?;
+    let (p, secret) = b.admin().create_provider(&req.email, None).await?;
     ok(CreateProviderResponse {
         provider_id: p.id,
         provider_key: secret,
@@ -281,7 +284,7 @@ async fn provider_detail(
     Path(id): Path<String>,
 ) -> ApiResult<Json<AdminProviderView>> {
     let id = ProviderId::new(id);
-    ok(b.accounts().provider_detail(&id).await?)
+    ok(b.admin().provider_detail(&id).await?)
 }
 
 #[utoipa::path(
@@ -301,9 +304,7 @@ async fn suspend_provider(
     Body(req): Body<SuspendRequest>,
 ) -> ApiResult<StatusCode> {
     let id = ProviderId::new(id);
-    b.accounts()
-        .suspend_provider(&admin, &id, &req.reason)
-        .await?;
+    b.admin().suspend_provider(&admin, &id, &req.reason).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -322,7 +323,7 @@ async fn unsuspend_provider(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let id = ProviderId::new(id);
-    b.accounts().unsuspend_provider(&admin, &id).await?;
+    b.admin().unsuspend_provider(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -335,7 +336,7 @@ async fn unsuspend_provider(
     responses((status = 200, description = "Nodes", body = Vec<AdminProvisionView>), super::openapi::Refusals)
 )]
 async fn provisions(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<AdminProvisionView>>> {
-    ok(b.accounts().all_provisions().await?)
+    ok(b.admin().provisions().await?)
 }
 
 #[utoipa::path(
@@ -353,7 +354,7 @@ async fn disconnect(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let id = ProvisionId::new(id);
-    b.accounts().disconnect_provision(&admin, &id).await?;
+    b.admin().delete_provision(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -371,7 +372,7 @@ async fn put_price(
     State(b): State<Broker>,
     Body(price): Body<PriceEntry>,
 ) -> ApiResult<Json<PriceEntry>> {
-    b.put_price(price.clone()).await?;
+    b.admin().put_price(price.clone()).await?;
     ok(price)
 }
 
@@ -396,7 +397,7 @@ async fn prices(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<PriceEn
     responses((status = 200, description = "Notifications", body = Vec<Notification>), super::openapi::Refusals)
 )]
 async fn notifications(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<Notification>>> {
-    ok(b.accounts().notifications().await?)
+    ok(b.admin().notifications().await?)
 }
 
 #[utoipa::path(
@@ -413,7 +414,7 @@ async fn create_notification(
     State(b): State<Broker>,
     Body(req): Body<NotificationRequest>,
 ) -> ApiResult<Response> {
-    let n = b.accounts().put_notification(None, req).await?;
+    let n = b.admin().put_notification(None, req).await?;
     Ok((StatusCode::CREATED, Json(n)).into_response())
 }
 
@@ -434,7 +435,7 @@ async fn replace_notification(
     Body(req): Body<NotificationRequest>,
 ) -> ApiResult<Json<Notification>> {
     let id = NotificationId::new(id);
-    ok(b.accounts().put_notification(Some(id), req).await?)
+    ok(b.admin().put_notification(Some(id), req).await?)
 }
 
 #[utoipa::path(
@@ -452,6 +453,6 @@ async fn delete_notification(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     let id = NotificationId::new(id);
-    b.accounts().delete_notification(&id).await?;
+    b.admin().delete_notification(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -107,7 +107,7 @@ impl<T: DeserializeOwned> FromRequestParts<Broker> for Query<T> {
     }
 }
 
-/// An admin, checked on this request (see [`crate::accounts::Accounts::admin`]):
+/// An admin, checked on this request (see [`crate::sessions::Sessions::admin`]):
 /// an admin's session or an admin's unrestricted API key. The only way for a
 /// handler to get the admin `User`.
 pub(crate) struct Admin(pub User);
@@ -117,7 +117,7 @@ impl FromRequestParts<Broker> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, b: &Broker) -> Result<Self, ApiError> {
         Ok(Admin(
-            b.accounts().admin(&credentials(&parts.headers)).await?,
+            b.sessions().admin(&credentials(&parts.headers)).await?,
         ))
     }
 }
@@ -131,7 +131,8 @@ impl FromRequestParts<Broker> for ProviderKey {
 
     async fn from_request_parts(parts: &mut Parts, b: &Broker) -> Result<Self, ApiError> {
         Ok(ProviderKey(
-            b.authenticate_provider(bearer(&parts.headers).as_ref())
+            b.sessions()
+                .authenticate_provider(bearer(&parts.headers).as_ref())
                 .await?,
         ))
     }
@@ -145,7 +146,7 @@ impl FromRequestParts<Broker> for ProviderAccount {
 
     async fn from_request_parts(parts: &mut Parts, b: &Broker) -> Result<Self, ApiError> {
         Ok(ProviderAccount(
-            b.accounts().provider(&credentials(&parts.headers)).await?,
+            b.sessions().provider(&credentials(&parts.headers)).await?,
         ))
     }
 }
@@ -158,7 +159,7 @@ impl FromRequestParts<Broker> for SessionUser {
 
     async fn from_request_parts(parts: &mut Parts, b: &Broker) -> Result<Self, ApiError> {
         Ok(SessionUser(
-            b.accounts()
+            b.sessions()
                 .session(&credentials(&parts.headers))
                 .await?
                 .user,
@@ -176,8 +177,8 @@ impl FromRequestParts<Broker> for KeyOrSession {
     async fn from_request_parts(parts: &mut Parts, b: &Broker) -> Result<Self, ApiError> {
         let creds = credentials(&parts.headers);
         let user = match creds.key() {
-            Some(k) => b.authenticate_key(Some(k)).await?.user_id,
-            None => b.accounts().session(&creds).await?.user.id,
+            Some(k) => b.sessions().authenticate_key(Some(k)).await?.user_id,
+            None => b.sessions().session(&creds).await?.user.id,
         };
         Ok(KeyOrSession(user))
     }

@@ -55,7 +55,7 @@ mod stats;
 pub use serve::{serve, ServeConfig};
 
 /// The status, OpenAI `type` and `code` of an error.
-pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
+pub(crate) fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
     match e {
         Error::InvalidInput(_) => (
             StatusCode::BAD_REQUEST,
@@ -117,7 +117,9 @@ pub fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {
     }
 }
 
-/// An [`Error`] as an HTTP answer.
+/// An [`Error`] as an HTTP answer: OpenAI's error JSON with the status and
+/// code the error maps to. Public so that routes an embedder (or the
+/// provider node) serves next to the broker's answer errors the same way.
 #[derive(Debug)]
 pub struct ApiError(pub Error);
 
@@ -163,10 +165,10 @@ impl IntoResponse for ApiError {
 }
 
 /// The result of a handler.
-pub type ApiResult<T> = std::result::Result<T, ApiError>;
+pub(crate) type ApiResult<T> = std::result::Result<T, ApiError>;
 
 /// The bearer secret of a request, if any.
-pub fn bearer(headers: &HeaderMap) -> Option<Secret> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<Secret> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.trim().split_once(' ')?;
     let token = token.trim();

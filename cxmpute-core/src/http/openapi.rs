@@ -1,9 +1,9 @@
 //! The OpenAPI document of the whole HTTP surface, served at `GET /openapi.json`.
 //!
 //! Generated from the code: every handler carries a `#[utoipa::path]`
-//! annotation next to it and [`ApiDoc`] lists them; schemas come from the
+//! annotation next to it and `ApiDoc` lists them; schemas come from the
 //! types' `ToSchema` derives. The gateway routes share one handler, so each
-//! is described by a documentation-only function in [`gateway`].
+//! is described by a documentation-only function in `gateway`.
 //!
 //! Nothing keeps a new route from being added without documentation at
 //! compile time, so a test does: every path the router serves
@@ -109,7 +109,7 @@ use super::Routes;
         (name = "admin", description = "Administration: accounts, nodes, prices, notifications"),
     )
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// The security schemes the annotations refer to, and unique operation ids.
 struct Security;
@@ -179,19 +179,21 @@ async fn openapi_json() -> impl IntoResponse {
 }
 
 /// The gateway routes, described one by one (they share one handler).
-pub mod gateway {
+// Documentation only: utoipa reads the functions' attributes, nothing calls them.
+#[allow(dead_code)]
+pub(crate) mod gateway {
     use super::ErrorSchema;
     use crate::wire::*;
 
     #[utoipa::path(get, path = "/healthz", tag = "observability",
         responses((status = 200, description = "The process is up", content_type = "text/plain", body = String)))]
     /// `GET /healthz`: the process is up.
-    pub fn healthz() {}
+    pub(crate) fn healthz() {}
 
     #[utoipa::path(get, path = "/v1/models", tag = "gateway",
         responses((status = 200, description = "The models served now, with node counts", body = ModelList)))]
     /// `GET /v1/models`: the models served now.
-    pub fn models() {}
+    pub(crate) fn models() {}
 
     macro_rules! gateway_doc {
         ($name:ident, $path:literal, $what:literal, $req:ty, $answer:literal, $ct:literal, $resp:ty) => {
@@ -217,7 +219,7 @@ pub mod gateway {
                     (status = 503, description = "No healthy node serves the model", body = ErrorSchema),
                     (status = 504, description = "Every node tried timed out", body = ErrorSchema),
                 ))]
-            pub fn $name() {}
+            pub(crate) fn $name() {}
         };
     }
 
@@ -307,7 +309,7 @@ pub mod gateway {
 /// OpenAI's error JSON: `{"error": {"message", "type", "code", "param"}}`.
 /// A schema only: the body itself is [`crate::wire::ErrorBody`].
 #[derive(Debug)]
-pub struct ErrorSchema;
+pub(crate) struct ErrorSchema;
 
 impl PartialSchema for ErrorSchema {
     fn schema() -> RefOr<Schema> {
@@ -341,7 +343,7 @@ impl ToSchema for ErrorSchema {
 
 /// Opaque bytes (audio): a binary string in the schema.
 #[derive(Debug)]
-pub struct Binary;
+pub(crate) struct Binary;
 
 impl PartialSchema for Binary {
     fn schema() -> RefOr<Schema> {
@@ -358,7 +360,7 @@ impl ToSchema for Binary {}
 /// The refusals every authenticated route can answer (400, 401, 403, 404,
 /// 409), each with OpenAI's error JSON. Used as `responses(..., Refusals)`.
 #[derive(Debug)]
-pub struct Refusals;
+pub(crate) struct Refusals;
 
 impl utoipa::IntoResponses for Refusals {
     fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::response::Response>> {

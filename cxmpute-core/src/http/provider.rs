@@ -66,7 +66,7 @@ async fn register_provision(
     State(b): State<Broker>,
     Body(req): Body<RegisterProvisionRequest>,
 ) -> ApiResult<Json<RegisterProvisionResponse>> {
-    ok(b.register_provision(&p, req).await?)
+    ok(b.network().register_provision(&p, req).await?)
 }
 
 #[utoipa::path(
@@ -81,7 +81,7 @@ async fn list_provisions(
     ProviderKey(p): ProviderKey,
     State(b): State<Broker>,
 ) -> ApiResult<Json<Vec<ProvisionView>>> {
-    ok(b.provider_provisions(&p).await?)
+    ok(b.network().provisions(&p).await?)
 }
 
 #[utoipa::path(
@@ -98,7 +98,7 @@ async fn get_provision(
     State(b): State<Broker>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ProvisionView>> {
-    ok(b.provider_provision(&p, &ProvisionId::new(id)).await?)
+    ok(b.network().provision(&p, &ProvisionId::new(id)).await?)
 }
 
 #[utoipa::path(
@@ -118,7 +118,9 @@ async fn start_provision(
     OptionalBody(req): OptionalBody<StartProvisionRequest>,
 ) -> ApiResult<Json<StartProvisionResponse>> {
     // The body is optional: no body asks for any service the tier allows.
-    ok(b.start_provision(&p, &ProvisionId::new(id), req).await?)
+    ok(b.network()
+        .start_provision(&p, &ProvisionId::new(id), req)
+        .await?)
 }
 
 #[utoipa::path(
@@ -138,7 +140,9 @@ async fn ready_provision(
     Path(id): Path<String>,
     Body(req): Body<ReadyProvisionRequest>,
 ) -> ApiResult<Json<ProvisionView>> {
-    ok(b.ready_provision(&p, &ProvisionId::new(id), req).await?)
+    ok(b.network()
+        .ready_provision(&p, &ProvisionId::new(id), req)
+        .await?)
 }
 
 #[utoipa::path(
@@ -155,7 +159,7 @@ async fn heartbeat(
     State(b): State<Broker>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    b.heartbeat(&p, &ProvisionId::new(id)).await?;
+    b.network().heartbeat(&p, &ProvisionId::new(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -173,7 +177,7 @@ async fn end_provision(
     State(b): State<Broker>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    b.end_provision(&p, &ProvisionId::new(id)).await?;
+    b.network().end_provision(&p, &ProvisionId::new(id)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -191,6 +195,8 @@ async fn delete_provision(
     State(b): State<Broker>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    b.delete_provision(&p, &ProvisionId::new(id)).await?;
+    b.network()
+        .delete_provision(&p, &ProvisionId::new(id))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

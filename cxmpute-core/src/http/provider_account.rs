@@ -93,5 +93,5 @@ async fn provisions(
     ProviderAccount(p): ProviderAccount,
     State(b): State<Broker>,
 ) -> ApiResult<Json<Vec<ProvisionView>>> {
-    ok(b.provider_provisions(&p).await?)
+    ok(b.network().provisions(&p).await?)
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
-use cxmpute_core::accounts::RateLimit;
 use cxmpute_core::mail::{SmtpConfig, SmtpMailer, SmtpTls};
+use cxmpute_core::sessions::RateLimit;
 use cxmpute_core::testkit::{sign_in_code, SmtpSink, StandInNode, TestHost};
 use cxmpute_core::wire::*;
 use cxmpute_core::*;
@@ -1096,7 +1096,7 @@ fn debug_output_of_every_type_holding_a_secret_is_redacted() {
         ),
         format!(
             "{:?}",
-            accounts::SessionTokens {
+            sessions::SessionTokens {
                 user_id: user.clone(),
                 access_token: secret(),
                 access_expires_at: Timestamp(0),
@@ -1106,7 +1106,7 @@ fn debug_output_of_every_type_holding_a_secret_is_redacted() {
         ),
         format!(
             "{:?}",
-            accounts::Credentials {
+            sessions::Credentials {
                 bearer: Some(secret()),
                 access_cookie: Some(secret()),
             }

@@ -167,11 +167,12 @@ async fn signed_in(h: &TestHost, email: &str, credits: i64) -> (User, Secret, Ap
     let user = acc.ensure_account(email).await.unwrap();
     if credits > 0 {
         h.broker
+            .admin()
             .grant_credits(&user.id, Credits::whole(credits), "test", "setup")
             .await
             .unwrap();
     }
-    let session = acc.start_session(&user).await.unwrap();
+    let session = h.broker.sessions().start_session(&user).await.unwrap();
     let (key, secret) = acc
         .create_key(&user, CreateKeyRequest::default())
         .await
@@ -184,7 +185,7 @@ async fn world() -> World {
     // Every caller asks for a sign-in code from this one address: more than
     // a client's default allowance, which is not what this test is about.
     let mut auth = AuthConfig::default().with_admin_emails(["boss@admins.test".to_owned()]);
-    auth.codes_per_client = cxmpute_core::accounts::RateLimit::new(100, Duration::from_secs(60));
+    auth.codes_per_client = cxmpute_core::sessions::RateLimit::new(100, Duration::from_secs(60));
     let h = TestHost::start_with(store, |b| b.auth(auth)).await;
     let mut w = World {
         h,
@@ -206,6 +207,7 @@ async fn world() -> World {
         .await
         .unwrap();
     h.broker
+        .admin()
         .grant_credits(&stored_admin.id, Credits::whole(10), "test", "setup")
         .await
         .unwrap();
@@ -213,6 +215,7 @@ async fn world() -> World {
     // route: gateway keys, never admin credentials.
     let (adm_limited, adm_limited_secret) = h
         .broker
+        .admin()
         .create_api_key(
             &stored_admin.id,
             "limited",
@@ -223,6 +226,7 @@ async fn world() -> World {
         .unwrap();
     let (adm_routed, adm_routed_secret) = h
         .broker
+        .admin()
         .create_api_key(
             &stored_admin.id,
             "chat only",
@@ -259,6 +263,7 @@ async fn world() -> World {
     // A node of A's that walks the lifecycle (registered, start, ready, end).
     let n_life =
         w.h.broker
+            .network()
             .register_provision(
                 &pa,
                 RegisterProvisionRequest {
@@ -274,7 +279,7 @@ async fn world() -> World {
 
     let note =
         w.h.broker
-            .accounts()
+            .admin()
             .put_notification(
                 None,
                 NotificationRequest {

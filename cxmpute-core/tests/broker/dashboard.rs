@@ -191,6 +191,7 @@ async fn seeded(mailer: Option<Arc<dyn Mailer>>) -> Seeded {
     })
     .await;
     h.broker
+        .admin()
         .put_price(PriceEntry {
             service: Service::Chat,
             model: None,
@@ -209,6 +210,7 @@ async fn seeded(mailer: Option<Arc<dyn Mailer>>) -> Seeded {
     let email = format!("dash-{}@users.test", h.url.rsplit(':').next().unwrap());
     let (user, _, key) = h
         .broker
+        .admin()
         .create_user(&email, Credits::whole(5), false)
         .await
         .unwrap();

@@ -86,6 +86,7 @@ async fn wait_settled(h: &TestHost, n: u64) {
 async fn embeddings_are_charged_by_input_tokens() {
     let h = host().await;
     h.broker
+        .admin()
         .put_price(PriceEntry {
             service: Service::Embeddings,
             model: Some(EMBED.into()),
@@ -214,6 +215,7 @@ async fn a_stream_cut_after_the_first_byte_ends_with_an_error_event_and_charges_
 async fn concurrent_calls_never_overspend() {
     let h = host().await;
     h.broker
+        .admin()
         .put_price(PriceEntry {
             per_million_input_tokens: Credits::ZERO,
             per_million_output_tokens: Credits::ZERO,
@@ -322,11 +324,13 @@ async fn credits_and_key_limits_are_refused_with_402_and_429() {
         .await
         .is_empty());
     h.broker
+        .admin()
         .grant_credits(&poor.id, Credits::whole(100), "test", "top up")
         .await
         .unwrap();
     let (_, limited) = h
         .broker
+        .admin()
         .create_api_key(&poor.id, "small", Some(Credits(100)), Vec::new())
         .await
         .unwrap();
@@ -336,6 +340,7 @@ async fn credits_and_key_limits_are_refused_with_402_and_429() {
     assert!(!expect_error(r, 429, "key_limit_reached").await.is_empty());
     let (_, embed_only) = h
         .broker
+        .admin()
         .create_api_key(&poor.id, "emb", None, vec![Route::Embeddings])
         .await
         .unwrap();
@@ -358,7 +363,7 @@ async fn no_healthy_node_is_503_and_models_lists_what_is_served() {
         .unwrap();
     assert_eq!(models["data"][0]["id"], MODEL);
     assert_eq!(models["data"][0]["nodes"], 1);
-    h.broker.pools().set_healthy(&id, false);
+    h.set_node_healthy(&id, false);
     let (u, key) = h.user(Credits::whole(1)).await;
     let r = h
         .post("/v1/chat/completions", &key, &chat_body(false))
@@ -508,7 +513,7 @@ async fn a_lone_node_refusing_the_request_is_a_400_in_the_brokers_words_and_cost
     );
     assert_eq!(node.hits(), 1, "no other node to confirm it with");
     assert!(
-        h.broker.pools().is_healthy(&id),
+        h.is_routable(&id),
         "an unconfirmed refusal is not the node's failure"
     );
     assert_eq!(h.balance(&u.id).await, Credits::whole(1));
@@ -535,7 +540,12 @@ async fn a_preferred_region_routes_to_nodes_there_and_falls_back_elsewhere() {
                 ..Location::default()
             },
         };
-        let r = h.broker.register_provision(&p, req).await.unwrap();
+        let r = h
+            .broker
+            .network()
+            .register_provision(&p, req)
+            .await
+            .unwrap();
         node.require_secret(r.node_secret.expose());
     }
     let (_, key) = h.user(Credits::whole(10)).await;

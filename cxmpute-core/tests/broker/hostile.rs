@@ -231,9 +231,9 @@ async fn a_refusing_node_never_speaks_to_users_and_loses_its_traffic() {
         let text = r.text().await.unwrap();
         assert!(!text.contains("evil.example"), "call {i}: {text}");
     }
-    let stats = h.broker.pools().stats(&liar_id).unwrap();
+    let stats = h.broker.network().node_status(&liar_id).unwrap();
     assert_eq!(
-        stats.failures() as usize,
+        stats.failures as usize,
         liar.hits(),
         "refusals another node contradicted count as failures"
     );
@@ -260,7 +260,7 @@ async fn refusals_confirmed_by_two_nodes_are_a_400_in_the_brokers_words() {
     let e: ErrorBody = r.json().await.unwrap();
     assert!(!e.error.message.contains("evil"), "{}", e.error.message);
     assert_eq!(nodes.iter().map(StandInNode::hits).sum::<usize>(), 2);
-    assert!(ids.iter().all(|id| h.broker.pools().is_healthy(id)));
+    assert!(ids.iter().all(|id| h.is_routable(id)));
     assert_eq!(h.balance(&u.id).await, Credits::whole(1));
     h.assert_ledger().await;
 }
@@ -313,19 +313,16 @@ async fn a_hung_node_is_hedged_around_and_ejected_at_its_first_timeout() {
     // The hung node's first timeout (in the background: no caller waits
     // for it) takes it out of routing.
     for _ in 0..600 {
-        if !h.broker.pools().is_healthy(&hung_id) {
+        if !h.is_routable(&hung_id) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(
-        !h.broker.pools().is_healthy(&hung_id),
-        "the hung node stays"
-    );
+    assert!(!h.is_routable(&hung_id), "the hung node stays");
     // One call reached it: its wait made the node the slowest at once, so
     // no later call went there; and that call was hedged on the other node.
     assert_eq!(hung.hits(), 1);
-    let failures = h.broker.pools().stats(&hung_id).unwrap().failures();
+    let failures = h.broker.network().node_status(&hung_id).unwrap().failures;
     assert_eq!(failures, 1, "ejected at its first timeout");
     let page = reqwest::get(format!("{}/metrics", h.url))
         .await

@@ -191,7 +191,7 @@ async fn metrics_parse_and_move_with_traffic() {
 
     // A node leaving shows at once, and the pool's gauge drops rather than
     // staying at its last value.
-    h.broker.pools().remove(&h.broker.pools().node_ids()[0]);
+    h.unroute_node(&h.routed_node_ids()[0]);
     let later = scrape(&h).await;
     assert_eq!(
         value(

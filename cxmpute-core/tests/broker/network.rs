@@ -1,14 +1,13 @@
 //! The provider network end to end: node lifecycle over HTTP, expiry, health
-//! probes and the circuit breaker driven by a manual clock, selector
-//! behaviour, and reward policies to the micro-credit.
+//! probes and the circuit breaker driven by a manual clock, the default
+//! selector end to end, and reward policies to the micro-credit (the
+//! selectors over the routing index are unit tests of `select`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{listed, ProviderApi};
 use cxmpute_core::health::{BreakerState, HealthConfig};
-use cxmpute_core::pool::PoolIndex;
 use cxmpute_core::pricing::Meter;
 use cxmpute_core::reward::RewardContext;
 use cxmpute_core::testkit::{
@@ -22,7 +21,7 @@ use serde_json::{json, Value};
 async fn host_with(f: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> TestHost {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let h = TestHost::start_with(store, f).await;
-    h.broker.put_price(chat_price()).await.unwrap();
+    h.broker.admin().put_price(chat_price()).await.unwrap();
     h
 }
 
@@ -38,12 +37,10 @@ fn chat(model: &str) -> Value {
 }
 
 fn breaker(h: &TestHost, id: &ProvisionId) -> BreakerState {
-    h.broker
-        .pools()
-        .stats(id)
+    (h.broker.network())
+        .node_status(id)
         .expect("node in the index")
-        .health()
-        .state()
+        .breaker
 }
 
 // ---- lifecycle -----------------------------------------------------------------
@@ -457,12 +454,12 @@ async fn a_node_that_stops_heartbeating_leaves_routing_after_the_ttl_and_returns
     // Exactly the TTL since the last heartbeat: still in.
     h.clock.advance(Duration::from_secs(30));
     h.broker.run_maintenance().await.unwrap();
-    assert!(h.broker.pools().is_healthy(&id));
+    assert!(h.is_routable(&id));
     assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     // One millisecond more: out, and ended in the store.
     h.clock.advance(Duration::from_millis(1));
     h.broker.run_maintenance().await.unwrap();
-    assert!(!h.broker.pools().is_healthy(&id));
+    assert!(!h.is_routable(&id));
     assert!(h.broker.models().data.is_empty());
     assert_eq!(
         h.broker.store().provision(&id).await.unwrap().state,
@@ -493,7 +490,7 @@ async fn a_node_that_stops_heartbeating_leaves_routing_after_the_ttl_and_returns
     );
     h.clock.advance(Duration::from_secs(25));
     h.broker.run_maintenance().await.unwrap();
-    assert!(h.broker.pools().is_healthy(&id));
+    assert!(h.is_routable(&id));
     assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     assert_eq!(node.hits(), 2);
 }
@@ -528,7 +525,7 @@ async fn a_node_failing_probes_leaves_after_the_configured_rounds_and_returns_on
     flaky.set_heartbeat(Behavior::Status(500));
     let r = h.broker.run_health_checks().await;
     assert!(r.ejected.is_empty(), "one failed probe is not enough");
-    assert!(h.broker.pools().is_healthy(&id));
+    assert!(h.is_routable(&id));
     let r = h.broker.run_health_checks().await;
     assert_eq!(r.ejected, vec![id.clone()], "two in a row take it out");
     assert_eq!(breaker(&h, &id), BreakerState::Open);
@@ -586,11 +583,11 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
     // failure, the minimum sample, with no health check on the request path.
     for _ in 0..20 {
         assert_eq!(chat_status(&h, &user, MODEL).await, 200);
-        if !h.broker.pools().is_healthy(&id) {
+        if !h.is_routable(&id) {
             break;
         }
     }
-    assert!(!h.broker.pools().is_healthy(&id));
+    assert!(!h.is_routable(&id));
     assert_eq!(bad.hits(), 3);
     for _ in 0..5 {
         assert_eq!(chat_status(&h, &user, MODEL).await, 200);
@@ -618,13 +615,13 @@ async fn a_node_failing_while_forwarding_leaves_at_the_failure_rate_and_returns_
     bad.set(Behavior::Status(500));
     for _ in 0..20 {
         h.post("/v1/chat/completions", &user, &chat(MODEL)).await;
-        if !h.broker.pools().is_healthy(&id) {
+        if !h.is_routable(&id) {
             break;
         }
     }
-    let stats = h.broker.pools().stats(&id).unwrap();
+    let stats = h.broker.network().node_status(&id).unwrap();
     assert_eq!(
-        stats.health().open_until(),
+        stats.breaker_open_until,
         h.clock.now().plus(Duration::from_secs(10))
     );
 }
@@ -647,11 +644,13 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
         assert_eq!(chat_status(&h, &user, MODEL).await, 200);
     }
     assert_eq!(busy.hits(), 1);
-    assert!(
-        !h.broker.pools().is_healthy(&id),
-        "out on the first busy answer"
-    );
-    let until = h.broker.pools().stats(&id).unwrap().health().open_until();
+    assert!(!h.is_routable(&id), "out on the first busy answer");
+    let until = h
+        .broker
+        .network()
+        .node_status(&id)
+        .unwrap()
+        .breaker_open_until;
     assert_eq!(until, h.clock.now().plus(Duration::from_secs(20)));
     busy.set(Behavior::Ok);
     h.clock.advance(Duration::from_secs(19));
@@ -668,51 +667,6 @@ async fn a_node_answering_429_with_retry_after_is_out_for_that_long() {
 }
 
 // ---- selectors -----------------------------------------------------------------
-
-fn pool_of(n: usize, model: &str) -> (PoolIndex, Vec<ProvisionId>) {
-    let ix = PoolIndex::new();
-    let ids: Vec<ProvisionId> = (0..n)
-        .map(|i| ProvisionId::new(format!("node_{model}_{i}")))
-        .collect();
-    for id in &ids {
-        ix.upsert(
-            id,
-            vec![PoolEntry {
-                provision_id: id.clone(),
-                provider_id: ProviderId::new("prv"),
-                service: Service::Chat,
-                model: model.into(),
-                endpoint: "http://node.example".into(),
-                node_secret: "s".into(),
-                tier: 3,
-                region: String::new(),
-            }],
-        );
-    }
-    (ix, ids)
-}
-
-#[test]
-fn peak_ewma_sends_a_slow_node_a_small_share() {
-    let (ix, ids) = pool_of(3, MODEL);
-    let latency: HashMap<ProvisionId, u64> = [
-        (ids[0].clone(), 400_000),
-        (ids[1].clone(), 20_000),
-        (ids[2].clone(), 25_000),
-    ]
-    .into();
-    let mut share: HashMap<ProvisionId, usize> = HashMap::new();
-    let sel = PeakEwmaSelector;
-    for _ in 0..3_000 {
-        let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
-        let _busy = n.start();
-        n.observe(latency[&n.entry.provision_id], true);
-        *share.entry(n.entry.provision_id.clone()).or_default() += 1;
-    }
-    let slow = share.get(&ids[0]).copied().unwrap_or(0);
-    assert!(slow <= 30, "slow node got {slow} of 3000");
-    assert!(share[&ids[1]] > 700 && share[&ids[2]] > 700, "{share:?}");
-}
 
 #[tokio::test]
 async fn the_default_selector_avoids_a_slow_node_end_to_end() {
@@ -733,122 +687,6 @@ async fn the_default_selector_avoids_a_slow_node_end_to_end() {
     // A call to the slow node is hedged on a fast one, so a call may reach two nodes.
     let hits = slow.hits() + fast1.hits() + fast2.hits();
     assert!((40..=40 + slow.hits()).contains(&hits), "{hits} hits");
-}
-
-#[test]
-fn least_in_flight_balances_in_flight_counts() {
-    let sel = LeastInFlightSelector;
-    // Small pools are compared whole: exact balance.
-    let (ix, ids) = pool_of(3, MODEL);
-    let mut held = Vec::new();
-    for _ in 0..30 {
-        let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
-        held.push((n.entry.provision_id.clone(), n.start()));
-    }
-    let load = |id: &ProvisionId| ix.in_flight(id);
-    assert_eq!(ids.iter().map(load).collect::<Vec<_>>(), [10, 10, 10]);
-    // Finishing three requests on one node sends the next three there.
-    let target = ids[1].clone();
-    let mut dropped = 0;
-    held.retain(|(id, _)| {
-        if *id == target && dropped < 3 {
-            dropped += 1;
-            false
-        } else {
-            true
-        }
-    });
-    for _ in 0..3 {
-        let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
-        assert_eq!(n.entry.provision_id, target);
-        held.push((n.entry.provision_id.clone(), n.start()));
-    }
-    // Large pools: the lesser of two random nodes keeps every node near the mean.
-    let (ix, ids) = pool_of(200, "big");
-    let mut held = Vec::new();
-    for _ in 0..2_000 {
-        let n = ix.select(Service::Chat, "big", &sel, &[]).unwrap();
-        held.push(n.start());
-    }
-    let loads: Vec<u32> = ids.iter().map(|id| ix.in_flight(id)).collect();
-    let (min, max) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
-    assert!(
-        *max <= 16 && *min >= 4,
-        "in flight ranges {min}..{max} around a mean of 10"
-    );
-}
-
-#[test]
-fn round_robin_is_even_per_pool() {
-    let (ix, ids) = pool_of(4, MODEL);
-    let sel = RoundRobinSelector;
-    let mut count: HashMap<ProvisionId, usize> = HashMap::new();
-    for _ in 0..400 {
-        let n = ix.select(Service::Chat, MODEL, &sel, &[]).unwrap();
-        *count.entry(n.entry.provision_id.clone()).or_default() += 1;
-    }
-    assert!(ids.iter().all(|id| count[id] == 100), "{count:?}");
-    // Two pools used in turn do not skew each other.
-    let (ix, _) = pool_of(2, "a");
-    for id in pool_of(2, "b").1 {
-        ix.upsert(
-            &id,
-            vec![PoolEntry {
-                provision_id: id.clone(),
-                provider_id: ProviderId::new("prv"),
-                service: Service::Chat,
-                model: "b".into(),
-                endpoint: "http://node.example".into(),
-                node_secret: "s".into(),
-                tier: 3,
-                region: String::new(),
-            }],
-        );
-    }
-    let mut a: HashMap<ProvisionId, usize> = HashMap::new();
-    for _ in 0..100 {
-        let n = ix.select(Service::Chat, "a", &sel, &[]).unwrap();
-        *a.entry(n.entry.provision_id.clone()).or_default() += 1;
-        ix.select(Service::Chat, "b", &sel, &[]).unwrap();
-    }
-    assert_eq!(a.values().copied().collect::<Vec<_>>(), [50, 50]);
-}
-
-#[test]
-fn a_preferred_region_is_served_first_and_others_serve_when_it_has_none() {
-    let ix = PoolIndex::new();
-    for (id, region) in [("de1", "DE"), ("de2", "de"), ("us1", "US")] {
-        let id = ProvisionId::new(id);
-        ix.upsert(
-            &id,
-            vec![PoolEntry {
-                provision_id: id.clone(),
-                provider_id: ProviderId::new("prv"),
-                service: Service::Chat,
-                model: MODEL.into(),
-                endpoint: "http://node.example".into(),
-                node_secret: "s".into(),
-                tier: 3,
-                region: region.into(),
-            }],
-        );
-    }
-    let de = pool::RoutePreferences::region(" De ");
-    for _ in 0..50 {
-        let n = ix
-            .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &[], &de)
-            .unwrap();
-        assert!(n.entry.provision_id.as_str().starts_with("de"));
-    }
-    let tried = [ProvisionId::new("de1"), ProvisionId::new("de2")];
-    let n = ix
-        .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &tried, &de)
-        .unwrap();
-    assert_eq!(n.entry.provision_id.as_str(), "us1");
-    ix.set_healthy(&ProvisionId::new("us1"), false);
-    assert!(ix
-        .select_with(Service::Chat, MODEL, &PeakEwmaSelector, &tried, &de)
-        .is_none());
 }
 
 // ---- rewards -------------------------------------------------------------------
@@ -955,6 +793,7 @@ async fn providers_earn_what_the_policy_says_from_settled_successful_requests_on
     // Tiered: a tier 3 node serving a 3B model, by the request's own latency.
     let h = host_with(|b| b.reward_policy(Arc::new(TieredReward::default()))).await;
     h.broker
+        .admin()
         .put_price(PriceEntry {
             per_request: Credits::whole(1),
             ..chat_price()

@@ -129,7 +129,7 @@ async fn it_registers_with_this_machines_diagnostics_and_leaves_every_pool_on_st
     // what it serves (or, with a broker without those steps, registered
     // with its services).
     let ready = || async {
-        let all = h.broker.provider_provisions(&p).await.unwrap();
+        let all = h.broker.network().provisions(&p).await.unwrap();
         all.into_iter()
             .filter(|v| v.state == ProvisionState::Ready)
             .collect::<Vec<_>>()
@@ -166,7 +166,7 @@ async fn it_registers_with_this_machines_diagnostics_and_leaves_every_pool_on_st
         h.broker.models().data.is_empty(),
         "a stopped node leaves every pool"
     );
-    assert!(h.broker.pools().node_ids().is_empty());
+    assert!(h.routed_node_ids().is_empty());
 }
 
 #[tokio::test]
@@ -198,13 +198,17 @@ async fn it_heartbeats_and_registers_again_when_forgotten() {
 
     // The broker forgets it (ended behind its back): the next heartbeat is
     // refused and the node registers again, with a new id and secret.
-    h.broker.delete_provision(&p, &first).await.unwrap();
+    h.broker
+        .network()
+        .delete_provision(&p, &first)
+        .await
+        .unwrap();
     assert!(h.broker.models().data.is_empty());
     eventually("registering again", || async {
         !h.broker.models().data.is_empty()
     })
     .await;
-    let ids = h.broker.pools().node_ids();
+    let ids = h.routed_node_ids();
     assert_eq!(ids.len(), 1);
     assert_ne!(ids[0], first);
     node.shutdown().await.unwrap();

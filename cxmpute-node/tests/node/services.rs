@@ -179,7 +179,7 @@ async fn world() -> World {
     })
     .await;
     for p in prices() {
-        h.broker.put_price(p).await.unwrap();
+        h.broker.admin().put_price(p).await.unwrap();
     }
     let upstream = StandInNode::start("upstream").await;
     let (vision_url, vision_seen) = vision_upstream().await;
@@ -240,7 +240,7 @@ async fn the_node_joins_every_pool_it_serves() {
         ]
     );
     assert_eq!(w.node.services.len(), 5);
-    let view = &w.h.broker.provider_provisions(&w.provider).await.unwrap()[0];
+    let view = &w.h.broker.network().provisions(&w.provider).await.unwrap()[0];
     assert_eq!(view.tier, 3, "the reported GPU sets the tier");
 }
 
@@ -671,6 +671,7 @@ async fn a_key_limited_to_scraping_may_not_speak() {
     let (u, _) = w.h.user(Credits::whole(1)).await;
     let (_, scrape_only) =
         w.h.broker
+            .admin()
             .create_api_key(&u.id, "scraper", None, vec![Route::Scrape])
             .await
             .unwrap();
