@@ -24,9 +24,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-mod common;
-use common::shutdown_signal;
-use cxmpute::core::http::{serve, ServeConfig};
+use cxmpute::core::http::{serve, shutdown_signal, ServeConfig};
 use cxmpute::core::mail::MailerConfig;
 use cxmpute::core::sessions::AuthConfig;
 use cxmpute::core::{Broker, BrokerConfig, MemoryStore, Secret, Store};

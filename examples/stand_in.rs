@@ -13,10 +13,8 @@
 //! streamed one sends five content chunks, split across writes at odd places
 //! as real servers do.
 
-mod common;
-
 use clap::Parser;
-use common::shutdown_signal;
+use cxmpute::core::http::shutdown_signal;
 use cxmpute::core::testkit::StandInNode;
 
 #[derive(Debug, Parser)]

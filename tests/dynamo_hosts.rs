@@ -152,7 +152,11 @@ async fn a_key_revoked_or_an_account_suspended_on_one_host_is_refused_on_another
     let Some(ep) = endpoint() else { return };
     let prefix = format!("k{}_", secret::random_token(10).to_lowercase());
     let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker.admin().put_price(per_request_price(1_000)).await.unwrap();
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
     let b_store = DynamoStore::connect(config(&ep, &prefix)).await.unwrap();
     let b_store = Arc::new(InstrumentedStore::wrap(b_store));
     let b = TestHost::start(b_store.clone()).await;
@@ -172,7 +176,11 @@ async fn a_key_revoked_or_an_account_suspended_on_one_host_is_refused_on_another
     let admin = store.user_by_email("admin@cxmpute.test").await.unwrap();
     let accounts = a.broker.accounts();
     accounts.revoke_key(&u1, &id1).await.unwrap();
-    a.broker.admin().suspend_user(&admin, &u2.id, "test").await.unwrap();
+    a.broker
+        .admin()
+        .suspend_user(&admin, &u2.id, "test")
+        .await
+        .unwrap();
     assert_eq!(chat(&c, &a.url, &k1).await, 401);
     assert_eq!(chat(&c, &a.url, &k2).await, 403);
 

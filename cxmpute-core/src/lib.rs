@@ -67,8 +67,8 @@ pub use reward::{RevenueShare, TieredReward};
 pub use secret::{KeyHash, Secret};
 pub use select::{LeastInFlightSelector, PeakEwmaSelector, RoundRobinSelector};
 pub use select::{ProvisionSelector, RandomSelector};
+pub use sessions::{AuthConfig, Sessions};
 pub use store::{
     CatalogueStore, LedgerStore, NetworkStore, SignInStore, StatsStore, Store, UserStore,
 };
-pub use sessions::{AuthConfig, Sessions};
 pub use types::*;

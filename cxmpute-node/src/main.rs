@@ -85,23 +85,6 @@ struct Args {
     city: String,
 }
 
-/// Resolves on Ctrl-C or (on Unix) SIGTERM: when the node should leave and stop.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-}
-
 fn upstream(url: &str, key: Option<&str>) -> Result<Upstream, Box<dyn std::error::Error>> {
     let mut u: Upstream = url.parse()?;
     u.api_key = key.map(Secret::new);
@@ -150,6 +133,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         city: args.city,
     };
 
-    Node::new(cfg).run(shutdown_signal()).await?;
+    Node::new(cfg)
+        .run(cxmpute_core::http::shutdown_signal())
+        .await?;
     Ok(())
 }

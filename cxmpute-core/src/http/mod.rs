@@ -52,7 +52,7 @@ mod provider_account;
 mod serve;
 mod stats;
 
-pub use serve::{serve, ServeConfig};
+pub use serve::{serve, shutdown_signal, ServeConfig};
 
 /// The status, OpenAI `type` and `code` of an error.
 pub(crate) fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str) {

@@ -108,6 +108,24 @@ fn too_many_connections() -> Vec<u8> {
     .into_bytes()
 }
 
+/// Resolves on Ctrl-C or (on Unix) SIGTERM: when a host or a node should
+/// stop. Hand it to [`serve`] as the shutdown future.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
 /// Serves `router` on `listener` with the limits of `config` until
 /// `shutdown` resolves; then stops accepting, lets every connection finish
 /// its answer in progress and returns once all are closed.

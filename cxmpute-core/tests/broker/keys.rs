@@ -77,7 +77,11 @@ async fn changes_made_on_this_host_apply_at_once_from_memory() {
         .await
         .unwrap();
     let a = h.broker.accounts();
-    h.broker.admin().suspend_user(&admin, &user.id, "test").await.unwrap();
+    h.broker
+        .admin()
+        .suspend_user(&admin, &user.id, "test")
+        .await
+        .unwrap();
     store.take_calls();
     assert_eq!(chat_status(&h, &key).await, 403);
     assert_eq!(
@@ -87,7 +91,11 @@ async fn changes_made_on_this_host_apply_at_once_from_memory() {
     assert_eq!(chat_status(&h, &key).await, 403);
     assert_eq!(store.take_calls(), calls(&[]), "refused from memory");
 
-    h.broker.admin().unsuspend_user(&admin, &user.id).await.unwrap();
+    h.broker
+        .admin()
+        .unsuspend_user(&admin, &user.id)
+        .await
+        .unwrap();
     let id = store.inner.api_key_by_hash(&key.hash()).await.unwrap().id;
     a.revoke_key(&user, &id).await.unwrap();
     store.take_calls();

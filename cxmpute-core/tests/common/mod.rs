@@ -210,9 +210,17 @@ pub async fn key_changes_apply_at_once(h: &TestHost) {
     assert_eq!(chat_status(h, &key).await, 403, "narrowed routes");
     a.update_key(&user, &id, routes(Vec::new())).await.unwrap();
     assert_eq!(chat_status(h, &key).await, 200, "every route again");
-    h.broker.admin().suspend_user(&admin, &user.id, "test").await.unwrap();
+    h.broker
+        .admin()
+        .suspend_user(&admin, &user.id, "test")
+        .await
+        .unwrap();
     assert_eq!(chat_status(h, &key).await, 403, "suspended");
-    h.broker.admin().unsuspend_user(&admin, &user.id).await.unwrap();
+    h.broker
+        .admin()
+        .unsuspend_user(&admin, &user.id)
+        .await
+        .unwrap();
     assert_eq!(chat_status(h, &key).await, 200, "unsuspended");
     a.revoke_key(&user, &id).await.unwrap();
     assert_eq!(chat_status(h, &key).await, 401, "revoked");
