@@ -293,8 +293,8 @@ fn live(key: Option<Arc<KnownKey>>) -> Result<Arc<KnownKey>> {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::testkit::InstrumentedStore;
     use crate::store::UserStore;
+    use crate::testkit::InstrumentedStore;
     use crate::types::*;
 
     /// A store holding one user with one key, and a table over it.
