@@ -1291,6 +1291,7 @@ impl Accounts {
         };
         let key = self.store().update_api_key(id, &update).await?;
         self.broker.inner().keys.forget(&key.hash);
+        self.broker.inner().admission.refresh(&user.id).await?;
         Ok(key)
     }
 
@@ -1299,6 +1300,7 @@ impl Accounts {
         let key = self.owned_key(user, id).await?;
         self.store().revoke_api_key(id, self.now()).await?;
         self.broker.inner().keys.forget(&key.hash);
+        self.broker.inner().admission.refresh(&user.id).await?;
         tracing::info!(user = %user.id, key = %id, "API key revoked");
         Ok(())
     }
@@ -1436,6 +1438,7 @@ impl Accounts {
         }
         self.store().set_user_suspended(id, Some(s)).await?;
         self.broker.inner().keys.forget_user(id);
+        self.broker.inner().admission.refresh(id).await?;
         tracing::info!(user = %id, by = %admin.id, "user suspended");
         Ok(())
     }
@@ -1444,6 +1447,7 @@ impl Accounts {
     pub async fn unsuspend_user(&self, admin: &User, id: &UserId) -> Result<()> {
         self.store().set_user_suspended(id, None).await?;
         self.broker.inner().keys.forget_user(id);
+        self.broker.inner().admission.refresh(id).await?;
         tracing::info!(user = %id, by = %admin.id, "user unsuspended");
         Ok(())
     }

@@ -11,6 +11,7 @@
 #![warn(unreachable_pub)]
 
 pub mod accounts;
+mod admission;
 pub mod analytics;
 pub mod broker;
 pub mod egress;
