@@ -112,14 +112,57 @@ async fn everything_written_through_the_host_survives_a_clean_restart() {
     }
 }
 
-/// The store's atomic operations are what make codes single-use, sign-ups
-/// unique and refresh tokens one-shot: the same flow on SQLite.
 #[tokio::test]
 async fn key_changes_made_on_the_host_apply_at_once_on_sqlite_too() {
     let h = TestHost::start(Arc::new(SqliteStore::in_memory().await.unwrap())).await;
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     common::key_changes_apply_at_once(&h).await;
 }
+
+/// A host on a SQLite file it owns: calls held in memory, settlements alone
+/// written, on a file as the default host runs.
+async fn file_host() -> (TestHost, std::path::PathBuf) {
+    let path = temp_db();
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert!(store.owned_by_one_host());
+    (TestHost::start(Arc::new(store)).await, path)
+}
+
+fn remove_db(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_calls_against_credits_for_fifty_serve_fifty_on_sqlite() {
+    let (h, path) = file_host().await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    common::fifty_of_200_calls_are_served(&h).await;
+    drop(h);
+    remove_db(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_at_once_on_one_key_never_overspend_its_limit_on_sqlite() {
+    let (h, path) = file_host().await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    common::a_key_limit_holds_under_calls_at_once(&h).await;
+    drop(h);
+    remove_db(&path);
+}
+
+#[tokio::test]
+async fn grants_limits_suspensions_and_revocations_apply_at_once_on_sqlite() {
+    let (h, path) = file_host().await;
+    let (node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    common::money_changes_apply_at_once(&h, &node).await;
+    drop(h);
+    remove_db(&path);
+}
+
+/// The store's atomic operations are what make codes single-use, sign-ups
+/// unique and refresh tokens one-shot: the same flow on SQLite.
 
 #[tokio::test]
 async fn codes_sign_ups_and_refresh_rotation_hold_on_sqlite_too() {

@@ -414,6 +414,7 @@ impl Accounts {
         };
         let key = self.store().update_api_key(id, &update).await?;
         self.broker.inner().keys.forget(&key.hash);
+        self.broker.inner().admission.refresh(&user.id).await?;
         Ok(key)
     }
 
@@ -422,6 +423,7 @@ impl Accounts {
         let key = self.owned_key(user, id).await?;
         self.store().revoke_api_key(id, self.now()).await?;
         self.broker.inner().keys.forget(&key.hash);
+        self.broker.inner().admission.refresh(&user.id).await?;
         tracing::info!(user = %user.id, key = %id, "API key revoked");
         Ok(())
     }

@@ -163,7 +163,7 @@ impl Admin {
             reason: reason.to_owned(),
             at: self.now(),
         };
-        self.store().grant_credits(&grant).await
+        self.broker.inner().admission.grant(&grant).await
     }
 
     /// Creates a provider account; returns it and its key (shown once).
@@ -269,6 +269,7 @@ impl Admin {
         }
         self.store().set_user_suspended(id, Some(s)).await?;
         self.broker.inner().keys.forget_user(id);
+        self.broker.inner().admission.refresh(id).await?;
         tracing::info!(user = %id, by = %admin.id, "user suspended");
         Ok(())
     }
@@ -277,6 +278,7 @@ impl Admin {
     pub async fn unsuspend_user(&self, admin: &User, id: &UserId) -> Result<()> {
         self.store().set_user_suspended(id, None).await?;
         self.broker.inner().keys.forget_user(id);
+        self.broker.inner().admission.refresh(id).await?;
         tracing::info!(user = %id, by = %admin.id, "user unsuspended");
         Ok(())
     }

@@ -1,8 +1,10 @@
 //! The [`Broker`]: the whole request pipeline, implemented once.
 //!
 //! 1. **Authenticate** the API key (hashed, looked up by hash).
-//! 2. **Admit**: validate the body, price its upper bounds, reserve that much
-//!    of the user's credits and the key's limit in one atomic store write.
+//! 2. **Admit**: validate the body, price its upper bounds, hold that much
+//!    of the user's credits and the key's limit: in memory on a store this
+//!    host owns, else in one atomic store write (see
+//!    [`LedgerStore`](crate::store::LedgerStore#owned-and-shared-stores)).
 //! 3. **Select** a node from the in-memory pool index (no store read).
 //! 4. **Forward** with adaptive timeouts and a hedged second attempt;
 //!    before the first byte reaches the client a failed node is marked and
@@ -81,6 +83,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+use crate::admission::Admission;
 use crate::clock::{Clock, SystemClock};
 use crate::egress::{self, EgressPolicy, EgressRules};
 use crate::error::{Error, Result};
@@ -182,6 +185,13 @@ pub struct BrokerConfig {
     /// Keys in use are read again in the background after half of it, so
     /// calls do not wait for the store. 0 turns the memory off.
     pub key_cache_ttl: Duration,
+    /// Most accounts a host holds in memory to admit calls from, on a store
+    /// it owns (default 100,000; see
+    /// [`LedgerStore::owned_by_one_host`](crate::store::LedgerStore::owned_by_one_host)).
+    /// Past it, the least recently used accounts with no call in flight go
+    /// and are read again when next used; an account with calls in flight
+    /// is always held.
+    pub account_capacity: usize,
     /// The most pools or models a public list names (default 100):
     /// `GET /v1/models`, the pool and model lists of `GET /v1/stats/network`
     /// and the per-pool series of `GET /metrics`. Anyone may register nodes
@@ -221,6 +231,7 @@ impl Default for BrokerConfig {
             auth: AuthConfig::default(),
             key_cache_capacity: 100_000,
             key_cache_ttl: Duration::from_secs(1),
+            account_capacity: 100_000,
             public_list_limit: 100,
         }
     }
@@ -347,6 +358,7 @@ impl BrokerBuilder {
         let (capacity, ttl) = (self.config.key_cache_capacity, self.config.key_cache_ttl);
         let inner = Inner {
             keys: KeyCache::new(self.store.clone(), self.clock.clone(), capacity, ttl),
+            admission: Admission::new(self.store.clone(), self.config.account_capacity),
             auth,
             // Stored prices are applied over these by the refresh below.
             prices: PriceTable::new(self.default_prices, Vec::new()),
@@ -375,6 +387,8 @@ pub(crate) struct Inner {
     pub(crate) auth: AuthState,
     /// API keys held in memory for the gateway (see [`crate::keycache`]).
     pub(crate) keys: KeyCache,
+    /// Where calls' credits are held while they run (see [`crate::admission`]).
+    pub(crate) admission: Admission,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) selector: Arc<dyn ProvisionSelector>,

@@ -21,6 +21,7 @@ use parking_lot::RwLock;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::admission::Hold;
 use crate::broker::{Broker, GatewayRequest, GatewayResponse};
 use crate::clock::Clock;
 use crate::egress::{self, CappedReadError};
@@ -279,11 +280,13 @@ impl Broker {
             amount,
             created_at: self.now(),
         };
-        i.store.reserve(&reservation).await?;
-        tracing::Span::current().record("request_id", reservation.request_id.as_str());
+        // In the store, or in memory when this host owns the store.
+        let hold = i.admission.hold(reservation, &key.hash).await?;
+        let request_id = hold.reservation().request_id.as_str();
+        tracing::Span::current().record("request_id", request_id);
         let ctx = CallContext {
             broker: self.clone(),
-            reservation,
+            hold,
             prep,
             price,
             app: req.app,
@@ -294,13 +297,20 @@ impl Broker {
         ctx.run().await
     }
 
-    /// Settles a request in the store, retrying what may succeed later.
-    async fn settle(&self, r: &Reservation, st: Settlement) {
+    /// Settles a call, retrying what may succeed later, then ends its hold.
+    async fn settle(&self, hold: &Hold, st: Settlement) {
+        let committed = self.persist_settlement(hold, &st).await;
+        hold.finish(committed);
+    }
+
+    /// Persists a settlement, retrying what may succeed later: the charge
+    /// the store committed, or `None` when it is not known to be ours.
+    async fn persist_settlement(&self, hold: &Hold, st: &Settlement) -> Option<Credits> {
         let i = self.inner();
         let mut delay = Duration::from_millis(50);
-        let plan = crate::store_support::SettlePlan::new(r, &st);
+        let plan = crate::store_support::SettlePlan::new(hold.reservation(), st);
         for attempt in 1..=5 {
-            let applied = match i.store.settle(&st).await {
+            let applied = match i.admission.settle(hold, st).await {
                 Ok(SettleOutcome::Applied) => Ok(true),
                 // Settled before: by an earlier try of ours whose answer was
                 // lost (then the stored record is ours), or by someone else,
@@ -328,11 +338,11 @@ impl Broker {
                         charged = u.charged.0,
                         "request settled"
                     );
-                    return;
+                    return Some(u.charged);
                 }
                 Ok(false) => {
                     tracing::warn!(request = %st.request_id, "request was settled by someone else");
-                    return;
+                    return None;
                 }
                 Err(e) if e.is_retryable() && attempt < 5 => {
                     tracing::warn!(error = %e, request = %st.request_id, "settle failed; retrying");
@@ -340,13 +350,16 @@ impl Broker {
                     delay *= 2;
                 }
                 Err(e) => {
-                    // The reservation stays; the stale-reservation sweep releases it,
-                    // so the user is never charged for an unrecorded request.
+                    // A reservation in the store stays, and the
+                    // stale-reservation sweep releases it; a hold in memory
+                    // stays until its account is read again. Either way the
+                    // user is never charged for an unrecorded request.
                     tracing::error!(error = %e, request = %st.request_id, "settle failed");
-                    return;
+                    return None;
                 }
             }
         }
+        None
     }
 
     /// Records one forwarded attempt that started at `t0`: its latency and
@@ -419,7 +432,8 @@ fn same_settlement(kept: &UsageRecord, ours: &UsageRecord) -> bool {
 /// One admitted request on its way through selection, forwarding and settling.
 struct CallContext {
     broker: Broker,
-    reservation: Reservation,
+    /// What the call holds, and for whom.
+    hold: Hold,
     prep: Prepared,
     price: Arc<PriceEntry>,
     app: Option<String>,
@@ -479,7 +493,7 @@ impl CallContext {
                     break;
                 };
                 if !tried.is_empty() {
-                    b.metrics.failover(self.reservation.route);
+                    b.metrics.failover(self.hold.reservation().route);
                 }
                 tried.push(node.entry.provision_id.clone());
                 racing.push(self.launch(node, &usual, waits));
@@ -502,7 +516,7 @@ impl CallContext {
                     }
                     match self.pick(&tried) {
                         Some(node) => {
-                            b.metrics.hedge(self.reservation.route);
+                            b.metrics.hedge(self.hold.reservation().route);
                             tracing::debug!(node = %node.entry.provision_id, "hedging a slow attempt");
                             tried.push(node.entry.provision_id.clone());
                             racing.push(self.launch(node, &usual, waits));
@@ -561,7 +575,7 @@ impl CallContext {
                             drop(in_flight);
                             let charged = self.price.cost(meter);
                             let st = self.settlement(Some(&node), meter, charged, true);
-                            self.broker.settle(&self.reservation, st).await;
+                            self.broker.settle(&self.hold, st).await;
                             let content_type = "application/json".to_owned();
                             GatewayResponse::Complete { content_type, body }
                         }
@@ -575,7 +589,7 @@ impl CallContext {
         drop(racing);
         // Nothing reached the client: release the whole reservation.
         let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
-        self.broker.settle(&self.reservation, st).await;
+        self.broker.settle(&self.hold, st).await;
         if !refused.is_empty() {
             // No node served it. Refusals by two nodes or more confirm each
             // other and count as answers; a lone refusal counts its latency.
@@ -749,7 +763,7 @@ impl CallContext {
             }
             _ => None,
         };
-        let r = &self.reservation;
+        let r = self.hold.reservation();
         Settlement {
             request_id: r.request_id.clone(),
             charged,
@@ -925,7 +939,7 @@ impl CallContext {
             };
             // Settle before the body ends: a client that has read the whole
             // answer can rely on it being charged and recorded.
-            self.broker.settle(&self.reservation, st).await;
+            self.broker.settle(&self.hold, st).await;
             drop(tx);
         };
         // The stream outlives the handler: it keeps the request's span.

@@ -19,6 +19,7 @@
 
 pub mod accounts;
 pub mod admin;
+mod admission;
 pub mod analytics;
 pub mod broker;
 pub mod egress;

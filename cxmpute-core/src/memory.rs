@@ -346,6 +346,11 @@ impl NetworkStore for MemoryStore {
 
 #[async_trait]
 impl LedgerStore for MemoryStore {
+    /// A memory store lives in one process: its host's broker owns it.
+    fn owned_by_one_host(&self) -> bool {
+        true
+    }
+
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
         let mut s = self.inner.lock();
         let u = found(s.users.get_mut(&grant.user_id), || {
@@ -398,6 +403,34 @@ impl LedgerStore for MemoryStore {
             }
         }
         plan.ledger_delta().add_to(&mut s.totals);
+        s.settled.insert(st.request_id.clone(), plan.usage);
+        Ok(SettleOutcome::Applied)
+    }
+
+    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
+        let plan = crate::store_support::SettlePlan::for_held(hold, st)?;
+        let mut guard = self.inner.lock();
+        let s = &mut *guard;
+        if s.settled.contains_key(&st.request_id) {
+            return Ok(SettleOutcome::AlreadySettled);
+        }
+        if s.reservations.contains_key(&st.request_id) {
+            return Err(Error::AlreadyExists(format!(
+                "reservation {}",
+                st.request_id
+            )));
+        }
+        plan.charge_to(
+            hold,
+            s.users.get_mut(&hold.user_id),
+            s.keys.get_mut(&hold.key_id),
+        );
+        if let Some((pid, amount)) = &plan.reward {
+            if let Some(p) = s.providers.get_mut(pid) {
+                p.earnings = p.earnings.saturating_add(*amount);
+            }
+        }
+        plan.held_ledger_delta().add_to(&mut s.totals);
         s.settled.insert(st.request_id.clone(), plan.usage);
         Ok(SettleOutcome::Applied)
     }

@@ -28,7 +28,8 @@
 //! - Lookups of missing things fail with [`Error::NotFound`].
 //! - Every method that moves credits is atomic on its own: the broker never
 //!   reads a balance and writes it back.
-//! - [`LedgerStore::settle`] is idempotent per request id.
+//! - [`LedgerStore::settle`] and [`LedgerStore::settle_held`] are
+//!   idempotent per request id.
 //!
 //! Where a rule decides about money or state (a reservation's checks, a
 //! settlement's refund and reward, a key's remaining credit when its limit
@@ -170,8 +171,27 @@ pub trait NetworkStore: Send + Sync + 'static {
 /// grant's new balance
 /// ([`granted_balance`](crate::store_support::granted_balance)). A settlement
 /// applies once per request id.
+///
+/// ## Owned and shared stores
+///
+/// A store that one host owns ([`owned_by_one_host`](Self::owned_by_one_host):
+/// memory, SQLite) is written by that host's broker alone, so the broker
+/// keeps spendable balances in its memory, holds what calls in flight may
+/// cost there, and persists only settlements ([`settle_held`](Self::settle_held)):
+/// one store write per call. Every change of a balance or a key must then go
+/// through the broker (its grants, key changes, revocations and
+/// suspensions), which applies it to its memory too. A store several hosts
+/// share (DynamoDB) says no, and each call reserves in the store
+/// ([`reserve`](Self::reserve)) and settles there ([`settle`](Self::settle)).
 #[async_trait]
 pub trait LedgerStore: Send + Sync + 'static {
+    /// Whether one host owns this store: only its broker writes to it, so
+    /// the broker may admit calls from memory (see above). The default is
+    /// `false`: a store that hosts may share, admitted through the store.
+    fn owned_by_one_host(&self) -> bool {
+        false
+    }
+
     // ---- grants ------------------------------------------------------------
 
     /// Adds (or, when negative, removes) credits and records the grant, atomically.
@@ -196,6 +216,23 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// A repeat of a settled request id is `AlreadySettled` and changes
     /// nothing; an unknown request id is `NotFound`.
     async fn settle(&self, settlement: &Settlement) -> Result<SettleOutcome>;
+    /// Applies, once and atomically, the settlement of a call whose `hold`
+    /// lived in the broker's memory and was never reserved here: charges
+    /// `min(charged, hold.amount)` to the user's balance and the key's
+    /// `credits_left` (never below zero), marks the key used at the hold's
+    /// time, credits the provider's reward (at most the charge), stores the
+    /// usage record and adds to the totals, with nothing to `reserved`
+    /// ([`SettlePlan::for_held`](crate::store_support::SettlePlan::for_held),
+    /// [`SettlePlan::charge_to`](crate::store_support::SettlePlan::charge_to)).
+    /// Never refused for want of credits: the broker checked the hold, and
+    /// the call was answered. A repeat of a settled request id is
+    /// `AlreadySettled` and changes nothing; the id of a reservation open in
+    /// the store is `AlreadyExists`.
+    async fn settle_held(
+        &self,
+        hold: &Reservation,
+        settlement: &Settlement,
+    ) -> Result<SettleOutcome>;
     /// The usage record of a settled request.
     async fn settlement(&self, request: &RequestId) -> Result<UsageRecord>;
     /// Releases (settles at zero cost, no reward) every reservation taken

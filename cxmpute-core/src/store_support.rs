@@ -15,6 +15,21 @@ pub fn found<T>(v: Option<T>, what: impl FnOnce() -> String) -> Result<T> {
 /// Checks a reservation against the user and key it names, without changing
 /// anything: revoked key, suspended account, unpermitted route, balance, key limit.
 pub fn check_reservation(user: &User, key: &ApiKey, r: &Reservation) -> Result<()> {
+    check_spendable(user, key, r, user.credits, key.credits_left)
+}
+
+/// [`check_reservation`] against a balance and a key's credits left other
+/// than the stored ones: what the broker's memory holds spendable once the
+/// holds of the calls in flight are taken off (see
+/// [`LedgerStore::owned_by_one_host`](crate::store::LedgerStore::owned_by_one_host)).
+/// The same checks in the same order, with the same errors.
+pub fn check_spendable(
+    user: &User,
+    key: &ApiKey,
+    r: &Reservation,
+    balance: Credits,
+    key_left: Option<Credits>,
+) -> Result<()> {
     if key.revoked_at.is_some() {
         return Err(Error::Unauthorized("API key revoked".into()));
     }
@@ -30,13 +45,13 @@ pub fn check_reservation(user: &User, key: &ApiKey, r: &Reservation) -> Result<(
     if r.amount.is_negative() {
         return Err(Error::InvalidInput("negative reservation".into()));
     }
-    if user.credits < r.amount {
+    if balance < r.amount {
         return Err(Error::InsufficientCredits(format!(
             "this request needs up to {} credits; the account has {}",
-            r.amount, user.credits
+            r.amount, balance
         )));
     }
-    if let Some(left) = key.credits_left {
+    if let Some(left) = key_left {
         if left < r.amount {
             return Err(Error::KeyLimitReached(format!(
                 "this request needs up to {} credits; the key has {} left of its limit",
@@ -150,6 +165,49 @@ impl SettlePlan {
         }
     }
 
+    /// The plan for settling `st`, a call whose hold `hold` lived in the
+    /// broker's memory and was never reserved in the store
+    /// ([`LedgerStore::settle_held`](crate::store::LedgerStore::settle_held)):
+    /// the same charge, reward and usage record as [`SettlePlan::new`].
+    /// `InvalidInput` when the two name different requests.
+    pub fn for_held(hold: &Reservation, st: &Settlement) -> Result<Self> {
+        if hold.request_id != st.request_id {
+            return Err(Error::InvalidInput(format!(
+                "settlement {} for the hold of {}",
+                st.request_id, hold.request_id
+            )));
+        }
+        Ok(Self::new(hold, st))
+    }
+
+    /// Charges a settled call whose hold lived in the broker's memory to
+    /// the user and the key that held, where they still exist: the charge
+    /// comes off the balance (which is not floored: the broker checked the
+    /// hold against it, and an answered call is a charged call) and off the
+    /// key's `credits_left` under [`charged_credits_left`], and the key is
+    /// marked used at the hold's time, as a reservation marks it.
+    pub fn charge_to(&self, hold: &Reservation, user: Option<&mut User>, key: Option<&mut ApiKey>) {
+        let charged = self.usage.charged;
+        if let Some(u) = user {
+            u.credits = u.credits.saturating_sub(charged);
+        }
+        if let Some(k) = key {
+            k.credits_left = charged_credits_left(k.credits_left, charged);
+            k.last_used_at = Some(hold.created_at);
+        }
+    }
+
+    /// What settling a call held in the broker's memory adds to the ledger:
+    /// the charge and reward recorded; nothing was held in the store.
+    pub fn held_ledger_delta(&self) -> LedgerDelta {
+        LedgerDelta {
+            settlements: 1,
+            charged: self.usage.charged,
+            rewarded: self.usage.reward,
+            reserved: Credits::ZERO,
+        }
+    }
+
     /// What this settlement adds to the ledger: the charge and reward
     /// recorded, and the whole reservation (charged plus refunded) no longer
     /// held.
@@ -242,4 +300,11 @@ pub fn refunded_credits_left(
 ) -> Option<Credits> {
     let (limit, left) = (limit?, left?);
     Some(left.saturating_add(refund).min(limit))
+}
+
+/// A key's `credits_left` once `charged` comes off it: never below zero (its
+/// limit may have been lowered while the call was in flight, under what the
+/// call held); no limit, nothing to track.
+pub fn charged_credits_left(left: Option<Credits>, charged: Credits) -> Option<Credits> {
+    left.map(|l| Credits(l.saturating_sub(charged).0.max(0)))
 }

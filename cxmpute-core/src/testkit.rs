@@ -732,6 +732,12 @@ impl TestHost {
         self.broker.inner().keys.sizes()
     }
 
+    /// How many accounts the broker holds in memory to admit calls from (0
+    /// on a store hosts share; see [`BrokerConfig::account_capacity`]).
+    pub fn accounts_held(&self) -> usize {
+        self.broker.inner().admission.accounts_held()
+    }
+
     /// The usage record of `user`'s latest request.
     pub async fn last_usage(&self, user: &UserId) -> UsageRecord {
         let latest = self.broker.store().usage_records(user, 1).await;

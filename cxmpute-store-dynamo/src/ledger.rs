@@ -115,6 +115,53 @@ impl KeyRefund {
     }
 }
 
+/// How a held call's charge comes off the key's `credits_left`: never below
+/// zero, since the limit may have been lowered under what the call held.
+/// DynamoDB has no `max` in update expressions, so each variant is guarded
+/// by the condition under which it is the right one, the usual `Subtract`
+/// first; a refusal of the key's condition says to read it and pick again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyCharge {
+    /// Unlimited key, or the charge fits in what is left: subtract it.
+    Subtract,
+    /// The charge is more than is left: nothing left, the whole limit spent.
+    Floor,
+}
+
+impl KeyCharge {
+    /// The update (which also marks the key used at `used_at`), its guard
+    /// and their names and values.
+    fn expression(self, charged: Credits, used_at: Timestamp) -> (String, String, Ex) {
+        let mut ex = Ex::new();
+        let (limited, left, spent) = (ex.n("limited"), ex.n("credits_left"), ex.n("spent"));
+        let used = format!("{} = {}", ex.n("last_used_at"), ex.v(n(used_at.0)));
+        let c = ex.v(n(charged.0));
+        match self {
+            KeyCharge::Subtract => {
+                let back = ex.v(n(charged.0.saturating_neg()));
+                let f = ex.v(AttributeValue::Bool(false));
+                (
+                    format!("ADD {left} {back}, {spent} {c} SET {used}"),
+                    format!("{limited} = {f} OR {left} >= {c}"),
+                    ex,
+                )
+            }
+            KeyCharge::Floor => {
+                let zero = ex.v(n(0));
+                let t = ex.v(AttributeValue::Bool(true));
+                let limit = ex.n("credit_limit");
+                (
+                    format!(
+                        "SET {left} = {zero}, {spent} = if_not_exists({limit}, {zero}), {used}"
+                    ),
+                    format!("{limited} = {t} AND {left} < {c}"),
+                    ex,
+                )
+            }
+        }
+    }
+}
+
 const SETTLED: &str = "settled";
 
 /// What the request item says.
@@ -356,6 +403,113 @@ impl LedgerStore for DynamoStore {
     async fn settle(&self, st: &Settlement) -> Result<SettleOutcome> {
         let held = self.unhold(&st.request_id);
         self.settle_from(held, st).await
+    }
+
+    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
+        let what = "settling a held call";
+        let plan = SettlePlan::for_held(hold, st)?;
+        let key_hash = self.key_owner(&hold.key_id).await?.map(|(_, h)| h);
+        let shard = schema::shard_of(&hold.request_id, self.cfg.ledger_shards);
+        let charged = plan.usage.charged;
+        let mut key_charge = KeyCharge::Subtract;
+        let mut reward_to_missing_provider = false;
+        let mut attempt = 0;
+        loop {
+            let mut tx = Tx::new(self);
+
+            // The request: never seen before, written settled at once (it
+            // was never open, so it never enters the index of open ones).
+            let mut ex = Ex::new();
+            let cond = ex.absent();
+            let req = ItemBuilder::at(schema::request(&hold.request_id))
+                .s("status", SETTLED)
+                .s("request_id", hold.request_id.as_str())
+                .s("user_id", hold.user_id.as_str())
+                .s("key_id", hold.key_id.as_str())
+                .s("route", hold.route.path())
+                .n("amount", hold.amount.0)
+                .n("created_at", hold.created_at.0)
+                .n("shard", shard)
+                .s("usage_pk", schema::user_pk(&plan.usage.user_id))
+                .s("usage_sk", usage_sk(&plan.usage))
+                .build();
+            let req_i = tx.put(req, Some(cond), ex)?;
+
+            // The charge, off the account (users are never deleted, so a
+            // plain ADD is safe) and off the key, never below zero there.
+            if charged.0 > 0 {
+                let mut ex = Ex::new();
+                let upd = format!(
+                    "ADD {} {}",
+                    ex.n("credits"),
+                    ex.v(n(charged.0.saturating_neg()))
+                );
+                tx.update(schema::user(&hold.user_id), upd, None, ex)?;
+            }
+            let mut key_i = None;
+            if let Some(h) = &key_hash {
+                let (upd, cond, ex) = key_charge.expression(charged, hold.created_at);
+                key_i = Some(tx.update(schema::api_key(h), upd, Some(cond), ex)?);
+            }
+
+            // The reward, to a provider that exists (see `settle_from`).
+            let mut provider_i = None;
+            if let Some((pid, amount)) = &plan.reward {
+                if !reward_to_missing_provider {
+                    let mut ex = Ex::new();
+                    let cond = ex.exists();
+                    let upd = format!("ADD {} {}", ex.n("earnings"), ex.v(n(amount.0)));
+                    provider_i = Some(tx.update(schema::provider(pid), upd, Some(cond), ex)?);
+                }
+            }
+
+            let mut ex = Ex::new();
+            let cond = ex.absent();
+            tx.put(usage_item(&plan.usage), Some(cond), ex)?;
+
+            let d = plan.held_ledger_delta();
+            let mut ex = Ex::new();
+            let upd = format!(
+                "ADD {} {}, {} {}, {} {}",
+                ex.n("settlements"),
+                ex.v(n(d.settlements)),
+                ex.n("charged"),
+                ex.v(n(d.charged.0)),
+                ex.n("rewarded"),
+                ex.v(n(d.rewarded.0)),
+            );
+            tx.update(schema::ledger(shard), upd, None, ex)?;
+
+            let flags = match self.transact(what, tx).await {
+                Ok(()) => return Ok(SettleOutcome::Applied),
+                Err(Fail::Condition(flags)) => flags,
+                Err(f) => return Err(f.into_error(what)),
+            };
+            if Fail::failed(&flags, req_i) {
+                match self.read_req(&hold.request_id).await? {
+                    Req::Settled(_) => return Ok(SettleOutcome::AlreadySettled),
+                    Req::Open(_) => {
+                        return Err(Error::AlreadyExists(format!(
+                            "reservation {}",
+                            hold.request_id
+                        )))
+                    }
+                    Req::Missing => {}
+                }
+            }
+            self.again(&mut attempt, what).await?;
+            if let (Some(h), Some(i)) = (&key_hash, key_i) {
+                if Fail::failed(&flags, i) {
+                    key_charge = self.key_charge_for(h, charged).await?;
+                }
+            }
+            if let (Some((pid, _)), Some(i)) = (&plan.reward, provider_i) {
+                if Fail::failed(&flags, i) {
+                    reward_to_missing_provider =
+                        self.get(what, schema::provider(pid)).await?.is_none();
+                }
+            }
+        }
     }
 
     async fn settlement(&self, request: &RequestId) -> Result<UsageRecord> {
@@ -612,6 +766,22 @@ impl DynamoStore {
             }
             held = Some(h);
         }
+    }
+
+    /// Which way a held call's charge comes off a key now, from a consistent
+    /// read of it.
+    async fn key_charge_for(&self, key_hash: &KeyHash, charged: Credits) -> Result<KeyCharge> {
+        let Some(it) = self.get("reading a key", schema::api_key(key_hash)).await? else {
+            return Ok(KeyCharge::Subtract);
+        };
+        let r = Rd::new(&it, "api key");
+        Ok(
+            if !r.b("limited")? || r.num_or_zero::<i64>("credits_left")? >= charged.0 {
+                KeyCharge::Subtract
+            } else {
+                KeyCharge::Floor
+            },
+        )
     }
 
     /// Which refund a key needs now, from a consistent read of it.

@@ -102,6 +102,15 @@
 //! Refusals (insufficient credits, revoked key...) cost one batch read to
 //! name the precise error, after the transaction refused.
 //!
+//! The store is shared by hosts (it keeps the default of
+//! [`LedgerStore::owned_by_one_host`](cxmpute_core::LedgerStore::owned_by_one_host)),
+//! so brokers admit through `reserve` as above. It also implements
+//! `settle_held` (a call held in a broker's memory, never reserved here),
+//! the store contract every backend keeps: one `TransactWriteItems` that
+//! writes the request settled at once (absent before), takes the charge off
+//! the account and the key (never below zero: guarded like a refund), and
+//! rewards, records and counts as `settle` does.
+//!
 //! ## Atomicity and concurrency
 //!
 //! Every rule that guards money is a condition of the write itself, never a

@@ -2,7 +2,7 @@
 //! settlements, usage records and the ledger's totals (tables
 //! `credit_grants`, `reservations`, `usage`, `ledger`).
 //!
-//! Reserve and settle are money operations: the writer decides a run of
+//! Reserve, settle and settling a held call are money operations: the writer decides a run of
 //! them at a time against one read of the rows they touch ([`crate::money`]).
 //! Everything else is a statement like every other area's.
 
@@ -18,6 +18,11 @@ use crate::SqliteStore;
 
 #[async_trait]
 impl LedgerStore for SqliteStore {
+    /// The file is written by one process's writer: its host owns it.
+    fn owned_by_one_host(&self) -> bool {
+        true
+    }
+
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
         let grant = grant.clone();
         self.writer
@@ -48,6 +53,14 @@ impl LedgerStore for SqliteStore {
             .money(MoneyOp::Settle(settlement.clone()))
             .await?
         {
+            MoneyAnswer::Settled(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
+        let op = MoneyOp::SettleHeld(hold.clone(), st.clone());
+        match self.writer.money(op).await? {
             MoneyAnswer::Settled(outcome) => Ok(outcome),
             other => Err(unexpected(other)),
         }

@@ -41,6 +41,16 @@
 //! Reads use a small pool of separate connections: in WAL mode they read a
 //! committed snapshot beside the writer and never wait for it.
 //!
+//! ## One host owns the file
+//!
+//! The store says so ([`LedgerStore::owned_by_one_host`]), so a broker on it
+//! admits calls from memory: it reads an account once, holds what calls in
+//! flight may cost in its own memory, and writes only each call's
+//! settlement ([`LedgerStore::settle_held`], a money operation batched like
+//! the others): one write per call. Every change of balances and keys must
+//! then go through that broker, and no second process may serve from the
+//! same file: each would admit against its own memory.
+//!
 //! ## Durability
 //!
 //! - `journal_mode=WAL`: readers do not block the writer nor it them, and a
@@ -55,7 +65,8 @@
 //!   [`Error::Unavailable`] (retryable). A unique-key clash is [`Error::AlreadyExists`]; anything
 //!   else SQLite reports is [`Error::Backend`] with SQLite's error as source.
 //!
-//! Every operation that moves credits (reserve, settle, stale release, grant)
+//! Every operation that moves credits (reserve, settle, a held call's
+//! settlement, stale release, grant)
 //! happens inside one transaction: all of it lands or none of it does. Money
 //! is INTEGER micro-credits in every column.
 

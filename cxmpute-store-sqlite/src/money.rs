@@ -1,8 +1,9 @@
 //! Reservations and settlements, the broker's hot path, applied a run at a
 //! time.
 //!
-//! A run is a sequence of reserve and settle operations the writer found
-//! next to each other in its queue. Every operation in it is decided in
+//! A run is a sequence of reserve and settle operations (settlements of
+//! calls held in the broker's memory among them, [`LedgerStore::settle_held`])
+//! the writer found next to each other in its queue. Every operation in it is decided in
 //! order with the core's shared rules ([`apply_reservation`], [`SettlePlan`])
 //! against the rows it touches, read once for the whole run inside the
 //! writer's transaction and kept up to date in memory as each operation is
@@ -31,6 +32,17 @@ pub(crate) enum MoneyOp {
     Reserve(Reservation),
     /// [`LedgerStore::settle`].
     Settle(Settlement),
+    /// [`LedgerStore::settle_held`]: the hold, and its settlement.
+    SettleHeld(Reservation, Settlement),
+}
+
+impl MoneyOp {
+    fn request_id(&self) -> &RequestId {
+        match self {
+            MoneyOp::Reserve(r) => &r.request_id,
+            MoneyOp::Settle(s) | MoneyOp::SettleHeld(_, s) => &s.request_id,
+        }
+    }
 }
 
 /// What a money operation answers.
@@ -44,7 +56,7 @@ pub(crate) enum MoneyAnswer {
 
 /// Everything a run decides on, in one round trip: the open reservations
 /// (`r`) and settled markers (`s`) of its request ids, and (`k`) the keys its
-/// reservations name, with their users (NULL user columns: the user is gone).
+/// reservations and held settlements name, with their users (NULL user columns: the user is gone).
 /// Binds, in order: request ids, request ids, the reserving keys' ids,
 /// request ids (JSON arrays).
 const READ_RUN: &str = concat!(
@@ -154,6 +166,32 @@ impl Run {
         self.usage.push(plan.usage);
         Ok(MoneyAnswer::Settled(SettleOutcome::Applied))
     }
+
+    fn settle_held(&mut self, hold: &Reservation, st: &Settlement) -> Result<MoneyAnswer> {
+        let plan = SettlePlan::for_held(hold, st)?;
+        if self.settled.contains(&st.request_id) {
+            return Ok(MoneyAnswer::Settled(SettleOutcome::AlreadySettled));
+        }
+        if self.open.contains_key(&st.request_id) {
+            return Err(Error::AlreadyExists(format!(
+                "reservation {}",
+                st.request_id
+            )));
+        }
+        let key = self.keys.get_mut(&hold.key_id);
+        if key.is_some() {
+            self.touched_keys.insert(hold.key_id.clone());
+        }
+        plan.charge_to(hold, self.users.get_mut(&hold.user_id), key);
+        *self.user_delta.entry(hold.user_id.clone()).or_default() -= plan.usage.charged.0;
+        if let Some((provider, amount)) = &plan.reward {
+            *self.provider_delta.entry(provider.clone()).or_default() += amount.0;
+        }
+        plan.held_ledger_delta().add_to(&mut self.ledger);
+        self.settled.insert(st.request_id.clone());
+        self.usage.push(plan.usage);
+        Ok(MoneyAnswer::Settled(SettleOutcome::Applied))
+    }
 }
 
 /// Decides and applies a run of money operations on the writer's connection
@@ -166,18 +204,12 @@ pub(crate) async fn apply(
     let mut run = Run::default();
 
     // Read what the run touches.
-    let ids: Vec<&str> = ops
-        .iter()
-        .map(|op| match op {
-            MoneyOp::Reserve(r) => r.request_id.as_str(),
-            MoneyOp::Settle(s) => s.request_id.as_str(),
-        })
-        .collect();
+    let ids: Vec<&str> = ops.iter().map(|op| op.request_id().as_str()).collect();
     let ids = json(&ids)?;
     let key_ids: HashSet<&str> = ops
         .iter()
         .filter_map(|op| match op {
-            MoneyOp::Reserve(r) => Some(r.key_id.as_str()),
+            MoneyOp::Reserve(r) | MoneyOp::SettleHeld(r, _) => Some(r.key_id.as_str()),
             MoneyOp::Settle(_) => None,
         })
         .collect();
@@ -215,6 +247,7 @@ pub(crate) async fn apply(
         .map(|op| match op {
             MoneyOp::Reserve(r) => run.reserve(r),
             MoneyOp::Settle(s) => run.settle(s),
+            MoneyOp::SettleHeld(hold, s) => run.settle_held(hold, s),
         })
         .collect();
 

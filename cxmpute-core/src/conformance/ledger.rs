@@ -701,3 +701,255 @@ pub async fn concurrent_duplicate_settles_apply_once(store: Arc<dyn Store>) {
         (1, Credits::whole(3), Credits::whole(2))
     );
 }
+
+// ---- settlements of calls held in memory -------------------------------------
+
+/// A settlement whose hold lived in the broker's memory charges the balance
+/// and the key, marks the key used, rewards the provider, stores the usage
+/// record and adds to the totals with nothing reserved; once.
+pub async fn settle_held_charges_rewards_and_records_once(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(6))).await;
+    let provider = stored_provider(&store).await;
+    let hold = reservation(&user, &key, Credits::whole(5), at(7));
+    let st = settlement(
+        &hold,
+        Credits::micros(3_000_001),
+        Some((&provider, Credits::whole(2))),
+        at(9),
+    );
+    assert_eq!(
+        store.settle_held(&hold, &st).await.unwrap(),
+        SettleOutcome::Applied
+    );
+    assert_eq!(balance(&store, &user).await, Credits::micros(6_999_999));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(
+        (k.credits_left, k.credit_limit, k.last_used_at),
+        (
+            Some(Credits::micros(2_999_999)),
+            Some(Credits::whole(6)),
+            Some(at(7))
+        )
+    );
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(2));
+    let mut want = st.usage.clone();
+    want.charged = Credits::micros(3_000_001);
+    want.reward = Credits::whole(2);
+    assert_eq!(store.settlement(&hold.request_id).await.unwrap(), want);
+    assert_eq!(
+        store.usage_records(&user.id, 10).await.unwrap(),
+        vec![want.clone()]
+    );
+    let totals = LedgerTotals {
+        settlements: 1,
+        charged: Credits::micros(3_000_001),
+        rewarded: Credits::whole(2),
+        reserved: Credits::ZERO,
+    };
+    assert_eq!(store.ledger_totals().await.unwrap(), totals);
+
+    // Again, or with other figures: nothing more.
+    assert_eq!(
+        store.settle_held(&hold, &st).await.unwrap(),
+        SettleOutcome::AlreadySettled
+    );
+    let other = settlement(&hold, Credits::ZERO, None, at(10));
+    assert_eq!(
+        store.settle_held(&hold, &other).await.unwrap(),
+        SettleOutcome::AlreadySettled
+    );
+    assert_eq!(
+        store.settle(&other).await.unwrap(),
+        SettleOutcome::AlreadySettled
+    );
+    assert_eq!(balance(&store, &user).await, Credits::micros(6_999_999));
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(2));
+    assert_eq!(store.settlement(&hold.request_id).await.unwrap(), want);
+    assert_eq!(store.ledger_totals().await.unwrap(), totals);
+    // A reservation may not take a settled request's id either.
+    assert_err!(store.reserve(&hold).await, Error::AlreadyExists(_));
+}
+
+/// A held call's charge is cut to its hold and its reward to the charge; a
+/// failed call (nothing charged) still marks the key used and is recorded.
+pub async fn settle_held_clamps_charge_and_reward(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let provider = stored_provider(&store).await;
+    let hold = reservation(&user, &key, Credits::whole(4), at(1));
+    let st = settlement(
+        &hold,
+        Credits::whole(9),
+        Some((&provider, Credits::whole(20))),
+        at(2),
+    );
+    store.settle_held(&hold, &st).await.unwrap();
+    assert_eq!(balance(&store, &user).await, Credits::whole(6));
+    assert_eq!(key_left(&store, &key).await, None);
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(4));
+    let rec = store.settlement(&hold.request_id).await.unwrap();
+    assert_eq!(
+        (rec.charged, rec.reward),
+        (Credits::whole(4), Credits::whole(4))
+    );
+
+    let failed = reservation(&user, &key, Credits::whole(6), at(3));
+    let st = settlement(
+        &failed,
+        Credits::ZERO,
+        Some((&provider, Credits::whole(1))),
+        at(4),
+    );
+    store.settle_held(&failed, &st).await.unwrap();
+    assert_eq!(balance(&store, &user).await, Credits::whole(6));
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(4));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.last_used_at, Some(at(3)));
+    let rec = store.settlement(&failed.request_id).await.unwrap();
+    assert_eq!((rec.charged, rec.reward), (Credits::ZERO, Credits::ZERO));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.settlements, t.charged, t.rewarded, t.reserved),
+        (2, Credits::whole(4), Credits::whole(4), Credits::ZERO)
+    );
+}
+
+/// A key whose limit was lowered under what a call held is charged down to
+/// zero, never below; the balance takes the whole charge.
+pub async fn settle_held_never_takes_a_key_below_zero(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(8))).await;
+    let hold = reservation(&user, &key, Credits::whole(8), at(1));
+    let lower = ApiKeyUpdate {
+        credit_limit: Some(Some(Credits::whole(2))),
+        ..ApiKeyUpdate::default()
+    };
+    store.update_api_key(&key.id, &lower).await.unwrap();
+    let st = settlement(&hold, Credits::whole(5), None, at(2));
+    store.settle_held(&hold, &st).await.unwrap();
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(
+        (k.credits_left, k.credit_limit),
+        (Some(Credits::ZERO), Some(Credits::whole(2)))
+    );
+    assert_eq!(balance(&store, &user).await, Credits::whole(5));
+    // Raised again, the key has the limit less what it spent.
+    let raise = ApiKeyUpdate {
+        credit_limit: Some(Some(Credits::whole(3))),
+        ..ApiKeyUpdate::default()
+    };
+    let k = store.update_api_key(&key.id, &raise).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::whole(1)));
+}
+
+/// The id of a reservation open in the store is not a held call's: refused,
+/// nothing changes, and the reservation settles as usual.
+pub async fn settle_held_of_a_reserved_request_is_refused(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let r = reservation(&user, &key, Credits::whole(3), at(1));
+    store.reserve(&r).await.unwrap();
+    let st = settlement(&r, Credits::whole(2), None, at(2));
+    assert_err!(store.settle_held(&r, &st).await, Error::AlreadyExists(_));
+    assert_eq!(balance(&store, &user).await, Credits::whole(7));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!((t.settlements, t.reserved), (0, Credits::whole(3)));
+    assert_eq!(store.settle(&st).await.unwrap(), SettleOutcome::Applied);
+    assert_eq!(balance(&store, &user).await, Credits::whole(8));
+    // A settlement for another request than the hold's is refused.
+    let hold = reservation(&user, &key, Credits::whole(1), at(3));
+    assert_err!(store.settle_held(&hold, &st).await, Error::InvalidInput(_));
+}
+
+/// Held settlements leave nothing for the stale-reservation sweep, and the
+/// sweep leaves them alone.
+pub async fn settle_held_leaves_nothing_to_release(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let hold = reservation(&user, &key, Credits::whole(3), at(1));
+    let st = settlement(&hold, Credits::whole(1), None, at(2));
+    store.settle_held(&hold, &st).await.unwrap();
+    assert_eq!(
+        store.release_stale_reservations(at(1_000)).await.unwrap(),
+        0
+    );
+    let rec = store.settlement(&hold.request_id).await.unwrap();
+    assert_eq!(rec.charged, Credits::whole(1));
+    assert_eq!(balance(&store, &user).await, Credits::whole(9));
+}
+
+/// 200 concurrent held settlements of one account, key and provider: every
+/// one lands, no update is lost.
+pub async fn concurrent_held_settles_lose_no_update(store: Arc<dyn Store>) {
+    const N: i64 = 200;
+    let (user, key) = funded(&store, Credits::whole(1_000), Some(Credits::whole(900))).await;
+    let provider = stored_provider(&store).await;
+    let mut tasks = Vec::new();
+    for i in 0..N {
+        let (store, provider) = (store.clone(), provider.clone());
+        let hold = reservation(&user, &key, Credits::whole(2), at(i));
+        tasks.push(tokio::spawn(async move {
+            let charge = Credits::micros(1_000_000 + i);
+            let st = settlement(
+                &hold,
+                charge,
+                Some((&provider, Credits::micros(600_000))),
+                at(1_000),
+            );
+            store.settle_held(&hold, &st).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.expect("task").unwrap(), SettleOutcome::Applied);
+    }
+    let charged: i64 = (0..N).map(|i| 1_000_000 + i).sum();
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(t.settlements, N as u64);
+    assert_eq!(t.charged, Credits(charged));
+    assert_eq!(t.rewarded, Credits(600_000 * N));
+    assert_eq!(t.reserved, Credits::ZERO);
+    assert_eq!(earnings(&store, &provider).await, Credits(600_000 * N));
+    assert_eq!(
+        balance(&store, &user).await,
+        Credits(Credits::whole(1_000).0 - charged)
+    );
+    assert_eq!(
+        key_left(&store, &key).await,
+        Some(Credits(Credits::whole(900).0 - charged))
+    );
+    assert_eq!(
+        store.usage_records(&user.id, 1_000).await.unwrap().len(),
+        N as usize
+    );
+}
+
+/// The same held settlement raced by 20 tasks applies exactly once.
+pub async fn concurrent_duplicate_held_settles_apply_once(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let provider = stored_provider(&store).await;
+    let hold = reservation(&user, &key, Credits::whole(5), at(0));
+    let st = settlement(
+        &hold,
+        Credits::whole(3),
+        Some((&provider, Credits::whole(2))),
+        at(1),
+    );
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (store, hold, st) = (store.clone(), hold.clone(), st.clone());
+        tasks.push(tokio::spawn(
+            async move { store.settle_held(&hold, &st).await },
+        ));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        match t.await.expect("task").unwrap() {
+            SettleOutcome::Applied => applied += 1,
+            SettleOutcome::AlreadySettled => {}
+        }
+    }
+    assert_eq!(applied, 1);
+    assert_eq!(balance(&store, &user).await, Credits::whole(7));
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(2));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.settlements, t.charged, t.rewarded),
+        (1, Credits::whole(3), Credits::whole(2))
+    );
+}

@@ -130,6 +130,13 @@ macro_rules! store_conformance_tests {
                 concurrent_reservations_respect_key_limit,
                 concurrent_settles_lose_no_update,
                 concurrent_duplicate_settles_apply_once,
+                settle_held_charges_rewards_and_records_once,
+                settle_held_clamps_charge_and_reward,
+                settle_held_never_takes_a_key_below_zero,
+                settle_held_of_a_reserved_request_is_refused,
+                settle_held_leaves_nothing_to_release,
+                concurrent_held_settles_lose_no_update,
+                concurrent_duplicate_held_settles_apply_once,
             ],
             signin: [
                 login_code_is_single_use,

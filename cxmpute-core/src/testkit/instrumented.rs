@@ -25,6 +25,8 @@ pub struct InstrumentedStore<S = MemoryStore> {
     delays: Mutex<BTreeMap<&'static str, Duration>>,
     /// The call whose next answer is lost, and how many answers were lost.
     lose: Mutex<(Option<&'static str>, usize)>,
+    /// Says it is shared even when the wrapped store is owned by one host.
+    shared: bool,
 }
 
 impl<S> std::fmt::Debug for InstrumentedStore<S> {
@@ -51,7 +53,16 @@ impl<S> InstrumentedStore<S> {
             in_flight: Mutex::default(),
             delays: Mutex::default(),
             lose: Mutex::default(),
+            shared: false,
         }
+    }
+
+    /// Says the store is shared by hosts, whatever the wrapped one says, so
+    /// that a broker admits calls through it (`reserve`, `settle`) as it
+    /// does on DynamoDB.
+    pub fn shared(mut self) -> Self {
+        self.shared = true;
+        self
     }
 
     /// The calls counted since the last take, by name; counting starts again.
@@ -284,6 +295,12 @@ impl<S: Store> NetworkStore for InstrumentedStore<S> {
 
 #[async_trait]
 impl<S: Store> LedgerStore for InstrumentedStore<S> {
+    /// The wrapped store's answer unless made [`shared`](Self::shared); not
+    /// counted: it is a property, not a call.
+    fn owned_by_one_host(&self) -> bool {
+        !self.shared && self.inner.owned_by_one_host()
+    }
+
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
         self.call("grant_credits", self.inner.grant_credits(grant))
             .await
@@ -300,6 +317,11 @@ impl<S: Store> LedgerStore for InstrumentedStore<S> {
 
     async fn settle(&self, settlement: &Settlement) -> Result<SettleOutcome> {
         self.call("settle", self.inner.settle(settlement)).await
+    }
+
+    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
+        self.call("settle_held", self.inner.settle_held(hold, st))
+            .await
     }
 
     async fn settlement(&self, request: &RequestId) -> Result<UsageRecord> {

@@ -257,6 +257,7 @@ async fn concurrent_calls_never_overspend() {
     assert_eq!(t.settlements, 50);
     assert_eq!(t.charged, Credits(50_000));
     assert_eq!(node.hits(), 50);
+    h.assert_ledger().await;
 }
 
 #[tokio::test]

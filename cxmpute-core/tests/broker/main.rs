@@ -11,6 +11,7 @@
 mod common;
 
 mod accounts;
+mod admission;
 mod authz;
 mod dashboard;
 mod gateway;

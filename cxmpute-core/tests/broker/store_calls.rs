@@ -1,7 +1,9 @@
 //! Counts the store calls one gateway request makes: no read to route it,
 //! none to authenticate a key held in memory (the first call with a key
-//! reads it and its account's suspension), one atomic write to admit it,
-//! one to settle it.
+//! reads it and its account's suspension). Then, on a store hosts share,
+//! one atomic write to admit it and one to settle it; on a store this host
+//! owns, none to admit it once its account is held in memory (the first
+//! call reads the account and the key's limit) and one to settle it.
 //!
 //! `InstrumentedStore` is instrumentation around the real `MemoryStore`: it
 //! forwards every call unchanged and counts it by name.
@@ -13,15 +15,19 @@ use cxmpute_core::testkit::{InstrumentedStore, TestHost, MODEL};
 use cxmpute_core::*;
 use serde_json::json;
 
-#[tokio::test]
-async fn a_gateway_call_writes_once_to_admit_and_once_to_settle_and_reads_its_key_only_once() {
-    let store = Arc::new(InstrumentedStore::new());
+/// Makes a plain call, then a streamed one, checking each settled before
+/// its body ended and what it asked of the store: `first` for the first
+/// call, `each` (for every call) besides.
+async fn count_calls(
+    store: Arc<InstrumentedStore>,
+    first: &[(&'static str, usize)],
+    each: &[(&'static str, usize)],
+) {
     let h = TestHost::start(store.clone()).await;
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (_, key) = h.user(Credits::whole(10)).await;
-    // The first call reads the key and its account; later ones hold it.
-    let mut reads = vec![("api_key_by_hash", 1), ("user", 1)];
-    for stream in [false, true] {
+    let mut reads = first.to_vec();
+    for stream in [false, true, false, true] {
         let settled_before = h.broker.store().ledger_totals().await.unwrap().settlements;
         store.take_calls();
         let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream});
@@ -34,9 +40,25 @@ async fn a_gateway_call_writes_once_to_admit_and_once_to_settle_and_reads_its_ke
         let calls = store.take_calls();
         let expected: BTreeMap<&'static str, usize> = std::mem::take(&mut reads)
             .into_iter()
-            .chain([("reserve", 1), ("settle", 1)])
+            .chain(each.iter().copied())
             .collect();
         assert_eq!(calls, expected, "stream: {stream}");
     }
     h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn a_gateway_call_writes_once_to_admit_and_once_to_settle_and_reads_its_key_only_once() {
+    let store = Arc::new(InstrumentedStore::new().shared());
+    let first = [("api_key_by_hash", 1), ("user", 1)];
+    count_calls(store, &first, &[("reserve", 1), ("settle", 1)]).await;
+}
+
+#[tokio::test]
+async fn on_a_store_this_host_owns_a_call_is_admitted_from_memory_and_settled_in_one_write() {
+    let store = Arc::new(InstrumentedStore::new());
+    // The key and its account's suspension (authentication), then the
+    // account's balance and the key's limit (admission): once each.
+    let first = [("api_key_by_hash", 2), ("user", 2)];
+    count_calls(store, &first, &[("settle_held", 1)]).await;
 }
