@@ -435,6 +435,50 @@ impl LedgerStore for MemoryStore {
         Ok(SettleOutcome::Applied)
     }
 
+    async fn settle_leased(
+        &self,
+        lease: &RequestId,
+        calls: &[(Reservation, Settlement)],
+    ) -> Result<Vec<SettleOutcome>> {
+        let mut guard = self.inner.lock();
+        let s = &mut *guard;
+        let l = found(s.reservations.get(lease).cloned(), || {
+            format!("lease {lease}")
+        })?;
+        // Every refusal comes before any change.
+        for (hold, st) in calls {
+            crate::store_support::SettlePlan::for_leased(&l, Credits::ZERO, hold, st)?;
+            if s.reservations.contains_key(&st.request_id) {
+                return Err(Error::AlreadyExists(format!(
+                    "reservation {}",
+                    st.request_id
+                )));
+            }
+        }
+        let mut remaining = l.amount;
+        let mut out = Vec::with_capacity(calls.len());
+        for (hold, st) in calls {
+            if s.settled.contains_key(&st.request_id) {
+                out.push(SettleOutcome::AlreadySettled);
+                continue;
+            }
+            let plan = crate::store_support::SettlePlan::for_leased(&l, remaining, hold, st)?;
+            remaining = remaining.saturating_sub(plan.usage.charged);
+            if let Some((pid, amount)) = &plan.reward {
+                if let Some(p) = s.providers.get_mut(pid) {
+                    p.earnings = p.earnings.saturating_add(*amount);
+                }
+            }
+            plan.leased_ledger_delta().add_to(&mut s.totals);
+            s.settled.insert(st.request_id.clone(), plan.usage);
+            out.push(SettleOutcome::Applied);
+        }
+        if let Some(r) = s.reservations.get_mut(lease) {
+            r.amount = remaining;
+        }
+        Ok(out)
+    }
+
     async fn settlement(&self, request: &RequestId) -> Result<UsageRecord> {
         found(self.inner.lock().settled.get(request).cloned(), || {
             format!("settlement {request}")

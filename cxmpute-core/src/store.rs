@@ -233,6 +233,30 @@ pub trait LedgerStore: Send + Sync + 'static {
         hold: &Reservation,
         settlement: &Settlement,
     ) -> Result<SettleOutcome>;
+    /// Applies, in order, the settlements of calls a host admitted from the
+    /// credit lease `lease` (an open reservation: see the broker's admission),
+    /// each once: its charge, `min(charged, hold.amount, what the lease still
+    /// holds)`, comes off the lease's held amount (the balance and the key's
+    /// limit gave it up when the lease was reserved), the provider is
+    /// credited its reward (at most the charge), the usage record is stored
+    /// and the totals move (`reserved` down by the charge)
+    /// ([`SettlePlan::for_leased`](crate::store_support::SettlePlan::for_leased)).
+    /// Returns one outcome per call: `AlreadySettled` for a request id
+    /// settled before (or earlier in `calls`), which changes nothing.
+    /// `NotFound` when the lease is not open (released, or swept as stale),
+    /// `InvalidInput` when a call is not of the lease's user and key, and
+    /// `AlreadyExists` when a call's id is an open reservation: all of
+    /// these before anything changes. Releasing a lease is [`settle`](Self::settle)ing it at
+    /// zero; what a lease still holds is its reservation's amount.
+    ///
+    /// A backend may commit a long list in several atomic steps (DynamoDB
+    /// caps a transaction's items): each call is applied wholly or not at
+    /// all, and a retry of the list applies the rest once.
+    async fn settle_leased(
+        &self,
+        lease: &RequestId,
+        calls: &[(Reservation, Settlement)],
+    ) -> Result<Vec<SettleOutcome>>;
     /// The usage record of a settled request.
     async fn settlement(&self, request: &RequestId) -> Result<UsageRecord>;
     /// Releases (settles at zero cost, no reward) every reservation taken

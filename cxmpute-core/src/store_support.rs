@@ -197,6 +197,41 @@ impl SettlePlan {
         }
     }
 
+    /// The plan for settling `st`, a call admitted from `lease` (a
+    /// reservation that moved part of an account's balance and key limit to
+    /// one host) which still holds `remaining`
+    /// ([`LedgerStore::settle_leased`](crate::store::LedgerStore::settle_leased)):
+    /// the charge is cut to the call's hold and to what the lease still
+    /// holds, the reward to the charge. `InvalidInput` when `hold` and `st`
+    /// name different requests or `hold` is not the lease's user and key.
+    pub fn for_leased(
+        lease: &Reservation,
+        remaining: Credits,
+        hold: &Reservation,
+        st: &Settlement,
+    ) -> Result<Self> {
+        if hold.user_id != lease.user_id || hold.key_id != lease.key_id {
+            return Err(Error::InvalidInput(format!(
+                "call {} is not of the user and key of lease {}",
+                hold.request_id, lease.request_id
+            )));
+        }
+        let mut capped = hold.clone();
+        capped.amount = Credits(hold.amount.0.min(remaining.0).max(0));
+        Self::for_held(&capped, st)
+    }
+
+    /// What settling a call against a lease adds to the ledger: the charge
+    /// and reward recorded, and the charge no longer held by the lease.
+    pub fn leased_ledger_delta(&self) -> LedgerDelta {
+        LedgerDelta {
+            settlements: 1,
+            charged: self.usage.charged,
+            rewarded: self.usage.reward,
+            reserved: Credits(self.usage.charged.0.saturating_neg()),
+        }
+    }
+
     /// What settling a call held in the broker's memory adds to the ledger:
     /// the charge and reward recorded; nothing was held in the store.
     pub fn held_ledger_delta(&self) -> LedgerDelta {

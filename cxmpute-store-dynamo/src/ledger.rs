@@ -8,6 +8,7 @@
 //! happen only to explain a refusal precisely or when a settlement arrives at
 //! a process that did not take the reservation.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
@@ -55,6 +56,11 @@ fn next_seq() -> u64 {
 }
 
 const RESERVED: &str = "reserved";
+
+/// Calls settled against a lease in one transaction: two items each (the
+/// request and its usage record) beside the lease, the ledger's shard and
+/// the providers rewarded, under DynamoDB's cap of 100.
+const LEASED_PER_TX: usize = 32;
 
 /// How a settlement gives a refund back to the key.
 ///
@@ -510,6 +516,152 @@ impl LedgerStore for DynamoStore {
                 }
             }
         }
+    }
+
+    async fn settle_leased(
+        &self,
+        lease: &RequestId,
+        calls: &[(Reservation, Settlement)],
+    ) -> Result<Vec<SettleOutcome>> {
+        let what = "settling calls against a lease";
+        let Req::Open(mut h) = self.read_req(lease).await? else {
+            return Err(Error::NotFound(format!("lease {lease}")));
+        };
+        let mut out = vec![SettleOutcome::Applied; calls.len()];
+        let mut seen = HashSet::new();
+        let mut pending = Vec::with_capacity(calls.len());
+        for (i, (hold, st)) in calls.iter().enumerate() {
+            SettlePlan::for_leased(&h.r, Credits::ZERO, hold, st)?;
+            if seen.insert(&st.request_id) {
+                pending.push(i);
+            } else {
+                out[i] = SettleOutcome::AlreadySettled;
+            }
+        }
+        let mut missing_providers = HashSet::new();
+        let mut attempt = 0;
+        let mut at = 0;
+        while at < pending.len() {
+            let end = (at + LEASED_PER_TX).min(pending.len());
+            let chunk = &pending[at..end];
+            let mut tx = Tx::new(self);
+            let mut remaining = h.r.amount;
+            let mut rewards: HashMap<ProviderId, i64> = HashMap::new();
+            let mut delta = LedgerTotals::default();
+            let mut req_is = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let (hold, st) = &calls[i];
+                let plan = SettlePlan::for_leased(&h.r, remaining, hold, st)?;
+                remaining = remaining.saturating_sub(plan.usage.charged);
+                plan.leased_ledger_delta().add_to(&mut delta);
+                // Written settled at once: never open, never swept.
+                let mut ex = Ex::new();
+                let cond = ex.absent();
+                let req = ItemBuilder::at(schema::request(&hold.request_id))
+                    .s("status", SETTLED)
+                    .s("request_id", hold.request_id.as_str())
+                    .s("user_id", hold.user_id.as_str())
+                    .s("key_id", hold.key_id.as_str())
+                    .s("route", hold.route.path())
+                    .n("amount", hold.amount.0)
+                    .n("created_at", hold.created_at.0)
+                    .n("shard", h.shard)
+                    .s("lease", lease.as_str())
+                    .s("usage_pk", schema::user_pk(&plan.usage.user_id))
+                    .s("usage_sk", usage_sk(&plan.usage))
+                    .build();
+                req_is.push((i, tx.put(req, Some(cond), ex)?));
+                let mut ex = Ex::new();
+                let cond = ex.absent();
+                tx.put(usage_item(&plan.usage), Some(cond), ex)?;
+                if let Some((pid, amount)) = &plan.reward {
+                    *rewards.entry(pid.clone()).or_default() += amount.0;
+                }
+            }
+
+            // The lease: still open with what this process believes it
+            // holds; it holds the charges less. One write for the batch.
+            let mut ex = Ex::new();
+            let (status, amount) = (ex.n("status"), ex.n("amount"));
+            let cond = format!(
+                "{status} = {} AND {amount} = {}",
+                ex.v(s(RESERVED)),
+                ex.v(n(h.r.amount.0)),
+            );
+            let upd = format!("SET {amount} = {}", ex.v(n(remaining.0)));
+            let lease_i = tx.update(schema::request(lease), upd, Some(cond), ex)?;
+
+            // The rewards, summed per provider, to providers that exist
+            // (see `settle_from`).
+            let mut provider_is = Vec::new();
+            for (pid, amount) in &rewards {
+                if missing_providers.contains(pid) {
+                    continue;
+                }
+                let mut ex = Ex::new();
+                let cond = ex.exists();
+                let upd = format!("ADD {} {}", ex.n("earnings"), ex.v(n(*amount)));
+                let i = tx.update(schema::provider(pid), upd, Some(cond), ex)?;
+                provider_is.push((pid.clone(), i));
+            }
+
+            let mut ex = Ex::new();
+            let upd = format!(
+                "ADD {} {}, {} {}, {} {}, {} {}",
+                ex.n("settlements"),
+                ex.v(n(delta.settlements)),
+                ex.n("charged"),
+                ex.v(n(delta.charged.0)),
+                ex.n("rewarded"),
+                ex.v(n(delta.rewarded.0)),
+                ex.n("reserved"),
+                ex.v(n(delta.reserved.0)),
+            );
+            tx.update(schema::ledger(h.shard), upd, None, ex)?;
+
+            let flags = match self.transact(what, tx).await {
+                Ok(()) => {
+                    h.r.amount = remaining;
+                    at = end;
+                    continue;
+                }
+                Err(Fail::Condition(flags)) => flags,
+                Err(f) => return Err(f.into_error(what)),
+            };
+            self.again(&mut attempt, what).await?;
+            if Fail::failed(&flags, lease_i) {
+                match self.read_req(lease).await? {
+                    Req::Open(fresh) => h = fresh,
+                    _ => return Err(Error::NotFound(format!("lease {lease}"))),
+                }
+            }
+            let mut settled = HashSet::new();
+            for (i, req_i) in req_is {
+                if !Fail::failed(&flags, req_i) {
+                    continue;
+                }
+                let id = &calls[i].1.request_id;
+                match self.read_req(id).await? {
+                    Req::Settled(_) => {
+                        out[i] = SettleOutcome::AlreadySettled;
+                        settled.insert(i);
+                    }
+                    Req::Open(_) => return Err(Error::AlreadyExists(format!("reservation {id}"))),
+                    Req::Missing => {}
+                }
+            }
+            if !settled.is_empty() {
+                pending.retain(|i| !settled.contains(i));
+            }
+            for (pid, i) in provider_is {
+                if Fail::failed(&flags, i)
+                    && self.get(what, schema::provider(&pid)).await?.is_none()
+                {
+                    missing_providers.insert(pid);
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn settlement(&self, request: &RequestId) -> Result<UsageRecord> {

@@ -110,6 +110,11 @@
 //! writes the request settled at once (absent before), takes the charge off
 //! the account and the key (never below zero: guarded like a refund), and
 //! rewards, records and counts as `settle` does.
+//! `settle_leased` settles a batch of calls admitted from a credit lease
+//! (a reservation): per transaction up to 32 calls, each its request
+//! (written settled, absent before) and usage record, the lease's item once
+//! (its amount down by the summed charges, conditioned on the amount this
+//! process read), each provider once and the ledger's shard once.
 //!
 //! ## Atomicity and concurrency
 //!

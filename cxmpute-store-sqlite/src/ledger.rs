@@ -66,6 +66,18 @@ impl LedgerStore for SqliteStore {
         }
     }
 
+    async fn settle_leased(
+        &self,
+        lease: &RequestId,
+        calls: &[(Reservation, Settlement)],
+    ) -> Result<Vec<SettleOutcome>> {
+        let op = MoneyOp::SettleLeased(lease.clone(), calls.to_vec());
+        match self.writer.money(op).await? {
+            MoneyAnswer::Leased(outcomes) => Ok(outcomes),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn settlement(&self, request: &RequestId) -> Result<UsageRecord> {
         let request = request.clone();
         self.read(move |c| Box::pin(async move { settlement(c, request.as_str()).await }))

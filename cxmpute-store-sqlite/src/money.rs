@@ -34,13 +34,19 @@ pub(crate) enum MoneyOp {
     Settle(Settlement),
     /// [`LedgerStore::settle_held`]: the hold, and its settlement.
     SettleHeld(Reservation, Settlement),
+    /// [`LedgerStore::settle_leased`]: the lease, and its calls.
+    SettleLeased(RequestId, Vec<(Reservation, Settlement)>),
 }
 
 impl MoneyOp {
-    fn request_id(&self) -> &RequestId {
+    /// The request ids whose reservations and settlements it reads.
+    fn request_ids(&self) -> Vec<&RequestId> {
         match self {
-            MoneyOp::Reserve(r) => &r.request_id,
-            MoneyOp::Settle(s) | MoneyOp::SettleHeld(_, s) => &s.request_id,
+            MoneyOp::Reserve(r) => vec![&r.request_id],
+            MoneyOp::Settle(s) | MoneyOp::SettleHeld(_, s) => vec![&s.request_id],
+            MoneyOp::SettleLeased(lease, calls) => std::iter::once(lease)
+                .chain(calls.iter().map(|(_, s)| &s.request_id))
+                .collect(),
         }
     }
 }
@@ -52,6 +58,8 @@ pub(crate) enum MoneyAnswer {
     Reserved,
     /// The settlement's outcome.
     Settled(SettleOutcome),
+    /// The outcome of each call settled against a lease.
+    Leased(Vec<SettleOutcome>),
 }
 
 /// Everything a run decides on, in one round trip: the open reservations
@@ -194,6 +202,57 @@ impl Run {
     }
 }
 
+impl Run {
+    fn settle_leased(
+        &mut self,
+        lease: &RequestId,
+        calls: &[(Reservation, Settlement)],
+    ) -> Result<MoneyAnswer> {
+        let l = self
+            .open
+            .get(lease)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("lease {lease}")))?;
+        // Every refusal comes before any change.
+        for (hold, st) in calls {
+            SettlePlan::for_leased(&l, Credits::ZERO, hold, st)?;
+            if self.open.contains_key(&st.request_id) {
+                return Err(Error::AlreadyExists(format!(
+                    "reservation {}",
+                    st.request_id
+                )));
+            }
+        }
+        let mut remaining = l.amount;
+        let mut out = Vec::with_capacity(calls.len());
+        for (hold, st) in calls {
+            if self.settled.contains(&st.request_id) {
+                out.push(SettleOutcome::AlreadySettled);
+                continue;
+            }
+            let plan = SettlePlan::for_leased(&l, remaining, hold, st)?;
+            remaining = remaining.saturating_sub(plan.usage.charged);
+            if let Some((provider, amount)) = &plan.reward {
+                *self.provider_delta.entry(provider.clone()).or_default() += amount.0;
+            }
+            plan.leased_ledger_delta().add_to(&mut self.ledger);
+            self.settled.insert(st.request_id.clone());
+            self.usage.push(plan.usage);
+            out.push(SettleOutcome::Applied);
+        }
+        if remaining != l.amount {
+            if let Some(r) = self.open.get_mut(lease) {
+                r.amount = remaining;
+            }
+            // The lease's row is written again with what it still holds.
+            if self.taken_here.insert(lease.clone()) {
+                self.closed.push(lease.clone());
+            }
+        }
+        Ok(MoneyAnswer::Leased(out))
+    }
+}
+
 /// Decides and applies a run of money operations on the writer's connection
 /// (inside the caller's savepoint). Returns one answer per operation; an
 /// `Err` means the run's writes failed and must be undone as a whole.
@@ -204,13 +263,17 @@ pub(crate) async fn apply(
     let mut run = Run::default();
 
     // Read what the run touches.
-    let ids: Vec<&str> = ops.iter().map(|op| op.request_id().as_str()).collect();
+    let ids: Vec<&str> = ops
+        .iter()
+        .flat_map(|op| op.request_ids())
+        .map(|id| id.as_str())
+        .collect();
     let ids = json(&ids)?;
     let key_ids: HashSet<&str> = ops
         .iter()
         .filter_map(|op| match op {
             MoneyOp::Reserve(r) | MoneyOp::SettleHeld(r, _) => Some(r.key_id.as_str()),
-            MoneyOp::Settle(_) => None,
+            MoneyOp::Settle(_) | MoneyOp::SettleLeased(..) => None,
         })
         .collect();
     let found = sqlx::query(READ_RUN)
@@ -248,6 +311,7 @@ pub(crate) async fn apply(
             MoneyOp::Reserve(r) => run.reserve(r),
             MoneyOp::Settle(s) => run.settle(s),
             MoneyOp::SettleHeld(hold, s) => run.settle_held(hold, s),
+            MoneyOp::SettleLeased(lease, calls) => run.settle_leased(lease, calls),
         })
         .collect();
 

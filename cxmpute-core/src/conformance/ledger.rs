@@ -953,3 +953,181 @@ pub async fn concurrent_duplicate_held_settles_apply_once(store: Arc<dyn Store>)
         (1, Credits::whole(3), Credits::whole(2))
     );
 }
+
+// ---- settlements against credit leases ---------------------------------------
+
+/// Calls settled against a lease take their charges off what the lease
+/// holds (never more than it holds), reward, record and count once each;
+/// releasing the lease gives the rest back to the balance and the key.
+pub async fn settle_leased_charges_the_lease_once(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(6))).await;
+    let provider = stored_provider(&store).await;
+    let mut lease = reservation(&user, &key, Credits::whole(5), at(1));
+    lease.request_id = RequestId::new(format!("lease-{}", lease.request_id));
+    store.reserve(&lease).await.unwrap();
+    let a = reservation(&user, &key, Credits::whole(2), at(2));
+    let b = reservation(&user, &key, Credits::whole(3), at(3));
+    let c = reservation(&user, &key, Credits::whole(2), at(4));
+    let sa = settlement(
+        &a,
+        Credits::micros(1_500_000),
+        Some((&provider, Credits::whole(1))),
+        at(5),
+    );
+    let sb = settlement(
+        &b,
+        Credits::whole(3),
+        Some((&provider, Credits::whole(1))),
+        at(6),
+    );
+    // More than the lease still holds (0.5): cut to it, the reward too.
+    let sc = settlement(
+        &c,
+        Credits::whole(2),
+        Some((&provider, Credits::whole(2))),
+        at(7),
+    );
+    let calls = vec![
+        (a.clone(), sa.clone()),
+        (b.clone(), sb.clone()),
+        (a.clone(), sa.clone()),
+        (c.clone(), sc.clone()),
+    ];
+    assert_eq!(
+        store
+            .settle_leased(&lease.request_id, &calls)
+            .await
+            .unwrap(),
+        vec![
+            SettleOutcome::Applied,
+            SettleOutcome::Applied,
+            SettleOutcome::AlreadySettled,
+            SettleOutcome::Applied
+        ]
+    );
+    // The balance and the key gave the lease up when it was reserved.
+    assert_eq!(balance(&store, &user).await, Credits::whole(5));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::whole(1)));
+    assert_eq!(
+        earnings(&store, &provider).await,
+        Credits::micros(2_500_000)
+    );
+    let rc = store.settlement(&c.request_id).await.unwrap();
+    assert_eq!(
+        (rc.charged, rc.reward),
+        (Credits::micros(500_000), Credits::micros(500_000))
+    );
+    assert_eq!(
+        store.settlement(&a.request_id).await.unwrap().charged,
+        Credits::micros(1_500_000)
+    );
+    let totals = LedgerTotals {
+        settlements: 3,
+        charged: Credits::whole(5),
+        rewarded: Credits::micros(2_500_000),
+        reserved: Credits::ZERO,
+    };
+    assert_eq!(store.ledger_totals().await.unwrap(), totals);
+
+    // Again: nothing more.
+    assert_eq!(
+        store
+            .settle_leased(&lease.request_id, &calls[..2])
+            .await
+            .unwrap(),
+        vec![SettleOutcome::AlreadySettled; 2]
+    );
+    assert_eq!(store.ledger_totals().await.unwrap(), totals);
+    assert_eq!(
+        earnings(&store, &provider).await,
+        Credits::micros(2_500_000)
+    );
+
+    // A call of another key is refused, changing nothing.
+    let (other, other_key) = funded(&store, Credits::whole(1), None).await;
+    let d = reservation(&other, &other_key, Credits::whole(1), at(8));
+    let sd = settlement(&d, Credits::whole(1), None, at(9));
+    assert_err!(
+        store
+            .settle_leased(&lease.request_id, &[(d.clone(), sd)])
+            .await,
+        Error::InvalidInput(_)
+    );
+
+    // Released (settled at zero): an empty lease gives nothing back and
+    // is closed for good.
+    let release = crate::store_support::release_settlement(&lease, at(10));
+    assert_eq!(
+        store.settle(&release).await.unwrap(),
+        SettleOutcome::Applied
+    );
+    assert_eq!(balance(&store, &user).await, Credits::whole(5));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!((t.charged, t.reserved), (Credits::whole(5), Credits::ZERO));
+    let e = reservation(&user, &key, Credits::whole(1), at(11));
+    let se = settlement(&e, Credits::whole(1), None, at(12));
+    assert_err!(
+        store.settle_leased(&lease.request_id, &[(e, se)]).await,
+        Error::NotFound(_)
+    );
+}
+
+/// What a lease still holds goes back to the balance and the key when it
+/// is released, and when the stale sweep takes it (its host died).
+pub async fn settle_leased_rest_returns_on_release_and_sweep(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(8))).await;
+    let first = reservation(&user, &key, Credits::whole(4), at(1));
+    let second = reservation(&user, &key, Credits::whole(4), at(100));
+    store.reserve(&first).await.unwrap();
+    store.reserve(&second).await.unwrap();
+    assert_eq!(balance(&store, &user).await, Credits::whole(2));
+    // The sum of leases never exceeds the balance, nor the key's limit.
+    let third = reservation(&user, &key, Credits::whole(1), at(101));
+    assert_err!(store.reserve(&third).await, Error::KeyLimitReached(_));
+
+    let a = reservation(&user, &key, Credits::whole(2), at(2));
+    let sa = settlement(&a, Credits::whole(1), None, at(3));
+    store
+        .settle_leased(&first.request_id, &[(a, sa)])
+        .await
+        .unwrap();
+    let b = reservation(&user, &key, Credits::whole(2), at(102));
+    let sb = settlement(&b, Credits::whole(2), None, at(103));
+    store
+        .settle_leased(&second.request_id, &[(b, sb)])
+        .await
+        .unwrap();
+
+    // The first host died: the sweep returns the 3 its lease still held.
+    assert_eq!(store.release_stale_reservations(at(50)).await.unwrap(), 1);
+    assert_eq!(balance(&store, &user).await, Credits::whole(5));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::whole(3)));
+    // The second hands its lease back: 2 more.
+    let release = crate::store_support::release_settlement(&second, at(104));
+    store.settle(&release).await.unwrap();
+    assert_eq!(balance(&store, &user).await, Credits::whole(7));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::whole(5)));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!((t.charged, t.reserved), (Credits::whole(3), Credits::ZERO));
+}
+
+/// A call whose id is an open reservation is refused, and nothing changes.
+pub async fn settle_leased_of_a_reserved_request_is_refused(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let lease = reservation(&user, &key, Credits::whole(5), at(1));
+    let open = reservation(&user, &key, Credits::whole(1), at(2));
+    store.reserve(&lease).await.unwrap();
+    store.reserve(&open).await.unwrap();
+    let st = settlement(&open, Credits::whole(1), None, at(3));
+    assert_err!(
+        store
+            .settle_leased(&lease.request_id, &[(open.clone(), st)])
+            .await,
+        Error::AlreadyExists(_)
+    );
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!((t.settlements, t.reserved), (0, Credits::whole(6)));
+}

@@ -137,6 +137,9 @@ macro_rules! store_conformance_tests {
                 settle_held_leaves_nothing_to_release,
                 concurrent_held_settles_lose_no_update,
                 concurrent_duplicate_held_settles_apply_once,
+                settle_leased_charges_the_lease_once,
+                settle_leased_rest_returns_on_release_and_sweep,
+                settle_leased_of_a_reserved_request_is_refused,
             ],
             signin: [
                 login_code_is_single_use,

@@ -324,6 +324,15 @@ impl<S: Store> LedgerStore for InstrumentedStore<S> {
             .await
     }
 
+    async fn settle_leased(
+        &self,
+        lease: &RequestId,
+        calls: &[(Reservation, Settlement)],
+    ) -> Result<Vec<SettleOutcome>> {
+        self.call("settle_leased", self.inner.settle_leased(lease, calls))
+            .await
+    }
+
     async fn settlement(&self, request: &RequestId) -> Result<UsageRecord> {
         self.call("settlement", self.inner.settlement(request))
             .await
