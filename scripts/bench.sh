@@ -20,6 +20,10 @@
 #   BENCH_THREADS      wrk threads (default 1)
 #   BENCH_HOST_LOG     the host's RUST_LOG (default info: a line per call, as
 #                      the host runs by default; the log goes to a file)
+#   BENCH_PERF         a TARGET-MODE (e.g. host-memory-plain) whose process in
+#                      the middle is profiled with `perf record -g` during its
+#                      measured run; the profile is written to
+#                      target/perf-TARGET-MODE.data (read it with `perf report -i`)
 #
 # Installs wrk and nginx with apt-get when missing. Everything listens on
 # 127.0.0.1 and every process it starts is stopped on exit. Exits non-zero
@@ -178,12 +182,22 @@ run() {
     BENCH_KEY=$key BENCH_STREAM=$stream wrk -t"$threads" -c"$connections" -d"${warmup}s" \
       -s "$work/chat.lua" "$url/v1/chat/completions" >/dev/null
   fi
-  local before=0 after=0
+  local before=0 after=0 perf_pid=""
+  if [ "${BENCH_PERF:-}" = "$target-$mode" ] && [ $# -gt 0 ]; then
+    command -v perf >/dev/null 2>&1 || die "BENCH_PERF needs perf"
+    perf record -g -F 999 -o "target/perf-$target-$mode.data" -p "$(IFS=,; echo "$*")" \
+      -- sleep "$seconds" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   [ $# -gt 0 ] && before=$(cpu_ticks "$@")
   local out
   out=$(BENCH_KEY=$key BENCH_STREAM=$stream wrk -t"$threads" -c"$connections" \
     -d"${seconds}s" -s "$work/chat.lua" "$url/v1/chat/completions")
   [ $# -gt 0 ] && after=$(cpu_ticks "$@")
+  if [ -n "$perf_pid" ]; then
+    wait "$perf_pid" || true
+    log "profile of $target, $mode: target/perf-$target-$mode.data"
+  fi
   local line
   line=$(grep '^BENCH ' <<<"$out") || die "wrk printed no summary: $out"
   local requests non2xx errors duration p50 p99

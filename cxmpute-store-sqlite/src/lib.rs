@@ -48,8 +48,9 @@
 //! flight may cost in its own memory, and writes only each call's
 //! settlement ([`LedgerStore::settle_held`], a money operation batched like
 //! the others): one write per call. Every change of balances and keys must
-//! then go through that broker, and no second process may serve from the
-//! same file: each would admit against its own memory.
+//! then go through that broker, and no second store may serve from the
+//! same file, since each would admit against its own memory: opening one
+//! while another (in this process or another) has the file is refused.
 //!
 //! ## Durability
 //!
@@ -143,6 +144,8 @@ pub struct SqliteStore {
     /// alone, so reads are queued to the writer too.
     reads: Option<SqlitePool>,
     path: Option<Arc<PathBuf>>,
+    /// `<file>.lock`, locked while any clone of this store lives.
+    _lock: Option<Arc<std::fs::File>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -168,12 +171,41 @@ fn open_error(
     }
 }
 
+/// Locks `<path>.lock` (created if missing) for a store's life, so that a
+/// second store on the same file, in this process or another, is refused:
+/// each would admit calls against balances held in its own memory (see
+/// "One host owns the file" above). The lock goes with the process, so a
+/// host that was killed leaves nothing to clean up.
+fn lock_file(path: &Path) -> Result<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&name)
+        .map_err(|e| open_error(path, "creating its lock file", e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(open_error(
+            path,
+            "locking",
+            std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "another store has the file open (in this process or another): one host owns a file",
+            ),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(open_error(path, "locking", e)),
+    }
+}
+
 impl SqliteStore {
     /// Opens the database at `path`, creating the file if it is missing (its
     /// directory must exist), and brings its schema up to date.
     ///
-    /// A file that is not a SQLite database, or a path that cannot be
-    /// created or written, is an [`Error::Backend`] saying so.
+    /// A file that is not a SQLite database, a path that cannot be created
+    /// or written, or a file another store has open (one host owns a file),
+    /// is an [`Error::Backend`] saying so.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(path, SqliteOptions::default()).await
     }
@@ -181,6 +213,7 @@ impl SqliteStore {
     /// [`open`](Self::open) with settings.
     pub async fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
         let path = path.as_ref();
+        let lock = lock_file(path)?;
         let opts = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -226,6 +259,7 @@ impl SqliteStore {
             writer: Writer::spawn(conn),
             reads: Some(reads),
             path: Some(Arc::new(path.to_owned())),
+            _lock: Some(Arc::new(lock)),
         })
     }
 
@@ -249,6 +283,7 @@ impl SqliteStore {
             writer: Writer::spawn(conn),
             reads: None,
             path: None,
+            _lock: None,
         })
     }
 

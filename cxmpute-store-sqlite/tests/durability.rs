@@ -262,6 +262,26 @@ async fn everything_survives_close_and_reopen() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_store_on_the_same_file_is_refused_while_the_first_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cxmpute.db");
+    let first = SqliteStore::open(&path).await.unwrap();
+    let e = SqliteStore::open(&path).await.unwrap_err();
+    assert!(matches!(e, Error::Backend { .. }), "{e:?}");
+    assert!(e.to_string().contains("one host owns a file"), "{e}");
+    // The same file by another name is the same file.
+    let other_name = dir.path().join(".").join("cxmpute.db");
+    assert!(SqliteStore::open(&other_name).await.is_err());
+    // A clone keeps it; the last one gone frees it.
+    let clone = first.clone();
+    drop(first);
+    assert!(SqliteStore::open(&path).await.is_err());
+    drop(clone);
+    let again = SqliteStore::open(&path).await.unwrap();
+    again.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_a_drop_without_close() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cxmpute.db");
