@@ -66,17 +66,27 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+mod lease;
+
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::secret::KeyHash;
 use crate::store::Store;
 use crate::store_support::moved_credits_left;
 use crate::store_support::{charged_credits_left, check_spendable, granted_balance};
 use crate::types::*;
+pub(crate) use lease::LeaseConfig;
+use lease::Leases;
 
-/// How the broker admits calls: through the store, or from memory.
+/// How the broker admits calls: through the store, from leases, or from
+/// memory.
 pub(crate) enum Admission {
-    /// Every hold is a reservation in the store (a store hosts share).
+    /// Every hold is a reservation in the store (a store hosts share, with
+    /// credit leases turned off).
     Store(Arc<dyn Store>),
+    /// Holds come from this host's credit leases, or are reservations in
+    /// the store when no lease covers them (a store hosts share).
+    Leased(Arc<Leases>),
     /// Holds live in memory; settlements alone are persisted (a store one
     /// host owns).
     Memory(Arc<Ledger>),
@@ -84,31 +94,41 @@ pub(crate) enum Admission {
 
 impl Admission {
     /// The admission `store` calls for, holding at most `capacity` idle
-    /// accounts in memory when it admits from there.
-    pub(crate) fn new(store: Arc<dyn Store>, capacity: usize) -> Self {
-        if store.owned_by_one_host() {
-            Admission::Memory(Arc::new(Ledger::new(store, capacity)))
-        } else {
-            Admission::Store(store)
+    /// accounts in memory when it admits from there, and taking credit
+    /// leases as `leases` says (`None`: no leases) on a shared store.
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        capacity: usize,
+        clock: Arc<dyn Clock>,
+        leases: Option<LeaseConfig>,
+    ) -> Self {
+        match (store.owned_by_one_host(), leases) {
+            (true, _) => Admission::Memory(Arc::new(Ledger::new(store, capacity))),
+            (false, Some(config)) => Admission::Leased(Arc::new(Leases::new(store, clock, config))),
+            (false, None) => Admission::Store(store),
         }
     }
 
     /// Holds `r.amount` of the user's credits and the key's limit (the key
     /// has hash `key_hash`): the reservation's checks, errors and all.
     pub(crate) async fn hold(&self, r: Reservation, key_hash: &KeyHash) -> Result<Hold> {
-        let ledger = match self {
+        let source = match self {
             Admission::Store(store) => {
                 store.reserve(&r).await?;
-                None
+                Source::Store
             }
+            Admission::Leased(leases) => match leases.hold(&r).await? {
+                Some(lease) => Source::Lease(leases.clone(), lease),
+                None => Source::Store,
+            },
             Admission::Memory(ledger) => {
                 ledger.hold(&r, key_hash).await?;
-                Some(ledger.clone())
+                Source::Memory(ledger.clone())
             }
         };
         Ok(Hold {
             r,
-            ledger,
+            source,
             state: AtomicU8::new(OPEN),
         })
     }
@@ -116,31 +136,65 @@ impl Admission {
     /// One try at persisting the settlement of `hold`. Call [`Hold::finish`]
     /// once the tries are over.
     pub(crate) async fn settle(&self, hold: &Hold, st: &Settlement) -> Result<SettleOutcome> {
-        match self {
-            Admission::Store(store) => store.settle(st).await,
-            Admission::Memory(ledger) => {
+        match &hold.source {
+            Source::Store => self.store().settle(st).await,
+            Source::Memory(ledger) => {
                 hold.state.store(SETTLING, Ordering::Release);
                 ledger.store.settle_held(&hold.r, st).await
+            }
+            Source::Lease(leases, lease) => {
+                hold.state.store(SETTLING, Ordering::Release);
+                leases.settle(lease, &hold.r, st).await
             }
         }
     }
 
+    fn store(&self) -> &Arc<dyn Store> {
+        match self {
+            Admission::Store(store) => store,
+            Admission::Leased(leases) => &leases.store,
+            Admission::Memory(ledger) => &ledger.store,
+        }
+    }
+
     /// Adds (or, when negative, removes) credits: the store's grant, with the
-    /// memory kept in step when the broker admits from it.
+    /// memory kept in step when the broker admits from it. A removal first
+    /// hands back this host's idle leases of the account, so that what they
+    /// hold can be removed.
     pub(crate) async fn grant(&self, grant: &CreditGrant) -> Result<Credits> {
         match self {
             Admission::Store(store) => store.grant_credits(grant).await,
+            Admission::Leased(leases) => {
+                if grant.amount < Credits::ZERO {
+                    leases.retire(&grant.user_id).await;
+                }
+                leases.store.grant_credits(grant).await
+            }
             Admission::Memory(ledger) => ledger.grant(grant).await,
         }
     }
 
     /// Takes from the store what changed of a user's account or keys other
     /// than money (suspension, a key's limit, routes or revocation), keeping
-    /// the holds of calls in flight. Call after each such change.
+    /// the holds of calls in flight. Call after each such change. With
+    /// leases, this host's leases of the account are retired: new calls
+    /// take new ones, checked against the change.
     pub(crate) async fn refresh(&self, user: &UserId) -> Result<()> {
         match self {
             Admission::Store(_) => Ok(()),
+            Admission::Leased(leases) => {
+                leases.retire(user).await;
+                Ok(())
+            }
             Admission::Memory(ledger) => ledger.refresh(user).await,
+        }
+    }
+
+    /// The maintenance tick's part: hands back idle, spent and retired
+    /// leases (`all`: every lease with no call in flight).
+    pub(crate) async fn upkeep(&self, all: bool) {
+        if let Admission::Leased(leases) = self {
+            leases.hand_back(all).await;
         }
     }
 
@@ -148,12 +202,31 @@ impl Admission {
     #[cfg(feature = "testkit")]
     pub(crate) fn accounts_held(&self) -> usize {
         match self {
-            Admission::Store(_) => 0,
+            Admission::Store(_) | Admission::Leased(_) => 0,
             Admission::Memory(ledger) => {
                 ledger.shards.iter().map(|s| s.lock().accounts.len()).sum()
             }
         }
     }
+
+    /// Credit leases held in memory now.
+    #[cfg(feature = "testkit")]
+    pub(crate) fn leases_held(&self) -> usize {
+        match self {
+            Admission::Leased(leases) => leases.count(),
+            _ => 0,
+        }
+    }
+}
+
+/// Where a hold lives.
+enum Source {
+    /// A reservation in the store.
+    Store,
+    /// The in-memory ledger of a store this host owns.
+    Memory(Arc<Ledger>),
+    /// A credit lease of this host (its request id).
+    Lease(Arc<Leases>, RequestId),
 }
 
 /// A hold not yet settled.
@@ -168,7 +241,7 @@ const DONE: u8 = 2;
 /// in full when no settlement was tried, else as one whose fate is unknown.
 pub(crate) struct Hold {
     r: Reservation,
-    ledger: Option<Arc<Ledger>>,
+    source: Source,
     state: AtomicU8,
 }
 
@@ -185,8 +258,10 @@ impl Hold {
         if self.state.swap(DONE, Ordering::AcqRel) == DONE {
             return;
         }
-        if let Some(ledger) = &self.ledger {
-            ledger.release(&self.r, committed);
+        match &self.source {
+            Source::Store => {}
+            Source::Memory(ledger) => ledger.release(&self.r, committed),
+            Source::Lease(leases, lease) => leases.finish(lease, &self.r, committed),
         }
     }
 }
@@ -550,6 +625,10 @@ mod tests {
     use crate::store_support::release_settlement;
     use crate::testkit::InstrumentedStore;
 
+    fn clock() -> Arc<dyn Clock> {
+        Arc::new(crate::clock::SystemClock)
+    }
+
     async fn account(store: &InstrumentedStore, credits: i64) -> (User, ApiKey) {
         let user = User {
             id: UserId::generate(),
@@ -619,7 +698,7 @@ mod tests {
     #[tokio::test]
     async fn an_account_is_read_once_and_only_idle_ones_go_past_the_capacity() {
         let store = Arc::new(InstrumentedStore::new());
-        let a = Admission::new(store.clone(), SHARDS);
+        let a = Admission::new(store.clone(), SHARDS, clock(), None);
         let mut busy = Vec::new();
         for _ in 0..100 {
             let (u, k) = account(&store, 100).await;
@@ -647,7 +726,7 @@ mod tests {
     #[tokio::test]
     async fn a_settlement_of_unknown_fate_keeps_its_hold_until_the_account_is_read_again() {
         let store = Arc::new(InstrumentedStore::new());
-        let a = Admission::new(store.clone(), 1_000);
+        let a = Admission::new(store.clone(), 1_000, clock(), None);
         let (u, k) = account(&store, 100).await;
         let first = hold(&a, &u, &k, 60).await.unwrap();
         let second = hold(&a, &u, &k, 30).await.unwrap();
@@ -665,7 +744,7 @@ mod tests {
     #[tokio::test]
     async fn a_hold_dropped_unsettled_is_released_and_one_dropped_settling_is_not() {
         let store = Arc::new(InstrumentedStore::new());
-        let a = Admission::new(store.clone(), 1_000);
+        let a = Admission::new(store.clone(), 1_000, clock(), None);
         let (u, k) = account(&store, 100).await;
         drop(hold(&a, &u, &k, 100).await.unwrap());
         let all = hold(&a, &u, &k, 100).await.unwrap();
@@ -681,7 +760,7 @@ mod tests {
     #[tokio::test]
     async fn grants_are_spendable_at_once_and_a_removal_cannot_take_what_calls_hold() {
         let store = Arc::new(InstrumentedStore::new());
-        let a = Admission::new(store.clone(), 1_000);
+        let a = Admission::new(store.clone(), 1_000, clock(), None);
         let (u, k) = account(&store, 100).await;
         let h = hold(&a, &u, &k, 70).await.unwrap();
         refused(a.grant(&grant(&u, -31)).await);

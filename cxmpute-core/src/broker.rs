@@ -192,6 +192,18 @@ pub struct BrokerConfig {
     /// and are read again when next used; an account with calls in flight
     /// is always held.
     pub account_capacity: usize,
+    /// Whether hosts sharing a store admit calls from credit leases (default
+    /// off): part of an account's balance (and its key's limit) reserved for
+    /// this host, from which calls are held in memory and settled in
+    /// batches, instead of a reservation and a settlement in the store per
+    /// call (see `docs/ARCHITECTURE.md`, "Admission"). Off, every call
+    /// reserves in the store. A store one host owns admits from memory
+    /// either way.
+    pub credit_leases: bool,
+    /// An account and key with no call for this long hands its credit
+    /// leases back on the next maintenance tick (default 5 s), so that other
+    /// hosts can spend what they held.
+    pub lease_idle: Duration,
     /// The most pools or models a public list names (default 100):
     /// `GET /v1/models`, the pool and model lists of `GET /v1/stats/network`
     /// and the per-pool series of `GET /metrics`. Anyone may register nodes
@@ -232,6 +244,8 @@ impl Default for BrokerConfig {
             key_cache_capacity: 100_000,
             key_cache_ttl: Duration::from_secs(1),
             account_capacity: 100_000,
+            credit_leases: false,
+            lease_idle: Duration::from_secs(5),
             public_list_limit: 100,
         }
     }
@@ -241,13 +255,7 @@ impl BrokerConfig {
     /// Refuses settings that would break the money rules: a call must always
     /// settle before the stale-reservation sweep could release its hold.
     fn check(&self) -> Result<()> {
-        let attempts = u32::try_from(self.max_attempts).unwrap_or(u32::MAX);
-        let longest = self
-            .first_byte_timeout
-            .saturating_mul(attempts.saturating_add(1))
-            .saturating_add(self.max_stream_duration)
-            .saturating_add(self.client_send_timeout)
-            .saturating_add(self.idle_timeout);
+        let longest = self.longest_call();
         if longest >= self.reservation_ttl {
             return Err(Error::InvalidInput(format!(
                 "a call may last {longest:?} (first-byte timeouts, stream duration, send \
@@ -261,6 +269,30 @@ impl BrokerConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The longest a gateway call may last: first-byte timeouts, stream
+    /// duration, send timeout.
+    fn longest_call(&self) -> Duration {
+        let attempts = u32::try_from(self.max_attempts).unwrap_or(u32::MAX);
+        self.first_byte_timeout
+            .saturating_mul(attempts.saturating_add(1))
+            .saturating_add(self.max_stream_duration)
+            .saturating_add(self.client_send_timeout)
+            .saturating_add(self.idle_timeout)
+    }
+
+    /// How credit leases are kept, when they are on. A lease admits calls
+    /// only as long as each can still settle before the stale sweep could
+    /// take it: the reservation TTL less the longest call, less a minute
+    /// (at most half the difference) for the settlement's own tries.
+    fn leases(&self) -> Option<crate::admission::LeaseConfig> {
+        let slack = self.reservation_ttl.saturating_sub(self.longest_call());
+        let renew_after = slack.saturating_sub((slack / 2).min(Duration::from_secs(60)));
+        self.credit_leases.then_some(crate::admission::LeaseConfig {
+            idle: self.lease_idle,
+            renew_after,
+        })
     }
 
     /// Allows loopback and private node endpoints (tests, private clusters).
@@ -358,7 +390,12 @@ impl BrokerBuilder {
         let (capacity, ttl) = (self.config.key_cache_capacity, self.config.key_cache_ttl);
         let inner = Inner {
             keys: KeyCache::new(self.store.clone(), self.clock.clone(), capacity, ttl),
-            admission: Admission::new(self.store.clone(), self.config.account_capacity),
+            admission: Admission::new(
+                self.store.clone(),
+                self.config.account_capacity,
+                self.clock.clone(),
+                self.config.leases(),
+            ),
             auth,
             // Stored prices are applied over these by the refresh below.
             prices: PriceTable::new(self.default_prices, Vec::new()),
@@ -564,8 +601,8 @@ impl Broker {
         Ok(())
     }
 
-    /// One round of housekeeping: expire silent nodes, release stale
-    /// reservations, delete spent sign-in codes and expired refresh tokens,
+    /// One round of housekeeping: expire silent nodes, hand back idle credit
+    /// leases, release stale reservations, delete spent sign-in codes and expired refresh tokens,
     /// flush statistics. Run it on an interval (see
     /// [`Broker::spawn_maintenance`]) or call it from tests with a manual clock.
     pub async fn run_maintenance(&self) -> Result<()> {
@@ -579,6 +616,8 @@ impl Broker {
             tracing::info!(provision = %id, "node expired: no heartbeat");
             self.inner.pools.remove(id);
         }
+        // Idle leases go back first, so the sweep finds only dead hosts'.
+        self.inner.admission.upkeep(false).await;
         self.inner
             .store
             .release_stale_reservations(now.minus(self.inner.config.reservation_ttl))

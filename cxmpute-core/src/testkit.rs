@@ -738,6 +738,11 @@ impl TestHost {
         self.broker.inner().admission.accounts_held()
     }
 
+    /// Credit leases this host holds in memory (a store hosts share).
+    pub fn leases_held(&self) -> usize {
+        self.broker.inner().admission.leases_held()
+    }
+
     /// The usage record of `user`'s latest request.
     pub async fn last_usage(&self, user: &UserId) -> UsageRecord {
         let latest = self.broker.store().usage_records(user, 1).await;
@@ -760,8 +765,11 @@ impl TestHost {
     /// held; for each user made by [`TestHost::user`], what it started with
     /// plus its grants minus its balance is what its usage records charged;
     /// for each provider those records name, its earnings are what they
-    /// rewarded; the store's totals agree (charged = rewarded + platform).
+    /// rewarded; the store's totals agree (charged = rewarded + platform). Credit
+    /// leases with no call in flight are handed back first.
     pub async fn assert_ledger(&self) {
+        // Leases with no call in flight go back, as they would once idle.
+        self.broker.inner().admission.upkeep(true).await;
         let store = self.broker.store();
         let totals = store.ledger_totals().await.expect("ledger totals");
         assert_eq!(totals.reserved, Credits::ZERO, "credits are still held");

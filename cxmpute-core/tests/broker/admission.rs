@@ -76,3 +76,101 @@ async fn a_host_holds_at_most_its_capacity_of_idle_accounts() {
     }
     h.assert_ledger().await;
 }
+
+/// A host on a memory store said to be shared, admitting from credit leases.
+async fn leased_host() -> (TestHost, Arc<InstrumentedStore>) {
+    let store = Arc::new(InstrumentedStore::new().shared());
+    let mut config = cxmpute_core::testkit::test_config();
+    config.credit_leases = true;
+    // The clock moves by hours in these tests: the node stays routable.
+    config.heartbeat_ttl = std::time::Duration::from_secs(1 << 30);
+    let h = TestHost::start_with(store.clone(), |b| b.config(config)).await;
+    (h, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_credit_leases_two_hundred_calls_against_credits_for_fifty_serve_fifty() {
+    let (h, store) = leased_host().await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    store.take_calls();
+    fifty_of_200_calls_are_served(&h).await;
+    let calls = store.take_calls();
+    // Settled in batches against leases, never one by one.
+    assert_eq!(calls.get("settle_held"), None, "{calls:?}");
+    assert!(calls.contains_key("settle_leased"), "{calls:?}");
+    let reserves = calls["reserve"];
+    assert!(reserves < 200, "{calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_credit_leases_calls_at_once_on_one_key_never_overspend_its_limit() {
+    let (h, _) = leased_host().await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    a_key_limit_holds_under_calls_at_once(&h).await;
+}
+
+#[tokio::test]
+async fn a_lease_admits_without_the_store_grows_and_goes_back_when_idle() {
+    let (h, store) = leased_host().await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    crate::common::price_per_call(&h).await;
+    let (user, key) = h.user(Credits(100_000)).await;
+    // Leases of 1, 2, 4, 8 and 16 calls' holds cover 31 calls.
+    store.take_calls();
+    for _ in 0..31 {
+        assert_eq!(crate::common::chat_status(&h, &key).await, 200);
+    }
+    let calls = store.take_calls();
+    assert_eq!(calls.get("reserve"), Some(&5), "{calls:?}");
+    assert_eq!(calls.get("settle_leased"), Some(&31), "{calls:?}");
+    // The next lease (32 calls) stays on this host while in use ...
+    assert_eq!(crate::common::chat_status(&h, &key).await, 200);
+    assert_eq!(h.balance(&user.id).await, Credits(100_000 - 63_000));
+    h.broker.run_maintenance().await.unwrap();
+    assert_eq!(h.balance(&user.id).await, Credits(100_000 - 63_000));
+    // ... and goes back to the account once idle, with the spent ones.
+    h.clock.advance(h.broker.config().lease_idle);
+    h.broker.run_maintenance().await.unwrap();
+    assert_eq!(h.leases_held(), 0);
+    assert_eq!(h.balance(&user.id).await, Credits(100_000 - 32_000));
+    let t = h.broker.store().ledger_totals().await.unwrap();
+    assert_eq!(t.reserved, Credits::ZERO);
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn a_lease_is_replaced_before_the_stale_sweep_could_take_it() {
+    let (h, store) = leased_host().await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    crate::common::price_per_call(&h).await;
+    let (user, key) = h.user(Credits(1_000_000)).await;
+    let ttl = h.broker.config().reservation_ttl;
+    // Two leases: of one call's hold, then of two (one left).
+    for _ in 0..2 {
+        assert_eq!(crate::common::chat_status(&h, &key).await, 200);
+    }
+    // One call every 1/40 of the TTL: the leases never idle, and grow to
+    // 64 calls' holds, which would outlive the TTL. Short of it, a lease no
+    // longer admits: a new one takes its place and it goes back.
+    let step = ttl / 40;
+    store.take_calls();
+    for _ in 0..130 {
+        h.clock.advance(step);
+        assert_eq!(crate::common::chat_status(&h, &key).await, 200);
+        h.broker.run_maintenance().await.unwrap();
+    }
+    let calls = store.take_calls();
+    // Sizes 2 (taken before), 4, ... 64: five; a renewal takes more.
+    assert!(calls.get("reserve").is_some_and(|&n| n > 5), "{calls:?}");
+    // Nothing was swept: every call was charged through its lease.
+    let t = h.broker.store().ledger_totals().await.unwrap();
+    let served = 2 + 130;
+    assert_eq!(t.charged, Credits(1_000 * served));
+    h.clock.advance(ttl);
+    h.broker.run_maintenance().await.unwrap();
+    assert_eq!(
+        h.balance(&user.id).await,
+        Credits(1_000_000 - 1_000 * served)
+    );
+    h.assert_ledger().await;
+}
