@@ -5,10 +5,9 @@
 //! the hold lives depends on the store ([`LedgerStore::owned_by_one_host`]):
 //!
 //! - **A store hosts share** (DynamoDB): the hold is a reservation in the
-//!   store (`reserve`, then `settle`), so no number of hosts can overspend.
-//!   Credit leases (a slice of an account's balance moved to one host, held
-//!   from in memory) are to take this path's place: a third [`Admission`],
-//!   behind the same [`Hold`].
+//!   store (`reserve`, then `settle`), so no number of hosts can overspend;
+//!   or, with [`BrokerConfig::credit_leases`](crate::BrokerConfig::credit_leases),
+//!   it comes from a credit lease of this host, in memory (see [`lease`]).
 //! - **A store one host owns** (memory, SQLite): the hold lives in this
 //!   module's [`Ledger`], in memory, checked with the same rules
 //!   ([`store_support::check_spendable`]) and refused with the same errors,
