@@ -392,9 +392,9 @@ impl LedgerStore for MemoryStore {
         if s.settled.contains_key(&st.request_id) {
             return Ok(SettleOutcome::AlreadySettled);
         }
-        let r = found(s.reservations.remove(&st.request_id), || {
-            format!("reservation {}", st.request_id)
-        })?;
+        let Some(r) = s.reservations.remove(&st.request_id) else {
+            return crate::store_support::not_open(&st.request_id);
+        };
         let plan = crate::store_support::SettlePlan::new(&r, st);
         plan.refund_to(s.users.get_mut(&r.user_id), s.keys.get_mut(&r.key_id));
         if let Some((pid, amount)) = &plan.reward {
@@ -403,7 +403,9 @@ impl LedgerStore for MemoryStore {
             }
         }
         plan.ledger_delta().add_to(&mut s.totals);
-        s.settled.insert(st.request_id.clone(), plan.usage);
+        if plan.records_usage() {
+            s.settled.insert(st.request_id.clone(), plan.usage);
+        }
         Ok(SettleOutcome::Applied)
     }
 

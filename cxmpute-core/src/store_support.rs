@@ -12,6 +12,39 @@ pub fn found<T>(v: Option<T>, what: impl FnOnce() -> String) -> Result<T> {
     v.ok_or_else(|| Error::NotFound(what()))
 }
 
+/// How every request id of a credit lease begins. A lease is a reservation
+/// of its own (see the broker's admission), and the store tells it from a
+/// call's by this prefix alone ([`is_lease`]): the broker names every request,
+/// and no call's id starts so.
+pub const LEASE_PREFIX: &str = "lease-";
+
+/// A new, unique request id for a credit lease.
+pub fn lease_id() -> RequestId {
+    RequestId::new(format!("{LEASE_PREFIX}{}", RequestId::generate()))
+}
+
+/// Whether `id` names a credit lease rather than a call. Settling a lease
+/// (handing it back, or the stale sweep taking it) returns what it still
+/// holds to the balance and the key and is no request: it charges and
+/// rewards nothing, stores no usage record, and is not counted among the
+/// ledger's settlements ([`SettlePlan::records_usage`]). Since nothing of
+/// it is kept, settling a lease that is no longer open is
+/// [`SettleOutcome::AlreadySettled`] ([`not_open`]): leases are only ever
+/// settled by the broker that took them and by the sweep.
+pub fn is_lease(id: &RequestId) -> bool {
+    id.as_str().starts_with(LEASE_PREFIX)
+}
+
+/// How a store answers [`settle`](crate::store::LedgerStore::settle) of a
+/// request with no open reservation and no settlement: `NotFound`, except
+/// for a lease, which was handed back or swept already ([`is_lease`]).
+pub fn not_open(id: &RequestId) -> Result<SettleOutcome> {
+    if is_lease(id) {
+        return Ok(SettleOutcome::AlreadySettled);
+    }
+    Err(Error::NotFound(format!("reservation {id}")))
+}
+
 /// Checks a reservation against the user and key it names, without changing
 /// anything: revoked key, suspended account, unpermitted route, balance, key limit.
 pub fn check_reservation(user: &User, key: &ApiKey, r: &Reservation) -> Result<()> {
@@ -129,8 +162,15 @@ impl LedgerDelta {
 
 impl SettlePlan {
     /// The plan for settling `st` against reservation `r`.
+    /// A lease ([`is_lease`]) is charged nothing and rewards nothing: its
+    /// calls were charged against it as they settled.
     pub fn new(r: &Reservation, st: &Settlement) -> Self {
-        let charged = Credits(st.charged.0.clamp(0, r.amount.0.max(0)));
+        let most = if is_lease(&r.request_id) {
+            0
+        } else {
+            r.amount.0.max(0)
+        };
+        let charged = Credits(st.charged.0.clamp(0, most));
         let refund = r.amount.saturating_sub(charged);
         let reward = st
             .reward
@@ -243,13 +283,19 @@ impl SettlePlan {
         }
     }
 
+    /// Whether this settlement stores its usage record and counts among
+    /// the ledger's settlements: every one but a lease's ([`is_lease`]).
+    pub fn records_usage(&self) -> bool {
+        !is_lease(&self.usage.request_id)
+    }
+
     /// What this settlement adds to the ledger: the charge and reward
     /// recorded, and the whole reservation (charged plus refunded) no longer
-    /// held.
+    /// held. A lease's is not counted as a settlement.
     pub fn ledger_delta(&self) -> LedgerDelta {
         let released = self.usage.charged.saturating_add(self.refund);
         LedgerDelta {
-            settlements: 1,
+            settlements: u64::from(self.records_usage()),
             charged: self.usage.charged,
             rewarded: self.usage.reward,
             reserved: Credits(released.0.saturating_neg()),

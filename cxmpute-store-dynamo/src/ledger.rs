@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use cxmpute_core::store_support::{
-    check_reservation, granted_balance, release_settlement, SettlePlan,
+    check_reservation, granted_balance, not_open, release_settlement, SettlePlan,
 };
 use cxmpute_core::{
     ApiKeyId, CreditGrant, Credits, Error, KeyHash, LedgerStore, LedgerTotals, ProviderId,
@@ -671,7 +671,11 @@ impl LedgerStore for DynamoStore {
             return Err(nf());
         };
         let r = Rd::new(&it, "request");
-        let key = crate::item::key(r.s("usage_pk")?, r.s("usage_sk")?);
+        // A settled lease points at no usage record: it is no request.
+        let (Some(pk), Some(sk)) = (r.opt_s("usage_pk")?, r.opt_s("usage_sk")?) else {
+            return Err(nf());
+        };
+        let key = crate::item::key(pk, sk);
         match self.get(what, key).await? {
             Some(u) => decode_usage(&u),
             None => Err(nf()),
@@ -811,9 +815,7 @@ impl DynamoStore {
             let h = match held.take() {
                 Some(h) => h,
                 None => match self.read_req(&st.request_id).await? {
-                    Req::Missing => {
-                        return Err(Error::NotFound(format!("reservation {}", st.request_id)))
-                    }
+                    Req::Missing => return not_open(&st.request_id),
                     Req::Settled(_) => return Ok(SettleOutcome::AlreadySettled),
                     Req::Open(h) => h,
                 },
@@ -837,13 +839,22 @@ impl DynamoStore {
                 ex.n("shard"),
                 ex.v(n(h.shard)),
             );
+            // A lease stays as settled (a repeat is `AlreadySettled`) but
+            // points at no usage record: it stores none.
+            let usage_at = if plan.records_usage() {
+                format!(
+                    ", {} = {}, {} = {}",
+                    ex.n("usage_pk"),
+                    ex.v(s(schema::user_pk(&plan.usage.user_id))),
+                    ex.n("usage_sk"),
+                    ex.v(s(usage_sk(&plan.usage))),
+                )
+            } else {
+                String::new()
+            };
             let upd = format!(
-                "SET {status} = {}, {} = {}, {} = {} REMOVE {}, {}",
+                "SET {status} = {}{usage_at} REMOVE {}, {}",
                 ex.v(s(SETTLED)),
-                ex.n("usage_pk"),
-                ex.v(s(schema::user_pk(&plan.usage.user_id))),
-                ex.n("usage_sk"),
-                ex.v(s(usage_sk(&plan.usage))),
                 ex.n(GSI_PK),
                 ex.n(GSI_SK),
             );
@@ -873,9 +884,11 @@ impl DynamoStore {
                 }
             }
 
-            let mut ex = Ex::new();
-            let cond = ex.absent();
-            tx.put(usage_item(&plan.usage), Some(cond), ex)?;
+            if plan.records_usage() {
+                let mut ex = Ex::new();
+                let cond = ex.absent();
+                tx.put(usage_item(&plan.usage), Some(cond), ex)?;
+            }
 
             let d = plan.ledger_delta();
             let mut ex = Ex::new();

@@ -19,7 +19,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use cxmpute_core::store_support::{apply_reservation, SettlePlan};
+use cxmpute_core::store_support::{apply_reservation, not_open, SettlePlan};
 use cxmpute_core::*;
 use sqlx::SqliteConnection;
 
@@ -152,10 +152,9 @@ impl Run {
         if self.settled.contains(&st.request_id) {
             return Ok(MoneyAnswer::Settled(SettleOutcome::AlreadySettled));
         }
-        let r = self
-            .open
-            .remove(&st.request_id)
-            .ok_or_else(|| Error::NotFound(format!("reservation {}", st.request_id)))?;
+        let Some(r) = self.open.remove(&st.request_id) else {
+            return not_open(&st.request_id).map(MoneyAnswer::Settled);
+        };
         let plan = SettlePlan::new(&r, st);
         let key = self.keys.get_mut(&r.key_id);
         if key.is_some() {
@@ -170,8 +169,11 @@ impl Run {
         if !self.taken_here.remove(&st.request_id) {
             self.closed.push(st.request_id.clone());
         }
-        self.settled.insert(st.request_id.clone());
-        self.usage.push(plan.usage);
+        // A lease keeps no mark once settled (see `not_open`).
+        if plan.records_usage() {
+            self.settled.insert(st.request_id.clone());
+            self.usage.push(plan.usage);
+        }
         Ok(MoneyAnswer::Settled(SettleOutcome::Applied))
     }
 
@@ -315,7 +317,12 @@ pub(crate) async fn apply(
         })
         .collect();
 
-    if run.taken_here.is_empty() && run.usage.is_empty() {
+    // A lease handed back changes rows but records no usage.
+    if run.taken_here.is_empty()
+        && run.usage.is_empty()
+        && run.closed.is_empty()
+        && run.touched_keys.is_empty()
+    {
         return Ok(answers); // everything was refused or a repeat: nothing to write
     }
     write(c, &run).await?;

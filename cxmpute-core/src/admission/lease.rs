@@ -125,7 +125,7 @@ impl Leases {
         let size = Credits(r.amount.0.saturating_mul(calls));
         if size > Credits::ZERO {
             let lease = Reservation {
-                request_id: RequestId::new(format!("lease-{}", RequestId::generate())),
+                request_id: crate::store_support::lease_id(),
                 amount: size,
                 created_at: self.clock.now(),
                 ..r.clone()

@@ -1114,6 +1114,86 @@ pub async fn settle_leased_rest_returns_on_release_and_sweep(store: Arc<dyn Stor
     assert_eq!((t.charged, t.reserved), (Credits::whole(3), Credits::ZERO));
 }
 
+/// A lease handed back (settled at zero) or taken by the stale sweep is no
+/// request: what it still holds returns to the balance and the key, but it
+/// stores no usage record, charges and rewards nothing even if asked to,
+/// and is not counted among the ledger's settlements; settling it again is
+/// `AlreadySettled`.
+pub async fn lease_release_is_no_request(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(8))).await;
+    let provider = stored_provider(&store).await;
+    let lease_of = |amount, t| {
+        let mut l = reservation(&user, &key, amount, at(t));
+        l.request_id = crate::store_support::lease_id();
+        assert!(crate::store_support::is_lease(&l.request_id));
+        l
+    };
+    let first = lease_of(Credits::whole(4), 1);
+    let second = lease_of(Credits::whole(3), 100);
+    store.reserve(&first).await.unwrap();
+    store.reserve(&second).await.unwrap();
+    let a = reservation(&user, &key, Credits::whole(2), at(2));
+    let sa = settlement(
+        &a,
+        Credits::whole(1),
+        Some((&provider, Credits::whole(1))),
+        at(3),
+    );
+    store
+        .settle_leased(&first.request_id, &[(a.clone(), sa)])
+        .await
+        .unwrap();
+
+    // Handed back, with a charge and a reward it is not given.
+    let mut back = crate::store_support::release_settlement(&first, at(4));
+    back.charged = Credits::whole(3);
+    back.reward = Some((provider.id.clone(), Credits::whole(1)));
+    assert_eq!(store.settle(&back).await.unwrap(), SettleOutcome::Applied);
+    assert_eq!(
+        store.settle(&back).await.unwrap(),
+        SettleOutcome::AlreadySettled
+    );
+    // 10 - 3 (the second lease) - 1 (the call).
+    assert_eq!(balance(&store, &user).await, Credits::whole(6));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::whole(4)));
+    assert_eq!(earnings(&store, &provider).await, Credits::whole(1));
+    assert_err!(
+        store.settlement(&first.request_id).await,
+        Error::NotFound(_)
+    );
+
+    // The second lease's host died: the sweep takes it, and no record either.
+    assert_eq!(store.release_stale_reservations(at(200)).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .settle(&crate::store_support::release_settlement(&second, at(201)))
+            .await
+            .unwrap(),
+        SettleOutcome::AlreadySettled
+    );
+    assert_eq!(balance(&store, &user).await, Credits::whole(9));
+    let k = store.api_key_by_hash(&key.hash).await.unwrap();
+    assert_eq!(k.credits_left, Some(Credits::whole(7)));
+    assert_err!(
+        store.settlement(&second.request_id).await,
+        Error::NotFound(_)
+    );
+
+    let records = store.usage_records(&user.id, 10).await.unwrap();
+    let ids: Vec<_> = records.iter().map(|u| u.request_id.clone()).collect();
+    assert_eq!(ids, vec![a.request_id.clone()]);
+    assert_eq!(
+        store.ledger_totals().await.unwrap(),
+        LedgerTotals {
+            settlements: 1,
+            charged: Credits::whole(1),
+            rewarded: Credits::whole(1),
+            reserved: Credits::ZERO,
+        }
+    );
+}
+
 /// A call whose id is an open reservation is refused, and nothing changes.
 pub async fn settle_leased_of_a_reserved_request_is_refused(store: Arc<dyn Store>) {
     let (user, key) = funded(&store, Credits::whole(10), None).await;

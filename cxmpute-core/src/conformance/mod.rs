@@ -140,6 +140,7 @@ macro_rules! store_conformance_tests {
                 settle_leased_charges_the_lease_once,
                 settle_leased_rest_returns_on_release_and_sweep,
                 settle_leased_of_a_reserved_request_is_refused,
+                lease_release_is_no_request,
             ],
             signin: [
                 login_code_is_single_use,
