@@ -193,7 +193,7 @@ pub struct BrokerConfig {
     /// is always held.
     pub account_capacity: usize,
     /// Whether hosts sharing a store admit calls from credit leases (default
-    /// off): part of an account's balance (and its key's limit) reserved for
+    /// on): part of an account's balance (and its key's limit) reserved for
     /// this host, from which calls are held in memory and settled in
     /// batches, instead of a reservation and a settlement in the store per
     /// call (see `docs/ARCHITECTURE.md`, "Admission"). Off, every call
@@ -244,7 +244,7 @@ impl Default for BrokerConfig {
             key_cache_capacity: 100_000,
             key_cache_ttl: Duration::from_secs(1),
             account_capacity: 100_000,
-            credit_leases: false,
+            credit_leases: true,
             lease_idle: Duration::from_secs(5),
             public_list_limit: 100,
         }

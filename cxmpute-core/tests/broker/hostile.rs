@@ -359,30 +359,30 @@ async fn settings_that_let_a_call_outlive_its_reservation_are_refused() {
 
 #[tokio::test]
 async fn statistics_count_a_settlement_whose_answer_was_lost_once() {
-    // On a store hosts share (reserved, then settled) and on one this host
-    // owns (held in memory, then settled at once).
-    for (store, settle) in [
-        (
-            cxmpute_core::testkit::InstrumentedStore::new().shared(),
-            "settle",
-        ),
-        (
-            cxmpute_core::testkit::InstrumentedStore::new(),
-            "settle_held",
-        ),
+    // On a store hosts share (reserved, then settled; or held from a credit
+    // lease, then settled against it) and on one this host owns (held in
+    // memory, then settled at once).
+    use cxmpute_core::testkit::InstrumentedStore;
+    for (store, leases, settle) in [
+        (InstrumentedStore::new().shared(), false, "settle"),
+        (InstrumentedStore::new().shared(), true, "settle_leased"),
+        (InstrumentedStore::new(), true, "settle_held"),
     ] {
-        a_lost_settlement_answer_is_counted_once(Arc::new(store), settle).await;
+        a_lost_settlement_answer_is_counted_once(Arc::new(store), leases, settle).await;
     }
 }
 
 async fn a_lost_settlement_answer_is_counted_once(
     store: Arc<cxmpute_core::testkit::InstrumentedStore>,
+    leases: bool,
     settle: &'static str,
 ) {
     // The store applies the settle and then reports a failure; the retry
     // finds it settled and must count it, once.
     store.lose_next_answer(settle);
-    let h = TestHost::start_market_with(store.clone(), Credits(500), |b| b).await;
+    let mut config = test_config();
+    config.credit_leases = leases;
+    let h = TestHost::start_market_with(store.clone(), Credits(500), |b| b.config(config)).await;
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
     let r = h

@@ -21,10 +21,13 @@ fn calls(list: &[(&'static str, usize)]) -> BTreeMap<&'static str, usize> {
 
 #[tokio::test]
 async fn a_key_is_read_once_then_held_for_its_ttl() {
-    // A store hosts share, so that each call's own store calls are the
-    // same two (see `store_calls` for a store this host owns).
+    // A store hosts share, without credit leases, so that each call's own
+    // store calls are the same two (see `store_calls` for a store this host
+    // owns).
     let store = Arc::new(InstrumentedStore::new().shared());
-    let h = TestHost::start(store.clone()).await;
+    let mut config = test_config();
+    config.credit_leases = false;
+    let h = TestHost::start_with(store.clone(), |b| b.config(config)).await;
     let ttl = h.broker.config().key_cache_ttl;
     assert_eq!(ttl, Duration::from_secs(1), "the default bound");
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
