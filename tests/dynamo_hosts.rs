@@ -144,6 +144,98 @@ async fn two_hosts_share_nodes_credits_and_usage() {
     assert_eq!(stats[0].1.requests, 12);
     assert_eq!(stats[0].1.charged, 12_000);
     assert_eq!(s.usage_records(&u.id, 100).await.unwrap().len(), 12);
+    b.assert_ledger().await;
+    a.assert_ledger().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_dropped_holding_a_credit_lease_gives_it_back_through_the_other_hosts_sweep() {
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("d{}_", secret::random_token(10).to_lowercase());
+    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let (_node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
+    let (u, key) = a.user(Credits(10_000)).await;
+    let c = reqwest::Client::new();
+    // Leases of one, two and four calls: the last still holds three.
+    for _ in 0..4 {
+        assert_eq!(chat(&c, &a.url, &key).await, 200);
+    }
+    let s = b.broker.store();
+    let held = s.ledger_totals().await.unwrap().reserved;
+    assert!(held > Credits::ZERO, "host A holds a lease");
+    assert_eq!(
+        s.user(&u.id).await.unwrap().credits,
+        Credits(10_000 - 4_000).saturating_sub(held)
+    );
+
+    // Host A goes away without handing anything back. Its lease outlives
+    // the reservation TTL; B's maintenance sweeps it back to the account.
+    drop(a);
+    b.clock.advance(b.broker.config().reservation_ttl / 2);
+    b.broker.run_maintenance().await.unwrap();
+    assert_eq!(s.ledger_totals().await.unwrap().reserved, held, "not yet");
+    b.clock
+        .advance(b.broker.config().reservation_ttl / 2 + Duration::from_secs(1));
+    b.broker.run_maintenance().await.unwrap();
+    let totals = s.ledger_totals().await.unwrap();
+    assert_eq!(totals.reserved, Credits::ZERO);
+    assert_eq!((totals.settlements, totals.charged), (4, Credits(4_000)));
+    assert_eq!(s.user(&u.id).await.unwrap().credits, Credits(6_000));
+    assert_eq!(s.usage_records(&u.id, 100).await.unwrap().len(), 4);
+}
+
+// Not met yet: 0.22 store calls per call measured on moto (137 batches
+// averaging 7 calls, 31 settlement reads after batches that failed and were
+// retried, 16 account re-reads). Run with `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the 0.1 bound is not met yet: 0.22 measured"]
+async fn calls_of_one_account_from_credit_leases_cost_at_most_a_tenth_of_a_store_call_each() {
+    let Some(ep) = endpoint() else { return };
+    const CALLS: usize = 1_000;
+    const CLIENTS: usize = 32;
+    let prefix = format!("r{}_", secret::random_token(10).to_lowercase());
+    let inner = DynamoStore::connect(config(&ep, &prefix)).await.unwrap();
+    inner.create_tables_if_missing().await.unwrap();
+    let counted = Arc::new(InstrumentedStore::wrap(inner));
+    let h = TestHost::start(counted.clone()).await;
+    h.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+    let (_node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
+    let (_u, key) = h.user(Credits::whole(100)).await;
+    let c = reqwest::Client::new();
+    counted.take_calls();
+
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (c, key, url, next) = (c.clone(), key.clone(), h.url.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, Ordering::SeqCst) < CALLS {
+                assert_eq!(chat(&c, &url, &key).await, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let calls = counted.take_calls();
+    let total: usize = calls.values().sum();
+    let per_call = total as f64 / CALLS as f64;
+    eprintln!("{total} store calls for {CALLS} calls ({per_call:.3} each): {calls:?}");
+    assert!(
+        per_call <= 0.1,
+        "{per_call} store calls per call: {calls:?}"
+    );
+    h.assert_ledger().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
