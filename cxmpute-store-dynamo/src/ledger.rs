@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use cxmpute_core::store_support::{
-    check_reservation, granted_balance, not_open, release_settlement, SettlePlan,
+    check_reservation, granted_balance, not_open, release_settlement, LedgerDelta, SettlePlan,
 };
 use cxmpute_core::{
     ApiKeyId, CreditGrant, Credits, Error, KeyHash, LedgerStore, LedgerTotals, ProviderId,
@@ -473,18 +473,7 @@ impl LedgerStore for DynamoStore {
             let cond = ex.absent();
             tx.put(usage_item(&plan.usage), Some(cond), ex)?;
 
-            let d = plan.held_ledger_delta();
-            let mut ex = Ex::new();
-            let upd = format!(
-                "ADD {} {}, {} {}, {} {}",
-                ex.n("settlements"),
-                ex.v(n(d.settlements)),
-                ex.n("charged"),
-                ex.v(n(d.charged.0)),
-                ex.n("rewarded"),
-                ex.v(n(d.rewarded.0)),
-            );
-            tx.update(schema::ledger(shard), upd, None, ex)?;
+            add_to_ledger(&mut tx, shard, &plan.held_ledger_delta())?;
 
             let flags = match self.transact(what, tx).await {
                 Ok(()) => return Ok(SettleOutcome::Applied),
@@ -605,19 +594,7 @@ impl LedgerStore for DynamoStore {
                 provider_is.push((pid.clone(), i));
             }
 
-            let mut ex = Ex::new();
-            let upd = format!(
-                "ADD {} {}, {} {}, {} {}, {} {}",
-                ex.n("settlements"),
-                ex.v(n(delta.settlements)),
-                ex.n("charged"),
-                ex.v(n(delta.charged.0)),
-                ex.n("rewarded"),
-                ex.v(n(delta.rewarded.0)),
-                ex.n("reserved"),
-                ex.v(n(delta.reserved.0)),
-            );
-            tx.update(schema::ledger(h.shard), upd, None, ex)?;
+            add_totals_to_ledger(&mut tx, h.shard, &delta)?;
 
             let flags = match self.transact(what, tx).await {
                 Ok(()) => {
@@ -890,20 +867,7 @@ impl DynamoStore {
                 tx.put(usage_item(&plan.usage), Some(cond), ex)?;
             }
 
-            let d = plan.ledger_delta();
-            let mut ex = Ex::new();
-            let upd = format!(
-                "ADD {} {}, {} {}, {} {}, {} {}",
-                ex.n("settlements"),
-                ex.v(n(d.settlements)),
-                ex.n("charged"),
-                ex.v(n(d.charged.0)),
-                ex.n("rewarded"),
-                ex.v(n(d.rewarded.0)),
-                ex.n("reserved"),
-                ex.v(n(d.reserved.0)),
-            );
-            tx.update(schema::ledger(h.shard), upd, None, ex)?;
+            add_to_ledger(&mut tx, h.shard, &plan.ledger_delta())?;
 
             let flags = match self.transact(what, tx).await {
                 Ok(()) => return Ok(SettleOutcome::Applied),
@@ -966,4 +930,30 @@ impl DynamoStore {
             KeyRefund::Cap
         })
     }
+}
+
+/// Adds one settlement's delta to a ledger shard's running totals, in `tx`.
+fn add_to_ledger(tx: &mut Tx, shard: u32, d: &LedgerDelta) -> Result<()> {
+    let mut totals = LedgerTotals::default();
+    d.add_to(&mut totals);
+    add_totals_to_ledger(tx, shard, &totals)
+}
+
+/// Adds `t` (one settlement's delta, or a batch's summed) to a ledger
+/// shard's running totals, in `tx`: the one place the shard's sums are written.
+fn add_totals_to_ledger(tx: &mut Tx, shard: u32, t: &LedgerTotals) -> Result<()> {
+    let mut ex = Ex::new();
+    let upd = format!(
+        "ADD {} {}, {} {}, {} {}, {} {}",
+        ex.n("settlements"),
+        ex.v(n(t.settlements)),
+        ex.n("charged"),
+        ex.v(n(t.charged.0)),
+        ex.n("rewarded"),
+        ex.v(n(t.rewarded.0)),
+        ex.n("reserved"),
+        ex.v(n(t.reserved.0)),
+    );
+    tx.update(schema::ledger(shard), upd, None, ex)?;
+    Ok(())
 }
