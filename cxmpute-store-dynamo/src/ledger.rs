@@ -427,18 +427,7 @@ impl LedgerStore for DynamoStore {
             // was never open, so it never enters the index of open ones).
             let mut ex = Ex::new();
             let cond = ex.absent();
-            let req = ItemBuilder::at(schema::request(&hold.request_id))
-                .s("status", SETTLED)
-                .s("request_id", hold.request_id.as_str())
-                .s("user_id", hold.user_id.as_str())
-                .s("key_id", hold.key_id.as_str())
-                .s("route", hold.route.path())
-                .n("amount", hold.amount.0)
-                .n("created_at", hold.created_at.0)
-                .n("shard", shard)
-                .s("usage_pk", schema::user_pk(&plan.usage.user_id))
-                .s("usage_sk", usage_sk(&plan.usage))
-                .build();
+            let req = settled_request(hold, shard, &plan.usage).build();
             let req_i = tx.put(req, Some(cond), ex)?;
 
             // The charge, off the account (users are never deleted, so a
@@ -546,18 +535,8 @@ impl LedgerStore for DynamoStore {
                 // Written settled at once: never open, never swept.
                 let mut ex = Ex::new();
                 let cond = ex.absent();
-                let req = ItemBuilder::at(schema::request(&hold.request_id))
-                    .s("status", SETTLED)
-                    .s("request_id", hold.request_id.as_str())
-                    .s("user_id", hold.user_id.as_str())
-                    .s("key_id", hold.key_id.as_str())
-                    .s("route", hold.route.path())
-                    .n("amount", hold.amount.0)
-                    .n("created_at", hold.created_at.0)
-                    .n("shard", h.shard)
+                let req = settled_request(hold, h.shard, &plan.usage)
                     .s("lease", lease.as_str())
-                    .s("usage_pk", schema::user_pk(&plan.usage.user_id))
-                    .s("usage_sk", usage_sk(&plan.usage))
                     .build();
                 req_is.push((i, tx.put(req, Some(cond), ex)?));
                 let mut ex = Ex::new();
@@ -956,4 +935,21 @@ fn add_totals_to_ledger(tx: &mut Tx, shard: u32, t: &LedgerTotals) -> Result<()>
     );
     tx.update(schema::ledger(shard), upd, None, ex)?;
     Ok(())
+}
+
+/// The request item of a call whose hold lived outside the store (in memory
+/// or in a lease): written settled at once, so it never enters the index of
+/// open ones, with a pointer to its usage record.
+fn settled_request(hold: &Reservation, shard: u32, usage: &UsageRecord) -> ItemBuilder {
+    ItemBuilder::at(schema::request(&hold.request_id))
+        .s("status", SETTLED)
+        .s("request_id", hold.request_id.as_str())
+        .s("user_id", hold.user_id.as_str())
+        .s("key_id", hold.key_id.as_str())
+        .s("route", hold.route.path())
+        .n("amount", hold.amount.0)
+        .n("created_at", hold.created_at.0)
+        .n("shard", shard)
+        .s("usage_pk", schema::user_pk(&usage.user_id))
+        .s("usage_sk", usage_sk(usage))
 }
