@@ -482,6 +482,45 @@ pub struct ApiKey {
     pub last_used_at: Option<Timestamp>,
     /// Set once the key is revoked; a revoked key never works again.
     pub revoked_at: Option<Timestamp>,
+    /// How fast the key may call (absent in stored JSON: no limit).
+    #[serde(default)]
+    pub rate_limits: RateLimits,
+}
+
+/// How fast a key may call: requests and tokens (input and output, as a
+/// call's bound counts them) per minute. `None` is no limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RateLimits {
+    /// Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub tpm: Option<u64>,
+}
+
+impl RateLimits {
+    /// No limit at all.
+    pub const NONE: RateLimits = RateLimits {
+        rpm: None,
+        tpm: None,
+    };
+
+    /// Whether either limit is set.
+    pub fn is_limited(&self) -> bool {
+        self.rpm.is_some() || self.tpm.is_some()
+    }
+}
+
+/// What a rate window's counters hold in the store: requests and tokens
+/// counted by every host sharing it (see `UserStore::add_rate_usage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateUsage {
+    /// Requests.
+    pub requests: u64,
+    /// Tokens.
+    pub tokens: u64,
 }
 
 impl ApiKey {
@@ -501,6 +540,10 @@ pub struct ApiKeyUpdate {
     pub credit_limit: Option<Option<Credits>>,
     /// New permitted routes (empty: every route).
     pub permitted_routes: Option<Vec<Route>>,
+    /// A new requests-per-minute limit: `Some(None)` removes it.
+    pub rpm: Option<Option<u32>>,
+    /// A new tokens-per-minute limit: `Some(None)` removes it.
+    pub tpm: Option<Option<u64>>,
 }
 
 /// A provider account: the one who runs nodes and earns.

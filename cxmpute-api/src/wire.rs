@@ -835,6 +835,12 @@ pub struct ApiKeyView {
     pub created_at: Timestamp,
     /// When it last admitted a request.
     pub last_used_at: Option<Timestamp>,
+    /// Requests per minute it may make (`None`: no limit of its own).
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Tokens per minute it may use (`None`: no limit of its own).
+    #[serde(default)]
+    pub tpm: Option<u64>,
 }
 
 impl From<&ApiKey> for ApiKeyView {
@@ -848,6 +854,8 @@ impl From<&ApiKey> for ApiKeyView {
             permitted_routes: k.permitted_routes.clone(),
             created_at: k.created_at,
             last_used_at: k.last_used_at,
+            rpm: k.rate_limits.rpm,
+            tpm: k.rate_limits.tpm,
         }
     }
 }
@@ -899,8 +907,9 @@ pub struct CreateKeyResponse {
     pub api_key: Secret,
 }
 
-/// `PATCH /v1/me/keys/{id}`: change a key. Absent fields stay as they are;
-/// `"credit_limit": null` removes the limit.
+/// `PATCH /v1/me/keys/{id}` and `PATCH /v1/admin/keys/{id}`: change a key.
+/// Absent fields stay as they are; `null` removes a limit (`credit_limit`,
+/// `rpm`, `tpm`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateKeyRequest {
@@ -917,6 +926,20 @@ pub struct UpdateKeyRequest {
     /// New permitted routes (empty: every route).
     #[serde(default)]
     pub permitted_routes: Option<Vec<Route>>,
+    /// Requests per minute (at least 1); `null` removes the limit.
+    #[serde(
+        default,
+        deserialize_with = "present_nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rpm: Option<Option<u32>>,
+    /// Tokens per minute (at least 1); `null` removes the limit.
+    #[serde(
+        default,
+        deserialize_with = "present_nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tpm: Option<Option<u64>>,
 }
 
 /// Tells an absent field (`None`, by `default`) from an explicit `null` (`Some(None)`).

@@ -206,8 +206,9 @@ impl AccountApi<'_> {
             .await
     }
 
-    /// `PATCH /v1/me/keys/{id}`: renames a key, changes its limit
-    /// (`Some(None)` removes it) or its permitted routes; absent fields stay.
+    /// `PATCH /v1/me/keys/{id}`: renames a key, changes its credit limit or
+    /// rate limits (`rpm`, `tpm`; `Some(None)` removes one) or its permitted
+    /// routes; absent fields stay.
     ///
     /// ```no_run
     /// use cxmpute_client::types::{ApiKeyId, Credits};

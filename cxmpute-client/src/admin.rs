@@ -2,12 +2,12 @@
 //! notifications, called with an admin's API key or session.
 
 use cxmpute_api::types::{
-    Notification, NotificationId, PriceEntry, ProviderId, ProvisionId, UserId,
+    ApiKeyId, Notification, NotificationId, PriceEntry, ProviderId, ProvisionId, UserId,
 };
 use cxmpute_api::wire::{
-    AdminProviderView, AdminProvisionView, AdminUserDetail, AdminUserView, BalanceResponse,
-    CreateProviderRequest, CreateProviderResponse, CreateUserRequest, CreateUserResponse,
-    GrantCreditsRequest, NotificationRequest, SuspendRequest,
+    AdminProviderView, AdminProvisionView, AdminUserDetail, AdminUserView, ApiKeyView,
+    BalanceResponse, CreateProviderRequest, CreateProviderResponse, CreateUserRequest,
+    CreateUserResponse, GrantCreditsRequest, NotificationRequest, SuspendRequest, UpdateKeyRequest,
 };
 use http::Method;
 
@@ -72,6 +72,31 @@ impl AdminApi<'_> {
                 &["v1", "admin", "users", user.as_str(), "credits"],
             )
             .json(req)?
+            .send_json()
+            .await
+    }
+
+    /// `PATCH /v1/admin/keys/{id}`: changes any user's key: its rate limits
+    /// (`rpm`, `tpm`; `Some(None)` removes one), credit limit, routes or
+    /// name; absent fields stay.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::ApiKeyId;
+    /// use cxmpute_client::wire::UpdateKeyRequest;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let limits = UpdateKeyRequest { rpm: Some(Some(60)), tpm: Some(Some(100_000)), ..Default::default() };
+    /// let key = admin.admin().update_key(&ApiKeyId::new("key_..."), &limits).await?;
+    /// println!("{:?} requests a minute", key.rpm);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn update_key(&self, id: &ApiKeyId, req: &UpdateKeyRequest) -> Result<ApiKeyView> {
+        self.client
+            .req(Method::PATCH, &["v1", "admin", "keys", id.as_str()])
+            .json(req)?
+            // It sets values: applying it twice leaves what applying it once does.
+            .idempotent(true)
             .send_json()
             .await
     }

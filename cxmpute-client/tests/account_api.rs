@@ -179,6 +179,8 @@ async fn own_keys_are_created_used_changed_and_revoked() {
         name: Some("ci-2".into()),
         credit_limit: Some(None),
         permitted_routes: Some(Vec::new()),
+        rpm: Some(Some(60)),
+        tpm: Some(Some(100_000)),
     };
     let changed = session
         .account()
@@ -188,6 +190,7 @@ async fn own_keys_are_created_used_changed_and_revoked() {
     assert_eq!(changed.name, "ci-2");
     assert_eq!((changed.credit_limit, changed.credits_left), (None, None));
     assert!(changed.permitted_routes.is_empty());
+    assert_eq!((changed.rpm, changed.tpm), (Some(60), Some(100_000)));
     // An absent field stays as it is.
     let rename = UpdateKeyRequest {
         name: Some("ci-3".into()),

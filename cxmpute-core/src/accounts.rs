@@ -29,6 +29,11 @@ use crate::wire::*;
 const MAX_NAME_LEN: usize = 100;
 /// Days of history in a provider's earnings.
 const EARNINGS_DAYS: i32 = 30;
+/// The highest requests-per-minute limit a key may be given (a bound, so
+/// counters and the store's numbers never come near overflowing).
+const MAX_RPM: u64 = 100_000_000;
+/// The highest tokens-per-minute limit a key may be given.
+const MAX_TPM: u64 = 1_000_000_000_000_000;
 
 /// A user's and a provider's own account over a [`Broker`]. Get one with
 /// [`Broker::accounts`].
@@ -68,6 +73,19 @@ pub(crate) fn normalize_email(email: &str) -> Result<String> {
         ));
     }
     Ok(e)
+}
+
+/// Refuses a rate limit of 0 (`null` removes a limit) or above `max`.
+fn check_rate_limit(what: &str, v: Option<u64>, max: u64) -> Result<()> {
+    match v {
+        Some(0) => Err(Error::InvalidInput(format!(
+            "`{what}` must be at least 1 (null removes the limit)"
+        ))),
+        Some(v) if v > max => Err(Error::InvalidInput(format!(
+            "`{what}` must be at most {max}"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses text longer than `max` bytes.
@@ -233,6 +251,7 @@ impl Accounts {
             created_at: self.now(),
             last_used_at: None,
             revoked_at: None,
+            rate_limits: RateLimits::NONE,
         };
         self.store().create_api_key(&key).await?;
         self.broker.inner().keys.forget(&key.hash); // it may be held as unknown
@@ -395,26 +414,47 @@ impl Accounts {
         req: UpdateKeyRequest,
     ) -> Result<ApiKey> {
         forbidden_if_suspended(&user.suspended, "this account")?;
+        let update = Self::key_update(req)?;
+        self.owned_key(user, id).await?;
+        self.apply_key_update(id, &update).await
+    }
+
+    /// A key change as asked, checked by the rules every key is held to:
+    /// the owner's and an admin's alike.
+    pub(crate) fn key_update(req: UpdateKeyRequest) -> Result<ApiKeyUpdate> {
         let name = req.name.as_deref().map(str::trim);
         Self::check_key_fields(
             name,
             req.credit_limit.flatten(),
             req.permitted_routes.as_deref(),
         )?;
-        self.owned_key(user, id).await?;
+        check_rate_limit("rpm", req.rpm.flatten().map(u64::from), MAX_RPM)?;
+        check_rate_limit("tpm", req.tpm.flatten(), MAX_TPM)?;
         let routes = req.permitted_routes.map(|mut r| {
             r.sort();
             r.dedup();
             r
         });
-        let update = ApiKeyUpdate {
+        Ok(ApiKeyUpdate {
             name: name.map(str::to_owned),
             credit_limit: req.credit_limit,
             permitted_routes: routes,
-        };
-        let key = self.store().update_api_key(id, &update).await?;
+            rpm: req.rpm,
+            tpm: req.tpm,
+        })
+    }
+
+    /// Stores a checked key change and applies it on this host at once
+    /// (the key's memory and its account's admission). `NotFound` when
+    /// there is no such key.
+    pub(crate) async fn apply_key_update(
+        &self,
+        id: &ApiKeyId,
+        update: &ApiKeyUpdate,
+    ) -> Result<ApiKey> {
+        let key = self.store().update_api_key(id, update).await?;
         self.broker.inner().keys.forget(&key.hash);
-        self.broker.inner().admission.refresh(&user.id).await?;
+        self.broker.inner().admission.refresh(&key.user_id).await?;
         Ok(key)
     }
 

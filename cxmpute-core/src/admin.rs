@@ -91,6 +91,15 @@ impl Admin {
             .await
     }
 
+    /// Changes any user's API key: name, credit limit, routes, rate limits
+    /// (`rpm`, `tpm`; `null` removes one), by the rules a key's owner is held to.
+    pub async fn update_key(&self, id: &ApiKeyId, req: UpdateKeyRequest) -> Result<ApiKey> {
+        let update = crate::accounts::Accounts::key_update(req)?;
+        let key = self.broker.accounts().apply_key_update(id, &update).await?;
+        tracing::info!(key = %id, user = %key.user_id, "API key changed by an admin");
+        Ok(key)
+    }
+
     /// Makes sure an admin account for `email` exists with an API key that
     /// administers (an unrestricted one: restricted keys never do). Returns a
     /// new key's secret when one was created: on first start (or when the

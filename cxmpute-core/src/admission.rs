@@ -654,6 +654,7 @@ mod tests {
             created_at: Timestamp(0),
             last_used_at: None,
             revoked_at: None,
+            rate_limits: RateLimits::default(),
         };
         store.inner.create_api_key(&key).await.unwrap();
         (user, key)

@@ -95,6 +95,7 @@ use crate::network::NetworkConfig;
 use crate::pool::PoolIndex;
 pub use crate::pool::{ListedPools, RoutePreferences};
 use crate::pricing::{default_prices, PriceTable};
+use crate::ratelimit::RateLimiter;
 use crate::reward::{FlatReward, RewardPolicy};
 use crate::secret::Secret;
 use crate::select::{PeakEwmaSelector, ProvisionSelector};
@@ -211,6 +212,11 @@ pub struct BrokerConfig {
     /// then the largest (the busiest, for models by traffic), and count the
     /// rest without naming them.
     pub public_list_limit: usize,
+    /// Every account's rate limits over all its keys together: requests and
+    /// tokens per minute (default none). A key's own limits
+    /// ([`ApiKey::rate_limits`], set by its owner or an admin) apply too; a
+    /// call must fit both. See `docs/ARCHITECTURE.md`, "Rate limits".
+    pub account_rate_limits: RateLimits,
 }
 
 impl Default for BrokerConfig {
@@ -247,6 +253,7 @@ impl Default for BrokerConfig {
             credit_leases: true,
             lease_idle: Duration::from_secs(5),
             public_list_limit: 100,
+            account_rate_limits: RateLimits::NONE,
         }
     }
 }
@@ -396,6 +403,11 @@ impl BrokerBuilder {
                 self.clock.clone(),
                 self.config.leases(),
             ),
+            limits: RateLimiter::new(
+                self.store.clone(),
+                self.clock.clone(),
+                self.config.account_rate_limits,
+            ),
             auth,
             // Stored prices are applied over these by the refresh below.
             prices: PriceTable::new(self.default_prices, Vec::new()),
@@ -426,6 +438,8 @@ pub(crate) struct Inner {
     pub(crate) keys: KeyCache,
     /// Where calls' credits are held while they run (see [`crate::admission`]).
     pub(crate) admission: Admission,
+    /// Requests and tokens per minute (see [`crate::ratelimit`]).
+    pub(crate) limits: RateLimiter,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) selector: Arc<dyn ProvisionSelector>,
@@ -618,6 +632,7 @@ impl Broker {
         }
         // Idle leases go back first, so the sweep finds only dead hosts'.
         self.inner.admission.upkeep(false).await;
+        self.inner.limits.upkeep();
         self.inner
             .store
             .release_stale_reservations(now.minus(self.inner.config.reservation_ttl))

@@ -39,6 +39,17 @@ pub enum Error {
     /// Too many requests (rate limits on sign-in codes and the like).
     #[error("rate limited: {0}")]
     RateLimited(String),
+    /// A key's or its account's requests or tokens per minute are used up
+    /// until `retry_after` (HTTP 429, code `rate_limit_exceeded`).
+    #[error("rate limit exceeded: {message}")]
+    RateLimitExceeded {
+        /// What was exceeded, OpenAI's way: the limit, what is used, what was asked.
+        message: String,
+        /// Whether it is the tokens limit (else the requests limit).
+        tokens: bool,
+        /// When the limit allows calls again.
+        retry_after: std::time::Duration,
+    },
     /// Missing, unknown, revoked or expired credentials.
     #[error("unauthorized: {0}")]
     Unauthorized(String),

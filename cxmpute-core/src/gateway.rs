@@ -30,6 +30,7 @@ use crate::health::{self, Outcome};
 use crate::metrics::AttemptOutcome;
 use crate::pool::{InFlight, Node, RoutePreferences};
 use crate::pricing::{Cost, Meter};
+use crate::ratelimit::{RateStatus, Ticket};
 use crate::reward::RewardContext;
 use crate::services::{self, AnswerKind, Prepared};
 use crate::sse::ChatStreamMeter;
@@ -40,6 +41,11 @@ use crate::types::*;
 const REFUSED: &str = "the model server refused this request (for example: the input is too \
                        long for the model, an image could not be fetched, or a parameter is \
                        not supported)";
+
+/// The tokens a tokens-per-minute limit counts of a call: input and output.
+fn bound_tokens(m: Meter) -> u64 {
+    m.input_tokens.saturating_add(m.output_tokens)
+}
 
 /// The phases of an attempt whose usual duration is tracked per pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -236,14 +242,35 @@ impl Broker {
     /// stream is settled for what was passed on before the caller left.
     /// Nothing is ever left held for the stale-reservation sweep.
     pub async fn handle(&self, req: GatewayRequest) -> Result<GatewayResponse> {
-        let broker = self.clone();
-        let task = async move { broker.admit_and_run(req).await };
-        tokio::spawn(task.instrument(tracing::Span::current()))
-            .await
-            .map_err(|e| Error::backend("the gateway call's task failed", e))?
+        self.handle_limited(req).await.0
     }
 
-    async fn admit_and_run(&self, req: GatewayRequest) -> Result<GatewayResponse> {
+    /// [`Broker::handle`], with the rate limits the answer reports (its
+    /// `x-ratelimit-*` headers; empty before the caller is known).
+    pub(crate) async fn handle_limited(
+        &self,
+        req: GatewayRequest,
+    ) -> (Result<GatewayResponse>, RateStatus) {
+        let broker = self.clone();
+        let task = async move {
+            let mut rate = RateStatus::default();
+            let answer = broker.admit_and_run(req, &mut rate).await;
+            (answer, rate)
+        };
+        match tokio::spawn(task.instrument(tracing::Span::current())).await {
+            Ok(done) => done,
+            Err(e) => (
+                Err(Error::backend("the gateway call's task failed", e)),
+                RateStatus::default(),
+            ),
+        }
+    }
+
+    async fn admit_and_run(
+        &self,
+        req: GatewayRequest,
+        rate: &mut RateStatus,
+    ) -> Result<GatewayResponse> {
         let started = Instant::now();
         let i = self.inner();
         // 1. Authenticate, from memory for a key seen lately.
@@ -252,6 +279,10 @@ impl Broker {
             return Err(Error::Forbidden("account suspended".into()));
         }
         let key = &known.key;
+        let limited = i.limits.applies(key);
+        if limited {
+            *rate = i.limits.status(key);
+        }
         if !key.permits(req.route) {
             return Err(Error::Forbidden(format!(
                 "this API key may not call {}",
@@ -280,13 +311,25 @@ impl Broker {
             amount,
             created_at: self.now(),
         };
+        // Requests and tokens per minute: from memory (see `ratelimit`).
+        let ticket = match limited {
+            true => (i.limits.admit(key, bound_tokens(prep.bound), rate)).await?,
+            false => Ticket::default(),
+        };
         // In the store, or in memory when this host owns the store.
-        let hold = i.admission.hold(reservation, &key.hash).await?;
+        let hold = match i.admission.hold(reservation, &key.hash).await {
+            Ok(hold) => hold,
+            Err(e) => {
+                ticket.cancel();
+                return Err(e);
+            }
+        };
         let request_id = hold.reservation().request_id.as_str();
         tracing::Span::current().record("request_id", request_id);
         let ctx = CallContext {
             broker: self.clone(),
             hold,
+            rate: ticket,
             prep,
             price,
             app: req.app,
@@ -434,6 +477,8 @@ struct CallContext {
     broker: Broker,
     /// What the call holds, and for whom.
     hold: Hold,
+    /// What it counted against its rate limits.
+    rate: Ticket,
     prep: Prepared,
     price: Arc<PriceEntry>,
     app: Option<String>,
@@ -746,6 +791,8 @@ impl CallContext {
         charged: Credits,
         success: bool,
     ) -> Settlement {
+        // The rate limits count what the call used, not its bound.
+        self.rate.settled(bound_tokens(meter));
         let b = self.broker.inner();
         let latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let reward = match node {

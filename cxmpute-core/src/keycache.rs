@@ -323,6 +323,7 @@ mod tests {
             created_at: clock.now(),
             last_used_at: None,
             revoked_at: None,
+            rate_limits: RateLimits::default(),
         };
         store.inner.create_api_key(&key).await.unwrap();
         let keys = KeyCache::new(

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod network;
 pub(crate) mod pool;
 pub mod pricing;
+mod ratelimit;
 pub mod reward;
 pub mod select;
 pub mod services;

@@ -23,6 +23,8 @@ struct Inner {
     emails: HashMap<String, UserId>,
     keys: HashMap<ApiKeyId, ApiKey>,
     key_hashes: HashMap<KeyHash, ApiKeyId>,
+    /// Rate counters by scope: the window stored and its counts.
+    rates: HashMap<String, (Timestamp, RateUsage)>,
     // the network
     providers: HashMap<ProviderId, Provider>,
     provider_hashes: HashMap<KeyHash, ProviderId>,
@@ -163,6 +165,12 @@ impl UserStore for MemoryStore {
         if let Some(routes) = &update.permitted_routes {
             k.permitted_routes = routes.clone();
         }
+        if let Some(rpm) = update.rpm {
+            k.rate_limits.rpm = rpm;
+        }
+        if let Some(tpm) = update.tpm {
+            k.rate_limits.tpm = tpm;
+        }
         Ok(k.clone())
     }
 
@@ -171,6 +179,29 @@ impl UserStore for MemoryStore {
         let k = found(s.keys.get_mut(id), || format!("api key {id}"))?;
         k.revoked_at.get_or_insert(at);
         Ok(())
+    }
+
+    async fn add_rate_usage(
+        &self,
+        scope: &str,
+        window: Timestamp,
+        add: RateUsage,
+    ) -> Result<Option<RateUsage>> {
+        let mut s = self.inner.lock();
+        let (at, counts) = s
+            .rates
+            .entry(scope.to_owned())
+            .or_insert((window, RateUsage::default()));
+        if *at > window {
+            return Ok(None);
+        }
+        if *at < window {
+            *at = window;
+            *counts = RateUsage::default();
+        }
+        counts.requests = counts.requests.saturating_add(add.requests);
+        counts.tokens = counts.tokens.saturating_add(add.tokens);
+        Ok(Some(*counts))
     }
 }
 

@@ -60,7 +60,8 @@ impl<T> Store for T where
 {
 }
 
-/// Users and their API keys: who may call the gateway, and with which key.
+/// Users and their API keys: who may call the gateway, with which key, and
+/// how fast (the rate counters hosts share).
 ///
 /// A user's balance is set when the user is created and moves afterwards
 /// only through the [`LedgerStore`]. A key's `credits_left` moves with its
@@ -95,6 +96,25 @@ pub trait UserStore: Send + Sync + 'static {
     async fn update_api_key(&self, id: &ApiKeyId, update: &ApiKeyUpdate) -> Result<ApiKey>;
     /// Revokes a key; it never works again. Revoking twice is fine.
     async fn revoke_api_key(&self, id: &ApiKeyId, at: Timestamp) -> Result<()>;
+
+    // ---- rate limits -------------------------------------------------------
+
+    /// Adds `add` to the rate counters of `scope` (a key or an account, as
+    /// the broker names it) for the window starting at `window`, atomically,
+    /// and returns the window's totals after the addition. The store keeps
+    /// one window per scope: counters of an earlier window start again from
+    /// zero; when a later window is stored, nothing changes and the answer
+    /// is `None` (that window is over for the hosts already in the next).
+    ///
+    /// Hosts sharing a store take their slices of a per-minute allowance
+    /// with it (`docs/ARCHITECTURE.md`, "Rate limits"); a host that owns its
+    /// store counts in memory and never calls it.
+    async fn add_rate_usage(
+        &self,
+        scope: &str,
+        window: Timestamp,
+        add: RateUsage,
+    ) -> Result<Option<RateUsage>>;
 }
 
 /// The provider network: providers, their nodes (provisions) and the pool

@@ -57,6 +57,7 @@ async fn fixture(endpoint: &str) -> Fixture {
         created_at: T0,
         last_used_at: None,
         revoked_at: None,
+        rate_limits: cxmpute_core::RateLimits::default(),
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {

@@ -33,6 +33,7 @@
 //! | `USERS` | `EMAIL#{email}` | unique email → user id; admin search reads this partition |
 //! | `APIKEY#{hash}` | `APIKEY` | an API key, under its hash: authenticating is one read |
 //! | `KEYID#{key id}` | `KEYID` | key id → owner and hash (never changes) |
+//! | `RATE#{scope}` | `RATE` | a key's or account's rate counters: the current minute (`window`), `requests`, `tokens` |
 //! | `PROVIDER#{id}` | `PROVIDER` | a provider: `earnings`, current key hash |
 //! | `PROVIDER#{id}` | `NODE#{node}` | the provider's node list |
 //! | `PKEYHASH#{hash}` | `PKEYHASH` | unique provider key hash → provider id |

@@ -42,6 +42,11 @@ pub(crate) fn key_id(id: &ApiKeyId) -> Item {
     key(format!("KEYID#{id}"), "KEYID")
 }
 
+/// The rate counters of a scope (a key or an account): its current window.
+pub(crate) fn rate(scope: &str) -> Item {
+    key(format!("RATE#{scope}"), "RATE")
+}
+
 /// A key in its owner's list.
 pub(crate) fn user_key(user: &UserId, id: &ApiKeyId) -> Item {
     key(user_pk(user), format!("KEY#{id}"))

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use cxmpute_core::store_support::moved_credits_left;
 use cxmpute_core::{
-    ApiKey, ApiKeyId, ApiKeyUpdate, Credits, Error, KeyHash, Result, Route, Suspension, Timestamp,
-    User, UserId, UserStore,
+    ApiKey, ApiKeyId, ApiKeyUpdate, Credits, Error, KeyHash, RateLimits, RateUsage, Result, Route,
+    Suspension, Timestamp, User, UserId, UserStore,
 };
 
 use crate::db::{DynamoStore, Fail, Query, Tx};
@@ -57,6 +57,8 @@ fn key_item(k: &ApiKey) -> Result<Item> {
         .n("created_at", k.created_at.0)
         .opt_n("last_used_at", k.last_used_at.map(|t| t.0))
         .opt_n("revoked_at", k.revoked_at.map(|t| t.0))
+        .opt_n("rpm", k.rate_limits.rpm)
+        .opt_n("tpm", k.rate_limits.tpm)
         .build())
 }
 
@@ -97,6 +99,10 @@ pub(crate) fn decode_key(it: &Item) -> Result<ApiKey> {
         created_at: Timestamp(r.num("created_at")?),
         last_used_at: r.opt_num("last_used_at")?.map(Timestamp),
         revoked_at: r.opt_num("revoked_at")?.map(Timestamp),
+        rate_limits: RateLimits {
+            rpm: r.opt_num("rpm")?,
+            tpm: r.opt_num("tpm")?,
+        },
     })
 }
 
@@ -295,6 +301,16 @@ impl UserStore for DynamoStore {
                     ex.v(routes_value(routes))
                 ));
             }
+            for (name, v) in [
+                ("rpm", update.rpm.map(|v| v.map(u64::from))),
+                ("tpm", update.tpm),
+            ] {
+                match v {
+                    Some(Some(v)) => sets.push(format!("{} = {}", ex.n(name), ex.v(n(v)))),
+                    Some(None) => removes.push(ex.n(name)),
+                    None => {}
+                }
+            }
             if let Some(limit) = update.credit_limit {
                 let left = moved_credits_left(cur.credit_limit, cur.credits_left, limit);
                 match limit {
@@ -374,6 +390,59 @@ impl UserStore for DynamoStore {
             Err(f) => Err(f.into_error(what)),
         }
     }
+
+    async fn add_rate_usage(
+        &self,
+        scope: &str,
+        window: Timestamp,
+        add: RateUsage,
+    ) -> Result<Option<RateUsage>> {
+        let what = "counting a rate window";
+        let item = || schema::rate(scope);
+        // Nearly always the window stored: one ADD. Else a new or older
+        // window starts again; a race with another host starting it too
+        // sends this back to the ADD. Failing both means a later window.
+        for _ in 0..2 {
+            let mut ex = Ex::new();
+            let (w, r, t) = (ex.n("window"), ex.n("requests"), ex.n("tokens"));
+            let upd = format!(
+                "ADD {r} {}, {t} {}",
+                ex.v(n(add.requests)),
+                ex.v(n(add.tokens))
+            );
+            let cond = format!("{w} = {}", ex.v(n(window.0)));
+            match self.update(what, item(), upd, Some(cond), ex, true).await {
+                Ok(Some(it)) => return decode_rate(&it).map(Some),
+                Ok(None) => return Err(corrupt("update returned no attributes")),
+                Err(Fail::Condition(_)) => {}
+                Err(f) => return Err(f.into_error(what)),
+            }
+            let mut ex = Ex::new();
+            let (w, r, t) = (ex.n("window"), ex.n("requests"), ex.n("tokens"));
+            let at = ex.v(n(window.0));
+            let upd = format!(
+                "SET {w} = {at}, {r} = {}, {t} = {}",
+                ex.v(n(add.requests)),
+                ex.v(n(add.tokens))
+            );
+            let cond = format!("attribute_not_exists({w}) OR {w} < {at}");
+            match self.update(what, item(), upd, Some(cond), ex, true).await {
+                Ok(Some(it)) => return decode_rate(&it).map(Some),
+                Ok(None) => return Err(corrupt("update returned no attributes")),
+                Err(Fail::Condition(_)) => {}
+                Err(f) => return Err(f.into_error(what)),
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn decode_rate(it: &Item) -> Result<RateUsage> {
+    let r = Rd::new(it, "rate counters");
+    Ok(RateUsage {
+        requests: r.num("requests")?,
+        tokens: r.num("tokens")?,
+    })
 }
 
 impl DynamoStore {

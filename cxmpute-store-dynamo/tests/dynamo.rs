@@ -50,6 +50,7 @@ async fn funded(store: &dyn Store, credits: Credits, limit: Option<Credits>) -> 
         created_at: T0,
         last_used_at: None,
         revoked_at: None,
+        rate_limits: cxmpute_core::RateLimits::default(),
     };
     store.create_api_key(&key).await.expect("create key");
     (user, key)

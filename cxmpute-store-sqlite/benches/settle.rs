@@ -78,6 +78,7 @@ async fn fixture(n: usize) -> Fixture {
         created_at: now,
         last_used_at: None,
         revoked_at: None,
+        rate_limits: RateLimits::default(),
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {

@@ -93,7 +93,7 @@ macro_rules! key_cols {
     () => {
         concat!(
             "k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
-            "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at"
+            "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at, k.rpm, k.tpm"
         )
     };
 }
@@ -115,6 +115,12 @@ pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
         created_at: Timestamp(col(row, at + 8)?),
         last_used_at: col::<Option<i64>>(row, at + 9)?.map(Timestamp),
         revoked_at: col::<Option<i64>>(row, at + 10)?.map(Timestamp),
+        rate_limits: RateLimits {
+            rpm: col::<Option<i64>>(row, at + 11)?
+                .map(|v| u32::try_from(v).map_err(|_| corrupt(format!("rpm {v}"))))
+                .transpose()?,
+            tpm: col::<Option<i64>>(row, at + 12)?.map(to_u64),
+        },
     })
 }
 

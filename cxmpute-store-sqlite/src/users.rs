@@ -78,6 +78,18 @@ impl UserStore for SqliteStore {
             .write(move |c| Box::pin(async move { revoke_api_key(c, id.as_str(), at).await }))
             .await
     }
+
+    async fn add_rate_usage(
+        &self,
+        scope: &str,
+        window: Timestamp,
+        add: RateUsage,
+    ) -> Result<Option<RateUsage>> {
+        let scope = scope.to_owned();
+        self.writer
+            .write(move |c| Box::pin(async move { add_rate_usage(c, &scope, window, add).await }))
+            .await
+    }
 }
 
 // ---- users ------------------------------------------------------------------
@@ -152,8 +164,8 @@ async fn create_api_key(c: &mut Conn, k: &ApiKey) -> Result<()> {
     }
     let q = sqlx::query(
         "INSERT INTO api_keys (id, user_id, hash, name, prefix, credit_limit, credits_left, \
-         permitted_routes, created_at, last_used_at, revoked_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+         permitted_routes, created_at, last_used_at, revoked_at, rpm, tpm) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )
     .bind(k.id.as_str())
     .bind(k.user_id.as_str())
@@ -165,7 +177,9 @@ async fn create_api_key(c: &mut Conn, k: &ApiKey) -> Result<()> {
     .bind(rows::routes_json(&k.permitted_routes))
     .bind(k.created_at.0)
     .bind(k.last_used_at.map(|t| t.0))
-    .bind(k.revoked_at.map(|t| t.0));
+    .bind(k.revoked_at.map(|t| t.0))
+    .bind(k.rate_limits.rpm)
+    .bind(k.rate_limits.tpm.map(rows::to_i64));
     execute(c, &format!("api key {}", k.id), q).await.map(drop)
 }
 
@@ -208,15 +222,23 @@ async fn update_api_key(c: &mut Conn, id: &str, u: &ApiKeyUpdate) -> Result<ApiK
     if let Some(routes) = &u.permitted_routes {
         k.permitted_routes = routes.clone();
     }
+    if let Some(rpm) = u.rpm {
+        k.rate_limits.rpm = rpm;
+    }
+    if let Some(tpm) = u.tpm {
+        k.rate_limits.tpm = tpm;
+    }
     let q = sqlx::query(
         "UPDATE api_keys SET name = ?2, credit_limit = ?3, credits_left = ?4, \
-         permitted_routes = ?5 WHERE id = ?1",
+         permitted_routes = ?5, rpm = ?6, tpm = ?7 WHERE id = ?1",
     )
     .bind(id)
     .bind(&k.name)
     .bind(k.credit_limit.map(|c| c.0))
     .bind(k.credits_left.map(|c| c.0))
-    .bind(rows::routes_json(&k.permitted_routes));
+    .bind(rows::routes_json(&k.permitted_routes))
+    .bind(k.rate_limits.rpm)
+    .bind(k.rate_limits.tpm.map(rows::to_i64));
     execute(c, "updating an api key", q).await?;
     Ok(k)
 }
@@ -227,4 +249,40 @@ async fn revoke_api_key(c: &mut Conn, id: &str, at: Timestamp) -> Result<()> {
         .bind(id)
         .bind(at.0);
     execute_found(c, "revoking an api key", q, || format!("api key {id}")).await
+}
+
+// ---- rate counters ----------------------------------------------------------
+
+/// One statement: a new scope, the same window (added to) or a later one
+/// (started again); a stored later window matches no row and is left alone.
+const ADD_RATE_USAGE: &str = "INSERT INTO rate_counters (scope, window_start, requests, tokens) \
+     VALUES (?1, ?2, ?3, ?4) \
+     ON CONFLICT (scope) DO UPDATE SET \
+       requests = CASE WHEN window_start = excluded.window_start \
+         THEN requests + excluded.requests ELSE excluded.requests END, \
+       tokens = CASE WHEN window_start = excluded.window_start \
+         THEN tokens + excluded.tokens ELSE excluded.tokens END, \
+       window_start = excluded.window_start \
+     WHERE window_start <= excluded.window_start \
+     RETURNING requests, tokens";
+
+async fn add_rate_usage(
+    c: &mut Conn,
+    scope: &str,
+    window: Timestamp,
+    add: RateUsage,
+) -> Result<Option<RateUsage>> {
+    let q = sqlx::query(ADD_RATE_USAGE)
+        .bind(scope)
+        .bind(window.0)
+        .bind(rows::to_i64(add.requests))
+        .bind(rows::to_i64(add.tokens));
+    let Some(row) = fetch_optional(c, "counting a rate window", q).await? else {
+        return Ok(None);
+    };
+    let count = |i: usize| rows::col::<i64>(&row, i).map(rows::to_u64);
+    Ok(Some(RateUsage {
+        requests: count(0)?,
+        tokens: count(1)?,
+    }))
 }

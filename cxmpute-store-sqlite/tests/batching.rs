@@ -47,6 +47,7 @@ async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
         created_at: Timestamp(T0),
         last_used_at: None,
         revoked_at: None,
+        rate_limits: RateLimits::default(),
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {

@@ -155,6 +155,7 @@ fn acknowledged_settlements_survive_sigkill() {
             created_at: Timestamp(T0),
             last_used_at: None,
             revoked_at: None,
+            rate_limits: RateLimits::default(),
         };
         store.create_api_key(&key).await.unwrap();
         let provider = Provider {

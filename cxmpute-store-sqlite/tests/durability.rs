@@ -56,6 +56,7 @@ async fn populate(store: &SqliteStore) -> World {
         created_at: T0,
         last_used_at: None,
         revoked_at: None,
+        rate_limits: RateLimits::default(),
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {

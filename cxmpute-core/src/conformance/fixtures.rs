@@ -41,6 +41,7 @@ pub(super) fn new_key(user: &User, limit: Option<Credits>, created_at: Timestamp
         created_at,
         last_used_at: None,
         revoked_at: None,
+        rate_limits: RateLimits::default(),
     }
 }
 

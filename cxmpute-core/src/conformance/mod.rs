@@ -96,6 +96,9 @@ macro_rules! store_conformance_tests {
                 api_key_hash_resolves_to_its_user,
                 update_api_key_moves_limit_and_changes_fields,
                 revoke_api_key_is_permanent,
+                rate_limits_round_trip_and_change,
+                rate_usage_counts_per_window,
+                concurrent_rate_usage_is_atomic,
             ],
             network: [
                 create_provider_is_create_if_absent,

@@ -170,7 +170,7 @@ pub async fn update_api_key_moves_limit_and_changes_fields(store: Arc<dyn Store>
     let update = |limit: Option<Option<Credits>>| ApiKeyUpdate {
         name: None,
         credit_limit: limit,
-        permitted_routes: None,
+        ..ApiKeyUpdate::default()
     };
     // Raising the limit by 10 raises what is left by 10.
     let k = store
@@ -210,6 +210,7 @@ pub async fn update_api_key_moves_limit_and_changes_fields(store: Arc<dyn Store>
                 name: Some("renamed".into()),
                 credit_limit: None,
                 permitted_routes: Some(vec![Route::Embeddings]),
+                ..ApiKeyUpdate::default()
             },
         )
         .await
@@ -241,4 +242,133 @@ pub async fn revoke_api_key_is_permanent(store: Arc<dyn Store>) {
         Error::Unauthorized(_)
     );
     assert_eq!(balance(&store, &user).await, Credits::whole(10));
+}
+
+// ---- rate limits ------------------------------------------------------------
+
+/// A key's rate limits are stored with it, changed one at a time, removed by
+/// `Some(None)`, and left alone by everything else.
+pub async fn rate_limits_round_trip_and_change(store: Arc<dyn Store>) {
+    let user = new_user("rates@example.com", Credits::whole(1));
+    store.create_user(&user).await.unwrap();
+    let mut key = new_key(&user, None, at(1));
+    key.rate_limits = RateLimits {
+        rpm: Some(60),
+        tpm: Some(1_000_000_000_000),
+    };
+    store.create_api_key(&key).await.unwrap();
+    assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), key);
+
+    let change = |rpm, tpm| ApiKeyUpdate {
+        rpm,
+        tpm,
+        ..ApiKeyUpdate::default()
+    };
+    let k = store
+        .update_api_key(&key.id, &change(Some(Some(5)), None))
+        .await
+        .unwrap();
+    assert_eq!(k.rate_limits.rpm, Some(5));
+    assert_eq!(k.rate_limits.tpm, Some(1_000_000_000_000));
+    let k = store
+        .update_api_key(&key.id, &change(None, Some(None)))
+        .await
+        .unwrap();
+    assert_eq!(
+        k.rate_limits,
+        RateLimits {
+            rpm: Some(5),
+            tpm: None
+        }
+    );
+    // Other changes keep the limits.
+    let rename = ApiKeyUpdate {
+        name: Some("renamed".into()),
+        ..ApiKeyUpdate::default()
+    };
+    let k = store.update_api_key(&key.id, &rename).await.unwrap();
+    assert_eq!(k.rate_limits.rpm, Some(5));
+    assert_eq!(store.api_keys(&user.id).await.unwrap(), vec![k.clone()]);
+    let k = store
+        .update_api_key(&key.id, &change(Some(None), Some(Some(7))))
+        .await
+        .unwrap();
+    assert_eq!(
+        k.rate_limits,
+        RateLimits {
+            rpm: None,
+            tpm: Some(7)
+        }
+    );
+    assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), k);
+}
+
+/// Rate counters add up within a window, start again in a later one, and
+/// leave a later window alone when asked about an earlier one.
+pub async fn rate_usage_counts_per_window(store: Arc<dyn Store>) {
+    let add = |requests, tokens| RateUsage { requests, tokens };
+    let (w1, w2) = (at(60_000), at(120_000));
+    assert_eq!(
+        store.add_rate_usage("key:a", w1, add(1, 10)).await.unwrap(),
+        Some(add(1, 10))
+    );
+    assert_eq!(
+        store.add_rate_usage("key:a", w1, add(4, 0)).await.unwrap(),
+        Some(add(5, 10))
+    );
+    // Scopes are apart.
+    assert_eq!(
+        store
+            .add_rate_usage("account:a", w1, add(2, 2))
+            .await
+            .unwrap(),
+        Some(add(2, 2))
+    );
+    // A later window starts from zero.
+    assert_eq!(
+        store.add_rate_usage("key:a", w2, add(3, 30)).await.unwrap(),
+        Some(add(3, 30))
+    );
+    // An earlier one is over: nothing changes.
+    assert_eq!(
+        store.add_rate_usage("key:a", w1, add(1, 1)).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.add_rate_usage("key:a", w2, add(0, 0)).await.unwrap(),
+        Some(add(3, 30))
+    );
+}
+
+/// Concurrent additions to one window are each counted once.
+pub async fn concurrent_rate_usage_is_atomic(store: Arc<dyn Store>) {
+    let w = at(60_000);
+    let adds = (0..20).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let one = RateUsage {
+                requests: 1,
+                tokens: 5,
+            };
+            store.add_rate_usage("key:busy", w, one).await.unwrap()
+        })
+    });
+    let mut totals: Vec<u64> = Vec::new();
+    for a in adds.collect::<Vec<_>>() {
+        totals.push(a.await.unwrap().unwrap().requests);
+    }
+    totals.sort_unstable();
+    // Each addition saw a different total: none was lost or counted twice.
+    assert_eq!(totals, (1..=20).collect::<Vec<u64>>());
+    let last = store
+        .add_rate_usage("key:busy", w, RateUsage::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        last,
+        Some(RateUsage {
+            requests: 20,
+            tokens: 100
+        })
+    );
 }

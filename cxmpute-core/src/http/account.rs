@@ -340,7 +340,8 @@ async fn create_key(
     patch,
     path = "/v1/me/keys/{id}",
     tag = "account",
-    description = "Changes a key's name, credit limit or permitted routes.",
+    description = "Changes a key's name, credit limit, permitted routes or rate limits (`rpm`, \
+                   `tpm`). Absent fields stay; `null` removes a limit.",
     security(("session" = []), ("session_cookie" = [])),
     params(("id" = String, Path, description = "The key")),
     request_body = UpdateKeyRequest,

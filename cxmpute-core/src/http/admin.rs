@@ -10,6 +10,7 @@
 //! | `GET /v1/admin/users/{id}` | a user with keys (no secrets) and grants |
 //! | `POST /v1/admin/users/{id}/credits` | grant or remove credits (who and why recorded) |
 //! | `POST /v1/admin/users/{id}/suspend`, `.../unsuspend` | suspend with a reason, or lift it |
+//! | `PATCH /v1/admin/keys/{id}` | change any key: rate limits (`rpm`, `tpm`), credit limit, routes, name |
 //! | `POST /v1/admin/providers` | create a provider account |
 //! | `GET /v1/admin/providers/{id}` | a provider with its nodes |
 //! | `POST /v1/admin/providers/{id}/suspend`, `.../unsuspend` | suspend (key refused, nodes out of routing), or lift it |
@@ -42,6 +43,7 @@ pub(super) fn routes() -> Routes {
         .route("/v1/admin/users/{id}/credits", post(grant_credits))
         .route("/v1/admin/users/{id}/suspend", post(suspend_user))
         .route("/v1/admin/users/{id}/unsuspend", post(unsuspend_user))
+        .route("/v1/admin/keys/{id}", patch(update_key))
         .route("/v1/admin/providers", post(create_provider))
         .route("/v1/admin/providers/{id}", get(provider_detail))
         .route("/v1/admin/providers/{id}/suspend", post(suspend_provider))
@@ -110,7 +112,7 @@ macro_rules! admin_methods {
         )*
     };
 }
-admin_methods!(get, post, put, delete);
+admin_methods!(get, post, put, delete, patch);
 
 #[utoipa::path(
     post,
@@ -136,6 +138,27 @@ async fn create_user(
         api_key: secret,
     };
     Ok((StatusCode::OK, Json(out)).into_response())
+}
+
+#[utoipa::path(
+    patch,
+    path = "/v1/admin/keys/{id}",
+    tag = "admin",
+    description = "Changes any user's API key: its rate limits (`rpm`, `tpm`), credit limit, \
+                   permitted routes or name. Absent fields stay; `null` removes a limit.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The key")),
+    request_body = UpdateKeyRequest,
+    responses((status = 200, description = "The key", body = ApiKeyView), super::openapi::Refusals)
+)]
+async fn update_key(
+    _: Admin,
+    State(b): State<Broker>,
+    Path(id): Path<String>,
+    Body(req): Body<UpdateKeyRequest>,
+) -> ApiResult<Json<ApiKeyView>> {
+    let key = b.admin().update_key(&ApiKeyId::new(id), req).await?;
+    ok(ApiKeyView::from(&key))
 }
 
 #[derive(Deserialize)]

@@ -82,6 +82,12 @@ pub(crate) fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str)
             "rate_limit_error",
             "rate_limited",
         ),
+        // OpenAI's `type` says which limit: `requests` or `tokens`.
+        Error::RateLimitExceeded { tokens, .. } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            if *tokens { "tokens" } else { "requests" },
+            "rate_limit_exceeded",
+        ),
         Error::Forbidden(_) => (StatusCode::FORBIDDEN, "permission_error", "forbidden"),
         Error::ModelNotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "model_not_found"),
         Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found_error", "not_found"),
@@ -160,6 +166,11 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if let Error::RateLimitExceeded { retry_after, .. } = &self.0 {
+            let secs = crate::ratelimit::whole_seconds(*retry_after);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
     }
 }
@@ -233,10 +244,14 @@ async fn gateway(
             app: app_name(&headers),
             preferences: preferences(&headers),
         };
-        broker.handle(req).await
+        Ok::<_, Error>(broker.handle_limited(req).await)
     }
     .instrument(span.clone())
     .await;
+    let (result, rate) = match result {
+        Ok((result, rate)) => (result, rate),
+        Err(e) => (Err(e), Default::default()),
+    };
     let status = match &result {
         Ok(_) => StatusCode::OK,
         Err(e) => error_parts(e).0,
@@ -256,11 +271,12 @@ async fn gateway(
     broker
         .metrics()
         .http_request(route, status.as_u16(), started.elapsed());
-    Ok(match result? {
-        GatewayResponse::Complete { content_type, body } => {
+    let mut resp = match result {
+        Err(e) => ApiError(e).into_response(),
+        Ok(GatewayResponse::Complete { content_type, body }) => {
             ([(header::CONTENT_TYPE, content_type)], body).into_response()
         }
-        GatewayResponse::Stream { content_type, body } => (
+        Ok(GatewayResponse::Stream { content_type, body }) => (
             [
                 (header::CONTENT_TYPE, content_type),
                 (header::CACHE_CONTROL, "no-cache".to_owned()),
@@ -268,7 +284,14 @@ async fn gateway(
             Body::from_stream(body),
         )
             .into_response(),
-    })
+    };
+    // OpenAI's rate-limit headers, on answers and refusals alike.
+    for (name, value) in rate.headers() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    Ok(resp)
 }
 
 macro_rules! gateway_route {

@@ -80,6 +80,7 @@ use super::Routes;
         super::admin::create_user,
         super::admin::search_users,
         super::admin::user_detail,
+        super::admin::update_key,
         super::admin::grant_credits,
         super::admin::suspend_user,
         super::admin::unsuspend_user,

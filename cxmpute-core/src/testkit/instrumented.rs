@@ -190,6 +190,19 @@ impl<S: Store> UserStore for InstrumentedStore<S> {
         self.call("revoke_api_key", self.inner.revoke_api_key(id, at))
             .await
     }
+
+    async fn add_rate_usage(
+        &self,
+        scope: &str,
+        window: Timestamp,
+        add: RateUsage,
+    ) -> Result<Option<RateUsage>> {
+        self.call(
+            "add_rate_usage",
+            self.inner.add_rate_usage(scope, window, add),
+        )
+        .await
+    }
 }
 
 #[async_trait]

@@ -1129,6 +1129,8 @@ fn debug_output_of_every_type_holding_a_secret_is_redacted() {
                     permitted_routes: vec![],
                     created_at: Timestamp(0),
                     last_used_at: None,
+                    rpm: None,
+                    tpm: None,
                 },
                 api_key: secret(),
             }

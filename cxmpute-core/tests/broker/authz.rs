@@ -600,6 +600,12 @@ fn routes(w: &World) -> Vec<Route> {
             admin_only(204, 204),
         ),
         route(
+            "PATCH",
+            format!("/v1/admin/keys/{a_key_id}"),
+            Some(json!({"rpm": null, "tpm": null})),
+            admin_only(200, 200),
+        ),
+        route(
             "GET",
             format!("/v1/admin/providers/{pb}"),
             None,
