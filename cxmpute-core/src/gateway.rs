@@ -321,6 +321,9 @@ impl Broker {
             Ok(hold) => hold,
             Err(e) => {
                 ticket.cancel();
+                if limited {
+                    *rate = i.limits.status(key);
+                }
                 return Err(e);
             }
         };

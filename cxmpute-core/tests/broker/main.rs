@@ -20,6 +20,7 @@ mod keys;
 mod metrics;
 mod network;
 mod openapi;
+mod ratelimit;
 mod serve;
 mod stats;
 mod store_calls;
