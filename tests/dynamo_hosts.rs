@@ -388,3 +388,113 @@ async fn an_unreachable_database_is_a_clear_503_and_the_host_recovers() {
     assert_eq!(s.usage_records(&u.id, 10).await.unwrap().len(), 2);
     assert_eq!(node.hits(), 2);
 }
+
+/// Rate limits across hosts: each host admits from slices of the minute's
+/// allowance it took from the store, which never grants past the limit. So
+/// two hosts together admit at most the limit, and at least the limit less
+/// one slice per host (a sixteenth of it) left unused in the other's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hosts_together_never_admit_more_than_a_keys_rate_limit() {
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("l{}_", secret::random_token(10).to_lowercase());
+    let counted = |s: DynamoStore| Arc::new(InstrumentedStore::wrap(s));
+    let sa = counted(DynamoStore::connect(config(&ep, &prefix)).await.unwrap());
+    sa.inner.create_tables_if_missing().await.unwrap();
+    let sb = counted(DynamoStore::connect(config(&ep, &prefix)).await.unwrap());
+    sb.inner.create_tables_if_missing().await.unwrap();
+    let a = TestHost::start(sa.clone()).await;
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+    let b = TestHost::start(sb.clone()).await;
+    // Both clocks 10 s into the same minute.
+    a.clock.advance(Duration::from_secs(10));
+    b.clock.advance(Duration::from_secs(10));
+    let (node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
+    b.broker.refresh_pools().await.unwrap();
+    let (u, key) = a.user(Credits::whole(1)).await;
+    let id = a.broker.store().api_keys(&u.id).await.unwrap()[0]
+        .id
+        .clone();
+    const RPM: u64 = 48;
+    let limits = serde_json::json!({ "rpm": RPM });
+    let c = reqwest::Client::new();
+    let r = c
+        .patch(format!("{}/v1/admin/keys/{id}", b.url))
+        .bearer_auth(b.admin_key.expose())
+        .json(&limits)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // 120 calls at once, half through each host.
+    sa.take_calls();
+    sb.take_calls();
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let url = if i % 2 == 0 { &a.url } else { &b.url }.clone();
+        let (c, key) = (c.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key.expose())
+                .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let limit = r.headers()["x-ratelimit-limit-requests"].to_owned();
+            assert_eq!(limit, RPM.to_string().as_str());
+            if status == 429 {
+                let e: ErrorBody = r.json().await.unwrap();
+                assert_eq!(e.error.code.as_deref(), Some("rate_limit_exceeded"));
+            } else {
+                r.bytes().await.unwrap();
+            }
+            (i % 2, status)
+        }));
+    }
+    let mut ok = [0u64; 2];
+    for t in tasks {
+        match t.await.unwrap() {
+            (h, 200) => ok[h] += 1,
+            (_, 429) => {}
+            (_, s) => panic!("unexpected status {s}"),
+        }
+    }
+    let admitted = ok[0] + ok[1];
+    let slice = RPM / 16;
+    // Slices are taken per host as the calls need them, not per call: each
+    // take but a host's last grants at least a slice, the last finds the
+    // minute spent, so at most limit / slice + 2 per host.
+    let takes: usize = [&sa, &sb]
+        .iter()
+        .map(|s| s.take_calls().get("add_rate_usage").copied().unwrap_or(0))
+        .sum();
+    eprintln!("admitted {ok:?} of {RPM} (slice {slice}) with {takes} takes from the store");
+    assert!(takes as u64 <= RPM / slice + 4, "{takes} takes");
+    assert!(admitted <= RPM, "{ok:?}");
+    assert!(admitted >= RPM - 2 * slice, "{ok:?}");
+    assert!(ok[0] > 0 && ok[1] > 0, "{ok:?}");
+    // Refused calls went nowhere and cost nothing.
+    assert_eq!(node.hits() as u64, admitted);
+    let totals = a.broker.store().ledger_totals().await.unwrap();
+    assert_eq!(totals.settlements, admitted);
+    assert_eq!(totals.charged, Credits(1_000 * admitted as i64));
+
+    // The next minute, on both hosts.
+    a.clock.advance(Duration::from_secs(60));
+    b.clock.advance(Duration::from_secs(60));
+    assert_eq!(chat(&c, &a.url, &key).await, 200);
+    assert_eq!(chat(&c, &b.url, &key).await, 200);
+    // Both hosts hold credit leases: idle, they go back.
+    for h in [&a, &b] {
+        h.clock.advance(h.broker.config().lease_idle);
+        h.broker.run_maintenance().await.unwrap();
+    }
+    b.assert_ledger().await;
+    a.assert_ledger().await;
+}

@@ -54,8 +54,10 @@ const WINDOW_MS: i64 = 60_000;
 const SHARDS: usize = 16;
 /// On a shared store a host takes this fraction of a limit at a time.
 const SLICE_DIVISOR: u64 = 16;
-/// Takes one call may wait for before it is refused as if the limit were spent.
-const MAX_WAITS: usize = 4;
+/// Takes one call may wait for before it is refused as if the limit were
+/// spent: a safety bound; a take asks for what every waiting call needs, so
+/// a call waits for one or two.
+const MAX_WAITS: usize = 16;
 
 /// Whose allowance a call draws on.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -131,6 +133,9 @@ struct Window {
     requests: Counter,
     tokens: Counter,
     taking: Option<Take>,
+    /// What the calls waiting for a take need together (requests, tokens),
+    /// so that the next take asks for all of it, not a slice per call.
+    short: (u64, u64),
 }
 
 impl Window {
@@ -140,6 +145,7 @@ impl Window {
             requests: Counter::default(),
             tokens: Counter::default(),
             taking: None,
+            short: (0, 0),
         }
     }
 }
@@ -419,6 +425,11 @@ impl RateLimiter {
                 if w.start < start {
                     *w = Window::new(start);
                 }
+                if waits > 0 {
+                    // Back from a wait: no longer short.
+                    w.short.0 = w.short.0.saturating_sub(need_r);
+                    w.short.1 = w.short.1.saturating_sub(need_t);
+                }
                 let fits = |limit: Option<u64>, c: &Counter, need: u64| {
                     limit.is_none_or(|limit| c.allowance(limit, owned) >= need)
                 };
@@ -448,19 +459,25 @@ impl RateLimiter {
                 if refused {
                     return Err(self.refusal(subject, w, l, tokens, fits_r, now));
                 }
-                match &w.taking {
+                let take = match &w.taking {
                     Some(t) => t.clone(),
                     None => {
-                        let ask_r = if fits_r { 0 } else { slice(l.rpm, need_r) };
-                        let ask_t = if fits_t {
-                            0
-                        } else {
-                            let held = w.tokens.allowance(l.tpm.unwrap_or(0), owned);
-                            slice(l.tpm, need_t - held)
+                        // Enough for this call and every call already waiting.
+                        let want = |limit: Option<u64>, c: &Counter, short: u64, need: u64| {
+                            let held = c.allowance(limit.unwrap_or(0), owned);
+                            match short.saturating_add(need) {
+                                want if want > held => slice(limit, want - held),
+                                _ => 0,
+                            }
                         };
+                        let ask_r = want(l.rpm, &w.requests, w.short.0, need_r);
+                        let ask_t = want(l.tpm, &w.tokens, w.short.1, need_t);
                         self.start_take(subject, w, l, ask_r, ask_t)
                     }
-                }
+                };
+                w.short.0 += need_r;
+                w.short.1 += need_t;
+                take
             };
             waits += 1;
             if !take.await {
