@@ -131,6 +131,43 @@ function withKeyOrUser(key, path) {
   return key ? api(path, { bearer: key }) : asUser(path);
 }
 
+// An admin's call: with the admin key given, else as the signed-in admin.
+function asAdmin(path, opts) {
+  return state.adminKey ? api(path, Object.assign({}, opts, { bearer: state.adminKey })) : asUser(path, opts);
+}
+
+// ---- rate limits -----------------------------------------------------------------
+
+// A limit typed into a form: empty means no limit (null); a number is sent
+// as a number, anything else as typed, for the broker to refuse with its
+// own message.
+function limitValue(text) {
+  const t = text.trim();
+  if (!t) return null;
+  const n = Number(t);
+  return Number.isFinite(n) ? n : t;
+}
+
+function limitText(v) { return v === null || v === undefined ? 'none' : fmtInt(v); }
+
+// The inputs of a key's requests and tokens per minute, filled with its own.
+function limitInputs(prefix, k) {
+  const attrs = (name, v) => ({ id: `${prefix}-${name}`, name, inputmode: 'numeric', class: 'limit',
+    placeholder: 'none', value: v === null || v === undefined ? '' : String(v), 'aria-label': name });
+  return [el('input', attrs('rpm', k && k.rpm)), el('input', attrs('tpm', k && k.tpm))];
+}
+
+// Sends a key's limits from `form` (`rpm`, `tpm` inputs) with `send` (a
+// PATCH of the key), then hands `done` the key as it is now; a refusal is
+// shown in the status line.
+async function saveLimits(form, send, done) {
+  const body = { rpm: limitValue(form.elements.rpm.value), tpm: limitValue(form.elements.tpm.value) };
+  const r = await send(body);
+  if (!r.ok) { setStatus(errorText(r)); return; }
+  setStatus('');
+  done(r.data);
+}
+
 // ---- charts: inline SVG, drawn here -------------------------------------------
 
 function niceMax(v) {
@@ -350,10 +387,16 @@ async function viewMe(main) {
     panel('Applications', table('my-apps', usageColumns(['Charged', 'charged']), s.apps)),
   );
   if (me) {
+    // Each key's requests and tokens per minute, editable (empty: none).
+    const limitsForm = k => el('form', { id: 'limits-' + k.key_id, class: 'limits', onsubmit: (e) => {
+      e.preventDefault();
+      saveLimits(e.target, body => asUser('/v1/me/keys/' + encodeURIComponent(k.key_id), { method: 'PATCH', body }), rerender);
+    } }, limitInputs('limits-' + k.key_id, k), el('button', { type: 'submit', class: 'secondary' }, 'Save'));
     main.append(panel('API keys', table('my-keys', [
       ['Name', k => k.name], ['Key', k => k.prefix + '…'],
       ['Limit', k => k.credit_limit === null ? 'none' : fmtCredits(k.credit_limit)],
       ['Left', k => k.credits_left === null ? '–' : fmtCredits(k.credits_left)],
+      ['Per minute (requests, tokens)', limitsForm],
       ['Last used', k => k.last_used_at ? new Date(k.last_used_at).toISOString().slice(0, 16).replace('T', ' ') : 'never'],
     ], me.keys)));
   }
@@ -435,12 +478,26 @@ async function viewAdmin(main) {
     panel('Top providers', table('top-providers', usageColumns(['Rewarded', 'rewarded']), s.top_providers)),
     panel('Top applications', table('top-apps', usageColumns(['Charged', 'charged']), s.top_apps)),
     panel('Models', table('admin-models', usageColumns(['Charged', 'charged']), s.models)),
+    panel('API key rate limits', adminLimitsForm()),
     panel('Ledger (all time)', table('ledger', [
       ['Settlements', l => fmtInt(l.settlements)], ['Charged', l => fmtCredits(l.charged)],
       ['Rewarded', l => fmtCredits(l.rewarded)], ['Platform', l => fmtCredits(l.platform)],
       ['Reserved', l => fmtCredits(l.reserved)],
     ], [s.ledger])),
   );
+}
+
+// Any key's requests and tokens per minute, by its id (the key ids of a
+// user are in `GET /v1/admin/users/{id}`); empty fields remove a limit.
+function adminLimitsForm() {
+  const id = el('input', { id: 'admin-limits-key', placeholder: 'key_…', required: true, autocomplete: 'off', 'aria-label': 'key id' });
+  const shown = el('p', { id: 'admin-limits-result', class: 'muted' }, 'Requests and tokens per minute; empty for none.');
+  return el('form', { id: 'admin-limits', class: 'limits', onsubmit: (e) => {
+    e.preventDefault();
+    const key = id.value.trim();
+    saveLimits(e.target, body => asAdmin('/v1/admin/keys/' + encodeURIComponent(key), { method: 'PATCH', body }),
+      k => { shown.textContent = `${k.name} (${k.prefix}…): ${limitText(k.rpm)} requests, ${limitText(k.tpm)} tokens a minute`; });
+  } }, id, limitInputs('admin-limits', null), el('button', { id: 'admin-limits-save', type: 'submit' }, 'Set limits'), shown);
 }
 
 const views = { network: viewNetwork, me: viewMe, provider: viewProvider, admin: viewAdmin };

@@ -154,6 +154,31 @@ async fn type_into(c: &Client, css: &str, s: &str) {
         .unwrap();
 }
 
+/// Replaces what an input holds with `s`.
+async fn set_field(c: &Client, css: &str, s: &str) {
+    let field = c.find(Locator::Css(css)).await.unwrap();
+    field.clear().await.unwrap();
+    field.send_keys(s).await.unwrap();
+}
+
+/// Waits until `css`'s text contains `part`; fails with the text last seen.
+async fn wait_text(c: &Client, css: &str, part: &str) -> String {
+    let mut seen = String::new();
+    for _ in 0..200 {
+        seen = text(c, css).await;
+        if seen.contains(part) {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{css} never said {part:?}; it says {seen:?}");
+}
+
+/// The rate limits `user`'s first key holds in the store.
+async fn key_limits(h: &TestHost, user: &UserId) -> RateLimits {
+    h.broker.store().api_keys(user).await.unwrap()[0].rate_limits
+}
+
 async fn click(c: &Client, css: &str) {
     c.find(Locator::Css(css))
         .await
@@ -319,6 +344,33 @@ async fn dashboard_pages_load_and_draw_seeded_data() {
     assert_eq!(rows(&c, "top-apps").await, 2);
     shot(&c, "admin").await;
 
+    // The admin sets a user's key's rate limits by its id; a bad value is
+    // refused in the broker's words.
+    let key_id = s.h.broker.store().api_keys(&s.user.id).await.unwrap()[0]
+        .id
+        .clone();
+    type_into(&c, "#admin-limits-key", key_id.as_str()).await;
+    type_into(&c, "#admin-limits-rpm", "0").await;
+    click(&c, "#admin-limits-save").await;
+    wait_text(&c, "#status", "`rpm` must be at least 1").await;
+    assert_eq!(key_limits(&s.h, &s.user.id).await, RateLimits::NONE);
+    set_field(&c, "#admin-limits-rpm", "60").await;
+    type_into(&c, "#admin-limits-tpm", "100000").await;
+    click(&c, "#admin-limits-save").await;
+    wait_text(
+        &c,
+        "#admin-limits-result",
+        "60 requests, 100,000 tokens a minute",
+    )
+    .await;
+    assert_eq!(status_text(&c).await, "");
+    let set = RateLimits {
+        rpm: Some(60),
+        tpm: Some(100_000),
+    };
+    assert_eq!(key_limits(&s.h, &s.user.id).await, set);
+    shot(&c, "admin-limits").await;
+
     c.close().await.unwrap();
 }
 
@@ -364,6 +416,34 @@ async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     assert!(text(&c, "#me-who").await.starts_with(&s.user.email));
     assert_eq!(text(&c, "#tile-requests .value").await, "5");
     assert_eq!(rows(&c, "my-keys").await, 1, "the user's one key is listed");
+
+    // The user's key's limits, shown and changed in place (empty: none).
+    let key_id = s.h.broker.store().api_keys(&s.user.id).await.unwrap()[0]
+        .id
+        .clone();
+    let field = |name: &str| format!("#limits-{key_id}-{name}");
+    set_field(&c, &field("rpm"), "30").await;
+    click(&c, &format!("#limits-{key_id} button")).await;
+    for _ in 0..200 {
+        if key_limits(&s.h, &s.user.id).await.rpm == Some(30) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let set = RateLimits {
+        rpm: Some(30),
+        tpm: None,
+    };
+    assert_eq!(key_limits(&s.h, &s.user.id).await, set);
+    wait_for(&c, &format!("{}[value='30']", field("rpm"))).await;
+    ready(&c, "me").await;
+    c.execute(
+        "document.getElementById('my-keys').scrollIntoView()",
+        vec![],
+    )
+    .await
+    .unwrap();
+    shot(&c, "me-keys").await;
     let (marks, max) = chart(&c, "my-requests").await;
     assert_eq!((marks, max), (30, 3.0));
     shot(&c, "me-session").await;
