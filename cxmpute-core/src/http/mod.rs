@@ -15,7 +15,7 @@
 //! | 404 | unknown model, unknown thing, another account's thing | `not_found_error` / `model_not_found` or `not_found` |
 //! | 409 | already exists, conflicting change | `conflict_error` / `conflict` |
 //! | 413 | request body over the limit | `invalid_request_error` / `payload_too_large` |
-//! | 429 | the **key's** own credit limit is spent (raise the limit or use another key), or a rate limit | `insufficient_quota` / `key_limit_reached`, or `rate_limit_error` / `rate_limited` |
+//! | 429 | the **key's** own credit limit is spent (raise the limit or use another key); a key's or account's requests or tokens per minute are used up (with `Retry-After`); or a sign-in rate limit | `insufficient_quota` / `key_limit_reached`, `requests` or `tokens` / `rate_limit_exceeded`, or `rate_limit_error` / `rate_limited` |
 //! | 502 | every node tried failed | `upstream_error` / `upstream_failed` |
 //! | 503 | no healthy node serves the model, or the store is unavailable | `service_unavailable` / `no_capacity` or `unavailable` |
 //! | 504 | every node tried timed out | `upstream_error` / `upstream_timeout` |
@@ -24,6 +24,12 @@
 //! buy credits, a 429 `key_limit_reached` asks them to change a key setting;
 //! OpenAI's SDKs treat 429 as retryable, so a key-limit 429 carries no
 //! `Retry-After`.
+//!
+//! Every gateway answer after the key is known, refusals included, carries
+//! OpenAI's rate-limit headers for each limit the call is under:
+//! `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests`,
+//! `x-ratelimit-reset-requests` (Go's duration format: `6s`, `1m0s`) and the
+//! same three for `-tokens`. A dimension with no limit has no headers.
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, State};
