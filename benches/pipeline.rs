@@ -20,13 +20,24 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let (host, node, key) = rt.block_on(async {
+    let (host, node, key, limited) = rt.block_on(async {
         let host = TestHost::start(Arc::new(MemoryStore::new())).await;
         let node = StandInNode::start("bench").await;
         let (p, _) = host.provider().await;
         host.add_node(&p, &node, Service::Chat, MODEL).await;
         let (_, key) = host.user(Credits::whole(1_000_000)).await;
-        (host, node, key)
+        // A key under rate limits it never reaches: what counting costs.
+        let (u, limited) = host.user(Credits::whole(1_000_000)).await;
+        let id = host.broker.store().api_keys(&u.id).await.unwrap()[0]
+            .id
+            .clone();
+        let limits = wire::UpdateKeyRequest {
+            rpm: Some(Some(100_000_000)),
+            tpm: Some(Some(1_000_000_000_000)),
+            ..Default::default()
+        };
+        host.broker.admin().update_key(&id, limits).await.unwrap();
+        (host, node, key, limited)
     });
     let body = Bytes::from(
         serde_json::to_vec(&serde_json::json!({
@@ -60,6 +71,23 @@ fn bench(c: &mut Criterion) {
                 .broker
                 .handle(GatewayRequest::new(
                     Some(key.clone()),
+                    Route::ChatCompletions,
+                    body.clone(),
+                ))
+                .await
+                .unwrap();
+            match r {
+                GatewayResponse::Complete { body, .. } => body,
+                GatewayResponse::Stream { .. } => unreachable!("plain call"),
+            }
+        })
+    });
+    g.bench_function("broker_handle_chat_rate_limited", |b| {
+        b.to_async(&rt).iter(|| async {
+            let r = host
+                .broker
+                .handle(GatewayRequest::new(
+                    Some(limited.clone()),
                     Route::ChatCompletions,
                     body.clone(),
                 ))

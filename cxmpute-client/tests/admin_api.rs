@@ -351,3 +351,62 @@ async fn an_admin_session_works_like_an_admin_key() {
     assert!(session.account().me().await.unwrap().is_admin);
     assert!(!session.admin().prices().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn an_admin_sets_a_keys_rate_limits_and_a_call_over_them_is_a_429_with_retry_after() {
+    use cxmpute_client::types::ApiKeyId;
+    use cxmpute_client::wire::UpdateKeyRequest;
+
+    let w = World::start().await;
+    let key_id: ApiKeyId = w.host.broker.store().api_keys(&w.user.id).await.unwrap()[0]
+        .id
+        .clone();
+    let limits = UpdateKeyRequest {
+        rpm: Some(Some(1)),
+        tpm: Some(Some(100_000)),
+        ..Default::default()
+    };
+    let view = w
+        .admin()
+        .admin()
+        .update_key(&key_id, &limits)
+        .await
+        .unwrap();
+    assert_eq!((view.rpm, view.tpm), (Some(1), Some(100_000)));
+
+    let user = w.client();
+    let req = ChatCompletionRequest::new(MODEL, vec![ChatMessage::user("hi")]);
+    user.user().chat(&req).await.unwrap();
+    let e = user.user().chat(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(429), "{e}");
+    assert_eq!(e.code(), Some("rate_limit_exceeded"));
+    // The host's clock stands at the start of a minute: the whole minute.
+    assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(60)));
+    assert_eq!(w.chat_node.hits(), 1, "the refused call went nowhere");
+
+    // A user's key cannot change another's through the admin API, and a
+    // bad value is refused with the broker's words.
+    let e = user.admin().update_key(&key_id, &limits).await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    let zero = UpdateKeyRequest {
+        rpm: Some(Some(0)),
+        ..Default::default()
+    };
+    let e = w
+        .admin()
+        .admin()
+        .update_key(&key_id, &zero)
+        .await
+        .unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(400), Some("invalid_request")));
+
+    // `Some(None)` removes the limit: the next call goes through.
+    let lift = UpdateKeyRequest {
+        rpm: Some(None),
+        ..Default::default()
+    };
+    let view = w.admin().admin().update_key(&key_id, &lift).await.unwrap();
+    assert_eq!((view.rpm, view.tpm), (None, Some(100_000)));
+    user.user().chat(&req).await.unwrap();
+    w.host.assert_ledger().await;
+}

@@ -188,6 +188,7 @@ const CLIENT_ROUTES: &[&str] = &[
     "POST /v1/admin/users",
     "GET /v1/admin/users/{id}",
     "POST /v1/admin/users/{id}/credits",
+    "PATCH /v1/admin/keys/{id}",
     "POST /v1/admin/users/{id}/suspend",
     "POST /v1/admin/users/{id}/unsuspend",
     "POST /v1/admin/providers",

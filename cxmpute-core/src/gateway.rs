@@ -312,9 +312,10 @@ impl Broker {
             created_at: self.now(),
         };
         // Requests and tokens per minute: from memory (see `ratelimit`).
-        let ticket = match limited {
-            true => (i.limits.admit(key, bound_tokens(prep.bound), rate)).await?,
-            false => Ticket::default(),
+        let ticket = if limited {
+            (i.limits.admit(key, bound_tokens(prep.bound), rate)).await?
+        } else {
+            Ticket::default()
         };
         // In the store, or in memory when this host owns the store.
         let hold = match i.admission.hold(reservation, &key.hash).await {

@@ -481,6 +481,10 @@ impl RateLimiter {
             };
             waits += 1;
             if !take.await {
+                if let Some(w) = self.shard(subject).lock().get_mut(subject) {
+                    w.short.0 = w.short.0.saturating_sub(need_r);
+                    w.short.1 = w.short.1.saturating_sub(need_t);
+                }
                 return Err(Error::Unavailable {
                     message: "the rate-limit counters could not be read".into(),
                     source: None,
@@ -796,6 +800,25 @@ mod tests {
             .requests
             .used;
         assert_eq!(key_only, 1);
+    }
+
+    #[tokio::test]
+    async fn a_take_the_store_failed_is_a_503_and_the_next_call_takes_again() {
+        let store = Arc::new(InstrumentedStore::new().shared());
+        let clock = clock();
+        let l = limiter(store.clone(), &clock);
+        let k = key(Some(32), None);
+        let mut st = RateStatus::default();
+        store.lose_next_answer("add_rate_usage");
+        let e = l.admit(&k, 1, &mut st).await.unwrap_err();
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        // The lost take was counted by the store: its slice is gone, not
+        // granted twice. The next take asks for what this call needs.
+        l.admit(&k, 1, &mut st).await.unwrap();
+        let shown = st.requests.unwrap();
+        assert_eq!((shown.limit, shown.remaining), (32, 32 - 2 - 1));
+        let w = l.shard(&Subject::Key(k.id.clone())).lock()[&Subject::Key(k.id.clone())].short;
+        assert_eq!(w, (0, 0), "no call is left counted as waiting");
     }
 
     #[tokio::test]

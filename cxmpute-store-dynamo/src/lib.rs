@@ -102,6 +102,11 @@
 //! another host than the one that reserved adds one `GetItem` of the request.
 //! Refusals (insufficient credits, revoked key...) cost one batch read to
 //! name the precise error, after the transaction refused.
+//! A key (or account) under rate limits adds no call per request: its host
+//! takes a slice of the minute's allowance (`add_rate_usage`: one
+//! `UpdateItem` adding to the `RATE#` item, a second when a new minute
+//! starts the counters again) about once per sixteenth of the limit, in the
+//! background.
 //!
 //! The store is shared by hosts (it keeps the default of
 //! [`LedgerStore::owned_by_one_host`](cxmpute_core::LedgerStore::owned_by_one_host)),
