@@ -378,3 +378,35 @@ async fn an_accounts_limit_covers_all_its_keys() {
     );
     h.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn on_a_shared_store_a_limited_keys_calls_take_slices_not_a_store_call_each() {
+    // Without credit leases every call reserves and settles in the store:
+    // what is left over is the rate limit's own cost.
+    let store = Arc::new(InstrumentedStore::new().shared());
+    let h = TestHost::start_market_with(store.clone(), Credits(500), |b| {
+        let mut c = cxmpute_core::testkit::test_config();
+        c.credit_leases = false;
+        b.config(c)
+    })
+    .await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (user, key) = h.user(Credits::whole(100)).await;
+    let id = key_id(&h, &user.id).await;
+    let limits = json!({"rpm": 6_400, "tpm": 100_000_000});
+    assert_eq!(admin_patch(&h, &id, limits).await.status(), 200);
+    store.take_calls();
+    const CALLS: usize = 400;
+    for _ in 0..CALLS {
+        let r = h.post("/v1/chat/completions", &key, &chat()).await;
+        assert_eq!(r.status(), 200);
+    }
+    let calls = store.take_calls();
+    let takes = calls.get("add_rate_usage").copied().unwrap_or(0);
+    eprintln!("{takes} rate-limit takes for {CALLS} calls: {calls:?}");
+    // A slice is a sixteenth of each limit (400 requests, 6.25M tokens): the
+    // first take, and one refill ahead of need.
+    assert!(takes <= 3, "{takes} takes: {calls:?}");
+    assert_eq!(calls.get("reserve"), Some(&CALLS));
+    h.assert_ledger().await;
+}
