@@ -392,7 +392,8 @@ async fn an_unreachable_database_is_a_clear_503_and_the_host_recovers() {
 /// Rate limits across hosts: each host admits from slices of the minute's
 /// allowance it took from the store, which never grants past the limit. So
 /// two hosts together admit at most the limit, and at least the limit less
-/// one slice per host (a sixteenth of it) left unused in the other's memory.
+/// about a slice and a half per host (a slice is a sixteenth of the limit)
+/// left unused in a host's memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hosts_together_never_admit_more_than_a_keys_rate_limit() {
     let Some(ep) = endpoint() else { return };
@@ -478,7 +479,7 @@ async fn two_hosts_together_never_admit_more_than_a_keys_rate_limit() {
     eprintln!("admitted {ok:?} of {RPM} (slice {slice}) with {takes} takes from the store");
     assert!(takes as u64 <= RPM / slice + 4, "{takes} takes");
     assert!(admitted <= RPM, "{ok:?}");
-    assert!(admitted >= RPM - 2 * slice, "{ok:?}");
+    assert!(admitted >= RPM - 3 * slice, "{ok:?}");
     assert!(ok[0] > 0 && ok[1] > 0, "{ok:?}");
     // Refused calls went nowhere and cost nothing.
     assert_eq!(node.hits() as u64, admitted);
