@@ -649,6 +649,12 @@ impl TestHost {
         (u, secret)
     }
 
+    /// Counts `user` (made elsewhere, e.g. by another host on the same
+    /// store, with `start` credits) in [`TestHost::assert_ledger`].
+    pub fn track_user(&self, user: &UserId, start: Credits) {
+        self.users.lock().push((user.clone(), start));
+    }
+
     /// A provider and its key.
     pub async fn provider(&self) -> (Provider, Secret) {
         let email = format!(
