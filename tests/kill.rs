@@ -166,11 +166,15 @@ async fn load_and_kill(host: &mut Host) -> usize {
             }
         }));
     }
-    enough.notified().await;
+    let mut clients = futures::future::join_all(tasks);
+    tokio::select! {
+        _ = enough.notified() => {}
+        _ = &mut clients => panic!("the clients stopped before {BEFORE_KILL} answers"),
+    }
     host.child.kill().expect("SIGKILL");
     host.child.wait().expect("reaped");
-    for t in tasks {
-        t.await.expect("client");
+    for t in clients.await {
+        t.expect("client");
     }
     answered.load(Ordering::SeqCst)
 }
