@@ -1,12 +1,14 @@
 //! The catalogue as data and the platform's share, end to end over HTTP: a
 //! model added at run time is served, one removed is not; changes are
 //! validated; the one-step registration obeys the catalogue and the tiers;
-//! the default reward policy leaves the platform its share, exactly.
+//! the default reward policy leaves the platform its share, exactly; a
+//! configuration file seeds the catalogue, prices and the policy.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::common::{call, ProviderApi};
+use cxmpute_core::config;
 use cxmpute_core::network::{Catalogue, CatalogueModel};
 use cxmpute_core::testkit::{
     chat_price, expect_error, test_config, StandInNode, TestHost, EMBED, MODEL,
@@ -36,10 +38,14 @@ async fn put(h: &TestHost, body: Value) -> reqwest::Response {
 }
 
 async fn delete(h: &TestHost, service: &str, model: &str) -> reqwest::Response {
-    call(h, "DELETE", format!("/v1/admin/catalogue/{service}/{model}"))
-        .bearer(h.admin_key.expose())
-        .send()
-        .await
+    call(
+        h,
+        "DELETE",
+        format!("/v1/admin/catalogue/{service}/{model}"),
+    )
+    .bearer(h.admin_key.expose())
+    .send()
+    .await
 }
 
 async fn admin_catalogue(h: &TestHost) -> Vec<CatalogueModel> {
@@ -61,10 +67,16 @@ async fn a_model_added_at_run_time_is_served_and_one_removed_is_not() {
     let (p, pkey) = h.provider().await;
     let node = StandInNode::start("katan").await;
     let api = ProviderApi::new(&h, &pkey);
-    let reg = json!({"endpoint": node.url(), "services": [{"service": "chat", "model": "katan-echo"}]});
+    let reg =
+        json!({"endpoint": node.url(), "services": [{"service": "chat", "model": "katan-echo"}]});
 
     // Not in the built-in catalogue: refused, nothing stored.
-    let m = expect_error(api.post("", Some(reg.clone())).await, 400, "invalid_request").await;
+    let m = expect_error(
+        api.post("", Some(reg.clone())).await,
+        400,
+        "invalid_request",
+    )
+    .await;
     assert!(m.contains("`katan-echo` is not in the catalogue"), "{m}");
     assert_eq!(admin_catalogue(&h).await, Catalogue::original().models());
     let builtin = Catalogue::original().models().len();
@@ -92,7 +104,9 @@ async fn a_model_added_at_run_time_is_served_and_one_removed_is_not() {
     let v: Value = r.json().await.unwrap();
     node.require_secret(v["node_secret"].as_str().unwrap());
     let id = ProvisionId::new(v["provision_id"].as_str().unwrap());
-    let r = h.post("/v1/chat/completions", &user, &chat("katan-echo")).await;
+    let r = h
+        .post("/v1/chat/completions", &user, &chat("katan-echo"))
+        .await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
 
@@ -101,7 +115,10 @@ async fn a_model_added_at_run_time_is_served_and_one_removed_is_not() {
     assert_eq!(list.object, "list");
     assert_eq!(list.data.len(), builtin + 1);
     let offer = list.data.iter().find(|o| o.model == "katan-echo").unwrap();
-    assert_eq!((offer.service, offer.min_tier, offer.target_nodes), (Service::Chat, 1, 3));
+    assert_eq!(
+        (offer.service, offer.min_tier, offer.target_nodes),
+        (Service::Chat, 1, 3)
+    );
     assert_eq!(offer.nodes, 1);
     assert_eq!(offer.price, chat_price());
 
@@ -111,17 +128,24 @@ async fn a_model_added_at_run_time_is_served_and_one_removed_is_not() {
     assert_eq!(r.status(), 200);
     let change: CatalogueChange = r.json().await.unwrap();
     assert_eq!((change.entry, change.removed_nodes), (None, 1));
-    let r = h.post("/v1/chat/completions", &user, &chat("katan-echo")).await;
+    let r = h
+        .post("/v1/chat/completions", &user, &chat("katan-echo"))
+        .await;
     expect_error(r, 404, "model_not_found").await;
     assert!(!h.is_routable(&id));
-    assert!(offers(&h).await.data.iter().all(|o| o.model != "katan-echo"));
+    assert!(offers(&h)
+        .await
+        .data
+        .iter()
+        .all(|o| o.model != "katan-echo"));
     // The store agrees: the node is kept, serving nothing.
     let stored = h.broker.store().pool_entries().await.unwrap();
     assert!(stored.iter().all(|e| e.provision_id != id));
     let view: Value = api.get(&format!("/{id}")).await.json().await.unwrap();
     assert_eq!(view["services"], json!([]));
     // Reporting ready with it again is refused.
-    let ready = json!({"endpoint": node.url(), "services": [{"service": "chat", "model": "katan-echo"}]});
+    let ready =
+        json!({"endpoint": node.url(), "services": [{"service": "chat", "model": "katan-echo"}]});
     let m = expect_error(
         api.post(&format!("/{id}/ready"), Some(ready)).await,
         400,
@@ -175,16 +199,26 @@ async fn catalogue_changes_are_validated_and_admin_only() {
     assert_eq!(as_user.status().await, 403);
     let anonymous = call(&h, "PUT", "/v1/admin/catalogue").json(good.clone());
     assert_eq!(anonymous.status().await, 401);
-    let as_user = call(&h, "DELETE", format!("/v1/admin/catalogue/chat/{MODEL}")).bearer(user.expose());
+    let as_user =
+        call(&h, "DELETE", format!("/v1/admin/catalogue/chat/{MODEL}")).bearer(user.expose());
     assert_eq!(as_user.status().await, 403);
     assert_eq!(call(&h, "GET", "/v1/admin/catalogue").status().await, 401);
     assert_eq!(call(&h, "GET", "/v1/catalogue").status().await, 200);
-    assert_eq!(call(&h, "GET", "/v1/catalogue").bearer(user.expose()).status().await, 200);
+    assert_eq!(
+        call(&h, "GET", "/v1/catalogue")
+            .bearer(user.expose())
+            .status()
+            .await,
+        200
+    );
     assert!(put(&h, good).await.status().is_success());
 
     // A name with a slash and a colon round-trips through the path.
     let odd = "org/model:7b";
-    assert!(put(&h, entry(json!({"model": odd}))).await.status().is_success());
+    assert!(put(&h, entry(json!({"model": odd})))
+        .await
+        .status()
+        .is_success());
     let r = delete(&h, "chat", "org%2Fmodel:7b").await;
     assert_eq!(r.status(), 200);
     assert!(admin_catalogue(&h).await.iter().all(|m| m.model != odd));
@@ -231,7 +265,10 @@ async fn raising_a_minimum_tier_takes_lower_nodes_out_of_the_pool() {
     // Assignment follows the change: a tier 1 node is offered no chat model
     // needing tier 2.
     let start: Value = api
-        .post(&format!("/{small_id}/start"), Some(json!({"services": ["chat"]})))
+        .post(
+            &format!("/{small_id}/start"),
+            Some(json!({"services": ["chat"]})),
+        )
         .await
         .json()
         .await
@@ -252,17 +289,31 @@ async fn the_one_step_registration_obeys_the_catalogue_and_the_tiers() {
                "device": {"gpu": {"memory_mb": vram}}})
     };
     // Not listed: refused, at any tier.
-    let m = expect_error(api.post("", Some(reg("gpt-4o", 24_000))).await, 400, "invalid_request").await;
+    let m = expect_error(
+        api.post("", Some(reg("gpt-4o", 24_000))).await,
+        400,
+        "invalid_request",
+    )
+    .await;
     assert!(m.contains("`gpt-4o` is not in the catalogue"), "{m}");
     // Listed, but above the node's tier: refused with the reason.
-    let m = expect_error(api.post("", Some(reg("llama3.1:8b", 0))).await, 400, "invalid_request").await;
-    assert!(m.contains("needs a tier 2 node; this node is tier 1"), "{m}");
+    let m = expect_error(
+        api.post("", Some(reg("llama3.1:8b", 0))).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+    assert!(
+        m.contains("needs a tier 2 node; this node is tier 1"),
+        "{m}"
+    );
     // One bad service among good ones refuses the whole registration.
     let mixed = json!({"endpoint": node.url(), "services": [
         {"service": "chat", "model": MODEL}, {"service": "embeddings", "model": "not-listed"}]});
     expect_error(api.post("", Some(mixed)).await, 400, "invalid_request").await;
     // The service counts: a chat model named as embeddings is not listed.
-    let wrong = json!({"endpoint": node.url(), "services": [{"service": "embeddings", "model": MODEL}]});
+    let wrong =
+        json!({"endpoint": node.url(), "services": [{"service": "embeddings", "model": MODEL}]});
     expect_error(api.post("", Some(wrong)).await, 400, "invalid_request").await;
     assert!(h.broker.store().pool_entries().await.unwrap().is_empty());
     assert_eq!(crate::common::listed(&api).await, 0);
@@ -326,8 +377,15 @@ async fn the_platform_share_is_exact_over_a_mixed_workload() {
                               "messages": [{"role": "user", "content": words}]});
             h.post("/v1/chat/completions", key, &body).await
         } else {
-            let input: Vec<String> = (0..=i % 4).map(|j| "x".repeat((i * 13 + j) as usize)).collect();
-            h.post("/v1/embeddings", key, &json!({"model": EMBED, "input": input})).await
+            let input: Vec<String> = (0..=i % 4)
+                .map(|j| "x".repeat((i * 13 + j) as usize))
+                .collect();
+            h.post(
+                "/v1/embeddings",
+                key,
+                &json!({"model": EMBED, "input": input}),
+            )
+            .await
         };
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
@@ -354,7 +412,10 @@ async fn the_platform_share_is_exact_over_a_mixed_workload() {
     assert_eq!(services.len(), 2);
     assert!(charges.len() >= 15, "charges of many sizes: {charges:?}");
     let totals = store.ledger_totals().await.unwrap();
-    assert_eq!(totals.charged, totals.rewarded.saturating_add(totals.platform()));
+    assert_eq!(
+        totals.charged,
+        totals.rewarded.saturating_add(totals.platform())
+    );
     assert_eq!(totals.platform().as_micros(), expected_platform);
     assert!(totals.platform() > Credits::ZERO);
     h.assert_ledger().await;
@@ -398,4 +459,107 @@ async fn a_provider_is_never_paid_more_than_the_charge() {
     let totals = h.broker.store().ledger_totals().await.unwrap();
     assert_eq!(totals.platform(), Credits::ZERO);
     h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn a_config_file_seeds_the_catalogue_prices_and_policy() {
+    let text = r#"
+        [[catalogue]]
+        service = "chat"
+        model = "qwen2.5:0.5b"
+        min_tier = 1
+        target_nodes = 3
+
+        [[catalogue]]
+        service = "embeddings"
+        model = "nomic-embed-text"
+        min_tier = 1
+        target_nodes = 2
+
+        [[prices]]
+        service = "chat"
+        model = "qwen2.5:0.5b"
+        per_request = 1234
+
+        [reward]
+        policy = "platform_share"
+        [reward.platform_share_permille]
+        chat = 250
+    "#;
+    let file = config::ConfigFile::parse(text).unwrap();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let start = |store: Arc<dyn Store>, file: config::ConfigFile| async move {
+        let policy = file.reward_policy().unwrap();
+        let h = TestHost::start_with(store, move |b| b.reward_policy(policy)).await;
+        file.seed(&h.broker).await.unwrap();
+        h
+    };
+    let h = start(store.clone(), file.clone()).await;
+
+    // On a fresh store the file's models are the catalogue.
+    let want = vec![
+        CatalogueModel::new(Service::Chat, "qwen2.5:0.5b", 1, 3),
+        CatalogueModel::new(Service::Embeddings, "nomic-embed-text", 1, 2),
+    ];
+    assert_eq!(admin_catalogue(&h).await, want);
+    let offer = offers(&h).await.data.remove(0);
+    assert_eq!(
+        (offer.model.as_str(), offer.price.per_request),
+        ("qwen2.5:0.5b", Credits(1_234))
+    );
+    let view: RewardPolicyView = call(&h, "GET", "/v1/admin/reward")
+        .bearer(h.admin_key.expose())
+        .ok()
+        .await;
+    assert_eq!(view.platform_share_permille[&Service::Chat], 250);
+    assert_eq!(view.platform_share_permille[&Service::Tts], 200);
+    // Nodes follow the file's catalogue: its model is served, the built-in
+    // one it left out is refused.
+    let (_node, _, _) = h.stand_in("q", Service::Chat, "qwen2.5:0.5b").await;
+    let (_, user) = h.user(Credits::whole(1)).await;
+    let r = h
+        .post("/v1/chat/completions", &user, &chat("qwen2.5:0.5b"))
+        .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let (_, pkey) = h.provider().await;
+    let reg = json!({"endpoint": "http://127.0.0.1:9", "services": [{"service": "chat", "model": MODEL}]});
+    expect_error(
+        ProviderApi::new(&h, &pkey).post("", Some(reg)).await,
+        400,
+        "invalid_request",
+    )
+    .await;
+
+    // Changed through the API meanwhile: one entry the file names, one it
+    // does not.
+    assert!(put(
+        &h,
+        json!({"service": "chat", "model": "qwen2.5:0.5b", "min_tier": 2, "target_nodes": 9})
+    )
+    .await
+    .status()
+    .is_success());
+    assert!(put(
+        &h,
+        json!({"service": "tts", "model": "kokoro", "min_tier": 1, "target_nodes": 1})
+    )
+    .await
+    .status()
+    .is_success());
+    h.assert_ledger().await;
+    drop(h);
+
+    // A restart seeds again: the file's entries are put back, the one only
+    // in the store stays.
+    let again = start(store, file).await;
+    let listed = admin_catalogue(&again).await;
+    assert_eq!(
+        listed,
+        vec![
+            want[0].clone(),
+            want[1].clone(),
+            CatalogueModel::new(Service::Tts, "kokoro", 1, 1),
+        ]
+    );
 }
