@@ -9,8 +9,7 @@ use cxmpute_api::types::{
 use cxmpute_api::wire::{
     AdminProviderView, AdminProvisionView, AdminUserDetail, AdminUserView, BalanceResponse,
     CatalogueChange, CreateProviderRequest, CreateProviderResponse, CreateUserRequest,
-    CreateUserResponse, GrantCreditsRequest, NotificationRequest, RewardPolicyView,
-    SuspendRequest,
+    CreateUserResponse, GrantCreditsRequest, NotificationRequest, RewardPolicyView, SuspendRequest,
 };
 use http::Method;
 
@@ -209,10 +208,7 @@ impl AdminApi<'_> {
         model: &str,
     ) -> Result<CatalogueChange> {
         let path = ["v1", "admin", "catalogue", service.as_str(), model];
-        self.client
-            .req(Method::DELETE, &path)
-            .send_json()
-            .await
+        self.client.req(Method::DELETE, &path).send_json().await
     }
 
     /// `GET /v1/admin/reward`: the reward policy, how providers are paid and

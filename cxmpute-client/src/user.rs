@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 use cxmpute_api::wire::{
-    CaptionResponse, ChatCompletionRequest, ChatCompletionResponse, DetectResponse,
-    EmbeddingsRequest, EmbeddingsResponse, ModelList, CatalogueList, PointResponse, QueryResponse, ScrapeRequest,
+    CaptionResponse, CatalogueList, ChatCompletionRequest, ChatCompletionResponse, DetectResponse,
+    EmbeddingsRequest, EmbeddingsResponse, ModelList, PointResponse, QueryResponse, ScrapeRequest,
     ScrapeResponse, SpeechRequest, StreamOptions, TtsRequest, VisionRequest,
 };
 use http::Method;

@@ -363,7 +363,10 @@ async fn the_catalogue_round_trips_and_reaches_routing() {
     // Added: listed to the admin and to anyone, with its price.
     let entry = CatalogueModel::new(Service::Chat, "org/tiny:0.5b", 1, 2);
     let change = admin.admin().put_catalogue_model(&entry).await.unwrap();
-    assert_eq!((change.entry.as_ref(), change.removed_nodes), (Some(&entry), 0));
+    assert_eq!(
+        (change.entry.as_ref(), change.removed_nodes),
+        (Some(&entry), 0)
+    );
     let after = admin.admin().catalogue().await.unwrap();
     assert_eq!(after.len(), before.len() + 1);
     assert!(after.contains(&entry));

@@ -528,7 +528,10 @@ mod tests {
         let p = s.clone().without_money();
         assert_eq!((p.charged, p.rewarded, p.platform), (None, None, None));
         let provider = s.clone().without_charges();
-        assert_eq!((provider.rewarded, provider.platform), (Some(Credits(500)), None));
+        assert_eq!(
+            (provider.rewarded, provider.platform),
+            (Some(Credits(500)), None)
+        );
         let user = s.clone().without_money_but_charged();
         assert_eq!((user.charged, user.platform), (Some(Credits(1_234)), None));
         let e = Summary::of(&StatsCounters::default());

@@ -658,7 +658,11 @@ impl CatalogueStore for MemoryStore {
     }
 
     async fn delete_catalogue_model(&self, service: Service, model: &str) -> Result<()> {
-        let removed = self.inner.lock().models.remove(&(service, model.to_owned()));
+        let removed = self
+            .inner
+            .lock()
+            .models
+            .remove(&(service, model.to_owned()));
         found(removed.map(|_| ()), || {
             format!("catalogue entry {service} `{model}`")
         })

@@ -437,7 +437,11 @@ mod tests {
         assert_eq!(part(Service::Chat, 0), 0);
         assert_eq!(part(Service::Chat, -5), 0, "never negative");
         assert_eq!(part(Service::Embeddings, 1_000), 667);
-        assert_eq!(part(Service::Tts, 999), 999, "share 0: all of it, never more");
+        assert_eq!(
+            part(Service::Tts, 999),
+            999,
+            "share 0: all of it, never more"
+        );
         assert_eq!(part(Service::Scrape, 999), 0);
         assert_eq!(part(Service::Vision, i64::MAX), 7_378_697_629_483_820_645);
         for c in 0..5_000_i64 {
@@ -450,7 +454,9 @@ mod tests {
             }
         }
         assert!(PlatformShare::new(1_001).is_err());
-        assert!(PlatformShare::default().with_service(Service::Chat, 1_001).is_err());
+        assert!(PlatformShare::default()
+            .with_service(Service::Chat, 1_001)
+            .is_err());
         let view = p.describe();
         assert_eq!(view.policy, "platform_share");
         assert_eq!(view.platform_share_permille[&Service::Chat], 200);

@@ -80,7 +80,12 @@ impl CatalogueStore for DynamoStore {
         let mut ex = Ex::new();
         let cond = ex.exists();
         match self
-            .delete(what, schema::catalogue_model(service, model), Some(cond), ex)
+            .delete(
+                what,
+                schema::catalogue_model(service, model),
+                Some(cond),
+                ex,
+            )
             .await
         {
             Ok(()) => Ok(()),

@@ -633,7 +633,9 @@ fn routes(w: &World) -> Vec<Route> {
         route(
             "PUT",
             "/v1/admin/catalogue",
-            Some(json!({"service": "chat", "model": "matrix:1b", "min_tier": 1, "target_nodes": 1})),
+            Some(
+                json!({"service": "chat", "model": "matrix:1b", "min_tier": 1, "target_nodes": 1}),
+            ),
             admin_only(200, 200),
         ),
         route(
