@@ -223,9 +223,14 @@ async fn main() -> Result<(), BoxError> {
         }
     }
     // Read and checked before anything starts: a bad file stops the host.
-    let file = match &args.config {
-        Some(path) => ConfigFile::load(path)?,
+    let file = match args.config.as_deref().map(ConfigFile::load) {
+        Some(Ok(file)) => file,
         None => ConfigFile::default(),
+        // Said as it is (a TOML error spans lines), then stop.
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
     };
     let broker = Broker::builder(store)
         .config(config)

@@ -602,8 +602,14 @@ impl Broker {
     /// tier) are left out of routing.
     pub async fn refresh_pools(&self) -> Result<()> {
         let catalogue = self.load_catalogue().await?;
+        // One lookup per entry, not a scan of the catalogue: both may be large.
+        let min_tier: std::collections::HashMap<(Service, &str), u8> = (catalogue.models().iter())
+            .map(|m| ((m.service, m.model.as_str()), m.min_tier))
+            .collect();
         let mut entries = self.inner.store.pool_entries().await?;
-        entries.retain(|e| catalogue.allows(e.service, &e.model, e.tier));
+        entries.retain(|e| {
+            (min_tier.get(&(e.service, e.model.as_str()))).is_some_and(|t| *t <= e.tier)
+        });
         self.inner.pools.rebuild(entries);
         for price in self.inner.store.prices().await? {
             self.inner.prices.set(price);
