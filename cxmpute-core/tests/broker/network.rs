@@ -319,8 +319,7 @@ async fn node_endpoints_pass_the_egress_guard_unless_private_addresses_are_allow
 
 // ---- hostile providers ---------------------------------------------------------
 
-/// `n` chat services named `{prefix}-0`, `{prefix}-1`... (the one-step
-/// registration path takes models outside the catalogue).
+/// `n` chat services named `{prefix}-0`, `{prefix}-1`...
 fn services(prefix: &str, n: usize) -> Value {
     (0..n)
         .map(|i| json!({"service": "chat", "model": format!("{prefix}-{i}")}))
@@ -335,6 +334,10 @@ async fn a_node_may_serve_at_most_the_cap_of_models_on_every_path() {
     let node = StandInNode::start("n").await;
     let (_, user) = h.user(Credits::whole(1)).await;
 
+    // The operator offers 64 models, m-0 to m-63.
+    for i in 0..64 {
+        h.offer(Service::Chat, &format!("m-{i}")).await;
+    }
     // One over the cap: refused before anything is stored or routed.
     let reg = |n: usize| json!({"endpoint": node.url(), "services": services("m", n)});
     let m = expect_error(a.post("", Some(reg(65))).await, 400, "invalid_request").await;
