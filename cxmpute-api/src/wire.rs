@@ -440,8 +440,8 @@ pub struct CatalogueChange {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RewardPolicyView {
-    /// The policy's name: `platform_share`, `tiered`, `flat`,
-    /// `revenue_share`, or an embedder's own.
+    /// The policy's name: `platform_share`, `tiered`, `flat`, or `custom`
+    /// (an embedder's own).
     pub policy: String,
     /// What the platform keeps of every charge, per mille, per service
     /// (`platform_share` only).

@@ -11,7 +11,6 @@
 //! | [`PlatformShare`] (the default) | the charge less the platform's share, per service, per mille |
 //! | [`FlatReward`] | the same amount per request (the original's early 0.01) |
 //! | [`TieredReward`] | the original's last formula: by node tier, service, model size, tokens and latency |
-//! | [`RevenueShare`] | a fixed share, in basis points, of what the user paid |
 //!
 //! Money is integer micro-credits throughout; factors are integer per-mille
 //! (1,000 = ×1.0) and the one rounding happens at the end.
@@ -165,53 +164,6 @@ impl RewardPolicy for FlatReward {
             description: format!(
                 "{} micro-credits per successful request, at most the charge",
                 self.0.as_micros()
-            ),
-        }
-    }
-}
-
-/// A fixed share of what the user paid, in basis points (1/100 of a percent):
-/// `charged × bps / 10,000`, rounded down to a whole micro-credit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RevenueShare {
-    bps: u32,
-}
-
-impl RevenueShare {
-    /// All of it.
-    pub const MAX_BPS: u32 = 10_000;
-
-    /// A share of `bps` basis points (7,000 = 70 %). More than
-    /// [`Self::MAX_BPS`] is refused: a provider never earns more than was paid.
-    pub fn new(bps: u32) -> crate::Result<Self> {
-        if bps > Self::MAX_BPS {
-            return Err(crate::Error::InvalidInput(format!(
-                "a revenue share of {bps} basis points is more than 100 %"
-            )));
-        }
-        Ok(RevenueShare { bps })
-    }
-
-    /// The share in basis points.
-    pub fn bps(&self) -> u32 {
-        self.bps
-    }
-}
-
-impl RewardPolicy for RevenueShare {
-    fn reward(&self, ctx: &RewardContext<'_>) -> Credits {
-        let charged = ctx.charged.as_micros().max(0) as u128;
-        let r = charged * u128::from(self.bps) / u128::from(Self::MAX_BPS);
-        Credits(i64::try_from(r).unwrap_or(i64::MAX))
-    }
-
-    fn describe(&self) -> RewardPolicyView {
-        RewardPolicyView {
-            policy: "revenue_share".into(),
-            platform_share_permille: BTreeMap::new(),
-            description: format!(
-                "the provider earns {} basis points of the charge, rounded down",
-                self.bps
             ),
         }
     }
