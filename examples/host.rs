@@ -5,7 +5,13 @@
 //! cargo run --release --example host -- --store memory     # nothing kept
 //! cargo run --release --example host -- --listen 0.0.0.0:9000 --db /var/lib/cxmpute.db
 //! cargo run --release --example host --features dynamo -- --store dynamo --dynamo-create-tables
+//! cargo run --release --example host -- --config cxmpute.toml  # catalogue, prices, rewards
 //! ```
+//!
+//! `--config` (`CXMPUTE_CONFIG`) names a TOML file that seeds the catalogue
+//! and prices at every start and chooses the reward policy; see
+//! `cxmpute.example.toml` and `cxmpute_core::config`. A bad file stops the
+//! host with a message naming the key.
 //!
 //! On first start with an empty store it creates an admin account and prints
 //! its API key once; set `CXMPUTE_ADMIN_KEY` to choose that key instead.
@@ -24,6 +30,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use cxmpute::core::config::ConfigFile;
 use cxmpute::core::http::{serve, shutdown_signal, ServeConfig};
 use cxmpute::core::mail::MailerConfig;
 use cxmpute::core::sessions::AuthConfig;
@@ -62,6 +69,10 @@ struct Args {
     /// Create the DynamoDB table if it is missing.
     #[arg(long, env = "CXMPUTE_DYNAMO_CREATE_TABLES")]
     dynamo_create_tables: bool,
+    /// A configuration file (TOML) seeding the catalogue and prices and
+    /// choosing the reward policy (see `cxmpute.example.toml`).
+    #[arg(long, env = "CXMPUTE_CONFIG")]
+    config: Option<PathBuf>,
     /// Email of the admin account created on first start.
     #[arg(
         long,
@@ -211,12 +222,34 @@ async fn main() -> Result<(), BoxError> {
             auth = auth.with_session_secret(s);
         }
     }
+    // Read and checked before anything starts: a bad file stops the host.
+    let file = match args.config.as_deref().map(ConfigFile::load) {
+        Some(Ok(file)) => file,
+        None => ConfigFile::default(),
+        // Said as it is (a TOML error spans lines), then stop.
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
     let broker = Broker::builder(store)
-        .config(config)
+        .config(file.broker_config(config))
         .auth(auth)
         .mailer(mailer)
+        .reward_policy(file.reward_policy()?)
         .build()
         .await?;
+    file.seed(&broker).await?;
+    if let Some(path) = &args.config {
+        let policy = broker.admin().reward_policy();
+        tracing::info!(
+            config = %path.display(),
+            catalogue = file.catalogue.len(),
+            prices = file.prices.len(),
+            reward = %policy.policy,
+            "configuration seeded"
+        );
+    }
 
     let admin_key = std::env::var("CXMPUTE_ADMIN_KEY")
         .ok()

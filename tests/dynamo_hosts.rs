@@ -389,6 +389,153 @@ async fn an_unreachable_database_is_a_clear_503_and_the_host_recovers() {
     assert_eq!(node.hits(), 2);
 }
 
+/// A PUT or DELETE of the catalogue on `host`, as its admin.
+async fn catalogue_change(
+    c: &reqwest::Client,
+    host: &TestHost,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let mut r = c
+        .request(method, format!("{}/v1/admin/catalogue{path}", host.url))
+        .bearer_auth(host.admin_key.expose());
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+async fn chat_model(c: &reqwest::Client, url: &str, key: &Secret, model: &str) -> (u16, Value) {
+    let r = c
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(key.expose())
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn catalogue_changes_through_one_host_reach_routing_on_another() {
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("c{}_", secret::random_token(10).to_lowercase());
+    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+    let c = reqwest::Client::new();
+    let model = "katan-echo:1b";
+
+    // Added through host A: host B takes it from the store on its refresh.
+    let put = json!({"service": "chat", "model": model, "min_tier": 1, "target_nodes": 2});
+    let change = catalogue_change(&c, &a, reqwest::Method::PUT, "", Some(put)).await;
+    assert_eq!(change["removed_nodes"], 0);
+    assert!(b
+        .broker
+        .network()
+        .catalogue()
+        .get(Service::Chat, model)
+        .is_none());
+    b.broker.refresh_pools().await.unwrap();
+    assert!(b
+        .broker
+        .network()
+        .catalogue()
+        .get(Service::Chat, model)
+        .is_some());
+    let builtin = network::Catalogue::original().models().len();
+    assert_eq!(b.broker.admin().catalogue().len(), builtin + 1);
+
+    // So a node registers it through host B, and both hosts serve it.
+    let node = StandInNode::start("katan").await;
+    let (_, provider_key) = b.provider().await;
+    let reg = json!({"endpoint": node.url(), "services": [{"service": "chat", "model": model}]});
+    let r = c
+        .post(format!("{}/v1/provider/provisions", b.url))
+        .bearer_auth(provider_key.expose())
+        .json(&reg)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    node.require_secret(v["node_secret"].as_str().unwrap());
+    let id = ProvisionId::new(v["provision_id"].as_str().unwrap());
+    a.broker.refresh_pools().await.unwrap();
+    let (_, key) = a.user(Credits::whole(1)).await;
+    assert_eq!(chat_model(&c, &a.url, &key, model).await.0, 200);
+    assert_eq!(chat_model(&c, &b.url, &key, model).await.0, 200);
+    assert_eq!(node.hits(), 2);
+
+    // Removed through host A: its node leaves the pool there at once and,
+    // after B's refresh, on B too; calls get model_not_found on both.
+    let gone = catalogue_change(
+        &c,
+        &a,
+        reqwest::Method::DELETE,
+        &format!("/chat/{model}"),
+        None,
+    )
+    .await;
+    assert_eq!(gone["removed_nodes"], 1);
+    let (status, body) = chat_model(&c, &a.url, &key, model).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    assert!(b.is_routable(&id), "B has not refreshed yet");
+    b.broker.refresh_pools().await.unwrap();
+    assert!(!b.is_routable(&id));
+    let (status, body) = chat_model(&c, &b.url, &key, model).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    assert_eq!(node.hits(), 2);
+    assert_eq!(b.broker.admin().catalogue().len(), builtin);
+
+    // A raised minimum tier through B takes lower nodes out on A as well.
+    let (p, _) = a.provider().await;
+    let small = StandInNode::start("small").await;
+    let small_id = a.add_node(&p, &small, Service::Chat, MODEL).await; // tier 3
+    b.broker.refresh_pools().await.unwrap();
+    assert!(b.is_routable(&small_id));
+    let put = json!({"service": "chat", "model": MODEL, "min_tier": 4, "target_nodes": 1});
+    let change = catalogue_change(&c, &b, reqwest::Method::PUT, "", Some(put)).await;
+    assert_eq!(change["removed_nodes"], 1);
+    assert!(!b.is_routable(&small_id));
+    a.broker.refresh_pools().await.unwrap();
+    assert!(!a.is_routable(&small_id));
+    assert_eq!(chat_model(&c, &a.url, &key, MODEL).await.0, 404);
+
+    // The public list agrees on both hosts.
+    for h in [&a, &b] {
+        let list: Value = c
+            .get(format!("{}/v1/catalogue", h.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let data = list["data"].as_array().unwrap();
+        assert_eq!(data.len(), builtin);
+        assert!(data.iter().all(|o| o["model"] != model));
+        let entry = data.iter().find(|o| o["model"] == MODEL).unwrap();
+        assert_eq!(entry["min_tier"], 4);
+        assert_eq!(entry["price"]["per_request"], 1_000);
+    }
+    a.assert_ledger().await;
+}
+
 /// Rate limits across hosts: each host admits from slices of the minute's
 /// allowance it took from the store, which never grants past the limit. So
 /// two hosts together admit at most the limit, and at least the limit less

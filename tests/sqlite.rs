@@ -271,3 +271,44 @@ async fn a_provider_may_hold_at_most_the_cap_of_nodes_even_registering_all_at_on
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalogue_and_its_pools_survive_a_restart() {
+    let path = temp_db();
+    let node = StandInNode::start("tiny").await;
+    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    let builtin = network::Catalogue::original().models().len();
+    // A model added and one removed through the admin API; a node serves
+    // the new one.
+    h.offer(Service::Chat, "tiny:0.5b").await;
+    h.broker
+        .admin()
+        .delete_catalogue_model(Service::Chat, "codellama:7b")
+        .await
+        .unwrap();
+    let (p, _) = h.provider().await;
+    let id = h.add_node(&p, &node, Service::Chat, "tiny:0.5b").await;
+    let catalogue = h.broker.admin().catalogue();
+    assert_eq!(catalogue.len(), builtin);
+    drop(h);
+    store.close().await;
+    drop(store);
+
+    // Second life on the same file: the same catalogue, the node routed.
+    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    assert_eq!(h.broker.admin().catalogue(), catalogue);
+    assert!(h.is_routable(&id));
+    let (_, key) = h.user(Credits::whole(1)).await;
+    let body = json!({"model": "tiny:0.5b", "messages": [{"role": "user", "content": "hi"}]});
+    let r = h.post("/v1/chat/completions", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    h.assert_ledger().await;
+    drop(h);
+    store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}

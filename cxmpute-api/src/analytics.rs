@@ -130,6 +130,9 @@ pub struct Summary {
     /// Micro-credits rewarded to providers (absent where the caller may not see it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewarded: Option<Credits>,
+    /// Micro-credits the platform kept: charged less rewarded (admins only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Credits>,
 }
 
 /// One day of a series.

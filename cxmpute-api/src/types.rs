@@ -830,6 +830,36 @@ pub struct PriceEntry {
     pub per_million_units: Credits,
 }
 
+/// One model the network offers, and how much of the network should serve it:
+/// an entry of the catalogue, which the store keeps (one per service and
+/// model) and every host reads.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CatalogueModel {
+    /// The service.
+    pub service: Service,
+    /// The model name, whole (`llama3.2:3b`).
+    pub model: String,
+    /// The least tier (1-4) a node needs to serve it.
+    pub min_tier: u8,
+    /// How many nodes the network wants serving it. 0: never assigned, but a
+    /// node of the tier may still serve it.
+    pub target_nodes: u32,
+}
+
+impl CatalogueModel {
+    /// A catalogue entry.
+    pub fn new(service: Service, model: &str, min_tier: u8, target_nodes: u32) -> Self {
+        CatalogueModel {
+            service,
+            model: model.to_owned(),
+            min_tier,
+            target_nodes,
+        }
+    }
+}
+
 /// A one-time sign-in code, stored hashed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoginCode {

@@ -392,6 +392,65 @@ pub struct ModelInfo {
     pub nodes: usize,
 }
 
+// ---- the catalogue --------------------------------------------------------------
+
+/// `GET /v1/catalogue` answer: what the network offers, at what price.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CatalogueList {
+    /// `list`.
+    pub object: String,
+    /// Every model of the catalogue, by service and model.
+    pub data: Vec<CatalogueOffer>,
+}
+
+/// One model of the catalogue, its price and how many nodes serve it now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CatalogueOffer {
+    /// The service.
+    pub service: Service,
+    /// The model name.
+    pub model: String,
+    /// The least tier (1-4) a node needs to serve it.
+    pub min_tier: u8,
+    /// How many nodes the network wants serving it.
+    pub target_nodes: u32,
+    /// How many healthy nodes serve it now (on the host that answered).
+    pub nodes: usize,
+    /// What a call costs: the model's own price, else its service's.
+    pub price: PriceEntry,
+}
+
+/// The answer to a change of the catalogue (`PUT`, `DELETE
+/// /v1/admin/catalogue...`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct CatalogueChange {
+    /// The entry as stored now; absent after a removal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<CatalogueModel>,
+    /// Nodes that left the entry's pool: every node serving a removed
+    /// model, or those below a raised minimum tier.
+    pub removed_nodes: u32,
+}
+
+/// `GET /v1/admin/reward`: how providers are paid, and what the platform
+/// keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RewardPolicyView {
+    /// The policy's name: `platform_share`, `tiered`, `flat`, or `custom`
+    /// (an embedder's own).
+    pub policy: String,
+    /// What the platform keeps of every charge, per mille, per service
+    /// (`platform_share` only).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub platform_share_permille: std::collections::BTreeMap<Service, u32>,
+    /// The policy in words.
+    pub description: String,
+}
+
 // ---- admin --------------------------------------------------------------------
 
 /// `POST /v1/admin/users`: create a user with a first API key.

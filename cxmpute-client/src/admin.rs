@@ -1,13 +1,16 @@
-//! The admin API: accounts, credits, suspensions, nodes, prices and
-//! notifications, called with an admin's API key or session.
+//! The admin API: accounts, credits, suspensions, nodes, the catalogue,
+//! prices, the reward policy and notifications, called with an admin's API
+//! key or session.
 
 use cxmpute_api::types::{
-    ApiKeyId, Notification, NotificationId, PriceEntry, ProviderId, ProvisionId, UserId,
+    ApiKeyId, CatalogueModel, Notification, NotificationId, PriceEntry, ProviderId, ProvisionId,
+    Service, UserId,
 };
 use cxmpute_api::wire::{
     AdminProviderView, AdminProvisionView, AdminUserDetail, AdminUserView, ApiKeyView,
-    BalanceResponse, CreateProviderRequest, CreateProviderResponse, CreateUserRequest,
-    CreateUserResponse, GrantCreditsRequest, NotificationRequest, SuspendRequest, UpdateKeyRequest,
+    BalanceResponse, CatalogueChange, CreateProviderRequest, CreateProviderResponse,
+    CreateUserRequest, CreateUserResponse, GrantCreditsRequest, NotificationRequest,
+    RewardPolicyView, SuspendRequest, UpdateKeyRequest,
 };
 use http::Method;
 
@@ -169,6 +172,84 @@ impl AdminApi<'_> {
     pub async fn prices(&self) -> Result<Vec<PriceEntry>> {
         self.client
             .req(Method::GET, &["v1", "admin", "prices"])
+            .send_json()
+            .await
+    }
+
+    /// `GET /v1/admin/catalogue`: the catalogue of models in force, what
+    /// nodes may serve.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// for m in admin.admin().catalogue().await? {
+    ///     println!("{} {}: tier {}+, {} nodes wanted", m.service, m.model, m.min_tier, m.target_nodes);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn catalogue(&self) -> Result<Vec<CatalogueModel>> {
+        self.client
+            .req(Method::GET, &["v1", "admin", "catalogue"])
+            .send_json()
+            .await
+    }
+
+    /// `PUT /v1/admin/catalogue`: adds a model to the catalogue or changes
+    /// its entry; the answer counts the nodes that left its pool (below a
+    /// raised minimum tier).
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::{CatalogueModel, Service};
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let entry = CatalogueModel::new(Service::Chat, "qwen2.5:0.5b", 1, 3);
+    /// admin.admin().put_catalogue_model(&entry).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn put_catalogue_model(&self, model: &CatalogueModel) -> Result<CatalogueChange> {
+        self.client
+            .req(Method::PUT, &["v1", "admin", "catalogue"])
+            .json(model)?
+            .send_json()
+            .await
+    }
+
+    /// `DELETE /v1/admin/catalogue/{service}/{model}`: removes a model from
+    /// the catalogue; every node serving it leaves its pool, and the answer
+    /// counts them. The last model cannot be removed (409).
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::Service;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let gone = admin.admin().delete_catalogue_model(Service::Chat, "qwen2.5:0.5b").await?;
+    /// println!("{} nodes left the pool", gone.removed_nodes);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn delete_catalogue_model(
+        &self,
+        service: Service,
+        model: &str,
+    ) -> Result<CatalogueChange> {
+        let path = ["v1", "admin", "catalogue", service.as_str(), model];
+        self.client.req(Method::DELETE, &path).send_json().await
+    }
+
+    /// `GET /v1/admin/reward`: the reward policy, how providers are paid and
+    /// what the platform keeps.
+    ///
+    /// ```no_run
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let policy = admin.admin().reward_policy().await?;
+    /// println!("{}: {:?}", policy.policy, policy.platform_share_permille);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn reward_policy(&self) -> Result<RewardPolicyView> {
+        self.client
+            .req(Method::GET, &["v1", "admin", "reward"])
             .send_json()
             .await
     }

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use cxmpute_api::wire::{
-    CaptionResponse, ChatCompletionRequest, ChatCompletionResponse, DetectResponse,
+    CaptionResponse, CatalogueList, ChatCompletionRequest, ChatCompletionResponse, DetectResponse,
     EmbeddingsRequest, EmbeddingsResponse, ModelList, PointResponse, QueryResponse, ScrapeRequest,
     ScrapeResponse, SpeechRequest, StreamOptions, TtsRequest, VisionRequest,
 };
@@ -130,6 +130,25 @@ impl UserApi<'_> {
     pub async fn models(&self) -> Result<ModelList> {
         self.client
             .req(Method::GET, &["v1", "models"])
+            .send_json()
+            .await
+    }
+
+    /// `GET /v1/catalogue`: what the network offers, every model of the
+    /// catalogue with its price and the healthy nodes serving it now. Needs
+    /// no credential.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// for o in client.user().catalogue().await?.data {
+    ///     println!("{} {}: {} per request, {} nodes", o.service, o.model, o.price.per_request, o.nodes);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn catalogue(&self) -> Result<CatalogueList> {
+        self.client
+            .req(Method::GET, &["v1", "catalogue"])
             .send_json()
             .await
     }

@@ -353,6 +353,69 @@ async fn an_admin_session_works_like_an_admin_key() {
 }
 
 #[tokio::test]
+async fn the_catalogue_round_trips_and_reaches_routing() {
+    use cxmpute_client::types::CatalogueModel;
+    let w = World::start().await;
+    let admin = w.admin();
+    let before = admin.admin().catalogue().await.unwrap();
+    assert!(before.iter().any(|m| m.model == MODEL));
+
+    // Added: listed to the admin and to anyone, with its price.
+    let entry = CatalogueModel::new(Service::Chat, "org/tiny:0.5b", 1, 2);
+    let change = admin.admin().put_catalogue_model(&entry).await.unwrap();
+    assert_eq!(
+        (change.entry.as_ref(), change.removed_nodes),
+        (Some(&entry), 0)
+    );
+    let after = admin.admin().catalogue().await.unwrap();
+    assert_eq!(after.len(), before.len() + 1);
+    assert!(after.contains(&entry));
+    let public = w.client().anonymous().user().catalogue().await.unwrap();
+    let offer = public.data.iter().find(|o| o.model == entry.model).unwrap();
+    assert_eq!((offer.min_tier, offer.target_nodes, offer.nodes), (1, 2, 0));
+    assert_eq!(offer.price.per_request, Credits(1_000));
+
+    // A node serves it, a user calls it.
+    let node = StandInNode::start("tiny").await;
+    let id = w
+        .host
+        .add_node(&w.provider, &node, Service::Chat, &entry.model)
+        .await;
+    let req = ChatCompletionRequest::new(&entry.model, vec![ChatMessage::user("hi")]);
+    w.client().user().chat(&req).await.unwrap();
+
+    // Removed (the slash in its name goes percent-encoded): the node leaves.
+    let gone = admin
+        .admin()
+        .delete_catalogue_model(Service::Chat, &entry.model)
+        .await
+        .unwrap();
+    assert_eq!((gone.entry, gone.removed_nodes), (None, 1));
+    assert!(!w.host.is_routable(&id));
+    let e = w.client().user().chat(&req).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    let e = admin
+        .admin()
+        .delete_catalogue_model(Service::Chat, &entry.model)
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    // Refusals come back as errors with the host's words.
+    let bad = CatalogueModel::new(Service::Chat, "x", 9, 1);
+    let e = admin.admin().put_catalogue_model(&bad).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("min_tier must be 1-4"), "{e}");
+    let e = w.client().admin().catalogue().await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+
+    // The reward policy: this world pays a flat reward.
+    let policy = admin.admin().reward_policy().await.unwrap();
+    assert_eq!(policy.policy, "flat");
+    assert!(policy.platform_share_permille.is_empty());
+    w.host.assert_ledger().await;
+}
+
+#[tokio::test]
 async fn an_admin_sets_a_keys_rate_limits_and_a_call_over_them_is_a_429_with_retry_after() {
     use cxmpute_client::types::ApiKeyId;
     use cxmpute_client::wire::UpdateKeyRequest;

@@ -32,6 +32,7 @@ async fn register_list_heartbeat_and_end_a_node() {
     let (_, provider_key) = w.host.provider().await;
     let provider = client_for(&w.host.url, &provider_key);
     let node = StandInNode::start("mine").await;
+    w.host.offer(Service::Chat, "phi4:14b").await;
 
     let reg = provider
         .provider()
@@ -266,6 +267,7 @@ async fn the_provider_account_its_earnings_and_a_key_rotation() {
     let (_, key) = w.host.provider().await;
     let provider = client_for(&w.host.url, &key);
     let node = StandInNode::start("earner").await;
+    w.host.offer(Service::Chat, "qwen3:8b").await;
     let reg = provider
         .provider()
         .register(&registration(node.url(), "qwen3:8b"))

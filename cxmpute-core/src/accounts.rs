@@ -75,6 +75,12 @@ pub(crate) fn normalize_email(email: &str) -> Result<String> {
     Ok(e)
 }
 
+/// Refuses limits a key or an account may not have (see [`check_rate_limit`]).
+pub(crate) fn check_rate_limits(l: &RateLimits) -> Result<()> {
+    check_rate_limit("rpm", l.rpm.map(u64::from), MAX_RPM)?;
+    check_rate_limit("tpm", l.tpm, MAX_TPM)
+}
+
 /// Refuses a rate limit of 0 (`null` removes a limit) or above `max`.
 fn check_rate_limit(what: &str, v: Option<u64>, max: u64) -> Result<()> {
     match v {
@@ -428,8 +434,10 @@ impl Accounts {
             req.credit_limit.flatten(),
             req.permitted_routes.as_deref(),
         )?;
-        check_rate_limit("rpm", req.rpm.flatten().map(u64::from), MAX_RPM)?;
-        check_rate_limit("tpm", req.tpm.flatten(), MAX_TPM)?;
+        check_rate_limits(&RateLimits {
+            rpm: req.rpm.flatten(),
+            tpm: req.tpm.flatten(),
+        })?;
         let routes = req.permitted_routes.map(|mut r| {
             r.sort();
             r.dedup();

@@ -27,7 +27,7 @@ const MAX_REASON_LEN: usize = 1_000;
 /// Administration over a [`Broker`]. Get one with [`Broker::admin`].
 #[derive(Clone, Debug)]
 pub struct Admin {
-    broker: Broker,
+    pub(crate) broker: Broker,
 }
 
 impl Broker {

@@ -89,22 +89,26 @@ impl SummaryOf for Summary {
             tokens_per_second: tps,
             charged: Some(Credits(c.charged)),
             rewarded: Some(Credits(c.rewarded)),
+            platform: Some(Credits(c.charged).saturating_sub(Credits(c.rewarded))),
         }
     }
 
     fn without_money(mut self) -> Summary {
         self.charged = None;
         self.rewarded = None;
+        self.platform = None;
         self
     }
 
     fn without_charges(mut self) -> Summary {
         self.charged = None;
+        self.platform = None;
         self
     }
 
     fn without_money_but_charged(mut self) -> Summary {
         self.rewarded = None;
+        self.platform = None;
         self
     }
 }
@@ -243,7 +247,7 @@ impl Broker {
                 .filter(|nodes| nodes.iter().any(|n| n.entry.service == s))
                 .count()
         });
-        for m in self.config().network.catalogue.models() {
+        for m in self.catalogue().models() {
             let nodes = pools.pool_size(m.service, &m.model);
             // A pool is sampled while it has routable nodes, as before.
             if nodes > 0 {
@@ -520,8 +524,16 @@ mod tests {
         assert_eq!(s.avg_latency_ms, Some(500));
         assert_eq!(s.tokens_per_second, Some(150.0));
         assert_eq!(s.charged, Some(Credits(1_234)));
+        assert_eq!(s.platform, Some(Credits(734)), "charged less rewarded");
         let p = s.clone().without_money();
-        assert_eq!((p.charged, p.rewarded), (None, None));
+        assert_eq!((p.charged, p.rewarded, p.platform), (None, None, None));
+        let provider = s.clone().without_charges();
+        assert_eq!(
+            (provider.rewarded, provider.platform),
+            (Some(Credits(500)), None)
+        );
+        let user = s.clone().without_money_but_charged();
+        assert_eq!((user.charged, user.platform), (Some(Credits(1_234)), None));
         let e = Summary::of(&StatsCounters::default());
         assert_eq!(
             (e.avg_latency_ms, e.p95_latency_ms, e.tokens_per_second),

@@ -96,7 +96,7 @@ use crate::pool::PoolIndex;
 pub use crate::pool::{ListedPools, RoutePreferences};
 use crate::pricing::{default_prices, PriceTable};
 use crate::ratelimit::RateLimiter;
-use crate::reward::{FlatReward, RewardPolicy};
+use crate::reward::{PlatformShare, RewardPolicy};
 use crate::secret::Secret;
 use crate::select::{PeakEwmaSelector, ProvisionSelector};
 use crate::sessions::{AuthConfig, AuthState};
@@ -334,7 +334,8 @@ impl BrokerBuilder {
         self
     }
 
-    /// Sets the reward policy (default: 0.01 credits per request).
+    /// Sets the reward policy (default: [`PlatformShare`], the platform
+    /// keeping 20 % of every charge).
     pub fn reward_policy(mut self, policy: Arc<dyn RewardPolicy>) -> Self {
         self.rewards = policy;
         self
@@ -411,6 +412,8 @@ impl BrokerBuilder {
             auth,
             // Stored prices are applied over these by the refresh below.
             prices: PriceTable::new(self.default_prices, Vec::new()),
+            // The store's catalogue replaces this one in the refresh below.
+            catalogue: crate::catalogue::CatalogueState::new(&self.config.network.catalogue),
             pools: PoolIndex::new(),
             stats: StatsRecorder::default(),
             metrics: Metrics::new(),
@@ -447,6 +450,9 @@ pub(crate) struct Inner {
     pub(crate) mailer: Arc<dyn Mailer>,
     pub(crate) config: BrokerConfig,
     pub(crate) prices: PriceTable,
+    /// The catalogue in force: the store's, or the built-in one when the
+    /// store holds none (see [`crate::catalogue`]).
+    pub(crate) catalogue: crate::catalogue::CatalogueState,
     pub(crate) pools: PoolIndex,
     pub(crate) stats: StatsRecorder,
     pub(crate) metrics: Metrics,
@@ -539,7 +545,7 @@ impl Broker {
             store,
             clock: Arc::new(SystemClock),
             selector: Arc::new(PeakEwmaSelector),
-            rewards: Arc::new(FlatReward::default()),
+            rewards: Arc::new(PlatformShare::default()),
             mailer: Arc::new(ConsoleMailer::new()),
             config: BrokerConfig::default(),
             default_prices: default_prices(),
@@ -604,10 +610,20 @@ impl Broker {
     /// Rebuilds the routing index from the store (at start, and periodically
     /// when several hosts share one store).
     ///
-    /// Prices are reloaded too, so a price set through one host reaches the
-    /// others on their next refresh.
+    /// The catalogue and prices are reloaded too, so a change made through
+    /// one host reaches the others on their next refresh; a node's entries
+    /// for models the catalogue no longer offers it (removed, or above its
+    /// tier) are left out of routing.
     pub async fn refresh_pools(&self) -> Result<()> {
-        let entries = self.inner.store.pool_entries().await?;
+        let catalogue = self.load_catalogue().await?;
+        // One lookup per entry, not a scan of the catalogue: both may be large.
+        let min_tier: std::collections::HashMap<(Service, &str), u8> = (catalogue.models().iter())
+            .map(|m| ((m.service, m.model.as_str()), m.min_tier))
+            .collect();
+        let mut entries = self.inner.store.pool_entries().await?;
+        entries.retain(|e| {
+            (min_tier.get(&(e.service, e.model.as_str()))).is_some_and(|t| *t <= e.tier)
+        });
         self.inner.pools.rebuild(entries);
         for price in self.inner.store.prices().await? {
             self.inner.prices.set(price);
@@ -703,9 +719,8 @@ impl Broker {
     /// [`BrokerConfig::public_list_limit`], the catalogue's first, then the
     /// largest.
     pub fn listed_pools(&self) -> ListedPools {
-        let catalogue: std::collections::HashSet<(Service, &str)> = (self.inner.config)
-            .network
-            .catalogue
+        let current = self.catalogue();
+        let catalogue: std::collections::HashSet<(Service, &str)> = current
             .models()
             .iter()
             .map(|m| (m.service, m.model.as_str()))

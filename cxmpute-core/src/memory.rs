@@ -41,6 +41,7 @@ struct Inner {
     tokens: HashMap<KeyHash, (RefreshToken, bool)>,
     revoked_families: HashSet<TokenFamilyId>,
     // the catalogue
+    models: BTreeMap<(Service, String), CatalogueModel>,
     prices: BTreeMap<(Service, Option<String>), PriceEntry>,
     notifications: HashMap<NotificationId, Notification>,
     // stats
@@ -677,6 +678,27 @@ impl SignInStore for MemoryStore {
 
 #[async_trait]
 impl CatalogueStore for MemoryStore {
+    async fn catalogue(&self) -> Result<Vec<CatalogueModel>> {
+        Ok(self.inner.lock().models.values().cloned().collect())
+    }
+
+    async fn put_catalogue_model(&self, m: &CatalogueModel) -> Result<()> {
+        let mut s = self.inner.lock();
+        s.models.insert((m.service, m.model.clone()), m.clone());
+        Ok(())
+    }
+
+    async fn delete_catalogue_model(&self, service: Service, model: &str) -> Result<()> {
+        let removed = self
+            .inner
+            .lock()
+            .models
+            .remove(&(service, model.to_owned()));
+        found(removed.map(|_| ()), || {
+            format!("catalogue entry {service} `{model}`")
+        })
+    }
+
     async fn prices(&self) -> Result<Vec<PriceEntry>> {
         Ok(self.inner.lock().prices.values().cloned().collect())
     }

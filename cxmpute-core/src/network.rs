@@ -26,9 +26,9 @@
 //! network lacks; the catalogue is the rule. (The store keeps no record of an
 //! assignment, and a node that could not pull one model should still be able
 //! to serve another it can hold.) Models outside the catalogue are refused.
-//! The one-step path that predates start and ready, registering with an
-//! endpoint and services, is not held to the catalogue (it keeps its
-//! earlier meaning); nodes following the lifecycle are.
+//! The one-step path, registering with an endpoint and services, is held to
+//! the same rule. The catalogue is the store's (see `Admin::put_catalogue_model`);
+//! [`Network::catalogue`] is the one in force.
 //!
 //! **Expiry.** A node not heard from (heartbeat, ready or start) for
 //! `heartbeat_ttl` is ended by the next maintenance round and leaves every
@@ -52,31 +52,7 @@ use crate::wire::*;
 
 pub use cxmpute_api::wire::tier_for_vram;
 
-/// One model the network offers, and how much of the network should serve it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct CatalogueModel {
-    /// The service.
-    pub service: Service,
-    /// The model name, whole (`llama3.2:3b`).
-    pub model: String,
-    /// The least tier (1-4) a node needs to serve it.
-    pub min_tier: u8,
-    /// How many nodes the network wants serving it. 0: never assigned, but a
-    /// node of the tier may still serve it.
-    pub target_nodes: u32,
-}
-
-impl CatalogueModel {
-    /// A catalogue entry.
-    pub fn new(service: Service, model: &str, min_tier: u8, target_nodes: u32) -> Self {
-        CatalogueModel {
-            service,
-            model: model.to_owned(),
-            min_tier,
-            target_nodes,
-        }
-    }
-}
+pub use cxmpute_api::types::CatalogueModel;
 
 /// The models nodes may serve: the rule for what a node may report ready,
 /// and the list the broker assigns from.
@@ -98,19 +74,7 @@ impl Catalogue {
     pub fn new(models: Vec<CatalogueModel>) -> Result<Self> {
         let mut seen = std::collections::HashSet::new();
         for m in &models {
-            if !(1..=4).contains(&m.min_tier) {
-                return Err(Error::InvalidInput(format!(
-                    "catalogue model `{}`: min_tier must be 1-4, not {}",
-                    m.model, m.min_tier
-                )));
-            }
-            let name = m.model.trim();
-            if name.is_empty() || name != m.model || name.len() > 200 {
-                return Err(Error::InvalidInput(format!(
-                    "catalogue model name `{}` is empty, padded or too long",
-                    m.model
-                )));
-            }
+            check_catalogue_model(m)?;
             if !seen.insert((m.service, m.model.as_str())) {
                 return Err(Error::InvalidInput(format!(
                     "catalogue lists {} `{}` twice",
@@ -119,6 +83,12 @@ impl Catalogue {
             }
         }
         Ok(Catalogue { models })
+    }
+
+    /// The store's entries, as they are: each was checked when it was put,
+    /// and the store keeps one per (service, model).
+    pub(crate) fn from_store(models: Vec<CatalogueModel>) -> Self {
+        Catalogue { models }
     }
 
     /// The original platform's models, with our tiers and targets:
@@ -209,6 +179,25 @@ impl Catalogue {
     }
 }
 
+/// Checks one catalogue entry (400): a tier of 1-4, a model name that is
+/// not empty, padded, over 200 bytes or holding control characters (the
+/// rules of a model named in a request).
+pub(crate) fn check_catalogue_model(m: &CatalogueModel) -> Result<()> {
+    if !(1..=4).contains(&m.min_tier) {
+        return Err(Error::InvalidInput(format!(
+            "catalogue model `{}`: min_tier must be 1-4, not {}",
+            m.model, m.min_tier
+        )));
+    }
+    match services::check_model(&m.model) {
+        Ok(name) if name == m.model => Ok(()),
+        _ => Err(Error::InvalidInput(format!(
+            "catalogue model name `{}` is empty, padded, too long or holds control characters",
+            m.model.escape_debug()
+        ))),
+    }
+}
+
 /// Settings of the provider network.
 ///
 /// Every provider is a stranger, and so is every node: the limits below
@@ -216,7 +205,9 @@ impl Catalogue {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NetworkConfig {
-    /// What nodes may serve.
+    /// What nodes may serve while the store holds no catalogue: the
+    /// built-in catalogue (see `Admin::put_catalogue_model` for how the
+    /// store's takes over).
     pub catalogue: Catalogue,
     /// How many models a node is assigned at start, by tier 1-4.
     pub models_per_tier: [usize; 4],
@@ -354,7 +345,7 @@ pub fn assign_services(
 /// [`Broker::network`].
 #[derive(Clone, Debug)]
 pub struct Network {
-    broker: Broker,
+    pub(crate) broker: Broker,
 }
 
 impl Broker {
@@ -421,6 +412,9 @@ impl Network {
         net.check_services(&req.services)?;
         net.check_location(&req.location)?;
         let tier = DeviceDiagnostics::from_json(&req.device)?.tier();
+        // The same rule as a node reporting ready: catalogue models its
+        // tier allows, nothing else.
+        self.broker.catalogue().check(tier, &req.services)?;
         let endpoint = match &req.endpoint {
             Some(e) => Some(self.check_endpoint(e).await?),
             None => None,
@@ -570,7 +564,7 @@ impl Network {
         wanted.sort_unstable();
         wanted.dedup();
         let services = assign_services(
-            &net.catalogue,
+            &self.broker.catalogue(),
             p.tier,
             count,
             &wanted,
@@ -618,7 +612,7 @@ impl Network {
         }
         let net = self.config();
         net.check_services(&req.services)?;
-        net.catalogue.check(p.tier, &req.services)?;
+        self.broker.catalogue().check(p.tier, &req.services)?;
         let endpoint = self.check_endpoint(&req.endpoint).await?;
         let now = self.now();
         p.endpoint = Some(endpoint);

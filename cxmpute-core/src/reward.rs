@@ -8,17 +8,18 @@
 //!
 //! | policy | reward |
 //! |---|---|
+//! | [`PlatformShare`] (the default) | the charge less the platform's share, per service, per mille |
 //! | [`FlatReward`] | the same amount per request (the original's early 0.01) |
 //! | [`TieredReward`] | the original's last formula: by node tier, service, model size, tokens and latency |
-//! | [`RevenueShare`] | a fixed share, in basis points, of what the user paid |
 //!
 //! Money is integer micro-credits throughout; factors are integer per-mille
 //! (1,000 = ×1.0) and the one rounding happens at the end.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::pricing::Meter;
 use crate::types::{Credits, Service};
+use crate::wire::RewardPolicyView;
 
 /// Everything a policy may weigh.
 #[derive(Clone, Debug)]
@@ -41,6 +42,103 @@ pub struct RewardContext<'a> {
 pub trait RewardPolicy: Send + Sync + 'static {
     /// The provider's reward for the request.
     fn reward(&self, ctx: &RewardContext<'_>) -> Credits;
+
+    /// The policy as an administrator sees it (`GET /v1/admin/reward`).
+    /// Without an override: `custom`, with no figures.
+    fn describe(&self) -> RewardPolicyView {
+        RewardPolicyView {
+            policy: "custom".into(),
+            platform_share_permille: BTreeMap::new(),
+            description: "a reward policy of the embedder's own".into(),
+        }
+    }
+}
+
+/// The default: the provider earns the charge less the platform's share,
+/// which is set per service in integer per mille (200 ‰ = the platform
+/// keeps 20 %).
+///
+/// Rounding: `reward = ⌊charge × (1000 − share) / 1000⌋`, so the platform's
+/// part of each charge, `charge − reward = ⌈charge × share / 1000⌉`, is never
+/// below its exact share and above it by less than one micro-credit. A
+/// reward is never negative and never more than the charge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlatformShare {
+    default_permille: u32,
+    per_service: BTreeMap<Service, u32>,
+}
+
+impl Default for PlatformShare {
+    /// The platform keeps [`PlatformShare::DEFAULT_PERMILLE`] of every service's charges.
+    fn default() -> Self {
+        PlatformShare {
+            default_permille: Self::DEFAULT_PERMILLE,
+            per_service: BTreeMap::new(),
+        }
+    }
+}
+
+impl PlatformShare {
+    /// All of it.
+    pub const MAX_PERMILLE: u32 = 1_000;
+    /// The default share: 200 ‰, 20 %.
+    pub const DEFAULT_PERMILLE: u32 = 200;
+
+    fn check(permille: u32) -> crate::Result<u32> {
+        if permille > Self::MAX_PERMILLE {
+            return Err(crate::Error::InvalidInput(format!(
+                "a platform share of {permille} per mille is more than 100 %"
+            )));
+        }
+        Ok(permille)
+    }
+
+    /// The platform keeps `permille` of every charge (more than
+    /// [`Self::MAX_PERMILLE`] is refused).
+    pub fn new(permille: u32) -> crate::Result<Self> {
+        Ok(PlatformShare {
+            default_permille: Self::check(permille)?,
+            per_service: BTreeMap::new(),
+        })
+    }
+
+    /// The platform keeps `permille` of `service`'s charges.
+    pub fn with_service(mut self, service: Service, permille: u32) -> crate::Result<Self> {
+        self.per_service.insert(service, Self::check(permille)?);
+        Ok(self)
+    }
+
+    /// The share of `service`'s charges the platform keeps, per mille.
+    pub fn share_permille(&self, service: Service) -> u32 {
+        (self.per_service.get(&service).copied()).unwrap_or(self.default_permille)
+    }
+
+    /// The provider's part of `charged` for `service` (the rounding rule above).
+    pub fn provider_part(&self, service: Service, charged: Credits) -> Credits {
+        let charged = charged.as_micros().max(0) as u128;
+        let keep = u128::from(Self::MAX_PERMILLE - self.share_permille(service));
+        let r = charged * keep / u128::from(Self::MAX_PERMILLE);
+        Credits(i64::try_from(r).unwrap_or(i64::MAX))
+    }
+}
+
+impl RewardPolicy for PlatformShare {
+    fn reward(&self, ctx: &RewardContext<'_>) -> Credits {
+        self.provider_part(ctx.service, ctx.charged)
+    }
+
+    fn describe(&self) -> RewardPolicyView {
+        RewardPolicyView {
+            policy: "platform_share".into(),
+            platform_share_permille: Service::ALL
+                .iter()
+                .map(|s| (*s, self.share_permille(*s)))
+                .collect(),
+            description: "the provider earns the charge less the platform's share, \
+                          rounded down to a micro-credit"
+                .into(),
+        }
+    }
 }
 
 /// The same amount for every successful request (the original's early 0.01).
@@ -58,41 +156,16 @@ impl RewardPolicy for FlatReward {
     fn reward(&self, _ctx: &RewardContext<'_>) -> Credits {
         self.0
     }
-}
 
-/// A fixed share of what the user paid, in basis points (1/100 of a percent):
-/// `charged × bps / 10,000`, rounded down to a whole micro-credit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RevenueShare {
-    bps: u32,
-}
-
-impl RevenueShare {
-    /// All of it.
-    pub const MAX_BPS: u32 = 10_000;
-
-    /// A share of `bps` basis points (7,000 = 70 %). More than
-    /// [`Self::MAX_BPS`] is refused: a provider never earns more than was paid.
-    pub fn new(bps: u32) -> crate::Result<Self> {
-        if bps > Self::MAX_BPS {
-            return Err(crate::Error::InvalidInput(format!(
-                "a revenue share of {bps} basis points is more than 100 %"
-            )));
+    fn describe(&self) -> RewardPolicyView {
+        RewardPolicyView {
+            policy: "flat".into(),
+            platform_share_permille: BTreeMap::new(),
+            description: format!(
+                "{} micro-credits per successful request, at most the charge",
+                self.0.as_micros()
+            ),
         }
-        Ok(RevenueShare { bps })
-    }
-
-    /// The share in basis points.
-    pub fn bps(&self) -> u32 {
-        self.bps
-    }
-}
-
-impl RewardPolicy for RevenueShare {
-    fn reward(&self, ctx: &RewardContext<'_>) -> Credits {
-        let charged = ctx.charged.as_micros().max(0) as u128;
-        let r = charged * u128::from(self.bps) / u128::from(Self::MAX_BPS);
-        Credits(i64::try_from(r).unwrap_or(i64::MAX))
     }
 }
 
@@ -248,6 +321,16 @@ impl RewardPolicy for TieredReward {
         let micros = (scaled + 500_000_000) / 1_000_000_000;
         Credits(i64::try_from(micros).unwrap_or(i64::MAX))
     }
+
+    fn describe(&self) -> RewardPolicyView {
+        RewardPolicyView {
+            policy: "tiered".into(),
+            platform_share_permille: BTreeMap::new(),
+            description: "the original's formula: by node tier, service, model size, \
+                          tokens and latency, at most the charge"
+                .into(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -287,6 +370,49 @@ mod tests {
         assert_eq!(model_size_tenths_of_billion("smollm:135m"), Some(2));
         assert_eq!(model_size_tenths_of_billion("nomic-embed-text"), None);
         assert_eq!(model_size_tenths_of_billion("x:latest"), None);
+    }
+
+    #[test]
+    fn platform_share_rounds_the_reward_down() {
+        let p = PlatformShare::default()
+            .with_service(Service::Embeddings, 333)
+            .unwrap()
+            .with_service(Service::Tts, 0)
+            .unwrap()
+            .with_service(Service::Scrape, 1_000)
+            .unwrap();
+        let part = |s, c| p.provider_part(s, Credits(c)).as_micros();
+        // 20 % of 1,004 is 200.8: the provider gets 803, the platform 201.
+        assert_eq!(part(Service::Chat, 1_004), 803);
+        assert_eq!(part(Service::Chat, 4), 3);
+        assert_eq!(part(Service::Chat, 1), 0);
+        assert_eq!(part(Service::Chat, 0), 0);
+        assert_eq!(part(Service::Chat, -5), 0, "never negative");
+        assert_eq!(part(Service::Embeddings, 1_000), 667);
+        assert_eq!(
+            part(Service::Tts, 999),
+            999,
+            "share 0: all of it, never more"
+        );
+        assert_eq!(part(Service::Scrape, 999), 0);
+        assert_eq!(part(Service::Vision, i64::MAX), 7_378_697_629_483_820_645);
+        for c in 0..5_000_i64 {
+            for s in Service::ALL {
+                let r = part(s, c);
+                let share = i64::from(p.share_permille(s));
+                // platform = charge − reward = ⌈charge × share / 1000⌉.
+                assert_eq!(c - r, (c * share + 999) / 1_000, "{s} {c}");
+                assert!((0..=c).contains(&r));
+            }
+        }
+        assert!(PlatformShare::new(1_001).is_err());
+        assert!(PlatformShare::default()
+            .with_service(Service::Chat, 1_001)
+            .is_err());
+        let view = p.describe();
+        assert_eq!(view.policy, "platform_share");
+        assert_eq!(view.platform_share_permille[&Service::Chat], 200);
+        assert_eq!(view.platform_share_permille[&Service::Embeddings], 333);
     }
 
     #[test]

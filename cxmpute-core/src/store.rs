@@ -9,7 +9,7 @@
 //! | [`NetworkStore`] | providers, their nodes (provisions) and the nodes' pool entries |
 //! | [`LedgerStore`] | credit grants, reservations and settlements, usage records, the ledger's totals |
 //! | [`SignInStore`] | sign-in codes and the refresh tokens of sessions |
-//! | [`CatalogueStore`] | what the operator publishes: prices and notifications |
+//! | [`CatalogueStore`] | what the operator publishes: the model catalogue, prices and notifications |
 //! | [`StatsStore`] | usage counters per scope and day |
 //!
 //! [`Store`] is their sum with a blanket impl: whatever implements the six
@@ -349,14 +349,27 @@ pub trait SignInStore: Send + Sync + 'static {
     async fn refresh_token_family(&self, hash: &KeyHash) -> Result<TokenFamilyId>;
 }
 
-/// What the operator publishes: prices and notifications. (The catalogue of
-/// models will join them here.)
+/// What the operator publishes: the catalogue of models, prices and
+/// notifications.
 ///
-/// Written rarely, by an administrator; neither is read on the gateway's
-/// request path (hosts keep the prices in memory and refresh them with the
-/// pools).
+/// Written rarely, by an administrator; none is read on the gateway's
+/// request path (hosts keep the catalogue and the prices in memory and
+/// refresh them with the pools).
 #[async_trait]
 pub trait CatalogueStore: Send + Sync + 'static {
+    // ---- the catalogue -----------------------------------------------------
+
+    /// Every catalogue entry, sorted by service and model.
+    async fn catalogue(&self) -> Result<Vec<CatalogueModel>>;
+    /// Stores a catalogue entry, replacing the one for the same service and
+    /// model.
+    async fn put_catalogue_model(&self, model: &CatalogueModel) -> Result<()>;
+    /// Deletes the entry for (service, model); [`Error::NotFound`] when there
+    /// is none.
+    ///
+    /// [`Error::NotFound`]: crate::error::Error::NotFound
+    async fn delete_catalogue_model(&self, service: Service, model: &str) -> Result<()>;
+
     // ---- prices ------------------------------------------------------------
 
     /// Every stored price.

@@ -649,6 +649,12 @@ impl TestHost {
         (u, secret)
     }
 
+    /// Counts `user` (made elsewhere, e.g. by another host on the same
+    /// store, with `start` credits) in [`TestHost::assert_ledger`].
+    pub fn track_user(&self, user: &UserId, start: Credits) {
+        self.users.lock().push((user.clone(), start));
+    }
+
     /// A provider and its key.
     pub async fn provider(&self) -> (Provider, Secret) {
         let email = format!(
@@ -686,6 +692,16 @@ impl TestHost {
         let (provider, _) = self.provider().await;
         let id = self.add_node(&provider, &node, service, model).await;
         (node, provider, id)
+    }
+
+    /// Adds `model` for `service` to the catalogue (any tier, no target),
+    /// so that nodes may serve it.
+    pub async fn offer(&self, service: Service, model: &str) {
+        let entry = crate::types::CatalogueModel::new(service, model, 1, 0);
+        (self.broker.admin())
+            .put_catalogue_model(entry)
+            .await
+            .expect("add to the catalogue");
     }
 
     /// Whether requests are routed to node `id` now (see
@@ -795,6 +811,13 @@ impl TestHost {
             );
             charged = charged.saturating_add(spent);
             for r in &records {
+                assert!(
+                    Credits::ZERO <= r.reward && r.reward <= r.charged,
+                    "request {}: rewarded {:?} of a charge of {:?}",
+                    r.request_id,
+                    r.reward,
+                    r.charged
+                );
                 if let Some(p) = &r.provider_id {
                     let e = rewards.entry(p.clone()).or_insert(Credits::ZERO);
                     *e = e.saturating_add(r.reward);
@@ -811,13 +834,24 @@ impl TestHost {
         let rewarded = rewards
             .values()
             .fold(Credits::ZERO, |s, r| s.saturating_add(*r));
-        // When this host's users made every charge, they also made every reward.
+        // When this host's users made every charge, they also made every
+        // reward, and the platform kept the rest.
         if charged == totals.charged {
             assert_eq!(totals.rewarded, rewarded, "the store's rewarded total");
+            assert_eq!(
+                totals.platform(),
+                charged.saturating_sub(rewarded),
+                "the platform's take"
+            );
         }
         assert!(
             totals.rewarded <= totals.charged,
             "rewarded more than charged"
+        );
+        assert_eq!(
+            totals.charged,
+            totals.rewarded.saturating_add(totals.platform()),
+            "charged = rewarded + platform"
         );
     }
 

@@ -1,14 +1,25 @@
-//! Prices and notifications: what the operator publishes, each a
-//! single-partition listing, written rarely and read whole.
+//! The model catalogue, prices and notifications: what the operator
+//! publishes, each a single-partition listing, written rarely and read whole.
 
 use async_trait::async_trait;
 use cxmpute_core::{
-    CatalogueStore, Credits, Error, Notification, NotificationId, PriceEntry, Result, Timestamp,
+    CatalogueModel, CatalogueStore, Credits, Error, Notification, NotificationId, PriceEntry,
+    Result, Service, Timestamp,
 };
 
 use crate::db::{DynamoStore, Fail, Query};
 use crate::item::{Ex, Item, ItemBuilder, Rd};
 use crate::schema;
+
+fn decode_catalogue_model(it: &Item) -> Result<CatalogueModel> {
+    let r = Rd::new(it, "catalogue entry");
+    Ok(CatalogueModel {
+        service: r.parse("service")?,
+        model: r.s("model")?,
+        min_tier: r.num("min_tier")?,
+        target_nodes: r.num("target_nodes")?,
+    })
+}
 
 fn decode_price(it: &Item) -> Result<PriceEntry> {
     let r = Rd::new(it, "price");
@@ -37,6 +48,54 @@ fn decode_notification(it: &Item) -> Result<Notification> {
 
 #[async_trait]
 impl CatalogueStore for DynamoStore {
+    // ---- the catalogue ------------------------------------------------------
+
+    async fn catalogue(&self) -> Result<Vec<CatalogueModel>> {
+        let q = Query::prefix(schema::CATALOGUE_PK, "MODEL#");
+        let mut v = self
+            .query("reading the catalogue", q)
+            .await?
+            .iter()
+            .map(decode_catalogue_model)
+            .collect::<Result<Vec<_>>>()?;
+        v.sort_by(|a, b| (a.service, &a.model).cmp(&(b.service, &b.model)));
+        Ok(v)
+    }
+
+    async fn put_catalogue_model(&self, m: &CatalogueModel) -> Result<()> {
+        let what = "storing a catalogue entry";
+        let item = ItemBuilder::at(schema::catalogue_model(m.service, &m.model))
+            .s("service", m.service.as_str())
+            .s("model", &m.model)
+            .n("min_tier", m.min_tier)
+            .n("target_nodes", m.target_nodes)
+            .build();
+        self.put(what, item, None, Ex::new())
+            .await
+            .map_err(|f| f.into_error(what))
+    }
+
+    async fn delete_catalogue_model(&self, service: Service, model: &str) -> Result<()> {
+        let what = "deleting a catalogue entry";
+        let mut ex = Ex::new();
+        let cond = ex.exists();
+        match self
+            .delete(
+                what,
+                schema::catalogue_model(service, model),
+                Some(cond),
+                ex,
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(Fail::Condition(_)) => Err(Error::NotFound(format!(
+                "catalogue entry {service} `{model}`"
+            ))),
+            Err(f) => Err(f.into_error(what)),
+        }
+    }
+
     // ---- prices -------------------------------------------------------------
 
     async fn prices(&self) -> Result<Vec<PriceEntry>> {

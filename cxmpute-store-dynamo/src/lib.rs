@@ -43,6 +43,7 @@
 //! | `REQ#{request}` | `REQ` | a reservation while open; a settled marker after |
 //! | `LEDGER#{shard}` | `LEDGER` | ledger totals, split into shards |
 //! | `PRICES` | `PRICE#{service}#…` | a price |
+//! | `CATALOGUE` | `MODEL#{service}#{model}` | a catalogue entry |
 //! | `LOGIN#{email}` | `CODE` / `ISSUED` | the current sign-in code / recent issue times |
 //! | `RTOKEN#{hash}` | `RTOKEN` | a refresh token |
 //! | `FAMILY#{id}` | `FAMILY` | a revoked refresh token family |
@@ -74,7 +75,7 @@
 //! to delete codes too old to use or count and expired tokens, in bounded
 //! batches.
 //!
-//! **Single-partition listings** (`USERS`, `NODES`, `POOL`, `PRICES`,
+//! **Single-partition listings** (`USERS`, `NODES`, `POOL`, `PRICES`, `CATALOGUE`,
 //! `NOTIFS`, `STATSDAYS`) are read with one paged, strongly consistent
 //! `Query`; each is written only on rare events (sign-up, node lifecycle,
 //! admin changes), never per request. `pool_entries()` is such a read of

@@ -120,6 +120,12 @@ pub(crate) fn shard_of(id: &RequestId, shards: u32) -> u32 {
 
 pub(crate) const PRICES_PK: &str = "PRICES";
 
+pub(crate) const CATALOGUE_PK: &str = "CATALOGUE";
+
+pub(crate) fn catalogue_model(service: Service, model: &str) -> Item {
+    key(CATALOGUE_PK, format!("MODEL#{service}#{model}"))
+}
+
 pub(crate) fn price(service: Service, model: Option<&str>) -> Item {
     // `-` and `=` keep "no model" apart from a model named "".
     let sk = match model {

@@ -1,5 +1,5 @@
-//! [`CatalogueStore`] for [`SqliteStore`]: prices and notifications (tables
-//! `prices` and `notifications`).
+//! [`CatalogueStore`] for [`SqliteStore`]: the model catalogue, prices and
+//! notifications (tables `catalogue`, `prices` and `notifications`).
 
 use async_trait::async_trait;
 use cxmpute_core::*;
@@ -10,6 +10,27 @@ use crate::SqliteStore;
 
 #[async_trait]
 impl CatalogueStore for SqliteStore {
+    async fn catalogue(&self) -> Result<Vec<CatalogueModel>> {
+        self.read(move |c| Box::pin(async move { catalogue(c).await }))
+            .await
+    }
+
+    async fn put_catalogue_model(&self, m: &CatalogueModel) -> Result<()> {
+        let m = m.clone();
+        self.writer
+            .write(move |c| Box::pin(async move { put_catalogue_model(c, &m).await }))
+            .await
+    }
+
+    async fn delete_catalogue_model(&self, service: Service, model: &str) -> Result<()> {
+        let model = model.to_owned();
+        self.writer
+            .write(move |c| {
+                Box::pin(async move { delete_catalogue_model(c, service, &model).await })
+            })
+            .await
+    }
+
     async fn prices(&self) -> Result<Vec<PriceEntry>> {
         self.read(move |c| Box::pin(async move { prices(c).await }))
             .await
@@ -40,6 +61,41 @@ impl CatalogueStore for SqliteStore {
         self.read(move |c| Box::pin(async move { notifications(c).await }))
             .await
     }
+}
+
+// ---- the catalogue ----------------------------------------------------------
+
+async fn catalogue(c: &mut Conn) -> Result<Vec<CatalogueModel>> {
+    let sql = "SELECT service, model, min_tier, target_nodes FROM catalogue";
+    let found = fetch_all(c, "reading the catalogue", sqlx::query(sql)).await?;
+    let mut v = (found.iter())
+        .map(rows::catalogue_model)
+        .collect::<Result<Vec<_>>>()?;
+    v.sort_by(|a, b| (a.service, &a.model).cmp(&(b.service, &b.model)));
+    Ok(v)
+}
+
+async fn put_catalogue_model(c: &mut Conn, m: &CatalogueModel) -> Result<()> {
+    let q = sqlx::query(
+        "INSERT INTO catalogue (service, model, min_tier, target_nodes) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (service, model) DO UPDATE SET min_tier = excluded.min_tier, \
+         target_nodes = excluded.target_nodes",
+    )
+    .bind(m.service.as_str())
+    .bind(&m.model)
+    .bind(i64::from(m.min_tier))
+    .bind(i64::from(m.target_nodes));
+    execute(c, "storing a catalogue entry", q).await.map(drop)
+}
+
+async fn delete_catalogue_model(c: &mut Conn, service: Service, model: &str) -> Result<()> {
+    let q = sqlx::query("DELETE FROM catalogue WHERE service = ?1 AND model = ?2")
+        .bind(service.as_str())
+        .bind(model);
+    execute_found(c, "deleting a catalogue entry", q, || {
+        format!("catalogue entry {service} `{model}`")
+    })
+    .await
 }
 
 // ---- prices -----------------------------------------------------------------

@@ -305,6 +305,19 @@ pub(crate) fn stats(row: &SqliteRow) -> Result<(String, Day, StatsCounters)> {
 }
 
 /// Columns, in order: `service, model, per_request, per_million_input_tokens, per_million_output_tokens, per_million_units`.
+/// Columns, in order: `service, model, min_tier, target_nodes`.
+pub(crate) fn catalogue_model(row: &SqliteRow) -> Result<CatalogueModel> {
+    let service: String = col(row, 0)?;
+    let min_tier: i64 = col(row, 2)?;
+    let target_nodes: i64 = col(row, 3)?;
+    Ok(CatalogueModel {
+        service: service.parse().map_err(corrupt)?,
+        model: col(row, 1)?,
+        min_tier: u8::try_from(min_tier).map_err(corrupt)?,
+        target_nodes: u32::try_from(target_nodes).map_err(corrupt)?,
+    })
+}
+
 pub(crate) fn price(row: &SqliteRow) -> Result<PriceEntry> {
     let service: String = col(row, 0)?;
     Ok(PriceEntry {

@@ -127,13 +127,13 @@ async function asUser(path, opts) {
 }
 
 // A call with the key someone gave for this view, else as the signed-in user.
-function withKeyOrUser(key, path) {
-  return key ? api(path, { bearer: key }) : asUser(path);
+function withKeyOrUser(key, path, opts) {
+  return key ? api(path, Object.assign({}, opts, { bearer: key })) : asUser(path, opts);
 }
 
 // An admin's call: with the admin key given, else as the signed-in admin.
 function asAdmin(path, opts) {
-  return state.adminKey ? api(path, Object.assign({}, opts, { bearer: state.adminKey })) : asUser(path, opts);
+  return withKeyOrUser(state.adminKey, path, opts);
 }
 
 // ---- rate limits -----------------------------------------------------------------
@@ -465,15 +465,22 @@ async function viewAdmin(main) {
     el('p', { class: 'sub' }, `${s.range.from} to ${s.range.to}: the whole marketplace.`),
     totalsTiles(s.totals, [
       tile('charged', 'Charged', fmtCredits(s.totals.charged), 'credits in range'),
+      tile('platform-range', 'Platform took', fmtCredits(s.totals.platform), 'in range'),
       tile('platform', 'Platform kept', fmtCredits(s.ledger.platform), 'all time'),
     ], s.services),
     el('div', { class: 'grid2' },
-      panel('Charged and rewarded per day', chart('money', days(s.days), [
+      panel('Charged, rewarded and the platform\'s take per day', chart('money', days(s.days), [
         { name: 'charged', values: s.days.map(d => d.charged / 1e6) },
         { name: 'rewarded', values: s.days.map(d => d.rewarded / 1e6) },
+        { name: 'platform', values: s.days.map(d => d.platform / 1e6) },
       ], 'line', fmtAmount)),
       panel('Requests per day', requestsChart('admin-requests', s.days)),
     ),
+    panel('Money per day', table('money-days', [
+      ['Day', d => d.day], ['Charged', d => fmtCredits(d.charged)],
+      ['Rewarded', d => fmtCredits(d.rewarded)], ['Platform', d => fmtCredits(d.platform)],
+    ], s.days.filter(d => d.requests > 0).reverse())),
+    await catalogueSection(),
     panel('Top users', table('top-users', usageColumns(['Charged', 'charged']), s.top_users)),
     panel('Top providers', table('top-providers', usageColumns(['Rewarded', 'rewarded']), s.top_providers)),
     panel('Top applications', table('top-apps', usageColumns(['Charged', 'charged']), s.top_apps)),
@@ -498,6 +505,50 @@ function adminLimitsForm() {
     saveLimits(e.target, body => asAdmin('/v1/admin/keys/' + encodeURIComponent(key), { method: 'PATCH', body }),
       k => { shown.textContent = `${k.name} (${k.prefix}…): ${limitText(k.rpm)} requests, ${limitText(k.tpm)} tokens a minute`; });
   } }, id, limitInputs('admin-limits', null), el('button', { id: 'admin-limits-save', type: 'submit' }, 'Set limits'), shown);
+}
+
+// The catalogue (what nodes may serve) with a form to add or change an
+// entry and a button per entry to remove it; the reward policy above it.
+async function catalogueSection() {
+  const call = asAdmin;
+  const [cat, reward] = await Promise.all([call('/v1/admin/catalogue'), call('/v1/admin/reward')]);
+  if (!cat.ok) return panel('Catalogue', el('p', { class: 'empty' }, errorText(cat)));
+  const shares = reward.ok ? Object.entries(reward.data.platform_share_permille || {}) : [];
+  const policy = reward.ok
+    ? el('p', { class: 'sub', id: 'reward-policy' }, 'Reward policy: ' + reward.data.policy +
+        (shares.length ? ' (platform keeps ' + shares.map(([k, v]) => k + ' ' + (v / 10) + '%').join(', ') + ')' : '') +
+        '. ' + reward.data.description + '.')
+    : null;
+  const change = async (opts, done) => {
+    const r = await call('/v1/admin/catalogue' + (opts.suffix || ''), opts);
+    if (!r.ok) { setStatus(errorText(r)); return; }
+    await render();
+    setStatus(done(r.data));
+  };
+  const remove = m => el('button', {
+    type: 'button', class: 'remove', 'data-model': m.service + ':' + m.model,
+    onclick: () => change({ method: 'DELETE', suffix: '/' + encodeURIComponent(m.service) + '/' + encodeURIComponent(m.model) },
+      d => `Removed ${m.service} ${m.model}; ${d.removed_nodes} node(s) left its pool.`),
+  }, 'Remove');
+  const services = ['chat', 'embeddings', 'tts', 'scrape', 'vision'];
+  const form = el('form', { id: 'catalogue-form', class: 'inline' },
+    el('label', {}, 'Service ', el('select', { id: 'catalogue-service' }, services.map(x => el('option', { value: x }, x)))),
+    el('label', {}, 'Model ', el('input', { id: 'catalogue-model', required: '', maxlength: '200', placeholder: 'qwen2.5:0.5b' })),
+    el('label', {}, 'Min tier ', el('input', { id: 'catalogue-tier', type: 'number', min: '1', max: '4', value: '1' })),
+    el('label', {}, 'Target nodes ', el('input', { id: 'catalogue-target', type: 'number', min: '0', max: '100000', value: '1' })),
+    el('button', { type: 'submit', id: 'catalogue-add' }, 'Add or change'));
+  form.addEventListener('submit', e => {
+    e.preventDefault();
+    const v = id => document.getElementById(id).value;
+    const body = { service: v('catalogue-service'), model: v('catalogue-model'),
+      min_tier: Number(v('catalogue-tier')), target_nodes: Number(v('catalogue-target')) };
+    change({ method: 'PUT', body }, d => `Saved ${body.service} ${body.model}` +
+      (d.removed_nodes ? `; ${d.removed_nodes} node(s) below its tier left its pool.` : '.'));
+  });
+  return panel('Catalogue', policy, table('catalogue', [
+    ['Model', m => m.model], ['Service', m => m.service], ['Min tier', m => String(m.min_tier)],
+    ['Target nodes', m => fmtInt(m.target_nodes)], ['', m => remove(m)],
+  ], cat.data), form);
 }
 
 const views = { network: viewNetwork, me: viewMe, provider: viewProvider, admin: viewAdmin };

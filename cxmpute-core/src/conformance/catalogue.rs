@@ -1,5 +1,5 @@
 //! Conformance cases of [`CatalogueStore`](crate::store::CatalogueStore):
-//! prices and notifications.
+//! the model catalogue, prices and notifications.
 
 use std::sync::Arc;
 
@@ -8,6 +8,44 @@ use crate::store::Store;
 use crate::types::*;
 
 use super::fixtures::*;
+
+// ---- the catalogue ----------------------------------------------------------
+
+/// Catalogue entries are put (replacing the one for the same service and
+/// model; the same name under another service is another entry), listed
+/// sorted by service and model, and deleted (a missing one is not found).
+pub async fn catalogue_put_replace_list_delete(store: Arc<dyn Store>) {
+    assert!(store.catalogue().await.unwrap().is_empty());
+    let m = CatalogueModel::new;
+    let small = m(Service::Chat, "qwen2.5:0.5b", 1, 3);
+    let embed = m(Service::Embeddings, "qwen2.5:0.5b", 2, 0);
+    let odd = m(Service::Chat, "org/model: with spaces#1", 4, 4_000_000_000);
+    for e in [&embed, &small, &odd] {
+        store.put_catalogue_model(e).await.unwrap();
+    }
+    let moved = m(Service::Chat, "qwen2.5:0.5b", 2, 7);
+    store.put_catalogue_model(&moved).await.unwrap();
+    assert_eq!(
+        store.catalogue().await.unwrap(),
+        vec![odd.clone(), moved.clone(), embed.clone()]
+    );
+
+    store
+        .delete_catalogue_model(Service::Chat, "qwen2.5:0.5b")
+        .await
+        .unwrap();
+    assert_eq!(store.catalogue().await.unwrap(), vec![odd, embed]);
+    assert_err!(
+        store
+            .delete_catalogue_model(Service::Chat, "qwen2.5:0.5b")
+            .await,
+        Error::NotFound(_)
+    );
+    assert_err!(
+        store.delete_catalogue_model(Service::Tts, "never").await,
+        Error::NotFound(_)
+    );
+}
 
 // ---- prices -----------------------------------------------------------------
 

@@ -158,6 +158,7 @@ macro_rules! store_conformance_tests {
                 expired_refresh_tokens_are_pruned,
             ],
             catalogue: [
+                catalogue_put_replace_list_delete,
                 put_price_replaces_same_service_and_model,
                 notifications_put_replace_delete,
             ],

@@ -16,6 +16,8 @@
 //! | `POST /v1/admin/providers/{id}/suspend`, `.../unsuspend` | suspend (key refused, nodes out of routing), or lift it |
 //! | `GET /v1/admin/provisions`, `DELETE /v1/admin/provisions/{id}` | list nodes, disconnect one |
 //! | `GET`/`PUT /v1/admin/prices` | prices per service and model |
+//! | `GET`/`PUT /v1/admin/catalogue`, `DELETE /v1/admin/catalogue/{service}/{model}` | the catalogue of models |
+//! | `GET /v1/admin/reward` | the reward policy: what providers earn, what the platform keeps |
 //! | `GET`/`POST /v1/admin/notifications`, `PUT`/`DELETE /v1/admin/notifications/{id}` | notifications |
 
 use axum::extract::State;
@@ -54,6 +56,12 @@ pub(super) fn routes() -> Routes {
         .route("/v1/admin/provisions", get(provisions))
         .route("/v1/admin/provisions/{id}", delete(disconnect))
         .route("/v1/admin/prices", put(put_price).get(prices))
+        .route("/v1/admin/catalogue", get(catalogue).put(put_catalogue))
+        .route(
+            "/v1/admin/catalogue/{service}/{model}",
+            delete(delete_catalogue),
+        )
+        .route("/v1/admin/reward", get(reward_policy))
         .route(
             "/v1/admin/notifications",
             get(notifications).post(create_notification),
@@ -478,4 +486,67 @@ async fn delete_notification(
     let id = NotificationId::new(id);
     b.admin().delete_notification(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/admin/catalogue",
+    tag = "admin",
+    description = "The catalogue of models in force: what nodes may serve.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    responses((status = 200, description = "The catalogue", body = Vec<CatalogueModel>), super::openapi::Refusals)
+)]
+async fn catalogue(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<CatalogueModel>>> {
+    ok(b.admin().catalogue())
+}
+
+#[utoipa::path(
+    put,
+    path = "/v1/admin/catalogue",
+    tag = "admin",
+    description = "Adds a model to the catalogue or changes its entry (minimum tier 1-4, \
+        target nodes); nodes below a raised minimum tier leave its pool.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    request_body = CatalogueModel,
+    responses((status = 200, description = "The entry stored, and the nodes that left its pool", body = CatalogueChange), super::openapi::Refusals)
+)]
+async fn put_catalogue(
+    _: Admin,
+    State(b): State<Broker>,
+    Body(model): Body<CatalogueModel>,
+) -> ApiResult<Json<CatalogueChange>> {
+    ok(b.admin().put_catalogue_model(model).await?)
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/catalogue/{service}/{model}",
+    tag = "admin",
+    description = "Removes a model from the catalogue: every node serving it leaves its pool \
+        and calls for it get `model_not_found`. The last model cannot be removed (409).",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(
+        ("service" = Service, Path, description = "The service"),
+        ("model" = String, Path, description = "The model name, percent-encoded"),
+    ),
+    responses((status = 200, description = "How many nodes left the pool", body = CatalogueChange), super::openapi::Refusals)
+)]
+async fn delete_catalogue(
+    _: Admin,
+    State(b): State<Broker>,
+    Path((service, model)): Path<(Service, String)>,
+) -> ApiResult<Json<CatalogueChange>> {
+    ok(b.admin().delete_catalogue_model(service, &model).await?)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/admin/reward",
+    tag = "admin",
+    description = "The reward policy: how providers are paid and what the platform keeps.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    responses((status = 200, description = "The policy", body = RewardPolicyView), super::openapi::Refusals)
+)]
+async fn reward_policy(_: Admin, State(b): State<Broker>) -> ApiResult<Json<RewardPolicyView>> {
+    ok(b.admin().reward_policy())
 }

@@ -360,6 +360,10 @@ fn table() -> Routes {
             get(|State(b): State<Broker>| async move { Json(b.models()) }),
         )
         .route(
+            "/v1/catalogue",
+            get(|State(b): State<Broker>| async move { Json(b.network().offers()) }),
+        )
+        .route(
             Route::ChatCompletions.path(),
             gateway_route!(Route::ChatCompletions),
         )

@@ -36,6 +36,7 @@ use super::Routes;
     paths(
         gateway::healthz,
         gateway::models,
+        gateway::catalogue,
         gateway::chat_completions,
         gateway::embeddings,
         gateway::audio_speech,
@@ -96,6 +97,10 @@ use super::Routes;
         super::admin::create_notification,
         super::admin::replace_notification,
         super::admin::delete_notification,
+        super::admin::catalogue,
+        super::admin::put_catalogue,
+        super::admin::delete_catalogue,
+        super::admin::reward_policy,
     ),
     components(schemas(ErrorSchema)),
     modifiers(&Security),
@@ -107,7 +112,7 @@ use super::Routes;
         (name = "auth", description = "Sign-in by emailed code, sessions"),
         (name = "account", description = "The signed-in user's account and keys"),
         (name = "provider", description = "Provider accounts and their nodes"),
-        (name = "admin", description = "Administration: accounts, nodes, prices, notifications"),
+        (name = "admin", description = "Administration: accounts, nodes, the catalogue, prices, rewards, notifications"),
     )
 )]
 pub(crate) struct ApiDoc;
@@ -195,6 +200,13 @@ pub(crate) mod gateway {
         responses((status = 200, description = "The models served now, with node counts", body = ModelList)))]
     /// `GET /v1/models`: the models served now.
     pub(crate) fn models() {}
+
+    #[utoipa::path(get, path = "/v1/catalogue", tag = "gateway",
+        description = "What the network offers: every model of the catalogue with its price \
+            and the healthy nodes serving it now. Public, like OpenRouter's model list.",
+        responses((status = 200, description = "The catalogue with prices", body = CatalogueList)))]
+    /// `GET /v1/catalogue`: the catalogue with prices.
+    pub(crate) fn catalogue() {}
 
     macro_rules! gateway_doc {
         ($name:ident, $path:literal, $what:literal, $req:ty, $answer:literal, $ct:literal, $resp:ty) => {

@@ -54,7 +54,8 @@ pub(super) fn routes() -> Routes {
     path = "/v1/provider/provisions",
     tag = "provider",
     description = "Registers a node (device diagnostics, location; optionally its endpoint and services). \
-        Refused with 400 when it lists more services than a node may serve (64 by default) or its \
+        Each service must be a catalogue model the node's tier allows (`GET /v1/catalogue`), as on \
+        ready. Refused with 400 when it lists more services than a node may serve (64 by default) or its \
         location or diagnostics are too long, and with 403 when the provider already has as many \
         nodes as it may (32 by default, ended ones included).",
     security(("provider_key" = [])),

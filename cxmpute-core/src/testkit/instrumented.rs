@@ -453,6 +453,20 @@ impl<S: Store> SignInStore for InstrumentedStore<S> {
 
 #[async_trait]
 impl<S: Store> CatalogueStore for InstrumentedStore<S> {
+    async fn catalogue(&self) -> Result<Vec<CatalogueModel>> {
+        self.call("catalogue", self.inner.catalogue()).await
+    }
+
+    async fn put_catalogue_model(&self, m: &CatalogueModel) -> Result<()> {
+        self.call("put_catalogue_model", self.inner.put_catalogue_model(m))
+            .await
+    }
+
+    async fn delete_catalogue_model(&self, service: Service, model: &str) -> Result<()> {
+        let call = self.inner.delete_catalogue_model(service, model);
+        self.call("delete_catalogue_model", call).await
+    }
+
     async fn prices(&self) -> Result<Vec<PriceEntry>> {
         self.call("prices", self.inner.prices()).await
     }

@@ -252,6 +252,8 @@ async fn world() -> World {
     let n_chat = w.h.add_node(&pa, &node, Service::Chat, MODEL).await;
     let n_embed = w.h.add_node(&pa, &enode, Service::Embeddings, EMBED).await;
     let spare_url = StandInNode::dead_url().await;
+    w.h.offer(Service::Chat, "spare:1b").await;
+    w.h.offer(Service::Chat, "other:1b").await;
     let n_spare =
         w.h.add_node_at(&pa, &spare_url, Service::Chat, "spare:1b", None)
             .await;
@@ -432,6 +434,7 @@ fn routes(w: &World) -> Vec<Route> {
         // Public.
         route("GET", "/healthz", None, everyone(200)),
         route("GET", "/v1/models", None, everyone(200)),
+        route("GET", "/v1/catalogue", None, everyone(200)),
         route("GET", "/v1/notifications", None, everyone(200)),
         route("GET", "/v1/nothing-here", None, everyone(404)),
         route("GET", "/openapi.json", None, everyone(200)),
@@ -632,6 +635,22 @@ fn routes(w: &World) -> Vec<Route> {
         ),
         route("GET", "/v1/admin/prices", None, admin_only(200, 200)),
         route("PUT", "/v1/admin/prices", Some(price), admin_only(200, 200)),
+        route("GET", "/v1/admin/catalogue", None, admin_only(200, 200)),
+        route(
+            "PUT",
+            "/v1/admin/catalogue",
+            Some(
+                json!({"service": "chat", "model": "matrix:1b", "min_tier": 1, "target_nodes": 1}),
+            ),
+            admin_only(200, 200),
+        ),
+        route(
+            "DELETE",
+            "/v1/admin/catalogue/chat/matrix:1b",
+            None,
+            admin_only(200, 404),
+        ),
+        route("GET", "/v1/admin/reward", None, admin_only(200, 200)),
         route("GET", "/v1/admin/notifications", None, admin_only(200, 200)),
         route(
             "POST",
@@ -681,6 +700,9 @@ fn routes(w: &World) -> Vec<Route> {
 /// The route a concrete path was made from: ids become `{id}`.
 fn template(path: &str) -> String {
     let path = path.split('?').next().unwrap_or(path);
+    if path.starts_with("/v1/admin/catalogue/") {
+        return "/v1/admin/catalogue/{service}/{model}".into();
+    }
     path.split('/')
         .map(|seg| {
             let id = ["usr_", "prv_", "node_", "key_", "ntf_"]

@@ -342,6 +342,26 @@ async fn dashboard_pages_load_and_draw_seeded_data() {
     assert_eq!(rows(&c, "top-users").await, 1);
     assert_eq!(text(&c, "#top-users tbody td").await, s.user.id.as_str());
     assert_eq!(rows(&c, "top-apps").await, 2);
+    // Money per day, newest first: what was charged, rewarded and kept.
+    assert_eq!(rows(&c, "money-days").await, 2);
+    let stats: Value = reqwest::Client::new()
+        .get(format!("{base_api}/v1/stats/admin", base_api = s.h.url))
+        .bearer_auth(s.h.admin_key.expose())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last = stats["days"].as_array().unwrap().last().unwrap().clone();
+    let platform = Credits(last["platform"].as_i64().unwrap());
+    assert!(platform > Credits::ZERO);
+    assert_eq!(
+        Credits(last["charged"].as_i64().unwrap()),
+        Credits(last["rewarded"].as_i64().unwrap()).saturating_add(platform)
+    );
+    let cell = text(&c, "#money-days tbody tr:first-child td:nth-child(4)").await;
+    assert_eq!(cell, credits_text(platform));
     shot(&c, "admin").await;
 
     // The admin sets a user's key's rate limits by its id; a bad value is
@@ -370,6 +390,29 @@ async fn dashboard_pages_load_and_draw_seeded_data() {
     };
     assert_eq!(key_limits(&s.h, &s.user.id).await, set);
     shot(&c, "admin-limits").await;
+    // The catalogue: the reward policy above it; add a model, then remove it.
+    let builtin = network::Catalogue::original().models().len();
+    assert_eq!(rows(&c, "catalogue").await, builtin);
+    assert!(text(&c, "#reward-policy").await.contains("flat"));
+    type_into(&c, "#catalogue-model", "dash-model:1b").await;
+    click(&c, "#catalogue-add").await;
+    let added = "button.remove[data-model='chat:dash-model:1b']";
+    wait_for(&c, added).await;
+    ready(&c, "admin").await;
+    assert_eq!(rows(&c, "catalogue").await, builtin + 1);
+    assert!(status_text(&c).await.contains("Saved chat dash-model:1b"));
+    let listed = s.h.broker.admin().catalogue();
+    assert!(listed.iter().any(|m| m.model == "dash-model:1b"));
+    click(&c, added).await;
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath(
+            "//div[@id='status'][contains(., 'Removed chat dash-model:1b')]",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rows(&c, "catalogue").await, builtin);
+    assert_eq!(s.h.broker.admin().catalogue().len(), builtin);
 
     c.close().await.unwrap();
 }

@@ -224,12 +224,15 @@ async fn brokers_in_one_process_keep_their_own_metrics() {
 }
 
 /// Registers a node at `url` for `key`'s provider serving chat models
-/// `{prefix}-0`... `{prefix}-{n-1}` (the one-step path takes any model
-/// name); its id.
+/// `{prefix}-0`... `{prefix}-{n-1}`, which the operator adds to the
+/// catalogue first (a node may serve nothing else); its id.
 async fn register(h: &TestHost, key: &Secret, url: &str, prefix: &str, n: usize) -> String {
     let services: Vec<_> = (0..n)
         .map(|i| json!({"service": "chat", "model": format!("{prefix}-{i}")}))
         .collect();
+    for i in 0..n {
+        h.offer(Service::Chat, &format!("{prefix}-{i}")).await;
+    }
     let r = h
         .post(
             "/v1/provider/provisions",
@@ -291,12 +294,16 @@ async fn the_pools_of_a_deleted_node_leave_the_page() {
 }
 
 #[tokio::test]
-async fn the_page_names_a_bounded_number_of_pools_catalogue_first() {
+async fn the_page_names_a_bounded_number_of_pools_largest_first() {
     let h = TestHost::start_market(Credits(300)).await;
     let (_node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
-    // Strangers' pools, each larger than the catalogue pool: 2 × 64 of them.
     let (_, key) = h.provider().await;
     let url = StandInNode::dead_url().await;
+    // A stranger cannot add a pool: a model outside the catalogue is refused.
+    let stranger = json!({"endpoint": url, "services": [{"service": "chat", "model": "mine"}]});
+    let r = h.post("/v1/provider/provisions", &key, &stranger).await;
+    assert_eq!(r.status(), 400);
+    // An operator's large catalogue: 2 × 64 pools more, each larger than MODEL's.
     for prefix in ["a", "a", "b", "b"] {
         register(&h, &key, &url, prefix, 64).await;
     }
@@ -304,8 +311,7 @@ async fn the_page_names_a_bounded_number_of_pools_catalogue_first() {
     let pools = pool_series(&page);
     let limit = h.broker.config().public_list_limit;
     assert_eq!(pools.len(), limit);
-    assert_eq!(pools[MODEL], 1.0, "the catalogue's pool is always named");
-    assert!(pools.iter().all(|(m, n)| m == MODEL || *n == 2.0));
+    assert!(pools.values().all(|n| *n == 2.0), "the largest are named");
     assert_eq!(value(&page, "cxmpute_pools", &[]), 129.0, "all are counted");
     assert_eq!(value(&page, "cxmpute_nodes", &[]), 5.0);
 }

@@ -319,8 +319,7 @@ async fn node_endpoints_pass_the_egress_guard_unless_private_addresses_are_allow
 
 // ---- hostile providers ---------------------------------------------------------
 
-/// `n` chat services named `{prefix}-0`, `{prefix}-1`... (the one-step
-/// registration path takes models outside the catalogue).
+/// `n` chat services named `{prefix}-0`, `{prefix}-1`...
 fn services(prefix: &str, n: usize) -> Value {
     (0..n)
         .map(|i| json!({"service": "chat", "model": format!("{prefix}-{i}")}))
@@ -335,6 +334,10 @@ async fn a_node_may_serve_at_most_the_cap_of_models_on_every_path() {
     let node = StandInNode::start("n").await;
     let (_, user) = h.user(Credits::whole(1)).await;
 
+    // The operator offers 64 models, m-0 to m-63.
+    for i in 0..64 {
+        h.offer(Service::Chat, &format!("m-{i}")).await;
+    }
     // One over the cap: refused before anything is stored or routed.
     let reg = |n: usize| json!({"endpoint": node.url(), "services": services("m", n)});
     let m = expect_error(a.post("", Some(reg(65))).await, 400, "invalid_request").await;
@@ -748,12 +751,13 @@ fn tiered_rewards_are_the_original_formula_to_the_micro_credit() {
 }
 
 #[test]
-fn revenue_share_and_flat_rewards_are_exact() {
+fn platform_share_and_flat_rewards_are_exact() {
     let c = |charged: i64| RewardContext {
         charged: Credits(charged),
         ..ctx(Service::Chat, MODEL, 1, (0, 0), 0)
     };
-    let seventy = RevenueShare::new(7_000).unwrap();
+    // The platform keeps 30 %: the provider earns 70 %, rounded down.
+    let seventy = PlatformShare::new(300).unwrap();
     assert_eq!(
         seventy.reward(&c(1_234_567)),
         Credits(864_196),
@@ -761,21 +765,21 @@ fn revenue_share_and_flat_rewards_are_exact() {
     );
     assert_eq!(seventy.reward(&c(0)), Credits::ZERO);
     assert_eq!(
-        RevenueShare::new(10_000).unwrap().reward(&c(1_020)),
+        PlatformShare::new(0).unwrap().reward(&c(1_020)),
         Credits(1_020)
     );
     assert_eq!(
-        RevenueShare::new(0).unwrap().reward(&c(1_020)),
+        PlatformShare::new(1_000).unwrap().reward(&c(1_020)),
         Credits::ZERO
     );
-    assert!(RevenueShare::new(10_001).is_err());
+    assert!(PlatformShare::new(1_001).is_err());
     assert_eq!(FlatReward::default().reward(&c(5)), Credits(10_000));
 }
 
 #[tokio::test]
 async fn providers_earn_what_the_policy_says_from_settled_successful_requests_only() {
-    // Revenue share: 70 % of the 1,020 charged.
-    let h = host_with(|b| b.reward_policy(Arc::new(RevenueShare::new(7_000).unwrap()))).await;
+    // The platform keeps 30 %: the provider earns 70 % of the 1,020 charged.
+    let h = host_with(|b| b.reward_policy(Arc::new(PlatformShare::new(300).unwrap()))).await;
     let (_node, p, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (failing, pf, _) = h.stand_in("f", Service::Chat, MODEL).await;
     failing.set(Behavior::Status(500));

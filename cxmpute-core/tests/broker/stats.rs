@@ -369,11 +369,15 @@ async fn a_retried_flush_counts_nothing_twice() {
 }
 
 /// Registers a node at `url` for `key`'s provider serving chat models
-/// `{prefix}-0`... `{prefix}-{n-1}` (the one-step path takes any name).
+/// `{prefix}-0`... `{prefix}-{n-1}`, which the operator adds to the
+/// catalogue first (a node may serve nothing else).
 async fn register(h: &TestHost, key: &Secret, url: &str, prefix: &str, n: usize) {
     let services: Vec<Value> = (0..n)
         .map(|i| json!({"service": "chat", "model": format!("{prefix}-{i}")}))
         .collect();
+    for i in 0..n {
+        h.offer(Service::Chat, &format!("{prefix}-{i}")).await;
+    }
     let body = json!({"endpoint": url, "services": services});
     assert_eq!(
         status(h, "/v1/provider/provisions", key, &body, None).await,
@@ -415,10 +419,16 @@ async fn the_public_network_picture_stays_small_whatever_strangers_register() {
     assert_eq!(now.len(), limit);
     assert!(now.iter().any(|m| m == MODEL));
     assert_eq!(n(&net["pools_now_omitted"]), (1 + 3 * 64 - limit) as u64);
-    // Pool history is kept for the catalogue's pools only: a stranger's
-    // names never reach the store.
-    assert_eq!(names(&net["pools"], "name"), [format!("chat:{MODEL}")]);
-    assert_eq!(n(&net["pools_omitted"]), 0);
+    // Pool history is kept for the catalogue's pools only, and only they
+    // can exist: a stranger's name is refused at registration, so it never
+    // reaches the store. The history list is held to the bound too.
+    let stranger = json!({"endpoint": url, "services": [{"service": "chat", "model": "mine-0"}]});
+    assert_eq!(
+        status(&h, "/v1/provider/provisions", &pkey, &stranger, None).await,
+        400
+    );
+    assert_eq!(names(&net["pools"], "name").len(), limit);
+    assert_eq!(n(&net["pools_omitted"]), (1 + 3 * 64 - limit) as u64);
     let rows = h
         .broker
         .store()
@@ -429,7 +439,8 @@ async fn the_public_network_picture_stays_small_whatever_strangers_register() {
         )
         .await
         .unwrap();
-    assert_eq!(rows.len(), 1);
+    assert_eq!(rows.len(), 1 + 3 * 64);
+    assert!(rows.iter().all(|(scope, _)| !scope.contains("mine-")));
     // The models list is held to the same bound.
     let models: Value = reqwest::get(format!("{}/v1/models", h.url))
         .await
@@ -450,6 +461,7 @@ async fn the_public_network_picture_stays_small_whatever_strangers_register() {
     })
     .await;
     let mut nodes = Vec::new();
+    h.offer(Service::Chat, "someones-own").await;
     for model in [MODEL, "llama3.2:1b", "someones-own"] {
         nodes.push(h.stand_in(model, Service::Chat, model).await);
     }
@@ -473,7 +485,7 @@ async fn the_public_network_picture_stays_small_whatever_strangers_register() {
     assert_eq!(n(&net["models_omitted"]), 1);
     let mut now = names(&net["pools_now"], "model");
     now.sort();
-    assert_eq!(now, ["llama3.2:1b", MODEL], "the catalogue's pools first");
+    assert_eq!(now, ["llama3.2:1b", MODEL], "the largest, then by name");
     assert_eq!(n(&net["pools_now_omitted"]), 1);
     h.assert_ledger().await;
 }
