@@ -42,6 +42,7 @@ pub mod sse;
 pub mod stats;
 pub mod store;
 pub mod store_support;
+pub mod verify;
 
 // The API's types live in `cxmpute-api`, shared with the client; they are
 // reached here at the paths they always had.
@@ -64,10 +65,10 @@ pub use mail::{ConsoleMailer, Mailer, MailerConfig};
 pub use memory::MemoryStore;
 pub use network::Network;
 pub use reward::{FlatReward, RewardPolicy};
-pub use reward::{RevenueShare, TieredReward};
+pub use reward::{RevenueShare, TieredReward, VerifiedReward};
 pub use secret::{KeyHash, Secret};
 pub use select::{LeastInFlightSelector, PeakEwmaSelector, RoundRobinSelector};
-pub use select::{ProvisionSelector, RandomSelector};
+pub use select::{ProvisionSelector, RandomSelector, VerifiedFirst};
 pub use sessions::{AuthConfig, Sessions};
 pub use store::{
     CatalogueStore, LedgerStore, NetworkStore, SignInStore, StatsStore, Store, UserStore,

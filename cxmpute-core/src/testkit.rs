@@ -27,8 +27,16 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 mod instrumented;
+mod models;
 mod routing;
 pub use instrumented::InstrumentedStore;
+pub use models::{model_chat, model_embedding, Answers, EMBEDDING_DIM, STABLE_TOKENS};
+/// The stand-ins' answer state, for the tolerance measurement in the
+/// crate's own tests.
+#[cfg(test)]
+pub(crate) mod models_for_tests {
+    pub(crate) use super::models::AnswerState;
+}
 pub use routing::RoutingIndex;
 
 use crate::broker::{Broker, BrokerConfig};
@@ -149,6 +157,8 @@ struct NodeState {
     /// The body of the last call it received.
     last_body: Mutex<Option<Bytes>>,
     name: String,
+    /// What its answers are made of.
+    answers: Mutex<models::AnswerState>,
     /// Signalled when a broken or stalled answer is dropped by the server,
     /// i.e. when the peer went away.
     abandoned: tokio::sync::Notify,
@@ -207,6 +217,7 @@ impl StandInNode {
             hits: AtomicUsize::new(0),
             last_body: Mutex::new(None),
             name: name.to_owned(),
+            answers: Mutex::default(),
             abandoned: tokio::sync::Notify::new(),
         });
         let app = Router::new()
@@ -240,6 +251,12 @@ impl StandInNode {
     /// stream behaviours answer "ok".
     pub fn set_heartbeat(&self, b: Behavior) {
         *self.state.heartbeat.lock() = b;
+    }
+
+    /// Sets what its answers are made of (default [`Answers::Fixed`]):
+    /// non-streamed chat answers and embeddings follow it.
+    pub fn set_answers(&self, a: Answers) {
+        self.state.answers.lock().set(a);
     }
 
     /// Sets the usage it reports (`None`: it reports none, like some servers).
@@ -363,9 +380,12 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
     let usage = *s.usage.lock();
     let stream = req["stream"].as_bool().unwrap_or(false);
     if !stream {
+        let prompt = req["messages"][0]["content"].as_str().unwrap_or_default();
+        let answer = s.answers.lock().chat(prompt);
+        let content = answer.unwrap_or_else(|| format!("Hello from {}", s.name));
         let mut v = json!({
             "id": "chatcmpl-standin", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Hello from {}", s.name)}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         });
         if let Some(u) = usage {
             v["usage"] = serde_json::to_value(u).unwrap_or(Value::Null);
@@ -493,8 +513,19 @@ async fn embeddings(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) 
         }
         _ => 1,
     };
+    let texts: Vec<&str> = match &req["input"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(a) => a.iter().map(|t| t.as_str().unwrap_or_default()).collect(),
+        _ => Vec::new(),
+    };
     let data: Vec<Value> = (0..n)
-        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, i as f32]}))
+        .map(|i| {
+            let text = texts.get(i).copied().unwrap_or_default();
+            match s.answers.lock().embedding(text) {
+                Some(v) => json!({"object": "embedding", "index": i, "embedding": v}),
+                None => json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, i as f32]}),
+            }
+        })
         .collect();
     let mut v = json!({"object": "list", "data": data, "model": req["model"]});
     if let Some(u) = *s.usage.lock() {

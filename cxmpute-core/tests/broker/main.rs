@@ -23,3 +23,4 @@ mod openapi;
 mod serve;
 mod stats;
 mod store_calls;
+mod verify;
