@@ -1129,7 +1129,7 @@ impl PoolIndex {
             .collect()
     }
 
-    /// The chat and embeddings pools with the nodes canaries visit: every
+    /// The chat, embeddings and speech pools with the nodes canaries visit: every
     /// healthy node, quarantined or not (so it can re-qualify), by pool,
     /// sorted by (service, model).
     pub(crate) fn canary_pools(&self) -> Vec<(Service, String, Vec<ProvisionId>)> {
@@ -1138,7 +1138,10 @@ impl PoolIndex {
             Default::default();
         for (id, rec) in ix.nodes.iter().filter(|(_, r)| r.healthy) {
             for n in &rec.nodes {
-                if matches!(n.entry.service, Service::Chat | Service::Embeddings) {
+                if matches!(
+                    n.entry.service,
+                    Service::Chat | Service::Embeddings | Service::Tts
+                ) {
                     let pool = by_pool.entry((n.entry.service, n.entry.model.as_str()));
                     pool.or_default().push(id.clone());
                 }

@@ -30,7 +30,8 @@ mod instrumented;
 mod models;
 mod routing;
 pub use instrumented::InstrumentedStore;
-pub use models::{model_chat, model_embedding, Answers, EMBEDDING_DIM, STABLE_TOKENS};
+pub use models::{model_chat, model_embedding, wav, Answers, EMBEDDING_DIM, STABLE_TOKENS};
+pub use models::{SPEECH_CHARS_PER_SECOND, SPEECH_RATE};
 /// The stand-ins' answer state, for the tolerance measurement in the
 /// crate's own tests.
 #[cfg(test)]
@@ -223,6 +224,7 @@ impl StandInNode {
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/audio/speech", post(speech))
             .route("/heartbeat", get(heartbeat))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -499,6 +501,19 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
         Body::from_stream(futures::stream::iter(pieces)),
     )
         .into_response()
+}
+
+async fn speech(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
+    *s.last_body.lock() = Some(body.clone());
+    if let Err(r) = admit(&s, &h).await {
+        return r;
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let audio = s
+        .answers
+        .lock()
+        .speech(req["input"].as_str().unwrap_or_default());
+    ([("content-type", "audio/wav")], audio).into_response()
 }
 
 async fn embeddings(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {

@@ -38,8 +38,42 @@ pub enum Answers {
         /// The noise generator's seed.
         noise_seed: u64,
     },
-    /// The same text whatever the prompt, and a constant vector.
+    /// The same text whatever the prompt, and a constant vector; speech
+    /// of half a second whatever the text.
     Canned(String),
+    /// Honest answers but speech cut to a fifth of its length (with a
+    /// header that says so, as a careful liar would write it).
+    TruncatedAudio,
+}
+
+/// The sample rate of a stand-in's speech.
+pub const SPEECH_RATE: u32 = 24_000;
+
+/// How fast a stand-in speaks, in characters a second (espeak's 175 words
+/// a minute).
+pub const SPEECH_CHARS_PER_SECOND: f64 = 14.5;
+
+/// A 16-bit mono PCM WAV of `samples` samples of a quiet tone at `rate`.
+pub fn wav(rate: u32, samples: usize) -> Vec<u8> {
+    let data = (samples * 2) as u32;
+    let mut w = Vec::with_capacity(44 + samples * 2);
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&rate.to_le_bytes());
+    w.extend_from_slice(&(rate * 2).to_le_bytes());
+    w.extend_from_slice(&2u16.to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&data.to_le_bytes());
+    for i in 0..samples {
+        let v = ((i as f64 * 0.05).sin() * 2_000.0) as i16;
+        w.extend_from_slice(&v.to_le_bytes());
+    }
+    w
 }
 
 impl Answers {
@@ -112,7 +146,7 @@ impl AnswerState {
     /// The chat answer to `prompt` (`None`: the fixed answer).
     pub(crate) fn chat(&mut self, prompt: &str) -> Option<String> {
         match &self.answers {
-            Answers::Fixed => None,
+            Answers::Fixed | Answers::TruncatedAudio => None,
             Answers::Canned(t) => Some(t.clone()),
             Answers::Model { seed, noise, .. } => {
                 let text = model_chat(*seed, prompt);
@@ -131,10 +165,21 @@ impl AnswerState {
         }
     }
 
+    /// Speech for `text`: a WAV as long as speaking it takes.
+    pub(crate) fn speech(&self, text: &str) -> Vec<u8> {
+        let secs = text.chars().count() as f64 / SPEECH_CHARS_PER_SECOND;
+        let secs = match self.answers {
+            Answers::TruncatedAudio => secs / 5.0,
+            Answers::Canned(_) => 0.5,
+            _ => secs,
+        };
+        wav(SPEECH_RATE, (secs * f64::from(SPEECH_RATE)) as usize)
+    }
+
     /// The embedding of `text` (`None`: the fixed answer).
     pub(crate) fn embedding(&mut self, text: &str) -> Option<Vec<f64>> {
         match &self.answers {
-            Answers::Fixed => None,
+            Answers::Fixed | Answers::TruncatedAudio => None,
             Answers::Canned(_) => Some(vec![0.5; EMBEDDING_DIM]),
             Answers::Model { seed, noise, .. } => {
                 let (seed, noise) = (*seed, *noise);

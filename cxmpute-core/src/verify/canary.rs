@@ -74,6 +74,49 @@ pub(crate) fn chat_body(model: &str, prompt: &str, seed: u32, max_tokens: u32) -
     })
 }
 
+/// Voices speech canaries use: common ones, so a canary's voice says nothing.
+const VOICES: &[&str] = &[
+    "af_bella", "af_heart", "am_adam", "alloy", "nova", "bf_emma",
+];
+
+/// The body of a speech call (`POST /v1/audio/speech`) for `text`, in the
+/// default format (WAV), with a common voice.
+pub(crate) fn speech_body(model: &str, text: &str, rng: &mut impl Rng) -> Value {
+    let voice = VOICES.choose(rng).unwrap_or(&"alloy");
+    json!({"model": model, "input": text, "voice": voice})
+}
+
+/// The duration in seconds of the PCM samples a WAV file holds, counted
+/// from the bytes present (a header claiming more than was sent counts for
+/// nothing); `None` when it is not a 16-bit-or-wider PCM WAV.
+pub(crate) fn wav_seconds(audio: &[u8]) -> Option<f64> {
+    if audio.len() < 12 || &audio[0..4] != b"RIFF" || &audio[8..12] != b"WAVE" {
+        return None;
+    }
+    let (mut at, mut bytes_per_second) = (12usize, None);
+    while at + 8 <= audio.len() {
+        let id = &audio[at..at + 4];
+        let size = u32::from_le_bytes(audio[at + 4..at + 8].try_into().ok()?) as usize;
+        let body = at + 8;
+        if id == b"fmt " {
+            let f = audio.get(body..body + 16)?;
+            let format = u16::from_le_bytes([f[0], f[1]]);
+            let channels = u64::from(u16::from_le_bytes([f[2], f[3]]));
+            let rate = u64::from(u32::from_le_bytes([f[4], f[5], f[6], f[7]]));
+            let bits = u64::from(u16::from_le_bytes([f[14], f[15]]));
+            if format != 1 || channels == 0 || rate == 0 || bits < 8 {
+                return None;
+            }
+            bytes_per_second = Some(rate * channels * bits.div_ceil(8));
+        } else if id == b"data" {
+            let present = audio.len().saturating_sub(body).min(size);
+            return Some(present as f64 / bytes_per_second? as f64);
+        }
+        at = body.checked_add(size)?.checked_add(size % 2)?;
+    }
+    None
+}
+
 /// The first vector of an embeddings answer (`None`: not one).
 pub(crate) fn embedding_of(body: &[u8]) -> Option<Vec<f64>> {
     let v: Value = serde_json::from_slice(body).ok()?;
@@ -107,5 +150,16 @@ mod tests {
         let chat = br#"{"choices":[{"message":{"content":"hi there"}}]}"#;
         assert_eq!(chat_text_of(chat).as_deref(), Some("hi there"));
         assert_eq!(chat_text_of(b"nope"), None);
+    }
+
+    #[cfg(feature = "testkit")]
+    #[test]
+    fn a_wavs_duration_counts_the_samples_sent() {
+        let wav = crate::testkit::wav(24_000, 48_000);
+        assert_eq!(wav_seconds(&wav), Some(2.0));
+        // Cut short: the header still claims 2 s.
+        assert_eq!(wav_seconds(&wav[..44 + 24_000]), Some(0.5));
+        assert_eq!(wav_seconds(b"ID3\x03 not a wav"), None);
+        assert_eq!(wav_seconds(&wav[..20]), None);
     }
 }

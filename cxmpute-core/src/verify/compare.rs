@@ -169,6 +169,31 @@ pub(crate) fn embedding_against(
     }
 }
 
+/// Speech for a text of `chars` characters: a WAV whose duration is
+/// plausible for it, between `chars / max_cps` and `chars / min_cps`
+/// seconds (people and engines speak some 10 to 20 characters a second at
+/// normal speed).
+pub(crate) fn speech_plausible(
+    audio: Option<&[u8]>,
+    chars: usize,
+    (min_cps, max_cps): (f64, f64),
+) -> Verdict {
+    let Some(audio) = audio else {
+        return Verdict::Inconclusive;
+    };
+    let Some(secs) = super::canary::wav_seconds(audio) else {
+        return Verdict::Suspect("its speech was not the WAV audio asked for".into());
+    };
+    let (lo, hi) = (chars as f64 / max_cps, chars as f64 / min_cps);
+    if (lo..=hi).contains(&secs) {
+        Verdict::Pass
+    } else {
+        Verdict::Suspect(format!(
+            "its speech lasted {secs:.2} s for {chars} characters (plausible: {lo:.2} to {hi:.2} s)"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,9 @@
 //! * embeddings: a node's vector must agree (cosine at least the model's
 //!   tolerance) with the majority's, or with a vector the operator pinned;
 //! * chat at temperature 0 with one seed per round: the first tokens of a
-//!   node's answer must be the majority's, or the pinned answer's.
+//!   node's answer must be the majority's, or the pinned answer's;
+//! * speech: a WAV whose duration is plausible for the text (voices and
+//!   engines differ, so nodes are not compared with each other).
 //!
 //! Each verdict moves the node's score (kept with its other live state, see
 //! [`crate::pool`]); failures in a row **quarantine** it (it leaves routing
@@ -71,6 +73,10 @@ pub struct VerifyConfig {
     pub chat_prefix_tokens: usize,
     /// The output limit of chat canaries (what they cost).
     pub chat_max_tokens: u32,
+    /// How fast speech may be spoken, in characters a second (least, most):
+    /// speech whose duration puts its text outside is suspect (audio cut
+    /// short, or padded).
+    pub speech_chars_per_second: (f64, f64),
     /// Tolerances per model, where the default does not fit (a model the
     /// operator allows quantized further, say).
     pub tolerances: Vec<ModelTolerance>,
@@ -93,6 +99,7 @@ impl Default for VerifyConfig {
             min_cosine: DEFAULT_MIN_COSINE,
             chat_prefix_tokens: 8,
             chat_max_tokens: 32,
+            speech_chars_per_second: (4.0, 40.0),
             tolerances: Vec::new(),
             references: Vec::new(),
             account_email: "canary@cxmpute.internal".into(),
@@ -271,7 +278,7 @@ impl Broker {
             };
         }
         let input = match service {
-            Service::Embeddings => canary::embedding_text(&mut *rng),
+            Service::Embeddings | Service::Tts => canary::embedding_text(&mut *rng),
             _ => canary::chat_prompt(&mut *rng),
         };
         PoolRound {
@@ -294,6 +301,10 @@ impl Broker {
                 Route::Embeddings,
                 canary::embedding_body(&plan.model, &plan.input),
             ),
+            Service::Tts => {
+                let body = canary::speech_body(&plan.model, &plan.input, &mut *i.verify.rng.lock());
+                (Route::AudioSpeech, body)
+            }
             _ => {
                 // One seed for the pool's round, a fresh one each round: a
                 // fixed seed would be a marker.
@@ -313,8 +324,15 @@ impl Broker {
             };
             async move {
                 match self.handle(req).await {
-                    Ok(GatewayResponse::Complete { body, .. }) => Some(body),
-                    Ok(GatewayResponse::Stream { .. }) => None,
+                    Ok(GatewayResponse::Complete { body, .. }) => Some(body.to_vec()),
+                    // Read to its end (the gateway bounds it), which settles it.
+                    Ok(GatewayResponse::Stream { mut body, .. }) => {
+                        let mut all = Vec::new();
+                        while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+                            all.extend_from_slice(&chunk.ok()?);
+                        }
+                        Some(all)
+                    }
                     Err(e) => {
                         tracing::debug!(node = %id, error = %e, "canary call failed");
                         None
@@ -325,6 +343,13 @@ impl Broker {
         let answers = futures::future::join_all(calls).await;
         report.calls += answers.len();
         let verdicts = match plan.service {
+            Service::Tts => {
+                let chars = plan.input.chars().count();
+                let cps = cfg.speech_chars_per_second;
+                (answers.iter())
+                    .map(|a| compare::speech_plausible(a.as_deref(), chars, cps))
+                    .collect()
+            }
             Service::Embeddings => {
                 let vs: Vec<Option<Vec<f64>>> = (answers.iter())
                     .map(|a| a.as_deref().and_then(canary::embedding_of))

@@ -400,3 +400,36 @@ async fn the_score_steers_selection_and_scales_rewards() {
     assert_eq!(liar.hits(), hits + 2);
     h.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn speech_cut_short_or_canned_is_quarantined_and_plausible_speech_passes() {
+    let h = host(|_| {}).await;
+    let model = wire::DEFAULT_TTS_MODEL;
+    let (_honest, key, ok) = node(&h, honest(0.0, 0), Service::Tts, model).await;
+    let (_cut, _, cut) = node(&h, Answers::TruncatedAudio, Service::Tts, model).await;
+    let canned = Answers::Canned(String::new());
+    let (_canned, _, short) = node(&h, canned, Service::Tts, model).await;
+    let r = round(&h).await;
+    track_canaries(&h);
+    assert_eq!((r.calls, r.passed, r.failed), (3, 1, 2), "{r:?}");
+    let r = round(&h).await;
+    let mut q = r.quarantined.clone();
+    q.sort();
+    let mut want = vec![cut.clone(), short.clone()];
+    want.sort();
+    assert_eq!(q, want);
+    assert!(h.is_routable(&ok) && !h.is_routable(&cut) && !h.is_routable(&short));
+    let v = status_of(&h, &key).await.verification;
+    assert_eq!((v.status, v.passed), (VerificationStatus::Verified, 2));
+    let all: Vec<AdminProvisionView> = call(&h, "GET", "/v1/admin/provisions")
+        .bearer(h.admin_key.expose())
+        .ok()
+        .await;
+    let cut_view = all
+        .iter()
+        .find(|n| n.provision.provision_id == cut)
+        .unwrap();
+    let why = cut_view.provision.verification.reason.clone().unwrap();
+    assert!(why.contains("lasted"), "{why}");
+    h.assert_ledger().await;
+}
