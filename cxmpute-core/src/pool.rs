@@ -1132,16 +1132,19 @@ impl PoolIndex {
     /// The chat, embeddings and speech pools with the nodes canaries visit: every
     /// healthy node, quarantined or not (so it can re-qualify), by pool,
     /// sorted by (service, model).
-    pub(crate) fn canary_pools(&self) -> Vec<(Service, String, Vec<ProvisionId>)> {
+    /// Scraping pools too when `scrape`.
+    pub(crate) fn canary_pools(&self, scrape: bool) -> Vec<(Service, String, Vec<ProvisionId>)> {
         let ix = self.index.read();
         let mut by_pool: std::collections::BTreeMap<(Service, &str), Vec<ProvisionId>> =
             Default::default();
         for (id, rec) in ix.nodes.iter().filter(|(_, r)| r.healthy) {
             for n in &rec.nodes {
-                if matches!(
-                    n.entry.service,
-                    Service::Chat | Service::Embeddings | Service::Tts
-                ) {
+                let checked = match n.entry.service {
+                    Service::Chat | Service::Embeddings | Service::Tts => true,
+                    Service::Scrape => scrape,
+                    Service::Vision => false,
+                };
+                if checked {
                     let pool = by_pool.entry((n.entry.service, n.entry.model.as_str()));
                     pool.or_default().push(id.clone());
                 }

@@ -225,6 +225,7 @@ impl StandInNode {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
             .route("/v1/audio/speech", post(speech))
+            .route("/v1/scrape", post(scrape))
             .route("/heartbeat", get(heartbeat))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -514,6 +515,47 @@ async fn speech(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> R
         .lock()
         .speech(req["input"].as_str().unwrap_or_default());
     ([("content-type", "audio/wav")], audio).into_response()
+}
+
+/// Fetches each URL (plain HTTP on loopback, no egress guard: a test's
+/// pages) and returns it as it came, or the canned text of a liar.
+async fn scrape(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
+    *s.last_body.lock() = Some(body.clone());
+    if let Err(r) = admit(&s, &h).await {
+        return r;
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let urls: Vec<String> = (req["urls"].as_array().into_iter().flatten())
+        .filter_map(|u| u.as_str().map(str::to_owned))
+        .collect();
+    let canned = match &s.answers.lock().answers {
+        Answers::Canned(t) => Some(t.clone()),
+        _ => None,
+    };
+    let mut results = Vec::new();
+    for url in urls {
+        let fetched = match &canned {
+            Some(t) => Ok((200, t.clone())),
+            None => match reqwest::get(&url).await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    r.text()
+                        .await
+                        .map(|t| (status, t))
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        results.push(match fetched {
+            Ok((status, content)) => {
+                json!({"url": url, "success": true, "status": status, "content": content})
+            }
+            Err(e) => json!({"url": url, "success": false, "error": e}),
+        });
+    }
+    let v = json!({ "results": results });
+    ([("content-type", "application/json")], v.to_string()).into_response()
 }
 
 async fn embeddings(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {

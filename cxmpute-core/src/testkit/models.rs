@@ -122,6 +122,7 @@ pub fn model_chat(seed: u64, prompt: &str) -> String {
 
 /// A node's answers with its noise generator.
 pub(crate) struct AnswerState {
+    /// What they are made of.
     pub(crate) answers: Answers,
     rng: rand::rngs::StdRng,
 }

@@ -117,6 +117,44 @@ pub(crate) fn wav_seconds(audio: &[u8]) -> Option<f64> {
     None
 }
 
+/// The text of a canary page: three paragraphs of common words.
+pub(crate) fn page_text(rng: &mut impl Rng) -> String {
+    (0..3)
+        .map(|_| embedding_text(rng))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A plain HTML page holding `text`, a paragraph per line, with a title
+/// from its first words.
+pub(crate) fn page_html(text: &str) -> String {
+    let title: String = text
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let paras: String = text.lines().map(|l| format!("<p>{l}</p>\n")).collect();
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title></head>\n\
+         <body>\n{paras}</body></html>\n"
+    )
+}
+
+/// The body of a scrape call for one URL, in a format drawn at random.
+pub(crate) fn scrape_body(model: &str, url: &str, rng: &mut impl Rng) -> Value {
+    let format = ["html", "markdown", "text"].choose(rng).unwrap_or(&"text");
+    json!({"model": model, "urls": [url], "format": format})
+}
+
+/// The content a scrape answer gives for its only URL: `Err(())` when the
+/// answer is not a scrape answer, `Ok(None)` when the node says it could
+/// not fetch the page.
+pub(crate) fn scraped_content(body: &[u8]) -> Result<Option<String>, ()> {
+    let r: crate::wire::ScrapeResponse = serde_json::from_slice(body).map_err(|_| ())?;
+    let first = r.results.into_iter().next().ok_or(())?;
+    Ok(first.success.then_some(first.content).flatten())
+}
+
 /// The first vector of an embeddings answer (`None`: not one).
 pub(crate) fn embedding_of(body: &[u8]) -> Option<Vec<f64>> {
     let v: Value = serde_json::from_slice(body).ok()?;

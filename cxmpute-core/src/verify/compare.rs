@@ -194,6 +194,48 @@ pub(crate) fn speech_plausible(
     }
 }
 
+/// A scrape answer for a page holding `text`: its content must hold the
+/// page's words in order (nine in ten at least: formats differ in how they
+/// break and mark up text). A node that says it could not fetch the page
+/// earns nothing for it and says nothing about the model (its egress rules
+/// may refuse the page's address).
+pub(crate) fn page_returned(answer: Option<&[u8]>, text: &str) -> Verdict {
+    let Some(body) = answer else {
+        return Verdict::Inconclusive;
+    };
+    let content = match super::canary::scraped_content(body) {
+        Err(()) => return Verdict::Suspect("its scrape answer could not be read".into()),
+        Ok(None) => return Verdict::Inconclusive,
+        Ok(Some(c)) => c,
+    };
+    let words = |s: &str| -> Vec<String> {
+        s.split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let (want, mut got) = (words(text), words(&content));
+    // The page is a few dozen words: what comes after the first pages' worth
+    // of an answer cannot help it, and a huge answer costs no more to judge.
+    got.truncate(want.len() * 20 + 1_000);
+    let (mut at, mut found) = (0, 0);
+    for w in &want {
+        // A word missing (or broken by markup) skips itself, not the rest.
+        if let Some(k) = got[at..].iter().position(|g| g == w) {
+            at += k + 1;
+            found += 1;
+        }
+    }
+    if found * 10 >= want.len() * 9 {
+        Verdict::Pass
+    } else {
+        Verdict::Suspect(format!(
+            "its scrape of a page returned {found} of the page's {} words",
+            want.len()
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +282,36 @@ mod tests {
         assert_eq!(chat_against(Some("42 is it"), "42", 1), Verdict::Pass);
         assert!(matches!(
             chat_against(Some("41"), "42", 1),
+            Verdict::Suspect(_)
+        ));
+    }
+
+    #[test]
+    fn a_page_comes_back_when_its_words_do_in_order() {
+        let text = "Golden river market.\nQuiet stone bridge at night.";
+        let answer = |content: &str| {
+            let r =
+                serde_json::json!({"results": [{"url": "u", "success": true, "content": content}]});
+            r.to_string().into_bytes()
+        };
+        let html = super::super::canary::page_html(text);
+        assert_eq!(page_returned(Some(&answer(&html)), text), Verdict::Pass);
+        let md = "# Golden\n\nGolden **river** market.\n\nQuiet stone bridge at night.";
+        assert_eq!(page_returned(Some(&answer(md)), text), Verdict::Pass);
+        let canned = answer("Welcome to our site. Nothing to see here.");
+        assert!(matches!(
+            page_returned(Some(&canned), text),
+            Verdict::Suspect(_)
+        ));
+        let shuffled = answer("night at bridge stone quiet market river golden");
+        assert!(matches!(
+            page_returned(Some(&shuffled), text),
+            Verdict::Suspect(_)
+        ));
+        let failed = br#"{"results":[{"url":"u","success":false,"error":"refused"}]}"#;
+        assert_eq!(page_returned(Some(failed), text), Verdict::Inconclusive);
+        assert!(matches!(
+            page_returned(Some(b"garbage"), text),
             Verdict::Suspect(_)
         ));
     }

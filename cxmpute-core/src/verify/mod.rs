@@ -11,7 +11,9 @@
 //! * chat at temperature 0 with one seed per round: the first tokens of a
 //!   node's answer must be the majority's, or the pinned answer's;
 //! * speech: a WAV whose duration is plausible for the text (voices and
-//!   engines differ, so nodes are not compared with each other).
+//!   engines differ, so nodes are not compared with each other);
+//! * scraping, when [`VerifyConfig::page_base`] is set: a page this host
+//!   serves for the canary alone must come back with its text.
 //!
 //! Each verdict moves the node's score (kept with its other live state, see
 //! [`crate::pool`]); failures in a row **quarantine** it (it leaves routing
@@ -83,6 +85,11 @@ pub struct VerifyConfig {
     /// Inputs with answers the operator pinned: a node is checked against
     /// them alone, so even a lone node, or a pool of liars, is caught.
     pub references: Vec<PinnedReference>,
+    /// Where nodes reach this host's canary pages (`GET /pages/{token}`),
+    /// e.g. `https://pages.example.com`: a public address the nodes' egress
+    /// rules allow, best a name of its own that a reverse proxy sends here.
+    /// `None` (the default): scraping nodes get no canaries.
+    pub page_base: Option<String>,
     /// The email of the platform's canary account (made when first needed).
     pub account_email: String,
     /// What the canary account is topped up to when it runs below half of it.
@@ -102,6 +109,7 @@ impl Default for VerifyConfig {
             speech_chars_per_second: (4.0, 40.0),
             tolerances: Vec::new(),
             references: Vec::new(),
+            page_base: None,
             account_email: "canary@cxmpute.internal".into(),
             account_topup: Credits(100_000_000),
         }
@@ -187,6 +195,8 @@ pub(crate) struct Verifier {
     /// Rounds run: which pools come first, and when pinned inputs are used.
     rounds: AtomicU64,
     rng: Mutex<rand::rngs::StdRng>,
+    /// The pages scraping canaries name while they run: token, HTML.
+    pages: Mutex<HashMap<String, String>>,
 }
 
 impl Default for Verifier {
@@ -197,6 +207,7 @@ impl Default for Verifier {
             canary_user: OnceLock::new(),
             rounds: AtomicU64::new(0),
             rng: Mutex::new(rand::rngs::StdRng::from_os_rng()),
+            pages: Mutex::default(),
         }
     }
 }
@@ -230,7 +241,7 @@ impl Broker {
         let round = v.rounds.fetch_add(1, Ordering::Relaxed);
         let mut report = CanaryReport::default();
         self.keep_quarantines();
-        let mut pools = i.pools.canary_pools();
+        let mut pools = i.pools.canary_pools(cfg.page_base.is_some());
         if pools.is_empty() {
             return Ok(report);
         }
@@ -279,6 +290,7 @@ impl Broker {
         }
         let input = match service {
             Service::Embeddings | Service::Tts => canary::embedding_text(&mut *rng),
+            Service::Scrape => canary::page_text(&mut *rng),
             _ => canary::chat_prompt(&mut *rng),
         };
         PoolRound {
@@ -296,6 +308,7 @@ impl Broker {
         let i = self.inner();
         let cfg = &i.config.verify;
         let (min_cosine, tokens) = cfg.tolerance(plan.service, &plan.model);
+        let mut page_token = None;
         let (route, body) = match plan.service {
             Service::Embeddings => (
                 Route::Embeddings,
@@ -304,6 +317,16 @@ impl Broker {
             Service::Tts => {
                 let body = canary::speech_body(&plan.model, &plan.input, &mut *i.verify.rng.lock());
                 (Route::AudioSpeech, body)
+            }
+            Service::Scrape => {
+                let base = cfg.page_base.as_deref().unwrap_or_default();
+                let token = crate::secret::random_token(22);
+                let url = format!("{}/pages/{token}", base.trim_end_matches('/'));
+                let html = canary::page_html(&plan.input);
+                i.verify.pages.lock().insert(token.clone(), html);
+                page_token = Some(token);
+                let body = canary::scrape_body(&plan.model, &url, &mut *i.verify.rng.lock());
+                (Route::Scrape, body)
             }
             _ => {
                 // One seed for the pool's round, a fresh one each round: a
@@ -341,8 +364,14 @@ impl Broker {
             }
         });
         let answers = futures::future::join_all(calls).await;
+        if let Some(t) = page_token {
+            i.verify.pages.lock().remove(&t);
+        }
         report.calls += answers.len();
         let verdicts = match plan.service {
+            Service::Scrape => (answers.iter())
+                .map(|a| compare::page_returned(a.as_deref(), &plan.input))
+                .collect(),
             Service::Tts => {
                 let chars = plan.input.chars().count();
                 let cps = cfg.speech_chars_per_second;
@@ -460,6 +489,11 @@ impl Broker {
                 .await?;
         }
         Ok((user, key))
+    }
+
+    /// The page of a scraping canary running now, by its token.
+    pub(crate) fn canary_page(&self, token: &str) -> Option<String> {
+        self.inner().verify.pages.lock().get(token).cloned()
     }
 
     /// What verification knows about node `id` on this host.

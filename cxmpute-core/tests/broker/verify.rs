@@ -289,8 +289,9 @@ async fn canaries_cost_users_nothing_are_paid_like_calls_and_stay_out_of_user_st
         assert_eq!(r.status(), 200);
     }
     let paid_by_user = Credits::whole(10).saturating_sub(h.balance(&user.id).await);
+    round(&h).await;
     let first = node_bodies(&nodes);
-    for _ in 0..4 {
+    for _ in 0..3 {
         round(&h).await;
     }
     track_canaries(&h);
@@ -431,5 +432,63 @@ async fn speech_cut_short_or_canned_is_quarantined_and_plausible_speech_passes()
         .unwrap();
     let why = cut_view.provision.verification.reason.clone().unwrap();
     assert!(why.contains("lasted"), "{why}");
+    h.assert_ledger().await;
+}
+
+/// A reverse proxy on its own address in front of a host's canary pages, as
+/// an operator would run one under a name of its own: its address is known
+/// before the host starts (the host's configuration names it); the host it
+/// forwards to is set once that listens.
+async fn page_proxy() -> (String, Arc<parking_lot::Mutex<String>>) {
+    let target = Arc::new(parking_lot::Mutex::new(String::new()));
+    let t = target.clone();
+    let app = axum::Router::new().route(
+        "/pages/{token}",
+        axum::routing::get(
+            move |axum::extract::Path(token): axum::extract::Path<String>| {
+                let t = t.clone();
+                async move {
+                    let url = format!("{}/pages/{token}", t.lock());
+                    let r = reqwest::get(url).await.unwrap();
+                    let status = axum::http::StatusCode::from_u16(r.status().as_u16()).unwrap();
+                    (status, r.text().await.unwrap())
+                }
+            },
+        ),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, target)
+}
+
+#[tokio::test]
+async fn a_scraper_must_return_the_page_the_broker_serves_for_the_canary() {
+    let (proxy, target) = page_proxy().await;
+    let h = host(|v| v.page_base = Some(proxy)).await;
+    *target.lock() = h.url.clone();
+    let model = wire::DEFAULT_SCRAPE_MODEL;
+    let (_a, key, honest_id) = node(&h, Answers::Fixed, Service::Scrape, model).await;
+    let canned = Answers::Canned("<html><body>Welcome!</body></html>".into());
+    let (liar, _, liar_id) = node(&h, canned, Service::Scrape, model).await;
+    let r = round(&h).await;
+    track_canaries(&h);
+    assert_eq!((r.calls, r.passed, r.failed), (2, 1, 1), "{r:?}");
+    assert_eq!(round(&h).await.quarantined, vec![liar_id.clone()]);
+    assert!(h.is_routable(&honest_id) && !h.is_routable(&liar_id));
+    let v = status_of(&h, &key).await.verification;
+    assert_eq!((v.status, v.passed), (VerificationStatus::Verified, 2));
+    // The page named lived for its canary only.
+    let asked = liar.last_body().unwrap();
+    let url = asked["urls"][0].as_str().unwrap().to_owned();
+    let token = url.rsplit('/').next().unwrap();
+    let r = reqwest::get(format!("{}/pages/{token}", h.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = reqwest::get(format!("{}/pages/made-up", h.url))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
     h.assert_ledger().await;
 }
