@@ -473,9 +473,27 @@ impl Broker {
             None => {
                 let email = crate::accounts::normalize_email(&cfg.account_email)?;
                 let (user, _) = self.accounts().user_for_email(email, false).await?;
-                let (_, secret) = (self.admin())
-                    .create_api_key(&user.id, "canary", None, Vec::new())
-                    .await?;
+                // One key for every host and restart: derived, made once.
+                let secret = self.auth_state().derived_api_key("canary account");
+                match i.store.api_key_by_hash(&secret.hash()).await {
+                    Ok(k) if k.user_id == user.id => {}
+                    Ok(_) => {
+                        return Err(crate::Error::Conflict(
+                            "the canary key belongs to another account".into(),
+                        ))
+                    }
+                    Err(crate::Error::NotFound(_)) => {
+                        let accounts = self.accounts();
+                        let made =
+                            accounts.new_key(&user.id, "canary", None, Vec::new(), secret.clone());
+                        match made.await {
+                            // Another host made it meanwhile.
+                            Ok(_) | Err(crate::Error::AlreadyExists(_)) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
                 let _ = i.verify.canary_user.set(user.id.clone());
                 *held = Some((user.id.clone(), secret.clone()));
                 (user.id, secret)

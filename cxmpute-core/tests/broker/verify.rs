@@ -492,3 +492,25 @@ async fn a_scraper_must_return_the_page_the_broker_serves_for_the_canary() {
     assert_eq!(r.status(), 404);
     h.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn hosts_and_restarts_share_one_canary_key() {
+    let store = Arc::new(MemoryStore::new());
+    let start = || {
+        TestHost::start_market_with(store.clone(), Credits(1_000), |b| {
+            let mut c = test_config();
+            c.verify.interval = None;
+            c.auth.session_secret = Some(Secret::new("s".repeat(40)));
+            b.config(c)
+        })
+    };
+    let mut keys = Vec::new();
+    for _ in 0..3 {
+        let h = start().await;
+        let _node = node(&h, honest(0.0, 0), Service::Embeddings, EMBED).await;
+        round(&h).await;
+        let canary = h.broker.canary_account_id().unwrap();
+        keys = h.broker.store().api_keys(&canary).await.unwrap();
+    }
+    assert_eq!(keys.len(), 1, "{keys:?}");
+}
