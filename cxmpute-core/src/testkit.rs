@@ -408,7 +408,21 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
         .as_bool()
         .unwrap_or(false);
     let mut events: Vec<Bytes> = Vec::new();
-    for (i, c) in STREAM_CHUNKS.iter().enumerate() {
+    let prompt = req["messages"][0]["content"].as_str().unwrap_or_default();
+    let chunks: Vec<String> = match s.answers.lock().chat(prompt) {
+        // A word a chunk, as model servers stream tokens.
+        Some(text) => (text.split(' ').enumerate())
+            .map(|(i, w)| {
+                if i == 0 {
+                    w.to_owned()
+                } else {
+                    format!(" {w}")
+                }
+            })
+            .collect(),
+        None => STREAM_CHUNKS.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    for (i, c) in chunks.iter().enumerate() {
         let delta = if i == 0 {
             json!({"role": "assistant", "content": c})
         } else {

@@ -63,15 +63,48 @@ pub(crate) fn embedding_body(model: &str, input: &str) -> Value {
 }
 
 /// The body of a chat call at temperature 0 with `seed`, so nodes of one
-/// model answer alike, with a modest output limit (what the call costs).
-pub(crate) fn chat_body(model: &str, prompt: &str, seed: u32, max_tokens: u32) -> Value {
-    json!({
+/// model answer alike, with a modest output limit (what the call costs);
+/// streamed or not, as users call.
+pub(crate) fn chat_body(
+    model: &str,
+    prompt: &str,
+    seed: u32,
+    max_tokens: u32,
+    stream: bool,
+) -> Value {
+    let mut b = json!({
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "temperature": 0,
         "seed": seed,
         "max_tokens": max_tokens,
-    })
+    });
+    if stream {
+        b["stream"] = Value::Bool(true);
+    }
+    b
+}
+
+/// The text of a streamed chat answer: its first choice's content deltas
+/// joined (`None`: no content event could be read).
+pub(crate) fn chat_stream_text_of(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let mut out: Option<String> = None;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            out.get_or_insert_with(String::new).push_str(c);
+        }
+    }
+    out
 }
 
 /// Voices speech canaries use: common ones, so a canary's voice says nothing.
@@ -188,6 +221,11 @@ mod tests {
         let chat = br#"{"choices":[{"message":{"content":"hi there"}}]}"#;
         assert_eq!(chat_text_of(chat).as_deref(), Some("hi there"));
         assert_eq!(chat_text_of(b"nope"), None);
+        let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+                    data: {\"choices\":[{\"delta\":{\"content\":\" there\"}}]}\n\n\
+                    data: {\"choices\":[],\"usage\":{}}\n\ndata: [DONE]\n\n";
+        assert_eq!(chat_stream_text_of(sse).as_deref(), Some("hi there"));
+        assert_eq!(chat_stream_text_of(b"data: [DONE]\n\n"), None);
     }
 
     #[cfg(feature = "testkit")]

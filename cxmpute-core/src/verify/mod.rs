@@ -8,8 +8,9 @@
 //!
 //! * embeddings: a node's vector must agree (cosine at least the model's
 //!   tolerance) with the majority's, or with a vector the operator pinned;
-//! * chat at temperature 0 with one seed per round: the first tokens of a
-//!   node's answer must be the majority's, or the pinned answer's;
+//! * chat at temperature 0 with one seed per round, streamed or not: the
+//!   first tokens of a node's answer must be the majority's, or the pinned
+//!   answer's;
 //! * speech: a WAV whose duration is plausible for the text (voices and
 //!   engines differ, so nodes are not compared with each other);
 //! * scraping, when [`VerifyConfig::page_base`] is set: a page this host
@@ -309,6 +310,7 @@ impl Broker {
         let cfg = &i.config.verify;
         let (min_cosine, tokens) = cfg.tolerance(plan.service, &plan.model);
         let mut page_token = None;
+        let mut streamed = false;
         let (route, body) = match plan.service {
             Service::Embeddings => (
                 Route::Embeddings,
@@ -331,8 +333,13 @@ impl Broker {
             _ => {
                 // One seed for the pool's round, a fresh one each round: a
                 // fixed seed would be a marker.
-                let seed = i.verify.rng.lock().random::<u32>();
-                let body = canary::chat_body(&plan.model, &plan.input, seed, cfg.chat_max_tokens);
+                let (seed, stream) = {
+                    let mut rng = i.verify.rng.lock();
+                    (rng.random::<u32>(), rng.random_bool(0.5))
+                };
+                streamed = stream;
+                let max = cfg.chat_max_tokens;
+                let body = canary::chat_body(&plan.model, &plan.input, seed, max, stream);
                 (Route::ChatCompletions, body)
             }
         };
@@ -391,8 +398,12 @@ impl Broker {
                 }
             }
             _ => {
+                let read = match streamed {
+                    true => canary::chat_stream_text_of,
+                    false => canary::chat_text_of,
+                };
                 let ts: Vec<Option<String>> = (answers.iter())
-                    .map(|a| a.as_deref().and_then(canary::chat_text_of))
+                    .map(|a| a.as_deref().and_then(read))
                     .collect();
                 match &plan.pinned {
                     Some(PinnedAnswer::Text(p)) => (ts.iter())

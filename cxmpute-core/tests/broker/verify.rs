@@ -245,11 +245,10 @@ async fn a_lone_node_is_checked_against_what_the_operator_pinned() {
     let body = small.last_body().unwrap();
     assert_eq!(body["messages"][0]["content"], prompt);
     assert_eq!(body["temperature"].as_f64(), Some(0.0));
-    let mut keys: Vec<&str> = body
-        .as_object()
-        .unwrap()
-        .keys()
+    // Streamed or not, as users call; nothing else.
+    let mut keys: Vec<&str> = (body.as_object().unwrap().keys())
         .map(String::as_str)
+        .filter(|k| !["stream", "stream_options"].contains(k))
         .collect();
     keys.sort();
     assert_eq!(
@@ -309,10 +308,10 @@ async fn canaries_cost_users_nothing_are_paid_like_calls_and_stay_out_of_user_st
     let canary = h.broker.canary_account_id().unwrap();
     let records = h.broker.store().usage_records(&canary, 100).await.unwrap();
     assert_eq!(records.len(), 12);
-    let user_reward = h.last_usage(&user.id).await.reward;
-    assert!(records
-        .iter()
-        .all(|r| r.success && r.reward == user_reward && r.charged > Credits::ZERO));
+    // The reward policy's rule for any call: the flat reward, at most the charge.
+    let rule = |r: &UsageRecord| r.success && r.reward == Credits(2_000).min(r.charged);
+    assert!(rule(&h.last_usage(&user.id).await));
+    assert!(records.iter().all(|r| rule(r) && r.charged > Credits::ZERO));
     // Statistics: users' and the network's figures count the 3 user calls,
     // providers' figures count what they were paid for.
     h.broker.flush_stats().await.unwrap();
@@ -513,4 +512,30 @@ async fn hosts_and_restarts_share_one_canary_key() {
         keys = h.broker.store().api_keys(&canary).await.unwrap();
     }
     assert_eq!(keys.len(), 1, "{keys:?}");
+}
+
+#[tokio::test]
+async fn chat_canaries_come_streamed_and_not_and_a_node_lying_on_either_is_caught() {
+    let h = host(|_| {}).await;
+    let mut nodes = Vec::new();
+    for s in 0..3 {
+        nodes.push(node(&h, honest(0.05, s), Service::Chat, MODEL).await);
+    }
+    let (liar, _, liar_id) = node(&h, Answers::model(8), Service::Chat, MODEL).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let r = round(&h).await;
+        // Quarantined after two, it is still sent canaries: each round,
+        // streamed or not, finds it wrong.
+        assert_eq!((r.passed, r.failed), (3, 1), "{r:?}");
+        seen.insert(
+            liar.last_body().unwrap()["stream"]
+                .as_bool()
+                .unwrap_or(false),
+        );
+    }
+    assert_eq!(seen.len(), 2, "both kinds were sent");
+    assert!(!h.is_routable(&liar_id));
+    track_canaries(&h);
+    h.assert_ledger().await;
 }
