@@ -680,6 +680,9 @@ struct Index {
     nodes: HashMap<ProvisionId, NodeRecord>,
     /// Nodes offering each (service, model), healthy or not.
     offered: PerService<usize>,
+    /// Nodes verification quarantined, in the index or not: one that joins
+    /// again (ended and started, refreshed) is still out.
+    quarantined: HashSet<ProvisionId>,
 }
 
 impl Index {
@@ -862,7 +865,7 @@ impl PoolIndex {
         let old = ix.detach(id);
         // A health verdict given meanwhile is the one that holds.
         let healthy = old.as_ref().is_none_or(|r| r.healthy);
-        let quarantined = old.as_ref().is_some_and(|r| r.quarantined);
+        let quarantined = ix.quarantined.contains(id);
         for n in &nodes {
             locked_step();
             ix.count_offer(n, true);
@@ -908,10 +911,15 @@ impl PoolIndex {
     }
 
     /// Quarantines a node (`true`: out of routing whatever its health) or
-    /// lets it back (`false`), keeping its entries. Unknown nodes are
-    /// ignored, as by [`PoolIndex::set_healthy`].
+    /// lets it back (`false`), keeping its entries. Unlike a health verdict
+    /// the mark holds for a node not in the index now, should it join again.
     pub(crate) fn set_quarantined(&self, id: &ProvisionId, quarantined: bool) {
         let mut ix = self.index.write();
+        if quarantined {
+            ix.quarantined.insert(id.clone());
+        } else {
+            ix.quarantined.remove(id);
+        }
         let Some(rec) = ix.nodes.get_mut(id) else {
             return;
         };
@@ -1295,6 +1303,49 @@ mod tests {
         assert_eq!(ix.coverage()[&(Service::Chat, "llama3.2:3b".into())], 2);
         ix.upsert(&a, Vec::new());
         assert_eq!(ix.node_count(), 1);
+    }
+
+    #[test]
+    fn quarantine_and_health_are_separate_marks_and_a_pin_reaches_past_quarantine() {
+        let ix = PoolIndex::new();
+        let (a, b) = (ProvisionId::new("a"), ProvisionId::new("b"));
+        ix.upsert(&a, vec![entry("a", Service::Chat, "m", "")]);
+        ix.upsert(&b, vec![entry("b", Service::Chat, "m", "")]);
+        let rr = RoundRobinSelector;
+        let pin = RoutePreferences::pinned(a.clone());
+        let pinned = || ix.select_with(Service::Chat, "m", &rr, &[], &pin);
+        ix.set_quarantined(&a, true);
+        assert!(!ix.is_healthy(&a));
+        assert_eq!(ix.pool_size(Service::Chat, "m"), 1);
+        ix.set_healthy(&a, false);
+        ix.set_healthy(&a, true);
+        assert!(!ix.is_healthy(&a), "a probe does not end a quarantine");
+        assert_eq!(
+            pinned().unwrap().entry.provision_id,
+            a,
+            "canaries still reach it"
+        );
+        assert!(ix
+            .select_with(Service::Chat, "m", &rr, std::slice::from_ref(&a), &pin)
+            .is_none());
+        ix.set_healthy(&a, false);
+        assert!(pinned().is_none(), "nor a node out for its health");
+        ix.set_healthy(&a, true);
+        // Leaving and joining again keeps the quarantine.
+        ix.remove(&a);
+        ix.upsert(&a, vec![entry("a", Service::Chat, "m", "")]);
+        assert!(ix.is_quarantined(&a) && !ix.is_healthy(&a));
+        ix.set_quarantined(&a, false);
+        assert!(ix.is_healthy(&a));
+        assert_eq!(ix.pool_size(Service::Chat, "m"), 2);
+        ix.set_healthy(&a, false);
+        ix.set_quarantined(&a, true);
+        ix.set_quarantined(&a, false);
+        assert!(
+            !ix.is_healthy(&a),
+            "ending a quarantine does not end a health verdict"
+        );
+        assert_eq!(ix.pool_size(Service::Chat, "m"), 1);
     }
 
     #[test]

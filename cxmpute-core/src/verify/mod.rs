@@ -220,6 +220,10 @@ impl Verifier {
     }
 }
 
+/// How long a quarantined node that left the index is remembered: one that
+/// comes back within it (ended and started again) is still quarantined.
+const QUARANTINE_MEMORY: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// One pool's round: its nodes and what each is sent.
 struct PoolRound {
     service: Service,
@@ -458,18 +462,25 @@ impl Broker {
         }
     }
 
-    /// Keeps quarantined nodes out of routing when they join the index
-    /// again (a re-registration, a refresh) and forgets the records of
-    /// nodes that left in good standing.
+    /// Forgets the records of nodes that left the index in good standing,
+    /// and of quarantined ones gone for [`QUARANTINE_MEMORY`] (then their
+    /// mark in the index too), so the table stays as large as the network.
+    /// A quarantined node that joins again sooner stays out: the index
+    /// keeps the mark.
     fn keep_quarantines(&self) {
         let i = self.inner();
+        let forget_before = self.now().minus(QUARANTINE_MEMORY);
         let mut reps = i.verify.reputations.lock();
         reps.retain(|id, r| {
-            if r.quarantined() {
-                i.pools.set_quarantined(id, true);
-                return true;
+            let present = i.pools.stats(id).is_some();
+            if !r.quarantined() {
+                return present;
             }
-            i.pools.stats(id).is_some()
+            let keep = present || r.view().checked_at.is_some_and(|t| t >= forget_before);
+            if !keep {
+                i.pools.set_quarantined(id, false);
+            }
+            keep
         });
     }
 

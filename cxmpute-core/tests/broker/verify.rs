@@ -539,3 +539,34 @@ async fn chat_canaries_come_streamed_and_not_and_a_node_lying_on_either_is_caugh
     track_canaries(&h);
     h.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn a_quarantined_node_that_ends_and_starts_again_is_still_out() {
+    let h = host(|_| {}).await;
+    let mut nodes = Vec::new();
+    for s in 0..2 {
+        nodes.push(node(&h, honest(0.0, s), Service::Embeddings, EMBED).await);
+    }
+    let (_liar, _, id) = node(&h, Answers::model(3), Service::Embeddings, EMBED).await;
+    round(&h).await;
+    track_canaries(&h);
+    round(&h).await;
+    assert!(!h.is_routable(&id));
+    // It leaves the index (ended, or another host deleted it) and joins again.
+    h.unroute_node(&id);
+    round(&h).await;
+    h.broker.refresh_pools().await.unwrap();
+    assert!(h.broker.network().node_status(&id).is_some());
+    assert!(!h.is_routable(&id), "its quarantine held");
+    // A week later a departed node's record is forgotten.
+    h.unroute_node(&id);
+    h.clock
+        .advance(std::time::Duration::from_secs(8 * 24 * 3600));
+    round(&h).await;
+    h.broker.refresh_pools().await.unwrap();
+    assert_eq!(
+        h.broker.network().node_status(&id).map(|s| s.quarantined),
+        Some(false)
+    );
+    h.assert_ledger().await;
+}
