@@ -16,8 +16,8 @@
 //! * scraping, when [`VerifyConfig::page_base`] is set: a page this host
 //!   serves for the canary alone must come back with its text.
 //!
-//! Each verdict moves the node's score (kept with its other live state, see
-//! [`crate::pool`]); failures in a row **quarantine** it (it leaves routing
+//! Each verdict moves the node's score (kept with its other live state in
+//! the routing index); failures in a row **quarantine** it (it leaves routing
 //! like a node with an open breaker, and its provider and the admin see why
 //! in the node's view); passes in a row while quarantined let it back. The
 //! score is an input selectors ([`crate::select::VerifiedFirst`]) and reward
