@@ -266,6 +266,7 @@ impl BrokerConfig {
                 self.reservation_ttl
             )));
         }
+        self.verify.check()?;
         if self.max_attempts == 0 {
             return Err(Error::InvalidInput(
                 "max_attempts must be at least 1".into(),

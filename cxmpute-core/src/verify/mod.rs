@@ -123,6 +123,37 @@ impl Default for VerifyConfig {
 pub const DEFAULT_MIN_COSINE: f64 = 0.98;
 
 impl VerifyConfig {
+    /// Refuses settings that would judge nothing or everything.
+    pub(crate) fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(crate::Error::InvalidInput(format!("verify: {m}")));
+        let cosines =
+            std::iter::once(self.min_cosine).chain(self.tolerances.iter().map(|t| t.min_cosine));
+        for c in cosines {
+            if !(c > -1.0 && c <= 1.0) {
+                return bad(format!("a least cosine of {c} is not in (-1, 1]"));
+            }
+        }
+        let prefixes = std::iter::once(self.chat_prefix_tokens)
+            .chain(self.tolerances.iter().map(|t| t.chat_prefix_tokens));
+        if prefixes.into_iter().any(|n| n == 0) {
+            return bad("chat prefix tokens must be at least 1".into());
+        }
+        let (lo, hi) = self.speech_chars_per_second;
+        if !(lo > 0.0 && lo < hi && hi.is_finite()) {
+            return bad(format!(
+                "speech characters a second ({lo}, {hi}) must be 0 < least < most"
+            ));
+        }
+        if let Some(base) = &self.page_base {
+            crate::egress::parse_http_url(base)
+                .map_err(|e| crate::Error::InvalidInput(format!("verify: page_base: {e}")))?;
+        }
+        if self.quarantine_after == 0 || self.requalify_after == 0 {
+            return bad("quarantine_after and requalify_after must be at least 1".into());
+        }
+        Ok(())
+    }
+
     /// (least cosine, chat prefix tokens) for a pool.
     fn tolerance(&self, service: Service, model: &str) -> (f64, usize) {
         (self.tolerances.iter())

@@ -46,3 +46,20 @@ fn the_default_tolerance_separates_hardware_noise_from_another_model() {
     // ...and another model is nowhere near.
     assert!(other < 0.3, "{other}");
 }
+
+#[test]
+fn settings_that_would_judge_nothing_or_everything_are_refused() {
+    use super::VerifyConfig;
+    assert!(VerifyConfig::default().check().is_ok());
+    let refused = |f: &dyn Fn(&mut VerifyConfig)| {
+        let mut c = VerifyConfig::default();
+        f(&mut c);
+        c.check().is_err()
+    };
+    assert!(refused(&|c| c.min_cosine = f64::NAN));
+    assert!(refused(&|c| c.min_cosine = 1.5));
+    assert!(refused(&|c| c.chat_prefix_tokens = 0));
+    assert!(refused(&|c| c.speech_chars_per_second = (10.0, 5.0)));
+    assert!(refused(&|c| c.page_base = Some("not a url".into())));
+    assert!(refused(&|c| c.quarantine_after = 0));
+}
