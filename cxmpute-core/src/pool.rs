@@ -961,6 +961,12 @@ impl PoolIndex {
             .is_some_and(|r| r.routable())
     }
 
+    /// How many nodes in the index are quarantined.
+    pub(crate) fn quarantined_count(&self) -> usize {
+        let ix = self.index.read();
+        ix.nodes.values().filter(|r| r.quarantined).count()
+    }
+
     /// Whether verification has quarantined a node.
     pub(crate) fn is_quarantined(&self, id: &ProvisionId) -> bool {
         self.index

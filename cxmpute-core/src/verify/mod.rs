@@ -460,6 +460,12 @@ impl Broker {
             .collect();
         let now = self.now();
         for (id, verdict) in plan.nodes.iter().zip(&verdicts) {
+            let name = match verdict {
+                Verdict::Pass => "pass",
+                Verdict::Suspect(_) => "fail",
+                Verdict::Inconclusive => "inconclusive",
+            };
+            i.metrics.canary_verdict(plan.service, name);
             match verdict {
                 Verdict::Pass => report.passed += 1,
                 Verdict::Suspect(why) => {

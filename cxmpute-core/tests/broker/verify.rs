@@ -154,6 +154,16 @@ async fn liars_are_quarantined_in_two_rounds_and_their_providers_and_the_admin_s
     }
     let after: Vec<usize> = liars.iter().map(|(n, _, _)| n.hits()).collect();
     assert_eq!(before, after);
+    // Operators see it on the metrics page.
+    let page = reqwest::get(format!("{}/metrics", h.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("cxmpute_quarantined_nodes 3"), "{page}");
+    let fails = "cxmpute_canary_verdicts_total{service=\"chat\",verdict=\"fail\"} 4";
+    assert!(page.contains(fails), "{page}");
     h.assert_ledger().await;
 }
 
