@@ -282,6 +282,9 @@ pub struct NodePerformance {
     pub in_flight: u32,
     /// Latency estimate (EWMA), ms.
     pub latency_ewma_ms: Option<u64>,
+    /// What the broker's canary calls found (quarantined: out of routing, and why).
+    #[serde(default)]
+    pub verification: crate::wire::NodeVerification,
     /// Totals over the range (what it earned; not what users paid).
     #[serde(flatten)]
     pub stats: Summary,

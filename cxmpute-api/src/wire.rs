@@ -580,6 +580,58 @@ pub struct ProvisionView {
     pub last_heartbeat: Timestamp,
     /// Whether it is routable now.
     pub healthy: bool,
+    /// What the broker's canary calls found about it (on the host answering).
+    #[serde(default)]
+    pub verification: NodeVerification,
+}
+
+/// Where a node stands with verification: the broker's canary calls, which
+/// check that it serves the model it claims.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum VerificationStatus {
+    /// No canary has given a verdict on it yet.
+    #[default]
+    Unverified,
+    /// Its last verdict was a pass.
+    Verified,
+    /// Its last verdict found it wrong; more in a row quarantine it.
+    Suspect,
+    /// Out of routing until it passes canaries again.
+    Quarantined,
+}
+
+/// A node's verification as its provider and the admin see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct NodeVerification {
+    /// Where it stands.
+    pub status: VerificationStatus,
+    /// Its score, per mille (1,000: nothing found against it); selection and
+    /// rewards may weigh it.
+    pub score_permille: u16,
+    /// Canary checks it passed.
+    pub passed: u64,
+    /// Canary checks it failed.
+    pub failed: u64,
+    /// Why its last failed check failed (kept until it re-qualifies).
+    pub reason: Option<String>,
+    /// When it was last given a verdict.
+    pub checked_at: Option<Timestamp>,
+}
+
+impl Default for NodeVerification {
+    fn default() -> Self {
+        NodeVerification {
+            status: VerificationStatus::Unverified,
+            score_permille: 1000,
+            passed: 0,
+            failed: 0,
+            reason: None,
+            checked_at: None,
+        }
+    }
 }
 
 // ---- services -----------------------------------------------------------------

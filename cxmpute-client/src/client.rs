@@ -276,6 +276,21 @@ impl Client {
         self.req(Method::GET, &["healthz"]).send_unit().await
     }
 
+    /// `GET /pages/{token}`: a page the host serves for a scraping canary
+    /// while it runs (what a node fetching it gets), as HTML. Needs no
+    /// credential; a 404 ([`Error::Api`](crate::Error::Api)) once the
+    /// canary is over.
+    ///
+    /// ```no_run
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let html = client.page("x7Kq...").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn page(&self, token: &str) -> Result<String> {
+        self.req(Method::GET, &["pages", token]).send_text().await
+    }
+
     /// `GET /openapi.json`: the host's OpenAPI document, every route it serves.
     ///
     /// ```no_run

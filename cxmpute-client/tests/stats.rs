@@ -149,6 +149,7 @@ async fn metrics_are_prometheus_text() {
 /// list is checked against the document both ways.
 const CLIENT_ROUTES: &[&str] = &[
     "GET /healthz",
+    "GET /pages/{token}",
     "GET /openapi.json",
     "GET /metrics",
     "GET /v1/models",

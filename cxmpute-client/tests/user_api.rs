@@ -239,3 +239,15 @@ async fn health_answers_without_a_credential() {
     let w = World::start().await;
     w.client().anonymous().health().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_canary_page_that_does_not_exist_is_a_404() {
+    let w = World::start().await;
+    let e = w
+        .client()
+        .anonymous()
+        .page("no-such-page")
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+}

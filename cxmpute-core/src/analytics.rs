@@ -395,6 +395,7 @@ impl Analytics {
                 breaker: live.map(|s| s.breaker.as_str().to_owned()),
                 in_flight: live.map_or(0, |s| s.in_flight),
                 latency_ewma_ms: live.map(|s| s.latency_ewma_us / 1000).filter(|&ms| ms > 0),
+                verification: self.broker.verification_of(&p.id),
                 stats: keep(Summary::of(&c.unwrap_or_default())),
                 provision_id: p.id,
                 state: p.state,
@@ -409,6 +410,7 @@ impl Analytics {
                 breaker: None,
                 in_flight: 0,
                 latency_ewma_ms: None,
+                verification: Default::default(),
                 stats: keep(Summary::of(&c)),
             });
         }

@@ -174,6 +174,8 @@ pub struct BrokerConfig {
     pub network: NetworkConfig,
     /// Sign-in, sessions and the admin role.
     pub auth: AuthConfig,
+    /// Canary calls, node reputation and quarantine (see [`crate::verify`]).
+    pub verify: crate::verify::VerifyConfig,
     /// Most API keys a host holds in memory (default 100,000), so that a
     /// call with a key seen lately makes no store read; unknown keys are
     /// held too, a sixteenth as many. The least useful go first when full.
@@ -247,6 +249,7 @@ impl Default for BrokerConfig {
             health: HealthConfig::default(),
             network: NetworkConfig::default(),
             auth: AuthConfig::default(),
+            verify: Default::default(),
             key_cache_capacity: 100_000,
             key_cache_ttl: Duration::from_secs(1),
             account_capacity: 100_000,
@@ -270,6 +273,7 @@ impl BrokerConfig {
                 self.reservation_ttl
             )));
         }
+        self.verify.check()?;
         if self.max_attempts == 0 {
             return Err(Error::InvalidInput(
                 "max_attempts must be at least 1".into(),
@@ -425,6 +429,7 @@ impl BrokerBuilder {
             config: self.config,
             http,
             usual: Default::default(),
+            verify: Default::default(),
         };
         let broker = Broker {
             inner: Arc::new(inner),
@@ -459,6 +464,8 @@ pub(crate) struct Inner {
     pub(crate) http: reqwest::Client,
     /// How long each pool usually takes to answer (adaptive timeouts, hedging).
     pub(crate) usual: crate::gateway::UsualDurations,
+    /// Nodes' reputations and the canary account (see [`crate::verify`]).
+    pub(crate) verify: crate::verify::Verifier,
 }
 
 /// The marketplace broker. Cheap to clone: clones share everything.
@@ -679,8 +686,10 @@ impl Broker {
     }
 
     /// Runs [`Broker::run_maintenance`] and [`Broker::refresh_pools`] every
-    /// `every`, and [`Broker::run_health_checks`] every
-    /// [`HealthConfig::probe_interval`], until the returned handle is aborted.
+    /// `every`, [`Broker::run_health_checks`] every
+    /// [`HealthConfig::probe_interval`] and [`Broker::run_canaries`] every
+    /// [`crate::verify::VerifyConfig::interval`], until the returned handle
+    /// is aborted.
     pub fn spawn_maintenance(&self, every: Duration) -> tokio::task::JoinHandle<()> {
         let b = self.clone();
         tokio::spawn(async move {
@@ -690,11 +699,25 @@ impl Broker {
             let probe_every = b.inner.config.health.probe_interval;
             let mut probe = tokio::time::interval(probe_every.max(Duration::from_millis(100)));
             probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The first round after one interval: a host starting has nothing to compare yet.
+            let canary_every = b.inner.config.verify.interval;
+            let every_canary = canary_every
+                .unwrap_or(Duration::MAX / 4)
+                .max(Duration::from_secs(1));
+            let mut canary =
+                tokio::time::interval_at(tokio::time::Instant::now() + every_canary, every_canary);
+            canary.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = probe.tick() => {
                         b.run_health_checks().await;
+                        continue;
+                    }
+                    _ = canary.tick(), if canary_every.is_some() => {
+                        if let Err(e) = b.run_canaries().await {
+                            tracing::warn!(error = %e, "canary round failed; will retry");
+                        }
                         continue;
                     }
                 }

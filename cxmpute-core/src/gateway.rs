@@ -373,7 +373,12 @@ impl Broker {
                 Ok(true) => {
                     // Stats see exactly what the store kept.
                     let u = &plan.usage;
-                    i.stats.record(u);
+                    if i.verify.is_canary(&u.user_id) {
+                        // The platform's canaries are no user's traffic.
+                        i.stats.record_canary(u);
+                    } else {
+                        i.stats.record(u);
+                    }
                     i.metrics.settled(u);
                     let outcome = if u.success { "success" } else { "failure" };
                     tracing::Span::current().record("outcome", outcome);
@@ -809,6 +814,7 @@ impl CallContext {
                     meter,
                     latency_ms,
                     charged,
+                    verification_permille: n.stats.verification_permille(),
                 };
                 Some((n.entry.provider_id.clone(), b.rewards.reward(&ctx)))
             }

@@ -45,6 +45,7 @@ pub mod sse;
 pub mod stats;
 pub mod store;
 pub mod store_support;
+pub mod verify;
 
 // The API's types live in `cxmpute-api`, shared with the client; they are
 // reached here at the paths they always had.
@@ -66,11 +67,10 @@ pub use http::router;
 pub use mail::{ConsoleMailer, Mailer, MailerConfig};
 pub use memory::MemoryStore;
 pub use network::Network;
-pub use reward::TieredReward;
-pub use reward::{FlatReward, PlatformShare, RewardPolicy};
+pub use reward::{FlatReward, PlatformShare, RewardPolicy, TieredReward, VerifiedReward};
 pub use secret::{KeyHash, Secret};
 pub use select::{LeastInFlightSelector, PeakEwmaSelector, RoundRobinSelector};
-pub use select::{ProvisionSelector, RandomSelector};
+pub use select::{ProvisionSelector, RandomSelector, VerifiedFirst};
 pub use sessions::{AuthConfig, Sessions};
 pub use store::{
     CatalogueStore, LedgerStore, NetworkStore, SignInStore, StatsStore, Store, UserStore,

@@ -265,6 +265,15 @@ impl Metrics {
         });
     }
 
+    /// A canary call's verdict (`pass`, `fail`, `inconclusive`) on a node of
+    /// `service` (see [`crate::verify`]).
+    pub(crate) fn canary_verdict(&self, service: Service, verdict: &'static str) {
+        self.with(|| {
+            counter!("cxmpute_canary_verdicts_total", "service" => service.as_str(), "verdict" => verdict)
+                .increment(1);
+        });
+    }
+
     /// A stats flush failed (its batch is kept and retried).
     pub(crate) fn stats_flush_failed(&self) {
         self.with(|| counter!("cxmpute_stats_flush_failures_total").increment(1));
@@ -291,6 +300,7 @@ impl Metrics {
                 gauge!("cxmpute_circuit_breakers", "state" => state.as_str()).set(n as f64);
             }
             gauge!("cxmpute_nodes").set(provisions.len() as f64);
+            gauge!("cxmpute_quarantined_nodes").set(broker.pools().quarantined_count() as f64);
             gauge!("cxmpute_pools").set(pools.total as f64);
             gauge!("cxmpute_stats_unsent_batches")
                 .set(broker.stats_recorder().unsent_batches() as f64);
@@ -382,6 +392,14 @@ fn describe() {
         "Pools in routing, named on this page or not."
     );
     describe_gauge!("cxmpute_nodes", "Distinct nodes in the routing index.");
+    describe_gauge!(
+        "cxmpute_quarantined_nodes",
+        "Nodes in the routing index that canary calls took out of routing."
+    );
+    describe_counter!(
+        "cxmpute_canary_verdicts_total",
+        "Canary call verdicts on nodes, by service and verdict (pass, fail, inconclusive)."
+    );
     describe_counter!(
         "cxmpute_stats_flush_failures_total",
         "Failed writes of usage statistics (kept and retried)."

@@ -377,6 +377,9 @@ pub struct NodeStatus {
     pub in_flight: u32,
     /// Its latency estimate in microseconds as last recorded (0 before any sample).
     pub latency_ewma_us: u64,
+    /// Whether verification quarantined it (see [`crate::verify`]); a
+    /// quarantined node is not routable.
+    pub quarantined: bool,
 }
 
 impl Network {
@@ -531,6 +534,7 @@ impl Network {
         let entries = self.pools().entries_of(&p.id);
         ProvisionView {
             healthy: self.pools().is_healthy(&p.id),
+            verification: self.broker.verification_of(&p.id),
             services: entries
                 .into_iter()
                 .map(|e| ServedModel {
@@ -659,6 +663,7 @@ impl Network {
             failures: stats.failures(),
             in_flight: pools.in_flight(id),
             latency_ewma_us: pools.latency_ewma_us(id),
+            quarantined: pools.is_quarantined(id),
         })
     }
 }

@@ -179,6 +179,10 @@ pub(crate) struct NodeStats {
     failures: AtomicU64,
     /// The node's circuit breaker and probe state.
     health: NodeHealth,
+    /// How far the node's verification score is below full marks, per
+    /// mille (see [`crate::verify`]): stored as a shortfall so a new node
+    /// starts at full marks with the derived default.
+    verification_shortfall: AtomicU32,
 }
 
 impl NodeStats {
@@ -195,6 +199,21 @@ impl NodeStats {
     /// The node's circuit breaker (see [`crate::health`]).
     pub(crate) fn health(&self) -> &NodeHealth {
         &self.health
+    }
+
+    /// The node's verification score, per mille (see [`crate::verify`]).
+    pub(crate) fn verification_permille(&self) -> u16 {
+        let short = self
+            .verification_shortfall
+            .load(Ordering::Relaxed)
+            .min(1000);
+        1000 - short as u16
+    }
+
+    /// Sets the node's verification score, per mille (at most 1,000).
+    pub(crate) fn set_verification_permille(&self, score: u16) {
+        let short = 1000 - u32::from(score.min(1000));
+        self.verification_shortfall.store(short, Ordering::Relaxed);
     }
 }
 
@@ -341,6 +360,13 @@ impl Node {
         &self.load
     }
 
+    /// The node's verification score from canary calls, per mille (1,000:
+    /// nothing found against it; see `docs/ARCHITECTURE.md`, "Verification"),
+    /// for selectors that weigh it (e.g. [`crate::select::VerifiedFirst`]).
+    pub fn verification_permille(&self) -> u16 {
+        self.stats.verification_permille()
+    }
+
     /// Marks a request started; the guard marks it finished when dropped.
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
         self.load().in_flight.fetch_add(1, Ordering::Relaxed);
@@ -398,6 +424,9 @@ pub(crate) fn normalize_region(region: &str) -> String {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoutePreferences {
     region: Option<String>,
+    /// Only this node, routable or quarantined (a canary call, see
+    /// [`crate::verify`]); a node out of routing for its health is not sent it.
+    pin: Option<ProvisionId>,
 }
 
 impl RoutePreferences {
@@ -412,6 +441,16 @@ impl RoutePreferences {
         let r = normalize_region(region);
         RoutePreferences {
             region: (!r.is_empty()).then_some(r),
+            pin: None,
+        }
+    }
+
+    /// Only node `id` (its entry of the call's pool), even while it is
+    /// quarantined: the broker's canary calls.
+    pub(crate) fn pinned(id: ProvisionId) -> Self {
+        RoutePreferences {
+            region: None,
+            pin: Some(id),
         }
     }
 
@@ -512,6 +551,16 @@ struct NodeRecord {
     nodes: Vec<Arc<Node>>,
     stats: Arc<NodeStats>,
     healthy: bool,
+    /// Quarantined by verification (see [`crate::verify`]): out of routing
+    /// whatever its health, until it passes canaries again.
+    quarantined: bool,
+}
+
+impl NodeRecord {
+    /// Whether its entries are in the pools.
+    fn routable(&self) -> bool {
+        self.healthy && !self.quarantined
+    }
 }
 
 /// A copy of a [`NodeLoad`] taken by [`NodeLoad::snapshot`].
@@ -631,6 +680,9 @@ struct Index {
     nodes: HashMap<ProvisionId, NodeRecord>,
     /// Nodes offering each (service, model), healthy or not.
     offered: PerService<usize>,
+    /// Nodes verification quarantined, in the index or not: one that joins
+    /// again (ended and started, refreshed) is still out.
+    quarantined: HashSet<ProvisionId>,
 }
 
 impl Index {
@@ -679,7 +731,7 @@ impl Index {
         let rec = self.nodes.remove(id)?;
         for n in &rec.nodes {
             locked_step();
-            if rec.healthy {
+            if rec.routable() {
                 self.unroute(n);
             }
             self.count_offer(n, false);
@@ -813,10 +865,11 @@ impl PoolIndex {
         let old = ix.detach(id);
         // A health verdict given meanwhile is the one that holds.
         let healthy = old.as_ref().is_none_or(|r| r.healthy);
+        let quarantined = ix.quarantined.contains(id);
         for n in &nodes {
             locked_step();
             ix.count_offer(n, true);
-            if healthy {
+            if healthy && !quarantined {
                 ix.route(n);
             }
         }
@@ -826,6 +879,7 @@ impl PoolIndex {
                 nodes,
                 stats,
                 healthy,
+                quarantined,
             },
         );
         drop(ix);
@@ -851,10 +905,46 @@ impl PoolIndex {
         if rec.healthy == healthy {
             return;
         }
+        let was = rec.routable();
         rec.healthy = healthy;
+        Self::reroute(&mut ix, id, was);
+    }
+
+    /// Quarantines a node (`true`: out of routing whatever its health) or
+    /// lets it back (`false`), keeping its entries. Unlike a health verdict
+    /// the mark holds for a node not in the index now, should it join again.
+    pub(crate) fn set_quarantined(&self, id: &ProvisionId, quarantined: bool) {
+        let mut ix = self.index.write();
+        if quarantined {
+            ix.quarantined.insert(id.clone());
+        } else {
+            ix.quarantined.remove(id);
+        }
+        let Some(rec) = ix.nodes.get_mut(id) else {
+            return;
+        };
+        if rec.quarantined == quarantined {
+            return;
+        }
+        let was = rec.routable();
+        rec.quarantined = quarantined;
+        Self::reroute(&mut ix, id, was);
+    }
+
+    /// Puts a node's entries in or out of the pools after its record's
+    /// marks changed, when it was routable (`was`) and is no longer, or
+    /// the reverse.
+    fn reroute(ix: &mut Index, id: &ProvisionId, was: bool) {
+        let Some(rec) = ix.nodes.get(id) else {
+            return;
+        };
+        let now = rec.routable();
+        if now == was {
+            return;
+        }
         let nodes = rec.nodes.clone();
         for n in &nodes {
-            if healthy {
+            if now {
                 ix.route(n);
             } else {
                 ix.unroute(n);
@@ -862,9 +952,28 @@ impl PoolIndex {
         }
     }
 
-    /// Whether a node is currently routable.
+    /// Whether a node is currently routable: healthy and not quarantined.
     pub(crate) fn is_healthy(&self, id: &ProvisionId) -> bool {
-        self.index.read().nodes.get(id).is_some_and(|r| r.healthy)
+        self.index
+            .read()
+            .nodes
+            .get(id)
+            .is_some_and(|r| r.routable())
+    }
+
+    /// How many nodes in the index are quarantined.
+    pub(crate) fn quarantined_count(&self) -> usize {
+        let ix = self.index.read();
+        ix.nodes.values().filter(|r| r.quarantined).count()
+    }
+
+    /// Whether verification has quarantined a node.
+    pub(crate) fn is_quarantined(&self, id: &ProvisionId) -> bool {
+        self.index
+            .read()
+            .nodes
+            .get(id)
+            .is_some_and(|r| r.quarantined)
     }
 
     /// Replaces the whole index with `entries` (grouped by node), keeping
@@ -926,6 +1035,14 @@ impl PoolIndex {
         prefs: &RoutePreferences,
     ) -> Option<Arc<Node>> {
         let ix = self.index.read();
+        if let Some(pin) = &prefs.pin {
+            // A canary: that node's entry of the pool, healthy, quarantined or not.
+            let rec = ix.nodes.get(pin).filter(|r| r.healthy)?;
+            return (rec.nodes.iter())
+                .find(|n| n.entry.service == service && n.entry.model == model)
+                .filter(|_| !excluded.contains(pin))
+                .cloned();
+        }
         let mp = ix.pools[service_slot(service)].get(model)?;
         if let Some(p) = prefs.region.as_deref().and_then(|r| mp.by_region.get(r)) {
             if let Some(n) = p.select(selector, excluded) {
@@ -1023,6 +1140,35 @@ impl PoolIndex {
             .nodes
             .values()
             .map(|r| r.nodes.clone())
+            .collect()
+    }
+
+    /// The chat, embeddings and speech pools with the nodes canaries visit: every
+    /// healthy node, quarantined or not (so it can re-qualify), by pool,
+    /// sorted by (service, model).
+    /// Scraping pools too when `scrape`.
+    pub(crate) fn canary_pools(&self, scrape: bool) -> Vec<(Service, String, Vec<ProvisionId>)> {
+        let ix = self.index.read();
+        let mut by_pool: std::collections::BTreeMap<(Service, &str), Vec<ProvisionId>> =
+            Default::default();
+        for (id, rec) in ix.nodes.iter().filter(|(_, r)| r.healthy) {
+            for n in &rec.nodes {
+                let checked = match n.entry.service {
+                    Service::Chat | Service::Embeddings | Service::Tts => true,
+                    Service::Scrape => scrape,
+                    Service::Vision => false,
+                };
+                if checked {
+                    let pool = by_pool.entry((n.entry.service, n.entry.model.as_str()));
+                    pool.or_default().push(id.clone());
+                }
+            }
+        }
+        (by_pool.into_iter())
+            .map(|((s, m), mut ids)| {
+                ids.sort();
+                (s, m.to_owned(), ids)
+            })
             .collect()
     }
 
@@ -1163,6 +1309,49 @@ mod tests {
         assert_eq!(ix.coverage()[&(Service::Chat, "llama3.2:3b".into())], 2);
         ix.upsert(&a, Vec::new());
         assert_eq!(ix.node_count(), 1);
+    }
+
+    #[test]
+    fn quarantine_and_health_are_separate_marks_and_a_pin_reaches_past_quarantine() {
+        let ix = PoolIndex::new();
+        let (a, b) = (ProvisionId::new("a"), ProvisionId::new("b"));
+        ix.upsert(&a, vec![entry("a", Service::Chat, "m", "")]);
+        ix.upsert(&b, vec![entry("b", Service::Chat, "m", "")]);
+        let rr = RoundRobinSelector;
+        let pin = RoutePreferences::pinned(a.clone());
+        let pinned = || ix.select_with(Service::Chat, "m", &rr, &[], &pin);
+        ix.set_quarantined(&a, true);
+        assert!(!ix.is_healthy(&a));
+        assert_eq!(ix.pool_size(Service::Chat, "m"), 1);
+        ix.set_healthy(&a, false);
+        ix.set_healthy(&a, true);
+        assert!(!ix.is_healthy(&a), "a probe does not end a quarantine");
+        assert_eq!(
+            pinned().unwrap().entry.provision_id,
+            a,
+            "canaries still reach it"
+        );
+        assert!(ix
+            .select_with(Service::Chat, "m", &rr, std::slice::from_ref(&a), &pin)
+            .is_none());
+        ix.set_healthy(&a, false);
+        assert!(pinned().is_none(), "nor a node out for its health");
+        ix.set_healthy(&a, true);
+        // Leaving and joining again keeps the quarantine.
+        ix.remove(&a);
+        ix.upsert(&a, vec![entry("a", Service::Chat, "m", "")]);
+        assert!(ix.is_quarantined(&a) && !ix.is_healthy(&a));
+        ix.set_quarantined(&a, false);
+        assert!(ix.is_healthy(&a));
+        assert_eq!(ix.pool_size(Service::Chat, "m"), 2);
+        ix.set_healthy(&a, false);
+        ix.set_quarantined(&a, true);
+        ix.set_quarantined(&a, false);
+        assert!(
+            !ix.is_healthy(&a),
+            "ending a quarantine does not end a health verdict"
+        );
+        assert_eq!(ix.pool_size(Service::Chat, "m"), 1);
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct RewardContext<'a> {
     pub latency_ms: u64,
     /// What the user is charged.
     pub charged: Credits,
+    /// The node's verification score, per mille (1,000: nothing found
+    /// against it; see [`crate::verify`]).
+    pub verification_permille: u16,
 }
 
 /// Turns a successful request into a provider reward.
@@ -166,6 +169,27 @@ impl RewardPolicy for FlatReward {
                 self.0.as_micros()
             ),
         }
+    }
+}
+
+/// Another policy's reward scaled by the node's verification score
+/// ([`RewardContext::verification_permille`]): a node canaries found wrong
+/// earns less for what it still serves until it passes again, rounded down.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VerifiedReward<P>(pub P);
+
+impl<P: RewardPolicy> RewardPolicy for VerifiedReward<P> {
+    fn reward(&self, ctx: &RewardContext<'_>) -> Credits {
+        let r = i128::from(self.0.reward(ctx).as_micros());
+        let score = i128::from(ctx.verification_permille.min(1000));
+        Credits(i64::try_from(r * score / 1000).unwrap_or(i64::MAX))
+    }
+
+    fn describe(&self) -> RewardPolicyView {
+        let mut view = self.0.describe();
+        view.description
+            .push_str(", scaled by the node's verification score (per mille)");
+        view
     }
 }
 
@@ -355,6 +379,7 @@ mod tests {
             },
             latency_ms: ms,
             charged: Credits(1_000_000),
+            verification_permille: 1000,
         }
     }
 

@@ -281,6 +281,55 @@ fn better_of<T>(
     }
 }
 
+/// Prefers nodes that verification trusts (see [`crate::verify`]): the
+/// inner selector's pick, unless that node's verification score is below
+/// `min_permille`; then the inner selector is asked again without it (a few
+/// times), and the first pick at or above the bar wins. When no node
+/// reaches it, the first pick serves: a low score moves traffic away, it
+/// does not refuse calls (quarantine does that).
+#[derive(Clone, Copy, Debug)]
+pub struct VerifiedFirst<S> {
+    inner: S,
+    min_permille: u16,
+}
+
+impl<S: ProvisionSelector> VerifiedFirst<S> {
+    /// `inner`, preferring nodes scored at least `min_permille` (of 1,000).
+    pub fn new(inner: S, min_permille: u16) -> Self {
+        VerifiedFirst {
+            inner,
+            min_permille,
+        }
+    }
+}
+
+impl<S: ProvisionSelector> ProvisionSelector for VerifiedFirst<S> {
+    fn select(&self, c: &Candidates<'_>, excluded: &[ProvisionId]) -> Option<usize> {
+        let first = self.inner.select(c, excluded)?;
+        let trusted = |i: usize| c.node(i).verification_permille() >= self.min_permille;
+        if trusted(first) {
+            return Some(first);
+        }
+        // Rare (a node with a low score was drawn): the copy is cheap next
+        // to the call it routes.
+        let mut skip = excluded.to_vec();
+        let mut pick = first;
+        for _ in 0..3 {
+            skip.push(c.node(pick).entry.provision_id.clone());
+            match self.inner.select(c, &skip) {
+                Some(i) if trusted(i) => return Some(i),
+                Some(i) => pick = i,
+                None => break,
+            }
+        }
+        Some(first)
+    }
+
+    fn name(&self) -> &'static str {
+        "verified_first"
+    }
+}
+
 /// Uniformly random choice: the original platform's behaviour.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RandomSelector;

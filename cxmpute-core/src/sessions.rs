@@ -443,6 +443,15 @@ impl AuthState {
         })
     }
 
+    /// An API key secret derived from the session secret for `purpose`:
+    /// the same on every host of one store and across restarts, so a key
+    /// the platform uses itself (the canary account's) is made once.
+    pub(crate) fn derived_api_key(&self, purpose: &str) -> Secret {
+        let mac = hmac(&self.code_key, &[b"api key\n", purpose.as_bytes()]);
+        let hex: String = mac.iter().take(20).map(|b| format!("{b:02x}")).collect();
+        Secret::new(format!("cx-{hex}"))
+    }
+
     fn code_hash(&self, email: &str, code: &str) -> KeyHash {
         KeyHash(hmac(
             &self.code_key,

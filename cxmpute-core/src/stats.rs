@@ -190,6 +190,27 @@ impl StatsRecorder {
         }
     }
 
+    /// Adds one of the platform's canary calls (see [`crate::verify`]):
+    /// only to its provider's scopes, so what a provider earned matches its
+    /// statistics, while users', models' and the network's figures count
+    /// users' traffic alone.
+    pub(crate) fn record_canary(&self, u: &UsageRecord) {
+        let (Some(p), Some(n)) = (&u.provider_id, &u.provision_id) else {
+            return;
+        };
+        let c = counters_of(u);
+        let service = u.route.service();
+        let scopes = [
+            scope::provider(p),
+            scope::provider_model(p, service, &u.model),
+            scope::provider_node(p, n),
+        ];
+        let mut s = self.state.lock();
+        for sc in scopes {
+            s.pending.entry((u.at.day(), sc)).or_default().add(&c);
+        }
+    }
+
     /// Adds one sample of a gauge (see the [module docs](self)): one more
     /// sample and `value` more to the day's sum.
     pub(crate) fn sample(&self, day: Day, scope: String, value: u64) {

@@ -27,8 +27,17 @@ use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 mod instrumented;
+mod models;
 mod routing;
 pub use instrumented::InstrumentedStore;
+pub use models::{model_chat, model_embedding, wav, Answers, EMBEDDING_DIM, STABLE_TOKENS};
+pub use models::{SPEECH_CHARS_PER_SECOND, SPEECH_RATE};
+/// The stand-ins' answer state, for the tolerance measurement in the
+/// crate's own tests.
+#[cfg(test)]
+pub(crate) mod models_for_tests {
+    pub(crate) use super::models::AnswerState;
+}
 pub use routing::RoutingIndex;
 
 use crate::broker::{Broker, BrokerConfig};
@@ -149,6 +158,8 @@ struct NodeState {
     /// The body of the last call it received.
     last_body: Mutex<Option<Bytes>>,
     name: String,
+    /// What its answers are made of.
+    answers: Mutex<models::AnswerState>,
     /// Signalled when a broken or stalled answer is dropped by the server,
     /// i.e. when the peer went away.
     abandoned: tokio::sync::Notify,
@@ -207,11 +218,14 @@ impl StandInNode {
             hits: AtomicUsize::new(0),
             last_body: Mutex::new(None),
             name: name.to_owned(),
+            answers: Mutex::default(),
             abandoned: tokio::sync::Notify::new(),
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/embeddings", post(embeddings))
+            .route("/v1/audio/speech", post(speech))
+            .route("/v1/scrape", post(scrape))
             .route("/heartbeat", get(heartbeat))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -240,6 +254,12 @@ impl StandInNode {
     /// stream behaviours answer "ok".
     pub fn set_heartbeat(&self, b: Behavior) {
         *self.state.heartbeat.lock() = b;
+    }
+
+    /// Sets what its answers are made of (default [`Answers::Fixed`]):
+    /// non-streamed chat answers and embeddings follow it.
+    pub fn set_answers(&self, a: Answers) {
+        self.state.answers.lock().set(a);
     }
 
     /// Sets the usage it reports (`None`: it reports none, like some servers).
@@ -363,9 +383,12 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
     let usage = *s.usage.lock();
     let stream = req["stream"].as_bool().unwrap_or(false);
     if !stream {
+        let prompt = req["messages"][0]["content"].as_str().unwrap_or_default();
+        let answer = s.answers.lock().chat(prompt);
+        let content = answer.unwrap_or_else(|| format!("Hello from {}", s.name));
         let mut v = json!({
             "id": "chatcmpl-standin", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("Hello from {}", s.name)}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
         });
         if let Some(u) = usage {
             v["usage"] = serde_json::to_value(u).unwrap_or(Value::Null);
@@ -385,7 +408,21 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
         .as_bool()
         .unwrap_or(false);
     let mut events: Vec<Bytes> = Vec::new();
-    for (i, c) in STREAM_CHUNKS.iter().enumerate() {
+    let prompt = req["messages"][0]["content"].as_str().unwrap_or_default();
+    let chunks: Vec<String> = match s.answers.lock().chat(prompt) {
+        // A word a chunk, as model servers stream tokens.
+        Some(text) => (text.split(' ').enumerate())
+            .map(|(i, w)| {
+                if i == 0 {
+                    w.to_owned()
+                } else {
+                    format!(" {w}")
+                }
+            })
+            .collect(),
+        None => STREAM_CHUNKS.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    for (i, c) in chunks.iter().enumerate() {
         let delta = if i == 0 {
             json!({"role": "assistant", "content": c})
         } else {
@@ -481,6 +518,60 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
         .into_response()
 }
 
+async fn speech(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
+    *s.last_body.lock() = Some(body.clone());
+    if let Err(r) = admit(&s, &h).await {
+        return r;
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let audio = s
+        .answers
+        .lock()
+        .speech(req["input"].as_str().unwrap_or_default());
+    ([("content-type", "audio/wav")], audio).into_response()
+}
+
+/// Fetches each URL (plain HTTP on loopback, no egress guard: a test's
+/// pages) and returns it as it came, or the canned text of a liar.
+async fn scrape(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
+    *s.last_body.lock() = Some(body.clone());
+    if let Err(r) = admit(&s, &h).await {
+        return r;
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let urls: Vec<String> = (req["urls"].as_array().into_iter().flatten())
+        .filter_map(|u| u.as_str().map(str::to_owned))
+        .collect();
+    let canned = match &s.answers.lock().answers {
+        Answers::Canned(t) => Some(t.clone()),
+        _ => None,
+    };
+    let mut results = Vec::new();
+    for url in urls {
+        let fetched = match &canned {
+            Some(t) => Ok((200, t.clone())),
+            None => match reqwest::get(&url).await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    r.text()
+                        .await
+                        .map(|t| (status, t))
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        results.push(match fetched {
+            Ok((status, content)) => {
+                json!({"url": url, "success": true, "status": status, "content": content})
+            }
+            Err(e) => json!({"url": url, "success": false, "error": e}),
+        });
+    }
+    let v = json!({ "results": results });
+    ([("content-type", "application/json")], v.to_string()).into_response()
+}
+
 async fn embeddings(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Response {
     *s.last_body.lock() = Some(body.clone());
     if let Err(r) = admit(&s, &h).await {
@@ -493,8 +584,19 @@ async fn embeddings(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) 
         }
         _ => 1,
     };
+    let texts: Vec<&str> = match &req["input"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(a) => a.iter().map(|t| t.as_str().unwrap_or_default()).collect(),
+        _ => Vec::new(),
+    };
     let data: Vec<Value> = (0..n)
-        .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, i as f32]}))
+        .map(|i| {
+            let text = texts.get(i).copied().unwrap_or_default();
+            match s.answers.lock().embedding(text) {
+                Some(v) => json!({"object": "embedding", "index": i, "embedding": v}),
+                None => json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, i as f32]}),
+            }
+        })
         .collect();
     let mut v = json!({"object": "list", "data": data, "model": req["model"]});
     if let Some(u) = *s.usage.lock() {

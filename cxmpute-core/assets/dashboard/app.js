@@ -441,6 +441,7 @@ async function viewProvider(main) {
       ['Node', n => n.provision_id],
       ['State', n => el('span', { class: 'pill ' + (n.routable ? 'ok' : 'off') }, n.routable ? 'routing' : n.state)],
       ['Breaker', n => n.breaker || '–'],
+      ['Verified', verificationPill],
       ['In flight', n => fmtInt(n.in_flight)],
       ['Requests', n => fmtInt(n.requests)],
       ['Failed', n => fmtPct(n.failures, n.requests)],
@@ -451,6 +452,22 @@ async function viewProvider(main) {
   );
 }
 
+// A node's standing with the broker's canary calls; why, when it failed one.
+function verificationPill(n) {
+  const v = n.verification || { status: 'unverified' };
+  const bad = v.status === 'quarantined' || v.status === 'suspect';
+  return el('span', { class: 'pill ' + (bad ? 'off' : 'ok'), title: v.reason || '' },
+    v.status.replace('_', ' '));
+}
+
+const nodeColumns = [
+  ['Node', n => n.provision_id],
+  ['Provider', n => n.provider_id],
+  ['Verified', verificationPill],
+  ['Score', n => n.verification ? fmtPct(n.verification.score_permille, 1000) : '–'],
+  ['Why', n => (n.verification && n.verification.reason) || '–'],
+];
+
 async function viewAdmin(main) {
   const r = await withKeyOrUser(state.adminKey, '/v1/stats/admin' + rangeQuery());
   if (r.status === 401 || r.status === 403) {
@@ -460,6 +477,9 @@ async function viewAdmin(main) {
   }
   if (!r.ok) { setStatus(errorText(r)); return; }
   const s = r.data;
+  // Every node with its verification (the stats carry no node list).
+  const nodes = await withKeyOrUser(state.adminKey, '/v1/admin/provisions');
+  const flagged = nodes.ok ? nodes.data : [];
   main.append(
     el('h1', {}, 'Admin'),
     el('p', { class: 'sub' }, `${s.range.from} to ${s.range.to}: the whole marketplace.`),
@@ -486,6 +506,8 @@ async function viewAdmin(main) {
     panel('Top applications', table('top-apps', usageColumns(['Charged', 'charged']), s.top_apps)),
     panel('Models', table('admin-models', usageColumns(['Charged', 'charged']), s.models)),
     panel('API key rate limits', adminLimitsForm()),
+    panel('Nodes needing attention', table('admin-nodes', nodeColumns,
+      flagged.filter(n => ['quarantined', 'suspect'].includes((n.verification || {}).status)))),
     panel('Ledger (all time)', table('ledger', [
       ['Settlements', l => fmtInt(l.settlements)], ['Charged', l => fmtCredits(l.charged)],
       ['Rewarded', l => fmtCredits(l.rewarded)], ['Platform', l => fmtCredits(l.platform)],

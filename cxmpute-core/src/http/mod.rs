@@ -53,6 +53,7 @@ mod admin;
 mod dashboard;
 mod extract;
 pub mod openapi;
+mod pages;
 mod provider;
 mod provider_account;
 mod serve;
@@ -384,6 +385,7 @@ fn table() -> Routes {
         .merge(provider_account::routes())
         .merge(stats::routes())
         .merge(dashboard::routes())
+        .merge(pages::routes())
         .merge(openapi::routes())
 }
 

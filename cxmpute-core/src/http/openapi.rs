@@ -54,6 +54,7 @@ use super::Routes;
         super::dashboard::index,
         super::dashboard::app_js,
         super::dashboard::style_css,
+        super::pages::page,
         openapi_json,
         super::account::request_code,
         super::account::verify,

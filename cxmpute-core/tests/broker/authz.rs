@@ -442,6 +442,8 @@ fn routes(w: &World) -> Vec<Route> {
         route("GET", "/dashboard", None, everyone(200)),
         route("GET", "/dashboard/app.js", None, everyone(200)),
         route("GET", "/dashboard/style.css", None, everyone(200)),
+        // A canary's page: public, and none by this token (literally `{token}`).
+        route("GET", "/pages/{token}", None, everyone(404)),
         route("GET", "/v1/stats/network", None, everyone(200)),
         // Statistics of one's own account; money only for admins.
         route("GET", "/v1/stats/me", None, STATS_ME),

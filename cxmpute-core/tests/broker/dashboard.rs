@@ -496,3 +496,48 @@ async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     wait_for(&c, "#signin-form").await;
     c.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_quarantined_node_shows_in_its_providers_view_and_the_admins() {
+    use cxmpute_core::testkit::Answers;
+    let Some(d) = driver().await else { return };
+    let h = TestHost::start_market(Credits(1_000)).await;
+    let mut nodes = Vec::new();
+    for (i, answers) in [Answers::model(1), Answers::model(1), Answers::model(2)]
+        .into_iter()
+        .enumerate()
+    {
+        let n = StandInNode::start(&format!("n{i}")).await;
+        n.set_answers(answers);
+        let (p, key) = h.provider().await;
+        h.add_node(&p, &n, Service::Chat, MODEL).await;
+        nodes.push((n, key));
+    }
+    for _ in 0..2 {
+        h.broker.run_canaries().await.unwrap();
+    }
+    let c = browser(&d).await;
+    let base = format!("{}/dashboard", h.url);
+    c.goto(&format!("{base}#/provider")).await.unwrap();
+    ready(&c, "provider").await;
+    type_into(&c, "#provider-key-input", nodes[2].1.expose()).await;
+    click(&c, "#provider-key-use").await;
+    wait_for(&c, "#nodes").await;
+    ready(&c, "provider").await;
+    assert_eq!(
+        text(&c, "#nodes tbody td:nth-child(4)").await,
+        "quarantined"
+    );
+    shot(&c, "provider-quarantined").await;
+
+    c.goto(&format!("{base}#/admin")).await.unwrap();
+    ready(&c, "admin").await;
+    type_into(&c, "#admin-key-input", h.admin_key.expose()).await;
+    click(&c, "#admin-key-use").await;
+    wait_for(&c, "#admin-nodes").await;
+    ready(&c, "admin").await;
+    assert_eq!(rows(&c, "admin-nodes").await, 1);
+    let why = text(&c, "#admin-nodes tbody td:nth-child(5)").await;
+    assert!(why.contains("differed"), "{why}");
+    c.close().await.unwrap();
+}

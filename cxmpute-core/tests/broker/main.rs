@@ -25,3 +25,4 @@ mod ratelimit;
 mod serve;
 mod stats;
 mod store_calls;
+mod verify;

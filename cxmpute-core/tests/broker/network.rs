@@ -712,6 +712,7 @@ fn ctx(
         },
         latency_ms,
         charged: Credits::whole(1),
+        verification_permille: 1000,
     }
 }
 
