@@ -250,6 +250,13 @@ impl Hold {
         &self.r
     }
 
+    /// Whether the hold is a reservation in the store, which the
+    /// stale-reservation sweep may settle too. Any other call's request id is
+    /// written by its own settlement alone, so a repeat of it is ours.
+    pub(crate) fn reserved_in_store(&self) -> bool {
+        matches!(self.source, Source::Store)
+    }
+
     /// Ends the hold once its settlement's tries are over: `Some(charge)`
     /// when the store committed it with that charge, `None` when whether it
     /// did is unknown.

@@ -13,6 +13,7 @@ mod common;
 mod accounts;
 mod admission;
 mod authz;
+mod charged;
 mod dashboard;
 mod gateway;
 mod hostile;
