@@ -65,6 +65,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+mod batch;
 mod lease;
 
 use crate::clock::Clock;
@@ -139,7 +140,7 @@ impl Admission {
             Source::Store => self.store().settle(st).await,
             Source::Memory(ledger) => {
                 hold.state.store(SETTLING, Ordering::Release);
-                ledger.store.settle_held(&hold.r, st).await
+                ledger.batch.submit(None, hold.r.clone(), st.clone()).await
             }
             Source::Lease(leases, lease) => {
                 hold.state.store(SETTLING, Ordering::Release);
@@ -298,6 +299,8 @@ const SHARDS: usize = 16;
 /// The in-memory ledger of a store this host owns (see the module docs).
 pub(crate) struct Ledger {
     store: Arc<dyn Store>,
+    /// Where settlements queue to be committed together.
+    batch: Arc<batch::Batch>,
     shards: Box<[Mutex<Shard>]>,
     /// Most accounts with no call in flight one shard keeps.
     per_shard: usize,
@@ -382,6 +385,7 @@ struct Loaded {
 impl Ledger {
     fn new(store: Arc<dyn Store>, capacity: usize) -> Self {
         Ledger {
+            batch: batch::Batch::new(store.clone()),
             store,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: capacity.div_ceil(SHARDS),

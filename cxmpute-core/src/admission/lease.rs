@@ -34,12 +34,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::store_support::release_settlement;
+
+use super::batch::Batch;
 use crate::types::*;
 
 /// The most calls' holds one lease is sized for.
@@ -71,6 +72,10 @@ struct Slot {
     /// wait for one refill instead of each reserving its own.
     refill: Arc<tokio::sync::Mutex<()>>,
     last_used: Timestamp,
+    /// The settlements of its calls, whichever lease admitted them: one
+    /// queue per account and key, so that its batches never race each
+    /// other for the same items.
+    batch: Arc<Batch>,
 }
 
 struct Lease {
@@ -85,7 +90,6 @@ struct Lease {
     calls: usize,
     /// Admits no more calls; goes back once its calls are over.
     retired: bool,
-    batch: Arc<Batch>,
 }
 
 impl Lease {
@@ -134,14 +138,13 @@ impl Leases {
                 Ok(()) => {
                     let id = lease.request_id.clone();
                     let mut slots = self.slots.lock();
-                    let s = slot_of(&mut slots, &slot, lease.created_at);
+                    let s = slot_of(&mut slots, &slot, lease.created_at, &self.store);
                     s.calls = (calls * 2).min(MAX_CALLS);
                     s.leases.push(Lease {
                         remaining: lease.amount,
                         held: r.amount,
                         calls: 1,
                         retired: false,
-                        batch: Arc::default(),
                         r: lease,
                     });
                     return Ok(Some(id));
@@ -172,7 +175,7 @@ impl Leases {
     ) -> std::result::Result<RequestId, Arc<tokio::sync::Mutex<()>>> {
         let now = self.clock.now();
         let mut slots = self.slots.lock();
-        let s = slot_of(&mut slots, slot, now);
+        let s = slot_of(&mut slots, slot, now, &self.store);
         s.last_used = now;
         let renew_after = self.config.renew_after;
         match s
@@ -199,11 +202,16 @@ impl Leases {
         st: &Settlement,
     ) -> Result<SettleOutcome> {
         let slot = (hold.user_id.clone(), hold.key_id.clone());
-        let batch = self
-            .with_lease(&slot, lease, |l| l.batch.clone())
-            .ok_or_else(|| Error::NotFound(format!("lease {lease}")))?;
+        let batch = {
+            let slots = self.slots.lock();
+            slots
+                .get(&slot)
+                .filter(|s| s.leases.iter().any(|l| &l.r.request_id == lease))
+                .map(|s| s.batch.clone())
+        };
+        let batch = batch.ok_or_else(|| Error::NotFound(format!("lease {lease}")))?;
         let outcome = batch
-            .submit(&self.store, lease, hold.clone(), st.clone())
+            .submit(Some(lease.clone()), hold.clone(), st.clone())
             .await?;
         let done = {
             let mut slots = self.slots.lock();
@@ -356,95 +364,13 @@ fn slot_of<'a>(
     slots: &'a mut HashMap<(UserId, ApiKeyId), Slot>,
     key: &(UserId, ApiKeyId),
     now: Timestamp,
+    store: &Arc<dyn Store>,
 ) -> &'a mut Slot {
     slots.entry(key.clone()).or_insert_with(|| Slot {
         leases: Vec::new(),
         calls: 1,
         refill: Arc::default(),
         last_used: now,
+        batch: Batch::new(store.clone()),
     })
-}
-
-type Reply = oneshot::Sender<Result<SettleOutcome>>;
-
-/// The settlements waiting to be committed against one lease: the first
-/// to arrive starts a task that commits everything queued, one store call
-/// per batch, until the queue is empty (a group commit).
-#[derive(Default)]
-struct Batch {
-    queue: Mutex<Queue>,
-}
-
-#[derive(Default)]
-struct Queue {
-    calls: Vec<(Reservation, Settlement, Reply)>,
-    running: bool,
-}
-
-impl Batch {
-    async fn submit(
-        self: &Arc<Self>,
-        store: &Arc<dyn Store>,
-        lease: &RequestId,
-        hold: Reservation,
-        st: Settlement,
-    ) -> Result<SettleOutcome> {
-        let (tx, rx) = oneshot::channel();
-        let lead = {
-            let mut q = self.queue.lock();
-            q.calls.push((hold, st, tx));
-            !std::mem::replace(&mut q.running, true)
-        };
-        if lead {
-            // A task of its own: a caller that goes away must not leave the
-            // others waiting.
-            let (me, store, lease) = (self.clone(), store.clone(), lease.clone());
-            tokio::spawn(async move { me.drain(store, lease).await });
-        }
-        rx.await
-            .unwrap_or_else(|e| Err(Error::unavailable("settling against a lease", e)))
-    }
-
-    async fn drain(&self, store: Arc<dyn Store>, lease: RequestId) {
-        loop {
-            let queued = {
-                let mut q = self.queue.lock();
-                if q.calls.is_empty() {
-                    q.running = false;
-                    return;
-                }
-                std::mem::take(&mut q.calls)
-            };
-            let (calls, replies): (Vec<_>, Vec<_>) =
-                queued.into_iter().map(|(h, s, tx)| ((h, s), tx)).unzip();
-            match store.settle_leased(&lease, &calls).await {
-                Ok(outcomes) => {
-                    for (tx, o) in replies.into_iter().zip(outcomes) {
-                        let _ = tx.send(Ok(o));
-                    }
-                }
-                // One error answers every call of the batch: each alone, so
-                // that a call's error is its own.
-                Err(e) if calls.len() == 1 => {
-                    if let Some(tx) = replies.into_iter().next() {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-                Err(_) => {
-                    for (call, tx) in calls.into_iter().zip(replies) {
-                        let one = store
-                            .settle_leased(&lease, std::slice::from_ref(&call))
-                            .await;
-                        let one = one.and_then(|o| {
-                            o.into_iter().next().ok_or_else(|| Error::Backend {
-                                message: "a settlement without an outcome".into(),
-                                source: None,
-                            })
-                        });
-                        let _ = tx.send(one);
-                    }
-                }
-            }
-        }
-    }
 }

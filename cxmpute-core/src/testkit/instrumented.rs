@@ -337,8 +337,8 @@ impl<S: Store> LedgerStore for InstrumentedStore<S> {
         self.call("settle", self.inner.settle(settlement)).await
     }
 
-    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
-        self.call("settle_held", self.inner.settle_held(hold, st))
+    async fn settle_held(&self, calls: &[(Reservation, Settlement)]) -> Result<Vec<SettleOutcome>> {
+        self.call("settle_held", self.inner.settle_held(calls))
             .await
     }
 
