@@ -590,8 +590,15 @@ impl LedgerStore for DynamoStore {
         calls: &[(Reservation, Settlement)],
     ) -> Result<Vec<SettleOutcome>> {
         let what = "settling calls against a lease";
-        let Req::Open(mut h) = self.read_req(lease).await? else {
-            return Err(Error::NotFound(format!("lease {lease}")));
+        // The lease as this process last wrote it, when it took it or
+        // settled against it: a wrong belief fails the lease's condition
+        // and is read again. Else read it.
+        let mut h = match self.held_now(lease) {
+            Some(h) => h,
+            None => match self.read_req(lease).await? {
+                Req::Open(h) => h,
+                _ => return Err(Error::NotFound(format!("lease {lease}"))),
+            },
         };
         let mut out = vec![SettleOutcome::Applied; calls.len()];
         for (hold, st) in calls {
@@ -670,6 +677,7 @@ impl LedgerStore for DynamoStore {
             let flags = match self.transact(what, tx).await {
                 Ok(()) => {
                     h.r.amount = remaining;
+                    self.hold(h.clone());
                     pending = &pending[end..];
                     continue;
                 }
@@ -680,7 +688,10 @@ impl LedgerStore for DynamoStore {
             if Fail::failed(&flags, lease_i) {
                 match self.read_req(lease).await? {
                     Req::Open(fresh) => h = fresh,
-                    _ => return Err(Error::NotFound(format!("lease {lease}"))),
+                    _ => {
+                        self.unhold(lease);
+                        return Err(Error::NotFound(format!("lease {lease}")));
+                    }
                 }
             }
             let mut settled = HashSet::new();
