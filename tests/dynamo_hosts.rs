@@ -16,6 +16,9 @@ use cxmpute_core::*;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "../cxmpute-core/tests/common/mod.rs"]
+mod common;
+
 fn endpoint() -> Option<String> {
     cxmpute_core::testkit::service_env("CXMPUTE_TEST_DYNAMO_ENDPOINT")
 }
@@ -146,6 +149,18 @@ async fn two_hosts_share_nodes_credits_and_usage() {
     assert_eq!(s.usage_records(&u.id, 100).await.unwrap().len(), 12);
     b.assert_ledger().await;
     a.assert_ledger().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_calls_against_credits_for_fifty_serve_fifty_on_dynamodb() {
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("f{}_", secret::random_token(10).to_lowercase());
+    let h = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    // From credit leases (the default), sized and refilled as calls come.
+    common::fifty_of_200_calls_are_served(&h).await;
+    let t = h.broker.store().ledger_totals().await.unwrap();
+    assert_eq!((t.settlements, t.charged), (50, Credits(50_000)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

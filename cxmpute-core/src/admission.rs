@@ -11,9 +11,13 @@
 //! - **A store one host owns** (memory, SQLite): the hold lives in this
 //!   module's [`Ledger`], in memory, checked with the same rules
 //!   ([`store_support::check_spendable`]) and refused with the same errors,
-//!   with no store call; settling persists one operation
-//!   ([`LedgerStore::settle_held`]). A host that dies mid-call leaves nothing
+//!   with no store call; settlements are persisted in group commits
+//!   ([`batch`]: what queued up while the last batch committed goes in one
+//!   [`LedgerStore::settle_held`]). A host that dies mid-call leaves nothing
 //!   held in the store and charged nothing for the calls it never answered.
+//!
+//! Either way a call is answered only once its settlement committed (the
+//! gateway's rule: an answered call is a charged call).
 //!
 //! ## The in-memory ledger
 //!
@@ -631,7 +635,7 @@ impl Ledger {
 #[cfg(all(test, feature = "testkit"))]
 mod tests {
     use super::*;
-    use crate::store::UserStore;
+    use crate::store::{LedgerStore, UserStore};
     use crate::store_support::release_settlement;
     use crate::testkit::InstrumentedStore;
 
@@ -703,6 +707,42 @@ mod tests {
 
     fn refused<T: std::fmt::Debug>(r: Result<T>) {
         assert!(matches!(r, Err(Error::InsufficientCredits(_))), "{r:?}");
+    }
+
+    /// At a steady rate of calls, each lease is taken ahead of need, in
+    /// the background: after the first calls (before the key had spent
+    /// anything), no call waits for a lease, although each lease takes a
+    /// while to reserve. (Paused time: a call that waited would show it.)
+    #[tokio::test(start_paused = true)]
+    async fn at_a_steady_rate_leases_are_taken_ahead_and_no_call_waits_for_one() {
+        let store = Arc::new(InstrumentedStore::new().shared());
+        let clock = crate::clock::ManualClock::new(Timestamp(1_000_000));
+        let config = LeaseConfig {
+            idle: std::time::Duration::from_secs(5),
+            renew_after: std::time::Duration::from_secs(3_600),
+        };
+        let a = Admission::new(store.clone(), 1_000, Arc::new(clock.clone()), Some(config));
+        let (u, k) = account(&store, 10_000_000).await;
+        store.delay("reserve", std::time::Duration::from_millis(50));
+        store.take_calls();
+        let mut waited = Vec::new();
+        for i in 0..300 {
+            let t0 = tokio::time::Instant::now();
+            let h = hold(&a, &u, &k, 1_000).await.unwrap();
+            if t0.elapsed() > std::time::Duration::ZERO {
+                waited.push(i);
+            }
+            settle(&a, &h, 1_000).await;
+            // A call every 100 ms.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            clock.advance(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(waited, vec![0, 1], "calls that waited for a lease");
+        // Leases of about what 10 calls a second spend over a few seconds.
+        let reserves = store.take_calls()["reserve"];
+        assert!((10..=20).contains(&reserves), "{reserves} leases");
+        let t = store.inner.ledger_totals().await.unwrap();
+        assert_eq!((t.settlements, t.charged), (300, Credits(300_000)));
     }
 
     #[tokio::test]

@@ -115,19 +115,25 @@ async fn a_lease_admits_without_the_store_grows_and_goes_back_when_idle() {
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     crate::common::price_per_call(&h).await;
     let (user, key) = h.user(Credits(100_000)).await;
-    // Leases of 1, 2, 4, 8 and 16 calls' holds cover 31 calls.
+    // A lease holds what the key spent lately (the clock stands still
+    // here: all of it) and one call more, and the next is taken ahead of
+    // need once less than half of that is left: leases of 1, 2, 4, 6, 10,
+    // 17 and 28 calls' holds, the last taken at the 27th call, cover 31
+    // calls and more.
     store.take_calls();
     for _ in 0..31 {
         assert_eq!(crate::common::chat_status(&h, &key).await, 200);
     }
     let calls = store.take_calls();
-    assert_eq!(calls.get("reserve"), Some(&5), "{calls:?}");
+    assert_eq!(calls.get("reserve"), Some(&7), "{calls:?}");
     assert_eq!(calls.get("settle_leased"), Some(&31), "{calls:?}");
-    // The next lease (32 calls) stays on this host while in use ...
+    // The last two leases (8 calls left of 17, and 28) stay on this host
+    // while in use ...
     assert_eq!(crate::common::chat_status(&h, &key).await, 200);
-    assert_eq!(h.balance(&user.id).await, Credits(100_000 - 63_000));
+    assert_eq!(store.take_calls().get("reserve"), None);
+    assert_eq!(h.balance(&user.id).await, Credits(100_000 - 68_000));
     h.broker.run_maintenance().await.unwrap();
-    assert_eq!(h.balance(&user.id).await, Credits(100_000 - 63_000));
+    assert_eq!(h.balance(&user.id).await, Credits(100_000 - 68_000));
     // ... and goes back to the account once idle, with the spent ones.
     h.clock.advance(h.broker.config().lease_idle);
     h.broker.run_maintenance().await.unwrap();
