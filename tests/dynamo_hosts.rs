@@ -205,17 +205,23 @@ async fn a_host_dropped_holding_a_credit_lease_gives_it_back_through_the_other_h
     assert_eq!(s.usage_records(&u.id, 100).await.unwrap().len(), 4);
 }
 
-// Not met yet: 0.22 store calls per call measured on moto (137 batches
-// averaging 7 calls, 31 settlement reads after batches that failed and were
-// retried, 16 account re-reads). Run with `--ignored`.
+// Slow on moto (about two minutes: each of its transactions copies the
+// table), so it runs with `--ignored`; the same bound is checked on every
+// run against the instrumented memory store in core's `admission` tests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "the 0.1 bound is not met yet: 0.22 measured"]
+#[ignore = "takes minutes on moto; run with --ignored"]
 async fn calls_of_one_account_from_credit_leases_cost_at_most_a_tenth_of_a_store_call_each() {
     let Some(ep) = endpoint() else { return };
     const CALLS: usize = 1_000;
     const CLIENTS: usize = 32;
     let prefix = format!("r{}_", secret::random_token(10).to_lowercase());
-    let inner = DynamoStore::connect(config(&ep, &prefix)).await.unwrap();
+    // Late in the run moto takes seconds per transaction (it copies the
+    // table for each): wait for it rather than time out, since a request
+    // abandoned while moto still runs it would overlap the next.
+    let mut cfg = config(&ep, &prefix);
+    cfg.attempt_timeout = Duration::from_secs(60);
+    cfg.operation_timeout = Duration::from_secs(120);
+    let inner = DynamoStore::connect(cfg).await.unwrap();
     inner.create_tables_if_missing().await.unwrap();
     let counted = Arc::new(InstrumentedStore::wrap(inner));
     let h = TestHost::start(counted.clone()).await;

@@ -236,8 +236,9 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// requests, and `AlreadyExists` when a call's id is an open
     /// reservation: both before anything changes. A backend may commit a
     /// long list in several atomic steps (DynamoDB caps a transaction's
-    /// items): each call is applied wholly or not at all, and a retry of the
-    /// list applies the rest once.
+    /// items): each call is applied wholly or not at all, a refusal leaves
+    /// the steps before it committed, and a retry of the list applies the
+    /// rest once.
     async fn settle_held(&self, calls: &[(Reservation, Settlement)]) -> Result<Vec<SettleOutcome>>;
     /// Applies, in order, the settlements of calls a host admitted from the
     /// credit lease `lease` (an open reservation: see the broker's admission),

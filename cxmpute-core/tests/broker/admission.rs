@@ -180,3 +180,43 @@ async fn a_lease_is_replaced_before_the_stale_sweep_could_take_it() {
     );
     h.assert_ledger().await;
 }
+
+/// 1,000 calls of one account from 32 clients at once, on a store said to
+/// be shared whose calls take a while (200 ms, as a busy remote database's
+/// do; moto's transactions took about a second): from credit leases, with
+/// settlements in group commits, they cost at most a tenth of a store call
+/// each, reads of the key included. (A commit gathers the calls that
+/// finished while the one before it ran: the slower the store, the larger
+/// the batch.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_credit_leases_a_thousand_calls_of_one_account_cost_a_tenth_of_a_store_call_each() {
+    const CALLS: usize = 1_000;
+    let (h, store) = leased_host().await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    crate::common::price_per_call(&h).await;
+    let (_, key) = h.user(Credits::whole(100)).await;
+    for call in ["reserve", "settle_leased", "api_key_by_hash", "user"] {
+        store.delay(call, std::time::Duration::from_millis(200));
+    }
+    store.take_calls();
+    let h = Arc::new(h);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            let (h, key, next) = (h.clone(), key.clone(), next.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < CALLS {
+                    assert_eq!(crate::common::chat_status(&h, &key).await, 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let calls = store.take_calls();
+    let total: usize = calls.values().sum();
+    eprintln!("{total} store calls for {CALLS} calls: {calls:?}");
+    assert!(total * 10 <= CALLS, "{total} store calls: {calls:?}");
+    h.assert_ledger().await;
+}
