@@ -1,9 +1,10 @@
 //! An answered call is a charged call: an answer (or a stream's end) goes
 //! out only once its settlement committed. A store made to fail settles
 //! (the instrumented store around the real memory store) turns a served
-//! call into a clear 503 that says nothing was charged, on every way a
-//! host admits calls: from memory (a store it owns), from credit leases,
-//! and through reservations in the store.
+//! call into a clear 503 that says nothing was charged (a chat stream ends
+//! with an error event instead of `[DONE]`, an audio body breaks), on
+//! every way a host admits calls: from memory (a store it owns), from
+//! credit leases, and through reservations in the store.
 
 use std::sync::Arc;
 
@@ -165,5 +166,69 @@ async fn a_stream_ends_with_done_once_charged_and_with_an_error_event_when_its_s
         assert_eq!(last["error"]["code"], "not_charged", "{text}");
         assert_eq!(last["error"]["type"], "service_unavailable");
         settles_to(&h, &user.id, 10_000, 1).await;
+    }
+}
+
+/// A node that speaks: a few kilobytes of audio for any text.
+async fn audio_node() -> String {
+    let app = axum::Router::new().route(
+        "/v1/audio/speech",
+        axum::routing::post(|| async { ([("content-type", "audio/wav")], vec![7u8; 4_000]) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn an_audio_answer_whose_settlement_fails_breaks_off_and_charges_nothing() {
+    for mode in MODES {
+        let (h, store) = host(mode).await;
+        let (provider, _) = h.provider().await;
+        let url = audio_node().await;
+        h.add_node_at(&provider, &url, Service::Tts, "kokoro", None)
+            .await;
+        let (user, key) = h.user(Credits::whole(10)).await;
+        h.broker
+            .admin()
+            .put_price(PriceEntry {
+                service: Service::Tts,
+                model: None,
+                per_request: Credits(1_000),
+                per_million_input_tokens: Credits::ZERO,
+                per_million_output_tokens: Credits::ZERO,
+                per_million_units: Credits::ZERO,
+            })
+            .await
+            .unwrap();
+        let body = json!({"model": "kokoro", "input": "hello there", "voice": "alloy"});
+        let r = h.post("/v1/audio/speech", &key, &body).await;
+        assert_eq!(r.status(), 200, "{mode:?}");
+        assert_eq!(r.bytes().await.unwrap().len(), 4_000, "{mode:?}");
+        let charged = h.broker.store().ledger_totals().await.unwrap().charged;
+        assert!(charged > Credits::ZERO);
+
+        // Not charged: the body breaks before its end, and nothing more is
+        // charged than the first answer.
+        store.fail_next(mode.settle_call(), TRIES);
+        let r = h.post("/v1/audio/speech", &key, &body).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.bytes().await.is_err(), "{mode:?}: the body must break");
+        h.clock.advance(h.broker.config().reservation_ttl);
+        h.broker.run_maintenance().await.unwrap();
+        h.clock.advance(std::time::Duration::from_secs(1));
+        h.broker.run_maintenance().await.unwrap();
+        let t = h.broker.store().ledger_totals().await.unwrap();
+        assert_eq!(
+            (t.charged, t.reserved),
+            (charged, Credits::ZERO),
+            "{mode:?}"
+        );
+        assert_eq!(
+            h.balance(&user.id).await,
+            Credits(Credits::whole(10).0 - charged.0)
+        );
+        h.assert_ledger().await;
     }
 }
