@@ -25,7 +25,8 @@
 //! suspension, and each key used: its limit, credits left, routes,
 //! revocation) and what calls in flight hold. What is spendable is the
 //! stored balance (or key's credits left) minus the holds. Loading an
-//! account, or a key it has not used yet, is a store read, then kept.
+//! account, or a key it has not used yet, is a store read, then kept;
+//! calls arriving together for an account not held load it once.
 //!
 //! The store moves only through this host's broker, so the memory follows it
 //! exactly:
@@ -300,11 +301,23 @@ impl std::fmt::Debug for Hold {
 /// wait for one another's lock.
 const SHARDS: usize = 16;
 
+/// Stripes of accounts whose loads wait for each other: enough that
+/// accounts rarely share one, so different accounts load side by side.
+const LOAD_STRIPES: usize = 64;
+
+fn user_hash(user: &UserId) -> u64 {
+    let mut h = DefaultHasher::new();
+    user.hash(&mut h);
+    h.finish()
+}
+
 /// The in-memory ledger of a store this host owns (see the module docs).
 pub(crate) struct Ledger {
     store: Arc<dyn Store>,
     /// Where settlements queue to be committed together.
     batch: Arc<batch::Batch>,
+    /// Loads of one account wait for each other (see [`LOAD_STRIPES`]).
+    loading: Box<[tokio::sync::Mutex<()>]>,
     shards: Box<[Mutex<Shard>]>,
     /// Most accounts with no call in flight one shard keeps.
     per_shard: usize,
@@ -390,6 +403,7 @@ impl Ledger {
     fn new(store: Arc<dyn Store>, capacity: usize) -> Self {
         Ledger {
             batch: batch::Batch::new(store.clone()),
+            loading: (0..LOAD_STRIPES).map(|_| Default::default()).collect(),
             store,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: capacity.div_ceil(SHARDS),
@@ -397,16 +411,21 @@ impl Ledger {
     }
 
     fn shard(&self, user: &UserId) -> &Mutex<Shard> {
-        let mut h = DefaultHasher::new();
-        user.hash(&mut h);
         // The modulo keeps the value below SHARDS, so it fits a usize.
-        &self.shards[(h.finish() % SHARDS as u64) as usize]
+        &self.shards[(user_hash(user) % SHARDS as u64) as usize]
+    }
+
+    /// The lock loads of `user`'s account wait on.
+    fn loading(&self, user: &UserId) -> &tokio::sync::Mutex<()> {
+        // The modulo keeps the value below LOAD_STRIPES, so it fits a usize.
+        &self.loading[(user_hash(user) % LOAD_STRIPES as u64) as usize]
     }
 
     /// Holds `r` in memory, loading its account or key first when they are
     /// not held yet.
     async fn hold(&self, r: &Reservation, key_hash: &KeyHash) -> Result<()> {
         let shard = self.shard(&r.user_id);
+        let mut loading = None;
         loop {
             let (generation, have_user) = {
                 let mut s = shard.lock();
@@ -419,6 +438,12 @@ impl Ledger {
                     None => (generation, false),
                 }
             };
+            if loading.is_none() {
+                // One load of an account at a time: calls arriving together
+                // read it once, and look again once it is their turn.
+                loading = Some(self.loading(&r.user_id).lock().await);
+                continue;
+            }
             let loaded = self.load(r, key_hash, have_user).await?;
             let mut s = shard.lock();
             if s.generation != generation {
