@@ -48,9 +48,9 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::store_support::release_settlement;
+use crate::types::*;
 
 use super::batch::Batch;
-use crate::types::*;
 
 /// The most calls' holds one lease is sized for.
 const MAX_CALLS: i64 = 1_024;
