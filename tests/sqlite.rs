@@ -312,3 +312,30 @@ async fn the_catalogue_and_its_pools_survive_a_restart() {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+/// Calls at once on a SQLite host settle in group commits: far fewer
+/// `settle_held` calls (each one transaction) than calls, every call
+/// charged, rewarded and recorded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_at_once_settle_in_group_commits_on_sqlite() {
+    let path = temp_db();
+    let sqlite = SqliteStore::open(&path).await.unwrap();
+    let store = Arc::new(cxmpute_core::testkit::InstrumentedStore::wrap(sqlite));
+    let h = TestHost::start(store.clone()).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    common::price_per_call(&h).await;
+    let (user, key) = h.user(Credits::whole(1)).await;
+    // A commit takes a while, as on a slow disk: calls pile up behind it.
+    store.delay("settle_held", std::time::Duration::from_millis(50));
+    store.take_calls();
+    let by_status = common::calls_at_once(&h, &key, 100).await;
+    assert_eq!(by_status, [(200, 100)].into_iter().collect());
+    let batches = store.take_calls()["settle_held"];
+    assert!(batches <= 25, "{batches} commits for 100 calls");
+    assert_eq!(h.balance(&user.id).await, Credits(1_000_000 - 100_000));
+    let t = h.broker.store().ledger_totals().await.unwrap();
+    assert_eq!((t.settlements, t.charged), (100, Credits(100_000)));
+    h.assert_ledger().await;
+    drop(h);
+    remove_db(&path);
+}

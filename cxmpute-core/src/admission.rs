@@ -11,9 +11,13 @@
 //! - **A store one host owns** (memory, SQLite): the hold lives in this
 //!   module's [`Ledger`], in memory, checked with the same rules
 //!   ([`store_support::check_spendable`]) and refused with the same errors,
-//!   with no store call; settling persists one operation
-//!   ([`LedgerStore::settle_held`]). A host that dies mid-call leaves nothing
+//!   with no store call; settlements are persisted in group commits
+//!   ([`batch`]: what queued up while the last batch committed goes in one
+//!   [`LedgerStore::settle_held`]). A host that dies mid-call leaves nothing
 //!   held in the store and charged nothing for the calls it never answered.
+//!
+//! Either way a call is answered only once its settlement committed (the
+//! gateway's rule: an answered call is a charged call).
 //!
 //! ## The in-memory ledger
 //!
@@ -21,7 +25,8 @@
 //! suspension, and each key used: its limit, credits left, routes,
 //! revocation) and what calls in flight hold. What is spendable is the
 //! stored balance (or key's credits left) minus the holds. Loading an
-//! account, or a key it has not used yet, is a store read, then kept.
+//! account, or a key it has not used yet, is a store read, then kept;
+//! calls arriving together for an account not held load it once.
 //!
 //! The store moves only through this host's broker, so the memory follows it
 //! exactly:
@@ -65,6 +70,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+mod batch;
 mod lease;
 
 use crate::clock::Clock;
@@ -139,7 +145,7 @@ impl Admission {
             Source::Store => self.store().settle(st).await,
             Source::Memory(ledger) => {
                 hold.state.store(SETTLING, Ordering::Release);
-                ledger.store.settle_held(&hold.r, st).await
+                ledger.batch.submit(None, hold.r.clone(), st.clone()).await
             }
             Source::Lease(leases, lease) => {
                 hold.state.store(SETTLING, Ordering::Release);
@@ -250,6 +256,13 @@ impl Hold {
         &self.r
     }
 
+    /// Whether the hold is a reservation in the store, which the
+    /// stale-reservation sweep may settle too. Any other call's request id is
+    /// written by its own settlement alone, so a repeat of it is ours.
+    pub(crate) fn reserved_in_store(&self) -> bool {
+        matches!(self.source, Source::Store)
+    }
+
     /// Ends the hold once its settlement's tries are over: `Some(charge)`
     /// when the store committed it with that charge, `None` when whether it
     /// did is unknown.
@@ -288,9 +301,23 @@ impl std::fmt::Debug for Hold {
 /// wait for one another's lock.
 const SHARDS: usize = 16;
 
+/// Stripes of accounts whose loads wait for each other: enough that
+/// accounts rarely share one, so different accounts load side by side.
+const LOAD_STRIPES: usize = 64;
+
+fn user_hash(user: &UserId) -> u64 {
+    let mut h = DefaultHasher::new();
+    user.hash(&mut h);
+    h.finish()
+}
+
 /// The in-memory ledger of a store this host owns (see the module docs).
 pub(crate) struct Ledger {
     store: Arc<dyn Store>,
+    /// Where settlements queue to be committed together.
+    batch: Arc<batch::Batch>,
+    /// Loads of one account wait for each other (see [`LOAD_STRIPES`]).
+    loading: Box<[tokio::sync::Mutex<()>]>,
     shards: Box<[Mutex<Shard>]>,
     /// Most accounts with no call in flight one shard keeps.
     per_shard: usize,
@@ -375,6 +402,8 @@ struct Loaded {
 impl Ledger {
     fn new(store: Arc<dyn Store>, capacity: usize) -> Self {
         Ledger {
+            batch: batch::Batch::new(store.clone()),
+            loading: (0..LOAD_STRIPES).map(|_| Default::default()).collect(),
             store,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: capacity.div_ceil(SHARDS),
@@ -382,16 +411,21 @@ impl Ledger {
     }
 
     fn shard(&self, user: &UserId) -> &Mutex<Shard> {
-        let mut h = DefaultHasher::new();
-        user.hash(&mut h);
         // The modulo keeps the value below SHARDS, so it fits a usize.
-        &self.shards[(h.finish() % SHARDS as u64) as usize]
+        &self.shards[(user_hash(user) % SHARDS as u64) as usize]
+    }
+
+    /// The lock loads of `user`'s account wait on.
+    fn loading(&self, user: &UserId) -> &tokio::sync::Mutex<()> {
+        // The modulo keeps the value below LOAD_STRIPES, so it fits a usize.
+        &self.loading[(user_hash(user) % LOAD_STRIPES as u64) as usize]
     }
 
     /// Holds `r` in memory, loading its account or key first when they are
     /// not held yet.
     async fn hold(&self, r: &Reservation, key_hash: &KeyHash) -> Result<()> {
         let shard = self.shard(&r.user_id);
+        let mut loading = None;
         loop {
             let (generation, have_user) = {
                 let mut s = shard.lock();
@@ -404,6 +438,12 @@ impl Ledger {
                     None => (generation, false),
                 }
             };
+            if loading.is_none() {
+                // One load of an account at a time: calls arriving together
+                // read it once, and look again once it is their turn.
+                loading = Some(self.loading(&r.user_id).lock().await);
+                continue;
+            }
             let loaded = self.load(r, key_hash, have_user).await?;
             let mut s = shard.lock();
             if s.generation != generation {
@@ -620,7 +660,7 @@ impl Ledger {
 #[cfg(all(test, feature = "testkit"))]
 mod tests {
     use super::*;
-    use crate::store::UserStore;
+    use crate::store::{LedgerStore, UserStore};
     use crate::store_support::release_settlement;
     use crate::testkit::InstrumentedStore;
 
@@ -693,6 +733,42 @@ mod tests {
 
     fn refused<T: std::fmt::Debug>(r: Result<T>) {
         assert!(matches!(r, Err(Error::InsufficientCredits(_))), "{r:?}");
+    }
+
+    /// At a steady rate of calls, each lease is taken ahead of need, in
+    /// the background: after the first calls (before the key had spent
+    /// anything), no call waits for a lease, although each lease takes a
+    /// while to reserve. (Paused time: a call that waited would show it.)
+    #[tokio::test(start_paused = true)]
+    async fn at_a_steady_rate_leases_are_taken_ahead_and_no_call_waits_for_one() {
+        let store = Arc::new(InstrumentedStore::new().shared());
+        let clock = crate::clock::ManualClock::new(Timestamp(1_000_000));
+        let config = LeaseConfig {
+            idle: std::time::Duration::from_secs(5),
+            renew_after: std::time::Duration::from_secs(3_600),
+        };
+        let a = Admission::new(store.clone(), 1_000, Arc::new(clock.clone()), Some(config));
+        let (u, k) = account(&store, 10_000_000).await;
+        store.delay("reserve", std::time::Duration::from_millis(50));
+        store.take_calls();
+        let mut waited = Vec::new();
+        for i in 0..300 {
+            let t0 = tokio::time::Instant::now();
+            let h = hold(&a, &u, &k, 1_000).await.unwrap();
+            if t0.elapsed() > std::time::Duration::ZERO {
+                waited.push(i);
+            }
+            settle(&a, &h, 1_000).await;
+            // A call every 100 ms.
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            clock.advance(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(waited, vec![0, 1], "calls that waited for a lease");
+        // Leases of about what 10 calls a second spend over a few seconds.
+        let reserves = store.take_calls()["reserve"];
+        assert!((10..=20).contains(&reserves), "{reserves} leases");
+        let t = store.inner.ledger_totals().await.unwrap();
+        assert_eq!((t.settlements, t.charged), (300, Credits(300_000)));
     }
 
     #[tokio::test]

@@ -11,8 +11,12 @@
 //!    another is tried.
 //! 5. **Stream** bytes through as they arrive, metering usage on the way,
 //!    within bounds on bytes, time, output and the caller's reading speed.
-//! 6. **Settle** in one atomic store write: charge the metered cost, release
-//!    the rest, reward the provider, record usage. Failures cost nothing.
+//! 6. **Settle** atomically (a call held in memory or in a credit lease in
+//!    a group commit with the calls settling at the same time): charge the
+//!    metered cost, release the rest, reward the provider, record usage.
+//!    Failures cost nothing. The answer (a stream's
+//!    end) goes out only once its settlement committed: an answered call is
+//!    a charged call.
 //! 7. **Record** statistics off the request path, in batches.
 //!
 //! ## What a request costs

@@ -80,6 +80,11 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// A call was served but its charge could not be committed, so its
+    /// answer was withheld and nothing was charged; the same call may
+    /// succeed later.
+    #[error("not charged: {0}")]
+    NotCharged(String),
     /// Any other backend failure, with its source kept.
     #[error("backend error: {message}")]
     Backend {
@@ -112,7 +117,10 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Error::Unavailable { .. } | Error::Conflict(_) | Error::RateLimited(_)
+            Error::Unavailable { .. }
+                | Error::Conflict(_)
+                | Error::RateLimited(_)
+                | Error::NotCharged(_)
         )
     }
 }

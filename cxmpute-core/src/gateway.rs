@@ -42,6 +42,11 @@ const REFUSED: &str = "the model server refused this request (for example: the i
                        long for the model, an image could not be fetched, or a parameter is \
                        not supported)";
 
+/// What the caller is told when its call's charge could not be committed:
+/// the answer (or a stream's end) is withheld, and nothing was charged.
+const NOT_CHARGED: &str = "the answer could not be recorded, so it was withheld and nothing was \
+                           charged; try again shortly";
+
 /// The tokens a tokens-per-minute limit counts of a call: input and output.
 fn bound_tokens(m: Meter) -> u64 {
     m.input_tokens.saturating_add(m.output_tokens)
@@ -345,9 +350,15 @@ impl Broker {
     }
 
     /// Settles a call, retrying what may succeed later, then ends its hold.
-    async fn settle(&self, hold: &Hold, st: Settlement) {
+    /// `Ok` once the store committed it; otherwise the call must not be
+    /// answered (an answered call is a charged call), and the error says so.
+    async fn settle(&self, hold: &Hold, st: Settlement) -> Result<()> {
         let committed = self.persist_settlement(hold, &st).await;
         hold.finish(committed);
+        match committed {
+            Some(_) => Ok(()),
+            None => Err(Error::NotCharged(NOT_CHARGED.to_owned())),
+        }
     }
 
     /// Persists a settlement, retrying what may succeed later: the charge
@@ -363,6 +374,11 @@ impl Broker {
                 // lost (then the stored record is ours), or by someone else,
                 // such as the stale-reservation sweep (then it is not, and
                 // statistics must not count what the store did not keep).
+                Ok(SettleOutcome::AlreadySettled) if !hold.reserved_in_store() => {
+                    // Only this call's settlement writes its id (no
+                    // reservation of it exists to be swept): ours.
+                    Ok(true)
+                }
                 Ok(SettleOutcome::AlreadySettled) => {
                     let kept = i.store.settlement(&st.request_id).await;
                     Ok(kept.is_ok_and(|k| same_settlement(&k, &plan.usage)))
@@ -629,7 +645,8 @@ impl CallContext {
                             drop(in_flight);
                             let charged = self.price.cost(meter);
                             let st = self.settlement(Some(&node), meter, charged, true);
-                            self.broker.settle(&self.hold, st).await;
+                            // The answer goes out only once it is charged.
+                            self.broker.settle(&self.hold, st).await?;
                             let content_type = "application/json".to_owned();
                             GatewayResponse::Complete { content_type, body }
                         }
@@ -643,7 +660,9 @@ impl CallContext {
         drop(racing);
         // Nothing reached the client: release the whole reservation.
         let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
-        self.broker.settle(&self.hold, st).await;
+        // Nothing to withhold: the error below says what went wrong, and
+        // whatever became of this zero charge, the call costs nothing.
+        let _ = self.broker.settle(&self.hold, st).await;
         if !refused.is_empty() {
             // No node served it. Refusals by two nodes or more confirm each
             // other and count as answers; a lone refusal counts its latency.
@@ -995,8 +1014,36 @@ impl CallContext {
                 }
             };
             // Settle before the body ends: a client that has read the whole
-            // answer can rely on it being charged and recorded.
-            self.broker.settle(&self.hold, st).await;
+            // answer can rely on it being charged and recorded. A chat
+            // stream's end (its usage chunk and `[DONE]`) was held back for
+            // this; a settlement that did not commit ends it with an error
+            // event instead, and an audio body breaks.
+            let settled = self.broker.settle(&self.hold, st).await;
+            if matches!(end, Some(End::Done)) {
+                match (settled, meter.as_mut()) {
+                    (Ok(()), Some(m)) => {
+                        let _ = send(m.take_tail()).await;
+                    }
+                    (Ok(()), None) => {}
+                    (Err(e), Some(_)) => {
+                        let event = serde_json::json!({"error": {
+                            "message": NOT_CHARGED,
+                            "type": "service_unavailable",
+                            "code": "not_charged",
+                        }});
+                        tracing::warn!(error = %e, "a stream's settlement did not commit");
+                        let _ = send(Bytes::from(format!("data: {event}\n\n"))).await;
+                    }
+                    (Err(e), None) => {
+                        tracing::warn!(error = %e, "a stream's settlement did not commit");
+                        let _ = tokio::time::timeout(
+                            cfg.client_send_timeout,
+                            tx.send(Err(std::io::Error::other(NOT_CHARGED))),
+                        )
+                        .await;
+                    }
+                }
+            }
             drop(tx);
         };
         // The stream outlives the handler: it keeps the request's span.

@@ -35,6 +35,9 @@
 //!   store what that many busy clients cost, whatever its rate, while known
 //!   keys, never in that line, are not slowed by it. A wrong token sent
 //!   again and again (a misconfigured client) is answered from memory.
+//!
+//! Calls that arrive together with one key not held yet read it once: the
+//! first reads, the others wait for it and find it held.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,6 +55,10 @@ use crate::types::{ApiKey, UserId};
 /// module docs): enough that real keys met for the first time are not held
 /// up, few enough that a flood of made-up ones cannot swamp the store.
 pub(crate) const LOOKUPS_AT_ONCE: usize = 16;
+
+/// Stripes of hashes whose reads wait for each other: enough that hashes
+/// rarely share one, so different keys are read side by side.
+const READ_STRIPES: usize = 64;
 
 /// A key as the gateway needs it.
 #[derive(Debug)]
@@ -85,6 +92,10 @@ struct Shared {
     /// Entries live this long (milliseconds); 0 turns the table off.
     ttl_ms: i64,
     lookups: tokio::sync::Semaphore,
+    /// Reads of one hash wait for each other (a lock per stripe of hashes):
+    /// calls arriving together with a key not held read it once, not once
+    /// each.
+    reading: Box<[tokio::sync::Mutex<()>]>,
     /// Moves on every forget; a read that began before a move is not kept.
     generation: AtomicU64,
 }
@@ -111,6 +122,7 @@ impl KeyCache {
             unknown: table((capacity / 16).max(1), ttl),
             ttl_ms,
             lookups: tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE),
+            reading: (0..READ_STRIPES).map(|_| Default::default()).collect(),
             generation: AtomicU64::new(0),
         }))
     }
@@ -127,6 +139,14 @@ impl KeyCache {
         if s.ttl_ms == 0 {
             return live(s.read(hash).await?);
         }
+        if let Some(found) = self.held(&hash) {
+            return found;
+        }
+        // One read per hash at a time; whoever read it before this call's
+        // turn may have read this very hash.
+        let _reading = s.reading[usize::from(hash.0[0]) % READ_STRIPES]
+            .lock()
+            .await;
         if let Some(found) = self.held(&hash) {
             return found;
         }

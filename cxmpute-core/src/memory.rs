@@ -441,32 +441,41 @@ impl LedgerStore for MemoryStore {
         Ok(SettleOutcome::Applied)
     }
 
-    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
-        let plan = crate::store_support::SettlePlan::for_held(hold, st)?;
+    async fn settle_held(&self, calls: &[(Reservation, Settlement)]) -> Result<Vec<SettleOutcome>> {
         let mut guard = self.inner.lock();
         let s = &mut *guard;
-        if s.settled.contains_key(&st.request_id) {
-            return Ok(SettleOutcome::AlreadySettled);
-        }
-        if s.reservations.contains_key(&st.request_id) {
-            return Err(Error::AlreadyExists(format!(
-                "reservation {}",
-                st.request_id
-            )));
-        }
-        plan.charge_to(
-            hold,
-            s.users.get_mut(&hold.user_id),
-            s.keys.get_mut(&hold.key_id),
-        );
-        if let Some((pid, amount)) = &plan.reward {
-            if let Some(p) = s.providers.get_mut(pid) {
-                p.earnings = p.earnings.saturating_add(*amount);
+        // Every refusal comes before any change.
+        let mut plans = Vec::with_capacity(calls.len());
+        for (hold, st) in calls {
+            plans.push(crate::store_support::SettlePlan::for_held(hold, st)?);
+            if s.reservations.contains_key(&st.request_id) {
+                return Err(Error::AlreadyExists(format!(
+                    "reservation {}",
+                    st.request_id
+                )));
             }
         }
-        plan.held_ledger_delta().add_to(&mut s.totals);
-        s.settled.insert(st.request_id.clone(), plan.usage);
-        Ok(SettleOutcome::Applied)
+        let mut out = Vec::with_capacity(calls.len());
+        for ((hold, st), plan) in calls.iter().zip(plans) {
+            if s.settled.contains_key(&st.request_id) {
+                out.push(SettleOutcome::AlreadySettled);
+                continue;
+            }
+            plan.charge_to(
+                hold,
+                s.users.get_mut(&hold.user_id),
+                s.keys.get_mut(&hold.key_id),
+            );
+            if let Some((pid, amount)) = &plan.reward {
+                if let Some(p) = s.providers.get_mut(pid) {
+                    p.earnings = p.earnings.saturating_add(*amount);
+                }
+            }
+            plan.held_ledger_delta().add_to(&mut s.totals);
+            s.settled.insert(st.request_id.clone(), plan.usage);
+            out.push(SettleOutcome::Applied);
+        }
+        Ok(out)
     }
 
     async fn settle_leased(

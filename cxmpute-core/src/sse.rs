@@ -53,6 +53,11 @@ pub(crate) struct ChatStreamMeter {
     /// handing out what was written is a split, not a copy, and the buffer
     /// is reused once those bytes were sent.
     filtered: BytesMut,
+    /// The stream's end as it is passed on: the usage-only chunk, `[DONE]`
+    /// and anything after them. Held back until the call's settlement
+    /// committed ([`Self::take_tail`]): a caller that saw `[DONE]` was
+    /// charged.
+    tail: BytesMut,
 }
 
 impl ChatStreamMeter {
@@ -70,6 +75,11 @@ impl ChatStreamMeter {
     /// The rewritten bytes produced since the last call.
     pub(crate) fn take_output(&mut self) -> Bytes {
         self.filtered.split().freeze()
+    }
+
+    /// The stream's end, held back so far (see `tail`).
+    pub(crate) fn take_tail(&mut self) -> Bytes {
+        self.tail.split().freeze()
     }
 
     /// Feeds bytes as they pass through.
@@ -101,7 +111,7 @@ impl ChatStreamMeter {
         let data = e.data.trim();
         if data == "[DONE]" {
             self.done = true;
-            self.write_back(&e);
+            self.write_back(&e, true);
             return;
         }
         match serde_json::from_str::<MeteredChunk>(data) {
@@ -116,8 +126,9 @@ impl ChatStreamMeter {
                 if let Some(u) = chunk.usage {
                     self.reported = Some(u);
                 }
-                if self.keep_usage_chunk || !(chunk.usage.is_some() && chunk.choices.is_empty()) {
-                    self.write_back(&e);
+                let usage_only = chunk.usage.is_some() && chunk.choices.is_empty();
+                if self.keep_usage_chunk || !usage_only {
+                    self.write_back(&e, usage_only);
                 }
                 self.content_chunks += chunk
                     .choices
@@ -130,8 +141,13 @@ impl ChatStreamMeter {
         }
     }
 
-    fn write_back(&mut self, e: &SseEvent) {
-        let out = &mut self.filtered;
+    /// Writes `e` back, to the held-back end once the stream's end began
+    /// (`ends`: it is its usage chunk or `[DONE]`).
+    fn write_back(&mut self, e: &SseEvent, ends: bool) {
+        let out = match ends || !self.tail.is_empty() {
+            true => &mut self.tail,
+            false => &mut self.filtered,
+        };
         for line in e.data.split('\n') {
             out.put_slice(b"data: ");
             out.put_slice(line.as_bytes());
@@ -227,15 +243,35 @@ mod tests {
             out.extend(m.take_output());
         }
         let out = String::from_utf8(out).unwrap();
+        // The end is held back until the call is charged.
         assert_eq!(
             out,
-            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\ndata: [DONE]\n\n"
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n"
         );
+        assert_eq!(&m.take_tail()[..], b"data: [DONE]\n\n");
         assert_eq!(
             m.reported.map(|u| u.prompt_tokens),
             Some(7),
             "still metered"
         );
+    }
+
+    #[test]
+    fn the_usage_chunk_done_and_what_follows_are_held_back_as_the_tail() {
+        let mut m = ChatStreamMeter::new(true);
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":1,\"total_tokens\":8}}\n\n";
+        let content = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+        let out = m.pass(bytes::Bytes::from(format!(
+            "{content}{usage}{content}data: [DONE]\n\n"
+        )));
+        assert_eq!(&out[..], content.as_bytes());
+        assert_eq!(m.take_output(), bytes::Bytes::new());
+        let tail = m.take_tail();
+        assert_eq!(
+            std::str::from_utf8(&tail).unwrap(),
+            format!("{usage}{content}data: [DONE]\n\n")
+        );
+        assert!(m.done && !m.garbage);
     }
 
     #[test]

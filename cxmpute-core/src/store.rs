@@ -197,8 +197,8 @@ pub trait NetworkStore: Send + Sync + 'static {
 /// A store that one host owns ([`owned_by_one_host`](Self::owned_by_one_host):
 /// memory, SQLite) is written by that host's broker alone, so the broker
 /// keeps spendable balances in its memory, holds what calls in flight may
-/// cost there, and persists only settlements ([`settle_held`](Self::settle_held)):
-/// one store write per call. Every change of a balance or a key must then go
+/// cost there, and persists only settlements ([`settle_held`](Self::settle_held)),
+/// in batches: one store write per batch of calls. Every change of a balance or a key must then go
 /// through the broker (its grants, key changes, revocations and
 /// suspensions), which applies it to its memory too. A store several hosts
 /// share (DynamoDB) says no, and each call reserves in the store
@@ -236,23 +236,30 @@ pub trait LedgerStore: Send + Sync + 'static {
     /// A repeat of a settled request id is `AlreadySettled` and changes
     /// nothing; an unknown request id is `NotFound`.
     async fn settle(&self, settlement: &Settlement) -> Result<SettleOutcome>;
-    /// Applies, once and atomically, the settlement of a call whose `hold`
-    /// lived in the broker's memory and was never reserved here: charges
-    /// `min(charged, hold.amount)` to the user's balance and the key's
-    /// `credits_left` (never below zero), marks the key used at the hold's
-    /// time, credits the provider's reward (at most the charge), stores the
-    /// usage record and adds to the totals, with nothing to `reserved`
+    /// Applies, in order, the settlements of calls whose holds lived in the
+    /// broker's memory and were never reserved here (`calls`: each hold with
+    /// its settlement), each once and wholly: charges `min(charged,
+    /// hold.amount)` to the user's balance and the key's `credits_left`
+    /// (never below zero), marks the key used at the hold's time, credits
+    /// the provider's reward (at most the charge), stores the usage record
+    /// and adds to the totals, with nothing to `reserved`
     /// ([`SettlePlan::for_held`](crate::store_support::SettlePlan::for_held),
     /// [`SettlePlan::charge_to`](crate::store_support::SettlePlan::charge_to)).
-    /// Never refused for want of credits: the broker checked the hold, and
-    /// the call was answered. A repeat of a settled request id is
-    /// `AlreadySettled` and changes nothing; the id of a reservation open in
-    /// the store is `AlreadyExists`.
-    async fn settle_held(
-        &self,
-        hold: &Reservation,
-        settlement: &Settlement,
-    ) -> Result<SettleOutcome>;
+    /// Never refused for want of credits: the broker checked the holds, and
+    /// the calls were answered. The broker sends the settlements that queued
+    /// up together (a group commit): a backend sums the changes of one
+    /// account, key and provider, so each is written once per list.
+    ///
+    /// Returns one outcome per call: `AlreadySettled` for a request id
+    /// settled before (or earlier in `calls`), which changes nothing.
+    /// `InvalidInput` when a hold and its settlement name different
+    /// requests, and `AlreadyExists` when a call's id is an open
+    /// reservation: both before anything changes. A backend may commit a
+    /// long list in several atomic steps (DynamoDB caps a transaction's
+    /// items): each call is applied wholly or not at all, a refusal leaves
+    /// the steps before it committed, and a retry of the list applies the
+    /// rest once.
+    async fn settle_held(&self, calls: &[(Reservation, Settlement)]) -> Result<Vec<SettleOutcome>>;
     /// Applies, in order, the settlements of calls a host admitted from the
     /// credit lease `lease` (an open reservation: see the broker's admission),
     /// each once: its charge, `min(charged, hold.amount, what the lease still

@@ -248,6 +248,12 @@ impl DynamoStore {
         m.insert(h.r.request_id.clone(), h);
     }
 
+    /// What this process believes of an open reservation, kept.
+    pub(crate) fn held_now(&self, id: &RequestId) -> Option<Held> {
+        let m = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(id).cloned()
+    }
+
     pub(crate) fn unhold(&self, id: &RequestId) -> Option<Held> {
         let mut m = self.held.lock().unwrap_or_else(|p| p.into_inner());
         m.remove(id)

@@ -22,7 +22,7 @@ use cxmpute_core::{
     UserId, UserStore,
 };
 
-use crate::db::{DynamoStore, Fail, Held, Query, Tx};
+use crate::db::{DynamoStore, Fail, Held, Query, Tx, MAX_TX_ITEMS};
 use crate::item::{n, s, sortable_i64, Ex, Item, ItemBuilder, Rd, PK};
 use crate::schema::{self, GSI, GSI_PK, GSI_SK};
 use crate::users::{decode_key, decode_user};
@@ -57,10 +57,37 @@ fn next_seq() -> u64 {
 
 const RESERVED: &str = "reserved";
 
-/// Calls settled against a lease in one transaction: two items each (the
-/// request and its usage record) beside the lease, the ledger's shard and
-/// the providers rewarded, under DynamoDB's cap of 100.
-const LEASED_PER_TX: usize = 32;
+/// The indexes of `calls` to apply: the first of each request id. A repeat
+/// inside the list is marked `AlreadySettled` in `out`.
+fn first_of_each(calls: &[(Reservation, Settlement)], out: &mut [SettleOutcome]) -> Vec<usize> {
+    let mut seen = HashSet::new();
+    let mut pending = Vec::with_capacity(calls.len());
+    for (i, (_, st)) in calls.iter().enumerate() {
+        if seen.insert(&st.request_id) {
+            pending.push(i);
+        } else {
+            out[i] = SettleOutcome::AlreadySettled;
+        }
+    }
+    pending
+}
+
+/// How many of `calls` (at least one) one transaction takes under
+/// DynamoDB's cap on its items: two each (the request and its usage
+/// record), one per distinct item they share (`shared`: an account, a key,
+/// a provider, by any name unique to it), and `fixed` more.
+fn fitting<T>(calls: &[T], fixed: usize, shared: impl Fn(&T) -> Vec<String>) -> usize {
+    let mut distinct = HashSet::new();
+    let mut n = 0;
+    for c in calls {
+        distinct.extend(shared(c));
+        if n > 0 && fixed + 2 * (n + 1) + distinct.len() > MAX_TX_ITEMS {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
 
 /// How a settlement gives a refund back to the key.
 ///
@@ -411,89 +438,150 @@ impl LedgerStore for DynamoStore {
         self.settle_from(held, st).await
     }
 
-    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
-        let what = "settling a held call";
-        let plan = SettlePlan::for_held(hold, st)?;
-        let key_hash = self.key_owner(&hold.key_id).await?.map(|(_, h)| h);
-        let shard = schema::shard_of(&hold.request_id, self.cfg.ledger_shards);
-        let charged = plan.usage.charged;
-        let mut key_charge = KeyCharge::Subtract;
-        let mut reward_to_missing_provider = false;
+    async fn settle_held(&self, calls: &[(Reservation, Settlement)]) -> Result<Vec<SettleOutcome>> {
+        let what = "settling held calls";
+        let mut plans = Vec::with_capacity(calls.len());
+        let mut hashes: HashMap<&ApiKeyId, Option<KeyHash>> = HashMap::new();
+        for (hold, st) in calls {
+            plans.push(SettlePlan::for_held(hold, st)?);
+            if !hashes.contains_key(&hold.key_id) {
+                let owner = self.key_owner(&hold.key_id).await?;
+                hashes.insert(&hold.key_id, owner.map(|(_, h)| h));
+            }
+        }
+        let mut out = vec![SettleOutcome::Applied; calls.len()];
+        let mut pending = first_of_each(calls, &mut out);
+        let mut key_charges: HashMap<KeyHash, KeyCharge> = HashMap::new();
+        let mut missing_providers = HashSet::new();
         let mut attempt = 0;
-        loop {
+        while !pending.is_empty() {
+            // One transaction: as many calls as fit, their sums written once
+            // per account, key and provider (`fitting`).
+            let taken = fitting(&pending, 1, |&i| {
+                let (hold, _) = &calls[i];
+                let plan = &plans[i];
+                let mut shared = Vec::new();
+                if hashes[&hold.key_id].is_some() {
+                    shared.push(format!("K{}", hold.key_id));
+                }
+                if plan.usage.charged.0 > 0 {
+                    shared.push(format!("U{}", hold.user_id));
+                }
+                if let Some((pid, _)) = &plan.reward {
+                    shared.push(format!("P{pid}"));
+                }
+                shared
+            });
+            let chunk = &pending[..taken];
+            let shard = schema::shard_of(&calls[chunk[0]].0.request_id, self.cfg.ledger_shards);
             let mut tx = Tx::new(self);
-
-            // The request: never seen before, written settled at once (it
-            // was never open, so it never enters the index of open ones).
-            let mut ex = Ex::new();
-            let cond = ex.absent();
-            let req = settled_request(hold, shard, &plan.usage).build();
-            let req_i = tx.put(req, Some(cond), ex)?;
-
-            // The charge, off the account (users are never deleted, so a
-            // plain ADD is safe) and off the key, never below zero there.
-            if charged.0 > 0 {
+            let mut users: HashMap<&UserId, i64> = HashMap::new();
+            let mut keys: HashMap<KeyHash, (i64, Timestamp)> = HashMap::new();
+            let mut rewards: HashMap<&ProviderId, i64> = HashMap::new();
+            let mut delta = LedgerTotals::default();
+            let mut req_is = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let (hold, _) = &calls[i];
+                let plan = &plans[i];
+                let charged = plan.usage.charged.0;
+                // The request: never seen before, written settled at once
+                // (it was never open, so it never enters the index of open
+                // ones).
                 let mut ex = Ex::new();
-                let upd = format!(
-                    "ADD {} {}",
-                    ex.n("credits"),
-                    ex.v(n(charged.0.saturating_neg()))
-                );
-                tx.update(schema::user(&hold.user_id), upd, None, ex)?;
-            }
-            let mut key_i = None;
-            if let Some(h) = &key_hash {
-                let (upd, cond, ex) = key_charge.expression(charged, hold.created_at);
-                key_i = Some(tx.update(schema::api_key(h), upd, Some(cond), ex)?);
+                let cond = ex.absent();
+                let req = settled_request(hold, shard, &plan.usage).build();
+                req_is.push((i, tx.put(req, Some(cond), ex)?));
+                let mut ex = Ex::new();
+                let cond = ex.absent();
+                tx.put(usage_item(&plan.usage), Some(cond), ex)?;
+                *users.entry(&hold.user_id).or_default() += charged;
+                if let Some(h) = hashes[&hold.key_id] {
+                    let k = keys.entry(h).or_insert((0, hold.created_at));
+                    // Marked used by its last call, as one by one.
+                    *k = (k.0 + charged, hold.created_at);
+                }
+                if let Some((pid, amount)) = &plan.reward {
+                    *rewards.entry(pid).or_default() += amount.0;
+                }
+                plan.held_ledger_delta().add_to(&mut delta);
             }
 
-            // The reward, to a provider that exists (see `settle_from`).
-            let mut provider_i = None;
-            if let Some((pid, amount)) = &plan.reward {
-                if !reward_to_missing_provider {
+            // The charges, off each account (users are never deleted, so a
+            // plain ADD is safe) and off each key, never below zero there.
+            for (user, charged) in &users {
+                if *charged > 0 {
                     let mut ex = Ex::new();
-                    let cond = ex.exists();
-                    let upd = format!("ADD {} {}", ex.n("earnings"), ex.v(n(amount.0)));
-                    provider_i = Some(tx.update(schema::provider(pid), upd, Some(cond), ex)?);
+                    let upd = format!(
+                        "ADD {} {}",
+                        ex.n("credits"),
+                        ex.v(n(charged.saturating_neg()))
+                    );
+                    tx.update(schema::user(user), upd, None, ex)?;
                 }
             }
+            let mut key_is = Vec::with_capacity(keys.len());
+            for (h, (charged, used_at)) in &keys {
+                let charge = key_charges.get(h).copied().unwrap_or(KeyCharge::Subtract);
+                let (upd, cond, ex) = charge.expression(Credits(*charged), *used_at);
+                key_is.push((
+                    *h,
+                    *charged,
+                    tx.update(schema::api_key(h), upd, Some(cond), ex)?,
+                ));
+            }
 
-            let mut ex = Ex::new();
-            let cond = ex.absent();
-            tx.put(usage_item(&plan.usage), Some(cond), ex)?;
+            // The rewards, to providers that exist (see `settle_from`).
+            let mut provider_is = Vec::new();
+            for (pid, amount) in &rewards {
+                if missing_providers.contains(*pid) {
+                    continue;
+                }
+                let mut ex = Ex::new();
+                let cond = ex.exists();
+                let upd = format!("ADD {} {}", ex.n("earnings"), ex.v(n(*amount)));
+                provider_is.push((*pid, tx.update(schema::provider(pid), upd, Some(cond), ex)?));
+            }
 
-            add_to_ledger(&mut tx, shard, &plan.held_ledger_delta())?;
+            add_totals_to_ledger(&mut tx, shard, &delta)?;
 
             let flags = match self.transact(what, tx).await {
-                Ok(()) => return Ok(SettleOutcome::Applied),
+                Ok(()) => {
+                    pending.drain(..taken);
+                    continue;
+                }
                 Err(Fail::Condition(flags)) => flags,
                 Err(f) => return Err(f.into_error(what)),
             };
-            if Fail::failed(&flags, req_i) {
-                match self.read_req(&hold.request_id).await? {
-                    Req::Settled(_) => return Ok(SettleOutcome::AlreadySettled),
-                    Req::Open(_) => {
-                        return Err(Error::AlreadyExists(format!(
-                            "reservation {}",
-                            hold.request_id
-                        )))
+            let mut settled = HashSet::new();
+            for (i, req_i) in req_is {
+                if !Fail::failed(&flags, req_i) {
+                    continue;
+                }
+                let id = &calls[i].1.request_id;
+                match self.read_req(id).await? {
+                    Req::Settled(_) => {
+                        out[i] = SettleOutcome::AlreadySettled;
+                        settled.insert(i);
                     }
+                    Req::Open(_) => return Err(Error::AlreadyExists(format!("reservation {id}"))),
                     Req::Missing => {}
                 }
             }
             self.again(&mut attempt, what).await?;
-            if let (Some(h), Some(i)) = (&key_hash, key_i) {
+            pending.retain(|i| !settled.contains(i));
+            for (h, charged, i) in key_is {
                 if Fail::failed(&flags, i) {
-                    key_charge = self.key_charge_for(h, charged).await?;
+                    key_charges.insert(h, self.key_charge_for(&h, Credits(charged)).await?);
                 }
             }
-            if let (Some((pid, _)), Some(i)) = (&plan.reward, provider_i) {
-                if Fail::failed(&flags, i) {
-                    reward_to_missing_provider =
-                        self.get(what, schema::provider(pid)).await?.is_none();
+            for (pid, i) in provider_is {
+                if Fail::failed(&flags, i) && self.get(what, schema::provider(pid)).await?.is_none()
+                {
+                    missing_providers.insert(pid.clone());
                 }
             }
         }
+        Ok(out)
     }
 
     async fn settle_leased(
@@ -502,26 +590,37 @@ impl LedgerStore for DynamoStore {
         calls: &[(Reservation, Settlement)],
     ) -> Result<Vec<SettleOutcome>> {
         let what = "settling calls against a lease";
-        let Req::Open(mut h) = self.read_req(lease).await? else {
-            return Err(Error::NotFound(format!("lease {lease}")));
+        // The lease as this process last wrote it, when it took it or
+        // settled against it: a wrong belief fails the lease's condition
+        // and is read again. Else read it.
+        let mut h = match self.held_now(lease) {
+            Some(h) => h,
+            None => match self.read_req(lease).await? {
+                Req::Open(h) => h,
+                _ => return Err(Error::NotFound(format!("lease {lease}"))),
+            },
         };
         let mut out = vec![SettleOutcome::Applied; calls.len()];
-        let mut seen = HashSet::new();
-        let mut pending = Vec::with_capacity(calls.len());
-        for (i, (hold, st)) in calls.iter().enumerate() {
+        for (hold, st) in calls {
             SettlePlan::for_leased(&h.r, Credits::ZERO, hold, st)?;
-            if seen.insert(&st.request_id) {
-                pending.push(i);
-            } else {
-                out[i] = SettleOutcome::AlreadySettled;
-            }
         }
+        let pending_all = first_of_each(calls, &mut out);
+        let mut pending = &pending_all[..];
+        let mut retried: Vec<usize>;
         let mut missing_providers = HashSet::new();
         let mut attempt = 0;
-        let mut at = 0;
-        while at < pending.len() {
-            let end = (at + LEASED_PER_TX).min(pending.len());
-            let chunk = &pending[at..end];
+        while !pending.is_empty() {
+            // As many calls as fit beside the lease and the ledger's shard,
+            // the rewards summed per provider.
+            let end = fitting(pending, 2, |&i| {
+                calls[i]
+                    .1
+                    .reward
+                    .iter()
+                    .map(|(p, _)| format!("P{p}"))
+                    .collect()
+            });
+            let chunk = &pending[..end];
             let mut tx = Tx::new(self);
             let mut remaining = h.r.amount;
             let mut rewards: HashMap<ProviderId, i64> = HashMap::new();
@@ -578,7 +677,8 @@ impl LedgerStore for DynamoStore {
             let flags = match self.transact(what, tx).await {
                 Ok(()) => {
                     h.r.amount = remaining;
-                    at = end;
+                    self.hold(h.clone());
+                    pending = &pending[end..];
                     continue;
                 }
                 Err(Fail::Condition(flags)) => flags,
@@ -588,7 +688,10 @@ impl LedgerStore for DynamoStore {
             if Fail::failed(&flags, lease_i) {
                 match self.read_req(lease).await? {
                     Req::Open(fresh) => h = fresh,
-                    _ => return Err(Error::NotFound(format!("lease {lease}"))),
+                    _ => {
+                        self.unhold(lease);
+                        return Err(Error::NotFound(format!("lease {lease}")));
+                    }
                 }
             }
             let mut settled = HashSet::new();
@@ -607,7 +710,12 @@ impl LedgerStore for DynamoStore {
                 }
             }
             if !settled.is_empty() {
-                pending.retain(|i| !settled.contains(i));
+                retried = pending
+                    .iter()
+                    .copied()
+                    .filter(|i| !settled.contains(i))
+                    .collect();
+                pending = &retried[..];
             }
             for (pid, i) in provider_is {
                 if Fail::failed(&flags, i)

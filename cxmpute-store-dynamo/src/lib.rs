@@ -112,17 +112,18 @@
 //! The store is shared by hosts (it keeps the default of
 //! [`LedgerStore::owned_by_one_host`](cxmpute_core::LedgerStore::owned_by_one_host)),
 //! so brokers admit through `reserve` as above. It also implements
-//! `settle_held` (a call held in a broker's memory, never reserved here),
-//! the store contract every backend keeps: one `TransactWriteItems` that
-//! writes the request settled at once (absent before), takes the charge off
-//! the account and the key (never below zero: guarded like a refund), and
-//! rewards, records and counts as `settle` does.
-//! `settle_leased` settles a batch of calls admitted from a credit lease
-//! (a reservation): per transaction up to 32 calls, each its request
-//! (written settled, absent before) and usage record, the lease's item once
-//! (its amount down by the summed charges, conditioned on the amount this
-//! process read), each provider once and the ledger's shard once.
-//!
+//! `settle_held` (calls held in a broker's memory, never reserved here),
+//! the store contract every backend keeps: per transaction as many calls as
+//! fit DynamoDB's 100 items, each its request (written settled at once,
+//! absent before) and usage record, and their sums written once per
+//! account, per key (never below zero: guarded like a refund), per provider
+//! and to the ledger's shard. `settle_leased` settles a batch of calls
+//! admitted from a credit lease (a reservation) the same way: per
+//! transaction as many calls as fit, each its request and usage record, the
+//! lease's item once (its amount down by the summed charges, conditioned on
+//! the amount this process read), each provider once and the ledger's
+//! shard once.
+
 //! ## Atomicity and concurrency
 //!
 //! Every rule that guards money is a condition of the write itself, never a

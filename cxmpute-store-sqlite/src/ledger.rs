@@ -58,10 +58,10 @@ impl LedgerStore for SqliteStore {
         }
     }
 
-    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
-        let op = MoneyOp::SettleHeld(hold.clone(), st.clone());
+    async fn settle_held(&self, calls: &[(Reservation, Settlement)]) -> Result<Vec<SettleOutcome>> {
+        let op = MoneyOp::SettleHeld(calls.to_vec());
         match self.writer.money(op).await? {
-            MoneyAnswer::Settled(outcome) => Ok(outcome),
+            MoneyAnswer::Outcomes(outcomes) => Ok(outcomes),
             other => Err(unexpected(other)),
         }
     }
@@ -73,7 +73,7 @@ impl LedgerStore for SqliteStore {
     ) -> Result<Vec<SettleOutcome>> {
         let op = MoneyOp::SettleLeased(lease.clone(), calls.to_vec());
         match self.writer.money(op).await? {
-            MoneyAnswer::Leased(outcomes) => Ok(outcomes),
+            MoneyAnswer::Outcomes(outcomes) => Ok(outcomes),
             other => Err(unexpected(other)),
         }
     }

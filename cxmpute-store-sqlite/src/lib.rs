@@ -46,8 +46,9 @@
 //! The store says so ([`LedgerStore::owned_by_one_host`]), so a broker on it
 //! admits calls from memory: it reads an account once, holds what calls in
 //! flight may cost in its own memory, and writes only each call's
-//! settlement ([`LedgerStore::settle_held`], a money operation batched like
-//! the others): one write per call. Every change of balances and keys must
+//! settlements ([`LedgerStore::settle_held`], a money operation run with
+//! the others): the broker sends the calls that queued up together, and
+//! one transaction writes them, each account, key and provider once. Every change of balances and keys must
 //! then go through that broker, and no second store may serve from the
 //! same file, since each would admit against its own memory: opening one
 //! while another (in this process or another) has the file is refused.

@@ -32,8 +32,8 @@ pub(crate) enum MoneyOp {
     Reserve(Reservation),
     /// [`LedgerStore::settle`].
     Settle(Settlement),
-    /// [`LedgerStore::settle_held`]: the hold, and its settlement.
-    SettleHeld(Reservation, Settlement),
+    /// [`LedgerStore::settle_held`]: each call's hold, and its settlement.
+    SettleHeld(Vec<(Reservation, Settlement)>),
     /// [`LedgerStore::settle_leased`]: the lease, and its calls.
     SettleLeased(RequestId, Vec<(Reservation, Settlement)>),
 }
@@ -43,7 +43,8 @@ impl MoneyOp {
     fn request_ids(&self) -> Vec<&RequestId> {
         match self {
             MoneyOp::Reserve(r) => vec![&r.request_id],
-            MoneyOp::Settle(s) | MoneyOp::SettleHeld(_, s) => vec![&s.request_id],
+            MoneyOp::Settle(s) => vec![&s.request_id],
+            MoneyOp::SettleHeld(calls) => calls.iter().map(|(_, s)| &s.request_id).collect(),
             MoneyOp::SettleLeased(lease, calls) => std::iter::once(lease)
                 .chain(calls.iter().map(|(_, s)| &s.request_id))
                 .collect(),
@@ -58,8 +59,8 @@ pub(crate) enum MoneyAnswer {
     Reserved,
     /// The settlement's outcome.
     Settled(SettleOutcome),
-    /// The outcome of each call settled against a lease.
-    Leased(Vec<SettleOutcome>),
+    /// The outcome of each call settled against a lease, or held.
+    Outcomes(Vec<SettleOutcome>),
 }
 
 /// Everything a run decides on, in one round trip: the open reservations
@@ -177,30 +178,40 @@ impl Run {
         Ok(MoneyAnswer::Settled(SettleOutcome::Applied))
     }
 
-    fn settle_held(&mut self, hold: &Reservation, st: &Settlement) -> Result<MoneyAnswer> {
-        let plan = SettlePlan::for_held(hold, st)?;
-        if self.settled.contains(&st.request_id) {
-            return Ok(MoneyAnswer::Settled(SettleOutcome::AlreadySettled));
+    fn settle_held(&mut self, calls: &[(Reservation, Settlement)]) -> Result<MoneyAnswer> {
+        // Every refusal comes before any change.
+        let mut plans = Vec::with_capacity(calls.len());
+        for (hold, st) in calls {
+            plans.push(SettlePlan::for_held(hold, st)?);
+            if self.open.contains_key(&st.request_id) {
+                return Err(Error::AlreadyExists(format!(
+                    "reservation {}",
+                    st.request_id
+                )));
+            }
         }
-        if self.open.contains_key(&st.request_id) {
-            return Err(Error::AlreadyExists(format!(
-                "reservation {}",
-                st.request_id
-            )));
+        let mut out = Vec::with_capacity(calls.len());
+        for ((hold, st), plan) in calls.iter().zip(plans) {
+            if self.settled.contains(&st.request_id) {
+                out.push(SettleOutcome::AlreadySettled);
+                continue;
+            }
+            let key = self.keys.get_mut(&hold.key_id);
+            if key.is_some() {
+                self.touched_keys.insert(hold.key_id.clone());
+            }
+            // Summed per account, key and provider: one write each per run.
+            plan.charge_to(hold, self.users.get_mut(&hold.user_id), key);
+            *self.user_delta.entry(hold.user_id.clone()).or_default() -= plan.usage.charged.0;
+            if let Some((provider, amount)) = &plan.reward {
+                *self.provider_delta.entry(provider.clone()).or_default() += amount.0;
+            }
+            plan.held_ledger_delta().add_to(&mut self.ledger);
+            self.settled.insert(st.request_id.clone());
+            self.usage.push(plan.usage);
+            out.push(SettleOutcome::Applied);
         }
-        let key = self.keys.get_mut(&hold.key_id);
-        if key.is_some() {
-            self.touched_keys.insert(hold.key_id.clone());
-        }
-        plan.charge_to(hold, self.users.get_mut(&hold.user_id), key);
-        *self.user_delta.entry(hold.user_id.clone()).or_default() -= plan.usage.charged.0;
-        if let Some((provider, amount)) = &plan.reward {
-            *self.provider_delta.entry(provider.clone()).or_default() += amount.0;
-        }
-        plan.held_ledger_delta().add_to(&mut self.ledger);
-        self.settled.insert(st.request_id.clone());
-        self.usage.push(plan.usage);
-        Ok(MoneyAnswer::Settled(SettleOutcome::Applied))
+        Ok(MoneyAnswer::Outcomes(out))
     }
 }
 
@@ -251,7 +262,7 @@ impl Run {
                 self.closed.push(lease.clone());
             }
         }
-        Ok(MoneyAnswer::Leased(out))
+        Ok(MoneyAnswer::Outcomes(out))
     }
 }
 
@@ -273,9 +284,10 @@ pub(crate) async fn apply(
     let ids = json(&ids)?;
     let key_ids: HashSet<&str> = ops
         .iter()
-        .filter_map(|op| match op {
-            MoneyOp::Reserve(r) | MoneyOp::SettleHeld(r, _) => Some(r.key_id.as_str()),
-            MoneyOp::Settle(_) | MoneyOp::SettleLeased(..) => None,
+        .flat_map(|op| match op {
+            MoneyOp::Reserve(r) => vec![r.key_id.as_str()],
+            MoneyOp::SettleHeld(calls) => calls.iter().map(|(h, _)| h.key_id.as_str()).collect(),
+            MoneyOp::Settle(_) | MoneyOp::SettleLeased(..) => Vec::new(),
         })
         .collect();
     let found = sqlx::query(READ_RUN)
@@ -312,7 +324,7 @@ pub(crate) async fn apply(
         .map(|op| match op {
             MoneyOp::Reserve(r) => run.reserve(r),
             MoneyOp::Settle(s) => run.settle(s),
-            MoneyOp::SettleHeld(hold, s) => run.settle_held(hold, s),
+            MoneyOp::SettleHeld(calls) => run.settle_held(calls),
             MoneyOp::SettleLeased(lease, calls) => run.settle_leased(lease, calls),
         })
         .collect();

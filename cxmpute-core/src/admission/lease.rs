@@ -5,15 +5,24 @@
 //! the key's limit give it up atomically, so the sum of every host's leases
 //! never exceeds either. Calls of that account and key are then held from
 //! the lease in memory, with no store call, and settled against it in
-//! batches ([`LedgerStore::settle_leased`]): the calls waiting to settle
-//! against one lease go to the store together, and each call's answer is
-//! released once its batch committed.
+//! batches ([`LedgerStore::settle_leased`]): the calls of one account and
+//! key waiting to settle go to the store together (one group-commit queue,
+//! [`super::batch`], whichever of its leases admitted them), and each
+//! call's answer is released once its batch committed.
 //!
-//! - **Size.** The first lease of an account and key holds one call's hold;
-//!   each refill doubles it (up to [`MAX_CALLS`] holds), and a refused
-//!   reservation brings it back to one. A call the leases cannot cover
-//!   falls back to a reservation of its own, so a small balance is never
-//!   stranded on one host.
+//! - **Size.** Each account and key keeps what its calls held lately on
+//!   this host, decaying by half every [`SPENDING_HALF_LIFE`]. A lease is
+//!   that and one call more, in whole calls' holds (at most [`MAX_CALLS`]):
+//!   about as long again of spending, so a small balance is never all
+//!   moved to one host. A lease refused for want of credits caps the next
+//!   ones at half its size for [`LeaseConfig::idle`]; a call the leases
+//!   cannot cover falls back to a reservation of its own.
+//! - **Refill ahead of need.** When what the leases can still admit falls
+//!   below half of what the key spent lately (and it spent at least two
+//!   calls' holds lately), a background task takes the next lease, holding
+//!   the refill lock: at a steady rate the next lease is there before it is
+//!   needed and no call waits for one; a call that does run out waits for
+//!   that refill rather than reserving a lease of its own.
 //! - **Hand-back.** On the maintenance tick a lease with no call in flight
 //!   goes back to the account (settled at zero) once its account and key
 //!   were idle for [`LeaseConfig::idle`], or once it is spent.
@@ -34,7 +43,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -42,8 +50,89 @@ use crate::store::Store;
 use crate::store_support::release_settlement;
 use crate::types::*;
 
+use super::batch::Batch;
+
 /// The most calls' holds one lease is sized for.
-const MAX_CALLS: i64 = 64;
+const MAX_CALLS: i64 = 1_024;
+
+/// How fast a slot forgets what it spent: a lease holds about what its
+/// account and key spent on this host over the last few of these.
+const SPENDING_HALF_LIFE: Duration = Duration::from_secs(2);
+
+/// A refill to run ahead of need: the slot's refill lock, taken, and the
+/// lease's size.
+struct Ahead {
+    guard: tokio::sync::OwnedMutexGuard<()>,
+    size: Credits,
+}
+
+impl Slot {
+    /// Counts `amount` in what the slot spent lately, at `now`.
+    fn spend(&mut self, amount: Credits, now: Timestamp) {
+        self.recent = self.spent_lately(now) + amount.0 as f64;
+        self.recent_at = self.recent_at.max(now);
+    }
+
+    /// What the slot spent lately, decayed to `now`.
+    fn spent_lately(&self, now: Timestamp) -> f64 {
+        let ms = now.0.saturating_sub(self.recent_at.0).max(0) as f64;
+        let half_life = SPENDING_HALF_LIFE.as_millis() as f64;
+        self.recent * 0.5f64.powf(ms / half_life)
+    }
+
+    /// What the next lease holds, in whole calls' holds of `amount` (a
+    /// remainder no call fits would only wait to go back): what the slot
+    /// spent lately and one call more (so that it lasts about as long
+    /// again, and a small balance is not all moved to one host), at most
+    /// [`MAX_CALLS`] calls, and at most half of a lease refused within
+    /// `idle` (at least one call).
+    fn size(&self, amount: Credits, now: Timestamp, idle: Duration) -> Credits {
+        if amount.0 <= 0 {
+            return amount;
+        }
+        let most = match self.short {
+            Some((refused, at)) if now < at.plus(idle) => refused.0 / 2 / amount.0,
+            _ => MAX_CALLS,
+        }
+        .max(1);
+        // Rounded up; the float is within i64 once capped at `most`.
+        let lately = (self.spent_lately(now) / amount.0 as f64)
+            .ceil()
+            .min(most as f64) as i64;
+        Credits(amount.0.saturating_mul(lately.saturating_add(1).min(most)))
+    }
+
+    /// Whether a lease was refused within `idle` before `now`.
+    fn is_short(&self, now: Timestamp, idle: Duration) -> bool {
+        self.short.is_some_and(|(_, at)| now < at.plus(idle))
+    }
+
+    /// A refill to start now, ahead of need: due when what the slot's
+    /// leases can still admit is below half of what it spent lately, and it
+    /// spent at least two calls' `amount` lately (a trickle of calls takes
+    /// leases as it goes instead). `None` when none is due, the slot is
+    /// short, or a refill is under way.
+    fn ahead(&mut self, amount: Credits, now: Timestamp, config: &LeaseConfig) -> Option<Ahead> {
+        let lately = self.spent_lately(now);
+        if self.is_short(now, config.idle) || amount.0 <= 0 || lately < 2.0 * amount.0 as f64 {
+            return None;
+        }
+        let left: i64 = self
+            .leases
+            .iter()
+            .filter(|l| l.admits(now, config.renew_after))
+            .map(|l| l.spendable().0)
+            .sum();
+        if left as f64 >= lately / 2.0 {
+            return None;
+        }
+        let guard = self.refill.clone().try_lock_owned().ok()?;
+        Some(Ahead {
+            guard,
+            size: self.size(amount, now, config.idle),
+        })
+    }
+}
 
 /// How leases are kept (from [`BrokerConfig`](crate::BrokerConfig)).
 #[derive(Clone, Copy, Debug)]
@@ -65,12 +154,23 @@ pub(crate) struct Leases {
 /// The leases of one account and key.
 struct Slot {
     leases: Vec<Lease>,
-    /// Calls' holds the next lease is sized for.
-    calls: i64,
+    /// The holds of its calls lately, decaying by half every
+    /// [`SPENDING_HALF_LIFE`] (credits; a sizing hint, not money).
+    recent: f64,
+    recent_at: Timestamp,
+    /// The size of the last lease refused for want of credits, and when:
+    /// for [`LeaseConfig::idle`] after, leases are at most half of it, and
+    /// none is taken ahead of need. (Once the balance cannot cover one
+    /// call's hold, each call costs the one refused reservation.)
+    short: Option<(Credits, Timestamp)>,
     /// Taken while a lease is reserved, so that calls arriving together
     /// wait for one refill instead of each reserving its own.
     refill: Arc<tokio::sync::Mutex<()>>,
     last_used: Timestamp,
+    /// The settlements of its calls, whichever lease admitted them: one
+    /// queue per account and key, so that its batches never race each
+    /// other for the same items.
+    batch: Arc<Batch>,
 }
 
 struct Lease {
@@ -85,7 +185,6 @@ struct Lease {
     calls: usize,
     /// Admits no more calls; goes back once its calls are over.
     retired: bool,
-    batch: Arc<Batch>,
 }
 
 impl Lease {
@@ -110,69 +209,107 @@ impl Leases {
 
     /// Holds `r` from a lease: `Some(lease)` when it did, `None` when no
     /// lease could cover it and it was reserved in the store instead.
-    pub(crate) async fn hold(&self, r: &Reservation) -> Result<Option<RequestId>> {
+    pub(crate) async fn hold(self: &Arc<Self>, r: &Reservation) -> Result<Option<RequestId>> {
         let slot = (r.user_id.clone(), r.key_id.clone());
         let refill = match self.take(&slot, r) {
-            Ok(lease) => return Ok(Some(lease)),
+            Ok((lease, ahead)) => {
+                self.refill_ahead(&slot, r, ahead);
+                return Ok(Some(lease));
+            }
             Err(refill) => refill,
         };
         let guard = refill.lock().await;
-        // Another call may have refilled while this one waited.
-        let calls = match self.take(&slot, r) {
-            Ok(lease) => return Ok(Some(lease)),
-            Err(_) => self.slots.lock().get(&slot).map_or(1, |s| s.calls),
+        // Another call (or a refill ahead of need) may have refilled while
+        // this one waited.
+        let size = match self.take(&slot, r) {
+            Ok((lease, ahead)) => {
+                drop(guard);
+                self.refill_ahead(&slot, r, ahead);
+                return Ok(Some(lease));
+            }
+            Err(_) => self.next_size(&slot, r),
         };
-        let size = Credits(r.amount.0.saturating_mul(calls));
         if size > Credits::ZERO {
-            let lease = Reservation {
-                request_id: crate::store_support::lease_id(),
-                amount: size,
-                created_at: self.clock.now(),
-                ..r.clone()
-            };
-            match self.store.reserve(&lease).await {
-                Ok(()) => {
-                    let id = lease.request_id.clone();
-                    let mut slots = self.slots.lock();
-                    let s = slot_of(&mut slots, &slot, lease.created_at);
-                    s.calls = (calls * 2).min(MAX_CALLS);
-                    s.leases.push(Lease {
-                        remaining: lease.amount,
-                        held: r.amount,
-                        calls: 1,
-                        retired: false,
-                        batch: Arc::default(),
-                        r: lease,
-                    });
-                    return Ok(Some(id));
+            match self.take_lease(&slot, r, size, true).await {
+                Ok(lease) => {
+                    drop(guard);
+                    let ahead = self.ahead(&slot, r);
+                    self.refill_ahead(&slot, r, ahead);
+                    return Ok(Some(lease));
                 }
                 // Less is left than the lease: this call alone may still fit.
-                Err(e @ (Error::InsufficientCredits(_) | Error::KeyLimitReached(_))) => {
-                    if let Some(s) = self.slots.lock().get_mut(&slot) {
-                        s.calls = 1;
-                    }
-                    if size == r.amount {
-                        return Err(e); // it was this call's own hold
-                    }
+                Err(e @ (Error::InsufficientCredits(_) | Error::KeyLimitReached(_)))
+                    if size == r.amount =>
+                {
+                    return Err(e); // it was this call's own hold
                 }
+                Err(Error::InsufficientCredits(_) | Error::KeyLimitReached(_)) => {}
                 Err(e) => return Err(e),
             }
         }
         drop(guard);
         self.store.reserve(r).await?;
+        let now = self.clock.now();
+        if let Some(s) = self.slots.lock().get_mut(&slot) {
+            s.spend(r.amount, now);
+        }
         Ok(None)
     }
 
+    /// Reserves a lease of `size` for the slot of `r` (on its key and
+    /// route) and keeps it, holding `r` from it when `with_call`. A refusal
+    /// for want of credits marks the slot short ([`Slot::short`]).
+    async fn take_lease(
+        &self,
+        slot: &(UserId, ApiKeyId),
+        r: &Reservation,
+        size: Credits,
+        with_call: bool,
+    ) -> Result<RequestId> {
+        let lease = Reservation {
+            request_id: crate::store_support::lease_id(),
+            amount: size,
+            created_at: self.clock.now(),
+            ..r.clone()
+        };
+        let reserved = self.store.reserve(&lease).await;
+        let mut slots = self.slots.lock();
+        let s = slot_of(&mut slots, slot, lease.created_at, &self.store);
+        match reserved {
+            Ok(()) => {
+                let id = lease.request_id.clone();
+                if with_call {
+                    s.spend(r.amount, lease.created_at);
+                }
+                s.leases.push(Lease {
+                    remaining: lease.amount,
+                    held: if with_call { r.amount } else { Credits::ZERO },
+                    calls: usize::from(with_call),
+                    retired: false,
+                    r: lease,
+                });
+                Ok(id)
+            }
+            Err(e) => {
+                if matches!(e, Error::InsufficientCredits(_) | Error::KeyLimitReached(_)) {
+                    s.short = Some((size, lease.created_at));
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Holds `r` from a lease in memory, or hands back the slot's refill
-    /// lock when none covers it.
+    /// lock when none covers it. With the lease, a refill to start ahead of
+    /// need, if one is due ([`Slot::ahead`]).
     fn take(
         &self,
         slot: &(UserId, ApiKeyId),
         r: &Reservation,
-    ) -> std::result::Result<RequestId, Arc<tokio::sync::Mutex<()>>> {
+    ) -> std::result::Result<(RequestId, Option<Ahead>), Arc<tokio::sync::Mutex<()>>> {
         let now = self.clock.now();
         let mut slots = self.slots.lock();
-        let s = slot_of(&mut slots, slot, now);
+        let s = slot_of(&mut slots, slot, now, &self.store);
         s.last_used = now;
         let renew_after = self.config.renew_after;
         match s
@@ -183,10 +320,49 @@ impl Leases {
             Some(l) => {
                 l.held = l.held.saturating_add(r.amount);
                 l.calls += 1;
-                Ok(l.r.request_id.clone())
+                let id = l.r.request_id.clone();
+                s.spend(r.amount, now);
+                Ok((id, s.ahead(r.amount, now, &self.config)))
             }
             None => Err(s.refill.clone()),
         }
+    }
+
+    /// A refill to start ahead of need for the slot of `r`, if one is due.
+    fn ahead(&self, slot: &(UserId, ApiKeyId), r: &Reservation) -> Option<Ahead> {
+        let now = self.clock.now();
+        let mut slots = self.slots.lock();
+        let s = slots.get_mut(slot)?;
+        s.ahead(r.amount, now, &self.config)
+    }
+
+    /// What the next lease of the slot of `r` holds ([`Slot::size`]).
+    fn next_size(&self, slot: &(UserId, ApiKeyId), r: &Reservation) -> Credits {
+        let now = self.clock.now();
+        let mut slots = self.slots.lock();
+        slot_of(&mut slots, slot, now, &self.store).size(r.amount, now, self.config.idle)
+    }
+
+    /// Takes the next lease in the background, holding the slot's refill
+    /// lock meanwhile: a call that finds no lease covering it waits for this
+    /// refill rather than reserving one of its own.
+    fn refill_ahead(
+        self: &Arc<Self>,
+        slot: &(UserId, ApiKeyId),
+        r: &Reservation,
+        ahead: Option<Ahead>,
+    ) {
+        let Some(Ahead { guard, size }) = ahead else {
+            return;
+        };
+        let (me, slot, r) = (self.clone(), slot.clone(), r.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            // A refusal marks the slot short; calls then reserve as usual.
+            if let Err(e) = me.take_lease(&slot, &r, size, false).await {
+                tracing::debug!(error = %e, "taking a credit lease ahead of need failed");
+            }
+        });
     }
 
     /// Settles the call `hold`, admitted from `lease`, in the lease's next
@@ -199,11 +375,16 @@ impl Leases {
         st: &Settlement,
     ) -> Result<SettleOutcome> {
         let slot = (hold.user_id.clone(), hold.key_id.clone());
-        let batch = self
-            .with_lease(&slot, lease, |l| l.batch.clone())
-            .ok_or_else(|| Error::NotFound(format!("lease {lease}")))?;
+        let batch = {
+            let slots = self.slots.lock();
+            slots
+                .get(&slot)
+                .filter(|s| s.leases.iter().any(|l| &l.r.request_id == lease))
+                .map(|s| s.batch.clone())
+        };
+        let batch = batch.ok_or_else(|| Error::NotFound(format!("lease {lease}")))?;
         let outcome = batch
-            .submit(&self.store, lease, hold.clone(), st.clone())
+            .submit(Some(lease.clone()), hold.clone(), st.clone())
             .await?;
         let done = {
             let mut slots = self.slots.lock();
@@ -356,95 +537,15 @@ fn slot_of<'a>(
     slots: &'a mut HashMap<(UserId, ApiKeyId), Slot>,
     key: &(UserId, ApiKeyId),
     now: Timestamp,
+    store: &Arc<dyn Store>,
 ) -> &'a mut Slot {
     slots.entry(key.clone()).or_insert_with(|| Slot {
         leases: Vec::new(),
-        calls: 1,
+        recent: 0.0,
+        recent_at: now,
+        short: None,
         refill: Arc::default(),
         last_used: now,
+        batch: Batch::new(store.clone()),
     })
-}
-
-type Reply = oneshot::Sender<Result<SettleOutcome>>;
-
-/// The settlements waiting to be committed against one lease: the first
-/// to arrive starts a task that commits everything queued, one store call
-/// per batch, until the queue is empty (a group commit).
-#[derive(Default)]
-struct Batch {
-    queue: Mutex<Queue>,
-}
-
-#[derive(Default)]
-struct Queue {
-    calls: Vec<(Reservation, Settlement, Reply)>,
-    running: bool,
-}
-
-impl Batch {
-    async fn submit(
-        self: &Arc<Self>,
-        store: &Arc<dyn Store>,
-        lease: &RequestId,
-        hold: Reservation,
-        st: Settlement,
-    ) -> Result<SettleOutcome> {
-        let (tx, rx) = oneshot::channel();
-        let lead = {
-            let mut q = self.queue.lock();
-            q.calls.push((hold, st, tx));
-            !std::mem::replace(&mut q.running, true)
-        };
-        if lead {
-            // A task of its own: a caller that goes away must not leave the
-            // others waiting.
-            let (me, store, lease) = (self.clone(), store.clone(), lease.clone());
-            tokio::spawn(async move { me.drain(store, lease).await });
-        }
-        rx.await
-            .unwrap_or_else(|e| Err(Error::unavailable("settling against a lease", e)))
-    }
-
-    async fn drain(&self, store: Arc<dyn Store>, lease: RequestId) {
-        loop {
-            let queued = {
-                let mut q = self.queue.lock();
-                if q.calls.is_empty() {
-                    q.running = false;
-                    return;
-                }
-                std::mem::take(&mut q.calls)
-            };
-            let (calls, replies): (Vec<_>, Vec<_>) =
-                queued.into_iter().map(|(h, s, tx)| ((h, s), tx)).unzip();
-            match store.settle_leased(&lease, &calls).await {
-                Ok(outcomes) => {
-                    for (tx, o) in replies.into_iter().zip(outcomes) {
-                        let _ = tx.send(Ok(o));
-                    }
-                }
-                // One error answers every call of the batch: each alone, so
-                // that a call's error is its own.
-                Err(e) if calls.len() == 1 => {
-                    if let Some(tx) = replies.into_iter().next() {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-                Err(_) => {
-                    for (call, tx) in calls.into_iter().zip(replies) {
-                        let one = store
-                            .settle_leased(&lease, std::slice::from_ref(&call))
-                            .await;
-                        let one = one.and_then(|o| {
-                            o.into_iter().next().ok_or_else(|| Error::Backend {
-                                message: "a settlement without an outcome".into(),
-                                source: None,
-                            })
-                        });
-                        let _ = tx.send(one);
-                    }
-                }
-            }
-        }
-    }
 }

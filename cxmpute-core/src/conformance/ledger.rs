@@ -704,6 +704,17 @@ pub async fn concurrent_duplicate_settles_apply_once(store: Arc<dyn Store>) {
 
 // ---- settlements of calls held in memory -------------------------------------
 
+/// Settles one held call alone (a batch of one), and its one outcome.
+async fn settle_one(
+    store: &Arc<dyn Store>,
+    hold: &Reservation,
+    st: &Settlement,
+) -> crate::error::Result<SettleOutcome> {
+    let mut out = store.settle_held(&[(hold.clone(), st.clone())]).await?;
+    assert_eq!(out.len(), 1, "one outcome per call");
+    Ok(out.remove(0))
+}
+
 /// A settlement whose hold lived in the broker's memory charges the balance
 /// and the key, marks the key used, rewards the provider, stores the usage
 /// record and adds to the totals with nothing reserved; once.
@@ -718,7 +729,7 @@ pub async fn settle_held_charges_rewards_and_records_once(store: Arc<dyn Store>)
         at(9),
     );
     assert_eq!(
-        store.settle_held(&hold, &st).await.unwrap(),
+        settle_one(&store, &hold, &st).await.unwrap(),
         SettleOutcome::Applied
     );
     assert_eq!(balance(&store, &user).await, Credits::micros(6_999_999));
@@ -750,12 +761,12 @@ pub async fn settle_held_charges_rewards_and_records_once(store: Arc<dyn Store>)
 
     // Again, or with other figures: nothing more.
     assert_eq!(
-        store.settle_held(&hold, &st).await.unwrap(),
+        settle_one(&store, &hold, &st).await.unwrap(),
         SettleOutcome::AlreadySettled
     );
     let other = settlement(&hold, Credits::ZERO, None, at(10));
     assert_eq!(
-        store.settle_held(&hold, &other).await.unwrap(),
+        settle_one(&store, &hold, &other).await.unwrap(),
         SettleOutcome::AlreadySettled
     );
     assert_eq!(
@@ -782,7 +793,7 @@ pub async fn settle_held_clamps_charge_and_reward(store: Arc<dyn Store>) {
         Some((&provider, Credits::whole(20))),
         at(2),
     );
-    store.settle_held(&hold, &st).await.unwrap();
+    settle_one(&store, &hold, &st).await.unwrap();
     assert_eq!(balance(&store, &user).await, Credits::whole(6));
     assert_eq!(key_left(&store, &key).await, None);
     assert_eq!(earnings(&store, &provider).await, Credits::whole(4));
@@ -799,7 +810,7 @@ pub async fn settle_held_clamps_charge_and_reward(store: Arc<dyn Store>) {
         Some((&provider, Credits::whole(1))),
         at(4),
     );
-    store.settle_held(&failed, &st).await.unwrap();
+    settle_one(&store, &failed, &st).await.unwrap();
     assert_eq!(balance(&store, &user).await, Credits::whole(6));
     assert_eq!(earnings(&store, &provider).await, Credits::whole(4));
     let k = store.api_key_by_hash(&key.hash).await.unwrap();
@@ -824,7 +835,7 @@ pub async fn settle_held_never_takes_a_key_below_zero(store: Arc<dyn Store>) {
     };
     store.update_api_key(&key.id, &lower).await.unwrap();
     let st = settlement(&hold, Credits::whole(5), None, at(2));
-    store.settle_held(&hold, &st).await.unwrap();
+    settle_one(&store, &hold, &st).await.unwrap();
     let k = store.api_key_by_hash(&key.hash).await.unwrap();
     assert_eq!(
         (k.credits_left, k.credit_limit),
@@ -847,7 +858,7 @@ pub async fn settle_held_of_a_reserved_request_is_refused(store: Arc<dyn Store>)
     let r = reservation(&user, &key, Credits::whole(3), at(1));
     store.reserve(&r).await.unwrap();
     let st = settlement(&r, Credits::whole(2), None, at(2));
-    assert_err!(store.settle_held(&r, &st).await, Error::AlreadyExists(_));
+    assert_err!(settle_one(&store, &r, &st).await, Error::AlreadyExists(_));
     assert_eq!(balance(&store, &user).await, Credits::whole(7));
     let t = store.ledger_totals().await.unwrap();
     assert_eq!((t.settlements, t.reserved), (0, Credits::whole(3)));
@@ -855,7 +866,7 @@ pub async fn settle_held_of_a_reserved_request_is_refused(store: Arc<dyn Store>)
     assert_eq!(balance(&store, &user).await, Credits::whole(8));
     // A settlement for another request than the hold's is refused.
     let hold = reservation(&user, &key, Credits::whole(1), at(3));
-    assert_err!(store.settle_held(&hold, &st).await, Error::InvalidInput(_));
+    assert_err!(settle_one(&store, &hold, &st).await, Error::InvalidInput(_));
 }
 
 /// Held settlements leave nothing for the stale-reservation sweep, and the
@@ -864,7 +875,7 @@ pub async fn settle_held_leaves_nothing_to_release(store: Arc<dyn Store>) {
     let (user, key) = funded(&store, Credits::whole(10), None).await;
     let hold = reservation(&user, &key, Credits::whole(3), at(1));
     let st = settlement(&hold, Credits::whole(1), None, at(2));
-    store.settle_held(&hold, &st).await.unwrap();
+    settle_one(&store, &hold, &st).await.unwrap();
     assert_eq!(
         store.release_stale_reservations(at(1_000)).await.unwrap(),
         0
@@ -872,6 +883,163 @@ pub async fn settle_held_leaves_nothing_to_release(store: Arc<dyn Store>) {
     let rec = store.settlement(&hold.request_id).await.unwrap();
     assert_eq!(rec.charged, Credits::whole(1));
     assert_eq!(balance(&store, &user).await, Credits::whole(9));
+}
+
+/// A batch of held calls of two accounts and two providers, a repeat inside
+/// it among them: the outcomes come in order, each call lands once, and
+/// every balance, key, earning and total moves by the exact sum; the same
+/// batch again changes nothing.
+pub async fn settle_held_batch_sums_each_account_and_provider_exactly(store: Arc<dyn Store>) {
+    let (a, ka) = funded(&store, Credits::whole(10), Some(Credits::whole(5))).await;
+    let (b, kb) = funded(&store, Credits::whole(10), None).await;
+    let (p, q) = (stored_provider(&store).await, stored_provider(&store).await);
+    let call = |user: &User, key: &ApiKey, charge: i64, to: &Provider, reward: i64, t: i64| {
+        let hold = reservation(user, key, Credits::whole(1), at(t));
+        let st = settlement(
+            &hold,
+            Credits(charge),
+            Some((to, Credits(reward))),
+            at(t + 1),
+        );
+        (hold, st)
+    };
+    let a1 = call(&a, &ka, 100_000, &p, 50_000, 1);
+    let calls = vec![
+        a1.clone(),
+        call(&b, &kb, 10_000, &q, 5_000, 2),
+        a1.clone(),
+        call(&a, &ka, 200_000, &q, 60_000, 3),
+        call(&b, &kb, 20_000, &p, 5_000, 4),
+        // Charged past its hold: cut to it, and its reward to the charge.
+        call(&a, &ka, 3_000_000, &p, 2_000_000, 5),
+    ];
+    use SettleOutcome::{AlreadySettled, Applied};
+    assert_eq!(
+        store.settle_held(&calls).await.unwrap(),
+        vec![Applied, Applied, AlreadySettled, Applied, Applied, Applied]
+    );
+    let check = || async {
+        let a_paid = 100_000 + 200_000 + 1_000_000;
+        assert_eq!(
+            balance(&store, &a).await,
+            Credits(Credits::whole(10).0 - a_paid)
+        );
+        assert_eq!(
+            key_left(&store, &ka).await,
+            Some(Credits(Credits::whole(5).0 - a_paid))
+        );
+        let k = store.api_key_by_hash(&ka.hash).await.unwrap();
+        assert_eq!(k.last_used_at, Some(at(5)), "marked used by its last call");
+        assert_eq!(
+            balance(&store, &b).await,
+            Credits(Credits::whole(10).0 - 30_000)
+        );
+        assert_eq!(
+            earnings(&store, &p).await,
+            Credits(50_000 + 5_000 + 1_000_000)
+        );
+        assert_eq!(earnings(&store, &q).await, Credits(5_000 + 60_000));
+        let t = store.ledger_totals().await.unwrap();
+        assert_eq!(
+            (t.settlements, t.charged, t.rewarded, t.reserved),
+            (
+                5,
+                Credits(a_paid + 30_000),
+                Credits(1_055_000 + 65_000),
+                Credits::ZERO
+            )
+        );
+        assert_eq!(store.usage_records(&a.id, 10).await.unwrap().len(), 3);
+        assert_eq!(store.usage_records(&b.id, 10).await.unwrap().len(), 2);
+        let rec = store.settlement(&calls[5].0.request_id).await.unwrap();
+        assert_eq!(
+            (rec.charged, rec.reward),
+            (Credits::whole(1), Credits::whole(1))
+        );
+    };
+    check().await;
+    assert_eq!(
+        store.settle_held(&calls).await.unwrap(),
+        vec![AlreadySettled; calls.len()]
+    );
+    check().await;
+    assert_eq!(store.settle_held(&[]).await.unwrap(), Vec::new());
+}
+
+/// A batch with one call that may not settle (the id of an open
+/// reservation, a settlement for another request than its hold) is refused
+/// whole, nothing of it applied; without that call it settles.
+pub async fn settle_held_batch_with_a_refused_call_changes_nothing(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let open = reservation(&user, &key, Credits::whole(2), at(1));
+    store.reserve(&open).await.unwrap();
+    let fine = reservation(&user, &key, Credits::whole(1), at(2));
+    let fine_st = settlement(&fine, Credits::whole(1), None, at(3));
+    let open_st = settlement(&open, Credits::whole(1), None, at(3));
+    let calls = [(fine.clone(), fine_st.clone()), (open.clone(), open_st)];
+    assert_err!(store.settle_held(&calls).await, Error::AlreadyExists(_));
+    let crossed = [
+        (fine.clone(), fine_st.clone()),
+        (open.clone(), fine_st.clone()),
+    ];
+    assert_err!(store.settle_held(&crossed).await, Error::InvalidInput(_));
+    assert_eq!(balance(&store, &user).await, Credits::whole(8));
+    assert_err!(store.settlement(&fine.request_id).await, Error::NotFound(_));
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!((t.settlements, t.reserved), (0, Credits::whole(2)));
+    assert_eq!(
+        store.settle_held(&calls[..1]).await.unwrap(),
+        vec![SettleOutcome::Applied]
+    );
+    assert_eq!(balance(&store, &user).await, Credits::whole(7));
+}
+
+/// A batch larger than one DynamoDB transaction holds (150 calls of one
+/// account, rewarding three providers) lands whole, with exact sums.
+pub async fn settle_held_large_batch_lands_whole(store: Arc<dyn Store>) {
+    const N: i64 = 150;
+    let (user, key) = funded(&store, Credits::whole(100), Some(Credits::whole(50))).await;
+    let providers = [
+        stored_provider(&store).await,
+        stored_provider(&store).await,
+        stored_provider(&store).await,
+    ];
+    let calls: Vec<_> = (0..N)
+        .map(|i| {
+            let hold = reservation(&user, &key, Credits::whole(1), at(i));
+            let to = &providers[usize::try_from(i).unwrap() % 3];
+            let st = settlement(
+                &hold,
+                Credits(10_000 + i),
+                Some((to, Credits(1_000))),
+                at(N),
+            );
+            (hold, st)
+        })
+        .collect();
+    let out = store.settle_held(&calls).await.unwrap();
+    assert_eq!(out, vec![SettleOutcome::Applied; calls.len()]);
+    let charged: i64 = (0..N).map(|i| 10_000 + i).sum();
+    assert_eq!(
+        balance(&store, &user).await,
+        Credits(Credits::whole(100).0 - charged)
+    );
+    assert_eq!(
+        key_left(&store, &key).await,
+        Some(Credits(Credits::whole(50).0 - charged))
+    );
+    for p in &providers {
+        assert_eq!(earnings(&store, p).await, Credits(1_000 * N / 3));
+    }
+    let t = store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.settlements, t.charged, t.rewarded),
+        (N as u64, Credits(charged), Credits(1_000 * N))
+    );
+    assert_eq!(
+        store.usage_records(&user.id, 1_000).await.unwrap().len(),
+        N as usize
+    );
 }
 
 /// 200 concurrent held settlements of one account, key and provider: every
@@ -892,7 +1060,7 @@ pub async fn concurrent_held_settles_lose_no_update(store: Arc<dyn Store>) {
                 Some((&provider, Credits::micros(600_000))),
                 at(1_000),
             );
-            store.settle_held(&hold, &st).await
+            settle_one(&store, &hold, &st).await
         }));
     }
     for t in tasks {
@@ -934,7 +1102,7 @@ pub async fn concurrent_duplicate_held_settles_apply_once(store: Arc<dyn Store>)
     for _ in 0..20 {
         let (store, hold, st) = (store.clone(), hold.clone(), st.clone());
         tasks.push(tokio::spawn(
-            async move { store.settle_held(&hold, &st).await },
+            async move { settle_one(&store, &hold, &st).await },
         ));
     }
     let mut applied = 0;

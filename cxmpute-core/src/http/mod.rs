@@ -17,7 +17,7 @@
 //! | 413 | request body over the limit | `invalid_request_error` / `payload_too_large` |
 //! | 429 | the **key's** own credit limit is spent (raise the limit or use another key); a key's or account's requests or tokens per minute are used up (with `Retry-After`); or a sign-in rate limit | `insufficient_quota` / `key_limit_reached`, `requests` or `tokens` / `rate_limit_exceeded`, or `rate_limit_error` / `rate_limited` |
 //! | 502 | every node tried failed | `upstream_error` / `upstream_failed` |
-//! | 503 | no healthy node serves the model, or the store is unavailable | `service_unavailable` / `no_capacity` or `unavailable` |
+//! | 503 | no healthy node serves the model, the store is unavailable, or a call's charge could not be committed (its answer withheld, nothing charged) | `service_unavailable` / `no_capacity`, `unavailable` or `not_charged` |
 //! | 504 | every node tried timed out | `upstream_error` / `upstream_timeout` |
 //!
 //! 402 and 429 are kept apart on purpose: a 402 asks the account holder to
@@ -122,6 +122,11 @@ pub(crate) fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str)
             "service_unavailable",
             "unavailable",
         ),
+        Error::NotCharged(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "not_charged",
+        ),
         Error::Backend { .. } => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
@@ -168,7 +173,10 @@ impl IntoResponse for ApiError {
         let mut resp = (status, Json(body)).into_response();
         if matches!(
             self.0,
-            Error::RateLimited(_) | Error::Unavailable { .. } | Error::NoCapacity(_)
+            Error::RateLimited(_)
+                | Error::Unavailable { .. }
+                | Error::NoCapacity(_)
+                | Error::NotCharged(_)
         ) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -1,5 +1,5 @@
 //! [`InstrumentedStore`]: a store (memory by default) that counts calls,
-//! can slow them down and can lose answers.
+//! can slow them down, fail them and lose answers.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,8 +13,9 @@ use crate::*;
 /// [wrapped](InstrumentedStore::wrap)), for tests that watch what the broker
 /// asks of its store: it counts every call by name, and the most of one
 /// name under way at once; it can make a call take longer (as a distant
-/// database does) and lose the answer of a call (apply it, then report a
-/// failure, as when a connection drops after the database committed).
+/// database does), fail calls without applying them, and lose the answer
+/// of a call (apply it, then report a failure, as when a connection drops
+/// after the database committed).
 #[derive(Default)]
 pub struct InstrumentedStore<S = MemoryStore> {
     /// The store that does the work (read it directly to look without counting).
@@ -25,6 +26,8 @@ pub struct InstrumentedStore<S = MemoryStore> {
     delays: Mutex<BTreeMap<&'static str, Duration>>,
     /// The call whose next answer is lost, and how many answers were lost.
     lose: Mutex<(Option<&'static str>, usize)>,
+    /// By name: how many of the next calls fail without being applied.
+    fail: Mutex<BTreeMap<&'static str, usize>>,
     /// Says it is shared even when the wrapped store is owned by one host.
     shared: bool,
 }
@@ -53,6 +56,7 @@ impl<S> InstrumentedStore<S> {
             in_flight: Mutex::default(),
             delays: Mutex::default(),
             lose: Mutex::default(),
+            fail: Mutex::default(),
             shared: false,
         }
     }
@@ -86,6 +90,13 @@ impl<S> InstrumentedStore<S> {
         self.lose.lock().0 = Some(call);
     }
 
+    /// The next `times` calls of `call` (a [`Store`] method's name) fail
+    /// with [`Error::Unavailable`] without being applied, as when the
+    /// database is unreachable.
+    pub fn fail_next(&self, call: &'static str, times: usize) {
+        self.fail.lock().insert(call, times);
+    }
+
     /// How many answers were lost so far.
     pub fn lost_answers(&self) -> usize {
         self.lose.lock().1
@@ -101,6 +112,13 @@ impl<S> InstrumentedStore<S> {
         let delay = self.delays.lock().get(name).copied();
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
+        }
+        if let Some(left) = self.fail.lock().get_mut(name).filter(|n| **n > 0) {
+            *left -= 1;
+            return Err(Error::Unavailable {
+                message: format!("{name} (failed on purpose)"),
+                source: None,
+            });
         }
         let answer = work.await?;
         let mut lose = self.lose.lock();
@@ -332,8 +350,8 @@ impl<S: Store> LedgerStore for InstrumentedStore<S> {
         self.call("settle", self.inner.settle(settlement)).await
     }
 
-    async fn settle_held(&self, hold: &Reservation, st: &Settlement) -> Result<SettleOutcome> {
-        self.call("settle_held", self.inner.settle_held(hold, st))
+    async fn settle_held(&self, calls: &[(Reservation, Settlement)]) -> Result<Vec<SettleOutcome>> {
+        self.call("settle_held", self.inner.settle_held(calls))
             .await
     }
 

@@ -14,6 +14,7 @@ mod accounts;
 mod admission;
 mod authz;
 mod catalogue;
+mod charged;
 mod dashboard;
 mod gateway;
 mod hostile;

@@ -66,3 +66,44 @@ async fn on_a_store_this_host_owns_a_call_is_admitted_from_memory_and_settled_in
     let first = [("api_key_by_hash", 2), ("user", 2)];
     count_calls(store, test_config(), &first, &[("settle_held", 1)]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_arriving_together_with_a_key_not_held_read_it_once() {
+    let store = Arc::new(InstrumentedStore::new().shared());
+    let h = TestHost::start(store.clone()).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (_, key) = h.user(Credits::whole(10)).await;
+    // Reads take a while, as on a distant database: the calls pile up.
+    store.delay("api_key_by_hash", std::time::Duration::from_millis(50));
+    store.take_calls();
+    let by_status = crate::common::calls_at_once(&h, &key, 32).await;
+    assert_eq!(by_status, [(200, 32)].into_iter().collect());
+    let calls = store.take_calls();
+    assert_eq!(
+        (calls.get("api_key_by_hash"), calls.get("user")),
+        (Some(&1), Some(&1)),
+        "{calls:?}"
+    );
+    h.assert_ledger().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_store_this_host_owns_calls_arriving_together_load_their_account_once() {
+    let store = Arc::new(InstrumentedStore::new());
+    let h = TestHost::start(store.clone()).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (_, key) = h.user(Credits::whole(10)).await;
+    store.delay("api_key_by_hash", std::time::Duration::from_millis(50));
+    store.delay("user", std::time::Duration::from_millis(50));
+    store.take_calls();
+    let by_status = crate::common::calls_at_once(&h, &key, 32).await;
+    assert_eq!(by_status, [(200, 32)].into_iter().collect());
+    let calls = store.take_calls();
+    // Once for authentication, once for admission.
+    assert_eq!(
+        (calls.get("api_key_by_hash"), calls.get("user")),
+        (Some(&2), Some(&2)),
+        "{calls:?}"
+    );
+    h.assert_ledger().await;
+}
