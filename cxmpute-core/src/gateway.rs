@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::admission::Hold;
 use crate::broker::{Broker, GatewayRequest, GatewayResponse};
 use crate::clock::Clock;
-use crate::egress::{self, CappedReadError};
+use crate::forward::{self, NodeResponse, ReadError};
 use crate::error::{Error, Result};
 use crate::health::{self, Outcome};
 use crate::metrics::AttemptOutcome;
@@ -210,7 +210,7 @@ struct Raced {
     node: Arc<Node>,
     in_flight: InFlight,
     t0: Instant,
-    result: std::result::Result<reqwest::Response, AttemptError>,
+    result: std::result::Result<NodeResponse, AttemptError>,
 }
 
 enum Answer {
@@ -220,7 +220,7 @@ enum Answer {
 
 /// What a streamed answer needs after its first chunk.
 struct StreamStart {
-    resp: reqwest::Response,
+    resp: NodeResponse,
     /// The chat stream meter; `None` for opaque (binary) answers.
     meter: Option<ChatStreamMeter>,
     content_type: String,
@@ -629,7 +629,7 @@ impl CallContext {
         waits: Waits,
     ) -> BoxFuture<'static, Raced> {
         let i = self.broker.inner();
-        let Some(url) = node.url(self.prep.route.path()) else {
+        let Some((uri, auth)) = node.request_target(self.prep.route) else {
             let in_flight = node.start();
             let t0 = Instant::now();
             let result = Err(AttemptError::new(
@@ -645,13 +645,7 @@ impl CallContext {
             })
             .boxed();
         };
-        let send = i
-            .http
-            .post(url)
-            .bearer_auth(&node.entry.node_secret)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(self.prep.body.clone())
-            .send();
+        let send = i.forward.post_json(uri, auth, self.prep.body.clone());
         let clock = i.clock.clone();
         let usual = usual.clone();
         let mark = self.hedge_delay(&usual);
@@ -672,7 +666,7 @@ impl CallContext {
     /// The second phase: the whole JSON answer, or a stream's first chunk.
     async fn receive(
         &self,
-        mut resp: reqwest::Response,
+        mut resp: NodeResponse,
     ) -> std::result::Result<Answer, AttemptError> {
         let b = self.broker.inner();
         let cfg = &b.config;
@@ -691,7 +685,7 @@ impl CallContext {
                 let meter = meter_json(&self.prep, &buf).map_err(|m| {
                     AttemptError::new(Failure::Failed, "the node's answer was malformed", m)
                 })?;
-                return Ok(Answer::Complete(Bytes::from(buf), meter));
+                return Ok(Answer::Complete(buf, meter));
             }
         };
         // A stream: wait for its first bytes before answering the client, so
@@ -969,14 +963,14 @@ async fn send_within(
 /// Sends a request and waits for a usable response's headers within
 /// `timeout`; see [`CallContext::launch`].
 async fn first_phase(
-    send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    send: impl std::future::Future<Output = std::result::Result<NodeResponse, forward::SendError>>,
     node: &Node,
     t0: Instant,
     waits: Waits,
     usual: &Usual,
     mut mark: Duration,
     clock: &dyn Clock,
-) -> std::result::Result<reqwest::Response, AttemptError> {
+) -> std::result::Result<NodeResponse, AttemptError> {
     tokio::pin!(send);
     let sent = loop {
         // The allowed wait follows what the pool learns meanwhile: an attempt
@@ -1003,14 +997,14 @@ async fn first_phase(
         }
     };
     let resp = match sent {
-        Err(e) if e.is_timeout() => {
+        Err(e) if forward::is_timeout(&e) => {
             return Err(AttemptError::new(
                 Failure::Timeout,
                 "the node did not answer in time",
                 format!("node timed out: {e}"),
             ))
         }
-        // reqwest's text names the node's address: it goes to the log only.
+        // The error's text may name the node's address: it goes to the log only.
         Err(e) => {
             return Err(AttemptError::new(
                 Failure::Failed,
@@ -1041,7 +1035,7 @@ async fn first_phase(
 
 /// The content type of a binary answer: the node's, when it is audio or
 /// octet-stream (never anything a browser would render), else `audio/wav`.
-fn binary_content_type(resp: &reqwest::Response) -> String {
+fn binary_content_type(resp: &NodeResponse) -> String {
     let ct = resp
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -1060,7 +1054,7 @@ fn binary_content_type(resp: &reqwest::Response) -> String {
 
 /// The message of a node's OpenAI-style error answer (`{"error":{"message":..}}`),
 /// read with a small cap and cleaned for the log; `None` when there is none.
-async fn rejection_message(mut resp: reqwest::Response) -> Option<String> {
+async fn rejection_message(mut resp: NodeResponse) -> Option<String> {
     let buf = read_capped(&mut resp, Duration::from_secs(5), 16 * 1024)
         .await
         .ok()?;
@@ -1072,21 +1066,19 @@ async fn rejection_message(mut resp: reqwest::Response) -> Option<String> {
 
 /// A node's whole answer, at most `cap` bytes, each read within `idle`.
 async fn read_capped(
-    resp: &mut reqwest::Response,
+    resp: &mut NodeResponse,
     idle: Duration,
     cap: usize,
-) -> std::result::Result<Vec<u8>, AttemptError> {
-    egress::read_capped(resp, cap, Some(idle))
-        .await
-        .map_err(|e| match e {
-            CappedReadError::Stalled => AttemptError::timeout("the node stalled mid-answer"),
-            CappedReadError::Failed(e) => AttemptError::new(
-                Failure::Failed,
-                "the node's answer failed",
-                format!("node answer failed: {e}"),
-            ),
-            CappedReadError::TooLarge => AttemptError::failed("the node's answer was too large"),
-        })
+) -> std::result::Result<Bytes, AttemptError> {
+    resp.read_capped(cap, idle).await.map_err(|e| match e {
+        ReadError::Stalled => AttemptError::timeout("the node stalled mid-answer"),
+        ReadError::Failed(e) => AttemptError::new(
+            Failure::Failed,
+            "the node's answer failed",
+            format!("node answer failed: {e}"),
+        ),
+        ReadError::TooLarge => AttemptError::failed("the node's answer was too large"),
+    })
 }
 
 fn elapsed_us(t0: Instant) -> u64 {

@@ -24,6 +24,7 @@ pub mod analytics;
 pub mod broker;
 pub mod egress;
 pub mod error;
+mod forward;
 mod gateway;
 pub mod health;
 pub mod http;
