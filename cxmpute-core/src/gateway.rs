@@ -822,14 +822,20 @@ impl CallContext {
             } else {
                 Some(End::ClientGone)
             };
+            // What the node sent that was read ahead while gathering (its
+            // end, or a failure), for the next turn to handle.
+            let mut read_ahead = None;
             while end.is_none() {
-                let next = tokio::select! {
-                    r = tokio::time::timeout(cfg.idle_timeout, resp.chunk()) => r,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        end = Some(End::NodeFailed("the answer took longer than allowed"));
-                        break;
-                    }
-                    _ = tx.closed() => { end = Some(End::ClientGone); break; }
+                let next = match read_ahead.take() {
+                    Some(r) => Ok(r),
+                    None => tokio::select! {
+                        r = tokio::time::timeout(cfg.idle_timeout, resp.chunk()) => r,
+                        _ = tokio::time::sleep_until(deadline) => {
+                            end = Some(End::NodeFailed("the answer took longer than allowed"));
+                            break;
+                        }
+                        _ = tx.closed() => { end = Some(End::ClientGone); break; }
+                    },
                 };
                 match next {
                     Err(_) => end = Some(End::NodeFailed("the node stalled mid-stream")),
@@ -857,31 +863,50 @@ impl CallContext {
                         });
                     }
                     Ok(Ok(Some(chunk))) => {
-                        passed = passed.saturating_add(chunk.len());
-                        if passed > cfg.max_response_bytes {
-                            end = Some(End::NodeFailed("the node's answer was too large"));
-                            continue;
-                        }
-                        let chunk = match meter.as_mut() {
-                            Some(m) => m.pass(chunk),
-                            None => chunk,
+                        let bound = self.prep.bound.output_tokens;
+                        let max = cfg.max_response_bytes;
+                        let mut out = match take_piece(chunk, &mut passed, max, &mut meter, bound) {
+                            Ok(out) => out,
+                            Err(reason) => {
+                                end = Some(End::NodeFailed(reason));
+                                continue;
+                            }
                         };
-                        if let Some(m) = meter.as_ref() {
-                            if m.garbage {
-                                end = Some(End::NodeFailed("the node sent garbage mid-stream"));
-                                continue;
-                            }
-                            if m.content_chunks > self.prep.bound.output_tokens {
-                                // Each content chunk is at least one token: the
-                                // node produced more than it was asked for.
-                                end = Some(End::NodeFailed(
-                                    "the node sent more output than was asked for",
-                                ));
-                                continue;
+                        // A node's pieces often arrive together (an HTTP chunk
+                        // per event, read in one go) but are handed over one
+                        // at a time: take those already there, after letting
+                        // the connection's task decode the next, and pass
+                        // them on in one write instead of one each. Nothing
+                        // waits for a piece that is not there yet.
+                        let mut failed = None;
+                        let mut yielded = false;
+                        while out.len() < GATHER_AT_MOST {
+                            match resp.chunk().now_or_never() {
+                                Some(Ok(Some(c))) => {
+                                    yielded = false;
+                                    match take_piece(c, &mut passed, max, &mut meter, bound) {
+                                        Ok(more) => out = joined(out, more),
+                                        Err(reason) => {
+                                            failed = Some(reason);
+                                            break;
+                                        }
+                                    }
+                                }
+                                Some(other) => {
+                                    read_ahead = Some(other);
+                                    break;
+                                }
+                                None if yielded => break,
+                                None => {
+                                    yielded = true;
+                                    tokio::task::yield_now().await;
+                                }
                             }
                         }
-                        if !send(chunk).await {
+                        if !send(out).await {
                             end = Some(End::ClientGone);
+                        } else if let Some(reason) = failed {
+                            end = Some(End::NodeFailed(reason));
                         }
                     }
                 }
@@ -943,6 +968,54 @@ impl CallContext {
             body: tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
         }
     }
+}
+
+/// Most bytes of a stream gathered into one write to the caller (see
+/// [`CallContext::stream`]).
+const GATHER_AT_MOST: usize = 64 << 10;
+
+/// Takes one piece of a streamed answer: counts it against `max` bytes,
+/// feeds the chat meter (whose rewritten events are what is passed on) and
+/// checks what the node sent so far; the reason to end the stream when the
+/// piece breaks a rule (it is then not passed on).
+fn take_piece(
+    chunk: Bytes,
+    passed: &mut usize,
+    max: usize,
+    meter: &mut Option<ChatStreamMeter>,
+    output_bound: u64,
+) -> std::result::Result<Bytes, &'static str> {
+    *passed = passed.saturating_add(chunk.len());
+    if *passed > max {
+        return Err("the node's answer was too large");
+    }
+    let Some(m) = meter.as_mut() else {
+        return Ok(chunk);
+    };
+    let out = m.pass(chunk);
+    if m.garbage {
+        return Err("the node sent garbage mid-stream");
+    }
+    if m.content_chunks > output_bound {
+        // Each content chunk is at least one token: the node produced more
+        // than it was asked for.
+        return Err("the node sent more output than was asked for");
+    }
+    Ok(out)
+}
+
+/// `a` followed by `b` (without a copy when either is empty).
+fn joined(a: Bytes, b: Bytes) -> Bytes {
+    if a.is_empty() {
+        return b;
+    }
+    if b.is_empty() {
+        return a;
+    }
+    let mut both = bytes::BytesMut::with_capacity(a.len() + b.len());
+    both.extend_from_slice(&a);
+    both.extend_from_slice(&b);
+    both.freeze()
 }
 
 /// Passes `chunk` on to the caller within `timeout`: `false` when the caller
