@@ -532,8 +532,9 @@ impl CallContext {
                 t0,
                 result,
             } = raced;
-            tracing::Span::current().record("node", node.entry.provision_id.as_str());
-            tracing::Span::current().record("attempts", tried.len());
+            let span = tracing::Span::current();
+            span.record("node", node.entry.provision_id.as_str());
+            span.record("attempts", tried.len());
             let resp = match result {
                 Ok(resp) => resp,
                 Err(e) => {
@@ -554,8 +555,8 @@ impl CallContext {
             if !racing.is_empty() {
                 self.broker.judge(std::mem::take(&mut racing));
             }
-            let span = tracing::debug_span!("attempt", node = %node.entry.provision_id);
-            let result = self.receive(resp).instrument(span).await;
+            let attempt = tracing::debug_span!("attempt", node = %node.entry.provision_id);
+            let result = self.receive(resp).instrument(attempt).await;
             match result {
                 Err(e) => {
                     b.metrics.attempt(service, e.metric());

@@ -274,10 +274,8 @@ async fn gateway(
 macro_rules! gateway_route {
     ($route:expr) => {
         post(
-            |State(b): State<Broker>,
-             h: HeaderMap,
-             body: std::result::Result<extract::RawBody, ApiError>| {
-                gateway(b, $route, h, body.map(|r| r.0).map_err(|e| e.0))
+            |State(b): State<Broker>, extract::CallParts(h, body): extract::CallParts| {
+                gateway(b, $route, h, body)
             },
         )
     };
