@@ -180,3 +180,98 @@ impl NodeResponse {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::post;
+
+    /// A node stand-in on loopback: `/echo` answers with the request's
+    /// `Authorization`, content type and body; `/pieces` with a body in
+    /// three pieces.
+    async fn node() -> std::net::SocketAddr {
+        let app = axum::Router::new()
+            .route(
+                "/echo",
+                post(|headers: HeaderMap, body: Bytes| async move {
+                    let h = |n: http::HeaderName| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_owned()
+                    };
+                    format!(
+                        "{}|{}|{}",
+                        h(AUTHORIZATION),
+                        h(CONTENT_TYPE),
+                        String::from_utf8_lossy(&body)
+                    )
+                }),
+            )
+            .route(
+                "/pieces",
+                post(|| async {
+                    let pieces = ["one,", "two,", "three"]
+                        .map(|p| Ok::<_, std::io::Error>(Bytes::from_static(p.as_bytes())));
+                    axum::body::Body::from_stream(futures::stream::iter(pieces))
+                }),
+            );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, app).await;
+        });
+        addr
+    }
+
+    fn auth() -> HeaderValue {
+        HeaderValue::from_static("Bearer node-secret")
+    }
+
+    #[tokio::test]
+    async fn a_call_reaches_the_node_as_prepared_and_never_through_a_forbidden_name() {
+        let addr = node().await;
+        let uri: Uri = format!("http://localhost:{}/echo", addr.port())
+            .parse()
+            .unwrap();
+        let body = Bytes::from_static(br#"{"model":"m"}"#);
+        let second = Duration::from_secs(5);
+
+        // A name that resolves to loopback is refused under the public-only
+        // policy: checked at every resolution, not only at registration.
+        let guarded = NodeClient::new(EgressPolicy::PublicOnly, second).unwrap();
+        let refused = guarded.post_json(uri.clone(), auth(), body.clone()).await;
+        let e = refused.expect_err("connected to loopback through a name");
+        assert!(e.is_connect() && !is_timeout(&e), "{e:?}");
+
+        let open = NodeClient::new(EgressPolicy::AllowPrivate, second).unwrap();
+        let mut resp = open.post_json(uri, auth(), body).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let answer = resp.read_capped(1 << 10, second).await.unwrap();
+        assert_eq!(
+            &answer[..],
+            br#"Bearer node-secret|application/json|{"model":"m"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_read_whole_within_its_cap_and_refused_past_it() {
+        let addr = node().await;
+        let uri: Uri = format!("http://{addr}/pieces").parse().unwrap();
+        let second = Duration::from_secs(5);
+        let client = NodeClient::new(EgressPolicy::AllowPrivate, second).unwrap();
+        let whole = b"one,two,three".len();
+
+        let mut resp = client
+            .post_json(uri.clone(), auth(), Bytes::new())
+            .await
+            .unwrap();
+        let answer = resp.read_capped(whole, second).await.unwrap();
+        assert_eq!(&answer[..], b"one,two,three");
+
+        let mut resp = client.post_json(uri, auth(), Bytes::new()).await.unwrap();
+        let over = resp.read_capped(whole - 1, second).await;
+        assert!(matches!(over, Err(ReadError::TooLarge)), "{over:?}");
+    }
+}
