@@ -309,7 +309,10 @@ impl<F: AddressFilter + Clone + Send + Sync + 'static>
     type Response = std::vec::IntoIter<SocketAddr>;
     type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = std::result::Result<Self::Response, Self::Error>> + Send>,
+        Box<
+            dyn std::future::Future<Output = std::result::Result<Self::Response, Self::Error>>
+                + Send,
+        >,
     >;
 
     fn poll_ready(
@@ -329,8 +332,7 @@ impl<F: AddressFilter + Clone + Send + Sync + 'static>
 async fn guarded_lookup<F: AddressFilter>(
     filter: F,
     host: String,
-) -> std::result::Result<std::vec::IntoIter<SocketAddr>, Box<dyn std::error::Error + Send + Sync>>
-{
+) -> std::result::Result<std::vec::IntoIter<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
     // The port is the caller's; the connector replaces this one.
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
     if let Some(bad) = addrs.iter().find(|a| !filter.permits_ip(a.ip())) {

@@ -24,8 +24,8 @@ use tracing::Instrument;
 use crate::admission::Hold;
 use crate::broker::{Broker, GatewayRequest, GatewayResponse};
 use crate::clock::Clock;
-use crate::forward::{self, NodeResponse, ReadError};
 use crate::error::{Error, Result};
+use crate::forward::{self, NodeResponse, ReadError};
 use crate::health::{self, Outcome};
 use crate::metrics::AttemptOutcome;
 use crate::pool::{InFlight, Node, RoutePreferences};
@@ -665,10 +665,7 @@ impl CallContext {
     }
 
     /// The second phase: the whole JSON answer, or a stream's first chunk.
-    async fn receive(
-        &self,
-        mut resp: NodeResponse,
-    ) -> std::result::Result<Answer, AttemptError> {
+    async fn receive(&self, mut resp: NodeResponse) -> std::result::Result<Answer, AttemptError> {
         let b = self.broker.inner();
         let cfg = &b.config;
         let mut stream_meter = match self.prep.kind {

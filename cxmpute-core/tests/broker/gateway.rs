@@ -237,7 +237,10 @@ async fn a_stream_past_its_reserved_output_is_cut_there_and_charges_what_was_del
     assert_eq!(last["error"]["code"], "stream_interrupted");
     let says = last["error"]["message"].as_str().unwrap();
     assert!(says.contains("more output than was asked for"), "{says}");
-    assert!(!text.contains(" from") && !text.contains("[DONE]"), "{text}");
+    assert!(
+        !text.contains(" from") && !text.contains("[DONE]"),
+        "{text}"
+    );
     wait_settled(&h, 1).await;
     // Input 5 tokens x 1; output: the 2 reserved (and delivered) x 2; a
     // broken stream earns no reward.
