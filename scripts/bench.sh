@@ -24,6 +24,9 @@
 #                      the middle is profiled with `perf record -g` during its
 #                      measured run; the profile is written to
 #                      target/perf-TARGET-MODE.data (read it with `perf report -i`)
+#   BENCH_PERF_CALL_GRAPH  how perf unwinds the stacks: fp (default; frame
+#                      pointers, which release builds of Rust code mostly
+#                      lack) or dwarf (complete call chains, larger profiles)
 #
 # Installs wrk and nginx with apt-get when missing. Everything listens on
 # 127.0.0.1 and every process it starts is stopped on exit. Exits non-zero
@@ -185,7 +188,7 @@ run() {
   local before=0 after=0 perf_pid=""
   if [ "${BENCH_PERF:-}" = "$target-$mode" ] && [ $# -gt 0 ]; then
     command -v perf >/dev/null 2>&1 || die "BENCH_PERF needs perf"
-    perf record -g -F 999 -o "target/perf-$target-$mode.data" -p "$(IFS=,; echo "$*")" \
+    perf record --call-graph "${BENCH_PERF_CALL_GRAPH:-fp}" -F 999 -o "target/perf-$target-$mode.data" -p "$(IFS=,; echo "$*")" \
       -- sleep "$seconds" >/dev/null 2>&1 &
     perf_pid=$!
   fi

@@ -402,6 +402,8 @@ impl BrokerBuilder {
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(|e| Error::backend("building the HTTP client", e))?;
+        let forward =
+            crate::forward::NodeClient::new(self.config.egress, self.config.connect_timeout)?;
         let auth = AuthState::new(&self.config.auth)?;
         let (capacity, ttl) = (self.config.key_cache_capacity, self.config.key_cache_ttl);
         let inner = Inner {
@@ -432,6 +434,7 @@ impl BrokerBuilder {
             mailer: self.mailer,
             config: self.config,
             http,
+            forward,
             usual: Default::default(),
             verify: Default::default(),
         };
@@ -466,6 +469,8 @@ pub(crate) struct Inner {
     pub(crate) stats: StatsRecorder,
     pub(crate) metrics: Metrics,
     pub(crate) http: reqwest::Client,
+    /// What calls are forwarded to nodes with (see [`crate::forward`]).
+    pub(crate) forward: crate::forward::NodeClient,
     /// How long each pool usually takes to answer (adaptive timeouts, hedging).
     pub(crate) usual: crate::gateway::UsualDurations,
     /// Nodes' reputations and the canary account (see [`crate::verify`]).

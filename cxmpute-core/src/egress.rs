@@ -293,22 +293,56 @@ impl<F: AddressFilter + Clone + Send + Sync + 'static> reqwest::dns::Resolve
 {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let filter = self.0.clone();
+        let host = name.as_str().to_owned();
         Box::pin(async move {
-            let host = name.as_str().to_owned();
-            // The port is the caller's; reqwest replaces this one.
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if let Some(bad) = addrs.iter().find(|a| !filter.permits_ip(a.ip())) {
-                return Err(format!(
-                    "`{host}` resolves to {}, which is not a public address",
-                    bad.ip()
-                )
-                .into());
-            }
-            let addrs: reqwest::dns::Addrs = Box::new(addrs.into_iter());
+            let addrs: reqwest::dns::Addrs = Box::new(guarded_lookup(filter, host).await?);
             Ok(addrs)
         })
     }
+}
+
+/// The same guard for hyper's connector (the client calls are forwarded to
+/// nodes with, see `forward`).
+impl<F: AddressFilter + Clone + Send + Sync + 'static>
+    tower::Service<hyper_util::client::legacy::connect::dns::Name> for GuardedResolver<F>
+{
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = std::result::Result<Self::Response, Self::Error>>
+                + Send,
+        >,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        Box::pin(guarded_lookup(self.0.clone(), name.as_str().to_owned()))
+    }
+}
+
+/// Resolves `host` and refuses it when any of its addresses is one `filter`
+/// forbids (what [`GuardedResolver`] does for either client).
+async fn guarded_lookup<F: AddressFilter>(
+    filter: F,
+    host: String,
+) -> std::result::Result<std::vec::IntoIter<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+    // The port is the caller's; the connector replaces this one.
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+    if let Some(bad) = addrs.iter().find(|a| !filter.permits_ip(a.ip())) {
+        return Err(format!(
+            "`{host}` resolves to {}, which is not a public address",
+            bad.ip()
+        )
+        .into());
+    }
+    Ok(addrs.into_iter())
 }
 
 /// Parses and checks a URL under `policy` (see [`resolve_checked`]).

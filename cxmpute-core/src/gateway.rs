@@ -24,8 +24,8 @@ use tracing::Instrument;
 use crate::admission::Hold;
 use crate::broker::{Broker, GatewayRequest, GatewayResponse};
 use crate::clock::Clock;
-use crate::egress::{self, CappedReadError};
 use crate::error::{Error, Result};
+use crate::forward::{self, NodeResponse, ReadError};
 use crate::health::{self, Outcome};
 use crate::metrics::AttemptOutcome;
 use crate::pool::{InFlight, Node, RoutePreferences};
@@ -221,7 +221,7 @@ struct Raced {
     node: Arc<Node>,
     in_flight: InFlight,
     t0: Instant,
-    result: std::result::Result<reqwest::Response, AttemptError>,
+    result: std::result::Result<NodeResponse, AttemptError>,
 }
 
 enum Answer {
@@ -231,7 +231,7 @@ enum Answer {
 
 /// What a streamed answer needs after its first chunk.
 struct StreamStart {
-    resp: reqwest::Response,
+    resp: NodeResponse,
     /// The chat stream meter; `None` for opaque (binary) answers.
     meter: Option<ChatStreamMeter>,
     content_type: String,
@@ -602,8 +602,9 @@ impl CallContext {
                 t0,
                 result,
             } = raced;
-            tracing::Span::current().record("node", node.entry.provision_id.as_str());
-            tracing::Span::current().record("attempts", tried.len());
+            let span = tracing::Span::current();
+            span.record("node", node.entry.provision_id.as_str());
+            span.record("attempts", tried.len());
             let resp = match result {
                 Ok(resp) => resp,
                 Err(e) => {
@@ -624,8 +625,8 @@ impl CallContext {
             if !racing.is_empty() {
                 self.broker.judge(std::mem::take(&mut racing));
             }
-            let span = tracing::debug_span!("attempt", node = %node.entry.provision_id);
-            let result = self.receive(resp).instrument(span).await;
+            let attempt = tracing::debug_span!("attempt", node = %node.entry.provision_id);
+            let result = self.receive(resp).instrument(attempt).await;
             match result {
                 Err(e) => {
                     b.metrics.attempt(service, e.metric());
@@ -702,7 +703,7 @@ impl CallContext {
         waits: Waits,
     ) -> BoxFuture<'static, Raced> {
         let i = self.broker.inner();
-        let Some(url) = node.url(self.prep.route.path()) else {
+        let Some((uri, auth)) = node.request_target(self.prep.route) else {
             let in_flight = node.start();
             let t0 = Instant::now();
             let result = Err(AttemptError::new(
@@ -718,13 +719,7 @@ impl CallContext {
             })
             .boxed();
         };
-        let send = i
-            .http
-            .post(url)
-            .bearer_auth(&node.entry.node_secret)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(self.prep.body.clone())
-            .send();
+        let send = i.forward.post_json(uri, auth, self.prep.body.clone());
         let clock = i.clock.clone();
         let usual = usual.clone();
         let mark = self.hedge_delay(&usual);
@@ -743,10 +738,7 @@ impl CallContext {
     }
 
     /// The second phase: the whole JSON answer, or a stream's first chunk.
-    async fn receive(
-        &self,
-        mut resp: reqwest::Response,
-    ) -> std::result::Result<Answer, AttemptError> {
+    async fn receive(&self, mut resp: NodeResponse) -> std::result::Result<Answer, AttemptError> {
         let b = self.broker.inner();
         let cfg = &b.config;
         let mut stream_meter = match self.prep.kind {
@@ -764,7 +756,7 @@ impl CallContext {
                 let meter = meter_json(&self.prep, &buf).map_err(|m| {
                     AttemptError::new(Failure::Failed, "the node's answer was malformed", m)
                 })?;
-                return Ok(Answer::Complete(Bytes::from(buf), meter));
+                return Ok(Answer::Complete(buf, meter));
             }
         };
         // A stream: wait for its first bytes before answering the client, so
@@ -904,14 +896,20 @@ impl CallContext {
             } else {
                 Some(End::ClientGone)
             };
+            // What the node sent that was read ahead while gathering (its
+            // end, or a failure), for the next turn to handle.
+            let mut read_ahead = None;
             while end.is_none() {
-                let next = tokio::select! {
-                    r = tokio::time::timeout(cfg.idle_timeout, resp.chunk()) => r,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        end = Some(End::NodeFailed("the answer took longer than allowed"));
-                        break;
-                    }
-                    _ = tx.closed() => { end = Some(End::ClientGone); break; }
+                let next = match read_ahead.take() {
+                    Some(r) => Ok(r),
+                    None => tokio::select! {
+                        r = tokio::time::timeout(cfg.idle_timeout, resp.chunk()) => r,
+                        _ = tokio::time::sleep_until(deadline) => {
+                            end = Some(End::NodeFailed("the answer took longer than allowed"));
+                            break;
+                        }
+                        _ = tx.closed() => { end = Some(End::ClientGone); break; }
+                    },
                 };
                 match next {
                     Err(_) => end = Some(End::NodeFailed("the node stalled mid-stream")),
@@ -939,31 +937,50 @@ impl CallContext {
                         });
                     }
                     Ok(Ok(Some(chunk))) => {
-                        passed = passed.saturating_add(chunk.len());
-                        if passed > cfg.max_response_bytes {
-                            end = Some(End::NodeFailed("the node's answer was too large"));
-                            continue;
-                        }
-                        let chunk = match meter.as_mut() {
-                            Some(m) => m.pass(chunk),
-                            None => chunk,
+                        let bound = self.prep.bound.output_tokens;
+                        let max = cfg.max_response_bytes;
+                        let mut out = match take_piece(chunk, &mut passed, max, &mut meter, bound) {
+                            Ok(out) => out,
+                            Err(reason) => {
+                                end = Some(End::NodeFailed(reason));
+                                continue;
+                            }
                         };
-                        if let Some(m) = meter.as_ref() {
-                            if m.garbage {
-                                end = Some(End::NodeFailed("the node sent garbage mid-stream"));
-                                continue;
-                            }
-                            if m.content_chunks > self.prep.bound.output_tokens {
-                                // Each content chunk is at least one token: the
-                                // node produced more than it was asked for.
-                                end = Some(End::NodeFailed(
-                                    "the node sent more output than was asked for",
-                                ));
-                                continue;
+                        // A node's pieces often arrive together (an HTTP chunk
+                        // per event, read in one go) but are handed over one
+                        // at a time: take those already there, after letting
+                        // the connection's task decode the next, and pass
+                        // them on in one write instead of one each. Nothing
+                        // waits for a piece that is not there yet.
+                        let mut failed = None;
+                        let mut yielded = false;
+                        while out.len() < GATHER_AT_MOST {
+                            match resp.chunk().now_or_never() {
+                                Some(Ok(Some(c))) => {
+                                    yielded = false;
+                                    match take_piece(c, &mut passed, max, &mut meter, bound) {
+                                        Ok(more) => out = joined(out, more),
+                                        Err(reason) => {
+                                            failed = Some(reason);
+                                            break;
+                                        }
+                                    }
+                                }
+                                Some(other) => {
+                                    read_ahead = Some(other);
+                                    break;
+                                }
+                                None if yielded => break,
+                                None => {
+                                    yielded = true;
+                                    tokio::task::yield_now().await;
+                                }
                             }
                         }
-                        if !send(chunk).await {
+                        if !send(out).await {
                             end = Some(End::ClientGone);
+                        } else if let Some(reason) = failed {
+                            end = Some(End::NodeFailed(reason));
                         }
                     }
                 }
@@ -1055,6 +1072,54 @@ impl CallContext {
     }
 }
 
+/// Most bytes of a stream gathered into one write to the caller (see
+/// [`CallContext::stream`]).
+const GATHER_AT_MOST: usize = 64 << 10;
+
+/// Takes one piece of a streamed answer: counts it against `max` bytes,
+/// feeds the chat meter (whose rewritten events are what is passed on) and
+/// checks what the node sent so far; the reason to end the stream when the
+/// piece breaks a rule (it is then not passed on).
+fn take_piece(
+    chunk: Bytes,
+    passed: &mut usize,
+    max: usize,
+    meter: &mut Option<ChatStreamMeter>,
+    output_bound: u64,
+) -> std::result::Result<Bytes, &'static str> {
+    *passed = passed.saturating_add(chunk.len());
+    if *passed > max {
+        return Err("the node's answer was too large");
+    }
+    let Some(m) = meter.as_mut() else {
+        return Ok(chunk);
+    };
+    let out = m.pass(chunk);
+    if m.garbage {
+        return Err("the node sent garbage mid-stream");
+    }
+    if m.content_chunks > output_bound {
+        // Each content chunk is at least one token: the node produced more
+        // than it was asked for.
+        return Err("the node sent more output than was asked for");
+    }
+    Ok(out)
+}
+
+/// `a` followed by `b` (without a copy when either is empty).
+fn joined(a: Bytes, b: Bytes) -> Bytes {
+    if a.is_empty() {
+        return b;
+    }
+    if b.is_empty() {
+        return a;
+    }
+    let mut both = bytes::BytesMut::with_capacity(a.len() + b.len());
+    both.extend_from_slice(&a);
+    both.extend_from_slice(&b);
+    both.freeze()
+}
+
 /// Passes `chunk` on to the caller within `timeout`: `false` when the caller
 /// is gone or stopped reading. An empty chunk is not sent (it would end a
 /// chunked body early).
@@ -1073,14 +1138,14 @@ async fn send_within(
 /// Sends a request and waits for a usable response's headers within
 /// `timeout`; see [`CallContext::launch`].
 async fn first_phase(
-    send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    send: impl std::future::Future<Output = std::result::Result<NodeResponse, forward::SendError>>,
     node: &Node,
     t0: Instant,
     waits: Waits,
     usual: &Usual,
     mut mark: Duration,
     clock: &dyn Clock,
-) -> std::result::Result<reqwest::Response, AttemptError> {
+) -> std::result::Result<NodeResponse, AttemptError> {
     tokio::pin!(send);
     let sent = loop {
         // The allowed wait follows what the pool learns meanwhile: an attempt
@@ -1107,14 +1172,14 @@ async fn first_phase(
         }
     };
     let resp = match sent {
-        Err(e) if e.is_timeout() => {
+        Err(e) if forward::is_timeout(&e) => {
             return Err(AttemptError::new(
                 Failure::Timeout,
                 "the node did not answer in time",
                 format!("node timed out: {e}"),
             ))
         }
-        // reqwest's text names the node's address: it goes to the log only.
+        // The error's text may name the node's address: it goes to the log only.
         Err(e) => {
             return Err(AttemptError::new(
                 Failure::Failed,
@@ -1145,7 +1210,7 @@ async fn first_phase(
 
 /// The content type of a binary answer: the node's, when it is audio or
 /// octet-stream (never anything a browser would render), else `audio/wav`.
-fn binary_content_type(resp: &reqwest::Response) -> String {
+fn binary_content_type(resp: &NodeResponse) -> String {
     let ct = resp
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -1164,7 +1229,7 @@ fn binary_content_type(resp: &reqwest::Response) -> String {
 
 /// The message of a node's OpenAI-style error answer (`{"error":{"message":..}}`),
 /// read with a small cap and cleaned for the log; `None` when there is none.
-async fn rejection_message(mut resp: reqwest::Response) -> Option<String> {
+async fn rejection_message(mut resp: NodeResponse) -> Option<String> {
     let buf = read_capped(&mut resp, Duration::from_secs(5), 16 * 1024)
         .await
         .ok()?;
@@ -1176,21 +1241,19 @@ async fn rejection_message(mut resp: reqwest::Response) -> Option<String> {
 
 /// A node's whole answer, at most `cap` bytes, each read within `idle`.
 async fn read_capped(
-    resp: &mut reqwest::Response,
+    resp: &mut NodeResponse,
     idle: Duration,
     cap: usize,
-) -> std::result::Result<Vec<u8>, AttemptError> {
-    egress::read_capped(resp, cap, Some(idle))
-        .await
-        .map_err(|e| match e {
-            CappedReadError::Stalled => AttemptError::timeout("the node stalled mid-answer"),
-            CappedReadError::Failed(e) => AttemptError::new(
-                Failure::Failed,
-                "the node's answer failed",
-                format!("node answer failed: {e}"),
-            ),
-            CappedReadError::TooLarge => AttemptError::failed("the node's answer was too large"),
-        })
+) -> std::result::Result<Bytes, AttemptError> {
+    resp.read_capped(cap, idle).await.map_err(|e| match e {
+        ReadError::Stalled => AttemptError::timeout("the node stalled mid-answer"),
+        ReadError::Failed(e) => AttemptError::new(
+            Failure::Failed,
+            "the node's answer failed",
+            format!("node answer failed: {e}"),
+        ),
+        ReadError::TooLarge => AttemptError::failed("the node's answer was too large"),
+    })
 }
 
 fn elapsed_us(t0: Instant) -> u64 {

@@ -26,6 +26,7 @@ mod catalogue;
 pub mod config;
 pub mod egress;
 pub mod error;
+mod forward;
 mod gateway;
 pub mod health;
 pub mod http;

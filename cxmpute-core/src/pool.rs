@@ -41,7 +41,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::health::NodeHealth;
 use crate::select::{Candidates, ProvisionSelector, Turns};
-use crate::types::{PoolEntry, ProvisionId, Service};
+use crate::types::{PoolEntry, ProvisionId, Route, Service};
 
 /// How fast a latency estimate forgets a slow sample when no new sample
 /// arrives: after this long only 1/e of the excess is left. Long enough that
@@ -325,16 +325,38 @@ pub struct Node {
     pub(crate) stats: Arc<NodeStats>,
     /// The entry's region, normalised by [`normalize_region`] (empty: none).
     region: String,
-    /// The endpoint parsed once, when the node joins: a call then only sets
-    /// the path, instead of parsing the whole URL (IDNA included) again.
-    /// `None` if it does not parse (calls then fail as unreachable).
-    base_url: Option<reqwest::Url>,
+    /// What a call sends, made once when the node joins rather than per
+    /// call (parsing the endpoint, IDNA included, and formatting the secret):
+    /// the URI of each route (by [`Route`] as index; `None` if the endpoint
+    /// does not parse) and the `Authorization` value.
+    uris: [Option<http::Uri>; Route::ALL.len()],
+    auth: Option<http::HeaderValue>,
+}
+
+/// `path` after the endpoint's own path, if any.
+fn joined(base: &reqwest::Url, path: &str) -> reqwest::Url {
+    let mut url = base.clone();
+    let full = format!("{}{path}", url.path().trim_end_matches('/'));
+    url.set_path(&full);
+    url
 }
 
 impl Node {
     fn new(entry: PoolEntry, stats: Arc<NodeStats>) -> Self {
+        let base_url = reqwest::Url::parse(&entry.endpoint).ok();
+        let uris = Route::ALL.map(|r| {
+            let url = joined(base_url.as_ref()?, r.path());
+            http::Uri::try_from(url.as_str()).ok()
+        });
+        let auth = http::HeaderValue::try_from(format!("Bearer {}", entry.node_secret))
+            .ok()
+            .map(|mut v| {
+                v.set_sensitive(true);
+                v
+            });
         Node {
-            base_url: reqwest::Url::parse(&entry.endpoint).ok(),
+            uris,
+            auth,
             load: NodeLoad {
                 in_flight: AtomicU32::new(0),
                 id_tag: id_tag(&entry.provision_id),
@@ -346,13 +368,11 @@ impl Node {
         }
     }
 
-    /// The URL of `path` (e.g. `/v1/chat/completions`) on this node: the
-    /// endpoint's own path, if any, followed by `path`.
-    pub(crate) fn url(&self, path: &str) -> Option<reqwest::Url> {
-        let mut url = self.base_url.clone()?;
-        let full = format!("{}{path}", url.path().trim_end_matches('/'));
-        url.set_path(&full);
-        Some(url)
+    /// What a call on `route` is sent with: the URI and the `Authorization`
+    /// value, both prepared when the node joined; `None` when the endpoint
+    /// or the secret cannot make them (the call then fails as unreachable).
+    pub(crate) fn request_target(&self, route: Route) -> Option<(http::Uri, http::HeaderValue)> {
+        Some((self.uris[route as usize].clone()?, self.auth.clone()?))
     }
 
     /// The entry's live load, as selectors see it.
@@ -1230,21 +1250,33 @@ mod tests {
     #[test]
     fn a_nodes_call_url_keeps_its_endpoints_path() {
         let mut e = entry("a", Service::Chat, "m", "");
-        let path = "/v1/chat/completions";
+        let route = Route::ChatCompletions;
         let n = Node::new(e.clone(), Arc::default());
-        assert_eq!(
-            n.url(path).unwrap().as_str(),
-            "http://a.example/v1/chat/completions"
-        );
+        let (uri, auth) = n.request_target(route).unwrap();
+        assert_eq!(uri.to_string(), "http://a.example/v1/chat/completions");
+        assert_eq!(auth, "Bearer s");
+        assert!(auth.is_sensitive());
         e.endpoint = "http://a.example:8080/ollama".into();
         let n = Node::new(e.clone(), Arc::default());
-        let url = n.url(path).unwrap();
+        let (uri, _) = n.request_target(route).unwrap();
         assert_eq!(
-            url.as_str(),
+            uri.to_string(),
             "http://a.example:8080/ollama/v1/chat/completions"
         );
+        // Every route has its own, at the index the lookup uses.
+        for r in Route::ALL {
+            assert_eq!(Route::ALL[r as usize], r);
+            let (uri, _) = n.request_target(r).unwrap();
+            assert_eq!(uri.path(), format!("/ollama{}", r.path()));
+        }
         e.endpoint = "not a url".into();
-        assert!(Node::new(e, Arc::default()).url(path).is_none());
+        assert!(Node::new(e.clone(), Arc::default())
+            .request_target(route)
+            .is_none());
+        // A secret that cannot be a header value makes no request either.
+        e.endpoint = "http://a.example".into();
+        e.node_secret = "bad\nsecret".into();
+        assert!(Node::new(e, Arc::default()).request_target(route).is_none());
     }
 
     #[test]

@@ -12,7 +12,7 @@
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
@@ -31,6 +31,22 @@ impl FromRequest<Broker> for RawBody {
     async fn from_request(req: Request, state: &Broker) -> Result<Self, ApiError> {
         let body = Bytes::from_request(req, state).await;
         Ok(RawBody(body_bytes(body)?))
+    }
+}
+
+/// A gateway call's headers and raw body (or why the body could not be
+/// read, which the gateway answers inside the call's span and metrics). The
+/// headers are moved out of the request: axum's `HeaderMap` extractor
+/// copies them, on every call.
+pub(crate) struct CallParts(pub HeaderMap, pub Result<Bytes, Error>);
+
+impl FromRequest<Broker> for CallParts {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(mut req: Request, state: &Broker) -> Result<Self, Self::Rejection> {
+        let headers = std::mem::take(req.headers_mut());
+        let body = Bytes::from_request(req, state).await;
+        Ok(CallParts(headers, body_bytes(body)))
     }
 }
 

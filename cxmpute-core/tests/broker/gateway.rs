@@ -212,6 +212,44 @@ async fn a_stream_cut_after_the_first_byte_ends_with_an_error_event_and_charges_
 }
 
 #[tokio::test]
+async fn a_stream_past_its_reserved_output_is_cut_there_and_charges_what_was_delivered() {
+    let h = host().await;
+    let (_node, p, _) = h.stand_in("chatty", Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(1)).await;
+    // The node ignores the limit and sends its five content chunks at once:
+    // the broker passes on the pieces it already has together, but still
+    // checks each, so the stream ends where the third one passes the bound.
+    let mut body = chat_body(true);
+    body["max_tokens"] = json!(2);
+    let r = h.post("/v1/chat/completions", &key, &body).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.len(), 3, "{text}");
+    for (event, content) in events.iter().zip(["Hel", "lo"]) {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["choices"][0]["delta"]["content"], content, "{text}");
+    }
+    let last: Value = serde_json::from_str(events[2]).unwrap();
+    assert_eq!(last["error"]["code"], "stream_interrupted");
+    let says = last["error"]["message"].as_str().unwrap();
+    assert!(says.contains("more output than was asked for"), "{says}");
+    assert!(
+        !text.contains(" from") && !text.contains("[DONE]"),
+        "{text}"
+    );
+    wait_settled(&h, 1).await;
+    // Input 5 tokens x 1; output: the 2 reserved (and delivered) x 2; a
+    // broken stream earns no reward.
+    assert_eq!(h.balance(&u.id).await, Credits(1_000_000 - 9));
+    assert_eq!(h.earnings(&p.id).await, Credits::ZERO);
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
 async fn concurrent_calls_never_overspend() {
     let h = host().await;
     h.broker
