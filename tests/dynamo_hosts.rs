@@ -38,6 +38,10 @@ fn config(endpoint: &str, prefix: &str) -> DynamoConfig {
         .with_credentials(StaticCredentials::new("testing", "testing"));
     cfg.request_gate = Some(gate());
     cfg.conflict_retries = 40;
+    // Late in a run the test server takes seconds per transaction: wait
+    // for it rather than abandon a request it is still running.
+    cfg.attempt_timeout = Duration::from_secs(60);
+    cfg.operation_timeout = Duration::from_secs(120);
     cfg
 }
 
@@ -218,10 +222,7 @@ async fn calls_of_one_account_from_credit_leases_cost_at_most_a_tenth_of_a_store
     // Late in the run moto takes seconds per transaction (it copies the
     // table for each): wait for it rather than time out, since a request
     // abandoned while moto still runs it would overlap the next.
-    let mut cfg = config(&ep, &prefix);
-    cfg.attempt_timeout = Duration::from_secs(60);
-    cfg.operation_timeout = Duration::from_secs(120);
-    let inner = DynamoStore::connect(cfg).await.unwrap();
+    let inner = DynamoStore::connect(config(&ep, &prefix)).await.unwrap();
     inner.create_tables_if_missing().await.unwrap();
     let counted = Arc::new(InstrumentedStore::wrap(inner));
     let h = TestHost::start(counted.clone()).await;
@@ -666,5 +667,55 @@ async fn two_hosts_together_never_admit_more_than_a_keys_rate_limit() {
         h.broker.run_maintenance().await.unwrap();
     }
     b.assert_ledger().await;
+    a.assert_ledger().await;
+}
+
+/// A key's credit limit lowered on one host reaches the credit leases
+/// another host holds for it within the key cache's bound: they are retired,
+/// and the next lease is checked by the store against the new limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_limit_lowered_on_one_host_retires_another_hosts_leases_within_the_bound() {
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("q{}_", secret::random_token(10).to_lowercase());
+    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let (_node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
+    b.broker.refresh_pools().await.unwrap();
+    let (u, key) = a.user(Credits::whole(1)).await;
+    let store = a.broker.store();
+    let id = store.api_key_by_hash(&key.hash()).await.unwrap().id;
+    let limit = |micros: i64| cxmpute_core::wire::UpdateKeyRequest {
+        credit_limit: Some(Some(Credits(micros))),
+        ..Default::default()
+    };
+    let accounts = a.broker.accounts();
+    accounts.update_key(&u, &id, limit(100_000)).await.unwrap();
+
+    // Host B spends ten calls' worth and holds a lease with more in it.
+    let c = reqwest::Client::new();
+    for _ in 0..10 {
+        assert_eq!(chat(&c, &b.url, &key).await, 200);
+    }
+    assert!(b.leases_held() > 0);
+    assert!(store.ledger_totals().await.unwrap().reserved > Credits::ZERO);
+
+    // On A the limit is lowered to one call: nothing is left of it while
+    // B's lease holds more (a limit lowered below what is spent and held
+    // leaves nothing, never a negative). A refuses at once.
+    accounts.update_key(&u, &id, limit(1_000)).await.unwrap();
+    assert_eq!(chat(&c, &a.url, &key).await, 429);
+    // Once B's key cache read the change, its lease is retired and goes
+    // back (what it held returns to the key, up to the new limit: one
+    // call), and B admits by the new limit: one call, where its lease had
+    // room for more.
+    b.clock.advance(b.broker.config().key_cache_ttl);
+    assert_eq!(chat(&c, &b.url, &key).await, 200);
+    assert_eq!(chat(&c, &b.url, &key).await, 429);
+    assert_eq!(store.usage_records(&u.id, 100).await.unwrap().len(), 11);
     a.assert_ledger().await;
 }

@@ -45,6 +45,8 @@ fn dynamo_config(endpoint: &str, prefix: &str) -> DynamoConfig {
     // at a time per process (see `DynamoConfig::request_gate`).
     cfg.request_gate = Some(RequestGate::new(1));
     cfg.conflict_retries = 40;
+    cfg.attempt_timeout = Duration::from_secs(60);
+    cfg.operation_timeout = Duration::from_secs(120);
     cfg
 }
 

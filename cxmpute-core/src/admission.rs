@@ -114,20 +114,20 @@ impl Admission {
         }
     }
 
-    /// Holds `r.amount` of the user's credits and the key's limit (the key
-    /// has hash `key_hash`): the reservation's checks, errors and all.
-    pub(crate) async fn hold(&self, r: Reservation, key_hash: &KeyHash) -> Result<Hold> {
+    /// Holds `r.amount` of the user's credits and the limit of `key` (as
+    /// the key cache holds it): the reservation's checks, errors and all.
+    pub(crate) async fn hold(&self, r: Reservation, key: &ApiKey) -> Result<Hold> {
         let source = match self {
             Admission::Store(store) => {
                 store.reserve(&r).await?;
                 Source::Store
             }
-            Admission::Leased(leases) => match leases.hold(&r).await? {
+            Admission::Leased(leases) => match leases.hold(&r, key.credit_limit).await? {
                 Some(lease) => Source::Lease(leases.clone(), lease),
                 None => Source::Store,
             },
             Admission::Memory(ledger) => {
-                ledger.hold(&r, key_hash).await?;
+                ledger.hold(&r, &key.hash).await?;
                 Source::Memory(ledger.clone())
             }
         };
@@ -709,7 +709,7 @@ mod tests {
             amount: Credits(amount),
             created_at: Timestamp(1),
         };
-        a.hold(r, &key.hash).await
+        a.hold(r, key).await
     }
 
     /// Settles `h` in the store, charging `charged`, as the gateway does.

@@ -323,7 +323,7 @@ impl Broker {
             Ticket::default()
         };
         // In the store, or in memory when this host owns the store.
-        let hold = match i.admission.hold(reservation, &key.hash).await {
+        let hold = match i.admission.hold(reservation, key).await {
             Ok(hold) => hold,
             Err(e) => {
                 ticket.cancel();

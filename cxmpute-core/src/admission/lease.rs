@@ -167,6 +167,10 @@ struct Slot {
     /// wait for one refill instead of each reserving its own.
     refill: Arc<tokio::sync::Mutex<()>>,
     last_used: Timestamp,
+    /// The key's credit limit as the gateway last saw it (from the key
+    /// cache; `None` until a call said it). A change retires the slot's
+    /// leases: one taken under the old limit must not keep admitting calls.
+    limit: Option<Option<Credits>>,
     /// The settlements of its calls, whichever lease admitted them: one
     /// queue per account and key, so that its batches never race each
     /// other for the same items.
@@ -209,8 +213,15 @@ impl Leases {
 
     /// Holds `r` from a lease: `Some(lease)` when it did, `None` when no
     /// lease could cover it and it was reserved in the store instead.
-    pub(crate) async fn hold(self: &Arc<Self>, r: &Reservation) -> Result<Option<RequestId>> {
+    pub(crate) async fn hold(
+        self: &Arc<Self>,
+        r: &Reservation,
+        key_limit: Option<Credits>,
+    ) -> Result<Option<RequestId>> {
         let slot = (r.user_id.clone(), r.key_id.clone());
+        for gone in self.follow_limit(&slot, key_limit) {
+            self.release(gone).await;
+        }
         let refill = match self.take(&slot, r) {
             Ok((lease, ahead)) => {
                 self.refill_ahead(&slot, r, ahead);
@@ -440,6 +451,31 @@ impl Leases {
         Some(f(l))
     }
 
+    /// Notes the key's credit limit a call of `slot` was admitted under. A
+    /// limit changed on another host reaches this one through its key cache
+    /// (within [`BrokerConfig::key_cache_ttl`](crate::BrokerConfig::key_cache_ttl)),
+    /// and then the slot's leases are retired as a change on this host
+    /// retires them: the idle ones are returned, to be handed back, the
+    /// busy ones go back once their calls are over, and the next lease is
+    /// checked by the store against the new limit.
+    fn follow_limit(&self, slot: &(UserId, ApiKeyId), limit: Option<Credits>) -> Vec<Reservation> {
+        let mut slots = self.slots.lock();
+        let Some(s) = slots.get_mut(slot) else {
+            return Vec::new();
+        };
+        match s.limit.replace(limit) {
+            Some(before) if before != limit => {
+                let (idle, busy): (Vec<_>, Vec<_>) = s.leases.drain(..).partition(|l| l.calls == 0);
+                s.leases = busy;
+                for l in &mut s.leases {
+                    l.retired = true;
+                }
+                idle.into_iter().map(|l| l.r).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Retires this host's leases of `user` (they admit no more calls) and
     /// hands back those with no call in flight: after a change to the
     /// account, new calls take new leases, checked against it.
@@ -546,6 +582,7 @@ fn slot_of<'a>(
         short: None,
         refill: Arc::default(),
         last_used: now,
+        limit: None,
         batch: Batch::new(store.clone()),
     })
 }

@@ -26,6 +26,12 @@ pub fn config(endpoint: &str) -> DynamoConfig {
         .with_credentials(StaticCredentials::new("testing", "testing"));
     // The suite races 100-200 transactions on one account; give them room.
     cfg.conflict_retries = 40;
+    // Late in a run the test server takes seconds per transaction (it
+    // copies its tables for each): wait for it rather than time out, since
+    // a request abandoned while the server still runs it would overlap the
+    // next one (a settle retried after its first try committed).
+    cfg.attempt_timeout = std::time::Duration::from_secs(60);
+    cfg.operation_timeout = std::time::Duration::from_secs(120);
     // The test server does not isolate concurrent requests (see
     // `request_gate`): one request at a time from every store of this test
     // binary, so concurrency tests check the store, not the server.
