@@ -552,21 +552,9 @@ impl LedgerStore for DynamoStore {
                 Err(Fail::Condition(flags)) => flags,
                 Err(f) => return Err(f.into_error(what)),
             };
-            let mut settled = HashSet::new();
-            for (i, req_i) in req_is {
-                if !Fail::failed(&flags, req_i) {
-                    continue;
-                }
-                let id = &calls[i].1.request_id;
-                match self.read_req(id).await? {
-                    Req::Settled(_) => {
-                        out[i] = SettleOutcome::AlreadySettled;
-                        settled.insert(i);
-                    }
-                    Req::Open(_) => return Err(Error::AlreadyExists(format!("reservation {id}"))),
-                    Req::Missing => {}
-                }
-            }
+            let settled = self
+                .settled_before(calls, &req_is, &flags, &mut out)
+                .await?;
             self.again(&mut attempt, what).await?;
             pending.retain(|i| !settled.contains(i));
             for (h, charged, i) in key_is {
@@ -694,21 +682,9 @@ impl LedgerStore for DynamoStore {
                     }
                 }
             }
-            let mut settled = HashSet::new();
-            for (i, req_i) in req_is {
-                if !Fail::failed(&flags, req_i) {
-                    continue;
-                }
-                let id = &calls[i].1.request_id;
-                match self.read_req(id).await? {
-                    Req::Settled(_) => {
-                        out[i] = SettleOutcome::AlreadySettled;
-                        settled.insert(i);
-                    }
-                    Req::Open(_) => return Err(Error::AlreadyExists(format!("reservation {id}"))),
-                    Req::Missing => {}
-                }
-            }
+            let settled = self
+                .settled_before(calls, &req_is, &flags, &mut out)
+                .await?;
             if !settled.is_empty() {
                 retried = pending
                     .iter()
@@ -820,6 +796,35 @@ impl LedgerStore for DynamoStore {
 }
 
 impl DynamoStore {
+    /// After a batch's transaction failed its conditions: the calls whose
+    /// request item failed because they were settled before, each marked
+    /// `AlreadySettled` in `out`. An open reservation under a call's id is
+    /// an error (a held call's id is never reserved in the store).
+    async fn settled_before(
+        &self,
+        calls: &[(Reservation, Settlement)],
+        req_is: &[(usize, usize)],
+        flags: &[bool],
+        out: &mut [SettleOutcome],
+    ) -> Result<HashSet<usize>> {
+        let mut settled = HashSet::new();
+        for &(i, req_i) in req_is {
+            if !Fail::failed(flags, req_i) {
+                continue;
+            }
+            let id = &calls[i].1.request_id;
+            match self.read_req(id).await? {
+                Req::Settled(_) => {
+                    out[i] = SettleOutcome::AlreadySettled;
+                    settled.insert(i);
+                }
+                Req::Open(_) => return Err(Error::AlreadyExists(format!("reservation {id}"))),
+                Req::Missing => {}
+            }
+        }
+        Ok(settled)
+    }
+
     /// Reads (consistently) what a reservation depends on and fails with the
     /// first rule it breaks, in the order every store checks them. `Ok` means
     /// nothing is wrong any more.
