@@ -236,6 +236,12 @@ impl SqliteStore {
             // A run's read returns a row per request; let them all through
             // at once instead of fifty at a time.
             .row_buffer_size(4096)
+            // A batch's savepoints keep the pages they change in a
+            // sub-journal; past 64 KiB SQLite spills it to a temporary file,
+            // a write syscall per page per batch. In memory it is only
+            // copies. (It only serves rolling back a savepoint of the open
+            // transaction: durability is the log's, unchanged.)
+            .pragma("temp_store", "MEMORY")
             .connect()
             .await
             .map_err(|e| open_error(path, "connecting", e))?;
