@@ -333,3 +333,35 @@ impl SqliteStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    /// The writer's savepoints journal in memory (see `open_with`): a
+    /// temporary file would cost a write syscall per changed page per batch.
+    #[tokio::test]
+    async fn the_writer_keeps_its_sub_journal_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("cxmpute.db"))
+            .await
+            .unwrap();
+        let temp_store: i64 = store
+            .writer
+            .write(|c| {
+                async move {
+                    sqlx::query_scalar("PRAGMA temp_store")
+                        .fetch_one(c)
+                        .await
+                        .map_err(|e| error::map("reading temp_store", e))
+                }
+                .boxed()
+            })
+            .await
+            .unwrap();
+        // 2 is MEMORY (0 DEFAULT, 1 FILE).
+        assert_eq!(temp_store, 2);
+        store.close().await;
+    }
+}
