@@ -84,6 +84,11 @@ pub(crate) fn error_parts(e: &Error) -> (StatusCode, &'static str, &'static str)
             "insufficient_quota",
             "key_limit_reached",
         ),
+        Error::BudgetExceeded(_) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            "budget_exceeded",
+        ),
         Error::RateLimited(_) => (
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
