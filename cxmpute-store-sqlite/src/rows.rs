@@ -99,6 +99,9 @@ macro_rules! key_cols {
     };
 }
 pub(crate) use key_cols;
+/// How many columns `key_cols!()` names (a query reading more after them
+/// starts there).
+pub(crate) const KEY_COLS: usize = 15;
 
 /// An API key from the columns of `key_cols!()` starting at `at`.
 pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
