@@ -262,3 +262,53 @@ async fn a_shared_store_counts_one_budget_for_every_host() {
     b.assert_ledger().await;
     a.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn a_call_refused_for_credits_gives_its_budget_hold_back_and_unbudgeted_keys_cost_no_store_call(
+) {
+    let store = Arc::new(cxmpute_core::testkit::InstrumentedStore::new());
+    let h = common::host_on(store.clone(), Arc::new(common::RecordingMailer::default())).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (hold, charge) = hold_and_charge();
+    // Credits for one call only; a budget for two.
+    let (user, key) = h.user(Credits(hold)).await;
+    let id = store.api_keys(&user.id).await.unwrap()[0].id.clone();
+    let limit = hold + charge;
+    let r = admin_patch(
+        &h,
+        &id,
+        json!({"budget": {"limit": limit, "period": "day"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    store.take_calls();
+    assert_eq!(
+        h.post("/v1/chat/completions", &key, &chat()).await.status(),
+        200
+    );
+    // Held, then given back what the charge did not use.
+    assert_eq!(store.take_calls().get("add_rate_usage"), Some(&2));
+    // Short of credits: refused after the budget, which takes the call back.
+    for _ in 0..3 {
+        let r = h.post("/v1/chat/completions", &key, &chat()).await;
+        expect_error(r, 402, "insufficient_credits").await;
+    }
+    common::grant(&h, &user.id, 1).await;
+    // The budget still has room for the one call it would have had.
+    let (admitted, refused) = calls_until_refused(&h, &key).await;
+    assert_eq!(admitted, 1);
+    expect_error(refused, 429, "budget_exceeded").await;
+
+    // A key without a budget: no store call for it.
+    let (_, free) = h.user(Credits::whole(1)).await;
+    let _ = h.post("/v1/chat/completions", &free, &chat()).await;
+    store.take_calls();
+    assert_eq!(
+        h.post("/v1/chat/completions", &free, &chat())
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(store.take_calls().get("add_rate_usage"), None);
+    h.assert_ledger().await;
+}
