@@ -719,3 +719,109 @@ async fn a_key_limit_lowered_on_one_host_retires_another_hosts_leases_within_the
     assert_eq!(store.usage_records(&u.id, 100).await.unwrap().len(), 11);
     a.assert_ledger().await;
 }
+
+/// A key's budget across hosts: every call's hold is added to one counter
+/// in the store, so two hosts calling at once never spend more than the
+/// budget together; with holds equal to charges (a price per request), they
+/// spend exactly as many calls as fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hosts_together_never_spend_more_than_a_keys_budget() {
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("g{}_", secret::random_token(10).to_lowercase());
+    let sa = store(config(&ep, &prefix)).await;
+    let sb = store(config(&ep, &prefix)).await;
+    let a = TestHost::start(sa.clone()).await;
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+    let b = TestHost::start(sb.clone()).await;
+    b.clock.set(a.clock.now());
+    let (node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
+    b.broker.refresh_pools().await.unwrap();
+    let (u, key) = a.user(Credits::whole(1)).await;
+    let id = a.broker.store().api_keys(&u.id).await.unwrap()[0]
+        .id
+        .clone();
+    const FIT: u64 = 12;
+    let c = reqwest::Client::new();
+    let r = c
+        .patch(format!("{}/v1/admin/keys/{id}", b.url))
+        .bearer_auth(b.admin_key.expose())
+        .json(&json!({"budget": {"limit": 1_000 * FIT, "period": "day"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let one = |url: String| {
+        let (c, key) = (c.clone(), key.clone());
+        async move {
+            let r = c
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key.expose())
+                .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            r.bytes().await.unwrap();
+            status
+        }
+    };
+    // One call through each host first: both count in the same period.
+    assert_eq!(one(a.url.clone()).await, 200);
+    assert_eq!(one(b.url.clone()).await, 200);
+
+    // 30 calls at once, half through each host.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let url = if i % 2 == 0 { &a.url } else { &b.url }.clone();
+        let (c, key) = (c.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key.expose())
+                .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            if status != 200 {
+                let e: ErrorBody = r.json().await.unwrap();
+                assert_eq!(status, 429, "{}", e.error.message);
+                assert_eq!(e.error.code.as_deref(), Some("budget_exceeded"));
+            } else {
+                r.bytes().await.unwrap();
+            }
+            (i % 2, status)
+        }));
+    }
+    let mut ok = [0u64; 2];
+    for t in tasks {
+        match t.await.unwrap() {
+            (h, 200) => ok[h] += 1,
+            (_, 429) => {}
+            (_, s) => panic!("unexpected status {s}"),
+        }
+    }
+    let admitted = 2 + ok[0] + ok[1];
+    eprintln!("admitted {ok:?} at once after one each, of a budget of {FIT} calls");
+    assert_eq!(admitted, FIT, "{ok:?}");
+    assert_eq!(node.hits() as u64, admitted);
+    let totals = a.broker.store().ledger_totals().await.unwrap();
+    assert_eq!(totals.charged, Credits(1_000 * FIT as i64));
+
+    // The next day, on both hosts.
+    for h in [&a, &b] {
+        h.clock.advance(Duration::from_secs(86_400));
+    }
+    assert_eq!(one(a.url.clone()).await, 200);
+    assert_eq!(one(b.url.clone()).await, 200);
+    for h in [&a, &b] {
+        h.clock.advance(h.broker.config().lease_idle);
+        h.broker.run_maintenance().await.unwrap();
+    }
+    b.assert_ledger().await;
+    a.assert_ledger().await;
+}

@@ -339,3 +339,58 @@ async fn calls_at_once_settle_in_group_commits_on_sqlite() {
     drop(h);
     remove_db(&path);
 }
+
+/// A key's budget and what it spent this day are in the file: after a
+/// restart the day's spending still counts, and the next day starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budgets_spending_survives_a_restart() {
+    let path = temp_db();
+    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    common::price_per_call(&h).await;
+    let (user, key) = h.user(Credits::whole(1)).await;
+    let id = h.broker.store().api_keys(&user.id).await.unwrap()[0]
+        .id
+        .clone();
+    // Three calls of 1,000 a day.
+    let r = call(&h, "PATCH", format!("/v1/admin/keys/{id}"))
+        .bearer(h.admin_key.expose())
+        .json(json!({"budget": {"limit": 3_000, "period": "day"}}))
+        .send()
+        .await;
+    assert_eq!(r.status(), 200);
+    for _ in 0..2 {
+        assert_eq!(chat(&h, &key).await, 200);
+    }
+    let now = h.clock.now();
+    h.assert_ledger().await;
+    drop(h);
+    store.close().await;
+    drop(store);
+
+    // Second life, the same day: one call left of the budget.
+    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    h.clock.set(now);
+    h.track_user(&user.id, Credits::whole(1));
+    assert_eq!(chat(&h, &key).await, 200);
+    let r = h.post("/v1/chat/completions", &key, &common::chat()).await;
+    expect_error(r, 429, "budget_exceeded").await;
+    // The next day, three more.
+    h.clock.advance(std::time::Duration::from_secs(86_400));
+    for _ in 0..3 {
+        assert_eq!(chat(&h, &key).await, 200);
+    }
+    assert_eq!(chat(&h, &key).await, 429);
+    h.assert_ledger().await;
+    assert_eq!(
+        h.balance(&user.id).await,
+        Credits::whole(1).saturating_sub(Credits(6_000))
+    );
+    drop(h);
+    store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}

@@ -485,6 +485,50 @@ pub struct ApiKey {
     /// How fast the key may call (absent in stored JSON: no limit).
     #[serde(default)]
     pub rate_limits: RateLimits,
+    /// How much the key may spend per day or month (absent: no budget).
+    #[serde(default)]
+    pub budget: Option<Budget>,
+}
+
+/// A spending limit per UTC calendar day or month of the broker's clock,
+/// starting again on its own with the next period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Budget {
+    /// What may be spent in one period, in micro-credits (at least 1).
+    pub limit: Credits,
+    /// The period.
+    pub period: BudgetPeriod,
+}
+
+/// The period a [`Budget`] counts over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetPeriod {
+    /// A UTC calendar day.
+    Day,
+    /// A UTC calendar month.
+    Month,
+}
+
+impl BudgetPeriod {
+    /// Its name on the wire and in the store (`day`, `month`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BudgetPeriod::Day => "day",
+            BudgetPeriod::Month => "month",
+        }
+    }
+
+    /// The period named `s` (`day`, `month`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "day" => Some(BudgetPeriod::Day),
+            "month" => Some(BudgetPeriod::Month),
+            _ => None,
+        }
+    }
 }
 
 /// How fast a key may call: requests and tokens (input and output, as a
@@ -544,6 +588,9 @@ pub struct ApiKeyUpdate {
     pub rpm: Option<Option<u32>>,
     /// A new tokens-per-minute limit: `Some(None)` removes it.
     pub tpm: Option<Option<u64>>,
+    /// A new budget: `Some(None)` removes it.
+    #[serde(default)]
+    pub budget: Option<Option<Budget>>,
 }
 
 /// A provider account: the one who runs nodes and earns.

@@ -952,6 +952,9 @@ pub struct ApiKeyView {
     /// Tokens per minute it may use (`None`: no limit of its own).
     #[serde(default)]
     pub tpm: Option<u64>,
+    /// What it may spend per UTC day or month (`None`: no budget).
+    #[serde(default)]
+    pub budget: Option<Budget>,
 }
 
 impl From<&ApiKey> for ApiKeyView {
@@ -967,6 +970,7 @@ impl From<&ApiKey> for ApiKeyView {
             last_used_at: k.last_used_at,
             rpm: k.rate_limits.rpm,
             tpm: k.rate_limits.tpm,
+            budget: k.budget,
         }
     }
 }
@@ -1051,6 +1055,14 @@ pub struct UpdateKeyRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub tpm: Option<Option<u64>>,
+    /// A spending limit per UTC day or month,
+    /// `{"limit": <micro-credits>, "period": "day"|"month"}`; `null` removes it.
+    #[serde(
+        default,
+        deserialize_with = "present_nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub budget: Option<Option<Budget>>,
 }
 
 /// Tells an absent field (`None`, by `default`) from an explicit `null` (`Some(None)`).

@@ -206,9 +206,10 @@ impl AccountApi<'_> {
             .await
     }
 
-    /// `PATCH /v1/me/keys/{id}`: renames a key, changes its credit limit or
-    /// rate limits (`rpm`, `tpm`; `Some(None)` removes one) or its permitted
-    /// routes; absent fields stay.
+    /// `PATCH /v1/me/keys/{id}`: renames a key, changes its credit limit,
+    /// rate limits (`rpm`, `tpm`; `Some(None)` removes one), budget per day
+    /// or month (`budget`; `Some(None)` removes it) or its permitted routes;
+    /// absent fields stay.
     ///
     /// ```no_run
     /// use cxmpute_client::types::{ApiKeyId, Credits};

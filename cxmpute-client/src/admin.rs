@@ -80,8 +80,8 @@ impl AdminApi<'_> {
     }
 
     /// `PATCH /v1/admin/keys/{id}`: changes any user's key: its rate limits
-    /// (`rpm`, `tpm`; `Some(None)` removes one), credit limit, routes or
-    /// name; absent fields stay.
+    /// (`rpm`, `tpm`; `Some(None)` removes one), budget per day or month
+    /// (`budget`), credit limit, routes or name; absent fields stay.
     ///
     /// ```no_run
     /// use cxmpute_client::types::ApiKeyId;

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{World, MODEL};
-use cxmpute_client::types::{Credits, Placement, Route, Timestamp};
+use cxmpute_client::types::{Budget, BudgetPeriod, Credits, Placement, Route, Timestamp};
 use cxmpute_client::wire::{
     ChatCompletionRequest, ChatMessage, CreateKeyRequest, GrantCreditsRequest, NotificationRequest,
     UpdateKeyRequest,
@@ -181,6 +181,10 @@ async fn own_keys_are_created_used_changed_and_revoked() {
         permitted_routes: Some(Vec::new()),
         rpm: Some(Some(60)),
         tpm: Some(Some(100_000)),
+        budget: Some(Some(Budget {
+            limit: Credits(5_000_000),
+            period: BudgetPeriod::Month,
+        })),
     };
     let changed = session
         .account()
@@ -191,6 +195,13 @@ async fn own_keys_are_created_used_changed_and_revoked() {
     assert_eq!((changed.credit_limit, changed.credits_left), (None, None));
     assert!(changed.permitted_routes.is_empty());
     assert_eq!((changed.rpm, changed.tpm), (Some(60), Some(100_000)));
+    assert_eq!(
+        changed.budget,
+        Some(Budget {
+            limit: Credits(5_000_000),
+            period: BudgetPeriod::Month,
+        })
+    );
     // An absent field stays as it is.
     let rename = UpdateKeyRequest {
         name: Some("ci-3".into()),
@@ -205,6 +216,17 @@ async fn own_keys_are_created_used_changed_and_revoked() {
         (renamed.name.as_str(), renamed.credit_limit),
         ("ci-3", None)
     );
+    assert!(renamed.budget.is_some(), "an absent budget stays");
+    let unbudget = UpdateKeyRequest {
+        budget: Some(None),
+        ..Default::default()
+    };
+    let unbudgeted = session
+        .account()
+        .update_key(&created.key.key_id, &unbudget)
+        .await
+        .unwrap();
+    assert_eq!(unbudgeted.budget, None, "null removes the budget");
 
     session
         .account()

@@ -258,6 +258,7 @@ impl Accounts {
             last_used_at: None,
             revoked_at: None,
             rate_limits: RateLimits::NONE,
+            budget: None,
         };
         self.store().create_api_key(&key).await?;
         self.broker.inner().keys.forget(&key.hash); // it may be held as unknown
@@ -438,6 +439,9 @@ impl Accounts {
             rpm: req.rpm.flatten(),
             tpm: req.tpm.flatten(),
         })?;
+        if let Some(Some(b)) = req.budget {
+            crate::budget::check_budget(&b)?;
+        }
         let routes = req.permitted_routes.map(|mut r| {
             r.sort();
             r.dedup();
@@ -449,6 +453,7 @@ impl Accounts {
             permitted_routes: routes,
             rpm: req.rpm,
             tpm: req.tpm,
+            budget: req.budget,
         })
     }
 

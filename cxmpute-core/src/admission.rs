@@ -695,6 +695,7 @@ mod tests {
             last_used_at: None,
             revoked_at: None,
             rate_limits: RateLimits::default(),
+            budget: None,
         };
         store.inner.create_api_key(&key).await.unwrap();
         (user, key)

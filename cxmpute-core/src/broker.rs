@@ -419,6 +419,7 @@ impl BrokerBuilder {
                 self.clock.clone(),
                 self.config.account_rate_limits,
             ),
+            budgets: crate::budget::Budgets::new(self.store.clone(), self.clock.clone()),
             auth,
             // Stored prices are applied over these by the refresh below.
             prices: PriceTable::new(self.default_prices, Vec::new()),
@@ -455,6 +456,8 @@ pub(crate) struct Inner {
     pub(crate) admission: Admission,
     /// Requests and tokens per minute (see [`crate::ratelimit`]).
     pub(crate) limits: RateLimiter,
+    /// Spending per day or month (see [`crate::budget`]).
+    pub(crate) budgets: crate::budget::Budgets,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) selector: Arc<dyn ProvisionSelector>,

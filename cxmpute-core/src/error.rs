@@ -36,6 +36,10 @@ pub enum Error {
     /// The API key's own credit limit does not cover the reservation.
     #[error("key credit limit reached: {0}")]
     KeyLimitReached(String),
+    /// The API key's spending budget for the day or month does not cover
+    /// the reservation (HTTP 429, code `budget_exceeded`).
+    #[error("budget exceeded: {0}")]
+    BudgetExceeded(String),
     /// Too many requests (rate limits on sign-in codes and the like).
     #[error("rate limited: {0}")]
     RateLimited(String),

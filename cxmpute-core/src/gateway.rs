@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::admission::Hold;
 use crate::broker::{Broker, GatewayRequest, GatewayResponse};
+use crate::budget::BudgetTicket;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::forward::{self, NodeResponse, ReadError};
@@ -322,11 +323,23 @@ impl Broker {
         } else {
             Ticket::default()
         };
+        // The key's spending per day or month: in the store (see `budget`).
+        let budget = match i.budgets.admit(key, amount).await {
+            Ok(budget) => budget,
+            Err(e) => {
+                ticket.cancel();
+                if limited {
+                    *rate = i.limits.status(key);
+                }
+                return Err(e);
+            }
+        };
         // In the store, or in memory when this host owns the store.
         let hold = match i.admission.hold(reservation, key).await {
             Ok(hold) => hold,
             Err(e) => {
                 ticket.cancel();
+                budget.cancel().await;
                 if limited {
                     *rate = i.limits.status(key);
                 }
@@ -339,6 +352,7 @@ impl Broker {
             broker: self.clone(),
             hold,
             rate: ticket,
+            budget,
             prep,
             price,
             app: req.app,
@@ -504,6 +518,8 @@ struct CallContext {
     hold: Hold,
     /// What it counted against its rate limits.
     rate: Ticket,
+    /// What it holds of its key's budget.
+    budget: BudgetTicket,
     prep: Prepared,
     price: Arc<PriceEntry>,
     app: Option<String>,
@@ -512,6 +528,19 @@ struct CallContext {
 }
 
 impl CallContext {
+    /// Settles the call (see [`Broker::settle`]), then gives its key's
+    /// budget what the charge did not use. A settlement not known to be
+    /// committed leaves the whole hold counted: the budget errs on the side
+    /// of spending less.
+    async fn settle(&self, st: Settlement) -> Result<()> {
+        let charged = st.charged;
+        let settled = self.broker.settle(&self.hold, st).await;
+        if settled.is_ok() {
+            self.budget.settled(charged).await;
+        }
+        settled
+    }
+
     fn streamed(&self) -> bool {
         matches!(
             self.prep.kind,
@@ -647,7 +676,7 @@ impl CallContext {
                             let charged = self.price.cost(meter);
                             let st = self.settlement(Some(&node), meter, charged, true);
                             // The answer goes out only once it is charged.
-                            self.broker.settle(&self.hold, st).await?;
+                            self.settle(st).await?;
                             let content_type = "application/json".to_owned();
                             GatewayResponse::Complete { content_type, body }
                         }
@@ -663,7 +692,7 @@ impl CallContext {
         let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
         // Nothing to withhold: the error below says what went wrong, and
         // whatever became of this zero charge, the call costs nothing.
-        let _ = self.broker.settle(&self.hold, st).await;
+        let _ = self.settle(st).await;
         if !refused.is_empty() {
             // No node served it. Refusals by two nodes or more confirm each
             // other and count as answers; a lone refusal counts its latency.
@@ -1035,7 +1064,7 @@ impl CallContext {
             // stream's end (its usage chunk and `[DONE]`) was held back for
             // this; a settlement that did not commit ends it with an error
             // event instead, and an audio body breaks.
-            let settled = self.broker.settle(&self.hold, st).await;
+            let settled = self.settle(st).await;
             if matches!(end, Some(End::Done)) {
                 match (settled, meter.as_mut()) {
                     (Ok(()), Some(m)) => {

@@ -22,6 +22,7 @@ pub mod admin;
 mod admission;
 pub mod analytics;
 pub mod broker;
+mod budget;
 mod catalogue;
 pub mod config;
 pub mod egress;

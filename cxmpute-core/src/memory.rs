@@ -172,6 +172,9 @@ impl UserStore for MemoryStore {
         if let Some(tpm) = update.tpm {
             k.rate_limits.tpm = tpm;
         }
+        if let Some(budget) = update.budget {
+            k.budget = budget;
+        }
         Ok(k.clone())
     }
 

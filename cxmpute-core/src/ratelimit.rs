@@ -686,6 +686,7 @@ mod tests {
             last_used_at: None,
             revoked_at: None,
             rate_limits: RateLimits { rpm, tpm },
+            budget: None,
         }
     }
 

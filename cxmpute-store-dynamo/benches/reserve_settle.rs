@@ -58,6 +58,7 @@ async fn fixture(endpoint: &str) -> Fixture {
         last_used_at: None,
         revoked_at: None,
         rate_limits: cxmpute_core::RateLimits::default(),
+        budget: None,
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {

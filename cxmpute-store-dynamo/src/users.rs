@@ -59,6 +59,7 @@ fn key_item(k: &ApiKey) -> Result<Item> {
         .opt_n("revoked_at", k.revoked_at.map(|t| t.0))
         .opt_n("rpm", k.rate_limits.rpm)
         .opt_n("tpm", k.rate_limits.tpm)
+        .opt_json("budget", k.budget.as_ref())?
         .build())
 }
 
@@ -103,6 +104,7 @@ pub(crate) fn decode_key(it: &Item) -> Result<ApiKey> {
             rpm: r.opt_num("rpm")?,
             tpm: r.opt_num("tpm")?,
         },
+        budget: r.opt_json("budget")?,
     })
 }
 
@@ -309,6 +311,16 @@ impl UserStore for DynamoStore {
                     Some(Some(v)) => sets.push(format!("{} = {}", ex.n(name), ex.v(n(v)))),
                     Some(None) => removes.push(ex.n(name)),
                     None => {}
+                }
+            }
+            if let Some(budget) = update.budget {
+                match budget {
+                    Some(b) => {
+                        let text =
+                            serde_json::to_string(&b).map_err(|e| Error::backend("encoding", e))?;
+                        sets.push(format!("{} = {}", ex.n("budget"), ex.v(s(text))));
+                    }
+                    None => removes.push(ex.n("budget")),
                 }
             }
             if let Some(limit) = update.credit_limit {

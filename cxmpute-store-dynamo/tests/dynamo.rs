@@ -51,6 +51,7 @@ async fn funded(store: &dyn Store, credits: Credits, limit: Option<Credits>) -> 
         last_used_at: None,
         revoked_at: None,
         rate_limits: cxmpute_core::RateLimits::default(),
+        budget: None,
     };
     store.create_api_key(&key).await.expect("create key");
     (user, key)

@@ -79,6 +79,7 @@ async fn fixture(n: usize) -> Fixture {
         last_used_at: None,
         revoked_at: None,
         rate_limits: RateLimits::default(),
+        budget: None,
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {

@@ -81,7 +81,7 @@ const READ_RUN: &str = concat!(
     "SELECT value FROM json_each(?) UNION ",
     "SELECT r.key_id FROM json_each(?) j JOIN reservations r ON r.request_id = j.value)"
 );
-const KEY_N: usize = 13;
+const KEY_N: usize = rows::KEY_COLS;
 
 /// Every write of a run. Plain `?`s, bound in order: sqlx numbers each
 /// statement's arguments on from the previous one's.

@@ -93,11 +93,15 @@ macro_rules! key_cols {
     () => {
         concat!(
             "k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
-            "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at, k.rpm, k.tpm"
+            "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at, k.rpm, k.tpm, ",
+            "k.budget_limit, k.budget_period"
         )
     };
 }
 pub(crate) use key_cols;
+/// How many columns `key_cols!()` names (a query reading more after them
+/// starts there).
+pub(crate) const KEY_COLS: usize = 15;
 
 /// An API key from the columns of `key_cols!()` starting at `at`.
 pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
@@ -121,7 +125,20 @@ pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
                 .transpose()?,
             tpm: col::<Option<i64>>(row, at + 12)?.map(to_u64),
         },
+        budget: budget(col(row, at + 13)?, col(row, at + 14)?)?,
     })
+}
+
+/// A key's budget from its two columns (both set, or neither).
+fn budget(limit: Option<i64>, period: Option<String>) -> Result<Option<Budget>> {
+    match (limit, period) {
+        (Some(limit), Some(period)) => Ok(Some(Budget {
+            limit: Credits(limit),
+            period: BudgetPeriod::parse(&period)
+                .ok_or_else(|| corrupt(format!("budget period `{period}`")))?,
+        })),
+        _ => Ok(None),
+    }
 }
 
 /// Permitted routes as stored: a JSON array of paths.

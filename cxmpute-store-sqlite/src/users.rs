@@ -164,8 +164,9 @@ async fn create_api_key(c: &mut Conn, k: &ApiKey) -> Result<()> {
     }
     let q = sqlx::query(
         "INSERT INTO api_keys (id, user_id, hash, name, prefix, credit_limit, credits_left, \
-         permitted_routes, created_at, last_used_at, revoked_at, rpm, tpm) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+         permitted_routes, created_at, last_used_at, revoked_at, rpm, tpm, \
+         budget_limit, budget_period) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )
     .bind(k.id.as_str())
     .bind(k.user_id.as_str())
@@ -179,7 +180,9 @@ async fn create_api_key(c: &mut Conn, k: &ApiKey) -> Result<()> {
     .bind(k.last_used_at.map(|t| t.0))
     .bind(k.revoked_at.map(|t| t.0))
     .bind(k.rate_limits.rpm)
-    .bind(k.rate_limits.tpm.map(rows::to_i64));
+    .bind(k.rate_limits.tpm.map(rows::to_i64))
+    .bind(k.budget.map(|b| b.limit.0))
+    .bind(k.budget.map(|b| b.period.as_str()));
     execute(c, &format!("api key {}", k.id), q).await.map(drop)
 }
 
@@ -228,9 +231,13 @@ async fn update_api_key(c: &mut Conn, id: &str, u: &ApiKeyUpdate) -> Result<ApiK
     if let Some(tpm) = u.tpm {
         k.rate_limits.tpm = tpm;
     }
+    if let Some(budget) = u.budget {
+        k.budget = budget;
+    }
     let q = sqlx::query(
         "UPDATE api_keys SET name = ?2, credit_limit = ?3, credits_left = ?4, \
-         permitted_routes = ?5, rpm = ?6, tpm = ?7 WHERE id = ?1",
+         permitted_routes = ?5, rpm = ?6, tpm = ?7, budget_limit = ?8, budget_period = ?9 \
+         WHERE id = ?1",
     )
     .bind(id)
     .bind(&k.name)
@@ -238,7 +245,9 @@ async fn update_api_key(c: &mut Conn, id: &str, u: &ApiKeyUpdate) -> Result<ApiK
     .bind(k.credits_left.map(|c| c.0))
     .bind(rows::routes_json(&k.permitted_routes))
     .bind(k.rate_limits.rpm)
-    .bind(k.rate_limits.tpm.map(rows::to_i64));
+    .bind(k.rate_limits.tpm.map(rows::to_i64))
+    .bind(k.budget.map(|b| b.limit.0))
+    .bind(k.budget.map(|b| b.period.as_str()));
     execute(c, "updating an api key", q).await?;
     Ok(k)
 }

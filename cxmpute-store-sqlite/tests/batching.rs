@@ -48,6 +48,7 @@ async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
         last_used_at: None,
         revoked_at: None,
         rate_limits: RateLimits::default(),
+        budget: None,
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {

@@ -156,6 +156,7 @@ fn acknowledged_settlements_survive_sigkill() {
             last_used_at: None,
             revoked_at: None,
             rate_limits: RateLimits::default(),
+            budget: None,
         };
         store.create_api_key(&key).await.unwrap();
         let provider = Provider {

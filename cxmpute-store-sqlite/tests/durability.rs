@@ -57,6 +57,7 @@ async fn populate(store: &SqliteStore) -> World {
         last_used_at: None,
         revoked_at: None,
         rate_limits: RateLimits::default(),
+        budget: None,
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {

@@ -154,14 +154,32 @@ function limitText(v) { return v === null || v === undefined ? 'none' : fmtInt(v
 function limitInputs(prefix, k) {
   const attrs = (name, v) => ({ id: `${prefix}-${name}`, name, inputmode: 'numeric', class: 'limit',
     placeholder: 'none', value: v === null || v === undefined ? '' : String(v), 'aria-label': name });
-  return [el('input', attrs('rpm', k && k.rpm)), el('input', attrs('tpm', k && k.tpm))];
+  const budget = k && k.budget;
+  const period = el('select', { id: `${prefix}-period`, name: 'period', 'aria-label': 'budget period' },
+    ...['day', 'month'].map(p => el('option', Object.assign({ value: p }, budget && budget.period === p ? { selected: true } : {}), 'a ' + p)));
+  return [el('input', attrs('rpm', k && k.rpm)), el('input', attrs('tpm', k && k.tpm)),
+    el('input', { id: `${prefix}-budget`, name: 'budget', inputmode: 'decimal', class: 'limit',
+      placeholder: 'no budget', value: budget ? String(budget.limit / 1e6) : '', 'aria-label': 'budget in credits' }),
+    period];
 }
+
+// A budget typed into a form, in credits: empty means none (null); a number
+// is sent in micro-credits, anything else as typed for the broker to refuse.
+function budgetValue(form) {
+  const t = form.elements.budget.value.trim();
+  if (!t) return null;
+  const n = Number(t);
+  return { limit: Number.isFinite(n) ? Math.round(n * 1e6) : t, period: form.elements.period.value };
+}
+
+function budgetText(b) { return b ? `${fmtCredits(b.limit)} a ${b.period}` : 'no budget'; }
 
 // Sends a key's limits from `form` (`rpm`, `tpm` inputs) with `send` (a
 // PATCH of the key), then hands `done` the key as it is now; a refusal is
 // shown in the status line.
 async function saveLimits(form, send, done) {
-  const body = { rpm: limitValue(form.elements.rpm.value), tpm: limitValue(form.elements.tpm.value) };
+  const body = { rpm: limitValue(form.elements.rpm.value), tpm: limitValue(form.elements.tpm.value),
+    budget: budgetValue(form) };
   const r = await send(body);
   if (!r.ok) { setStatus(errorText(r)); return; }
   setStatus('');
@@ -387,7 +405,7 @@ async function viewMe(main) {
     panel('Applications', table('my-apps', usageColumns(['Charged', 'charged']), s.apps)),
   );
   if (me) {
-    // Each key's requests and tokens per minute, editable (empty: none).
+    // Each key's requests and tokens per minute and budget, editable (empty: none).
     const limitsForm = k => el('form', { id: 'limits-' + k.key_id, class: 'limits', onsubmit: (e) => {
       e.preventDefault();
       saveLimits(e.target, body => asUser('/v1/me/keys/' + encodeURIComponent(k.key_id), { method: 'PATCH', body }), rerender);
@@ -396,7 +414,7 @@ async function viewMe(main) {
       ['Name', k => k.name], ['Key', k => k.prefix + '…'],
       ['Limit', k => k.credit_limit === null ? 'none' : fmtCredits(k.credit_limit)],
       ['Left', k => k.credits_left === null ? '–' : fmtCredits(k.credits_left)],
-      ['Per minute (requests, tokens)', limitsForm],
+      ['Per minute (requests, tokens); budget (credits a day or month)', limitsForm],
       ['Last used', k => k.last_used_at ? new Date(k.last_used_at).toISOString().slice(0, 16).replace('T', ' ') : 'never'],
     ], me.keys)));
   }
@@ -516,16 +534,16 @@ async function viewAdmin(main) {
   );
 }
 
-// Any key's requests and tokens per minute, by its id (the key ids of a
+// Any key's requests and tokens per minute and budget, by its id (the key ids of a
 // user are in `GET /v1/admin/users/{id}`); empty fields remove a limit.
 function adminLimitsForm() {
   const id = el('input', { id: 'admin-limits-key', placeholder: 'key_…', required: true, autocomplete: 'off', 'aria-label': 'key id' });
-  const shown = el('p', { id: 'admin-limits-result', class: 'muted' }, 'Requests and tokens per minute; empty for none.');
+  const shown = el('p', { id: 'admin-limits-result', class: 'muted' }, 'Requests and tokens per minute, and a budget in credits a day or month; empty for none.');
   return el('form', { id: 'admin-limits', class: 'limits', onsubmit: (e) => {
     e.preventDefault();
     const key = id.value.trim();
     saveLimits(e.target, body => asAdmin('/v1/admin/keys/' + encodeURIComponent(key), { method: 'PATCH', body }),
-      k => { shown.textContent = `${k.name} (${k.prefix}…): ${limitText(k.rpm)} requests, ${limitText(k.tpm)} tokens a minute`; });
+      k => { shown.textContent = `${k.name} (${k.prefix}…): ${limitText(k.rpm)} requests, ${limitText(k.tpm)} tokens a minute, ${budgetText(k.budget)}`; });
   } }, id, limitInputs('admin-limits', null), el('button', { id: 'admin-limits-save', type: 'submit' }, 'Set limits'), shown);
 }
 

@@ -42,6 +42,7 @@ pub(super) fn new_key(user: &User, limit: Option<Credits>, created_at: Timestamp
         last_used_at: None,
         revoked_at: None,
         rate_limits: RateLimits::default(),
+        budget: None,
     }
 }
 

@@ -97,6 +97,7 @@ macro_rules! store_conformance_tests {
                 update_api_key_moves_limit_and_changes_fields,
                 revoke_api_key_is_permanent,
                 rate_limits_round_trip_and_change,
+                budgets_round_trip_and_change,
                 rate_usage_counts_per_window,
                 concurrent_rate_usage_is_atomic,
             ],

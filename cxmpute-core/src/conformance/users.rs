@@ -303,6 +303,49 @@ pub async fn rate_limits_round_trip_and_change(store: Arc<dyn Store>) {
     assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), k);
 }
 
+/// A key's budget is stored with it, changed, removed by `Some(None)`, and
+/// left alone by every other change.
+pub async fn budgets_round_trip_and_change(store: Arc<dyn Store>) {
+    let user = new_user("budgets@example.com", Credits::whole(1));
+    store.create_user(&user).await.unwrap();
+    let mut key = new_key(&user, None, at(1));
+    let daily = Budget {
+        limit: Credits(1_000_000_000_000),
+        period: BudgetPeriod::Day,
+    };
+    key.budget = Some(daily);
+    store.create_api_key(&key).await.unwrap();
+    assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), key);
+
+    let change = |budget| ApiKeyUpdate {
+        budget,
+        ..ApiKeyUpdate::default()
+    };
+    let monthly = Budget {
+        limit: Credits(7),
+        period: BudgetPeriod::Month,
+    };
+    let k = store
+        .update_api_key(&key.id, &change(Some(Some(monthly))))
+        .await
+        .unwrap();
+    assert_eq!(k.budget, Some(monthly));
+    let rename = ApiKeyUpdate {
+        name: Some("renamed".into()),
+        rpm: Some(Some(3)),
+        ..ApiKeyUpdate::default()
+    };
+    let k = store.update_api_key(&key.id, &rename).await.unwrap();
+    assert_eq!(k.budget, Some(monthly), "other changes keep the budget");
+    assert_eq!(store.api_keys(&user.id).await.unwrap(), vec![k.clone()]);
+    let k = store
+        .update_api_key(&key.id, &change(Some(None)))
+        .await
+        .unwrap();
+    assert_eq!(k.budget, None);
+    assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), k);
+}
+
 /// Rate counters add up within a window, start again in a later one, and
 /// leave a later window alone when asked about an earlier one.
 pub async fn rate_usage_counts_per_window(store: Arc<dyn Store>) {

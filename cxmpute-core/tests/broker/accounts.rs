@@ -1131,6 +1131,7 @@ fn debug_output_of_every_type_holding_a_secret_is_redacted() {
                     last_used_at: None,
                     rpm: None,
                     tpm: None,
+                    budget: None,
                 },
                 api_key: secret(),
             }

@@ -179,6 +179,10 @@ async fn key_limits(h: &TestHost, user: &UserId) -> RateLimits {
     h.broker.store().api_keys(user).await.unwrap()[0].rate_limits
 }
 
+async fn key_budget(h: &TestHost, user: &UserId) -> Option<Budget> {
+    h.broker.store().api_keys(user).await.unwrap()[0].budget
+}
+
 async fn click(c: &Client, css: &str) {
     c.find(Locator::Css(css))
         .await
@@ -479,6 +483,28 @@ async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     };
     assert_eq!(key_limits(&s.h, &s.user.id).await, set);
     wait_for(&c, &format!("{}[value='30']", field("rpm"))).await;
+    // And its budget, in credits a day or month (empty: none).
+    set_field(&c, &field("budget"), "0.25").await;
+    c.execute(
+        &format!("document.getElementById('limits-{key_id}-period').value = 'month'"),
+        vec![],
+    )
+    .await
+    .unwrap();
+    click(&c, &format!("#limits-{key_id} button")).await;
+    let monthly = Some(Budget {
+        limit: Credits(250_000),
+        period: BudgetPeriod::Month,
+    });
+    for _ in 0..200 {
+        if key_budget(&s.h, &s.user.id).await == monthly {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(key_budget(&s.h, &s.user.id).await, monthly);
+    assert_eq!(key_limits(&s.h, &s.user.id).await, set, "the limits stay");
+    wait_for(&c, &format!("{}[value='0.25']", field("budget"))).await;
     ready(&c, "me").await;
     c.execute(
         "document.getElementById('my-keys').scrollIntoView()",

@@ -13,6 +13,7 @@ mod common;
 mod accounts;
 mod admission;
 mod authz;
+mod budget;
 mod catalogue;
 mod charged;
 mod dashboard;
