@@ -491,25 +491,18 @@ impl LedgerStore for MemoryStore {
         let l = found(s.reservations.get(lease).cloned(), || {
             format!("lease {lease}")
         })?;
-        // Every refusal comes before any change.
-        for (hold, st) in calls {
-            crate::store_support::SettlePlan::for_leased(&l, Credits::ZERO, hold, st)?;
-            if s.reservations.contains_key(&st.request_id) {
-                return Err(Error::AlreadyExists(format!(
-                    "reservation {}",
-                    st.request_id
-                )));
-            }
-        }
-        let mut remaining = l.amount;
+        let (plans, remaining) = crate::store_support::SettlePlan::for_leased_batch(
+            &l,
+            calls,
+            |id| s.reservations.contains_key(id),
+            |id| s.settled.contains_key(id),
+        )?;
         let mut out = Vec::with_capacity(calls.len());
-        for (hold, st) in calls {
-            if s.settled.contains_key(&st.request_id) {
+        for ((_, st), plan) in calls.iter().zip(plans) {
+            let Some(plan) = plan else {
                 out.push(SettleOutcome::AlreadySettled);
                 continue;
-            }
-            let plan = crate::store_support::SettlePlan::for_leased(&l, remaining, hold, st)?;
-            remaining = remaining.saturating_sub(plan.usage.charged);
+            };
             if let Some((pid, amount)) = &plan.reward {
                 if let Some(p) = s.providers.get_mut(pid) {
                     p.earnings = p.earnings.saturating_add(*amount);

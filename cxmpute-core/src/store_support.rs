@@ -261,6 +261,44 @@ impl SettlePlan {
         Self::for_held(&capped, st)
     }
 
+    /// The plans of a batch of calls settled against `lease`
+    /// ([`LedgerStore::settle_leased`](crate::store::LedgerStore::settle_leased)),
+    /// for a store that applies a batch at once: every refusal comes first
+    /// (a call not of the lease's user and key, or whose id `is_open` says is
+    /// a reservation of its own), then each call is planned against what the
+    /// lease still holds after those before it. `None` for a call settled
+    /// before (`is_settled`, or earlier in the batch). Also returns what the
+    /// lease holds after the batch.
+    pub fn for_leased_batch(
+        lease: &Reservation,
+        calls: &[(Reservation, Settlement)],
+        is_open: impl Fn(&RequestId) -> bool,
+        is_settled: impl Fn(&RequestId) -> bool,
+    ) -> Result<(Vec<Option<Self>>, Credits)> {
+        for (hold, st) in calls {
+            Self::for_leased(lease, Credits::ZERO, hold, st)?;
+            if is_open(&st.request_id) {
+                return Err(Error::AlreadyExists(format!(
+                    "reservation {}",
+                    st.request_id
+                )));
+            }
+        }
+        let mut remaining = lease.amount;
+        let mut seen = std::collections::HashSet::new();
+        let mut plans = Vec::with_capacity(calls.len());
+        for (hold, st) in calls {
+            if is_settled(&st.request_id) || !seen.insert(&st.request_id) {
+                plans.push(None);
+                continue;
+            }
+            let plan = Self::for_leased(lease, remaining, hold, st)?;
+            remaining = remaining.saturating_sub(plan.usage.charged);
+            plans.push(Some(plan));
+        }
+        Ok((plans, remaining))
+    }
+
     /// What settling a call against a lease adds to the ledger: the charge
     /// and reward recorded, and the charge no longer held by the lease.
     pub fn leased_ledger_delta(&self) -> LedgerDelta {

@@ -226,25 +226,18 @@ impl Run {
             .get(lease)
             .cloned()
             .ok_or_else(|| Error::NotFound(format!("lease {lease}")))?;
-        // Every refusal comes before any change.
-        for (hold, st) in calls {
-            SettlePlan::for_leased(&l, Credits::ZERO, hold, st)?;
-            if self.open.contains_key(&st.request_id) {
-                return Err(Error::AlreadyExists(format!(
-                    "reservation {}",
-                    st.request_id
-                )));
-            }
-        }
-        let mut remaining = l.amount;
+        let (plans, remaining) = SettlePlan::for_leased_batch(
+            &l,
+            calls,
+            |id| self.open.contains_key(id),
+            |id| self.settled.contains(id),
+        )?;
         let mut out = Vec::with_capacity(calls.len());
-        for (hold, st) in calls {
-            if self.settled.contains(&st.request_id) {
+        for ((_, st), plan) in calls.iter().zip(plans) {
+            let Some(plan) = plan else {
                 out.push(SettleOutcome::AlreadySettled);
                 continue;
-            }
-            let plan = SettlePlan::for_leased(&l, remaining, hold, st)?;
-            remaining = remaining.saturating_sub(plan.usage.charged);
+            };
             if let Some((provider, amount)) = &plan.reward {
                 *self.provider_delta.entry(provider.clone()).or_default() += amount.0;
             }
