@@ -155,26 +155,7 @@ impl UserStore for MemoryStore {
     async fn update_api_key(&self, id: &ApiKeyId, update: &ApiKeyUpdate) -> Result<ApiKey> {
         let mut s = self.inner.lock();
         let k = found(s.keys.get_mut(id), || format!("api key {id}"))?;
-        if let Some(name) = &update.name {
-            k.name = name.clone();
-        }
-        if let Some(limit) = update.credit_limit {
-            k.credits_left =
-                crate::store_support::moved_credits_left(k.credit_limit, k.credits_left, limit);
-            k.credit_limit = limit;
-        }
-        if let Some(routes) = &update.permitted_routes {
-            k.permitted_routes = routes.clone();
-        }
-        if let Some(rpm) = update.rpm {
-            k.rate_limits.rpm = rpm;
-        }
-        if let Some(tpm) = update.tpm {
-            k.rate_limits.tpm = tpm;
-        }
-        if let Some(budget) = update.budget {
-            k.budget = budget;
-        }
+        crate::store_support::apply_key_update(k, update);
         Ok(k.clone())
     }
 
@@ -447,23 +428,17 @@ impl LedgerStore for MemoryStore {
     async fn settle_held(&self, calls: &[(Reservation, Settlement)]) -> Result<Vec<SettleOutcome>> {
         let mut guard = self.inner.lock();
         let s = &mut *guard;
-        // Every refusal comes before any change.
-        let mut plans = Vec::with_capacity(calls.len());
-        for (hold, st) in calls {
-            plans.push(crate::store_support::SettlePlan::for_held(hold, st)?);
-            if s.reservations.contains_key(&st.request_id) {
-                return Err(Error::AlreadyExists(format!(
-                    "reservation {}",
-                    st.request_id
-                )));
-            }
-        }
+        let plans = crate::store_support::SettlePlan::for_held_batch(
+            calls,
+            |id| s.reservations.contains_key(id),
+            |id| s.settled.contains_key(id),
+        )?;
         let mut out = Vec::with_capacity(calls.len());
         for ((hold, st), plan) in calls.iter().zip(plans) {
-            if s.settled.contains_key(&st.request_id) {
+            let Some(plan) = plan else {
                 out.push(SettleOutcome::AlreadySettled);
                 continue;
-            }
+            };
             plan.charge_to(
                 hold,
                 s.users.get_mut(&hold.user_id),

@@ -261,6 +261,37 @@ impl SettlePlan {
         Self::for_held(&capped, st)
     }
 
+    /// The plans of a batch of calls held in the broker's memory
+    /// ([`LedgerStore::settle_held`](crate::store::LedgerStore::settle_held)),
+    /// for a store that applies a batch at once: every refusal comes first
+    /// (a settlement that does not match its hold, or an id `is_open` says is
+    /// a reservation in the store), then `None` for a call settled before
+    /// (`is_settled`, or earlier in the batch).
+    pub fn for_held_batch(
+        calls: &[(Reservation, Settlement)],
+        is_open: impl Fn(&RequestId) -> bool,
+        is_settled: impl Fn(&RequestId) -> bool,
+    ) -> Result<Vec<Option<Self>>> {
+        let mut plans = Vec::with_capacity(calls.len());
+        for (hold, st) in calls {
+            plans.push(Self::for_held(hold, st)?);
+            if is_open(&st.request_id) {
+                return Err(Error::AlreadyExists(format!(
+                    "reservation {}",
+                    st.request_id
+                )));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        Ok(calls
+            .iter()
+            .zip(plans)
+            .map(|((_, st), plan)| {
+                (!is_settled(&st.request_id) && seen.insert(&st.request_id)).then_some(plan)
+            })
+            .collect())
+    }
+
     /// The plans of a batch of calls settled against `lease`
     /// ([`LedgerStore::settle_leased`](crate::store::LedgerStore::settle_leased)),
     /// for a store that applies a batch at once: every refusal comes first
@@ -390,6 +421,31 @@ pub fn release_settlement(r: &Reservation, at: Timestamp) -> Settlement {
             charged: Credits::ZERO,
             reward: Credits::ZERO,
         },
+    }
+}
+
+/// `k` with `u` applied: each field `u` names replaced, and
+/// `credits_left` moved with the limit ([`moved_credits_left`]). For a store
+/// that reads the key, changes it and writes it back whole.
+pub fn apply_key_update(k: &mut ApiKey, u: &ApiKeyUpdate) {
+    if let Some(name) = &u.name {
+        k.name = name.clone();
+    }
+    if let Some(limit) = u.credit_limit {
+        k.credits_left = moved_credits_left(k.credit_limit, k.credits_left, limit);
+        k.credit_limit = limit;
+    }
+    if let Some(routes) = &u.permitted_routes {
+        k.permitted_routes = routes.clone();
+    }
+    if let Some(rpm) = u.rpm {
+        k.rate_limits.rpm = rpm;
+    }
+    if let Some(tpm) = u.tpm {
+        k.rate_limits.tpm = tpm;
+    }
+    if let Some(budget) = u.budget {
+        k.budget = budget;
     }
 }
 

@@ -179,23 +179,17 @@ impl Run {
     }
 
     fn settle_held(&mut self, calls: &[(Reservation, Settlement)]) -> Result<MoneyAnswer> {
-        // Every refusal comes before any change.
-        let mut plans = Vec::with_capacity(calls.len());
-        for (hold, st) in calls {
-            plans.push(SettlePlan::for_held(hold, st)?);
-            if self.open.contains_key(&st.request_id) {
-                return Err(Error::AlreadyExists(format!(
-                    "reservation {}",
-                    st.request_id
-                )));
-            }
-        }
+        let plans = SettlePlan::for_held_batch(
+            calls,
+            |id| self.open.contains_key(id),
+            |id| self.settled.contains(id),
+        )?;
         let mut out = Vec::with_capacity(calls.len());
         for ((hold, st), plan) in calls.iter().zip(plans) {
-            if self.settled.contains(&st.request_id) {
+            let Some(plan) = plan else {
                 out.push(SettleOutcome::AlreadySettled);
                 continue;
-            }
+            };
             let key = self.keys.get_mut(&hold.key_id);
             if key.is_some() {
                 self.touched_keys.insert(hold.key_id.clone());

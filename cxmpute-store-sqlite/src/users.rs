@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use cxmpute_core::secret::KeyHash;
-use cxmpute_core::store_support::{found, moved_credits_left};
+use cxmpute_core::store_support::{apply_key_update, found};
 use cxmpute_core::*;
 
 use crate::rows::{self, key_cols, limit, user_cols};
@@ -215,25 +215,7 @@ async fn api_keys(c: &mut Conn, user: &str) -> Result<Vec<ApiKey>> {
 async fn update_api_key(c: &mut Conn, id: &str, u: &ApiKeyUpdate) -> Result<ApiKey> {
     let row = fetch_optional(c, "reading an api key", sqlx::query(KEY_BY_ID).bind(id)).await?;
     let mut k = rows::api_key(&found(row, || format!("api key {id}"))?, 0)?;
-    if let Some(name) = &u.name {
-        k.name = name.clone();
-    }
-    if let Some(new_limit) = u.credit_limit {
-        k.credits_left = moved_credits_left(k.credit_limit, k.credits_left, new_limit);
-        k.credit_limit = new_limit;
-    }
-    if let Some(routes) = &u.permitted_routes {
-        k.permitted_routes = routes.clone();
-    }
-    if let Some(rpm) = u.rpm {
-        k.rate_limits.rpm = rpm;
-    }
-    if let Some(tpm) = u.tpm {
-        k.rate_limits.tpm = tpm;
-    }
-    if let Some(budget) = u.budget {
-        k.budget = budget;
-    }
+    apply_key_update(&mut k, u);
     let q = sqlx::query(
         "UPDATE api_keys SET name = ?2, credit_limit = ?3, credits_left = ?4, \
          permitted_routes = ?5, rpm = ?6, tpm = ?7, budget_limit = ?8, budget_period = ?9 \
