@@ -54,6 +54,15 @@ enum StoreKind {
     Dynamo,
 }
 
+/// `--sqlite-durability`: see `cxmpute::sqlite::Durability`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum SqliteDurability {
+    /// Survives a power loss: an fsync per batch of commits (the default).
+    Disk,
+    /// Survives the process being killed; a power loss may lose the last commits.
+    Process,
+}
+
 #[derive(Debug, Parser)]
 #[command(about = "Runs a Cxmpute broker host")]
 struct Args {
@@ -66,6 +75,17 @@ struct Args {
     /// The SQLite database file.
     #[arg(long, env = "CXMPUTE_DB", default_value = "./cxmpute.db")]
     db: PathBuf,
+    /// What a SQLite commit survives before a call's answer goes out:
+    /// `disk` (an fsync per batch of commits; survives a power loss) or
+    /// `process` (survives the host being killed, not a power loss, and
+    /// serves many more calls a second).
+    #[arg(
+        long,
+        env = "CXMPUTE_SQLITE_DURABILITY",
+        value_enum,
+        default_value = "disk"
+    )]
+    sqlite_durability: SqliteDurability,
     /// DynamoDB table name prefix (several deployments can share an account).
     #[arg(long, env = "CXMPUTE_DYNAMO_PREFIX", default_value = "")]
     dynamo_prefix: String,
@@ -137,7 +157,14 @@ impl Args {
 async fn open_store(args: &Args) -> Result<Arc<dyn Store>, BoxError> {
     Ok(match args.store {
         StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Sqlite => Arc::new(cxmpute::sqlite::SqliteStore::open(&args.db).await?),
+        StoreKind::Sqlite => {
+            let durability = match args.sqlite_durability {
+                SqliteDurability::Disk => cxmpute::sqlite::Durability::Disk,
+                SqliteDurability::Process => cxmpute::sqlite::Durability::Process,
+            };
+            let options = cxmpute::sqlite::SqliteOptions::default().durability(durability);
+            Arc::new(cxmpute::sqlite::SqliteStore::open_with(&args.db, options).await?)
+        }
         #[cfg(feature = "dynamo")]
         StoreKind::Dynamo => {
             let mut cfg = cxmpute::dynamo::DynamoConfig::new(args.dynamo_prefix.clone());

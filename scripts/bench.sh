@@ -364,6 +364,9 @@ bench_host() {
 
 bench_host host-memory --store memory
 bench_host host-sqlite --store sqlite --db "$work/bench.db"
+# The same with commits acknowledged once in the OS's cache (no fsync per
+# batch): what the fsync costs, and the operator's other choice.
+bench_host sqlite-proc --store sqlite --db "$work/bench-proc.db" --sqlite-durability process
 
 # ---- the table ---------------------------------------------------------------
 

@@ -57,11 +57,12 @@
 //!
 //! - `journal_mode=WAL`: readers do not block the writer nor it them, and a
 //!   commit appends to the log instead of rewriting pages.
-//! - `synchronous=FULL`: every commit fsyncs the log before the writer answers.
-//!   `NORMAL` (the usual WAL pairing) survives a killed process but may lose
-//!   the last commits on power loss or an OS crash; a settled charge the
-//!   broker has acknowledged must not vanish, and batching makes FULL's one
-//!   fsync per batch cheap.
+//! - `synchronous=FULL` by default ([`Durability::Disk`]): every commit
+//!   fsyncs the log before the writer answers, since a settled charge the
+//!   broker has acknowledged must not vanish; batching makes it one fsync per
+//!   batch. An operator may choose `NORMAL` ([`Durability::Process`], the
+//!   usual WAL pairing): it survives a killed process but may lose the last
+//!   commits on power loss or an OS crash.
 //! - `foreign_keys=ON`, a `busy_timeout` (five seconds, see [`SqliteOptions`])
 //!   for another process holding the lock; a lock still held after it is
 //!   [`Error::Unavailable`] (retryable). A unique-key clash is [`Error::AlreadyExists`]; anything
@@ -112,12 +113,16 @@ pub struct SqliteOptions {
     /// lock before it fails with the retryable [`Error::Unavailable`].
     /// Five seconds by default.
     pub busy_timeout: Duration,
+    /// What a commit survives before the store acknowledges it.
+    /// [`Durability::Disk`] by default.
+    pub durability: Durability,
 }
 
 impl Default for SqliteOptions {
     fn default() -> Self {
         SqliteOptions {
             busy_timeout: Duration::from_secs(5),
+            durability: Durability::Disk,
         }
     }
 }
@@ -128,6 +133,33 @@ impl SqliteOptions {
         self.busy_timeout = timeout;
         self
     }
+
+    /// Sets [`durability`](Self::durability).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+}
+
+/// What a commit survives once the store has acknowledged it, and so what
+/// an answered (charged) call survives. The choice is the operator's: it
+/// trades the last moments of the ledger on a power loss for throughput.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// The log is on disk (`synchronous=FULL`, an fsync per batch of
+    /// commits): a commit survives a power loss or an operating-system
+    /// crash. A call's answer waits for its batch's fsync, so the host
+    /// serves at most its concurrent calls ÷ the fsync time per second.
+    #[default]
+    Disk,
+    /// The log is in the operating system's cache (`synchronous=NORMAL`,
+    /// WAL's usual pairing; the disk is synced at each checkpoint): a
+    /// commit survives the host's process being killed, but a power loss
+    /// or an operating-system crash may lose the commits since the last
+    /// checkpoint: calls answered and then neither charged nor rewarded,
+    /// and grants and key changes made then.
+    Process,
 }
 
 /// Read connections. Reads are short index lookups; two cores gain nothing
@@ -219,7 +251,10 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(match options.durability {
+                Durability::Disk => SqliteSynchronous::Full,
+                Durability::Process => SqliteSynchronous::Normal,
+            })
             // 64 MiB of page cache per connection (the default is 2 MiB): the
             // hot indexes stay in memory instead of being read back per batch.
             .pragma("cache_size", "-65536")

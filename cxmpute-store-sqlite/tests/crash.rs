@@ -5,7 +5,10 @@
 //! variable) that reserves and settles requests as fast as it can from many
 //! tasks, printing each request id only after `settle` returned `Ok`. The
 //! parent reads some hundreds of those acknowledgements, kills the child
-//! mid-flight, reopens the database and audits it.
+//! mid-flight, reopens the database and audits it. It runs under both
+//! durabilities: a killed process is what `Durability::Process` promises to
+//! survive too (only a power loss separates the two, which a test cannot
+//! cause).
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
@@ -14,13 +17,15 @@ use std::sync::Arc;
 
 use cxmpute_core::secret::Secret;
 use cxmpute_core::*;
-use cxmpute_store_sqlite::SqliteStore;
+use cxmpute_store_sqlite::{Durability, SqliteOptions, SqliteStore};
 
 /// Set (to the database path) only in the child process.
 const CHILD_DB: &str = "CXMPUTE_CRASH_CHILD_DB";
 const CHILD_USER: &str = "CXMPUTE_CRASH_CHILD_USER";
 const CHILD_KEY: &str = "CXMPUTE_CRASH_CHILD_KEY";
 const CHILD_PROVIDER: &str = "CXMPUTE_CRASH_CHILD_PROVIDER";
+/// `process` for [`Durability::Process`]; absent for the default.
+const CHILD_DURABILITY: &str = "CXMPUTE_CRASH_CHILD_DURABILITY";
 
 const INITIAL: Credits = Credits::whole(1_000_000);
 const LIMIT: Credits = Credits::whole(900_000);
@@ -46,7 +51,12 @@ fn crash_child() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let store = Arc::new(SqliteStore::open(&db).await.unwrap());
+        let durability = match std::env::var(CHILD_DURABILITY).as_deref() {
+            Ok("process") => Durability::Process,
+            _ => Durability::Disk,
+        };
+        let options = SqliteOptions::default().durability(durability);
+        let store = Arc::new(SqliteStore::open_with(&db, options).await.unwrap());
         let mut tasks = Vec::new();
         for t in 0..CHILD_TASKS {
             let (store, user, key, provider) =
@@ -120,6 +130,15 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn acknowledged_settlements_survive_sigkill() {
+    killed_child_loses_nothing_acknowledged(Durability::Disk);
+}
+
+#[test]
+fn acknowledged_settlements_survive_sigkill_with_process_durability() {
+    killed_child_loses_nothing_acknowledged(Durability::Process);
+}
+
+fn killed_child_loses_nothing_acknowledged(durability: Durability) {
     if std::env::var(CHILD_DB).is_ok() {
         return; // inside the child, only `crash_child` runs
     }
@@ -179,6 +198,13 @@ fn acknowledged_settlements_survive_sigkill() {
         .env(CHILD_USER, user.id.as_str())
         .env(CHILD_KEY, key.id.as_str())
         .env(CHILD_PROVIDER, provider.id.as_str())
+        .env(
+            CHILD_DURABILITY,
+            match durability {
+                Durability::Process => "process",
+                _ => "disk",
+            },
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
