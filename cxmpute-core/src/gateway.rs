@@ -412,7 +412,13 @@ impl Broker {
                     i.metrics.settled(u);
                     let outcome = if u.success { "success" } else { "failure" };
                     tracing::Span::current().record("outcome", outcome);
+                    // The call's one line at INFO: it names the call
+                    // itself, since the `request` span is DEBUG's.
                     tracing::info!(
+                        request_id = %u.request_id,
+                        route = %u.route,
+                        model = %u.model,
+                        node = u.provision_id.as_ref().map(|p| p.as_str()),
                         outcome,
                         latency_ms = u.latency_ms,
                         input_tokens = u.input_tokens,

@@ -246,8 +246,11 @@ async fn gateway(
     let started = std::time::Instant::now();
     // One span per call: the pipeline fills in the model, the request id,
     // the node and attempts, and the outcome as they become known. Never
-    // the key or the body.
-    let span = tracing::info_span!(
+    // the key or the body. At DEBUG: an enabled span costs each poll of the
+    // call an enter and an exit and each field a formatting, a sixth of the
+    // host's CPU per call; at INFO the call's one line (`request settled`)
+    // carries its own fields instead.
+    let span = tracing::debug_span!(
         "request",
         route = %route,
         model = tracing::field::Empty,
@@ -283,7 +286,7 @@ async fn gateway(
         // Failures on our side or the nodes' are worth a warning.
         span.in_scope(|| {
             if status.is_server_error() {
-                tracing::warn!(status = status.as_u16(), error = %e, "request failed");
+                tracing::warn!(%route, status = status.as_u16(), error = %e, "request failed");
             } else {
                 tracing::debug!(status = status.as_u16(), error = %e, "request refused");
             }
