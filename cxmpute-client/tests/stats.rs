@@ -19,6 +19,7 @@ async fn traffic(w: &World) {
         model: EMBED.into(),
         input: EmbeddingInput::Text("one".into()),
         extra: Default::default(),
+        models: Vec::new(),
     };
     w.client().user().embeddings(&emb).await.unwrap();
     w.host.broker.flush_stats().await.unwrap();
