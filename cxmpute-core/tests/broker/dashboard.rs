@@ -417,6 +417,33 @@ async fn dashboard_pages_load_and_draw_seeded_data() {
         .unwrap();
     assert_eq!(rows(&c, "catalogue").await, builtin);
     assert_eq!(s.h.broker.admin().catalogue().len(), builtin);
+    // Aliases: define one, see it listed, remove it.
+    assert_eq!(rows(&c, "aliases").await, 0);
+    type_into(&c, "#alias-name", "dash-fast").await;
+    type_into(&c, "#alias-models", "llama3.2:3b, llama3.2:1b").await;
+    click(&c, "#alias-save").await;
+    let added = "button.remove[data-alias='dash-fast']";
+    wait_for(&c, added).await;
+    ready(&c, "admin").await;
+    assert_eq!(rows(&c, "aliases").await, 1);
+    assert!(text(&c, "#aliases")
+        .await
+        .contains("llama3.2:3b → llama3.2:1b"));
+    let want = ModelAlias {
+        alias: "dash-fast".into(),
+        models: vec!["llama3.2:3b".into(), "llama3.2:1b".into()],
+    };
+    assert_eq!(s.h.broker.admin().aliases(), vec![want]);
+    shot(&c, "admin-aliases").await;
+    click(&c, added).await;
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath(
+            "//div[@id='status'][contains(., 'Removed alias dash-fast')]",
+        ))
+        .await
+        .unwrap();
+    assert!(s.h.broker.admin().aliases().is_empty());
 
     c.close().await.unwrap();
 }
