@@ -1142,7 +1142,7 @@ pub struct RecentRequest {
     pub request_id: RequestId,
     /// The route called.
     pub route: Route,
-    /// The model asked for.
+    /// The model that served it (or was tried last).
     pub model: String,
     /// The key used.
     pub key_id: ApiKeyId,
@@ -1162,6 +1162,10 @@ pub struct RecentRequest {
     pub at: Timestamp,
     /// What it cost.
     pub charged: Credits,
+    /// The name asked for when another model served it (a fallback of a
+    /// `models` list, or an alias); left out otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_model: Option<String>,
 }
 
 /// `GET /v1/me/usage?days=N`: usage per day and per service.

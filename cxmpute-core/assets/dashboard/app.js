@@ -405,6 +405,16 @@ async function viewMe(main) {
     panel('Applications', table('my-apps', usageColumns(['Charged', 'charged']), s.apps)),
   );
   if (me) {
+    // The latest requests: the model that served each, and the one asked
+    // for where a fallback or an alias made them differ.
+    const u = await asUser('/v1/me/usage?days=1');
+    if (u.ok) main.append(panel('Latest requests', table('my-latest', [
+      ['When', q => new Date(q.at).toISOString().slice(0, 16).replace('T', ' ')],
+      ['Route', q => q.route], ['Model', q => q.model],
+      ['Asked for', q => q.requested_model ? q.requested_model + ' (fell back)' : '–'],
+      ['Tokens', q => fmtInt(q.input_tokens + q.output_tokens)], ['Charged', q => fmtCredits(q.charged)],
+      ['', q => q.success ? 'ok' : 'failed'],
+    ], u.data.recent)));
     // Each key's requests and tokens per minute and budget, editable (empty: none).
     const limitsForm = k => el('form', { id: 'limits-' + k.key_id, class: 'limits', onsubmit: (e) => {
       e.preventDefault();
