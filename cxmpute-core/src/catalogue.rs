@@ -115,6 +115,10 @@ impl Broker {
     /// model stays OpenAI's 404 `model_not_found`, checked by the caller).
     pub(crate) fn resolve_models(&self, service: Service, asked: &[String]) -> Result<Vec<String>> {
         let aliases = self.aliases();
+        if asked.len() == 1 && !aliases.contains_key(&asked[0]) {
+            // The common call: one model, no alias.
+            return Ok(asked.to_vec());
+        }
         let mut out: Vec<String> = Vec::with_capacity(asked.len());
         for name in asked {
             let models = aliases.get(name).map_or(std::slice::from_ref(name), |m| m);

@@ -371,3 +371,41 @@ async fn an_alias_is_served_as_its_models_and_listed_as_an_alias() {
     expect_error(r, 404, "model_not_found").await;
     h.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn the_next_model_serves_when_the_first_models_node_hangs_or_breaks_its_answer() {
+    let h = host().await;
+    let (small, small_p, _) = h.stand_in("a", Service::Chat, SMALL).await;
+    let (node, _, _) = h.stand_in("b", Service::Chat, MODEL).await;
+    let (u, key) = h.user(Credits::whole(10)).await;
+
+    // Half an answer, then the connection closes: nothing reached the caller.
+    small.set(Behavior::CutStream(0));
+    let r = h
+        .post("/v1/chat/completions", &key, &chat(&[SMALL, MODEL], false))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["model"], MODEL);
+    assert_eq!((small.hits(), node.hits()), (1, 1));
+
+    // No answer at all: the first phase times out (the test host's
+    // first-byte timeout), then the next model serves the stream.
+    small.set(Behavior::Hang);
+    h.clock.advance(std::time::Duration::from_secs(1));
+    let r = h
+        .post("/v1/chat/completions", &key, &chat(&[SMALL, MODEL], true))
+        .await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!((small.hits(), node.hits()), (2, 2));
+    let usage = h.last_usage(&u.id).await;
+    assert_eq!(
+        (usage.model.as_str(), usage.requested_model.as_deref()),
+        (MODEL, Some(SMALL))
+    );
+    assert_eq!(usage.charged, PLAIN);
+    assert_eq!(h.earnings(&small_p.id).await, Credits::ZERO);
+    h.assert_ledger().await;
+}
