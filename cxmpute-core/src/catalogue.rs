@@ -260,7 +260,7 @@ impl Admin {
     /// Defines an alias, or changes the one of the same name. Refused (400):
     /// a bad name (the rules of a catalogue model name), a name a catalogue
     /// entry uses (an alias never shadows a model), no model or more than
-    /// [`MAX_MODELS`], a model named twice or named badly, a model that is
+    /// 4, a model named twice or named badly, a model that is
     /// itself an alias (aliases do not nest), a new alias past 1,000.
     /// Other hosts see it on their next refresh.
     pub async fn put_alias(&self, alias: ModelAlias) -> Result<ModelAlias> {

@@ -6,7 +6,10 @@
 //! cheap to repeat, since nothing reached the caller, so a slow one is
 //! hedged on another node and the losers are judged in the background. The
 //! second (the whole JSON answer, or a stream's first chunk) is not raced;
-//! a failure there moves on to another node.
+//! a failure there moves on to another node. When no node of the model is
+//! left to try, a call naming several models (a `models` list, an alias)
+//! moves on to the next one; see `docs/ARCHITECTURE.md`, "Fallbacks and
+//! aliases".
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -647,7 +650,7 @@ impl CallContext {
                     // byte, or none serves it: the next model, if any.
                     // Its refusals are judged among themselves (another
                     // model serving says nothing of them).
-                    if self.fallbacks.is_empty() || !self.next_model() {
+                    if !self.next_model() {
                         break;
                     }
                     if !refused.is_empty() {
