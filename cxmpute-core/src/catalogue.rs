@@ -110,18 +110,33 @@ impl Broker {
     /// The models a call names, in the order they are tried, aliases
     /// resolved: each alias in its place becomes its models, and a model
     /// named twice keeps its first place. Refused (400): more than
-    /// [`MAX_MODELS`] models once resolved; with several, one that is
-    /// neither in the catalogue nor served by any node (a single unknown
-    /// model stays OpenAI's 404 `model_not_found`, checked by the caller).
+    /// [`MAX_MODELS`] models once resolved; in a list of several names, one
+    /// the caller wrote that is neither an alias, in the catalogue nor
+    /// served by any node (a single unknown model stays OpenAI's 404
+    /// `model_not_found`, checked by the caller). An alias's own models are
+    /// not checked: one the catalogue dropped is skipped like a model with
+    /// no node, so removing a model does not break the aliases naming it.
     pub(crate) fn resolve_models(&self, service: Service, asked: &[String]) -> Result<Vec<String>> {
         let aliases = self.aliases();
         if asked.len() == 1 && !aliases.contains_key(&asked[0]) {
             // The common call: one model, no alias.
             return Ok(asked.to_vec());
         }
+        let catalogue = self.catalogue();
+        let pools = self.pools();
         let mut out: Vec<String> = Vec::with_capacity(asked.len());
         for name in asked {
-            let models = aliases.get(name).map_or(std::slice::from_ref(name), |m| m);
+            let models = match aliases.get(name) {
+                Some(models) => models.as_slice(),
+                None if catalogue.get(service, name).is_none()
+                    && !pools.is_offered(service, name) =>
+                {
+                    return Err(Error::InvalidInput(format!(
+                        "`models`: no {service} model `{name}` is offered"
+                    )));
+                }
+                None => std::slice::from_ref(name),
+            };
             for m in models {
                 if !out.contains(m) {
                     out.push(m.clone());
@@ -133,17 +148,6 @@ impl Broker {
                 "the request names {} models once aliases are resolved; at most {MAX_MODELS}",
                 out.len()
             )));
-        }
-        if out.len() > 1 {
-            let catalogue = self.catalogue();
-            let pools = self.pools();
-            if let Some(m) = (out.iter())
-                .find(|m| catalogue.get(service, m).is_none() && !pools.is_offered(service, m))
-            {
-                return Err(Error::InvalidInput(format!(
-                    "`models`: no {service} model `{m}` is offered"
-                )));
-            }
         }
         Ok(out)
     }

@@ -363,6 +363,15 @@ async fn an_alias_is_served_as_its_models_and_listed_as_an_alias() {
     let msg = expect_error(r, 400, "invalid_request").await;
     assert!(msg.contains("at most 4"), "{msg}");
 
+    // An alias may name a model the catalogue does not (or no longer)
+    // offer: it is skipped like a model with no node.
+    let gone = json!({"alias": "steady", "models": ["retired:1b", MODEL]});
+    let r = admin(&h, Method::PUT, "/v1/admin/aliases", Some(gone)).await;
+    assert_eq!(r.status(), 200);
+    let steady = json!({"model": "steady", "messages": [{"role": "user", "content": "hi"}]});
+    let r = h.post("/v1/chat/completions", &key, &steady).await;
+    assert_eq!(r.status(), 200);
+
     let r = admin(&h, Method::DELETE, "/v1/admin/aliases/fast", None).await;
     assert_eq!(r.status(), 204);
     let r = admin(&h, Method::DELETE, "/v1/admin/aliases/fast", None).await;
