@@ -653,6 +653,7 @@ impl CallContext {
                     if !self.next_model() {
                         break;
                     }
+                    b.metrics.fallback(self.hold.reservation().route);
                     if !refused.is_empty() {
                         let confirmed = refused.len() >= 2;
                         for (n, t) in refused.drain(..) {

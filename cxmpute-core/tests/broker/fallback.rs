@@ -416,5 +416,17 @@ async fn the_next_model_serves_when_the_first_models_node_hangs_or_breaks_its_an
     );
     assert_eq!(usage.charged, PLAIN);
     assert_eq!(h.earnings(&small_p.id).await, Credits::ZERO);
+    // Both calls moved on once, and operators can see it.
+    let metrics = reqwest::get(format!("{}/metrics", h.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = (metrics.lines())
+        .find(|l| l.starts_with("cxmpute_fallbacks_total{"))
+        .expect("the fallback counter");
+    assert!(line.contains("route=\"/v1/chat/completions\""), "{line}");
+    assert!(line.ends_with(" 2"), "{line}");
     h.assert_ledger().await;
 }
