@@ -120,6 +120,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             model: m.id.clone(),
             input: EmbeddingInput::Texts(vec!["hello".into(), "world".into()]),
             extra: Default::default(),
+            models: Vec::new(),
         };
         let answer = user.user().embeddings(&req).await?;
         println!("embeddings: {} vectors", answer.data.len());

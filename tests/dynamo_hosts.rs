@@ -825,3 +825,64 @@ async fn two_hosts_together_never_spend_more_than_a_keys_budget() {
     b.assert_ledger().await;
     a.assert_ledger().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_alias_added_through_one_host_is_served_on_another_after_its_refresh() {
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("l{}_", secret::random_token(10).to_lowercase());
+    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+    let c = reqwest::Client::new();
+    // A node of MODEL only, registered through host B; `llama3.2:1b`
+    // (first in the alias) has none, so the alias falls back to MODEL.
+    let node = StandInNode::start("aliased").await;
+    let (p, _) = b.provider().await;
+    b.add_node(&p, &node, Service::Chat, MODEL).await;
+    let (u, key) = a.user(Credits::whole(1)).await;
+    b.track_user(&u.id, Credits::whole(1));
+
+    let fast = json!({"alias": "fast", "models": ["llama3.2:1b", MODEL]});
+    let r = c
+        .put(format!("{}/v1/admin/aliases", a.url))
+        .bearer_auth(a.admin_key.expose())
+        .json(&fast)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Host B has not refreshed: the alias is unknown there.
+    let (status, _) = chat_model(&c, &b.url, &key, "fast").await;
+    assert_eq!(status, 404);
+    b.broker.refresh_pools().await.unwrap();
+    let (status, answer) = chat_model(&c, &b.url, &key, "fast").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["model"], MODEL);
+    assert_eq!(node.last_body().unwrap()["model"], MODEL);
+    let usage = b.last_usage(&u.id).await;
+    assert_eq!(
+        (usage.model.as_str(), usage.requested_model.as_deref()),
+        (MODEL, Some("fast"))
+    );
+    assert_eq!(usage.charged, Credits(1_000));
+    let listed = b.broker.models();
+    let alias = listed.data.iter().find(|m| m.id == "fast").unwrap();
+    assert_eq!(alias.owned_by, "cxmpute-alias");
+
+    // Removed through host A: gone on B after its refresh.
+    let r = c
+        .delete(format!("{}/v1/admin/aliases/fast", a.url))
+        .bearer_auth(a.admin_key.expose())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    b.broker.refresh_pools().await.unwrap();
+    let (status, _) = chat_model(&c, &b.url, &key, "fast").await;
+    assert_eq!(status, 404);
+    b.assert_ledger().await;
+}

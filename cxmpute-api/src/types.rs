@@ -814,6 +814,11 @@ pub struct UsageRecord {
     pub charged: Credits,
     /// What the provider earned.
     pub reward: Credits,
+    /// The name the caller asked for (its `model`, else the first of its
+    /// `models`; an alias as written) when another model served it: a
+    /// fallback or an alias. `None` when the served model is the one asked for.
+    #[serde(default)]
+    pub requested_model: Option<String>,
 }
 
 /// Sums over every settlement, for audits: `charged == rewarded + platform`.
@@ -893,6 +898,19 @@ pub struct CatalogueModel {
     /// How many nodes the network wants serving it. 0: never assigned, but a
     /// node of the tier may still serve it.
     pub target_nodes: u32,
+}
+
+/// A name the operator defines for an ordered list of models (`fast` ->
+/// `llama3.2:3b`, then `llama3.2:1b`): a request naming it is tried as if it
+/// named that `models` list. Kept with the catalogue.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ModelAlias {
+    /// The alias (`fast`): a model name no catalogue entry uses.
+    pub alias: String,
+    /// The models it stands for, in the order they are tried (1-4).
+    pub models: Vec<String>,
 }
 
 impl CatalogueModel {

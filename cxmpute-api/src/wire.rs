@@ -45,8 +45,15 @@ pub struct ErrorDetail {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletionRequest {
-    /// The model, e.g. `llama3.2:3b`.
+    /// The model, e.g. `llama3.2:3b`, or an alias the operator defined.
+    /// May be left empty when `models` names the models.
+    #[serde(default)]
     pub model: String,
+    /// Models to fall back on, in order (OpenRouter's shape): tried after
+    /// `model` when no node of it answers before the first byte. At most 4
+    /// names together with `model`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
     /// The conversation so far.
     pub messages: Vec<ChatMessage>,
     /// Stream the answer as server-sent events.
@@ -76,6 +83,7 @@ impl ChatCompletionRequest {
     pub fn new(model: impl Into<String>, messages: Vec<ChatMessage>) -> Self {
         ChatCompletionRequest {
             model: model.into(),
+            models: Vec::new(),
             messages,
             stream: None,
             stream_options: None,
@@ -306,8 +314,13 @@ impl ChatDelta {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EmbeddingsRequest {
-    /// The model, e.g. `nomic-embed-text`.
+    /// The model, e.g. `nomic-embed-text`, or an alias the operator defined.
+    /// May be left empty when `models` names the models.
+    #[serde(default)]
     pub model: String,
+    /// Models to fall back on, in order, as for chat.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
     /// Text(s) or token ids to embed.
     pub input: EmbeddingInput,
     /// Other fields: `encoding_format`, `dimensions` and `user` are checked
@@ -384,12 +397,16 @@ pub struct ModelInfo {
     pub object: String,
     /// Unix seconds (0: not tracked).
     pub created: u64,
-    /// `cxmpute`.
+    /// `cxmpute`; `cxmpute-alias` for an alias the operator defined.
     pub owned_by: String,
     /// The service it is served for.
     pub service: Service,
-    /// How many healthy nodes serve it.
+    /// How many healthy nodes serve it (an alias: its models together).
     pub nodes: usize,
+    /// An alias's models, in the order they are tried; empty (and left
+    /// out) for a model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 // ---- the catalogue --------------------------------------------------------------
@@ -402,6 +419,9 @@ pub struct CatalogueList {
     pub object: String,
     /// Every model of the catalogue, by service and model.
     pub data: Vec<CatalogueOffer>,
+    /// The aliases the operator defined, by name (left out when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<ModelAlias>,
 }
 
 /// One model of the catalogue, its price and how many nodes serve it now.
@@ -1122,7 +1142,7 @@ pub struct RecentRequest {
     pub request_id: RequestId,
     /// The route called.
     pub route: Route,
-    /// The model asked for.
+    /// The model that served it (or was tried last).
     pub model: String,
     /// The key used.
     pub key_id: ApiKeyId,
@@ -1142,6 +1162,10 @@ pub struct RecentRequest {
     pub at: Timestamp,
     /// What it cost.
     pub charged: Credits,
+    /// The name asked for when another model served it (a fallback of a
+    /// `models` list, or an alias); left out otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_model: Option<String>,
 }
 
 /// `GET /v1/me/usage?days=N`: usage per day and per service.

@@ -1,10 +1,10 @@
-//! The admin API: accounts, credits, suspensions, nodes, the catalogue,
-//! prices, the reward policy and notifications, called with an admin's API
+//! The admin API: accounts, credits, suspensions, nodes, the catalogue and
+//! its aliases, prices, the reward policy and notifications, called with an admin's API
 //! key or session.
 
 use cxmpute_api::types::{
-    ApiKeyId, CatalogueModel, Notification, NotificationId, PriceEntry, ProviderId, ProvisionId,
-    Service, UserId,
+    ApiKeyId, CatalogueModel, ModelAlias, Notification, NotificationId, PriceEntry, ProviderId,
+    ProvisionId, Service, UserId,
 };
 use cxmpute_api::wire::{
     AdminProviderView, AdminProvisionView, AdminUserDetail, AdminUserView, ApiKeyView,
@@ -235,6 +235,45 @@ impl AdminApi<'_> {
     ) -> Result<CatalogueChange> {
         let path = ["v1", "admin", "catalogue", service.as_str(), model];
         self.client.req(Method::DELETE, &path).send_json().await
+    }
+
+    /// `GET /v1/admin/aliases`: the model aliases, by name, each with the
+    /// models it stands for in the order they are tried.
+    pub async fn aliases(&self) -> Result<Vec<ModelAlias>> {
+        self.client
+            .req(Method::GET, &["v1", "admin", "aliases"])
+            .send_json()
+            .await
+    }
+
+    /// `PUT /v1/admin/aliases`: defines an alias or changes it (1-4 models;
+    /// never a catalogue model's name, never naming another alias).
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::ModelAlias;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let fast = ModelAlias {
+    ///     alias: "fast".into(),
+    ///     models: vec!["llama3.2:3b".into(), "llama3.2:1b".into()],
+    /// };
+    /// admin.admin().put_alias(&fast).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn put_alias(&self, alias: &ModelAlias) -> Result<ModelAlias> {
+        self.client
+            .req(Method::PUT, &["v1", "admin", "aliases"])
+            .json(alias)?
+            .send_json()
+            .await
+    }
+
+    /// `DELETE /v1/admin/aliases/{alias}`: removes an alias (404 when there
+    /// is none).
+    pub async fn delete_alias(&self, alias: &str) -> Result<()> {
+        let path = ["v1", "admin", "aliases", alias];
+        self.client.req(Method::DELETE, &path).send_unit().await
     }
 
     /// `GET /v1/admin/reward`: the reward policy, how providers are paid and

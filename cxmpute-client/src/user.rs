@@ -100,6 +100,7 @@ impl UserApi<'_> {
     /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
     /// let req = EmbeddingsRequest {
     ///     model: "nomic-embed-text".into(),
+    ///     models: Vec::new(),
     ///     input: EmbeddingInput::Texts(vec!["one".into(), "two".into()]),
     ///     extra: Default::default(),
     /// };

@@ -416,6 +416,51 @@ async fn the_catalogue_round_trips_and_reaches_routing() {
 }
 
 #[tokio::test]
+async fn aliases_round_trip_and_a_call_falls_back_through_one() {
+    use cxmpute_client::types::ModelAlias;
+    let w = World::start().await;
+    let admin = w.admin();
+    assert!(admin.admin().aliases().await.unwrap().is_empty());
+    // `llama3.2:1b` has no node here: the alias falls back to MODEL.
+    let fast = ModelAlias {
+        alias: "fast/one".into(),
+        models: vec!["llama3.2:1b".into(), MODEL.into()],
+    };
+    assert_eq!(admin.admin().put_alias(&fast).await.unwrap(), fast);
+    assert_eq!(admin.admin().aliases().await.unwrap(), vec![fast.clone()]);
+    let public = w.client().anonymous().user().catalogue().await.unwrap();
+    assert_eq!(public.aliases, vec![fast.clone()]);
+    let models = w.client().anonymous().user().models().await.unwrap();
+    let listed = models.data.iter().find(|m| m.id == fast.alias).unwrap();
+    assert_eq!(
+        (listed.owned_by.as_str(), &listed.models),
+        ("cxmpute-alias", &fast.models)
+    );
+
+    let req = ChatCompletionRequest::new(&fast.alias, vec![ChatMessage::user("hi")]);
+    let answer = w.client().user().chat(&req).await.unwrap();
+    assert_eq!(answer.model, MODEL);
+    // The request type carries a fallback list as OpenRouter's does.
+    let mut req = ChatCompletionRequest::new("", vec![ChatMessage::user("hi")]);
+    req.models = vec!["llama3.2:1b".into(), MODEL.into()];
+    assert_eq!(w.client().user().chat(&req).await.unwrap().model, MODEL);
+
+    // The slash in its name goes percent-encoded.
+    admin.admin().delete_alias(&fast.alias).await.unwrap();
+    let e = admin.admin().delete_alias(&fast.alias).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e}");
+    let bad = ModelAlias {
+        alias: MODEL.into(),
+        models: vec!["llama3.2:1b".into()],
+    };
+    let e = admin.admin().put_alias(&bad).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    let e = w.client().admin().aliases().await.unwrap_err();
+    assert_eq!(e.status(), Some(403), "{e}");
+    w.host.assert_ledger().await;
+}
+
+#[tokio::test]
 async fn an_admin_sets_a_keys_rate_limits_and_a_call_over_them_is_a_429_with_retry_after() {
     use cxmpute_client::types::ApiKeyId;
     use cxmpute_client::wire::UpdateKeyRequest;

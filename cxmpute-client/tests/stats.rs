@@ -19,6 +19,7 @@ async fn traffic(w: &World) {
         model: EMBED.into(),
         input: EmbeddingInput::Text("one".into()),
         extra: Default::default(),
+        models: Vec::new(),
     };
     w.client().user().embeddings(&emb).await.unwrap();
     w.host.broker.flush_stats().await.unwrap();
@@ -204,6 +205,9 @@ const CLIENT_ROUTES: &[&str] = &[
     "GET /v1/admin/catalogue",
     "PUT /v1/admin/catalogue",
     "DELETE /v1/admin/catalogue/{service}/{model}",
+    "GET /v1/admin/aliases",
+    "PUT /v1/admin/aliases",
+    "DELETE /v1/admin/aliases/{alias}",
     "GET /v1/admin/reward",
     "GET /v1/admin/notifications",
     "POST /v1/admin/notifications",

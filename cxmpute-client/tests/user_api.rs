@@ -103,6 +103,7 @@ async fn embeddings_return_one_vector_per_input() {
         model: EMBED.into(),
         input: EmbeddingInput::Texts(vec!["one".into(), "two".into()]),
         extra: Default::default(),
+        models: Vec::new(),
     };
     let answer = w.client().user().embeddings(&req).await.unwrap();
     assert_eq!(answer.data.len(), 2);

@@ -354,6 +354,7 @@ impl Accounts {
                 app: r.app,
                 at: r.at,
                 charged: r.charged,
+                requested_model: r.requested_model,
             })
             .collect();
         Ok(UsageResponse {

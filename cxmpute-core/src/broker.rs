@@ -769,8 +769,12 @@ impl Broker {
 
     /// The models served now, with healthy node counts: those of
     /// [`Broker::listed_pools`].
+    ///
+    /// Then the aliases, marked `owned_by: "cxmpute-alias"` with their
+    /// `models`: under the service of their first catalogue model, counting
+    /// the healthy nodes of all their models.
     pub fn models(&self) -> ModelList {
-        let data = self
+        let mut data: Vec<ModelInfo> = self
             .listed_pools()
             .pools
             .into_iter()
@@ -781,8 +785,26 @@ impl Broker {
                 owned_by: "cxmpute".into(),
                 service,
                 nodes,
+                models: Vec::new(),
             })
             .collect();
+        let catalogue = self.catalogue();
+        for (alias, models) in self.aliases().iter() {
+            let service = (models.iter())
+                .find_map(|m| catalogue.models().iter().find(|c| c.model == *m))
+                .map_or(Service::Chat, |c| c.service);
+            data.push(ModelInfo {
+                id: alias.clone(),
+                object: "model".into(),
+                created: 0,
+                owned_by: "cxmpute-alias".into(),
+                service,
+                nodes: (models.iter())
+                    .map(|m| self.inner.pools.pool_size(service, m))
+                    .sum(),
+                models: models.clone(),
+            });
+        }
         ModelList {
             object: "list".into(),
             data,

@@ -32,6 +32,7 @@ use crate::admin::Admin;
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::network::{Catalogue, Network};
+use crate::services::MAX_MODELS;
 use crate::types::*;
 use crate::wire::*;
 
@@ -42,11 +43,18 @@ pub(crate) const MAX_CATALOGUE_MODELS: usize = 1_000;
 /// The most nodes an entry may ask for.
 pub(crate) const MAX_TARGET_NODES: u32 = 100_000;
 
+/// The most aliases the store may hold: each is listed by `GET /v1/models`.
+pub(crate) const MAX_ALIASES: usize = 1_000;
+
+/// Aliases by name, each with the models it stands for.
+pub(crate) type Aliases = BTreeMap<String, Vec<String>>;
+
 /// The catalogue in force on a host, and the built-in one for a store that
-/// holds none.
+/// holds none; the aliases, read with it.
 pub(crate) struct CatalogueState {
     current: RwLock<Arc<Catalogue>>,
     builtin: Arc<Catalogue>,
+    aliases: RwLock<Arc<Aliases>>,
 }
 
 impl CatalogueState {
@@ -56,6 +64,7 @@ impl CatalogueState {
         CatalogueState {
             current: RwLock::new(builtin.clone()),
             builtin,
+            aliases: RwLock::default(),
         }
     }
 }
@@ -77,7 +86,70 @@ impl Broker {
             Arc::new(Catalogue::from_store(stored))
         };
         *state.current.write() = c.clone();
+        let aliases = self.store().aliases().await?;
+        let aliases = (aliases.into_iter()).map(|a| (a.alias, a.models)).collect();
+        *state.aliases.write() = Arc::new(aliases);
         Ok(c)
+    }
+
+    /// The aliases in force on this host.
+    pub(crate) fn aliases(&self) -> Arc<Aliases> {
+        self.inner().catalogue.aliases.read().clone()
+    }
+
+    /// The aliases in force on this host, as the API shows them.
+    pub(crate) fn alias_list(&self) -> Vec<ModelAlias> {
+        (self.aliases().iter())
+            .map(|(alias, models)| ModelAlias {
+                alias: alias.clone(),
+                models: models.clone(),
+            })
+            .collect()
+    }
+
+    /// The models a call names, in the order they are tried, aliases
+    /// resolved: each alias in its place becomes its models, and a model
+    /// named twice keeps its first place. Refused (400): more than
+    /// [`MAX_MODELS`] models once resolved; in a list of several names, one
+    /// the caller wrote that is neither an alias, in the catalogue nor
+    /// served by any node (a single unknown model stays OpenAI's 404
+    /// `model_not_found`, checked by the caller). An alias's own models are
+    /// not checked: one the catalogue dropped is skipped like a model with
+    /// no node, so removing a model does not break the aliases naming it.
+    pub(crate) fn resolve_models(&self, service: Service, asked: &[String]) -> Result<Vec<String>> {
+        let aliases = self.aliases();
+        if asked.len() == 1 && !aliases.contains_key(&asked[0]) {
+            // The common call: one model, no alias.
+            return Ok(asked.to_vec());
+        }
+        let catalogue = self.catalogue();
+        let pools = self.pools();
+        let mut out: Vec<String> = Vec::with_capacity(asked.len());
+        for name in asked {
+            let models = match aliases.get(name) {
+                Some(models) => models.as_slice(),
+                None if catalogue.get(service, name).is_none()
+                    && !pools.is_offered(service, name) =>
+                {
+                    return Err(Error::InvalidInput(format!(
+                        "`models`: no {service} model `{name}` is offered"
+                    )));
+                }
+                None => std::slice::from_ref(name),
+            };
+            for m in models {
+                if !out.contains(m) {
+                    out.push(m.clone());
+                }
+            }
+        }
+        if out.len() > MAX_MODELS {
+            return Err(Error::InvalidInput(format!(
+                "the request names {} models once aliases are resolved; at most {MAX_MODELS}",
+                out.len()
+            )));
+        }
+        Ok(out)
     }
 }
 
@@ -109,6 +181,19 @@ impl Admin {
             return Err(Error::InvalidInput(format!(
                 "target_nodes must be at most {MAX_TARGET_NODES}, not {}",
                 model.target_nodes
+            )));
+        }
+        if self
+            .broker
+            .store()
+            .aliases()
+            .await?
+            .iter()
+            .any(|a| a.alias == model.model)
+        {
+            return Err(Error::Conflict(format!(
+                "`{}` is an alias; remove the alias before adding a model of that name",
+                model.model
             )));
         }
         let stored = self.stored_catalogue(keep_builtin).await?;
@@ -169,6 +254,82 @@ impl Admin {
             entry: None,
             removed_nodes: removed,
         })
+    }
+
+    /// The model aliases in force on this host, by name.
+    pub fn aliases(&self) -> Vec<ModelAlias> {
+        self.broker.alias_list()
+    }
+
+    /// Defines an alias, or changes the one of the same name. Refused (400):
+    /// a bad name (the rules of a catalogue model name), a name a catalogue
+    /// entry uses (an alias never shadows a model), no model or more than
+    /// 4, a model named twice or named badly, a model that is
+    /// itself an alias (aliases do not nest), a new alias past 1,000.
+    /// Other hosts see it on their next refresh.
+    pub async fn put_alias(&self, alias: ModelAlias) -> Result<ModelAlias> {
+        let bad = |m: &str| {
+            m.is_empty() || m.len() > 200 || m.trim() != m || m.chars().any(char::is_control)
+        };
+        let name = &alias.alias;
+        if bad(name) {
+            return Err(Error::InvalidInput(format!(
+                "alias `{name}` is empty, padded, too long or holds control characters"
+            )));
+        }
+        if let Some(m) = (self.broker.catalogue().models().iter()).find(|m| m.model == *name) {
+            return Err(Error::InvalidInput(format!(
+                "alias `{name}` would shadow the catalogue's {} model of that name",
+                m.service
+            )));
+        }
+        if alias.models.is_empty() || alias.models.len() > MAX_MODELS {
+            return Err(Error::InvalidInput(format!(
+                "alias `{name}` must name 1 to {MAX_MODELS} models"
+            )));
+        }
+        let store = self.broker.store();
+        let stored = store.aliases().await?;
+        for (i, m) in alias.models.iter().enumerate() {
+            if bad(m) {
+                return Err(Error::InvalidInput(format!(
+                    "alias `{name}`: model `{m}` is empty, padded, too long or holds control \
+                     characters"
+                )));
+            }
+            if alias.models[..i].contains(m) {
+                return Err(Error::InvalidInput(format!(
+                    "alias `{name}` names `{m}` twice"
+                )));
+            }
+            if m == name || stored.iter().any(|a| a.alias == *m) {
+                return Err(Error::InvalidInput(format!(
+                    "alias `{name}`: `{m}` is an alias; aliases name models, not other aliases"
+                )));
+            }
+        }
+        if stored.iter().any(|a| a.models.contains(name)) {
+            return Err(Error::InvalidInput(format!(
+                "`{name}` is a model another alias names; aliases name models, not other aliases"
+            )));
+        }
+        let is_new = !stored.iter().any(|a| a.alias == *name);
+        if is_new && stored.len() >= MAX_ALIASES {
+            return Err(Error::InvalidInput(format!(
+                "the store holds {MAX_ALIASES} aliases, the most it may; remove one first"
+            )));
+        }
+        store.put_alias(&alias).await?;
+        self.broker.load_catalogue().await?;
+        Ok(alias)
+    }
+
+    /// Removes an alias (404 when there is none); calls naming it then get
+    /// `model_not_found`. Other hosts follow on their next refresh.
+    pub async fn delete_alias(&self, alias: &str) -> Result<()> {
+        self.broker.store().delete_alias(alias).await?;
+        self.broker.load_catalogue().await?;
+        Ok(())
     }
 
     /// How providers are paid, and what the platform keeps.
@@ -247,6 +408,7 @@ impl Network {
         CatalogueList {
             object: "list".into(),
             data,
+            aliases: b.alias_list(),
         }
     }
 

@@ -22,6 +22,7 @@
 //! | section | what | seeding |
 //! |---|---|---|
 //! | `[[catalogue]]` | `service`, `model`, `min_tier` (1-4), `target_nodes` | each entry is put, replacing the stored one for its service and model; entries only in the store stay. On a store with no catalogue the file's entries are the catalogue (the built-in one is not added) |
+//! | `[[aliases]]` | `alias`, `models` (1-4, tried in order): a name for models a request may use as its `model` | each alias is put, replacing the stored one of that name; aliases only in the store stay. Seeded after the catalogue; an alias may not take a catalogue model's name |
 //! | `[[prices]]` | `service`, `model` (absent: the service's default), `per_request`, `per_million_input_tokens`, `per_million_output_tokens`, `per_million_units` (micro-credits) | each price is put, replacing the stored one; others stay |
 //! | `[limits]` | `account_rpm`, `account_tpm`: how many requests and tokens a minute each account may use over all its keys (absent: no limit; a key's own limits apply too) | not stored: [`BrokerConfig::account_rate_limits`] of this host, set by [`ConfigFile::broker_config`] |
 //! | `[reward]` | `policy` = `platform_share` (default), `tiered` or `flat`; `[reward.platform_share_permille]` with `default` and per service (`chat`, `embeddings`, `tts`, `scrape`, `vision`); `flat_micros` for `flat` | not stored: the policy of this host, shown at `GET /v1/admin/reward` |
@@ -50,6 +51,9 @@ pub struct ConfigFile {
     /// Catalogue entries to put at start.
     #[serde(default)]
     pub catalogue: Vec<CatalogueModel>,
+    /// Model aliases to put at start.
+    #[serde(default)]
+    pub aliases: Vec<ModelAlias>,
     /// Prices to put at start.
     #[serde(default)]
     pub prices: Vec<PriceConfig>,
@@ -216,6 +220,29 @@ impl ConfigFile {
             }
         }
         let mut seen = std::collections::HashSet::new();
+        for (i, a) in self.aliases.iter().enumerate() {
+            let key = format!("config: aliases[{i}] (`{}`)", a.alias);
+            let valid = |m: &str| crate::services::check_model(m).ok().as_deref() == Some(m);
+            if !valid(&a.alias) {
+                return Err(bad(format!("{key}: not a valid model name")));
+            }
+            if a.models.is_empty() || a.models.len() > crate::services::MAX_MODELS {
+                return Err(bad(format!(
+                    "{key}: models must name 1 to {} models",
+                    crate::services::MAX_MODELS
+                )));
+            }
+            if let Some(m) = a.models.iter().find(|m| !valid(m)) {
+                return Err(bad(format!("{key}: `{m}` is not a valid model name")));
+            }
+            if self.catalogue.iter().any(|m| m.model == a.alias) {
+                return Err(bad(format!("{key}: a catalogue model has this name")));
+            }
+            if !seen.insert(a.alias.as_str()) {
+                return Err(bad(format!("{key}: listed twice")));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
         for (i, p) in self.prices.iter().enumerate() {
             let key = format!("config: prices[{i}]");
             for (field, v) in [
@@ -306,6 +333,9 @@ impl ConfigFile {
         for m in &self.catalogue {
             admin.put_catalogue(m.clone(), false).await?;
         }
+        for a in &self.aliases {
+            admin.put_alias(a.clone()).await?;
+        }
         for p in &self.prices {
             admin.put_price(p.entry()).await?;
         }
@@ -334,6 +364,7 @@ mod tests {
         assert_eq!(view.policy, "platform_share");
         assert_eq!(view.platform_share_permille[&Service::Chat], 200);
         assert_eq!(f.limits.account().rpm, Some(600));
+        assert_eq!(f.aliases[0].alias, "fast");
     }
 
     #[test]
@@ -408,6 +439,15 @@ mod tests {
             ("[[prices]]\nservice = \"chat\"\nper_request = -1", "prices[0].per_request: must not be negative"),
             ("[[prices]]\nservice = \"chat\"\nper_token = 1", "unknown field `per_token`"),
             ("[[prices]]\nservice = \"chat\"\nper_request = \"ten\"", "per_request"),
+            ("[[aliases]]\nalias = \"fast\"\nmodels = []", "aliases[0] (`fast`): models must name 1 to 4"),
+            ("[[aliases]]\nalias = \"fast\"\nmodels = [\"a\", \" b\"]", "aliases[0] (`fast`): ` b`"),
+            ("[[aliases]]\nalias = \"\"\nmodels = [\"a\"]", "aliases[0] (``): not a valid"),
+            ("[[aliases]]\nalias = \"f\"\nmodels = [\"a\"]\nfallback = 1", "unknown field `fallback`"),
+            ("[[aliases]]\nalias = \"f\"\nmodels = [\"a\"]\n[[aliases]]\nalias = \"f\"\nmodels = [\"b\"]",
+             "aliases[1] (`f`): listed twice"),
+            ("[[catalogue]]\nservice = \"chat\"\nmodel = \"m\"\nmin_tier = 1\ntarget_nodes = 1\n\
+              [[aliases]]\nalias = \"m\"\nmodels = [\"a\"]",
+             "aliases[0] (`m`): a catalogue model has this name"),
             ("[reward]\npolicy = \"generous\"", "unknown variant `generous`"),
             ("[reward]\npolicy = \"flat\"", "reward.flat_micros: required"),
             ("[reward]\npolicy = \"tiered\"\nflat_micros = 3", "reward.flat_micros: only for"),

@@ -6,7 +6,10 @@
 //! cheap to repeat, since nothing reached the caller, so a slow one is
 //! hedged on another node and the losers are judged in the background. The
 //! second (the whole JSON answer, or a stream's first chunk) is not raced;
-//! a failure there moves on to another node.
+//! a failure there moves on to another node. When no node of the model is
+//! left to try, a call naming several models (a `models` list, an alias)
+//! moves on to the next one; see `docs/ARCHITECTURE.md`, "Fallbacks and
+//! aliases".
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -302,13 +305,33 @@ impl Broker {
                 i.config.max_body_bytes
             )));
         }
-        let prep = services::prepare(&i.config, req.route, &req.body)?;
-        tracing::Span::current().record("model", prep.model.as_str());
-        if !i.pools.is_offered(prep.route.service(), &prep.model) {
-            return Err(Error::ModelNotFound(prep.model));
+        let mut prep = services::prepare(&i.config, req.route, &req.body)?;
+        let service = prep.route.service();
+        let requested = prep.model.clone();
+        let models = self.resolve_models(service, &prep.models)?;
+        if models.len() == 1 && !i.pools.is_offered(service, &models[0]) {
+            return Err(Error::ModelNotFound(models[0].clone()));
         }
-        let price = i.prices.get(prep.route.service(), &prep.model);
-        let amount = price.cost(prep.bound);
+        if models[0] != prep.model {
+            // An alias: the node is told the model it serves.
+            prep.body = services::with_model(&prep.body, &models[0])?;
+            prep.model = models[0].clone();
+        }
+        tracing::Span::current().record("model", prep.model.as_str());
+        // Each model at its own price; the reservation covers the dearest,
+        // whichever ends up serving.
+        let mut fallbacks: Vec<(String, Arc<PriceEntry>)> = (models.into_iter())
+            .map(|m| {
+                let p = i.prices.get(service, &m);
+                (m, p)
+            })
+            .collect();
+        let amount = (fallbacks.iter())
+            .map(|(_, p)| p.cost(prep.bound))
+            .max()
+            .unwrap_or(Credits::ZERO);
+        let price = fallbacks.remove(0).1;
+        let fallbacks: std::collections::VecDeque<_> = fallbacks.into();
         let reservation = Reservation {
             request_id: RequestId::generate(),
             user_id: key.user_id.clone(),
@@ -355,6 +378,8 @@ impl Broker {
             budget,
             prep,
             price,
+            fallbacks,
+            requested,
             app: req.app,
             preferences: req.preferences,
             started,
@@ -527,7 +552,12 @@ struct CallContext {
     /// What it holds of its key's budget.
     budget: BudgetTicket,
     prep: Prepared,
+    /// The price of the model being tried (`prep.model`).
     price: Arc<PriceEntry>,
+    /// The models to fall back on, in order, each with its price.
+    fallbacks: std::collections::VecDeque<(String, Arc<PriceEntry>)>,
+    /// The name the caller asked for first (an alias as written).
+    requested: String,
     app: Option<String>,
     preferences: RoutePreferences,
     started: Instant,
@@ -566,7 +596,30 @@ impl CallContext {
         )
     }
 
-    async fn run(self) -> Result<GatewayResponse> {
+    /// Moves on to the next model of the call, if any: the node is sent a
+    /// body naming it and the call is charged its price. `false` when
+    /// there is none left.
+    fn next_model(&mut self) -> bool {
+        while let Some((model, price)) = self.fallbacks.pop_front() {
+            match services::with_model(&self.prep.body, &model) {
+                Ok(body) => {
+                    tracing::info!(from = %self.prep.model, to = %model, "falling back to the next model");
+                    tracing::Span::current().record("model", model.as_str());
+                    self.prep.body = body;
+                    self.prep.model = model;
+                    self.price = price;
+                    return true;
+                }
+                Err(e) => tracing::error!(error = %e, "could not name a fallback model"),
+            }
+        }
+        false
+    }
+
+    /// Tries the call's models in order: each on its nodes (see the module
+    /// docs), the next once every node of one failed before the caller got
+    /// a byte. After the first byte there is no going back.
+    async fn run(mut self) -> Result<GatewayResponse> {
         let b = self.broker.inner().clone();
         let cfg = &b.config;
         let service = self.prep.route.service();
@@ -575,7 +628,9 @@ impl CallContext {
         } else {
             Phase::Headers
         };
-        let usual = b.usual.of(service, &self.prep.model, phase);
+        let mut usual = b.usual.of(service, &self.prep.model, phase);
+        let mut tried_models = vec![self.prep.model.clone()];
+        let mut refused_before = false;
         let waits = Waits::under(
             cfg,
             match phase {
@@ -591,11 +646,31 @@ impl CallContext {
         let mut can_hedge = cfg.hedge_multiple > 0;
         loop {
             if racing.is_empty() {
-                if tried.len() >= cfg.max_attempts {
-                    break;
-                }
-                let Some(node) = self.pick(&tried) else {
-                    break;
+                let picked = if tried.len() >= cfg.max_attempts {
+                    None
+                } else {
+                    self.pick(&tried)
+                };
+                let Some(node) = picked else {
+                    // Every node of this model failed before the first
+                    // byte, or none serves it: the next model, if any.
+                    // Its refusals are judged among themselves (another
+                    // model serving says nothing of them).
+                    if !self.next_model() {
+                        break;
+                    }
+                    b.metrics.fallback(self.hold.reservation().route);
+                    if !refused.is_empty() {
+                        let confirmed = refused.len() >= 2;
+                        for (n, t) in refused.drain(..) {
+                            self.broker.refusal_done(&n, t, confirmed);
+                        }
+                        refused_before = true;
+                    }
+                    tried.clear();
+                    tried_models.push(self.prep.model.clone());
+                    usual = b.usual.of(service, &self.prep.model, phase);
+                    continue;
                 };
                 if !tried.is_empty() {
                     b.metrics.failover(self.hold.reservation().route);
@@ -699,7 +774,7 @@ impl CallContext {
         // Nothing to withhold: the error below says what went wrong, and
         // whatever became of this zero charge, the call costs nothing.
         let _ = self.settle(st).await;
-        if !refused.is_empty() {
+        if !refused.is_empty() || refused_before {
             // No node served it. Refusals by two nodes or more confirm each
             // other and count as answers; a lone refusal counts its latency.
             let confirmed = refused.len() >= 2;
@@ -711,7 +786,7 @@ impl CallContext {
         Err(match last {
             None => Error::NoCapacity(format!(
                 "no healthy node serves `{}` right now",
-                self.prep.model
+                tried_models.join("` or `")
             )),
             Some(e) if e.kind == Failure::Timeout => Error::UpstreamTimeout(e.public.to_owned()),
             Some(e) => Error::Upstream(e.public.to_owned()),
@@ -888,6 +963,8 @@ impl CallContext {
                 at: b.clock.now(),
                 charged: Credits::ZERO,
                 reward: Credits::ZERO,
+                requested_model: (self.requested != self.prep.model)
+                    .then(|| self.requested.clone()),
             },
         }
     }

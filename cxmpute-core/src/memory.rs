@@ -89,6 +89,7 @@ struct Inner {
     revoked_families: HashSet<TokenFamilyId>,
     // the catalogue
     models: BTreeMap<(Service, String), CatalogueModel>,
+    aliases: BTreeMap<String, ModelAlias>,
     prices: BTreeMap<(Service, Option<String>), PriceEntry>,
     notifications: HashMap<NotificationId, Notification>,
     // stats
@@ -724,6 +725,21 @@ impl CatalogueStore for MemoryStore {
         found(removed.map(|_| ()), || {
             format!("catalogue entry {service} `{model}`")
         })
+    }
+
+    async fn aliases(&self) -> Result<Vec<ModelAlias>> {
+        Ok(self.inner.lock().aliases.values().cloned().collect())
+    }
+
+    async fn put_alias(&self, alias: &ModelAlias) -> Result<()> {
+        let mut s = self.inner.lock();
+        s.aliases.insert(alias.alias.clone(), alias.clone());
+        Ok(())
+    }
+
+    async fn delete_alias(&self, alias: &str) -> Result<()> {
+        let removed = self.inner.lock().aliases.remove(alias);
+        found(removed.map(|_| ()), || format!("alias `{alias}`"))
     }
 
     async fn prices(&self) -> Result<Vec<PriceEntry>> {

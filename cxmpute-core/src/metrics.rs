@@ -32,6 +32,7 @@
 //! | `cxmpute_upstream_attempts_total` | counter | `service`, `outcome` (`success`/`failure`/`timeout`/`busy`/`refused`) |
 //! | `cxmpute_failovers_total` | counter | `route` |
 //! | `cxmpute_hedges_total` | counter | `route` |
+//! | `cxmpute_fallbacks_total` | counter | `route` |
 //! | `cxmpute_circuit_breaker_transitions_total` | counter | `to` (`open`/`half_open`/`closed`) |
 //! | `cxmpute_circuit_breakers` | gauge | `state` |
 //! | `cxmpute_pool_nodes` | gauge | `service`, `model` (listed pools only) |
@@ -87,6 +88,7 @@ struct RouteSeries {
     totals: OnceLock<Totals>,
     failovers: OnceLock<Counter>,
     hedges: OnceLock<Counter>,
+    fallbacks: OnceLock<Counter>,
     ttfb: OnceLock<Histogram>,
     /// `cxmpute_http_requests_total` by status: a handful per route.
     http: RwLock<Vec<(u16, Counter)>>,
@@ -258,6 +260,16 @@ impl Metrics {
         .increment(1);
     }
 
+    /// A request moved on to the next model it names (a `models` list or
+    /// an alias): no node of the one before served it.
+    pub(crate) fn fallback(&self, route: Route) {
+        self.once(
+            &self.routes[route as usize].fallbacks,
+            || counter!("cxmpute_fallbacks_total", "route" => route.path()),
+        )
+        .increment(1);
+    }
+
     /// A node's circuit breaker changed state.
     pub(crate) fn breaker_transition(&self, to: BreakerState) {
         self.with(|| {
@@ -378,6 +390,10 @@ fn describe() {
     describe_counter!(
         "cxmpute_hedges_total",
         "Slow attempts hedged by a second attempt on another node."
+    );
+    describe_counter!(
+        "cxmpute_fallbacks_total",
+        "Requests moved to the next model they name, no node of the one before serving."
     );
     describe_counter!(
         "cxmpute_circuit_breaker_transitions_total",

@@ -377,6 +377,17 @@ pub trait CatalogueStore: Send + Sync + 'static {
     /// [`Error::NotFound`]: crate::error::Error::NotFound
     async fn delete_catalogue_model(&self, service: Service, model: &str) -> Result<()>;
 
+    // ---- aliases -----------------------------------------------------------
+
+    /// Every model alias, sorted by name.
+    async fn aliases(&self) -> Result<Vec<ModelAlias>>;
+    /// Stores an alias, replacing the one of the same name.
+    async fn put_alias(&self, alias: &ModelAlias) -> Result<()>;
+    /// Deletes an alias; [`Error::NotFound`] when there is none.
+    ///
+    /// [`Error::NotFound`]: crate::error::Error::NotFound
+    async fn delete_alias(&self, alias: &str) -> Result<()>;
+
     // ---- prices ------------------------------------------------------------
 
     /// Every stored price.

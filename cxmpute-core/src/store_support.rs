@@ -420,6 +420,7 @@ pub fn release_settlement(r: &Reservation, at: Timestamp) -> Settlement {
             at,
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            requested_model: None,
         },
     }
 }

@@ -111,6 +111,7 @@ async fn one_request(f: &Fixture) {
             at: T0,
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            requested_model: None,
         },
     };
     assert_eq!(

@@ -3,8 +3,8 @@
 
 use async_trait::async_trait;
 use cxmpute_core::{
-    CatalogueModel, CatalogueStore, Credits, Error, Notification, NotificationId, PriceEntry,
-    Result, Service, Timestamp,
+    CatalogueModel, CatalogueStore, Credits, Error, ModelAlias, Notification, NotificationId,
+    PriceEntry, Result, Service, Timestamp,
 };
 
 use crate::db::{DynamoStore, Fail, Query};
@@ -18,6 +18,14 @@ fn decode_catalogue_model(it: &Item) -> Result<CatalogueModel> {
         model: r.s("model")?,
         min_tier: r.num("min_tier")?,
         target_nodes: r.num("target_nodes")?,
+    })
+}
+
+fn decode_alias(it: &Item) -> Result<ModelAlias> {
+    let r = Rd::new(it, "model alias");
+    Ok(ModelAlias {
+        alias: r.s("alias")?,
+        models: r.list_s("models")?,
     })
 }
 
@@ -92,6 +100,45 @@ impl CatalogueStore for DynamoStore {
             Err(Fail::Condition(_)) => Err(Error::NotFound(format!(
                 "catalogue entry {service} `{model}`"
             ))),
+            Err(f) => Err(f.into_error(what)),
+        }
+    }
+
+    // ---- aliases ------------------------------------------------------------
+
+    async fn aliases(&self) -> Result<Vec<ModelAlias>> {
+        let q = Query::prefix(schema::CATALOGUE_PK, "ALIAS#");
+        let mut v = self
+            .query("reading model aliases", q)
+            .await?
+            .iter()
+            .map(decode_alias)
+            .collect::<Result<Vec<_>>>()?;
+        v.sort_by(|a, b| a.alias.cmp(&b.alias));
+        Ok(v)
+    }
+
+    async fn put_alias(&self, a: &ModelAlias) -> Result<()> {
+        let what = "storing a model alias";
+        let item = ItemBuilder::at(schema::model_alias(&a.alias))
+            .s("alias", &a.alias)
+            .set("models", crate::item::list_s(a.models.iter().cloned()))
+            .build();
+        self.put(what, item, None, Ex::new())
+            .await
+            .map_err(|f| f.into_error(what))
+    }
+
+    async fn delete_alias(&self, alias: &str) -> Result<()> {
+        let what = "deleting a model alias";
+        let mut ex = Ex::new();
+        let cond = ex.exists();
+        match self
+            .delete(what, schema::model_alias(alias), Some(cond), ex)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(Fail::Condition(_)) => Err(Error::NotFound(format!("alias `{alias}`"))),
             Err(f) => Err(f.into_error(what)),
         }
     }

@@ -126,6 +126,11 @@ pub(crate) fn catalogue_model(service: Service, model: &str) -> Item {
     key(CATALOGUE_PK, format!("MODEL#{service}#{model}"))
 }
 
+/// An alias lives in the catalogue's partition: read whole with it.
+pub(crate) fn model_alias(alias: &str) -> Item {
+    key(CATALOGUE_PK, format!("ALIAS#{alias}"))
+}
+
 pub(crate) fn price(service: Service, model: Option<&str>) -> Item {
     // `-` and `=` keep "no model" apart from a model named "".
     let sk = match model {

@@ -108,6 +108,7 @@ fn settlement(
             at: Timestamp(r.created_at.0 + 1),
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            requested_model: None,
         },
     }
 }

@@ -137,6 +137,7 @@ fn settlement(f: &Fixture, r: &Reservation) -> Settlement {
             at: r.created_at,
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            requested_model: None,
         },
     }
 }

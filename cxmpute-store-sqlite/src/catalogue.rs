@@ -31,6 +31,25 @@ impl CatalogueStore for SqliteStore {
             .await
     }
 
+    async fn aliases(&self) -> Result<Vec<ModelAlias>> {
+        self.read(move |c| Box::pin(async move { aliases(c).await }))
+            .await
+    }
+
+    async fn put_alias(&self, a: &ModelAlias) -> Result<()> {
+        let a = a.clone();
+        self.writer
+            .write(move |c| Box::pin(async move { put_alias(c, &a).await }))
+            .await
+    }
+
+    async fn delete_alias(&self, alias: &str) -> Result<()> {
+        let alias = alias.to_owned();
+        self.writer
+            .write(move |c| Box::pin(async move { delete_alias(c, &alias).await }))
+            .await
+    }
+
     async fn prices(&self) -> Result<Vec<PriceEntry>> {
         self.read(move |c| Box::pin(async move { prices(c).await }))
             .await
@@ -94,6 +113,40 @@ async fn delete_catalogue_model(c: &mut Conn, service: Service, model: &str) -> 
         .bind(model);
     execute_found(c, "deleting a catalogue entry", q, || {
         format!("catalogue entry {service} `{model}`")
+    })
+    .await
+}
+
+// ---- aliases ----------------------------------------------------------------
+
+async fn aliases(c: &mut Conn) -> Result<Vec<ModelAlias>> {
+    let sql = "SELECT alias, models FROM model_aliases ORDER BY alias";
+    let found = fetch_all(c, "reading model aliases", sqlx::query(sql)).await?;
+    (found.iter())
+        .map(|row| {
+            let models: String = rows::col(row, 1)?;
+            Ok(ModelAlias {
+                alias: rows::col(row, 0)?,
+                models: serde_json::from_str(&models).map_err(crate::error::corrupt)?,
+            })
+        })
+        .collect()
+}
+
+async fn put_alias(c: &mut Conn, a: &ModelAlias) -> Result<()> {
+    let q = sqlx::query(
+        "INSERT INTO model_aliases (alias, models) VALUES (?1, ?2) \
+         ON CONFLICT (alias) DO UPDATE SET models = excluded.models",
+    )
+    .bind(&a.alias)
+    .bind(rows::json(&a.models)?);
+    execute(c, "storing a model alias", q).await.map(drop)
+}
+
+async fn delete_alias(c: &mut Conn, alias: &str) -> Result<()> {
+    let q = sqlx::query("DELETE FROM model_aliases WHERE alias = ?1").bind(alias);
+    execute_found(c, "deleting a model alias", q, || {
+        format!("alias `{alias}`")
     })
     .await
 }

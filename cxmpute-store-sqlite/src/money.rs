@@ -27,6 +27,9 @@ use crate::error::map;
 use crate::rows::{self, col, json, key_cols, reservation_cols, to_i64, usage_cols, user_cols};
 
 /// One money operation.
+// Settlements are the common operation and each is moved in once: boxing
+// them to shrink the rarer variants would cost an allocation per call.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum MoneyOp {
     /// [`LedgerStore::reserve`].
     Reserve(Reservation),
@@ -97,7 +100,7 @@ const WRITE_RUN: &str = concat!(
     ") ",
     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, ",
     "value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, ",
-    "value ->> 12, value ->> 13, value ->> 14, value ->> 15 FROM json_each(?); ",
+    "value ->> 12, value ->> 13, value ->> 14, value ->> 15, value ->> 16 FROM json_each(?); ",
     // Balances move by the run's net change per user (relative: commutes).
     "UPDATE users SET credits = credits + (d.value ->> 1) ",
     "FROM json_each(?) d WHERE users.id = d.value ->> 0; ",
@@ -109,6 +112,29 @@ const WRITE_RUN: &str = concat!(
     "FROM json_each(?) p WHERE providers.id = p.value ->> 0; ",
     "UPDATE ledger SET settlements = settlements + ?, charged = charged + ?, ",
     "rewarded = rewarded + ?, reserved = reserved + ? WHERE id = 1"
+);
+
+/// One `usage` row as `WRITE_RUN` reads it: a JSON array in the order of
+/// `usage_cols!()` (a tuple struct, since serde's tuples stop at 16).
+#[derive(serde::Serialize)]
+struct UsageRow<'a>(
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    i64,
+    i64,
+    i64,
+    bool,
+    i64,
+    Option<&'a str>,
+    i64,
+    i64,
+    i64,
+    Option<&'a str>,
 );
 
 /// The run's view of the rows it touches, and what it will write.
@@ -349,7 +375,7 @@ async fn write(c: &mut SqliteConnection, run: &Run) -> Result<()> {
         .usage
         .iter()
         .map(|u| {
-            (
+            UsageRow(
                 u.request_id.as_str(),
                 u.user_id.as_str(),
                 u.key_id.as_str(),
@@ -366,6 +392,7 @@ async fn write(c: &mut SqliteConnection, run: &Run) -> Result<()> {
                 u.at.0,
                 u.charged.0,
                 u.reward.0,
+                u.requested_model.as_deref(),
             )
         })
         .collect();

@@ -258,7 +258,8 @@ macro_rules! usage_cols {
     () => {
         concat!(
             "request_id, user_id, key_id, route, model, provision_id, provider_id, ",
-            "input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward"
+            "input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward, ",
+            "requested_model"
         )
     };
 }
@@ -284,6 +285,7 @@ pub(crate) fn usage(row: &SqliteRow) -> Result<UsageRecord> {
         at: Timestamp(col(row, 13)?),
         charged: Credits(col(row, 14)?),
         reward: Credits(col(row, 15)?),
+        requested_model: col(row, 16)?,
     })
 }
 

@@ -103,6 +103,7 @@ fn settlement(f: &Fixture, r: &Reservation, charged: Credits, reward: Credits) -
             at: r.created_at,
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            requested_model: None,
         },
     }
 }

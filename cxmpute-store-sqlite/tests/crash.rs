@@ -101,6 +101,7 @@ fn crash_child() {
                             at: Timestamp(T0 + i as i64),
                             charged: Credits::ZERO,
                             reward: Credits::ZERO,
+                            requested_model: None,
                         },
                     };
                     assert_eq!(store.settle(&st).await.unwrap(), SettleOutcome::Applied);

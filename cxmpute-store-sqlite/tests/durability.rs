@@ -130,6 +130,7 @@ async fn populate(store: &SqliteStore) -> World {
                 at: Timestamp(T0.0 + 100 + i),
                 charged: Credits::ZERO,
                 reward: Credits::ZERO,
+                requested_model: None,
             },
         };
         store.settle(&st).await.unwrap();

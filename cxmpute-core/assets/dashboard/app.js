@@ -405,6 +405,16 @@ async function viewMe(main) {
     panel('Applications', table('my-apps', usageColumns(['Charged', 'charged']), s.apps)),
   );
   if (me) {
+    // The latest requests: the model that served each, and the one asked
+    // for where a fallback or an alias made them differ.
+    const u = await asUser('/v1/me/usage?days=1');
+    if (u.ok) main.append(panel('Latest requests', table('my-latest', [
+      ['When', q => new Date(q.at).toISOString().slice(0, 16).replace('T', ' ')],
+      ['Route', q => q.route], ['Model', q => q.model],
+      ['Asked for', q => q.requested_model ? q.requested_model + ' (fell back)' : '–'],
+      ['Tokens', q => fmtInt(q.input_tokens + q.output_tokens)], ['Charged', q => fmtCredits(q.charged)],
+      ['', q => q.success ? 'ok' : 'failed'],
+    ], u.data.recent)));
     // Each key's requests and tokens per minute and budget, editable (empty: none).
     const limitsForm = k => el('form', { id: 'limits-' + k.key_id, class: 'limits', onsubmit: (e) => {
       e.preventDefault();
@@ -519,6 +529,7 @@ async function viewAdmin(main) {
       ['Rewarded', d => fmtCredits(d.rewarded)], ['Platform', d => fmtCredits(d.platform)],
     ], s.days.filter(d => d.requests > 0).reverse())),
     await catalogueSection(),
+    await aliasesSection(),
     panel('Top users', table('top-users', usageColumns(['Charged', 'charged']), s.top_users)),
     panel('Top providers', table('top-providers', usageColumns(['Rewarded', 'rewarded']), s.top_providers)),
     panel('Top applications', table('top-apps', usageColumns(['Charged', 'charged']), s.top_apps)),
@@ -589,6 +600,36 @@ async function catalogueSection() {
     ['Model', m => m.model], ['Service', m => m.service], ['Min tier', m => String(m.min_tier)],
     ['Target nodes', m => fmtInt(m.target_nodes)], ['', m => remove(m)],
   ], cat.data), form);
+}
+
+// Model aliases (a name for models tried in order) with a form to define or
+// change one and a button per alias to remove it.
+async function aliasesSection() {
+  const r = await asAdmin('/v1/admin/aliases');
+  if (!r.ok) return panel('Model aliases', el('p', { class: 'empty' }, errorText(r)));
+  const change = async (path, opts, done) => {
+    const res = await asAdmin(path, opts);
+    if (!res.ok) { setStatus(errorText(res)); return; }
+    await render();
+    setStatus(done);
+  };
+  const remove = a => el('button', {
+    type: 'button', class: 'remove', 'data-alias': a.alias,
+    onclick: () => change('/v1/admin/aliases/' + encodeURIComponent(a.alias), { method: 'DELETE' }, `Removed alias ${a.alias}.`),
+  }, 'Remove');
+  const form = el('form', { id: 'alias-form', class: 'inline' },
+    el('label', {}, 'Alias ', el('input', { id: 'alias-name', required: '', maxlength: '200', placeholder: 'fast' })),
+    el('label', {}, 'Models, in order ', el('input', { id: 'alias-models', required: '', placeholder: 'llama3.2:3b, llama3.2:1b' })),
+    el('button', { type: 'submit', id: 'alias-save' }, 'Define or change'));
+  form.addEventListener('submit', e => {
+    e.preventDefault();
+    const alias = document.getElementById('alias-name').value.trim();
+    const models = document.getElementById('alias-models').value.split(',').map(m => m.trim()).filter(m => m);
+    change('/v1/admin/aliases', { method: 'PUT', body: { alias, models } }, `Saved alias ${alias}.`);
+  });
+  return panel('Model aliases',
+    el('p', { class: 'sub' }, 'A request naming an alias is served by the first of its models with a healthy node (at most 4).'),
+    table('aliases', [['Alias', a => a.alias], ['Models', a => a.models.join(' → ')], ['', a => remove(a)]], r.data), form);
 }
 
 const views = { network: viewNetwork, me: viewMe, provider: viewProvider, admin: viewAdmin };

@@ -47,6 +47,38 @@ pub async fn catalogue_put_replace_list_delete(store: Arc<dyn Store>) {
     );
 }
 
+// ---- aliases ----------------------------------------------------------------
+
+/// Aliases are put (replacing the one of the same name, their models kept
+/// in order), listed by name and deleted (a missing one is not found).
+pub async fn aliases_put_replace_list_delete(store: Arc<dyn Store>) {
+    assert!(store.aliases().await.unwrap().is_empty());
+    let a = |alias: &str, models: &[&str]| ModelAlias {
+        alias: alias.into(),
+        models: models.iter().map(|m| (*m).to_owned()).collect(),
+    };
+    let fast = a("fast", &["llama3.2:3b", "llama3.2:1b"]);
+    let odd = a("org/alias: with spaces#1", &["z", "a", "m", "b"]);
+    store.put_alias(&fast).await.unwrap();
+    store.put_alias(&odd).await.unwrap();
+    assert_eq!(
+        store.aliases().await.unwrap(),
+        vec![fast.clone(), odd.clone()]
+    );
+    let moved = a("fast", &["llama3.2:1b"]);
+    store.put_alias(&moved).await.unwrap();
+    assert_eq!(
+        store.aliases().await.unwrap(),
+        vec![moved.clone(), odd.clone()]
+    );
+    // Aliases are not catalogue entries.
+    assert!(store.catalogue().await.unwrap().is_empty());
+
+    store.delete_alias("fast").await.unwrap();
+    assert_eq!(store.aliases().await.unwrap(), vec![odd]);
+    assert_err!(store.delete_alias("fast").await, Error::NotFound(_));
+}
+
 // ---- prices -----------------------------------------------------------------
 
 /// A price replaces the one for the same service and model; a service's

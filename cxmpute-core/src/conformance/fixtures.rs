@@ -131,6 +131,7 @@ pub(super) fn usage(
         at: finished,
         charged: Credits::ZERO,
         reward: Credits::ZERO,
+        requested_model: None,
     }
 }
 

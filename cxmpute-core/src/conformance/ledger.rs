@@ -1379,3 +1379,28 @@ pub async fn settle_leased_of_a_reserved_request_is_refused(store: Arc<dyn Store
     let t = store.ledger_totals().await.unwrap();
     assert_eq!((t.settlements, t.reserved), (0, Credits::whole(6)));
 }
+
+/// A usage record keeps the model asked for beside the one that served
+/// (a fallback or an alias), and `None` reads back as `None`.
+pub async fn usage_keeps_the_requested_model(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(20), None).await;
+    let provider = stored_provider(&store).await;
+    let mut want = Vec::new();
+    for (i, requested) in [Some("fast"), None].into_iter().enumerate() {
+        let r = reservation(&user, &key, Credits::whole(1), at(1));
+        store.reserve(&r).await.unwrap();
+        let mut st = settlement(
+            &r,
+            Credits(10),
+            Some((&provider, Credits(5))),
+            at(10 + i as i64),
+        );
+        st.usage.requested_model = requested.map(str::to_owned);
+        assert_eq!(store.settle(&st).await.unwrap(), SettleOutcome::Applied);
+        let mut kept = st.usage.clone();
+        (kept.charged, kept.reward) = (Credits(10), Credits(5));
+        assert_eq!(store.settlement(&r.request_id).await.unwrap(), kept);
+        want.insert(0, kept);
+    }
+    assert_eq!(store.usage_records(&user.id, 10).await.unwrap(), want);
+}

@@ -121,6 +121,7 @@ macro_rules! store_conformance_tests {
                 reserve_rejects_suspended_users_and_unpermitted_routes,
                 reserve_same_request_twice_is_already_exists,
                 settle_charges_reserved_min_and_releases_rest,
+                usage_keeps_the_requested_model,
                 settle_clamps_charge_and_reward,
                 settle_records_usage_under_the_reservations_user_and_key,
                 failed_request_costs_nothing,
@@ -163,6 +164,7 @@ macro_rules! store_conformance_tests {
             ],
             catalogue: [
                 catalogue_put_replace_list_delete,
+                aliases_put_replace_list_delete,
                 put_price_replaces_same_service_and_model,
                 notifications_put_replace_delete,
             ],

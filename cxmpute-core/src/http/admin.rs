@@ -17,6 +17,7 @@
 //! | `GET /v1/admin/provisions`, `DELETE /v1/admin/provisions/{id}` | list nodes, disconnect one |
 //! | `GET`/`PUT /v1/admin/prices` | prices per service and model |
 //! | `GET`/`PUT /v1/admin/catalogue`, `DELETE /v1/admin/catalogue/{service}/{model}` | the catalogue of models |
+//! | `GET`/`PUT /v1/admin/aliases`, `DELETE /v1/admin/aliases/{alias}` | model aliases (`fast` -> models tried in order) |
 //! | `GET /v1/admin/reward` | the reward policy: what providers earn, what the platform keeps |
 //! | `GET`/`POST /v1/admin/notifications`, `PUT`/`DELETE /v1/admin/notifications/{id}` | notifications |
 
@@ -61,6 +62,8 @@ pub(super) fn routes() -> Routes {
             "/v1/admin/catalogue/{service}/{model}",
             delete(delete_catalogue),
         )
+        .route("/v1/admin/aliases", get(aliases).put(put_alias))
+        .route("/v1/admin/aliases/{alias}", delete(delete_alias))
         .route("/v1/admin/reward", get(reward_policy))
         .route(
             "/v1/admin/notifications",
@@ -537,6 +540,55 @@ async fn delete_catalogue(
     Path((service, model)): Path<(Service, String)>,
 ) -> ApiResult<Json<CatalogueChange>> {
     ok(b.admin().delete_catalogue_model(service, &model).await?)
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/admin/aliases",
+    tag = "admin",
+    description = "The model aliases in force, by name: each stands for models tried in order.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    responses((status = 200, description = "The aliases", body = Vec<ModelAlias>), super::openapi::Refusals)
+)]
+async fn aliases(_: Admin, State(b): State<Broker>) -> ApiResult<Json<Vec<ModelAlias>>> {
+    ok(b.admin().aliases())
+}
+
+#[utoipa::path(
+    put,
+    path = "/v1/admin/aliases",
+    tag = "admin",
+    description = "Defines an alias or changes it: 1-4 models, tried in order as a request's \
+        `models`. Refused (400): a name a catalogue model uses, a model named twice, a model \
+        that is itself an alias. Other hosts see it after their next refresh.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    request_body = ModelAlias,
+    responses((status = 200, description = "The alias stored", body = ModelAlias), super::openapi::Refusals)
+)]
+async fn put_alias(
+    _: Admin,
+    State(b): State<Broker>,
+    Body(alias): Body<ModelAlias>,
+) -> ApiResult<Json<ModelAlias>> {
+    ok(b.admin().put_alias(alias).await?)
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/aliases/{alias}",
+    tag = "admin",
+    description = "Removes an alias: calls naming it get `model_not_found`.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("alias" = String, Path, description = "The alias, percent-encoded")),
+    responses((status = 204, description = "Removed"), super::openapi::Refusals)
+)]
+async fn delete_alias(
+    _: Admin,
+    State(b): State<Broker>,
+    Path(alias): Path<String>,
+) -> ApiResult<StatusCode> {
+    b.admin().delete_alias(&alias).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(

@@ -101,6 +101,9 @@ use super::Routes;
         super::admin::catalogue,
         super::admin::put_catalogue,
         super::admin::delete_catalogue,
+        super::admin::aliases,
+        super::admin::put_alias,
+        super::admin::delete_alias,
         super::admin::reward_policy,
     ),
     components(schemas(ErrorSchema)),
@@ -113,7 +116,7 @@ use super::Routes;
         (name = "auth", description = "Sign-in by emailed code, sessions"),
         (name = "account", description = "The signed-in user's account and keys"),
         (name = "provider", description = "Provider accounts and their nodes"),
-        (name = "admin", description = "Administration: accounts, nodes, the catalogue, prices, rewards, notifications"),
+        (name = "admin", description = "Administration: accounts, nodes, the catalogue and its aliases, prices, rewards, notifications"),
     )
 )]
 pub(crate) struct ApiDoc;
@@ -198,13 +201,16 @@ pub(crate) mod gateway {
     pub(crate) fn healthz() {}
 
     #[utoipa::path(get, path = "/v1/models", tag = "gateway",
+        description = "The models served now, then the operator's aliases (`owned_by`: \
+            `cxmpute-alias`, with the `models` they stand for).",
         responses((status = 200, description = "The models served now, with node counts", body = ModelList)))]
     /// `GET /v1/models`: the models served now.
     pub(crate) fn models() {}
 
     #[utoipa::path(get, path = "/v1/catalogue", tag = "gateway",
         description = "What the network offers: every model of the catalogue with its price \
-            and the healthy nodes serving it now. Public, like OpenRouter's model list.",
+            and the healthy nodes serving it now, and the aliases. Public, like OpenRouter's \
+            model list.",
         responses((status = 200, description = "The catalogue with prices", body = CatalogueList)))]
     /// `GET /v1/catalogue`: the catalogue with prices.
     pub(crate) fn catalogue() {}

@@ -78,9 +78,9 @@ struct Inputs {
 /// `POST /v1/chat/completions`.
 pub(super) fn prepare_chat(cfg: &BrokerConfig, body: &Bytes) -> Result<Prepared> {
     let mut req: ChatCompletionRequest = parse_body(body)?;
-    if req.model.trim().is_empty() {
-        return Err(invalid("`model` must not be empty"));
-    }
+    let models = super::requested_models(&req.model, &req.models)?;
+    req.model = models[0].clone();
+    req.models.clear();
     if req.messages.is_empty() {
         return Err(invalid("`messages` must not be empty"));
     }
@@ -117,6 +117,7 @@ pub(super) fn prepare_chat(cfg: &BrokerConfig, body: &Bytes) -> Result<Prepared>
     Ok(Prepared {
         route: Route::ChatCompletions,
         model: req.model,
+        models,
         bound: Meter {
             // A token of text is at least one byte, so the body's length
             // bounds the text; an image counts as its flat figure instead of

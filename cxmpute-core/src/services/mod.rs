@@ -76,8 +76,11 @@ impl std::fmt::Debug for AnswerKind {
 pub(crate) struct Prepared {
     /// The route called (also the path forwarded to on the node).
     pub route: Route,
-    /// The pool's model name.
+    /// The pool's model name: the model being tried, the one `body` names.
     pub model: String,
+    /// Every name the request gave, in order (see [`requested_models`]);
+    /// the first is `model` until the broker resolves aliases.
+    pub models: Vec<String>,
     /// The body sent to the node.
     pub body: Bytes,
     /// How the answer is checked and metered.
@@ -112,6 +115,54 @@ pub(crate) fn check_model(model: &str) -> Result<String> {
         return Err(invalid("`model` is not a valid model name"));
     }
     Ok(m.to_owned())
+}
+
+/// The most models a request may name: `model` and `models` together,
+/// counted once each, and again after aliases are resolved.
+pub(crate) const MAX_MODELS: usize = 4;
+
+/// The models a request names, in the order they are tried: `model` first
+/// when given (as OpenRouter does), then `models`. Each is checked like
+/// `model` ([`check_model`]); a name given twice keeps its first place (a
+/// client repeating `model` in `models` is common and harmless). Refused
+/// (400): no name at all, an empty or invalid one, more than [`MAX_MODELS`].
+pub(crate) fn requested_models(model: &str, models: &[String]) -> Result<Vec<String>> {
+    if models.len() > MAX_MODELS {
+        return Err(invalid(format!(
+            "`models` may name at most {MAX_MODELS} models"
+        )));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(models.len() + 1);
+    if !model.trim().is_empty() || models.is_empty() {
+        out.push(check_model(model)?);
+    }
+    for (i, m) in models.iter().enumerate() {
+        let m = check_model(m).map_err(|_| {
+            invalid(format!(
+                "`models[{i}]` must be a model name (not empty, at most 200 characters)"
+            ))
+        })?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    if out.len() > MAX_MODELS {
+        return Err(invalid(format!(
+            "`model` and `models` together may name at most {MAX_MODELS} models"
+        )));
+    }
+    Ok(out)
+}
+
+/// `body` (a JSON object the broker encoded) naming `model`: what is sent
+/// to a node of another model than the one first prepared (a fallback, or
+/// what an alias stands for). Only the model being tried is named.
+pub(crate) fn with_model(body: &Bytes, model: &str) -> Result<Bytes> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| Error::backend("re-reading a prepared body", e))?;
+    v.remove("models");
+    v.insert("model".into(), serde_json::Value::String(model.to_owned()));
+    encode(&v)
 }
 
 /// Checks a URL a caller gives for a node to fetch (an image): `http(s)`,
@@ -181,9 +232,9 @@ const EMBEDDING_FIELDS: &[&str] = &["encoding_format", "dimensions", "user"];
 
 fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
     let mut req: EmbeddingsRequest = parse_body(body)?;
-    if req.model.trim().is_empty() {
-        return Err(invalid("`model` must not be empty"));
-    }
+    let models = requested_models(&req.model, &req.models)?;
+    req.model = models[0].clone();
+    req.models.clear();
     req.extra
         .retain(|k, v| EMBEDDING_FIELDS.contains(&k.as_str()) && !v.is_null());
     if let Some(f) = req.extra.get("encoding_format") {
@@ -215,6 +266,7 @@ fn prepare_embeddings(body: &Bytes) -> Result<Prepared> {
     Ok(Prepared {
         route: Route::Embeddings,
         model: req.model,
+        models,
         bound: Meter {
             input_tokens: bytes + tokens,
             output_tokens: 0,

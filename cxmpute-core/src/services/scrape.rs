@@ -41,6 +41,7 @@ pub(super) fn prepare_scrape(body: &Bytes) -> Result<Prepared> {
     let n = req.urls.len() as u64;
     Ok(Prepared {
         route: Route::Scrape,
+        models: vec![model.clone()],
         model,
         body: encode(&req)?,
         kind: AnswerKind::Json(meter_scrape),

@@ -129,6 +129,7 @@ pub fn check_speech_text(text: &str, field: &str) -> Result<u64> {
 fn speech(route: Route, model: String, body: Bytes, chars: u64) -> Prepared {
     Prepared {
         route,
+        models: vec![model.clone()],
         model,
         body,
         kind: AnswerKind::Binary,

@@ -123,6 +123,7 @@ pub(super) fn prepare_vision(cfg: &BrokerConfig, route: Route, body: &Bytes) -> 
     }
     Ok(Prepared {
         route,
+        models: vec![model.clone()],
         model,
         body: encode(&out)?,
         kind: AnswerKind::Json(meter_vision),

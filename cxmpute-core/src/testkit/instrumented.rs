@@ -485,6 +485,19 @@ impl<S: Store> CatalogueStore for InstrumentedStore<S> {
         self.call("delete_catalogue_model", call).await
     }
 
+    async fn aliases(&self) -> Result<Vec<ModelAlias>> {
+        self.call("aliases", self.inner.aliases()).await
+    }
+
+    async fn put_alias(&self, alias: &ModelAlias) -> Result<()> {
+        self.call("put_alias", self.inner.put_alias(alias)).await
+    }
+
+    async fn delete_alias(&self, alias: &str) -> Result<()> {
+        self.call("delete_alias", self.inner.delete_alias(alias))
+            .await
+    }
+
     async fn prices(&self) -> Result<Vec<PriceEntry>> {
         self.call("prices", self.inner.prices()).await
     }

@@ -652,6 +652,19 @@ fn routes(w: &World) -> Vec<Route> {
             None,
             admin_only(200, 404),
         ),
+        route("GET", "/v1/admin/aliases", None, admin_only(200, 200)),
+        route(
+            "PUT",
+            "/v1/admin/aliases",
+            Some(json!({"alias": "matrix-fast", "models": [MODEL]})),
+            admin_only(200, 200),
+        ),
+        route(
+            "DELETE",
+            "/v1/admin/aliases/matrix-fast",
+            None,
+            admin_only(204, 404),
+        ),
         route("GET", "/v1/admin/reward", None, admin_only(200, 200)),
         route("GET", "/v1/admin/notifications", None, admin_only(200, 200)),
         route(
@@ -704,6 +717,9 @@ fn template(path: &str) -> String {
     let path = path.split('?').next().unwrap_or(path);
     if path.starts_with("/v1/admin/catalogue/") {
         return "/v1/admin/catalogue/{service}/{model}".into();
+    }
+    if path.starts_with("/v1/admin/aliases/") {
+        return "/v1/admin/aliases/{alias}".into();
     }
     path.split('/')
         .map(|seg| {

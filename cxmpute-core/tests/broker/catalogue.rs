@@ -476,6 +476,10 @@ async fn a_config_file_seeds_the_catalogue_prices_and_policy() {
         min_tier = 1
         target_nodes = 2
 
+        [[aliases]]
+        alias = "small"
+        models = ["qwen2.5:0.5b"]
+
         [[prices]]
         service = "chat"
         model = "qwen2.5:0.5b"
@@ -520,6 +524,10 @@ async fn a_config_file_seeds_the_catalogue_prices_and_policy() {
     let r = h
         .post("/v1/chat/completions", &user, &chat("qwen2.5:0.5b"))
         .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    // And so is the file's alias for it.
+    let r = h.post("/v1/chat/completions", &user, &chat("small")).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     let (_, pkey) = h.provider().await;

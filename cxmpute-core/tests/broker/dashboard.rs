@@ -259,11 +259,22 @@ async fn seeded(mailer: Option<Arc<dyn Mailer>>) -> Seeded {
     }
     h.clock.advance(Duration::from_secs(86_400));
     h.broker.record_network_snapshot();
-    for _ in 0..3 {
+    for _ in 0..2 {
         let r = call(false, "Planner").await.unwrap();
         assert_eq!(r.status(), 200);
         r.text().await.unwrap();
     }
+    // The last one asks first for a model no node serves: it falls back.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", h.url))
+        .bearer_auth(key.expose())
+        .header("X-Title", "Planner")
+        .json(&json!({"models": ["llama3.2:1b", MODEL], "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.text().await.unwrap();
     h.broker.flush_stats().await.unwrap();
     Seeded {
         h,
@@ -417,6 +428,33 @@ async fn dashboard_pages_load_and_draw_seeded_data() {
         .unwrap();
     assert_eq!(rows(&c, "catalogue").await, builtin);
     assert_eq!(s.h.broker.admin().catalogue().len(), builtin);
+    // Aliases: define one, see it listed, remove it.
+    assert_eq!(rows(&c, "aliases").await, 0);
+    type_into(&c, "#alias-name", "dash-fast").await;
+    type_into(&c, "#alias-models", "llama3.2:3b, llama3.2:1b").await;
+    click(&c, "#alias-save").await;
+    let added = "button.remove[data-alias='dash-fast']";
+    wait_for(&c, added).await;
+    ready(&c, "admin").await;
+    assert_eq!(rows(&c, "aliases").await, 1);
+    assert!(text(&c, "#aliases")
+        .await
+        .contains("llama3.2:3b → llama3.2:1b"));
+    let want = ModelAlias {
+        alias: "dash-fast".into(),
+        models: vec!["llama3.2:3b".into(), "llama3.2:1b".into()],
+    };
+    assert_eq!(s.h.broker.admin().aliases(), vec![want]);
+    shot(&c, "admin-aliases").await;
+    click(&c, added).await;
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath(
+            "//div[@id='status'][contains(., 'Removed alias dash-fast')]",
+        ))
+        .await
+        .unwrap();
+    assert!(s.h.broker.admin().aliases().is_empty());
 
     c.close().await.unwrap();
 }
@@ -463,6 +501,11 @@ async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     assert!(text(&c, "#me-who").await.starts_with(&s.user.email));
     assert_eq!(text(&c, "#tile-requests .value").await, "5");
     assert_eq!(rows(&c, "my-keys").await, 1, "the user's one key is listed");
+    // The latest requests name the model asked for where another served.
+    assert_eq!(rows(&c, "my-latest").await, 5);
+    let latest = text(&c, "#my-latest").await;
+    assert_eq!(latest.matches("(fell back)").count(), 1, "{latest}");
+    assert!(latest.contains("llama3.2:1b (fell back)"), "{latest}");
 
     // The user's key's limits, shown and changed in place (empty: none).
     let key_id = s.h.broker.store().api_keys(&s.user.id).await.unwrap()[0]

@@ -17,6 +17,7 @@ mod budget;
 mod catalogue;
 mod charged;
 mod dashboard;
+mod fallback;
 mod gateway;
 mod hostile;
 mod keys;
