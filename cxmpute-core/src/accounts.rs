@@ -210,6 +210,9 @@ impl Accounts {
             is_admin,
             suspended: None,
             created_at: self.now(),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         match self.store().create_user(&u).await {
             Ok(()) => Ok((u, true)),

@@ -68,6 +68,9 @@ impl Admin {
             is_admin,
             suspended: None,
             created_at: self.now(),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         self.store().create_user(&user).await?;
         let (key, secret) = self

@@ -328,6 +328,9 @@ mod tests {
             is_admin: false,
             suspended: None,
             created_at: clock.now(),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         store.inner.create_user(&user).await.unwrap();
         let secret = Secret::generate_api_key();

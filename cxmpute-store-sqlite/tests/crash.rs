@@ -140,6 +140,9 @@ fn acknowledged_settlements_survive_sigkill() {
             is_admin: false,
             suspended: None,
             created_at: Timestamp(T0),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         store.create_user(&user).await.unwrap();
         let secret = Secret::generate_api_key();
