@@ -879,6 +879,12 @@ impl TestHost {
         assert!(settlements >= n, "{n} settlements never arrived");
     }
 
+    /// Waits until the alert emails settled calls may send are decided (and
+    /// sent, or not): they go out in tasks of their own, after the answer.
+    pub async fn alerts_done(&self) {
+        self.broker.inner().budgets.alerts().idle().await;
+    }
+
     /// Checks that the money adds up once every call has settled: nothing is
     /// held; for each user made by [`TestHost::user`], what it started with
     /// plus its grants minus its balance is what its usage records charged;
