@@ -325,3 +325,103 @@ async fn the_budget_alert_is_mailed_once_per_period_through_a_real_smtp_server()
     assert_eq!(sink.new_mail(&user.email, &mut seen).len(), 1);
     h.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn an_accounts_monthly_budget_lasts_until_the_next_month() {
+    let (h, _outbox) = common::host().await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (user, key) = h.user(Credits::whole(10)).await;
+    let (hold, charge) = hold_and_charge();
+    let limit = charge + hold;
+    let r = admin_patch(
+        &h,
+        &user.id,
+        json!({"budget": {"limit": limit, "period": "month"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(calls(&h, &key, 10).await, 2);
+    let r = h.post("/v1/chat/completions", &key, &chat()).await;
+    let msg = expect_error(r, 429, "budget_exceeded").await;
+    assert!(
+        msg.contains("account's budget") && msg.contains("per month"),
+        "{msg}"
+    );
+    // The first of the next month, 00:00 UTC, starts it again.
+    let now = h.clock.now();
+    let (y, m, _) = now.day().ymd();
+    let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    let next = i64::from(Day::from_ymd(y, m, 1).unwrap().0) * DAY_MS;
+    h.clock.advance(ms(next - now.0 - 1));
+    let r = h.post("/v1/chat/completions", &key, &chat()).await;
+    expect_error(r, 429, "budget_exceeded").await;
+    h.clock.advance(ms(1));
+    assert_eq!(calls(&h, &key, 10).await, 2);
+    h.assert_ledger().await;
+}
+
+/// Fails the first alert it is asked to send, then records them.
+#[derive(Clone, Default)]
+struct FlakyMailer(Arc<parking_lot::Mutex<(bool, Vec<AlertMail>)>>);
+
+#[async_trait::async_trait]
+impl Mailer for FlakyMailer {
+    async fn send_login_code(&self, _email: &str, _code: &Secret) -> Result<()> {
+        Ok(())
+    }
+
+    async fn send_alert(&self, _email: &str, alert: &AlertMail) -> Result<()> {
+        let mut s = self.0.lock();
+        if !s.0 {
+            s.0 = true;
+            return Err(Error::Unavailable {
+                message: "the relay is down".into(),
+                source: None,
+            });
+        }
+        s.1.push(alert.clone());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_mailer_failure_gives_the_mark_back_and_a_later_call_sends_the_alert() {
+    let mailer = FlakyMailer::default();
+    let h = common::host_with(Arc::new(mailer.clone())).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (_, charge) = hold_and_charge();
+    let (user, key) = h.user(Credits::whole(1)).await;
+    let threshold = 1_000_000 - charge / 2;
+    let r = admin_patch(
+        &h,
+        &user.id,
+        json!({"alerts": {"balance_below": threshold}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    // Below at once: the send fails, the mark is given back.
+    assert_eq!(calls(&h, &key, 1).await, 1);
+    h.alerts_done().await;
+    let u = h.broker.store().user(&user.id).await.unwrap();
+    assert_eq!(u.alerted.balance, None, "the mark was given back");
+    assert!(mailer.0.lock().1.is_empty());
+    // The next call sends it, once.
+    assert_eq!(calls(&h, &key, 3).await, 3);
+    h.alerts_done().await;
+    let sent = mailer.0.lock().1.clone();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(matches!(
+        sent[0],
+        AlertMail::BalanceBelow { threshold: t, .. } if t == Credits(threshold)
+    ));
+    assert!(h
+        .broker
+        .store()
+        .user(&user.id)
+        .await
+        .unwrap()
+        .alerted
+        .balance
+        .is_some());
+    h.assert_ledger().await;
+}
