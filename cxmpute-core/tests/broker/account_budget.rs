@@ -425,3 +425,61 @@ async fn a_mailer_failure_gives_the_mark_back_and_a_later_call_sends_the_alert()
         .is_some());
     h.assert_ledger().await;
 }
+
+#[tokio::test]
+async fn what_an_account_budget_and_alerts_cost_in_store_calls() {
+    let store = Arc::new(cxmpute_core::testkit::InstrumentedStore::new());
+    let h = common::host_on(store.clone(), Arc::new(common::RecordingMailer::default())).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    let (user, key) = h.user(Credits::whole(1)).await;
+    let per_call = |n: usize| {
+        let calls = store.take_calls();
+        let of = |name: &str| calls.get(name).copied().unwrap_or(0) as f64 / n as f64;
+        (of("add_rate_usage"), of("user"), of("swap_alert_mark"))
+    };
+    let _ = calls(&h, &key, 1).await;
+    store.take_calls();
+    assert_eq!(calls(&h, &key, 10).await, 10);
+    assert_eq!(per_call(10), (0.0, 0.0, 0.0), "nothing set: no store call");
+
+    // A budget: a hold and a give-back per call.
+    let r = admin_patch(
+        &h,
+        &user.id,
+        json!({"budget": {"limit": 1_000_000, "period": "day"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = calls(&h, &key, 1).await;
+    store.take_calls();
+    assert_eq!(calls(&h, &key, 10).await, 10);
+    assert_eq!(per_call(10), (2.0, 0.0, 0.0));
+
+    // A balance alert above the threshold: one read of the account per
+    // charged call, off the call's path.
+    let r = admin_patch(
+        &h,
+        &user.id,
+        json!({"budget": null, "alerts": {"balance_below": 1}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = calls(&h, &key, 1).await;
+    h.alerts_done().await;
+    store.take_calls();
+    assert_eq!(calls(&h, &key, 10).await, 10);
+    h.alerts_done().await;
+    assert_eq!(per_call(10), (0.0, 1.0, 0.0));
+
+    // Below it and mailed: the host remembers, no store call at all.
+    let below = h.balance(&user.id).await.0 + 1;
+    let r = admin_patch(&h, &user.id, json!({"alerts": {"balance_below": below}})).await;
+    assert_eq!(r.status(), 200);
+    let _ = calls(&h, &key, 1).await;
+    h.alerts_done().await;
+    assert_eq!(store.take_calls().get("swap_alert_mark"), Some(&1));
+    assert_eq!(calls(&h, &key, 10).await, 10);
+    h.alerts_done().await;
+    assert_eq!(per_call(10), (0.0, 0.0, 0.0));
+    h.assert_ledger().await;
+}
