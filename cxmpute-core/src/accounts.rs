@@ -344,7 +344,11 @@ impl Accounts {
         update: &UserSettingsUpdate,
     ) -> Result<User> {
         let user = self.store().update_user_settings(id, update).await?;
-        self.broker.inner().keys.forget_user(id);
+        // Each key by its hash rather than `forget_user`'s scan of the
+        // table: owners may change their settings as often as they like.
+        for k in self.store().api_keys(id).await? {
+            self.broker.inner().keys.forget(&k.hash);
+        }
         Ok(user)
     }
 

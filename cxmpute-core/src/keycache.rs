@@ -15,8 +15,9 @@
 //! the store; an idle one simply expires, and the next call reads it.
 //!
 //! The host that makes a change applies it at once: every path that changes
-//! a key or an account's suspension ([`crate::Accounts`], the broker's key
-//! creation) calls [`KeyCache::forget`] or [`KeyCache::forget_user`]. A read
+//! a key or an account's suspension, budget or alerts ([`crate::Accounts`],
+//! the broker's key creation) calls [`KeyCache::forget`] or
+//! [`KeyCache::forget_user`]. A read
 //! that was under way while something was forgotten is not kept (the
 //! `generation` below), so it cannot put back what was just forgotten.
 //! A change made through the store directly (another program, or an
