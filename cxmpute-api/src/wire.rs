@@ -1023,9 +1023,36 @@ pub struct UpdateAccountRequest {
     )]
     pub budget: Option<Option<Budget>>,
     /// The alerts, replacing the ones set: `{"balance_below":
-    /// <micro-credits>|null, "budget_percent": 1..100|null}`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// <micro-credits>|null, "budget_percent": 1..100|null}` (an absent
+    /// field is `null`); `null` removes them all. Unknown fields are refused.
+    #[serde(
+        default,
+        deserialize_with = "strict_alerts",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub alerts: Option<Alerts>,
+}
+
+/// Alerts as a request sends them: a misspelt field is refused rather than
+/// read as `null` (which would silently remove that alert). The stored form
+/// stays lenient, so a field added later does not break older readers.
+fn strict_alerts<'de, D>(d: D) -> Result<Option<Alerts>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Strict {
+        #[serde(default)]
+        balance_below: Option<Credits>,
+        #[serde(default)]
+        budget_percent: Option<u8>,
+    }
+    let alerts = Option::<Strict>::deserialize(d)?.map(|s| Alerts {
+        balance_below: s.balance_below,
+        budget_percent: s.budget_percent,
+    });
+    Ok(Some(alerts.unwrap_or_default()))
 }
 
 /// `POST /v1/me/keys`: create an API key.

@@ -182,6 +182,7 @@ async fn account_settings_are_checked_and_refused_with_openai_errors() {
         json!({"budget": {"limit": 5, "period": "week"}}),
         json!({"alerts": {"budget_percent": 300}}),
         json!({"alerts": 5}),
+        json!({"alerts": {"balance_bellow": 5}}),
         json!({"budgets": null}),
     ] {
         let r = patch(bad.clone()).send().await;
@@ -201,6 +202,9 @@ async fn account_settings_are_checked_and_refused_with_openai_errors() {
         (me.alerts.balance_below, me.budget.map(|b| b.limit)),
         (Some(Credits(5)), Some(Credits(9)))
     );
+    // `null` removes every alert; the budget stays.
+    let me: MeResponse = patch(json!({"alerts": null})).ok().await;
+    assert_eq!((me.alerts, me.budget.is_some()), (Alerts::default(), true));
     // Only admins change another's account; an unknown one is 404.
     let r = admin_patch(&h, &UserId::new("usr_nobody"), json!({"budget": null})).await;
     expect_error(r, 404, "not_found").await;
