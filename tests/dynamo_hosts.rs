@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cxmpute::dynamo::{DynamoConfig, DynamoStore, RequestGate, StaticCredentials};
-use cxmpute_core::testkit::{InstrumentedStore, StandInNode, TestHost, MODEL};
+use cxmpute_core::testkit::{InstrumentedStore, RecordingMailer, StandInNode, TestHost, MODEL};
 use cxmpute_core::wire::ErrorBody;
 use cxmpute_core::*;
 use serde_json::{json, Value};
@@ -885,4 +885,105 @@ async fn an_alias_added_through_one_host_is_served_on_another_after_its_refresh(
     let (status, _) = chat_model(&c, &b.url, &key, "fast").await;
     assert_eq!(status, 404);
     b.assert_ledger().await;
+}
+
+/// An account's budget across hosts and keys: set through one host, it
+/// applies on the other within `key_cache_ttl`; every call of either key
+/// adds its hold to the account's one counter, so both hosts calling at once
+/// spend exactly the budget. Both hosts settle calls below the account's
+/// balance threshold at once, and one email goes out: the mark in the store
+/// is taken by one host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hosts_together_spend_an_accounts_budget_and_mail_each_alert_once() {
+    let Some(ep) = endpoint() else { return };
+    let prefix = format!("u{}_", secret::random_token(10).to_lowercase());
+    let mails = RecordingMailer::default();
+    let m = mails.clone();
+    let a =
+        TestHost::start_with(store(config(&ep, &prefix)).await, |b| b.mailer(Arc::new(m))).await;
+    a.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+    let m = mails.clone();
+    let b =
+        TestHost::start_with(store(config(&ep, &prefix)).await, |b| b.mailer(Arc::new(m))).await;
+    b.clock.set(a.clock.now());
+    let (node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
+    b.broker.refresh_pools().await.unwrap();
+    let (u, key_a) = a.user(Credits(100_000)).await;
+    let (_, key_b) = (a.broker.admin())
+        .create_api_key(&u.id, "second", None, Vec::new())
+        .await
+        .unwrap();
+    let c = reqwest::Client::new();
+    // Host A knows the account without a budget before B sets one.
+    assert_eq!(chat(&c, &a.url, &key_a).await, 200);
+    const FIT: i64 = 12;
+    let r = c
+        .patch(format!("{}/v1/admin/users/{}", b.url, u.id))
+        .bearer_auth(b.admin_key.expose())
+        .json(&json!({"budget": {"limit": 1_000 * FIT, "period": "day"},
+            "alerts": {"balance_below": 100_000 - 4_500}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Within the bound, A applies it too.
+    a.clock.advance(a.broker.config().key_cache_ttl);
+    b.clock.set(a.clock.now());
+    assert_eq!(chat(&c, &b.url, &key_b).await, 200);
+
+    // 30 calls at once, half through each host, alternating keys.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let url = if i % 2 == 0 { &a.url } else { &b.url }.clone();
+        let key = if i % 4 < 2 { &key_a } else { &key_b }.clone();
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key.expose())
+                .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            if status != 200 {
+                let e: ErrorBody = r.json().await.unwrap();
+                assert_eq!(status, 429, "{}", e.error.message);
+                assert_eq!(e.error.code.as_deref(), Some("budget_exceeded"));
+                assert!(e.error.message.contains("account's budget"));
+            } else {
+                r.bytes().await.unwrap();
+            }
+            status
+        }));
+    }
+    let mut admitted = 2;
+    for t in tasks {
+        match t.await.unwrap() {
+            200 => admitted += 1,
+            429 => {}
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    eprintln!("admitted {admitted} of a budget of {FIT} calls after the first");
+    // The first call came before the budget: it counts for the day too
+    // only if it was made after it was set, which it was not.
+    assert_eq!(admitted, FIT + 1);
+    assert_eq!(node.hits() as i64, admitted);
+    a.alerts_done().await;
+    b.alerts_done().await;
+    let sent = mails.alerts(&u.email);
+    assert_eq!(sent.len(), 1, "one email for one crossing: {sent:?}");
+    let marked = a.broker.store().user(&u.id).await.unwrap().alerted;
+    assert!(marked.balance.is_some());
+    for h in [&a, &b] {
+        h.clock.advance(h.broker.config().lease_idle);
+        h.broker.run_maintenance().await.unwrap();
+    }
+    b.assert_ledger().await;
+    a.assert_ledger().await;
 }

@@ -394,3 +394,77 @@ async fn a_budgets_spending_survives_a_restart() {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+/// An account's budget, its alerts, the alert marks taken and what the
+/// account spent this day are in the file: after a restart the day's
+/// spending still counts over all its keys, the budget alert is not mailed
+/// again that day, and the next day starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_budget_and_alert_marks_survive_a_restart() {
+    let path = temp_db();
+    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
+    common::price_per_call(&h).await;
+    let (user, key) = h.user(Credits::whole(1)).await;
+    let (_, key2) = (h.broker.admin())
+        .create_api_key(&user.id, "second", None, Vec::new())
+        .await
+        .unwrap();
+    // Three calls of 1,000 a day, over both keys; mailed at half of it.
+    let r = call(&h, "PATCH", format!("/v1/admin/users/{}", user.id))
+        .bearer(h.admin_key.expose())
+        .json(json!({"budget": {"limit": 3_000, "period": "day"},
+            "alerts": {"budget_percent": 50}}))
+        .send()
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(chat(&h, &key).await, 200);
+    assert_eq!(chat(&h, &key2).await, 200);
+    h.alerts_done().await;
+    let now = h.clock.now();
+    let marked = h.broker.store().user(&user.id).await.unwrap().alerted;
+    let day = Timestamp(now.0 - now.0.rem_euclid(86_400_000));
+    assert_eq!(marked.budget, Some(day), "the budget alert was taken");
+    h.assert_ledger().await;
+    drop(h);
+    store.close().await;
+    drop(store);
+
+    // Second life, the same day: one call left of the budget.
+    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let h = TestHost::start(store.clone()).await;
+    h.clock.set(now);
+    h.track_user(&user.id, Credits::whole(1));
+    let u = h.broker.store().user(&user.id).await.unwrap();
+    assert_eq!(u.alerts.budget_percent, Some(50));
+    assert_eq!(u.alerted, marked);
+    assert_eq!(chat(&h, &key2).await, 200);
+    h.alerts_done().await;
+    let r = h.post("/v1/chat/completions", &key, &common::chat()).await;
+    let msg = expect_error(r, 429, "budget_exceeded").await;
+    assert!(msg.contains("account's budget of 3000"), "{msg}");
+    assert_eq!(
+        h.broker.store().user(&user.id).await.unwrap().alerted,
+        marked
+    );
+    // The next day, three more; the alert is taken for the new day.
+    h.clock.advance(std::time::Duration::from_secs(86_400));
+    for k in [&key, &key2, &key] {
+        assert_eq!(chat(&h, k).await, 200);
+    }
+    assert_eq!(chat(&h, &key2).await, 429);
+    h.alerts_done().await;
+    let u = h.broker.store().user(&user.id).await.unwrap();
+    assert_eq!(u.alerted.budget, Some(Timestamp(day.0 + 86_400_000)));
+    h.assert_ledger().await;
+    assert_eq!(
+        h.balance(&user.id).await,
+        Credits::whole(1).saturating_sub(Credits(6_000))
+    );
+    drop(h);
+    store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}

@@ -455,6 +455,83 @@ pub struct User {
     pub suspended: Option<Suspension>,
     /// When it was created.
     pub created_at: Timestamp,
+    /// How much the account may spend per day or month, over all its keys
+    /// (absent: no budget).
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// When the account wants an email.
+    #[serde(default)]
+    pub alerts: Alerts,
+    /// Which alert emails were sent (the marks hosts take before sending).
+    #[serde(default)]
+    pub alerted: AlertMarks,
+}
+
+/// When an account wants an email: its balance fell below a threshold, or
+/// its budget's spending in the current period reached a share of the limit.
+/// `None` is no email.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Alerts {
+    /// An email when the balance falls below this many micro-credits.
+    #[serde(default)]
+    pub balance_below: Option<Credits>,
+    /// An email when the account budget's spending this period reaches this
+    /// percentage of its limit (1 to 100).
+    #[serde(default)]
+    pub budget_percent: Option<u8>,
+}
+
+/// The alert emails sent, one mark per kind, each taken with an atomic
+/// conditional write ([`AlertKind`]) so that one host sends each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AlertMarks {
+    /// When the balance alert of the current crossing was sent; cleared when
+    /// a grant brings the balance back to the threshold or above.
+    #[serde(default)]
+    pub balance: Option<Timestamp>,
+    /// The start of the last budget period whose alert was sent.
+    #[serde(default)]
+    pub budget: Option<Timestamp>,
+}
+
+impl AlertMarks {
+    /// The mark of one kind.
+    pub fn get(&self, kind: AlertKind) -> Option<Timestamp> {
+        match kind {
+            AlertKind::Balance => self.balance,
+            AlertKind::Budget => self.budget,
+        }
+    }
+
+    /// Sets the mark of one kind.
+    pub fn set(&mut self, kind: AlertKind, to: Option<Timestamp>) {
+        match kind {
+            AlertKind::Balance => self.balance = to,
+            AlertKind::Budget => self.budget = to,
+        }
+    }
+}
+
+/// The kinds of alert email.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// The balance fell below `balance_below`.
+    Balance,
+    /// The budget's spending reached `budget_percent`.
+    Budget,
+}
+
+/// A change to an account's budget or alerts. `None` leaves a field as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserSettingsUpdate {
+    /// A new budget: `Some(None)` removes it.
+    #[serde(default)]
+    pub budget: Option<Option<Budget>>,
+    /// New alerts (replacing the old ones).
+    #[serde(default)]
+    pub alerts: Option<Alerts>,
 }
 
 /// An API key. The secret itself is never stored, only its [`KeyHash`].

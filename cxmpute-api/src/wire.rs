@@ -1015,6 +1015,64 @@ pub struct MeResponse {
     pub provider_id: Option<ProviderId>,
     /// Active (not revoked) API keys, oldest first.
     pub keys: Vec<ApiKeyView>,
+    /// What the account may spend per UTC day or month over all its keys
+    /// (`None`: no budget).
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// What the budget counts in the current period: spent, or held by calls
+    /// under way (`None` without a budget).
+    #[serde(default)]
+    pub budget_spent: Option<Credits>,
+    /// When the account is mailed.
+    #[serde(default)]
+    pub alerts: Alerts,
+}
+
+/// `PATCH /v1/me` and `PATCH /v1/admin/users/{id}`: an account's budget or
+/// alerts. Absent fields stay.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAccountRequest {
+    /// A spending limit per UTC day or month over all the account's keys,
+    /// `{"limit": <micro-credits>, "period": "day"|"month"}`; `null` removes it.
+    #[serde(
+        default,
+        deserialize_with = "present_nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub budget: Option<Option<Budget>>,
+    /// The alerts, replacing the ones set: `{"balance_below":
+    /// <micro-credits>|null, "budget_percent": 1..100|null}` (an absent
+    /// field is `null`); `null` removes them all. Unknown fields are refused.
+    #[serde(
+        default,
+        deserialize_with = "strict_alerts",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub alerts: Option<Alerts>,
+}
+
+/// Alerts as a request sends them: a misspelt field is refused rather than
+/// read as `null` (which would silently remove that alert). The stored form
+/// stays lenient, so a field added later does not break older readers.
+fn strict_alerts<'de, D>(d: D) -> Result<Option<Alerts>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Strict {
+        #[serde(default)]
+        balance_below: Option<Credits>,
+        #[serde(default)]
+        budget_percent: Option<u8>,
+    }
+    let alerts = Option::<Strict>::deserialize(d)?.map(|s| Alerts {
+        balance_below: s.balance_below,
+        budget_percent: s.budget_percent,
+    });
+    Ok(Some(alerts.unwrap_or_default()))
 }
 
 /// `POST /v1/me/keys`: create an API key.
@@ -1268,6 +1326,12 @@ pub struct AdminUserView {
     pub created_at: Timestamp,
     /// Its provider account, if any.
     pub provider_id: Option<ProviderId>,
+    /// Its budget per UTC day or month (`None`: no budget).
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    /// When it is mailed.
+    #[serde(default)]
+    pub alerts: Alerts,
 }
 
 /// `GET /v1/admin/users/{id}`: a user with its keys and credit grants.

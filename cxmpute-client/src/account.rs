@@ -8,8 +8,8 @@ use cxmpute_api::secret::Secret;
 use cxmpute_api::types::{ApiKeyId, Notification, Placement};
 use cxmpute_api::wire::{
     ApiKeyView, CreateKeyRequest, CreateKeyResponse, MeResponse, RefreshRequest,
-    RequestCodeRequest, RequestCodeResponse, SessionResponse, UpdateKeyRequest, UsageResponse,
-    VerifyCodeRequest,
+    RequestCodeRequest, RequestCodeResponse, SessionResponse, UpdateAccountRequest,
+    UpdateKeyRequest, UsageResponse, VerifyCodeRequest,
 };
 use http::Method;
 
@@ -137,6 +137,34 @@ impl AccountApi<'_> {
     pub async fn me(&self) -> Result<MeResponse> {
         self.client
             .req(Method::GET, &["v1", "me"])
+            .send_json()
+            .await
+    }
+
+    /// `PATCH /v1/me`: changes the account's budget per UTC day or month
+    /// over all its keys (`budget`; `Some(None)` removes it) or its alert
+    /// emails (`alerts`, replacing the ones set); absent fields stay.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::{Alerts, Budget, BudgetPeriod, Credits};
+    /// use cxmpute_client::wire::UpdateAccountRequest;
+    ///
+    /// # async fn run(session: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let change = UpdateAccountRequest {
+    ///     budget: Some(Some(Budget { limit: Credits::whole(50), period: BudgetPeriod::Month })),
+    ///     alerts: Some(Alerts { balance_below: Some(Credits::whole(5)), budget_percent: Some(80) }),
+    /// };
+    /// let me = session.account().update_account(&change).await?;
+    /// println!("spent {:?} of {:?}", me.budget_spent, me.budget);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn update_account(&self, req: &UpdateAccountRequest) -> Result<MeResponse> {
+        self.client
+            .req(Method::PATCH, &["v1", "me"])
+            .json(req)?
+            // It sets values: applying it twice leaves what applying it once does.
+            .idempotent(true)
             .send_json()
             .await
     }

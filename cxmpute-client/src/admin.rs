@@ -10,7 +10,7 @@ use cxmpute_api::wire::{
     AdminProviderView, AdminProvisionView, AdminUserDetail, AdminUserView, ApiKeyView,
     BalanceResponse, CatalogueChange, CreateProviderRequest, CreateProviderResponse,
     CreateUserRequest, CreateUserResponse, GrantCreditsRequest, NotificationRequest,
-    RewardPolicyView, SuspendRequest, UpdateKeyRequest,
+    RewardPolicyView, SuspendRequest, UpdateAccountRequest, UpdateKeyRequest,
 };
 use http::Method;
 
@@ -330,6 +330,36 @@ impl AdminApi<'_> {
     pub async fn user(&self, id: &UserId) -> Result<AdminUserDetail> {
         self.client
             .req(Method::GET, &["v1", "admin", "users", id.as_str()])
+            .send_json()
+            .await
+    }
+
+    /// `PATCH /v1/admin/users/{id}`: changes a user's budget per UTC day or
+    /// month (`budget`; `Some(None)` removes it) or alerts; absent fields stay.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::{Budget, BudgetPeriod, Credits, UserId};
+    /// use cxmpute_client::wire::UpdateAccountRequest;
+    ///
+    /// # async fn run(admin: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let change = UpdateAccountRequest {
+    ///     budget: Some(Some(Budget { limit: Credits::whole(10), period: BudgetPeriod::Day })),
+    ///     ..Default::default()
+    /// };
+    /// let user = admin.admin().update_user(&UserId::new("usr_..."), &change).await?;
+    /// println!("{:?}", user.budget);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn update_user(
+        &self,
+        id: &UserId,
+        req: &UpdateAccountRequest,
+    ) -> Result<AdminUserView> {
+        self.client
+            .req(Method::PATCH, &["v1", "admin", "users", id.as_str()])
+            .json(req)?
+            .idempotent(true)
             .send_json()
             .await
     }

@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::{World, MODEL};
-use cxmpute_client::types::{Budget, BudgetPeriod, Credits, Placement, Route, Timestamp};
+use cxmpute_client::types::{Alerts, Budget, BudgetPeriod, Credits, Placement, Route, Timestamp};
 use cxmpute_client::wire::{
     ChatCompletionRequest, ChatMessage, CreateKeyRequest, GrantCreditsRequest, NotificationRequest,
-    UpdateKeyRequest,
+    UpdateAccountRequest, UpdateKeyRequest,
 };
 use cxmpute_client::{Client, Error};
 
@@ -344,4 +344,51 @@ async fn a_refused_renewal_returns_the_refusal() {
         .advance(Duration::from_secs(tokens.expires_in + 60));
     let e = session.account().me().await.unwrap_err();
     assert!(matches!(&e, Error::Api(a) if a.status == 401), "{e:?}");
+}
+
+#[tokio::test]
+async fn the_account_budget_and_alerts_are_set_by_the_owner_and_an_admin() {
+    let w = World::start().await;
+    let session = w.sign_in("erin@example.com").await;
+    let budget = Budget {
+        limit: Credits::whole(2),
+        period: BudgetPeriod::Month,
+    };
+    let alerts = Alerts {
+        balance_below: Some(Credits::whole(1)),
+        budget_percent: Some(75),
+    };
+    let change = UpdateAccountRequest {
+        budget: Some(Some(budget)),
+        alerts: Some(alerts),
+    };
+    let me = session.account().update_account(&change).await.unwrap();
+    assert_eq!((me.budget, me.alerts), (Some(budget), alerts));
+    assert_eq!(me.budget_spent, Some(Credits::ZERO));
+    // Bad settings: the host's error, nothing changed.
+    let bad = UpdateAccountRequest {
+        alerts: Some(Alerts {
+            budget_percent: Some(0),
+            ..alerts
+        }),
+        ..Default::default()
+    };
+    let err = session.account().update_account(&bad).await.unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    // An admin removes the budget; the alerts stay.
+    let removed = w
+        .admin()
+        .admin()
+        .update_user(
+            &me.user_id,
+            &UpdateAccountRequest {
+                budget: Some(None),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((removed.budget, removed.alerts), (None, alerts));
+    let me = session.account().me().await.unwrap();
+    assert_eq!((me.budget, me.budget_spent), (None, None));
 }

@@ -210,6 +210,9 @@ impl Accounts {
             is_admin,
             suspended: None,
             created_at: self.now(),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         match self.store().create_user(&u).await {
             Ok(()) => Ok((u, true)),
@@ -280,7 +283,73 @@ impl Accounts {
             created_at: user.created_at,
             provider_id,
             keys: keys.iter().map(ApiKeyView::from).collect(),
+            budget: user.budget,
+            budget_spent: match user.budget {
+                Some(b) => Some(
+                    self.broker
+                        .inner()
+                        .budgets
+                        .account_spent(&user.id, b)
+                        .await?,
+                ),
+                None => None,
+            },
+            alerts: user.alerts,
         })
+    }
+
+    /// Changes the user's budget or alerts (`PATCH /v1/me`) and returns the
+    /// account as [`Accounts::me`] shows it.
+    pub async fn update_account(
+        &self,
+        user: &User,
+        req: UpdateAccountRequest,
+    ) -> Result<MeResponse> {
+        forbidden_if_suspended(&user.suspended, "this account")?;
+        let update = Self::account_update(req)?;
+        let user = self.apply_account_update(&user.id, &update).await?;
+        self.me(&user).await
+    }
+
+    /// An account change as asked, checked by the rules every account is
+    /// held to: the owner's and an admin's alike.
+    pub(crate) fn account_update(req: UpdateAccountRequest) -> Result<UserSettingsUpdate> {
+        if let Some(Some(b)) = req.budget {
+            crate::budget::check_budget(&b)?;
+        }
+        if let Some(a) = req.alerts {
+            if a.balance_below.is_some_and(|c| c.0 < 0) {
+                return Err(Error::InvalidInput(
+                    "`alerts.balance_below` must not be negative".into(),
+                ));
+            }
+            if a.budget_percent.is_some_and(|p| !(1..=100).contains(&p)) {
+                return Err(Error::InvalidInput(
+                    "`alerts.budget_percent` must be 1 to 100 (null: no budget alert)".into(),
+                ));
+            }
+        }
+        Ok(UserSettingsUpdate {
+            budget: req.budget,
+            alerts: req.alerts,
+        })
+    }
+
+    /// Stores a checked account change and applies it on this host at once
+    /// (the memory of the account's keys); other hosts see it within
+    /// [`BrokerConfig::key_cache_ttl`](crate::BrokerConfig::key_cache_ttl).
+    pub(crate) async fn apply_account_update(
+        &self,
+        id: &UserId,
+        update: &UserSettingsUpdate,
+    ) -> Result<User> {
+        let user = self.store().update_user_settings(id, update).await?;
+        // Each key by its hash rather than `forget_user`'s scan of the
+        // table: owners may change their settings as often as they like.
+        for k in self.store().api_keys(id).await? {
+            self.broker.inner().keys.forget(&k.hash);
+        }
+        Ok(user)
     }
 
     /// The user's keys that are not revoked.

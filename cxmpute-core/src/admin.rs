@@ -68,6 +68,9 @@ impl Admin {
             is_admin,
             suspended: None,
             created_at: self.now(),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         self.store().create_user(&user).await?;
         let (key, secret) = self
@@ -172,7 +175,13 @@ impl Admin {
             reason: reason.to_owned(),
             at: self.now(),
         };
-        self.broker.inner().admission.grant(&grant).await
+        let balance = self.broker.inner().admission.grant(&grant).await?;
+        // A balance back at its alert threshold re-arms the alert at once.
+        let alerts = self.broker.inner().budgets.alerts();
+        if let Err(e) = alerts.granted(user, balance).await {
+            tracing::warn!(error = %e, user = %user, "re-arming a balance alert failed");
+        }
+        Ok(balance)
     }
 
     /// Creates a provider account; returns it and its key (shown once).
@@ -224,7 +233,23 @@ impl Admin {
             suspended: u.suspended.clone(),
             created_at: u.created_at,
             provider_id,
+            budget: u.budget,
+            alerts: u.alerts,
         }
+    }
+
+    /// Changes any account's budget or alerts.
+    pub async fn update_user(
+        &self,
+        id: &UserId,
+        req: UpdateAccountRequest,
+    ) -> Result<AdminUserView> {
+        let update = crate::accounts::Accounts::account_update(req)?;
+        let accounts = self.broker.accounts();
+        let user = accounts.apply_account_update(id, &update).await?;
+        tracing::info!(user = %id, "account budget or alerts changed by an admin");
+        let provider_id = accounts.provider_id_of(id).await?;
+        Ok(self.admin_user_view(&user, provider_id))
     }
 
     /// Accounts whose email contains `query` (all when empty), at most `limit` (1 to 200).

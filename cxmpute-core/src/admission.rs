@@ -679,6 +679,9 @@ mod tests {
             is_admin: false,
             suspended: None,
             created_at: Timestamp(0),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         store.inner.create_user(&user).await.unwrap();
         let secret = crate::secret::Secret::generate_api_key();

@@ -419,7 +419,16 @@ impl BrokerBuilder {
                 self.clock.clone(),
                 self.config.account_rate_limits,
             ),
-            budgets: crate::budget::Budgets::new(self.store.clone(), self.clock.clone()),
+            budgets: crate::budget::Budgets::new(
+                self.store.clone(),
+                self.clock.clone(),
+                crate::alerts::Alerter::new(
+                    self.store.clone(),
+                    self.clock.clone(),
+                    self.mailer.clone(),
+                    ttl,
+                ),
+            ),
             auth,
             // Stored prices are applied over these by the refresh below.
             prices: PriceTable::new(self.default_prices, Vec::new()),

@@ -27,8 +27,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::alerts::Alerter;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
+use crate::keycache::{AccountLimits, KnownKey};
 use crate::store::Store;
 use crate::types::*;
 
@@ -73,17 +75,20 @@ pub(crate) fn period_bounds(period: BudgetPeriod, now: Timestamp) -> (Timestamp,
     )
 }
 
-/// The store's name for a key's counters of one period kind (a key whose
-/// budget changes from days to months starts a fresh count).
-fn scope(key: &ApiKeyId, period: BudgetPeriod) -> String {
-    format!("budget:key:{key}:{}", period.as_str())
+/// The store's name for the counters of one period kind of a key
+/// (`whose` = `key`) or an account (`user`); a budget that changes from
+/// days to months starts a fresh count.
+fn scope(whose: &str, id: &str, period: BudgetPeriod) -> String {
+    format!("budget:{whose}:{id}:{}", period.as_str())
 }
 
-/// The budgets of one host: the store and the clock they count by.
+/// The budgets of one host: the store and the clock they count by, and the
+/// alerts a settlement may send.
 #[derive(Clone)]
 pub(crate) struct Budgets {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    alerts: Alerter,
 }
 
 impl std::fmt::Debug for Budgets {
@@ -93,19 +98,63 @@ impl std::fmt::Debug for Budgets {
 }
 
 impl Budgets {
-    pub(crate) fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
-        Budgets { store, clock }
+    pub(crate) fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, alerts: Alerter) -> Self {
+        Budgets {
+            store,
+            clock,
+            alerts,
+        }
     }
 
-    /// Holds `amount` against `key`'s budget for the current period, or
-    /// refuses the call (`BudgetExceeded`, nothing left held). A key
-    /// without a budget costs nothing.
-    pub(crate) async fn admit(&self, key: &ApiKey, amount: Credits) -> Result<BudgetTicket> {
-        let Some(budget) = key.budget else {
-            return Ok(BudgetTicket::default());
+    /// The alerts.
+    pub(crate) fn alerts(&self) -> &Alerter {
+        &self.alerts
+    }
+
+    /// Holds `amount` against the budgets of the key and of its account
+    /// for their current periods, or refuses the call (`BudgetExceeded`
+    /// naming the budget, nothing left held of either). A key and account
+    /// without budgets cost nothing.
+    pub(crate) async fn admit(&self, known: &KnownKey, amount: Credits) -> Result<BudgetTicket> {
+        let key = &known.key;
+        let account = known.account;
+        let alert =
+            account.alerts.balance_below.is_some() || account.alerts.budget_percent.is_some();
+        let mut ticket = BudgetTicket {
+            alert: alert.then(|| AlertCheck {
+                alerts: self.alerts.clone(),
+                user: key.user_id.clone(),
+                account,
+            }),
+            ..BudgetTicket::default()
         };
+        if let Some(b) = key.budget {
+            let scope = scope("key", key.id.as_str(), b.period);
+            ticket.key = Some(self.hold(scope, b, amount, "this API key's").await?);
+        }
+        if let Some(b) = account.budget {
+            let scope = scope("user", key.user_id.as_str(), b.period);
+            match self.hold(scope, b, amount, "this account's").await {
+                Ok(held) => ticket.account = Some(held),
+                Err(e) => {
+                    // The key's budget gives back what it counted.
+                    ticket.cancel().await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ticket)
+    }
+
+    /// Holds `amount` against one budget, or refuses (nothing left held).
+    async fn hold(
+        &self,
+        scope: String,
+        budget: Budget,
+        amount: Credits,
+        whose: &str,
+    ) -> Result<Held> {
         let held = u64::try_from(amount.0).unwrap_or(0);
-        let scope = scope(&key.id, budget.period);
         let (start, next) = period_bounds(budget.period, self.clock.now());
         let add = RateUsage {
             requests: held,
@@ -132,7 +181,7 @@ impl Budgets {
             }
             let spent = counted.saturating_sub(held);
             return Err(Error::BudgetExceeded(format!(
-                "this API key's budget of {} micro-credits per {} is used up: {} spent or held, \
+                "{whose} budget of {} micro-credits per {} is used up: {} spent or held, \
                  this call needs {}; it starts again at {} 00:00 UTC",
                 limit,
                 budget.period.as_str(),
@@ -141,23 +190,46 @@ impl Budgets {
                 next.day(),
             )));
         }
-        Ok(BudgetTicket {
-            held: Some(Held {
-                store: self.store.clone(),
-                scope,
-                start,
-                amount: held,
-                done: AtomicBool::new(false),
-            }),
+        Ok(Held {
+            store: self.store.clone(),
+            scope,
+            start,
+            amount: held,
+            counted,
+            done: AtomicBool::new(false),
         })
+    }
+
+    /// What the account's budget counts this period (spent, or held by
+    /// calls under way): zero in a period nothing was counted in yet.
+    pub(crate) async fn account_spent(&self, user: &UserId, budget: Budget) -> Result<Credits> {
+        let scope = scope("user", user.as_str(), budget.period);
+        let (start, _) = period_bounds(budget.period, self.clock.now());
+        let total = self
+            .store
+            .add_rate_usage(&scope, start, RateUsage::default())
+            .await?
+            .unwrap_or_default();
+        let counted = total.requests.saturating_sub(total.tokens);
+        Ok(Credits(i64::try_from(counted).unwrap_or(i64::MAX)))
     }
 }
 
-/// What a call holds of its key's budget, until its settlement says what
-/// was charged.
+/// What a call holds of its key's and its account's budgets, until its
+/// settlement says what was charged; and the alerts it may then send.
 #[derive(Debug, Default)]
 pub(crate) struct BudgetTicket {
-    held: Option<Held>,
+    key: Option<Held>,
+    account: Option<Held>,
+    alert: Option<AlertCheck>,
+}
+
+/// What a settlement needs to decide whether an alert may be due.
+#[derive(Debug)]
+struct AlertCheck {
+    alerts: Alerter,
+    user: UserId,
+    account: AccountLimits,
 }
 
 struct Held {
@@ -165,6 +237,8 @@ struct Held {
     scope: String,
     start: Timestamp,
     amount: u64,
+    /// What the budget counted once this hold was added.
+    counted: u64,
     done: AtomicBool,
 }
 
@@ -178,27 +252,42 @@ impl std::fmt::Debug for Held {
 }
 
 impl BudgetTicket {
-    /// The call was settled and charged `charged`: the rest of its hold goes
-    /// back to the period it was held in (a period already over is left).
+    /// The call was settled and charged `charged`: the rest of its holds
+    /// goes back to the period they were held in (a period already over is
+    /// left); then an alert that may be due is looked at, off this path.
     pub(crate) async fn settled(&self, charged: Credits) {
-        let charged = u64::try_from(charged.0).unwrap_or(0);
-        self.give_back(|amount| amount.saturating_sub(charged))
-            .await;
-    }
-
-    /// The call was not admitted after all: all of its hold goes back.
-    pub(crate) async fn cancel(&self) {
-        self.give_back(|amount| amount).await;
-    }
-
-    async fn give_back(&self, back: impl FnOnce(u64) -> u64) {
-        let Some(h) = &self.held else { return };
-        if h.done.swap(true, Ordering::AcqRel) {
-            return;
+        let c = u64::try_from(charged.0).unwrap_or(0);
+        if let Some(h) = &self.key {
+            h.give_back(|amount| amount.saturating_sub(c)).await;
         }
-        let tokens = back(h.amount);
+        let mut counted = None;
+        if let Some(h) = &self.account {
+            counted = h.give_back(|amount| amount.saturating_sub(c)).await;
+        }
+        if let Some(a) = &self.alert {
+            a.alerts.settled(&a.user, &a.account, charged, counted);
+        }
+    }
+
+    /// The call was not admitted after all: all of its holds go back.
+    pub(crate) async fn cancel(&self) {
+        for h in [&self.key, &self.account].into_iter().flatten() {
+            h.give_back(|amount| amount).await;
+        }
+    }
+}
+
+impl Held {
+    /// Gives `back(amount)` back; what the budget counts after it (after
+    /// the admission's add when nothing went back), or `None` when this
+    /// hold was given back before or the store did not answer.
+    async fn give_back(&self, back: impl FnOnce(u64) -> u64) -> Option<u64> {
+        if self.done.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let tokens = back(self.amount);
         if tokens == 0 {
-            return;
+            return Some(self.counted);
         }
         let add = RateUsage {
             requests: 0,
@@ -206,8 +295,16 @@ impl BudgetTicket {
         };
         // A lost give-back leaves the period counting more than was spent:
         // later calls are refused sooner, never admitted past the budget.
-        if let Err(e) = h.store.add_rate_usage(&h.scope, h.start, add).await {
-            tracing::warn!(error = %e, scope = h.scope, "giving a budget hold back failed");
+        match self
+            .store
+            .add_rate_usage(&self.scope, self.start, add)
+            .await
+        {
+            Ok(total) => total.map(|t| t.requests.saturating_sub(t.tokens)),
+            Err(e) => {
+                tracing::warn!(error = %e, scope = self.scope, "giving a budget hold back failed");
+                None
+            }
         }
     }
 }

@@ -346,8 +346,9 @@ impl Broker {
         } else {
             Ticket::default()
         };
-        // The key's spending per day or month: in the store (see `budget`).
-        let budget = match i.budgets.admit(key, amount).await {
+        // The key's and account's spending per day or month: in the store
+        // (see `budget`).
+        let budget = match i.budgets.admit(&known, amount).await {
             Ok(budget) => budget,
             Err(e) => {
                 ticket.cancel();

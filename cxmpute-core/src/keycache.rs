@@ -1,6 +1,7 @@
-//! Authentication from memory: API keys by hash, with the one thing the
-//! gateway needs of their account (whether it is suspended), so that a call
-//! with a key seen lately makes no store trip before it is admitted.
+//! Authentication from memory: API keys by hash, with what the gateway
+//! needs of their account (whether it is suspended, its budget and alerts),
+//! so that a call with a key seen lately makes no store trip before it is
+//! admitted.
 //!
 //! ## Freshness
 //!
@@ -14,8 +15,9 @@
 //! the store; an idle one simply expires, and the next call reads it.
 //!
 //! The host that makes a change applies it at once: every path that changes
-//! a key or an account's suspension ([`crate::Accounts`], the broker's key
-//! creation) calls [`KeyCache::forget`] or [`KeyCache::forget_user`]. A read
+//! a key or an account's suspension, budget or alerts ([`crate::Accounts`],
+//! the broker's key creation) calls [`KeyCache::forget`] or
+//! [`KeyCache::forget_user`]. A read
 //! that was under way while something was forgotten is not kept (the
 //! `generation` below), so it cannot put back what was just forgotten.
 //! A change made through the store directly (another program, or an
@@ -49,7 +51,7 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::secret::{KeyHash, Secret};
 use crate::store::Store;
-use crate::types::{ApiKey, UserId};
+use crate::types::{Alerts, ApiKey, Budget, UserId};
 
 /// Store lookups of uncached keys under way at once, per host (see the
 /// module docs): enough that real keys met for the first time are not held
@@ -68,6 +70,19 @@ pub(crate) struct KnownKey {
     pub(crate) key: ApiKey,
     /// Whether its account was suspended.
     pub(crate) suspended: bool,
+    /// Its account's budget and alerts, as of the read (a change reaches
+    /// calls as a suspension does).
+    pub(crate) account: AccountLimits,
+}
+
+/// What admission and settlement need of a key's account besides its
+/// suspension: its budget, and the alerts a settlement may send.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct AccountLimits {
+    /// The account's budget.
+    pub(crate) budget: Option<Budget>,
+    /// The account's alert thresholds.
+    pub(crate) alerts: Alerts,
 }
 
 /// A key held in memory, and when it was read.
@@ -263,10 +278,16 @@ impl Shared {
             Err(e) => return Err(e),
         };
         // A revoked key never works again, whatever its account.
-        let suspended = match key.revoked_at {
-            Some(_) => false,
+        let (suspended, account) = match key.revoked_at {
+            Some(_) => (false, AccountLimits::default()),
             None => match self.store.user(&key.user_id).await {
-                Ok(u) => u.suspended.is_some(),
+                Ok(u) => (
+                    u.suspended.is_some(),
+                    AccountLimits {
+                        budget: u.budget,
+                        alerts: u.alerts,
+                    },
+                ),
                 // As the reservation would say: keys outlive no account.
                 Err(Error::NotFound(_)) => {
                     return Err(Error::Unauthorized("unknown account".into()))
@@ -274,7 +295,11 @@ impl Shared {
                 Err(e) => return Err(e),
             },
         };
-        let key = Arc::new(KnownKey { key, suspended });
+        let key = Arc::new(KnownKey {
+            key,
+            suspended,
+            account,
+        });
         if self.ttl_ms == 0 {
             return Ok(Some(key));
         }
@@ -328,6 +353,9 @@ mod tests {
             is_admin: false,
             suspended: None,
             created_at: clock.now(),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         store.inner.create_user(&user).await.unwrap();
         let secret = Secret::generate_api_key();

@@ -20,6 +20,7 @@
 pub mod accounts;
 pub mod admin;
 mod admission;
+mod alerts;
 pub mod analytics;
 pub mod broker;
 mod budget;
@@ -66,7 +67,7 @@ pub use broker::{ListedPools, RoutePreferences};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{Error, Result};
 pub use http::router;
-pub use mail::{ConsoleMailer, Mailer, MailerConfig};
+pub use mail::{AlertMail, ConsoleMailer, Mailer, MailerConfig};
 pub use memory::MemoryStore;
 pub use network::Network;
 pub use reward::{FlatReward, PlatformShare, RewardPolicy, TieredReward, VerifiedReward};

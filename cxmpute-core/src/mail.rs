@@ -1,16 +1,91 @@
-//! Sending sign-in codes: the [`Mailer`] trait, the console mailer, the SMTP
-//! mailer (feature `smtp`) and [`MailerConfig`] to pick one from flags.
+//! Sending sign-in codes and account alerts: the [`Mailer`] trait, the
+//! console mailer, the SMTP mailer (feature `smtp`) and [`MailerConfig`] to
+//! pick one from flags.
 
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::secret::Secret;
+use crate::types::{BudgetPeriod, Credits};
 
-/// Sends sign-in codes to people.
+/// Sends sign-in codes and account alerts to people.
 #[async_trait]
 pub trait Mailer: Send + Sync + 'static {
     /// Sends `code` to `email`.
     async fn send_login_code(&self, email: &str, code: &Secret) -> Result<()>;
+
+    /// Sends an account alert to `email`. By default only logged, so a
+    /// mailer written for sign-in codes alone keeps working.
+    async fn send_alert(&self, email: &str, alert: &AlertMail) -> Result<()> {
+        tracing::info!(%email, subject = alert.subject(), "account alert (not mailed by this mailer)");
+        Ok(())
+    }
+}
+
+/// An email an account asked for with its alerts (`User::alerts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AlertMail {
+    /// The balance fell below the account's threshold.
+    BalanceBelow {
+        /// The balance now.
+        balance: Credits,
+        /// The threshold.
+        threshold: Credits,
+    },
+    /// The account budget's spending this period reached its share of the limit.
+    BudgetReached {
+        /// Spent (or held by calls under way) this period.
+        spent: Credits,
+        /// The budget's limit.
+        limit: Credits,
+        /// The share asked for, in percent.
+        percent: u8,
+        /// The budget's period.
+        period: BudgetPeriod,
+    },
+}
+
+impl AlertMail {
+    /// The subject line.
+    pub fn subject(&self) -> &'static str {
+        match self {
+            AlertMail::BalanceBelow { .. } => "Your Cxmpute balance is low",
+            AlertMail::BudgetReached { .. } => "Your Cxmpute budget is nearly used",
+        }
+    }
+
+    /// The plain-text body (CRLF line ends, as mail wants them).
+    pub fn text(&self) -> String {
+        let credits = |c: Credits| format!("{}.{:06}", c.0 / 1_000_000, (c.0 % 1_000_000).abs());
+        match self {
+            AlertMail::BalanceBelow { balance, threshold } => format!(
+                "Your Cxmpute balance is {} credits,\r\n\
+                 below the {} credits you asked to be told of.\r\n\r\n\
+                 Calls stop when it runs out: add credits to keep them going.\r\n\
+                 You will not be mailed again until the balance has been back\r\n\
+                 above the threshold.\r\n",
+                credits(*balance),
+                credits(*threshold)
+            ),
+            AlertMail::BudgetReached {
+                spent,
+                limit,
+                percent,
+                period,
+            } => format!(
+                "Your Cxmpute account has spent {} credits this {},\r\n\
+                 {}% or more of its budget of {} credits a {}.\r\n\r\n\
+                 Calls past the budget are refused until the next {} starts (UTC).\r\n",
+                credits(*spent),
+                period.as_str(),
+                percent,
+                credits(*limit),
+                period.as_str(),
+                period.as_str()
+            ),
+        }
+    }
 }
 
 /// A mailer for development: logs that a code was sent, and the code itself
@@ -40,6 +115,11 @@ impl Mailer for ConsoleMailer {
         } else {
             tracing::info!(%email, "sign-in code sent (console mailer; codes hidden)");
         }
+        Ok(())
+    }
+
+    async fn send_alert(&self, email: &str, alert: &AlertMail) -> Result<()> {
+        tracing::info!(%email, subject = alert.subject(), "account alert sent (console mailer)");
         Ok(())
     }
 }
@@ -255,7 +335,7 @@ mod smtp {
     use lettre::transport::smtp::client::{Tls, TlsParameters};
     use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
-    use super::{Mailer, SmtpConfig, SmtpTls};
+    use super::{AlertMail, Mailer, SmtpConfig, SmtpTls};
     use crate::error::{Error, Result};
     use crate::secret::Secret;
 
@@ -350,10 +430,28 @@ mod smtp {
             .map_err(|e| Error::backend("building the sign-in mail", e))
     }
 
-    #[async_trait]
-    impl Mailer for SmtpMailer {
-        async fn send_login_code(&self, email: &str, code: &Secret) -> Result<()> {
-            let msg = message(&self.from, email, code)?;
+    /// An account alert, plain text like the sign-in mail.
+    fn alert_message(from: &Mailbox, to: &str, alert: &AlertMail) -> Result<Message> {
+        let to: Mailbox = to
+            .parse()
+            .map_err(|_| Error::InvalidInput("`email` is not a deliverable address".into()))?;
+        let id = format!(
+            "<{}@{}>",
+            crate::secret::random_token(24),
+            from.email.domain()
+        );
+        Message::builder()
+            .message_id(Some(id))
+            .from(from.clone())
+            .to(to)
+            .subject(alert.subject())
+            .header(ContentType::TEXT_PLAIN)
+            .body(alert.text())
+            .map_err(|e| Error::backend("building an alert mail", e))
+    }
+
+    impl SmtpMailer {
+        async fn deliver(&self, msg: Message) -> Result<()> {
             match self.transport.send(msg).await {
                 Ok(_) => Ok(()),
                 // A permanent refusal of the recipient is the caller's input.
@@ -367,8 +465,19 @@ mod smtp {
             }
         }
     }
-}
 
+    #[async_trait]
+    impl Mailer for SmtpMailer {
+        async fn send_alert(&self, email: &str, alert: &AlertMail) -> Result<()> {
+            self.deliver(alert_message(&self.from, email, alert)?).await
+        }
+
+        async fn send_login_code(&self, email: &str, code: &Secret) -> Result<()> {
+            let msg = message(&self.from, email, code)?;
+            self.deliver(msg).await
+        }
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -166,6 +166,35 @@ impl UserStore for MemoryStore {
         Ok(())
     }
 
+    async fn update_user_settings(&self, id: &UserId, update: &UserSettingsUpdate) -> Result<User> {
+        let mut s = self.inner.lock();
+        let u = found(s.users.get_mut(id), || format!("user {id}"))?;
+        if let Some(budget) = update.budget {
+            u.budget = budget;
+        }
+        if let Some(alerts) = update.alerts {
+            u.alerts = alerts;
+        }
+        Ok(u.clone())
+    }
+
+    async fn swap_alert_mark(
+        &self,
+        id: &UserId,
+        kind: AlertKind,
+        from: Option<Timestamp>,
+        to: Option<Timestamp>,
+    ) -> Result<bool> {
+        let mut s = self.inner.lock();
+        match s.users.get_mut(id) {
+            Some(u) if u.alerted.get(kind) == from => {
+                u.alerted.set(kind, to);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     async fn create_api_key(&self, key: &ApiKey) -> Result<()> {
         let mut s = self.inner.lock();
         if !s.users.contains_key(&key.user_id) {

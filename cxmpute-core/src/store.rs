@@ -82,6 +82,20 @@ pub trait UserStore: Send + Sync + 'static {
     async fn search_users(&self, query: &str, limit: usize) -> Result<Vec<User>>;
     /// Suspends (`Some`) or unsuspends (`None`) a user.
     async fn set_user_suspended(&self, id: &UserId, suspension: Option<Suspension>) -> Result<()>;
+    /// Changes an account's budget or alerts atomically and returns the
+    /// account; its alert marks stay. `NotFound` when there is no such user.
+    async fn update_user_settings(&self, id: &UserId, update: &UserSettingsUpdate) -> Result<User>;
+    /// Sets the account's alert mark of `kind` to `to` if it is `from` now,
+    /// in one atomic conditional write, and says whether it did (`false`
+    /// too when there is no such user). Hosts sharing the store take a mark
+    /// this way before sending an alert email, so that one of them sends it.
+    async fn swap_alert_mark(
+        &self,
+        id: &UserId,
+        kind: AlertKind,
+        from: Option<Timestamp>,
+        to: Option<Timestamp>,
+    ) -> Result<bool>;
 
     // ---- API keys ----------------------------------------------------------
 

@@ -78,11 +78,17 @@ pub async fn expect_error(r: reqwest::Response, status: u16, code: &str) -> Stri
     e.error.message
 }
 
-/// A mailer that keeps the sign-in codes it is asked to send instead of
-/// delivering them, for tests to read as a person reads their mail (tests
-/// about delivery use a real server). Clones share the mail.
+/// A mailer that keeps the sign-in codes and alerts it is asked to send
+/// instead of delivering them, for tests to read as a person reads their
+/// mail (tests about delivery use a real server). Clones share the mail.
 #[derive(Clone, Default)]
-pub struct RecordingMailer(Arc<Mutex<Vec<(String, String)>>>);
+pub struct RecordingMailer(Arc<Mutex<Vec<(String, Mail)>>>);
+
+#[derive(Clone)]
+enum Mail {
+    Code(String),
+    Alert(crate::mail::AlertMail),
+}
 
 impl std::fmt::Debug for RecordingMailer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,18 +103,37 @@ impl RecordingMailer {
             .lock()
             .iter()
             .rev()
-            .find(|(to, _)| to == email)
-            .map(|(_, c)| c.clone())
+            .find_map(|(to, m)| match m {
+                Mail::Code(c) if to == email => Some(c.clone()),
+                _ => None,
+            })
             .unwrap_or_else(|| panic!("no mail to {email}"))
+    }
+
+    /// The alerts sent to `email`, oldest first.
+    pub fn alerts(&self, email: &str) -> Vec<crate::mail::AlertMail> {
+        self.0
+            .lock()
+            .iter()
+            .filter_map(|(to, m)| match m {
+                Mail::Alert(a) if to == email => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
     }
 }
 
 #[async_trait::async_trait]
 impl Mailer for RecordingMailer {
     async fn send_login_code(&self, email: &str, code: &Secret) -> crate::Result<()> {
-        self.0
-            .lock()
-            .push((email.to_owned(), code.expose().to_owned()));
+        let code = Mail::Code(code.expose().to_owned());
+        self.0.lock().push((email.to_owned(), code));
+        Ok(())
+    }
+
+    async fn send_alert(&self, email: &str, alert: &crate::mail::AlertMail) -> crate::Result<()> {
+        let alert = Mail::Alert(alert.clone());
+        self.0.lock().push((email.to_owned(), alert));
         Ok(())
     }
 }
@@ -877,6 +902,12 @@ impl TestHost {
         let totals = self.broker.store().ledger_totals().await;
         let settlements = totals.expect("ledger totals").settlements;
         assert!(settlements >= n, "{n} settlements never arrived");
+    }
+
+    /// Waits until the alert emails settled calls may send are decided (and
+    /// sent, or not): they go out in tasks of their own, after the answer.
+    pub async fn alerts_done(&self) {
+        self.broker.inner().budgets.alerts().idle().await;
     }
 
     /// Checks that the money adds up once every call has settled: nothing is

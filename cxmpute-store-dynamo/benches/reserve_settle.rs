@@ -42,6 +42,9 @@ async fn fixture(endpoint: &str) -> Fixture {
         is_admin: false,
         suspended: None,
         created_at: T0,
+        budget: None,
+        alerts: Default::default(),
+        alerted: Default::default(),
     };
     store.create_user(&user).await.expect("user");
     let secret = Secret::generate_api_key();

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use cxmpute_core::store_support::moved_credits_left;
 use cxmpute_core::{
-    ApiKey, ApiKeyId, ApiKeyUpdate, Credits, Error, KeyHash, RateLimits, RateUsage, Result, Route,
-    Suspension, Timestamp, User, UserId, UserStore,
+    AlertKind, AlertMarks, ApiKey, ApiKeyId, ApiKeyUpdate, Credits, Error, KeyHash, RateLimits,
+    RateUsage, Result, Route, Suspension, Timestamp, User, UserId, UserSettingsUpdate, UserStore,
 };
 
 use crate::db::{DynamoStore, Fail, Query, Tx};
@@ -24,7 +24,22 @@ fn user_item(u: &User) -> Result<Item> {
         .b("is_admin", u.is_admin)
         .opt_json("suspended", u.suspended.as_ref())?
         .n("created_at", u.created_at.0)
+        .opt_json("budget", u.budget.as_ref())?
+        .json("alerts", &u.alerts)?
+        .opt_n(
+            mark_attr(AlertKind::Balance),
+            u.alerted.balance.map(|t| t.0),
+        )
+        .opt_n(mark_attr(AlertKind::Budget), u.alerted.budget.map(|t| t.0))
         .build())
+}
+
+/// The attribute of an account's alert mark of `kind`.
+fn mark_attr(kind: AlertKind) -> &'static str {
+    match kind {
+        AlertKind::Balance => "alerted_balance",
+        AlertKind::Budget => "alerted_budget",
+    }
 }
 
 pub(crate) fn decode_user(it: &Item) -> Result<User> {
@@ -36,6 +51,12 @@ pub(crate) fn decode_user(it: &Item) -> Result<User> {
         is_admin: r.b("is_admin")?,
         suspended: r.opt_json("suspended")?,
         created_at: Timestamp(r.num("created_at")?),
+        budget: r.opt_json("budget")?,
+        alerts: r.opt_json("alerts")?.unwrap_or_default(),
+        alerted: AlertMarks {
+            balance: r.opt_num(mark_attr(AlertKind::Balance))?.map(Timestamp),
+            budget: r.opt_num(mark_attr(AlertKind::Budget))?.map(Timestamp),
+        },
     })
 }
 
@@ -200,6 +221,76 @@ impl UserStore for DynamoStore {
     async fn set_user_suspended(&self, id: &UserId, suspension: Option<Suspension>) -> Result<()> {
         self.set_suspended("user", id.as_str(), schema::user(id), suspension)
             .await
+    }
+
+    async fn update_user_settings(&self, id: &UserId, update: &UserSettingsUpdate) -> Result<User> {
+        let what = "changing a user's settings";
+        let mut ex = Ex::new();
+        let mut sets = Vec::new();
+        let mut removes = Vec::new();
+        if let Some(budget) = update.budget {
+            match budget {
+                Some(b) => {
+                    let text =
+                        serde_json::to_string(&b).map_err(|e| Error::backend("encoding", e))?;
+                    sets.push(format!("{} = {}", ex.n("budget"), ex.v(s(text))));
+                }
+                None => removes.push(ex.n("budget")),
+            }
+        }
+        if let Some(alerts) = update.alerts {
+            let text = serde_json::to_string(&alerts).map_err(|e| Error::backend("encoding", e))?;
+            sets.push(format!("{} = {}", ex.n("alerts"), ex.v(s(text))));
+        }
+        let cond = ex.exists();
+        let mut upd = String::new();
+        if !sets.is_empty() {
+            upd = format!("SET {}", sets.join(", "));
+        }
+        if !removes.is_empty() {
+            upd = format!("{upd} REMOVE {}", removes.join(", "));
+        }
+        if upd.is_empty() {
+            return self.user(id).await;
+        }
+        match self
+            .update(what, schema::user(id), upd, Some(cond), ex, true)
+            .await
+        {
+            Ok(Some(it)) => decode_user(&it),
+            Ok(None) => Err(corrupt("update returned no attributes")),
+            Err(Fail::Condition(_)) => Err(Error::NotFound(format!("user {id}"))),
+            Err(f) => Err(f.into_error(what)),
+        }
+    }
+
+    async fn swap_alert_mark(
+        &self,
+        id: &UserId,
+        kind: AlertKind,
+        from: Option<Timestamp>,
+        to: Option<Timestamp>,
+    ) -> Result<bool> {
+        let what = "swapping an alert mark";
+        let mut ex = Ex::new();
+        let attr = ex.n(mark_attr(kind));
+        let mut cond = ex.exists();
+        match from {
+            Some(t) => cond = format!("{cond} AND {attr} = {}", ex.v(n(t.0))),
+            None => cond = format!("{cond} AND attribute_not_exists({attr})"),
+        }
+        let upd = match to {
+            Some(t) => format!("SET {attr} = {}", ex.v(n(t.0))),
+            None => format!("REMOVE {attr}"),
+        };
+        match self
+            .update(what, schema::user(id), upd, Some(cond), ex, false)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(Fail::Condition(_)) => Ok(false),
+            Err(f) => Err(f.into_error(what)),
+        }
     }
 
     // ---- API keys -----------------------------------------------------------

@@ -35,6 +35,9 @@ async fn funded(store: &dyn Store, credits: Credits, limit: Option<Credits>) -> 
         is_admin: false,
         suspended: None,
         created_at: T0,
+        budget: None,
+        alerts: Default::default(),
+        alerted: Default::default(),
     };
     store.create_user(&user).await.expect("create user");
     let secret = Secret::generate_api_key();

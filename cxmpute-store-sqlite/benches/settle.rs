@@ -62,6 +62,9 @@ async fn fixture(n: usize) -> Fixture {
         is_admin: false,
         suspended: None,
         created_at: now,
+        budget: None,
+        alerts: Default::default(),
+        alerted: Default::default(),
     };
     store.create_user(&user).await.expect("user");
     let secret = Secret::generate_api_key();

@@ -70,7 +70,8 @@ macro_rules! user_cols {
     () => {
         concat!(
             "u.id, u.email, u.credits, u.is_admin, u.suspended_reason, u.suspended_by, ",
-            "u.suspended_at, u.created_at"
+            "u.suspended_at, u.created_at, u.budget_limit, u.budget_period, ",
+            "u.alert_balance_below, u.alert_budget_percent, u.alerted_balance, u.alerted_budget"
         )
     };
 }
@@ -85,7 +86,26 @@ pub(crate) fn user(row: &SqliteRow, at: usize) -> Result<User> {
         is_admin: col(row, at + 3)?,
         suspended: suspension(col(row, at + 4)?, col(row, at + 5)?, col(row, at + 6)?),
         created_at: Timestamp(col(row, at + 7)?),
+        budget: budget(col(row, at + 8)?, col(row, at + 9)?)?,
+        alerts: Alerts {
+            balance_below: col::<Option<i64>>(row, at + 10)?.map(Credits),
+            budget_percent: col::<Option<i64>>(row, at + 11)?
+                .map(|p| u8::try_from(p).map_err(|_| corrupt(format!("alert percent {p}"))))
+                .transpose()?,
+        },
+        alerted: AlertMarks {
+            balance: col::<Option<i64>>(row, at + 12)?.map(Timestamp),
+            budget: col::<Option<i64>>(row, at + 13)?.map(Timestamp),
+        },
     })
+}
+
+/// The column of an account's alert mark of `kind`.
+pub(crate) fn alert_mark_col(kind: AlertKind) -> &'static str {
+    match kind {
+        AlertKind::Balance => "alerted_balance",
+        AlertKind::Budget => "alerted_budget",
+    }
 }
 
 /// The columns of `api_keys k` the reader below takes, in its order, for `concat!`.
@@ -129,7 +149,7 @@ pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
     })
 }
 
-/// A key's budget from its two columns (both set, or neither).
+/// A key's or account's budget from its two columns (both set, or neither).
 fn budget(limit: Option<i64>, period: Option<String>) -> Result<Option<Budget>> {
     match (limit, period) {
         (Some(limit), Some(period)) => Ok(Some(Budget {

@@ -46,6 +46,30 @@ impl UserStore for SqliteStore {
             .await
     }
 
+    async fn update_user_settings(&self, id: &UserId, update: &UserSettingsUpdate) -> Result<User> {
+        let (id, update) = (id.clone(), *update);
+        self.writer
+            .write(move |c| {
+                Box::pin(async move { update_user_settings(c, id.as_str(), &update).await })
+            })
+            .await
+    }
+
+    async fn swap_alert_mark(
+        &self,
+        id: &UserId,
+        kind: AlertKind,
+        from: Option<Timestamp>,
+        to: Option<Timestamp>,
+    ) -> Result<bool> {
+        let id = id.clone();
+        self.writer
+            .write(move |c| {
+                Box::pin(async move { swap_alert_mark(c, id.as_str(), kind, from, to).await })
+            })
+            .await
+    }
+
     async fn create_api_key(&self, key: &ApiKey) -> Result<()> {
         let key = key.clone();
         self.writer
@@ -98,7 +122,9 @@ async fn create_user(c: &mut Conn, u: &User) -> Result<()> {
     let (reason, by, at) = rows::suspension_cols(&u.suspended);
     let q = sqlx::query(
         "INSERT INTO users (id, email, credits, is_admin, suspended_reason, suspended_by, \
-         suspended_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         suspended_at, created_at, budget_limit, budget_period, alert_balance_below, \
+         alert_budget_percent, alerted_balance, alerted_budget) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .bind(u.id.as_str())
     .bind(&u.email)
@@ -107,8 +133,52 @@ async fn create_user(c: &mut Conn, u: &User) -> Result<()> {
     .bind(reason)
     .bind(by)
     .bind(at)
-    .bind(u.created_at.0);
+    .bind(u.created_at.0)
+    .bind(u.budget.map(|b| b.limit.0))
+    .bind(u.budget.map(|b| b.period.as_str()))
+    .bind(u.alerts.balance_below.map(|c| c.0))
+    .bind(u.alerts.budget_percent.map(i64::from))
+    .bind(u.alerted.balance.map(|t| t.0))
+    .bind(u.alerted.budget.map(|t| t.0));
     execute(c, &format!("user {}", u.email), q).await.map(drop)
+}
+
+async fn update_user_settings(c: &mut Conn, id: &str, up: &UserSettingsUpdate) -> Result<User> {
+    let mut u = user(c, id).await?;
+    if let Some(budget) = up.budget {
+        u.budget = budget;
+    }
+    if let Some(alerts) = up.alerts {
+        u.alerts = alerts;
+    }
+    let q = sqlx::query(
+        "UPDATE users SET budget_limit = ?2, budget_period = ?3, alert_balance_below = ?4, \
+         alert_budget_percent = ?5 WHERE id = ?1",
+    )
+    .bind(id)
+    .bind(u.budget.map(|b| b.limit.0))
+    .bind(u.budget.map(|b| b.period.as_str()))
+    .bind(u.alerts.balance_below.map(|c| c.0))
+    .bind(u.alerts.budget_percent.map(i64::from));
+    execute(c, "updating a user's settings", q).await?;
+    Ok(u)
+}
+
+async fn swap_alert_mark(
+    c: &mut Conn,
+    id: &str,
+    kind: AlertKind,
+    from: Option<Timestamp>,
+    to: Option<Timestamp>,
+) -> Result<bool> {
+    let col = rows::alert_mark_col(kind);
+    // `IS` compares NULL as a value: "no mark" is a state to swap from too.
+    let sql = format!("UPDATE users SET {col} = ?2 WHERE id = ?1 AND {col} IS ?3");
+    let q = sqlx::query(&sql)
+        .bind(id)
+        .bind(to.map(|t| t.0))
+        .bind(from.map(|t| t.0));
+    Ok(execute(c, "swapping an alert mark", q).await? == 1)
 }
 
 const USER_BY_ID: &str = concat!("SELECT ", user_cols!(), " FROM users u WHERE u.id = ?1");

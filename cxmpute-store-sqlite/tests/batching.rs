@@ -32,6 +32,9 @@ async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
         is_admin: false,
         suspended: None,
         created_at: Timestamp(T0),
+        budget: None,
+        alerts: Default::default(),
+        alerted: Default::default(),
     };
     store.create_user(&user).await.unwrap();
     let secret = Secret::generate_api_key();

@@ -160,6 +160,9 @@ fn killed_child_loses_nothing_acknowledged(durability: Durability) {
             is_admin: false,
             suspended: None,
             created_at: Timestamp(T0),
+            budget: None,
+            alerts: Default::default(),
+            alerted: Default::default(),
         };
         store.create_user(&user).await.unwrap();
         let secret = Secret::generate_api_key();

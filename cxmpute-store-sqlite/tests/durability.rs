@@ -33,6 +33,9 @@ async fn populate(store: &SqliteStore) -> World {
         is_admin: true,
         suspended: None,
         created_at: T0,
+        budget: None,
+        alerts: Default::default(),
+        alerted: Default::default(),
     };
     store.create_user(&user).await.unwrap();
     let grant = CreditGrant {
@@ -407,6 +410,9 @@ async fn a_lock_held_elsewhere_is_unavailable_then_clears() {
         is_admin: false,
         suspended: None,
         created_at: T0,
+        budget: None,
+        alerts: Default::default(),
+        alerted: Default::default(),
     };
     let e = store.create_user(&user).await.unwrap_err();
     assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");

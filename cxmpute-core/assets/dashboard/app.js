@@ -174,6 +174,40 @@ function budgetValue(form) {
 
 function budgetText(b) { return b ? `${fmtCredits(b.limit)} a ${b.period}` : 'no budget'; }
 
+// An account's budget and alert thresholds, editable (empty: none), sent
+// with `send` (a PATCH of the account); `done` gets the account as it is now.
+function accountForm(id, a, send, done) {
+  const budget = a && a.budget;
+  const alerts = (a && a.alerts) || {};
+  const num = (name, v, label, mode) => el('input', { id: `${id}-${name}`, name, inputmode: mode, class: 'limit',
+    placeholder: 'none', value: v === null || v === undefined ? '' : String(v), 'aria-label': label });
+  const period = el('select', { id: `${id}-period`, name: 'period', 'aria-label': 'budget period' },
+    ...['day', 'month'].map(p => el('option', Object.assign({ value: p }, budget && budget.period === p ? { selected: true } : {}), 'a ' + p)));
+  return el('form', { id, class: 'limits', onsubmit: async (e) => {
+    e.preventDefault();
+    const f = e.target.elements;
+    const below = limitValue(f.balance_below.value);
+    const body = { budget: budgetValue(e.target), alerts: {
+      balance_below: typeof below === 'number' ? Math.round(below * 1e6) : below,
+      budget_percent: limitValue(f.budget_percent.value) } };
+    const r = await send(body);
+    if (!r.ok) { setStatus(errorText(r)); return; }
+    setStatus('');
+    done(r.data);
+  } },
+  el('label', {}, 'Budget (credits) ', num('budget', budget ? budget.limit / 1e6 : null, 'budget in credits', 'decimal'), period),
+  el('label', {}, ' Mail me when the balance is below ', num('balance_below',
+    alerts.balance_below === null || alerts.balance_below === undefined ? null : alerts.balance_below / 1e6, 'balance alert in credits', 'decimal'), ' credits'),
+  el('label', {}, ' or the budget is ', num('budget_percent', alerts.budget_percent, 'budget alert in percent', 'numeric'), '% spent '),
+  el('button', { type: 'submit', class: 'secondary' }, 'Save'));
+}
+
+function accountText(a) {
+  const al = a.alerts || {};
+  return `${budgetText(a.budget)}; mail below ${al.balance_below == null ? 'never' : fmtCredits(al.balance_below) + ' credits'}` +
+    `, at ${al.budget_percent == null ? 'no share' : al.budget_percent + '%'} of the budget`;
+}
+
 // Sends a key's limits from `form` (`rpm`, `tpm` inputs) with `send` (a
 // PATCH of the key), then hands `done` the key as it is now; a refusal is
 // shown in the status line.
@@ -415,6 +449,13 @@ async function viewMe(main) {
       ['Tokens', q => fmtInt(q.input_tokens + q.output_tokens)], ['Charged', q => fmtCredits(q.charged)],
       ['', q => q.success ? 'ok' : 'failed'],
     ], u.data.recent)));
+    // The account's budget over all its keys, what it spent this period, and
+    // when to mail (empty: none).
+    const spent = me.budget ? `Spent this ${me.budget.period}: ${fmtCredits(me.budget_spent || 0)} of ${fmtCredits(me.budget.limit)} credits.`
+      : 'No account budget: only each key\'s own limits apply.';
+    main.append(panel('Account budget and alerts', el('div', {},
+      el('p', { id: 'me-budget', class: 'muted' }, spent),
+      accountForm('me-account', me, body => asUser('/v1/me', { method: 'PATCH', body }), rerender))));
     // Each key's requests and tokens per minute and budget, editable (empty: none).
     const limitsForm = k => el('form', { id: 'limits-' + k.key_id, class: 'limits', onsubmit: (e) => {
       e.preventDefault();
@@ -535,6 +576,7 @@ async function viewAdmin(main) {
     panel('Top applications', table('top-apps', usageColumns(['Charged', 'charged']), s.top_apps)),
     panel('Models', table('admin-models', usageColumns(['Charged', 'charged']), s.models)),
     panel('API key rate limits', adminLimitsForm()),
+    panel('Account budgets and alerts', adminAccountForm()),
     panel('Nodes needing attention', table('admin-nodes', nodeColumns,
       flagged.filter(n => ['quarantined', 'suspect'].includes((n.verification || {}).status)))),
     panel('Ledger (all time)', table('ledger', [
@@ -556,6 +598,18 @@ function adminLimitsForm() {
     saveLimits(e.target, body => asAdmin('/v1/admin/keys/' + encodeURIComponent(key), { method: 'PATCH', body }),
       k => { shown.textContent = `${k.name} (${k.prefix}…): ${limitText(k.rpm)} requests, ${limitText(k.tpm)} tokens a minute, ${budgetText(k.budget)}`; });
   } }, id, limitInputs('admin-limits', null), el('button', { id: 'admin-limits-save', type: 'submit' }, 'Set limits'), shown);
+}
+
+// Any account's budget (over all its keys) and alerts, by its user id;
+// empty fields remove them.
+function adminAccountForm() {
+  const id = el('input', { id: 'admin-account-user', placeholder: 'usr_…', required: true, autocomplete: 'off', 'aria-label': 'user id' });
+  const shown = el('p', { id: 'admin-account-result', class: 'muted' }, 'A budget in credits a day or month over all the account\'s keys, and its alert emails; empty for none.');
+  const form = accountForm('admin-account', null, body => asAdmin('/v1/admin/users/' + encodeURIComponent(id.value.trim()), { method: 'PATCH', body }),
+    u => { shown.textContent = `${u.email}: ${accountText(u)}`; });
+  form.prepend(id);
+  form.append(shown);
+  return form;
 }
 
 // The catalogue (what nodes may serve) with a form to add or change an

@@ -24,6 +24,9 @@ pub(super) fn new_user(email: &str, credits: Credits) -> User {
         is_admin: false,
         suspended: None,
         created_at: T0,
+        budget: None,
+        alerts: Default::default(),
+        alerted: Default::default(),
     }
 }
 

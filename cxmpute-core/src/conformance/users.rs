@@ -346,6 +346,149 @@ pub async fn budgets_round_trip_and_change(store: Arc<dyn Store>) {
     assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), k);
 }
 
+/// An account's budget and alerts are stored with it (created with them or
+/// changed), removed by `Some(None)`, and kept by a grant, a reservation
+/// and a suspension; an unknown account is `NotFound`.
+pub async fn user_settings_round_trip_and_change(store: Arc<dyn Store>) {
+    let mut user = new_user("settings@example.com", Credits::whole(3));
+    let daily = Budget {
+        limit: Credits(1_000_000_000_000),
+        period: BudgetPeriod::Day,
+    };
+    user.budget = Some(daily);
+    user.alerts.balance_below = Some(Credits::whole(1));
+    store.create_user(&user).await.unwrap();
+    assert_eq!(store.user(&user.id).await.unwrap(), user);
+
+    let monthly = Budget {
+        limit: Credits(7),
+        period: BudgetPeriod::Month,
+    };
+    let alerts = Alerts {
+        balance_below: Some(Credits(5)),
+        budget_percent: Some(80),
+    };
+    let change = UserSettingsUpdate {
+        budget: Some(Some(monthly)),
+        alerts: Some(alerts),
+    };
+    let u = store.update_user_settings(&user.id, &change).await.unwrap();
+    assert_eq!((u.budget, u.alerts), (Some(monthly), alerts));
+    // An absent field stays.
+    let only_alerts = UserSettingsUpdate {
+        alerts: Some(Alerts::default()),
+        ..UserSettingsUpdate::default()
+    };
+    let u = store
+        .update_user_settings(&user.id, &only_alerts)
+        .await
+        .unwrap();
+    assert_eq!((u.budget, u.alerts), (Some(monthly), Alerts::default()));
+    let u = store.update_user_settings(&user.id, &change).await.unwrap();
+
+    // Money and suspension leave the settings alone.
+    let grant = CreditGrant {
+        user_id: user.id.clone(),
+        amount: Credits::whole(2),
+        by: "usr_admin".into(),
+        reason: "settings".into(),
+        at: at(2),
+    };
+    store.grant_credits(&grant).await.unwrap();
+    let key = new_key(&user, None, at(3));
+    store.create_api_key(&key).await.unwrap();
+    store
+        .reserve(&reservation(&user, &key, Credits(10), at(4)))
+        .await
+        .unwrap();
+    store.set_user_suspended(&user.id, None).await.unwrap();
+    let read = store.user(&user.id).await.unwrap();
+    assert_eq!((read.budget, read.alerts), (u.budget, u.alerts));
+    assert_eq!(read.credits, Credits(5_000_000 - 10));
+    assert_eq!(store.user_by_email(&user.email).await.unwrap(), read);
+
+    let remove = UserSettingsUpdate {
+        budget: Some(None),
+        ..UserSettingsUpdate::default()
+    };
+    let u = store.update_user_settings(&user.id, &remove).await.unwrap();
+    assert_eq!((u.budget, u.alerts), (None, alerts));
+    assert_eq!(store.user(&user.id).await.unwrap(), u);
+
+    let nobody = UserId::new("usr_nobody");
+    assert!(matches!(
+        store.update_user_settings(&nobody, &change).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+/// An alert mark changes only from the state the caller names: set from
+/// none, moved on, cleared; a stale `from` changes nothing; an unknown
+/// account is no swap. Marks of one kind leave the other alone.
+pub async fn alert_marks_swap_only_from_the_state_named(store: Arc<dyn Store>) {
+    let user = new_user("marks@example.com", Credits::whole(1));
+    store.create_user(&user).await.unwrap();
+    let (s, id) = (&store, &user.id);
+    let swap = |kind, from: Option<i64>, to: Option<i64>| async move {
+        s.swap_alert_mark(id, kind, from.map(at), to.map(at))
+            .await
+            .unwrap()
+    };
+    assert!(swap(AlertKind::Balance, None, Some(10)).await);
+    assert!(!swap(AlertKind::Balance, None, Some(11)).await, "taken");
+    assert!(!swap(AlertKind::Balance, Some(9), None).await, "stale");
+    assert!(swap(AlertKind::Budget, None, Some(20)).await);
+    assert!(swap(AlertKind::Budget, Some(20), Some(30)).await);
+    let u = store.user(&user.id).await.unwrap();
+    assert_eq!(
+        u.alerted,
+        AlertMarks {
+            balance: Some(at(10)),
+            budget: Some(at(30)),
+        }
+    );
+    assert!(swap(AlertKind::Balance, Some(10), None).await);
+    let u = store.user(&user.id).await.unwrap();
+    assert_eq!((u.alerted.balance, u.alerted.budget), (None, Some(at(30))));
+    // Changing the settings keeps the marks.
+    let change = UserSettingsUpdate {
+        alerts: Some(Alerts {
+            balance_below: Some(Credits(1)),
+            budget_percent: None,
+        }),
+        ..UserSettingsUpdate::default()
+    };
+    let u = store.update_user_settings(&user.id, &change).await.unwrap();
+    assert_eq!(u.alerted.budget, Some(at(30)));
+    let nobody = UserId::new("usr_nobody");
+    assert!(!store
+        .swap_alert_mark(&nobody, AlertKind::Balance, None, Some(at(1)))
+        .await
+        .unwrap());
+}
+
+/// Of many hosts taking the same mark at once, exactly one wins.
+pub async fn concurrent_alert_mark_has_one_winner(store: Arc<dyn Store>) {
+    let user = new_user("race@example.com", Credits::whole(1));
+    store.create_user(&user).await.unwrap();
+    let takes = (0..20).map(|i| {
+        let (store, id) = (store.clone(), user.id.clone());
+        tokio::spawn(async move {
+            store
+                .swap_alert_mark(&id, AlertKind::Budget, None, Some(at(100 + i)))
+                .await
+                .unwrap()
+        })
+    });
+    let mut won = 0;
+    for t in takes.collect::<Vec<_>>() {
+        won += usize::from(t.await.unwrap());
+    }
+    assert_eq!(won, 1);
+    let u = store.user(&user.id).await.unwrap();
+    assert!(u.alerted.budget.is_some());
+}
+
 /// Rate counters add up within a window, start again in a later one, and
 /// leave a later window alone when asked about an earlier one.
 pub async fn rate_usage_counts_per_window(store: Arc<dyn Store>) {

@@ -7,6 +7,7 @@
 //! | `POST /v1/auth/refresh` | the holder of a refresh token (body or cookie; rate-limited per session) |
 //! | `POST /v1/auth/logout` | the holder of a refresh or access token |
 //! | `GET /v1/me`, `GET /v1/me/usage` | a signed-in user |
+//! | `PATCH /v1/me` | a signed-in user: the account's budget and alerts |
 //! | `GET`/`POST /v1/me/keys`, `PATCH`/`DELETE /v1/me/keys/{id}` | a signed-in user, own keys only |
 //! | `GET /v1/notifications` | anyone: the notifications shown now |
 //!
@@ -48,7 +49,7 @@ pub(super) fn routes() -> Routes {
         .route("/v1/auth/verify", post(verify))
         .route("/v1/auth/refresh", post(refresh))
         .route("/v1/auth/logout", post(logout))
-        .route("/v1/me", get(me))
+        .route("/v1/me", get(me).patch(update_account))
         .route("/v1/me/usage", get(usage))
         .route("/v1/me/keys", get(list_keys).post(create_key))
         .route("/v1/me/keys/{id}", patch(update_key).delete(revoke_key))
@@ -261,6 +262,26 @@ async fn me(
 ) -> ApiResult<Json<MeResponse>> {
     let a = b.accounts();
     ok(a.me(&user).await?)
+}
+
+#[utoipa::path(
+    patch,
+    path = "/v1/me",
+    tag = "account",
+    description = "Changes the account's budget per UTC day or month (over all its keys; `null` \
+                   removes it) or its alert emails (`alerts` replaces the ones set). Absent \
+                   fields stay.",
+    security(("session" = []), ("session_cookie" = [])),
+    request_body = UpdateAccountRequest,
+    responses((status = 200, description = "The account", body = MeResponse), super::openapi::Refusals)
+)]
+async fn update_account(
+    SessionUser(user): SessionUser,
+    State(b): State<Broker>,
+    Body(req): Body<UpdateAccountRequest>,
+) -> ApiResult<Json<MeResponse>> {
+    let a = b.accounts();
+    ok(a.update_account(&user, req).await?)
 }
 
 #[derive(Deserialize)]

@@ -8,6 +8,7 @@
 //! | `GET /v1/admin/users?q=&limit=` | list and search accounts by email |
 //! | `POST /v1/admin/users` | create a user with a first key |
 //! | `GET /v1/admin/users/{id}` | a user with keys (no secrets) and grants |
+//! | `PATCH /v1/admin/users/{id}` | change a user's budget or alerts |
 //! | `POST /v1/admin/users/{id}/credits` | grant or remove credits (who and why recorded) |
 //! | `POST /v1/admin/users/{id}/suspend`, `.../unsuspend` | suspend with a reason, or lift it |
 //! | `PATCH /v1/admin/keys/{id}` | change any key: rate limits (`rpm`, `tpm`), credit limit, routes, name |
@@ -42,7 +43,7 @@ use crate::wire::*;
 pub(super) fn routes() -> Routes {
     AdminRoutes(Routes::new())
         .route("/v1/admin/users", post(create_user).get(search_users))
-        .route("/v1/admin/users/{id}", get(user_detail))
+        .route("/v1/admin/users/{id}", get(user_detail).patch(update_user))
         .route("/v1/admin/users/{id}/credits", post(grant_credits))
         .route("/v1/admin/users/{id}/suspend", post(suspend_user))
         .route("/v1/admin/users/{id}/unsuspend", post(unsuspend_user))
@@ -217,6 +218,27 @@ async fn user_detail(
 ) -> ApiResult<Json<AdminUserDetail>> {
     let id = UserId::new(id);
     ok(b.admin().user_detail(&id).await?)
+}
+
+#[utoipa::path(
+    patch,
+    path = "/v1/admin/users/{id}",
+    tag = "admin",
+    description = "Changes a user's budget per UTC day or month (`null` removes it) or alerts. \
+                   Absent fields stay.",
+    security(("session" = []), ("session_cookie" = []), ("api_key" = [])),
+    params(("id" = String, Path, description = "The user")),
+    request_body = UpdateAccountRequest,
+    responses((status = 200, description = "The user", body = AdminUserView), super::openapi::Refusals)
+)]
+async fn update_user(
+    _: Admin,
+    State(b): State<Broker>,
+    Path(id): Path<String>,
+    Body(req): Body<UpdateAccountRequest>,
+) -> ApiResult<Json<AdminUserView>> {
+    let id = UserId::new(id);
+    ok(b.admin().update_user(&id, req).await?)
 }
 
 #[utoipa::path(

@@ -15,15 +15,15 @@
 //! | 404 | unknown model, unknown thing, another account's thing | `not_found_error` / `model_not_found` or `not_found` |
 //! | 409 | already exists, conflicting change | `conflict_error` / `conflict` |
 //! | 413 | request body over the limit | `invalid_request_error` / `payload_too_large` |
-//! | 429 | the **key's** own credit limit or its budget for the day or month is spent (raise it, wait for the next period, or use another key); a key's or account's requests or tokens per minute are used up (with `Retry-After`); or a sign-in rate limit | `insufficient_quota` / `key_limit_reached` or `budget_exceeded`, `requests` or `tokens` / `rate_limit_exceeded`, or `rate_limit_error` / `rate_limited` |
+//! | 429 | the **key's** own credit limit, or the key's or its account's budget for the day or month, is spent (raise it, wait for the next period, or use another key); a key's or account's requests or tokens per minute are used up (with `Retry-After`); or a sign-in rate limit | `insufficient_quota` / `key_limit_reached` or `budget_exceeded`, `requests` or `tokens` / `rate_limit_exceeded`, or `rate_limit_error` / `rate_limited` |
 //! | 502 | every node tried failed | `upstream_error` / `upstream_failed` |
 //! | 503 | no healthy node serves the model, the store is unavailable, or a call's charge could not be committed (its answer withheld, nothing charged) | `service_unavailable` / `no_capacity`, `unavailable` or `not_charged` |
 //! | 504 | every node tried timed out | `upstream_error` / `upstream_timeout` |
 //!
 //! 402 and 429 are kept apart on purpose: a 402 asks the account holder to
 //! buy credits, a 429 `key_limit_reached` or `budget_exceeded` asks them to
-//! change a key setting (a budget's message says when its next period
-//! starts); OpenAI's SDKs treat 429 as retryable, so these carry no
+//! change a key or account setting (a budget's message names the key's or
+//! the account's and says when its next period starts); OpenAI's SDKs treat 429 as retryable, so these carry no
 //! `Retry-After`.
 //!
 //! Every gateway answer after the key is known, refusals included, carries

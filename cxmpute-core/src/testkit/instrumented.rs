@@ -185,6 +185,28 @@ impl<S: Store> UserStore for InstrumentedStore<S> {
         .await
     }
 
+    async fn update_user_settings(&self, id: &UserId, update: &UserSettingsUpdate) -> Result<User> {
+        self.call(
+            "update_user_settings",
+            self.inner.update_user_settings(id, update),
+        )
+        .await
+    }
+
+    async fn swap_alert_mark(
+        &self,
+        id: &UserId,
+        kind: AlertKind,
+        from: Option<Timestamp>,
+        to: Option<Timestamp>,
+    ) -> Result<bool> {
+        self.call(
+            "swap_alert_mark",
+            self.inner.swap_alert_mark(id, kind, from, to),
+        )
+        .await
+    }
+
     async fn create_api_key(&self, key: &ApiKey) -> Result<()> {
         self.call("create_api_key", self.inner.create_api_key(key))
             .await

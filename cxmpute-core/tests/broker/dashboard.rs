@@ -405,6 +405,28 @@ async fn dashboard_pages_load_and_draw_seeded_data() {
     };
     assert_eq!(key_limits(&s.h, &s.user.id).await, set);
     shot(&c, "admin-limits").await;
+    // And the user's account budget and alerts, by its id.
+    type_into(&c, "#admin-account-user", s.user.id.as_str()).await;
+    type_into(&c, "#admin-account-budget", "2.5").await;
+    type_into(&c, "#admin-account-budget_percent", "101").await;
+    click(&c, "#admin-account button").await;
+    wait_text(&c, "#status", "budget_percent").await;
+    assert_eq!(
+        s.h.broker.store().user(&s.user.id).await.unwrap().budget,
+        None
+    );
+    set_field(&c, "#admin-account-budget_percent", "80").await;
+    click(&c, "#admin-account button").await;
+    wait_text(&c, "#admin-account-result", "2.50 a day").await;
+    let u = s.h.broker.store().user(&s.user.id).await.unwrap();
+    assert_eq!(
+        u.budget,
+        Some(Budget {
+            limit: Credits(2_500_000),
+            period: BudgetPeriod::Day
+        })
+    );
+    assert_eq!(u.alerts.budget_percent, Some(80));
     // The catalogue: the reward policy above it; add a model, then remove it.
     let builtin = network::Catalogue::original().models().len();
     assert_eq!(rows(&c, "catalogue").await, builtin);
@@ -548,6 +570,35 @@ async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     assert_eq!(key_budget(&s.h, &s.user.id).await, monthly);
     assert_eq!(key_limits(&s.h, &s.user.id).await, set, "the limits stay");
     wait_for(&c, &format!("{}[value='0.25']", field("budget"))).await;
+    ready(&c, "me").await;
+    // The account's own budget and alerts: shown with this period's spending.
+    wait_for(
+        &c,
+        "#me-account-budget", // the form, once the page settled (below)
+    )
+    .await;
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath(
+            "//p[@id='me-budget'][contains(., 'No account budget')]",
+        ))
+        .await
+        .unwrap();
+    ready(&c, "me").await;
+    set_field(&c, "#me-account-budget", "1").await;
+    set_field(&c, "#me-account-balance_below", "0.5").await;
+    click(&c, "#me-account button").await;
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath(
+            "//p[@id='me-budget'][contains(., 'Spent this day: 0')]",
+        ))
+        .await
+        .unwrap();
+    let u = s.h.broker.store().user(&s.user.id).await.unwrap();
+    assert_eq!(u.budget.map(|b| b.limit), Some(Credits(1_000_000)));
+    assert_eq!(u.alerts.balance_below, Some(Credits(500_000)));
+    wait_for(&c, "#me-account-balance_below[value='0.5']").await;
     ready(&c, "me").await;
     c.execute(
         "document.getElementById('my-keys').scrollIntoView()",

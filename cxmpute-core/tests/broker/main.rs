@@ -10,6 +10,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod account_budget;
 mod accounts;
 mod admission;
 mod authz;
