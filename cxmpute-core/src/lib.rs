@@ -23,6 +23,7 @@ mod admission;
 pub mod analytics;
 pub mod broker;
 mod budget;
+pub mod cache;
 mod catalogue;
 pub mod config;
 pub mod egress;

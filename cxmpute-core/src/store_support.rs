@@ -420,6 +420,7 @@ pub fn release_settlement(r: &Reservation, at: Timestamp) -> Settlement {
             at,
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            cache_hit: false,
         },
     }
 }
@@ -446,6 +447,12 @@ pub fn apply_key_update(k: &mut ApiKey, u: &ApiKeyUpdate) {
     }
     if let Some(budget) = u.budget {
         k.budget = budget;
+    }
+    if let Some(ttl) = u.cache_ttl_secs {
+        k.cache.ttl_secs = ttl;
+    }
+    if let Some(shared) = u.cache_shared {
+        k.cache.shared = shared;
     }
 }
 

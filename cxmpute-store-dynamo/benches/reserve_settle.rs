@@ -59,6 +59,7 @@ async fn fixture(endpoint: &str) -> Fixture {
         revoked_at: None,
         rate_limits: cxmpute_core::RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {
@@ -111,6 +112,7 @@ async fn one_request(f: &Fixture) {
             at: T0,
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            cache_hit: false,
         },
     };
     assert_eq!(

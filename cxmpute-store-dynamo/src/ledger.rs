@@ -246,6 +246,7 @@ fn usage_item(u: &UsageRecord) -> Item {
         .n("at", u.at.0)
         .n("charged", u.charged.0)
         .n("reward", u.reward.0)
+        .b("cache_hit", u.cache_hit)
         .build()
 }
 
@@ -268,6 +269,7 @@ fn decode_usage(it: &Item) -> Result<UsageRecord> {
         at: Timestamp(r.num("at")?),
         charged: Credits(r.num("charged")?),
         reward: Credits(r.num("reward")?),
+        cache_hit: r.b("cache_hit")?,
     })
 }
 

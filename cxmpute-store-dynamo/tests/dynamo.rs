@@ -52,6 +52,7 @@ async fn funded(store: &dyn Store, credits: Credits, limit: Option<Credits>) -> 
         revoked_at: None,
         rate_limits: cxmpute_core::RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.expect("create key");
     (user, key)
@@ -108,6 +109,7 @@ fn settlement(
             at: Timestamp(r.created_at.0 + 1),
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            cache_hit: false,
         },
     }
 }

@@ -80,6 +80,7 @@ async fn fixture(n: usize) -> Fixture {
         revoked_at: None,
         rate_limits: RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {
@@ -137,6 +138,7 @@ fn settlement(f: &Fixture, r: &Reservation) -> Settlement {
             at: r.created_at,
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            cache_hit: false,
         },
     }
 }

@@ -97,7 +97,9 @@ const WRITE_RUN: &str = concat!(
     ") ",
     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, ",
     "value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, ",
-    "value ->> 12, value ->> 13, value ->> 14, value ->> 15 FROM json_each(?); ",
+    // The last element is a pair: serde writes tuples of at most 16.
+    "value ->> 12, value ->> 13, value ->> 14, value ->> '$[15][0]', value ->> '$[15][1]' ",
+    "FROM json_each(?); ",
     // Balances move by the run's net change per user (relative: commutes).
     "UPDATE users SET credits = credits + (d.value ->> 1) ",
     "FROM json_each(?) d WHERE users.id = d.value ->> 0; ",
@@ -365,7 +367,7 @@ async fn write(c: &mut SqliteConnection, run: &Run) -> Result<()> {
                 u.app.as_deref(),
                 u.at.0,
                 u.charged.0,
-                u.reward.0,
+                (u.reward.0, u.cache_hit),
             )
         })
         .collect();

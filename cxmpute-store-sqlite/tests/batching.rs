@@ -49,6 +49,7 @@ async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
         revoked_at: None,
         rate_limits: RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {
@@ -103,6 +104,7 @@ fn settlement(f: &Fixture, r: &Reservation, charged: Credits, reward: Credits) -
             at: r.created_at,
             charged: Credits::ZERO,
             reward: Credits::ZERO,
+            cache_hit: false,
         },
     }
 }

@@ -91,6 +91,7 @@ fn crash_child() {
                             at: Timestamp(T0 + i as i64),
                             charged: Credits::ZERO,
                             reward: Credits::ZERO,
+                            cache_hit: false,
                         },
                     };
                     assert_eq!(store.settle(&st).await.unwrap(), SettleOutcome::Applied);
@@ -157,6 +158,7 @@ fn acknowledged_settlements_survive_sigkill() {
             revoked_at: None,
             rate_limits: RateLimits::default(),
             budget: None,
+            cache: Default::default(),
         };
         store.create_api_key(&key).await.unwrap();
         let provider = Provider {

@@ -58,6 +58,7 @@ async fn populate(store: &SqliteStore) -> World {
         revoked_at: None,
         rate_limits: RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {
@@ -130,6 +131,7 @@ async fn populate(store: &SqliteStore) -> World {
                 at: Timestamp(T0.0 + 100 + i),
                 charged: Credits::ZERO,
                 reward: Credits::ZERO,
+                cache_hit: false,
             },
         };
         store.settle(&st).await.unwrap();

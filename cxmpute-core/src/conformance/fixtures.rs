@@ -43,6 +43,7 @@ pub(super) fn new_key(user: &User, limit: Option<Credits>, created_at: Timestamp
         revoked_at: None,
         rate_limits: RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     }
 }
 
@@ -131,6 +132,7 @@ pub(super) fn usage(
         at: finished,
         charged: Credits::ZERO,
         reward: Credits::ZERO,
+        cache_hit: false,
     }
 }
 
