@@ -172,6 +172,14 @@ function budgetValue(form) {
   return { limit: Number.isFinite(n) ? Math.round(n * 1e6) : t, period: form.elements.period.value };
 }
 
+// A key's response-cache settings: its default TTL for calls without the
+// X-Cxmpute-Cache header, and whether an admin let it share across accounts.
+function cacheText(c) {
+  if (!c) return 'off';
+  const ttl = c.ttl_secs ? `${fmtInt(c.ttl_secs)} s by default` : 'per call';
+  return c.shared ? ttl + ', shared' : ttl;
+}
+
 function budgetText(b) { return b ? `${fmtCredits(b.limit)} a ${b.period}` : 'no budget'; }
 
 // Sends a key's limits from `form` (`rpm`, `tpm` inputs) with `send` (a
@@ -416,7 +424,20 @@ async function viewMe(main) {
       ['Left', k => k.credits_left === null ? '–' : fmtCredits(k.credits_left)],
       ['Per minute (requests, tokens); budget (credits a day or month)', limitsForm],
       ['Last used', k => k.last_used_at ? new Date(k.last_used_at).toISOString().slice(0, 16).replace('T', ' ') : 'never'],
+      ['Response cache', k => cacheText(k.cache)],
     ], me.keys)));
+    // The latest calls; those answered from the response cache are marked
+    // (charged the cache price, served by no node).
+    const u = await asUser('/v1/me/usage?days=1');
+    if (u.ok) {
+      main.append(panel('Recent requests', table('my-recent', [
+        ['Model', r => r.model], ['Route', r => r.route],
+        ['When', r => new Date(r.at).toISOString().slice(0, 19).replace('T', ' ')],
+        ['Tokens in', r => fmtInt(r.input_tokens)], ['Tokens out', r => fmtInt(r.output_tokens)],
+        ['Charged', r => fmtCredits(r.charged)],
+        ['Answered', r => !r.success ? 'failed' : r.cache_hit ? 'from cache' : 'by a node'],
+      ], u.data.recent)));
+    }
   }
   main.append(el('p', {}, el('button', { class: 'secondary', id: 'signout', onclick: async () => {
     if (!state.apiKey) await api('/v1/auth/logout', { method: 'POST', body: {}, bearer: state.token });
