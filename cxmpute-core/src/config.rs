@@ -410,6 +410,38 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_section_sets_size_ttl_and_prices_and_is_checked() {
+        let f = ConfigFile::parse(
+            "[cache]\nmax_bytes = 1000\nmax_ttl_secs = 60\n\
+             [cache.price_permille]\ndefault = 250\nembeddings = 0\n",
+        )
+        .unwrap();
+        let c = f.broker_config(BrokerConfig::default()).cache;
+        assert_eq!(
+            (c.max_bytes, c.max_ttl),
+            (1000, std::time::Duration::from_secs(60))
+        );
+        assert_eq!(c.price_permille_of(Service::Chat), 250);
+        assert_eq!(c.price_permille_of(Service::Embeddings), 0);
+        let defaults = ConfigFile::parse("")
+            .unwrap()
+            .broker_config(BrokerConfig::default());
+        assert_eq!(defaults.cache, CacheConfig::default());
+        assert_eq!(defaults.cache.price_permille_of(Service::Chat), 100);
+        assert!(err("[cache.price_permille]\nchat = 1001\n").contains("at most 1000"));
+        assert!(err("[cache]\nmax_ttl_secs = 0\n").contains("at least a second"));
+        assert!(err("[cache]\nmax_entries = 5\n").contains("unknown field"));
+        let example = ConfigFile::parse(include_str!("../../cxmpute.example.toml")).unwrap();
+        assert_eq!(
+            example
+                .broker_config(BrokerConfig::default())
+                .cache
+                .max_bytes,
+            64 << 20
+        );
+    }
+
+    #[test]
     fn an_empty_file_is_the_defaults() {
         let f = ConfigFile::parse("").unwrap();
         assert_eq!(f, ConfigFile::default());
