@@ -168,6 +168,9 @@ impl Plan {
         model: &str,
         body: &[u8],
     ) -> Result<Option<Plan>> {
+        if !serves(route.service()) {
+            return Ok(None);
+        }
         let ttl = match directive {
             Some(CacheDirective::NoStore) => return Ok(None),
             Some(CacheDirective::Ttl(n)) => {
@@ -180,9 +183,6 @@ impl Plan {
                 None => return Ok(None),
             },
         };
-        if !serves(route.service()) {
-            return Ok(None);
-        }
         let Some(canonical) = canonical_body(body) else {
             return Ok(None);
         };
@@ -731,10 +731,10 @@ mod tests {
             plan(Some(CacheDirective::Ttl(86_401)), &k, Route::Embeddings),
             Err(Error::InvalidInput(_))
         ));
-        // Other services are not cached.
-        assert!(plan(Some(CacheDirective::Ttl(5)), &k, Route::AudioSpeech)
-            .unwrap()
-            .is_none());
+        // Other services are not cached, whatever the header says.
+        for d in [CacheDirective::Ttl(5), CacheDirective::Ttl(u32::MAX)] {
+            assert!(plan(Some(d), &k, Route::AudioSpeech).unwrap().is_none());
+        }
         assert_eq!(
             CacheDirective::parse(" TTL = 600 "),
             Some(CacheDirective::Ttl(600))
