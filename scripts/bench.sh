@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # A side-by-side load run on one box: the stand-in node directly, nginx as a
 # plain reverse proxy in front of it, and the host (memory store, then
-# SQLite) in front of it, each non-streamed and streamed. Prints requests/s,
+# SQLite) in front of it, each non-streamed and streamed, and the host
+# answering the same call from its response cache (mode `cached`: the header
+# `X-Cxmpute-Cache: ttl=600`, so every call after the first is a hit, held,
+# settled at the cache price and recorded like any call). Prints requests/s,
 # each target's ratio to nginx, latency percentiles and the CPU the process
 # in the middle (nginx's workers, the host) spent per call.
 #
@@ -128,9 +131,13 @@ host_bin=$(executable host)
 
 cat >"$work/chat.lua" <<'EOF'
 -- POSTs one chat completion per request; BENCH_STREAM=1 asks for a stream,
--- BENCH_KEY (when set) is sent as the API key.
+-- BENCH_CACHE=1 for the response cache, BENCH_KEY (when set) is sent as the
+-- API key.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+if os.getenv("BENCH_CACHE") == "1" then
+  wrk.headers["X-Cxmpute-Cache"] = "ttl=600"
+end
 local key = os.getenv("BENCH_KEY")
 if key and key ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. key
@@ -160,6 +167,7 @@ body() {
 check_call() { # url mode key
   local auth=() out
   [ -n "$3" ] && auth=(-H "Authorization: Bearer $3")
+  [ "$2" = cached ] && auth+=(-H "X-Cxmpute-Cache: ttl=600")
   out=$(curl -sS --max-time 10 -w '\n%{http_code}' "$1/v1/chat/completions" "${auth[@]}" \
     -H 'Content-Type: application/json' -d "$(body "$2")") || die "no answer from $1"
   local want='"content":"Hello from'
@@ -177,12 +185,13 @@ nginx_rps_plain="" nginx_rps_stream=""
 run() {
   local target=$1 mode=$2 url=$3 key=$4
   shift 4
-  local stream=0
+  local stream=0 cache=0
   [ "$mode" = stream ] && stream=1
+  [ "$mode" = cached ] && cache=1
   check_call "$url" "$mode" "$key"
   log "$target, $mode: ${seconds}s, $connections connections"
   if [ "$warmup" -gt 0 ]; then
-    BENCH_KEY=$key BENCH_STREAM=$stream wrk -t"$threads" -c"$connections" -d"${warmup}s" \
+    BENCH_KEY=$key BENCH_STREAM=$stream BENCH_CACHE=$cache wrk -t"$threads" -c"$connections" -d"${warmup}s" \
       -s "$work/chat.lua" "$url/v1/chat/completions" >/dev/null
   fi
   local before=0 after=0 perf_pid=""
@@ -194,7 +203,7 @@ run() {
   fi
   [ $# -gt 0 ] && before=$(cpu_ticks "$@")
   local out
-  out=$(BENCH_KEY=$key BENCH_STREAM=$stream wrk -t"$threads" -c"$connections" \
+  out=$(BENCH_KEY=$key BENCH_STREAM=$stream BENCH_CACHE=$cache wrk -t"$threads" -c"$connections" \
     -d"${seconds}s" -s "$work/chat.lua" "$url/v1/chat/completions")
   [ $# -gt 0 ] && after=$(cpu_ticks "$@")
   if [ -n "$perf_pid" ]; then
@@ -348,7 +357,7 @@ bench_host() {
 
   local balance_before balance_after mode
   balance_before=$(curl -sf "$url/v1/admin/users/$user_id" "${admin[@]}" | field credits)
-  for mode in plain stream; do
+  for mode in plain stream cached; do
     # Keeps the node in routing for the run (see BENCH_SECONDS).
     curl -sf -X POST -o /dev/null "$url/v1/provider/provisions/$provision_id/heartbeat" \
       -H "Authorization: Bearer $provider_key" || die "the node's heartbeat was refused"

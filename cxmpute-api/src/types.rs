@@ -565,6 +565,71 @@ pub struct ApiKey {
     /// How much the key may spend per day or month (absent: no budget).
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// The response cache's settings for the key (absent: off, not shared).
+    #[serde(default)]
+    pub cache: KeyCacheSettings,
+}
+
+/// A key's response-cache settings: a default time to live for calls that
+/// send no `X-Cxmpute-Cache` header, and whether its entries are shared with
+/// other accounts' keys that have sharing on (an operator's choice).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct KeyCacheSettings {
+    /// Seconds an answer is kept when the call does not say (`None`: calls
+    /// without the header are not cached).
+    #[serde(default)]
+    pub ttl_secs: Option<u32>,
+    /// Whether the key reads and writes the shared namespace instead of its
+    /// account's own (set by an admin only).
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// What a call asks of the response cache (`X-Cxmpute-Cache`): `ttl=N`
+/// (seconds; `ttl=0` is `no-store`) or `no-store`. A call without the header
+/// follows its key's [`KeyCacheSettings::ttl_secs`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CacheDirective {
+    /// Answer from the cache when an entry is there, else keep the answer
+    /// for this many seconds (at least 1).
+    Ttl(u32),
+    /// Neither read nor write the cache.
+    NoStore,
+}
+
+impl CacheDirective {
+    /// The request header's name.
+    pub const HEADER: &'static str = "x-cxmpute-cache";
+
+    /// Parses the header's value: `ttl=N` or `no-store` (case and spaces
+    /// around ignored); `None` when it is neither.
+    pub fn parse(value: &str) -> Option<Self> {
+        let v = value.trim();
+        if v.eq_ignore_ascii_case("no-store") {
+            return Some(CacheDirective::NoStore);
+        }
+        let (name, n) = v.split_once('=')?;
+        if !name.trim().eq_ignore_ascii_case("ttl") {
+            return None;
+        }
+        let n = n.trim();
+        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(match n.parse::<u32>().ok()? {
+            0 => CacheDirective::NoStore,
+            n => CacheDirective::Ttl(n),
+        })
+    }
+
+    /// The header's value for this directive.
+    pub fn header_value(&self) -> String {
+        match self {
+            CacheDirective::Ttl(n) => format!("ttl={n}"),
+            CacheDirective::NoStore => "no-store".to_owned(),
+        }
+    }
 }
 
 /// A spending limit per UTC calendar day or month of the broker's clock,
@@ -668,6 +733,12 @@ pub struct ApiKeyUpdate {
     /// A new budget: `Some(None)` removes it.
     #[serde(default)]
     pub budget: Option<Option<Budget>>,
+    /// A new default cache TTL in seconds: `Some(None)` removes it.
+    #[serde(default)]
+    pub cache_ttl_secs: Option<Option<u32>>,
+    /// Whether the key shares the cache across accounts (admins only).
+    #[serde(default)]
+    pub cache_shared: Option<bool>,
 }
 
 /// A provider account: the one who runs nodes and earns.
@@ -896,6 +967,10 @@ pub struct UsageRecord {
     /// fallback or an alias. `None` when the served model is the one asked for.
     #[serde(default)]
     pub requested_model: Option<String>,
+    /// Whether it was answered from the response cache (no provider, no
+    /// reward; charged the cache price).
+    #[serde(default)]
+    pub cache_hit: bool,
 }
 
 /// Sums over every settlement, for audits: `charged == rewarded + platform`.

@@ -975,6 +975,9 @@ pub struct ApiKeyView {
     /// What it may spend per UTC day or month (`None`: no budget).
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// Its response-cache settings (default TTL, shared namespace).
+    #[serde(default)]
+    pub cache: KeyCacheSettings,
 }
 
 impl From<&ApiKey> for ApiKeyView {
@@ -991,6 +994,7 @@ impl From<&ApiKey> for ApiKeyView {
             rpm: k.rate_limits.rpm,
             tpm: k.rate_limits.tpm,
             budget: k.budget,
+            cache: k.cache,
         }
     }
 }
@@ -1141,6 +1145,19 @@ pub struct UpdateKeyRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub budget: Option<Option<Budget>>,
+    /// Seconds a call's answer is kept in the response cache when the call
+    /// sends no `X-Cxmpute-Cache` header (1 up to the host's maximum);
+    /// `null` removes it (such calls are not cached).
+    #[serde(
+        default,
+        deserialize_with = "present_nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cache_ttl_secs: Option<Option<u32>>,
+    /// Whether the key's calls share cached answers with other accounts'
+    /// keys that have sharing on. Admins only (`PATCH /v1/admin/keys/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_shared: Option<bool>,
 }
 
 /// Tells an absent field (`None`, by `default`) from an explicit `null` (`Some(None)`).
@@ -1224,6 +1241,9 @@ pub struct RecentRequest {
     /// `models` list, or an alias); left out otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requested_model: Option<String>,
+    /// Whether it was answered from the response cache.
+    #[serde(default)]
+    pub cache_hit: bool,
 }
 
 /// `GET /v1/me/usage?days=N`: usage per day and per service.

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use cxmpute_api::clock::{Clock, SystemClock};
 use cxmpute_api::retry_after;
 use cxmpute_api::secret::Secret;
+use cxmpute_api::types::CacheDirective;
 use cxmpute_api::wire::{ErrorBody, SessionResponse};
 use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use http::{Method, Uri};
@@ -134,6 +135,8 @@ struct Shared {
 pub struct Client {
     shared: Arc<Shared>,
     cred: Credential,
+    /// Sent as `X-Cxmpute-Cache` on every call (see [`Client::with_cache`]).
+    cache: Option<CacheDirective>,
 }
 
 impl std::fmt::Debug for Client {
@@ -144,6 +147,7 @@ impl std::fmt::Debug for Client {
             .field("timeout", &self.shared.timeout)
             .field("read_timeout", &self.shared.read_timeout)
             .field("retry", &self.shared.retry)
+            .field("cache", &self.cache)
             .finish_non_exhaustive()
     }
 }
@@ -199,6 +203,7 @@ impl Client {
         Client {
             shared: self.shared.clone(),
             cred: Credential::Bearer(Secret::new(token)),
+            cache: self.cache,
         }
     }
 
@@ -217,6 +222,7 @@ impl Client {
         Client {
             shared: self.shared.clone(),
             cred: Credential::Session(SessionCell::new(tokens)),
+            cache: self.cache,
         }
     }
 
@@ -249,6 +255,35 @@ impl Client {
         Client {
             shared: self.shared.clone(),
             cred: Credential::None,
+            cache: self.cache,
+        }
+    }
+
+    /// The same client asking the host's response cache for `directive` on
+    /// its gateway calls (the `X-Cxmpute-Cache` header; chat completions and
+    /// embeddings are cached): `CacheDirective::Ttl(600)` answers a repeated
+    /// call from the cache, at the cache price, and keeps new answers for 600
+    /// seconds; `CacheDirective::NoStore` neither reads nor keeps, whatever
+    /// the key's default. `None` follows the key's default.
+    ///
+    /// ```no_run
+    /// use cxmpute_client::types::CacheDirective;
+    /// use cxmpute_client::wire::{ChatCompletionRequest, ChatMessage};
+    ///
+    /// # async fn run(client: cxmpute_client::Client) -> Result<(), cxmpute_client::Error> {
+    /// let cached = client.with_cache(Some(CacheDirective::Ttl(600)));
+    /// let req = ChatCompletionRequest::new("llama3.2:3b", vec![ChatMessage::user("Hi")]);
+    /// let first = cached.user().chat(&req).await?;
+    /// let again = cached.user().chat(&req).await?; // from the cache
+    /// assert_eq!(first.choices, again.choices);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_cache(&self, directive: Option<CacheDirective>) -> Client {
+        Client {
+            shared: self.shared.clone(),
+            cred: self.cred.clone(),
+            cache: directive,
         }
     }
 
@@ -533,6 +568,7 @@ impl ClientBuilder {
                 app_name,
             }),
             cred: self.cred.unwrap_or(Credential::None),
+            cache: None,
         })
     }
 }
@@ -608,6 +644,9 @@ impl Req<'_> {
         }
         if let Some(app) = &s.app_name {
             rb = rb.header("x-title", app.clone());
+        }
+        if let Some(d) = self.client.cache {
+            rb = rb.header(CacheDirective::HEADER, d.header_value());
         }
         if self.body.is_some() {
             rb = rb.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));

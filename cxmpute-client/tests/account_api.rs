@@ -185,6 +185,8 @@ async fn own_keys_are_created_used_changed_and_revoked() {
             limit: Credits(5_000_000),
             period: BudgetPeriod::Month,
         })),
+        cache_ttl_secs: Some(Some(300)),
+        cache_shared: None,
     };
     let changed = session
         .account()
@@ -195,6 +197,19 @@ async fn own_keys_are_created_used_changed_and_revoked() {
     assert_eq!((changed.credit_limit, changed.credits_left), (None, None));
     assert!(changed.permitted_routes.is_empty());
     assert_eq!((changed.rpm, changed.tpm), (Some(60), Some(100_000)));
+    assert_eq!(changed.cache.ttl_secs, Some(300));
+    assert!(!changed.cache.shared);
+    // Sharing cached answers across accounts is an admin's decision.
+    let share = UpdateKeyRequest {
+        cache_shared: Some(true),
+        ..Default::default()
+    };
+    let refused = session
+        .account()
+        .update_key(&created.key.key_id, &share)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(403), "{refused:?}");
     assert_eq!(
         changed.budget,
         Some(Budget {

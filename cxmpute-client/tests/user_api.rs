@@ -3,6 +3,7 @@
 mod common;
 
 use common::{World, EMBED, MODEL};
+use cxmpute_client::types::CacheDirective;
 use cxmpute_client::wire::{ChatCompletionRequest, ChatMessage, EmbeddingInput, EmbeddingsRequest};
 use cxmpute_client::Error;
 use cxmpute_core::testkit::{Behavior, STREAM_CHUNKS};
@@ -60,6 +61,52 @@ async fn chat_stream_yields_typed_chunks_then_usage_then_ends() {
     assert!(stream.next().await.is_none(), "the stream stays ended");
     w.host.assert_settled(1).await;
     assert_eq!(w.balance().await, Credits(10_000_000 - 1_020));
+}
+
+#[tokio::test]
+async fn a_client_with_a_cache_directive_is_answered_from_the_cache() {
+    let w = World::start().await;
+    let cached = w.client().with_cache(Some(CacheDirective::Ttl(600)));
+    let first = cached.user().chat(&hi()).await.unwrap();
+    let again = cached.user().chat(&hi()).await.unwrap();
+    assert_eq!(again, first);
+    // Streamed: the same content, replayed.
+    let mut stream = cached.user().chat_stream(&hi()).await.unwrap();
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        for c in &chunk.unwrap().choices {
+            text.push_str(c.delta.content.as_deref().unwrap_or_default());
+        }
+    }
+    assert_eq!(
+        Some(text.as_str()),
+        first.choices[0].message.text().as_deref()
+    );
+    // `no-store` goes to the node.
+    let fresh = cached.with_cache(Some(CacheDirective::NoStore));
+    fresh.user().chat(&hi()).await.unwrap();
+    assert_eq!(w.chat_node.hits(), 2);
+    let embeddings = EmbeddingsRequest {
+        model: EMBED.into(),
+        models: Vec::new(),
+        input: EmbeddingInput::Texts(vec!["one".into()]),
+        extra: Default::default(),
+    };
+    let e1 = cached.user().embeddings(&embeddings).await.unwrap();
+    let e2 = cached.user().embeddings(&embeddings).await.unwrap();
+    assert_eq!(e1, e2);
+    assert_eq!(w.embed_node.hits(), 1);
+    // Charged: one call in full (1,020), two hits at a tenth (102 each),
+    // the uncached call, and the embeddings call and its hit.
+    let records = w
+        .host
+        .broker
+        .store()
+        .usage_records(&w.user.id, 10)
+        .await
+        .unwrap();
+    assert_eq!(records.iter().filter(|r| r.cache_hit).count(), 3);
+    w.host.assert_ledger().await;
 }
 
 #[tokio::test]

@@ -262,6 +262,7 @@ impl Accounts {
             revoked_at: None,
             rate_limits: RateLimits::NONE,
             budget: None,
+            cache: Default::default(),
         };
         self.store().create_api_key(&key).await?;
         self.broker.inner().keys.forget(&key.hash); // it may be held as unknown
@@ -424,6 +425,7 @@ impl Accounts {
                 at: r.at,
                 charged: r.charged,
                 requested_model: r.requested_model,
+                cache_hit: r.cache_hit,
             })
             .collect();
         Ok(UsageResponse {
@@ -491,6 +493,12 @@ impl Accounts {
         req: UpdateKeyRequest,
     ) -> Result<ApiKey> {
         forbidden_if_suspended(&user.suspended, "this account")?;
+        if req.cache_shared.is_some() {
+            // Sharing answers across accounts is the operator's decision.
+            return Err(Error::Forbidden(
+                "only an admin may change `cache_shared`".into(),
+            ));
+        }
         let update = Self::key_update(req)?;
         self.owned_key(user, id).await?;
         self.apply_key_update(id, &update).await
@@ -524,6 +532,8 @@ impl Accounts {
             rpm: req.rpm,
             tpm: req.tpm,
             budget: req.budget,
+            cache_ttl_secs: req.cache_ttl_secs,
+            cache_shared: req.cache_shared,
         })
     }
 
@@ -535,6 +545,9 @@ impl Accounts {
         id: &ApiKeyId,
         update: &ApiKeyUpdate,
     ) -> Result<ApiKey> {
+        if let Some(Some(ttl)) = update.cache_ttl_secs {
+            crate::cache::check_ttl(&self.broker.inner().config.cache, ttl, "cache_ttl_secs")?;
+        }
         let key = self.store().update_api_key(id, update).await?;
         self.broker.inner().keys.forget(&key.hash);
         self.broker.inner().admission.refresh(&key.user_id).await?;

@@ -223,6 +223,9 @@ pub struct BrokerConfig {
     /// ([`ApiKey::rate_limits`], set by its owner or an admin) apply too; a
     /// call must fit both. See `docs/ARCHITECTURE.md`, "Rate limits".
     pub account_rate_limits: RateLimits,
+    /// The response cache: its size in bytes, longest time to live and
+    /// price (see [`crate::cache`]).
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl Default for BrokerConfig {
@@ -261,6 +264,7 @@ impl Default for BrokerConfig {
             lease_idle: Duration::from_secs(5),
             public_list_limit: 100,
             account_rate_limits: RateLimits::NONE,
+            cache: Default::default(),
         }
     }
 }
@@ -278,6 +282,7 @@ impl BrokerConfig {
             )));
         }
         self.verify.check()?;
+        self.cache.check()?;
         if self.max_attempts == 0 {
             return Err(Error::InvalidInput(
                 "max_attempts must be at least 1".into(),
@@ -429,6 +434,7 @@ impl BrokerBuilder {
                     ttl,
                 ),
             ),
+            cache: crate::cache::ResponseCache::new(&self.config.cache, self.clock.clone()),
             auth,
             // Stored prices are applied over these by the refresh below.
             prices: PriceTable::new(self.default_prices, Vec::new()),
@@ -467,6 +473,8 @@ pub(crate) struct Inner {
     pub(crate) limits: RateLimiter,
     /// Spending per day or month (see [`crate::budget`]).
     pub(crate) budgets: crate::budget::Budgets,
+    /// Answers kept for repeated calls (see [`crate::cache`]).
+    pub(crate) cache: crate::cache::ResponseCache,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) selector: Arc<dyn ProvisionSelector>,
@@ -516,6 +524,9 @@ pub struct GatewayRequest {
     pub app: Option<String>,
     /// Routing preferences (a preferred region, from `X-Cxmpute-Region`).
     pub preferences: RoutePreferences,
+    /// What the call asks of the response cache (`X-Cxmpute-Cache`); `None`
+    /// follows the key's default.
+    pub cache: Option<CacheDirective>,
 }
 
 impl GatewayRequest {
@@ -528,6 +539,7 @@ impl GatewayRequest {
             body,
             app: None,
             preferences: RoutePreferences::none(),
+            cache: None,
         }
     }
 }

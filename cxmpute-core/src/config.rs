@@ -25,6 +25,7 @@
 //! | `[[aliases]]` | `alias`, `models` (1-4, tried in order): a name for models a request may use as its `model` | each alias is put, replacing the stored one of that name; aliases only in the store stay. Seeded after the catalogue; an alias may not take a catalogue model's name |
 //! | `[[prices]]` | `service`, `model` (absent: the service's default), `per_request`, `per_million_input_tokens`, `per_million_output_tokens`, `per_million_units` (micro-credits) | each price is put, replacing the stored one; others stay |
 //! | `[limits]` | `account_rpm`, `account_tpm`: how many requests and tokens a minute each account may use over all its keys (absent: no limit; a key's own limits apply too) | not stored: [`BrokerConfig::account_rate_limits`] of this host, set by [`ConfigFile::broker_config`] |
+//! | `[cache]` | `max_bytes` (64 MiB), `max_ttl_secs` (86,400); `[cache.price_permille]` with `default` (100) and per service: a hit's price per mille of the answer's original charge, at most 1,000 | not stored: [`BrokerConfig::cache`] of this host, set by [`ConfigFile::broker_config`] |
 //! | `[reward]` | `policy` = `platform_share` (default), `tiered` or `flat`; `[reward.platform_share_permille]` with `default` and per service (`chat`, `embeddings`, `tts`, `scrape`, `vision`); `flat_micros` for `flat` | not stored: the policy of this host, shown at `GET /v1/admin/reward` |
 //!
 //! A file is applied whole or not at all: it is checked entirely before
@@ -38,6 +39,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::broker::{Broker, BrokerConfig};
+use crate::cache::CacheConfig;
 use crate::catalogue::MAX_TARGET_NODES;
 use crate::error::{Error, Result};
 use crate::reward::{FlatReward, PlatformShare, RewardPolicy, TieredReward};
@@ -63,6 +65,46 @@ pub struct ConfigFile {
     /// Rate limits every account gets.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The response cache of this host.
+    #[serde(default)]
+    pub cache: CacheFileConfig,
+}
+
+/// `[cache]`: the response cache's size, longest TTL and price; absent
+/// keys keep [`CacheConfig`]'s defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CacheFileConfig {
+    /// The most bytes its entries take together.
+    pub max_bytes: Option<u64>,
+    /// The longest time to live a call or key may ask for, in seconds.
+    pub max_ttl_secs: Option<u64>,
+    /// `[cache.price_permille]`: what a hit costs, per mille of the
+    /// original answer's charge; `default` and per service.
+    pub price_permille: Option<ShareConfig>,
+}
+
+impl CacheFileConfig {
+    /// `cfg` with what this section sets.
+    pub fn apply(&self, mut cfg: CacheConfig) -> CacheConfig {
+        if let Some(b) = self.max_bytes {
+            cfg.max_bytes = b;
+        }
+        if let Some(t) = self.max_ttl_secs {
+            cfg.max_ttl = std::time::Duration::from_secs(t);
+        }
+        if let Some(p) = self.price_permille {
+            if let Some(d) = p.default {
+                cfg.price_permille = d;
+            }
+            cfg.service_price_permille = Service::ALL
+                .into_iter()
+                .filter_map(|s| p.of(s).map(|v| (s, v)))
+                .collect();
+        }
+        cfg
+    }
 }
 
 /// `[limits]`: the rate limits of every account, over all its keys.
@@ -273,13 +315,21 @@ impl ConfigFile {
             )),
             other => other,
         })?;
+        self.cache
+            .apply(CacheConfig::default())
+            .check()
+            .map_err(|e| match e {
+                Error::InvalidInput(why) => bad(format!("config: {why}")),
+                other => other,
+            })?;
         self.reward_policy().map(drop)
     }
 
     /// `config` with what the file sets of a broker's settings (the
-    /// accounts' rate limits).
+    /// accounts' rate limits and the response cache).
     pub fn broker_config(&self, mut config: BrokerConfig) -> BrokerConfig {
         config.account_rate_limits = self.limits.account();
+        config.cache = self.cache.apply(config.cache);
         config
     }
 
@@ -388,6 +438,38 @@ mod tests {
         );
         assert!(err("[limits]\naccount_tpm = -1\n").contains("account_tpm"));
         assert!(err("[limits]\nrpm = 5\n").contains("unknown field `rpm`"));
+    }
+
+    #[test]
+    fn the_cache_section_sets_size_ttl_and_prices_and_is_checked() {
+        let f = ConfigFile::parse(
+            "[cache]\nmax_bytes = 1000\nmax_ttl_secs = 60\n\
+             [cache.price_permille]\ndefault = 250\nembeddings = 0\n",
+        )
+        .unwrap();
+        let c = f.broker_config(BrokerConfig::default()).cache;
+        assert_eq!(
+            (c.max_bytes, c.max_ttl),
+            (1000, std::time::Duration::from_secs(60))
+        );
+        assert_eq!(c.price_permille_of(Service::Chat), 250);
+        assert_eq!(c.price_permille_of(Service::Embeddings), 0);
+        let defaults = ConfigFile::parse("")
+            .unwrap()
+            .broker_config(BrokerConfig::default());
+        assert_eq!(defaults.cache, CacheConfig::default());
+        assert_eq!(defaults.cache.price_permille_of(Service::Chat), 100);
+        assert!(err("[cache.price_permille]\nchat = 1001\n").contains("at most 1000"));
+        assert!(err("[cache]\nmax_ttl_secs = 0\n").contains("at least a second"));
+        assert!(err("[cache]\nmax_entries = 5\n").contains("unknown field"));
+        let example = ConfigFile::parse(include_str!("../../cxmpute.example.toml")).unwrap();
+        assert_eq!(
+            example
+                .broker_config(BrokerConfig::default())
+                .cache
+                .max_bytes,
+            64 << 20
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tracing::Instrument;
 use crate::admission::Hold;
 use crate::broker::{Broker, GatewayRequest, GatewayResponse};
 use crate::budget::BudgetTicket;
+use crate::cache::{self, Lookup};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::forward::{self, NodeResponse, ReadError};
@@ -255,22 +256,25 @@ impl Broker {
     }
 
     /// [`Broker::handle`], with the rate limits the answer reports (its
-    /// `x-ratelimit-*` headers; empty before the caller is known).
+    /// `x-ratelimit-*` headers; empty before the caller is known) and, for
+    /// a call that used the response cache, whether it was a hit.
     pub(crate) async fn handle_limited(
         &self,
         req: GatewayRequest,
-    ) -> (Result<GatewayResponse>, RateStatus) {
+    ) -> (Result<GatewayResponse>, RateStatus, Option<Lookup>) {
         let broker = self.clone();
         let task = async move {
             let mut rate = RateStatus::default();
-            let answer = broker.admit_and_run(req, &mut rate).await;
-            (answer, rate)
+            let mut lookup = None;
+            let answer = broker.admit_and_run(req, &mut rate, &mut lookup).await;
+            (answer, rate, lookup)
         };
         match tokio::spawn(task.instrument(tracing::Span::current())).await {
             Ok(done) => done,
             Err(e) => (
                 Err(Error::backend("the gateway call's task failed", e)),
                 RateStatus::default(),
+                None,
             ),
         }
     }
@@ -279,6 +283,7 @@ impl Broker {
         &self,
         req: GatewayRequest,
         rate: &mut RateStatus,
+        lookup: &mut Option<Lookup>,
     ) -> Result<GatewayResponse> {
         let started = Instant::now();
         let i = self.inner();
@@ -308,6 +313,16 @@ impl Broker {
         let mut prep = services::prepare(&i.config, req.route, &req.body)?;
         let service = prep.route.service();
         let requested = prep.model.clone();
+        // The cache keys the request as written: an alias or a `models`
+        // list is part of it, whichever model ends up serving.
+        let cache = cache::Plan::of(
+            &i.config.cache,
+            req.cache,
+            key,
+            req.route,
+            &requested,
+            &req.body,
+        )?;
         let models = self.resolve_models(service, &prep.models)?;
         if models.len() == 1 && !i.pools.is_offered(service, &models[0]) {
             return Err(Error::ModelNotFound(models[0].clone()));
@@ -384,7 +399,21 @@ impl Broker {
             app: req.app,
             preferences: req.preferences,
             started,
+            cache,
         };
+        // Looked up once admitted: a hit is held, limited and budgeted as
+        // any call, and settled at the cache price.
+        if let Some(plan) = &ctx.cache {
+            let found = i.cache.get(plan);
+            *lookup = Some(if found.is_some() {
+                Lookup::Hit
+            } else {
+                Lookup::Miss
+            });
+            if let Some(entry) = found {
+                return ctx.answer_from_cache(entry).await;
+            }
+        }
         // 3-6.
         ctx.run().await
     }
@@ -562,6 +591,8 @@ struct CallContext {
     app: Option<String>,
     preferences: RoutePreferences,
     started: Instant,
+    /// Where a complete answer is kept, when the call uses the cache.
+    cache: Option<cache::Plan>,
 }
 
 impl CallContext {
@@ -576,6 +607,66 @@ impl CallContext {
             self.budget.settled(charged).await;
         }
         settled
+    }
+
+    /// Keeps a complete, charged plain answer in the response cache when
+    /// the call uses it.
+    fn keep(&self, body: &Bytes, meter: Meter, charged: Credits) {
+        if let Some(plan) = &self.cache {
+            if cache::complete_answer(self.prep.route.service(), body) {
+                let b = self.broker.inner();
+                b.cache.put(plan, body.clone(), meter, charged);
+            }
+        }
+    }
+
+    /// Answers from a cache entry: settled first (no node, no reward, the
+    /// cache price), then the kept answer, plainly or replayed as a stream.
+    async fn answer_from_cache(self, entry: Arc<cache::Entry>) -> Result<GatewayResponse> {
+        let b = self.broker.inner().clone();
+        let service = self.prep.route.service();
+        let permille = b.config.cache.price_permille_of(service);
+        let held = self.hold.reservation().amount;
+        let charged = cache::hit_price(entry.charged, permille, held);
+        let replayed = match self.prep.kind {
+            AnswerKind::ChatSse { caller_wants_usage } => {
+                // Checked before anything is charged: a body that cannot be
+                // replayed is a miss that was never kept (kept bodies are
+                // completions), so this does not happen; say so if it does.
+                Some(
+                    cache::replay(&entry.body, caller_wants_usage).ok_or_else(|| {
+                        Error::backend(
+                            "a cached answer could not be replayed",
+                            std::io::Error::other("not a chat completion"),
+                        )
+                    }),
+                )
+            }
+            _ => None,
+        };
+        let replayed = match replayed {
+            Some(Err(e)) => {
+                let st = self.settlement(None, Meter::default(), Credits::ZERO, false);
+                let _ = self.settle(st).await;
+                return Err(e);
+            }
+            Some(Ok(bytes)) => Some(bytes),
+            None => None,
+        };
+        let mut st = self.settlement(None, entry.meter, charged, true);
+        st.usage.cache_hit = true;
+        // As every answer: released only once its settlement committed.
+        self.settle(st).await?;
+        Ok(match replayed {
+            Some(bytes) => GatewayResponse::Stream {
+                content_type: "text/event-stream".to_owned(),
+                body: futures::stream::once(async move { Ok(bytes) }).boxed(),
+            },
+            None => GatewayResponse::Complete {
+                content_type: "application/json".to_owned(),
+                body: entry.body.clone(),
+            },
+        })
     }
 
     fn streamed(&self) -> bool {
@@ -759,6 +850,7 @@ impl CallContext {
                             let st = self.settlement(Some(&node), meter, charged, true);
                             // The answer goes out only once it is charged.
                             self.settle(st).await?;
+                            self.keep(&body, meter, charged);
                             let content_type = "application/json".to_owned();
                             GatewayResponse::Complete { content_type, body }
                         }
@@ -854,7 +946,11 @@ impl CallContext {
         let cfg = &b.config;
         let mut stream_meter = match self.prep.kind {
             AnswerKind::ChatSse { caller_wants_usage } => {
-                Some(ChatStreamMeter::new(caller_wants_usage))
+                let m = ChatStreamMeter::new(caller_wants_usage);
+                Some(match self.cache {
+                    Some(_) => m.assembling(),
+                    None => m,
+                })
             }
             AnswerKind::Binary => None,
             AnswerKind::Json(meter_json) => {
@@ -966,6 +1062,7 @@ impl CallContext {
                 reward: Credits::ZERO,
                 requested_model: (self.requested != self.prep.model)
                     .then(|| self.requested.clone()),
+                cache_hit: false,
             },
         }
     }
@@ -1148,11 +1245,27 @@ impl CallContext {
             // stream's end (its usage chunk and `[DONE]`) was held back for
             // this; a settlement that did not commit ends it with an error
             // event instead, and an audio body breaks.
+            let kept_meter = Meter {
+                input_tokens: st.usage.input_tokens,
+                output_tokens: st.usage.output_tokens,
+                units: st.usage.units,
+            };
+            let kept_charge = st.charged;
             let settled = self.settle(st).await;
             if matches!(end, Some(End::Done)) {
                 match (settled, meter.as_mut()) {
                     (Ok(()), Some(m)) => {
                         let _ = send(m.take_tail()).await;
+                        // A complete stream, charged: kept as the
+                        // completion it assembled into.
+                        if let (Some(plan), Some(a)) = (&self.cache, m.assembly.take()) {
+                            if let Some(body) = a.completion(kept_meter) {
+                                self.broker
+                                    .inner()
+                                    .cache
+                                    .put(plan, body, kept_meter, kept_charge);
+                            }
+                        }
                     }
                     (Ok(()), None) => {}
                     (Err(e), Some(_)) => {

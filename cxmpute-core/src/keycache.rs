@@ -373,6 +373,7 @@ mod tests {
             revoked_at: None,
             rate_limits: RateLimits::default(),
             budget: None,
+            cache: Default::default(),
         };
         store.inner.create_api_key(&key).await.unwrap();
         let keys = KeyCache::new(

@@ -24,6 +24,7 @@ mod alerts;
 pub mod analytics;
 pub mod broker;
 mod budget;
+pub mod cache;
 mod catalogue;
 pub mod config;
 pub mod egress;

@@ -40,6 +40,9 @@
 //! | `cxmpute_nodes` | gauge | |
 //! | `cxmpute_stats_flush_failures_total` | counter | |
 //! | `cxmpute_stats_unsent_batches` | gauge | |
+//! | `cxmpute_cache_hits_total`, `cxmpute_cache_misses_total` | counter | |
+//! | `cxmpute_cache_evictions_total` | counter | |
+//! | `cxmpute_cache_bytes`, `cxmpute_cache_entries` | gauge | |
 //!
 //! Labels never carry a user, key or provider: what is per account lives in
 //! the usage statistics, behind authentication.
@@ -316,6 +319,14 @@ impl Metrics {
             gauge!("cxmpute_pools").set(pools.total as f64);
             gauge!("cxmpute_stats_unsent_batches")
                 .set(broker.stats_recorder().unsent_batches() as f64);
+            // The response cache keeps its own counts (its eviction listener
+            // runs outside any call); they are copied in here.
+            let c = broker.inner().cache.figures();
+            counter!("cxmpute_cache_hits_total").absolute(c.hits);
+            counter!("cxmpute_cache_misses_total").absolute(c.misses);
+            counter!("cxmpute_cache_evictions_total").absolute(c.evictions);
+            gauge!("cxmpute_cache_bytes").set(c.bytes as f64);
+            gauge!("cxmpute_cache_entries").set(c.entries as f64);
         });
         let mut page = self.handle.render();
         write_pool_gauges(&mut page, &pools.pools);
@@ -424,6 +435,23 @@ fn describe() {
         "cxmpute_stats_unsent_batches",
         "Usage statistics batches waiting to be written."
     );
+    describe_counter!(
+        "cxmpute_cache_hits_total",
+        "Calls answered from the response cache."
+    );
+    describe_counter!(
+        "cxmpute_cache_misses_total",
+        "Calls that used the response cache and found no entry."
+    );
+    describe_counter!(
+        "cxmpute_cache_evictions_total",
+        "Response cache entries pushed out (or not let in) for room."
+    );
+    describe_gauge!(
+        "cxmpute_cache_bytes",
+        "Bytes the response cache's entries take (answers plus overhead)."
+    );
+    describe_gauge!("cxmpute_cache_entries", "Entries in the response cache.");
 }
 
 #[cfg(test)]

@@ -687,6 +687,7 @@ mod tests {
             revoked_at: None,
             rate_limits: RateLimits { rpm, tpm },
             budget: None,
+            cache: Default::default(),
         }
     }
 

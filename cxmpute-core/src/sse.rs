@@ -58,6 +58,9 @@ pub(crate) struct ChatStreamMeter {
     /// committed ([`Self::take_tail`]): a caller that saw `[DONE]` was
     /// charged.
     tail: BytesMut,
+    /// The completion being streamed, assembled when the answer is to be
+    /// kept in the response cache ([`Self::assembling`]).
+    pub(crate) assembly: Option<crate::cache::Assembly>,
 }
 
 impl ChatStreamMeter {
@@ -70,6 +73,12 @@ impl ChatStreamMeter {
             keep_usage_chunk,
             ..Self::default()
         }
+    }
+
+    /// Also assembles the completion streamed (for the response cache).
+    pub(crate) fn assembling(mut self) -> Self {
+        self.assembly = Some(crate::cache::Assembly::default());
+        self
     }
 
     /// The rewritten bytes produced since the last call.
@@ -123,6 +132,9 @@ impl ChatStreamMeter {
                 self.garbage = true;
             }
             Ok(chunk) => {
+                if let Some(a) = self.assembly.as_mut() {
+                    a.push(data);
+                }
                 if let Some(u) = chunk.usage {
                     self.reported = Some(u);
                 }

@@ -421,6 +421,7 @@ pub fn release_settlement(r: &Reservation, at: Timestamp) -> Settlement {
             charged: Credits::ZERO,
             reward: Credits::ZERO,
             requested_model: None,
+            cache_hit: false,
         },
     }
 }
@@ -447,6 +448,12 @@ pub fn apply_key_update(k: &mut ApiKey, u: &ApiKeyUpdate) {
     }
     if let Some(budget) = u.budget {
         k.budget = budget;
+    }
+    if let Some(ttl) = u.cache_ttl_secs {
+        k.cache.ttl_secs = ttl;
+    }
+    if let Some(shared) = u.cache_shared {
+        k.cache.shared = shared;
     }
 }
 

@@ -62,6 +62,7 @@ async fn fixture(endpoint: &str) -> Fixture {
         revoked_at: None,
         rate_limits: cxmpute_core::RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {
@@ -115,6 +116,7 @@ async fn one_request(f: &Fixture) {
             charged: Credits::ZERO,
             reward: Credits::ZERO,
             requested_model: None,
+            cache_hit: false,
         },
     };
     assert_eq!(

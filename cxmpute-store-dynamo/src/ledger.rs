@@ -247,6 +247,7 @@ fn usage_item(u: &UsageRecord) -> Item {
         .n("charged", u.charged.0)
         .n("reward", u.reward.0)
         .opt_s("requested_model", u.requested_model.clone())
+        .b("cache_hit", u.cache_hit)
         .build()
 }
 
@@ -270,6 +271,7 @@ fn decode_usage(it: &Item) -> Result<UsageRecord> {
         charged: Credits(r.num("charged")?),
         reward: Credits(r.num("reward")?),
         requested_model: r.opt_s("requested_model")?,
+        cache_hit: r.b("cache_hit")?,
     })
 }
 

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::types::AttributeValue;
 use cxmpute_core::store_support::moved_credits_left;
 use cxmpute_core::{
-    AlertKind, AlertMarks, ApiKey, ApiKeyId, ApiKeyUpdate, Credits, Error, KeyHash, RateLimits,
-    RateUsage, Result, Route, Suspension, Timestamp, User, UserId, UserSettingsUpdate, UserStore,
+    AlertKind, AlertMarks, ApiKey, ApiKeyId, ApiKeyUpdate, Credits, Error, KeyCacheSettings,
+    KeyHash, RateLimits, RateUsage, Result, Route, Suspension, Timestamp, User, UserId,
+    UserSettingsUpdate, UserStore,
 };
 
 use crate::db::{DynamoStore, Fail, Query, Tx};
@@ -81,6 +82,10 @@ fn key_item(k: &ApiKey) -> Result<Item> {
         .opt_n("rpm", k.rate_limits.rpm)
         .opt_n("tpm", k.rate_limits.tpm)
         .opt_json("budget", k.budget.as_ref())?
+        .opt_json(
+            "cache",
+            (k.cache != KeyCacheSettings::default()).then_some(&k.cache),
+        )?
         .build())
 }
 
@@ -126,6 +131,7 @@ pub(crate) fn decode_key(it: &Item) -> Result<ApiKey> {
             tpm: r.opt_num("tpm")?,
         },
         budget: r.opt_json("budget")?,
+        cache: r.opt_json("cache")?.unwrap_or_default(),
     })
 }
 
@@ -412,6 +418,25 @@ impl UserStore for DynamoStore {
                         sets.push(format!("{} = {}", ex.n("budget"), ex.v(s(text))));
                     }
                     None => removes.push(ex.n("budget")),
+                }
+            }
+            if update.cache_ttl_secs.is_some() || update.cache_shared.is_some() {
+                // One attribute for both settings, written whole from what
+                // was read: a change racing another loses one of them, as
+                // the last write wins for every key setting.
+                let mut cache = cur.cache;
+                if let Some(ttl) = update.cache_ttl_secs {
+                    cache.ttl_secs = ttl;
+                }
+                if let Some(shared) = update.cache_shared {
+                    cache.shared = shared;
+                }
+                if cache == KeyCacheSettings::default() {
+                    removes.push(ex.n("cache"));
+                } else {
+                    let text =
+                        serde_json::to_string(&cache).map_err(|e| Error::backend("encoding", e))?;
+                    sets.push(format!("{} = {}", ex.n("cache"), ex.v(s(text))));
                 }
             }
             if let Some(limit) = update.credit_limit {

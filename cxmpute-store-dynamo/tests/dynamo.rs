@@ -55,6 +55,7 @@ async fn funded(store: &dyn Store, credits: Credits, limit: Option<Credits>) -> 
         revoked_at: None,
         rate_limits: cxmpute_core::RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.expect("create key");
     (user, key)
@@ -112,6 +113,7 @@ fn settlement(
             charged: Credits::ZERO,
             reward: Credits::ZERO,
             requested_model: None,
+            cache_hit: false,
         },
     }
 }

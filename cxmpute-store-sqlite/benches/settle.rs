@@ -83,6 +83,7 @@ async fn fixture(n: usize) -> Fixture {
         revoked_at: None,
         rate_limits: RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {
@@ -141,6 +142,7 @@ fn settlement(f: &Fixture, r: &Reservation) -> Settlement {
             charged: Credits::ZERO,
             reward: Credits::ZERO,
             requested_model: None,
+            cache_hit: false,
         },
     }
 }

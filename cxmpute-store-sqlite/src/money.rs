@@ -100,7 +100,8 @@ const WRITE_RUN: &str = concat!(
     ") ",
     "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, ",
     "value ->> 6, value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, ",
-    "value ->> 12, value ->> 13, value ->> 14, value ->> 15, value ->> 16 FROM json_each(?); ",
+    "value ->> 12, value ->> 13, value ->> 14, value ->> 15, value ->> 16, value ->> 17 ",
+    "FROM json_each(?); ",
     // Balances move by the run's net change per user (relative: commutes).
     "UPDATE users SET credits = credits + (d.value ->> 1) ",
     "FROM json_each(?) d WHERE users.id = d.value ->> 0; ",
@@ -135,6 +136,7 @@ struct UsageRow<'a>(
     i64,
     i64,
     Option<&'a str>,
+    bool,
 );
 
 /// The run's view of the rows it touches, and what it will write.
@@ -393,6 +395,7 @@ async fn write(c: &mut SqliteConnection, run: &Run) -> Result<()> {
                 u.charged.0,
                 u.reward.0,
                 u.requested_model.as_deref(),
+                u.cache_hit,
             )
         })
         .collect();

@@ -114,14 +114,14 @@ macro_rules! key_cols {
         concat!(
             "k.id, k.user_id, k.hash, k.name, k.prefix, k.credit_limit, k.credits_left, ",
             "k.permitted_routes, k.created_at, k.last_used_at, k.revoked_at, k.rpm, k.tpm, ",
-            "k.budget_limit, k.budget_period"
+            "k.budget_limit, k.budget_period, k.cache_ttl_secs, k.cache_shared"
         )
     };
 }
 pub(crate) use key_cols;
 /// How many columns `key_cols!()` names (a query reading more after them
 /// starts there).
-pub(crate) const KEY_COLS: usize = 15;
+pub(crate) const KEY_COLS: usize = 17;
 
 /// An API key from the columns of `key_cols!()` starting at `at`.
 pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
@@ -146,6 +146,12 @@ pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
             tpm: col::<Option<i64>>(row, at + 12)?.map(to_u64),
         },
         budget: budget(col(row, at + 13)?, col(row, at + 14)?)?,
+        cache: KeyCacheSettings {
+            ttl_secs: col::<Option<i64>>(row, at + 15)?
+                .map(|t| u32::try_from(t).map_err(|_| corrupt(format!("cache ttl {t}"))))
+                .transpose()?,
+            shared: col(row, at + 16)?,
+        },
     })
 }
 
@@ -279,7 +285,7 @@ macro_rules! usage_cols {
         concat!(
             "request_id, user_id, key_id, route, model, provision_id, provider_id, ",
             "input_tokens, output_tokens, units, success, latency_ms, app, at, charged, reward, ",
-            "requested_model"
+            "requested_model, cache_hit"
         )
     };
 }
@@ -306,6 +312,7 @@ pub(crate) fn usage(row: &SqliteRow) -> Result<UsageRecord> {
         charged: Credits(col(row, 14)?),
         reward: Credits(col(row, 15)?),
         requested_model: col(row, 16)?,
+        cache_hit: col(row, 17)?,
     })
 }
 

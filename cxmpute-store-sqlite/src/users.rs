@@ -235,8 +235,8 @@ async fn create_api_key(c: &mut Conn, k: &ApiKey) -> Result<()> {
     let q = sqlx::query(
         "INSERT INTO api_keys (id, user_id, hash, name, prefix, credit_limit, credits_left, \
          permitted_routes, created_at, last_used_at, revoked_at, rpm, tpm, \
-         budget_limit, budget_period) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+         budget_limit, budget_period, cache_ttl_secs, cache_shared) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )
     .bind(k.id.as_str())
     .bind(k.user_id.as_str())
@@ -252,7 +252,9 @@ async fn create_api_key(c: &mut Conn, k: &ApiKey) -> Result<()> {
     .bind(k.rate_limits.rpm)
     .bind(k.rate_limits.tpm.map(rows::to_i64))
     .bind(k.budget.map(|b| b.limit.0))
-    .bind(k.budget.map(|b| b.period.as_str()));
+    .bind(k.budget.map(|b| b.period.as_str()))
+    .bind(k.cache.ttl_secs)
+    .bind(k.cache.shared);
     execute(c, &format!("api key {}", k.id), q).await.map(drop)
 }
 
@@ -288,8 +290,8 @@ async fn update_api_key(c: &mut Conn, id: &str, u: &ApiKeyUpdate) -> Result<ApiK
     apply_key_update(&mut k, u);
     let q = sqlx::query(
         "UPDATE api_keys SET name = ?2, credit_limit = ?3, credits_left = ?4, \
-         permitted_routes = ?5, rpm = ?6, tpm = ?7, budget_limit = ?8, budget_period = ?9 \
-         WHERE id = ?1",
+         permitted_routes = ?5, rpm = ?6, tpm = ?7, budget_limit = ?8, budget_period = ?9, \
+         cache_ttl_secs = ?10, cache_shared = ?11 WHERE id = ?1",
     )
     .bind(id)
     .bind(&k.name)
@@ -299,7 +301,9 @@ async fn update_api_key(c: &mut Conn, id: &str, u: &ApiKeyUpdate) -> Result<ApiK
     .bind(k.rate_limits.rpm)
     .bind(k.rate_limits.tpm.map(rows::to_i64))
     .bind(k.budget.map(|b| b.limit.0))
-    .bind(k.budget.map(|b| b.period.as_str()));
+    .bind(k.budget.map(|b| b.period.as_str()))
+    .bind(k.cache.ttl_secs)
+    .bind(k.cache.shared);
     execute(c, "updating an api key", q).await?;
     Ok(k)
 }

@@ -52,6 +52,7 @@ async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
         revoked_at: None,
         rate_limits: RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {
@@ -107,6 +108,7 @@ fn settlement(f: &Fixture, r: &Reservation, charged: Credits, reward: Credits) -
             charged: Credits::ZERO,
             reward: Credits::ZERO,
             requested_model: None,
+            cache_hit: false,
         },
     }
 }

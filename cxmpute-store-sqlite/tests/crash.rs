@@ -102,6 +102,7 @@ fn crash_child() {
                             charged: Credits::ZERO,
                             reward: Credits::ZERO,
                             requested_model: None,
+                            cache_hit: false,
                         },
                     };
                     assert_eq!(store.settle(&st).await.unwrap(), SettleOutcome::Applied);
@@ -180,6 +181,7 @@ fn killed_child_loses_nothing_acknowledged(durability: Durability) {
             revoked_at: None,
             rate_limits: RateLimits::default(),
             budget: None,
+            cache: Default::default(),
         };
         store.create_api_key(&key).await.unwrap();
         let provider = Provider {

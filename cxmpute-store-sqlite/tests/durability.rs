@@ -61,6 +61,7 @@ async fn populate(store: &SqliteStore) -> World {
         revoked_at: None,
         rate_limits: RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {
@@ -134,6 +135,7 @@ async fn populate(store: &SqliteStore) -> World {
                 charged: Credits::ZERO,
                 reward: Credits::ZERO,
                 requested_model: None,
+                cache_hit: false,
             },
         };
         store.settle(&st).await.unwrap();

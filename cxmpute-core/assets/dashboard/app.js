@@ -172,6 +172,14 @@ function budgetValue(form) {
   return { limit: Number.isFinite(n) ? Math.round(n * 1e6) : t, period: form.elements.period.value };
 }
 
+// A key's response-cache settings: its default TTL for calls without the
+// X-Cxmpute-Cache header, and whether an admin let it share across accounts.
+function cacheText(c) {
+  if (!c) return 'off';
+  const ttl = c.ttl_secs ? `${fmtInt(c.ttl_secs)} s by default` : 'per call';
+  return c.shared ? ttl + ', shared' : ttl;
+}
+
 function budgetText(b) { return b ? `${fmtCredits(b.limit)} a ${b.period}` : 'no budget'; }
 
 // An account's budget and alert thresholds, editable (empty: none), sent
@@ -439,15 +447,16 @@ async function viewMe(main) {
     panel('Applications', table('my-apps', usageColumns(['Charged', 'charged']), s.apps)),
   );
   if (me) {
-    // The latest requests: the model that served each, and the one asked
-    // for where a fallback or an alias made them differ.
+    // The latest requests: the model that served each, the one asked for
+    // where a fallback or an alias made them differ, and those answered
+    // from the response cache (charged the cache price, served by no node).
     const u = await asUser('/v1/me/usage?days=1');
     if (u.ok) main.append(panel('Latest requests', table('my-latest', [
       ['When', q => new Date(q.at).toISOString().slice(0, 16).replace('T', ' ')],
       ['Route', q => q.route], ['Model', q => q.model],
       ['Asked for', q => q.requested_model ? q.requested_model + ' (fell back)' : '–'],
       ['Tokens', q => fmtInt(q.input_tokens + q.output_tokens)], ['Charged', q => fmtCredits(q.charged)],
-      ['', q => q.success ? 'ok' : 'failed'],
+      ['Answered', q => !q.success ? 'failed' : q.cache_hit ? 'from cache' : 'by a node'],
     ], u.data.recent)));
     // The account's budget over all its keys, what it spent this period, and
     // when to mail (empty: none).
@@ -467,6 +476,7 @@ async function viewMe(main) {
       ['Left', k => k.credits_left === null ? '–' : fmtCredits(k.credits_left)],
       ['Per minute (requests, tokens); budget (credits a day or month)', limitsForm],
       ['Last used', k => k.last_used_at ? new Date(k.last_used_at).toISOString().slice(0, 16).replace('T', ' ') : 'never'],
+      ['Response cache', k => cacheText(k.cache)],
     ], me.keys)));
   }
   main.append(el('p', {}, el('button', { class: 'secondary', id: 'signout', onclick: async () => {

@@ -46,6 +46,7 @@ pub(super) fn new_key(user: &User, limit: Option<Credits>, created_at: Timestamp
         revoked_at: None,
         rate_limits: RateLimits::default(),
         budget: None,
+        cache: Default::default(),
     }
 }
 
@@ -135,6 +136,7 @@ pub(super) fn usage(
         charged: Credits::ZERO,
         reward: Credits::ZERO,
         requested_model: None,
+        cache_hit: false,
     }
 }
 

@@ -300,6 +300,47 @@ pub async fn settle_records_usage_under_the_reservations_user_and_key(store: Arc
     assert!(store.usage_records(&other.id, 10).await.unwrap().is_empty());
 }
 
+/// A call answered from the response cache is stored as one: charged, no
+/// provider, no reward, `cache_hit` kept, on the reservation path and the
+/// held one alike; the platform keeps all of its charge.
+pub async fn cache_hits_are_recorded_as_such(store: Arc<dyn Store>) {
+    let (user, key) = funded(&store, Credits::whole(10), None).await;
+    let reserved = reservation(&user, &key, Credits::whole(1), at(1));
+    store.reserve(&reserved).await.unwrap();
+    let mut st = settlement(&reserved, Credits::micros(123), None, at(2));
+    st.usage.success = true;
+    st.usage.cache_hit = true;
+    store.settle(&st).await.unwrap();
+    let held = reservation(&user, &key, Credits::whole(1), at(3));
+    let mut st2 = settlement(&held, Credits::micros(77), None, at(4));
+    st2.usage.success = true;
+    st2.usage.cache_hit = true;
+    assert_eq!(
+        settle_one(&store, &held, &st2).await.unwrap(),
+        SettleOutcome::Applied
+    );
+    for (r, charged) in [(&reserved, 123), (&held, 77)] {
+        let rec = store.settlement(&r.request_id).await.unwrap();
+        assert!(rec.cache_hit && rec.success);
+        assert_eq!(
+            (rec.charged, rec.reward),
+            (Credits::micros(charged), Credits::ZERO)
+        );
+        assert_eq!((rec.provider_id, rec.provision_id), (None, None));
+    }
+    let recent = store.usage_records(&user.id, 10).await.unwrap();
+    assert!(recent.iter().all(|u| u.cache_hit), "{recent:?}");
+    assert_eq!(
+        balance(&store, &user).await,
+        Credits::micros(10_000_000 - 200)
+    );
+    let totals = store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (totals.charged, totals.rewarded, totals.reserved),
+        (Credits::micros(200), Credits::ZERO, Credits::ZERO)
+    );
+}
+
 /// A failed request (nothing charged, no reward) gives everything back.
 pub async fn failed_request_costs_nothing(store: Arc<dyn Store>) {
     let (user, key) = funded(&store, Credits::whole(10), Some(Credits::whole(6))).await;

@@ -489,6 +489,52 @@ pub async fn concurrent_alert_mark_has_one_winner(store: Arc<dyn Store>) {
     assert!(u.alerted.budget.is_some());
 }
 
+/// A key's response-cache settings are stored with it, changed one at a
+/// time, and left alone by every other change.
+pub async fn cache_settings_round_trip_and_change(store: Arc<dyn Store>) {
+    let user = new_user("cache@example.com", Credits::whole(1));
+    store.create_user(&user).await.unwrap();
+    let mut key = new_key(&user, None, at(1));
+    key.cache = KeyCacheSettings {
+        ttl_secs: Some(600),
+        shared: true,
+    };
+    store.create_api_key(&key).await.unwrap();
+    assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), key);
+    let ttl = ApiKeyUpdate {
+        cache_ttl_secs: Some(Some(30)),
+        ..ApiKeyUpdate::default()
+    };
+    let k = store.update_api_key(&key.id, &ttl).await.unwrap();
+    assert_eq!(
+        k.cache,
+        KeyCacheSettings {
+            ttl_secs: Some(30),
+            shared: true
+        }
+    );
+    let other = ApiKeyUpdate {
+        name: Some("renamed".into()),
+        tpm: Some(Some(9)),
+        ..ApiKeyUpdate::default()
+    };
+    let k = store.update_api_key(&key.id, &other).await.unwrap();
+    assert_eq!(
+        k.cache.ttl_secs,
+        Some(30),
+        "other changes keep the settings"
+    );
+    let off = ApiKeyUpdate {
+        cache_ttl_secs: Some(None),
+        cache_shared: Some(false),
+        ..ApiKeyUpdate::default()
+    };
+    let k = store.update_api_key(&key.id, &off).await.unwrap();
+    assert_eq!(k.cache, KeyCacheSettings::default());
+    assert_eq!(store.api_key_by_hash(&key.hash).await.unwrap(), k);
+    assert_eq!(store.api_keys(&user.id).await.unwrap(), vec![k]);
+}
+
 /// Rate counters add up within a window, start again in a later one, and
 /// leave a later window alone when asked about an earlier one.
 pub async fn rate_usage_counts_per_window(store: Arc<dyn Store>) {

@@ -227,6 +227,22 @@ fn preferences(headers: &HeaderMap) -> crate::pool::RoutePreferences {
     }
 }
 
+/// What a call asks of the response cache (`X-Cxmpute-Cache: ttl=N` or
+/// `no-store`); a value that is neither is a 400.
+fn cache_directive(headers: &HeaderMap) -> Result<Option<crate::types::CacheDirective>, Error> {
+    use crate::types::CacheDirective;
+    let Some(v) = headers.get(CacheDirective::HEADER) else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .and_then(CacheDirective::parse)
+        .map(Some)
+        .ok_or_else(|| {
+            Error::InvalidInput("X-Cxmpute-Cache must be `ttl=<seconds>` or `no-store`".to_owned())
+        })
+}
+
 fn app_name(headers: &HeaderMap) -> Option<String> {
     let v = headers
         .get("x-title")
@@ -267,14 +283,15 @@ async fn gateway(
             body: body?,
             app: app_name(&headers),
             preferences: preferences(&headers),
+            cache: cache_directive(&headers)?,
         };
         Ok::<_, Error>(broker.handle_limited(req).await)
     }
     .instrument(span.clone())
     .await;
-    let (result, rate) = match result {
-        Ok((result, rate)) => (result, rate),
-        Err(e) => (Err(e), Default::default()),
+    let (result, rate, lookup) = match result {
+        Ok(answer) => answer,
+        Err(e) => (Err(e), Default::default(), None),
     };
     let status = match &result {
         Ok(_) => StatusCode::OK,
@@ -309,6 +326,12 @@ async fn gateway(
         )
             .into_response(),
     };
+    if let Some(l) = lookup {
+        resp.headers_mut().insert(
+            crate::types::CacheDirective::HEADER,
+            HeaderValue::from_static(l.as_str()),
+        );
+    }
     // OpenAI's rate-limit headers, on answers and refusals alike.
     for (name, value) in rate.headers() {
         if let Ok(v) = HeaderValue::from_str(&value) {

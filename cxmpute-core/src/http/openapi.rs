@@ -226,10 +226,12 @@ pub(crate) mod gateway {
                 params(
                     ("X-Title" = Option<String>, Header, description = "The calling application, for per-application usage"),
                     ("HTTP-Referer" = Option<String>, Header, description = "The calling application, when X-Title is absent"),
+                    ("X-Cxmpute-Cache" = Option<String>, Header, description = "The response cache (chat completions and embeddings): `ttl=<seconds>` answers from a kept answer when there is one (charged the cache price) and keeps this answer for that long; `no-store` (or `ttl=0`) neither reads nor keeps. Absent: the key's default TTL, if it has one"),
                 ),
                 request_body(content = $req, content_type = "application/json"),
                 responses(
-                    (status = 200, description = $answer, content_type = $ct, body = $resp),
+                    (status = 200, description = $answer, content_type = $ct, body = $resp,
+                        headers(("X-Cxmpute-Cache" = String, description = "`hit` or `miss`, on calls that used the response cache"))),
                     (status = 400, description = "Malformed or missing fields", body = ErrorSchema),
                     (status = 401, description = "Missing, unknown or revoked key", body = ErrorSchema),
                     (status = 402, description = "The account's balance does not cover the request", body = ErrorSchema),

@@ -48,7 +48,7 @@ use crate::broker::{Broker, GatewayRequest, GatewayResponse};
 use crate::error::Result;
 use crate::pool::RoutePreferences;
 use crate::secret::Secret;
-use crate::types::{Credits, ProvisionId, Route, Service, UserId};
+use crate::types::{CacheDirective, Credits, ProvisionId, Route, Service, UserId};
 use crate::wire::NodeVerification;
 use compare::Verdict;
 use reputation::{Change, Reputation};
@@ -386,6 +386,8 @@ impl Broker {
                 body: body.clone(),
                 app: None,
                 preferences: RoutePreferences::pinned(id.clone()),
+                // A canary checks a node: never answered from the cache.
+                cache: Some(CacheDirective::NoStore),
             };
             async move {
                 match self.handle(req).await {

@@ -1132,6 +1132,7 @@ fn debug_output_of_every_type_holding_a_secret_is_redacted() {
                     rpm: None,
                     tpm: None,
                     budget: None,
+                    cache: Default::default(),
                 },
                 api_key: secret(),
             }

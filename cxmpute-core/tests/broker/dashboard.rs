@@ -611,6 +611,34 @@ async fn signing_in_with_a_mailed_code_shows_usage_and_keys() {
     assert_eq!((marks, max), (30, 3.0));
     shot(&c, "me-session").await;
 
+    // The latest requests are listed; one answered from the response
+    // cache says so once the page is drawn again (saving the key's limits
+    // as they are draws it).
+    assert!(rows(&c, "my-latest").await >= 1);
+    let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "again"}], "max_tokens": 5});
+    for _ in 0..2 {
+        let r =
+            s.h.post_request("/v1/chat/completions", &s.key, &body)
+                .header("x-cxmpute-cache", "ttl=60")
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    click(&c, &format!("#limits-{key_id} button")).await;
+    let mut marked = false;
+    for _ in 0..200 {
+        if c.find(Locator::Css("#my-latest")).await.is_ok()
+            && text(&c, "#my-latest").await.contains("from cache")
+        {
+            marked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(marked, "a cache hit is marked in the recent requests");
+
     // Signing out returns to the sign-in form.
     click(&c, "#signout").await;
     wait_for(&c, "#signin-form").await;

@@ -15,6 +15,7 @@ mod accounts;
 mod admission;
 mod authz;
 mod budget;
+mod cache;
 mod catalogue;
 mod charged;
 mod dashboard;
