@@ -404,15 +404,25 @@ mod smtp {
     /// The mail: the code in the body only (subjects travel through more
     /// logs and notification previews than bodies do).
     fn message(from: &Mailbox, to: &str, code: &Secret) -> Result<Message> {
-        let to: Mailbox = to
-            .parse()
-            .map_err(|_| Error::InvalidInput("`email` is not a deliverable address".into()))?;
         let body = format!(
             "Your Cxmpute sign-in code: {}\r\n\r\n\
              It works once and expires in a few minutes. If you did not ask for it,\r\n\
              ignore this mail: nobody can sign in without the code.\r\n",
             code.expose()
         );
+        plain_text(from, to, "Your Cxmpute sign-in code", body)
+    }
+
+    /// An account alert, plain text like the sign-in mail.
+    fn alert_message(from: &Mailbox, to: &str, alert: &AlertMail) -> Result<Message> {
+        plain_text(from, to, alert.subject(), alert.text())
+    }
+
+    /// A plain-text mail from the platform to an account's address.
+    fn plain_text(from: &Mailbox, to: &str, subject: &str, body: String) -> Result<Message> {
+        let to: Mailbox = to
+            .parse()
+            .map_err(|_| Error::InvalidInput("`email` is not a deliverable address".into()))?;
         // Relays and spam filters expect a Message-ID; the sender's domain
         // names it, as RFC 5322 suggests.
         let id = format!(
@@ -424,30 +434,10 @@ mod smtp {
             .message_id(Some(id))
             .from(from.clone())
             .to(to)
-            .subject("Your Cxmpute sign-in code")
+            .subject(subject)
             .header(ContentType::TEXT_PLAIN)
             .body(body)
-            .map_err(|e| Error::backend("building the sign-in mail", e))
-    }
-
-    /// An account alert, plain text like the sign-in mail.
-    fn alert_message(from: &Mailbox, to: &str, alert: &AlertMail) -> Result<Message> {
-        let to: Mailbox = to
-            .parse()
-            .map_err(|_| Error::InvalidInput("`email` is not a deliverable address".into()))?;
-        let id = format!(
-            "<{}@{}>",
-            crate::secret::random_token(24),
-            from.email.domain()
-        );
-        Message::builder()
-            .message_id(Some(id))
-            .from(from.clone())
-            .to(to)
-            .subject(alert.subject())
-            .header(ContentType::TEXT_PLAIN)
-            .body(alert.text())
-            .map_err(|e| Error::backend("building an alert mail", e))
+            .map_err(|e| Error::backend("building a mail", e))
     }
 
     impl SmtpMailer {

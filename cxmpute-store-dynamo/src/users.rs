@@ -150,6 +150,27 @@ fn set_or_remove_json<T: serde::Serialize>(
     })
 }
 
+/// A change of an optional JSON attribute in an update of several: `a = :x`
+/// into `sets` for `Some(Some(v))`, `a` into `removes` for `Some(None)`,
+/// nothing for `None` (unchanged).
+fn change_json<T: serde::Serialize>(
+    ex: &mut Ex,
+    sets: &mut Vec<String>,
+    removes: &mut Vec<String>,
+    name: &str,
+    change: Option<Option<&T>>,
+) -> Result<()> {
+    match change {
+        Some(Some(v)) => {
+            let text = serde_json::to_string(v).map_err(|e| Error::backend("encoding", e))?;
+            sets.push(format!("{} = {}", ex.n(name), ex.v(s(text))));
+        }
+        Some(None) => removes.push(ex.n(name)),
+        None => {}
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl UserStore for DynamoStore {
     // ---- users --------------------------------------------------------------
@@ -234,16 +255,8 @@ impl UserStore for DynamoStore {
         let mut ex = Ex::new();
         let mut sets = Vec::new();
         let mut removes = Vec::new();
-        if let Some(budget) = update.budget {
-            match budget {
-                Some(b) => {
-                    let text =
-                        serde_json::to_string(&b).map_err(|e| Error::backend("encoding", e))?;
-                    sets.push(format!("{} = {}", ex.n("budget"), ex.v(s(text))));
-                }
-                None => removes.push(ex.n("budget")),
-            }
-        }
+        let budget = update.budget.as_ref().map(Option::as_ref);
+        change_json(&mut ex, &mut sets, &mut removes, "budget", budget)?;
         if let Some(alerts) = update.alerts {
             let text = serde_json::to_string(&alerts).map_err(|e| Error::backend("encoding", e))?;
             sets.push(format!("{} = {}", ex.n("alerts"), ex.v(s(text))));
@@ -410,16 +423,8 @@ impl UserStore for DynamoStore {
                     None => {}
                 }
             }
-            if let Some(budget) = update.budget {
-                match budget {
-                    Some(b) => {
-                        let text =
-                            serde_json::to_string(&b).map_err(|e| Error::backend("encoding", e))?;
-                        sets.push(format!("{} = {}", ex.n("budget"), ex.v(s(text))));
-                    }
-                    None => removes.push(ex.n("budget")),
-                }
-            }
+            let budget = update.budget.as_ref().map(Option::as_ref);
+            change_json(&mut ex, &mut sets, &mut removes, "budget", budget)?;
             if update.cache_ttl_secs.is_some() || update.cache_shared.is_some() {
                 // One attribute for both settings, written whole from what
                 // was read: a change racing another loses one of them, as
