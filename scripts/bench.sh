@@ -21,6 +21,9 @@
 #   BENCH_WARMUP       unmeasured wrk run before each measured one (default 2 s)
 #   BENCH_CONNECTIONS  wrk connections (default 32)
 #   BENCH_THREADS      wrk threads (default 1)
+#   BENCH_HOSTS        which hosts to load after the references (default
+#                      "host-memory host-sqlite sqlite-proc"; sqlite-proc is
+#                      the SQLite host with --sqlite-durability process)
 #   BENCH_HOST_LOG     the host's RUST_LOG (default info: a line per call, as
 #                      the host runs by default; the log goes to a file)
 #   BENCH_PERF         a TARGET-MODE (e.g. host-memory-plain) whose process in
@@ -42,6 +45,13 @@ warmup=${BENCH_WARMUP:-2}
 connections=${BENCH_CONNECTIONS:-32}
 threads=${BENCH_THREADS:-1}
 host_log=${BENCH_HOST_LOG:-info}
+hosts=${BENCH_HOSTS:-host-memory host-sqlite sqlite-proc}
+for h in $hosts; do
+  case $h in
+    host-memory | host-sqlite | sqlite-proc) ;;
+    *) echo "BENCH_HOSTS names host-memory, host-sqlite or sqlite-proc, got '$h'" >&2; exit 2 ;;
+  esac
+done
 for v in "$seconds" "$warmup" "$connections" "$threads"; do
   case $v in '' | *[!0-9]*) echo "BENCH_* settings are whole numbers, got '$v'" >&2; exit 2 ;; esac
 done
@@ -371,11 +381,15 @@ bench_host() {
   unset 'pids[${#pids[@]}-1]'
 }
 
-bench_host host-memory --store memory
-bench_host host-sqlite --store sqlite --db "$work/bench.db"
-# The same with commits acknowledged once in the OS's cache (no fsync per
-# batch): what the fsync costs, and the operator's other choice.
-bench_host sqlite-proc --store sqlite --db "$work/bench-proc.db" --sqlite-durability process
+for h in $hosts; do
+  case $h in
+    host-memory) bench_host host-memory --store memory ;;
+    host-sqlite) bench_host host-sqlite --store sqlite --db "$work/bench.db" ;;
+    # The same with commits acknowledged once in the OS's cache (no fsync
+    # per batch): what the fsync costs, and the operator's other choice.
+    sqlite-proc) bench_host sqlite-proc --store sqlite --db "$work/bench-proc.db" --sqlite-durability process ;;
+  esac
+done
 
 # ---- the table ---------------------------------------------------------------
 
