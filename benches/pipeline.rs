@@ -66,38 +66,12 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("broker_handle_chat", |b| {
-        b.to_async(&rt).iter(|| async {
-            let r = host
-                .broker
-                .handle(GatewayRequest::new(
-                    Some(key.clone()),
-                    Route::ChatCompletions,
-                    body.clone(),
-                ))
-                .await
-                .unwrap();
-            match r {
-                GatewayResponse::Complete { body, .. } => body,
-                GatewayResponse::Stream { .. } => unreachable!("plain call"),
-            }
-        })
+        b.to_async(&rt)
+            .iter(|| handle_plain(&host, key.clone(), body.clone()))
     });
     g.bench_function("broker_handle_chat_rate_limited", |b| {
-        b.to_async(&rt).iter(|| async {
-            let r = host
-                .broker
-                .handle(GatewayRequest::new(
-                    Some(limited.clone()),
-                    Route::ChatCompletions,
-                    body.clone(),
-                ))
-                .await
-                .unwrap();
-            match r {
-                GatewayResponse::Complete { body, .. } => body,
-                GatewayResponse::Stream { .. } => unreachable!("plain call"),
-            }
-        })
+        b.to_async(&rt)
+            .iter(|| handle_plain(&host, limited.clone(), body.clone()))
     });
     g.bench_function("http_via_host", |b| {
         b.to_async(&rt).iter(|| async {
@@ -122,3 +96,16 @@ mod harness {
     criterion::criterion_group!(benches, super::bench);
 }
 criterion_main!(harness::benches);
+
+/// One plain chat call through `Broker::handle` with `key`: its answer's body.
+async fn handle_plain(host: &TestHost, key: Secret, body: Bytes) -> Bytes {
+    let r = host
+        .broker
+        .handle(GatewayRequest::new(Some(key), Route::ChatCompletions, body))
+        .await
+        .unwrap();
+    match r {
+        GatewayResponse::Complete { body, .. } => body,
+        GatewayResponse::Stream { .. } => unreachable!("plain call"),
+    }
+}

@@ -669,38 +669,13 @@ mod tests {
     }
 
     async fn account(store: &InstrumentedStore, credits: i64) -> (User, ApiKey) {
-        let user = User {
-            id: UserId::generate(),
-            email: format!(
-                "{}@users.test",
-                crate::secret::random_token(8).to_lowercase()
-            ),
-            credits: Credits(credits),
-            is_admin: false,
-            suspended: None,
-            created_at: Timestamp(0),
-            budget: None,
-            alerts: Default::default(),
-            alerted: Default::default(),
-        };
+        let email = format!(
+            "{}@users.test",
+            crate::secret::random_token(8).to_lowercase()
+        );
+        let user = crate::fixtures::new_user(&email, Credits(credits));
         store.inner.create_user(&user).await.unwrap();
-        let secret = crate::secret::Secret::generate_api_key();
-        let key = ApiKey {
-            id: ApiKeyId::generate(),
-            user_id: user.id.clone(),
-            hash: secret.hash(),
-            name: "k".into(),
-            prefix: secret.display_prefix(),
-            credit_limit: None,
-            credits_left: None,
-            permitted_routes: Vec::new(),
-            created_at: Timestamp(0),
-            last_used_at: None,
-            revoked_at: None,
-            rate_limits: RateLimits::default(),
-            budget: None,
-            cache: Default::default(),
-        };
+        let key = crate::fixtures::new_key(&user, None, Timestamp(0));
         store.inner.create_api_key(&key).await.unwrap();
         (user, key)
     }

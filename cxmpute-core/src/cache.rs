@@ -635,24 +635,15 @@ mod tests {
     use super::*;
 
     fn key(shared: bool, user: &str) -> ApiKey {
+        let owner = crate::fixtures::new_user("owner@example.com", Credits::ZERO);
         ApiKey {
             id: ApiKeyId::new("k1"),
             user_id: UserId::new(user),
-            hash: crate::secret::KeyHash([0; 32]),
-            name: "k".into(),
-            prefix: "cx".into(),
-            credit_limit: None,
-            credits_left: None,
-            permitted_routes: Vec::new(),
-            created_at: Timestamp(0),
-            last_used_at: None,
-            revoked_at: None,
-            rate_limits: RateLimits::default(),
-            budget: None,
             cache: KeyCacheSettings {
                 ttl_secs: None,
                 shared,
             },
+            ..crate::fixtures::new_key(&owner, None, Timestamp(0))
         }
     }
 

@@ -347,33 +347,15 @@ mod tests {
         let store = Arc::new(InstrumentedStore::new());
         let clock = ManualClock::default();
         let user = User {
-            id: UserId::generate(),
-            email: "a@b.io".into(),
-            credits: Credits::ZERO,
-            is_admin: false,
-            suspended: None,
             created_at: clock.now(),
-            budget: None,
-            alerts: Default::default(),
-            alerted: Default::default(),
+            ..crate::fixtures::new_user("a@b.io", Credits::ZERO)
         };
         store.inner.create_user(&user).await.unwrap();
         let secret = Secret::generate_api_key();
         let key = ApiKey {
-            id: ApiKeyId::generate(),
-            user_id: user.id,
             hash: secret.hash(),
-            name: "k".into(),
             prefix: secret.display_prefix(),
-            credit_limit: None,
-            credits_left: None,
-            permitted_routes: Vec::new(),
-            created_at: clock.now(),
-            last_used_at: None,
-            revoked_at: None,
-            rate_limits: RateLimits::default(),
-            budget: None,
-            cache: Default::default(),
+            ..crate::fixtures::new_key(&user, None, clock.now())
         };
         store.inner.create_api_key(&key).await.unwrap();
         let keys = KeyCache::new(

@@ -29,6 +29,8 @@ mod catalogue;
 pub mod config;
 pub mod egress;
 pub mod error;
+#[cfg(any(test, feature = "conformance"))]
+mod fixtures;
 mod forward;
 mod gateway;
 pub mod health;

@@ -673,21 +673,10 @@ mod tests {
     use crate::{ManualClock, MemoryStore};
 
     fn key(rpm: Option<u32>, tpm: Option<u64>) -> ApiKey {
+        let owner = crate::fixtures::new_user("owner@example.com", Credits::ZERO);
         ApiKey {
-            id: ApiKeyId::generate(),
-            user_id: UserId::generate(),
-            hash: crate::secret::Secret::generate_api_key().hash(),
-            name: "k".into(),
-            prefix: "cx".into(),
-            credit_limit: None,
-            credits_left: None,
-            permitted_routes: Vec::new(),
-            created_at: Timestamp(0),
-            last_used_at: None,
-            revoked_at: None,
             rate_limits: RateLimits { rpm, tpm },
-            budget: None,
-            cache: Default::default(),
+            ..crate::fixtures::new_key(&owner, None, Timestamp(0))
         }
     }
 

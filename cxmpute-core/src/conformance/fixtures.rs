@@ -9,45 +9,10 @@ use crate::secret::Secret;
 use crate::store::Store;
 use crate::types::*;
 
-/// 2026-01-01T00:00:00Z: every case's "now" is counted from here.
-pub(super) const T0: Timestamp = Timestamp(1_767_225_600_000);
+pub(super) use crate::fixtures::{new_key, new_user, T0};
 
 pub(super) fn at(ms: i64) -> Timestamp {
     Timestamp(T0.0 + ms)
-}
-
-pub(super) fn new_user(email: &str, credits: Credits) -> User {
-    User {
-        id: UserId::generate(),
-        email: email.to_owned(),
-        credits,
-        is_admin: false,
-        suspended: None,
-        created_at: T0,
-        budget: None,
-        alerts: Default::default(),
-        alerted: Default::default(),
-    }
-}
-
-pub(super) fn new_key(user: &User, limit: Option<Credits>, created_at: Timestamp) -> ApiKey {
-    let secret = Secret::generate_api_key();
-    ApiKey {
-        id: ApiKeyId::generate(),
-        user_id: user.id.clone(),
-        hash: secret.hash(),
-        name: "default".into(),
-        prefix: secret.display_prefix(),
-        credit_limit: limit,
-        credits_left: limit,
-        permitted_routes: Vec::new(),
-        created_at,
-        last_used_at: None,
-        revoked_at: None,
-        rate_limits: RateLimits::default(),
-        budget: None,
-        cache: Default::default(),
-    }
 }
 
 pub(super) fn new_provider(user: Option<&User>) -> Provider {
