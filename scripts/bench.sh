@@ -24,6 +24,12 @@
 #   BENCH_HOSTS        which hosts to load after the references (default
 #                      "host-memory host-sqlite sqlite-proc"; sqlite-proc is
 #                      the SQLite host with --sqlite-durability process)
+#   BENCH_MODES        which calls to load the hosts with (default "plain stream
+#                      cached"; the node and nginx always run plain and stream)
+#   BENCH_BASELINE     a git revision: its host is built too, and each host of
+#                      BENCH_HOSTS is loaded at that revision (rows base-memory,
+#                      base-sqlite, base-proc) right before this tree's, so a
+#                      change is measured against its baseline in one run
 #   BENCH_HOST_LOG     the host's RUST_LOG (default info: a line per call, as
 #                      the host runs by default; the log goes to a file)
 #   BENCH_PERF         a TARGET-MODE (e.g. host-memory-plain) whose process in
@@ -39,6 +45,7 @@
 # when any target answered something other than 2xx.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 
 seconds=${BENCH_SECONDS:-10}
 warmup=${BENCH_WARMUP:-2}
@@ -46,6 +53,14 @@ connections=${BENCH_CONNECTIONS:-32}
 threads=${BENCH_THREADS:-1}
 host_log=${BENCH_HOST_LOG:-info}
 hosts=${BENCH_HOSTS:-host-memory host-sqlite sqlite-proc}
+modes=${BENCH_MODES:-plain stream cached}
+baseline=${BENCH_BASELINE:-}
+for m in $modes; do
+  case $m in
+    plain | stream | cached) ;;
+    *) echo "BENCH_MODES names plain, stream or cached, got '$m'" >&2; exit 2 ;;
+  esac
+done
 for h in $hosts; do
   case $h in
     host-memory | host-sqlite | sqlite-proc) ;;
@@ -71,6 +86,7 @@ cleanup() {
   local i
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do stop "${pids[i]}"; done
   rm -rf "$work"
+  [ -z "$baseline" ] || git worktree prune 2>/dev/null || true
 }
 # Stops one process it started: SIGTERM, then SIGKILL after 5 s.
 stop() {
@@ -125,6 +141,21 @@ cpu_ticks() {
 ticks_per_second=$(getconf CLK_TCK)
 
 # ---- build -------------------------------------------------------------------
+
+if [ -n "$baseline" ]; then
+  # Built first, in a worktree of its own sharing this target directory
+  # (the dependencies compile once), and copied out before this tree's
+  # build writes the same example path.
+  rev=$(git rev-parse --verify "$baseline^{commit}") || die "BENCH_BASELINE: no revision '$baseline'"
+  log "building the baseline host at ${rev:0:12}"
+  git worktree add --detach "$work/baseline" "$rev" >/dev/null 2>&1 || die "cannot check out $rev"
+  base_artifacts=$(cd "$work/baseline" && CARGO_TARGET_DIR="$root/target" cargo build --release \
+    --example host --message-format=json-render-diagnostics) || die "the baseline does not build"
+  base_bin=$(grep '"reason":"compiler-artifact"' <<<"$base_artifacts" | grep '"name":"host"' \
+    | grep -o '"executable":"[^"]*"' | head -n 1 | sed -e 's/^"executable":"//' -e 's/"$//')
+  cp "$base_bin" "$work/host-baseline"
+  git worktree remove --force "$work/baseline"
+fi
 
 log "building the release examples (stand_in, host)"
 artifacts=$(cargo build --release --example stand_in --example host \
@@ -329,14 +360,14 @@ unset 'pids[${#pids[@]}-1]'
 # ---- 3 and 4. the host, on memory and on SQLite --------------------------------
 
 admin_key="cx-bench-admin-$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
-# bench_host NAME STORE-FLAGS...
+# bench_host NAME BINARY STORE-FLAGS...
 bench_host() {
-  local name=$1
-  shift
+  local name=$1 bin=$2
+  shift 2
   local port url pid
   port=$(free_port)
   url="http://127.0.0.1:$port"
-  CXMPUTE_ADMIN_KEY=$admin_key RUST_LOG=$host_log "$host_bin" "$@" --allow-private-nodes \
+  CXMPUTE_ADMIN_KEY=$admin_key RUST_LOG=$host_log "$bin" "$@" --allow-private-nodes \
     --listen "127.0.0.1:$port" >"$work/$name.log" 2>&1 &
   pid=$!
   pids+=("$pid")
@@ -367,7 +398,7 @@ bench_host() {
 
   local balance_before balance_after mode
   balance_before=$(curl -sf "$url/v1/admin/users/$user_id" "${admin[@]}" | field credits)
-  for mode in plain stream cached; do
+  for mode in $modes; do
     # Keeps the node in routing for the run (see BENCH_SECONDS).
     curl -sf -X POST -o /dev/null "$url/v1/provider/provisions/$provision_id/heartbeat" \
       -H "Authorization: Bearer $provider_key" || die "the node's heartbeat was refused"
@@ -381,14 +412,22 @@ bench_host() {
   unset 'pids[${#pids[@]}-1]'
 }
 
-for h in $hosts; do
-  case $h in
-    host-memory) bench_host host-memory --store memory ;;
-    host-sqlite) bench_host host-sqlite --store sqlite --db "$work/bench.db" ;;
+# bench_store NAME BINARY: the host named by BENCH_HOSTS, run from BINARY.
+bench_store() {
+  case $1 in
+    *-memory) bench_host "$1" "$2" --store memory ;;
+    *-sqlite) bench_host "$1" "$2" --store sqlite --db "$work/$1.db" ;;
     # The same with commits acknowledged once in the OS's cache (no fsync
     # per batch): what the fsync costs, and the operator's other choice.
-    sqlite-proc) bench_host sqlite-proc --store sqlite --db "$work/bench-proc.db" --sqlite-durability process ;;
+    *-proc) bench_host "$1" "$2" --store sqlite --db "$work/$1.db" --sqlite-durability process ;;
   esac
+}
+
+for h in $hosts; do
+  if [ -n "$baseline" ]; then
+    bench_store "base-${h#*-}" "$work/host-baseline"
+  fi
+  bench_store "$h" "$host_bin"
 done
 
 # ---- the table ---------------------------------------------------------------
