@@ -23,7 +23,8 @@
 #   BENCH_THREADS      wrk threads (default 1)
 #   BENCH_HOSTS        which hosts to load after the references (default
 #                      "host-memory host-sqlite sqlite-proc"; sqlite-proc is
-#                      the SQLite host with --sqlite-durability process)
+#                      the SQLite host with --sqlite-durability process; a
+#                      host named twice is loaded twice, each time afresh)
 #   BENCH_MODES        which calls to load the hosts with (default "plain stream
 #                      cached"; the node and nginx always run plain and stream)
 #   BENCH_BASELINE     a git revision: its host is built too, and each host of
@@ -412,14 +413,18 @@ bench_host() {
   unset 'pids[${#pids[@]}-1]'
 }
 
-# bench_store NAME BINARY: the host named by BENCH_HOSTS, run from BINARY.
+# bench_store NAME BINARY: the host named by BENCH_HOSTS, run from BINARY,
+# on a database of its own (a host may be named twice, to be loaded twice).
+stores=0
 bench_store() {
+  stores=$((stores + 1))
+  local db="$work/$1-$stores.db"
   case $1 in
     *-memory) bench_host "$1" "$2" --store memory ;;
-    *-sqlite) bench_host "$1" "$2" --store sqlite --db "$work/$1.db" ;;
+    *-sqlite) bench_host "$1" "$2" --store sqlite --db "$db" ;;
     # The same with commits acknowledged once in the OS's cache (no fsync
     # per batch): what the fsync costs, and the operator's other choice.
-    *-proc) bench_host "$1" "$2" --store sqlite --db "$work/$1.db" --sqlite-durability process ;;
+    *-proc) bench_host "$1" "$2" --store sqlite --db "$db" --sqlite-durability process ;;
   esac
 }
 
