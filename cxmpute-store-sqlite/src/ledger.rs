@@ -195,9 +195,9 @@ async fn release_stale_reservations(c: &mut Conn, before: Timestamp) -> Result<u
         })
         .collect::<Result<Vec<_>>>()?;
     // The same path as every settlement, so a release is one exactly like them.
-    let answers = money::apply(c, &releases).await?;
+    let applied = money::apply(c, &releases, money::Txn::Open).await?;
     let mut n = 0;
-    for answer in answers {
+    for answer in applied.answers {
         if let MoneyAnswer::Settled(SettleOutcome::Applied) = answer? {
             n += 1;
         }

@@ -22,7 +22,7 @@ use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::map_shared;
-use crate::money::{self, MoneyAnswer, MoneyOp};
+use crate::money::{self, MoneyAnswer, MoneyOp, Txn};
 
 /// The most operations one transaction takes. Large enough to amortise the
 /// commit's fsync, small enough that one batch never holds readers' view of
@@ -247,6 +247,14 @@ async fn run_batch(conn: &mut SqliteConnection, units: Vec<Unit>) {
     if units.is_empty() {
         return;
     }
+    // A batch of one run of money operations (under load, the usual batch:
+    // settlements) needs no savepoint, the transaction is its undo, and
+    // its read and write begin and commit the transaction themselves.
+    let units = match <[Unit; 1]>::try_from(units) {
+        Ok([Unit::Money(run)]) => return run_money_alone(conn, run).await,
+        Ok([op]) => vec![op],
+        Err(units) => units,
+    };
     let total = units.len();
     let mut ran: Vec<Ran> = Vec::with_capacity(total);
     let mut units = units.into_iter();
@@ -302,40 +310,7 @@ impl Unit {
             Unit::Op(op) => return op.run(conn).await,
             Unit::Money(run) => run,
         };
-        let (ops, replies): (Vec<MoneyOp>, Vec<_>) = run.into_iter().unzip();
-        let out = match AssertUnwindSafe(money::apply(conn, &ops))
-            .catch_unwind()
-            .await
-        {
-            Ok(out) => out,
-            Err(_) => Err(Error::Backend {
-                message: "applying reservations and settlements panicked; undone".into(),
-                source: None,
-            }),
-        };
-        match out {
-            Ok(answers) => Ran {
-                keep: true,
-                answer: Box::new(move |commit_failed| {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let answer = match (answer, commit_failed) {
-                            (Ok(_), Some(e)) => Err(map_shared("committing a batch of writes", e)),
-                            (answer, _) => answer,
-                        };
-                        let _ = reply.send(answer);
-                    }
-                }),
-            },
-            // The run's writes failed as a whole: every operation in it learns why.
-            Err(e) => Ran {
-                keep: false,
-                answer: Box::new(move |_| {
-                    for reply in replies {
-                        let _ = reply.send(Err(replicate(&e)));
-                    }
-                }),
-            },
-        }
+        run_money(conn, run, Txn::Open).await.0
     }
 
     /// Answers every caller of the unit that the batch broke (with `e`)
@@ -353,10 +328,85 @@ impl Unit {
     }
 }
 
+/// Applies a run of money operations in the transaction `txn` says: what
+/// to keep and how to answer, and whether the transaction is still open
+/// (see [`money::Applied`]).
+async fn run_money(conn: &mut SqliteConnection, run: Vec<Money>, txn: Txn) -> (Ran, bool) {
+    let (ops, replies): (Vec<MoneyOp>, Vec<_>) = run.into_iter().unzip();
+    let out = match AssertUnwindSafe(money::apply(conn, &ops, txn))
+        .catch_unwind()
+        .await
+    {
+        Ok(out) => out,
+        Err(_) => Err(Error::Backend {
+            message: "applying reservations and settlements panicked; undone".into(),
+            source: None,
+        }),
+    };
+    match out {
+        Ok(money::Applied { answers, open }) => {
+            let ran = Ran {
+                keep: true,
+                answer: Box::new(move |commit_failed| {
+                    for (reply, answer) in replies.into_iter().zip(answers) {
+                        let answer = match (answer, commit_failed) {
+                            (Ok(_), Some(e)) => Err(map_shared("committing a batch of writes", e)),
+                            (answer, _) => answer,
+                        };
+                        let _ = reply.send(answer);
+                    }
+                }),
+            };
+            (ran, open)
+        }
+        // The run's writes failed as a whole: every operation in it learns why.
+        Err(e) => {
+            let ran = Ran {
+                keep: false,
+                answer: Box::new(move |_| {
+                    for reply in replies {
+                        let _ = reply.send(Err(replicate(&e)));
+                    }
+                }),
+            };
+            (ran, true)
+        }
+    }
+}
+
+/// A batch that is one run of money operations, in its own transaction
+/// ([`Txn::Own`]): two statements sent to SQLite instead of four.
+async fn run_money_alone(conn: &mut SqliteConnection, run: Vec<Money>) {
+    let (ran, open) = run_money(conn, run, Txn::Own).await;
+    let mut failed = None;
+    if open {
+        // A run that wrote nothing commits nothing; a failed one is undone.
+        // (A `ROLLBACK` with no transaction open fails harmlessly.)
+        let end = if ran.keep { "COMMIT" } else { "ROLLBACK" };
+        if let Err(e) = exec(conn, end).await {
+            if ran.keep {
+                tracing::error!(error = %e, "a batch of SQLite writes failed; none of it was applied");
+                let _ = exec(conn, "ROLLBACK").await;
+                failed = Some(Arc::new(e));
+            }
+        }
+    }
+    (ran.answer)(failed.as_ref());
+}
+
 /// A copy of a run's error for each of the callers that share it (the core
-/// error is not `Clone`); its kind, so its retryability, is kept.
+/// error is not `Clone`); its kind, so its retryability, is kept, and so is
+/// its cause, as text (what SQLite said is what the caller needs to know).
 fn replicate(e: &Error) -> Error {
-    let message = e.to_string();
+    let mut message = match e {
+        Error::Unavailable { message, .. } | Error::Backend { message, .. } => message.clone(),
+        other => other.to_string(),
+    };
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        message = format!("{message}: {c}");
+        cause = c.source();
+    }
     match e {
         Error::Unavailable { .. } => Error::Unavailable {
             message,

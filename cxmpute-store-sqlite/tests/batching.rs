@@ -20,11 +20,11 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
+const DB: &str = "batching.db";
+
 async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("batching.db"))
-        .await
-        .unwrap();
+    let store = SqliteStore::open(dir.path().join(DB)).await.unwrap();
     let user = User {
         id: UserId::generate(),
         email: "batch@example.com".into(),
@@ -252,5 +252,70 @@ async fn a_settlement_racing_a_stale_release_applies_once() {
     assert_eq!(
         (t.settlements, t.charged, t.reserved),
         (1, Credits::ZERO, Credits::ZERO)
+    );
+}
+
+/// A batch that is one run of money operations begins its transaction with
+/// the run's read and commits it with the run's write. When that write
+/// fails, the run is undone and each of its callers told, and the writer
+/// goes on; a lone run that writes nothing ends its transaction too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_run_whose_write_fails_is_undone_and_the_writer_goes_on() {
+    use sqlx::Connection;
+
+    let f = fixture(Credits::whole(10), None).await;
+    // A second connection plants a trigger that refuses one model's usage
+    // rows, as a full disk or a broken file would refuse the write.
+    let mut other =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", f._dir.path().join(DB).display()))
+            .await
+            .unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.model = 'refused' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    other.close().await.unwrap();
+
+    // Held in the broker's memory: the store sees only the settlement.
+    let hold = reservation(&f, Credits::whole(4), 1);
+    let mut refused = settlement(&f, &hold, Credits::whole(3), Credits::whole(2));
+    refused.usage.model = "refused".into();
+    let failed = f.store.settle_held(&[(hold.clone(), refused)]).await;
+    let e = failed.expect_err("the write was refused");
+    assert!(format!("{e:?}").contains("refused by the test"), "{e:?}");
+    assert_eq!(
+        f.store.user(&f.user.id).await.unwrap().credits,
+        Credits::whole(10)
+    );
+    assert_eq!(f.store.ledger_totals().await.unwrap().settlements, 0);
+
+    // Nothing of it stayed behind, not even an open transaction: the same
+    // call settles now, and a repeat of it writes nothing.
+    let st = settlement(&f, &hold, Credits::whole(3), Credits::whole(2));
+    let list = [(hold.clone(), st)];
+    let applied = f.store.settle_held(&list).await.unwrap();
+    assert_eq!(applied, vec![SettleOutcome::Applied]);
+    let repeat = f.store.settle_held(&list).await.unwrap();
+    assert_eq!(repeat, vec![SettleOutcome::AlreadySettled]);
+    // And a reservation after it takes the write lock as usual.
+    f.store
+        .reserve(&reservation(&f, Credits::whole(1), 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.store.user(&f.user.id).await.unwrap().credits,
+        Credits::whole(6)
+    );
+    let t = f.store.ledger_totals().await.unwrap();
+    assert_eq!(
+        (t.settlements, t.charged, t.rewarded, t.reserved),
+        (1, Credits::whole(3), Credits::whole(2), Credits::whole(1))
+    );
+    assert_eq!(
+        f.store.provider(&f.provider.id).await.unwrap().earnings,
+        Credits::whole(2)
     );
 }
