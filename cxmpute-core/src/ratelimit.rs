@@ -669,6 +669,9 @@ fn grant(c: &mut Counter, limit: Option<u64>, asked: u64, total: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // The instrumented store is the testkit's: `cargo test -p cxmpute-core
+    // --lib` without it still builds and runs the other tests.
+    #[cfg(feature = "testkit")]
     use crate::testkit::InstrumentedStore;
     use crate::{ManualClock, MemoryStore};
 
@@ -699,6 +702,7 @@ mod tests {
         assert_eq!(whole_seconds(Duration::ZERO), 1);
     }
 
+    #[cfg(feature = "testkit")]
     #[tokio::test]
     async fn an_owned_store_counts_exactly_in_memory() {
         let store = Arc::new(InstrumentedStore::new());
@@ -796,6 +800,7 @@ mod tests {
         assert_eq!(key_only, 1);
     }
 
+    #[cfg(feature = "testkit")]
     #[tokio::test]
     async fn a_take_the_store_failed_is_a_503_and_the_next_call_takes_again() {
         let store = Arc::new(InstrumentedStore::new().shared());
@@ -815,6 +820,7 @@ mod tests {
         assert_eq!(w, (0, 0), "no call is left counted as waiting");
     }
 
+    #[cfg(feature = "testkit")]
     #[tokio::test]
     async fn hosts_sharing_a_store_never_admit_past_the_limit() {
         let store = Arc::new(InstrumentedStore::new().shared());
