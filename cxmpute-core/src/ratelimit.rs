@@ -644,7 +644,7 @@ impl RateLimiter {
     }
 
     /// Windows held in memory now.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "testkit"))]
     fn held(&self) -> usize {
         self.0.shards.iter().map(|s| s.lock().len()).sum()
     }
