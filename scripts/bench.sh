@@ -143,6 +143,13 @@ ticks_per_second=$(getconf CLK_TCK)
 
 # ---- build -------------------------------------------------------------------
 
+# executable NAME ARTIFACTS: the path of the example NAME in cargo's JSON
+# messages ARTIFACTS.
+executable() {
+  grep '"reason":"compiler-artifact"' <<<"$2" | grep "\"name\":\"$1\"" \
+    | grep -o '"executable":"[^"]*"' | head -n 1 | sed -e 's/^"executable":"//' -e 's/"$//'
+}
+
 if [ -n "$baseline" ]; then
   # Built first, in a worktree of its own sharing this target directory
   # (the dependencies compile once), and copied out before this tree's
@@ -152,21 +159,15 @@ if [ -n "$baseline" ]; then
   git worktree add --detach "$work/baseline" "$rev" >/dev/null 2>&1 || die "cannot check out $rev"
   base_artifacts=$(cd "$work/baseline" && CARGO_TARGET_DIR="$root/target" cargo build --release \
     --example host --message-format=json-render-diagnostics) || die "the baseline does not build"
-  base_bin=$(grep '"reason":"compiler-artifact"' <<<"$base_artifacts" | grep '"name":"host"' \
-    | grep -o '"executable":"[^"]*"' | head -n 1 | sed -e 's/^"executable":"//' -e 's/"$//')
-  cp "$base_bin" "$work/host-baseline"
+  cp "$(executable host "$base_artifacts")" "$work/host-baseline"
   git worktree remove --force "$work/baseline"
 fi
 
 log "building the release examples (stand_in, host)"
 artifacts=$(cargo build --release --example stand_in --example host \
   --message-format=json-render-diagnostics)
-executable() {
-  grep '"reason":"compiler-artifact"' <<<"$artifacts" | grep "\"name\":\"$1\"" \
-    | grep -o '"executable":"[^"]*"' | head -n 1 | sed -e 's/^"executable":"//' -e 's/"$//'
-}
-stand_in_bin=$(executable stand_in)
-host_bin=$(executable host)
+stand_in_bin=$(executable stand_in "$artifacts")
+host_bin=$(executable host "$artifacts")
 [ -x "$stand_in_bin" ] && [ -x "$host_bin" ] || die "cannot find the built examples"
 
 # ---- the load ----------------------------------------------------------------
