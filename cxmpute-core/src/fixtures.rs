@@ -1,15 +1,16 @@
 //! An account and an API key as tests build them: the conformance suite's
-//! cases and the crate's own unit tests share these (one place to change
-//! when a field is added).
+//! cases, the crate's own unit tests and the stores' own tests (through
+//! `conformance::fixtures`) share these (one place to change when a field
+//! is added).
 
 use crate::secret::Secret;
 use crate::types::*;
 
 /// 2026-01-01T00:00:00Z: every conformance case's "now" is counted from here.
-pub(crate) const T0: Timestamp = Timestamp(1_767_225_600_000);
+pub const T0: Timestamp = Timestamp(1_767_225_600_000);
 
 /// An account with `credits`, created at [`T0`], nothing else set.
-pub(crate) fn new_user(email: &str, credits: Credits) -> User {
+pub fn new_user(email: &str, credits: Credits) -> User {
     User {
         id: UserId::generate(),
         email: email.to_owned(),
@@ -24,7 +25,7 @@ pub(crate) fn new_user(email: &str, credits: Credits) -> User {
 }
 
 /// A key of `user` with an optional credit limit, nothing else set.
-pub(crate) fn new_key(user: &User, limit: Option<Credits>, created_at: Timestamp) -> ApiKey {
+pub fn new_key(user: &User, limit: Option<Credits>, created_at: Timestamp) -> ApiKey {
     let secret = Secret::generate_api_key();
     ApiKey {
         id: ApiKeyId::generate(),

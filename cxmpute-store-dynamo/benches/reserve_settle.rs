@@ -11,15 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
+use cxmpute_core::conformance::fixtures::{new_key, new_provider, new_user, T0};
 use cxmpute_core::secret::random_token;
 use cxmpute_core::{
-    ApiKey, ApiKeyId, Credits, LedgerStore, NetworkStore, Provider, ProviderId, RequestId,
-    Reservation, Route, Secret, SettleOutcome, Settlement, Timestamp, UsageRecord, User, UserId,
-    UserStore,
+    ApiKey, Credits, LedgerStore, NetworkStore, Provider, RequestId, Reservation, Route,
+    SettleOutcome, Settlement, UsageRecord, User, UserStore,
 };
 use cxmpute_store_dynamo::{DynamoConfig, DynamoStore, StaticCredentials};
-
-const T0: Timestamp = Timestamp(1_767_225_600_000);
 
 struct Fixture {
     store: Arc<DynamoStore>,
@@ -35,44 +33,16 @@ async fn fixture(endpoint: &str) -> Fixture {
         .with_credentials(StaticCredentials::new("testing", "testing"));
     let store = DynamoStore::connect(cfg).await.expect("connect");
     store.create_tables_if_missing().await.expect("table");
-    let user = User {
-        id: UserId::generate(),
-        email: "bench@users.test".into(),
-        credits: Credits::whole(1_000_000_000),
-        is_admin: false,
-        suspended: None,
-        created_at: T0,
-        budget: None,
-        alerts: Default::default(),
-        alerted: Default::default(),
-    };
+    let user = new_user("bench@users.test", Credits::whole(1_000_000_000));
     store.create_user(&user).await.expect("user");
-    let secret = Secret::generate_api_key();
     let key = ApiKey {
-        id: ApiKeyId::generate(),
-        user_id: user.id.clone(),
-        hash: secret.hash(),
         name: "bench".into(),
-        prefix: secret.display_prefix(),
-        credit_limit: Some(Credits::whole(1_000_000_000)),
-        credits_left: Some(Credits::whole(1_000_000_000)),
-        permitted_routes: Vec::new(),
-        created_at: T0,
-        last_used_at: None,
-        revoked_at: None,
-        rate_limits: cxmpute_core::RateLimits::default(),
-        budget: None,
-        cache: Default::default(),
+        ..new_key(&user, Some(Credits::whole(1_000_000_000)), T0)
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {
-        id: ProviderId::generate(),
-        user_id: None,
         email: "bench@providers.test".into(),
-        key_hash: Secret::generate_provider_key().hash(),
-        earnings: Credits::ZERO,
-        suspended: None,
-        created_at: T0,
+        ..new_provider(None)
     };
     store.create_provider(&provider).await.expect("provider");
     Fixture {

@@ -15,61 +15,31 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsInput;
 use cxmpute_core::error::BoxError;
 use cxmpute_core::{
     ApiKey, ApiKeyId, Credits, Day, Error, LedgerStore, NetworkStore, PoolEntry, Provider,
-    ProviderId, Provision, ProvisionId, ProvisionState, RequestId, Reservation, Route, Secret,
-    Service, SettleOutcome, Settlement, StatsBatch, StatsCounters, StatsStore, Store, Timestamp,
+    ProviderId, Provision, ProvisionId, ProvisionState, RequestId, Reservation, Route, Service,
+    SettleOutcome, Settlement, StatsBatch, StatsCounters, StatsStore, Store, Timestamp,
     UsageRecord, User, UserId, UserStore,
 };
 use cxmpute_store_dynamo::{DynamoConfig, DynamoStore, StaticCredentials};
 
-const T0: Timestamp = Timestamp(1_767_225_600_000);
+use cxmpute_core::conformance::fixtures::{new_key, new_provider, new_user, T0};
 
 fn at(ms: i64) -> Timestamp {
     Timestamp(T0.0 + ms)
 }
 
 async fn funded(store: &dyn Store, credits: Credits, limit: Option<Credits>) -> (User, ApiKey) {
-    let user = User {
-        id: UserId::generate(),
-        email: format!("{}@users.test", cxmpute_core::secret::random_token(10)).to_lowercase(),
-        credits,
-        is_admin: false,
-        suspended: None,
-        created_at: T0,
-        budget: None,
-        alerts: Default::default(),
-        alerted: Default::default(),
-    };
+    let email = format!("{}@users.test", cxmpute_core::secret::random_token(10)).to_lowercase();
+    let user = new_user(&email, credits);
     store.create_user(&user).await.expect("create user");
-    let secret = Secret::generate_api_key();
-    let key = ApiKey {
-        id: ApiKeyId::generate(),
-        user_id: user.id.clone(),
-        hash: secret.hash(),
-        name: "default".into(),
-        prefix: secret.display_prefix(),
-        credit_limit: limit,
-        credits_left: limit,
-        permitted_routes: Vec::new(),
-        created_at: T0,
-        last_used_at: None,
-        revoked_at: None,
-        rate_limits: cxmpute_core::RateLimits::default(),
-        budget: None,
-        cache: Default::default(),
-    };
+    let key = new_key(&user, limit, T0);
     store.create_api_key(&key).await.expect("create key");
     (user, key)
 }
 
 async fn provider(store: &dyn Store) -> Provider {
     let p = Provider {
-        id: ProviderId::generate(),
-        user_id: None,
         email: "p@providers.test".into(),
-        key_hash: Secret::generate_provider_key().hash(),
-        earnings: Credits::ZERO,
-        suspended: None,
-        created_at: T0,
+        ..new_provider(None)
     };
     store.create_provider(&p).await.expect("create provider");
     p

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use cxmpute_core::secret::Secret;
+use cxmpute_core::conformance::fixtures::{new_key, new_provider, new_user, T0};
 use cxmpute_core::*;
 use cxmpute_store_sqlite::SqliteStore;
 
@@ -54,46 +54,18 @@ async fn fixture(n: usize) -> Fixture {
     let store = SqliteStore::open(dir.path().join("bench.db"))
         .await
         .expect("open");
-    let now = Timestamp(1_767_225_600_000);
-    let user = User {
-        id: UserId::generate(),
-        email: "bench@example.com".into(),
-        credits: Credits::whole(1_000_000_000),
-        is_admin: false,
-        suspended: None,
-        created_at: now,
-        budget: None,
-        alerts: Default::default(),
-        alerted: Default::default(),
-    };
+    let now = T0;
+    let user = new_user("bench@example.com", Credits::whole(1_000_000_000));
     store.create_user(&user).await.expect("user");
-    let secret = Secret::generate_api_key();
+    // A limit, so every request moves the key's balance too.
     let key = ApiKey {
-        id: ApiKeyId::generate(),
-        user_id: user.id.clone(),
-        hash: secret.hash(),
         name: "bench".into(),
-        prefix: secret.display_prefix(),
-        // A limit, so every request moves the key's balance too.
-        credit_limit: Some(Credits::whole(1_000_000_000)),
-        credits_left: Some(Credits::whole(1_000_000_000)),
-        permitted_routes: Vec::new(),
-        created_at: now,
-        last_used_at: None,
-        revoked_at: None,
-        rate_limits: RateLimits::default(),
-        budget: None,
-        cache: Default::default(),
+        ..new_key(&user, Some(Credits::whole(1_000_000_000)), now)
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {
-        id: ProviderId::generate(),
-        user_id: None,
         email: "node@example.com".into(),
-        key_hash: Secret::generate_provider_key().hash(),
-        earnings: Credits::ZERO,
-        suspended: None,
-        created_at: now,
+        ..new_provider(None)
     };
     store.create_provider(&provider).await.expect("provider");
     Fixture {

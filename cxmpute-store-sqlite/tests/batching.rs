@@ -6,11 +6,11 @@
 //! write on its first poll, so the writes below reach the writer in the
 //! order written whether or not they end up in the same batch.
 
-use cxmpute_core::secret::Secret;
+use cxmpute_core::conformance::fixtures::{self, new_key, new_provider, new_user};
 use cxmpute_core::*;
 use cxmpute_store_sqlite::SqliteStore;
 
-const T0: i64 = 1_767_225_600_000;
+const T0: i64 = fixtures::T0.0;
 
 struct Fixture {
     store: SqliteStore,
@@ -25,44 +25,16 @@ const DB: &str = "batching.db";
 async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(dir.path().join(DB)).await.unwrap();
-    let user = User {
-        id: UserId::generate(),
-        email: "batch@example.com".into(),
-        credits,
-        is_admin: false,
-        suspended: None,
-        created_at: Timestamp(T0),
-        budget: None,
-        alerts: Default::default(),
-        alerted: Default::default(),
-    };
+    let user = new_user("batch@example.com", credits);
     store.create_user(&user).await.unwrap();
-    let secret = Secret::generate_api_key();
     let key = ApiKey {
-        id: ApiKeyId::generate(),
-        user_id: user.id.clone(),
-        hash: secret.hash(),
         name: "k".into(),
-        prefix: secret.display_prefix(),
-        credit_limit: limit,
-        credits_left: limit,
-        permitted_routes: Vec::new(),
-        created_at: Timestamp(T0),
-        last_used_at: None,
-        revoked_at: None,
-        rate_limits: RateLimits::default(),
-        budget: None,
-        cache: Default::default(),
+        ..new_key(&user, limit, Timestamp(T0))
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {
-        id: ProviderId::generate(),
-        user_id: None,
         email: "p@example.com".into(),
-        key_hash: Secret::generate_provider_key().hash(),
-        earnings: Credits::ZERO,
-        suspended: None,
-        created_at: Timestamp(T0),
+        ..new_provider(None)
     };
     store.create_provider(&provider).await.unwrap();
     Fixture {

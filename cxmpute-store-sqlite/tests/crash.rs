@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use cxmpute_core::secret::Secret;
+use cxmpute_core::conformance::fixtures::{self, new_key, new_provider, new_user};
 use cxmpute_core::*;
 use cxmpute_store_sqlite::{Durability, SqliteOptions, SqliteStore};
 
@@ -34,7 +34,7 @@ const ACKS_BEFORE_KILL: usize = 600;
 /// A bound on the child's work in case nobody kills it.
 const CHILD_MAX_REQUESTS: u64 = 200_000;
 const CHILD_TASKS: u64 = 32;
-const T0: i64 = 1_767_225_600_000;
+const T0: i64 = fixtures::T0.0;
 
 /// The child: runs only when the parent started this binary with `CHILD_DB`.
 #[test]
@@ -154,44 +154,16 @@ fn killed_child_loses_nothing_acknowledged(durability: Durability) {
 
     let (user, key, provider) = rt.block_on(async {
         let store = SqliteStore::open(&db).await.unwrap();
-        let user = User {
-            id: UserId::generate(),
-            email: "crash@example.com".into(),
-            credits: INITIAL,
-            is_admin: false,
-            suspended: None,
-            created_at: Timestamp(T0),
-            budget: None,
-            alerts: Default::default(),
-            alerted: Default::default(),
-        };
+        let user = new_user("crash@example.com", INITIAL);
         store.create_user(&user).await.unwrap();
-        let secret = Secret::generate_api_key();
         let key = ApiKey {
-            id: ApiKeyId::generate(),
-            user_id: user.id.clone(),
-            hash: secret.hash(),
             name: "crash".into(),
-            prefix: secret.display_prefix(),
-            credit_limit: Some(LIMIT),
-            credits_left: Some(LIMIT),
-            permitted_routes: Vec::new(),
-            created_at: Timestamp(T0),
-            last_used_at: None,
-            revoked_at: None,
-            rate_limits: RateLimits::default(),
-            budget: None,
-            cache: Default::default(),
+            ..new_key(&user, Some(LIMIT), Timestamp(T0))
         };
         store.create_api_key(&key).await.unwrap();
         let provider = Provider {
-            id: ProviderId::generate(),
-            user_id: None,
             email: "node@example.com".into(),
-            key_hash: Secret::generate_provider_key().hash(),
-            earnings: Credits::ZERO,
-            suspended: None,
-            created_at: Timestamp(T0),
+            ..new_provider(None)
         };
         store.create_provider(&provider).await.unwrap();
         store.close().await;

@@ -1,5 +1,7 @@
 //! What the cases build their stores from: fixed times, users, keys,
-//! providers, nodes, reservations and settlements.
+//! providers, nodes, reservations and settlements. The plain builders
+//! (times, accounts, keys, providers) are public: a store's own tests build
+//! their rows with them too.
 
 use std::sync::Arc;
 
@@ -9,13 +11,16 @@ use crate::secret::Secret;
 use crate::store::Store;
 use crate::types::*;
 
-pub(super) use crate::fixtures::{new_key, new_user, T0};
+pub use crate::fixtures::{new_key, new_user, T0};
 
-pub(super) fn at(ms: i64) -> Timestamp {
+/// [`T0`] plus `ms` milliseconds.
+pub fn at(ms: i64) -> Timestamp {
     Timestamp(T0.0 + ms)
 }
 
-pub(super) fn new_provider(user: Option<&User>) -> Provider {
+/// A provider account (of `user`, when given) with a random email and
+/// nothing earned, created at [`T0`].
+pub fn new_provider(user: Option<&User>) -> Provider {
     Provider {
         id: ProviderId::generate(),
         user_id: user.map(|u| u.id.clone()),

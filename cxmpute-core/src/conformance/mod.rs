@@ -47,7 +47,7 @@ macro_rules! assert_err {
     };
 }
 
-mod fixtures;
+pub mod fixtures;
 
 pub mod catalogue;
 pub mod ledger;
