@@ -62,6 +62,26 @@ fn per_request_price(micros: i64) -> PriceEntry {
     }
 }
 
+/// A table prefix of its own for one test, starting with `tag`.
+fn prefix(tag: char) -> String {
+    format!("{tag}{}_", secret::random_token(10).to_lowercase())
+}
+
+/// A host on the shared tables under `prefix`.
+async fn host(endpoint: &str, prefix: &str) -> TestHost {
+    TestHost::start(store(config(endpoint, prefix)).await).await
+}
+
+/// Sets the chat price the tests charge (1,000 micro-credits a request)
+/// through `h`.
+async fn priced(h: &TestHost) {
+    h.broker
+        .admin()
+        .put_price(per_request_price(1_000))
+        .await
+        .unwrap();
+}
+
 async fn chat(client: &reqwest::Client, url: &str, key: &Secret) -> u16 {
     let r = client
         .post(format!("{url}/v1/chat/completions"))
@@ -78,14 +98,10 @@ async fn chat(client: &reqwest::Client, url: &str, key: &Secret) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hosts_share_nodes_credits_and_usage() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("h{}_", secret::random_token(10).to_lowercase());
-    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
-    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let prefix = prefix('h');
+    let a = host(&ep, &prefix).await;
+    priced(&a).await;
+    let b = host(&ep, &prefix).await;
     assert_eq!(
         b.broker.prices().get(Service::Chat, MODEL).per_request,
         Credits(1_000)
@@ -158,8 +174,8 @@ async fn two_hosts_share_nodes_credits_and_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_calls_against_credits_for_fifty_serve_fifty_on_dynamodb() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("f{}_", secret::random_token(10).to_lowercase());
-    let h = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let prefix = prefix('f');
+    let h = host(&ep, &prefix).await;
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     // From credit leases (the default), sized and refilled as calls come.
     common::fifty_of_200_calls_are_served(&h).await;
@@ -170,14 +186,10 @@ async fn two_hundred_calls_against_credits_for_fifty_serve_fifty_on_dynamodb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_host_dropped_holding_a_credit_lease_gives_it_back_through_the_other_hosts_sweep() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("d{}_", secret::random_token(10).to_lowercase());
-    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
-    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let prefix = prefix('d');
+    let a = host(&ep, &prefix).await;
+    priced(&a).await;
+    let b = host(&ep, &prefix).await;
     let (_node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
     let (u, key) = a.user(Credits(10_000)).await;
     let c = reqwest::Client::new();
@@ -218,7 +230,7 @@ async fn calls_of_one_account_from_credit_leases_cost_at_most_a_tenth_of_a_store
     let Some(ep) = endpoint() else { return };
     const CALLS: usize = 1_000;
     const CLIENTS: usize = 32;
-    let prefix = format!("r{}_", secret::random_token(10).to_lowercase());
+    let prefix = prefix('r');
     // Late in the run moto takes seconds per transaction (it copies the
     // table for each): wait for it rather than time out, since a request
     // abandoned while moto still runs it would overlap the next.
@@ -226,11 +238,7 @@ async fn calls_of_one_account_from_credit_leases_cost_at_most_a_tenth_of_a_store
     inner.create_tables_if_missing().await.unwrap();
     let counted = Arc::new(InstrumentedStore::wrap(inner));
     let h = TestHost::start(counted.clone()).await;
-    h.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
+    priced(&h).await;
     let (_node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (_u, key) = h.user(Credits::whole(100)).await;
     let c = reqwest::Client::new();
@@ -264,13 +272,9 @@ async fn calls_of_one_account_from_credit_leases_cost_at_most_a_tenth_of_a_store
 async fn a_key_revoked_or_an_account_suspended_on_one_host_is_refused_on_another_within_the_bound()
 {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("k{}_", secret::random_token(10).to_lowercase());
-    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
+    let prefix = prefix('k');
+    let a = host(&ep, &prefix).await;
+    priced(&a).await;
     let b_store = DynamoStore::connect(config(&ep, &prefix)).await.unwrap();
     let b_store = Arc::new(InstrumentedStore::wrap(b_store));
     let b = TestHost::start(b_store.clone()).await;
@@ -364,18 +368,14 @@ impl Relay {
 async fn an_unreachable_database_is_a_clear_503_and_the_host_recovers() {
     let Some(ep) = endpoint() else { return };
     let relay = Relay::start(&ep).await;
-    let prefix = format!("u{}_", secret::random_token(10).to_lowercase());
+    let prefix = prefix('u');
     let mut cfg = config(&relay.url, &prefix);
     cfg.max_attempts = 2;
     cfg.connect_timeout = Duration::from_millis(500);
     cfg.attempt_timeout = Duration::from_secs(2);
     cfg.operation_timeout = Duration::from_secs(4);
     let h = TestHost::start(store(cfg).await).await;
-    h.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
+    priced(&h).await;
     let (node, _, _) = h.stand_in("n", Service::Chat, MODEL).await;
     let (u, key) = h.user(Credits::whole(1)).await;
     let c = reqwest::Client::new();
@@ -445,14 +445,10 @@ async fn chat_model(c: &reqwest::Client, url: &str, key: &Secret, model: &str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn catalogue_changes_through_one_host_reach_routing_on_another() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("c{}_", secret::random_token(10).to_lowercase());
-    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
+    let prefix = prefix('c');
+    let a = host(&ep, &prefix).await;
+    let b = host(&ep, &prefix).await;
+    priced(&a).await;
     let c = reqwest::Client::new();
     let model = "katan-echo:1b";
 
@@ -566,18 +562,14 @@ async fn catalogue_changes_through_one_host_reach_routing_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hosts_together_never_admit_more_than_a_keys_rate_limit() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("l{}_", secret::random_token(10).to_lowercase());
+    let prefix = prefix('l');
     let counted = |s: DynamoStore| Arc::new(InstrumentedStore::wrap(s));
     let sa = counted(DynamoStore::connect(config(&ep, &prefix)).await.unwrap());
     sa.inner.create_tables_if_missing().await.unwrap();
     let sb = counted(DynamoStore::connect(config(&ep, &prefix)).await.unwrap());
     sb.inner.create_tables_if_missing().await.unwrap();
     let a = TestHost::start(sa.clone()).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
+    priced(&a).await;
     let b = TestHost::start(sb.clone()).await;
     // Both clocks 10 s into the same minute.
     a.clock.advance(Duration::from_secs(10));
@@ -676,14 +668,10 @@ async fn two_hosts_together_never_admit_more_than_a_keys_rate_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_key_limit_lowered_on_one_host_retires_another_hosts_leases_within_the_bound() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("q{}_", secret::random_token(10).to_lowercase());
-    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
-    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
+    let prefix = prefix('q');
+    let a = host(&ep, &prefix).await;
+    priced(&a).await;
+    let b = host(&ep, &prefix).await;
     let (_node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
     b.broker.refresh_pools().await.unwrap();
     let (u, key) = a.user(Credits::whole(1)).await;
@@ -727,15 +715,11 @@ async fn a_key_limit_lowered_on_one_host_retires_another_hosts_leases_within_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hosts_together_never_spend_more_than_a_keys_budget() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("g{}_", secret::random_token(10).to_lowercase());
+    let prefix = prefix('g');
     let sa = store(config(&ep, &prefix)).await;
     let sb = store(config(&ep, &prefix)).await;
     let a = TestHost::start(sa.clone()).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
+    priced(&a).await;
     let b = TestHost::start(sb.clone()).await;
     b.clock.set(a.clock.now());
     let (node, _, _) = a.stand_in("n", Service::Chat, MODEL).await;
@@ -829,14 +813,10 @@ async fn two_hosts_together_never_spend_more_than_a_keys_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_alias_added_through_one_host_is_served_on_another_after_its_refresh() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("l{}_", secret::random_token(10).to_lowercase());
-    let a = TestHost::start(store(config(&ep, &prefix)).await).await;
-    let b = TestHost::start(store(config(&ep, &prefix)).await).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
+    let prefix = prefix('l');
+    let a = host(&ep, &prefix).await;
+    let b = host(&ep, &prefix).await;
+    priced(&a).await;
     let c = reqwest::Client::new();
     // A node of MODEL only, registered through host B; `llama3.2:1b`
     // (first in the alias) has none, so the alias falls back to MODEL.
@@ -896,16 +876,12 @@ async fn an_alias_added_through_one_host_is_served_on_another_after_its_refresh(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hosts_together_spend_an_accounts_budget_and_mail_each_alert_once() {
     let Some(ep) = endpoint() else { return };
-    let prefix = format!("u{}_", secret::random_token(10).to_lowercase());
+    let prefix = prefix('u');
     let mails = RecordingMailer::default();
     let m = mails.clone();
     let a =
         TestHost::start_with(store(config(&ep, &prefix)).await, |b| b.mailer(Arc::new(m))).await;
-    a.broker
-        .admin()
-        .put_price(per_request_price(1_000))
-        .await
-        .unwrap();
+    priced(&a).await;
     let m = mails.clone();
     let b =
         TestHost::start_with(store(config(&ep, &prefix)).await, |b| b.mailer(Arc::new(m))).await;
