@@ -73,13 +73,9 @@ async fn everything_written_through_the_host_survives_a_clean_restart() {
     assert_eq!(before_usage.len(), 3);
     assert_eq!(before_totals.settlements, 3);
     assert!(!before_stats.is_empty());
-    drop(h);
-    store.close().await;
-    drop(store);
 
     // Second life on the same file.
-    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
-    let h = TestHost::start(store.clone()).await;
+    let (h, store) = second_life(h, store, &path).await;
     let s = h.broker.store();
     assert_eq!(s.user(&user.id).await.unwrap(), before_user);
     assert_eq!(s.provider(&provider.id).await.unwrap(), before_provider);
@@ -107,9 +103,7 @@ async fn everything_written_through_the_host_survives_a_clean_restart() {
     assert_eq!(s.ledger_totals().await.unwrap().settlements, 4);
     drop(h);
     store.close().await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    remove_db(&path);
 }
 
 #[tokio::test]
@@ -132,6 +126,20 @@ fn remove_db(path: &std::path::Path) {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
+}
+
+/// Stops `h` and closes `store` (every write committed), then starts a new
+/// host on the same file: the host's second life.
+async fn second_life(
+    h: TestHost,
+    store: Arc<SqliteStore>,
+    path: &std::path::Path,
+) -> (TestHost, Arc<SqliteStore>) {
+    drop(h);
+    store.close().await;
+    drop(store);
+    let store = Arc::new(SqliteStore::open(path).await.unwrap());
+    (TestHost::start(store.clone()).await, store)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,9 +275,7 @@ async fn a_provider_may_hold_at_most_the_cap_of_nodes_even_registering_all_at_on
     assert_eq!(listed(&a).await, 32);
     drop(h);
     store.close().await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    remove_db(&path);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,13 +297,9 @@ async fn the_catalogue_and_its_pools_survive_a_restart() {
     let id = h.add_node(&p, &node, Service::Chat, "tiny:0.5b").await;
     let catalogue = h.broker.admin().catalogue();
     assert_eq!(catalogue.len(), builtin);
-    drop(h);
-    store.close().await;
-    drop(store);
 
     // Second life on the same file: the same catalogue, the node routed.
-    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
-    let h = TestHost::start(store.clone()).await;
+    let (h, store) = second_life(h, store, &path).await;
     assert_eq!(h.broker.admin().catalogue(), catalogue);
     assert!(h.is_routable(&id));
     let (_, key) = h.user(Credits::whole(1)).await;
@@ -308,9 +310,7 @@ async fn the_catalogue_and_its_pools_survive_a_restart() {
     h.assert_ledger().await;
     drop(h);
     store.close().await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    remove_db(&path);
 }
 
 /// Calls at once on a SQLite host settle in group commits: far fewer
@@ -365,13 +365,9 @@ async fn a_budgets_spending_survives_a_restart() {
     }
     let now = h.clock.now();
     h.assert_ledger().await;
-    drop(h);
-    store.close().await;
-    drop(store);
 
     // Second life, the same day: one call left of the budget.
-    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
-    let h = TestHost::start(store.clone()).await;
+    let (h, store) = second_life(h, store, &path).await;
     h.clock.set(now);
     h.track_user(&user.id, Credits::whole(1));
     assert_eq!(chat(&h, &key).await, 200);
@@ -390,9 +386,7 @@ async fn a_budgets_spending_survives_a_restart() {
     );
     drop(h);
     store.close().await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    remove_db(&path);
 }
 
 /// An account's budget, its alerts, the alert marks taken and what the
@@ -427,13 +421,9 @@ async fn an_accounts_budget_and_alert_marks_survive_a_restart() {
     let day = Timestamp(now.0 - now.0.rem_euclid(86_400_000));
     assert_eq!(marked.budget, Some(day), "the budget alert was taken");
     h.assert_ledger().await;
-    drop(h);
-    store.close().await;
-    drop(store);
 
     // Second life, the same day: one call left of the budget.
-    let store = Arc::new(SqliteStore::open(&path).await.unwrap());
-    let h = TestHost::start(store.clone()).await;
+    let (h, store) = second_life(h, store, &path).await;
     h.clock.set(now);
     h.track_user(&user.id, Credits::whole(1));
     let u = h.broker.store().user(&user.id).await.unwrap();
@@ -464,7 +454,5 @@ async fn an_accounts_budget_and_alert_marks_survive_a_restart() {
     );
     drop(h);
     store.close().await;
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-    }
+    remove_db(&path);
 }
