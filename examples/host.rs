@@ -140,6 +140,11 @@ struct Args {
     #[arg(long, env = "CXMPUTE_MAX_CONNECTIONS",
           default_value_t = ServeConfig::default().max_connections)]
     max_connections: usize,
+    /// Threads that serve connections, each with a runtime of its own (a
+    /// call then stays on one thread); 0 serves them on the main runtime.
+    /// Default: one per core.
+    #[arg(long, env = "CXMPUTE_SERVE_THREADS")]
+    serve_threads: Option<usize>,
 }
 
 impl Args {
@@ -151,6 +156,10 @@ impl Args {
             .body_read_timeout(secs(self.body_read_timeout_secs))
             .idle_timeout(secs(self.idle_timeout_secs))
             .max_connections(self.max_connections.max(1))
+            .threads(
+                self.serve_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            )
     }
 }
 

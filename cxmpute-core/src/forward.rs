@@ -11,6 +11,7 @@
 //! maps and passes the request through both layers; a profile of a busy
 //! host showed about a tenth of its CPU there.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,9 +32,35 @@ type Connector = HttpsConnector<HttpConnector<GuardedResolver<EgressPolicy>>>;
 /// Why a send failed before the node's response headers.
 pub(crate) type SendError = hyper_util::client::legacy::Error;
 
-/// The broker's client to its nodes (cheap to clone: one shared pool).
-#[derive(Clone, Debug)]
-pub(crate) struct NodeClient(Client<Connector, Full<Bytes>>);
+/// The broker's client to its nodes (cheap to clone: the pools are
+/// shared).
+///
+/// One connection pool per serving thread ([`ServeConfig::threads`]), and
+/// one for every other thread: a pooled connection is driven by a task on
+/// the runtime that opened it, so a call on one serving thread borrowing
+/// another's connection would wake that thread for each read and write.
+///
+/// [`ServeConfig::threads`]: crate::http::ServeConfig::threads
+#[derive(Clone)]
+pub(crate) struct NodeClient(Arc<Pools>);
+
+/// Pools made when a thread first sends (most hosts use one or a few).
+struct Pools {
+    connector: Connector,
+    /// `[0]` for threads that are not serving threads; serving thread `i`
+    /// uses `1 + (i - 1) % (POOLS - 1)`.
+    pools: [OnceLock<Client<Connector, Full<Bytes>>>; POOLS],
+}
+
+/// Pools kept: more serving threads than this share them.
+const POOLS: usize = 17;
+
+impl std::fmt::Debug for NodeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let made = self.0.pools.iter().filter(|p| p.get().is_some()).count();
+        f.debug_struct("NodeClient").field("pools", &made).finish()
+    }
+}
 
 impl NodeClient {
     /// A client that resolves node names under `egress` and gives up a
@@ -57,11 +84,24 @@ impl NodeClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .build(https);
-        Ok(NodeClient(client))
+        Ok(NodeClient(Arc::new(Pools {
+            connector: https,
+            pools: std::array::from_fn(|_| OnceLock::new()),
+        })))
+    }
+
+    /// The pool of the thread this runs on.
+    fn pool(&self) -> &Client<Connector, Full<Bytes>> {
+        let slot = match crate::http::workers::index() {
+            0 => 0,
+            i => 1 + (i - 1) % (POOLS - 1),
+        };
+        self.0.pools[slot].get_or_init(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_timer(TokioTimer::new())
+                .build(self.0.connector.clone())
+        })
     }
 
     /// Sends `body` as a JSON POST to `uri` with `auth` as its
@@ -81,7 +121,7 @@ impl NodeClient {
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         // What reqwest sent: some servers answer differently without one.
         h.insert(ACCEPT, HeaderValue::from_static("*/*"));
-        let sent = self.0.request(req);
+        let sent = self.pool().request(req);
         async move { sent.await.map(NodeResponse) }
     }
 }

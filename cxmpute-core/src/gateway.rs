@@ -269,7 +269,13 @@ impl Broker {
             let answer = broker.admit_and_run(req, &mut rate, &mut lookup).await;
             (answer, rate, lookup)
         };
-        match tokio::spawn(task.instrument(tracing::Span::current())).await {
+        // Counted by a serving thread: it must not stop under a call whose
+        // caller hung up.
+        match tokio::spawn(crate::http::workers::tracked(
+            task.instrument(tracing::Span::current()),
+        ))
+        .await
+        {
             Ok(done) => done,
             Err(e) => (
                 Err(Error::backend("the gateway call's task failed", e)),
@@ -1290,7 +1296,9 @@ impl CallContext {
             drop(tx);
         };
         // The stream outlives the handler: it keeps the request's span.
-        tokio::spawn(task.instrument(tracing::Span::current()));
+        tokio::spawn(crate::http::workers::tracked(
+            task.instrument(tracing::Span::current()),
+        ));
         GatewayResponse::Stream {
             content_type,
             body: tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),

@@ -700,24 +700,40 @@ impl TestHost {
                     .1
             }
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind loopback");
-        let addr = listener.local_addr().expect("local addr");
-        let app = crate::http::router(broker.clone());
-        // Served as a host should be: connection limits, the peer's address.
-        let task = tokio::spawn(async move {
-            let config = crate::http::ServeConfig::default();
-            let _ = crate::http::serve(listener, app, config, std::future::pending()).await;
-        });
+        let (url, task) = Self::served(&broker, crate::http::ServeConfig::default()).await;
         TestHost {
             broker,
-            url: format!("http://{addr}"),
+            url,
             clock,
             admin_key,
             users: Mutex::new(Vec::new()),
             task,
         }
+    }
+
+    /// Serves the host with `config` from now on, on a new port
+    /// ([`TestHost::url`] changes); the old one stops.
+    pub async fn serve_with(&mut self, config: crate::http::ServeConfig) {
+        let (url, task) = Self::served(&self.broker, config).await;
+        self.task.abort();
+        (self.url, self.task) = (url, task);
+    }
+
+    /// `broker` served on a loopback port of its own, as a host should be
+    /// (connection limits, the peer's address): its URL and the task.
+    async fn served(
+        broker: &Broker,
+        config: crate::http::ServeConfig,
+    ) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr");
+        let app = crate::http::router(broker.clone());
+        let task = tokio::spawn(async move {
+            let _ = crate::http::serve(listener, app, config, std::future::pending()).await;
+        });
+        (format!("http://{addr}"), task)
     }
 
     /// A host on a fresh memory store that charges [`chat_price`] and pays

@@ -59,6 +59,7 @@ mod provider;
 mod provider_account;
 mod serve;
 mod stats;
+pub(crate) mod workers;
 
 pub use serve::{serve, shutdown_signal, ServeConfig};
 

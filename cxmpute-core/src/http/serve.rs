@@ -39,6 +39,8 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
+use super::workers::Workers;
+
 /// The limits [`serve`] puts on every connection.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -58,6 +60,14 @@ pub struct ServeConfig {
     /// this well under the process's limit (`ulimit -n`), which must also
     /// cover the connections to nodes. Default 1,024.
     pub max_connections: usize,
+    /// Threads of its own that serve the connections, each with a
+    /// single-threaded tokio runtime; accepted connections are handed to them
+    /// in turn, and a call, its connection and its connection to the node
+    /// then stay on one thread. 0 (the default) serves each connection as a
+    /// task on the caller's runtime. A dedicated host does best with one
+    /// per core: on a two-core host that cost about a quarter less CPU per
+    /// proxied call than a work-stealing runtime.
+    pub threads: usize,
 }
 
 impl Default for ServeConfig {
@@ -67,6 +77,7 @@ impl Default for ServeConfig {
             body_read_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(20),
             max_connections: 1024,
+            threads: 0,
         }
     }
 }
@@ -93,6 +104,12 @@ impl ServeConfig {
     /// Sets [`ServeConfig::max_connections`].
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
+        self
+    }
+
+    /// Sets [`ServeConfig::threads`].
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n;
         self
     }
 }
@@ -128,7 +145,9 @@ pub async fn shutdown_signal() {
 
 /// Serves `router` on `listener` with the limits of `config` until
 /// `shutdown` resolves; then stops accepting, lets every connection finish
-/// its answer in progress and returns once all are closed.
+/// its answer in progress and returns once all are closed (with
+/// [`ServeConfig::threads`], also once the calls whose callers hung up have
+/// ended, and the threads are stopped).
 ///
 /// ```no_run
 /// # async fn run(broker: cxmpute_core::Broker) -> std::io::Result<()> {
@@ -154,6 +173,10 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let refusal = too_many_connections();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut workers = match config.threads {
+        0 => None,
+        n => Some(Workers::start(n)?),
+    };
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
@@ -181,16 +204,34 @@ pub async fn serve(
             peer,
             stop: stop_rx.clone(),
         };
-        tokio::spawn(async move {
-            conn.run(stream).await;
-            drop(slot);
-        });
+        match &mut workers {
+            None => {
+                tokio::spawn(async move {
+                    conn.run(stream).await;
+                    drop(slot);
+                });
+            }
+            // Moved to the serving thread's reactor: registered with this
+            // one, its readiness would wake this runtime's thread.
+            Some(workers) => match stream.into_std() {
+                Ok(stream) => workers.spawn(async move {
+                    if let Ok(stream) = TcpStream::from_std(stream) {
+                        conn.run(stream).await;
+                    }
+                    drop(slot);
+                }),
+                Err(e) => tracing::debug!(error = %e, "handing a connection over failed"),
+            },
+        }
     }
     drop(listener);
     let _ = stop_tx.send(true);
     // Every connection holds a slot until it is closed: all slots back means
     // all connections are done.
     let _ = slots.acquire_many(max as u32).await;
+    if let Some(workers) = workers {
+        workers.stop().await;
+    }
     Ok(())
 }
 

@@ -3,13 +3,17 @@
 //! are closed or refused, whatever the client does. Timeouts are configured
 //! small; each test waits for the server to close the socket (an event), with
 //! a generous guard so a regression fails instead of hanging.
+//!
+//! Then the same host on serving threads of its own
+//! ([`ServeConfig::threads`]): calls, streams and money as on one runtime,
+//! and a stop that waits for the calls their callers left.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cxmpute_core::http::{serve, ServeConfig};
-use cxmpute_core::testkit::TestHost;
+use cxmpute_core::testkit::{Behavior, TestHost, MODEL};
 use cxmpute_core::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -146,4 +150,83 @@ async fn connections_past_the_cap_are_refused_while_the_others_are_open() {
         tokio::task::yield_now().await;
     }
     assert!(served_after, "a freed slot serves again");
+}
+
+/// A market host served on two serving threads, with a chat node.
+async fn on_threads() -> (TestHost, cxmpute_core::testkit::StandInNode) {
+    let mut h = TestHost::start_market(Credits(500)).await;
+    h.serve_with(ServeConfig::default().threads(2)).await;
+    let (node, _, _) = h.stand_in("node", Service::Chat, MODEL).await;
+    (h, node)
+}
+
+#[tokio::test]
+async fn on_serving_threads_fifty_of_200_calls_are_served() {
+    let (h, _node) = on_threads().await;
+    crate::common::fifty_of_200_calls_are_served(&h).await;
+}
+
+#[tokio::test]
+async fn on_serving_threads_streams_end_whole_and_are_charged() {
+    let (h, _node) = on_threads().await;
+    let (_, key) = h.user(Credits::whole(10)).await;
+    let body = serde_json::json!({"model": MODEL, "stream": true, "max_tokens": 50,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let streams = (0..24).map(|_| async {
+        let r = h.post("/v1/chat/completions", &key, &body).await;
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    });
+    for text in futures::future::join_all(streams).await {
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    }
+    h.assert_settled(24).await;
+    h.assert_ledger().await;
+}
+
+#[tokio::test]
+async fn serving_threads_stop_only_after_the_calls_their_callers_left() {
+    let h = TestHost::start_market(Credits(500)).await;
+    let (node, provider, _) = h.stand_in("slow", Service::Chat, MODEL).await;
+    node.set(Behavior::Slow(Duration::from_millis(500)));
+    let (user, key) = h.user(Credits::whole(1)).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = ServeConfig::default().threads(2);
+    let serving = tokio::spawn(serve(listener, router(h.broker.clone()), config, async {
+        let _ = stopped.await;
+    }));
+    let body = format!(
+        r#"{{"model":"{MODEL}","max_tokens":20,"messages":[{{"role":"user","content":"hi"}}]}}"#
+    );
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        key.expose(),
+        body.len()
+    );
+    let caller = send(addr, &(head + &body)).await;
+    // The node has the call (and takes its time): the caller hangs up, and
+    // the host is told to stop.
+    tokio::time::timeout(GUARD, async {
+        while node.hits() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the call reaches the node");
+    drop(caller);
+    stop.send(()).unwrap();
+    tokio::time::timeout(GUARD, serving)
+        .await
+        .expect("serve returns")
+        .unwrap()
+        .unwrap();
+    // Nothing to wait for: serve returned only once the call had ended.
+    let usage = h.broker.store().usage_records(&user.id, 10).await.unwrap();
+    assert_eq!(usage.len(), 1, "the call left by its caller was settled");
+    assert!(usage[0].success && usage[0].charged > Credits::ZERO);
+    assert_eq!(h.earnings(&provider.id).await, Credits(500));
+    h.assert_ledger().await;
 }
