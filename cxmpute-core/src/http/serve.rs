@@ -65,7 +65,7 @@ pub struct ServeConfig {
     /// in turn, and a call, its connection and its connection to the node
     /// then stay on one thread. 0 (the default) serves each connection as a
     /// task on the caller's runtime. A dedicated host does best with one
-    /// per core: on a two-core host that cost about a quarter less CPU per
+    /// per core: on a two-core host that cost about a fifth less CPU per
     /// proxied call than a work-stealing runtime.
     pub threads: usize,
 }
