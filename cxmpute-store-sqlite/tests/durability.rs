@@ -4,12 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use cxmpute_core::conformance::fixtures::{new_user, T0};
 use cxmpute_core::secret::Secret;
 use cxmpute_core::*;
 use cxmpute_store_sqlite::{SqliteOptions, SqliteStore};
 use serde_json::json;
-
-const T0: Timestamp = Timestamp(1_767_225_600_000);
 
 struct World {
     user: User,
@@ -405,17 +404,7 @@ async fn a_lock_held_elsewhere_is_unavailable_then_clears() {
         .await
         .unwrap();
 
-    let user = User {
-        id: UserId::generate(),
-        email: "locked@example.com".into(),
-        credits: Credits::whole(1),
-        is_admin: false,
-        suspended: None,
-        created_at: T0,
-        budget: None,
-        alerts: Default::default(),
-        alerted: Default::default(),
-    };
+    let user = new_user("locked@example.com", Credits::whole(1));
     let e = store.create_user(&user).await.unwrap_err();
     assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
     assert!(e.is_retryable());
