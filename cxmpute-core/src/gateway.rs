@@ -269,13 +269,7 @@ impl Broker {
             let answer = broker.admit_and_run(req, &mut rate, &mut lookup).await;
             (answer, rate, lookup)
         };
-        // Counted by a serving thread: it must not stop under a call whose
-        // caller hung up.
-        match tokio::spawn(crate::http::workers::tracked(
-            task.instrument(tracing::Span::current()),
-        ))
-        .await
-        {
+        match spawn_outliving(task).await {
             Ok(done) => done,
             Err(e) => (
                 Err(Error::backend("the gateway call's task failed", e)),
@@ -557,6 +551,20 @@ impl Broker {
             }
         });
     }
+}
+
+/// Spawns part of a call that may outlive its caller's connection (the call
+/// itself, a stream's relay): it keeps the request's span, and a serving
+/// thread counts it, so that the thread does not stop under a call whose
+/// caller hung up.
+fn spawn_outliving<F>(task: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(crate::http::workers::tracked(
+        task.instrument(tracing::Span::current()),
+    ))
 }
 
 /// Whether a stored usage record is the one a settlement of ours would have
@@ -1295,10 +1303,7 @@ impl CallContext {
             }
             drop(tx);
         };
-        // The stream outlives the handler: it keeps the request's span.
-        tokio::spawn(crate::http::workers::tracked(
-            task.instrument(tracing::Span::current()),
-        ));
+        spawn_outliving(task);
         GatewayResponse::Stream {
             content_type,
             body: tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
