@@ -3,7 +3,10 @@
 //! - `reserve_settle_pairs`: 20,000 requests, each reserved then settled,
 //!   from 1,000 concurrent tasks (what the broker does per request);
 //! - `settles`: 20,000 settlements of requests reserved beforehand (untimed),
-//!   from 1,000 concurrent tasks.
+//!   from 1,000 concurrent tasks;
+//! - `held_batches`: 20,000 calls held in the broker's memory, settled in
+//!   batches of [`HELD_BATCH`] one after the other, as the broker's group
+//!   commit sends them under load (one batch in flight).
 //!
 //! Why 1,000 tasks: a gateway admitting 20,000 requests a second, each
 //! taking 50 ms or more upstream, has at least that many in flight; and an
@@ -29,6 +32,9 @@ const REQUESTS: usize = 20_000;
 /// Requests per run when `cargo test` runs the benchmark as a test.
 const SMOKE_REQUESTS: usize = 400;
 const TASKS: usize = 1_000;
+/// Calls per `settle_held` batch: about what a busy host's group commit
+/// gathers with 32 connections.
+const HELD_BATCH: usize = 32;
 
 /// How many requests one run makes: the full figure only when benchmarking.
 fn requests() -> usize {
@@ -172,6 +178,30 @@ where
     took
 }
 
+/// One timed run of `held_batches` on a fresh database; the books balance
+/// after it as after [`timed_run`].
+async fn held_run(n: usize) -> Duration {
+    let f = fixture(n).await;
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let r = reservation(&f, i);
+            let st = settlement(&f, &r);
+            (r, st)
+        })
+        .collect();
+    let start = Instant::now();
+    for batch in calls.chunks(HELD_BATCH) {
+        let out = f.store.settle_held(batch).await.expect("settle_held");
+        assert_eq!(out, vec![SettleOutcome::Applied; batch.len()]);
+    }
+    let took = start.elapsed();
+    let t = f.store.ledger_totals().await.expect("totals");
+    assert_eq!(t.settlements, n as u64);
+    assert_eq!(t.charged, Credits(31_337 * n as i64));
+    f.store.close().await;
+    took
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -225,6 +255,16 @@ fn bench(c: &mut Criterion) {
                     },
                 )
                 .await;
+            }
+            total
+        })
+    });
+
+    group.bench_function("held_batches", |b| {
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += held_run(n).await;
             }
             total
         })
