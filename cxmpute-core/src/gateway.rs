@@ -263,12 +263,14 @@ impl Broker {
         req: GatewayRequest,
     ) -> (Result<GatewayResponse>, RateStatus, Option<Lookup>) {
         let broker = self.clone();
-        let task = async move {
+        // Boxed where it is made: the call's future is several kilobytes,
+        // and the task's wrappers and tokio's spawn would each move it.
+        let task = Box::pin(async move {
             let mut rate = RateStatus::default();
             let mut lookup = None;
             let answer = broker.admit_and_run(req, &mut rate, &mut lookup).await;
             (answer, rate, lookup)
-        };
+        });
         match spawn_outliving(task).await {
             Ok(done) => done,
             Err(e) => (
