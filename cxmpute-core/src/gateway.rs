@@ -263,14 +263,12 @@ impl Broker {
         req: GatewayRequest,
     ) -> (Result<GatewayResponse>, RateStatus, Option<Lookup>) {
         let broker = self.clone();
-        // Boxed where it is made: the call's future is several kilobytes,
-        // and the task's wrappers and tokio's spawn would each move it.
-        let task = Box::pin(async move {
+        let task = async move {
             let mut rate = RateStatus::default();
             let mut lookup = None;
             let answer = broker.admit_and_run(req, &mut rate, &mut lookup).await;
             (answer, rate, lookup)
-        });
+        };
         match spawn_outliving(task).await {
             Ok(done) => done,
             Err(e) => (
@@ -564,8 +562,10 @@ where
     F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
+    // Boxed first: a call's future is several kilobytes (a stream's relay
+    // about 4), and each wrapper below and tokio's spawn would move it.
     tokio::spawn(crate::http::workers::tracked(
-        task.instrument(tracing::Span::current()),
+        Box::pin(task).instrument(tracing::Span::current()),
     ))
 }
 
