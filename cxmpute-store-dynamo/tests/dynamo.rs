@@ -21,11 +21,7 @@ use cxmpute_core::{
 };
 use cxmpute_store_dynamo::{DynamoConfig, DynamoStore, StaticCredentials};
 
-use cxmpute_core::conformance::fixtures::{new_key, new_provider, new_user, T0};
-
-fn at(ms: i64) -> Timestamp {
-    Timestamp(T0.0 + ms)
-}
+use cxmpute_core::conformance::fixtures::{at, new_key, new_provider, new_user, T0};
 
 async fn funded(store: &dyn Store, credits: Credits, limit: Option<Credits>) -> (User, ApiKey) {
     let email = format!("{}@users.test", cxmpute_core::secret::random_token(10)).to_lowercase();

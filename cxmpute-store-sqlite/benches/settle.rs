@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use cxmpute_core::conformance::fixtures::{new_key, new_provider, new_user, T0};
+use cxmpute_core::conformance::fixtures::{at, new_key, new_provider, new_user, T0};
 use cxmpute_core::*;
 use cxmpute_store_sqlite::SqliteStore;
 
@@ -60,13 +60,12 @@ async fn fixture(n: usize) -> Fixture {
     let store = SqliteStore::open(dir.path().join("bench.db"))
         .await
         .expect("open");
-    let now = T0;
     let user = new_user("bench@example.com", Credits::whole(1_000_000_000));
     store.create_user(&user).await.expect("user");
     // A limit, so every request moves the key's balance too.
     let key = ApiKey {
         name: "bench".into(),
-        ..new_key(&user, Some(Credits::whole(1_000_000_000)), now)
+        ..new_key(&user, Some(Credits::whole(1_000_000_000)), T0)
     };
     store.create_api_key(&key).await.expect("key");
     let provider = Provider {
@@ -93,7 +92,7 @@ fn reservation(f: &Fixture, i: usize) -> Reservation {
         key_id: f.key.id.clone(),
         route: Route::ChatCompletions,
         amount: Credits::micros(50_000),
-        created_at: Timestamp(1_767_225_600_000 + i as i64),
+        created_at: at(i as i64),
     }
 }
 
@@ -163,7 +162,14 @@ where
     let start = Instant::now();
     spread(n, move |i| work(g.clone(), i)).await;
     let took = start.elapsed();
-    // The books balance after the run, and the file is closed cleanly.
+    close_balanced(&f, n).await;
+    took
+}
+
+/// Checks that the books balance after a run of `n` requests (every one
+/// settled, nothing held, the provider paid what the ledger rewarded) and
+/// closes the file cleanly. Returns the ledger's totals.
+async fn close_balanced(f: &Fixture, n: usize) -> LedgerTotals {
     let t = f.store.ledger_totals().await.expect("totals");
     let earned = f
         .store
@@ -175,7 +181,7 @@ where
     assert_eq!(t.reserved, Credits::ZERO);
     assert_eq!(t.settlements, n as u64);
     f.store.close().await;
-    took
+    t
 }
 
 /// One timed run of `held_batches` on a fresh database; the books balance
@@ -195,10 +201,8 @@ async fn held_run(n: usize) -> Duration {
         assert_eq!(out, vec![SettleOutcome::Applied; batch.len()]);
     }
     let took = start.elapsed();
-    let t = f.store.ledger_totals().await.expect("totals");
-    assert_eq!(t.settlements, n as u64);
+    let t = close_balanced(&f, n).await;
     assert_eq!(t.charged, Credits(31_337 * n as i64));
-    f.store.close().await;
     took
 }
 

@@ -10,8 +10,6 @@ use cxmpute_core::conformance::fixtures::{self, new_key, new_provider, new_user}
 use cxmpute_core::*;
 use cxmpute_store_sqlite::SqliteStore;
 
-const T0: i64 = fixtures::T0.0;
-
 struct Fixture {
     store: SqliteStore,
     user: User,
@@ -29,7 +27,7 @@ async fn fixture(credits: Credits, limit: Option<Credits>) -> Fixture {
     store.create_user(&user).await.unwrap();
     let key = ApiKey {
         name: "k".into(),
-        ..new_key(&user, limit, Timestamp(T0))
+        ..new_key(&user, limit, fixtures::T0)
     };
     store.create_api_key(&key).await.unwrap();
     let provider = Provider {
@@ -53,7 +51,7 @@ fn reservation(f: &Fixture, amount: Credits, at: i64) -> Reservation {
         key_id: f.key.id.clone(),
         route: Route::ChatCompletions,
         amount,
-        created_at: Timestamp(T0 + at),
+        created_at: fixtures::at(at),
     }
 }
 
@@ -94,7 +92,7 @@ async fn a_revocation_between_reservations_applies_in_order() {
     );
     let (a, b, c) = tokio::join!(
         f.store.reserve(&r1),
-        f.store.revoke_api_key(&f.key.id, Timestamp(T0 + 1)),
+        f.store.revoke_api_key(&f.key.id, fixtures::at(1)),
         f.store.reserve(&r2),
     );
     a.unwrap();
@@ -115,7 +113,7 @@ async fn a_grant_before_a_reservation_funds_it() {
         amount: Credits::whole(3),
         by: "usr_admin".into(),
         reason: "top-up".into(),
-        at: Timestamp(T0),
+        at: fixtures::T0,
     };
     let (g, a) = tokio::join!(f.store.grant_credits(&grant), f.store.reserve(&r));
     assert_eq!(g.unwrap(), Credits::whole(3));
@@ -209,7 +207,7 @@ async fn a_settlement_racing_a_stale_release_applies_once() {
     f.store.reserve(&r).await.unwrap();
     let st = settlement(&f, &r, Credits::whole(3), Credits::whole(2));
     let (released, settled) = tokio::join!(
-        f.store.release_stale_reservations(Timestamp(T0 + 100)),
+        f.store.release_stale_reservations(fixtures::at(100)),
         f.store.settle(&st),
     );
     // The release came first: the request is settled at zero cost, and the

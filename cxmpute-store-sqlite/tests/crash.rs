@@ -34,7 +34,6 @@ const ACKS_BEFORE_KILL: usize = 600;
 /// A bound on the child's work in case nobody kills it.
 const CHILD_MAX_REQUESTS: u64 = 200_000;
 const CHILD_TASKS: u64 = 32;
-const T0: i64 = fixtures::T0.0;
 
 /// The child: runs only when the parent started this binary with `CHILD_DB`.
 #[test]
@@ -70,7 +69,7 @@ fn crash_child() {
                         key_id: key.clone(),
                         route: Route::ChatCompletions,
                         amount: Credits::micros(90_000),
-                        created_at: Timestamp(T0 + i as i64),
+                        created_at: fixtures::at(i as i64),
                     };
                     store.reserve(&r).await.unwrap();
                     // Some requests stay in flight: a reservation with no
@@ -98,7 +97,7 @@ fn crash_child() {
                             success: true,
                             latency_ms: 100,
                             app: None,
-                            at: Timestamp(T0 + i as i64),
+                            at: fixtures::at(i as i64),
                             charged: Credits::ZERO,
                             reward: Credits::ZERO,
                             requested_model: None,
@@ -158,7 +157,7 @@ fn killed_child_loses_nothing_acknowledged(durability: Durability) {
         store.create_user(&user).await.unwrap();
         let key = ApiKey {
             name: "crash".into(),
-            ..new_key(&user, Some(LIMIT), Timestamp(T0))
+            ..new_key(&user, Some(LIMIT), fixtures::T0)
         };
         store.create_api_key(&key).await.unwrap();
         let provider = Provider {

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cxmpute_core::conformance::fixtures::{new_user, T0};
+use cxmpute_core::conformance::fixtures::{at, new_user, T0};
 use cxmpute_core::secret::Secret;
 use cxmpute_core::*;
 use cxmpute_store_sqlite::{SqliteOptions, SqliteStore};
@@ -109,7 +109,7 @@ async fn populate(store: &SqliteStore) -> World {
             key_id: key.id.clone(),
             route: Route::ChatCompletions,
             amount: Credits::whole(2),
-            created_at: Timestamp(T0.0 + i),
+            created_at: at(i),
         };
         store.reserve(&r).await.unwrap();
         let st = Settlement {
@@ -130,7 +130,7 @@ async fn populate(store: &SqliteStore) -> World {
                 success: true,
                 latency_ms: 300,
                 app: None,
-                at: Timestamp(T0.0 + 100 + i),
+                at: at(100 + i),
                 charged: Credits::ZERO,
                 reward: Credits::ZERO,
                 requested_model: None,
@@ -146,7 +146,7 @@ async fn populate(store: &SqliteStore) -> World {
         key_id: key.id.clone(),
         route: Route::Embeddings,
         amount: Credits::whole(3),
-        created_at: Timestamp(T0.0 + 500),
+        created_at: at(500),
     };
     store.reserve(&open).await.unwrap();
 
@@ -165,7 +165,7 @@ async fn populate(store: &SqliteStore) -> World {
         banner: "tonight".into(),
         popup: String::new(),
         starts_at: T0,
-        ends_at: Timestamp(T0.0 + 1),
+        ends_at: at(1),
         placements: vec![Placement::Homepage],
     };
     store.put_notification(&notification).await.unwrap();
@@ -238,9 +238,7 @@ async fn assert_holds(store: &SqliteStore, w: &World) {
     );
 
     // The open reservation is still open: it settles now, once.
-    let release = store
-        .release_stale_reservations(Timestamp(T0.0 + 501))
-        .await;
+    let release = store.release_stale_reservations(at(501)).await;
     assert_eq!(release.unwrap(), 1);
 }
 
