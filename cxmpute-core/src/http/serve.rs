@@ -203,13 +203,11 @@ pub async fn serve(
             config: config.clone(),
             peer,
             stop: stop_rx.clone(),
+            _slot: slot,
         };
         match &mut workers {
             None => {
-                tokio::spawn(async move {
-                    conn.run(stream).await;
-                    drop(slot);
-                });
+                tokio::spawn(conn.run(stream));
             }
             // Moved to the serving thread's reactor: registered with this
             // one, its readiness would wake this runtime's thread.
@@ -218,7 +216,6 @@ pub async fn serve(
                     if let Ok(stream) = TcpStream::from_std(stream) {
                         conn.run(stream).await;
                     }
-                    drop(slot);
                 }),
                 Err(e) => tracing::debug!(error = %e, "handing a connection over failed"),
             },
@@ -263,6 +260,9 @@ struct Connection {
     config: ServeConfig,
     peer: SocketAddr,
     stop: tokio::sync::watch::Receiver<bool>,
+    /// Its place under [`ServeConfig::max_connections`], given back when
+    /// the connection is dropped (closed, or never handed over).
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// When a connection last moved a byte (milliseconds since it opened), and
