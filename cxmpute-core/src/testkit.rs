@@ -13,7 +13,6 @@
 //! ([`RoutingIndex`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -179,7 +178,8 @@ struct NodeState {
     heartbeat: Mutex<Behavior>,
     usage: Mutex<Option<Usage>>,
     secret: Mutex<Option<String>>,
-    hits: AtomicUsize,
+    /// Requests received, watched so a test can wait for them.
+    hits: tokio::sync::watch::Sender<usize>,
     /// The body of the last call it received.
     last_body: Mutex<Option<Bytes>>,
     name: String,
@@ -240,7 +240,7 @@ impl StandInNode {
                 total_tokens: 15,
             })),
             secret: Mutex::new(None),
-            hits: AtomicUsize::new(0),
+            hits: tokio::sync::watch::Sender::new(0),
             last_body: Mutex::new(None),
             name: name.to_owned(),
             answers: Mutex::default(),
@@ -299,7 +299,13 @@ impl StandInNode {
 
     /// Requests it has received.
     pub fn hits(&self) -> usize {
-        self.state.hits.load(Ordering::SeqCst)
+        *self.state.hits.borrow()
+    }
+
+    /// Waits until it has received at least `n` requests.
+    pub async fn hit(&self, n: usize) {
+        // The sender lives as long as the node, so this cannot fail.
+        let _ = self.state.hits.subscribe().wait_for(|h| *h >= n).await;
     }
 
     /// Waits until a stalled or cut answer of this node was dropped because
@@ -331,7 +337,7 @@ impl Drop for StandInNode {
 
 /// Checks the secret and counts the hit; `Err` is the response to send.
 async fn admit(s: &NodeState, h: &HeaderMap) -> Result<Behavior, Response> {
-    s.hits.fetch_add(1, Ordering::SeqCst);
+    s.hits.send_modify(|h| *h += 1);
     if let Some(want) = s.secret.lock().clone() {
         if bearer(h).map(|b| b.expose().to_owned()) != Some(want) {
             return Err((StatusCode::UNAUTHORIZED, "unauthorized").into_response());

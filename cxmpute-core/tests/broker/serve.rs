@@ -209,13 +209,9 @@ async fn serving_threads_stop_only_after_the_calls_their_callers_left() {
     let caller = send(addr, &(head + &body)).await;
     // The node has the call (and takes its time): the caller hangs up, and
     // the host is told to stop.
-    tokio::time::timeout(GUARD, async {
-        while node.hits() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the call reaches the node");
+    tokio::time::timeout(GUARD, node.hit(1))
+        .await
+        .expect("the call reaches the node");
     drop(caller);
     stop.send(()).unwrap();
     tokio::time::timeout(GUARD, serving)
