@@ -151,13 +151,16 @@ executable() {
 }
 
 if [ -n "$baseline" ]; then
-  # Built first, in a worktree of its own sharing this target directory
-  # (the dependencies compile once), and copied out before this tree's
-  # build writes the same example path.
+  # Built in a worktree of its own, into a target directory of its own
+  # that stays between runs (its dependencies compile once). Not this
+  # tree's: cargo names a workspace's artifacts by their path inside the
+  # workspace, so the baseline's build would overwrite this tree's host and
+  # its fingerprints, and this tree's next build, its sources older than
+  # those fingerprints, would find itself fresh and load the baseline twice.
   rev=$(git rev-parse --verify "$baseline^{commit}") || die "BENCH_BASELINE: no revision '$baseline'"
-  log "building the baseline host at ${rev:0:12}"
+  log "building the baseline host at ${rev:0:12} (into target/bench-baseline)"
   git worktree add --detach "$work/baseline" "$rev" >/dev/null 2>&1 || die "cannot check out $rev"
-  base_artifacts=$(cd "$work/baseline" && CARGO_TARGET_DIR="$root/target" cargo build --release \
+  base_artifacts=$(cd "$work/baseline" && CARGO_TARGET_DIR="$root/target/bench-baseline" cargo build --release \
     --example host --message-format=json-render-diagnostics) || die "the baseline does not build"
   cp "$(executable host "$base_artifacts")" "$work/host-baseline"
   git worktree remove --force "$work/baseline"
@@ -169,6 +172,10 @@ artifacts=$(cargo build --release --example stand_in --example host \
 stand_in_bin=$(executable stand_in "$artifacts")
 host_bin=$(executable host "$artifacts")
 [ -x "$stand_in_bin" ] && [ -x "$host_bin" ] || die "cannot find the built examples"
+if [ -n "$baseline" ] && cmp -s "$work/host-baseline" "$host_bin"; then
+  # Expected when the baseline is this very tree; otherwise a build mix-up.
+  log "note: the baseline's host is byte for byte this tree's"
+fi
 
 # ---- the load ----------------------------------------------------------------
 
