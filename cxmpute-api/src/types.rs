@@ -86,9 +86,10 @@ string_id!(
     /// One gateway request; also the idempotency key of its settlement.
     RequestId,
     "req_",
-    "A fresh id: a time in microseconds (16 hex digits) that grows with \
-     every id this process makes, then 12 random characters \
-     (see [`time_ordered_token`]).",
+    "A fresh id: the time in microseconds (16 hex digits), raised past the \
+     last id this process made so each id sorts after the one before, then \
+     12 random characters that keep the ids of different processes apart. \
+     In time order, a store's index of request ids takes appends at its end.",
     time_ordered_token()
 );
 
