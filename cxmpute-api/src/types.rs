@@ -116,13 +116,12 @@ fn time_ordered_token() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    let prev = LAST_TOKEN_MICROS
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
-            Some(now.max(last.saturating_add(1)))
-        })
-        .unwrap_or_else(|last| last);
-    let micros = now.max(prev.saturating_add(1));
-    format!("{micros:016x}{}", crate::secret::random_token(12))
+    let after = |last: u64| now.max(last.saturating_add(1));
+    // The closure always agrees to the update, so this is the value it
+    // replaced either way.
+    let (Ok(last) | Err(last)) =
+        LAST_TOKEN_MICROS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(after(l)));
+    format!("{:016x}{}", after(last), crate::secret::random_token(12))
 }
 
 string_id!(
