@@ -107,10 +107,9 @@ static LAST_TOKEN_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 /// pages and, to keep siblings in page order, renumbers them through a
 /// scratch page number past the end of the file, which makes the next
 /// commit walk the writer's whole page cache (64 MiB of it). Ids that
-/// grow append at the index's end instead. Ids of the same millisecond in
-/// random order were not enough: measured, they split pages in the middle
-/// of the index's last few as often. The time only orders; a clock that
-/// steps back is ridden over by the bump.
+/// grow append at the index's end instead; the bump makes each one the
+/// last, also when many are made in one tick of the clock. The time only
+/// orders; a clock that steps back is ridden over by the bump.
 fn time_ordered_token() -> String {
     use std::sync::atomic::Ordering;
     let now = std::time::SystemTime::now()
