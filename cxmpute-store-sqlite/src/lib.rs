@@ -297,9 +297,8 @@ impl SqliteStore {
             )
             .await
             .map_err(|e| open_error(path, "opening read connections", e))?;
-        let writer = Writer::spawn(conn).map_err(|e| open_error(path, "starting the writer", e))?;
         Ok(SqliteStore {
-            writer,
+            writer: Writer::spawn(conn),
             reads: Some(reads),
             path: Some(Arc::new(path.to_owned())),
             _lock: Some(Arc::new(lock)),
@@ -322,10 +321,8 @@ impl SqliteStore {
             .run(&mut conn)
             .await
             .map_err(|e| open_error(memory, "migrating the schema", e))?;
-        let writer =
-            Writer::spawn(conn).map_err(|e| open_error(memory, "starting the writer", e))?;
         Ok(SqliteStore {
-            writer,
+            writer: Writer::spawn(conn),
             reads: None,
             path: None,
             _lock: None,

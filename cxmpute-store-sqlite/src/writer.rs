@@ -129,22 +129,11 @@ fn closed() -> Error {
 }
 
 impl Writer {
-    /// Starts the writer on `conn`, on a thread and single-threaded runtime
-    /// of its own.
-    ///
-    /// Why not a task of the caller's runtime: each statement's result comes
-    /// back from sqlx's connection thread as a wake-up, and on a
-    /// work-stealing runtime the worker that takes it wakes another to
-    /// look for more work, which finds none. The writer does nothing but
-    /// wait for SQLite, so a thread of its own costs nothing, and its
-    /// wake-ups land on it alone.
-    pub(crate) fn spawn(conn: SqliteConnection) -> std::io::Result<Self> {
+    /// Starts the writer task on `conn`.
+    pub(crate) fn spawn(conn: SqliteConnection) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let runtime = tokio::runtime::Builder::new_current_thread().build()?;
-        std::thread::Builder::new()
-            .name("cxmpute-sqlite-writer".into())
-            .spawn(move || runtime.block_on(run(conn, rx)))?;
-        Ok(Writer { tx })
+        tokio::spawn(run(conn, rx));
+        Writer { tx }
     }
 
     /// Queues `f`, waits until its batch is committed and returns its answer.
