@@ -17,10 +17,16 @@ const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 
 /// `n` random characters from `[a-zA-Z0-9]`, from the OS-seeded thread RNG.
 pub fn random_token(n: usize) -> String {
+    let mut token = String::with_capacity(n);
+    push_random(&mut token, n);
+    token
+}
+
+/// Appends `n` characters of [`random_token`] to `out` (an id is built in
+/// one allocation).
+pub(crate) fn push_random(out: &mut String, n: usize) {
     let mut rng = rand::rng();
-    (0..n)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
+    out.extend((0..n).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char));
 }
 
 /// A secret value: its `Debug` and `Display` are redacted.

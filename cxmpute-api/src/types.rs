@@ -14,9 +14,10 @@ use crate::Error;
 
 macro_rules! string_id {
     ($(#[$meta:meta])* $name:ident, $prefix:literal) => {
-        string_id!($(#[$meta])* $name, $prefix, "A fresh random id.", crate::secret::random_token(16));
+        string_id!($(#[$meta])* $name, $prefix, "A fresh random id.", random_id);
     };
-    ($(#[$meta:meta])* $name:ident, $prefix:literal, $generated:literal, $token:expr) => {
+    // `$make` builds a fresh id from the prefix.
+    ($(#[$meta:meta])* $name:ident, $prefix:literal, $generated:literal, $make:path) => {
         $(#[$meta])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(transparent)]
@@ -28,7 +29,7 @@ macro_rules! string_id {
 
             #[doc = $generated]
             pub fn generate() -> Self {
-                Self(format!("{}{}", $prefix, $token))
+                Self($make($prefix))
             }
 
             /// Wraps an existing id (from a store row or a path parameter).
@@ -90,17 +91,17 @@ string_id!(
      last id this process made so each id sorts after the one before, then \
      12 random characters that keep the ids of different processes apart. \
      In time order, a store's index of request ids takes appends at its end.",
-    time_ordered_token()
+    time_ordered_id
 );
 
-/// The last time [`time_ordered_token`] handed out, in microseconds.
+/// The last time [`time_ordered_id`] handed out, in microseconds.
 static LAST_TOKEN_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// A token that starts with the wall-clock time in microseconds, as 16 hex
-/// digits (fixed width, so text order is time order), bumped past the last
-/// one this process made so that each token sorts after the one before;
-/// then 12 random characters, which keep tokens of different processes
-/// (hosts sharing a store) apart.
+/// `prefix`, then the wall-clock time in microseconds, as 16 hex digits
+/// (fixed width, so text order is time order), bumped past the last one
+/// this process made so that each id sorts after the one before; then 12
+/// random characters, which keep ids of different processes (hosts sharing
+/// a store) apart.
 ///
 /// Why: a store keeps settled calls in an index by request id. Random ids
 /// land each insert on a random page of that index; SQLite splits those
@@ -110,7 +111,7 @@ static LAST_TOKEN_MICROS: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 /// grow append at the index's end instead; the bump makes each one the
 /// last, also when many are made in one tick of the clock. The time only
 /// orders; a clock that steps back is ridden over by the bump.
-fn time_ordered_token() -> String {
+fn time_ordered_id(prefix: &str) -> String {
     use std::sync::atomic::Ordering;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -120,7 +121,20 @@ fn time_ordered_token() -> String {
     // replaced either way.
     let (Ok(last) | Err(last)) =
         LAST_TOKEN_MICROS.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some(after(l)));
-    format!("{:016x}{}", after(last), crate::secret::random_token(12))
+    let mut id = String::with_capacity(prefix.len() + 16 + 12);
+    id.push_str(prefix);
+    // Writing to a String cannot fail.
+    let _ = std::fmt::Write::write_fmt(&mut id, format_args!("{:016x}", after(last)));
+    crate::secret::push_random(&mut id, 12);
+    id
+}
+
+/// `prefix`, then 16 random characters, in one allocation.
+fn random_id(prefix: &str) -> String {
+    let mut id = String::with_capacity(prefix.len() + 16);
+    id.push_str(prefix);
+    crate::secret::push_random(&mut id, 16);
+    id
 }
 
 string_id!(
