@@ -47,7 +47,7 @@ fn requests() -> usize {
 
 struct Fixture {
     store: Arc<SqliteStore>,
-    /// The run's request ids: random, like the broker's.
+    /// The run's request ids, made as the broker makes them (in time order).
     ids: Vec<RequestId>,
     user: User,
     key: ApiKey,
