@@ -469,10 +469,12 @@ impl Broker {
                     tracing::Span::current().record("outcome", outcome);
                     // The call's one line at INFO: it names the call
                     // itself, since the `request` span is DEBUG's.
+                    // Strings, not `%` values: a subscriber writes them as
+                    // they are, without the formatting machinery.
                     tracing::info!(
-                        request_id = %u.request_id,
-                        route = %u.route,
-                        model = %u.model,
+                        request_id = u.request_id.as_str(),
+                        route = u.route.path(),
+                        model = u.model.as_str(),
                         node = u.provision_id.as_ref().map(|p| p.as_str()),
                         outcome,
                         latency_ms = u.latency_ms,

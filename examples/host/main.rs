@@ -36,6 +36,8 @@ use cxmpute::core::mail::MailerConfig;
 use cxmpute::core::sessions::AuthConfig;
 use cxmpute::core::{Broker, BrokerConfig, MemoryStore, Secret, Store};
 
+mod log;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A call allocates and frees a few dozen small blocks across two threads;
@@ -220,29 +222,7 @@ fn stored_session_secret(args: &Args) -> Result<Option<Secret>, BoxError> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args = Args::parse();
-    // A call never waits for its log line: it copies the line into a shared
-    // buffer that a thread of its own writes out (see `BatchedStdout`). The
-    // guard writes what is left at exit. Plain text unless stdout is a
-    // terminal: colouring a line per call costs CPU for nobody.
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
-        .map_err(|e| format!("bad --log filter `{}`: {e}", args.log))?;
-    let (writer, _log_guard) = BatchedStdout::start()?;
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .with_timer(LogTime)
-            .with_writer(move || writer.clone())
-            .init();
-    } else {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_ansi(ansi)
-            .with_timer(LogTime)
-            .with_writer(move || writer.clone())
-            .init();
-    }
+    let _log_guard = log::init(&args.log, args.log_json)?;
 
     let store = open_store(&args)
         .await
@@ -320,147 +300,4 @@ async fn main() -> Result<(), BoxError> {
     broker.shutdown().await?;
     tracing::info!("stopped cleanly");
     Ok(())
-}
-
-/// The time of a log line, as tracing's default writes it (RFC 3339, UTC,
-/// microseconds: `2026-12-07T08:43:33.123456Z`), with the date and time of
-/// day made once a second per thread rather than for every line: the
-/// calendar arithmetic and formatting were a fifth of the cost of the line
-/// a call logs.
-struct LogTime;
-
-impl tracing_subscriber::fmt::time::FormatTime for LogTime {
-    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        use std::fmt::Write;
-        thread_local! {
-            /// The second last written, and its text up to the dot.
-            static SECOND: std::cell::RefCell<(u64, String)> =
-                const { std::cell::RefCell::new((u64::MAX, String::new())) };
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let secs = now.as_secs();
-        SECOND.with(|second| {
-            let mut second = second.borrow_mut();
-            if second.0 != secs {
-                let day = cxmpute::core::types::Day(i32::try_from(secs / 86_400).unwrap_or(0));
-                let (y, m, d) = day.ymd();
-                let t = secs % 86_400;
-                second.1.clear();
-                write!(
-                    second.1,
-                    "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.",
-                    t / 3600,
-                    t % 3600 / 60,
-                    t % 60
-                )?;
-                second.0 = secs;
-            }
-            w.write_str(&second.1)?;
-            // Six digits and the zone, without the formatting machinery.
-            let mut micros = now.subsec_micros();
-            let mut digits = [b'0', b'0', b'0', b'0', b'0', b'0', b'Z'];
-            for d in digits[..6].iter_mut().rev() {
-                *d = b'0' + (micros % 10) as u8;
-                micros /= 10;
-            }
-            w.write_str(std::str::from_utf8(&digits).unwrap_or("000000Z"))
-        })
-    }
-}
-
-/// Log lines gathered in memory and written to stdout by a thread of their
-/// own, every [`BatchedStdout::EVERY`] or as soon as
-/// [`BatchedStdout::WRITE_AT`] bytes wait. A call pays for its line a lock
-/// and a copy, never a system call nor a thread wake-up. (A channel-based
-/// writer, tried first, woke its thread for every line: the profile of a
-/// busy host showed that wake-up as a tenth of its CPU.) Lines beyond
-/// [`BatchedStdout::MOST`] waiting bytes are dropped rather than let a
-/// stalled stdout grow the host's memory or hold calls up.
-#[derive(Clone)]
-struct BatchedStdout(std::sync::Arc<Batch>);
-
-struct Batch {
-    lines: std::sync::Mutex<Vec<u8>>,
-    wake: std::sync::Condvar,
-    stop: std::sync::atomic::AtomicBool,
-}
-
-/// Writes what is left and stops the writer thread when dropped.
-struct BatchGuard(BatchedStdout, Option<std::thread::JoinHandle<()>>);
-
-impl BatchedStdout {
-    const EVERY: Duration = Duration::from_millis(50);
-    const WRITE_AT: usize = 256 << 10;
-    const MOST: usize = 16 << 20;
-
-    fn start() -> std::io::Result<(BatchedStdout, BatchGuard)> {
-        let w = BatchedStdout(std::sync::Arc::new(Batch {
-            lines: std::sync::Mutex::new(Vec::with_capacity(Self::WRITE_AT)),
-            wake: std::sync::Condvar::new(),
-            stop: std::sync::atomic::AtomicBool::new(false),
-        }));
-        let b = w.0.clone();
-        let thread = std::thread::Builder::new()
-            .name("log-writer".into())
-            .spawn(move || {
-                use std::io::Write;
-                use std::sync::atomic::Ordering;
-                // Two buffers swap places, so neither is allocated again.
-                let mut out = Vec::with_capacity(Self::WRITE_AT);
-                loop {
-                    let stopping = {
-                        let lines = b.lines.lock().unwrap_or_else(|p| p.into_inner());
-                        let (mut lines, _) = b
-                            .wake
-                            .wait_timeout_while(lines, Self::EVERY, |l| {
-                                l.len() < Self::WRITE_AT && !b.stop.load(Ordering::Relaxed)
-                            })
-                            .unwrap_or_else(|p| p.into_inner());
-                        std::mem::swap(&mut *lines, &mut out);
-                        b.stop.load(Ordering::Relaxed)
-                    };
-                    if !out.is_empty() {
-                        let mut stdout = std::io::stdout().lock();
-                        let _ = stdout.write_all(&out).and_then(|()| stdout.flush());
-                        out.clear();
-                    }
-                    if stopping {
-                        break;
-                    }
-                }
-            })?;
-        Ok((w.clone(), BatchGuard(w, Some(thread))))
-    }
-}
-
-impl std::io::Write for BatchedStdout {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let mut lines = self.0.lines.lock().unwrap_or_else(|p| p.into_inner());
-        if lines.len() + line.len() <= Self::MOST {
-            lines.extend_from_slice(line);
-            if lines.len() >= Self::WRITE_AT {
-                self.0.wake.notify_one();
-            }
-        }
-        Ok(line.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for BatchGuard {
-    fn drop(&mut self) {
-        (self.0)
-            .0
-            .stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        (self.0).0.wake.notify_one();
-        if let Some(t) = self.1.take() {
-            let _ = t.join();
-        }
-    }
 }
