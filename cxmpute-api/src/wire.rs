@@ -283,31 +283,6 @@ pub struct ChatDelta {
     pub extra: Map<String, Value>,
 }
 
-impl ChatDelta {
-    /// Whether the delta carries generated output, at least one token:
-    /// text, reasoning, a refusal or tool-call arguments. The broker counts
-    /// these to meter a stream whose node reports no usage, and to stop a
-    /// node streaming more than the output reserved.
-    pub fn carries_output(&self) -> bool {
-        let filled = |v: &Value| match v {
-            Value::Null => false,
-            Value::String(s) => !s.is_empty(),
-            Value::Array(a) => !a.is_empty(),
-            _ => true,
-        };
-        self.content.as_deref().is_some_and(|t| !t.is_empty())
-            || [
-                "tool_calls",
-                "reasoning_content",
-                "reasoning",
-                "refusal",
-                "function_call",
-            ]
-            .iter()
-            .any(|k| self.extra.get(*k).is_some_and(filled))
-    }
-}
-
 // ---- embeddings ---------------------------------------------------------------
 
 /// `POST /v1/embeddings` body.

@@ -6,8 +6,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 pub use cxmpute_api::sse::{LineTooLong, SseDecoder, SseEvent};
 
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
 use crate::pricing::Meter;
-use crate::wire::{ChatDelta, Usage};
+use crate::wire::Usage;
 
 /// What the meter reads of a chunk: less than a whole
 /// [`ChatCompletionChunk`](crate::wire::ChatCompletionChunk), plus whether
@@ -25,7 +29,162 @@ struct MeteredChunk {
 #[derive(serde::Deserialize)]
 struct MeteredChoice {
     #[serde(default)]
-    delta: Option<ChatDelta>,
+    delta: Option<DeltaOutput>,
+}
+
+/// Whether a chunk's delta carries generated output, at least one token:
+/// text, reasoning, a refusal or tool-call arguments. The meter counts
+/// these to meter a stream whose node reports no usage, and to stop a node
+/// streaming more than the output reserved.
+///
+/// Read straight from the chunk's text, without building the delta: its
+/// strings are looked at where they lie, never copied, and its other fields
+/// are skipped. (Building a [`ChatDelta`](crate::wire::ChatDelta), whose
+/// open fields go through a map of values, was most of what metering a
+/// streamed chunk cost.) The same deltas are refused as when building one:
+/// a `content` or `role` that is neither a string nor `null`.
+struct DeltaOutput(bool);
+
+/// The delta's fields besides `content` that carry output when filled.
+const OUTPUT_FIELDS: [&str; 5] = [
+    "tool_calls",
+    "reasoning_content",
+    "reasoning",
+    "refusal",
+    "function_call",
+];
+
+/// A field of a delta, as far as [`DeltaOutput`] cares.
+enum DeltaField {
+    Content,
+    Role,
+    Output,
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for DeltaField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DeltaField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            // Borrowed or unescaped into a scratch buffer: no allocation.
+            fn visit_str<E: de::Error>(self, k: &str) -> Result<DeltaField, E> {
+                Ok(match k {
+                    "content" => DeltaField::Content,
+                    "role" => DeltaField::Role,
+                    k if OUTPUT_FIELDS.contains(&k) => DeltaField::Output,
+                    _ => DeltaField::Other,
+                })
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeltaOutput {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = DeltaOutput;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a chat delta")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<DeltaOutput, A::Error> {
+                let mut output = false;
+                while let Some(field) = m.next_key::<DeltaField>()? {
+                    match field {
+                        DeltaField::Content => output |= m.next_value::<Text>()?.0,
+                        DeltaField::Role => {
+                            m.next_value::<Text>()?;
+                        }
+                        DeltaField::Output => output |= m.next_value::<Filled>()?.0,
+                        DeltaField::Other => {
+                            m.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(DeltaOutput(output))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A string or `null`: whether it is a non-empty string.
+struct Text(bool);
+
+impl<'de> serde::Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or null")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Text, E> {
+                Ok(Text(!s.is_empty()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
+                Ok(Text(false))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Text, E> {
+                Ok(Text(false))
+            }
+        }
+        // Any other kind of value is refused (the visitor's default).
+        d.deserialize_any(V)
+    }
+}
+
+/// Any value: whether it is filled (not `null`, `""` or `[]`).
+struct Filled(bool);
+
+impl<'de> serde::Deserialize<'de> for Filled {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Filled;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any value")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Filled, E> {
+                Ok(Filled(false))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Filled, E> {
+                Ok(Filled(false))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Filled, E> {
+                Ok(Filled(!s.is_empty()))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Filled, E> {
+                Ok(Filled(true))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Filled, E> {
+                Ok(Filled(true))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Filled, E> {
+                Ok(Filled(true))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Filled, E> {
+                Ok(Filled(true))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Filled, A::Error> {
+                let mut filled = false;
+                while a.next_element::<IgnoredAny>()?.is_some() {
+                    filled = true;
+                }
+                Ok(Filled(filled))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Filled, A::Error> {
+                while m.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Filled(true))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Watches a chat completion stream pass by and meters it: usage the node
@@ -145,7 +304,7 @@ impl ChatStreamMeter {
                 self.content_chunks += chunk
                     .choices
                     .iter()
-                    .filter(|c| c.delta.as_ref().is_some_and(ChatDelta::carries_output))
+                    .filter(|c| c.delta.as_ref().is_some_and(|d| d.0))
                     .count() as u64;
             }
             // Never passed on: see `filtered`.
@@ -305,6 +464,63 @@ mod tests {
         m.feed(s.as_bytes());
         assert!(!m.garbage);
         assert_eq!(m.content_chunks, 2);
+    }
+
+    /// The content chunks counted in one chunk per delta, and whether the
+    /// meter took the stream for garbage.
+    fn counted(deltas: &[&str]) -> (u64, bool) {
+        let mut m = ChatStreamMeter::default();
+        for d in deltas {
+            m.feed(format!("data: {{\"choices\":[{{\"delta\":{d}}}]}}\n\n").as_bytes());
+        }
+        (m.content_chunks, m.garbage)
+    }
+
+    #[test]
+    fn output_is_a_filled_text_reasoning_refusal_or_tool_call() {
+        for d in [
+            r#"{"content":"a"}"#,
+            r#"{"con\u0074ent":"a"}"#,
+            r#"{"content":"\n"}"#,
+            r#"{"role":"assistant","content":"a","x":[1,{"y":null}]}"#,
+            r#"{"reasoning":"a"}"#,
+            r#"{"refusal":"no"}"#,
+            r#"{"tool_calls":[{"index":0}]}"#,
+            r#"{"function_call":{}}"#,
+            r#"{"function_call":{"name":"f"}}"#,
+            r#"{"reasoning_content":0}"#,
+            r#"{"content":null,"tool_calls":[{"index":0}]}"#,
+        ] {
+            assert_eq!(counted(&[d]), (1, false), "{d}");
+        }
+        for d in [
+            "{}",
+            "null",
+            r#"{"content":""}"#,
+            r#"{"content":null}"#,
+            r#"{"role":"assistant"}"#,
+            r#"{"role":null,"content":""}"#,
+            r#"{"tool_calls":[]}"#,
+            r#"{"refusal":""}"#,
+            r#"{"reasoning":null}"#,
+            r#"{"other":"text that is not output"}"#,
+        ] {
+            assert_eq!(counted(&[d]), (0, false), "{d}");
+        }
+    }
+
+    #[test]
+    fn a_delta_of_the_wrong_shape_is_garbage() {
+        for d in [
+            r#"{"content":5}"#,
+            r#"{"content":["a"]}"#,
+            r#"{"role":{"name":"x"}}"#,
+            r#""text""#,
+            "[]",
+            r#"{"content":"a""#,
+        ] {
+            assert!(counted(&[d]).1, "{d}");
+        }
     }
 
     #[test]
