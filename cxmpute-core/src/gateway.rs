@@ -1201,7 +1201,7 @@ impl CallContext {
                                 None if yielded => break,
                                 None => {
                                     yielded = true;
-                                    tokio::task::yield_now().await;
+                                    let_ready_tasks_run().await;
                                 }
                             }
                         }
@@ -1347,6 +1347,26 @@ fn take_piece(
         return Err("the node sent more output than was asked for");
     }
     Ok(out)
+}
+
+/// Lets the tasks already woken on this thread run (the node connection's
+/// task decoding what it has read), then resumes.
+///
+/// Not `tokio::task::yield_now`: that one resumes only after the runtime
+/// has run out of ready tasks and polled its I/O driver, an `epoll_wait`
+/// for each streamed piece gathered. Waking itself puts the task at the
+/// back of the queue, behind the tasks already woken, and the driver's
+/// turn comes as usual.
+async fn let_ready_tasks_run() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if std::mem::replace(&mut yielded, true) {
+            return std::task::Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// `a` followed by `b` (without a copy when either is empty).
