@@ -45,43 +45,20 @@ struct MeteredChoice {
 /// a `content` or `role` that is neither a string nor `null`.
 struct DeltaOutput(bool);
 
-/// The delta's fields besides `content` that carry output when filled.
-const OUTPUT_FIELDS: [&str; 5] = [
-    "tool_calls",
-    "reasoning_content",
-    "reasoning",
-    "refusal",
-    "function_call",
-];
-
-/// A field of a delta, as far as [`DeltaOutput`] cares.
+/// A field of a delta, as far as [`DeltaOutput`] cares: besides `content`
+/// and `role`, the fields that carry output when filled.
+#[derive(serde::Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
 enum DeltaField {
     Content,
     Role,
-    Output,
+    ToolCalls,
+    ReasoningContent,
+    Reasoning,
+    Refusal,
+    FunctionCall,
+    #[serde(other)]
     Other,
-}
-
-impl<'de> serde::Deserialize<'de> for DeltaField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = DeltaField;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a field name")
-            }
-            // Borrowed or unescaped into a scratch buffer: no allocation.
-            fn visit_str<E: de::Error>(self, k: &str) -> Result<DeltaField, E> {
-                Ok(match k {
-                    "content" => DeltaField::Content,
-                    "role" => DeltaField::Role,
-                    k if OUTPUT_FIELDS.contains(&k) => DeltaField::Output,
-                    _ => DeltaField::Other,
-                })
-            }
-        }
-        d.deserialize_str(V)
-    }
 }
 
 impl<'de> serde::Deserialize<'de> for DeltaOutput {
@@ -100,10 +77,10 @@ impl<'de> serde::Deserialize<'de> for DeltaOutput {
                         DeltaField::Role => {
                             m.next_value::<Text>()?;
                         }
-                        DeltaField::Output => output |= m.next_value::<Filled>()?.0,
                         DeltaField::Other => {
                             m.next_value::<IgnoredAny>()?;
                         }
+                        _ => output |= m.next_value::<Filled>()?.0,
                     }
                 }
                 Ok(DeltaOutput(output))
@@ -130,9 +107,6 @@ impl<'de> serde::Deserialize<'de> for Text {
             fn visit_unit<E: de::Error>(self) -> Result<Text, E> {
                 Ok(Text(false))
             }
-            fn visit_none<E: de::Error>(self) -> Result<Text, E> {
-                Ok(Text(false))
-            }
         }
         // Any other kind of value is refused (the visitor's default).
         d.deserialize_any(V)
@@ -151,9 +125,6 @@ impl<'de> serde::Deserialize<'de> for Filled {
                 f.write_str("any value")
             }
             fn visit_unit<E: de::Error>(self) -> Result<Filled, E> {
-                Ok(Filled(false))
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Filled, E> {
                 Ok(Filled(false))
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Filled, E> {
