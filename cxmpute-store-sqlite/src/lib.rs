@@ -177,8 +177,9 @@ pub struct SqliteStore {
     /// alone, so reads are queued to the writer too.
     reads: Option<SqlitePool>,
     path: Option<Arc<PathBuf>>,
-    /// `<file>.lock`, locked while any clone of this store lives.
-    _lock: Option<Arc<std::fs::File>>,
+    /// `<file>.lock`, locked while any clone of this store lives, until the
+    /// store is closed.
+    lock: Option<Arc<std::sync::Mutex<Option<std::fs::File>>>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -207,8 +208,9 @@ fn open_error(
 /// Locks `<path>.lock` (created if missing) for a store's life, so that a
 /// second store on the same file, in this process or another, is refused:
 /// each would admit calls against balances held in its own memory (see
-/// "One host owns the file" above). The lock goes with the process, so a
-/// host that was killed leaves nothing to clean up.
+/// "One host owns the file" above). It is let go when the store is closed
+/// or its last clone dropped, and goes with the process, so a host that was
+/// killed leaves nothing to clean up.
 fn lock_file(path: &Path) -> Result<std::fs::File> {
     let mut name = path.as_os_str().to_owned();
     name.push(".lock");
@@ -301,7 +303,7 @@ impl SqliteStore {
             writer: Writer::spawn(conn),
             reads: Some(reads),
             path: Some(Arc::new(path.to_owned())),
-            _lock: Some(Arc::new(lock)),
+            lock: Some(Arc::new(std::sync::Mutex::new(Some(lock)))),
         })
     }
 
@@ -325,7 +327,7 @@ impl SqliteStore {
             writer: Writer::spawn(conn),
             reads: None,
             path: None,
-            _lock: None,
+            lock: None,
         })
     }
 
@@ -342,11 +344,18 @@ impl SqliteStore {
 
     /// Commits every queued write, then closes the writer and the read
     /// connections. Later calls fail with [`Error::Unavailable`]. Every clone
-    /// shares the one writer, so closing one closes them all.
+    /// shares the one writer, so closing one closes them all, and lets go
+    /// of the file: another store may open it at once, even while clones of
+    /// this one (say, in a broker's tasks still winding down) live on.
     pub async fn close(&self) {
         self.writer.close().await;
         if let Some(pool) = &self.reads {
             pool.close().await;
+        }
+        if let Some(lock) = &self.lock {
+            // Poisoned only by a panic while taking it; the file is all there is.
+            let file = lock.lock().unwrap_or_else(|p| p.into_inner()).take();
+            drop(file);
         }
     }
 

@@ -19,7 +19,7 @@ use cxmpute_core::{Error, Result};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use sqlx::{Connection, SqliteConnection};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::map_shared;
 use crate::money::{self, MoneyAnswer, MoneyOp, Txn};
@@ -111,14 +111,18 @@ enum Msg {
     Money(Box<Money>),
     /// Answered once everything queued before it is committed.
     Flush(oneshot::Sender<()>),
-    /// Like `Flush`, then the writer stops and closes its connection.
-    Close(oneshot::Sender<()>),
+    /// Refuses later messages; the writer commits what is queued, then
+    /// stops and closes its connection.
+    Close,
 }
 
 /// The handle callers use to queue writes. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Writer {
     tx: mpsc::Sender<Msg>,
+    /// Its sender lives as long as the writer task: `changed` fails once
+    /// the task has closed its connection and ended.
+    stopped: watch::Receiver<()>,
 }
 
 fn closed() -> Error {
@@ -132,8 +136,9 @@ impl Writer {
     /// Starts the writer task on `conn`.
     pub(crate) fn spawn(conn: SqliteConnection) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(conn, rx));
-        Writer { tx }
+        let (running, stopped) = watch::channel(());
+        tokio::spawn(run(conn, rx, running));
+        Writer { tx, stopped }
     }
 
     /// Queues `f`, waits until its batch is committed and returns its answer.
@@ -182,18 +187,18 @@ impl Writer {
     }
 
     /// Commits everything queued, then stops the writer and closes its
-    /// connection. Later writes fail with `Unavailable`. Closing twice is fine.
+    /// connection. Later writes fail with `Unavailable`. Closing twice, or
+    /// from two clones at once, is fine: each returns once the connection
+    /// is closed.
     pub(crate) async fn close(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Msg::Close(tx)).await.is_ok() {
-            let _ = rx.await;
-        }
+        // Refused only when the writer already refuses work: it is closing.
+        let _ = self.tx.send(Msg::Close).await;
+        let _ = self.stopped.clone().changed().await;
     }
 }
 
 /// The writer task.
-async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
-    let mut closing: Vec<oneshot::Sender<()>> = Vec::new();
+async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>, running: watch::Sender<()>) {
     loop {
         let Some(first) = rx.recv().await else { break };
         let mut units: Vec<Unit> = Vec::new();
@@ -215,8 +220,7 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
                     queued += 1;
                 }
                 Msg::Flush(tx) => flushed.push(tx),
-                Msg::Close(tx) => {
-                    closing.push(tx);
+                Msg::Close => {
                     // Refuse new work; what is already queued still runs below.
                     rx.close();
                 }
@@ -234,9 +238,8 @@ async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>) {
     if let Err(e) = conn.close().await {
         tracing::warn!(error = %e, "closing the SQLite writer connection failed");
     }
-    for tx in closing {
-        let _ = tx.send(());
-    }
+    // Tells every `close` waiting that the connection is closed.
+    drop(running);
 }
 
 /// Runs one batch in one transaction: `BEGIN IMMEDIATE` takes the write lock
