@@ -21,6 +21,12 @@
 #   BENCH_WARMUP       unmeasured wrk run before each measured one (default 2 s)
 #   BENCH_CONNECTIONS  wrk connections (default 32)
 #   BENCH_THREADS      wrk threads (default 1)
+#   BENCH_ROUNDS       how many times the whole sequence runs, node, nginx and
+#                      hosts alternating (default 1, at most 9). The box's
+#                      neighbours come and go within minutes: each row's ratio
+#                      is to the nginx of its own round, and with more than one
+#                      round a last table gives each target's median ratio and
+#                      CPU a call over the rounds.
 #   BENCH_HOSTS        which hosts to load after the references (default
 #                      "host-memory host-sqlite sqlite-proc"; sqlite-proc is
 #                      the SQLite host with --sqlite-durability process; a
@@ -36,7 +42,8 @@
 #   BENCH_PERF         a TARGET-MODE (e.g. host-memory-plain) whose process in
 #                      the middle is profiled with `perf record -g` during its
 #                      measured run; the profile is written to
-#                      target/perf-TARGET-MODE.data (read it with `perf report -i`)
+#                      target/perf-TARGET-MODE.data (read it with `perf report -i`;
+#                      with several rounds, the last round's)
 #   BENCH_PERF_CALL_GRAPH  how perf unwinds the stacks: fp (default; frame
 #                      pointers, which release builds of Rust code mostly
 #                      lack) or dwarf (complete call chains, larger profiles)
@@ -52,6 +59,7 @@ seconds=${BENCH_SECONDS:-10}
 warmup=${BENCH_WARMUP:-2}
 connections=${BENCH_CONNECTIONS:-32}
 threads=${BENCH_THREADS:-1}
+rounds=${BENCH_ROUNDS:-1}
 host_log=${BENCH_HOST_LOG:-info}
 hosts=${BENCH_HOSTS:-host-memory host-sqlite sqlite-proc}
 modes=${BENCH_MODES:-plain stream cached}
@@ -68,11 +76,15 @@ for h in $hosts; do
     *) echo "BENCH_HOSTS names host-memory, host-sqlite or sqlite-proc, got '$h'" >&2; exit 2 ;;
   esac
 done
-for v in "$seconds" "$warmup" "$connections" "$threads"; do
+for v in "$seconds" "$warmup" "$connections" "$threads" "$rounds"; do
   case $v in '' | *[!0-9]*) echo "BENCH_* settings are whole numbers, got '$v'" >&2; exit 2 ;; esac
 done
 if [ "$seconds" -lt 1 ] || [ "$seconds" -gt 60 ] || [ "$warmup" -gt 20 ]; then
   echo "BENCH_SECONDS must be 1 to 60 and BENCH_WARMUP at most 20" >&2
+  exit 2
+fi
+if [ "$rounds" -lt 1 ] || [ "$rounds" -gt 9 ]; then
+  echo "BENCH_ROUNDS must be 1 to 9" >&2
   exit 2
 fi
 if [ "$connections" -lt "$threads" ] || [ "$threads" -lt 1 ]; then
@@ -228,7 +240,9 @@ check_call() { # url mode key
 
 rows=()
 failed=0
-nginx_rps_plain="" nginx_rps_stream=""
+round=1
+# nginx's requests a second per "round|mode": each row's reference.
+declare -A nginx_rps
 
 # run TARGET MODE URL KEY PIDS...: a warm-up, then the measured wrk run;
 # the CPU of PIDS (the process in the middle) is read around the measured run.
@@ -277,10 +291,8 @@ run() {
     cpu=$(awk -v t=$((after - before)) -v hz="$ticks_per_second" -v r="$requests" \
       'BEGIN { printf "%.0f", t * 1e6 / hz / r }')
   fi
-  if [ "$target" = nginx ]; then
-    if [ "$mode" = plain ]; then nginx_rps_plain=$rps; else nginx_rps_stream=$rps; fi
-  fi
-  rows+=("$target|$mode|$rps|$p50|$p99|$cpu|$non2xx|$errors")
+  [ "$target" = nginx ] && nginx_rps["$round|$mode"]=$rps
+  rows+=("$round|$target|$mode|$rps|$p50|$p99|$cpu|$non2xx|$errors")
 }
 
 # ---- 1. the node directly ----------------------------------------------------
@@ -296,8 +308,6 @@ for _ in $(seq 1 100); do
 done
 [ -n "$node_url" ] || die "the stand-in node printed no address"
 log "stand-in node at $node_url"
-run node plain "$node_url" ""
-run node stream "$node_url" ""
 
 # ---- 2. nginx in front of it -------------------------------------------------
 
@@ -359,12 +369,6 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 log "nginx (workers $workers) on 127.0.0.1:$nginx_plain (buffered) and :$nginx_stream (unbuffered)"
-# shellcheck disable=SC2086 # the worker ids, one word each
-run nginx plain "http://127.0.0.1:$nginx_plain" "" $workers
-# shellcheck disable=SC2086
-run nginx stream "http://127.0.0.1:$nginx_stream" "" $workers
-stop "$nginx_pid"
-unset 'pids[${#pids[@]}-1]'
 
 # ---- 3 and 4. the host, on memory and on SQLite --------------------------------
 
@@ -436,29 +440,62 @@ bench_store() {
   esac
 }
 
-for h in $hosts; do
-  if [ -n "$baseline" ]; then
-    bench_store "base-${h#*-}" "$work/host-baseline"
-  fi
-  bench_store "$h" "$host_bin"
+for ((round = 1; round <= rounds; round++)); do
+  [ "$rounds" -gt 1 ] && log "round $round of $rounds"
+  run node plain "$node_url" ""
+  run node stream "$node_url" ""
+  # shellcheck disable=SC2086 # the worker ids, one word each
+  run nginx plain "http://127.0.0.1:$nginx_plain" "" $workers
+  # shellcheck disable=SC2086
+  run nginx stream "http://127.0.0.1:$nginx_stream" "" $workers
+  for h in $hosts; do
+    if [ -n "$baseline" ]; then
+      bench_store "base-${h#*-}" "$work/host-baseline"
+    fi
+    bench_store "$h" "$host_bin"
+  done
 done
 
 # ---- the table ---------------------------------------------------------------
 
 printf '\n%d s per run (after %d s of warm-up), %d connections, %d wrk thread(s), %d cores\n' \
   "$seconds" "$warmup" "$connections" "$threads" "$(nproc)"
-printf '%-12s %-7s %9s %9s %9s %9s %13s %8s %8s\n' \
-  target mode "req/s" "x nginx" "p50 ms" "p99 ms" "cpu us/call" non-2xx "sock err"
+printf '%-5s %-12s %-7s %9s %9s %9s %9s %13s %8s %8s\n' \
+  round target mode "req/s" "x nginx" "p50 ms" "p99 ms" "cpu us/call" non-2xx "sock err"
+ratios=()
 for r in "${rows[@]}"; do
-  IFS='|' read -r target mode rps p50 p99 cpu non2xx errors <<<"$r"
-  ref=$nginx_rps_plain
-  [ "$mode" = stream ] && ref=$nginx_rps_stream
-  awk -v t="$target" -v m="$mode" -v r="$rps" -v n="$ref" -v p50="$p50" -v p99="$p99" \
-    -v c="$cpu" -v x="$non2xx" -v e="$errors" 'BEGIN {
-      printf "%-12s %-7s %9d %9.2f %9.2f %9.2f %13s %8d %8d\n", t, m, r, r / n, p50 / 1000, p99 / 1000, c, x, e
+  IFS='|' read -r rd target mode rps p50 p99 cpu non2xx errors <<<"$r"
+  # Cached calls have no nginx row of their own: they stand against plain ones.
+  ref=${nginx_rps["$rd|stream"]}
+  [ "$mode" = stream ] || ref=${nginx_rps["$rd|plain"]}
+  ratio=$(awk -v r="$rps" -v n="$ref" 'BEGIN { printf "%.2f", r / n }')
+  ratios+=("$target|$mode|$ratio|$cpu")
+  awk -v rd="$rd" -v t="$target" -v m="$mode" -v r="$rps" -v x="$ratio" -v p50="$p50" -v p99="$p99" \
+    -v c="$cpu" -v f="$non2xx" -v e="$errors" 'BEGIN {
+      printf "%-5s %-12s %-7s %9d %9s %9.2f %9.2f %13s %8d %8d\n", rd, t, m, r, x, p50 / 1000, p99 / 1000, c, f, e
     }'
 done
 printf '(cpu us/call: the CPU time of the process in the middle, nginx workers or the host, per call)\n'
+if [ "$rounds" -gt 1 ]; then
+  # Each target and mode, in the order first run: the median over its rows
+  # of the ratio and of the CPU a call (the lower middle of an even count).
+  printf '\nmedians over %d rounds\n%-12s %-7s %9s %13s %s\n' "$rounds" target mode "x nginx" "cpu us/call" "ratios"
+  printf '%s\n' "${ratios[@]}" | awk -F'|' '
+    !(($1 "|" $2) in n) { order[++k] = $1 "|" $2 }
+    { key = $1 "|" $2; i = ++n[key]; x[key, i] = $3; c[key, i] = $4 }
+    function median(a, key, cnt,   v, i, j, t) {
+      for (i = 1; i <= cnt; i++) v[i] = a[key, i]
+      for (i = 2; i <= cnt; i++) for (j = i; j > 1 && v[j - 1] + 0 > v[j] + 0; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+      return v[int((cnt + 1) / 2)]
+    }
+    END {
+      for (o = 1; o <= k; o++) {
+        key = order[o]; split(key, p, "|"); all = ""
+        for (i = 1; i <= n[key]; i++) all = all (i > 1 ? " " : "") x[key, i]
+        printf "%-12s %-7s %9s %13s %s\n", p[1], p[2], median(x, key, n[key]), median(c, key, n[key]), all
+      }
+    }'
+fi
 if [ "$failed" != 0 ]; then
   echo "bench: some answers were not 2xx (see non-2xx)" >&2
   exit 1
