@@ -873,7 +873,7 @@ impl CallContext {
                             GatewayResponse::Complete { content_type, body }
                         }
                         Answer::Stream(first, start) => {
-                            self.stream(node, in_flight, t0, first, *start)
+                            self.stream(node, in_flight, t0, first, *start).await?
                         }
                     });
                 }
@@ -1085,7 +1085,12 @@ impl CallContext {
         }
     }
 
-    /// Passes a stream through from its first chunk on, and settles when it ends.
+    /// Passes a stream through from its first chunk on, and settles when it
+    /// ends. Answers once the first write is ready: the response's head goes
+    /// out with it, and a stream that came whole (its end with its first
+    /// pieces) goes out in one write, after its settlement. An audio stream
+    /// whose settlement fails before anything went out is refused as a whole
+    /// (`NotCharged`).
     ///
     /// Bounded on every side: the answer's bytes (`max_response_bytes`), its
     /// length in time (`max_stream_duration`, well below the reservation's
@@ -1094,14 +1099,14 @@ impl CallContext {
     /// the output tokens reserved is lying) and each send to the caller
     /// (`client_send_timeout`: a caller that stops reading is treated as
     /// gone, and pays for what was passed on).
-    fn stream(
+    async fn stream(
         self,
         node: Arc<Node>,
         in_flight: InFlight,
         t0: Instant,
         first: Bytes,
         start: StreamStart,
-    ) -> GatewayResponse {
+    ) -> Result<GatewayResponse> {
         let StreamStart {
             mut resp,
             mut meter,
@@ -1119,98 +1124,117 @@ impl CallContext {
             let deadline = tokio::time::Instant::now() + cfg.max_stream_duration;
             let mut passed = first.len();
             let send = |chunk: Bytes| send_within(&tx, chunk, cfg.client_send_timeout);
-            let mut end = if send(first).await {
-                None
-            } else {
-                Some(End::ClientGone)
-            };
+            let mut end = None;
+            // The first piece, taken before the call answered: passed on
+            // together with whatever followed it at once.
+            let mut taken = Some(first);
             // What the node sent that was read ahead while gathering (its
             // end, or a failure), for the next turn to handle.
             let mut read_ahead = None;
+            // Pieces that came with the node's end: passed on with the
+            // stream's tail once the call is settled. A stream whose end was
+            // already there (a short answer, a fast node) then goes out in
+            // one write rather than in one for its pieces and one for its
+            // tail, and what a write costs is most of what relaying costs.
+            let mut held = Bytes::new();
             while end.is_none() {
-                let next = match read_ahead.take() {
-                    Some(r) => Ok(r),
-                    None => tokio::select! {
-                        r = tokio::time::timeout(cfg.idle_timeout, resp.chunk()) => r,
-                        _ = tokio::time::sleep_until(deadline) => {
-                            end = Some(End::NodeFailed("the answer took longer than allowed"));
-                            break;
-                        }
-                        _ = tx.closed() => { end = Some(End::ClientGone); break; }
-                    },
-                };
-                match next {
-                    Err(_) => end = Some(End::NodeFailed("the node stalled mid-stream")),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "node stream failed");
-                        end = Some(End::NodeFailed("the node's stream failed"));
-                    }
-                    Ok(Ok(None)) => {
-                        let complete = match meter.as_mut() {
-                            Some(m) => {
-                                m.finish();
-                                let rest = m.take_output();
-                                if !send(rest).await {
-                                    end = Some(End::ClientGone);
+                let mut out = match taken.take() {
+                    Some(piece) => piece,
+                    None => {
+                        let next = match read_ahead.take() {
+                            Some(r) => Ok(r),
+                            None => tokio::select! {
+                                r = tokio::time::timeout(cfg.idle_timeout, resp.chunk()) => r,
+                                _ = tokio::time::sleep_until(deadline) => {
+                                    end = Some(End::NodeFailed("the answer took longer than allowed"));
                                     break;
                                 }
-                                m.done && !m.garbage
-                            }
-                            None => true,
+                                _ = tx.closed() => { end = Some(End::ClientGone); break; }
+                            },
                         };
-                        end = Some(if complete {
-                            End::Done
-                        } else {
-                            End::NodeFailed("the node ended the stream early")
-                        });
-                    }
-                    Ok(Ok(Some(chunk))) => {
-                        let bound = self.prep.bound.output_tokens;
-                        let max = cfg.max_response_bytes;
-                        let mut out = match take_piece(chunk, &mut passed, max, &mut meter, bound) {
-                            Ok(out) => out,
-                            Err(reason) => {
-                                end = Some(End::NodeFailed(reason));
+                        match next {
+                            Err(_) => {
+                                end = Some(End::NodeFailed("the node stalled mid-stream"));
                                 continue;
                             }
-                        };
-                        // A node's pieces often arrive together (an HTTP chunk
-                        // per event, read in one go) but are handed over one
-                        // at a time: take those already there, after letting
-                        // the connection's task decode the next, and pass
-                        // them on in one write instead of one each. Nothing
-                        // waits for a piece that is not there yet.
-                        let mut failed = None;
-                        let mut yielded = false;
-                        while out.len() < GATHER_AT_MOST {
-                            match resp.chunk().now_or_never() {
-                                Some(Ok(Some(c))) => {
-                                    yielded = false;
-                                    match take_piece(c, &mut passed, max, &mut meter, bound) {
-                                        Ok(more) => out = joined(out, more),
-                                        Err(reason) => {
-                                            failed = Some(reason);
-                                            break;
-                                        }
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "node stream failed");
+                                end = Some(End::NodeFailed("the node's stream failed"));
+                                continue;
+                            }
+                            Ok(Ok(None)) => {
+                                let complete = match meter.as_mut() {
+                                    Some(m) => {
+                                        m.finish();
+                                        held = joined(std::mem::take(&mut held), m.take_output());
+                                        m.done && !m.garbage
                                     }
-                                }
-                                Some(other) => {
-                                    read_ahead = Some(other);
-                                    break;
-                                }
-                                None if yielded => break,
-                                None => {
-                                    yielded = true;
-                                    let_ready_tasks_run().await;
+                                    None => true,
+                                };
+                                end = Some(if complete {
+                                    End::Done
+                                } else if !send(std::mem::take(&mut held)).await {
+                                    // Not answered in full: what came goes
+                                    // out now, before the error.
+                                    End::ClientGone
+                                } else {
+                                    End::NodeFailed("the node ended the stream early")
+                                });
+                                continue;
+                            }
+                            Ok(Ok(Some(chunk))) => {
+                                let bound = self.prep.bound.output_tokens;
+                                let max = cfg.max_response_bytes;
+                                match take_piece(chunk, &mut passed, max, &mut meter, bound) {
+                                    Ok(out) => out,
+                                    Err(reason) => {
+                                        end = Some(End::NodeFailed(reason));
+                                        continue;
+                                    }
                                 }
                             }
                         }
-                        if !send(out).await {
-                            end = Some(End::ClientGone);
-                        } else if let Some(reason) = failed {
-                            end = Some(End::NodeFailed(reason));
+                    }
+                };
+                // A node's pieces often arrive together (an HTTP chunk per
+                // event, read in one go) but are handed over one at a time:
+                // take those already there, after letting the connection's
+                // task decode the next, and pass them on in one write
+                // instead of one each. Nothing waits for a piece that is not
+                // there yet.
+                let bound = self.prep.bound.output_tokens;
+                let max = cfg.max_response_bytes;
+                let mut failed = None;
+                let mut yielded = false;
+                while out.len() < GATHER_AT_MOST {
+                    match resp.chunk().now_or_never() {
+                        Some(Ok(Some(c))) => {
+                            yielded = false;
+                            match take_piece(c, &mut passed, max, &mut meter, bound) {
+                                Ok(more) => out = joined(out, more),
+                                Err(reason) => {
+                                    failed = Some(reason);
+                                    break;
+                                }
+                            }
+                        }
+                        Some(other) => {
+                            read_ahead = Some(other);
+                            break;
+                        }
+                        None if yielded => break,
+                        None => {
+                            yielded = true;
+                            let_ready_tasks_run().await;
                         }
                     }
+                }
+                if failed.is_none() && matches!(read_ahead, Some(Ok(None))) {
+                    held = out;
+                } else if !send(out).await {
+                    end = Some(End::ClientGone);
+                } else if let Some(reason) = failed {
+                    end = Some(End::NodeFailed(reason));
                 }
             }
             // Dropping the response cancels the upstream call.
@@ -1261,8 +1285,9 @@ impl CallContext {
             // Settle before the body ends: a client that has read the whole
             // answer can rely on it being charged and recorded. A chat
             // stream's end (its usage chunk and `[DONE]`) was held back for
-            // this; a settlement that did not commit ends it with an error
-            // event instead, and an audio body breaks.
+            // this, with the pieces that came with the node's end; a
+            // settlement that did not commit ends it with an error event
+            // instead, and an audio body breaks.
             let kept_meter = Meter {
                 input_tokens: st.usage.input_tokens,
                 output_tokens: st.usage.output_tokens,
@@ -1273,7 +1298,7 @@ impl CallContext {
             if matches!(end, Some(End::Done)) {
                 match (settled, meter.as_mut()) {
                     (Ok(()), Some(m)) => {
-                        let _ = send(m.take_tail()).await;
+                        let _ = send(joined(held, m.take_tail())).await;
                         // A complete stream, charged: kept as the
                         // completion it assembled into.
                         if let (Some(plan), Some(a)) = (&self.cache, m.assembly.take()) {
@@ -1285,7 +1310,9 @@ impl CallContext {
                             }
                         }
                     }
-                    (Ok(()), None) => {}
+                    (Ok(()), None) => {
+                        let _ = send(held).await;
+                    }
                     (Err(e), Some(_)) => {
                         let event = serde_json::json!({"error": {
                             "message": NOT_CHARGED,
@@ -1293,9 +1320,13 @@ impl CallContext {
                             "code": "not_charged",
                         }});
                         tracing::warn!(error = %e, "a stream's settlement did not commit");
-                        let _ = send(Bytes::from(format!("data: {event}\n\n"))).await;
+                        let event = Bytes::from(format!("data: {event}\n\n"));
+                        let _ = send(joined(held, event)).await;
                     }
                     (Err(e), None) => {
+                        // What was held back is not passed on: the audio is
+                        // broken off either way. When nothing went out
+                        // before, the call is refused as a whole (below).
                         tracing::warn!(error = %e, "a stream's settlement did not commit");
                         let _ = tokio::time::timeout(
                             cfg.client_send_timeout,
@@ -1308,10 +1339,23 @@ impl CallContext {
             drop(tx);
         };
         spawn_outliving(task);
-        GatewayResponse::Stream {
+        // Answers once the relay has its first write ready (or has ended),
+        // so that the response's head goes out in the same write as it
+        // rather than alone.
+        let mut rx = rx;
+        let ready = match rx.recv().await {
+            // The one error a relay sends before any bytes is its
+            // settlement's (a node's failure follows what was passed on):
+            // nothing went out, so the call is refused like a plain one.
+            Some(Err(_)) => return Err(Error::NotCharged(NOT_CHARGED.to_owned())),
+            ready => ready,
+        };
+        Ok(GatewayResponse::Stream {
             content_type,
-            body: tokio_stream::wrappers::ReceiverStream::new(rx).boxed(),
-        }
+            body: futures::stream::iter(ready)
+                .chain(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .boxed(),
+        })
     }
 }
 

@@ -2,7 +2,8 @@
 //! out only once its settlement committed. A store made to fail settles
 //! (the instrumented store around the real memory store) turns a served
 //! call into a clear 503 that says nothing was charged (a chat stream ends
-//! with an error event instead of `[DONE]`, an audio body breaks), on
+//! with an error event instead of `[DONE]`, an audio body breaks once part
+//! of it went out), on
 //! every way a host admits calls: from memory (a store it owns), from
 //! credit leases, and through reservations in the store.
 
@@ -169,66 +170,113 @@ async fn a_stream_ends_with_done_once_charged_and_with_an_error_event_when_its_s
     }
 }
 
-/// A node that speaks: a few kilobytes of audio for any text.
+/// A node that speaks: a few kilobytes of audio for any text, all at once.
 async fn audio_node() -> String {
-    let app = axum::Router::new().route(
-        "/v1/audio/speech",
-        axum::routing::post(|| async { ([("content-type", "audio/wav")], vec![7u8; 4_000]) }),
-    );
+    serve_audio(axum::routing::post(|| async {
+        ([("content-type", "audio/wav")], vec![7u8; 4_000])
+    }))
+    .await
+}
+
+/// A node that speaks in two halves: the second only once `release` is
+/// notified, so the host has passed the first on by then.
+async fn audio_node_in_halves(release: Arc<tokio::sync::Notify>) -> String {
+    serve_audio(axum::routing::post(move || {
+        let release = release.clone();
+        async move {
+            let halves = futures::stream::unfold(0, move |i| {
+                let release = release.clone();
+                async move {
+                    match i {
+                        0 => Some((Ok::<_, std::io::Error>(vec![7u8; 2_000]), 1)),
+                        1 => {
+                            release.notified().await;
+                            Some((Ok(vec![7u8; 2_000]), 2))
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            (
+                [("content-type", "audio/wav")],
+                axum::body::Body::from_stream(halves),
+            )
+        }
+    }))
+    .await
+}
+
+async fn serve_audio(route: axum::routing::MethodRouter) -> String {
+    let app = axum::Router::new().route("/v1/audio/speech", route);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
 }
 
+/// An audio answer whose settlement fails charges nothing: refused as a
+/// whole when it came at once (nothing had gone out yet), broken off when
+/// part of it had been passed on.
 #[tokio::test]
-async fn an_audio_answer_whose_settlement_fails_breaks_off_and_charges_nothing() {
+async fn an_audio_answer_whose_settlement_fails_charges_nothing() {
     for mode in MODES {
-        let (h, store) = host(mode).await;
-        let (provider, _) = h.provider().await;
-        let url = audio_node().await;
-        h.add_node_at(&provider, &url, Service::Tts, "kokoro", None)
-            .await;
-        let (user, key) = h.user(Credits::whole(10)).await;
-        h.broker
-            .admin()
-            .put_price(PriceEntry {
-                service: Service::Tts,
-                model: None,
-                per_request: Credits(1_000),
-                per_million_input_tokens: Credits::ZERO,
-                per_million_output_tokens: Credits::ZERO,
-                per_million_units: Credits::ZERO,
-            })
-            .await
-            .unwrap();
-        let body = json!({"model": "kokoro", "input": "hello there", "voice": "alloy"});
-        let r = h.post("/v1/audio/speech", &key, &body).await;
-        assert_eq!(r.status(), 200, "{mode:?}");
-        assert_eq!(r.bytes().await.unwrap().len(), 4_000, "{mode:?}");
-        let charged = h.broker.store().ledger_totals().await.unwrap().charged;
-        assert!(charged > Credits::ZERO);
+        for at_once in [true, false] {
+            let (h, store) = host(mode).await;
+            let (provider, _) = h.provider().await;
+            let release = Arc::new(tokio::sync::Notify::new());
+            let url = if at_once {
+                audio_node().await
+            } else {
+                audio_node_in_halves(release.clone()).await
+            };
+            h.add_node_at(&provider, &url, Service::Tts, "kokoro", None)
+                .await;
+            let (user, key) = h.user(Credits::whole(10)).await;
+            h.broker
+                .admin()
+                .put_price(PriceEntry {
+                    service: Service::Tts,
+                    model: None,
+                    per_request: Credits(1_000),
+                    per_million_input_tokens: Credits::ZERO,
+                    per_million_output_tokens: Credits::ZERO,
+                    per_million_units: Credits::ZERO,
+                })
+                .await
+                .unwrap();
+            let body = json!({"model": "kokoro", "input": "hello there", "voice": "alloy"});
+            let r = h.post("/v1/audio/speech", &key, &body).await;
+            assert_eq!(r.status(), 200, "{mode:?}");
+            release.notify_one();
+            assert_eq!(r.bytes().await.unwrap().len(), 4_000, "{mode:?}");
+            let charged = h.broker.store().ledger_totals().await.unwrap().charged;
+            assert!(charged > Credits::ZERO);
 
-        // Not charged: the body breaks before its end, and nothing more is
-        // charged than the first answer.
-        store.fail_next(mode.settle_call(), TRIES);
-        let r = h.post("/v1/audio/speech", &key, &body).await;
-        assert_eq!(r.status(), 200);
-        assert!(r.bytes().await.is_err(), "{mode:?}: the body must break");
-        h.clock.advance(h.broker.config().reservation_ttl);
-        h.broker.run_maintenance().await.unwrap();
-        h.clock.advance(std::time::Duration::from_secs(1));
-        h.broker.run_maintenance().await.unwrap();
-        let t = h.broker.store().ledger_totals().await.unwrap();
-        assert_eq!(
-            (t.charged, t.reserved),
-            (charged, Credits::ZERO),
-            "{mode:?}"
-        );
-        assert_eq!(
-            h.balance(&user.id).await,
-            Credits(Credits::whole(10).0 - charged.0)
-        );
-        h.assert_ledger().await;
+            // Nothing more is charged than the first answer.
+            store.fail_next(mode.settle_call(), TRIES);
+            let r = h.post("/v1/audio/speech", &key, &body).await;
+            if at_once {
+                expect_error(r, 503, "not_charged").await;
+            } else {
+                assert_eq!(r.status(), 200);
+                release.notify_one();
+                assert!(r.bytes().await.is_err(), "{mode:?}: the body must break");
+            }
+            h.clock.advance(h.broker.config().reservation_ttl);
+            h.broker.run_maintenance().await.unwrap();
+            h.clock.advance(std::time::Duration::from_secs(1));
+            h.broker.run_maintenance().await.unwrap();
+            let t = h.broker.store().ledger_totals().await.unwrap();
+            assert_eq!(
+                (t.charged, t.reserved),
+                (charged, Credits::ZERO),
+                "{mode:?}"
+            );
+            assert_eq!(
+                h.balance(&user.id).await,
+                Credits(Credits::whole(10).0 - charged.0)
+            );
+            h.assert_ledger().await;
+        }
     }
 }
