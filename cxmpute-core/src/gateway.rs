@@ -1137,6 +1137,9 @@ impl CallContext {
             // one write rather than in one for its pieces and one for its
             // tail, and what a write costs is most of what relaying costs.
             let mut held = Bytes::new();
+            // Whether the call has answered: it waits for the first write
+            // (below the loop).
+            let mut answered = false;
             while end.is_none() {
                 let mut out = match taken.take() {
                     Some(piece) => piece,
@@ -1231,7 +1234,19 @@ impl CallContext {
                 }
                 if failed.is_none() && matches!(read_ahead, Some(Ok(None))) {
                     held = out;
-                } else if !send(out).await {
+                    continue;
+                }
+                let sent = if answered || !out.is_empty() {
+                    send(out).await
+                } else {
+                    // Nothing to pass on yet (the meter holds a part of an
+                    // event): an empty piece lets the call answer now,
+                    // rather than keep the channel's receiving end (and so
+                    // the sign of a caller gone) until output comes.
+                    tx.send(Ok(out)).await.is_ok()
+                };
+                answered = true;
+                if !sent {
                     end = Some(End::ClientGone);
                 } else if let Some(reason) = failed {
                     end = Some(End::NodeFailed(reason));
@@ -1348,6 +1363,7 @@ impl CallContext {
             // settlement's (a node's failure follows what was passed on):
             // nothing went out, so the call is refused like a plain one.
             Some(Err(_)) => return Err(Error::NotCharged(NOT_CHARGED.to_owned())),
+            Some(Ok(piece)) if piece.is_empty() => None,
             ready => ready,
         };
         Ok(GatewayResponse::Stream {

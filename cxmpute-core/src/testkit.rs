@@ -164,6 +164,9 @@ pub enum Behavior {
     /// Stream one content chunk, then one `data:` line after another,
     /// forever, never ending the event (a hostile node aiming at memory).
     EndlessEvent,
+    /// Stream the start of an event, then go silent forever: no event is
+    /// ever complete, so nothing can be passed on.
+    StallMidEvent,
     /// Stream well-formed content chunks forever, never `[DONE]`.
     EndlessStream,
     /// Stream one well-formed content chunk every so often, forever.
@@ -375,6 +378,7 @@ async fn misbehave(b: &Behavior) -> Option<Response> {
         | Behavior::CutStream(_)
         | Behavior::StallStream(_)
         | Behavior::EndlessEvent
+        | Behavior::StallMidEvent
         | Behavior::EndlessStream
         | Behavior::Drip(_)
         | Behavior::CutAfterUsage => {}
@@ -483,6 +487,11 @@ async fn chat(State(s): State<Arc<NodeState>>, h: HeaderMap, body: Bytes) -> Res
         Behavior::EndlessEvent => {
             let line = Bytes::from(format!("data: {}\n", "A".repeat(8 * 1024)));
             let body = forever(chunk_event("Hel"), line);
+            return ([("content-type", "text/event-stream")], body).into_response();
+        }
+        Behavior::StallMidEvent => {
+            let start = Bytes::from_static(b"data: {\"id\":\"chatcmpl-standin\",");
+            let body = broken_body(&s, vec![start], true);
             return ([("content-type", "text/event-stream")], body).into_response();
         }
         Behavior::EndlessStream => {

@@ -193,6 +193,36 @@ async fn a_caller_that_stops_reading_is_settled_for_what_was_passed_on() {
     drop(sock);
 }
 
+/// The call answers (its head) once the stream's first bytes came, though
+/// no event is complete yet, so a caller that leaves then is seen to leave:
+/// the node's answer is dropped, and the call settled, at once rather than
+/// when the stream's time runs out.
+#[tokio::test]
+async fn a_caller_that_hangs_up_before_a_streams_first_event_is_let_go_at_once() {
+    // A node may be silent for two minutes mid-stream: far past the bound
+    // below, so only the caller's leaving can end this call in time.
+    let h = host_with(|c| c.idle_timeout = Duration::from_secs(120)).await;
+    let (node, _, _) = h.stand_in("mute", Service::Chat, MODEL).await;
+    node.set(Behavior::StallMidEvent);
+    let (u, key) = h.user(Credits::whole(1)).await;
+    // A bound on a hang only: the head comes as soon as the node's first
+    // bytes do.
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        h.post("/v1/chat/completions", &key, &chat(true, 100)),
+    )
+    .await
+    .expect("the head comes before any event");
+    assert_eq!(r.status(), 200);
+    drop(r);
+    tokio::time::timeout(Duration::from_secs(20), node.abandoned())
+        .await
+        .expect("the node's answer is dropped once the caller left");
+    let rec = settled(&h, &u.id).await;
+    assert_eq!(rec.output_tokens, 0);
+    h.assert_ledger().await;
+}
+
 #[tokio::test]
 async fn a_caller_that_hangs_up_before_a_plain_answer_is_settled_at_once() {
     let h = host().await;
