@@ -1123,6 +1123,7 @@ impl CallContext {
             }
             let deadline = tokio::time::Instant::now() + cfg.max_stream_duration;
             let mut passed = first.len();
+            let (max, bound) = (cfg.max_response_bytes, self.prep.bound.output_tokens);
             let send = |chunk: Bytes| send_within(&tx, chunk, cfg.client_send_timeout);
             let mut end = None;
             // The first piece, taken before the call answered: passed on
@@ -1186,8 +1187,6 @@ impl CallContext {
                                 continue;
                             }
                             Ok(Ok(Some(chunk))) => {
-                                let bound = self.prep.bound.output_tokens;
-                                let max = cfg.max_response_bytes;
                                 match take_piece(chunk, &mut passed, max, &mut meter, bound) {
                                     Ok(out) => out,
                                     Err(reason) => {
@@ -1205,8 +1204,6 @@ impl CallContext {
                 // task decode the next, and pass them on in one write
                 // instead of one each. Nothing waits for a piece that is not
                 // there yet.
-                let bound = self.prep.bound.output_tokens;
-                let max = cfg.max_response_bytes;
                 let mut failed = None;
                 let mut yielded = false;
                 while out.len() < GATHER_AT_MOST {
