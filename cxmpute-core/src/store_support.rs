@@ -177,15 +177,31 @@ impl SettlePlan {
             .as_ref()
             .map(|(p, a)| (p.clone(), Credits(a.0.clamp(0, charged.0))))
             .filter(|(_, a)| a.0 > 0);
-        let mut usage = st.usage.clone();
-        usage.charged = charged;
-        usage.reward = reward.as_ref().map(|r| r.1).unwrap_or_default();
-        // Who paid and through which key and route are the reservation's,
-        // whatever the caller put in the record.
-        usage.request_id = st.request_id.clone();
-        usage.user_id = r.user_id.clone();
-        usage.key_id = r.key_id.clone();
-        usage.route = r.route;
+        let u = &st.usage;
+        // Field by field rather than a clone then overwritten: the ids
+        // replaced would be copied for nothing, on every call's settlement.
+        let usage = UsageRecord {
+            // Who paid and through which key and route are the
+            // reservation's, whatever the caller put in the record.
+            request_id: st.request_id.clone(),
+            user_id: r.user_id.clone(),
+            key_id: r.key_id.clone(),
+            route: r.route,
+            model: u.model.clone(),
+            provision_id: u.provision_id.clone(),
+            provider_id: u.provider_id.clone(),
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            units: u.units,
+            success: u.success,
+            latency_ms: u.latency_ms,
+            app: u.app.clone(),
+            at: u.at,
+            charged,
+            reward: reward.as_ref().map(|r| r.1).unwrap_or_default(),
+            requested_model: u.requested_model.clone(),
+            cache_hit: u.cache_hit,
+        };
         SettlePlan {
             refund,
             reward,
