@@ -49,6 +49,26 @@ pub(crate) fn map(what: impl Into<String>, e: sqlx::Error) -> Error {
     }
 }
 
+/// [`map`] for an error of the writer's direct use of its connection (see
+/// `crate::writer`): the same three kinds, told apart by SQLite's codes.
+pub(crate) fn map_direct(what: impl Into<String>, e: rusqlite::Error) -> Error {
+    use rusqlite::ffi;
+    let what = what.into();
+    if let rusqlite::Error::SqliteFailure(f, message) = &e {
+        if matches!(
+            f.extended_code,
+            ffi::SQLITE_CONSTRAINT_UNIQUE | ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+        ) {
+            let message = message.as_deref().unwrap_or("not unique");
+            return Error::AlreadyExists(format!("{what} ({message})"));
+        }
+        if matches!(f.extended_code & 0xff, SQLITE_BUSY | SQLITE_LOCKED) {
+            return Error::unavailable(what, e);
+        }
+    }
+    Error::backend(what, e)
+}
+
 /// Maps a shared error (a failed commit every write of the batch learns of).
 pub(crate) fn map_shared(what: &str, e: &Arc<sqlx::Error>) -> Error {
     let source: BoxError = Box::new(Arc::clone(e));

@@ -9,9 +9,10 @@
 use async_trait::async_trait;
 use cxmpute_core::store_support::{found, granted_balance, release_settlement};
 use cxmpute_core::*;
+use futures::future::join_all;
 
 use crate::error::map;
-use crate::money::{self, MoneyAnswer, MoneyOp};
+use crate::money::{MoneyAnswer, MoneyOp};
 use crate::rows::{self, col, limit, reservation_cols, usage_cols};
 use crate::sql::*;
 use crate::SqliteStore;
@@ -85,9 +86,26 @@ impl LedgerStore for SqliteStore {
     }
 
     async fn release_stale_reservations(&self, before: Timestamp) -> Result<u64> {
-        self.writer
-            .write(move |c| Box::pin(async move { release_stale_reservations(c, before).await }))
-            .await
+        let stale = self
+            .read(move |c| Box::pin(async move { stale_reservations(c, before).await }))
+            .await?;
+        // The same path as every settlement, so a release is one exactly
+        // like them; queued together, they are applied as one run. One
+        // settled in the meantime is not this release's.
+        let answers = join_all(stale.iter().map(|r| {
+            self.writer
+                .money(MoneyOp::Settle(release_settlement(r, before)))
+        }))
+        .await;
+        let mut n = 0;
+        for answer in answers {
+            match answer {
+                Ok(MoneyAnswer::Settled(SettleOutcome::Applied)) => n += 1,
+                Ok(_) | Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
     }
 
     async fn ledger_totals(&self) -> Result<LedgerTotals> {
@@ -173,7 +191,7 @@ async fn settlement(c: &mut Conn, request: &str) -> Result<UsageRecord> {
     rows::usage(&found(row, || format!("settlement {request}"))?)
 }
 
-async fn release_stale_reservations(c: &mut Conn, before: Timestamp) -> Result<u64> {
+async fn stale_reservations(c: &mut Conn, before: Timestamp) -> Result<Vec<Reservation>> {
     let sql = concat!(
         "SELECT ",
         reservation_cols!(),
@@ -185,24 +203,7 @@ async fn release_stale_reservations(c: &mut Conn, before: Timestamp) -> Result<u
         sqlx::query(sql).bind(before.0),
     )
     .await?;
-    let releases = stale
-        .iter()
-        .map(|row| {
-            Ok(MoneyOp::Settle(release_settlement(
-                &rows::reservation(row, 0)?,
-                before,
-            )))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    // The same path as every settlement, so a release is one exactly like them.
-    let applied = money::apply(c, &releases, money::Txn::Open).await?;
-    let mut n = 0;
-    for answer in applied.answers {
-        if let MoneyAnswer::Settled(SettleOutcome::Applied) = answer? {
-            n += 1;
-        }
-    }
-    Ok(n)
+    stale.iter().map(|row| rows::reservation(row, 0)).collect()
 }
 
 async fn ledger_totals(c: &mut Conn) -> Result<LedgerTotals> {

@@ -300,7 +300,7 @@ impl SqliteStore {
             .await
             .map_err(|e| open_error(path, "opening read connections", e))?;
         Ok(SqliteStore {
-            writer: Writer::spawn(conn),
+            writer: Writer::spawn(conn)?,
             reads: Some(reads),
             path: Some(Arc::new(path.to_owned())),
             lock: Some(Arc::new(std::sync::Mutex::new(Some(lock)))),
@@ -324,7 +324,7 @@ impl SqliteStore {
             .await
             .map_err(|e| open_error(memory, "migrating the schema", e))?;
         Ok(SqliteStore {
-            writer: Writer::spawn(conn),
+            writer: Writer::spawn(conn)?,
             reads: None,
             path: None,
             lock: None,

@@ -6,25 +6,25 @@
 //! the writer found next to each other in its queue. Every operation in it is decided in
 //! order with the core's shared rules ([`apply_reservation`], [`SettlePlan`])
 //! against the rows it touches, read once for the whole run inside the
-//! writer's transaction and kept up to date in memory as each operation is
+//! run's transaction and kept up to date in memory as each operation is
 //! decided. A refused operation (insufficient credits,
 //! a duplicate id) changes nothing: it never gets as far as a write. The
-//! accepted ones are then written together, a handful of set-wise statements
-//! fed JSON arrays, inside one savepoint: all of the run lands or none of it.
+//! accepted ones are then written together, the sums of each account and
+//! provider once, in the same transaction: all of the run lands or none of it.
 //!
-//! Per request this costs no round trip to SQLite of its own, which is what
-//! the throughput target needs: sqlx hands every statement to a worker
-//! thread and back, and those hand-offs, not SQLite, were the cost of the
-//! one-operation-at-a-time path.
+//! The writer runs this on its own thread, on its connection directly (see
+//! [`crate::writer`]): each statement is a call into SQLite, with no hand-off
+//! to sqlx's connection thread and back, and the run's rows are bound one
+//! by one to statements prepared once.
 
 use std::collections::{HashMap, HashSet};
 
 use cxmpute_core::store_support::{apply_reservation, not_open, SettlePlan};
 use cxmpute_core::*;
-use sqlx::SqliteConnection;
+use rusqlite::{params, Connection};
 
-use crate::error::map;
-use crate::rows::{self, col, json, key_cols, reservation_cols, to_i64, usage_cols, user_cols};
+use crate::error::map_direct;
+use crate::rows::{self, col, key_cols, reservation_cols, to_i64, usage_cols, user_cols};
 
 /// One money operation.
 // Settlements are the common operation and each is moved in once: boxing
@@ -65,100 +65,6 @@ pub(crate) enum MoneyAnswer {
     /// The outcome of each call settled against a lease, or held.
     Outcomes(Vec<SettleOutcome>),
 }
-
-/// Everything a run decides on, in one round trip: the open reservations
-/// (`r`) and settled markers (`s`) of its request ids, and (`k`) the keys its
-/// reservations and held settlements name, with their users (NULL user columns: the user is gone).
-/// Binds, in order: request ids, request ids, the reserving keys' ids,
-/// request ids (JSON arrays).
-macro_rules! read_run {
-    () => {
-        concat!(
-            "SELECT 'r', ",
-            reservation_cols!(),
-            " FROM json_each(?) j JOIN reservations r ON r.request_id = j.value; ",
-            "SELECT 's', u.request_id FROM json_each(?) j JOIN usage u ON u.request_id = j.value; ",
-            "SELECT 'k', ",
-            key_cols!(),
-            ", ",
-            user_cols!(),
-            " FROM api_keys k LEFT JOIN users u ON u.id = k.user_id WHERE k.id IN (",
-            "SELECT value FROM json_each(?) UNION ",
-            "SELECT r.key_id FROM json_each(?) j JOIN reservations r ON r.request_id = j.value)"
-        )
-    };
-}
-const READ_RUN: &str = read_run!();
-/// [`READ_RUN`] opening the transaction it reads in (see [`Txn::Own`]).
-const BEGIN_READ_RUN: &str = concat!("BEGIN IMMEDIATE; ", read_run!());
-const KEY_N: usize = rows::KEY_COLS;
-
-/// Every write of a run. Plain `?`s, bound in order: sqlx numbers each
-/// statement's arguments on from the previous one's.
-macro_rules! write_run {
-    () => {
-        concat!(
-            // Reservations settled in this run that were open before it.
-            "DELETE FROM reservations WHERE request_id IN (SELECT value FROM json_each(?)); ",
-            // Reservations taken in this run and still open at its end.
-            "INSERT INTO reservations (request_id, user_id, key_id, route, amount, created_at) ",
-            "SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5 ",
-            "FROM json_each(?); ",
-            // Usage rows are materialized first: `json_each`'s `value` is
-            // made again (as text) each time it is named, so `value ->> n`
-            // rebuilt each row once per column, 18 times (17 % of a held
-            // batch's time in the `settle` benchmark). Reservations, 6
-            // columns and written only for calls reserved in the store,
-            // showed no difference beyond the benchmark's noise.
-            "WITH u(v) AS MATERIALIZED (SELECT value FROM json_each(?)) ",
-            "INSERT INTO usage (",
-            usage_cols!(),
-            ") ",
-            "SELECT v ->> 0, v ->> 1, v ->> 2, v ->> 3, v ->> 4, v ->> 5, ",
-            "v ->> 6, v ->> 7, v ->> 8, v ->> 9, v ->> 10, v ->> 11, ",
-            "v ->> 12, v ->> 13, v ->> 14, v ->> 15, v ->> 16, v ->> 17 ",
-            "FROM u; ",
-            // Balances move by the run's net change per user (relative: commutes).
-            "UPDATE users SET credits = credits + (d.value ->> 1) ",
-            "FROM json_each(?) d WHERE users.id = d.value ->> 0; ",
-            // A key's remaining limit as decided last (absolute: the refund rule
-            // caps at the limit, which does not commute with reservations).
-            "UPDATE api_keys SET credits_left = k.value ->> 1, last_used_at = k.value ->> 2 ",
-            "FROM json_each(?) k WHERE api_keys.id = k.value ->> 0; ",
-            "UPDATE providers SET earnings = earnings + (p.value ->> 1) ",
-            "FROM json_each(?) p WHERE providers.id = p.value ->> 0; ",
-            "UPDATE ledger SET settlements = settlements + ?, charged = charged + ?, ",
-            "rewarded = rewarded + ?, reserved = reserved + ? WHERE id = 1"
-        )
-    };
-}
-const WRITE_RUN: &str = write_run!();
-/// [`WRITE_RUN`] committing the transaction it writes in (see [`Txn::Own`]).
-const WRITE_RUN_COMMIT: &str = concat!(write_run!(), "; COMMIT");
-
-/// One `usage` row as `WRITE_RUN` reads it: a JSON array in the order of
-/// `usage_cols!()` (a tuple struct, since serde's tuples stop at 16).
-#[derive(serde::Serialize)]
-struct UsageRow<'a>(
-    &'a str,
-    &'a str,
-    &'a str,
-    &'a str,
-    &'a str,
-    Option<&'a str>,
-    Option<&'a str>,
-    i64,
-    i64,
-    i64,
-    bool,
-    i64,
-    Option<&'a str>,
-    i64,
-    i64,
-    i64,
-    Option<&'a str>,
-    bool,
-);
 
 /// The run's view of the rows it touches, and what it will write.
 #[derive(Default)]
@@ -302,82 +208,63 @@ impl Run {
     }
 }
 
-/// Whose transaction a run is applied in.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Txn {
-    /// The writer's, already open (the run sits in a savepoint of a batch).
-    Open,
-    /// Its own: the run is the whole batch, and its read begins the
-    /// transaction and its write commits it. Each statement sent to SQLite
-    /// is a hand-off to sqlx's connection thread and back, about 130 µs of
-    /// waiting on a busy 2-core box, and the transaction's `BEGIN` and
-    /// `COMMIT` sent alone were two of a batch's four.
-    Own,
-}
+/// An open reservation by its request id.
+const READ_RESERVATION: &str = concat!(
+    "SELECT ",
+    reservation_cols!(),
+    " FROM reservations r WHERE r.request_id = ?1"
+);
+/// Whether a request id is settled (has its usage row).
+const READ_SETTLED: &str = "SELECT 1 FROM usage WHERE request_id = ?1";
+/// A key and its user (NULL user columns: the user is gone).
+const READ_KEY: &str = concat!(
+    "SELECT ",
+    key_cols!(),
+    ", ",
+    user_cols!(),
+    " FROM api_keys k LEFT JOIN users u ON u.id = k.user_id WHERE k.id = ?1"
+);
+const KEY_N: usize = rows::KEY_COLS;
 
-/// What [`apply`] did.
-pub(crate) struct Applied {
-    /// One answer per operation.
-    pub(crate) answers: Vec<Result<MoneyAnswer>>,
-    /// Whether the run's transaction is still open: with [`Txn::Own`], the
-    /// run found nothing to write (every operation refused or a repeat),
-    /// and the caller ends the transaction.
-    pub(crate) open: bool,
-}
-
-/// Decides and applies a run of money operations on the writer's connection,
-/// in the transaction `txn` says. Returns one answer per operation; an
-/// `Err` means the run's writes failed and must be undone as a whole (with
-/// [`Txn::Own`], the transaction may be open: the caller rolls it back).
-pub(crate) async fn apply(c: &mut SqliteConnection, ops: &[MoneyOp], txn: Txn) -> Result<Applied> {
-    let mut run = Run::default();
-
-    // Read what the run touches.
-    let ids: Vec<&str> = ops
-        .iter()
-        .flat_map(|op| op.request_ids())
-        .map(|id| id.as_str())
-        .collect();
-    let ids = json(&ids)?;
-    let key_ids: HashSet<&str> = ops
-        .iter()
-        .flat_map(|op| match op {
-            MoneyOp::Reserve(r) => vec![r.key_id.as_str()],
-            MoneyOp::SettleHeld(calls) => calls.iter().map(|(h, _)| h.key_id.as_str()).collect(),
-            MoneyOp::Settle(_) | MoneyOp::SettleLeased(..) => Vec::new(),
-        })
-        .collect();
-    let read = match txn {
-        Txn::Open => READ_RUN,
-        Txn::Own => BEGIN_READ_RUN,
-    };
-    let found = sqlx::query(read)
-        .bind(&ids)
-        .bind(&ids)
-        .bind(json(&key_ids)?)
-        .bind(&ids)
-        .fetch_all(&mut *c)
-        .await
-        .map_err(|e| map("reading reservations and their accounts", e))?;
-    for row in &found {
-        match col::<String>(row, 0)?.as_str() {
-            "r" => {
-                let r = rows::reservation(row, 1)?;
-                run.open.insert(r.request_id.clone(), r);
-            }
-            "s" => {
-                run.settled.insert(RequestId::new(col::<String>(row, 1)?));
-            }
-            _ => {
-                let key = rows::api_key(row, 1)?;
-                if col::<Option<String>>(row, 1 + KEY_N)?.is_some() {
-                    let user = rows::user(row, 1 + KEY_N)?;
-                    run.users.entry(user.id.clone()).or_insert(user);
-                }
-                run.keys.insert(key.id.clone(), key);
-            }
+/// Decides and applies a run of money operations on the writer's
+/// connection, in a transaction of its own. Returns one answer per
+/// operation; an `Err` means nothing of the run was applied (its
+/// transaction is rolled back) and every operation in it fails with it.
+pub(crate) fn apply(c: &Connection, ops: &[MoneyOp]) -> Result<Vec<Result<MoneyAnswer>>> {
+    exec(
+        c,
+        "BEGIN IMMEDIATE",
+        "beginning a run of reservations and settlements",
+    )?;
+    let applied = decide_and_write(c, ops).and_then(|(answers, wrote)| {
+        // A run that wrote nothing (every operation refused or a repeat)
+        // has nothing to commit.
+        if wrote {
+            exec(c, "COMMIT", "committing reservations and settlements")?;
         }
+        Ok(answers)
+    });
+    if !c.is_autocommit() {
+        // Nothing written, or a failure: SQLite may already have rolled
+        // back, in which case there is no transaction left to end.
+        let _ = c.execute_batch("ROLLBACK");
     }
+    applied
+}
+
+/// Runs a statement without arguments (prepared once, kept).
+fn exec(c: &Connection, sql: &str, what: &str) -> Result<()> {
+    c.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(|_| ())
+        .map_err(|e| map_direct(what, e))
+}
+
+/// Reads what the run touches, decides each operation in order and writes
+/// what was accepted; says whether anything was written.
+fn decide_and_write(c: &Connection, ops: &[MoneyOp]) -> Result<(Vec<Result<MoneyAnswer>>, bool)> {
+    let mut run = Run::default();
+    read(c, ops, &mut run)?;
 
     // Decide, in order.
     let answers: Vec<Result<MoneyAnswer>> = ops
@@ -396,102 +283,136 @@ pub(crate) async fn apply(c: &mut SqliteConnection, ops: &[MoneyOp], txn: Txn) -
         && run.closed.is_empty()
         && run.touched_keys.is_empty()
     {
-        // Everything was refused or a repeat: nothing to write.
-        return Ok(Applied {
-            answers,
-            open: txn == Txn::Own,
-        });
+        return Ok((answers, false));
     }
-    write(c, &run, txn).await?;
-    Ok(Applied {
-        answers,
-        open: false,
-    })
+    write(c, &run).map_err(|e| map_direct("writing reservations and settlements", e))?;
+    Ok((answers, true))
 }
 
-async fn write(c: &mut SqliteConnection, run: &Run, txn: Txn) -> Result<()> {
-    let closed = json(&run.closed)?;
-    let taken: Vec<_> = run
-        .taken_here
-        .iter()
-        .filter_map(|id| run.open.get(id))
-        .map(|r| {
-            (
-                r.request_id.as_str(),
-                r.user_id.as_str(),
-                r.key_id.as_str(),
-                r.route.path(),
-                r.amount.0,
-                r.created_at.0,
-            )
-        })
-        .collect();
-    let usage: Vec<_> = run
-        .usage
-        .iter()
-        .map(|u| {
-            UsageRow(
-                u.request_id.as_str(),
-                u.user_id.as_str(),
-                u.key_id.as_str(),
-                u.route.path(),
-                u.model.as_str(),
-                u.provision_id.as_ref().map(|p| p.as_str()),
-                u.provider_id.as_ref().map(|p| p.as_str()),
-                to_i64(u.input_tokens),
-                to_i64(u.output_tokens),
-                to_i64(u.units),
-                u.success,
-                to_i64(u.latency_ms),
-                u.app.as_deref(),
-                u.at.0,
-                u.charged.0,
-                u.reward.0,
-                u.requested_model.as_deref(),
-                u.cache_hit,
-            )
-        })
-        .collect();
-    let users: Vec<(&str, i64)> = run
-        .user_delta
-        .iter()
-        .filter(|(_, d)| **d != 0)
-        .map(|(id, d)| (id.as_str(), *d))
-        .collect();
-    let keys: Vec<(&str, Option<i64>, Option<i64>)> = run
-        .touched_keys
-        .iter()
-        .filter_map(|id| run.keys.get(id))
-        .map(|k| {
-            (
-                k.id.as_str(),
-                k.credits_left.map(|c| c.0),
-                k.last_used_at.map(|t| t.0),
-            )
-        })
-        .collect();
-    let providers: Vec<(&str, i64)> = run
-        .provider_delta
-        .iter()
-        .map(|(id, d)| (id.as_str(), *d))
-        .collect();
-    let sql = match txn {
-        Txn::Open => WRITE_RUN,
-        Txn::Own => WRITE_RUN_COMMIT,
-    };
-    sqlx::query(sql)
-        .bind(closed)
-        .bind(json(&taken)?)
-        .bind(json(&usage)?)
-        .bind(json(&users)?)
-        .bind(json(&keys)?)
-        .bind(json(&providers)?)
-        .bind(to_i64(run.ledger.settlements))
-        .bind(run.ledger.charged.0)
-        .bind(run.ledger.rewarded.0)
-        .bind(run.ledger.reserved.0)
-        .execute(c)
-        .await
-        .map_err(|e| map("writing reservations and settlements", e))?;
+/// Reads the open reservations and settled markers of the run's request
+/// ids, and the keys (with their users) its reservations and held
+/// settlements name.
+fn read(c: &Connection, ops: &[MoneyOp], run: &mut Run) -> Result<()> {
+    let db = |e| map_direct("reading reservations and their accounts", e);
+    let mut reservation = c.prepare_cached(READ_RESERVATION).map_err(db)?;
+    let mut settled = c.prepare_cached(READ_SETTLED).map_err(db)?;
+    let mut key_ids: HashSet<&str> = HashSet::new();
+    for op in ops {
+        match op {
+            MoneyOp::Reserve(r) => {
+                key_ids.insert(r.key_id.as_str());
+            }
+            MoneyOp::SettleHeld(calls) => {
+                key_ids.extend(calls.iter().map(|(h, _)| h.key_id.as_str()));
+            }
+            MoneyOp::Settle(_) | MoneyOp::SettleLeased(..) => {}
+        }
+        for id in op.request_ids() {
+            let mut rows = reservation.query([id.as_str()]).map_err(db)?;
+            if let Some(row) = rows.next().map_err(db)? {
+                let r = rows::reservation(row, 0)?;
+                run.open.insert(r.request_id.clone(), r);
+            }
+            if settled.exists([id.as_str()]).map_err(db)? {
+                run.settled.insert(id.clone());
+            }
+        }
+    }
+    let reserving: Vec<&str> = run.open.values().map(|r| r.key_id.as_str()).collect();
+    key_ids.extend(reserving);
+    let mut key = c.prepare_cached(READ_KEY).map_err(db)?;
+    for id in key_ids {
+        let mut rows = key.query([id]).map_err(db)?;
+        if let Some(row) = rows.next().map_err(db)? {
+            let k = rows::api_key(row, 0)?;
+            if col::<Option<String>>(row, KEY_N)?.is_some() {
+                let user = rows::user(row, KEY_N)?;
+                run.users.entry(user.id.clone()).or_insert(user);
+            }
+            run.keys.insert(k.id.clone(), k);
+        }
+    }
+    Ok(())
+}
+
+/// Writes what the run accepted: reservations closed and taken, usage
+/// rows, and each account's, key's and provider's change once.
+fn write(c: &Connection, run: &Run) -> rusqlite::Result<()> {
+    let mut delete = c.prepare_cached("DELETE FROM reservations WHERE request_id = ?1")?;
+    for id in &run.closed {
+        delete.execute([id.as_str()])?;
+    }
+    let mut insert = c.prepare_cached(
+        "INSERT INTO reservations (request_id, user_id, key_id, route, amount, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for r in run.taken_here.iter().filter_map(|id| run.open.get(id)) {
+        insert.execute(params![
+            r.request_id.as_str(),
+            r.user_id.as_str(),
+            r.key_id.as_str(),
+            r.route.path(),
+            r.amount.0,
+            r.created_at.0,
+        ])?;
+    }
+    let mut usage = c.prepare_cached(concat!(
+        "INSERT INTO usage (",
+        usage_cols!(),
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+    ))?;
+    for u in &run.usage {
+        usage.execute(params![
+            u.request_id.as_str(),
+            u.user_id.as_str(),
+            u.key_id.as_str(),
+            u.route.path(),
+            u.model.as_str(),
+            u.provision_id.as_ref().map(|p| p.as_str()),
+            u.provider_id.as_ref().map(|p| p.as_str()),
+            to_i64(u.input_tokens),
+            to_i64(u.output_tokens),
+            to_i64(u.units),
+            u.success,
+            to_i64(u.latency_ms),
+            u.app.as_deref(),
+            u.at.0,
+            u.charged.0,
+            u.reward.0,
+            u.requested_model.as_deref(),
+            u.cache_hit,
+        ])?;
+    }
+    // Balances move by the run's net change per user (relative: commutes).
+    let mut user = c.prepare_cached("UPDATE users SET credits = credits + ?2 WHERE id = ?1")?;
+    for (id, delta) in run.user_delta.iter().filter(|(_, d)| **d != 0) {
+        user.execute(params![id.as_str(), delta])?;
+    }
+    // A key's remaining limit as decided last (absolute: the refund rule
+    // caps at the limit, which does not commute with reservations).
+    let mut key =
+        c.prepare_cached("UPDATE api_keys SET credits_left = ?2, last_used_at = ?3 WHERE id = ?1")?;
+    for k in run.touched_keys.iter().filter_map(|id| run.keys.get(id)) {
+        key.execute(params![
+            k.id.as_str(),
+            k.credits_left.map(|c| c.0),
+            k.last_used_at.map(|t| t.0),
+        ])?;
+    }
+    let mut provider =
+        c.prepare_cached("UPDATE providers SET earnings = earnings + ?2 WHERE id = ?1")?;
+    for (id, delta) in &run.provider_delta {
+        provider.execute(params![id.as_str(), delta])?;
+    }
+    c.prepare_cached(
+        "UPDATE ledger SET settlements = settlements + ?1, charged = charged + ?2, \
+         rewarded = rewarded + ?3, reserved = reserved + ?4 WHERE id = 1",
+    )?
+    .execute(params![
+        to_i64(run.ledger.settlements),
+        run.ledger.charged.0,
+        run.ledger.rewarded.0,
+        run.ledger.reserved.0,
+    ])?;
     Ok(())
 }

@@ -7,14 +7,38 @@ use cxmpute_core::*;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Decode, Row, Sqlite, Type};
 
-use crate::error::{corrupt, map};
+use crate::error::{corrupt, map, map_direct};
+
+/// A row read back, by position: sqlx's, or one the writer read on its
+/// connection directly (see `crate::writer`). The readers below take either.
+pub(crate) trait StoredRow {
+    /// The column at `i`.
+    fn get<T: Column>(&self, i: usize) -> Result<T>;
+}
+
+/// A column type both ways of reading decode.
+pub(crate) trait Column:
+    for<'r> Decode<'r, Sqlite> + Type<Sqlite> + rusqlite::types::FromSql
+{
+}
+
+impl<T> Column for T where T: for<'r> Decode<'r, Sqlite> + Type<Sqlite> + rusqlite::types::FromSql {}
+
+impl StoredRow for SqliteRow {
+    fn get<T: Column>(&self, i: usize) -> Result<T> {
+        self.try_get(i).map_err(|e| map("reading a stored row", e))
+    }
+}
+
+impl StoredRow for rusqlite::Row<'_> {
+    fn get<T: Column>(&self, i: usize) -> Result<T> {
+        rusqlite::Row::get(self, i).map_err(|e| map_direct("reading a stored row", e))
+    }
+}
 
 /// One column by position.
-pub(crate) fn col<'r, T>(row: &'r SqliteRow, i: usize) -> Result<T>
-where
-    T: Decode<'r, Sqlite> + Type<Sqlite>,
-{
-    row.try_get(i).map_err(|e| map("reading a stored row", e))
+pub(crate) fn col<T: Column>(row: &impl StoredRow, i: usize) -> Result<T> {
+    row.get(i)
 }
 
 /// A stored key hash (32 bytes).
@@ -78,7 +102,7 @@ macro_rules! user_cols {
 pub(crate) use user_cols;
 
 /// A user from the columns of `user_cols!()` starting at `at`.
-pub(crate) fn user(row: &SqliteRow, at: usize) -> Result<User> {
+pub(crate) fn user(row: &impl StoredRow, at: usize) -> Result<User> {
     Ok(User {
         id: UserId::new(col::<String>(row, at)?),
         email: col(row, at + 1)?,
@@ -124,7 +148,7 @@ pub(crate) use key_cols;
 pub(crate) const KEY_COLS: usize = 17;
 
 /// An API key from the columns of `key_cols!()` starting at `at`.
-pub(crate) fn api_key(row: &SqliteRow, at: usize) -> Result<ApiKey> {
+pub(crate) fn api_key(row: &impl StoredRow, at: usize) -> Result<ApiKey> {
     let routes: String = col(row, at + 7)?;
     Ok(ApiKey {
         id: ApiKeyId::new(col::<String>(row, at)?),
@@ -266,7 +290,7 @@ macro_rules! reservation_cols {
 pub(crate) use reservation_cols;
 
 /// A reservation from the columns of `reservation_cols!()` starting at `at`.
-pub(crate) fn reservation(row: &SqliteRow, at: usize) -> Result<Reservation> {
+pub(crate) fn reservation(row: &impl StoredRow, at: usize) -> Result<Reservation> {
     let route: String = col(row, at + 3)?;
     Ok(Reservation {
         request_id: RequestId::new(col::<String>(row, at)?),

@@ -1,16 +1,26 @@
-//! The single writer: one task owns the one connection that writes, and
+//! The single writer: one thread owns the one connection that writes, and
 //! applies queued operations in batches, one transaction per batch.
 //!
 //! SQLite lets one connection write at a time however many ask, so many
 //! writing connections would only queue on its lock (and time out as
 //! `SQLITE_BUSY` under load). Here callers queue on a channel instead; the
-//! writer takes whatever is waiting (up to [`MAX_BATCH`]), runs each unit of
-//! work inside its own `SAVEPOINT` so a refused or failed one undoes only
-//! itself, commits once, and only then answers every caller. One commit (one
-//! fsync) is shared by the whole batch.
+//! writer takes whatever is waiting (up to [`MAX_BATCH`]) and applies it in
+//! order, and only once a batch is committed answers its callers. One commit
+//! (one fsync) is shared by the whole batch.
 //!
-//! A unit is one operation, or a run of neighbouring reservations and
-//! settlements that [`crate::money`] decides one by one and writes together.
+//! A batch is made of two kinds of work:
+//! - a run of neighbouring reservations and settlements (the hot path),
+//!   which [`crate::money`] decides one by one and writes together, in a
+//!   transaction of its own, calling SQLite directly on the connection
+//!   (through `rusqlite`) while sqlx's connection thread is held off it;
+//! - neighbouring other operations (sqlx futures), applied in one
+//!   transaction with a `SAVEPOINT` each, so a refused or failed one undoes
+//!   only itself.
+//!
+//! Why the thread and the direct calls: each statement sent through sqlx is
+//! a hand-off to its connection thread and a wake-up back, and with the
+//! writer as a task those wake-ups went through the runtime's event loop.
+//! A run now costs one hand-off (taking the connection) whatever its size.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -19,10 +29,11 @@ use cxmpute_core::{Error, Result};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use sqlx::{Connection, SqliteConnection};
+use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::error::map_shared;
-use crate::money::{self, MoneyAnswer, MoneyOp, Txn};
+use crate::error::{map, map_shared};
+use crate::money::{self, MoneyAnswer, MoneyOp};
 
 /// The most operations one transaction takes. Large enough to amortise the
 /// commit's fsync, small enough that one batch never holds readers' view of
@@ -120,8 +131,8 @@ enum Msg {
 #[derive(Clone)]
 pub(crate) struct Writer {
     tx: mpsc::Sender<Msg>,
-    /// Its sender lives as long as the writer task: `changed` fails once
-    /// the task has closed its connection and ended.
+    /// Its sender lives as long as the writer's thread: `changed` fails
+    /// once the thread has closed its connection.
     stopped: watch::Receiver<()>,
 }
 
@@ -133,12 +144,22 @@ fn closed() -> Error {
 }
 
 impl Writer {
-    /// Starts the writer task on `conn`.
-    pub(crate) fn spawn(conn: SqliteConnection) -> Self {
+    /// Starts the writer's thread on `conn`.
+    pub(crate) fn spawn(conn: SqliteConnection) -> Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (running, stopped) = watch::channel(());
-        tokio::spawn(run(conn, rx, running));
-        Writer { tx, stopped }
+        let failed = |e| Error::backend("starting the SQLite writer", e);
+        // The thread's own runtime drives sqlx's futures (the other
+        // operations, and taking the connection for a run) to completion.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(failed)?;
+        std::thread::Builder::new()
+            .name("cxmpute-sqlite-writer".into())
+            .spawn(move || run(rt, conn, rx, running))
+            .map_err(failed)?;
+        Ok(Writer { tx, stopped })
     }
 
     /// Queues `f`, waits until its batch is committed and returns its answer.
@@ -197,74 +218,149 @@ impl Writer {
     }
 }
 
-/// The writer task.
-async fn run(mut conn: SqliteConnection, mut rx: mpsc::Receiver<Msg>, running: watch::Sender<()>) {
+/// The writer's connection: sqlx's, and the same connection called
+/// directly for runs of money operations.
+struct Conn {
+    sqlx: SqliteConnection,
+    /// Made on the first run, from sqlx's handle; kept so its prepared
+    /// statements are too. Used only while sqlx's connection thread is
+    /// held off (see [`Conn::direct`]).
+    direct: Option<rusqlite::Connection>,
+}
+
+impl Conn {
+    /// Runs `f` on the connection directly, while sqlx's connection thread
+    /// waits (it neither runs a statement nor closes the connection until
+    /// `f` returns).
+    fn direct<T>(
+        &mut self,
+        rt: &Runtime,
+        f: impl FnOnce(&rusqlite::Connection) -> Result<T>,
+    ) -> Result<T> {
+        let Conn { sqlx, direct } = self;
+        rt.block_on(async {
+            let mut handle = sqlx
+                .lock_handle()
+                .await
+                .map_err(|e| map("taking the SQLite writer's connection", e))?;
+            let direct = match direct {
+                Some(direct) => direct,
+                slot => {
+                    let raw = handle.as_raw_handle().as_ptr();
+                    // SAFETY: `raw` is the handle of sqlx's open connection,
+                    // which this thread owns. `from_handle` does not take
+                    // the handle over (dropping the result leaves it open),
+                    // and the result is dropped before sqlx closes the
+                    // connection (see `run`). It is only used here, while
+                    // `handle` holds sqlx's connection thread off the
+                    // connection, so the two never use it at once.
+                    #[allow(unsafe_code)]
+                    let direct = unsafe { rusqlite::Connection::from_handle(raw) }
+                        .map_err(|e| Error::backend("taking the SQLite writer's connection", e))?;
+                    slot.insert(direct)
+                }
+            };
+            let out = f(direct);
+            drop(handle);
+            out
+        })
+    }
+
+    /// Closes the connection: the direct one's statements first, as SQLite
+    /// will not close a connection with statements still prepared.
+    fn close(self, rt: &Runtime) {
+        let Conn { mut sqlx, direct } = self;
+        if direct.is_some() {
+            rt.block_on(async {
+                // Held off sqlx's connection thread while they are finalized.
+                let _held = sqlx.lock_handle().await;
+                drop(direct);
+            });
+        }
+        if let Err(e) = rt.block_on(sqlx.close()) {
+            tracing::warn!(error = %e, "closing the SQLite writer connection failed");
+        }
+    }
+}
+
+/// The writer's thread.
+fn run(
+    rt: Runtime,
+    conn: SqliteConnection,
+    mut rx: mpsc::Receiver<Msg>,
+    running: watch::Sender<()>,
+) {
+    let mut conn = Conn {
+        sqlx: conn,
+        direct: None,
+    };
     loop {
-        let Some(first) = rx.recv().await else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut units: Vec<Unit> = Vec::new();
         let mut queued = 0;
         let mut flushed = Vec::new();
         let mut next = Some(first);
         while let Some(msg) = next.take() {
             match msg {
-                Msg::Op(op) => {
-                    units.push(Unit::Op(op));
-                    queued += 1;
-                }
-                Msg::Money(m) => {
-                    // Neighbouring money operations form one run.
-                    match units.last_mut() {
-                        Some(Unit::Money(run)) => run.push(*m),
-                        _ => units.push(Unit::Money(vec![*m])),
-                    }
-                    queued += 1;
-                }
+                Msg::Op(op) => match units.last_mut() {
+                    Some(Unit::Ops(ops)) => ops.push(op),
+                    _ => units.push(Unit::Ops(vec![op])),
+                },
+                Msg::Money(m) => match units.last_mut() {
+                    Some(Unit::Money(run)) => run.push(*m),
+                    _ => units.push(Unit::Money(vec![*m])),
+                },
                 Msg::Flush(tx) => flushed.push(tx),
                 Msg::Close => {
                     // Refuse new work; what is already queued still runs below.
                     rx.close();
                 }
             }
+            queued += 1;
             if queued < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        run_batch(&mut conn, units).await;
+        // In the order queued: each unit is a transaction of its own.
+        for unit in units {
+            match unit {
+                Unit::Ops(ops) => rt.block_on(run_ops(&mut conn.sqlx, ops)),
+                Unit::Money(run) => run_money(&rt, &mut conn, run),
+            }
+        }
         for tx in flushed {
             let _ = tx.send(());
         }
     }
     // Every sender is gone or the store was closed, and the queue is drained.
-    if let Err(e) = conn.close().await {
-        tracing::warn!(error = %e, "closing the SQLite writer connection failed");
-    }
+    conn.close(&rt);
     // Tells every `close` waiting that the connection is closed.
     drop(running);
 }
 
-/// Runs one batch in one transaction: `BEGIN IMMEDIATE` takes the write lock
-/// up front (no lock upgrade can fail half way), each operation gets a
-/// savepoint, and the savepoint steps are sent together with the next one so
-/// each operation costs one extra round trip to SQLite, not two.
-async fn run_batch(conn: &mut SqliteConnection, units: Vec<Unit>) {
-    if units.is_empty() {
-        return;
-    }
-    // A batch of one run of money operations (under load, the usual batch:
-    // settlements) needs no savepoint, the transaction is its undo, and
-    // its read and write begin and commit the transaction themselves.
-    let units = match <[Unit; 1]>::try_from(units) {
-        Ok([Unit::Money(run)]) => return run_money_alone(conn, run).await,
-        Ok([op]) => vec![op],
-        Err(units) => units,
-    };
-    let total = units.len();
+/// What a batch is made of, in the order queued.
+enum Unit {
+    /// Neighbouring operations: one transaction, a savepoint each.
+    Ops(Vec<Box<dyn WriteOp>>),
+    /// Neighbouring reservations and settlements: one transaction.
+    Money(Vec<Money>),
+}
+
+/// Runs neighbouring operations in one transaction: `BEGIN IMMEDIATE` takes
+/// the write lock up front (no lock upgrade can fail half way), each
+/// operation gets a savepoint, and the savepoint steps are sent together
+/// with the next one so each operation costs one extra round trip to
+/// SQLite, not two.
+async fn run_ops(conn: &mut SqliteConnection, ops: Vec<Box<dyn WriteOp>>) {
+    let total = ops.len();
     let mut ran: Vec<Ran> = Vec::with_capacity(total);
-    let mut units = units.into_iter();
+    let mut ops = ops.into_iter();
     let mut broken = exec(conn, "BEGIN IMMEDIATE; SAVEPOINT op").await.err();
     if broken.is_none() {
-        for unit in units.by_ref() {
-            let r = unit.run(conn).await;
+        for op in ops.by_ref() {
+            let r = op.run(conn).await;
             let last = ran.len() + 1 == total;
             let step = match (r.keep, last) {
                 (true, false) => "RELEASE op; SAVEPOINT op",
@@ -295,106 +391,44 @@ async fn run_batch(conn: &mut SqliteConnection, units: Vec<Unit>) {
     for r in ran {
         (r.answer)(Some(&e));
     }
-    for unit in units {
-        unit.fail(&e);
+    for op in ops {
+        op.fail(map_shared(
+            "a batch of writes failed before this one ran",
+            &e,
+        ));
     }
 }
 
-/// What runs inside one savepoint: one generic operation, or a run of
-/// neighbouring money operations.
-enum Unit {
-    Op(Box<dyn WriteOp>),
-    Money(Vec<Money>),
-}
-
-impl Unit {
-    async fn run(self, conn: &mut SqliteConnection) -> Ran {
-        let run = match self {
-            Unit::Op(op) => return op.run(conn).await,
-            Unit::Money(run) => run,
-        };
-        run_money(conn, run, Txn::Open).await.0
-    }
-
-    /// Answers every caller of the unit that the batch broke (with `e`)
-    /// before the unit ran; each answer keeps SQLite's error as its source.
-    fn fail(self, e: &Arc<sqlx::Error>) {
-        let failed = || map_shared("a batch of writes failed before this one ran", e);
-        match self {
-            Unit::Op(op) => op.fail(failed()),
-            Unit::Money(run) => {
-                for (_, reply) in run {
-                    let _ = reply.send(Err(failed()));
-                }
-            }
-        }
-    }
-}
-
-/// Applies a run of money operations in the transaction `txn` says: what
-/// to keep and how to answer, and whether the transaction is still open
-/// (see [`money::Applied`]).
-async fn run_money(conn: &mut SqliteConnection, run: Vec<Money>, txn: Txn) -> (Ran, bool) {
+/// Applies a run of money operations (see [`money::apply`]) and answers
+/// each of its callers.
+fn run_money(rt: &Runtime, conn: &mut Conn, run: Vec<Money>) {
     let (ops, replies): (Vec<MoneyOp>, Vec<_>) = run.into_iter().unzip();
-    let out = match AssertUnwindSafe(money::apply(conn, &ops, txn))
-        .catch_unwind()
-        .await
-    {
-        Ok(out) => out,
-        Err(_) => Err(Error::Backend {
-            message: "applying reservations and settlements panicked; undone".into(),
-            source: None,
-        }),
-    };
+    let out = conn.direct(rt, |c| {
+        std::panic::catch_unwind(AssertUnwindSafe(|| money::apply(c, &ops))).unwrap_or_else(|_| {
+            // Undo whatever the run had written before it panicked.
+            if !c.is_autocommit() {
+                let _ = c.execute_batch("ROLLBACK");
+            }
+            Err(Error::Backend {
+                message: "applying reservations and settlements panicked; undone".into(),
+                source: None,
+            })
+        })
+    });
     match out {
-        Ok(money::Applied { answers, open }) => {
-            let ran = Ran {
-                keep: true,
-                answer: Box::new(move |commit_failed| {
-                    for (reply, answer) in replies.into_iter().zip(answers) {
-                        let answer = match (answer, commit_failed) {
-                            (Ok(_), Some(e)) => Err(map_shared("committing a batch of writes", e)),
-                            (answer, _) => answer,
-                        };
-                        let _ = reply.send(answer);
-                    }
-                }),
-            };
-            (ran, open)
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(answer);
+            }
         }
-        // The run's writes failed as a whole: every operation in it learns why.
+        // The run failed as a whole: every operation in it learns why.
         Err(e) => {
-            let ran = Ran {
-                keep: false,
-                answer: Box::new(move |_| {
-                    for reply in replies {
-                        let _ = reply.send(Err(replicate(&e)));
-                    }
-                }),
-            };
-            (ran, true)
-        }
-    }
-}
-
-/// A batch that is one run of money operations, in its own transaction
-/// ([`Txn::Own`]): two statements sent to SQLite instead of four.
-async fn run_money_alone(conn: &mut SqliteConnection, run: Vec<Money>) {
-    let (ran, open) = run_money(conn, run, Txn::Own).await;
-    let mut failed = None;
-    if open {
-        // A run that wrote nothing commits nothing; a failed one is undone.
-        // (A `ROLLBACK` with no transaction open fails harmlessly.)
-        let end = if ran.keep { "COMMIT" } else { "ROLLBACK" };
-        if let Err(e) = exec(conn, end).await {
-            if ran.keep {
-                tracing::error!(error = %e, "a batch of SQLite writes failed; none of it was applied");
-                let _ = exec(conn, "ROLLBACK").await;
-                failed = Some(Arc::new(e));
+            tracing::error!(error = %e, "a run of reservations and settlements failed; none of it was applied");
+            for reply in replies {
+                let _ = reply.send(Err(replicate(&e)));
             }
         }
     }
-    (ran.answer)(failed.as_ref());
 }
 
 /// A copy of a run's error for each of the callers that share it (the core
