@@ -22,6 +22,7 @@
 //! writer as a task those wake-ups went through the runtime's event loop.
 //! A run now costs one hand-off (taking the connection) whatever its size.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -111,8 +112,11 @@ where
     }
 }
 
+/// Where a money operation's answer goes.
+type MoneyReply = oneshot::Sender<Result<MoneyAnswer>>;
+
 /// A money operation and where its answer goes.
-type Money = (MoneyOp, oneshot::Sender<Result<MoneyAnswer>>);
+type Money = (MoneyOp, MoneyReply);
 
 enum Msg {
     Op(Box<dyn WriteOp>),
@@ -152,7 +156,8 @@ impl Writer {
         // The thread's own runtime drives sqlx's futures (the other
         // operations, and taking the connection for a run) to completion.
         let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            // No I/O: sqlx's connection talks to its thread over channels.
+            .enable_time()
             .build()
             .map_err(failed)?;
         std::thread::Builder::new()
@@ -218,134 +223,156 @@ impl Writer {
     }
 }
 
-/// The writer's connection: sqlx's, and the same connection called
-/// directly for runs of money operations.
-struct Conn {
-    sqlx: SqliteConnection,
-    /// Made on the first run, from sqlx's handle; kept so its prepared
-    /// statements are too. Used only while sqlx's connection thread is
-    /// held off (see [`Conn::direct`]).
-    direct: Option<rusqlite::Connection>,
-}
-
-impl Conn {
-    /// Runs `f` on the connection directly, while sqlx's connection thread
-    /// waits (it neither runs a statement nor closes the connection until
-    /// `f` returns).
-    fn direct<T>(
-        &mut self,
-        rt: &Runtime,
-        f: impl FnOnce(&rusqlite::Connection) -> Result<T>,
-    ) -> Result<T> {
-        let Conn { sqlx, direct } = self;
-        rt.block_on(async {
-            let mut handle = sqlx
-                .lock_handle()
-                .await
-                .map_err(|e| map("taking the SQLite writer's connection", e))?;
-            let direct = match direct {
-                Some(direct) => direct,
-                slot => {
-                    let raw = handle.as_raw_handle().as_ptr();
-                    // SAFETY: `raw` is the handle of sqlx's open connection,
-                    // which this thread owns. `from_handle` does not take
-                    // the handle over (dropping the result leaves it open),
-                    // and the result is dropped before sqlx closes the
-                    // connection (see `run`). It is only used here, while
-                    // `handle` holds sqlx's connection thread off the
-                    // connection, so the two never use it at once.
-                    #[allow(unsafe_code)]
-                    let direct = unsafe { rusqlite::Connection::from_handle(raw) }
-                        .map_err(|e| Error::backend("taking the SQLite writer's connection", e))?;
-                    slot.insert(direct)
-                }
-            };
-            let out = f(direct);
-            drop(handle);
-            out
-        })
-    }
-
-    /// Closes the connection: the direct one's statements first, as SQLite
-    /// will not close a connection with statements still prepared.
-    fn close(self, rt: &Runtime) {
-        let Conn { mut sqlx, direct } = self;
-        if direct.is_some() {
-            rt.block_on(async {
-                // Held off sqlx's connection thread while they are finalized.
-                let _held = sqlx.lock_handle().await;
-                drop(direct);
-            });
-        }
-        if let Err(e) = rt.block_on(sqlx.close()) {
-            tracing::warn!(error = %e, "closing the SQLite writer connection failed");
-        }
-    }
-}
-
-/// The writer's thread.
+/// The writer's thread: runs [`serve`] to the end, then closes the
+/// connection and says so.
 fn run(
     rt: Runtime,
     conn: SqliteConnection,
     mut rx: mpsc::Receiver<Msg>,
     running: watch::Sender<()>,
 ) {
-    let mut conn = Conn {
-        sqlx: conn,
-        direct: None,
-    };
-    loop {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
-        let mut units: Vec<Unit> = Vec::new();
-        let mut queued = 0;
-        let mut flushed = Vec::new();
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                Msg::Op(op) => match units.last_mut() {
-                    Some(Unit::Ops(ops)) => ops.push(op),
-                    _ => units.push(Unit::Ops(vec![op])),
-                },
-                Msg::Money(m) => match units.last_mut() {
-                    Some(Unit::Money(run)) => run.push(*m),
-                    _ => units.push(Unit::Money(vec![*m])),
-                },
-                Msg::Flush(tx) => flushed.push(tx),
-                Msg::Close => {
-                    // Refuse new work; what is already queued still runs below.
-                    rx.close();
-                }
-            }
-            queued += 1;
-            if queued < MAX_BATCH {
-                next = rx.try_recv().ok();
-            }
+    rt.block_on(async {
+        let mut conn = conn;
+        let mut direct = None;
+        serve(&mut conn, &mut direct, &mut rx).await;
+        if direct.is_some() {
+            // SQLite will not close a connection with statements still
+            // prepared: the direct connection's go first, with sqlx's
+            // connection thread held off while they are finalized.
+            let _held = conn.lock_handle().await;
+            drop(direct);
         }
-        // In the order queued: each unit is a transaction of its own.
-        for unit in units {
-            match unit {
-                Unit::Ops(ops) => rt.block_on(run_ops(&mut conn.sqlx, ops)),
-                Unit::Money(run) => run_money(&rt, &mut conn, run),
-            }
+        if let Err(e) = conn.close().await {
+            tracing::warn!(error = %e, "closing the SQLite writer connection failed");
         }
-        for tx in flushed {
-            let _ = tx.send(());
-        }
-    }
-    // Every sender is gone or the store was closed, and the queue is drained.
-    conn.close(&rt);
+    });
     // Tells every `close` waiting that the connection is closed.
     drop(running);
 }
 
-/// What a batch is made of, in the order queued.
+/// Applies what is queued, in order, until every sender is gone or the
+/// store was closed, and the queue is drained.
+///
+/// For runs of money operations the connection is taken from sqlx's
+/// connection thread and called directly (`direct`, made from sqlx's handle
+/// the first time and kept, with the statements it prepared); it stays
+/// taken while nothing else comes, so a busy writer hands it back and forth
+/// only around the other operations, which run through sqlx.
+async fn serve(
+    conn: &mut SqliteConnection,
+    direct: &mut Option<rusqlite::Connection>,
+    rx: &mut mpsc::Receiver<Msg>,
+) {
+    let mut units = VecDeque::new();
+    loop {
+        if units.is_empty() && !gather(rx, &mut units).await {
+            return;
+        }
+        match units.pop_front() {
+            Some(Unit::Ops(ops)) => run_ops(conn, ops).await,
+            Some(Unit::Flush(tx)) => {
+                let _ = tx.send(());
+            }
+            Some(Unit::Money(run)) => {
+                let mut handle = match conn.lock_handle().await {
+                    Ok(handle) => handle,
+                    Err(e) => {
+                        let e = map("taking the SQLite writer's connection", e);
+                        answer_run(run.into_iter().map(|(_, r)| r).collect(), Err(e));
+                        continue;
+                    }
+                };
+                let c = match &mut *direct {
+                    Some(c) => c,
+                    slot => {
+                        let raw = handle.as_raw_handle().as_ptr();
+                        // SAFETY: `raw` is the handle of sqlx's open
+                        // connection, which this thread owns and closes
+                        // only after `direct` is dropped (see `run`).
+                        // `from_handle` does not take the handle over
+                        // (dropping the result leaves it open). `direct` is
+                        // only used while a `handle` holds sqlx's connection
+                        // thread off the connection, so the two never use
+                        // it at once.
+                        #[allow(unsafe_code)]
+                        let made = unsafe { rusqlite::Connection::from_handle(raw) };
+                        match made {
+                            Ok(c) => slot.insert(c),
+                            Err(e) => {
+                                let e = Error::backend("taking the SQLite writer's connection", e);
+                                answer_run(run.into_iter().map(|(_, r)| r).collect(), Err(e));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                run_money(c, run);
+                // Keep the connection while runs of money operations come.
+                loop {
+                    if units.is_empty() && !gather(rx, &mut units).await {
+                        return;
+                    }
+                    match units.pop_front() {
+                        Some(Unit::Money(run)) => run_money(c, run),
+                        Some(Unit::Flush(tx)) => {
+                            let _ = tx.send(());
+                        }
+                        // sqlx's turn: the connection goes back to its thread.
+                        Some(ops) => {
+                            units.push_front(ops);
+                            break;
+                        }
+                        None => {}
+                    }
+                }
+                drop(handle);
+            }
+            None => {}
+        }
+    }
+}
+
+/// Waits for the next message, then takes whatever else is queued (up to
+/// [`MAX_BATCH`] operations) into `units`, in order, neighbouring operations
+/// of a kind together. `false` once every sender is gone or the store was
+/// closed, and the queue is drained.
+async fn gather(rx: &mut mpsc::Receiver<Msg>, units: &mut VecDeque<Unit>) -> bool {
+    let Some(first) = rx.recv().await else {
+        return false;
+    };
+    let mut queued = 0;
+    let mut next = Some(first);
+    while let Some(msg) = next.take() {
+        match msg {
+            Msg::Op(op) => match units.back_mut() {
+                Some(Unit::Ops(ops)) => ops.push(op),
+                _ => units.push_back(Unit::Ops(vec![op])),
+            },
+            Msg::Money(m) => match units.back_mut() {
+                Some(Unit::Money(run)) => run.push(*m),
+                _ => units.push_back(Unit::Money(vec![*m])),
+            },
+            Msg::Flush(tx) => units.push_back(Unit::Flush(tx)),
+            // Refuse new work; what is already queued still runs.
+            Msg::Close => rx.close(),
+        }
+        queued += 1;
+        if queued < MAX_BATCH {
+            next = rx.try_recv().ok();
+        }
+    }
+    true
+}
+
+/// What the writer applies, in the order queued; each unit of operations
+/// is a transaction of its own.
 enum Unit {
     /// Neighbouring operations: one transaction, a savepoint each.
     Ops(Vec<Box<dyn WriteOp>>),
     /// Neighbouring reservations and settlements: one transaction.
     Money(Vec<Money>),
+    /// Everything queued before it has been applied by the time it is reached.
+    Flush(oneshot::Sender<()>),
 }
 
 /// Runs neighbouring operations in one transaction: `BEGIN IMMEDIATE` takes
@@ -399,11 +426,11 @@ async fn run_ops(conn: &mut SqliteConnection, ops: Vec<Box<dyn WriteOp>>) {
     }
 }
 
-/// Applies a run of money operations (see [`money::apply`]) and answers
-/// each of its callers.
-fn run_money(rt: &Runtime, conn: &mut Conn, run: Vec<Money>) {
+/// Applies a run of money operations (see [`money::apply`]) on the
+/// connection directly, and answers each of its callers.
+fn run_money(c: &rusqlite::Connection, run: Vec<Money>) {
     let (ops, replies): (Vec<MoneyOp>, Vec<_>) = run.into_iter().unzip();
-    let out = conn.direct(rt, |c| {
+    let out =
         std::panic::catch_unwind(AssertUnwindSafe(|| money::apply(c, &ops))).unwrap_or_else(|_| {
             // Undo whatever the run had written before it panicked.
             if !c.is_autocommit() {
@@ -413,17 +440,23 @@ fn run_money(rt: &Runtime, conn: &mut Conn, run: Vec<Money>) {
                 message: "applying reservations and settlements panicked; undone".into(),
                 source: None,
             })
-        })
-    });
+        });
+    if let Err(e) = &out {
+        tracing::error!(error = %e, "a run of reservations and settlements failed; none of it was applied");
+    }
+    answer_run(replies, out);
+}
+
+/// Answers each caller of a run: with its own answer, or with the error
+/// that failed the run as a whole.
+fn answer_run(replies: Vec<MoneyReply>, out: Result<Vec<Result<MoneyAnswer>>>) {
     match out {
         Ok(answers) => {
             for (reply, answer) in replies.into_iter().zip(answers) {
                 let _ = reply.send(answer);
             }
         }
-        // The run failed as a whole: every operation in it learns why.
         Err(e) => {
-            tracing::error!(error = %e, "a run of reservations and settlements failed; none of it was applied");
             for reply in replies {
                 let _ = reply.send(Err(replicate(&e)));
             }
