@@ -18,25 +18,27 @@
 //!
 //! ## How it writes
 //!
-//! SQLite lets one connection write at a time. So one task owns the one
+//! SQLite lets one connection write at a time. So one thread owns the one
 //! writing connection; every write is queued to it and answered only after
 //! the transaction holding it has committed: **an `Ok` from a write means it
-//! is on disk**. The writer takes everything queued (up to a batch size) into
-//! one transaction and commits once: one fsync per batch instead of one per
-//! request.
+//! is on disk**. The writer takes everything queued (up to a batch size) and
+//! commits each kind of work together: one fsync per batch instead of one
+//! per request.
 //!
-//! Inside the transaction, each operation gets its own savepoint, so a
-//! refused operation (a duplicate id, an unknown key) undoes only itself.
-//! Reservations and settlements, the broker's per-request writes, go one step
-//! further: a run of them queued next to each other is decided in order with
-//! the core's shared rules against the rows it touches (read once for the
-//! whole run, kept current in memory as each one is decided), and what was
-//! accepted is written set-wise under one savepoint. A refused reservation
-//! (insufficient credits, key limit) never reaches a write, so it costs
-//! nothing to undo. This keeps a request's cost to a few statements' work
-//! instead of several round trips to SQLite's worker thread, and is what lets
-//! the store settle tens of thousands of requests a second (see the `settle`
-//! benchmark).
+//! Reservations and settlements, the broker's per-request writes, are
+//! decided a run at a time: a run of them queued next to each other is
+//! decided in order with the core's shared rules against the rows it
+//! touches (read once for the whole run, kept current in memory as each one
+//! is decided), and what was accepted is written in one transaction, each
+//! account, key and provider once. A refused reservation (insufficient
+//! credits, key limit) never reaches a write, so it costs nothing to undo.
+//! The writer runs them by calling SQLite on its connection directly,
+//! statements prepared once, with no hand-off to sqlx's connection thread
+//! per statement; this is what lets the store settle tens of thousands of
+//! requests a second (see the `settle` benchmark). Every other write runs
+//! through sqlx, neighbouring ones in one transaction with a savepoint each,
+//! so a refused operation (a duplicate id, an unknown key) undoes only
+//! itself.
 //!
 //! Reads use a small pool of separate connections: in WAL mode they read a
 //! committed snapshot beside the writer and never wait for it.
