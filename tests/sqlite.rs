@@ -313,11 +313,28 @@ async fn the_catalogue_and_its_pools_survive_a_restart() {
     remove_db(&path);
 }
 
-/// Calls at once on a SQLite host settle in group commits: far fewer
-/// `settle_held` calls (each one transaction) than calls, every call
-/// charged, rewarded and recorded once.
+/// The commits in a database's log since the log last started over (frames
+/// that end a transaction carry the database's size, and the log's current
+/// salt), and that salt, so a test can tell the log did not start over.
+fn log_commits(db: &std::path::Path) -> (usize, Vec<u8>) {
+    let wal = std::fs::read(format!("{}-wal", db.display())).unwrap();
+    let page = u32::from_be_bytes(wal[8..12].try_into().unwrap()) as usize;
+    let salt = wal[16..24].to_vec();
+    let commits = wal[32..]
+        .chunks_exact(24 + page)
+        .filter(|frame| frame[8..16] == salt[..] && frame[4..8] != [0; 4])
+        .count();
+    (commits, salt)
+}
+
+/// Calls at once on a SQLite host settle in group commits: each call's
+/// settlement goes to the store as it comes, and the store's writer commits
+/// those that queued up together in one transaction. Far fewer commits than
+/// calls, every call charged, rewarded and recorded once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_at_once_settle_in_group_commits_on_sqlite() {
+    use sqlx::Connection;
+
     let path = temp_db();
     let sqlite = SqliteStore::open(&path).await.unwrap();
     let store = Arc::new(cxmpute_core::testkit::InstrumentedStore::wrap(sqlite));
@@ -325,17 +342,39 @@ async fn calls_at_once_settle_in_group_commits_on_sqlite() {
     let (_node, _, _) = h.stand_in("a", Service::Chat, MODEL).await;
     common::price_per_call(&h).await;
     let (user, key) = h.user(Credits::whole(1)).await;
-    // A commit takes a while, as on a slow disk: calls pile up behind it.
-    store.delay("settle_held", std::time::Duration::from_millis(50));
     store.take_calls();
-    let by_status = common::calls_at_once(&h, &key, 100).await;
+    let (before, salt) = log_commits(&path);
+    // A commit takes a while, as on a slow disk: another connection holds
+    // the write lock until every call's settlement waits for the writer.
+    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let release = async {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+        while store.peak_in_flight("settle_held") < 100 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    };
+    let (by_status, ()) = tokio::join!(common::calls_at_once(&h, &key, 100), release);
     assert_eq!(by_status, [(200, 100)].into_iter().collect());
-    let batches = store.take_calls()["settle_held"];
-    assert!(batches <= 25, "{batches} commits for 100 calls");
+    assert_eq!(store.take_calls()["settle_held"], 100);
+    let (after, salt_after) = log_commits(&path);
+    assert_eq!(salt_after, salt, "the log started over");
+    assert!(
+        after - before <= 10,
+        "{} commits for 100 calls",
+        after - before
+    );
     assert_eq!(h.balance(&user.id).await, Credits(1_000_000 - 100_000));
     let t = h.broker.store().ledger_totals().await.unwrap();
     assert_eq!((t.settlements, t.charged), (100, Credits(100_000)));
     h.assert_ledger().await;
+    other.close().await.unwrap();
     drop(h);
     remove_db(&path);
 }

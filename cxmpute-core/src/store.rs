@@ -226,6 +226,19 @@ pub trait LedgerStore: Send + Sync + 'static {
         false
     }
 
+    /// Whether the store commits settlements that reach it at the same time
+    /// together by itself, so the broker may hand each call's
+    /// [`settle_held`](Self::settle_held) over as it comes instead of
+    /// queueing calls to send them in batches. SQLite says yes: its one
+    /// writer applies whatever is queued in one transaction, and the
+    /// broker's queue would only add a hand-off and keep the writer waiting
+    /// for the next batch. The default is `false`: each store call is a
+    /// write of its own (DynamoDB: a transaction), and the broker's batches
+    /// are what make a busy account one write per batch.
+    fn groups_settlements(&self) -> bool {
+        false
+    }
+
     // ---- grants ------------------------------------------------------------
 
     /// Adds (or, when negative, removes) credits and records the grant, atomically.

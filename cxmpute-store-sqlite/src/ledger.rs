@@ -24,6 +24,11 @@ impl LedgerStore for SqliteStore {
         true
     }
 
+    /// The writer applies what is queued together (see `crate::writer`).
+    fn groups_settlements(&self) -> bool {
+        true
+    }
+
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
         let grant = grant.clone();
         self.writer

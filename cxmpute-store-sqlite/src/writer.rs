@@ -428,23 +428,45 @@ async fn run_ops(conn: &mut SqliteConnection, ops: Vec<Box<dyn WriteOp>>) {
 
 /// Applies a run of money operations (see [`money::apply`]) on the
 /// connection directly, and answers each of its callers.
+///
+/// A run the store refuses as a whole with an error not worth retrying
+/// (SQLite refusing one of its rows) is applied again one operation at a
+/// time, so that each caller gets its own outcome: a run holds the
+/// settlements of unrelated calls that happened to queue together, and one
+/// bad call must not fail the others.
 fn run_money(c: &rusqlite::Connection, run: Vec<Money>) {
     let (ops, replies): (Vec<MoneyOp>, Vec<_>) = run.into_iter().unzip();
-    let out =
-        std::panic::catch_unwind(AssertUnwindSafe(|| money::apply(c, &ops))).unwrap_or_else(|_| {
-            // Undo whatever the run had written before it panicked.
-            if !c.is_autocommit() {
-                let _ = c.execute_batch("ROLLBACK");
-            }
-            Err(Error::Backend {
-                message: "applying reservations and settlements panicked; undone".into(),
-                source: None,
-            })
-        });
+    let out = match apply_guarded(c, &ops) {
+        Err(e) if ops.len() > 1 && !e.is_retryable() => {
+            tracing::warn!(error = %e, "a run of reservations and settlements failed; applying them one by one");
+            Ok(ops
+                .iter()
+                .map(|op| match apply_guarded(c, std::slice::from_ref(op)) {
+                    Ok(mut one) => one.remove(0),
+                    Err(e) => Err(e),
+                })
+                .collect())
+        }
+        out => out,
+    };
     if let Err(e) = &out {
         tracing::error!(error = %e, "a run of reservations and settlements failed; none of it was applied");
     }
     answer_run(replies, out);
+}
+
+/// [`money::apply`], with a panic undone and answered like a failure.
+fn apply_guarded(c: &rusqlite::Connection, ops: &[MoneyOp]) -> Result<Vec<Result<MoneyAnswer>>> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| money::apply(c, ops))).unwrap_or_else(|_| {
+        // Undo whatever the run had written before it panicked.
+        if !c.is_autocommit() {
+            let _ = c.execute_batch("ROLLBACK");
+        }
+        Err(Error::Backend {
+            message: "applying reservations and settlements panicked; undone".into(),
+            source: None,
+        })
+    })
 }
 
 /// Answers each caller of a run: with its own answer, or with the error

@@ -295,3 +295,70 @@ async fn a_lone_run_whose_write_fails_is_undone_and_the_writer_goes_on() {
         Credits::whole(2)
     );
 }
+
+/// Settlements of unrelated calls queue together and are applied as one
+/// run. When SQLite refuses one of them, the run is applied again one by
+/// one: the refused call fails alone, and the others are settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_settlement_fails_alone_in_its_run() {
+    use futures::poll;
+    use sqlx::Connection;
+
+    let f = fixture(Credits::whole(10), None).await;
+    let url = format!("sqlite://{}", f._dir.path().join(DB).display());
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.model = 'refused' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    // The other connection holds the write lock, so the writer waits for it
+    // while the settlements below queue up: they reach it together.
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    let calls: Vec<_> = (1..=4)
+        .map(|i| {
+            let hold = reservation(&f, Credits::whole(2), i);
+            let mut st = settlement(&f, &hold, Credits::whole(1), Credits::ZERO);
+            if i == 3 {
+                st.usage.model = "refused".into();
+            }
+            [(hold, st)]
+        })
+        .collect();
+    let mut settling: Vec<_> = calls
+        .iter()
+        .map(|list| Box::pin(f.store.settle_held(list)))
+        .collect();
+    // One poll queues each settlement with the writer, in order.
+    for s in &mut settling {
+        assert!(poll!(s.as_mut()).is_pending());
+    }
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    other.close().await.unwrap();
+
+    let mut outcomes = Vec::new();
+    for s in settling {
+        outcomes.push(s.await);
+    }
+    for (i, out) in outcomes.iter().enumerate() {
+        match i {
+            2 => {
+                let e = out.as_ref().expect_err("the refused call fails");
+                assert!(format!("{e:?}").contains("refused by the test"), "{e:?}");
+            }
+            _ => assert_eq!(out.as_ref().unwrap(), &vec![SettleOutcome::Applied]),
+        }
+    }
+    assert_eq!(
+        f.store.user(&f.user.id).await.unwrap().credits,
+        Credits::whole(7)
+    );
+    let t = f.store.ledger_totals().await.unwrap();
+    assert_eq!((t.settlements, t.charged), (3, Credits::whole(3)));
+}

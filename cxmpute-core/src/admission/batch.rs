@@ -10,6 +10,10 @@
 //! then. A store sums the changes of one account, key and provider inside a
 //! batch, so a busy account is written once per batch, not once per call.
 //!
+//! A store that groups what reaches it at the same time by itself
+//! ([`LedgerStore::groups_settlements`]: SQLite's writer) gets each call
+//! held in memory as it comes, without the queue.
+//!
 //! A batch the store refuses with an error that is not worth retrying (a
 //! call it will not take) is tried again call by call, so that each call
 //! gets its own outcome and one bad call cannot fail the others. A
@@ -17,6 +21,7 @@
 //! the batch: their settlements retry, and queue up together again.
 //!
 //! [`LedgerStore::settle_held`]: crate::store::LedgerStore::settle_held
+//! [`LedgerStore::groups_settlements`]: crate::store::LedgerStore::groups_settlements
 //! [`LedgerStore::settle_leased`]: crate::store::LedgerStore::settle_leased
 
 use std::sync::Arc;
@@ -48,6 +53,8 @@ struct Queued {
 /// A group-commit queue (see the module docs).
 pub(crate) struct Batch {
     store: Arc<dyn Store>,
+    /// The store's [`groups_settlements`](crate::store::LedgerStore::groups_settlements).
+    store_groups: bool,
     queue: Mutex<Queue>,
 }
 
@@ -61,6 +68,7 @@ struct Queue {
 impl Batch {
     pub(crate) fn new(store: Arc<dyn Store>) -> Arc<Self> {
         Arc::new(Batch {
+            store_groups: store.groups_settlements(),
             store,
             queue: Mutex::default(),
         })
@@ -75,6 +83,13 @@ impl Batch {
         hold: Reservation,
         st: Settlement,
     ) -> Result<SettleOutcome> {
+        if lease.is_none() && self.store_groups {
+            // The store commits what reaches it meanwhile together: the
+            // queue would only add its task's hand-off, and keep the store
+            // waiting for the task to come back with the next batch.
+            let mut one = self.apply(None, &[(hold, st)]).await?;
+            return Ok(one.remove(0));
+        }
         let (reply, answer) = oneshot::channel();
         let lead = {
             let mut q = self.queue.lock();

@@ -354,6 +354,11 @@ impl<S: Store> LedgerStore for InstrumentedStore<S> {
         !self.shared && self.inner.owned_by_one_host()
     }
 
+    /// The wrapped store's answer; not counted.
+    fn groups_settlements(&self) -> bool {
+        self.inner.groups_settlements()
+    }
+
     async fn grant_credits(&self, grant: &CreditGrant) -> Result<Credits> {
         self.call("grant_credits", self.inner.grant_credits(grant))
             .await
