@@ -231,6 +231,24 @@ async fn a_settlement_racing_a_stale_release_applies_once() {
     );
 }
 
+/// A second connection to the fixture's file, which has planted a trigger
+/// that refuses the usage rows of model `refused`, as a full disk or a
+/// broken file would refuse the write.
+async fn refuse_model(f: &Fixture) -> sqlx::SqliteConnection {
+    use sqlx::Connection;
+
+    let url = format!("sqlite://{}", f._dir.path().join(DB).display());
+    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::query(
+        "CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.model = 'refused' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    other
+}
+
 /// A batch that is one run of money operations begins its transaction with
 /// the run's read and commits it with the run's write. When that write
 /// fails, the run is undone and each of its callers told, and the writer
@@ -240,20 +258,7 @@ async fn a_lone_run_whose_write_fails_is_undone_and_the_writer_goes_on() {
     use sqlx::Connection;
 
     let f = fixture(Credits::whole(10), None).await;
-    // A second connection plants a trigger that refuses one model's usage
-    // rows, as a full disk or a broken file would refuse the write.
-    let mut other =
-        sqlx::SqliteConnection::connect(&format!("sqlite://{}", f._dir.path().join(DB).display()))
-            .await
-            .unwrap();
-    sqlx::query(
-        "CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.model = 'refused' \
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
-    )
-    .execute(&mut other)
-    .await
-    .unwrap();
-    other.close().await.unwrap();
+    refuse_model(&f).await.close().await.unwrap();
 
     // Held in the broker's memory: the store sees only the settlement.
     let hold = reservation(&f, Credits::whole(4), 1);
@@ -305,15 +310,7 @@ async fn a_refused_settlement_fails_alone_in_its_run() {
     use sqlx::Connection;
 
     let f = fixture(Credits::whole(10), None).await;
-    let url = format!("sqlite://{}", f._dir.path().join(DB).display());
-    let mut other = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    sqlx::query(
-        "CREATE TRIGGER refuse BEFORE INSERT ON usage WHEN NEW.model = 'refused' \
-         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
-    )
-    .execute(&mut other)
-    .await
-    .unwrap();
+    let mut other = refuse_model(&f).await;
     // The other connection holds the write lock, so the writer waits for it
     // while the settlements below queue up: they reach it together.
     sqlx::query("BEGIN IMMEDIATE")
