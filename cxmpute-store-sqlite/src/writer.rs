@@ -277,8 +277,7 @@ async fn serve(
                 let mut handle = match conn.lock_handle().await {
                     Ok(handle) => handle,
                     Err(e) => {
-                        let e = map("taking the SQLite writer's connection", e);
-                        answer_run(run.into_iter().map(|(_, r)| r).collect(), Err(e));
+                        fail_run(run, map("taking the SQLite writer's connection", e));
                         continue;
                     }
                 };
@@ -300,14 +299,14 @@ async fn serve(
                             Ok(c) => slot.insert(c),
                             Err(e) => {
                                 let e = Error::backend("taking the SQLite writer's connection", e);
-                                answer_run(run.into_iter().map(|(_, r)| r).collect(), Err(e));
+                                fail_run(run, e);
                                 continue;
                             }
                         }
                     }
                 };
-                run_money(c, run);
                 // Keep the connection while runs of money operations come.
+                units.push_front(Unit::Money(run));
                 loop {
                     if units.is_empty() && !gather(rx, &mut units).await {
                         return;
@@ -467,6 +466,11 @@ fn apply_guarded(c: &rusqlite::Connection, ops: &[MoneyOp]) -> Result<Vec<Result
             source: None,
         })
     })
+}
+
+/// Answers every caller of a run that could not be applied with `e`.
+fn fail_run(run: Vec<Money>, e: Error) {
+    answer_run(run.into_iter().map(|(_, reply)| reply).collect(), Err(e));
 }
 
 /// Answers each caller of a run: with its own answer, or with the error
